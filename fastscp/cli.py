@@ -1,0 +1,134 @@
+"""Command line: ``fastscp serve|echo|send|config`` and the ``store_scp`` alias.
+
+Options of ``serve`` override keys of the config file: each option names its
+key (see :data:`fastscp.config.CLI_OPTIONS`), so there is one list of
+settings, the config Structs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import msgspec
+
+from fastscp import __version__
+from fastscp.config import ConfigError, load_config, to_builtins
+
+# serve option -> (config key, help). PORT and AE_TITLE are positional.
+_SERVE_OPTIONS: dict[str, tuple[str, str]] = {
+    "--host": ("server.host", "address to listen on (default 0.0.0.0)"),
+    "--storage-dir": ("storage.directory", "folder received files are stored in (default ./received)"),
+    "--index-db": ("database.path", "DuckDB index file (default STORAGE_DIR/index.duckdb)"),
+    "--accept": ("accepted_sop_classes", "comma-separated modalities (CT,MR,US...), SOP class names or UIDs (default all)"),
+    "--workers": ("server.workers", "worker processes (default: one per CPU)"),
+    "--max-associations": ("server.max_associations", "open associations across all workers (default 64)"),
+    "--max-pdu-size": ("server.max_pdu_size", "Maximum Length Received we announce, bytes (default 262144)"),
+    "--fsync": ("storage.fsync", "always (default) or never"),
+    "--naming": ("storage.naming", "storage layout: hierarchical (default) or flat"),
+    "--log-level": ("logging.level", "DEBUG, INFO (default), WARNING or ERROR"),
+}
+
+
+def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("port", nargs="?", metavar="PORT", help="TCP port (default 11112)")
+    parser.add_argument("ae_title", nargs="?", metavar="AE_TITLE", help="our AE title (default FASTSCP)")
+    parser.add_argument("--config", metavar="FILE", help="YAML config file (see config/fastscp.yaml)")
+    for option, (_key, help_text) in _SERVE_OPTIONS.items():
+        parser.add_argument(option, help=help_text)
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, object]:
+    overrides: dict[str, object] = {"server.port": args.port, "server.ae_title": args.ae_title}
+    for option, (key, _help) in _SERVE_OPTIONS.items():
+        value = getattr(args, option.lstrip("-").replace("-", "_"))
+        if value is not None and key == "accepted_sop_classes":
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        overrides[key] = value
+    return overrides
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from fastscp import logs
+    from fastscp.supervisor import StartupError, serve
+
+    config = load_config(args.config, _overrides(args))
+    logs.configure(config.logging.level, config.logging.format)
+    try:
+        return serve(config)
+    except StartupError as exc:
+        print(f"fastscp: {exc}", file=sys.stderr)
+        return 2
+
+
+def _config(args: argparse.Namespace) -> int:
+    config = load_config(args.config, _overrides(args))
+    sys.stdout.write(msgspec.yaml.encode(to_builtins(config)).decode())
+    return 0
+
+
+def _echo(args: argparse.Namespace) -> int:
+    from fastscp.scu import SCUError, echo
+
+    try:
+        status = echo(args.host, args.port, aet=args.aet, aec=args.aec)
+    except SCUError as exc:
+        print(f"fastscp echo: {exc}", file=sys.stderr)
+        return 1
+    print(f"C-ECHO {args.aec}@{args.host}:{args.port}: status 0x{status:04X}")
+    return 0 if status == 0 else 1
+
+
+def _send(args: argparse.Namespace) -> int:
+    from fastscp.scu import SCUError, send
+
+    try:
+        stored, failed = send(args.host, args.port, args.paths, aet=args.aet, aec=args.aec)
+    except SCUError as exc:
+        print(f"fastscp send: {exc}", file=sys.stderr)
+        return 1
+    print(f"sent {stored} files, {failed} failed")
+    return 0 if failed == 0 else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastscp", description="High-throughput DICOM Storage SCP")
+    parser.add_argument("--version", action="version", version=f"fastscp {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the Storage SCP")
+    _add_serve_arguments(serve)
+    serve.set_defaults(func=_serve)
+
+    config = commands.add_parser("config", help="check a config and print the settings in force")
+    _add_serve_arguments(config)
+    config.set_defaults(func=_config)
+
+    for name, func, help_text in (("echo", _echo, "send a C-ECHO"), ("send", _send, "send DICOM files with C-STORE")):
+        sub = commands.add_parser(name, help=help_text)
+        sub.add_argument("host")
+        sub.add_argument("port", type=int)
+        if name == "send":
+            sub.add_argument("paths", nargs="+", metavar="FILE_OR_DIR")
+        sub.add_argument("--aet", default="FASTSCU", help="our (calling) AE title")
+        sub.add_argument("--aec", default="ANY-SCP", help="the called AE title")
+        sub.set_defaults(func=func)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"fastscp: config error: {exc}", file=sys.stderr)
+        return 2
+
+
+def store_scp_main(argv: list[str] | None = None) -> int:
+    """``store_scp PORT AE_TITLE [options]``: the same as ``fastscp serve``."""
+    return main(["serve", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

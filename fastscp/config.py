@@ -1,0 +1,203 @@
+"""Configuration: one frozen msgspec Struct tree, decoded from YAML.
+
+Every key has a default, so fastscp runs with no file at all. A config file
+and command-line options are merged into one mapping *before* it is decoded,
+so a bad value is reported the same way wherever it came from: one line that
+names the key and its source (the file, or the command-line option).
+``config/fastscp.yaml`` documents every key.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Annotated, Any, Literal
+
+import msgspec
+import yaml
+
+from fastscp.sopclasses import resolve_sop_classes
+
+Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+Positive = Annotated[int, msgspec.Meta(ge=1)]
+Seconds = Annotated[float, msgspec.Meta(gt=0)]
+# PS3.8 9.3.1: an AE title is 1-16 characters of the default repertoire,
+# not all spaces, without backslash or control characters.
+AETitle = Annotated[str, msgspec.Meta(min_length=1, max_length=16, pattern=r"^[ -\[\]-~]*[!-\[\]-~][ -\[\]-~]*$")]
+# 0 means "no limit" in A-ASSOCIATE (PS3.8 D.1); otherwise at least one
+# PDV header plus a byte, and we cap it so one PDU can't exhaust memory.
+MaxPDU = Annotated[int, msgspec.Meta(ge=0, le=64 * 1024 * 1024)]
+
+
+class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class ServerConfig(_Section):
+    host: str = "0.0.0.0"
+    port: Port = 11112
+    ae_title: AETitle = "FASTSCP"
+    max_associations: Positive = 64
+    max_pdu_size: MaxPDU = 262144
+    workers: Annotated[int, msgspec.Meta(ge=0, le=256)] = 0
+    acse_timeout: Seconds = 30.0
+    dimse_timeout: Seconds = 120.0
+    shutdown_timeout: Seconds = 30.0
+
+
+class StorageConfig(_Section):
+    directory: str = "./received"
+    naming: Literal["hierarchical", "flat"] = "hierarchical"
+    fsync: Literal["always", "never"] = "always"
+    quarantine: bool = True
+
+
+class DatabaseConfig(_Section):
+    path: str = ""
+    wal_mode: bool = True
+    batch_size: Positive = 1000
+    batch_interval: Seconds = 0.2
+
+
+class LoggingConfig(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["plain", "json"] = "plain"
+
+
+class Config(_Section):
+    server: ServerConfig = ServerConfig()
+    storage: StorageConfig = StorageConfig()
+    database: DatabaseConfig = DatabaseConfig()
+    logging: LoggingConfig = LoggingConfig()
+    accepted_sop_classes: list[str] = msgspec.field(default_factory=lambda: ["all"])
+
+    @property
+    def worker_count(self) -> int:
+        """``server.workers``, with 0 meaning one per CPU."""
+        return self.server.workers or os.cpu_count() or 1
+
+    @property
+    def index_path(self) -> str:
+        """``database.path``; empty means ``index.duckdb`` inside the storage folder."""
+        return self.database.path or os.path.join(self.storage.directory, "index.duckdb")
+
+    @property
+    def sop_class_uids(self) -> tuple[str, ...]:
+        return resolve_sop_classes(self.accepted_sop_classes)
+
+
+class ConfigError(Exception):
+    """A config file or option that can't be used; the message says which and why."""
+
+
+#: Dotted config key -> the command-line option that overrides it.
+CLI_OPTIONS: dict[str, str] = {
+    "server.host": "--host",
+    "server.port": "PORT",
+    "server.ae_title": "AE_TITLE",
+    "server.max_associations": "--max-associations",
+    "server.max_pdu_size": "--max-pdu-size",
+    "server.workers": "--workers",
+    "storage.directory": "--storage-dir",
+    "storage.naming": "--naming",
+    "storage.fsync": "--fsync",
+    "database.path": "--index-db",
+    "logging.level": "--log-level",
+    "accepted_sop_classes": "--accept",
+}
+
+
+def _read_yaml(path: str) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    node = tree
+    *parents, last = key.split(".")
+    for part in parents:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = node[part] = {}
+        node = child
+    node[last] = value
+
+
+def _key_of(msgspec_path: str) -> str:
+    """``$.server.port`` -> ``server.port``; ``$.accepted_sop_classes[2]`` kept as is."""
+    return msgspec_path.removeprefix("$.").removeprefix("$")
+
+
+def load_config(path: str | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Decode the config from an optional YAML file plus command-line overrides.
+
+    Parameters
+    ----------
+    path : str, optional
+        A YAML file; keys it omits keep their defaults.
+    overrides : dict, optional
+        Dotted keys (``server.port``) from the command line; ``None`` values
+        are ignored. They win over the file.
+
+    Raises
+    ------
+    ConfigError
+        One line naming the key, its source and what is wrong with it.
+    """
+    raw = _read_yaml(path) if path else {}
+    source = path or "built-in defaults"
+    from_cli: set[str] = set()
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            _set_dotted(raw, key, value)
+            from_cli.add(key)
+    try:
+        config = msgspec.convert(raw, Config, strict=False)
+    except msgspec.ValidationError as exc:
+        message = str(exc)
+        match = re.search(r" - at `([^`]*)`$", message)
+        key = _key_of(match.group(1)) if match else ""
+        detail = message[: match.start()] if match else message
+        unknown = re.match(r"Object contains unknown field `([^`]*)`", detail)
+        if unknown:
+            full = f"{key}.{unknown.group(1)}" if key else unknown.group(1)
+            raise ConfigError(f"{source}: unknown key '{full}': check its spelling against config/fastscp.yaml") from None
+        base = re.sub(r"\[\d+\]$", "", key)
+        where = f"command-line option {CLI_OPTIONS[base]}" if base in from_cli else source
+        value = _lookup(raw, key)
+        raise ConfigError(f"{where}: {key}: {detail} (got {value!r})") from None
+    try:
+        config.sop_class_uids
+    except ValueError as exc:
+        where = "command-line option --accept" if "accepted_sop_classes" in from_cli else source
+        raise ConfigError(f"{where}: accepted_sop_classes: {exc}") from None
+    return config
+
+
+def _lookup(tree: Any, key: str) -> Any:
+    node = tree
+    for part in re.findall(r"[^.\[\]]+", key):
+        if isinstance(node, dict):
+            node = node.get(part)
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return None
+    return node
+
+
+def to_builtins(config: Config) -> dict[str, Any]:
+    """The config as plain data (for logs, the status page, ``fastscp config``)."""
+    return msgspec.to_builtins(config)

@@ -1,0 +1,46 @@
+"""Messages between processes (msgspec, MessagePack on the wire)."""
+
+from __future__ import annotations
+
+import msgspec
+
+from fastscp.header import HeaderFields
+
+
+class InstanceRecord(msgspec.Struct, frozen=True, kw_only=True, tag="instance"):
+    """One stored instance, sent by a worker to the indexer after its rename."""
+
+    path: str  # relative to the storage root
+    size: int  # bytes of the whole Part 10 file
+    transfer_syntax_uid: str
+    calling_ae_title: str
+    called_ae_title: str
+    peer_address: str
+    received_at: float  # seconds since the epoch
+    header: HeaderFields
+
+
+class AssociationEnded(msgspec.Struct, frozen=True, kw_only=True, tag="ended"):
+    """A worker tells the supervisor an association it was handed has ended."""
+
+    connection_id: int
+    instances: int
+    bytes: int
+
+
+class Handoff(msgspec.Struct, frozen=True, kw_only=True, tag="handoff"):
+    """The supervisor hands a worker an accepted connection (its fd rides along)."""
+
+    connection_id: int
+    peer_address: str
+
+
+class Stop(msgspec.Struct, frozen=True, kw_only=True, tag="stop"):
+    """The supervisor asks a worker to stop: ``now`` aborts open associations."""
+
+    now: bool = False
+
+
+Message = InstanceRecord | AssociationEnded | Handoff | Stop
+ENCODER = msgspec.msgpack.Encoder()
+DECODER = msgspec.msgpack.Decoder(Message)

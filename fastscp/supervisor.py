@@ -1,0 +1,411 @@
+"""The supervisor: owns the listening socket, the worker pool and the indexer.
+
+One thread, one selector loop. It accepts each connection, sets
+TCP_NODELAY, and hands the socket to the least-busy worker over a Unix
+SOCK_SEQPACKET pair. It counts open associations across all workers, so
+``server.max_associations`` holds globally: one more is answered here with
+A-ASSOCIATE-RJ "local limit exceeded". A worker that dies is replaced (the
+kernel closes its sockets, so its associations abort and no other is
+touched). SIGTERM/SIGINT stop gracefully; a second one stops at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import selectors
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+
+from fastscp.acceptor import ServiceSettings
+from fastscp.config import Config
+from fastscp.indexer import indexer_address, indexer_main
+from fastscp.negotiation import (
+    REJECTED_TRANSIENT,
+    SOURCE_PROVIDER_PRESENTATION,
+    AcceptancePolicy,
+    encode_associate_rj,
+    peek_ae_titles,
+)
+from fastscp.records import DECODER, ENCODER, AssociationEnded, Handoff, Stop
+from fastscp.storage import Storage
+from fastscp.worker import worker_main
+
+log = logging.getLogger("fastscp.supervisor")
+_fork = multiprocessing.get_context("fork")
+
+#: How long a connection we are rejecting may take to send its A-ASSOCIATE-RQ.
+REJECT_READ_TIMEOUT = 5.0
+#: A worker that dies sooner than this after its start is restarted with a delay.
+RESTART_BACKOFF = 1.0
+
+
+class StartupError(Exception):
+    """The server can't start; the message says why and what to do."""
+
+
+@dataclass
+class WorkerHandle:
+    index: int
+    process: multiprocessing.process.BaseProcess
+    control: socket.socket
+    started: float
+    open: set[int] = field(default_factory=set)
+
+
+@dataclass
+class PendingReject:
+    sock: socket.socket
+    peer: str
+    deadline: float
+    data: bytearray = field(default_factory=bytearray)
+
+
+def _peer(address: tuple) -> str:
+    host, port = address[0], address[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def set_low_latency(sock: socket.socket) -> None:
+    """TCP_NODELAY for our small responses; TCP_QUICKACK so a peer with Nagle
+    on is ACKed at once (the worker re-arms it on every read)."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if hasattr(socket, "TCP_QUICKACK"):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+
+
+class Supervisor:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        server = config.server
+        self.storage = Storage(
+            config.storage.directory,
+            fsync=config.storage.fsync == "always",
+            quarantine=config.storage.quarantine,
+        )
+        self.settings = ServiceSettings(
+            policy=AcceptancePolicy(
+                ae_title=server.ae_title,
+                storage_sop_classes=frozenset(config.sop_class_uids),
+                max_pdu_size=server.max_pdu_size,
+            ),
+            storage=self.storage,
+            naming=config.storage.naming,
+            acse_timeout=server.acse_timeout,
+            dimse_timeout=server.dimse_timeout,
+        )
+        self.address = indexer_address(os.getpid())
+        self.selector = selectors.DefaultSelector()
+        self.workers: dict[int, WorkerHandle] = {}
+        self.rejects: dict[socket.socket, PendingReject] = {}
+        self.listener: socket.socket | None = None
+        self.indexer: multiprocessing.process.BaseProcess | None = None
+        self.next_connection = 1
+        self.signals = 0
+        self._wake_r, self._wake_w = socket.socketpair()
+
+    # -- start ----------------------------------------------------------------
+
+    def _bind(self) -> socket.socket:
+        server = self.config.server
+        try:
+            info = socket.getaddrinfo(server.host, server.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        except socket.gaierror as exc:
+            raise StartupError(f"server.host {server.host!r}: cannot resolve: {exc}") from None
+        family, _type, _proto, _canon, sockaddr = info[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(sockaddr)
+        except OSError as exc:
+            sock.close()
+            raise StartupError(
+                f"cannot listen on {server.host}:{server.port}: {exc.strerror}"
+                " (is another DICOM receiver running? choose another server.port)"
+            ) from None
+        sock.listen(256)
+        sock.setblocking(False)
+        return sock
+
+    def _start_indexer(self) -> None:
+        db = self.config.database
+        parent, child = _fork.Pipe(duplex=False)
+        process = _fork.Process(
+            target=self._child, name="fastscp-indexer",
+            args=(indexer_main, self.config.index_path, db.wal_mode, self.address,
+                  db.batch_size, db.batch_interval, child),
+        )
+        process.start()
+        child.close()
+        if not parent.poll(60):
+            process.kill()
+            raise StartupError(f"the indexer did not open {self.config.index_path} within 60 s")
+        message = parent.recv()
+        parent.close()
+        if message != "ready":
+            process.join(5)
+            raise StartupError(
+                f"{message} (is another fastscp using this database.path? DuckDB allows one process)"
+            )
+        self.indexer = process
+        self.selector.register(process.sentinel, selectors.EVENT_READ, "indexer")
+
+    def _start_worker(self, index: int) -> None:
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        process = _fork.Process(
+            target=self._child, name=f"fastscp-worker-{index}",
+            args=(worker_main, child, self.settings, self.address, self.config.server.shutdown_timeout),
+        )
+        process.start()
+        child.close()
+        handle = WorkerHandle(index, process, parent, time.monotonic())
+        self.workers[index] = handle
+        self.selector.register(parent, selectors.EVENT_READ, ("control", index))
+        self.selector.register(process.sentinel, selectors.EVENT_READ, ("exit", index))
+
+    def _child(self, target, *args) -> None:  # type: ignore[no-untyped-def]
+        # A forked child must not keep the supervisor's sockets open: a client
+        # connection or the listener held here would outlive the supervisor's
+        # close. Close every one except what the child was given.
+        keep = {a.fileno() for a in args if isinstance(a, socket.socket)}
+        for key in list(self.selector.get_map().values()):
+            fileobj = key.fileobj
+            if isinstance(fileobj, socket.socket) and fileobj.fileno() not in keep:
+                fileobj.close()
+        for sock in (self.listener, self._wake_r, self._wake_w, *self.rejects):
+            if sock is not None and sock.fileno() not in keep:
+                sock.close()
+        signal.set_wakeup_fd(-1)
+        target(*args)
+
+    def run(self) -> int:
+        """Serve until stopped; returns the process exit code."""
+        removed = self.storage.prepare()
+        if removed:
+            log.warning("removed %d incomplete temp files left by an earlier run", removed)
+        self.listener = self._bind()
+        self._start_indexer()
+        for index in range(self.config.worker_count):
+            self._start_worker(index)
+        self.selector.register(self.listener, selectors.EVENT_READ, "listen")
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self.selector.register(self._wake_r, selectors.EVENT_READ, "signal")
+        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._on_signal)
+        host, port = self.listener.getsockname()[:2]
+        log.info(
+            "fastscp listening on %s:%d as %s with %d workers, max %d associations; "
+            "storage %s, index %s",
+            host, port, self.config.server.ae_title, len(self.workers),
+            self.config.server.max_associations, self.storage.root, self.config.index_path,
+        )
+        try:
+            return self._loop()
+        finally:
+            signal.set_wakeup_fd(-1)
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        self.signals += 1
+
+    # -- the loop --------------------------------------------------------------
+
+    @property
+    def open_associations(self) -> int:
+        return sum(len(w.open) for w in self.workers.values())
+
+    def _loop(self) -> int:
+        while True:
+            if self.signals:
+                return self._shutdown()
+            for key, _events in self.selector.select(timeout=0.5):
+                tag = key.data
+                if tag == "listen":
+                    self._accept()
+                elif tag == "signal":
+                    try:
+                        self._wake_r.recv(512)
+                    except BlockingIOError:
+                        pass
+                elif tag == "indexer":
+                    self._indexer_died()
+                elif tag == "reject":
+                    self._reject_step(self.rejects[key.fileobj])  # type: ignore[index]
+                elif tag[0] == "control":
+                    self._control(self.workers.get(tag[1]))
+                elif tag[0] == "exit":
+                    self._worker_died(tag[1])
+            self._expire_rejects()
+
+    def _accept(self) -> None:
+        assert self.listener is not None
+        while True:
+            try:
+                sock, address = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # e.g. EMFILE: keep serving the open ones
+                log.error("accept failed: %s", exc)
+                return
+            peer = _peer(address)
+            try:
+                set_low_latency(sock)
+            except OSError:
+                pass
+            if self.open_associations >= self.config.server.max_associations or not self.workers:
+                self._begin_reject(sock, peer)
+                continue
+            worker = min(self.workers.values(), key=lambda w: len(w.open))
+            connection_id = self.next_connection
+            self.next_connection += 1
+            handoff = ENCODER.encode(Handoff(connection_id=connection_id, peer_address=peer))
+            try:
+                socket.send_fds(worker.control, [handoff], [sock.fileno()])
+                worker.open.add(connection_id)
+            except OSError as exc:
+                log.error("could not hand %s to worker %d: %s", peer, worker.index, exc)
+            finally:
+                sock.close()
+
+    def _control(self, worker: WorkerHandle | None) -> None:
+        if worker is None:
+            return
+        while True:
+            try:
+                data = worker.control.recv(65536, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                data = b""
+            if not data:
+                # EOF: the worker is exiting; its sentinel tells us when.
+                self.selector.unregister(worker.control)
+                return
+            message = DECODER.decode(data)
+            if isinstance(message, AssociationEnded):
+                worker.open.discard(message.connection_id)
+
+    def _worker_died(self, index: int) -> None:
+        worker = self.workers.pop(index)
+        worker.process.join(0)
+        self.selector.unregister(worker.process.sentinel)
+        if worker.control in {k.fileobj for k in self.selector.get_map().values()}:
+            self.selector.unregister(worker.control)
+        worker.control.close()
+        log.error(
+            "worker %d (pid %s) exited with code %s; %d open associations aborted; restarting it",
+            index, worker.process.pid, worker.process.exitcode, len(worker.open),
+        )
+        if time.monotonic() - worker.started < RESTART_BACKOFF:
+            time.sleep(RESTART_BACKOFF)
+        self._start_worker(index)
+
+    def _indexer_died(self) -> None:
+        assert self.indexer is not None
+        self.selector.unregister(self.indexer.sentinel)
+        self.indexer.join(0)
+        log.error("indexer exited with code %s; restarting it", self.indexer.exitcode)
+        time.sleep(RESTART_BACKOFF)
+        self._start_indexer()
+
+    # -- rejecting beyond max_associations ---------------------------------------
+
+    def _begin_reject(self, sock: socket.socket, peer: str) -> None:
+        sock.setblocking(False)
+        self.rejects[sock] = PendingReject(sock, peer, time.monotonic() + REJECT_READ_TIMEOUT)
+        self.selector.register(sock, selectors.EVENT_READ, "reject")
+
+    def _reject_step(self, pending: PendingReject) -> None:
+        try:
+            chunk = pending.sock.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            chunk = b""
+        pending.data += chunk
+        have_pdu = len(pending.data) >= 6 and len(pending.data) >= 6 + int.from_bytes(pending.data[2:6], "big")
+        if chunk and not have_pdu and len(pending.data) < 65536:
+            return
+        called, calling = peek_ae_titles(bytes(pending.data))
+        try:
+            pending.sock.setblocking(True)
+            pending.sock.settimeout(1.0)
+            pending.sock.sendall(encode_associate_rj(REJECTED_TRANSIENT, SOURCE_PROVIDER_PRESENTATION, 2))
+        except OSError:
+            pass
+        log.warning(
+            "association %s (%s) -> %s: rejected (local limit exceeded: %d of %d open)",
+            calling or "?", pending.peer, called or "?",
+            self.open_associations, self.config.server.max_associations,
+        )
+        self._drop_reject(pending)
+
+    def _drop_reject(self, pending: PendingReject) -> None:
+        self.selector.unregister(pending.sock)
+        del self.rejects[pending.sock]
+        pending.sock.close()
+
+    def _expire_rejects(self) -> None:
+        now = time.monotonic()
+        for pending in [p for p in self.rejects.values() if p.deadline < now]:
+            self._drop_reject(pending)
+
+    # -- stopping --------------------------------------------------------------------
+
+    def _shutdown(self) -> int:
+        assert self.listener is not None
+        self.selector.unregister(self.listener)
+        self.listener.close()
+        for pending in list(self.rejects.values()):
+            self._drop_reject(pending)
+        log.info(
+            "stopping: no new associations; waiting up to %.0f s for %d open ones (signal again to stop now)",
+            self.config.server.shutdown_timeout, self.open_associations,
+        )
+        for worker in self.workers.values():
+            try:
+                worker.control.send(ENCODER.encode(Stop(now=False)))
+            except OSError:
+                pass
+        deadline = time.monotonic() + self.config.server.shutdown_timeout + 10
+        handled = self.signals
+        while any(w.process.is_alive() for w in self.workers.values()):
+            if self.signals > handled or time.monotonic() > deadline:
+                log.warning("stopping now: aborting open associations")
+                for worker in self.workers.values():
+                    worker.process.kill()
+                break
+            for key, _events in self.selector.select(timeout=0.2):
+                if key.data == "signal":
+                    try:
+                        self._wake_r.recv(512)
+                    except BlockingIOError:
+                        pass
+                elif isinstance(key.data, tuple) and key.data[0] == "control":
+                    self._control(self.workers.get(key.data[1]))
+        for worker in self.workers.values():
+            worker.process.join(5)
+        # A killed worker may leave temp files; never a file at a final path.
+        self.storage.prepare()
+        self._stop_indexer()
+        log.info("fastscp stopped")
+        return 0
+
+    def _stop_indexer(self) -> None:
+        if self.indexer is None or not self.indexer.is_alive():
+            return
+        self.indexer.terminate()  # SIGTERM: it commits what it holds, then exits
+        self.indexer.join(30)
+        if self.indexer.is_alive():
+            log.error("indexer did not stop within 30 s; killing it")
+            self.indexer.kill()
+            self.indexer.join(5)
+
+
+def serve(config: Config) -> int:
+    """Run the server in the foreground; returns the exit code."""
+    return Supervisor(config).run()

@@ -1,0 +1,136 @@
+"""Fixtures: a real fastscp server process on 127.0.0.1, and dcmtk tools."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+DCMTK_TOOLS = ("storescu", "echoscu", "storescp", "dcmdump")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, process: subprocess.Popen, log: Path, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}:\n{log.read_text()}")
+        if "fastscp listening" in log.read_text():
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    return
+        time.sleep(0.05)
+    raise RuntimeError(f"server did not listen on {port} within {timeout} s:\n{log.read_text()}")
+
+
+class Server:
+    """``fastscp serve`` in a subprocess; always stopped by the fixture."""
+
+    def __init__(self, tmp: Path, *args: str, ae_title: str = "FASTSCP", workers: int = 2,
+                 config: Path | None = None, storage: Path | None = None) -> None:
+        self.port = free_port()
+        self.ae_title = ae_title
+        self.storage = storage or tmp / "received"
+        self.index = tmp / "index.duckdb"
+        self.log = tmp / f"server-{self.port}.log"
+        argv = [sys.executable, "-m", "fastscp.cli", "serve", str(self.port), ae_title,
+                "--host", "127.0.0.1", "--storage-dir", str(self.storage),
+                "--index-db", str(self.index), "--workers", str(workers), *args]
+        if config is not None:
+            argv += ["--config", str(config)]
+        self._log_file = open(self.log, "w")
+        self.process = subprocess.Popen(argv, stdout=self._log_file, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+        wait_for_port(self.port, self.process, self.log)
+
+    def signal(self, signum: int = signal.SIGTERM) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signum)
+
+    def stop(self, timeout: float = 60) -> int:
+        """SIGTERM, wait; SIGKILL the whole group if it hangs. Returns the exit code."""
+        self.signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(10)
+            raise AssertionError(f"server did not stop within {timeout} s:\n{self.log_text()}") from None
+        finally:
+            self._log_file.close()
+
+    def kill_group(self) -> None:
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.process.wait(10)
+
+    def log_text(self) -> str:
+        return self.log.read_text()
+
+    def children(self) -> list[int]:
+        """PIDs of the supervisor's child processes (workers and indexer)."""
+        out = subprocess.run(["pgrep", "-P", str(self.process.pid)], capture_output=True, text=True)
+        return [int(p) for p in out.stdout.split()]
+
+    def stored_files(self) -> list[Path]:
+        """Final files under the storage root (not temp, quarantine or index files)."""
+        return sorted(
+            p for p in self.storage.rglob("*.dcm")
+            if ".incoming" not in p.parts and ".quarantine" not in p.parts
+        )
+
+
+@pytest.fixture
+def start_server(tmp_path: Path) -> Iterator:
+    """Factory: ``start_server(*args, **kw)`` -> a running :class:`Server`."""
+    servers: list[Server] = []
+
+    def start(*args: str, **kwargs) -> Server:  # type: ignore[no-untyped-def]
+        server = Server(tmp_path, *args, **kwargs)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        if server.process.poll() is None:
+            try:
+                server.stop(timeout=60)
+            except AssertionError:
+                pass
+        server.kill_group()
+
+
+@pytest.fixture
+def server(start_server) -> Server:  # type: ignore[no-untyped-def]
+    return start_server()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _dcmtk_present() -> None:
+    missing = [tool for tool in DCMTK_TOOLS if shutil.which(tool) is None]
+    if missing:
+        pytest.exit(f"dcmtk tools missing: {missing}; run 'make setup' (installs Debian's dcmtk)", 2)
+
+
+def dcmtk(*argv: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
+    """Run a dcmtk tool with Nagle off (dcmtk leaves it on unless TCP_NODELAY=1)."""
+    env = dict(os.environ, TCP_NODELAY="1")
+    result = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, env=env)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{argv[0]} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result

@@ -1,0 +1,101 @@
+"""A raw, step-by-step Storage SCU for tests that need to stop mid-message.
+
+pynetdicom encodes the A-ASSOCIATE-RQ; the P-DATA-TF PDUs are written by hand
+so a test can send half a data set, pause, send garbage, or vanish.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+
+from pydicom.uid import UID
+from pynetdicom.pdu import A_ASSOCIATE_RQ
+from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
+from pynetdicom.presentation import build_context
+
+from fastscp import dimse
+
+_PDU = struct.Struct(">BxI")
+_PDV = struct.Struct(">IBB")
+
+
+def _command(sop_class: str, sop_instance: str, message_id: int) -> bytes:
+    body = dimse._text(0x0002, sop_class)
+    body += dimse._us(0x0100, dimse.C_STORE_RQ)
+    body += dimse._us(0x0110, message_id)
+    body += dimse._us(0x0700, 0)
+    body += dimse._us(0x0800, 0x0000)
+    body += dimse._text(0x1000, sop_instance)
+    return struct.pack("<HHI", 0, 0, 4) + len(body).to_bytes(4, "little") + body
+
+
+def p_data(context_id: int, data: bytes, *, command: bool, last: bool) -> bytes:
+    control = (1 if command else 0) | (2 if last else 0)
+    return _PDU.pack(0x04, len(data) + 6) + _PDV.pack(len(data) + 2, context_id, control) + data
+
+
+class RawSCU:
+    def __init__(self, port: int, sop_class: str, transfer_syntax: str, *, aec: str = "FASTSCP",
+                 aet: str = "RAWSCU", timeout: float = 30) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        rq = A_ASSOCIATE()
+        rq.application_context_name = UID("1.2.840.10008.3.1.1.1")
+        rq.calling_ae_title = aet
+        rq.called_ae_title = aec
+        context = build_context(sop_class, [transfer_syntax])
+        context.context_id = 1
+        rq.presentation_context_definition_list = [context]
+        max_length = MaximumLengthNotification()
+        max_length.maximum_length_received = 0
+        rq.user_information = [max_length]
+        pdu = A_ASSOCIATE_RQ()
+        pdu.from_primitive(rq)
+        self.sock.sendall(pdu.encode())
+        self.response_type, self.response = self.read_pdu()
+        self.sop_class = sop_class
+
+    def read_pdu(self) -> tuple[int, bytes]:
+        header = self._read(6)
+        pdu_type, length = _PDU.unpack(header)
+        return pdu_type, self._read(length)
+
+    def _read(self, n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = self.sock.recv(n - len(data))
+            if not chunk:
+                raise ConnectionError("closed by the server")
+            data += chunk
+        return data
+
+    @property
+    def accepted(self) -> bool:
+        return self.response_type == 0x02
+
+    def begin_store(self, sop_instance: str, message_id: int = 1) -> None:
+        self.sock.sendall(p_data(1, _command(self.sop_class, sop_instance, message_id), command=True, last=True))
+
+    def send_data(self, data: bytes, *, last: bool, fragment: int = 65536) -> None:
+        for start in range(0, len(data), fragment):
+            chunk = data[start : start + fragment]
+            self.sock.sendall(p_data(1, chunk, command=False, last=last and start + fragment >= len(data)))
+
+    def read_status(self) -> int:
+        pdu_type, body = self.read_pdu()
+        assert pdu_type == 0x04, f"expected P-DATA-TF, got 0x{pdu_type:02X}"
+        return dimse.decode_command_set(body[6:])["Status"]  # type: ignore[return-value]
+
+    def store(self, sop_instance: str, data: bytes) -> int:
+        self.begin_store(sop_instance)
+        self.send_data(data, last=True)
+        return self.read_status()
+
+    def release(self) -> None:
+        self.sock.sendall(_PDU.pack(0x05, 4) + b"\x00" * 4)
+        pdu_type, _ = self.read_pdu()
+        assert pdu_type == 0x06
+        self.sock.close()
+
+    def close(self) -> None:
+        self.sock.close()
