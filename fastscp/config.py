@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import typing
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -177,13 +178,26 @@ def load_config(path: str | None = None, overrides: dict[str, Any] | None = None
         base = re.sub(r"\[\d+\]$", "", key)
         where = f"command-line option {CLI_OPTIONS[base]}" if base in from_cli else source
         value = _lookup(raw, key)
-        raise ConfigError(f"{where}: {key}: {detail} (got {value!r})") from None
+        choices = _choices(key)
+        hint = f"; use one of {', '.join(map(repr, choices))}" if choices else ""
+        raise ConfigError(f"{where}: {key}: {detail} (got {value!r}){hint}") from None
     try:
         config.sop_class_uids
     except ValueError as exc:
         where = "command-line option --accept" if "accepted_sop_classes" in from_cli else source
         raise ConfigError(f"{where}: accepted_sop_classes: {exc}") from None
     return config
+
+
+def _choices(key: str) -> tuple[object, ...]:
+    """The allowed values of a Literal-typed key, else ()."""
+    node: Any = Config
+    for part in key.split("."):
+        hints = typing.get_type_hints(node) if isinstance(node, type) else {}
+        if part not in hints:
+            return ()
+        node = hints[part]
+    return typing.get_args(node) if typing.get_origin(node) is Literal else ()
 
 
 def _lookup(tree: Any, key: str) -> Any:

@@ -152,6 +152,7 @@ class Supervisor:
             )
         self.indexer = process
         self.selector.register(process.sentinel, selectors.EVENT_READ, "indexer")
+        log.info("indexer started (pid %d), index %s", process.pid, self.config.index_path)
 
     def _start_worker(self, index: int) -> None:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -163,6 +164,7 @@ class Supervisor:
         child.close()
         handle = WorkerHandle(index, process, parent, time.monotonic())
         self.workers[index] = handle
+        log.info("worker %d started (pid %d)", index, process.pid)
         self.selector.register(parent, selectors.EVENT_READ, ("control", index))
         self.selector.register(process.sentinel, selectors.EVENT_READ, ("exit", index))
 
@@ -291,7 +293,7 @@ class Supervisor:
 
     def _worker_died(self, index: int) -> None:
         worker = self.workers.pop(index)
-        worker.process.join(0)
+        worker.process.join(1)
         self.selector.unregister(worker.process.sentinel)
         if worker.control in {k.fileobj for k in self.selector.get_map().values()}:
             self.selector.unregister(worker.control)

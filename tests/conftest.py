@@ -113,6 +113,7 @@ def start_server(tmp_path: Path) -> Iterator:
             except AssertionError:
                 pass
         server.kill_group()
+        server._log_file.close()
 
 
 @pytest.fixture

@@ -1,0 +1,112 @@
+"""Config decoding: defaults, the reference file, overrides, and one clear error per mistake."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fastscp.config import Config, ConfigError, load_config, to_builtins
+from fastscp.sopclasses import MODALITY_SOP_CLASSES, STORAGE_SOP_CLASSES, resolve_sop_classes
+
+REFERENCE = Path(__file__).parent.parent / "config" / "fastscp.yaml"
+
+
+def test_reference_file_documents_exactly_the_defaults() -> None:
+    assert yaml.safe_load(REFERENCE.read_text()) == to_builtins(Config())
+    assert load_config(str(REFERENCE)) == Config()
+
+
+def test_embedded_default_needs_no_file() -> None:
+    config = load_config()
+    assert (config.server.port, config.server.ae_title) == (11112, "FASTSCP")
+    assert config.storage.directory == "./received"
+    assert config.index_path == "./received/index.duckdb"
+    assert config.storage.fsync == "always"
+    assert set(config.sop_class_uids) == set(STORAGE_SOP_CLASSES.values())
+
+
+def test_command_line_overrides_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("server:\n  port: 4242\n  ae_title: FROMFILE\nstorage:\n  fsync: never\n")
+    config = load_config(str(path), {"server.port": 5000, "server.ae_title": None})
+    assert (config.server.port, config.server.ae_title, config.storage.fsync) == (5000, "FROMFILE", "never")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("server:\n  port: 70000\n", "server.port: Expected `int` <= 65535 (got 70000)"),
+        ("server:\n  max_pdu_size: -1\n", "server.max_pdu_size: Expected `int` >= 0 (got -1)"),
+        ("server:\n  prot: 104\n", "unknown key 'server.prot'"),
+        ("sever:\n  port: 104\n", "unknown key 'sever'"),
+        ("server:\n  port: abc\n", "server.port: Expected `int`, got `str`"),
+        ("server:\n  workers: -2\n", "server.workers: Expected `int` >= 0"),
+        ("server:\n  max_associations: 0\n", "server.max_associations: Expected `int` >= 1"),
+        ("server:\n  ae_title: ''\n", "server.ae_title: Expected `str` of length >= 1"),
+        ("server:\n  ae_title: WAY_TOO_LONG_AE_TITLE\n", "server.ae_title: Expected `str` of length <= 16"),
+        ("storage:\n  fsync: sometimes\n", "storage.fsync: Invalid enum value 'sometimes' (got 'sometimes'); use one of 'always', 'never'"),
+        ("storage:\n  naming: random\n", "storage.naming"),
+        ("accepted_sop_classes: [CT, XYZ]\n", "accepted_sop_classes: unknown SOP class or modality 'XYZ'"),
+        ("accepted_sop_classes: CT\n", "accepted_sop_classes: Expected `array`, got `str`"),
+        ("- just\n- a list\n", "the top level must be a mapping"),
+        ("server: [1\n", "not valid YAML"),
+    ],
+)
+def test_bad_values_name_the_key_and_the_file(tmp_path: Path, text: str, expected: str) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path))
+    assert str(info.value).startswith(f"{path}: ")
+    assert expected in str(info.value)
+
+
+def test_bad_command_line_value_names_the_option() -> None:
+    with pytest.raises(ConfigError, match=r"^command-line option --max-pdu-size: server.max_pdu_size: "):
+        load_config(None, {"server.max_pdu_size": -5})
+    with pytest.raises(ConfigError, match=r"^command-line option --accept: accepted_sop_classes: .*'BOGUS'"):
+        load_config(None, {"accepted_sop_classes": ["CT", "BOGUS"]})
+
+
+def test_missing_file() -> None:
+    with pytest.raises(ConfigError, match="nope.yaml: config file not found"):
+        load_config("/nonexistent/nope.yaml")
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--config", "{bad}"], "server.port: Expected `int` <= 65535 (got 70000)"),
+        (["70000"], "command-line option PORT: server.port"),
+        (["--max-pdu-size", "-10"], "command-line option --max-pdu-size"),
+        (["--accept", "CT,NOPE"], "'NOPE'"),
+        (["--fsync", "maybe"], "command-line option --fsync: storage.fsync"),
+    ],
+)
+def test_serve_exits_non_zero_with_the_message(tmp_path: Path, argv: list[str], expected: str) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("server:\n  port: 70000\n")
+    argv = [a.replace("{bad}", str(bad)) for a in argv]
+    result = subprocess.run([sys.executable, "-m", "fastscp.cli", "serve", *argv,
+                             "--storage-dir", str(tmp_path / "r")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.startswith("fastscp: config error: ")
+    assert expected in result.stderr
+    assert not (tmp_path / "r").exists(), "nothing is created for a bad config"
+
+
+def test_accept_entries_resolve() -> None:
+    ct = "1.2.840.10008.5.1.4.1.1.2"
+    assert ct in resolve_sop_classes(["CT"])
+    assert resolve_sop_classes(["CT Image Storage"]) == (ct,)
+    assert resolve_sop_classes(["CTImageStorage"]) == (ct,)
+    assert resolve_sop_classes([ct, "1.2.3.4"]) == (ct, "1.2.3.4")
+    for modality in ("CT", "MR", "US", "CR", "DX", "MG", "NM", "PT", "XA", "RF", "SC", "SR", "RT"):
+        assert MODALITY_SOP_CLASSES[modality], modality
+    assert "1.2.840.10008.5.1.4.1.1.88.67" in resolve_sop_classes(["SR"])  # X-Ray Radiation Dose SR
+    assert "1.2.840.10008.5.1.4.1.1.481.1" in resolve_sop_classes(["RT"])  # RT Image
