@@ -13,35 +13,26 @@ import sys
 import msgspec
 
 from fastscp import __version__
-from fastscp.config import ConfigError, load_config, to_builtins
+from fastscp.config import CLI_OPTIONS, ConfigError, load_config, to_builtins
 
-# serve option -> (config key, help). PORT and AE_TITLE are positional.
-_SERVE_OPTIONS: dict[str, tuple[str, str]] = {
-    "--host": ("server.host", "address to listen on (default 0.0.0.0)"),
-    "--storage-dir": ("storage.directory", "folder received files are stored in (default ./received)"),
-    "--index-db": ("database.path", "DuckDB index file (default STORAGE_DIR/index.duckdb)"),
-    "--accept": ("accepted_sop_classes", "comma-separated modalities (CT,MR,US...), SOP class names or UIDs (default all)"),
-    "--workers": ("server.workers", "worker processes (default: one per CPU)"),
-    "--max-associations": ("server.max_associations", "open associations across all workers (default 64)"),
-    "--max-pdu-size": ("server.max_pdu_size", "Maximum Length Received we announce, bytes (default 262144)"),
-    "--fsync": ("storage.fsync", "always (default) or never"),
-    "--naming": ("storage.naming", "storage layout: hierarchical (default) or flat"),
-    "--log-level": ("logging.level", "DEBUG, INFO (default), WARNING or ERROR"),
-}
+
+def _dest(option: str) -> str:
+    return option.lstrip("-").replace("-", "_").lower()
 
 
 def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("port", nargs="?", metavar="PORT", help="TCP port (default 11112)")
-    parser.add_argument("ae_title", nargs="?", metavar="AE_TITLE", help="our AE title (default FASTSCP)")
+    for option, help_text in CLI_OPTIONS.values():
+        if option.startswith("--"):
+            parser.add_argument(option, help=help_text)
+        else:
+            parser.add_argument(_dest(option), nargs="?", metavar=option, help=help_text)
     parser.add_argument("--config", metavar="FILE", help="YAML config file (see config/fastscp.yaml)")
-    for option, (_key, help_text) in _SERVE_OPTIONS.items():
-        parser.add_argument(option, help=help_text)
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, object]:
-    overrides: dict[str, object] = {"server.port": args.port, "server.ae_title": args.ae_title}
-    for option, (key, _help) in _SERVE_OPTIONS.items():
-        value = getattr(args, option.lstrip("-").replace("-", "_"))
+    overrides: dict[str, object] = {}
+    for key, (option, _help) in CLI_OPTIONS.items():
+        value = getattr(args, _dest(option))
         if value is not None and key == "accepted_sop_classes":
             value = [v.strip() for v in value.split(",") if v.strip()]
         overrides[key] = value

@@ -91,20 +91,23 @@ class ConfigError(Exception):
     """A config file or option that can't be used; the message says which and why."""
 
 
-#: Dotted config key -> the command-line option that overrides it.
-CLI_OPTIONS: dict[str, str] = {
-    "server.host": "--host",
-    "server.port": "PORT",
-    "server.ae_title": "AE_TITLE",
-    "server.max_associations": "--max-associations",
-    "server.max_pdu_size": "--max-pdu-size",
-    "server.workers": "--workers",
-    "storage.directory": "--storage-dir",
-    "storage.naming": "--naming",
-    "storage.fsync": "--fsync",
-    "database.path": "--index-db",
-    "logging.level": "--log-level",
-    "accepted_sop_classes": "--accept",
+#: Dotted config key -> (the ``fastscp serve`` option that overrides it, its help).
+CLI_OPTIONS: dict[str, tuple[str, str]] = {
+    "server.port": ("PORT", "TCP port (default 11112)"),
+    "server.ae_title": ("AE_TITLE", "our AE title (default FASTSCP)"),
+    "server.host": ("--host", "address to listen on (default 0.0.0.0)"),
+    "storage.directory": ("--storage-dir", "folder received files are stored in (default ./received)"),
+    "database.path": ("--index-db", "DuckDB index file (default STORAGE_DIR/index.duckdb)"),
+    "accepted_sop_classes": (
+        "--accept",
+        "comma-separated modalities (CT,MR,US...), SOP class names or UIDs (default all)",
+    ),
+    "server.workers": ("--workers", "worker processes (default: one per CPU)"),
+    "server.max_associations": ("--max-associations", "open associations across all workers (default 64)"),
+    "server.max_pdu_size": ("--max-pdu-size", "Maximum Length Received we announce, bytes (default 262144)"),
+    "storage.fsync": ("--fsync", "always (default) or never"),
+    "storage.naming": ("--naming", "storage layout: hierarchical (default) or flat"),
+    "logging.level": ("--log-level", "DEBUG, INFO (default), WARNING or ERROR"),
 }
 
 
@@ -174,15 +177,17 @@ def load_config(path: str | None = None, overrides: dict[str, Any] | None = None
         unknown = re.match(r"Object contains unknown field `([^`]*)`", detail)
         if unknown:
             full = f"{key}.{unknown.group(1)}" if key else unknown.group(1)
-            raise ConfigError(f"{source}: unknown key '{full}': check its spelling against config/fastscp.yaml") from None
+            raise ConfigError(
+                f"{source}: unknown key '{full}': check its spelling against config/fastscp.yaml"
+            ) from None
         base = re.sub(r"\[\d+\]$", "", key)
-        where = f"command-line option {CLI_OPTIONS[base]}" if base in from_cli else source
+        where = f"command-line option {CLI_OPTIONS[base][0]}" if base in from_cli else source
         value = _lookup(raw, key)
         choices = _choices(key)
         hint = f"; use one of {', '.join(map(repr, choices))}" if choices else ""
         raise ConfigError(f"{where}: {key}: {detail} (got {value!r}){hint}") from None
     try:
-        config.sop_class_uids
+        resolve_sop_classes(config.accepted_sop_classes)
     except ValueError as exc:
         where = "command-line option --accept" if "accepted_sop_classes" in from_cli else source
         raise ConfigError(f"{where}: accepted_sop_classes: {exc}") from None

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 
-from pydicom.uid import AllTransferSyntaxes, UID
+from pydicom.uid import UID, AllTransferSyntaxes
 from pynetdicom.sop_class import _STORAGE_CLASSES
 
 #: Verification SOP Class (C-ECHO), always accepted.

@@ -20,6 +20,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 
+from fastscp import header
 from fastscp.acceptor import ServiceSettings
 from fastscp.config import Config
 from fastscp.indexer import indexer_address, indexer_main
@@ -202,9 +203,9 @@ class Supervisor:
         host, port = self.listener.getsockname()[:2]
         log.info(
             "fastscp listening on %s:%d as %s with %d workers, max %d associations; "
-            "storage %s, index %s",
+            "storage %s, index %s; header scan backend: %s",
             host, port, self.config.server.ae_title, len(self.workers),
-            self.config.server.max_associations, self.storage.root, self.config.index_path,
+            self.config.server.max_associations, self.storage.root, self.config.index_path, header.BACKEND,
         )
         try:
             return self._loop()

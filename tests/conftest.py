@@ -40,7 +40,8 @@ class Server:
     """``fastscp serve`` in a subprocess; always stopped by the fixture."""
 
     def __init__(self, tmp: Path, *args: str, ae_title: str = "FASTSCP", workers: int = 2,
-                 config: Path | None = None, storage: Path | None = None) -> None:
+                 config: Path | None = None, storage: Path | None = None,
+                 env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.ae_title = ae_title
         self.storage = storage or tmp / "received"
@@ -53,7 +54,7 @@ class Server:
             argv += ["--config", str(config)]
         self._log_file = open(self.log, "w")
         self.process = subprocess.Popen(argv, stdout=self._log_file, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
+                                         start_new_session=True, env={**os.environ, **(env or {})})
         wait_for_port(self.port, self.process, self.log)
 
     def signal(self, signum: int = signal.SIGTERM) -> None:

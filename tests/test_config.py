@@ -48,7 +48,10 @@ def test_command_line_overrides_the_file(tmp_path: Path) -> None:
         ("server:\n  max_associations: 0\n", "server.max_associations: Expected `int` >= 1"),
         ("server:\n  ae_title: ''\n", "server.ae_title: Expected `str` of length >= 1"),
         ("server:\n  ae_title: WAY_TOO_LONG_AE_TITLE\n", "server.ae_title: Expected `str` of length <= 16"),
-        ("storage:\n  fsync: sometimes\n", "storage.fsync: Invalid enum value 'sometimes' (got 'sometimes'); use one of 'always', 'never'"),
+        (
+            "storage:\n  fsync: sometimes\n",
+            "storage.fsync: Invalid enum value 'sometimes' (got 'sometimes'); use one of 'always', 'never'",
+        ),
         ("storage:\n  naming: random\n", "storage.naming"),
         ("accepted_sop_classes: [CT, XYZ]\n", "accepted_sop_classes: unknown SOP class or modality 'XYZ'"),
         ("accepted_sop_classes: CT\n", "accepted_sop_classes: Expected `array`, got `str`"),

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import concurrent.futures
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -31,6 +31,11 @@ def by_instance(paths: list[Path]) -> dict[str, Path]:
 def assert_same_dataset(source: Path, stored: Path) -> None:
     a, b = source.read_bytes(), stored.read_bytes()
     assert a[dataset_offset(a):] == b[dataset_offset(b):], f"{stored} differs from {source}"
+
+
+def open_files(pid: int) -> set[str]:
+    fd_dir = Path(f"/proc/{pid}/fd")
+    return {os.readlink(fd_dir / fd) for fd in os.listdir(fd_dir)}
 
 
 def fastscp(*argv: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -64,6 +69,10 @@ def test_storescu_series_is_stored_byte_exact_and_indexed(server, ct_series) -> 
         assert meta.SourceApplicationEntityTitle == "STORESCU"
     log = server.log_text()
     assert "STORESCU (127.0.0.1:" in log and f"{len(ct_series)} instances (0 failed)" in log
+    # Only the indexer process has the DuckDB file open; workers never do.
+    holders = {pid for pid in server.children() if str(server.index) in open_files(pid)}
+    (indexer_pid,) = re.findall(r"indexer started \(pid (\d+)\)", log)
+    assert holders == {int(indexer_pid)}
     assert server.stop() == 0
     con = duckdb.connect(str(server.index), read_only=True)
     rows = con.execute(

@@ -1,0 +1,44 @@
+# fastscp: one entry point for setting up, serving, testing and benchmarking.
+#   make serve   set up, then run the server on the embedded default config
+#   make test    set up, then run the test suite (what .ci/run runs)
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+# Debian packages: dcmtk (storescu/echoscu/findscu/storescp used by tests and
+# benchmarks), and the headers the compiled extensions and Pillow build with.
+APT_PACKAGES = dcmtk libjpeg62-turbo-dev zlib1g-dev
+
+.PHONY: setup system-packages serve test lint bench-micro clean
+
+setup: system-packages $(VENV)/.installed
+
+system-packages:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
+	fi
+
+# Re-installs when the project's build inputs change; compiles cext/ in place.
+$(VENV)/.installed: pyproject.toml setup.py $(wildcard cext/*.pyx cext/*.pxd)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@
+
+serve: setup
+	$(BIN)/fastscp serve
+
+test: setup
+	$(BIN)/python -m pytest
+
+lint: setup
+	$(BIN)/ruff check fastscp tests bench
+
+bench-micro: setup
+	mkdir -p bench/results
+	$(BIN)/python -m pytest bench --benchmark-only --benchmark-json=bench/results/micro.json
+
+clean:
+	rm -rf build *.egg-info fastscp/*.so cext/*.c $(VENV)
