@@ -8,6 +8,7 @@ settings, the config Structs.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 import msgspec
@@ -82,6 +83,11 @@ def _send(args: argparse.Namespace) -> int:
     return 0 if failed == 0 else 1
 
 
+#: Modules that add their own subcommands: each has ``register(commands)``,
+#: which adds a parser with ``set_defaults(func=...)`` to the subparsers.
+COMMAND_MODULES: tuple[str, ...] = ()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastscp", description="High-throughput DICOM Storage SCP")
     parser.add_argument("--version", action="version", version=f"fastscp {__version__}")
@@ -104,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--aet", default="FASTSCU", help="our (calling) AE title")
         sub.add_argument("--aec", default="ANY-SCP", help="the called AE title")
         sub.set_defaults(func=func)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(commands)
     return parser
 
 
