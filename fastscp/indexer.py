@@ -9,6 +9,7 @@ storage path can't overflow ``sun_path``); each message is one msgpack
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import selectors
@@ -23,9 +24,14 @@ from fastscp.records import DECODER, InstanceRecord
 log = logging.getLogger("fastscp.indexer")
 
 
-def indexer_address(supervisor_pid: int) -> str:
-    """The abstract socket name the indexer of one supervisor listens on."""
-    return f"\0fastscp-indexer-{supervisor_pid}"
+def indexer_address(index_path: str) -> str:
+    """The abstract socket name the indexer of an index file listens on.
+
+    Derived from the file's absolute path, so any process that knows the
+    index (a worker, ``fastscp query``) can find the server that owns it.
+    """
+    digest = hashlib.sha1(os.path.abspath(index_path).encode()).hexdigest()[:16]
+    return f"\0fastscp-indexer-{digest}"
 
 
 class Indexer:

@@ -18,6 +18,24 @@ class InstanceRecord(msgspec.Struct, frozen=True, kw_only=True, tag="instance"):
     peer_address: str
     received_at: float  # seconds since the epoch
     header: HeaderFields
+    #: SHA-256 (hex) of the data set bytes as received; "" if not computed.
+    content_hash: str = ""
+
+
+class DuplicateConflict(msgspec.Struct, frozen=True, kw_only=True, tag="conflict"):
+    """An instance arrived again with different content (``storage.duplicates``)."""
+
+    sop_instance_uid: str
+    path: str  # the existing file, relative to the storage root
+    existing_hash: str
+    new_hash: str
+    policy: str  # reject | keep-first | overwrite | keep-both
+    #: What happened: "rejected", "kept-first", "overwritten", "kept-both".
+    outcome: str
+    #: Where the new copy went (keep-both, overwrite), else "".
+    new_path: str
+    calling_ae_title: str
+    received_at: float
 
 
 class AssociationEnded(msgspec.Struct, frozen=True, kw_only=True, tag="ended"):
@@ -41,6 +59,6 @@ class Stop(msgspec.Struct, frozen=True, kw_only=True, tag="stop"):
     now: bool = False
 
 
-Message = InstanceRecord | AssociationEnded | Handoff | Stop
+Message = InstanceRecord | DuplicateConflict | AssociationEnded | Handoff | Stop
 ENCODER = msgspec.msgpack.Encoder()
 DECODER = msgspec.msgpack.Decoder(Message)

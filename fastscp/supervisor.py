@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
-import os
 import selectors
 import signal
 import socket
@@ -98,7 +97,7 @@ class Supervisor:
             acse_timeout=server.acse_timeout,
             dimse_timeout=server.dimse_timeout,
         )
-        self.address = indexer_address(os.getpid())
+        self.address = indexer_address(config.index_path)
         self.selector = selectors.DefaultSelector()
         self.workers: dict[int, WorkerHandle] = {}
         self.rejects: dict[socket.socket, PendingReject] = {}

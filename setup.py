@@ -1,0 +1,78 @@
+"""Build the Cython extensions; all metadata lives in pyproject.toml.
+
+Every ``cext/NAME.pyx`` becomes the extension module ``fastscp._NAME_cext``
+(``cext/header.pyx`` -> ``fastscp._header_cext``).  Shared inline helpers are
+``cext/*.pxd`` files, cimported by name.
+
+Environment switches:
+
+``FASTSCP_CYTHON_TRACE=1``
+    Compile with line tracing (for coverage and profilers); slower code.
+``FASTSCP_CYTHON_ANNOTATE=1``
+    Write Cython's HTML annotation next to each ``.pyx`` (off by default).
+``FASTSCP_CYTHON_ALWAYS=1``
+    Regenerate the C code even if the ``.pyx`` files did not change.
+
+Both ``pip install -e .`` and ``python setup.py build_ext --inplace`` work.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from setuptools import Extension, setup
+
+HERE = Path(__file__).resolve().parent
+CEXT = "cext"  # relative to HERE: setuptools wants relative source paths
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "") == "1"
+
+
+def extensions() -> list[Extension]:
+    """One Extension per ``cext/*.pyx``, cythonized."""
+    from Cython.Build import cythonize
+
+    trace = _flag("FASTSCP_CYTHON_TRACE")
+    macros = [("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")]
+    if trace:
+        macros += [("CYTHON_TRACE", "1"), ("CYTHON_TRACE_NOGIL", "1")]
+    include_dirs = [CEXT]
+    try:  # numpy headers for the modules that cimport numpy
+        import numpy
+
+        include_dirs.append(numpy.get_include())
+    except ImportError:
+        pass
+    modules = [
+        Extension(
+            f"fastscp._{pyx.stem}_cext",
+            [f"{CEXT}/{pyx.name}"],
+            include_dirs=include_dirs,
+            define_macros=macros,
+            extra_compile_args=["-O3"] if os.name != "nt" else [],
+        )
+        for pyx in sorted((HERE / CEXT).glob("*.pyx"))
+    ]
+    annotate = _flag("FASTSCP_CYTHON_ANNOTATE")
+    return cythonize(
+        modules,
+        include_path=[CEXT],
+        annotate=annotate,
+        # Cython only compares timestamps, not directives: regenerate the C
+        # code when a switch asks for different code.
+        force=trace or annotate or _flag("FASTSCP_CYTHON_ALWAYS"),
+        compiler_directives={
+            "language_level": 3,
+            "linetrace": trace,
+            "profile": False,
+            "embedsignature": True,
+        },
+    )
+
+
+if __name__ == "__main__":
+    os.chdir(HERE)  # relative paths above are relative to the project
+    setup(ext_modules=extensions())
