@@ -21,9 +21,10 @@ import msgspec
 
 from fastscp import dimse
 from fastscp.header import HeaderError, HeaderFields, IncompleteHeader, parse_header
-from fastscp.layout import relative_path
+from fastscp.layout import LayoutOptions, relative_path
 from fastscp.negotiation import AcceptancePolicy, Negotiation, negotiate
-from fastscp.records import InstanceRecord
+from fastscp.records import DuplicateConflict, InstanceRecord
+from fastscp.sopclasses import MODALITY_SOP_CLASSES
 from fastscp.storage import NO_SPACE, IncomingFile, Storage
 
 log = logging.getLogger("fastscp.association")
@@ -41,6 +42,9 @@ _PDV_HEADER = struct.Struct(">IBB")
 MAX_ASSOCIATE_RQ = 1024 * 1024
 #: Read limit when our Maximum Length Received is 0 ("no limit").
 UNLIMITED_PDU_CAP = 64 * 1024 * 1024
+
+#: Structured reports go to storage.sr_directory when it is set.
+SR_SOP_CLASSES: frozenset[str] = frozenset(MODALITY_SOP_CLASSES["SR"])
 
 RELEASE_RP = _PDU_HEADER.pack(A_RELEASE_RP, 4) + b"\x00" * 4
 
@@ -120,6 +124,8 @@ class AssociationStats:
     outcome: str = ""
     instances: int = 0
     failures: int = 0
+    #: Resends of stored instances (acknowledged, not rewritten).
+    duplicates: int = 0
     bytes: int = 0
     started: float = field(default_factory=time.monotonic)
 
@@ -131,7 +137,7 @@ class AssociationStats:
         mb = self.bytes / 1e6
         return (
             f"association {who}: accepted, {self.outcome}; {self.instances} instances"
-            f" ({self.failures} failed), {mb:.2f} MB in {elapsed:.3f} s"
+            f" ({self.failures} failed, {self.duplicates} duplicates), {mb:.2f} MB in {elapsed:.3f} s"
             f" ({self.instances / elapsed:.1f} img/s, {mb / elapsed:.2f} MB/s)"
         )
 
@@ -140,7 +146,8 @@ class AssociationStats:
 class ServiceSettings:
     policy: AcceptancePolicy
     storage: Storage
-    naming: str
+    layout: LayoutOptions
+    duplicates: str
     acse_timeout: float
     dimse_timeout: float
 
@@ -368,13 +375,43 @@ class Association:
         # The file is named by the UID the sender gave in the command (the one
         # in its File Meta); the data set's own is indexed as found.
         header = msgspec.structs.replace(header, sop_instance_uid=header.sop_instance_uid or sop_instance)
-        path = relative_path(self.settings.naming, _named(header, sop_instance))
+        settings = self.settings
+        sop_class = negotiation.contexts[self._context_id].abstract_syntax
+        root = settings.storage.sr_root if sop_class in SR_SOP_CLASSES and settings.storage.sr_root else None
         try:
-            incoming.commit(path)
+            committed = incoming.commit(
+                relative_path(settings.layout, _named(header, sop_instance)), settings.duplicates, root
+            )
         except OSError as exc:
             self.stats.failures += 1
             log.error("C-STORE %s: cannot store: %s", sop_instance, exc)
             return dimse.OUT_OF_RESOURCES, f"cannot store: {exc.strerror}"[:64]
+        path = settings.storage.relative(committed.path)
+        now = time.time()
+        if committed.existing_hash:
+            log.warning(
+                "C-STORE %s from %s: %s differs from the stored copy (sha256 %s, new %s); storage.duplicates=%s: %s",
+                sop_instance, self.stats.calling_ae_title, path, committed.existing_hash[:12],
+                incoming.content_hash[:12], settings.duplicates, committed.outcome,
+            )
+            self.on_stored(
+                DuplicateConflict(
+                    sop_instance_uid=header.sop_instance_uid,
+                    path=settings.storage.relative(committed.existing_path),
+                    existing_hash=committed.existing_hash, new_hash=incoming.content_hash,
+                    policy=settings.duplicates, outcome=committed.outcome,
+                    new_path=path if committed.outcome in ("kept-both", "overwritten") else "",
+                    calling_ae_title=self.stats.calling_ae_title, received_at=now,
+                )
+            )
+        if committed.outcome == "rejected":
+            self.stats.failures += 1
+            return dimse.DUPLICATE_SOP_INSTANCE, "other content stored under this SOP Instance UID"
+        if committed.outcome in ("identical", "kept-first"):
+            # Acknowledged: the sender's data is (or stays) as first stored.
+            self.stats.instances += 1
+            self.stats.duplicates += 1
+            return dimse.SUCCESS, ""
         self.stats.instances += 1
         self.on_stored(
             InstanceRecord(
@@ -384,8 +421,9 @@ class Association:
                 calling_ae_title=self.stats.calling_ae_title,
                 called_ae_title=self.stats.called_ae_title,
                 peer_address=self.stats.peer_address,
-                received_at=time.time(),
+                received_at=now,
                 header=header,
+                content_hash=incoming.content_hash,
             )
         )
         return dimse.SUCCESS, ""

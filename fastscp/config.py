@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 import yaml
 
+from fastscp.layout import Accounts, LayoutOptions, PatientFolders, TemplateError, check_template
 from fastscp.sopclasses import resolve_sop_classes
 
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
@@ -46,9 +47,29 @@ class ServerConfig(_Section):
     shutdown_timeout: Seconds = 30.0
 
 
+class PatientFoldersConfig(_Section):
+    top: Literal["patient_id", "patient_name"] = "patient_id"
+    study_level: bool = True
+    series_level: bool = True
+
+
+class AccountsConfig(_Section):
+    physicians: dict[str, list[str]] = msgspec.field(default_factory=dict)
+    guest: str = "Guest"
+    unknown: str = "Unknown"
+
+
 class StorageConfig(_Section):
     directory: str = "./received"
-    naming: Literal["hierarchical", "flat"] = "hierarchical"
+    naming: Literal["hierarchical", "flat", "date-based", "template", "patient-folders", "accounts"] = "hierarchical"
+    template: str = (
+        "{PatientName|PatientID|UNKNOWN}/{StudyDate}_{StudyID|StudyInstanceUID}/{SeriesNumber:03}_{Modality}"
+        "/{SOPInstanceUID}.dcm"
+    )
+    patient_folders: PatientFoldersConfig = PatientFoldersConfig()
+    accounts: AccountsConfig = AccountsConfig()
+    sr_directory: str = ""
+    duplicates: Literal["reject", "keep-first", "overwrite", "keep-both"] = "reject"
     fsync: Literal["always", "never"] = "always"
     quarantine: bool = True
 
@@ -106,7 +127,14 @@ CLI_OPTIONS: dict[str, tuple[str, str]] = {
     "server.max_associations": ("--max-associations", "open associations across all workers (default 64)"),
     "server.max_pdu_size": ("--max-pdu-size", "Maximum Length Received we announce, bytes (default 262144)"),
     "storage.fsync": ("--fsync", "always (default) or never"),
-    "storage.naming": ("--naming", "storage layout: hierarchical (default) or flat"),
+    "storage.naming": (
+        "--naming",
+        "storage layout: hierarchical (default), flat, date-based, template, patient-folders or accounts",
+    ),
+    "storage.duplicates": (
+        "--duplicates",
+        "a resend with other content: reject (default), keep-first, overwrite or keep-both",
+    ),
     "logging.level": ("--log-level", "DEBUG, INFO (default), WARNING or ERROR"),
 }
 
@@ -191,7 +219,27 @@ def load_config(path: str | None = None, overrides: dict[str, Any] | None = None
     except ValueError as exc:
         where = "command-line option --accept" if "accepted_sop_classes" in from_cli else source
         raise ConfigError(f"{where}: accepted_sop_classes: {exc}") from None
+    if config.storage.naming == "template":
+        try:
+            check_template(config.storage.template)
+        except TemplateError as exc:
+            raise ConfigError(f"{source}: storage.template: {exc}") from None
     return config
+
+
+def layout_options(config: Config) -> LayoutOptions:
+    """The layout part of the config, as :mod:`fastscp.layout` takes it."""
+    storage = config.storage
+    return LayoutOptions(
+        naming=storage.naming,
+        template=storage.template,
+        patient_folders=PatientFolders(**msgspec.structs.asdict(storage.patient_folders)),
+        accounts=Accounts(
+            physicians={k: tuple(v) for k, v in storage.accounts.physicians.items()},
+            guest=storage.accounts.guest,
+            unknown=storage.accounts.unknown,
+        ),
+    )
 
 
 def _choices(key: str) -> tuple[object, ...]:

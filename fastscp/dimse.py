@@ -23,6 +23,8 @@ NO_DATA_SET = 0x0101
 
 # Status codes (PS3.4 B.2.3 for C-STORE, PS3.7 C for the general ones).
 SUCCESS = 0x0000
+#: PS3.7 C.4: a failure; used for a resend with other content (storage.duplicates: reject).
+DUPLICATE_SOP_INSTANCE = 0x0111
 OUT_OF_RESOURCES = 0xA700
 DATA_SET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 CANNOT_UNDERSTAND = 0xC000
@@ -31,6 +33,7 @@ UNRECOGNIZED_OPERATION = 0x0211
 
 STATUS_NAMES: dict[int, str] = {
     SUCCESS: "Success",
+    DUPLICATE_SOP_INSTANCE: "Duplicate SOP instance",
     OUT_OF_RESOURCES: "Out of resources",
     DATA_SET_DOES_NOT_MATCH_SOP_CLASS: "Data set does not match SOP class",
     CANNOT_UNDERSTAND: "Cannot understand",

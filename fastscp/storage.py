@@ -9,11 +9,13 @@ complete file.
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import time
 import uuid
+from dataclasses import dataclass
 
-from fastscp.part10 import file_meta
+from fastscp.part10 import dataset_offset, file_meta
 
 INCOMING = ".incoming"
 QUARANTINE = ".quarantine"
@@ -21,6 +23,49 @@ QUARANTINE = ".quarantine"
 HEADER_PREFIX_BYTES = 256 * 1024
 #: errno values that mean "no room": answered with 0xA700 Out of resources.
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+@dataclass(frozen=True)
+class Committed:
+    """Where a received data set ended up."""
+
+    #: The final absolute path: the new file, or the existing one it duplicates.
+    path: str
+    #: stored | identical (a resend: not rewritten) | overwritten | kept-both |
+    #: kept-first | rejected (the last four: same path, other content).
+    outcome: str
+    #: SHA-256 of the existing file's data set, for a conflict.
+    existing_hash: str = ""
+    #: The existing file's path, for a conflict (differs from ``path`` for keep-both).
+    existing_path: str = ""
+
+
+def _link_new(source: str, target: str) -> bool:
+    """Hard-link ``source`` at ``target`` unless ``target`` exists (atomic, no clobber)."""
+    try:
+        os.link(source, target)
+        return True
+    except FileExistsError:
+        return False
+
+
+def _fsync_dir(directory: str) -> None:
+    # The new directory entry must survive a power cut too.
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def dataset_hash(path: str) -> str:
+    """SHA-256 (hex) of a Part 10 file's data set bytes (its file meta excluded)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(dataset_offset(f.read(65536)))
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 class IncomingFile:
@@ -32,6 +77,9 @@ class IncomingFile:
         self.meta_length = len(meta)
         self.dataset_length = 0
         self.prefix = bytearray()
+        # PERF: SHA-256 runs at ~2.1 GB/s here (SHA-NI), ~0.25 ms per 512x512
+        # CT, and releases the GIL; it decides duplicates (storage.duplicates).
+        self._hash = hashlib.sha256()
         #: The first write error; once set, further data is discarded.
         self.error: OSError | None = None
         self._fd: int | None = os.open(
@@ -58,7 +106,13 @@ class IncomingFile:
         if room > 0:
             self.prefix += fragment[:room]
         self.dataset_length += len(fragment)
+        self._hash.update(fragment)
         self._write(fragment)
+
+    @property
+    def content_hash(self) -> str:
+        """SHA-256 (hex) of the data set bytes received so far."""
+        return self._hash.hexdigest()
 
     @property
     def prefix_is_complete_dataset(self) -> bool:
@@ -70,13 +124,12 @@ class IncomingFile:
             f.seek(self.meta_length)
             return f.read()
 
-    def commit(self, relative_path: str) -> str:
-        """Make the file durable (per ``storage.fsync``) and rename it into place.
+    def commit(self, relative_path: str, duplicates: str = "reject", root: str | None = None) -> Committed:
+        """Make the file durable (per ``storage.fsync``) and put it at its final path.
 
-        Returns
-        -------
-        str
-            The final absolute path.
+        The link into place never replaces an existing file; when the path is
+        taken, the data set bytes decide: the same bytes are a resend (kept,
+        not rewritten), other bytes follow ``duplicates``.
 
         Raises
         ------
@@ -84,27 +137,46 @@ class IncomingFile:
             The temp file is removed first.
         """
         assert self._fd is not None and self.error is None
-        final = os.path.join(self._storage.root, relative_path)
+        storage = self._storage
+        root = root or storage.root
+        final = os.path.normpath(os.path.join(root, relative_path))
+        if not final.startswith(root.rstrip(os.sep) + os.sep):
+            self.discard()
+            raise PermissionError(errno.EACCES, f"path {relative_path!r} leaves the storage root")
         try:
-            if self._storage.fsync:
+            if storage.fsync:
                 os.fsync(self._fd)
-            os.close(self._fd)
-            self._fd = None
-            directory = os.path.dirname(final)
+            self._close()
             # exist_ok: another association may create the same study folder now.
-            os.makedirs(directory, exist_ok=True)
-            os.replace(self.temp_path, final)
-            if self._storage.fsync:
-                # The rename itself must survive a power cut too.
-                dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-                try:
-                    os.fsync(dir_fd)
-                finally:
-                    os.close(dir_fd)
+            os.makedirs(os.path.dirname(final), exist_ok=True)
+            if _link_new(self.temp_path, final):
+                outcome = Committed(final, "stored")
+            else:
+                outcome = self._resolve_duplicate(final, duplicates)
+            if outcome.outcome in ("stored", "overwritten", "kept-both") and storage.fsync:
+                _fsync_dir(os.path.dirname(outcome.path))
         except OSError:
             self.discard()
             raise
-        return final
+        self.discard()  # the temp name, if it is still there
+        return outcome
+
+    def _resolve_duplicate(self, final: str, duplicates: str) -> Committed:
+        existing = dataset_hash(final)
+        new = self.content_hash
+        if existing == new:
+            return Committed(final, "identical")
+        if duplicates == "overwrite":
+            os.replace(self.temp_path, final)
+            return Committed(final, "overwritten", existing, final)
+        if duplicates == "keep-both":
+            stem = final[: -len(".dcm")] if final.endswith(".dcm") else final
+            for version in range(2, 10000):
+                candidate = f"{stem}.v{version}.dcm"
+                if _link_new(self.temp_path, candidate):
+                    return Committed(candidate, "kept-both", existing, final)
+            raise OSError(errno.EEXIST, f"too many versions of {final}")
+        return Committed(final, "kept-first" if duplicates == "keep-first" else "rejected", existing, final)
 
     def quarantine(self, reason: str) -> str | None:
         """Move the complete received file aside for inspection, with its reason."""
@@ -140,8 +212,10 @@ class IncomingFile:
 class Storage:
     """The storage root and its policy."""
 
-    def __init__(self, root: str, *, fsync: bool = True, quarantine: bool = True) -> None:
+    def __init__(self, root: str, *, fsync: bool = True, quarantine: bool = True, sr_root: str = "") -> None:
         self.root = os.path.abspath(root)
+        #: Root for structured reports (storage.sr_directory), or "" for ``root``.
+        self.sr_root = os.path.abspath(sr_root) if sr_root else ""
         self.fsync = fsync
         self.quarantine = quarantine
         self.incoming_dir = os.path.join(self.root, INCOMING)
@@ -155,12 +229,20 @@ class Storage:
         """
         os.makedirs(self.incoming_dir, exist_ok=True)
         os.makedirs(self.quarantine_dir, exist_ok=True)
+        if self.sr_root:
+            os.makedirs(self.sr_root, exist_ok=True)
         removed = 0
         for name in os.listdir(self.incoming_dir):
             if name.endswith(".part"):
                 os.unlink(os.path.join(self.incoming_dir, name))
                 removed += 1
         return removed
+
+    def relative(self, path: str) -> str:
+        """A final path as the index records it: relative to the root, or
+        absolute when it lies elsewhere (storage.sr_directory)."""
+        relative = os.path.relpath(path, self.root)
+        return path if relative.startswith("..") else relative
 
     def begin(
         self, sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str, calling_ae: str

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from fastscp import header
 from fastscp.acceptor import ServiceSettings
-from fastscp.config import Config
+from fastscp.config import Config, layout_options
 from fastscp.indexer import indexer_address, indexer_main
 from fastscp.negotiation import (
     REJECTED_TRANSIENT,
@@ -85,6 +85,7 @@ class Supervisor:
             config.storage.directory,
             fsync=config.storage.fsync == "always",
             quarantine=config.storage.quarantine,
+            sr_root=config.storage.sr_directory,
         )
         self.settings = ServiceSettings(
             policy=AcceptancePolicy(
@@ -93,7 +94,8 @@ class Supervisor:
                 max_pdu_size=server.max_pdu_size,
             ),
             storage=self.storage,
-            naming=config.storage.naming,
+            layout=layout_options(config),
+            duplicates=config.storage.duplicates,
             acse_timeout=server.acse_timeout,
             dimse_timeout=server.dimse_timeout,
         )

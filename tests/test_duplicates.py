@@ -1,0 +1,117 @@
+"""Resends and conflicting resends with dcmtk storescu, for every storage.duplicates
+policy; structured reports in their own root; two associations into one new study."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from fastscp.synthetic import write_series
+from tests.conftest import dcmtk
+from tests.test_lifecycle import wait_until
+from tests.test_server import assert_same_dataset, by_instance
+
+pytestmark = pytest.mark.dcmtk
+
+
+@pytest.fixture
+def original_and_conflict(tmp_path: Path) -> tuple[Path, Path]:
+    (original,) = write_series(str(tmp_path / "a"), 1, rows=64, columns=64)
+    ds = pydicom.dcmread(original)
+    ds.PixelData = bytes(len(ds.PixelData))  # other pixels, same SOP Instance UID
+    conflict = tmp_path / "conflict.dcm"
+    ds.save_as(conflict, enforce_file_format=True)
+    return Path(original), conflict
+
+
+def storescu(server, *files: Path | str, check: bool = True) -> subprocess.CompletedProcess:  # type: ignore[no-untyped-def]
+    options = [str(f) for f in files if str(f).startswith("-")]
+    paths = [str(f) for f in files if not str(f).startswith("-")]
+    return dcmtk("storescu", "-aec", server.ae_title, "-xe", *options, "127.0.0.1", str(server.port), *paths,
+                 check=check)
+
+
+def only_file(server) -> Path:  # type: ignore[no-untyped-def]
+    (path,) = server.stored_files()
+    return path
+
+
+@pytest.mark.parametrize("policy", ["reject", "keep-first", "overwrite", "keep-both"])
+def test_duplicate_policies(start_server, original_and_conflict, policy: str) -> None:  # type: ignore[no-untyped-def]
+    original, conflict = original_and_conflict
+    server = start_server("--duplicates", policy)
+    storescu(server, original)
+    stored = only_file(server)
+    inode, mtime = stored.stat().st_ino, stored.stat().st_mtime_ns
+
+    # A byte-identical resend: success, not rewritten, counted.
+    storescu(server, original)
+    assert server.stored_files() == [stored]
+    assert (stored.stat().st_ino, stored.stat().st_mtime_ns) == (inode, mtime)
+    wait_until(lambda: "1 instances (0 failed, 1 duplicates)" in server.log_text(), what="the resend's log line")
+
+    # Other content under the same SOP Instance UID.
+    result = storescu(server, conflict, "-v", check=False)
+    wait_until(lambda: server.log_text().count("association STORESCU") == 3, what="the conflict's log line")
+    log = server.log_text()
+    assert "differs from the stored copy" in log and f"storage.duplicates={policy}" in log
+    files = server.stored_files()
+    if policy == "reject":
+        assert result.returncode != 0 and "Status: 0x111" in (result.stdout + result.stderr)
+        assert files == [stored]
+        assert_same_dataset(original, stored)
+    elif policy == "keep-first":
+        assert result.returncode == 0
+        assert files == [stored]
+        assert_same_dataset(original, stored)
+    elif policy == "overwrite":
+        assert result.returncode == 0
+        assert files == [stored]
+        assert_same_dataset(conflict, stored)
+    else:
+        assert result.returncode == 0
+        version = stored.with_name(stored.stem + ".v2.dcm")
+        assert files == sorted([stored, version])
+        assert_same_dataset(original, stored)
+        assert_same_dataset(conflict, version)
+    assert list((server.storage / ".incoming").iterdir()) == []
+
+
+def test_structured_reports_go_to_their_own_root(start_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    sr_root = tmp_path / "reports"
+    server = start_server("--config", str(_config(tmp_path, f"storage:\n  sr_directory: {sr_root}\n")))
+    sr = Path(pydicom.data.get_testdata_file("test-SR.dcm"))
+    (ct,) = map(Path, write_series(str(tmp_path / "ct"), 1, rows=64, columns=64))
+    dcmtk("storescu", "-aec", server.ae_title, "-R", "-xe", "127.0.0.1", str(server.port), str(sr), str(ct))
+    (report,) = list(sr_root.rglob("*.dcm"))
+    assert_same_dataset(sr, report)
+    (image,) = server.stored_files()
+    assert_same_dataset(ct, image)
+
+
+def _config(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "fastscp.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_two_associations_into_one_new_study_at_once(server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    series = write_series(str(tmp_path / "one"), 40, rows=64, columns=64)
+    env = dict(os.environ, TCP_NODELAY="1")
+    argv = ["storescu", "-aec", server.ae_title, "-xe", "127.0.0.1", str(server.port)]
+    halves = (series[0::2], series[1::2])
+    processes = [subprocess.Popen([*argv, *half], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                 for half in halves]
+    for process in processes:
+        output, _ = process.communicate(timeout=120)
+        assert process.returncode == 0, output
+    stored = by_instance(server.stored_files())
+    sources = by_instance([Path(p) for p in series])
+    assert stored.keys() == sources.keys()
+    assert len({p.parent for p in stored.values()}) == 1, "one series folder"
+    for uid, source in sources.items():
+        assert_same_dataset(source, stored[uid])
