@@ -1,0 +1,143 @@
+"""What the server is doing: the status snapshot the supervisor publishes.
+
+The supervisor aggregates worker reports into one :class:`StatusSnapshot`
+and sends it (msgpack, one SOCK_SEQPACKET message) to the monitor process
+about twice a second; the monitor serves it as a page, JSON and Prometheus
+metrics. Everything here is plain data.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+#: Upper bounds of the store latency histogram (seconds, as Prometheus ``le``).
+LATENCY_BUCKETS: tuple[float, ...] = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
+#: Upper bounds of the object size histogram (bytes).
+SIZE_BUCKETS: tuple[float, ...] = (
+    16e3, 64e3, 256e3, 1e6, 4e6, 16e6, 64e6, 256e6, 1e9, 4e9,
+)
+
+
+class Histogram(msgspec.Struct, kw_only=True):
+    """A cumulative-free histogram: ``counts[i]`` observations fell in bucket i
+    (``<= buckets[i]``, the last count is above every bound)."""
+
+    buckets: tuple[float, ...]
+    counts: list[int]
+    sum: float = 0.0
+    count: int = 0
+
+    @classmethod
+    def empty(cls, buckets: tuple[float, ...]) -> Histogram:
+        return cls(buckets=buckets, counts=[0] * (len(buckets) + 1))
+
+    def observe(self, value: float) -> None:
+        for i, bound in enumerate(self.buckets):
+            if value <= bound:
+                self.counts[i] += 1
+                break
+        else:
+            self.counts[-1] += 1
+        self.sum += value
+        self.count += 1
+
+    def merge(self, other: Histogram) -> None:
+        for i, n in enumerate(other.counts):
+            self.counts[i] += n
+        self.sum += other.sum
+        self.count += other.count
+
+
+class AssociationState(msgspec.Struct, kw_only=True):
+    """One association, open or ended."""
+
+    connection_id: int
+    worker: int
+    calling_ae_title: str = ""
+    called_ae_title: str = ""
+    peer_address: str = ""
+    started: float = 0.0  # epoch seconds
+    instances: int = 0
+    failures: int = 0
+    duplicates: int = 0
+    bytes: int = 0
+    #: Images/s over the association so far (open ones: current).
+    rate: float = 0.0
+    ended: float = 0.0  # 0 while open
+    #: "released", "aborted by peer", "rejected (calling AE not recognized)" ...
+    outcome: str = ""
+
+
+class Totals(msgspec.Struct, kw_only=True):
+    instances: int = 0
+    bytes: int = 0
+    failures: int = 0
+    duplicates: int = 0
+    associations: int = 0
+    rejected: int = 0
+
+
+class Rates(msgspec.Struct, kw_only=True):
+    instances_per_s_1m: float = 0.0
+    mb_per_s_1m: float = 0.0
+    instances_per_s_5m: float = 0.0
+    mb_per_s_5m: float = 0.0
+
+
+class StorageState(msgspec.Struct, kw_only=True):
+    root: str
+    total_bytes: int
+    used_bytes: int
+    free_bytes: int
+    min_free_bytes: int
+    #: True while free space is below storage.min_free_bytes: stores get 0xA700.
+    below_watermark: bool
+
+
+class IndexState(msgspec.Struct, kw_only=True):
+    path: str
+    #: Instances stored by workers that the index has not committed yet.
+    lag: int
+    committed: int
+
+
+class WorkerState(msgspec.Struct, kw_only=True):
+    index: int
+    pid: int
+    alive: bool
+    open_associations: int
+    started: float  # epoch seconds
+    restarts: int = 0
+
+
+class StatusSnapshot(msgspec.Struct, kw_only=True):
+    time: float
+    started: float
+    version: str
+    ae_title: str
+    host: str
+    port: int
+    state: str  # "running" | "stopping"
+    open: list[AssociationState]
+    recent: list[AssociationState]  # newest first, at most RECENT
+    totals: Totals
+    rates: Rates
+    per_modality: dict[str, int]
+    per_calling_ae: dict[str, int]
+    #: Rejected associations by reason ("local limit exceeded", ...).
+    rejects: dict[str, int]
+    storage: StorageState
+    index: IndexState
+    workers: list[WorkerState]
+    store_latency_seconds: Histogram
+    object_size_bytes: Histogram
+    #: The config in force, secrets hidden.
+    config: dict[str, object]
+
+
+#: How many ended associations the snapshot lists.
+RECENT = 50
+
+ENCODER = msgspec.msgpack.Encoder()
+DECODER = msgspec.msgpack.Decoder(StatusSnapshot)
+JSON_ENCODER = msgspec.json.Encoder()
