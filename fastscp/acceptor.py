@@ -12,22 +12,34 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import struct
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import msgspec
 
 from fastscp import dimse
+from fastscp.access import peer_ip
 from fastscp.header import HeaderError, HeaderFields, IncompleteHeader, parse_header
 from fastscp.layout import LayoutOptions, relative_path
-from fastscp.negotiation import AcceptancePolicy, Negotiation, negotiate
-from fastscp.records import DuplicateConflict, InstanceRecord
+from fastscp.negotiation import (
+    REJECTED_TRANSIENT,
+    SOURCE_PROVIDER_PRESENTATION,
+    AcceptancePolicy,
+    Negotiation,
+    encode_associate_rj,
+    negotiate,
+)
+from fastscp.records import AssociationReport, DuplicateConflict, InstanceRecord
 from fastscp.sopclasses import MODALITY_SOP_CLASSES
+from fastscp.status import LATENCY_BUCKETS, SIZE_BUCKETS, AssociationState, Histogram
 from fastscp.storage import NO_SPACE, IncomingFile, Storage
 
 log = logging.getLogger("fastscp.association")
+action_log = logging.getLogger("fastscp.action")
 
 # PDU types (PS3.8 9.3.1).
 A_ASSOCIATE_RQ = 0x01
@@ -117,6 +129,8 @@ class PDUStream:
 
 @dataclass
 class AssociationStats:
+    connection_id: int = 0
+    worker: int = 0
     calling_ae_title: str = ""
     called_ae_title: str = ""
     peer_address: str = ""
@@ -128,6 +142,25 @@ class AssociationStats:
     duplicates: int = 0
     bytes: int = 0
     started: float = field(default_factory=time.monotonic)
+    started_epoch: float = field(default_factory=time.time)
+    by_modality: Counter[str] = field(default_factory=Counter)
+    latency: Histogram = field(default_factory=lambda: Histogram.empty(LATENCY_BUCKETS))
+    sizes: Histogram = field(default_factory=lambda: Histogram.empty(SIZE_BUCKETS))
+
+    def report(self, ended: bool = False) -> AssociationReport:
+        """The cumulative figures, for the supervisor (and the status page)."""
+        elapsed = max(time.monotonic() - self.started, 1e-6)
+        state = AssociationState(
+            connection_id=self.connection_id, worker=self.worker, calling_ae_title=self.calling_ae_title,
+            called_ae_title=self.called_ae_title, peer_address=self.peer_address, started=self.started_epoch,
+            instances=self.instances, failures=self.failures, duplicates=self.duplicates, bytes=self.bytes,
+            rate=self.instances / elapsed, ended=time.time() if ended else 0.0,
+            outcome=self.outcome if self.accepted or not ended else f"rejected ({self.outcome})",
+        )
+        return AssociationReport(
+            state=state, by_modality=dict(self.by_modality), store_latency_seconds=self.latency,
+            object_size_bytes=self.sizes, ended=ended,
+        )
 
     def log_line(self) -> str:
         elapsed = max(time.monotonic() - self.started, 1e-6)
@@ -142,6 +175,10 @@ class AssociationStats:
         )
 
 
+def _always_admit(_calling_ae_title: str) -> tuple[bool, str]:
+    return True, ""
+
+
 @dataclass(frozen=True)
 class ServiceSettings:
     policy: AcceptancePolicy
@@ -150,6 +187,11 @@ class ServiceSettings:
     duplicates: str
     acse_timeout: float
     dimse_timeout: float
+    #: Below this many free bytes under the storage root, stores get 0xA700.
+    min_free_bytes: int = 0
+    tls: ssl.SSLContext | None = None
+    #: One "fastscp.action" log line per stored object.
+    action_log: bool = True
 
 
 class Association:
@@ -160,14 +202,20 @@ class Association:
         sock: socket.socket,
         peer_address: str,
         settings: ServiceSettings,
-        on_stored: Callable[[InstanceRecord], None],
+        on_stored: Callable[[InstanceRecord | DuplicateConflict], None],
+        *,
+        connection_id: int = 0,
+        worker: int = 0,
+        admit: Callable[[str], tuple[bool, str]] = _always_admit,
     ) -> None:
         self.sock = sock
         self.settings = settings
         self.on_stored = on_stored
-        self.stats = AssociationStats(peer_address=peer_address)
+        self.admit = admit
+        self.stats = AssociationStats(connection_id=connection_id, worker=worker, peer_address=peer_address)
         self.negotiation: Negotiation | None = None
-        self.stream = PDUStream(sock, settings.policy.max_pdu_size)
+        self.stream: PDUStream | None = None
+        self._store_started = 0.0
         self._command = bytearray()
         self._request: dict[str, int | str] | None = None
         self._context_id = 0
@@ -183,6 +231,9 @@ class Association:
         """Serve until release, abort or error; never raises."""
         try:
             self.sock.settimeout(self.settings.acse_timeout)
+            if self.settings.tls is not None:
+                self.sock = self.settings.tls.wrap_socket(self.sock, server_side=True)
+            self.stream = PDUStream(self.sock, self.settings.policy.max_pdu_size)
             if self._associate():
                 self.sock.settimeout(self.settings.dimse_timeout)
                 self._data_transfer()
@@ -194,6 +245,8 @@ class Association:
         except ProtocolError as exc:
             self.stats.outcome = f"protocol error, aborted: {exc}"
             self._send_quietly(abort_pdu(reason=2))
+        except ssl.SSLError as exc:
+            self.stats.outcome = f"TLS handshake failed: {exc.reason or exc}"
         except OSError as exc:
             self.stats.outcome = f"network error: {exc}"
         except Exception as exc:  # a bug must not take the worker down
@@ -231,16 +284,27 @@ class Association:
     # -- A-ASSOCIATE ----------------------------------------------------------
 
     def _associate(self) -> bool:
+        assert self.stream is not None
         pdu_type, body = self.stream.read(limit=MAX_ASSOCIATE_RQ)
         if pdu_type != A_ASSOCIATE_RQ:
             raise ProtocolError(f"expected A-ASSOCIATE-RQ, got PDU type 0x{pdu_type:02X}")
         try:
-            result = negotiate(bytes((pdu_type, 0)) + len(body).to_bytes(4, "big") + body, self.settings.policy)
+            result = negotiate(
+                bytes((pdu_type, 0)) + len(body).to_bytes(4, "big") + body,
+                self.settings.policy,
+                peer_ip(self.stats.peer_address),
+            )
         except ValueError as exc:
             raise ProtocolError(str(exc)) from None
         self.negotiation = result
         self.stats.calling_ae_title = result.calling_ae_title
         self.stats.called_ae_title = result.called_ae_title
+        if result.accepted:
+            admitted, why = self.admit(result.calling_ae_title)
+            if not admitted:
+                result.accepted = False
+                result.reject_reason = f"local limit exceeded: {why}"
+                result.response = encode_associate_rj(REJECTED_TRANSIENT, SOURCE_PROVIDER_PRESENTATION, 2)
         self.sock.sendall(result.response)
         if not result.accepted:
             self.stats.outcome = result.reject_reason
@@ -252,6 +316,7 @@ class Association:
     # -- data transfer ------------------------------------------------------------
 
     def _data_transfer(self) -> None:
+        assert self.stream is not None
         read = self.stream.read
         while True:
             pdu_type, body = read()
@@ -321,6 +386,14 @@ class Association:
                 "Affected SOP Class UID differs from the presentation context",
             )
             return
+        self._store_started = time.monotonic()
+        free = self.settings.storage.free_bytes()
+        if free < self.settings.min_free_bytes:
+            self._reject_status = (
+                dimse.OUT_OF_RESOURCES,
+                f"free space {free // 1_000_000} MB below storage.min_free_bytes",
+            )
+            return
         try:
             self._incoming = self.settings.storage.begin(
                 sop_class,
@@ -372,11 +445,19 @@ class Association:
             )
             self.stats.failures += 1
             return dimse.CANNOT_UNDERSTAND, str(exc)[:64]
+        sop_class = negotiation.contexts[self._context_id].abstract_syntax
+        if header.sop_class_uid and header.sop_class_uid != sop_class:
+            incoming.discard()
+            self.stats.failures += 1
+            log.warning(
+                "C-STORE %s from %s: the data set's SOP Class UID %s does not match its context's %s",
+                sop_instance, self.stats.calling_ae_title, header.sop_class_uid, sop_class,
+            )
+            return dimse.DATA_SET_DOES_NOT_MATCH_SOP_CLASS, f"SOP Class UID in data set is {header.sop_class_uid}"[:64]
         # The file is named by the UID the sender gave in the command (the one
         # in its File Meta); the data set's own is indexed as found.
         header = msgspec.structs.replace(header, sop_instance_uid=header.sop_instance_uid or sop_instance)
         settings = self.settings
-        sop_class = negotiation.contexts[self._context_id].abstract_syntax
         root = settings.storage.sr_root if sop_class in SR_SOP_CLASSES and settings.storage.sr_root else None
         try:
             committed = incoming.commit(
@@ -404,19 +485,25 @@ class Association:
                     calling_ae_title=self.stats.calling_ae_title, received_at=now,
                 )
             )
+        size = incoming.meta_length + incoming.dataset_length
+        if settings.action_log:
+            action_log.info(
+                "%s %s (%d bytes) from %s", committed.outcome, path, size, self.stats.calling_ae_title
+            )
         if committed.outcome == "rejected":
             self.stats.failures += 1
             return dimse.DUPLICATE_SOP_INSTANCE, "other content stored under this SOP Instance UID"
+        self.stats.instances += 1
+        self.stats.by_modality[header.modality or "?"] += 1
+        self.stats.sizes.observe(size)
         if committed.outcome in ("identical", "kept-first"):
             # Acknowledged: the sender's data is (or stays) as first stored.
-            self.stats.instances += 1
             self.stats.duplicates += 1
             return dimse.SUCCESS, ""
-        self.stats.instances += 1
         self.on_stored(
             InstanceRecord(
                 path=path,
-                size=incoming.meta_length + incoming.dataset_length,
+                size=size,
                 transfer_syntax_uid=transfer_syntax,
                 calling_ae_title=self.stats.calling_ae_title,
                 called_ae_title=self.stats.called_ae_title,
@@ -450,6 +537,8 @@ class Association:
             comment,
         )
         self.sock.sendall(p_data_tf(self._context_id, command, self._peer_max_pdu))
+        if command_field == dimse.C_STORE_RSP:
+            self.stats.latency.observe(time.monotonic() - self._store_started)
 
 
 def _named(header: HeaderFields, sop_instance: str) -> HeaderFields:

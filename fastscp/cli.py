@@ -45,7 +45,8 @@ def _serve(args: argparse.Namespace) -> int:
     from fastscp.supervisor import StartupError, serve
 
     config = load_config(args.config, _overrides(args))
-    logs.configure(config.logging.level, config.logging.format)
+    logging_ = config.logging
+    logs.configure(logging_.level, logging_.format, logging_.file, logging_.max_bytes, logging_.backups)
     try:
         return serve(config)
     except StartupError as exc:

@@ -72,6 +72,40 @@ class StorageConfig(_Section):
     duplicates: Literal["reject", "keep-first", "overwrite", "keep-both"] = "reject"
     fsync: Literal["always", "never"] = "always"
     quarantine: bool = True
+    #: Below this much free space, new stores get 0xA700 "Out of resources".
+    min_free_bytes: Annotated[int, msgspec.Meta(ge=0)] = 1024 * 1024 * 1024
+
+
+class AllowedAE(_Section):
+    """A calling AE title allowed to connect, optionally only from some hosts."""
+
+    ae_title: AETitle
+    #: Host names, IP addresses or networks (CIDR); empty: from anywhere.
+    hosts: list[str] = msgspec.field(default_factory=list)
+
+
+class AccessConfig(_Section):
+    #: Empty: every calling AE title is allowed.
+    allowed_calling_aets: list[AETitle | AllowedAE] = msgspec.field(default_factory=list)
+    check_called_aet: bool = False
+    #: Concurrent associations per calling AE title; 0: no limit.
+    max_associations_per_aet: Annotated[int, msgspec.Meta(ge=0)] = 0
+
+
+class TLSConfig(_Section):
+    enabled: bool = False
+    certificate: str = ""
+    private_key: str = ""
+    #: CA certificates that client certificates are checked against.
+    ca_bundle: str = ""
+    require_client_certificate: bool = False
+    min_version: Literal["1.2", "1.3"] = "1.2"
+
+
+class MonitorConfig(_Section):
+    enabled: bool = True
+    #: HOST:PORT of the status page, /metrics and /healthz; [::1]:PORT for IPv6.
+    listen: str = "127.0.0.1:8080"
 
 
 class DatabaseConfig(_Section):
@@ -84,12 +118,21 @@ class DatabaseConfig(_Section):
 class LoggingConfig(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["plain", "json"] = "plain"
+    #: Also write the log to this file, rotated at max_bytes; "" for stderr only.
+    file: str = ""
+    max_bytes: Positive = 50 * 1024 * 1024
+    backups: Annotated[int, msgspec.Meta(ge=0)] = 10
+    #: One action log line per stored object (path, size, outcome).
+    actions: bool = True
 
 
 class Config(_Section):
     server: ServerConfig = ServerConfig()
     storage: StorageConfig = StorageConfig()
     database: DatabaseConfig = DatabaseConfig()
+    access: AccessConfig = AccessConfig()
+    tls: TLSConfig = TLSConfig()
+    monitor: MonitorConfig = MonitorConfig()
     logging: LoggingConfig = LoggingConfig()
     accepted_sop_classes: list[str] = msgspec.field(default_factory=lambda: ["all"])
 
@@ -136,6 +179,8 @@ CLI_OPTIONS: dict[str, tuple[str, str]] = {
         "a resend with other content: reject (default), keep-first, overwrite or keep-both",
     ),
     "logging.level": ("--log-level", "DEBUG, INFO (default), WARNING or ERROR"),
+    "logging.file": ("--log-file", "also log to this file, rotated (logging.max_bytes, logging.backups)"),
+    "monitor.listen": ("--monitor", "HOST:PORT of the status page and /metrics (default 127.0.0.1:8080), or off"),
 }
 
 
@@ -191,7 +236,11 @@ def load_config(path: str | None = None, overrides: dict[str, Any] | None = None
     raw = _read_yaml(path) if path else {}
     source = path or "built-in defaults"
     from_cli: set[str] = set()
-    for key, value in (overrides or {}).items():
+    overrides = dict(overrides or {})
+    if overrides.get("monitor.listen") == "off":
+        overrides["monitor.listen"] = None
+        overrides["monitor.enabled"] = False
+    for key, value in overrides.items():
         if value is not None:
             _set_dotted(raw, key, value)
             from_cli.add(key)

@@ -22,6 +22,7 @@ from pynetdicom.pdu_primitives import (
 from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
 
 from fastscp import __version__
+from fastscp.access import AccessPolicy
 from fastscp.sopclasses import SUPPORTED_TRANSFER_SYNTAXES, VERIFICATION_SOP_CLASS
 
 #: DICOM Application Context Name (PS3.7 A.2.1).
@@ -75,6 +76,7 @@ class AcceptancePolicy:
     storage_sop_classes: frozenset[str]
     max_pdu_size: int
     check_called_aet: bool = False
+    access: AccessPolicy = AccessPolicy()
 
 
 @dataclass(frozen=True)
@@ -103,13 +105,14 @@ class Negotiation:
     peer_implementation: str = ""
 
 
-def _reject(rq: A_ASSOCIATE, result: int, source: int, reason: int) -> Negotiation:
+def _reject(rq: A_ASSOCIATE, result: int, source: int, reason: int, detail: str = "") -> Negotiation:
+    why = REJECT_REASONS.get((source, reason), f"reason {reason}")
     return Negotiation(
         calling_ae_title=str(rq.calling_ae_title).strip(),
         called_ae_title=str(rq.called_ae_title).strip(),
         response=encode_associate_rj(result, source, reason),
         accepted=False,
-        reject_reason=REJECT_REASONS.get((source, reason), f"reason {reason}"),
+        reject_reason=f"{why}: {detail}" if detail else why,
     )
 
 
@@ -134,7 +137,7 @@ def _acceptor_context(rq_context: PresentationContext, policy: AcceptancePolicy)
     return [context]
 
 
-def negotiate(pdu: bytes, policy: AcceptancePolicy) -> Negotiation:
+def negotiate(pdu: bytes, policy: AcceptancePolicy, peer_ip: str = "") -> Negotiation:
     """Negotiate an association from the bytes of an A-ASSOCIATE-RQ PDU.
 
     Raises
@@ -151,8 +154,12 @@ def negotiate(pdu: bytes, policy: AcceptancePolicy) -> Negotiation:
 
     if str(rq.application_context_name) != APPLICATION_CONTEXT_NAME:
         return _reject(rq, REJECTED_PERMANENT, SOURCE_SERVICE_USER, 2)
+    denied = policy.access.check(str(rq.calling_ae_title), peer_ip)
+    if denied:
+        return _reject(rq, REJECTED_PERMANENT, SOURCE_SERVICE_USER, 3, denied)
     if policy.check_called_aet and str(rq.called_ae_title).strip() != policy.ae_title:
-        return _reject(rq, REJECTED_PERMANENT, SOURCE_SERVICE_USER, 7)
+        called = str(rq.called_ae_title).strip()
+        return _reject(rq, REJECTED_PERMANENT, SOURCE_SERVICE_USER, 7, f"called {called!r}, we are {policy.ae_title!r}")
 
     peer_max_pdu = 0
     peer_implementation = ""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import msgspec
 
 from fastscp.header import HeaderFields
+from fastscp.status import AssociationState, Histogram
 
 
 class InstanceRecord(msgspec.Struct, frozen=True, kw_only=True, tag="instance"):
@@ -38,12 +39,31 @@ class DuplicateConflict(msgspec.Struct, frozen=True, kw_only=True, tag="conflict
     received_at: float
 
 
-class AssociationEnded(msgspec.Struct, frozen=True, kw_only=True, tag="ended"):
-    """A worker tells the supervisor an association it was handed has ended."""
+class AssociationReport(msgspec.Struct, frozen=True, kw_only=True, tag="report"):
+    """A worker's cumulative figures for one association (``ended`` when it has).
+
+    Sent about twice a second while it is open, and once when it ends; the
+    supervisor keeps the latest one and frees its slot on ``ended``.
+    """
+
+    state: AssociationState
+    by_modality: dict[str, int]
+    store_latency_seconds: Histogram
+    object_size_bytes: Histogram
+    ended: bool = False
+
+
+class AdmissionRequest(msgspec.Struct, frozen=True, kw_only=True, tag="admit?"):
+    """A worker asks whether a calling AE may have one more association."""
 
     connection_id: int
-    instances: int
-    bytes: int
+    calling_ae_title: str
+
+
+class AdmissionReply(msgspec.Struct, frozen=True, kw_only=True, tag="admit"):
+    connection_id: int
+    admitted: bool
+    reason: str = ""
 
 
 class Handoff(msgspec.Struct, frozen=True, kw_only=True, tag="handoff"):
@@ -59,6 +79,8 @@ class Stop(msgspec.Struct, frozen=True, kw_only=True, tag="stop"):
     now: bool = False
 
 
-Message = InstanceRecord | DuplicateConflict | AssociationEnded | Handoff | Stop
+Message = (
+    InstanceRecord | DuplicateConflict | AssociationReport | AdmissionRequest | AdmissionReply | Handoff | Stop
+)
 ENCODER = msgspec.msgpack.Encoder()
 DECODER = msgspec.msgpack.Decoder(Message)

@@ -238,6 +238,11 @@ class Storage:
                 removed += 1
         return removed
 
+    def free_bytes(self) -> int:
+        """Free space for us under the root (what an unprivileged writer gets)."""
+        st = os.statvfs(self.root)
+        return st.f_bavail * st.f_frsize
+
     def relative(self, path: str) -> str:
         """A final path as the index records it: relative to the root, or
         absolute when it lies elsewhere (storage.sr_directory)."""

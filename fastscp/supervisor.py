@@ -13,15 +13,19 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import selectors
 import signal
 import socket
+import ssl
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
-from fastscp import header
+from fastscp import header, logs
 from fastscp.acceptor import ServiceSettings
-from fastscp.config import Config, layout_options
+from fastscp.access import AccessConfigError, build_access_policy
+from fastscp.config import Config, layout_options, to_builtins
 from fastscp.indexer import indexer_address, indexer_main
 from fastscp.negotiation import (
     REJECTED_TRANSIENT,
@@ -30,7 +34,10 @@ from fastscp.negotiation import (
     encode_associate_rj,
     peek_ae_titles,
 )
-from fastscp.records import DECODER, ENCODER, AssociationEnded, Handoff, Stop
+from fastscp.records import DECODER, ENCODER, AdmissionReply, AdmissionRequest, AssociationReport, Handoff, Stop
+from fastscp.status import ENCODER as SNAPSHOT_ENCODER
+from fastscp.status import WorkerState
+from fastscp.statusbook import StatusBook
 from fastscp.storage import Storage
 from fastscp.worker import worker_main
 
@@ -41,6 +48,8 @@ _fork = multiprocessing.get_context("fork")
 REJECT_READ_TIMEOUT = 5.0
 #: A worker that dies sooner than this after its start is restarted with a delay.
 RESTART_BACKOFF = 1.0
+#: How often the status snapshot goes to the monitor.
+SNAPSHOT_INTERVAL = 0.5
 
 
 class StartupError(Exception):
@@ -54,6 +63,7 @@ class WorkerHandle:
     control: socket.socket
     started: float
     open: set[int] = field(default_factory=set)
+    restarts: int = 0
 
 
 @dataclass
@@ -87,18 +97,38 @@ class Supervisor:
             quarantine=config.storage.quarantine,
             sr_root=config.storage.sr_directory,
         )
+        try:
+            access = build_access_policy(config.access.allowed_calling_aets)
+        except AccessConfigError as exc:
+            raise StartupError(str(exc)) from None
         self.settings = ServiceSettings(
             policy=AcceptancePolicy(
                 ae_title=server.ae_title,
                 storage_sop_classes=frozenset(config.sop_class_uids),
                 max_pdu_size=server.max_pdu_size,
+                check_called_aet=config.access.check_called_aet,
+                access=access,
             ),
             storage=self.storage,
             layout=layout_options(config),
             duplicates=config.storage.duplicates,
             acse_timeout=server.acse_timeout,
             dimse_timeout=server.dimse_timeout,
+            min_free_bytes=config.storage.min_free_bytes,
+            tls=tls_context(config) if config.tls.enabled else None,
+            action_log=config.logging.actions,
         )
+        self.book = StatusBook()
+        #: Admitted associations: connection ID -> calling AE title.
+        self.admitted: dict[int, str] = {}
+        self.per_ae: Counter[str] = Counter()
+        self.monitor: multiprocessing.process.BaseProcess | None = None
+        self.monitor_url = ""
+        self._snapshots: socket.socket | None = None
+        self._next_snapshot = 0.0
+        self.stopping = False
+        # Children forward their log records here; only we write output.
+        self._log_r, self._log_w = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.address = indexer_address(config.index_path)
         self.selector = selectors.DefaultSelector()
         self.workers: dict[int, WorkerHandle] = {}
@@ -107,6 +137,7 @@ class Supervisor:
         self.indexer: multiprocessing.process.BaseProcess | None = None
         self.next_connection = 1
         self.signals = 0
+        self._port = config.server.port
         self._wake_r, self._wake_w = socket.socketpair()
 
     # -- start ----------------------------------------------------------------
@@ -156,15 +187,15 @@ class Supervisor:
         self.selector.register(process.sentinel, selectors.EVENT_READ, "indexer")
         log.info("indexer started (pid %d), index %s", process.pid, self.config.index_path)
 
-    def _start_worker(self, index: int) -> None:
+    def _start_worker(self, index: int, restarts: int = 0) -> None:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         process = _fork.Process(
             target=self._child, name=f"fastscp-worker-{index}",
-            args=(worker_main, child, self.settings, self.address, self.config.server.shutdown_timeout),
+            args=(worker_main, index, child, self.settings, self.address, self.config.server.shutdown_timeout),
         )
         process.start()
         child.close()
-        handle = WorkerHandle(index, process, parent, time.monotonic())
+        handle = WorkerHandle(index, process, parent, time.monotonic(), restarts=restarts)
         self.workers[index] = handle
         log.info("worker %d started (pid %d)", index, process.pid)
         self.selector.register(parent, selectors.EVENT_READ, ("control", index))
@@ -179,10 +210,11 @@ class Supervisor:
             fileobj = key.fileobj
             if isinstance(fileobj, socket.socket) and fileobj.fileno() not in keep:
                 fileobj.close()
-        for sock in (self.listener, self._wake_r, self._wake_w, *self.rejects):
+        for sock in (self.listener, self._wake_r, self._wake_w, self._log_r, self._snapshots, *self.rejects):
             if sock is not None and sock.fileno() not in keep:
                 sock.close()
         signal.set_wakeup_fd(-1)
+        logs.forward_to(self._log_w)
         target(*args)
 
     def run(self) -> int:
@@ -191,7 +223,10 @@ class Supervisor:
         if removed:
             log.warning("removed %d incomplete temp files left by an earlier run", removed)
         self.listener = self._bind()
+        self.selector.register(self._log_r, selectors.EVENT_READ, "log")
         self._start_indexer()
+        if self.config.monitor.enabled:
+            self._start_monitor()
         for index in range(self.config.worker_count):
             self._start_worker(index)
         self.selector.register(self.listener, selectors.EVENT_READ, "listen")
@@ -202,11 +237,13 @@ class Supervisor:
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._on_signal)
         host, port = self.listener.getsockname()[:2]
+        self._port = port
         log.info(
             "fastscp listening on %s:%d as %s with %d workers, max %d associations; "
-            "storage %s, index %s; header scan backend: %s",
+            "storage %s, index %s; header scan backend: %s; TLS %s; status page %s",
             host, port, self.config.server.ae_title, len(self.workers),
             self.config.server.max_associations, self.storage.root, self.config.index_path, header.BACKEND,
+            "on" if self.settings.tls else "off", self.monitor_url or "off",
         )
         try:
             return self._loop()
@@ -235,8 +272,12 @@ class Supervisor:
                         self._wake_r.recv(512)
                     except BlockingIOError:
                         pass
+                elif tag == "log":
+                    logs.receive(self._log_r)
                 elif tag == "indexer":
                     self._indexer_died()
+                elif tag == "monitor":
+                    self._monitor_died()
                 elif tag == "reject":
                     self._reject_step(self.rejects[key.fileobj])  # type: ignore[index]
                 elif tag[0] == "control":
@@ -244,6 +285,7 @@ class Supervisor:
                 elif tag[0] == "exit":
                     self._worker_died(tag[1])
             self._expire_rejects()
+            self._publish()
 
     def _accept(self) -> None:
         assert self.listener is not None
@@ -290,8 +332,38 @@ class Supervisor:
                 self.selector.unregister(worker.control)
                 return
             message = DECODER.decode(data)
-            if isinstance(message, AssociationEnded):
-                worker.open.discard(message.connection_id)
+            if isinstance(message, AssociationReport):
+                self.book.report(message)
+                if message.ended:
+                    self._release(worker, message.state.connection_id)
+            elif isinstance(message, AdmissionRequest):
+                self._admit(worker, message)
+
+    def _admit(self, worker: WorkerHandle, request: AdmissionRequest) -> None:
+        """Per calling AE limit (access.max_associations_per_aet), across all workers."""
+        limit = self.config.access.max_associations_per_aet
+        ae = request.calling_ae_title
+        if limit and self.per_ae[ae] >= limit:
+            reply = AdmissionReply(
+                connection_id=request.connection_id, admitted=False,
+                reason=f"{self.per_ae[ae]} of {limit} associations open for {ae!r} (access.max_associations_per_aet)",
+            )
+        else:
+            self.per_ae[ae] += 1
+            self.admitted[request.connection_id] = ae
+            reply = AdmissionReply(connection_id=request.connection_id, admitted=True)
+        try:
+            worker.control.send(ENCODER.encode(reply))
+        except OSError:
+            pass
+
+    def _release(self, worker: WorkerHandle, connection_id: int) -> None:
+        worker.open.discard(connection_id)
+        ae = self.admitted.pop(connection_id, None)
+        if ae is not None:
+            self.per_ae[ae] -= 1
+            if self.per_ae[ae] <= 0:
+                del self.per_ae[ae]
 
     def _worker_died(self, index: int) -> None:
         worker = self.workers.pop(index)
@@ -304,9 +376,12 @@ class Supervisor:
             "worker %d (pid %s) exited with code %s; %d open associations aborted; restarting it",
             index, worker.process.pid, worker.process.exitcode, len(worker.open),
         )
+        for connection_id in list(worker.open):
+            self.book.ended(connection_id)
+            self._release(worker, connection_id)
         if time.monotonic() - worker.started < RESTART_BACKOFF:
             time.sleep(RESTART_BACKOFF)
-        self._start_worker(index)
+        self._start_worker(index, worker.restarts + 1)
 
     def _indexer_died(self) -> None:
         assert self.indexer is not None
@@ -341,6 +416,7 @@ class Supervisor:
             pending.sock.sendall(encode_associate_rj(REJECTED_TRANSIENT, SOURCE_PROVIDER_PRESENTATION, 2))
         except OSError:
             pass
+        self.book.reject("local limit exceeded")
         log.warning(
             "association %s (%s) -> %s: rejected (local limit exceeded: %d of %d open)",
             calling or "?", pending.peer, called or "?",
@@ -362,6 +438,7 @@ class Supervisor:
 
     def _shutdown(self) -> int:
         assert self.listener is not None
+        self.stopping = True
         self.selector.unregister(self.listener)
         self.listener.close()
         for pending in list(self.rejects.values()):
@@ -389,15 +466,88 @@ class Supervisor:
                         self._wake_r.recv(512)
                     except BlockingIOError:
                         pass
+                elif key.data == "log":
+                    logs.receive(self._log_r)
                 elif isinstance(key.data, tuple) and key.data[0] == "control":
                     self._control(self.workers.get(key.data[1]))
+            self._publish()
         for worker in self.workers.values():
             worker.process.join(5)
         # A killed worker may leave temp files; never a file at a final path.
         self.storage.prepare()
         self._stop_indexer()
+        self._stop_monitor()
+        logs.receive(self._log_r)
         log.info("fastscp stopped")
         return 0
+
+    # -- status ----------------------------------------------------------------------
+
+    def _start_monitor(self) -> None:
+        from fastscp.monitor import monitor_main
+
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        ready_r, ready_w = _fork.Pipe(duplex=False)
+        process = _fork.Process(
+            target=self._child, name="fastscp-monitor", args=(monitor_main, self.config.monitor.listen, child, ready_w)
+        )
+        process.start()
+        child.close()
+        ready_w.close()
+        outcome = ready_r.recv() if ready_r.poll(30) else ("error", "did not start within 30 s")
+        ready_r.close()
+        if outcome[0] != "ready":
+            process.kill()
+            parent.close()
+            raise StartupError(
+                f"monitor.listen {self.config.monitor.listen}: {outcome[1]} (set monitor.listen, "
+                "or monitor.enabled: false)"
+            )
+        parent.setblocking(False)
+        self.monitor, self.monitor_url, self._snapshots = process, outcome[1], parent
+        self.selector.register(process.sentinel, selectors.EVENT_READ, "monitor")
+        log.info("monitor started (pid %d) at %s", process.pid, self.monitor_url)
+
+    def _monitor_died(self) -> None:
+        assert self.monitor is not None
+        self.selector.unregister(self.monitor.sentinel)
+        self.monitor.join(1)
+        log.error("monitor exited with code %s; the status page is down until restart", self.monitor.exitcode)
+        self.monitor = None
+
+    def _stop_monitor(self) -> None:
+        if self.monitor is not None and self.monitor.is_alive():
+            self.monitor.terminate()
+            self.monitor.join(10)
+            if self.monitor.is_alive():
+                self.monitor.kill()
+
+    def _publish(self) -> None:
+        """Send a status snapshot to the monitor, at most every SNAPSHOT_INTERVAL."""
+        now = time.monotonic()
+        if self._snapshots is None or self.monitor is None or now < self._next_snapshot:
+            return
+        self._next_snapshot = now + SNAPSHOT_INTERVAL
+        server = self.config.server
+        snapshot = self.book.snapshot(
+            ae_title=server.ae_title, host=server.host, port=self._port,
+            state="stopping" if self.stopping else "running",
+            storage_root=self.storage.root, min_free_bytes=self.config.storage.min_free_bytes,
+            index_path=self.config.index_path, index_committed=0, index_lag=0,
+            workers=[
+                WorkerState(index=w.index, pid=w.process.pid or 0, alive=w.process.is_alive(),
+                            open_associations=len(w.open), started=time.time() - (now - w.started),
+                            restarts=w.restarts)
+                for w in self.workers.values()
+            ],
+            config=public_config(self.config),
+        )
+        try:
+            self._snapshots.send(SNAPSHOT_ENCODER.encode(snapshot))
+        except (BlockingIOError, InterruptedError):
+            pass  # the monitor is busy: it gets the next one
+        except OSError:
+            self._snapshots = None
 
     def _stop_indexer(self) -> None:
         if self.indexer is None or not self.indexer.is_alive():
@@ -408,6 +558,41 @@ class Supervisor:
             log.error("indexer did not stop within 30 s; killing it")
             self.indexer.kill()
             self.indexer.join(5)
+
+
+def tls_context(config: Config) -> ssl.SSLContext:
+    """The server-side TLS context of ``tls``; StartupError names the bad key."""
+    tls = config.tls
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_3 if tls.min_version == "1.3" else ssl.TLSVersion.TLSv1_2
+    for key, path in (("tls.certificate", tls.certificate), ("tls.private_key", tls.private_key)):
+        if not path:
+            raise StartupError(f"{key} is empty; tls.enabled needs a certificate and its private key (PEM)")
+        if not os.path.isfile(path):
+            raise StartupError(f"{key}: {path}: no such file")
+    try:
+        context.load_cert_chain(tls.certificate, tls.private_key)
+    except (ssl.SSLError, OSError) as exc:
+        raise StartupError(f"tls.certificate/tls.private_key: cannot load {tls.certificate}: {exc}") from None
+    if tls.ca_bundle:
+        try:
+            context.load_verify_locations(tls.ca_bundle)
+        except (ssl.SSLError, OSError) as exc:
+            raise StartupError(f"tls.ca_bundle: cannot load {tls.ca_bundle}: {exc}") from None
+    if tls.require_client_certificate:
+        if not tls.ca_bundle:
+            raise StartupError("tls.require_client_certificate needs tls.ca_bundle to check client certificates")
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def public_config(config: Config) -> dict[str, object]:
+    """The config for the status page: file paths of keys are shown, nothing secret is in it."""
+    data = to_builtins(config)
+    tls = data.get("tls")
+    if isinstance(tls, dict) and tls.get("private_key"):
+        tls["private_key"] = "(hidden)"
+    return data
 
 
 def serve(config: Config) -> int:

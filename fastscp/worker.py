@@ -10,6 +10,7 @@ worker never opens DuckDB.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import socket
 import threading
@@ -17,23 +18,33 @@ import time
 
 from fastscp.acceptor import Association, ServiceSettings
 from fastscp.indexclient import IndexerClient
-from fastscp.records import DECODER, ENCODER, AssociationEnded, Handoff, Stop
+from fastscp.records import DECODER, ENCODER, AdmissionReply, AdmissionRequest, Handoff, Stop
 
 log = logging.getLogger("fastscp.worker")
 
 
+#: How often open associations are reported to the supervisor (status page).
+REPORT_INTERVAL = 0.5
+#: How long an association waits for the supervisor's admission answer.
+ADMISSION_TIMEOUT = 10.0
+
+
 class Worker:
-    def __init__(self, control: socket.socket, settings: ServiceSettings, indexer: IndexerClient,
+    def __init__(self, index: int, control: socket.socket, settings: ServiceSettings, indexer: IndexerClient,
                  shutdown_timeout: float) -> None:
+        self.index = index
         self.control = control
         self.settings = settings
         self.indexer = indexer
         self.shutdown_timeout = shutdown_timeout
         self._open: dict[int, Association] = {}
         self._threads: dict[int, threading.Thread] = {}
+        self._admissions: dict[int, tuple[threading.Event, list[AdmissionReply]]] = {}
         self._lock = threading.Lock()
+        self._stopping = threading.Event()
 
     def run(self) -> None:
+        threading.Thread(target=self._report_loop, name="reporter", daemon=True).start()
         while True:
             try:
                 data, fds, _flags, _addr = socket.recv_fds(self.control, 65536, 4)
@@ -44,27 +55,61 @@ class Worker:
             if not data:
                 # The supervisor is gone: finish what is open, then leave.
                 for fd in fds:
-                    socket.close(fd)
+                    os.close(fd)
                 self._stop(now=False)
                 return
             message = DECODER.decode(data)
             if isinstance(message, Handoff) and fds:
                 self._start(message, fds[0])
+            elif isinstance(message, AdmissionReply):
+                self._admitted(message)
             elif isinstance(message, Stop):
                 self._stop(now=message.now)
                 return
 
+    def _send(self, message: object) -> None:
+        try:
+            self.control.send(ENCODER.encode(message))
+        except OSError:
+            pass  # the supervisor is gone; run() notices the EOF
+
+    def _admit(self, connection_id: int, calling_ae_title: str) -> tuple[bool, str]:
+        """Ask the supervisor (which sees every worker) for a per-AE slot."""
+        waiter: tuple[threading.Event, list[AdmissionReply]] = (threading.Event(), [])
+        with self._lock:
+            self._admissions[connection_id] = waiter
+        self._send(AdmissionRequest(connection_id=connection_id, calling_ae_title=calling_ae_title))
+        answered = waiter[0].wait(ADMISSION_TIMEOUT)
+        with self._lock:
+            self._admissions.pop(connection_id, None)
+        if not answered:
+            return False, "the supervisor did not answer"
+        reply = waiter[1][0]
+        return reply.admitted, reply.reason
+
+    def _admitted(self, reply: AdmissionReply) -> None:
+        with self._lock:
+            waiter = self._admissions.get(reply.connection_id)
+        if waiter is not None:
+            waiter[1].append(reply)
+            waiter[0].set()
+
     def _start(self, handoff: Handoff, fd: int) -> None:
         sock = socket.socket(fileno=fd)
         sock.setblocking(True)
-        association = Association(sock, handoff.peer_address, self.settings, self.indexer.send)
+        connection_id = handoff.connection_id
+        association = Association(
+            sock, handoff.peer_address, self.settings, self.indexer.send,
+            connection_id=connection_id, worker=self.index,
+            admit=lambda calling_ae: self._admit(connection_id, calling_ae),
+        )
         thread = threading.Thread(
-            target=self._serve, args=(handoff.connection_id, association),
-            name=f"association-{handoff.connection_id}", daemon=True,
+            target=self._serve, args=(connection_id, association),
+            name=f"association-{connection_id}", daemon=True,
         )
         with self._lock:
-            self._open[handoff.connection_id] = association
-            self._threads[handoff.connection_id] = thread
+            self._open[connection_id] = association
+            self._threads[connection_id] = thread
         thread.start()
 
     def _serve(self, connection_id: int, association: Association) -> None:
@@ -72,13 +117,18 @@ class Worker:
         with self._lock:
             self._open.pop(connection_id, None)
             self._threads.pop(connection_id, None)
-        ended = AssociationEnded(connection_id=connection_id, instances=stats.instances, bytes=stats.bytes)
-        try:
-            self.control.send(ENCODER.encode(ended))
-        except OSError:
-            pass
+        self._send(stats.report(ended=True))
+
+    def _report_loop(self) -> None:
+        while not self._stopping.wait(REPORT_INTERVAL):
+            with self._lock:
+                associations = list(self._open.values())
+            for association in associations:
+                if association.stats.accepted:
+                    self._send(association.stats.report())
 
     def _stop(self, now: bool) -> None:
+        self._stopping.set()
         deadline = time.monotonic() + (0 if now else self.shutdown_timeout)
         while True:
             with self._lock:
@@ -102,10 +152,10 @@ class Worker:
         self.indexer.close()
 
 
-def worker_main(control: socket.socket, settings: ServiceSettings, indexer_address: str,
+def worker_main(index: int, control: socket.socket, settings: ServiceSettings, indexer_address: str,
                 shutdown_timeout: float) -> None:
     """Entry point of a forked worker process."""
     # Ctrl-C reaches the whole process group; only the supervisor decides.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    Worker(control, settings, IndexerClient(indexer_address), shutdown_timeout).run()
+    Worker(index, control, settings, IndexerClient(indexer_address), shutdown_timeout).run()

@@ -41,7 +41,7 @@ class Server:
 
     def __init__(self, tmp: Path, *args: str, ae_title: str = "FASTSCP", workers: int = 2,
                  config: Path | None = None, storage: Path | None = None,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, monitor: str = "off") -> None:
         self.port = free_port()
         self.ae_title = ae_title
         self.storage = storage or tmp / "received"
@@ -49,7 +49,7 @@ class Server:
         self.log = tmp / f"server-{self.port}.log"
         argv = [sys.executable, "-m", "fastscp.cli", "serve", str(self.port), ae_title,
                 "--host", "127.0.0.1", "--storage-dir", str(self.storage),
-                "--index-db", str(self.index), "--workers", str(workers), *args]
+                "--index-db", str(self.index), "--workers", str(workers), "--monitor", monitor, *args]
         if config is not None:
             argv += ["--config", str(config)]
         self._log_file = open(self.log, "w")

@@ -132,7 +132,9 @@ def small_disk(tmp_path: Path):  # type: ignore[no-untyped-def]
 
 
 def test_full_disk_answers_out_of_resources_and_keeps_running(start_server, small_disk, tmp_path, ct_file) -> None:  # type: ignore[no-untyped-def]
-    server = start_server(storage=small_disk / "received")
+    config = tmp_path / "no-watermark.yaml"
+    config.write_text("storage:\n  min_free_bytes: 0\n")  # the disk itself must fill up
+    server = start_server(storage=small_disk / "received", config=config)
     big = write_series(str(tmp_path / "big"), 1, rows=1500, columns=1500)[0]  # 4.5 MB > 3 MB disk
     raw = Path(big).read_bytes()
     scu = RawSCU(server.port, CTImageStorage, ExplicitVRLittleEndian)

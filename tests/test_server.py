@@ -156,7 +156,8 @@ def test_store_scp_console_script_with_accept_list(tmp_path, ct_series) -> None:
     with open(log, "w") as out:
         process = subprocess.Popen(
             [str(script), str(port), "MY_PACS", "--storage-dir", str(tmp_path / "received"),
-             "--index-db", str(tmp_path / "pacs.db"), "--accept", "CT,MR,US", "--host", "127.0.0.1"],
+             "--index-db", str(tmp_path / "pacs.db"), "--accept", "CT,MR,US", "--host", "127.0.0.1",
+             "--monitor", "off"],
             stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_for_port(port, process, log)
