@@ -143,6 +143,8 @@ class AssociationStats:
     bytes: int = 0
     started: float = field(default_factory=time.monotonic)
     started_epoch: float = field(default_factory=time.time)
+    #: The connection closed before sending anything (a port probe).
+    probe: bool = False
     by_modality: Counter[str] = field(default_factory=Counter)
     latency: Histogram = field(default_factory=lambda: Histogram.empty(LATENCY_BUCKETS))
     sizes: Histogram = field(default_factory=lambda: Histogram.empty(SIZE_BUCKETS))
@@ -159,7 +161,7 @@ class AssociationStats:
         )
         return AssociationReport(
             state=state, by_modality=dict(self.by_modality), store_latency_seconds=self.latency,
-            object_size_bytes=self.sizes, ended=ended,
+            object_size_bytes=self.sizes, ended=ended, probe=self.probe,
         )
 
     def log_line(self) -> str:
@@ -258,7 +260,12 @@ class Association:
                 self._incoming.discard()
                 self._incoming = None
             self._close()
-        log.info(self.stats.log_line())
+        if self.stream is not None and self.stream.bytes_read == 0 and not self.stats.accepted:
+            # A port probe or load-balancer health check: not an association.
+            self.stats.probe = True
+            log.debug("connection from %s closed before any PDU", self.stats.peer_address)
+        else:
+            log.info(self.stats.log_line())
         return self.stats
 
     def shutdown(self) -> None:

@@ -51,6 +51,8 @@ class AssociationReport(msgspec.Struct, frozen=True, kw_only=True, tag="report")
     store_latency_seconds: Histogram
     object_size_bytes: Histogram
     ended: bool = False
+    #: The connection closed before any PDU (a port probe): not counted.
+    probe: bool = False
 
 
 class AdmissionRequest(msgspec.Struct, frozen=True, kw_only=True, tag="admit?"):

@@ -50,6 +50,8 @@ class StatusBook:
             self.open[state.connection_id] = report
             return
         self.open.pop(state.connection_id, None)
+        if report.probe:
+            return
         self.recent.appendleft(state)
         if state.outcome.startswith("rejected"):
             self.reject(state.outcome.removeprefix("rejected (").removesuffix(")"))

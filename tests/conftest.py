@@ -122,6 +122,18 @@ def server(start_server) -> Server:  # type: ignore[no-untyped-def]
     return start_server()
 
 
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 3 MB tmpfs: a disk that fills up."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root (CI runs as root)")
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], check=True)
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _dcmtk_present() -> None:
     missing = [tool for tool in DCMTK_TOOLS if shutil.which(tool) is None]

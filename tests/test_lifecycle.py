@@ -7,7 +7,6 @@ import os
 import re
 import signal
 import socket
-import subprocess
 import time
 from pathlib import Path
 
@@ -118,17 +117,6 @@ def test_a_dying_worker_is_replaced_and_only_its_association_aborts(start_server
     third.release()
     assert "worker 0 (pid" in server.log_text() and "restarting it" in server.log_text()
     assert server.stop() == 0
-
-
-@pytest.fixture
-def small_disk(tmp_path: Path):  # type: ignore[no-untyped-def]
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root (CI runs as root)")
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], check=True)
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=True)
 
 
 def test_full_disk_answers_out_of_resources_and_keeps_running(start_server, small_disk, tmp_path, ct_file) -> None:  # type: ignore[no-untyped-def]

@@ -1,0 +1,218 @@
+"""Who may connect and how much: AE whitelists bound to addresses, called AE check,
+per-AE limits, SOP class checks, timeouts, the free-space watermark, DICOM TLS,
+and the log file."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage
+from pynetdicom import AE
+
+from fastscp.part10 import dataset_offset
+from fastscp.synthetic import write_series
+from tests.conftest import dcmtk
+from tests.rawscu import RawSCU
+from tests.test_lifecycle import incoming, wait_until
+from tests.test_server import fastscp
+
+pytestmark = pytest.mark.dcmtk
+
+
+def config(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "fastscp.yaml"
+    path.write_text(text)
+    return path
+
+
+def associate(server, aet: str, aec: str | None = None):  # type: ignore[no-untyped-def]
+    ae = AE(ae_title=aet)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 20
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    return ae.associate("127.0.0.1", server.port, ae_title=aec or server.ae_title)
+
+
+def rejection(assoc) -> tuple[int, int, int]:  # type: ignore[no-untyped-def]
+    assert assoc.is_rejected
+    rj = assoc.acceptor.primitive
+    return rj.result, rj.result_source, rj.diagnostic
+
+
+@pytest.fixture
+def ct_dataset(tmp_path: Path) -> tuple[str, bytes, Path]:
+    (path,) = write_series(str(tmp_path / "ct"), 1, rows=64, columns=64)
+    raw = Path(path).read_bytes()
+    return str(pydicom.dcmread(path).SOPInstanceUID), raw[dataset_offset(raw):], Path(path)
+
+
+def test_calling_ae_whitelist_bound_to_addresses(start_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    server = start_server(config=config(tmp_path, """
+access:
+  allowed_calling_aets:
+    - ANYWHERE
+    - {ae_title: LOOPBACK, hosts: [127.0.0.0/8]}
+    - {ae_title: BY_NAME, hosts: [localhost]}
+    - {ae_title: ELSEWHERE, hosts: [10.9.8.7, 192.0.2.0/24]}
+"""))
+    for allowed in ("ANYWHERE", "LOOPBACK", "BY_NAME"):
+        assoc = associate(server, allowed)
+        assert assoc.is_established, allowed
+        assoc.release()
+    # Unknown AE, and a known AE from the wrong address: "calling AE title not recognized".
+    assert rejection(associate(server, "STRANGER")) == (1, 1, 3)
+    assert rejection(associate(server, "ELSEWHERE")) == (1, 1, 3)
+    log = server.log_text()
+    assert "STRANGER (127.0.0.1:" in log and "is not in access.allowed_calling_aets" in log
+    assert "'ELSEWHERE' is not allowed from 127.0.0.1" in log
+
+
+def test_unresolvable_host_stops_start_up_naming_the_key(tmp_path: Path) -> None:
+    path = config(tmp_path, "access:\n  allowed_calling_aets:\n    - {ae_title: X, hosts: [no-such-host.invalid]}\n")
+    result = fastscp("serve", "0", "--config", str(path), "--storage-dir", str(tmp_path / "r"), "--monitor", "off")
+    assert result.returncode == 2
+    assert "access.allowed_calling_aets[0].hosts[0]: host 'no-such-host.invalid' does not resolve" in result.stderr
+
+
+def test_called_ae_title_check(start_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    server = start_server(config=config(tmp_path, "access:\n  check_called_aet: true\n"))
+    assert rejection(associate(server, "SCU", aec="SOMEONE_ELSE")) == (1, 1, 7)
+    assoc = associate(server, "SCU")
+    assert assoc.is_established
+    assoc.release()
+
+
+def test_per_calling_ae_limit_across_workers(start_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    server = start_server(config=config(tmp_path, "access:\n  max_associations_per_aet: 2\n"), workers=2)
+    first, second = associate(server, "MODALITY"), associate(server, "MODALITY")
+    assert first.is_established and second.is_established
+    assert rejection(associate(server, "MODALITY")) == (2, 3, 2)
+    other = associate(server, "OTHER")
+    assert other.is_established, "the limit is per calling AE"
+    other.release()
+    first.release()
+    wait_until(lambda: associate_and_release(server, "MODALITY"), what="the freed slot")
+    second.release()
+    assert "access.max_associations_per_aet" in server.log_text()
+
+
+def associate_and_release(server, aet: str) -> bool:  # type: ignore[no-untyped-def]
+    assoc = associate(server, aet)
+    if assoc.is_established:
+        assoc.release()
+        return True
+    return False
+
+
+def test_data_set_of_another_sop_class_is_refused(server, ct_dataset) -> None:  # type: ignore[no-untyped-def]
+    uid, data, _path = ct_dataset
+    scu = RawSCU(server.port, MRImageStorage, ExplicitVRLittleEndian)
+    assert scu.accepted
+    assert scu.store(uid, data) == 0xA900  # a CT data set on an MR context
+    scu.release()
+    assert server.stored_files() == []
+    assert incoming(server) == []
+
+
+def test_stalled_peer_is_dropped_and_its_temp_file_removed(start_server, tmp_path: Path, ct_dataset) -> None:  # type: ignore[no-untyped-def]
+    uid, data, _path = ct_dataset
+    server = start_server(config=config(tmp_path, "server:\n  dimse_timeout: 1\n"))
+    scu = RawSCU(server.port, CTImageStorage, ExplicitVRLittleEndian)
+    scu.begin_store(uid)
+    scu.send_data(data[:1000], last=False)
+    wait_until(lambda: "timed out, aborted" in server.log_text(), timeout=20, what="the DIMSE timeout")
+    assert incoming(server) == []
+    assert server.stored_files() == []
+    pdu_type, _ = scu.read_pdu()
+    assert pdu_type == 0x07  # A-ABORT
+    scu.close()
+
+
+def test_free_space_watermark_refuses_then_resumes(start_server, small_disk, tmp_path: Path, ct_dataset) -> None:  # type: ignore[no-untyped-def]
+    uid, data, _path = ct_dataset
+    server = start_server(storage=small_disk / "received",
+                          config=config(tmp_path, "storage:\n  min_free_bytes: 1500000\n"))
+    filler = small_disk / "filler"
+    filler.write_bytes(b"\0" * 2_000_000)  # leaves ~1 MB of 3 MB: below the watermark
+    scu = RawSCU(server.port, CTImageStorage, ExplicitVRLittleEndian)
+    assert scu.store(uid, data) == 0xA700
+    assert server.stored_files() == [] and incoming(server) == []
+    filler.unlink()
+    assert scu.store(uid, data) == 0, "stores resume by themselves when space returns"
+    scu.release()
+    assert len(server.stored_files()) == 1
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> Path:
+    """A test CA, a server certificate for 127.0.0.1 and a client certificate."""
+    d = tmp_path / "pki"
+    d.mkdir()
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
+             "-days", "2", "-subj", "/CN=fastscp test CA", cwd=d)
+    for name, extension in (("server", "subjectAltName=IP:127.0.0.1"), ("client", "extendedKeyUsage=clientAuth")):
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+                 "-subj", f"/CN=fastscp test {name}", cwd=d)
+        (d / f"{name}.ext").write_text(extension + "\n")
+        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+                 "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext", cwd=d)
+    return d
+
+
+def test_dicom_tls_with_client_certificates(start_server, tmp_path: Path, pki: Path, ct_dataset) -> None:  # type: ignore[no-untyped-def]
+    _uid, _data, ct = ct_dataset
+    server = start_server(config=config(tmp_path, f"""
+tls:
+  enabled: true
+  certificate: {pki / 'server.pem'}
+  private_key: {pki / 'server.key'}
+  ca_bundle: {pki / 'ca.pem'}
+  require_client_certificate: true
+  min_version: "1.2"
+"""))
+    tls = ["+tls", str(pki / "client.key"), str(pki / "client.pem"), "+cf", str(pki / "ca.pem")]
+    dcmtk("echoscu", *tls, "-aec", server.ae_title, "127.0.0.1", str(server.port))
+    dcmtk("storescu", *tls, "-aec", server.ae_title, "-xe", "127.0.0.1", str(server.port), str(ct))
+    (stored,) = server.stored_files()
+    assert stored.read_bytes()[dataset_offset(stored.read_bytes()):] == ct.read_bytes()[
+        dataset_offset(ct.read_bytes()):]
+    # No client certificate, or no TLS at all: no association.
+    anonymous = dcmtk("echoscu", "+tla", "+cf", str(pki / "ca.pem"), "-aec", server.ae_title, "127.0.0.1",
+                      str(server.port), check=False, timeout=60)
+    assert anonymous.returncode != 0
+    plain = dcmtk("echoscu", "-to", "5", "-ta", "5", "-aec", server.ae_title, "127.0.0.1", str(server.port),
+                  check=False, timeout=60)
+    assert plain.returncode != 0
+    wait_until(lambda: server.log_text().count("TLS handshake failed") >= 2, what="the failed handshakes in the log")
+
+
+def test_tls_config_errors_name_the_key(tmp_path: Path) -> None:
+    path = config(tmp_path, f"tls:\n  enabled: true\n  certificate: {tmp_path / 'missing.pem'}\n  private_key: x\n")
+    result = fastscp("serve", "0", "--config", str(path), "--storage-dir", str(tmp_path / "r"), "--monitor", "off")
+    assert result.returncode == 2
+    assert f"tls.certificate: {tmp_path / 'missing.pem'}: no such file" in result.stderr
+
+
+def test_log_file_with_json_lines(start_server, tmp_path: Path, ct_dataset) -> None:  # type: ignore[no-untyped-def]
+    _uid, _data, ct = ct_dataset
+    log_file = tmp_path / "fastscp.log"
+    server = start_server("--log-file", str(log_file), config=config(tmp_path, "logging:\n  format: json\n"))
+    dcmtk("storescu", "-aec", server.ae_title, "-xe", "127.0.0.1", str(server.port), str(ct))
+    assert server.stop() == 0
+    entries = [json.loads(line) for line in log_file.read_text().splitlines()]
+    loggers = {e["logger"] for e in entries}
+    assert {"fastscp.supervisor", "fastscp.association", "fastscp.action", "fastscp.indexer"} <= loggers
+    (action,) = [e for e in entries if e["logger"] == "fastscp.action"]
+    assert action["message"].startswith("stored ") and "from STORESCU" in action["message"]
+    assert action["process"].startswith("fastscp-worker-")
+    (connection,) = [e for e in entries if e["logger"] == "fastscp.association"]
+    assert "STORESCU (127.0.0.1:" in connection["message"] and "1 instances" in connection["message"]
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", e["time"]) for e in entries)
