@@ -132,8 +132,10 @@ def _acceptor_context(rq_context: PresentationContext, policy: AcceptancePolicy)
     # An unsupported-only context still needs an acceptor entry, so that it is
     # refused as "transfer syntaxes not supported" rather than "abstract syntax".
     context.transfer_syntax = syntaxes or ["1.2.840.10008.1.2"]
-    context.scu_role = False
-    context.scp_role = True
+    # SCP/SCU Role Selection: the requestor may act as SCU (it sends us
+    # C-STORE / C-ECHO / C-FIND), not as SCP.
+    context.scu_role = True
+    context.scp_role = False
     return [context]
 
 
