@@ -11,6 +11,7 @@ to the temp file with no copy into Python objects. Stock pynetdicom reads
 from __future__ import annotations
 
 import logging
+import select
 import socket
 import ssl
 import struct
@@ -21,8 +22,9 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from fastscp import dimse
+from fastscp import dimse, findscp
 from fastscp.access import peer_ip
+from fastscp.findscp import FIND_SOP_CLASSES, MAX_IDENTIFIER_BYTES, Finder
 from fastscp.header import HeaderError, HeaderFields, IncompleteHeader, parse_header
 from fastscp.layout import LayoutOptions, relative_path
 from fastscp.negotiation import (
@@ -194,6 +196,8 @@ class ServiceSettings:
     tls: ssl.SSLContext | None = None
     #: One "fastscp.action" log line per stored object.
     action_log: bool = True
+    #: The C-FIND query (None: the Query/Retrieve FIND models are not offered).
+    find: Finder | None = None
 
 
 class Association:
@@ -226,6 +230,8 @@ class Association:
         self._reject_status: tuple[int, str] | None = None
         self._peer_max_pdu = 0
         self._closing = False
+        #: The C-FIND request identifier being received, else None.
+        self._identifier: bytearray | None = None
 
     # -- life cycle ---------------------------------------------------------
 
@@ -375,6 +381,8 @@ class Association:
             self._respond(dimse.C_ECHO_RSP, dimse.SUCCESS)
         elif field == dimse.C_STORE_RQ and has_data_set:
             self._begin_store(request, context.abstract_syntax, context.transfer_syntax)
+        elif field == dimse.C_FIND_RQ and has_data_set and context.abstract_syntax in FIND_SOP_CLASSES:
+            self._identifier = bytearray()
         elif field == dimse.C_CANCEL_RQ:
             self._request = None
         else:
@@ -414,6 +422,14 @@ class Association:
     def _on_data_fragment(self, fragment: memoryview, last: bool) -> None:
         if self._request is None:
             raise ProtocolError("data set fragment without a command")
+        if self._identifier is not None:
+            if len(self._identifier) + len(fragment) > MAX_IDENTIFIER_BYTES:
+                raise ProtocolError("C-FIND identifier larger than 1 MiB")
+            self._identifier += fragment
+            if last:
+                identifier, self._identifier = bytes(self._identifier), None
+                self._find(identifier)
+            return
         if self._incoming is not None:
             self._incoming.write(fragment)
         self.stats.bytes += len(fragment)
@@ -532,6 +548,37 @@ class Association:
             # private sequences): read the whole data set back once.
             return parse_header(incoming.read_dataset(), transfer_syntax, complete=True)
 
+    def _find(self, identifier: bytes) -> None:
+        assert self.negotiation is not None and self.settings.find is not None and self._request is not None
+        request = self._request
+        context = self.negotiation.contexts[self._context_id]
+        for status, match, comment in findscp.responses(
+            self.settings.find, context.abstract_syntax, identifier, context.transfer_syntax, self._cancel_requested
+        ):
+            command = dimse.encode_response(
+                dimse.C_FIND_RSP, context.abstract_syntax, int(request.get("MessageID", 0)), status,
+                error_comment=comment, has_data_set=match is not None,
+            )
+            self.sock.sendall(p_data_tf(self._context_id, command, self._peer_max_pdu, match))
+        self._request = None
+
+    def _cancel_requested(self) -> bool:
+        """True if the peer sent C-CANCEL-RQ while we stream C-FIND results."""
+        assert self.stream is not None
+        readable, _, _ = select.select([self.sock], [], [], 0)
+        if not readable:
+            return False
+        pdu_type, body = self.stream.read()
+        if pdu_type == A_ABORT:
+            raise PeerClosed("aborted by peer")
+        if pdu_type != P_DATA_TF or len(body) < 6 or not body[5] & 1:
+            raise ProtocolError(f"unexpected PDU type 0x{pdu_type:02X} during C-FIND")
+        try:
+            command = dimse.decode_command_set(body[6:])
+        except dimse.CommandSetError as exc:
+            raise ProtocolError(str(exc)) from None
+        return command["CommandField"] == dimse.C_CANCEL_RQ
+
     def _respond(self, command_field: int, status: int, comment: str = "") -> None:
         request, self._request = self._request, None
         assert request is not None
@@ -554,15 +601,19 @@ def _named(header: HeaderFields, sop_instance: str) -> HeaderFields:
     return msgspec.structs.replace(header, sop_instance_uid=sop_instance)
 
 
-def p_data_tf(context_id: int, command: bytes, peer_max_pdu: int) -> bytes:
-    """A command set as P-DATA-TF PDUs, fragmented to the peer's maximum length."""
-    room = peer_max_pdu - 6 if peer_max_pdu else len(command)
-    room = max(room, 1)
+def p_data_tf(context_id: int, command: bytes, peer_max_pdu: int, data_set: bytes | None = None) -> bytes:
+    """A command set (and its data set) as P-DATA-TF PDUs, one PDV each,
+    fragmented to the peer's Maximum Length Received (0: no limit)."""
     out = bytearray()
-    for start in range(0, len(command), room):
-        chunk = command[start : start + room]
-        last = start + room >= len(command)
-        out += _PDU_HEADER.pack(P_DATA_TF, len(chunk) + 6)
-        out += _PDV_HEADER.pack(len(chunk) + 2, context_id, 0x03 if last else 0x01)
-        out += chunk
+    for payload, is_command in ((command, True), (data_set, False)):
+        if payload is None:
+            continue
+        room = max(peer_max_pdu - 6, 1) if peer_max_pdu else max(len(payload), 1)
+        for start in range(0, max(len(payload), 1), room):
+            chunk = payload[start : start + room]
+            # Message Control Header: bit 0 command, bit 1 last fragment.
+            control = (1 if is_command else 0) | (2 if start + room >= len(payload) else 0)
+            out += _PDU_HEADER.pack(P_DATA_TF, len(chunk) + 6)
+            out += _PDV_HEADER.pack(len(chunk) + 2, context_id, control)
+            out += chunk
     return bytes(out)

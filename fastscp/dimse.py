@@ -14,12 +14,15 @@ import struct
 C_STORE_RQ = 0x0001
 C_STORE_RSP = 0x8001
 C_FIND_RQ = 0x0020
+C_FIND_RSP = 0x8020
 C_ECHO_RQ = 0x0030
 C_ECHO_RSP = 0x8030
 C_CANCEL_RQ = 0x0FFF
 
 #: Command Data Set Type value meaning "no data set follows".
 NO_DATA_SET = 0x0101
+#: Any other value means a data set follows; this is the usual one.
+DATA_SET_FOLLOWS = 0x0000
 
 # Status codes (PS3.4 B.2.3 for C-STORE, PS3.7 C for the general ones).
 SUCCESS = 0x0000
@@ -127,12 +130,13 @@ def encode_response(
     status: int,
     sop_instance_uid: str = "",
     error_comment: str = "",
+    has_data_set: bool = False,
 ) -> bytes:
-    """Encode a C-STORE-RSP or C-ECHO-RSP command set (no data set follows)."""
+    """Encode a C-STORE-RSP, C-ECHO-RSP or C-FIND-RSP command set."""
     body = _text(0x0002, sop_class_uid)
     body += _us(0x0100, command_field)
     body += _us(0x0120, message_id)
-    body += _us(0x0800, NO_DATA_SET)
+    body += _us(0x0800, DATA_SET_FOLLOWS if has_data_set else NO_DATA_SET)
     body += _us(0x0900, status)
     if error_comment:
         body += _text(0x0902, error_comment[:64])

@@ -77,6 +77,8 @@ class AcceptancePolicy:
     max_pdu_size: int
     check_called_aet: bool = False
     access: AccessPolicy = AccessPolicy()
+    #: Query/Retrieve FIND models offered (empty: no C-FIND service).
+    query_sop_classes: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -124,7 +126,11 @@ def _acceptor_context(rq_context: PresentationContext, policy: AcceptancePolicy)
     we support wins and a compressed dataset is never forced to decompress.
     """
     abstract = str(rq_context.abstract_syntax)
-    if abstract != VERIFICATION_SOP_CLASS and abstract not in policy.storage_sop_classes:
+    if (
+        abstract != VERIFICATION_SOP_CLASS
+        and abstract not in policy.storage_sop_classes
+        and abstract not in policy.query_sop_classes
+    ):
         return []
     context = PresentationContext()
     context.abstract_syntax = UID(abstract)
