@@ -5,8 +5,9 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 # Debian packages: dcmtk (storescu/echoscu/findscu/storescp used by tests and
-# benchmarks), and the headers the compiled extensions and Pillow build with.
-APT_PACKAGES = dcmtk libjpeg62-turbo-dev zlib1g-dev
+# benchmarks), the headers the compiled extensions and Pillow build with, and
+# chromium (the status page is tested in a real headless browser).
+APT_PACKAGES = dcmtk libjpeg62-turbo-dev zlib1g-dev chromium openssl
 
 .PHONY: setup system-packages serve test lint bench-micro clean
 

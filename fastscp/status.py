@@ -122,6 +122,7 @@ class StatusSnapshot(msgspec.Struct, kw_only=True):
     recent: list[AssociationState]  # newest first, at most RECENT
     totals: Totals
     rates: Rates
+    #: Instances stored, by Modality and by calling AE title (the 200 largest).
     per_modality: dict[str, int]
     per_calling_ae: dict[str, int]
     #: Rejected associations by reason ("local limit exceeded", ...).

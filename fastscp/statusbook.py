@@ -27,6 +27,8 @@ from fastscp.status import (
     WorkerState,
 )
 
+#: At most this many modalities and calling AE titles in a snapshot.
+TOP = 200
 #: Longest rate window (5 min) at one sample per snapshot (0.5 s), plus slack.
 _SAMPLES = 700
 
@@ -108,7 +110,9 @@ class StatusBook:
                 instances_per_s_1m=self._rate(60, 1), mb_per_s_1m=self._rate(60, 2) / 1e6,
                 instances_per_s_5m=self._rate(300, 1), mb_per_s_5m=self._rate(300, 2) / 1e6,
             ),
-            per_modality=dict(by_modality), per_calling_ae=dict(by_calling_ae), rejects=dict(self.rejects),
+            # Bounded, so a snapshot always fits one message to the monitor.
+            per_modality=dict(by_modality.most_common(TOP)), per_calling_ae=dict(by_calling_ae.most_common(TOP)),
+            rejects=dict(self.rejects),
             storage=StorageState(
                 root=storage_root, total_bytes=usage.total, used_bytes=usage.used, free_bytes=usage.free,
                 min_free_bytes=min_free_bytes, below_watermark=usage.free < min_free_bytes,

@@ -11,6 +11,7 @@ touched). SIGTERM/SIGINT stop gracefully; a second one stops at once.
 
 from __future__ import annotations
 
+import errno
 import logging
 import multiprocessing
 import os
@@ -224,11 +225,21 @@ class Supervisor:
             log.warning("removed %d incomplete temp files left by an earlier run", removed)
         self.listener = self._bind()
         self.selector.register(self._log_r, selectors.EVENT_READ, "log")
-        self._start_indexer()
-        if self.config.monitor.enabled:
-            self._start_monitor()
-        for index in range(self.config.worker_count):
-            self._start_worker(index)
+        try:
+            if self.config.monitor.enabled:
+                self._start_monitor()
+            self._start_indexer()
+            for index in range(self.config.worker_count):
+                self._start_worker(index)
+        except StartupError:
+            # Leave nothing running behind: an orphaned indexer would keep the
+            # DuckDB file locked.
+            for worker in self.workers.values():
+                worker.process.kill()
+            self._stop_indexer()
+            self._stop_monitor()
+            logs.receive(self._log_r)
+            raise
         self.selector.register(self.listener, selectors.EVENT_READ, "listen")
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -488,23 +499,24 @@ class Supervisor:
 
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         ready_r, ready_w = _fork.Pipe(duplex=False)
+        # Set before the fork, so the child closes our end and sees EOF when we go.
+        self._snapshots = parent
         process = _fork.Process(
             target=self._child, name="fastscp-monitor", args=(monitor_main, self.config.monitor.listen, child, ready_w)
         )
         process.start()
         child.close()
         ready_w.close()
-        outcome = ready_r.recv() if ready_r.poll(30) else ("error", "did not start within 30 s")
+        outcome = ready_r.recv() if ready_r.poll(30) else ("error", "monitor.listen: did not start within 30 s")
         ready_r.close()
         if outcome[0] != "ready":
             process.kill()
+            process.join(5)
             parent.close()
-            raise StartupError(
-                f"monitor.listen {self.config.monitor.listen}: {outcome[1]} (set monitor.listen, "
-                "or monitor.enabled: false)"
-            )
+            self._snapshots = None
+            raise StartupError(outcome[1])  # it names monitor.listen, the reason and the fix
         parent.setblocking(False)
-        self.monitor, self.monitor_url, self._snapshots = process, outcome[1], parent
+        self.monitor, self.monitor_url = process, outcome[1]
         self.selector.register(process.sentinel, selectors.EVENT_READ, "monitor")
         log.info("monitor started (pid %d) at %s", process.pid, self.monitor_url)
 
@@ -546,8 +558,11 @@ class Supervisor:
             self._snapshots.send(SNAPSHOT_ENCODER.encode(snapshot))
         except (BlockingIOError, InterruptedError):
             pass  # the monitor is busy: it gets the next one
-        except OSError:
-            self._snapshots = None
+        except OSError as exc:
+            if exc.errno == errno.EMSGSIZE:
+                log.warning("status snapshot too large (%s); skipped", exc)
+            else:
+                self._snapshots = None
 
     def _stop_indexer(self) -> None:
         if self.indexer is None or not self.indexer.is_alive():

@@ -1,0 +1,88 @@
+"""The monitor of a real running server while stores run: the page in headless
+Chromium, /metrics through a Prometheus parser, /healthz, ``fastscp status``."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import urllib.request
+from pathlib import Path
+
+import pydicom
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+
+from fastscp.part10 import dataset_offset
+from fastscp.synthetic import write_series
+from tests.conftest import dcmtk
+from tests.rawscu import RawSCU
+from tests.test_lifecycle import wait_until
+from tests.test_monitor_page import chromium
+from tests.test_server import fastscp
+
+pytestmark = pytest.mark.dcmtk
+
+
+def get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def status(url: str) -> dict:  # type: ignore[type-arg]
+    return json.loads(get(url + "/status.json")[1])
+
+
+def test_status_page_metrics_and_cli_while_storing(start_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    server = start_server(monitor="127.0.0.1:0")
+    (url,) = re.findall(r"status page (http://[^\s;]+)", server.log_text())
+    series = write_series(str(tmp_path / "ct"), 5, rows=64, columns=64)
+    dcmtk("storescu", "-aec", server.ae_title, "-aet", "FIRST_CT", "-xe", "127.0.0.1", str(server.port), *series)
+
+    # An association that stays open, 3 instances in, while we look.
+    scu = RawSCU(server.port, CTImageStorage, ExplicitVRLittleEndian, aet="OPEN_MR_3T")
+    for path in write_series(str(tmp_path / "open"), 3, rows=32, columns=32, seed=7):
+        raw = Path(path).read_bytes()
+        assert scu.store(str(pydicom.dcmread(path).SOPInstanceUID), raw[dataset_offset(raw):]) == 0
+    wait_until(lambda: any(a["instances"] == 3 for a in status(url)["open"]), what="the open association's report")
+
+    snapshot = status(url)
+    (open_assoc,) = snapshot["open"]
+    assert open_assoc["calling_ae_title"] == "OPEN_MR_3T" and open_assoc["peer_address"].startswith("127.0.0.1:")
+    assert snapshot["totals"]["instances"] == 8
+    assert snapshot["per_calling_ae"] == {"FIRST_CT": 5, "OPEN_MR_3T": 3}
+    assert snapshot["per_modality"] == {"CT": 8}
+    assert [a["calling_ae_title"] for a in snapshot["recent"]] == ["FIRST_CT"]
+    assert len(snapshot["workers"]) == 2 and all(w["alive"] for w in snapshot["workers"])
+    assert snapshot["storage"]["free_bytes"] > 0
+
+    assert get(url + "/healthz")[0] == 200
+    families = {f.name: f for f in text_string_to_metric_families(get(url + "/metrics")[1])}
+    stored = families["fastscp_instances_stored"].samples
+    assert [s.value for s in stored if s.name == "fastscp_instances_stored_total"] == [8]
+    latency = families["fastscp_store_latency_seconds"].samples
+    assert [s.value for s in latency if s.name.endswith("_count")] == [8]
+    assert [s.value for s in latency if s.labels.get("le") == "+Inf"] == [8]
+
+    page = tmp_path / "status-page.png"
+    dom = chromium(tmp_path, url + "/", "--dump-dom")
+    chromium(tmp_path, url + "/", f"--screenshot={page}")
+    assert "OPEN_MR_3T" in dom and "FIRST_CT" in dom
+    assert page.stat().st_size > 10_000
+    artifacts = Path(__file__).parent / "artifacts"
+    artifacts.mkdir(exist_ok=True)
+    shutil.copy(page, artifacts / "status-page-live.png")
+
+    result = fastscp("status", "--url", url)
+    assert result.returncode == 0, result.stderr
+    assert "OPEN_MR_3T" in result.stdout
+    as_json = json.loads(fastscp("status", "--url", url, "--json").stdout)
+    assert as_json["totals"]["instances"] == 8
+
+    scu.release()
+    wait_until(lambda: status(url)["open"] == [], what="the association to end")
+    assert status(url)["totals"]["associations"] == 2
