@@ -6,8 +6,9 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 # Debian packages: dcmtk (storescu/echoscu/findscu/storescp used by tests and
 # benchmarks), the headers the compiled extensions and Pillow build with, and
-# chromium (the status page is tested in a real headless browser).
-APT_PACKAGES = dcmtk libjpeg62-turbo-dev zlib1g-dev chromium openssl
+# chromium (the status page is tested in a real headless browser), DejaVu
+# fonts for scan sheets.
+APT_PACKAGES = dcmtk libjpeg62-turbo-dev zlib1g-dev chromium openssl fonts-dejavu-core
 
 .PHONY: setup system-packages serve test lint bench-micro clean
 

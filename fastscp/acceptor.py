@@ -198,6 +198,8 @@ class ServiceSettings:
     action_log: bool = True
     #: The C-FIND query (None: the Query/Retrieve FIND models are not offered).
     find: Finder | None = None
+    #: The post-store process's address ("": no thumbnails or scan sheets).
+    poststore_address: str = ""
 
 
 class Association:

@@ -108,6 +108,18 @@ class MonitorConfig(_Section):
     listen: str = "127.0.0.1:8080"
 
 
+class ThumbnailsConfig(_Section):
+    enabled: bool = True
+    size: Annotated[int, msgspec.Meta(ge=16, le=1024)] = 128
+    quality: Annotated[int, msgspec.Meta(ge=1, le=95)] = 90
+
+
+class ScansheetConfig(_Section):
+    enabled: bool = True
+    study_timeout: Seconds = 60.0
+    thumbnails_per_series: Annotated[int, msgspec.Meta(ge=1, le=64)] = 8
+
+
 class DatabaseConfig(_Section):
     path: str = ""
     wal_mode: bool = True
@@ -130,6 +142,8 @@ class Config(_Section):
     server: ServerConfig = ServerConfig()
     storage: StorageConfig = StorageConfig()
     database: DatabaseConfig = DatabaseConfig()
+    thumbnails: ThumbnailsConfig = ThumbnailsConfig()
+    scansheet: ScansheetConfig = ScansheetConfig()
     access: AccessConfig = AccessConfig()
     tls: TLSConfig = TLSConfig()
     monitor: MonitorConfig = MonitorConfig()

@@ -264,10 +264,36 @@ LAYOUTS: dict[str, Callable[[HeaderFields, LayoutOptions, datetime.date], str]] 
 }
 
 
+#: Top-level folders fastscp itself writes below the storage root; a tag value
+#: that would name one is prefixed with "_".
+RESERVED_TOP = frozenset({"thumbnails", "scansheets", "index.duckdb", "index.duckdb.wal"})
+
+
 def relative_path(options: LayoutOptions, header: HeaderFields, received: datetime.date | None = None) -> str:
     """The path, relative to the storage root, for an instance with ``header``.
 
     ``received`` (default today) is used where the layout needs a date the
     header lacks. The result never starts with ``/`` and has no ``..``.
     """
-    return LAYOUTS[options.naming](header, options, received or datetime.date.today())
+    path = LAYOUTS[options.naming](header, options, received or datetime.date.today())
+    top, sep, rest = path.partition("/")
+    return f"_{top}{sep}{rest}" if top.lower() in RESERVED_TOP else path
+
+
+#: How many folders below a file its study's folder is, per layout
+#: (None: the layout has no study folder of its own).
+_STUDY_DEPTH: dict[str, int | None] = {
+    "hierarchical": 2, "date-based": 2, "accounts": 3, "flat": None, "template": None, "patient-folders": None,
+}
+
+
+def study_folder(options: LayoutOptions, instance_path: str) -> str | None:
+    """The study's folder (relative) for an instance stored at ``instance_path``,
+    where the layout has one; scan sheets go there."""
+    depth = _STUDY_DEPTH[options.naming]
+    if options.naming == "patient-folders" and options.patient_folders.study_level:
+        depth = 2 if options.patient_folders.series_level else 1
+    if depth is None:
+        return None
+    parts = instance_path.split("/")
+    return "/".join(parts[: -depth]) if len(parts) > depth else None

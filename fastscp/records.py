@@ -39,6 +39,13 @@ class DuplicateConflict(msgspec.Struct, frozen=True, kw_only=True, tag="conflict
     received_at: float
 
 
+class ThumbnailMade(msgspec.Struct, frozen=True, kw_only=True, tag="thumbnail"):
+    """The post-store stage made a thumbnail for a stored instance."""
+
+    path: str  # the instance, relative to the storage root
+    thumbnail_path: str  # relative to the storage root
+
+
 class AssociationReport(msgspec.Struct, frozen=True, kw_only=True, tag="report"):
     """A worker's cumulative figures for one association (``ended`` when it has).
 
@@ -82,7 +89,14 @@ class Stop(msgspec.Struct, frozen=True, kw_only=True, tag="stop"):
 
 
 Message = (
-    InstanceRecord | DuplicateConflict | AssociationReport | AdmissionRequest | AdmissionReply | Handoff | Stop
+    InstanceRecord
+    | DuplicateConflict
+    | ThumbnailMade
+    | AssociationReport
+    | AdmissionRequest
+    | AdmissionReply
+    | Handoff
+    | Stop
 )
 ENCODER = msgspec.msgpack.Encoder()
 DECODER = msgspec.msgpack.Decoder(Message)

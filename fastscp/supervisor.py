@@ -35,6 +35,7 @@ from fastscp.negotiation import (
     encode_associate_rj,
     peek_ae_titles,
 )
+from fastscp.poststore import poststore_address, poststore_main
 from fastscp.records import DECODER, ENCODER, AdmissionReply, AdmissionRequest, AssociationReport, Handoff, Stop
 from fastscp.status import ENCODER as SNAPSHOT_ENCODER
 from fastscp.status import WorkerState
@@ -118,7 +119,12 @@ class Supervisor:
             min_free_bytes=config.storage.min_free_bytes,
             tls=tls_context(config) if config.tls.enabled else None,
             action_log=config.logging.actions,
+            poststore_address=(
+                poststore_address(config.index_path)
+                if config.thumbnails.enabled or config.scansheet.enabled else ""
+            ),
         )
+        self.poststore: multiprocessing.process.BaseProcess | None = None
         self.book = StatusBook()
         #: Admitted associations: connection ID -> calling AE title.
         self.admitted: dict[int, str] = {}
@@ -229,6 +235,8 @@ class Supervisor:
             if self.config.monitor.enabled:
                 self._start_monitor()
             self._start_indexer()
+            if self.settings.poststore_address:
+                self._start_poststore()
             for index in range(self.config.worker_count):
                 self._start_worker(index)
         except StartupError:
@@ -236,6 +244,7 @@ class Supervisor:
             # DuckDB file locked.
             for worker in self.workers.values():
                 worker.process.kill()
+            self._stop_poststore()
             self._stop_indexer()
             self._stop_monitor()
             logs.receive(self._log_r)
@@ -289,6 +298,8 @@ class Supervisor:
                     self._indexer_died()
                 elif tag == "monitor":
                     self._monitor_died()
+                elif tag == "poststore":
+                    self._poststore_died()
                 elif tag == "reject":
                     self._reject_step(self.rejects[key.fileobj])  # type: ignore[index]
                 elif tag[0] == "control":
@@ -486,11 +497,45 @@ class Supervisor:
             worker.process.join(5)
         # A killed worker may leave temp files; never a file at a final path.
         self.storage.prepare()
+        # Post-store first: its thumbnail records go to the indexer.
+        self._stop_poststore()
         self._stop_indexer()
         self._stop_monitor()
         logs.receive(self._log_r)
         log.info("fastscp stopped")
         return 0
+
+    # -- post-store stage --------------------------------------------------------------
+
+    def _start_poststore(self) -> None:
+        config = self.config
+        process = _fork.Process(
+            target=self._child, name="fastscp-poststore",
+            args=(poststore_main, self.storage.root, self.settings.layout, config.thumbnails, config.scansheet,
+                  self.settings.poststore_address, self.address),
+        )
+        process.start()
+        self.poststore = process
+        self.selector.register(process.sentinel, selectors.EVENT_READ, "poststore")
+        log.info("post-store stage started (pid %d): thumbnails %s, scan sheets %s", process.pid,
+                 "on" if config.thumbnails.enabled else "off", "on" if config.scansheet.enabled else "off")
+
+    def _poststore_died(self) -> None:
+        assert self.poststore is not None
+        self.selector.unregister(self.poststore.sentinel)
+        self.poststore.join(1)
+        log.error("post-store stage exited with code %s; restarting it", self.poststore.exitcode)
+        time.sleep(RESTART_BACKOFF)
+        self._start_poststore()
+
+    def _stop_poststore(self) -> None:
+        if self.poststore is not None and self.poststore.is_alive():
+            self.poststore.terminate()  # SIGTERM: it finishes its queue and pending scan sheets
+            self.poststore.join(60)
+            if self.poststore.is_alive():
+                log.error("post-store stage did not stop within 60 s; killing it")
+                self.poststore.kill()
+                self.poststore.join(5)
 
     # -- status ----------------------------------------------------------------------
 

@@ -18,7 +18,17 @@ import time
 
 from fastscp.acceptor import Association, ServiceSettings
 from fastscp.indexclient import IndexerClient
-from fastscp.records import DECODER, ENCODER, AdmissionReply, AdmissionRequest, Handoff, Stop
+from fastscp.poststore import PostStoreClient
+from fastscp.records import (
+    DECODER,
+    ENCODER,
+    AdmissionReply,
+    AdmissionRequest,
+    DuplicateConflict,
+    Handoff,
+    InstanceRecord,
+    Stop,
+)
 
 log = logging.getLogger("fastscp.worker")
 
@@ -42,6 +52,7 @@ class Worker:
         self._admissions: dict[int, tuple[threading.Event, list[AdmissionReply]]] = {}
         self._lock = threading.Lock()
         self._stopping = threading.Event()
+        self.poststore = PostStoreClient(settings.poststore_address) if settings.poststore_address else None
 
     def run(self) -> None:
         threading.Thread(target=self._report_loop, name="reporter", daemon=True).start()
@@ -99,7 +110,7 @@ class Worker:
         sock.setblocking(True)
         connection_id = handoff.connection_id
         association = Association(
-            sock, handoff.peer_address, self.settings, self.indexer.send,
+            sock, handoff.peer_address, self.settings, self._stored,
             connection_id=connection_id, worker=self.index,
             admit=lambda calling_ae: self._admit(connection_id, calling_ae),
         )
@@ -111,6 +122,12 @@ class Worker:
             self._open[connection_id] = association
             self._threads[connection_id] = thread
         thread.start()
+
+    def _stored(self, record: InstanceRecord | DuplicateConflict) -> None:
+        # The index first: it must not lose a record; thumbnails may wait.
+        self.indexer.send(record)
+        if self.poststore is not None and isinstance(record, InstanceRecord):
+            self.poststore.send(record)
 
     def _serve(self, connection_id: int, association: Association) -> None:
         stats = association.run()

@@ -1,0 +1,47 @@
+"""The post-store stage of a running server: thumbnails mirroring the layout and
+a scan sheet per quiet study, remade when more images arrive."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fastscp.synthetic import write_series
+from tests.conftest import dcmtk
+from tests.test_lifecycle import wait_until
+
+pytestmark = pytest.mark.dcmtk
+
+
+def test_thumbnails_and_scan_sheet_of_a_quiet_study(start_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    config = tmp_path / "fastscp.yaml"
+    config.write_text("scansheet:\n  study_timeout: 1\nthumbnails:\n  size: 64\n")
+    server = start_server(config=config)
+    series = write_series(str(tmp_path / "ct"), 6, rows=96, columns=80, patient_id="PS1")
+    dcmtk("storescu", "-aec", server.ae_title, "-xe", "127.0.0.1", str(server.port), *series[:4])
+    stored = server.stored_files()
+    assert len(stored) == 4
+    thumbnails = [server.storage / "thumbnails" / p.relative_to(server.storage).with_suffix(".jpg") for p in stored]
+    wait_until(lambda: all(t.exists() for t in thumbnails), what="the thumbnails")
+    with Image.open(thumbnails[0]) as image:
+        assert image.size == (53, 64)  # (width, height): 80 columns x 96 rows, long side 64, aspect kept
+        assert np.asarray(image).std() > 5, "not blank"
+
+    study = stored[0].parent.parent  # PatientID/StudyDate_StudyUID
+    png, html = study / "scansheet.png", study / "scansheet.html"
+    wait_until(lambda: png.exists() and html.exists(), timeout=30, what="the scan sheet")
+    with Image.open(png) as sheet:
+        assert sheet.width >= 400 and np.asarray(sheet.convert("L")).std() > 10
+    text = html.read_text()
+    assert "PS1" in text and "Synthetic" in text and "4" in text
+
+    # More images of the study: the sheet is made again, with all of them.
+    first = os.stat(png).st_mtime_ns
+    dcmtk("storescu", "-aec", server.ae_title, "-xe", "127.0.0.1", str(server.port), *series[4:])
+    wait_until(lambda: os.stat(png).st_mtime_ns != first, timeout=30, what="the scan sheet to be remade")
+    wait_until(lambda: "(6 instances)" in server.log_text(), what="the log line of the remade sheet")
+    assert server.stop() == 0
