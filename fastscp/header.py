@@ -14,14 +14,15 @@ Example
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import Final
 
+from fastscp._backend import NO_EXTENSIONS, compiled
 from fastscp._header_py import HeaderError, HeaderFields, IncompleteHeader
 from fastscp._header_py import parse_header as parse_header_py
 
 __all__ = [
+    "NO_EXTENSIONS",
     "BACKEND",
     "HeaderError",
     "HeaderFields",
@@ -33,17 +34,9 @@ __all__ = [
 
 ParseHeader = Callable[..., HeaderFields]
 
-#: True when the environment asks for the pure-Python twins.
-NO_EXTENSIONS: Final = os.environ.get("FASTSCP_NO_EXTENSIONS", "") == "1"
-
 #: The compiled scanner; None if not built or if FASTSCP_NO_EXTENSIONS=1 (then
 #: it is not even imported).
-parse_header_cext: ParseHeader | None = None
-if not NO_EXTENSIONS:
-    try:
-        from fastscp._header_cext import parse_header as parse_header_cext
-    except ImportError:  # not built (e.g. a source checkout without build_ext)
-        parse_header_cext = None
+parse_header_cext: ParseHeader | None = compiled("fastscp._header_cext", "parse_header")
 
 #: "cext" or "py": the implementation behind :func:`parse_header`.
 BACKEND: Final = "cext" if parse_header_cext is not None else "py"

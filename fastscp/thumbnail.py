@@ -21,11 +21,13 @@ from typing import Final
 
 import numpy as np
 
+from fastscp._backend import NO_EXTENSIONS, compiled
 from fastscp._thumbnail_py import DEFAULT_SIZE, PixelInfo, ThumbnailError
 from fastscp._thumbnail_py import thumbnail as thumbnail_py
 from fastscp.imaging import DEFAULT_QUALITY, DecodeError, NoPixelData, decode_frame, encode_jpeg, write_atomic
 
 __all__ = [
+    "NO_EXTENSIONS",
     "BACKEND",
     "DEFAULT_SIZE",
     "THUMBNAILS_DIR",
@@ -46,17 +48,9 @@ log = logging.getLogger("fastscp.thumbnail")
 
 Thumbnail = Callable[..., np.ndarray]
 
-#: True when the environment asks for the pure-Python twins.
-NO_EXTENSIONS: Final = os.environ.get("FASTSCP_NO_EXTENSIONS", "") == "1"
-
 #: The compiled pass; None if not built or if FASTSCP_NO_EXTENSIONS=1 (then
 #: it is not even imported).
-thumbnail_cext: Thumbnail | None = None
-if not NO_EXTENSIONS:
-    try:
-        from fastscp._thumbnail_cext import thumbnail as thumbnail_cext
-    except ImportError:  # not built (e.g. a source checkout without build_ext)
-        thumbnail_cext = None
+thumbnail_cext: Thumbnail | None = compiled("fastscp._thumbnail_cext", "thumbnail")
 
 #: "cext" or "py": the implementation behind :func:`thumbnail`.
 BACKEND: Final = "cext" if thumbnail_cext is not None else "py"

@@ -148,3 +148,14 @@ def dcmtk(*argv: str, timeout: float = 120, check: bool = True) -> subprocess.Co
     if check and result.returncode != 0:
         raise AssertionError(f"{argv[0]} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
+
+
+def storescu_concurrently(server: Server, batches: list[list[str]], *options: str) -> None:
+    """One storescu process per batch, all at once (Nagle off); each must succeed."""
+    argv = ["storescu", "-aec", server.ae_title, *options, "127.0.0.1", str(server.port)]
+    env = dict(os.environ, TCP_NODELAY="1")
+    processes = [subprocess.Popen([*argv, *batch], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                 for batch in batches]
+    for process in processes:
+        output, _ = process.communicate(timeout=120)
+        assert process.returncode == 0, output

@@ -3,7 +3,6 @@ policy; structured reports in their own root; two associations into one new stud
 
 from __future__ import annotations
 
-import os
 import subprocess
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import pydicom
 import pytest
 
 from fastscp.synthetic import write_series
-from tests.conftest import dcmtk
+from tests.conftest import dcmtk, storescu_concurrently
 from tests.test_lifecycle import wait_until
 from tests.test_server import assert_same_dataset, by_instance
 
@@ -101,14 +100,7 @@ def _config(tmp_path: Path, text: str) -> Path:
 
 def test_two_associations_into_one_new_study_at_once(server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     series = write_series(str(tmp_path / "one"), 40, rows=64, columns=64)
-    env = dict(os.environ, TCP_NODELAY="1")
-    argv = ["storescu", "-aec", server.ae_title, "-xe", "127.0.0.1", str(server.port)]
-    halves = (series[0::2], series[1::2])
-    processes = [subprocess.Popen([*argv, *half], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-                 for half in halves]
-    for process in processes:
-        output, _ = process.communicate(timeout=120)
-        assert process.returncode == 0, output
+    storescu_concurrently(server, [series[0::2], series[1::2]], "-xe")
     stored = by_instance(server.stored_files())
     sources = by_instance([Path(p) for p in series])
     assert stored.keys() == sources.keys()

@@ -18,7 +18,7 @@ from pynetdicom import AE
 
 from fastscp.part10 import dataset_offset
 from fastscp.synthetic import write_series
-from tests.conftest import dcmtk
+from tests.conftest import dcmtk, storescu_concurrently
 from tests.rawscu import RawSCU
 
 pytestmark = pytest.mark.dcmtk
@@ -100,13 +100,7 @@ def test_dcmtk_default_nagle_sender_does_not_stall(server, ct_series) -> None:  
 def test_eight_concurrent_storescu_associations(server, tmp_path) -> None:  # type: ignore[no-untyped-def]
     batches = [write_series(str(tmp_path / f"s{i}"), 6, rows=128, columns=128, seed=i, patient_id=f"P{i}")
                for i in range(8)]
-    argv = ["storescu", "-aec", server.ae_title, "-xe", "127.0.0.1", str(server.port)]
-    env = dict(os.environ, TCP_NODELAY="1")
-    processes = [subprocess.Popen([*argv, *batch], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-                 for batch in batches]
-    for process in processes:
-        output, _ = process.communicate(timeout=120)
-        assert process.returncode == 0, output
+    storescu_concurrently(server, batches, "-xe")
     stored = by_instance(server.stored_files())
     sources = by_instance([Path(p) for batch in batches for p in batch])
     assert stored.keys() == sources.keys()
