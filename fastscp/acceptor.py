@@ -38,7 +38,7 @@ from fastscp.negotiation import (
 from fastscp.records import AssociationReport, DuplicateConflict, InstanceRecord
 from fastscp.sopclasses import MODALITY_SOP_CLASSES
 from fastscp.status import LATENCY_BUCKETS, SIZE_BUCKETS, AssociationState, Histogram
-from fastscp.storage import NO_SPACE, IncomingFile, Storage
+from fastscp.storage import NO_SPACE, Committed, IncomingFile, Storage
 
 log = logging.getLogger("fastscp.association")
 action_log = logging.getLogger("fastscp.action")
@@ -480,14 +480,13 @@ class Association:
             )
             return dimse.DATA_SET_DOES_NOT_MATCH_SOP_CLASS, f"SOP Class UID in data set is {header.sop_class_uid}"[:64]
         # The file is named by the UID the sender gave in the command (the one
-        # in its File Meta); the data set's own is indexed as found.
+        # in its File Meta); the index records the data set's own.
+        named = msgspec.structs.replace(header, sop_instance_uid=sop_instance or header.sop_instance_uid)
         header = msgspec.structs.replace(header, sop_instance_uid=header.sop_instance_uid or sop_instance)
         settings = self.settings
         root = settings.storage.sr_root if sop_class in SR_SOP_CLASSES and settings.storage.sr_root else None
         try:
-            committed = incoming.commit(
-                relative_path(settings.layout, _named(header, sop_instance)), settings.duplicates, root
-            )
+            committed = incoming.commit(relative_path(settings.layout, named), settings.duplicates, root)
         except OSError as exc:
             self.stats.failures += 1
             log.error("C-STORE %s: cannot store: %s", sop_instance, exc)
@@ -495,21 +494,7 @@ class Association:
         path = settings.storage.relative(committed.path)
         now = time.time()
         if committed.existing_hash:
-            log.warning(
-                "C-STORE %s from %s: %s differs from the stored copy (sha256 %s, new %s); storage.duplicates=%s: %s",
-                sop_instance, self.stats.calling_ae_title, path, committed.existing_hash[:12],
-                incoming.content_hash[:12], settings.duplicates, committed.outcome,
-            )
-            self.on_stored(
-                DuplicateConflict(
-                    sop_instance_uid=header.sop_instance_uid,
-                    path=settings.storage.relative(committed.existing_path),
-                    existing_hash=committed.existing_hash, new_hash=incoming.content_hash,
-                    policy=settings.duplicates, outcome=committed.outcome,
-                    new_path=path if committed.outcome in ("kept-both", "overwritten") else "",
-                    calling_ae_title=self.stats.calling_ae_title, received_at=now,
-                )
-            )
+            self._conflict(committed, header.sop_instance_uid, incoming.content_hash, path, now)
         size = incoming.meta_length + incoming.dataset_length
         if settings.action_log:
             action_log.info(
@@ -539,6 +524,25 @@ class Association:
             )
         )
         return dimse.SUCCESS, ""
+
+    def _conflict(self, committed: Committed, sop_instance: str, new_hash: str, path: str, now: float) -> None:
+        """Log and record an instance that arrived again with other content."""
+        settings = self.settings
+        log.warning(
+            "C-STORE %s from %s: %s differs from the stored copy (sha256 %s, new %s); storage.duplicates=%s: %s",
+            sop_instance, self.stats.calling_ae_title, path, committed.existing_hash[:12],
+            new_hash[:12], settings.duplicates, committed.outcome,
+        )
+        self.on_stored(
+            DuplicateConflict(
+                sop_instance_uid=sop_instance,
+                path=settings.storage.relative(committed.existing_path),
+                existing_hash=committed.existing_hash, new_hash=new_hash,
+                policy=settings.duplicates, outcome=committed.outcome,
+                new_path=path if committed.outcome in ("kept-both", "overwritten") else "",
+                calling_ae_title=self.stats.calling_ae_title, received_at=now,
+            )
+        )
 
     @staticmethod
     def _scan_header(incoming: IncomingFile, transfer_syntax: str) -> HeaderFields:
@@ -595,12 +599,6 @@ class Association:
         self.sock.sendall(p_data_tf(self._context_id, command, self._peer_max_pdu))
         if command_field == dimse.C_STORE_RSP:
             self.stats.latency.observe(time.monotonic() - self._store_started)
-
-
-def _named(header: HeaderFields, sop_instance: str) -> HeaderFields:
-    if header.sop_instance_uid == sop_instance or not sop_instance:
-        return header
-    return msgspec.structs.replace(header, sop_instance_uid=sop_instance)
 
 
 def p_data_tf(context_id: int, command: bytes, peer_max_pdu: int, data_set: bytes | None = None) -> bytes:
