@@ -86,7 +86,7 @@ def _send(args: argparse.Namespace) -> int:
 
 #: Modules that add their own subcommands: each has ``register(commands)``,
 #: which adds a parser with ``set_defaults(func=...)`` to the subparsers.
-COMMAND_MODULES: tuple[str, ...] = ("fastscp.cli_status", "fastscp.cli_images")
+COMMAND_MODULES: tuple[str, ...] = ("fastscp.cli_status", "fastscp.cli_images", "fastscp.cli_index")
 
 
 def build_parser() -> argparse.ArgumentParser:

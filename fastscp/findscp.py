@@ -17,6 +17,7 @@ from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_dataset
 
 from fastscp import dimse
+from fastscp.find import FindError
 
 log = logging.getLogger("fastscp.find")
 
@@ -73,11 +74,18 @@ def responses(
         yield IDENTIFIER_DOES_NOT_MATCH, None, "Query/Retrieve Level (0008,0052) missing"
         return
     try:
-        for match in find(model, request):
+        matches = find(model, request)
+        # 0xFF01 when some requested key can't be matched (PS3.4 C.4.1.1.4).
+        pending = getattr(matches, "pending_status", PENDING)
+        for match in matches:
             if cancelled():
+                getattr(matches, "close", lambda: None)()
                 yield CANCEL, None, ""
                 return
-            yield PENDING, encode_identifier(match, transfer_syntax), ""
+            yield pending, encode_identifier(match, transfer_syntax), ""
+    except FindError as exc:
+        yield exc.status, None, exc.comment[:64]
+        return
     except ValueError as exc:  # a request the matching rules refuse
         yield IDENTIFIER_DOES_NOT_MATCH, None, str(exc)[:64]
         return

@@ -1,31 +1,74 @@
-"""The worker side of the indexer: delivers InstanceRecords, keeps them while it is down."""
+"""Talking to the indexer from other processes: records from workers, queries from anyone.
+
+* :class:`IndexerClient` (a worker) delivers records and keeps them while the
+  indexer is down (a restart after a crash), retrying in the background.
+* :class:`QueryClient` asks a running server's indexer (C-FIND, the CLI).
+* :func:`open_query_client` picks the running server, or the index file
+  read-only when no server has it open.
+"""
 
 from __future__ import annotations
 
 import logging
 import socket
 import threading
+from collections.abc import Iterator
+from typing import Any, Protocol
 
-from fastscp.records import ENCODER, InstanceRecord
+from fastscp.indexer import indexer_address, query_address, query_address_of
+from fastscp.query import (
+    Columns,
+    Done,
+    Failed,
+    IndexerState,
+    LocalQueryClient,
+    QueryError,
+    QueryRequest,
+    QueryResult,
+    Rows,
+    StateRequest,
+    Stats,
+    StatsRequest,
+    recv_message,
+    send_message,
+)
+from fastscp.records import ENCODER, DuplicateConflict, InstanceRecord
 
 log = logging.getLogger("fastscp.indexclient")
 
+#: Seconds between retries while records wait for the indexer.
+RETRY_INTERVAL = 0.5
+
 
 class IndexerClient:
-    """Sends records to the indexer; keeps them while it is unreachable."""
+    """Sends records to the indexer; keeps them while it is unreachable.
+
+    Thread-safe (one lock): the associations of a worker share one client.
+    Records that could not be delivered are retried on the next
+    :meth:`send`, by :meth:`flush`, and by a background thread every
+    :data:`RETRY_INTERVAL` seconds while any are waiting, so they reach a
+    restarted indexer even if no other image arrives.
+    """
 
     def __init__(self, address: str) -> None:
         self.address = address
         self._sock: socket.socket | None = None
         self._pending: list[bytes] = []
         self._lock = threading.Lock()
+        self._retrying = False
+        self._closed = False
 
     def _connect(self) -> socket.socket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        sock.connect(self.address)
+        try:
+            sock.connect(self.address)
+        except OSError:
+            sock.close()
+            raise
         return sock
 
-    def send(self, record: InstanceRecord) -> None:
+    def send(self, record: InstanceRecord | DuplicateConflict) -> None:
+        """Hand a record to the indexer (or keep it until the indexer is back)."""
         message = ENCODER.encode(record)
         with self._lock:
             self._pending.append(message)
@@ -36,6 +79,11 @@ class IndexerClient:
         with self._lock:
             self._flush_locked()
             return len(self._pending)
+
+    @property
+    def pending(self) -> int:
+        """Records waiting for the indexer."""
+        return len(self._pending)
 
     def _flush_locked(self) -> None:
         try:
@@ -48,10 +96,203 @@ class IndexerClient:
             if self._sock is not None:
                 self._sock.close()
                 self._sock = None
-            log.warning("indexer unreachable (%s); %d records kept for retry", exc, len(self._pending))
+            if not self._retrying:
+                log.warning("indexer unreachable (%s); %d records kept for retry", exc, len(self._pending))
+                self._start_retry_locked()
+
+    def _start_retry_locked(self) -> None:
+        if self._closed:
+            return
+        self._retrying = True
+        threading.Thread(target=self._retry, name="fastscp-indexer-retry", daemon=True).start()
+
+    def _retry(self) -> None:
+        stop = threading.Event()
+        while not stop.wait(RETRY_INTERVAL):
+            with self._lock:
+                if self._closed:
+                    self._retrying = False
+                    return
+                self._flush_locked()
+                if not self._pending:
+                    self._retrying = False
+                    log.info("indexer reachable again; kept records delivered")
+                    return
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             if self._sock is not None:
                 self._sock.close()
                 self._sock = None
+
+
+class ServerUnavailable(ConnectionError):
+    """No running server answers queries for this index."""
+
+
+class QueryClient:
+    """Runs queries through a running server's indexer.
+
+    Thread-safe and stateless between calls: each query opens its own
+    connection to the indexer's query socket (a local Unix socket, tens of
+    microseconds), so the association threads of a worker can share one
+    client. A worker makes it with ``QueryClient.from_indexer_address(address)``
+    from the indexer address it already has.
+
+    Parameters
+    ----------
+    index_path : str, optional
+        The index file the server was started with.
+    address : str, optional
+        The query socket itself (instead of ``index_path``).
+    timeout : float
+        Seconds to wait for each message of an answer.
+    """
+
+    def __init__(self, index_path: str | None = None, *, address: str | None = None, timeout: float = 60.0) -> None:
+        if address is None:
+            if index_path is None:
+                raise ValueError("QueryClient needs index_path or address")
+            address = query_address(index_path)
+        self.address = address
+        self.timeout = timeout
+
+    @classmethod
+    def from_indexer_address(cls, address: str, *, timeout: float = 60.0) -> QueryClient:
+        """The client of the indexer whose record socket is ``address``."""
+        return cls(address=query_address_of(address), timeout=timeout)
+
+    def _open(self) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.address)
+        except OSError as exc:
+            sock.close()
+            raise ServerUnavailable(f"no fastscp server answers queries for this index ({exc.strerror})") from None
+        return sock
+
+    def available(self) -> bool:
+        """True when a running server answers on the query socket."""
+        try:
+            self._open().close()
+        except ServerUnavailable:
+            return False
+        return True
+
+    def query(self, request: QueryRequest) -> QueryResult:
+        """Run a query in the server; rows stream in as they are read.
+
+        Raises
+        ------
+        ServerUnavailable
+            No server answers.
+        QueryError
+            The server refused the request (the message says why).
+        """
+        sock = self._open()
+        try:
+            send_message(sock, request)
+            first = recv_message(sock)
+        except BaseException:
+            sock.close()
+            raise
+        if isinstance(first, Failed):
+            sock.close()
+            raise QueryError(first.message)
+        if not isinstance(first, Columns):
+            sock.close()
+            raise ConnectionError(f"unexpected answer {type(first).__name__}")
+        return QueryResult(first.names, self._rows(sock), sock.close)
+
+    @staticmethod
+    def _rows(sock: socket.socket) -> Iterator[list[Any]]:
+        with sock:
+            while True:
+                message = recv_message(sock)
+                if isinstance(message, Rows):
+                    yield from message.rows
+                elif isinstance(message, Done):
+                    return
+                elif isinstance(message, Failed):
+                    raise QueryError(message.message)
+                else:
+                    raise ConnectionError(f"unexpected answer {type(message).__name__}")
+
+    def stats(self, request: StatsRequest | None = None) -> Stats:
+        """Totals and breakdowns of the index, with the indexer's own state."""
+        with self._open() as sock:
+            send_message(sock, request or StatsRequest())
+            answer = recv_message(sock)
+        if isinstance(answer, Failed):
+            raise QueryError(answer.message)
+        if not isinstance(answer, Stats):
+            raise ConnectionError(f"unexpected answer {type(answer).__name__}")
+        return answer
+
+    def state(self) -> IndexerState:
+        """The indexer's own state (pending and committed records, reconcile): no query, cheap."""
+        with self._open() as sock:
+            send_message(sock, StateRequest())
+            answer = recv_message(sock)
+        if not isinstance(answer, IndexerState):
+            raise ConnectionError(f"unexpected answer {type(answer).__name__}")
+        return answer
+
+    def close(self) -> None:
+        """Nothing to release (no connection is kept); for symmetry with LocalQueryClient."""
+
+    def __enter__(self) -> QueryClient:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+
+class IndexQueries(Protocol):
+    """What :func:`fastscp.find.find` and the CLI need: QueryClient or LocalQueryClient."""
+
+    def query(self, request: QueryRequest) -> QueryResult: ...
+
+    def stats(self, request: StatsRequest | None = None) -> Stats: ...
+
+    def close(self) -> None: ...
+
+
+def open_query_client(index_path: str) -> IndexQueries:
+    """Queries on ``index_path``: through its running server, else on the file read-only.
+
+    Raises
+    ------
+    fastscp.index.IndexUnavailable
+        No server answers and the file can't be opened (missing, locked by
+        a server that is starting or stopping, another schema version).
+    """
+    client = QueryClient(index_path)
+    if client.available():
+        return client
+    return LocalQueryClient(index_path)
+
+
+def server_running(index_path: str) -> bool:
+    """True if a running fastscp server owns ``index_path`` (its indexer answers)."""
+    for address, kind in ((indexer_address(index_path), socket.SOCK_SEQPACKET),
+                          (query_address(index_path), socket.SOCK_STREAM)):
+        with socket.socket(socket.AF_UNIX, kind) as sock:
+            try:
+                sock.connect(address)
+                return True
+            except OSError:
+                continue
+    return False
+
+
+__all__ = [
+    "IndexQueries",
+    "IndexerClient",
+    "QueryClient",
+    "ServerUnavailable",
+    "open_query_client",
+    "server_running",
+]

@@ -27,6 +27,9 @@ from fastscp import header, logs
 from fastscp.acceptor import ServiceSettings
 from fastscp.access import AccessConfigError, build_access_policy
 from fastscp.config import Config, layout_options, to_builtins
+from fastscp.find import finder
+from fastscp.findscp import FIND_SOP_CLASSES
+from fastscp.indexclient import QueryClient
 from fastscp.indexer import indexer_address, indexer_main
 from fastscp.negotiation import (
     REJECTED_TRANSIENT,
@@ -52,6 +55,8 @@ REJECT_READ_TIMEOUT = 5.0
 RESTART_BACKOFF = 1.0
 #: How often the status snapshot goes to the monitor.
 SNAPSHOT_INTERVAL = 0.5
+#: How often the indexer is asked for its committed and pending counts.
+INDEX_POLL = 2.0
 
 
 class StartupError(Exception):
@@ -110,6 +115,7 @@ class Supervisor:
                 max_pdu_size=server.max_pdu_size,
                 check_called_aet=config.access.check_called_aet,
                 access=access,
+                query_sop_classes=FIND_SOP_CLASSES,
             ),
             storage=self.storage,
             layout=layout_options(config),
@@ -123,6 +129,7 @@ class Supervisor:
                 poststore_address(config.index_path)
                 if config.thumbnails.enabled or config.scansheet.enabled else ""
             ),
+            find=finder(config.index_path, retrieve_ae_title=server.ae_title),
         )
         self.poststore: multiprocessing.process.BaseProcess | None = None
         self.book = StatusBook()
@@ -133,6 +140,9 @@ class Supervisor:
         self.monitor_url = ""
         self._snapshots: socket.socket | None = None
         self._next_snapshot = 0.0
+        self._next_index_poll = 0.0
+        #: (committed since start, pending) as the indexer last told us.
+        self._index_state = (0, 0)
         self.stopping = False
         # Children forward their log records here; only we write output.
         self._log_r, self._log_w = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -176,7 +186,7 @@ class Supervisor:
         process = _fork.Process(
             target=self._child, name="fastscp-indexer",
             args=(indexer_main, self.config.index_path, db.wal_mode, self.address,
-                  db.batch_size, db.batch_interval, child),
+                  db.batch_size, db.batch_interval, child, self.storage.root, self.storage.sr_root),
         )
         process.start()
         child.close()
@@ -585,12 +595,13 @@ class Supervisor:
         if self._snapshots is None or self.monitor is None or now < self._next_snapshot:
             return
         self._next_snapshot = now + SNAPSHOT_INTERVAL
+        self._poll_index(now)
         server = self.config.server
         snapshot = self.book.snapshot(
             ae_title=server.ae_title, host=server.host, port=self._port,
             state="stopping" if self.stopping else "running",
             storage_root=self.storage.root, min_free_bytes=self.config.storage.min_free_bytes,
-            index_path=self.config.index_path, index_committed=0, index_lag=0,
+            index_path=self.config.index_path, index_committed=self._index_state[0], index_lag=self._index_state[1],
             workers=[
                 WorkerState(index=w.index, pid=w.process.pid or 0, alive=w.process.is_alive(),
                             open_associations=len(w.open), started=time.time() - (now - w.started),
@@ -608,6 +619,17 @@ class Supervisor:
                 log.warning("status snapshot too large (%s); skipped", exc)
             else:
                 self._snapshots = None
+
+    def _poll_index(self, now: float) -> None:
+        """Committed and pending counts from the indexer, every INDEX_POLL seconds at most."""
+        if now < self._next_index_poll:
+            return
+        self._next_index_poll = now + INDEX_POLL
+        try:
+            state = QueryClient(self.config.index_path, timeout=0.3).state()
+            self._index_state = (state.committed, state.pending)
+        except (OSError, ConnectionError):
+            pass  # busy or restarting: show the last known figures
 
     def _stop_indexer(self) -> None:
         if self.indexer is None or not self.indexer.is_alive():

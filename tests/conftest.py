@@ -36,6 +36,13 @@ def wait_for_port(port: int, process: subprocess.Popen, log: Path, timeout: floa
     raise RuntimeError(f"server did not listen on {port} within {timeout} s:\n{log.read_text()}")
 
 
+def wait_until(predicate, timeout: float = 15, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
 class Server:
     """``fastscp serve`` in a subprocess; always stopped by the fixture."""
 

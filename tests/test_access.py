@@ -16,9 +16,9 @@ from pynetdicom import AE
 
 from fastscp.part10 import dataset_offset
 from fastscp.synthetic import write_series
-from tests.conftest import dcmtk
+from tests.conftest import dcmtk, wait_until
 from tests.rawscu import RawSCU
-from tests.test_lifecycle import incoming, wait_until
+from tests.test_lifecycle import incoming
 from tests.test_server import fastscp
 
 pytestmark = pytest.mark.dcmtk
@@ -66,9 +66,10 @@ access:
     # Unknown AE, and a known AE from the wrong address: "calling AE title not recognized".
     assert rejection(associate(server, "STRANGER")) == (1, 1, 3)
     assert rejection(associate(server, "ELSEWHERE")) == (1, 1, 3)
+    # The worker logs after it has answered: wait for the lines.
+    wait_until(lambda: "'ELSEWHERE' is not allowed from 127.0.0.1" in server.log_text(), what="the rejection log")
     log = server.log_text()
     assert "STRANGER (127.0.0.1:" in log and "is not in access.allowed_calling_aets" in log
-    assert "'ELSEWHERE' is not allowed from 127.0.0.1" in log
 
 
 def test_unresolvable_host_stops_start_up_naming_the_key(tmp_path: Path) -> None:
@@ -97,7 +98,7 @@ def test_per_calling_ae_limit_across_workers(start_server, tmp_path: Path) -> No
     first.release()
     wait_until(lambda: associate_and_release(server, "MODALITY"), what="the freed slot")
     second.release()
-    assert "access.max_associations_per_aet" in server.log_text()
+    wait_until(lambda: "access.max_associations_per_aet" in server.log_text(), what="the rejection log")
 
 
 def associate_and_release(server, aet: str) -> bool:  # type: ignore[no-untyped-def]

@@ -10,8 +10,7 @@ import pydicom
 import pytest
 
 from fastscp.synthetic import write_series
-from tests.conftest import dcmtk, storescu_concurrently
-from tests.test_lifecycle import wait_until
+from tests.conftest import dcmtk, storescu_concurrently, wait_until
 from tests.test_server import assert_same_dataset, by_instance
 
 pytestmark = pytest.mark.dcmtk

@@ -7,7 +7,6 @@ import os
 import re
 import signal
 import socket
-import time
 from pathlib import Path
 
 import pydicom
@@ -17,6 +16,7 @@ from pynetdicom import AE
 
 from fastscp.part10 import dataset_offset
 from fastscp.synthetic import write_large_multiframe, write_series
+from tests.conftest import wait_until
 from tests.rawscu import RawSCU
 from tests.test_server import fastscp
 
@@ -29,13 +29,6 @@ def ct_file(tmp_path_factory) -> tuple[str, bytes]:  # type: ignore[no-untyped-d
     (path,) = write_series(str(tmp_path_factory.mktemp("ct1")), 1)
     raw = Path(path).read_bytes()
     return str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID), raw[dataset_offset(raw):]
-
-
-def wait_until(predicate, timeout: float = 15, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def incoming(server) -> list[Path]:  # type: ignore[no-untyped-def]

@@ -17,19 +17,10 @@ from fastscp.status import StatusSnapshot
 from tests.conftest import free_port
 from tests.test_monitor import HOSTILE_AE, MonitorProcess, make_snapshot, running_monitor
 
-_REGISTERED = "fastscp.cli_status" in cli.COMMAND_MODULES
-
 
 @pytest.fixture
 def monitor() -> Iterator[MonitorProcess]:
     yield from running_monitor()
-
-
-@pytest.fixture(autouse=True)
-def _status_command(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Until fastscp.cli lists the module, register it for these tests.
-    if not _REGISTERED:
-        monkeypatch.setattr(cli, "COMMAND_MODULES", (*cli.COMMAND_MODULES, "fastscp.cli_status"))
 
 
 def test_summary(monitor: MonitorProcess, capsys: pytest.CaptureFixture[str]) -> None:
@@ -118,7 +109,6 @@ def test_a_config_error_is_a_config_error(tmp_path: Path, capsys: pytest.Capture
     assert "unknown key 'server.prot'" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(not _REGISTERED, reason="fastscp.cli.COMMAND_MODULES does not list fastscp.cli_status yet")
 def test_the_installed_command(monitor: MonitorProcess) -> None:
     monitor.publish(make_snapshot())
     result = subprocess.run([sys.executable, "-m", "fastscp.cli", "status", "--url", monitor.url],

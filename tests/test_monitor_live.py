@@ -16,9 +16,8 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
 from fastscp.part10 import dataset_offset
 from fastscp.synthetic import write_series
-from tests.conftest import dcmtk
+from tests.conftest import dcmtk, wait_until
 from tests.rawscu import RawSCU
-from tests.test_lifecycle import wait_until
 from tests.test_monitor_page import chromium
 from tests.test_server import fastscp
 

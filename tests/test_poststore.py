@@ -11,8 +11,7 @@ import pytest
 from PIL import Image
 
 from fastscp.synthetic import write_series
-from tests.conftest import dcmtk
-from tests.test_lifecycle import wait_until
+from tests.conftest import dcmtk, wait_until
 
 pytestmark = pytest.mark.dcmtk
 

@@ -18,7 +18,7 @@ from pynetdicom import AE
 
 from fastscp.part10 import dataset_offset
 from fastscp.synthetic import write_series
-from tests.conftest import dcmtk, storescu_concurrently
+from tests.conftest import dcmtk, storescu_concurrently, wait_until
 from tests.rawscu import RawSCU
 
 pytestmark = pytest.mark.dcmtk
@@ -54,7 +54,7 @@ def test_echo_with_dcmtk_and_fastscp_echo(server) -> None:  # type: ignore[no-un
     result = fastscp("echo", "127.0.0.1", str(server.port), "--aec", server.ae_title)
     assert result.returncode == 0, result.stderr
     assert "status 0x0000" in result.stdout
-    assert "ECHOSCU (127.0.0.1:" in server.log_text()
+    wait_until(lambda: "ECHOSCU (127.0.0.1:" in server.log_text(), what="the connection log line")
 
 
 def test_storescu_series_is_stored_byte_exact_and_indexed(server, ct_series) -> None:  # type: ignore[no-untyped-def]
@@ -129,7 +129,8 @@ def test_max_associations_holds_across_workers(start_server, ct_series) -> None:
         assert assoc.send_c_store(pydicom.dcmread(path)).Status == 0
         assoc.release()
     assert len(server.stored_files()) == 2
-    assert "THIRD (127.0.0.1:" in server.log_text() and "local limit exceeded" in server.log_text()
+    wait_until(lambda: "THIRD (127.0.0.1:" in server.log_text(), what="the rejection log line")
+    assert "local limit exceeded" in server.log_text()
     # The slots come back when associations end.
     deadline = time.monotonic() + 10
     while True:

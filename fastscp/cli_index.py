@@ -1,0 +1,288 @@
+"""Command line of the index: ``fastscp query``, ``fastscp stats``, ``fastscp reindex``.
+
+``query`` and ``stats`` ask the running server that owns the index (through
+its indexer's query socket) or, when none does, open the index file
+read-only. The index is chosen by ``--index-db``, else ``--storage-dir``
+(its ``index.duckdb``), else ``--config`` (its ``database.path`` /
+``storage.directory``), as ``fastscp serve`` would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import msgspec
+
+from fastscp.config import load_config
+
+#: CLI level names -> Query/Retrieve Levels.
+LEVEL_NAMES: dict[str, str] = {"patients": "PATIENT", "studies": "STUDY", "series": "SERIES", "instances": "IMAGE"}
+# A DICOM date range (PS3.4 C.2.2.2.5): a date, or a range with one or both ends.
+_DATE_RANGE = re.compile(r"^(\d{8})?(-(\d{8})?)?$")
+
+
+def _add_index_arguments(parser: argparse.ArgumentParser) -> None:
+    where = parser.add_argument_group("index (first given wins)")
+    where.add_argument("--index-db", metavar="FILE", help="the DuckDB index file")
+    where.add_argument("--storage-dir", metavar="DIR", help="the storage folder: its index.duckdb")
+    where.add_argument("--config", metavar="FILE", help="the server's YAML config file")
+
+
+def _config(args: argparse.Namespace) -> Any:
+    """The config ``fastscp serve`` with the same options would use."""
+    return load_config(args.config, {"storage.directory": args.storage_dir, "database.path": args.index_db})
+
+
+def _paths(args: argparse.Namespace) -> tuple[str, str]:
+    """(storage root, index file)."""
+    config = _config(args)
+    return config.storage.directory, config.index_path
+
+
+def register(commands: Any) -> None:
+    """Add ``query``, ``stats`` and ``reindex`` to the ``fastscp`` subcommands."""
+    query = commands.add_parser(
+        "query", help="find patients, studies, series or instances in the index",
+        description="Find patients, studies, series or instances. Matching follows DICOM C-FIND: "
+                    "* and ? are wildcards, empty matches all, dates take ranges (20240101-20240131, "
+                    "20240101-, -20240131), UIDs lists (uid1\\uid2).",
+    )
+    query.add_argument("level", choices=list(LEVEL_NAMES))
+    filters = query.add_argument_group("filters")
+    filters.add_argument("--patient-id", metavar="ID", help="Patient ID (wildcards allowed)")
+    filters.add_argument("--patient-name", metavar="NAME", help="Patient's Name, e.g. 'DOE^J*' (case-insensitive)")
+    filters.add_argument("--date", metavar="FROM-TO", help="Study Date or range: 20240101, 20240101-20240131, "
+                                                          "20240101-, -20240131")
+    filters.add_argument("--modality", metavar="MOD", help="Modality, e.g. CT (of a series; above: any series)")
+    filters.add_argument("--accession", metavar="NUMBER", help="Accession Number (wildcards allowed)")
+    filters.add_argument("--study-uid", metavar="UID", help="Study Instance UID (or a backslash-separated list)")
+    filters.add_argument("--series-uid", metavar="UID", help="Series Instance UID (or a backslash-separated list)")
+    query.add_argument("--keys", metavar="K1,K2", help="columns to show, DICOM keywords (default: per level)")
+    query.add_argument("--limit", type=int, default=0, metavar="N", help="at most N rows")
+    query.add_argument("--json", action="store_true", help="print JSON lines (one object per row)")
+    _add_index_arguments(query)
+    query.set_defaults(func=_query)
+
+    stats = commands.add_parser("stats", help="counts and sizes in the index: by modality, calling AE, day")
+    stats.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_index_arguments(stats)
+    stats.set_defaults(func=_stats)
+
+    reindex = commands.add_parser(
+        "reindex", help="rebuild the index from the stored files (the server must be stopped)",
+        description="Rebuild the index from the files under the storage folder alone. The new index "
+                    "replaces the old one when complete; the old one's duplicate conflict log is kept.",
+    )
+    reindex.add_argument("--no-hash", action="store_true",
+                         help="skip the SHA-256 of each data set (faster: reads headers only)")
+    _add_index_arguments(reindex)
+    reindex.set_defaults(func=_reindex)
+
+
+# -- query ----------------------------------------------------------------------------
+
+
+def _conditions(args: argparse.Namespace, level: str) -> list[Any]:
+    from fastscp.query import Condition
+
+    if args.date and not _DATE_RANGE.match(args.date) or args.date == "-":
+        raise ValueError(f"--date {args.date!r}: use YYYYMMDD, YYYYMMDD-YYYYMMDD, YYYYMMDD- or -YYYYMMDD")
+    modality = "ModalitiesInStudy" if level in ("PATIENT", "STUDY") else "Modality"
+    pairs = (("PatientID", args.patient_id), ("PatientName", args.patient_name), ("StudyDate", args.date),
+             (modality, args.modality), ("AccessionNumber", args.accession), ("StudyInstanceUID", args.study_uid),
+             ("SeriesInstanceUID", args.series_uid))
+    return [Condition(keyword, value) for keyword, value in pairs if value]
+
+
+def _query(args: argparse.Namespace) -> int:
+    from fastscp.index import IndexUnavailable
+    from fastscp.indexclient import open_query_client
+    from fastscp.query import QueryError, QueryRequest
+
+    level = LEVEL_NAMES[args.level]
+    try:
+        conditions = _conditions(args, level)
+    except ValueError as exc:
+        print(f"fastscp query: {exc}", file=sys.stderr)
+        return 2
+    keys = [k.strip() for k in args.keys.split(",") if k.strip()] if args.keys else []
+    request = QueryRequest(level=level, conditions=conditions, keys=keys, limit=max(args.limit, 0))  # type: ignore[arg-type]
+    _storage, index_path = _paths(args)
+    try:
+        client = open_query_client(index_path)
+    except IndexUnavailable as exc:
+        print(f"fastscp query: {exc}", file=sys.stderr)
+        return 1
+    try:
+        with client.query(request) as result:
+            if args.json:
+                encode = msgspec.json.Encoder().encode
+                out = sys.stdout.buffer
+                for row in result:
+                    out.write(encode(dict(zip(result.columns, row, strict=True))) + b"\n")
+                out.flush()
+            else:
+                rows = list(result)
+                if rows:
+                    sys.stdout.write(format_table(result.columns, rows))
+                else:
+                    print(f"no {args.level} match", file=sys.stderr)
+    except QueryError as exc:
+        print(f"fastscp query: {exc}", file=sys.stderr)
+        return 2
+    except (ConnectionError, OSError) as exc:
+        print(f"fastscp query: the server stopped answering: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        client.close()
+    return 0
+
+
+def human_bytes(count: int | float | None) -> str:
+    """1536 -> '1.5 KiB'."""
+    value = float(count or 0)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def _cell(column: str, value: Any) -> str:
+    if value is None:
+        return ""
+    if column == "Bytes":
+        return human_bytes(value)
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def format_table(columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """An aligned text table: a header line, then one line per row; numbers right-aligned."""
+    rows = list(rows)
+    cells = [[_cell(c, v) for c, v in zip(columns, row, strict=True)] for row in rows]
+    widths = [max([len(c)] + [len(row[n]) for row in cells]) for n, c in enumerate(columns)]
+    right = [c == "Bytes" or (any(row[n] is not None for row in rows) and all(
+        row[n] is None or (isinstance(row[n], int | float) and not isinstance(row[n], bool)) for row in rows))
+        for n, c in enumerate(columns)]
+    lines = [[c.rjust(w) if r else c.ljust(w) for c, w, r in zip(columns, widths, right, strict=True)]]
+    lines += [[v.rjust(w) if r else v.ljust(w) for v, w, r in zip(row, widths, right, strict=True)] for row in cells]
+    return "".join("  ".join(line).rstrip() + "\n" for line in lines)
+
+
+# -- stats ------------------------------------------------------------------------------------
+
+
+def _stats(args: argparse.Namespace) -> int:
+    from fastscp.index import IndexUnavailable
+    from fastscp.indexclient import open_query_client
+    from fastscp.query import StatsRequest
+
+    _storage, index_path = _paths(args)
+    try:
+        client = open_query_client(index_path)
+    except IndexUnavailable as exc:
+        print(f"fastscp stats: {exc}", file=sys.stderr)
+        return 1
+    try:
+        stats = client.stats(StatsRequest(utc_offset=time.localtime().tm_gmtoff))
+    except (ConnectionError, OSError) as exc:
+        print(f"fastscp stats: the server stopped answering: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        client.close()
+    if args.json:
+        sys.stdout.buffer.write(msgspec.json.encode(stats) + b"\n")
+        sys.stdout.flush()
+        return 0
+    sys.stdout.write(format_stats(stats, index_path))
+    return 0
+
+
+def format_stats(stats: Any, index_path: str) -> str:
+    """The readable form of :class:`fastscp.query.Stats`."""
+    if stats.indexer is not None:
+        state = stats.indexer
+        source = (f"server running (indexer pid {state.pid}: {state.pending} records pending, "
+                  f"{state.committed} committed since start, reconcile {state.reconcile})")
+    else:
+        source = "server stopped: read from the file"
+    lines = [
+        f"index {index_path} ({source})",
+        f"instances  {stats.instances:>12,}  {human_bytes(stats.bytes)}",
+        f"series     {stats.series:>12,}",
+        f"studies    {stats.studies:>12,}",
+        f"patients   {stats.patients:>12,}",
+        f"duplicate conflicts {stats.duplicate_conflicts:,}",
+    ]
+    for title, counts in (("modality", stats.by_modality), ("calling AE title", stats.by_calling_ae_title),
+                          ("day received", stats.by_day)):
+        lines.append("")
+        lines.append(f"by {title}:")
+        table = format_table(
+            [title, "instances", "studies", "Bytes"],
+            [[c.name or "(none)", c.instances, c.studies, c.bytes] for c in counts],
+        )
+        lines.extend("  " + line for line in table.splitlines())
+    return "\n".join(lines) + "\n"
+
+
+# -- reindex ----------------------------------------------------------------------------------
+
+
+def _reindex(args: argparse.Namespace) -> int:
+    from fastscp.index import IndexUnavailable
+    from fastscp.indexclient import server_running
+    from fastscp.reindex import reindex
+
+    config = _config(args)
+    storage, index_path = config.storage.directory, config.index_path
+    sr_root = getattr(config.storage, "sr_directory", "")
+    if server_running(index_path):
+        print(f"fastscp reindex: a running fastscp server owns {index_path}; stop it first "
+              "(the server keeps its index up to date and reconciles it with the files when it starts)",
+              file=sys.stderr)
+        return 1
+    if not os.path.isdir(storage):
+        print(f"fastscp reindex: {storage}: no such storage folder", file=sys.stderr)
+        return 1
+    try:
+        result = reindex(storage, index_path, sr_root=sr_root, content_hash=not args.no_hash)
+    except IndexUnavailable as exc:
+        print(f"fastscp reindex: {exc}", file=sys.stderr)
+        return 1
+    for path, reason in result.failed[:20]:
+        print(f"fastscp reindex: {path}: not indexed: {reason}", file=sys.stderr)
+    if len(result.failed) > 20:
+        print(f"fastscp reindex: ... and {len(result.failed) - 20} more unreadable files", file=sys.stderr)
+    print(f"indexed {result.indexed} of {result.files} files from {storage} into {index_path} "
+          f"in {result.seconds:.1f} s" + (f"; {len(result.failed)} unreadable" if result.failed else ""))
+    return 0 if not result.failed else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m fastscp.cli_index query|stats|reindex ...``: these commands alone.
+
+    ``fastscp`` itself gets them through ``fastscp.cli.COMMAND_MODULES``.
+    """
+    from fastscp.config import ConfigError
+
+    parser = argparse.ArgumentParser(prog="fastscp", description="fastscp index commands")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"fastscp: config error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

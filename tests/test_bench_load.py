@@ -1,0 +1,145 @@
+"""The load runner's own logic (bench/load): log parsing, statistics, process
+accounting, corpus digests and the report. Fast, no receivers started; the
+runner end to end is ``python -m bench.load --quick`` (CI runs it)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from bench.load import corpora, procstats, report, runner, sender
+
+STORESCU_LOG = """\
+02:28:13.770.100 INFO Requesting Association
+02:28:13.770.241 INFO Sending Store Request (MsgID 1, CT)
+XMIT: .
+02:28:13.770.804 INFO Received Store Response (Success)
+02:28:13.770.876 INFO Sending Store Request (MsgID 2, CT)
+02:28:13.771.249 INFO Received Store Response (Refused: OutOfResources)
+23:59:59.999.000 INFO Sending Store Request (MsgID 3, CT)
+00:00:00.001.000 INFO Received Store Response (Success)
+02:28:14.000.000 ERROR Store SCU Failed: 0006:0213 Peer aborted Association
+"""
+
+
+def test_parse_storescu_log() -> None:
+    log = sender.parse_storescu_log(STORESCU_LOG)
+    assert log.successes == 2
+    assert log.failures == ["Received Store Response (Refused: OutOfResources)"]
+    assert log.errors == ["Store SCU Failed: 0006:0213 Peer aborted Association"]
+    assert [round(x * 1e6) for x in log.latencies] == [563, 373, 2000]  # the last one across midnight
+
+
+def test_slices_round_robin() -> None:
+    files = list(range(10))
+    parts = sender.slices(files, 4)  # type: ignore[arg-type]
+    assert parts == [[0, 4, 8], [1, 5, 9], [2, 6], [3, 7]]
+    assert sender.slices(files[:2], 16) == [[0], [1]]  # type: ignore[arg-type]
+
+
+def test_percentile() -> None:
+    assert runner.percentile([], 50) is None
+    assert runner.percentile([3.0, 1.0, 2.0], 50) == 2.0
+    assert runner.percentile([float(i) for i in range(101)], 99) == pytest.approx(99.0)
+    assert runner.percentile([0.0, 10.0], 25) == pytest.approx(2.5)
+
+
+def _run(round_: int, receiver: str, rate: float, errors: list[str] | None = None) -> runner.Run:
+    run = runner.Run(round_, "ct-k1", receiver, 1, False, 10, 5_000_000)
+    run.images_per_s, run.cpu_ms_per_image, run.peak_rss_mib = rate, 1000 / rate, 50.0
+    run.received = run.exact = 10
+    run.errors = errors or []
+    return run
+
+
+def test_ratios_pair_runs_of_the_same_round() -> None:
+    runs = [_run(1, "fastscp", 400), _run(1, "storescp+B", 200), _run(2, "fastscp", 300),
+            _run(2, "storescp+B", 300), _run(3, "fastscp", 500), _run(3, "storescp+B", 100, ["lost files"])]
+    table = runner.ratios(runs)
+    assert table["ct-k1"]["storescp+B"]["per_round"] == [2.0, 1.0]  # round 3 failed: not paired
+    assert table["ct-k1"]["storescp+B"]["median"] == 1.5
+    summary = runner.summarize(runs)
+    assert summary["ct-k1"]["fastscp"]["images_per_s"] == 400
+    assert summary["ct-k1"]["storescp+B"]["images_per_s"] == 250  # failed round left out
+    assert summary["ct-k1"]["storescp+B"]["failed_rounds"] == 1
+
+
+def test_report_markdown_and_targets() -> None:
+    runs = [_run(1, "fastscp", 400), _run(1, "storescp+B", 200), _run(1, "orthanc", 250)]
+    summary, ratios = runner.summarize(runs), runner.ratios(runs)
+    result = {
+        "mode": "quick", "rounds": 1, "started": "2026-01-01T00:00:00+00:00",
+        "environment": {"fastscp": "0.1.0", "storescp": "dcmtk", "orthanc": "Orthanc", "pynetdicom": "3",
+                        "python": "3.11", "cpus": "2"},
+        "corpora": {"ct": "10 x CT"},
+        "scenarios": [{"name": "ct-k1", "corpus": "ct", "k": 1, "limit": None, "note": ""}],
+        "summary": summary, "ratios": ratios, "skipped": ["x: not installed"], "errors": [],
+        "runs": [r.to_dict() for r in runs],
+    }
+    result["targets"] = report.targets(summary, ratios)
+    text = report.markdown(result)
+    assert "| storescp+B | 200 |" in text and "2.00x" in text
+    assert "| ct-k1: fastscp ≥ 1x storescp+B (images/s) | 2.0 | yes |" in text
+    assert "| ct-k1: fastscp ≥ 2x orthanc (images/s) | 1.6 | **no** |" in text
+    assert "- x: not installed" in text
+
+
+def test_tree_monitor_counts_children_and_peak_rss() -> None:
+    # A parent that forks a child which burns CPU and touches ~64 MiB, then exits.
+    code = (
+        "import os, time\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    b = bytearray(64 << 20)\n"
+        "    t = time.process_time()\n"
+        "    while time.process_time() - t < 0.3: pass\n"
+        "    os._exit(0)\n"
+        "os.waitpid(pid, 0)\n"
+        "time.sleep(5)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        monitor = procstats.TreeMonitor(proc.pid, interval=0.02).start()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and monitor.sample().cpu_seconds < 0.3:
+            time.sleep(0.05)
+        snapshot = monitor.stop()
+        assert snapshot.cpu_seconds >= 0.28  # the reaped child's time is in the parent's cutime
+        assert monitor.peak_rss_mib() >= 60
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_dataset_digest_matches_the_bytes_after_file_meta(tmp_path: Path) -> None:
+    from fastscp.synthetic import write_series
+
+    (path,) = write_series(str(tmp_path), 1, rows=8, columns=8)
+    data = Path(path).read_bytes()
+    offset = corpora.dataset_offset(path)
+    assert data[offset : offset + 2] == b"\x08\x00"  # the data set starts at group 0008
+    length, digest = corpora.dataset_digest(path)
+    import hashlib
+
+    assert (length, digest) == (len(data) - offset, hashlib.sha256(data[offset:]).hexdigest())
+    assert os.path.getsize(path) == offset + length
+
+
+def test_profile_summary_splits_association_threads(tmp_path: Path) -> None:
+    raw = tmp_path / "p.txt"
+    raw.write_text(
+        'process 1:"python -m fastscp.cli serve";run (fastscp/worker.py:10);Association.run (fastscp/acceptor.py:5);'
+        "IncomingFile.write (fastscp/storage.py:99) 30\n"
+        'process 1:"python -m fastscp.cli serve";run (fastscp/worker.py:10);Association.run (fastscp/acceptor.py:5);'
+        "PDUStream._fill (fastscp/acceptor.py:70) 10\n"
+        'process 2:"python -m fastscp.cli serve";Indexer.run (fastscp/indexer.py:3);Index.add (fastscp/index.py:7) 5\n'
+    )
+    text = report.profile_summary(raw)
+    assert "association threads: 40 samples" in text
+    assert "| `IncomingFile.write (storage.py)` | 75.0 | 75.0 |" in text
+    assert "other threads: 5 samples" in text and "| `Index.add (index.py)` | 100.0 | 100.0 |" in text

@@ -1,0 +1,479 @@
+"""The DuckDB index on real files: schema, batches, resends, conflicts, migration, reconcile, reindex.
+
+The records come from real DICOM files (synthetic series and pydicom's test
+files) read back with :func:`fastscp.reindex.read_record`; every index is a
+real DuckDB file in the test's temp folder.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import duckdb
+import msgspec
+import pytest
+
+from fastscp.header import HeaderFields
+from fastscp.index import SCHEMA_VERSION, TABLES, Index, IndexUnavailable
+from fastscp.indexclient import IndexerClient, QueryClient
+from fastscp.indexer import Indexer, indexer_address, query_address
+from fastscp.query import Condition as QueryCondition
+from fastscp.query import QueryRequest, run_query
+from fastscp.records import DuplicateConflict, InstanceRecord
+from fastscp.reindex import FileState, Progress, plan, read_record, read_records, reindex, walk
+from fastscp.synthetic import write_series
+from tests.dicomfiles import PYDICOM_DATA
+
+#: pydicom test files in the storage fixture: two compressed, a UTF-8 and a Latin-1 name.
+PYDICOM_FILES = ("test_files/CT_small.dcm", "test_files/MR_small.dcm", "test_files/JPEG2000.dcm",
+                 "charset_files/chrX1.dcm", "charset_files/chrGerm.dcm")
+
+
+def make_storage(root: Path) -> Path:
+    """A storage folder: 4 CT of patient SYNA, 3 MR of SYNB, pydicom's files, and things to skip."""
+    write_series(str(root / "SYNA"), 4, rows=16, columns=16, patient_id="SYNA")
+    write_series(str(root / "SYNB"), 3, rows=16, columns=16, patient_id="SYNB", modality="MR",
+                 sop_class="1.2.840.10008.5.1.4.1.1.4", seed=1)
+    for name in PYDICOM_FILES:
+        target = root / "pydicom" / Path(name).name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(PYDICOM_DATA / name, target)
+    # Not instances: temp, quarantine and thumbnail folders, other files.
+    for folder in (".incoming", ".quarantine", "thumbnails"):
+        (root / folder).mkdir()
+        shutil.copyfile(root / "SYNA" / "CT00001.dcm", root / folder / "x.dcm")
+    (root / "SYNA" / "notes.txt").write_text("not DICOM")
+    return root
+
+
+@pytest.fixture
+def storage(tmp_path: Path) -> Path:
+    return make_storage(tmp_path / "storage")
+
+
+def records_of(root: Path) -> list[InstanceRecord]:
+    failed: list[tuple[str, str]] = []
+    records = read_records(str(root), sorted(walk(str(root))), failed=failed)
+    assert failed == []
+    return records
+
+
+def rows(index: Index, sql: str, params: list[object] | None = None) -> list[tuple]:
+    return index.con.execute(sql, params or []).fetchall()
+
+
+# -- schema --------------------------------------------------------------------------------
+
+
+def test_every_header_field_has_a_column() -> None:
+    placed = {name for table in ("patients", "studies", "series", "instances") for name in TABLES[table]}
+    assert set(HeaderFields.__struct_fields__) <= placed, "a new HeaderFields field needs a column and a migration"
+    assert set(TABLES["duplicate_conflicts"]) == set(DuplicateConflict.__struct_fields__)
+
+
+def test_walk_finds_instances_only(storage: Path) -> None:
+    found = {state.path for state in walk(str(storage))}
+    assert len(found) == 4 + 3 + len(PYDICOM_FILES)
+    assert not any(p.startswith((".incoming", ".quarantine", "thumbnails")) for p in found)
+    assert "SYNA/CT00001.dcm" in found
+
+
+def test_read_record_reads_file_meta_and_header(storage: Path) -> None:
+    path = storage / "pydicom" / "JPEG2000.dcm"
+    info = path.stat()
+    record = read_record(str(storage), FileState("pydicom/JPEG2000.dcm", info.st_size, info.st_mtime_ns))
+    assert record.transfer_syntax_uid == "1.2.840.10008.1.2.4.91"
+    assert record.header.patient_id == "8NM1" and record.header.modality == "NM"
+    assert record.size == info.st_size and record.received_at == pytest.approx(info.st_mtime)
+    assert len(record.content_hash) == 64
+    size = (storage / "pydicom/chrGerm.dcm").stat().st_size
+    latin1 = read_record(str(storage), FileState("pydicom/chrGerm.dcm", size, 0), content_hash=False)
+    assert latin1.header.patient_name == "Äneas^Rüdiger" and latin1.content_hash == ""
+
+
+# -- writes ----------------------------------------------------------------------------------
+
+
+def test_batch_fills_patients_studies_series_and_instances(storage: Path, tmp_path: Path) -> None:
+    index = Index(str(tmp_path / "index.duckdb"))
+    records = records_of(storage)
+    assert index.add(records) == len(records)
+    assert index.count() == len(records)
+    assert rows(index, "SELECT patient_id, patient_name FROM patients WHERE patient_id = 'SYNB'") == [
+        ("SYNB", "Synthetic^Patient")]
+    assert rows(index, "SELECT patient_name FROM patients WHERE patient_id = 'X1EXAMPLE'") == [
+        ("Wang^XiaoDong=王^小東",)]
+    counts = dict(rows(index, "SELECT p.patient_id, c.number_of_patient_related_instances FROM patient_counts c "
+                              "JOIN patients p USING (patient_id)"))
+    assert counts["SYNA"] == 4 and counts["SYNB"] == 3 and counts["1CT1"] == 1
+    (study,) = rows(index, "SELECT number_of_study_related_series, number_of_study_related_instances, study_size "
+                           "FROM study_counts JOIN studies USING (study_instance_uid) WHERE patient_id = 'SYNA'")
+    assert study[:2] == (1, 4) and study[2] == sum((storage / "SYNA" / f"CT0000{n}.dcm").stat().st_size
+                                                    for n in range(1, 5))
+    assert rows(index, "SELECT count(*) FROM series") == [(len({r.header.series_instance_uid for r in records}),)]
+    index.close()
+
+
+def test_a_resend_replaces_its_row(storage: Path, tmp_path: Path) -> None:
+    index = Index(str(tmp_path / "index.duckdb"))
+    records = records_of(storage)
+    index.add(records)
+    first = records[0]
+    resent = msgspec.structs.replace(first, size=first.size + 2, calling_ae_title="AGAIN")
+    new_file = msgspec.structs.replace(first, path="elsewhere/new.dcm")
+    # One batch with a resend and a new path; and the same path twice in one batch.
+    assert index.add([resent, new_file, msgspec.structs.replace(resent, peer_address="last")]) == 2
+    assert index.count() == len(records) + 1
+    assert rows(index, "SELECT size, calling_ae_title, peer_address FROM instances WHERE path = ?", [first.path]) == [
+        (first.size + 2, "AGAIN", "last")]
+    index.close()
+
+
+def test_an_instance_moved_to_another_series_leaves_no_empty_series(storage: Path, tmp_path: Path) -> None:
+    index = Index(str(tmp_path / "index.duckdb"))
+    (only,) = [r for r in records_of(storage) if r.header.patient_id == "1CT1"]
+    index.add([only])
+    moved = msgspec.structs.replace(only, header=msgspec.structs.replace(
+        only.header, series_instance_uid="1.2.3.9", study_instance_uid="1.2.3", patient_id="NEW"))
+    index.add([moved])
+    assert index.needs_prune
+    index.prune()
+    assert rows(index, "SELECT series_instance_uid FROM series") == [("1.2.3.9",)]
+    assert rows(index, "SELECT study_instance_uid, patient_id FROM studies") == [("1.2.3", "NEW")]
+    assert rows(index, "SELECT patient_id FROM patients") == [("NEW",)]
+    index.close()
+
+
+def test_duplicate_conflicts_are_logged(tmp_path: Path) -> None:
+    index = Index(str(tmp_path / "index.duckdb"))
+    conflict = DuplicateConflict(sop_instance_uid="1.2.3.4", path="P/1.2.3.4.dcm", existing_hash="a" * 64,
+                                 new_hash="b" * 64, policy="keep-both", outcome="kept-both",
+                                 new_path="P/1.2.3.4.dup1.dcm", calling_ae_title="CT01", received_at=1_700_000_000.25)
+    assert index.add([], [conflict]) == 0
+    assert rows(index, "SELECT sop_instance_uid, policy, outcome, new_path, calling_ae_title, epoch_us(received_at) "
+                       "FROM duplicate_conflicts") == [
+        ("1.2.3.4", "keep-both", "kept-both", "P/1.2.3.4.dup1.dcm", "CT01", 1_700_000_000_250_000)]
+    index.close()
+
+
+def test_keep_newer_never_overwrites_a_newer_row(storage: Path, tmp_path: Path) -> None:
+    index = Index(str(tmp_path / "index.duckdb"))
+    record = records_of(storage)[0]
+    from_worker = msgspec.structs.replace(record, received_at=record.received_at + 5, calling_ae_title="WORKER")
+    index.add([from_worker])
+    index.add([record], keep_newer=True)  # made from the file: older than the worker's row
+    assert rows(index, "SELECT calling_ae_title FROM instances") == [("WORKER",)]
+    newer_file = msgspec.structs.replace(record, received_at=record.received_at + 10, calling_ae_title="FILE")
+    index.add([newer_file], keep_newer=True)
+    assert rows(index, "SELECT calling_ae_title FROM instances") == [("FILE",)]
+    index.close()
+
+
+def test_remove_drops_rows_and_empty_parents(storage: Path, tmp_path: Path) -> None:
+    index = Index(str(tmp_path / "index.duckdb"))
+    records = records_of(storage)
+    index.add(records)
+    gone = [r.path for r in records if r.header.patient_id == "SYNB"]
+    assert index.remove([*gone, "never/indexed.dcm"]) == 3
+    assert index.count() == len(records) - 3
+    assert rows(index, "SELECT count(*) FROM patients WHERE patient_id = 'SYNB'") == [(0,)]
+    assert rows(index, "SELECT count(*) FROM series WHERE modality = 'MR' AND series_instance_uid IN "
+                       "(SELECT series_instance_uid FROM instances)") == [(1,)]  # MR_small.dcm stays
+    index.close()
+
+
+@pytest.mark.parametrize("wal_mode", [True, False], ids=["wal", "checkpoint-per-batch"])
+def test_wal_mode(storage: Path, tmp_path: Path, wal_mode: bool) -> None:
+    path = tmp_path / "index.duckdb"
+    index = Index(str(path), wal_mode=wal_mode)
+    index.add(records_of(storage))
+    wal = Path(str(path) + ".wal")
+    wal_bytes = wal.stat().st_size if wal.exists() else 0
+    assert (wal_bytes > 0) == wal_mode
+    index.close()
+
+
+def test_study_instances_gives_full_headers(storage: Path, tmp_path: Path) -> None:
+    index = Index(str(tmp_path / "index.duckdb"))
+    records = records_of(storage)
+    index.add(records)
+    syna = sorted((r for r in records if r.header.patient_id == "SYNA"), key=lambda r: r.path)
+    found = index.study_instances(syna[0].header.study_instance_uid)
+    assert [(path, header) for path, header in found] == [(r.path, r.header) for r in syna]
+    index.close()
+
+
+# -- opening, versions, migration ---------------------------------------------------------------
+
+#: The v1 schema (fastscp 0.1): one flat table of file facts and every header field.
+_V1_FILE_COLUMNS = ("path VARCHAR PRIMARY KEY, size BIGINT, transfer_syntax_uid VARCHAR, calling_ae_title VARCHAR, "
+                    "called_ae_title VARCHAR, peer_address VARCHAR, received_at TIMESTAMP")
+
+
+def make_v1_index(path: str, records: list[InstanceRecord]) -> None:
+    """An index file as fastscp 0.1 wrote it (schema version 1), holding ``records``."""
+    sql_type = {str: "VARCHAR", int: "BIGINT", float: "DOUBLE"}
+    hints = {name: field.type for name, field in zip(HeaderFields.__struct_fields__,
+                                                       msgspec.structs.fields(HeaderFields), strict=True)}
+
+    def base(annotation: object) -> type:
+        args = [a for a in getattr(annotation, "__args__", (annotation,)) if a is not type(None)]
+        return args[0]  # type: ignore[no-any-return]
+
+    header_columns = ", ".join(f'"{name}" {sql_type[base(hints[name])]}' for name in HeaderFields.__struct_fields__)
+    con = duckdb.connect(path)
+    con.execute(f"CREATE TABLE instances ({_V1_FILE_COLUMNS}, {header_columns})")
+    con.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+    con.execute("INSERT INTO schema_version VALUES (1)")
+    header_marks = ", ".join(["?"] * len(HeaderFields.__struct_fields__))
+    for r in records:
+        values = [r.path, r.size, r.transfer_syntax_uid, r.calling_ae_title, r.called_ae_title, r.peer_address,
+                  int(r.received_at * 1e6), *msgspec.structs.astuple(r.header)]
+        con.execute(f"INSERT INTO instances VALUES (?, ?, ?, ?, ?, ?, make_timestamp(?), {header_marks})", values)
+    con.close()
+
+
+def test_migration_from_v1(storage: Path, tmp_path: Path) -> None:
+    path = str(tmp_path / "index.duckdb")
+    records = records_of(storage)
+    make_v1_index(path, records)
+    index = Index(path)
+    assert index.version == SCHEMA_VERSION
+    assert index.count() == len(records)
+    assert rows(index, "SELECT max(version) FROM schema_version") == [(SCHEMA_VERSION,)]
+    assert rows(index, "SELECT count(*) FROM information_schema.tables WHERE table_name = 'instances_v1'") == [(0,)]
+    by_path = {r.path: r for r in records}
+    for path_, size, hash_, patient in rows(index, "SELECT path, size, content_hash, patient_id FROM instances"):
+        assert (size, hash_, patient) == (by_path[path_].size, "", by_path[path_].header.patient_id)
+    assert rows(index, "SELECT count(*) FROM studies") == [(len({r.header.study_instance_uid for r in records}),)]
+    (syna,) = [r for r in records if r.path == "SYNA/CT00001.dcm"]
+    assert index.study_instances(syna.header.study_instance_uid)[0][1] == syna.header
+    index.close()
+
+
+def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
+    path = str(tmp_path / "index.duckdb")
+    Index(path).close()
+    con = duckdb.connect(path)
+    con.execute("INSERT INTO schema_version VALUES (99)")
+    con.close()
+    with pytest.raises(IndexUnavailable, match="version 99 is newer"):
+        Index(path)
+    with pytest.raises(IndexUnavailable, match="upgrade fastscp"):
+        Index(path, read_only=True)
+
+
+def test_read_only_open_of_a_file_another_process_writes(tmp_path: Path) -> None:
+    path = str(tmp_path / "index.duckdb")
+    Index(path).close()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, duckdb; c = duckdb.connect(sys.argv[1]); print('open', flush=True); "
+         "sys.stdin.read()", path], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "open\n"
+        with pytest.raises(IndexUnavailable, match="open in another process"):
+            Index(path, read_only=True)
+    finally:
+        holder.communicate("", timeout=30)
+
+
+# -- reconcile and reindex ------------------------------------------------------------------------
+
+
+def test_plan_finds_missing_changed_and_gone(storage: Path, tmp_path: Path) -> None:
+    index = Index(str(tmp_path / "index.duckdb"))
+    records = records_of(storage)
+    index.add(records)
+    indexed = index.file_states()
+    assert plan(str(storage), indexed) == (len(records), [], [], [])
+    (storage / "SYNA" / "CT00001.dcm").unlink()
+    changed = storage / "SYNA" / "CT00002.dcm"
+    changed.write_bytes(changed.read_bytes() + b"\0\0")
+    shutil.copyfile(storage / "SYNA" / "CT00003.dcm", storage / "SYNA" / "copy.dcm")
+    todo = plan(str(storage), indexed)
+    assert [s.path for s in todo.missing] == ["SYNA/copy.dcm"]
+    assert [s.path for s in todo.changed] == ["SYNA/CT00002.dcm"]
+    assert todo.gone == ["SYNA/CT00001.dcm"]
+    index.close()
+
+
+def test_reindex_builds_the_index_from_files_and_keeps_conflicts(storage: Path, tmp_path: Path) -> None:
+    path = str(tmp_path / "index.duckdb")
+    old = Index(path)
+    conflict = DuplicateConflict(sop_instance_uid="1.2", path="a.dcm", existing_hash="", new_hash="", policy="reject",
+                                 outcome="rejected", new_path="", calling_ae_title="X", received_at=1.0)
+    old.add([], [conflict])
+    old.close()
+    (storage / "broken.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\x02\x00\x10\x00UI")
+    progress = io.StringIO()
+    result = reindex(str(storage), path, progress=progress)
+    assert result.files == 4 + 3 + len(PYDICOM_FILES) + 1
+    assert result.indexed == result.files - 1
+    assert [name for name, _reason in result.failed] == ["broken.dcm"]
+    assert f"{result.files}/{result.files} files" in progress.getvalue()
+    index = Index(path, read_only=True)
+    assert index.count() == result.indexed
+    assert rows(index, "SELECT policy FROM duplicate_conflicts") == [("reject",)]
+    index.close()
+    assert not os.path.exists(path + ".reindex")
+
+
+def test_progress_line_shows_count_rate_and_eta() -> None:
+    out = io.StringIO()
+    bar = Progress(200, out)
+    bar.advance(50)
+    line = bar.line()
+    assert line.startswith("indexed 50/200 files") and "files/s" in line and "ETA 0:" in line and "25.0%" in line
+
+
+# -- the indexer in this process: batches, queries while batching, reconcile ----------------------
+
+
+class RunningIndexer:
+    """An :class:`Indexer` on its own thread (the process entry point needs signals)."""
+
+    def __init__(self, path: str, storage: Path | None = None, batch_size: int = 1000,
+                 batch_interval: float = 0.05) -> None:
+        self.path = path
+        self.indexer = Indexer(Index(path), indexer_address(path), batch_size, batch_interval,
+                               storage_root=str(storage) if storage else None, query_address=query_address(path))
+        self.thread = threading.Thread(target=self.indexer.run, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.indexer.stop()
+        self.thread.join(30)
+        assert not self.thread.is_alive()
+
+
+def wait_until(predicate, timeout: float = 20) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_indexer_batches_records_and_answers_queries(storage: Path, tmp_path: Path) -> None:
+    path = str(tmp_path / "index.duckdb")
+    running = RunningIndexer(path)
+    client = IndexerClient(indexer_address(path))
+    queries = QueryClient(path)
+    try:
+        records = records_of(storage)
+        for record in records:
+            client.send(record)
+        wait_until(lambda: queries.stats().instances == len(records))
+        stats = queries.stats()
+        assert stats.indexer is not None and stats.indexer.committed == len(records)
+        with queries.query(QueryRequest(level="PATIENT", keys=["PatientID"])) as result:
+            assert {row[0] for row in result} >= {"SYNA", "SYNB", "1CT1"}
+    finally:
+        client.close()
+        running.stop()
+
+
+def test_indexer_client_keeps_records_until_the_indexer_is_back(storage: Path, tmp_path: Path) -> None:
+    path = str(tmp_path / "index.duckdb")
+    client = IndexerClient(indexer_address(path))
+    records = records_of(storage)
+    client.send(records[0])  # nobody listens yet
+    assert client.pending == 1
+    running = RunningIndexer(path)
+    try:
+        # No further send: the client's retry thread delivers it.
+        wait_until(lambda: client.pending == 0)
+        wait_until(lambda: QueryClient(path).stats().instances == 1)
+    finally:
+        client.close()
+        running.stop()
+
+
+def test_indexer_reconciles_the_files_on_start(storage: Path, tmp_path: Path) -> None:
+    path = str(tmp_path / "index.duckdb")
+    index = Index(path)
+    records = records_of(storage)
+    index.add(records[:5])
+    index.add([msgspec.structs.replace(records[0], path="gone/file.dcm")])
+    index.close()
+    running = RunningIndexer(path, storage)
+    try:
+        queries = QueryClient(path)
+        wait_until(lambda: queries.stats().indexer.reconcile == "done")  # type: ignore[union-attr]
+        with queries.query(QueryRequest(level="IMAGE", keys=["Path"])) as result:
+            assert sorted(row[0] for row in result) == sorted(r.path for r in records)
+    finally:
+        running.stop()
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to connect as another user")
+def test_query_socket_refuses_other_users(tmp_path: Path) -> None:
+    path = str(tmp_path / "index.duckdb")
+    running = RunningIndexer(path)
+    try:
+        # A child that becomes "nobody" connects: abstract sockets have no file
+        # permissions, so the indexer checks the peer's credentials itself.
+        code = ("import os, sys; from fastscp.indexclient import QueryClient; os.setuid(65534)\n"
+                "try:\n    QueryClient(sys.argv[1]).stats()\nexcept ConnectionError:\n    sys.exit(3)")
+        denied = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True, timeout=60)
+        assert denied.returncode == 3, denied.stderr
+        assert QueryClient(path).stats().instances == 0  # our own user is served
+    finally:
+        running.stop()
+
+
+def test_queries_on_a_big_index_use_their_own_cursor(storage: Path, tmp_path: Path) -> None:
+    index = Index(str(tmp_path / "index.duckdb"))
+    index.add(records_of(storage))
+    cursor = index.cursor()
+    result = run_query(cursor, QueryRequest(level="SERIES", keys=["SeriesInstanceUID"]))
+    index.add([msgspec.structs.replace(records_of(storage)[0], path="more/x.dcm")])  # writes go on meanwhile
+    assert len(list(result)) >= 3
+    cursor.close()
+    index.close()
+
+
+def test_files_outside_the_root_are_indexed_by_absolute_path(storage: Path, tmp_path: Path) -> None:
+    sr_root = tmp_path / "sr"  # storage.sr_directory, outside the storage root
+    (sr_root / "P").mkdir(parents=True)
+    shutil.copyfile(storage / "SYNA" / "CT00001.dcm", sr_root / "P" / "report.dcm")
+    found = {state.path for state in plan(str(storage), {}, sr_root=str(sr_root)).missing}
+    assert str(sr_root / "P" / "report.dcm") in found and "SYNA/CT00001.dcm" in found
+    path = str(tmp_path / "index.duckdb")
+    result = reindex(str(storage), path, sr_root=str(sr_root), progress=io.StringIO())
+    assert result.failed == [] and result.indexed == 4 + 3 + len(PYDICOM_FILES) + 1
+    index = Index(path, read_only=True)
+    assert rows(index, "SELECT count(*) FROM instances WHERE path = ?", [str(sr_root / "P" / "report.dcm")]) == [(1,)]
+    index.close()
+
+
+def test_thumbnails_are_recorded_and_queried(storage: Path, tmp_path: Path) -> None:
+    from fastscp.records import ThumbnailMade
+
+    index = Index(str(tmp_path / "index.duckdb"))
+    records = records_of(storage)
+    # A thumbnail may be reported before its instance's batch is committed.
+    index.add([], thumbnails=[ThumbnailMade(path=records[0].path, thumbnail_path="thumbnails/a.jpg")])
+    index.add(records, thumbnails=[ThumbnailMade(path=records[0].path, thumbnail_path="thumbnails/b.jpg")])
+    result = run_query(index.cursor(), QueryRequest(level="IMAGE", keys=["Path", "ThumbnailPath"],
+                                                    conditions=[QueryCondition("Path", records[0].path)]))
+    assert list(result) == [[records[0].path, "thumbnails/b.jpg"]]
+    index.remove([records[0].path])
+    assert rows(index, "SELECT count(*) FROM thumbnails") == [(0,)]
+    index.close()
+
+
+def test_indexer_state_is_cheap_to_ask(tmp_path: Path) -> None:
+    path = str(tmp_path / "index.duckdb")
+    running = RunningIndexer(path)
+    try:
+        state = QueryClient(path).state()
+        assert state.pid == os.getpid() and state.pending == 0 and state.reconcile == "off"
+    finally:
+        running.stop()
