@@ -6,9 +6,11 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+import duckdb
 import pydicom
 import pytest
 
+from fastscp.storage import dataset_hash
 from fastscp.synthetic import write_series
 from tests.conftest import dcmtk, storescu_concurrently, wait_until
 from tests.test_server import assert_same_dataset, by_instance
@@ -77,6 +79,17 @@ def test_duplicate_policies(start_server, original_and_conflict, policy: str) ->
         assert_same_dataset(original, stored)
         assert_same_dataset(conflict, version)
     assert list((server.storage / ".incoming").iterdir()) == []
+    assert server.stop() == 0
+    # The conflict is in the index with both hashes; the instance row is the file's.
+    con = duckdb.connect(str(server.index), read_only=True)
+    ((existing, new, recorded_policy, outcome, path),) = con.execute(
+        "SELECT existing_hash, new_hash, policy, outcome, path FROM duplicate_conflicts").fetchall()
+    assert (existing, new) == (dataset_hash(str(original)), dataset_hash(str(conflict)))
+    assert recorded_policy == policy and outcome == {"reject": "rejected", "keep-first": "kept-first",
+                                                     "overwrite": "overwritten", "keep-both": "kept-both"}[policy]
+    assert server.storage / path == stored
+    rows = dict(con.execute("SELECT path, content_hash FROM instances").fetchall())
+    assert {server.storage / p: h for p, h in rows.items()} == {f: dataset_hash(str(f)) for f in server.stored_files()}
 
 
 def test_structured_reports_go_to_their_own_root(start_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import duckdb
 import numpy as np
 import pytest
 from PIL import Image
@@ -44,3 +45,10 @@ def test_thumbnails_and_scan_sheet_of_a_quiet_study(start_server, tmp_path: Path
     wait_until(lambda: os.stat(png).st_mtime_ns != first, timeout=30, what="the scan sheet to be remade")
     wait_until(lambda: "(6 instances)" in server.log_text(), what="the log line of the remade sheet")
     assert server.stop() == 0
+    # The thumbnails' paths are in the index, beside their instances.
+    rows = duckdb.connect(str(server.index), read_only=True).execute(
+        "SELECT i.path, t.thumbnail_path FROM instances i JOIN thumbnails t USING (path)").fetchall()
+    assert len(rows) == 6
+    for path, thumbnail in rows:
+        assert (server.storage / thumbnail).is_file()
+        assert Path(thumbnail).with_suffix("") == Path("thumbnails", path).with_suffix("")
