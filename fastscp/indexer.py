@@ -33,14 +33,12 @@ at the next start, rather than stalling every C-STORE behind it.
 from __future__ import annotations
 
 import gc
-import hashlib
 import logging
 import os
 import queue
 import selectors
 import signal
 import socket
-import struct
 import threading
 import time
 from collections.abc import Callable
@@ -51,6 +49,7 @@ import duckdb
 import msgspec
 
 from fastscp.index import Index
+from fastscp.ipc import accept_local, listen, local_address, receive, same_user
 from fastscp.query import (
     Failed,
     IndexerState,
@@ -81,39 +80,23 @@ WRITE_ATTEMPTS = 5
 RECONCILE_CHUNK = 1000
 
 
-def _digest(index_path: str) -> str:
-    return hashlib.sha1(os.path.abspath(index_path).encode()).hexdigest()[:16]
-
-
 def indexer_address(index_path: str) -> str:
     """The abstract socket name the indexer of an index file listens on for records.
 
     Derived from the file's absolute path, so any process that knows the
     index (a worker, ``fastscp query``) can find the server that owns it.
     """
-    return f"\0fastscp-indexer-{_digest(index_path)}"
+    return local_address("indexer", index_path)
 
 
 def query_address(index_path: str) -> str:
     """The abstract socket name on which the indexer of an index file answers queries."""
-    return f"\0fastscp-query-{_digest(index_path)}"
+    return local_address("query", index_path)
 
 
 def query_address_of(address: str) -> str:
     """The query socket of the indexer whose record socket is ``address`` (what a worker knows)."""
     return address.replace("\0fastscp-indexer-", "\0fastscp-query-", 1)
-
-
-_PEERCRED = struct.Struct("3i")
-
-
-def _same_user(conn: socket.socket) -> bool:
-    """Abstract sockets have no file permissions: accept only our own user (or root)."""
-    try:
-        _pid, uid, _gid = _PEERCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
-    except OSError:
-        return False
-    return uid in (0, os.getuid())
 
 
 class QueryServer:
@@ -145,7 +128,7 @@ class QueryServer:
                     return
                 time.sleep(0.1)
                 continue
-            if not _same_user(conn):
+            if not same_user(conn):
                 conn.close()
                 continue
             try:
@@ -222,10 +205,7 @@ class Indexer:
         self.batch_interval = batch_interval
         self.storage_root = storage_root
         self.sr_root = sr_root
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.listener.bind(address)
-        self.listener.listen(128)
-        self.listener.setblocking(False)
+        self.listener = listen(address)
         self.selector = selectors.DefaultSelector()
         self.selector.register(self.listener, selectors.EVENT_READ, "listen")
         # The writer wakes the loop when a batch is written.
@@ -333,15 +313,7 @@ class Indexer:
             pass
 
     def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            if not _same_user(conn):
-                conn.close()
-                continue
-            conn.setblocking(False)
+        while (conn := accept_local(self.listener)) is not None:
             self.selector.register(conn, selectors.EVENT_READ, "records")
 
     def _receive(self, conn: socket.socket) -> None:
@@ -349,13 +321,10 @@ class Indexer:
         pending = self.pending
         limit = self.batch_size * MAX_BATCH_FACTOR
         while self._waiting < limit:
-            try:
-                data = conn.recv(1 << 20)
-            except BlockingIOError:
+            data = receive(conn)
+            if data == b"":
                 return
-            except OSError:
-                data = b""
-            if not data:
+            if data is None:
                 self.selector.unregister(conn)
                 conn.close()
                 return

@@ -14,7 +14,6 @@ It runs at low CPU priority, one record at a time, and makes:
 from __future__ import annotations
 
 import collections
-import hashlib
 import logging
 import os
 import selectors
@@ -24,6 +23,7 @@ import socket
 from fastscp.config import ScansheetConfig, ThumbnailsConfig
 from fastscp.header import HeaderFields
 from fastscp.indexclient import IndexerClient
+from fastscp.ipc import accept_local, listen, local_address, receive
 from fastscp.layout import LayoutOptions, study_folder
 from fastscp.records import DECODER, ENCODER, InstanceRecord, ThumbnailMade
 from fastscp.scansheet import QuietStudies, find_study_instances, scansheet_dir, summarise_study, write_scansheet
@@ -37,8 +37,7 @@ QUEUE_LIMIT = 100_000
 
 def poststore_address(index_path: str) -> str:
     """The abstract socket the post-store process of an index listens on."""
-    digest = hashlib.sha1(os.path.abspath(index_path).encode()).hexdigest()[:16]
-    return f"\0fastscp-poststore-{digest}"
+    return local_address("poststore", index_path)
 
 
 class PostStoreClient:
@@ -74,10 +73,7 @@ class PostStore:
         self.thumbnails = thumbnails
         self.scansheet = scansheet
         self.indexer = indexer
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.listener.bind(address)
-        self.listener.listen(64)
-        self.listener.setblocking(False)
+        self.listener = listen(address, 64)
         self.selector = selectors.DefaultSelector()
         self.selector.register(self.listener, selectors.EVENT_READ)
         self.queue: collections.deque[InstanceRecord] = collections.deque()
@@ -106,22 +102,15 @@ class PostStore:
         log.info("post-store stopped; %d thumbnails made, %d records dropped", self.made, self.dropped)
 
     def _accept(self) -> None:
-        try:
-            conn, _ = self.listener.accept()
-        except BlockingIOError:
-            return
-        conn.setblocking(False)
-        self.selector.register(conn, selectors.EVENT_READ)
+        while (conn := accept_local(self.listener)) is not None:
+            self.selector.register(conn, selectors.EVENT_READ)
 
     def _receive(self, conn: socket.socket) -> None:
         while True:
-            try:
-                data = conn.recv(1 << 20)
-            except BlockingIOError:
+            data = receive(conn)
+            if data == b"":
                 return
-            except OSError:
-                data = b""
-            if not data:
+            if data is None:
                 self.selector.unregister(conn)
                 conn.close()
                 return
