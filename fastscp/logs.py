@@ -15,6 +15,7 @@ import logging
 import logging.handlers
 import socket
 import sys
+import threading
 import time
 
 import msgspec
@@ -63,12 +64,29 @@ def configure(level: str = "INFO", fmt: str = "plain", file: str = "", max_bytes
     logging.getLogger("pynetdicom").setLevel(logging.DEBUG if level == "DEBUG" else logging.WARNING)
 
 
+#: How long a child holds INFO records before sending them as one message.
+FORWARD_INTERVAL = 0.1
+#: At most this many records (or bytes) per message.
+FORWARD_BATCH = 256
+FORWARD_BYTES = 150_000
+
+
 class ForwardHandler(logging.Handler):
-    """In a child process: send each record to the supervisor."""
+    """In a child process: send records to the supervisor, batched.
+
+    PERF: one datagram (and one supervisor wake-up) per record cost ~28% of
+    the images/s of a single 512x512 CT association with the action log on
+    (348 -> 483 img/s without it, bench.load ct-k1); INFO records now wait up
+    to FORWARD_INTERVAL and travel together. WARNING and above go at once.
+    """
 
     def __init__(self, sock: socket.socket) -> None:
         super().__init__()
         self.sock = sock
+        self._batch: list[dict[str, object]] = []
+        self._size = 0
+        self._batch_lock = threading.Lock()
+        self._flusher: threading.Thread | None = None
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -76,18 +94,49 @@ class ForwardHandler(logging.Handler):
             fields["msg"] = record.getMessage()
             if record.exc_info:
                 fields["exc_text"] = logging.Formatter().formatException(record.exc_info)
-            self.sock.send(msgspec.msgpack.encode(fields)[:200_000])
+        except Exception:
+            self.handleError(record)
+            return
+        with self._batch_lock:
+            self._batch.append(fields)
+            self._size += len(fields["msg"]) + 200
+            full = len(self._batch) >= FORWARD_BATCH or self._size >= FORWARD_BYTES
+            if full or record.levelno >= logging.WARNING:
+                self._send_locked()
+            elif self._flusher is None:
+                self._flusher = threading.Thread(target=self._flush_loop, name="log-forwarder", daemon=True)
+                self._flusher.start()
+
+    def _flush_loop(self) -> None:
+        while True:
+            time.sleep(FORWARD_INTERVAL)
+            self.flush()
+
+    def flush(self) -> None:
+        with self._batch_lock:
+            self._send_locked()
+
+    def _send_locked(self) -> None:
+        if not self._batch:
+            return
+        batch, self._batch, self._size = self._batch, [], 0
+        try:
+            self.sock.send(msgspec.msgpack.encode(batch)[:200_000])
         except OSError:
             # The supervisor is gone or overwhelmed: don't block the worker.
             pass
-        except Exception:
-            self.handleError(record)
 
 
 def forward_to(sock: socket.socket) -> None:
     """Make every record of this (child) process go to the supervisor."""
     root = logging.getLogger()
     root.handlers[:] = [ForwardHandler(sock)]
+
+
+def flush() -> None:
+    """Send what a child still holds (before it exits)."""
+    for handler in logging.getLogger().handlers:
+        handler.flush()
 
 
 def receive(sock: socket.socket) -> None:
@@ -100,10 +149,11 @@ def receive(sock: socket.socket) -> None:
         except OSError:
             return
         try:
-            fields = msgspec.msgpack.decode(data)
+            batch = msgspec.msgpack.decode(data)
         except msgspec.DecodeError:
             continue
-        record = logging.makeLogRecord(fields)
-        for handler in logging.getLogger().handlers:
-            if record.levelno >= handler.level:
-                handler.handle(record)
+        for fields in batch if isinstance(batch, list) else ():
+            record = logging.makeLogRecord(fields)
+            for handler in logging.getLogger().handlers:
+                if record.levelno >= handler.level:
+                    handler.handle(record)

@@ -232,7 +232,10 @@ class Supervisor:
                 sock.close()
         signal.set_wakeup_fd(-1)
         logs.forward_to(self._log_w)
-        target(*args)
+        try:
+            target(*args)
+        finally:
+            logs.flush()
 
     def run(self) -> int:
         """Serve until stopped; returns the process exit code."""
