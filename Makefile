@@ -10,12 +10,23 @@ BIN     = $(VENV)/bin
 # fonts for scan sheets.
 APT_PACKAGES = dcmtk libjpeg62-turbo-dev zlib1g-dev chromium openssl fonts-dejavu-core
 
-.PHONY: setup system-packages serve test lint bench-micro clean
+# Benchmarks also compare against Orthanc (Debian's package, its own SQLite index).
+BENCH_APT_PACKAGES = orthanc
+
+# apt-install is a helper target: make apt-install PACKAGES=...
+.PHONY: setup system-packages bench-setup apt-install serve test lint bench-micro bench-quick bench-load clean
 
 setup: system-packages $(VENV)/.installed
 
 system-packages:
-	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	@$(MAKE) --no-print-directory apt-install PACKAGES="$(APT_PACKAGES)"
+
+bench-setup: setup
+	@$(MAKE) --no-print-directory apt-install PACKAGES="$(BENCH_APT_PACKAGES)"
+	$(BIN)/python -m pip install -q -e '.[test,bench]'
+
+apt-install:
+	@missing=""; for p in $(PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
@@ -38,9 +49,17 @@ test: setup
 lint: setup
 	$(BIN)/ruff check fastscp tests bench
 
-bench-micro: setup
+bench-micro: bench-setup
 	mkdir -p bench/results
 	$(BIN)/python -m pytest bench --benchmark-only --benchmark-json=bench/results/micro.json
+
+# End to end, fastscp against dcmtk storescp, Orthanc and pynetdicom's app:
+# quick (< 2 min, CI: fails on lost or corrupted files, never on speed) and full.
+bench-quick: bench-setup
+	$(BIN)/python -m bench.load --quick
+
+bench-load: bench-setup
+	$(BIN)/python -m bench.load
 
 clean:
 	rm -rf build *.egg-info fastscp/*.so cext/*.c $(VENV)

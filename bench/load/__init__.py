@@ -1,0 +1,1 @@
+"""End-to-end load runner: ``python -m bench.load`` (see bench/README.md)."""

@@ -1,0 +1,193 @@
+"""CPU time and peak memory of a process tree, from /proc (Linux only).
+
+A receiver is a process tree: fastscp's supervisor, workers and indexer;
+``storescp --fork`` and one child per association; Orthanc or pynetdicom
+alone. :class:`TreeMonitor` samples the tree every ``interval`` seconds:
+
+* CPU seconds: utime + stime + cutime + cstime of every process in the tree.
+  A child that exits is folded into its parent's cutime/cstime when the
+  parent reaps it; one that is reaped automatically (its parent ignores
+  SIGCHLD) is not, so its last sampled time is added instead.
+* Peak RSS: the largest VmHWM (the kernel's high-water mark of resident
+  memory) seen per process.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+_SIGCHLD_BIT = 1 << (17 - 1)
+
+
+def children(pid: int) -> list[int]:
+    """Direct children of ``pid`` (from every thread that may have forked)."""
+    found: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return found
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                found.extend(int(c) for c in f.read().split())
+        except OSError:
+            continue
+    return found
+
+
+def tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants (zombies included)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children(p))
+    return out
+
+
+def cpu_ticks(pid: int) -> tuple[int, int] | None:
+    """(own utime+stime, reaped children's cutime+cstime) in clock ticks."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    fields = stat[stat.rfind(")") + 2 :].split()
+    # fields[0] is state (field 3): utime is field 14, cstime field 17.
+    utime, stime, cutime, cstime = (int(x) for x in fields[11:15])
+    return utime + stime, cutime + cstime
+
+
+def _status(pid: int) -> dict[str, str]:
+    out = {}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                out[key] = value.strip()
+    except OSError:
+        pass
+    return out
+
+
+def vm_hwm_kib(pid: int) -> int:
+    value = _status(pid).get("VmHWM", "0 kB").split()[0]
+    return int(value)
+
+
+def ignores_sigchld(pid: int) -> bool:
+    mask = _status(pid).get("SigIgn")
+    return bool(mask) and bool(int(mask, 16) & _SIGCHLD_BIT)
+
+
+def open_paths(pid: int) -> list[str]:
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return []
+    out = []
+    for fd in fds:
+        try:
+            out.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except OSError:
+            continue
+    return out
+
+
+@dataclass
+class _Seen:
+    parent: int
+    ticks: int = 0  # own + reaped children, last sample
+    hwm_kib: int = 0
+    autoreaped: bool = False  # its parent ignores SIGCHLD
+
+
+@dataclass
+class TreeSnapshot:
+    cpu_seconds: float
+    pids: list[int]
+
+
+@dataclass
+class TreeMonitor:
+    """Sample a process tree in a thread; see the module docstring."""
+
+    root: int
+    interval: float = 0.1
+    seen: dict[int, _Seen] = field(default_factory=dict)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def sample(self) -> TreeSnapshot:
+        """One pass over the tree; returns its CPU seconds so far."""
+        with self._lock:
+            pids: list[int] = []
+            todo = [(self.root, 0)]
+            while todo:
+                pid, parent = todo.pop()
+                pids.append(pid)
+                kids = children(pid)
+                todo.extend((k, pid) for k in kids)
+                entry = self.seen.get(pid)
+                if entry is None:
+                    entry = self.seen[pid] = _Seen(parent, autoreaped=bool(parent) and ignores_sigchld(parent))
+                ticks = cpu_ticks(pid)
+                if ticks is not None:
+                    entry.ticks = sum(ticks)
+                entry.hwm_kib = max(entry.hwm_kib, vm_hwm_kib(pid))
+            alive = set(pids)
+            total = sum(self.seen[p].ticks for p in pids)
+            # Children gone without being folded into a parent's cutime.
+            total += sum(e.ticks for p, e in self.seen.items() if p not in alive and e.autoreaped)
+            return TreeSnapshot(total / CLOCK_TICKS, pids)
+
+    def start(self) -> TreeMonitor:
+        self._thread = threading.Thread(target=self._run, name="tree-monitor", daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.sample()
+            except Exception:  # a process vanishing mid-read; next pass
+                continue
+
+    def stop(self) -> TreeSnapshot:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        return self.sample()
+
+    def peak_rss_mib(self, pids: set[int] | None = None) -> float:
+        values = [e.hwm_kib for p, e in self.seen.items() if pids is None or p in pids]
+        return max(values, default=0) / 1024
+
+
+def system_busy_seconds() -> float:
+    """CPU seconds all CPUs spent not idle since boot (/proc/stat)."""
+    with open("/proc/stat") as f:
+        parts = f.readline().split()[1:]
+    values = [int(x) for x in parts]
+    idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
+    # guest time is already counted in user/nice
+    busy = sum(values[:8]) - idle
+    return busy / CLOCK_TICKS
+
+
+def foreign_load(window: float = 1.0) -> float:
+    """Cores busy over ``window`` seconds, minus this process tree's use."""
+    me = os.getpid()
+    before_all = system_busy_seconds()
+    before_me = sum(sum(cpu_ticks(p) or (0, 0)) for p in tree(me)) / CLOCK_TICKS
+    t0 = time.monotonic()
+    time.sleep(window)
+    elapsed = time.monotonic() - t0
+    after_all = system_busy_seconds()
+    after_me = sum(sum(cpu_ticks(p) or (0, 0)) for p in tree(me)) / CLOCK_TICKS
+    return max(0.0, (after_all - before_all) - (after_me - before_me)) / elapsed

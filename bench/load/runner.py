@@ -1,0 +1,352 @@
+"""Scenarios, rounds and one measured run: receiver up, load, check, receiver down."""
+
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import signal
+import statistics
+import subprocess
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from bench.load import procstats, receivers, sender
+from bench.load.corpora import Corpus, SourceFile, dataset_digest
+
+MAIN = ("fastscp", "fastscp-nofsync", "storescp", "storescp+B", "orthanc", "pynetdicom")
+#: Sender with Nagle on: dcmtk-based receivers stall on delayed ACKs.
+NAGLE = ("fastscp", "storescp+B", "storescp+B-stock", "orthanc", "orthanc-stock", "pynetdicom")
+#: Sender with Nagle off, receivers as installed vs tuned.
+STOCK = ("fastscp", "storescp+B", "storescp+B-stock", "orthanc", "orthanc-stock")
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    corpus: str  # ct | mr | large | mixed
+    k: int  # concurrent storescu associations
+    nagle: bool = False  # storescu without TCP_NODELAY=1 (Debian's default)
+    limit: int | None = None  # first N files of the corpus
+    receivers: tuple[str, ...] = MAIN
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Corpus sizes and scenarios of one mode."""
+
+    sizes: dict[str, int]
+    scenarios: tuple[Scenario, ...]
+    rounds: int
+
+
+def plan(quick: bool) -> Plan:
+    if quick:
+        nagle_files = 10
+        return Plan(
+            sizes={"ct": 40, "mr": 200, "large": 128 << 20, "mixed": 5},
+            scenarios=(
+                Scenario("ct-k1", "ct", 1),
+                Scenario("ct-k4", "ct", 4),
+                Scenario("mr-k4", "mr", 4),
+                Scenario("mixed-k1", "mixed", 1),
+                Scenario("large-k1", "large", 1, receivers=("fastscp", "storescp+B")),
+                Scenario("ct-k1-nagle", "ct", 1, nagle=True, limit=nagle_files,
+                         receivers=("fastscp", "storescp+B", "orthanc")),
+            ),
+            rounds=1,
+        )
+    nagle_files = 60
+    return Plan(
+        sizes={"ct": 400, "mr": 2000, "large": 1 << 30, "mixed": 30},
+        scenarios=(
+            Scenario("ct-k1", "ct", 1),
+            Scenario("ct-k4", "ct", 4),
+            Scenario("ct-k16", "ct", 16),
+            Scenario("mr-k1", "mr", 1),
+            Scenario("mr-k4", "mr", 4),
+            Scenario("mr-k16", "mr", 16),
+            Scenario("mixed-k1", "mixed", 1),
+            Scenario("mixed-k4", "mixed", 4),
+            Scenario("large-k1", "large", 1),
+            Scenario("ct-k1-nagle", "ct", 1, nagle=True, limit=nagle_files, receivers=NAGLE,
+                     note="storescu with Nagle on (no TCP_NODELAY, Debian's default)"),
+            Scenario("ct-k4-nagle", "ct", 4, nagle=True, limit=nagle_files, receivers=NAGLE,
+                     note="storescu with Nagle on (no TCP_NODELAY, Debian's default)"),
+            Scenario("ct-k4-stock", "ct", 4, limit=nagle_files, receivers=STOCK,
+                     note="storescu with TCP_NODELAY=1; -stock receivers without it"),
+        ),
+        rounds=3,
+    )
+
+
+@dataclass
+class Run:
+    round: int
+    scenario: str
+    receiver: str
+    k: int
+    nagle: bool
+    files: int
+    dataset_bytes: int
+    started_at: float = 0.0
+    wall_s: float = 0.0
+    images_per_s: float = 0.0
+    mb_per_s: float = 0.0
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+    mean_ms: float | None = None
+    successes: int = 0
+    cpu_s: float = 0.0
+    cpu_ms_per_image: float = 0.0
+    sender_cpu_s: float = 0.0
+    peak_rss_mib: float = 0.0
+    worker_peak_rss_mib: float | None = None
+    received: int = 0
+    exact: int = 0
+    other_files: int = 0
+    index_rows: int | None = None
+    exit_code: int | None = None
+    storescu_exit_codes: list[int] = field(default_factory=list)
+    foreign_cores: float = 0.0
+    errors: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """The q-th percentile (0..100), linear interpolation; None if empty."""
+    if not values:
+        return None
+    data = sorted(values)
+    pos = (len(data) - 1) * q / 100
+    lo = int(pos)
+    hi = min(lo + 1, len(data) - 1)
+    return data[lo] + (data[hi] - data[lo]) * (pos - lo)
+
+
+def wait_for_quiet(max_cores: float, max_wait: float, log) -> float:  # type: ignore[no-untyped-def]
+    """Wait until other processes use less than ``max_cores``; returns the last reading."""
+    deadline = time.monotonic() + max_wait
+    load = procstats.foreign_load(0.5)
+    warned = False
+    while load > max_cores and time.monotonic() < deadline:
+        if not warned:
+            log(f"  machine busy ({load:.2f} cores used by others); waiting up to {max_wait:.0f} s ...")
+            warned = True
+        time.sleep(2)
+        load = procstats.foreign_load(1.0)
+    return load
+
+
+def _fastscp_workers(running: receivers.Running) -> set[int]:
+    """The supervisor's children except the indexer (the one holding the index file)."""
+    index = str(running.index_path) if running.index_path else None
+    out = set()
+    for pid in procstats.children(running.pid):
+        paths = procstats.open_paths(pid)
+        if index and any(p.startswith(index) for p in paths):
+            continue
+        out.add(pid)
+    return out
+
+
+def verify(run: Run, running: receivers.Running, expected: list[SourceFile]) -> None:
+    """Count what arrived and how much of it is byte-exact; record errors."""
+    dicom, other = running.received_files()
+    run.received, run.other_files = len(dicom), len(other)
+    want = Counter(f.dataset_sha256 for f in expected)
+    got = Counter(dataset_digest(p)[1] for p in dicom)
+    run.exact = sum((want & got).values())
+    name = running.receiver.name
+    if run.received < len(expected):
+        run.errors.append(f"{name}: {len(expected) - run.received} of {len(expected)} files missing")
+    elif run.received > len(expected):
+        run.notes.append(f"{run.received - len(expected)} more files than sent")
+    if running.receiver.strict and run.exact != len(expected):
+        run.errors.append(f"{name}: {len(expected) - run.exact} of {len(expected)} files not byte-exact")
+    quarantined = running.quarantined()
+    if quarantined:
+        run.errors.append(f"{name}: {quarantined} files quarantined")
+
+
+def run_once(scenario: Scenario, receiver: receivers.Receiver, corpus: Corpus, round_: int, workdir: Path, *,
+             config: Path, profile: str, settle: float = 0.3, keep: bool = False,
+             py_spy: list[str] | None = None) -> Run:
+    """One receiver under one scenario's load. ``py_spy`` (a ``py-spy record``
+    command line without ``--pid``) attaches to the receiver for the load."""
+    files = list(corpus.files[: scenario.limit] if scenario.limit else corpus.files)
+    run = Run(round_, scenario.name, receiver.name, scenario.k, scenario.nagle, len(files),
+              sum(f.dataset_length for f in files), started_at=time.time())
+    if workdir.exists():
+        shutil.rmtree(workdir)
+    try:
+        running = receivers.start(receiver, workdir)
+    except receivers.ReceiverError as first:
+        # Once more in a clean folder: the free port may have been taken meanwhile.
+        shutil.rmtree(workdir, ignore_errors=True)
+        try:
+            running = receivers.start(receiver, workdir)
+        except receivers.ReceiverError as exc:
+            run.errors.append(f"{exc}\n(first attempt: {first})")
+            return run
+        run.notes.append(f"started at the second attempt; the first: {first}")
+    try:
+        spy = None
+        if py_spy:
+            spy = subprocess.Popen([*py_spy, "--pid", str(running.pid)], stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL)
+            time.sleep(1.0)  # attached and sampling before the load starts
+        monitor = procstats.TreeMonitor(running.pid).start()
+        cpu0 = monitor.sample().cpu_seconds
+        busy0 = procstats.system_busy_seconds()
+        self0 = resource.getrusage(resource.RUSAGE_SELF)
+        t0 = time.perf_counter()
+        dimse_timeout = 900 if scenario.corpus == "large" else 120
+        result = sender.send(running.port, receivers.AE_TITLE, files, scenario.k, workdir, nagle=scenario.nagle,
+                             config=config, profile=profile, dimse_timeout=dimse_timeout)
+        time.sleep(settle)  # let asynchronous work (index commits) finish inside the window
+        workers = _fastscp_workers(running) if receiver.kind == "fastscp" else set()
+        cpu1 = monitor.stop().cpu_seconds
+        window = time.perf_counter() - t0
+        busy1 = procstats.system_busy_seconds()
+        self1 = resource.getrusage(resource.RUSAGE_SELF)
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)  # py-spy writes its output and exits
+            try:
+                spy.wait(60)
+            except subprocess.TimeoutExpired:
+                spy.kill()
+            run.notes.append("profiled with py-spy (attached; it competes for the CPUs)")
+    finally:
+        run.exit_code = running.stop()
+    own = (self1.ru_utime - self0.ru_utime) + (self1.ru_stime - self0.ru_stime)
+    run.wall_s = result.wall_seconds
+    run.images_per_s = len(files) / result.wall_seconds
+    run.mb_per_s = run.dataset_bytes / 1e6 / result.wall_seconds
+    log = result.log
+    run.successes = log.successes
+    if log.latencies:
+        run.p50_ms = percentile(log.latencies, 50) * 1e3  # type: ignore[operator]
+        run.p99_ms = percentile(log.latencies, 99) * 1e3  # type: ignore[operator]
+        run.mean_ms = statistics.fmean(log.latencies) * 1e3
+    run.cpu_s = cpu1 - cpu0
+    run.cpu_ms_per_image = run.cpu_s / len(files) * 1e3
+    run.sender_cpu_s = result.sender_cpu_seconds
+    run.peak_rss_mib = monitor.peak_rss_mib()
+    if workers:
+        run.worker_peak_rss_mib = monitor.peak_rss_mib(workers)
+    run.foreign_cores = max(0.0, (busy1 - busy0) - run.cpu_s - result.sender_cpu_seconds - own) / window
+    run.storescu_exit_codes = result.exit_codes
+    if any(result.exit_codes):
+        tail = "; ".join(log.failures[:3] + log.errors[:3])
+        run.errors.append(f"storescu exit codes {result.exit_codes}: {tail}")
+    if log.successes != len(files):
+        run.errors.append(f"{log.successes} of {len(files)} C-STOREs answered Success")
+    verify(run, running, files)
+    if receiver.kind == "fastscp":
+        if run.exit_code != 0:
+            run.errors.append(f"fastscp exited with {run.exit_code}:\n{running.log_tail()}")
+        try:
+            run.index_rows = running.index_count()
+        except Exception as exc:  # a locked or missing index is a failure of the run
+            run.errors.append(f"cannot read the index: {exc}")
+        else:
+            if run.index_rows is not None and run.index_rows != len(files):
+                run.errors.append(f"index holds {run.index_rows} rows for {len(files)} files")
+    run.notes += running.notes
+    if run.errors:
+        run.notes.append(f"receiver log tail: {running.log_tail(1500)}")
+    if not keep and not run.errors:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return run
+
+
+def rotate(items: list, by: int) -> list:
+    if not items:
+        return items
+    by %= len(items)
+    return items[by:] + items[:by]
+
+
+def summarize(runs: list[Run]) -> dict[str, dict[str, dict]]:
+    """Medians over rounds: {scenario: {receiver: {metric: median}}}."""
+    grouped: dict[str, dict[str, list[Run]]] = {}
+    for r in runs:
+        grouped.setdefault(r.scenario, {}).setdefault(r.receiver, []).append(r)
+    metrics = ("images_per_s", "mb_per_s", "p50_ms", "p99_ms", "cpu_ms_per_image", "peak_rss_mib",
+               "worker_peak_rss_mib", "foreign_cores")
+    out: dict[str, dict[str, dict]] = {}
+    for scenario, by_receiver in grouped.items():
+        out[scenario] = {}
+        for receiver, rs in by_receiver.items():
+            good = [r for r in rs if not r.errors] or rs
+            entry: dict = {"rounds": len(rs), "failed_rounds": sum(1 for r in rs if r.errors)}
+            for m in metrics:
+                values = [getattr(r, m) for r in good if getattr(r, m) is not None]
+                entry[m] = statistics.median(values) if values else None
+            entry["peak_rss_mib"] = max((r.peak_rss_mib for r in rs), default=None)
+            worker = [r.worker_peak_rss_mib for r in rs if r.worker_peak_rss_mib is not None]
+            entry["worker_peak_rss_mib"] = max(worker) if worker else None
+            entry["files"] = rs[0].files
+            entry["received_min"] = min(r.received for r in rs)
+            entry["exact_min"] = min(r.exact for r in rs)
+            out[scenario][receiver] = entry
+    return out
+
+
+def ratios(runs: list[Run], subject: str = "fastscp", metric: str = "images_per_s") -> dict[str, dict[str, dict]]:
+    """{scenario: {peer: {"median": x, "per_round": [...]}}}: subject / peer of
+    the same round, then the median over rounds."""
+    table: dict[tuple[str, int], dict[str, Run]] = {}
+    for r in runs:
+        table.setdefault((r.scenario, r.round), {})[r.receiver] = r
+    per: dict[str, dict[str, list[float]]] = {}
+    for (scenario, _round), by_receiver in table.items():
+        mine = by_receiver.get(subject)
+        if mine is None or mine.errors:
+            continue
+        for peer, theirs in by_receiver.items():
+            if peer == subject or theirs.errors or not getattr(theirs, metric):
+                continue
+            per.setdefault(scenario, {}).setdefault(peer, []).append(getattr(mine, metric) / getattr(theirs, metric))
+    return {s: {p: {"median": statistics.median(v), "per_round": v} for p, v in peers.items()}
+            for s, peers in per.items()}
+
+
+def environment_notes(fastscp_commit: str | None = None) -> dict[str, str]:
+    """``fastscp_commit``: the commit fastscp ran from (--fastscp-ref), else the working tree's."""
+    """Versions and machine facts recorded with the results."""
+    import platform
+    import subprocess
+
+    def first_line(argv: list[str]) -> str:
+        try:
+            out = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return "not installed"
+        text = (out.stdout or out.stderr).strip().splitlines()
+        return text[0] if text else "?"
+
+    import pydicom
+    import pynetdicom
+
+    import fastscp
+
+    repo = str(Path(__file__).resolve().parents[2])
+    commit = fastscp_commit or first_line(["git", "-C", repo, "describe", "--always", "--dirty"])
+    return {
+        "fastscp": f"{fastscp.__version__} ({commit})",
+        "storescp": first_line(["storescp", "--version"]).strip("$ ").replace("$dcmtk: ", "dcmtk "),
+        "orthanc": first_line(["Orthanc", "--version"]),
+        "pynetdicom": pynetdicom.__version__,
+        "pydicom": pydicom.__version__,
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+        "cpus": str(os.cpu_count()),
+    }
