@@ -69,6 +69,8 @@ FORWARD_INTERVAL = 0.1
 #: At most this many records (or bytes) per message.
 FORWARD_BATCH = 256
 FORWARD_BYTES = 150_000
+#: A longer message or traceback is cut here, so one record always fits a datagram.
+MAX_FIELD_CHARS = 16_000
 
 
 class ForwardHandler(logging.Handler):
@@ -91,15 +93,15 @@ class ForwardHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         try:
             fields = {name: getattr(record, name) for name in _FORWARDED}
-            fields["msg"] = record.getMessage()
+            fields["msg"] = record.getMessage()[:MAX_FIELD_CHARS]
             if record.exc_info:
-                fields["exc_text"] = logging.Formatter().formatException(record.exc_info)
+                fields["exc_text"] = logging.Formatter().formatException(record.exc_info)[-MAX_FIELD_CHARS:]
         except Exception:
             self.handleError(record)
             return
         with self._batch_lock:
             self._batch.append(fields)
-            self._size += len(fields["msg"]) + 200
+            self._size += len(fields["msg"]) + len(fields.get("exc_text", "")) + 200
             full = len(self._batch) >= FORWARD_BATCH or self._size >= FORWARD_BYTES
             if full or record.levelno >= logging.WARNING:
                 self._send_locked()
@@ -121,7 +123,7 @@ class ForwardHandler(logging.Handler):
             return
         batch, self._batch, self._size = self._batch, [], 0
         try:
-            self.sock.send(msgspec.msgpack.encode(batch)[:200_000])
+            self.sock.send(msgspec.msgpack.encode(batch))
         except OSError:
             # The supervisor is gone or overwhelmed: don't block the worker.
             pass

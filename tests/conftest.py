@@ -90,6 +90,15 @@ class Server:
     def log_text(self) -> str:
         return self.log.read_text()
 
+    def wait_for_log(self, *texts: str, timeout: float = 15) -> str:
+        """The log once it holds every one of ``texts``.
+
+        Child processes forward INFO records in batches (fastscp.logs), so a
+        line can reach the log a moment after the action that logged it.
+        """
+        wait_until(lambda: all(text in self.log_text() for text in texts), timeout, what=f"log lines {texts}")
+        return self.log_text()
+
     def children(self) -> list[int]:
         """PIDs of the supervisor's child processes (workers and indexer)."""
         out = subprocess.run(["pgrep", "-P", str(self.process.pid)], capture_output=True, text=True)

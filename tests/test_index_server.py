@@ -104,7 +104,7 @@ def test_kill_9_of_the_indexer_while_storing_loses_no_record(start_server, small
     wait_until(lambda: len(indexer_pids(server)) == 2, what="the supervisor to restart the indexer")
     wait_until(lambda: index_equals_files(server), what="the index to equal the files")
     assert len(files_on_disk(server)) == len(small_series)
-    assert "reconcile:" in server.log_text()
+    server.wait_for_log("reconcile:")
 
 
 def test_kill_9_of_the_whole_server_loses_no_record(start_server, small_series, tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -120,7 +120,7 @@ def test_kill_9_of_the_whole_server_loses_no_record(start_server, small_series, 
     restarted = start_server(workers=2, config=config, storage=server.storage)
     wait_until(lambda: index_equals_files(restarted), what="the index to equal the files")
     assert len(files_on_disk(restarted)) == 25
-    assert "indexed 25 missing" in restarted.log_text()
+    restarted.wait_for_log("indexed 25 missing")
 
 
 def test_rows_of_removed_files_are_dropped_on_start(start_server, small_series) -> None:  # type: ignore[no-untyped-def]
@@ -134,7 +134,7 @@ def test_rows_of_removed_files_are_dropped_on_start(start_server, small_series) 
     restarted = start_server(workers=1, storage=server.storage)
     wait_until(lambda: index_equals_files(restarted), what="the index to equal the files")
     assert len(files_on_disk(restarted)) == 2
-    assert "dropped 1 rows whose file is gone" in restarted.log_text()
+    restarted.wait_for_log("dropped 1 rows whose file is gone")
 
 
 def test_query_and_stats_while_running_and_stopped(start_server, small_series, capsys) -> None:  # type: ignore[no-untyped-def]
@@ -214,7 +214,7 @@ def test_a_v1_index_is_migrated_when_the_server_starts(start_server, small_serie
     record = read_record(str(storage), FileState("KILL1/a.dcm", info.st_size, info.st_mtime_ns))
     make_v1_index(str(tmp_path / "index.duckdb"), [record])  # where conftest's Server puts it
     server = start_server(workers=1, storage=storage)
-    assert "migrated from schema version 1 to 2" in server.log_text()
+    server.wait_for_log("migrated from schema version 1 to 2")
     with QueryClient(str(server.index)).query(QueryRequest(level="STUDY", keys=["PatientID", "StudyInstanceUID"],
                                                            )) as result:
         assert list(result) == [["KILL1", record.header.study_instance_uid]]

@@ -67,8 +67,7 @@ def test_storescu_series_is_stored_byte_exact_and_indexed(server, ct_series) -> 
         meta = pydicom.dcmread(stored[uid], stop_before_pixels=True).file_meta
         assert meta.TransferSyntaxUID == ExplicitVRLittleEndian
         assert meta.SourceApplicationEntityTitle == "STORESCU"
-    log = server.log_text()
-    assert "STORESCU (127.0.0.1:" in log and f"{len(ct_series)} instances (0 failed, 0 duplicates)" in log
+    log = server.wait_for_log("STORESCU (127.0.0.1:", f"{len(ct_series)} instances (0 failed, 0 duplicates)")
     # Only the indexer process has the DuckDB file open; workers never do.
     holders = {pid for pid in server.children() if str(server.index) in open_files(pid)}
     (indexer_pid,) = re.findall(r"indexer started \(pid (\d+)\)", log)

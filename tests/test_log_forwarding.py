@@ -1,0 +1,77 @@
+"""Child processes forward log records to the supervisor over a SOCK_SEQPACKET pair."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import sys
+
+import pytest
+
+from fastscp import logs
+
+
+class Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.fixture
+def pair():  # type: ignore[no-untyped-def]
+    child, parent = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    yield child, parent
+    child.close()
+    parent.close()
+
+
+@pytest.fixture
+def collected():  # type: ignore[no-untyped-def]
+    root = logging.getLogger()
+    saved = root.handlers[:]
+    collect = Collect()
+    root.handlers[:] = [collect]
+    yield collect.records
+    root.handlers[:] = saved
+
+
+def record(message: str, level: int = logging.INFO, exc_info=None) -> logging.LogRecord:  # type: ignore[no-untyped-def]
+    return logging.LogRecord("fastscp.test", level, __file__, 1, "%s", (message,), exc_info)
+
+
+def test_info_records_wait_for_a_flush_and_travel_together(pair, collected) -> None:  # type: ignore[no-untyped-def]
+    child, parent = pair
+    handler = logs.ForwardHandler(child)
+    handler.emit(record("first"))
+    handler.emit(record("second"))
+    logs.receive(parent)
+    assert collected == []
+    handler.flush()
+    logs.receive(parent)
+    assert [r.getMessage() for r in collected] == ["first", "second"]
+
+
+def test_a_warning_goes_at_once_with_what_waited(pair, collected) -> None:  # type: ignore[no-untyped-def]
+    child, parent = pair
+    handler = logs.ForwardHandler(child)
+    handler.emit(record("before"))
+    handler.emit(record("disk full", logging.WARNING))
+    logs.receive(parent)
+    got = [(r.getMessage(), r.levelno) for r in collected]
+    assert got == [("before", logging.INFO), ("disk full", logging.WARNING)]
+
+
+def test_a_huge_message_and_traceback_arrive_cut_not_lost(pair, collected) -> None:  # type: ignore[no-untyped-def]
+    child, parent = pair
+    handler = logs.ForwardHandler(child)
+    try:
+        raise ValueError("x" * 500_000)
+    except ValueError:
+        handler.emit(record("y" * 500_000, logging.ERROR, sys.exc_info()))
+    logs.receive(parent)
+    (got,) = collected
+    assert got.getMessage() == "y" * logs.MAX_FIELD_CHARS
+    assert len(got.exc_text) == logs.MAX_FIELD_CHARS and got.exc_text.endswith("x" * 100)
