@@ -10,7 +10,13 @@ import duckdb
 import pydicom
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import DeflatedExplicitVRLittleEndian, EncapsulatedPDFStorage, generate_uid
+from pydicom.uid import (
+    CTImageStorage,
+    DeflatedExplicitVRLittleEndian,
+    EncapsulatedPDFStorage,
+    ExplicitVRLittleEndian,
+    generate_uid,
+)
 
 from fastscp.scu import send
 from tests import corpus
@@ -65,3 +71,36 @@ def test_deflate_pdf_sr_rt_and_waveform_are_stored_byte_exact(start_server, tmp_
         "SELECT patient_id, modality FROM instances WHERE transfer_syntax_uid = ?", [DeflatedExplicitVRLittleEndian]
     ).fetchall()
     assert rows == [("DOC1", "DOC")]
+
+
+@pytest.mark.parametrize("backend", ["cext", "py"])
+def test_a_header_longer_than_the_in_memory_prefix_is_read_back(start_server, tmp_path: Path, backend: str) -> None:  # type: ignore[no-untyped-def]
+    # A 300 KB private element sits before Patient ID: the header scan must
+    # read past the 64 KiB the worker keeps in memory, from the temp file.
+    env = {"FASTSCP_NO_EXTENSIONS": "1"} if backend == "py" else {}
+    server = start_server(env=env)
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.private_block(0x0009, "FASTSCP TEST", create=True).add_new(0x00, "OB", os.urandom(300_000))
+    ds.PatientID = "LONGHEADER"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.StudyDate, ds.Modality, ds.SeriesNumber = "20240102", "CT", 7
+    ds.Rows = ds.Columns = 16
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.PixelData = os.urandom(16 * 16 * 2)
+    source = tmp_path / "long-header.dcm"
+    ds.save_as(source, enforce_file_format=True)
+    assert send("127.0.0.1", server.port, [str(source)], aec=server.ae_title) == (1, 0)
+    (stored,) = server.stored_files()
+    assert_same_dataset(source, stored)
+    relative = stored.relative_to(server.storage).parts
+    assert relative[0] == "LONGHEADER" and relative[1].startswith("20240102_") and relative[2] == "7_CT"
+    assert server.stop() == 0
+    rows = duckdb.connect(str(server.index), read_only=True).execute(
+        "SELECT patient_id, modality FROM instances"
+    ).fetchall()
+    assert rows == [("LONGHEADER", "CT")]
