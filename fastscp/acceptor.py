@@ -38,7 +38,7 @@ from fastscp.negotiation import (
 from fastscp.records import AssociationReport, DuplicateConflict, InstanceRecord
 from fastscp.sopclasses import MODALITY_SOP_CLASSES
 from fastscp.status import LATENCY_BUCKETS, SIZE_BUCKETS, AssociationState, Histogram
-from fastscp.storage import NO_SPACE, Committed, IncomingFile, Storage
+from fastscp.storage import NO_SPACE, Committed, IncomingFile, Storage, TempFile
 
 log = logging.getLogger("fastscp.association")
 action_log = logging.getLogger("fastscp.action")
@@ -240,6 +240,8 @@ class Association:
         self._incoming: IncomingFile | None = None
         #: A committed store waiting for its C-STORE-RSP to go out.
         self._stored: _Stored | None = None
+        #: The temp file the next C-STORE data set goes into, made in advance.
+        self._spare: TempFile | None = None
         #: Set when the current data set is being drained, not stored.
         self._reject_status: tuple[int, str] | None = None
         self._peer_max_pdu = 0
@@ -279,6 +281,9 @@ class Association:
             if self._incoming is not None:
                 self._incoming.discard()
                 self._incoming = None
+            if self._spare is not None:
+                self._spare.discard()
+                self._spare = None
             self._close()
         if self.stream is not None and self.stream.bytes_read == 0 and not self.stats.accepted:
             # A port probe or load-balancer health check: not an association.
@@ -345,6 +350,7 @@ class Association:
     def _data_transfer(self) -> None:
         assert self.stream is not None
         read = self.stream.read
+        self._spare = self.settings.storage.spare()
         while True:
             pdu_type, body = read()
             if pdu_type == P_DATA_TF:
@@ -424,11 +430,13 @@ class Association:
             )
             return
         try:
+            spare, self._spare = self._spare, None
             self._incoming = self.settings.storage.begin(
                 sop_class,
                 str(request.get("AffectedSOPInstanceUID", "")),
                 transfer_syntax,
                 self.stats.calling_ae_title,
+                spare,
             )
         except OSError as exc:
             self._reject_status = (dimse.OUT_OF_RESOURCES, f"cannot create temp file: {exc.strerror}")
@@ -461,6 +469,8 @@ class Association:
             self._respond(dimse.C_STORE_RSP, status, comment)
         finally:
             self._hand_over()
+        if self._spare is None:
+            self._spare = self.settings.storage.spare()
 
     def _finish_store(self) -> tuple[int, str]:
         incoming, self._incoming = self._incoming, None
