@@ -12,9 +12,10 @@ APT_PACKAGES = dcmtk libjpeg62-turbo-dev zlib1g-dev chromium openssl fonts-dejav
 
 # Benchmarks also compare against Orthanc (Debian's package, its own SQLite index).
 BENCH_APT_PACKAGES = orthanc
+PIL_STOCK = bench/.pil-stock
 
 # apt-install is a helper target: make apt-install PACKAGES=...
-.PHONY: setup system-packages bench-setup apt-install serve test lint bench-micro bench-quick bench-load clean
+.PHONY: setup system-packages pillow-simd bench-setup apt-install serve test lint bench-micro bench-quick bench-load clean
 
 setup: system-packages $(VENV)/.installed
 
@@ -24,6 +25,11 @@ system-packages:
 bench-setup: setup
 	@$(MAKE) --no-print-directory apt-install PACKAGES="$(BENCH_APT_PACKAGES)"
 	$(BIN)/python -m pip install -q -e '.[test,bench]'
+	@# The stock Pillow pip resolved (its metadata stays in the venv) beside
+	@# the venv's PIL, so the JPEG micro-benchmark compares Pillow-SIMD and
+	@# Pillow in one run.
+	test -d $(PIL_STOCK)/PIL || $(BIN)/python -m pip install -q --no-deps --target $(PIL_STOCK) \
+	  "pillow==$$($(BIN)/python -c 'import importlib.metadata as m; print(m.version("pillow"))')"
 
 apt-install:
 	@missing=""; for p in $(PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -38,7 +44,20 @@ $(VENV)/.installed: pyproject.toml setup.py $(wildcard cext/*.pyx cext/*.pxd)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[test]'
+	@$(MAKE) --no-print-directory pillow-simd
 	touch $@
+
+# JPEG encoding: Pillow-SIMD where it builds. It installs the same PIL package
+# over stock Pillow's files (Pillow's metadata stays, so pip still counts it
+# for dependants); where the build fails, stock Pillow stays in place. The
+# server's start-up line says which one encodes ("JPEG: pillow-simd ...").
+# -mavx2 where the CPU has it (Pillow-SIMD's own advice), else its SSE4 build.
+pillow-simd:
+	@CC="cc $$(grep -q avx2 /proc/cpuinfo && echo -mavx2)" \
+	  $(BIN)/python -m pip install -q --no-deps --force-reinstall Pillow-SIMD \
+	  || echo "Pillow-SIMD does not build here: JPEG encoding stays with stock Pillow"
+	@$(BIN)/python -c "from fastscp import imaging; print('JPEG encoder:', imaging.PILLOW_FLAVOUR, imaging.PILLOW_VERSION)" \
+	  || $(BIN)/python -m pip install -q --force-reinstall --no-deps pillow
 
 serve: setup
 	$(BIN)/fastscp serve
@@ -62,4 +81,4 @@ bench-load: bench-setup
 	$(BIN)/python -m bench.load
 
 clean:
-	rm -rf build *.egg-info fastscp/*.so cext/*.c $(VENV)
+	rm -rf build *.egg-info fastscp/*.so cext/*.c $(VENV) $(PIL_STOCK)

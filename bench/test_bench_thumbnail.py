@@ -9,14 +9,19 @@ numpy + Pillow route we know.  Each fastscp result reports its speed-up over
 the first peer (printed, and ``extra_info["x_vs_numpy_pillow"]`` in
 ``--benchmark-json``); the goal is >= 5x.
 
-JPEG encoding (thumbnail and full-size export) is measured with whichever
-PIL is installed; ``extra_info["pillow"]`` names it (Pillow or Pillow-SIMD),
-so runs in two environments can be compared.
+JPEG encoding (thumbnail and full-size export) is measured with the venv's
+PIL (Pillow-SIMD where it built; ``extra_info["pillow"]`` names it) and, in
+the same run, with stock Pillow of the same version from bench/.pil-stock
+(``extra_info["x_vs_stock"]``).
 """
 
 from __future__ import annotations
 
+import json
+import os
 import statistics
+import subprocess
+import sys
 import timeit
 from collections.abc import Callable
 from pathlib import Path
@@ -158,13 +163,48 @@ def test_write_thumbnail_file(benchmark, ct_file, tmp_path) -> None:
     benchmark(thumbnail.write_thumbnail, ct_file, tmp_path / "tn.jpg")
 
 
+#: Stock Pillow installed beside the venv's PIL by ``make bench-setup``.
+PIL_STOCK = Path(__file__).resolve().parent / ".pil-stock"
+_TIME_ENCODE = """
+import json, statistics, sys, timeit
+import numpy as np
+from fastscp import imaging
+image = np.load(sys.argv[1])
+seconds = statistics.median(timeit.repeat(lambda: imaging.encode_jpeg(image), number=int(sys.argv[2]), repeat=7))
+print(json.dumps({"pillow": f"{imaging.PILLOW_FLAVOUR} {imaging.PILLOW_VERSION}", "s": seconds / int(sys.argv[2])}))
+"""
+
+
+def _encode_seconds(image_file: Path, number: int, pythonpath: str = "") -> dict[str, object]:
+    """imaging.encode_jpeg timed in a fresh interpreter, with ``pythonpath`` first on its path."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (pythonpath, os.environ.get("PYTHONPATH")) if p)}
+    out = subprocess.run([sys.executable, "-c", _TIME_ENCODE, str(image_file), str(number)], env=env,
+                         capture_output=True, text=True, check=True).stdout
+    return json.loads(out)
+
+
 @pytest.mark.parametrize("what", ["thumbnail-128", "full-512"])
-def test_encode_jpeg(benchmark, ct, what: str) -> None:
-    """JPEG encoding with the installed PIL: compare Pillow and Pillow-SIMD runs by extra_info["pillow"]."""
+def test_encode_jpeg(benchmark, ct, tmp_path, what: str) -> None:
+    """JPEG encoding with the venv's PIL (Pillow-SIMD where it built) against
+    stock Pillow, the two timed alike in fresh interpreters, interleaved."""
     image = thumbnail.thumbnail(ct, INFO, SIZE if what == "thumbnail-128" else None)
     benchmark.group = f"JPEG encode {what}"
     benchmark.extra_info["pillow"] = f"{imaging.PILLOW_FLAVOUR} {imaging.PILLOW_VERSION}"
     assert benchmark(imaging.encode_jpeg, image)[:2] == b"\xff\xd8"
+    if not (PIL_STOCK / "PIL").is_dir():
+        benchmark.extra_info["vs_stock"] = "no stock Pillow in bench/.pil-stock (make bench-setup)"
+        return
+    image_file = tmp_path / "image.npy"
+    np.save(image_file, image)
+    number = 200 if what == "thumbnail-128" else 20
+    runs = [(_encode_seconds(image_file, number), _encode_seconds(image_file, number, str(PIL_STOCK)))
+            for _ in range(3)]
+    ours = statistics.median(float(a["s"]) for a, _ in runs)
+    stock = statistics.median(float(b["s"]) for _, b in runs)
+    benchmark.extra_info.update(stock_pillow=runs[0][1]["pillow"], us=round(ours * 1e6, 1),
+                                stock_us=round(stock * 1e6, 1), x_vs_stock=round(stock / ours, 2))
+    print(f"\n{what}: {runs[0][0]['pillow']} {ours * 1e6:.1f} us, {runs[0][1]['pillow']} {stock * 1e6:.1f} us "
+          f"({stock / ours:.2f}x)")
 
 
 def test_full_size_export(benchmark, ct) -> None:

@@ -23,7 +23,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from fastscp import header, logs
+from fastscp import header, imaging, logs
 from fastscp.acceptor import ServiceSettings
 from fastscp.access import AccessConfigError, build_access_policy
 from fastscp.config import Config, layout_options, to_builtins
@@ -273,9 +273,10 @@ class Supervisor:
         self._port = port
         log.info(
             "fastscp listening on %s:%d as %s with %d workers, max %d associations; "
-            "storage %s, index %s; header scan backend: %s; TLS %s; status page %s",
+            "storage %s, index %s; header scan backend: %s; JPEG: %s %s; TLS %s; status page %s",
             host, port, self.config.server.ae_title, len(self.workers),
             self.config.server.max_associations, self.storage.root, self.config.index_path, header.BACKEND,
+            imaging.PILLOW_FLAVOUR, imaging.PILLOW_VERSION,
             "on" if self.settings.tls else "off", self.monitor_url or "off",
         )
         try:

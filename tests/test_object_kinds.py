@@ -18,6 +18,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
+from fastscp import imaging
 from fastscp.scu import send
 from tests import corpus
 from tests.test_server import assert_same_dataset
@@ -66,6 +67,8 @@ def test_deflate_pdf_sr_rt_and_waveform_are_stored_byte_exact(start_server, tmp_
     deflated = pydicom.dcmread(server.storage / f"{pydicom.dcmread(files[0]).SOPInstanceUID}.dcm")
     assert deflated.DocumentTitle == "Report" and deflated.PatientID == "DOC1"
     assert f"header scan backend: {backend}" in server.log_text()
+    # Which PIL encodes thumbnails (Pillow-SIMD where it built, else Pillow) is in the start-up line.
+    assert f"JPEG: {imaging.PILLOW_FLAVOUR} {imaging.PILLOW_VERSION};" in server.log_text()
     assert server.stop() == 0
     rows = duckdb.connect(str(server.index), read_only=True).execute(
         "SELECT patient_id, modality FROM instances WHERE transfer_syntax_uid = ?", [DeflatedExplicitVRLittleEndian]

@@ -11,6 +11,7 @@ import argparse
 import datetime
 import shlex
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -68,8 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _exit_on_sigterm(signum: int, _frame: object) -> None:
+    # Unwind (SystemExit) so every started receiver is stopped on the way out.
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     plan = runner.plan(args.quick)
     rounds = args.rounds or plan.rounds
     fastscp_src = fastscp_commit = None
