@@ -59,6 +59,10 @@ def _pillow_flavour() -> str:
     return "pillow-simd" if simd == PIL.__version__ else "pillow"
 
 
+# PIL imports its JPEG and PNG plugins on the first save; do it now, so the
+# processes forked from the supervisor (post-store, workers) have them.
+Image.preinit()
+
 #: "pillow-simd" or "pillow": which PIL encodes JPEG (and resizes, where used).
 PILLOW_FLAVOUR: Final[str] = _pillow_flavour()
 #: The installed PIL's version, e.g. "12.1.1.post0" for Pillow-SIMD.

@@ -77,11 +77,21 @@ def kill_9(server) -> None:  # type: ignore[no-untyped-def]
     server.kill_group()
 
     def gone(pid: int) -> bool:
+        # Every thread, not only the leader: a process's files (and DuckDB's
+        # lock) are released when its last thread exits, and the leader shows
+        # "Z" while others may still be running.
         try:
-            with open(f"/proc/{pid}/status") as status:
-                return any(line.startswith("State:") and "Z" in line for line in status)
+            tasks = os.listdir(f"/proc/{pid}/task")
         except FileNotFoundError:
             return True
+        for tid in tasks:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/stat") as stat:
+                    if stat.read().rpartition(")")[2].split()[0] != "Z":
+                        return False
+            except (FileNotFoundError, ProcessLookupError):
+                pass
+        return True
 
     wait_until(lambda: all(gone(pid) for pid in children), what="the killed processes to exit")
 
