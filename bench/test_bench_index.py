@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import socket
 import statistics
-import threading
 import time
 from collections.abc import Iterator
 
@@ -26,10 +24,10 @@ from pydicom.dataset import Dataset
 from fastscp.find import STUDY_ROOT_FIND, find
 from fastscp.header import HeaderFields
 from fastscp.index import Index
-from fastscp.indexclient import QueryClient
-from fastscp.indexer import Indexer, indexer_address, query_address
+from fastscp.indexclient import IndexerClient, QueryClient
+from fastscp.indexer import indexer_address, indexer_main
 from fastscp.query import Condition, LocalQueryClient, QueryRequest, StatsRequest, run_query, run_stats
-from fastscp.records import ENCODER, InstanceRecord
+from fastscp.records import InstanceRecord
 
 #: Rows of the big index (FASTSCP_BENCH_INDEX_ROWS for a quick try).
 INSTANCES = int(os.environ.get("FASTSCP_BENCH_INDEX_ROWS", 1_000_000))
@@ -169,27 +167,34 @@ def test_insert_batch_into_1m(benchmark, big_index: str, batch: int) -> None:  #
 
 
 def _send(address: str, start: int, count: int, go) -> None:  # type: ignore[no-untyped-def]
-    # Encode first, then wait for the start: the clock measures the indexer.
-    messages = [ENCODER.encode(r) for r in records(start, count)]
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    sock.connect(address)
+    # Records are made first, then sent as a worker sends them (IndexerClient:
+    # batched, encoded on the way), after the start.
+    batch = records(start, count)
+    client = IndexerClient(address)
     go.wait()
-    for message in messages:
-        sock.send(message)
-    sock.close()
+    for record in batch:
+        client.send(record)
+    while client.flush():
+        time.sleep(0.01)
+    client.close()
 
 
 def test_indexer_sustained_rate(benchmark, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """Two sender processes (workers) flood the indexer (batch_size 1000, interval 0.2 s) with 200k records."""
+    """Two sender processes (workers) flood the indexer process (batch_size 1000, interval 0.2 s) with 200k records.
+
+    The indexer runs as the server runs it: its own process, started by
+    ``indexer_main`` (GC and interpreter tuning included).
+    """
     total, senders = 200_000, 2
     rates = []
     fork = multiprocessing.get_context("fork")
 
     def run_once() -> None:
         path = str(tmp_path / f"sustained-{len(rates)}.duckdb")
-        indexer = Indexer(Index(path), indexer_address(path), 1000, 0.2, query_address=query_address(path))
-        thread = threading.Thread(target=indexer.run, daemon=True)
-        thread.start()
+        ready, child_end = fork.Pipe()
+        indexer = fork.Process(target=indexer_main, args=(path, True, indexer_address(path), 1000, 0.2, child_end))
+        indexer.start()
+        assert ready.poll(60) and ready.recv() == "ready"
         go = fork.Barrier(senders + 1)
         processes = [fork.Process(target=_send, args=(indexer_address(path), n * total // senders,
                                                       total // senders, go)) for n in range(senders)]
@@ -203,8 +208,9 @@ def test_indexer_sustained_rate(benchmark, tmp_path) -> None:  # type: ignore[no
         rates.append(total / (time.perf_counter() - started))
         for process in processes:
             process.join()
-        indexer.stop()
-        thread.join(60)
+        indexer.terminate()  # SIGTERM: the indexer's own orderly stop
+        indexer.join(60)
+        assert indexer.exitcode == 0
 
     benchmark.pedantic(run_once, rounds=3)
     benchmark.extra_info["rows_per_s"] = round(statistics.median(rates))

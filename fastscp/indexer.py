@@ -39,6 +39,7 @@ import queue
 import selectors
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -61,7 +62,7 @@ from fastscp.query import (
     send_message,
     stream_query,
 )
-from fastscp.records import DECODER, DuplicateConflict, InstanceRecord, ThumbnailMade
+from fastscp.records import DECODER, DuplicateConflict, InstanceRecord, RecordBatch, ThumbnailMade
 from fastscp.reindex import plan, read_records
 
 log = logging.getLogger("fastscp.indexer")
@@ -336,12 +337,13 @@ class Indexer:
             if not self._waiting:
                 self.oldest = now
             self.last_record = now
-            if type(message) is InstanceRecord:
-                pending.append(message)
-            elif isinstance(message, DuplicateConflict):
-                self.pending_conflicts.append(message)
-            elif isinstance(message, ThumbnailMade):
-                self.pending_thumbnails.append(message)
+            for record in message.records if type(message) is RecordBatch else (message,):
+                if type(record) is InstanceRecord:
+                    pending.append(record)
+                elif isinstance(record, DuplicateConflict):
+                    self.pending_conflicts.append(record)
+                elif isinstance(record, ThumbnailMade):
+                    self.pending_thumbnails.append(record)
 
     def _hand_over(self) -> None:
         """Give what is pending to the writer as one batch."""
@@ -450,7 +452,7 @@ class Indexer:
 
 
 def tune_gc() -> None:
-    """Fewer cyclic GC passes in the indexer process.
+    """Fewer cyclic GC passes, and quicker GIL hand-overs, in the indexer process.
 
     PERF: every record is two tracked objects that refcounting frees (they
     make no cycles); with the default threshold (700) a busy indexer spends
@@ -459,6 +461,10 @@ def tune_gc() -> None:
     """
     gc.freeze()  # what the process holds from its start: never garbage
     gc.set_threshold(50_000, 20, 100)
+    # The receiving loop gives up the GIL at every recv and waits to get it
+    # back from the writer thread (up to the 5 ms default): 52k -> 58k rows/s
+    # (same benchmark).
+    sys.setswitchinterval(0.0005)
 
 
 def indexer_main(db_path: str, wal_mode: bool, address: str, batch_size: int, batch_interval: float,

@@ -46,6 +46,16 @@ class ThumbnailMade(msgspec.Struct, frozen=True, kw_only=True, tag="thumbnail"):
     thumbnail_path: str  # relative to the storage root
 
 
+#: What workers and the post-store stage tell the indexer.
+IndexRecord = InstanceRecord | DuplicateConflict | ThumbnailMade
+
+
+class RecordBatch(msgspec.Struct, frozen=True, tag="batch"):
+    """Several index records in one message (one datagram, one wake-up of the indexer)."""
+
+    records: list[IndexRecord]
+
+
 class AssociationReport(msgspec.Struct, frozen=True, kw_only=True, tag="report"):
     """A worker's cumulative figures for one association (``ended`` when it has).
 
@@ -92,6 +102,7 @@ Message = (
     InstanceRecord
     | DuplicateConflict
     | ThumbnailMade
+    | RecordBatch
     | AssociationReport
     | AdmissionRequest
     | AdmissionReply
