@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import socket
 import threading
-import time
 from collections.abc import Iterator
 from typing import Any, Protocol
 
@@ -70,7 +69,8 @@ class IndexerClient:
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._sender: threading.Thread | None = None
-        self._down_since = 0.0
+        #: The indexer could not be reached at the last try.
+        self._down = False
         self._closed = False
 
     def _connect(self) -> socket.socket:
@@ -129,12 +129,12 @@ class IndexerClient:
             if self._sock is not None:
                 self._sock.close()
                 self._sock = None
-            if not self._down_since:
-                self._down_since = time.monotonic()
+            if not self._down:
+                self._down = True
                 log.warning("indexer unreachable (%s); %d records kept for retry", exc, self._waiting_locked())
             return
-        if self._down_since:
-            self._down_since = 0.0
+        if self._down:
+            self._down = False
             log.info("indexer reachable again; kept records delivered")
 
     def _send_loop(self) -> None:
@@ -143,7 +143,7 @@ class IndexerClient:
                 if not self._batch and not self._pending:
                     self._wake.wait()  # idle: until a record arrives
                     continue
-                self._wake.wait(RETRY_INTERVAL if self._down_since else SEND_INTERVAL)
+                self._wake.wait(RETRY_INTERVAL if self._down else SEND_INTERVAL)
                 self._seal_locked()
                 self._deliver_locked()
 

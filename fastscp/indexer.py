@@ -62,7 +62,7 @@ from fastscp.query import (
     send_message,
     stream_query,
 )
-from fastscp.records import DECODER, DuplicateConflict, InstanceRecord, RecordBatch, ThumbnailMade
+from fastscp.records import BATCH_DECODER, DuplicateConflict, InstanceRecord, ThumbnailMade
 from fastscp.reindex import plan, read_records
 
 log = logging.getLogger("fastscp.indexer")
@@ -330,14 +330,14 @@ class Indexer:
                 conn.close()
                 return
             try:
-                message = DECODER.decode(data)
+                batch = BATCH_DECODER.decode(data)
             except Exception as exc:  # a bad message must not stop indexing
                 log.error("undecodable message from a worker dropped: %s", exc)
                 continue
             if not self._waiting:
                 self.oldest = now
             self.last_record = now
-            for record in message.records if type(message) is RecordBatch else (message,):
+            for record in batch.records:
                 if type(record) is InstanceRecord:
                     pending.append(record)
                 elif isinstance(record, DuplicateConflict):

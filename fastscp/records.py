@@ -111,3 +111,5 @@ Message = (
 )
 ENCODER = msgspec.msgpack.Encoder()
 DECODER = msgspec.msgpack.Decoder(Message)
+#: The indexer's decoder: workers and the post-store stage send only batches.
+BATCH_DECODER = msgspec.msgpack.Decoder(RecordBatch)
