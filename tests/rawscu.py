@@ -73,6 +73,19 @@ class RawSCU:
     def accepted(self) -> bool:
         return self.response_type == 0x02
 
+    @property
+    def rejection(self) -> tuple[int, int, int] | None:
+        """(result, source, reason) of an A-ASSOCIATE-RJ, else None.
+
+        Read from the PDU itself: pynetdicom's requestor may report a
+        rejection as an abort when the transport closes before its main
+        thread looks (its DUL closes the socket on receiving the RJ).
+        """
+        if self.response_type != 0x03:
+            return None
+        self.sock.close()
+        return self.response[1], self.response[2], self.response[3]
+
     def begin_store(self, sop_instance: str, message_id: int = 1) -> None:
         self.sock.sendall(p_data(1, _command(self.sop_class, sop_instance, message_id), command=True, last=True))
 

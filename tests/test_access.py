@@ -37,10 +37,10 @@ def associate(server, aet: str, aec: str | None = None):  # type: ignore[no-unty
     return ae.associate("127.0.0.1", server.port, ae_title=aec or server.ae_title)
 
 
-def rejection(assoc) -> tuple[int, int, int]:  # type: ignore[no-untyped-def]
-    assert assoc.is_rejected
-    rj = assoc.acceptor.primitive
-    return rj.result, rj.result_source, rj.diagnostic
+def rejection(server, aet: str, aec: str | None = None) -> tuple[int, int, int] | None:  # type: ignore[no-untyped-def]
+    """(result, source, reason) of the A-ASSOCIATE-RJ the server answers, else None."""
+    return RawSCU(server.port, CTImageStorage, ExplicitVRLittleEndian, aet=aet,
+                  aec=aec or server.ae_title).rejection
 
 
 @pytest.fixture
@@ -64,12 +64,12 @@ access:
         assert assoc.is_established, allowed
         assoc.release()
     # Unknown AE, and a known AE from the wrong address: "calling AE title not recognized".
-    assert rejection(associate(server, "STRANGER")) == (1, 1, 3)
-    assert rejection(associate(server, "ELSEWHERE")) == (1, 1, 3)
-    # The worker logs after it has answered: wait for the lines.
-    wait_until(lambda: "'ELSEWHERE' is not allowed from 127.0.0.1" in server.log_text(), what="the rejection log")
-    log = server.log_text()
-    assert "STRANGER (127.0.0.1:" in log and "is not in access.allowed_calling_aets" in log
+    assert rejection(server, "STRANGER") == (1, 1, 3)
+    assert rejection(server, "ELSEWHERE") == (1, 1, 3)
+    # The workers log after they have answered (each forwards its own lines): wait for both.
+    wait_until(lambda: "'ELSEWHERE' is not allowed from 127.0.0.1" in server.log_text(), what="the ELSEWHERE log")
+    wait_until(lambda: "STRANGER (127.0.0.1:" in server.log_text(), what="the STRANGER log")
+    assert "is not in access.allowed_calling_aets" in server.log_text()
 
 
 def test_unresolvable_host_stops_start_up_naming_the_key(tmp_path: Path) -> None:
@@ -81,7 +81,7 @@ def test_unresolvable_host_stops_start_up_naming_the_key(tmp_path: Path) -> None
 
 def test_called_ae_title_check(start_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     server = start_server(config=config(tmp_path, "access:\n  check_called_aet: true\n"))
-    assert rejection(associate(server, "SCU", aec="SOMEONE_ELSE")) == (1, 1, 7)
+    assert rejection(server, "SCU", aec="SOMEONE_ELSE") == (1, 1, 7)
     assoc = associate(server, "SCU")
     assert assoc.is_established
     assoc.release()
@@ -91,7 +91,7 @@ def test_per_calling_ae_limit_across_workers(start_server, tmp_path: Path) -> No
     server = start_server(config=config(tmp_path, "access:\n  max_associations_per_aet: 2\n"), workers=2)
     first, second = associate(server, "MODALITY"), associate(server, "MODALITY")
     assert first.is_established and second.is_established
-    assert rejection(associate(server, "MODALITY")) == (2, 3, 2)
+    assert rejection(server, "MODALITY") == (2, 3, 2)
     other = associate(server, "OTHER")
     assert other.is_established, "the limit is per calling AE"
     other.release()
