@@ -171,7 +171,7 @@ def _send(address: str, start: int, count: int, go) -> None:  # type: ignore[no-
     # The messages a worker's IndexerClient sends (RecordBatch of
     # BATCH_RECORDS), made before the start: the clock measures the indexer.
     made = records(start, count)
-    messages = [ENCODER.encode(RecordBatch(made[i : i + BATCH_RECORDS])) for i in range(0, count, BATCH_RECORDS)]
+    messages = [ENCODER.encode(RecordBatch.of(made[i : i + BATCH_RECORDS])) for i in range(0, count, BATCH_RECORDS)]
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     sock.connect(address)
     go.wait()

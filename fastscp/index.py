@@ -16,18 +16,15 @@ row by row (~1k rows/s row by row against 100k+ rows/s from Arrow here).
 
 from __future__ import annotations
 
-import gc
 import logging
 import threading
-import types
 import typing
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import duckdb
-import msgspec
 import pyarrow as pa
-import pyarrow.compute as pc
 
+from fastscp.batchtable import InstanceBatch, distinct_rows, last_per_path, timestamps, value_type
 from fastscp.header import HeaderFields
 from fastscp.records import DuplicateConflict, InstanceRecord, ThumbnailMade
 
@@ -38,18 +35,10 @@ SCHEMA_VERSION = 2
 # -- columns -----------------------------------------------------------------------
 
 _SQL_OF = {str: "VARCHAR", int: "BIGINT", float: "DOUBLE"}
-_ARROW_OF = {str: pa.string(), int: pa.int64(), float: pa.float64()}
-
-
-def _python_type(annotation: object) -> type:
-    if isinstance(annotation, types.UnionType):
-        (base,) = set(typing.get_args(annotation)) - {type(None)}
-        return base  # type: ignore[no-any-return]
-    return annotation  # type: ignore[return-value]
 
 
 _HEADER_TYPES: dict[str, type] = {
-    name: _python_type(annotation) for name, annotation in typing.get_type_hints(HeaderFields).items()
+    name: value_type(annotation) for name, annotation in typing.get_type_hints(HeaderFields).items()
 }
 
 #: Header fields kept per patient, study and series; the first is the key,
@@ -154,48 +143,9 @@ def _arrow_type(table: str, name: str) -> pa.DataType:
 
 
 _SCHEMAS = {table: pa.schema([(name, _arrow_type(table, name)) for name in TABLES[table]]) for table in TABLES}
-_RECORD_FIELDS = {name: n for n, name in enumerate(InstanceRecord.__struct_fields__)}
-_HEADER_FIELDS = {name: n for n, name in enumerate(HeaderFields.__struct_fields__)}
 
-
-def _timestamps(seconds: Sequence[float]) -> pa.Array:
-    micros = pc.round(pc.multiply(pa.array(seconds, type=pa.float64()), 1_000_000.0))
-    return pc.cast(micros, pa.int64()).cast(pa.timestamp("us"))
-
-
-class _Columns(typing.NamedTuple):
-    """A batch of records transposed: one tuple of values per field."""
-
-    record: list[tuple[object, ...]]  # by InstanceRecord field
-    header: dict[str, tuple[object, ...]]  # by HeaderFields field
-
-
-def _columns(records: Sequence[InstanceRecord]) -> _Columns:
-    # PERF: transposed at C speed (astuple + zip): ~30% faster than a getter
-    # per column, ~10x faster than a dict per row (asdict + from_pylist); and
-    # without the cyclic GC, which the ~2 tuples per row set off: 1.2 against
-    # 1.6-4 us/row (bench/test_bench_index.py). Nothing here makes cycles.
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        record = list(zip(*map(msgspec.structs.astuple, records), strict=True))
-        header = zip(*map(msgspec.structs.astuple, record[_RECORD_FIELDS["header"]]), strict=True)
-        return _Columns(record, dict(zip(HeaderFields.__struct_fields__, header, strict=True)))
-    finally:
-        if enabled:
-            gc.enable()
-
-
-def _instances_table(columns: _Columns) -> pa.Table:
-    arrays = []
-    for field in _SCHEMAS["instances"]:
-        if field.name == "received_at":
-            arrays.append(_timestamps(columns.record[_RECORD_FIELDS["received_at"]]))
-        elif field.name in FILE_COLUMNS:
-            arrays.append(pa.array(columns.record[_RECORD_FIELDS[field.name]], type=field.type))
-        else:
-            arrays.append(pa.array(columns.header[field.name], type=field.type))
-    return pa.Table.from_arrays(arrays, schema=_SCHEMAS["instances"])
+#: The instances table's columns of the batch table (batchtable.SCHEMA has more).
+_INSTANCE_VALUES = f"SELECT {', '.join(quote(name) for name in TABLES['instances'])} FROM batch_instances"
 
 
 def _conflicts_table(conflicts: Sequence[DuplicateConflict]) -> pa.Table:
@@ -203,7 +153,7 @@ def _conflicts_table(conflicts: Sequence[DuplicateConflict]) -> pa.Table:
     for name in CONFLICT_COLUMNS:
         values = [getattr(c, name) for c in conflicts]
         if name == "received_at":
-            arrays.append(_timestamps(values))
+            arrays.append(timestamps(pa.array(values, type=pa.float64())))
         else:
             arrays.append(pa.array(values, type=_SCHEMAS["duplicate_conflicts"].field(name).type))
     return pa.Table.from_arrays(arrays, schema=_SCHEMAS["duplicate_conflicts"])
@@ -220,6 +170,14 @@ class IndexUnavailable(Exception):
 #: writes only its instances. Cleared when it grows past this.
 _KNOWN_LIMIT = 100_000
 
+#: DuckDB checkpoints by itself when its WAL reaches this size (its default,
+#: 16 MiB, is ~30k instances). Each checkpoint rewrites the primary-key
+#: indexes, so at 1M instances a commit that checkpoints takes 0.1-0.4 s; a
+#: bigger WAL, checkpointed when the indexer is idle, made the sustained
+#: insert rate ~1.4x (bench/test_bench_index.py). A crash replays at most
+#: this much WAL at the next start.
+CHECKPOINT_WAL_BYTES = 256 * 1024 * 1024
+
 
 class Index:
     """An open index database.
@@ -229,9 +187,10 @@ class Index:
     path : str
         The DuckDB file; created (with the current schema) if missing.
     wal_mode : bool
-        True: DuckDB's write-ahead log with its automatic checkpoints. False:
-        a checkpoint after every batch (the data file is always complete;
-        slower writes).
+        True: DuckDB's write-ahead log, written into the data file by
+        :meth:`tidy` (the indexer calls it when idle) or automatically once
+        it holds :data:`CHECKPOINT_WAL_BYTES`. False: a checkpoint after
+        every batch (the data file is always complete; slower writes).
     read_only : bool
         Open for queries only: no migration, and any number of read-only
         processes may open it, but only while no process has it read-write
@@ -258,6 +217,10 @@ class Index:
                     f"reindex); ask the server, or stop it first ({text.splitlines()[0]})"
                 ) from None
             raise IndexUnavailable(f"{path}: cannot open the index: {text.splitlines()[0]}") from None
+        if wal_mode and not read_only:
+            self.con.execute(f"SET checkpoint_threshold = '{CHECKPOINT_WAL_BYTES}B'")
+        #: Committed writes not yet checkpointed (WAL mode): see :meth:`tidy`.
+        self.needs_checkpoint = False
         self._cursor_source = self.con.cursor()
         self._cursor_lock = threading.Lock()
         self._known: dict[str, dict[str, tuple[object, ...]]] = {"patients": {}, "studies": {}, "series": {}}
@@ -352,12 +315,20 @@ class Index:
 
     def add(self, instances: Iterable[InstanceRecord], conflicts: Iterable[DuplicateConflict] = (),
             thumbnails: Iterable[ThumbnailMade] = (), *, keep_newer: bool = False) -> int:
+        """:meth:`add_table` for records."""
+        return self.add_table(InstanceBatch.of(list(instances)).table(), conflicts, thumbnails, keep_newer=keep_newer)
+
+    def add_table(self, instances: pa.Table, conflicts: Iterable[DuplicateConflict] = (),
+                  thumbnails: Iterable[ThumbnailMade] = (), *, keep_newer: bool = False) -> int:
         """Write a batch of records in one transaction (thumbnails in a second one).
 
         Parameters
         ----------
-        instances : iterable of InstanceRecord
-            A record whose path is indexed already replaces that row (a resend).
+        instances : pyarrow.Table
+            Instance records (:data:`fastscp.batchtable.SCHEMA`, as an
+            :class:`~fastscp.batchtable.InstanceBatch` gives them). A record
+            whose path is indexed already replaces that row (a resend); of
+            one path twice in the batch, the last one wins.
         conflicts : iterable of DuplicateConflict
             Appended to ``duplicate_conflicts``.
         thumbnails : iterable of ThumbnailMade
@@ -372,77 +343,37 @@ class Index:
         int
             The number of distinct instance paths in the batch.
         """
-        latest: dict[str, InstanceRecord] = {}
-        for record in instances:
-            # One batch may hold a resent instance twice: the last one wins.
-            latest[record.path] = record
+        batch = last_per_path(instances)
+        count = batch.num_rows
         conflict_list = list(conflicts)
         self._add_thumbnails({t.path: t.thumbnail_path for t in thumbnails})
-        if not latest and not conflict_list:
+        if not count and not conflict_list:
             return 0
-        records = list(latest.values())
-        columns = _columns(records) if records else _Columns([], {name: () for name in _HEADER_FIELDS})
-        parents = self._changed_parents(columns)
-        con = self.con
-        con.execute("BEGIN")
+        parents = self._changed_parents(batch)
+        conflict_batch = _conflicts_table(conflict_list) if conflict_list else None
+        careful = keep_newer
         try:
-            replaced = False
-            if records:
-                batch = _instances_table(columns)
-                con.register("batch_instances", batch)
-                if keep_newer:
-                    con.execute(
-                        "DELETE FROM instances WHERE path IN (SELECT b.path FROM batch_instances b "
-                        "JOIN instances i ON i.path = b.path WHERE i.received_at < b.received_at)"
-                    )
-                    con.execute(
-                        "INSERT INTO instances SELECT * FROM batch_instances b "
-                        "WHERE NOT EXISTS (SELECT 1 FROM instances i WHERE i.path = b.path)"
-                    )
-                    replaced = True
-                else:
-                    try:
-                        # The common case, all paths new: one plain INSERT. INSERT OR
-                        # REPLACE costs ~6 ms more per batch whatever its size.
-                        con.execute("INSERT INTO instances SELECT * FROM batch_instances")
-                    except duckdb.ConstraintException:
-                        # A resend: a path that is indexed already. DuckDB has no
-                        # savepoints, so start over with delete + insert.
-                        con.execute("ROLLBACK")
-                        con.execute("BEGIN")
-                        con.register("batch_instances", batch)  # a rollback drops the registration
-                        con.execute("DELETE FROM instances WHERE path IN (SELECT path FROM batch_instances)")
-                        con.execute("INSERT INTO instances SELECT * FROM batch_instances")
-                        replaced = True
-                if replaced:
-                    # A replaced row may move an instance to another series or
-                    # study: rewrite every parent, and drop those left empty below.
-                    parents = self._changed_parents(columns, all_rows=True)
-                for table, rows in parents.items():
-                    self._upsert(table, rows)
-            if conflict_list:
-                con.register("batch_conflicts", _conflicts_table(conflict_list))
-                con.execute("INSERT INTO duplicate_conflicts SELECT * FROM batch_conflicts")
-            con.execute("COMMIT")
+            if not careful:
+                try:
+                    # The common case, every row new: plain INSERTs. An upsert
+                    # (ON CONFLICT DO UPDATE) costs ~6 ms more per statement.
+                    self._in_transaction(self._insert, batch, parents, conflict_batch)
+                except duckdb.ConstraintException:
+                    # A resend (its path is indexed), or a parent row that changed
+                    # or that this process has not written yet. DuckDB has no
+                    # savepoints: start over, replacing and upserting.
+                    careful = True
+            if careful:
+                replaced = self._in_transaction(self._replace, batch, parents, conflict_batch, keep_newer)
+                if replaced or parents["studies"] or parents["series"]:
+                    # A replaced instance, or a study or series written again, may
+                    # have moved to another parent (a correction) and left the old
+                    # one empty. Dropping empty parents scans the instances (a few
+                    # ms per 1M): the indexer does it when idle.
+                    self.needs_prune = True
         except BaseException:
             self._known = {table: {} for table in self._known}
-            try:
-                con.execute("ROLLBACK")
-            except duckdb.Error:
-                pass
             raise
-        finally:
-            for name in ("batch_instances", "batch_conflicts"):
-                try:
-                    con.unregister(name)
-                except (duckdb.Error, KeyError):
-                    pass
-        if replaced or parents["studies"] or parents["series"]:
-            # A resend, or a study or series written again, may have moved an
-            # instance, series or study to another parent (a correction) and
-            # left the old one empty. Dropping empty parents scans the
-            # instances (a few ms per 1M): the indexer does it when idle.
-            self.needs_prune = True
         for table, rows in parents.items():
             known = self._known[table]
             if len(known) > _KNOWN_LIMIT:
@@ -450,7 +381,76 @@ class Index:
             for row in rows:
                 known[row[0]] = row  # type: ignore[index]
         self._after_write()
-        return len(records)
+        return count
+
+    def _in_transaction(self, write: Callable[..., bool | None], *args: object) -> bool:
+        """``write(*args)`` between BEGIN and COMMIT (ROLLBACK if it raises); its result."""
+        con = self.con
+        con.execute("BEGIN")
+        try:
+            result = write(*args)
+            con.execute("COMMIT")
+        except BaseException:
+            try:
+                con.execute("ROLLBACK")
+            except duckdb.Error:
+                pass
+            raise
+        finally:
+            # A rollback drops registrations too; unregister what is left.
+            for name in ("batch_instances", "batch_parents", "batch_conflicts"):
+                try:
+                    con.unregister(name)
+                except (duckdb.Error, KeyError):
+                    pass
+        return bool(result)
+
+    def _insert(self, batch: pa.Table, parents: dict[str, list[tuple[object, ...]]],
+                conflicts: pa.Table | None) -> None:
+        if batch.num_rows:
+            self.con.register("batch_instances", batch)
+            self.con.execute(f"INSERT INTO instances {_INSTANCE_VALUES}")
+            for table, rows in parents.items():
+                self._write_parents(table, rows, upsert=False)
+        self._insert_conflicts(conflicts)
+
+    def _replace(self, batch: pa.Table, parents: dict[str, list[tuple[object, ...]]], conflicts: pa.Table | None,
+                 keep_newer: bool) -> bool:
+        """Instances replace the rows of their paths, parents are upserted; True if a row was replaced.
+
+        With ``keep_newer`` an indexed row whose ``received_at`` is not older
+        is kept (reconcile must not undo what a worker sent meanwhile).
+        """
+        replaced = False
+        if batch.num_rows:
+            con = self.con
+            con.register("batch_instances", batch)
+            if keep_newer:
+                con.execute(
+                    "DELETE FROM instances WHERE path IN (SELECT b.path FROM batch_instances b "
+                    "JOIN instances i ON i.path = b.path WHERE i.received_at < b.received_at)"
+                )
+                con.execute(f"INSERT INTO instances {_INSTANCE_VALUES} b "
+                            "WHERE NOT EXISTS (SELECT 1 FROM instances i WHERE i.path = b.path)")
+                replaced = True
+            else:
+                (deleted,) = con.execute(
+                    "DELETE FROM instances WHERE path IN (SELECT path FROM batch_instances)").fetchone()  # type: ignore[misc]
+                con.execute(f"INSERT INTO instances {_INSTANCE_VALUES}")
+                replaced = deleted > 0
+            if replaced:
+                # A replaced row may move an instance to another series or
+                # study: rewrite every parent (empty ones are pruned later).
+                parents.update(self._changed_parents(batch, all_rows=True))
+            for table, rows in parents.items():
+                self._write_parents(table, rows, upsert=True)
+        self._insert_conflicts(conflicts)
+        return replaced
+
+    def _insert_conflicts(self, conflicts: pa.Table | None) -> None:
+        if conflicts is not None:
+            self.con.register("batch_conflicts", conflicts)
+            self.con.execute("INSERT INTO duplicate_conflicts SELECT * FROM batch_conflicts")
 
     def _add_thumbnails(self, latest: dict[str, str]) -> None:
         if not latest:
@@ -476,18 +476,16 @@ class Index:
         finally:
             con.unregister("batch_thumbnails")
 
-    def _changed_parents(self, columns: _Columns, *, all_rows: bool = False) -> dict[str, list[tuple[object, ...]]]:
+    def _changed_parents(self, batch: pa.Table, *, all_rows: bool = False) -> dict[str, list[tuple[object, ...]]]:
         """Patient, study and series rows of the batch that differ from what we last wrote."""
         changed: dict[str, list[tuple[object, ...]]] = {}
         for table, fields in (("patients", PATIENT_FIELDS), ("studies", STUDY_FIELDS), ("series", SERIES_FIELDS)):
-            # key -> row, the last one of the batch winning; built at C speed.
-            rows = zip(*(columns.header[f] for f in fields), strict=True)
-            latest = dict(zip(columns.header[fields[0]], rows, strict=True))
+            latest = distinct_rows(batch, fields)
             known = self._known[table]
             changed[table] = [row for key, row in latest.items() if all_rows or known.get(key) != row]
         return changed
 
-    def _upsert(self, table: str, rows: list[tuple[object, ...]]) -> None:
+    def _write_parents(self, table: str, rows: list[tuple[object, ...]], *, upsert: bool) -> None:
         if not rows:
             return
         names = list(TABLES[table])
@@ -497,12 +495,12 @@ class Index:
                                                                                                      strict=True)],
             schema=_SCHEMAS[table],
         )
-        self.con.register("batch_parents", batch)
-        try:
+        self.con.register("batch_parents", batch)  # replaces the last table's; unregistered by _in_transaction
+        if upsert:
             updates = ", ".join(f"{quote(name)} = excluded.{quote(name)}" for name in names[1:])
             self.con.execute(f"INSERT INTO {table} SELECT * FROM batch_parents ON CONFLICT DO UPDATE SET {updates}")
-        finally:
-            self.con.unregister("batch_parents")
+        else:
+            self.con.execute(f"INSERT INTO {table} SELECT * FROM batch_parents")
 
     def prune(self) -> None:
         """Drop series, studies and patients left without instances, in one transaction."""
@@ -559,8 +557,17 @@ class Index:
         return len(row)
 
     def _after_write(self) -> None:
-        if not self.wal_mode:
+        if self.wal_mode:
+            self.needs_checkpoint = True
+        else:
             self.checkpoint()
+
+    def tidy(self) -> None:
+        """Work left for idle time: drop empty parents (:meth:`prune`), then checkpoint the WAL."""
+        if self.needs_prune:
+            self.prune()
+        if self.needs_checkpoint and self.checkpoint():
+            self.needs_checkpoint = False
 
     def checkpoint(self) -> bool:
         """Write the WAL into the data file; False if DuckDB can't now (a query is open)."""

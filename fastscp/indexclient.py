@@ -114,7 +114,7 @@ class IndexerClient:
     def _seal_locked(self) -> None:
         if self._batch:
             batch, self._batch = self._batch, []
-            self._pending.append((ENCODER.encode(RecordBatch(batch)), len(batch)))
+            self._pending.append((ENCODER.encode(RecordBatch.of(batch)), len(batch)))
 
     def _deliver_locked(self) -> None:
         if not self._pending:

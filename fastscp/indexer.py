@@ -5,9 +5,10 @@ Three jobs, one process (DuckDB lets one process open the file):
 * **Records.** Workers (and the post-store stage) connect to a Unix
   SOCK_SEQPACKET socket (:func:`indexer_address`, abstract namespace, so a
   long storage path can't overflow ``sun_path``); each message is one msgpack
-  :class:`~fastscp.records.InstanceRecord`,
-  :class:`~fastscp.records.DuplicateConflict` or
-  :class:`~fastscp.records.ThumbnailMade`. A batch is due when it holds
+  :class:`~fastscp.records.RecordBatch`: instance records column by column
+  (:class:`~fastscp.records.InstanceColumns`), which the loop appends to
+  its pending columns, plus any duplicate conflicts and thumbnails. A
+  commit is due when it holds
   ``database.batch_size`` records or its oldest record is
   ``database.batch_interval`` seconds old. A writer thread commits it while
   the loop goes on receiving (DuckDB releases the GIL while it writes);
@@ -49,6 +50,7 @@ from multiprocessing.connection import Connection
 import duckdb
 import msgspec
 
+from fastscp.batchtable import InstanceBatch
 from fastscp.index import Index
 from fastscp.ipc import accept_local, listen, local_address, receive, same_user
 from fastscp.query import (
@@ -62,7 +64,7 @@ from fastscp.query import (
     send_message,
     stream_query,
 )
-from fastscp.records import BATCH_DECODER, DuplicateConflict, InstanceRecord, ThumbnailMade
+from fastscp.records import BATCH_DECODER, DuplicateConflict, ThumbnailMade
 from fastscp.reindex import plan, read_records
 
 log = logging.getLogger("fastscp.indexer")
@@ -73,8 +75,9 @@ MAX_BATCH_FACTOR = 10
 QUERY_THREADS = 4
 #: A query client that neither sends nor reads for this long is dropped.
 QUERY_IO_TIMEOUT = 30.0
-#: Seconds without records after which the indexer drops empty parents (Index.prune).
-PRUNE_IDLE = 1.0
+#: Seconds without records after which the indexer tidies the index (Index.tidy:
+#: drops empty parents, checkpoints the WAL).
+TIDY_IDLE = 1.0
 #: Tries of a batch before it is left to the next reconcile.
 WRITE_ATTEMPTS = 5
 #: Files read per reconcile step (one transaction each).
@@ -213,7 +216,8 @@ class Indexer:
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self.selector.register(self._wake_r, selectors.EVENT_READ, "wake")
-        self.pending: list[InstanceRecord] = []
+        #: Instance records waiting (as the runs of values they came in).
+        self.pending = InstanceBatch()
         self.pending_conflicts: list[DuplicateConflict] = []
         self.pending_thumbnails: list[ThumbnailMade] = []
         self.oldest = 0.0
@@ -222,13 +226,13 @@ class Indexer:
         #: Records committed since the start (written by the writer thread).
         self.committed = 0
         self.reconcile_state = "running" if storage_root is not None else "off"
-        # Work for the writer thread, in order: batches, reconcile steps, prunes.
+        # Work for the writer thread, in order: batches, reconcile steps, tidying.
         self._writes: queue.Queue[tuple[str, object] | None] = queue.Queue()
         #: Records of the batch the writer holds (0: it holds none).
         self._in_flight = 0
         self._written = threading.Event()
         self._written.set()
-        self._prune_queued = False
+        self._tidy_queued = False
         self._writer = threading.Thread(target=self._write_loop, name="fastscp-index-writer", daemon=True)
         self._reconciler: threading.Thread | None = None
         self.queries = QueryServer(index, query_address, self.state) if query_address else None
@@ -240,7 +244,7 @@ class Indexer:
 
     @property
     def _waiting(self) -> int:
-        return len(self.pending) + len(self.pending_conflicts) + len(self.pending_thumbnails)
+        return self.pending.count + len(self.pending_conflicts) + len(self.pending_thumbnails)
 
     def run(self) -> None:
         self._writer.start()
@@ -253,8 +257,8 @@ class Indexer:
             self._loop()
             self._written.wait()
             self._hand_over()
-            if self.index.needs_prune:
-                self._writes.put(("prune", None))
+            if self.index.needs_prune or self.index.needs_checkpoint:
+                self._writes.put(("tidy", None))
         finally:
             self._writes.put(None)
             self._writer.join()
@@ -290,10 +294,11 @@ class Indexer:
             if self._waiting and (self._waiting >= self.batch_size or now - self.oldest >= self.batch_interval):
                 if self._written.is_set():
                     self._hand_over()
-            elif (not self._waiting and self._written.is_set() and self.index.needs_prune
-                  and not self._prune_queued and now - self.last_record >= PRUNE_IDLE):
-                self._prune_queued = True
-                self._writes.put(("prune", None))
+            elif (not self._waiting and self._written.is_set() and not self._tidy_queued
+                  and (self.index.needs_prune or self.index.needs_checkpoint)
+                  and now - self.last_record >= TIDY_IDLE):
+                self._tidy_queued = True
+                self._writes.put(("tidy", None))
             clients = len(self.selector.get_map()) - 2
             if self.stopping and clients == 0:
                 return
@@ -319,7 +324,6 @@ class Indexer:
 
     def _receive(self, conn: socket.socket) -> None:
         now = time.monotonic()
-        pending = self.pending
         limit = self.batch_size * MAX_BATCH_FACTOR
         while self._waiting < limit:
             data = receive(conn)
@@ -337,10 +341,9 @@ class Indexer:
             if not self._waiting:
                 self.oldest = now
             self.last_record = now
-            for record in batch.records:
-                if type(record) is InstanceRecord:
-                    pending.append(record)
-                elif isinstance(record, DuplicateConflict):
+            self.pending.add(batch.instances)
+            for record in batch.others:
+                if isinstance(record, DuplicateConflict):
                     self.pending_conflicts.append(record)
                 elif isinstance(record, ThumbnailMade):
                     self.pending_thumbnails.append(record)
@@ -351,7 +354,7 @@ class Indexer:
             return
         batch = (self.pending, self.pending_conflicts, self.pending_thumbnails)
         self._in_flight = self._waiting
-        self.pending, self.pending_conflicts, self.pending_thumbnails = [], [], []
+        self.pending, self.pending_conflicts, self.pending_thumbnails = InstanceBatch(), [], []
         self._written.clear()
         self._writes.put(("batch", batch))
 
@@ -372,25 +375,28 @@ class Indexer:
                     gone = [p for p in payload if not os.path.exists(os.path.join(self.storage_root, p))]  # type: ignore[attr-defined]
                     self.index.remove(gone)
                 elif kind == "prune":
-                    self._prune_queued = False
                     self.index.prune()
+                elif kind == "tidy":
+                    self._tidy_queued = False
+                    self.index.tidy()
                 elif kind == "done":
                     self.reconcile_state = "done"
                     log.info("%s", payload)
             except Exception:
-                if kind == "prune":
-                    log.exception("dropping empty series, studies and patients failed; will retry")
+                if kind in ("prune", "tidy"):
+                    self._tidy_queued = False
+                    log.exception("tidying the index (empty parents, checkpoint) failed; will retry")
                 else:
                     log.exception("reconcile: could not apply a %s step; the next start tries again", kind)
                     self.reconcile_state = "failed"
 
-    def _write_batch(self, batch: tuple[list, list, list]) -> None:  # type: ignore[type-arg]
+    def _write_batch(self, batch: tuple[InstanceBatch, list[DuplicateConflict], list[ThumbnailMade]]) -> None:
         instances, conflicts, thumbnails = batch
-        count = len(instances) + len(conflicts) + len(thumbnails)
+        count = instances.count + len(conflicts) + len(thumbnails)
         attempt = 0
         while True:
             try:
-                self.index.add(instances, conflicts, thumbnails)
+                self.index.add_table(instances.table(), conflicts, thumbnails)
                 self.committed += count
                 break
             except Exception:

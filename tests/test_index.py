@@ -151,6 +151,26 @@ def test_an_instance_moved_to_another_series_leaves_no_empty_series(storage: Pat
     index.close()
 
 
+def test_a_series_continued_after_a_restart_updates_its_parents(storage: Path, tmp_path: Path) -> None:
+    # A new Index has written no parent rows yet: the plain INSERT of a known
+    # series collides and the batch is written again with upserts.
+    path = str(tmp_path / "index.duckdb")
+    first, second, *_ = sorted((r for r in records_of(storage) if r.header.patient_id == "SYNA"),
+                               key=lambda r: r.path)
+    index = Index(path)
+    index.add([first])
+    assert not index.needs_prune, "new rows only: nothing can have moved"
+    index.close()
+    index = Index(path)
+    renamed = msgspec.structs.replace(second, header=msgspec.structs.replace(
+        second.header, series_description="RENAMED", study_description="RENAMED STUDY"))
+    assert index.add([renamed]) == 1
+    assert rows(index, "SELECT count(*), any_value(series_description) FROM series") == [(1, "RENAMED")]
+    assert rows(index, "SELECT count(*), any_value(study_description) FROM studies") == [(1, "RENAMED STUDY")]
+    assert index.count() == 2
+    index.close()
+
+
 def test_duplicate_conflicts_are_logged(tmp_path: Path) -> None:
     index = Index(str(tmp_path / "index.duckdb"))
     conflict = DuplicateConflict(sop_instance_uid="1.2.3.4", path="P/1.2.3.4.dcm", existing_hash="a" * 64,
@@ -197,6 +217,11 @@ def test_wal_mode(storage: Path, tmp_path: Path, wal_mode: bool) -> None:
     wal = Path(str(path) + ".wal")
     wal_bytes = wal.stat().st_size if wal.exists() else 0
     assert (wal_bytes > 0) == wal_mode
+    # What the indexer does when idle: the WAL goes into the data file.
+    assert index.needs_checkpoint == wal_mode
+    index.tidy()
+    assert not index.needs_checkpoint
+    assert not wal.exists() or wal.stat().st_size == 0
     index.close()
 
 
