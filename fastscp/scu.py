@@ -6,9 +6,10 @@ import os
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pydicom
-from pynetdicom import AE, _config
+from pynetdicom import AE, Association, _config
 from pynetdicom.sop_class import Verification
 
 from fastscp.dimse import STATUS_NAMES
@@ -21,12 +22,35 @@ class SCUError(Exception):
     """The peer could not be reached or refused the association."""
 
 
+def associate(ae: AE, host: str, port: int, **kwargs: Any) -> Association:
+    """``ae.associate(host, port, **kwargs)``, with pynetdicom's reactor kept off our responses.
+
+    pynetdicom pauses the association's reactor thread before a
+    ``send_c_*()`` waits for its response, but the pause can race: the
+    reactor may look paused while on its way out of the wait, take the
+    response off the queue as an "unexpected" message, and leave the send
+    waiting for the DIMSE timeout. A fast SCP makes it show (fastscp answers
+    before it hashes). Responses the reactor takes go back on the queue.
+    """
+    assoc = ae.associate(host, port, **kwargs)
+    serve = assoc._serve_request
+
+    def serve_requests_only(message: Any, context_id: int) -> None:
+        if message.is_valid_response and not message.is_valid_request:
+            assoc.dimse.msg_queue.put((context_id, message))
+        else:
+            serve(message, context_id)
+
+    assoc._serve_request = serve_requests_only  # type: ignore[method-assign]
+    return assoc
+
+
 def echo(host: str, port: int, *, aet: str = "FASTSCU", aec: str = "ANY-SCP", timeout: float = 30) -> int:
     """Send one C-ECHO; returns its status (0 is success)."""
     ae = AE(ae_title=aet)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     ae.add_requested_context(Verification)
-    assoc = ae.associate(host, port, ae_title=aec)
+    assoc = associate(ae, host, port, ae_title=aec)
     if not assoc.is_established:
         raise SCUError(f"no association with {aec} at {host}:{port} ({_why(assoc)})")
     try:
@@ -107,7 +131,7 @@ def send(host: str, port: int, paths: Iterable[str], *, aet: str = "FASTSCU", ae
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
         for sop_class, syntax in dict.fromkeys((f.sop_class_uid, f.transfer_syntax_uid) for f in batch):
             ae.add_requested_context(sop_class, [syntax])
-        assoc = ae.associate(host, port, ae_title=aec, max_pdu=0)
+        assoc = associate(ae, host, port, ae_title=aec, max_pdu=0)
         if not assoc.is_established:
             raise SCUError(f"no association with {aec} at {host}:{port} ({_why(assoc)})")
         try:

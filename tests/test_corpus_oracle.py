@@ -206,6 +206,8 @@ def test_storescu_really_changes_the_excluded_files(oracle):
 def test_pynetdicom_chunked_delivers_every_corpus_file(oracle, monkeypatch):
     from pynetdicom import AE, _config
 
+    from fastscp.scu import associate
+
     # send the file's data set bytes as they are instead of re-encoding
     monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
     pairs = sorted({(f.sop_class_uid, f.transfer_syntax_uid) for f in CORPUS})
@@ -216,7 +218,7 @@ def test_pynetdicom_chunked_delivers_every_corpus_file(oracle, monkeypatch):
         ae.add_requested_context(sop_class, ts)
     oracle.take_new()
     failed = []
-    assoc = ae.associate("127.0.0.1", oracle.port, ae_title=AE_TITLE)
+    assoc = associate(ae, "127.0.0.1", oracle.port, ae_title=AE_TITLE)
     try:
         assert assoc.is_established, oracle.log_tail()
         assert not assoc.rejected_contexts, assoc.rejected_contexts

@@ -17,7 +17,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from fastscp.scu import send
+from fastscp.scu import associate, send
 from tests import corpus
 
 pytestmark = pytest.mark.dcmtk
@@ -95,7 +95,7 @@ def test_sender_preferred_transfer_syntax_wins(server) -> None:  # type: ignore[
     ae.add_requested_context(ct, [jpeg_ls, explicit, implicit])
     ae.add_requested_context(ct, [implicit, explicit])
     ae.add_requested_context(ct, ["1.2.3.4.5.6", implicit])
-    assoc = ae.associate("127.0.0.1", server.port, ae_title=server.ae_title)
+    assoc = associate(ae, "127.0.0.1", server.port, ae_title=server.ae_title)
     assert assoc.is_established
     assert [str(cx.transfer_syntax[0]) for cx in assoc.accepted_contexts] == [jpeg_ls, implicit, implicit]
     assoc.release()

@@ -15,6 +15,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from pynetdicom import AE
 
 from fastscp.part10 import dataset_offset
+from fastscp.scu import associate
 from fastscp.synthetic import write_large_multiframe, write_series
 from tests.conftest import wait_until
 from tests.rawscu import RawSCU
@@ -100,8 +101,8 @@ def test_a_dying_worker_is_replaced_and_only_its_association_aborts(start_server
     ae = AE(ae_title="KILLTEST")
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
     ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
-    first = ae.associate("127.0.0.1", server.port, ae_title=server.ae_title)
-    second = ae.associate("127.0.0.1", server.port, ae_title=server.ae_title)
+    first = associate(ae, "127.0.0.1", server.port, ae_title=server.ae_title)
+    second = associate(ae, "127.0.0.1", server.port, ae_title=server.ae_title)
     assert first.is_established and second.is_established
     # Least-busy dispatch put one association on each worker; kill worker 0.
     os.kill(pids[0], signal.SIGKILL)
@@ -114,7 +115,7 @@ def test_a_dying_worker_is_replaced_and_only_its_association_aborts(start_server
         if assoc.is_established:
             assoc.release()
     assert sorted(outcomes) == [False, True], "exactly the killed worker's association aborts"
-    third = ae.associate("127.0.0.1", server.port, ae_title=server.ae_title)
+    third = associate(ae, "127.0.0.1", server.port, ae_title=server.ae_title)
     assert third.is_established
     assert third.send_c_store(dataset).Status == 0
     third.release()

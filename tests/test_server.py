@@ -17,6 +17,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, SecondaryCapture
 from pynetdicom import AE
 
 from fastscp.part10 import dataset_offset
+from fastscp.scu import associate
 from fastscp.synthetic import write_series
 from tests.conftest import dcmtk, storescu_concurrently, wait_until
 from tests.rawscu import RawSCU
@@ -111,7 +112,7 @@ def _associate(port: int, aec: str, aet: str):  # type: ignore[no-untyped-def]
     ae = AE(ae_title=aet)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
     ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
-    return ae.associate("127.0.0.1", port, ae_title=aec)
+    return associate(ae, "127.0.0.1", port, ae_title=aec)
 
 
 def test_max_associations_holds_across_workers(start_server, ct_series) -> None:  # type: ignore[no-untyped-def]
@@ -156,7 +157,7 @@ def test_store_scp_console_script_with_accept_list(tmp_path, ct_series) -> None:
         ae = AE(ae_title="SENDER")
         ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
         ae.add_requested_context(SecondaryCaptureImageStorage, ExplicitVRLittleEndian)
-        assoc = ae.associate("127.0.0.1", port, ae_title="MY_PACS")
+        assoc = associate(ae, "127.0.0.1", port, ae_title="MY_PACS")
         assert assoc.is_established
         accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
         assert accepted == {CTImageStorage}, "Secondary Capture is not in CT,MR,US"
@@ -198,3 +199,24 @@ def test_peer_vanishing_mid_dataset_leaves_no_file(server) -> None:  # type: ign
         time.sleep(0.05)
     assert server.stored_files() == []
     assert list((server.storage / ".incoming").iterdir()) == []
+
+
+def test_a_response_the_reactor_takes_goes_back_to_the_sender(server) -> None:  # type: ignore[no-untyped-def]
+    # pynetdicom's reactor thread may take a response meant for a send_c_*()
+    # (its pause races); fastscp.scu.associate puts it back on the queue.
+    from pynetdicom.dimse_primitives import C_ECHO
+    from pynetdicom.sop_class import Verification
+
+    ae = AE(ae_title="SCU")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    ae.add_requested_context(Verification)
+    assoc = associate(ae, "127.0.0.1", server.port, ae_title=server.ae_title)
+    assert assoc.is_established
+    try:
+        response = C_ECHO()
+        response.MessageIDBeingRespondedTo, response.AffectedSOPClassUID, response.Status = 7, Verification, 0
+        assoc._serve_request(response, 1)  # what the reactor does with a message it takes
+        assert assoc.dimse.get_msg(block=False) == (1, response)
+        assert assoc.send_c_echo().Status == 0
+    finally:
+        assoc.release()
