@@ -11,6 +11,7 @@ Per-instance Python work was what capped the indexer's insert rate
 
 from __future__ import annotations
 
+import functools
 import typing
 from collections.abc import Sequence
 from typing import Any
@@ -97,15 +98,11 @@ def distinct_rows(table: pa.Table, fields: Sequence[str]) -> dict[object, tuple[
     if table.num_rows == 0:
         return {}
     columns = [table[name].combine_chunks() for name in fields]
-    starts: pa.Array | None = None
-    if table.num_rows > 1:
-        changed = None
-        for column in columns:
-            # null != null is null: counted as a change (an extra row is harmless).
-            differs = pc.fill_null(pc.not_equal(column.slice(1), column.slice(0, len(column) - 1)), True)
-            changed = differs if changed is None else pc.or_(changed, differs)
-        starts = pc.add(pc.indices_nonzero(changed), 1)
-    indices = pa.concat_arrays([pa.array([0], type=pa.uint64()), starts.cast(pa.uint64())]) if starts is not None \
-        else pa.array([0], type=pa.uint64())
-    rows = zip(*(column.take(indices).to_pylist() for column in columns), strict=True)
+    # Row n starts a run when any field differs from row n - 1. null != null
+    # is null, counted as a difference: an extra row is harmless.
+    differs = [pc.fill_null(pc.not_equal(column[1:], column[:-1]), True) for column in columns]
+    changed = functools.reduce(pc.or_, differs)
+    after_first = pc.add(pc.indices_nonzero(changed), pa.scalar(1, pa.uint64()))
+    starts = pa.concat_arrays([pa.array([0], type=pa.uint64()), after_first])
+    rows = zip(*(column.take(starts).to_pylist() for column in columns), strict=True)
     return {row[0]: row for row in rows}

@@ -6,9 +6,9 @@ Three jobs, one process (DuckDB lets one process open the file):
   SOCK_SEQPACKET socket (:func:`indexer_address`, abstract namespace, so a
   long storage path can't overflow ``sun_path``); each message is one msgpack
   :class:`~fastscp.records.RecordBatch`: instance records column by column
-  (:class:`~fastscp.records.InstanceColumns`), which the loop appends to
-  its pending columns, plus any duplicate conflicts and thumbnails. A
-  commit is due when it holds
+  (:class:`~fastscp.records.InstanceColumns`), which the loop keeps as they
+  came in a :class:`~fastscp.batchtable.InstanceBatch`, plus any duplicate
+  conflicts and thumbnails. A commit is due when it holds
   ``database.batch_size`` records or its oldest record is
   ``database.batch_interval`` seconds old. A writer thread commits it while
   the loop goes on receiving (DuckDB releases the GIL while it writes);

@@ -107,7 +107,6 @@ class InstanceColumns(msgspec.Struct, frozen=True, array_like=True):
         return cls(len(records), values, run_lengths)
 
 
-
 class RecordBatch(msgspec.Struct, frozen=True, tag="batch"):
     """Several index records in one message (one datagram, one wake-up of the indexer)."""
 
