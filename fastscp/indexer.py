@@ -387,7 +387,6 @@ class Indexer:
                     log.info("%s", payload)
             except Exception:
                 if kind in ("prune", "tidy"):
-                    self._tidy_queued = False
                     log.exception("tidying the index (empty parents, checkpoint) failed; will retry")
                 else:
                     log.exception("reconcile: could not apply a %s step; the next start tries again", kind)

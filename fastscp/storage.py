@@ -71,6 +71,13 @@ def _sha256(fd: int, offset: int, end: int | None = None) -> str:
     return digest.hexdigest()
 
 
+def _unlink_if_there(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
 def dataset_hash(path: str) -> str:
     """SHA-256 (hex) of a Part 10 file's data set bytes (its file meta excluded)."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -98,10 +105,7 @@ class TempFile:
 
     def discard(self) -> None:
         os.close(self.fd)
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+        _unlink_if_there(self.path)
 
 
 class IncomingFile:
@@ -237,10 +241,7 @@ class IncomingFile:
             self._fd = None
 
     def _unlink_temp(self) -> None:
-        try:
-            os.unlink(self.temp_path)
-        except FileNotFoundError:
-            pass
+        _unlink_if_there(self.temp_path)
 
     def discard(self) -> None:
         """Remove the temp file (the peer aborted, or storing failed)."""
