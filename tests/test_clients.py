@@ -173,3 +173,35 @@ tls:
     untrusted = fastscp("echo", "127.0.0.1", str(server.port), "--aec", server.ae_title, "--tls")
     assert untrusted.returncode == 1
     assert "TLS handshake failed: CERTIFICATE_VERIFY_FAILED" in untrusted.stderr, untrusted.stderr
+
+
+def test_more_than_128_contexts_take_several_associations(start_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from fastscp.scu import MAX_CONTEXTS
+    from fastscp.sopclasses import STORAGE_SOP_CLASSES
+
+    server = start_server(workers=1)
+    classes = sorted(set(STORAGE_SOP_CLASSES.values()))[: MAX_CONTEXTS + 2]
+    files = [path for i, uid in enumerate(classes)
+             for path in write_series(str(tmp_path / f"{i:03d}"), 1, rows=4, columns=4, sop_class=uid)]
+    result = _send(server, tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"stored {MAX_CONTEXTS + 2}, failed 0, refused 0" in result.stdout
+    log = server.wait_for_log("2 instances (0 failed")
+    assert len(re.findall(r"association FASTSCU \(127\.0\.0\.1:\d+\) -> FASTSCP: accepted", log)) == 2
+    assert f"; {MAX_CONTEXTS} instances (0 failed" in log
+    stored = by_instance(server.stored_files())
+    for path in files:
+        assert_same_dataset(Path(path), stored[str(pydicom.dcmread(path).SOPInstanceUID)])
+
+
+def test_a_failure_status_is_reported_by_its_name(start_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    server = start_server()
+    good, bad = write_series(str(tmp_path / "ct"), 2, rows=8, columns=8)
+    ds = pydicom.dcmread(bad)
+    ds.SOPClassUID = MRImageStorage  # the File Meta (and so the context) still says CT
+    ds.save_as(bad)
+    result = _send(server, good, bad)
+    assert result.returncode == 1
+    assert _line(result.stdout, bad).startswith(f"{bad}: CT Image Storage: failed: 0xA900 Data set does not match "
+                                                "SOP class")
+    assert "stored 1, failed 1, refused 0, skipped 0" in result.stdout
