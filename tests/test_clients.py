@@ -19,7 +19,7 @@ from pydicom.uid import MRImageStorage
 
 from fastscp.synthetic import write_series
 from tests.conftest import free_port
-from tests.test_access import config, pki  # noqa: F401  (pki: the test CA fixture)
+from tests.test_access import pki, tls_config  # noqa: F401  (pki: the test CA fixture)
 from tests.test_server import assert_same_dataset, by_instance, fastscp
 
 pytestmark = pytest.mark.dcmtk
@@ -144,15 +144,7 @@ def test_progress_on_a_terminal_plain_output_when_piped(start_server, tmp_path: 
 
 
 def test_echo_and_send_over_tls(start_server, tmp_path: Path, pki: Path) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
-    server = start_server(config=config(tmp_path, f"""
-tls:
-  enabled: true
-  certificate: {pki / 'server.pem'}
-  private_key: {pki / 'server.key'}
-  ca_bundle: {pki / 'ca.pem'}
-  require_client_certificate: true
-  min_version: "1.3"
-"""))
+    server = start_server(config=tls_config(tmp_path, pki, min_version="1.3"))
     tls = ("--tls-ca-bundle", str(pki / "ca.pem"), "--tls-certificate", str(pki / "client.pem"),
            "--tls-private-key", str(pki / "client.key"))
     echo = fastscp("echo", "127.0.0.1", str(server.port), "--aec", server.ae_title, *tls)
