@@ -173,8 +173,8 @@ def _why(assoc: Association) -> str:
         return "connection timed out"
     if exc is not None:
         return f"cannot connect: {exc.strerror or exc}"
-    if assoc.is_aborted:
-        return "aborted by the receiver"
+    if assoc.is_aborted:  # pynetdicom aborts too when the receiver does not answer in time
+        return "aborted (by the receiver, or no answer within the timeout)"
     return "no answer to the association request (ACSE timeout)"
 
 

@@ -197,3 +197,9 @@ def test_a_failure_status_is_reported_by_its_name(start_server, tmp_path: Path) 
     assert _line(result.stdout, bad).startswith(f"{bad}: CT Image Storage: failed: 0xA900 Data set does not match "
                                                 "SOP class")
     assert "stored 1, failed 1, refused 0, skipped 0" in result.stdout
+
+
+def test_a_missing_tls_file_names_the_option(tmp_path: Path) -> None:
+    result = fastscp("echo", "127.0.0.1", str(free_port()), "--tls-ca-bundle", str(tmp_path / "missing.pem"))
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert f"--tls-ca-bundle: cannot load {tmp_path / 'missing.pem'}" in result.stderr
