@@ -211,7 +211,7 @@ def format_stats(stats: Any, index_path: str) -> str:
     if stats.indexer is not None:
         state = stats.indexer
         source = (f"server running (indexer pid {state.pid}: {state.pending} records pending, "
-                  f"{state.committed} committed since start, reconcile {state.reconcile})")
+                  f"{state.committed} instances committed since start, reconcile {state.reconcile})")
     else:
         source = "server stopped: read from the file"
     lines = [

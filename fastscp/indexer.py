@@ -226,7 +226,8 @@ class Indexer:
         self.oldest = 0.0
         self.last_record = 0.0
         self.stopping = False
-        #: Records committed since the start (written by the writer thread).
+        #: Instances committed since the start (written by the writer thread); thumbnail and
+        #: conflict records are not instances (the status page shows this as "committed").
         self.committed = 0
         self.reconcile_state = "running" if storage_root is not None else "off"
         # Work for the writer thread, in order: batches, reconcile steps, tidying.
@@ -399,7 +400,7 @@ class Indexer:
         while True:
             try:
                 self.index.add_table(instances.table(), conflicts, thumbnails)
-                self.committed += count
+                self.committed += instances.count
                 break
             except Exception:
                 attempt += 1
@@ -505,5 +506,5 @@ def indexer_main(db_path: str, wal_mode: bool, address: str, batch_size: int, ba
     ready.send("ready")
     ready.close()
     indexer.run()
-    log.info("indexer stopped; %d records committed", indexer.committed)
+    log.info("indexer stopped; %d instances committed", indexer.committed)
     gc.unfreeze()

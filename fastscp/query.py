@@ -102,7 +102,7 @@ class IndexerState(msgspec.Struct, frozen=True, kw_only=True, tag="state"):
     pid: int
     #: Records received and not committed yet.
     pending: int
-    #: Records committed since the indexer started.
+    #: Instances committed since the indexer started (not their thumbnail or conflict records).
     committed: int
     #: "running", "done", "failed" or "off" (no storage root given).
     reconcile: str

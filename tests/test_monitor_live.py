@@ -85,3 +85,29 @@ def test_status_page_metrics_and_cli_while_storing(start_server, tmp_path: Path)
     scu.release()
     wait_until(lambda: status(url)["open"] == [], what="the association to end")
     assert status(url)["totals"]["associations"] == 2
+
+
+def test_committed_counts_instances_not_records(start_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from fastscp.indexclient import QueryClient
+    from fastscp.query import QueryRequest
+
+    # Thumbnails on (the default): each instance also sends a thumbnail record to the indexer.
+    server = start_server(monitor="127.0.0.1:0")
+    (url,) = re.findall(r"status page (http://[^\s;]+)", server.log_text())
+    count = 12
+    series = write_series(str(tmp_path / "ct"), count, rows=32, columns=32)
+    dcmtk("storescu", "-aec", server.ae_title, "-xe", "127.0.0.1", str(server.port), *series)
+    queries = QueryClient(str(server.index))
+
+    def thumbnails_indexed() -> bool:
+        with queries.query(QueryRequest(level="IMAGE", keys=["ThumbnailPath"])) as result:
+            paths = [row[0] for row in result]
+        return len(paths) == count and all(paths)
+
+    wait_until(thumbnails_indexed, timeout=60, what="every instance and its thumbnail in the index")
+    wait_until(lambda: queries.state().pending == 0, what="nothing left to commit")
+    state = queries.state()
+    # The supervisor asks the indexer every INDEX_POLL seconds: wait until the page shows its answer.
+    wait_until(lambda: status(url)["index"]["committed"] == state.committed, what="the status page to catch up")
+    assert status(url)["index"]["committed"] == count, f"{count} instances stored"
+    assert state.committed == count
