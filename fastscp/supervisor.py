@@ -2,8 +2,13 @@
 
 One thread, one selector loop. It accepts each connection, sets
 TCP_NODELAY, and hands the socket to the least-busy worker over a Unix
-SOCK_SEQPACKET pair. It counts open associations across all workers, so
-``server.max_associations`` holds globally: one more is answered here with
+SOCK_SEQPACKET pair. A connection is *pending* until its worker has read its
+A-ASSOCIATE-RQ and asks for admission: pending connections have their own
+budget (``server.max_pending_connections``, at most
+``server.max_pending_per_address`` from one address; beyond it a new
+connection is closed at once) and take no association slot, so idle sockets
+can't lock senders out. Admission counts open associations across all
+workers, so ``server.max_associations`` holds globally: one more gets
 A-ASSOCIATE-RJ "local limit exceeded". A worker that dies is replaced (the
 kernel closes its sockets, so its associations abort and no other is
 touched). SIGTERM/SIGINT stop gracefully; a second one stops at once.
@@ -19,6 +24,7 @@ import selectors
 import signal
 import socket
 import ssl
+import struct
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -57,6 +63,11 @@ RESTART_BACKOFF = 1.0
 SNAPSHOT_INTERVAL = 0.5
 #: How often the indexer is asked for its committed and pending counts.
 INDEX_POLL = 2.0
+#: At most one "connection closed" line per address per this many seconds;
+#: the next line counts the ones not logged.
+DROP_LOG_INTERVAL = 5.0
+#: Addresses the drop log tracks at once; more are counted together.
+DROP_LOG_ADDRESSES = 1024
 
 
 class StartupError(Exception):
@@ -79,6 +90,45 @@ class PendingReject:
     peer: str
     deadline: float
     data: bytearray = field(default_factory=bytearray)
+
+
+class DropLog:
+    """INFO lines for connections closed before association, rate-limited.
+
+    A flood must not flood the log: the first drop from an address is logged
+    at once, later ones within DROP_LOG_INTERVAL are counted and logged as
+    one line when the interval ends.
+    """
+
+    def __init__(self, interval: float = DROP_LOG_INTERVAL) -> None:
+        self.interval = interval
+        #: address -> (quiet until, reasons of the drops not yet logged)
+        self._quiet: dict[str, tuple[float, Counter[str]]] = {}
+
+    def note(self, address: str, reason: str) -> None:
+        if address not in self._quiet and len(self._quiet) >= DROP_LOG_ADDRESSES:
+            address = "other addresses"
+        entry = self._quiet.get(address)
+        if entry is not None:
+            entry[1][reason] += 1
+            return
+        log.info("connection from %s closed: %s", address, reason)
+        self._quiet[address] = (time.monotonic() + self.interval, Counter())
+
+    def flush(self) -> None:
+        """Log the counts of intervals that have ended."""
+        now = time.monotonic()
+        for address, (until, suppressed) in list(self._quiet.items()):
+            if until > now:
+                continue
+            del self._quiet[address]
+            if suppressed:
+                log.info(
+                    "connection from %s: %d more closed in the last %.0f s: %s", address, suppressed.total(),
+                    self.interval, "; ".join(f"{n} as {reason}" for reason, n in suppressed.most_common()),
+                )
+                # Still busy: stay quiet for another interval.
+                self._quiet[address] = (now + self.interval, Counter())
 
 
 def _peer(address: tuple) -> str:
@@ -136,6 +186,10 @@ class Supervisor:
         #: Admitted associations: connection ID -> calling AE title.
         self.admitted: dict[int, str] = {}
         self.per_ae: Counter[str] = Counter()
+        #: Connections waiting for their A-ASSOCIATE-RQ: connection ID -> peer IP.
+        self.pending: dict[int, str] = {}
+        self.pending_per_address: Counter[str] = Counter()
+        self.drops = DropLog()
         self.monitor: multiprocessing.process.BaseProcess | None = None
         self.monitor_url = ""
         self._snapshots: socket.socket | None = None
@@ -321,6 +375,7 @@ class Supervisor:
                 elif tag[0] == "exit":
                     self._worker_died(tag[1])
             self._expire_rejects()
+            self.drops.flush()
             self._publish()
 
     def _accept(self) -> None:
@@ -334,11 +389,15 @@ class Supervisor:
                 log.error("accept failed: %s", exc)
                 return
             peer = _peer(address)
+            full = self._pending_full(address[0])
+            if full:
+                self._drop(sock, address[0], full)
+                continue
             try:
                 set_low_latency(sock)
             except OSError:
                 pass
-            if self.open_associations >= self.config.server.max_associations or not self.workers:
+            if not self.workers:
                 self._begin_reject(sock, peer)
                 continue
             worker = min(self.workers.values(), key=lambda w: len(w.open))
@@ -348,10 +407,39 @@ class Supervisor:
             try:
                 socket.send_fds(worker.control, [handoff], [sock.fileno()])
                 worker.open.add(connection_id)
+                self.pending[connection_id] = address[0]
+                self.pending_per_address[address[0]] += 1
             except OSError as exc:
                 log.error("could not hand %s to worker %d: %s", peer, worker.index, exc)
             finally:
                 sock.close()
+
+    def _pending_full(self, ip: str) -> str:
+        """Why a new connection from ``ip`` can't wait for its A-ASSOCIATE-RQ, or ""."""
+        server = self.config.server
+        if self.pending_per_address[ip] >= server.max_pending_per_address:
+            return (f"{self.pending_per_address[ip]} connections from this address are waiting for their"
+                    f" A-ASSOCIATE-RQ (server.max_pending_per_address)")
+        if len(self.pending) + len(self.rejects) >= server.max_pending_connections:
+            return (f"{len(self.pending) + len(self.rejects)} connections are waiting for their A-ASSOCIATE-RQ"
+                    f" (server.max_pending_connections)")
+        return ""
+
+    def _drop(self, sock: socket.socket, ip: str, reason: str) -> None:
+        # RST, not FIN: a flood leaves no TIME_WAIT sockets behind here.
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass
+        sock.close()
+        self.drops.note(ip, reason)
+
+    def _end_pending(self, connection_id: int) -> None:
+        ip = self.pending.pop(connection_id, None)
+        if ip is not None:
+            self.pending_per_address[ip] -= 1
+            if self.pending_per_address[ip] <= 0:
+                del self.pending_per_address[ip]
 
     def _control(self, worker: WorkerHandle | None) -> None:
         if worker is None:
@@ -371,15 +459,31 @@ class Supervisor:
             if isinstance(message, AssociationReport):
                 self.book.report(message)
                 if message.ended:
-                    self._release(worker, message.state.connection_id)
+                    connection_id = message.state.connection_id
+                    # A probe the peer closed is no news; one we timed out is a drop.
+                    if message.probe and "timed out" in message.state.outcome:
+                        ip = self.pending.get(connection_id)
+                        if ip is not None:
+                            self.drops.note(ip, "no A-ASSOCIATE-RQ within server.acse_timeout")
+                    self._release(worker, connection_id)
             elif isinstance(message, AdmissionRequest):
                 self._admit(worker, message)
 
     def _admit(self, worker: WorkerHandle, request: AdmissionRequest) -> None:
-        """Per calling AE limit (access.max_associations_per_aet), across all workers."""
+        """An A-ASSOCIATE-RQ was read and accepted by negotiation: its
+        connection stops being pending and takes an association slot, within
+        server.max_associations and access.max_associations_per_aet (across
+        all workers)."""
+        self._end_pending(request.connection_id)
         limit = self.config.access.max_associations_per_aet
+        most = self.config.server.max_associations
         ae = request.calling_ae_title
-        if limit and self.per_ae[ae] >= limit:
+        if len(self.admitted) >= most:
+            reply = AdmissionReply(
+                connection_id=request.connection_id, admitted=False,
+                reason=f"{len(self.admitted)} of {most} associations open (server.max_associations)",
+            )
+        elif limit and self.per_ae[ae] >= limit:
             reply = AdmissionReply(
                 connection_id=request.connection_id, admitted=False,
                 reason=f"{self.per_ae[ae]} of {limit} associations open for {ae!r} (access.max_associations_per_aet)",
@@ -395,6 +499,7 @@ class Supervisor:
 
     def _release(self, worker: WorkerHandle, connection_id: int) -> None:
         worker.open.discard(connection_id)
+        self._end_pending(connection_id)
         ae = self.admitted.pop(connection_id, None)
         if ae is not None:
             self.per_ae[ae] -= 1
@@ -427,7 +532,7 @@ class Supervisor:
         time.sleep(RESTART_BACKOFF)
         self._start_indexer()
 
-    # -- rejecting beyond max_associations ---------------------------------------
+    # -- rejecting while no worker runs ------------------------------------------
 
     def _begin_reject(self, sock: socket.socket, peer: str) -> None:
         sock.setblocking(False)
@@ -454,9 +559,8 @@ class Supervisor:
             pass
         self.book.reject("local limit exceeded")
         log.warning(
-            "association %s (%s) -> %s: rejected (local limit exceeded: %d of %d open)",
+            "association %s (%s) -> %s: rejected (local limit exceeded: no worker is running)",
             calling or "?", pending.peer, called or "?",
-            self.open_associations, self.config.server.max_associations,
         )
         self._drop_reject(pending)
 

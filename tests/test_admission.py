@@ -1,0 +1,129 @@
+"""Hostile peers before association: idle sockets, floods from one or many
+addresses. Connections awaiting their A-ASSOCIATE-RQ take no association
+slot and have their own bounded budget (server.max_pending_connections,
+server.max_pending_per_address); what is dropped is logged at INFO,
+rate-limited."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import select
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fastscp.scu import echo
+from tests.conftest import dcmtk, wait_until
+from tests.test_access import associate, config
+
+pytestmark = pytest.mark.dcmtk
+
+LIMITS = """
+server:
+  max_associations: 4
+  max_pending_connections: 20
+  max_pending_per_address: 8
+"""
+
+
+@contextlib.contextmanager
+def idle_sockets(port: int, source: str, count: int) -> Iterator[list[socket.socket]]:
+    """``count`` TCP connections from ``source`` (a 127.x address) that send nothing."""
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            sock = socket.socket()
+            socks.append(sock)
+            sock.bind((source, 0))
+            sock.connect(("127.0.0.1", port))
+        yield socks
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def closed_by_server(socks: list[socket.socket], wait: float = 2.0) -> list[socket.socket]:
+    """The sockets the server has closed (EOF, reset or A-ABORT) within ``wait`` seconds."""
+    closed: list[socket.socket] = []
+    deadline = time.monotonic() + wait
+    while (left := deadline - time.monotonic()) > 0:
+        readable, _, _ = select.select([s for s in socks if s not in closed], [], [], left)
+        for sock in readable:
+            try:
+                data = sock.recv(16)
+            except ConnectionResetError:
+                data = b""
+            # Nothing, or an A-ABORT before the close (a timed-out association).
+            assert data == b"" or data[0] == 0x07, f"the server sent {data!r} to a connection that sent nothing"
+            closed.append(sock)
+    return closed
+
+
+def echoscu_succeeds(server, aet: str = "ECHOSCU") -> None:  # type: ignore[no-untyped-def]
+    result = dcmtk("echoscu", "-aet", aet, "-aec", server.ae_title, "127.0.0.1", str(server.port), check=False)
+    assert result.returncode == 0, f"echoscu failed:\n{result.stdout}\n{result.stderr}"
+
+
+def test_idle_sockets_take_no_association_slot(start_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Issue 11.1: 70 idle sockets from one host locked out every sender."""
+    server = start_server(config=config(tmp_path, LIMITS), workers=2)
+    with idle_sockets(server.port, "127.0.0.2", 70) as socks:
+        # Far more than max_associations (4) idle sockets, yet senders get in.
+        echoscu_succeeds(server)
+        assert echo("127.0.0.1", server.port, aet="PYNETDICOM", aec=server.ae_title) == 0
+        # 8 wait for their A-ASSOCIATE-RQ (the per-address cap); 62 were closed at once.
+        assert len(closed_by_server(socks)) == 62
+        # max_associations still holds for real associations.
+        held = [associate(server, f"HOLD{i}") for i in range(4)]
+        try:
+            assert all(a.is_established for a in held)
+            result = dcmtk("echoscu", "-aec", server.ae_title, "127.0.0.1", str(server.port), check=False)
+            assert result.returncode != 0
+        finally:
+            for assoc in held:
+                assoc.release()
+        wait_until(lambda: _echo_ok(server), what="the freed association slots")
+    # The drops are logged at INFO with the address and the key, rate-limited:
+    # one line, then one line that counts the rest.
+    log = server.wait_for_log("connection from 127.0.0.2: 61 more closed", timeout=20)
+    lines = [line for line in log.splitlines() if "connection from 127.0.0.2" in line]
+    assert len(lines) == 2, lines
+    assert " INFO " in lines[0] and "server.max_pending_per_address" in lines[0]
+    assert lines[1].endswith("61 as 8 connections from this address are waiting for their A-ASSOCIATE-RQ"
+                             " (server.max_pending_per_address)")
+
+
+def test_pending_budget_is_bounded_across_addresses(start_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    server = start_server(config=config(tmp_path, LIMITS), workers=2)
+    # Also lets the start-up check's probe connection (conftest) end first.
+    echoscu_succeeds(server)
+    with contextlib.ExitStack() as stack:
+        groups = [stack.enter_context(idle_sockets(server.port, f"127.0.0.{n}", 5)) for n in (2, 3, 4, 5)]
+        # 20 pending in all: the whole budget (server.max_pending_connections), none closed.
+        assert closed_by_server([s for group in groups for s in group]) == []
+        extra = stack.enter_context(idle_sockets(server.port, "127.0.0.6", 3))
+        assert len(closed_by_server(extra)) == 3
+        server.wait_for_log("connection from 127.0.0.6 closed: 20 connections are waiting for their"
+                            " A-ASSOCIATE-RQ (server.max_pending_connections)")
+        # Those that wait are still served once they speak: the budget frees up.
+        for group in groups:
+            for sock in group:
+                sock.close()
+        wait_until(lambda: _echo_ok(server), what="the pending budget to free up")
+
+
+def test_idle_connection_dropped_after_acse_timeout_is_logged(start_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    server = start_server(config=config(tmp_path, "server:\n  acse_timeout: 1\n"))
+    with idle_sockets(server.port, "127.0.0.7", 3) as socks:
+        log = server.wait_for_log("connection from 127.0.0.7 closed: no A-ASSOCIATE-RQ within server.acse_timeout")
+        assert len(closed_by_server(socks, wait=5)) == 3
+    assert re.search(r" INFO .*connection from 127\.0\.0\.7 closed: no A-ASSOCIATE-RQ", log)
+
+
+def _echo_ok(server) -> bool:  # type: ignore[no-untyped-def]
+    result = dcmtk("echoscu", "-aec", server.ae_title, "127.0.0.1", str(server.port), check=False)
+    return result.returncode == 0
