@@ -7,12 +7,17 @@ file has one writer and rotation never races between processes.
 Loggers: ``fastscp.association`` (the connection log, one line per
 association), ``fastscp.action`` (one line per stored object), and one per
 component.
+
+Messages carry values a peer chose (AE titles, UIDs, addresses, comments,
+paths), so both formats write every control character of a message as a
+visible escape (:func:`escape`): no peer can forge a log line.
 """
 
 from __future__ import annotations
 
 import logging
 import logging.handlers
+import re
 import socket
 import sys
 import threading
@@ -21,6 +26,38 @@ import time
 import msgspec
 
 _FORWARDED = ("name", "levelno", "levelname", "created", "msecs", "process", "processName", "threadName")
+
+
+#: C0 and C1 control characters, DEL, and the Unicode line and paragraph separators.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _escaped(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def escape(text: str) -> str:
+    """``text`` with each control character written as ``\\xNN`` (``\\uNNNN``).
+
+    A CR/LF in a calling AE title or a UID would otherwise start a line of
+    the peer's making in the log; a terminal escape would act on the
+    reader's terminal.
+    """
+    return _CONTROL.sub(_escaped, text) if _CONTROL.search(text) else text
+
+
+class PlainFormatter(logging.Formatter):
+    """Timestamp, level, process, logger and the escaped message, one line."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s [%(processName)s] %(name)s: %(message)s")
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        # The record is shared by every handler: escape a copy of its message.
+        escaped = logging.makeLogRecord(record.__dict__)
+        escaped.message = escape(record.message)
+        return super().formatMessage(escaped)
 
 
 class JSONFormatter(logging.Formatter):
@@ -32,7 +69,7 @@ class JSONFormatter(logging.Formatter):
             "logger": record.name,
             "process": record.processName,
             "pid": record.process,
-            "message": record.getMessage(),
+            "message": escape(record.getMessage()),
         }
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
@@ -44,7 +81,7 @@ class JSONFormatter(logging.Formatter):
 def _formatter(fmt: str) -> logging.Formatter:
     if fmt == "json":
         return JSONFormatter()
-    return logging.Formatter("%(asctime)s %(levelname)s [%(processName)s] %(name)s: %(message)s")
+    return PlainFormatter()
 
 
 def configure(level: str = "INFO", fmt: str = "plain", file: str = "", max_bytes: int = 50 << 20,

@@ -1,12 +1,13 @@
-"""Hostile peers before association: idle sockets, floods from one or many
-addresses. Connections awaiting their A-ASSOCIATE-RQ take no association
-slot and have their own bounded budget (server.max_pending_connections,
+"""Hostile peers: idle sockets, floods from one or many addresses, forged log
+lines. Connections awaiting their A-ASSOCIATE-RQ take no association slot
+and have their own bounded budget (server.max_pending_connections,
 server.max_pending_per_address); what is dropped is logged at INFO,
-rate-limited."""
+rate-limited. Values a peer sends are escaped in the log."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import select
 import socket
@@ -15,9 +16,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
 from fastscp.scu import echo
 from tests.conftest import dcmtk, wait_until
+from tests.rawscu import RawSCU
 from tests.test_access import associate, config
 
 pytestmark = pytest.mark.dcmtk
@@ -127,3 +130,30 @@ def test_idle_connection_dropped_after_acse_timeout_is_logged(start_server, tmp_
 def _echo_ok(server) -> bool:  # type: ignore[no-untyped-def]
     result = dcmtk("echoscu", "-aec", server.ae_title, "127.0.0.1", str(server.port), check=False)
     return result.returncode == 0
+
+
+@pytest.mark.parametrize("log_format", ["plain", "json"])
+def test_peer_values_cannot_forge_log_lines(start_server, tmp_path: Path, log_format: str) -> None:  # type: ignore[no-untyped-def]
+    """Issue 11.6: CR/LF in a calling AE title or a command UID was written verbatim."""
+    server = start_server(config=config(tmp_path, f"logging:\n  format: {log_format}\n"))
+    # pynetdicom's decoder refuses the AE title: the association is aborted
+    # and the log line quotes it.
+    evil = RawSCU(server.port, CTImageStorage, ExplicitVRLittleEndian, raw_calling_ae=b"EVIL\r\nFORGED AE")
+    assert evil.response_type == 0x07  # A-ABORT
+    evil.close()
+    scu = RawSCU(server.port, CTImageStorage, ExplicitVRLittleEndian, aet="RAWSCU")
+    # A data set that can't be parsed: its warning names the command's UID.
+    assert scu.store("1.2.3\r\nFORGED UID\x1b[2J", b"\x08\x00\x16\x00garbage") == 0xC000
+    scu.release()
+    server.wait_for_log("FORGED AE", "FORGED UID")
+    server.stop()
+    lines = server.log_text().splitlines()
+    assert not [line for line in lines if line.startswith("FORGED")]
+    if log_format == "json":
+        messages = [json.loads(line)["message"] for line in lines]
+    else:
+        assert all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ \[", line) for line in lines), lines
+        messages = lines
+    assert any("'EVIL\\x0d\\x0aFORGED AE'" in m for m in messages), messages
+    assert any("C-STORE 1.2.3\\x0d\\x0aFORGED UID\\x1b[2J from RAWSCU" in m for m in messages), messages
+    assert not any(c in "".join(messages) for c in "\r\x1b")
