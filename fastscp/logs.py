@@ -22,6 +22,7 @@ import socket
 import sys
 import threading
 import time
+from collections import Counter
 
 import msgspec
 
@@ -99,6 +100,53 @@ def configure(level: str = "INFO", fmt: str = "plain", file: str = "", max_bytes
     # pynetdicom's default handlers log (and copy) every dataset; the SCU
     # commands use it, so quieten it unless asked for DEBUG.
     logging.getLogger("pynetdicom").setLevel(logging.DEBUG if level == "DEBUG" else logging.WARNING)
+
+
+#: At most one "connection closed" line per address per this many seconds;
+#: the next line counts the ones not logged.
+DROP_LOG_INTERVAL = 5.0
+#: Addresses a DropLog tracks at once; more are counted together.
+DROP_LOG_ADDRESSES = 1024
+
+
+class DropLog:
+    """INFO lines for connections a server closes on a peer, rate-limited.
+
+    A flood must not flood the log: the first drop from an address is logged
+    at once; later ones within ``interval`` are counted, and :meth:`flush`
+    (called now and then) logs them as one line when the interval ends.
+    """
+
+    def __init__(self, logger: logging.Logger, interval: float = DROP_LOG_INTERVAL) -> None:
+        self.log = logger
+        self.interval = interval
+        #: address -> (quiet until, reasons of the drops not yet logged)
+        self._quiet: dict[str, tuple[float, Counter[str]]] = {}
+
+    def note(self, address: str, reason: str) -> None:
+        if address not in self._quiet and len(self._quiet) >= DROP_LOG_ADDRESSES:
+            address = "other addresses"
+        entry = self._quiet.get(address)
+        if entry is not None:
+            entry[1][reason] += 1
+            return
+        self.log.info("connection from %s closed: %s", address, reason)
+        self._quiet[address] = (time.monotonic() + self.interval, Counter())
+
+    def flush(self) -> None:
+        """Log the counts of intervals that have ended."""
+        now = time.monotonic()
+        for address, (until, suppressed) in list(self._quiet.items()):
+            if until > now:
+                continue
+            del self._quiet[address]
+            if suppressed:
+                self.log.info(
+                    "connection from %s: %d more closed in the last %.0f s: %s", address, suppressed.total(),
+                    self.interval, "; ".join(f"{n} as {reason}" for reason, n in suppressed.most_common()),
+                )
+                # Still busy: stay quiet for another interval.
+                self._quiet[address] = (now + self.interval, Counter())
 
 
 #: How long a child holds INFO records before sending them as one message.

@@ -63,11 +63,6 @@ RESTART_BACKOFF = 1.0
 SNAPSHOT_INTERVAL = 0.5
 #: How often the indexer is asked for its committed and pending counts.
 INDEX_POLL = 2.0
-#: At most one "connection closed" line per address per this many seconds;
-#: the next line counts the ones not logged.
-DROP_LOG_INTERVAL = 5.0
-#: Addresses the drop log tracks at once; more are counted together.
-DROP_LOG_ADDRESSES = 1024
 
 
 class StartupError(Exception):
@@ -90,45 +85,6 @@ class PendingReject:
     peer: str
     deadline: float
     data: bytearray = field(default_factory=bytearray)
-
-
-class DropLog:
-    """INFO lines for connections closed before association, rate-limited.
-
-    A flood must not flood the log: the first drop from an address is logged
-    at once, later ones within DROP_LOG_INTERVAL are counted and logged as
-    one line when the interval ends.
-    """
-
-    def __init__(self, interval: float = DROP_LOG_INTERVAL) -> None:
-        self.interval = interval
-        #: address -> (quiet until, reasons of the drops not yet logged)
-        self._quiet: dict[str, tuple[float, Counter[str]]] = {}
-
-    def note(self, address: str, reason: str) -> None:
-        if address not in self._quiet and len(self._quiet) >= DROP_LOG_ADDRESSES:
-            address = "other addresses"
-        entry = self._quiet.get(address)
-        if entry is not None:
-            entry[1][reason] += 1
-            return
-        log.info("connection from %s closed: %s", address, reason)
-        self._quiet[address] = (time.monotonic() + self.interval, Counter())
-
-    def flush(self) -> None:
-        """Log the counts of intervals that have ended."""
-        now = time.monotonic()
-        for address, (until, suppressed) in list(self._quiet.items()):
-            if until > now:
-                continue
-            del self._quiet[address]
-            if suppressed:
-                log.info(
-                    "connection from %s: %d more closed in the last %.0f s: %s", address, suppressed.total(),
-                    self.interval, "; ".join(f"{n} as {reason}" for reason, n in suppressed.most_common()),
-                )
-                # Still busy: stay quiet for another interval.
-                self._quiet[address] = (now + self.interval, Counter())
 
 
 def _peer(address: tuple) -> str:
@@ -189,7 +145,7 @@ class Supervisor:
         #: Connections waiting for their A-ASSOCIATE-RQ: connection ID -> peer IP.
         self.pending: dict[int, str] = {}
         self.pending_per_address: Counter[str] = Counter()
-        self.drops = DropLog()
+        self.drops = logs.DropLog(log)
         self.monitor: multiprocessing.process.BaseProcess | None = None
         self.monitor_url = ""
         self._snapshots: socket.socket | None = None
