@@ -59,7 +59,8 @@ MAX_CONNECTIONS = 64
 #: Deadline for a new connection's whole first request head (slow-header
 #: clients are cut off here).
 REQUEST_TIMEOUT = 10.0
-#: A keep-alive connection gets this long for its whole next request head.
+#: A keep-alive connection gets this long to begin its next request (then
+#: REQUEST_TIMEOUT for that request's whole head).
 IDLE_TIMEOUT = 30.0
 #: Largest snapshot message accepted; the kernel's SOCK_SEQPACKET limit (the
 #: sender's SO_SNDBUF, ~208 KiB by default) is well below it.
@@ -411,11 +412,17 @@ class MonitorServer:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                      connection: _Connection) -> None:
-        timeout = REQUEST_TIMEOUT
         while not self.stopped.is_set():
             try:
-                async with asyncio.timeout(timeout):
-                    head = await reader.readuntil(b"\r\n\r\n")
+                first = b""
+                if connection.state == "idle":
+                    # Keep-alive: up to IDLE_TIMEOUT to begin the next request...
+                    async with asyncio.timeout(IDLE_TIMEOUT):
+                        first = await reader.readexactly(1)
+                    connection.enter("head")
+                # ...and REQUEST_TIMEOUT for the whole head, however it trickles in.
+                async with asyncio.timeout(REQUEST_TIMEOUT):
+                    head = first + await reader.readuntil(b"\r\n\r\n")
             except asyncio.LimitOverrunError:
                 await _send(writer, text_response(431, "request head too large").encode(keep_alive=False))
                 return
@@ -437,7 +444,6 @@ class MonitorServer:
             if not keep_alive:
                 return
             connection.enter("idle")
-            timeout = IDLE_TIMEOUT
 
     async def run(self, listener: socket.socket, ready: Connection, url: str) -> None:
         loop = asyncio.get_running_loop()

@@ -668,7 +668,9 @@ class Supervisor:
             index_path=self.config.index_path, index_committed=self._index_state[0], index_lag=self._index_state[1],
             workers=[
                 WorkerState(index=w.index, pid=w.process.pid or 0, alive=w.process.is_alive(),
-                            open_associations=len(w.open), started=time.time() - (now - w.started),
+                            # Admitted ones: a connection still pending is no association yet.
+                            open_associations=sum(1 for c in w.open if c in self.admitted),
+                            started=time.time() - (now - w.started),
                             restarts=w.restarts)
                 for w in self.workers.values()
             ],

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import re
+import select
 import shutil
 import socket
+import time
 import urllib.request
 from pathlib import Path
 
@@ -137,6 +139,33 @@ def test_healthz_answers_under_connection_floods(start_server, flood: str) -> No
             socks += [_connect(port, b"GET / HTTP/1.1\r\nHost: flood\r\n") for _ in range(70)]
         assert get(url + "/healthz") == (200, "ok\n")
         server.wait_for_log(f"connection from 127.0.0.1 closed: {evicted}, closed for a new one at the cap of 64")
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def test_trickled_keep_alive_request_head_is_cut_at_its_deadline(start_server) -> None:  # type: ignore[no-untyped-def]
+    """A keep-alive connection's next head had the 30 s idle time to trickle in; now 10 s (REQUEST_TIMEOUT)."""
+    server = start_server(monitor="127.0.0.1:0")
+    (url,) = re.findall(r"status page (http://[^\s;]+)", server.log_text())
+    wait_until(lambda: get(url + "/healthz")[0] == 200, what="the first status snapshot")
+    socks: list[socket.socket] = []
+    try:
+        _idle_keep_alive(int(url.rsplit(":", 1)[1]), socks)
+        (sock,) = socks
+        sock.sendall(b"GET /healthz HTTP/1.1\r\n")
+        started = time.monotonic()
+        closed = False
+        while not closed and time.monotonic() - started < 20:
+            try:
+                sock.sendall(b"X-Trickle: 1\r\n")
+                readable, _, _ = select.select([sock], [], [], 1.0)
+                closed = bool(readable) and sock.recv(1) == b""
+            except (BrokenPipeError, ConnectionResetError):
+                closed = True
+        assert closed, "a trickling request head kept its connection for 20 s"
+        assert 9 < time.monotonic() - started < 15
+        server.wait_for_log("connection from 127.0.0.1 closed: no whole request head within 10 s")
     finally:
         for sock in socks:
             sock.close()
