@@ -60,6 +60,12 @@ class PlainFormatter(logging.Formatter):
         escaped.message = escape(record.message)
         return super().formatMessage(escaped)
 
+    def format(self, record: logging.LogRecord) -> str:
+        # A traceback is the only multi-line part, and its exception message
+        # may quote a peer: indent its lines so none can pass for a record.
+        first, *rest = super().format(record).split("\n")
+        return "\n".join([first, *(f"    {escape(line)}" for line in rest)])
+
 
 class JSONFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
@@ -72,10 +78,10 @@ class JSONFormatter(logging.Formatter):
             "pid": record.process,
             "message": escape(record.getMessage()),
         }
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
-        elif record.exc_text:
-            entry["exception"] = record.exc_text
+        exception = self.formatException(record.exc_info) if record.exc_info else record.exc_text
+        if exception:
+            # Line breaks kept (a traceback's own), every other control character escaped.
+            entry["exception"] = "\n".join(escape(line) for line in exception.split("\n"))
         return msgspec.json.encode(entry).decode()
 
 
