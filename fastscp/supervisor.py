@@ -146,6 +146,8 @@ class Supervisor:
         self.pending: dict[int, str] = {}
         self.pending_per_address: Counter[str] = Counter()
         self.drops = logs.DropLog(log)
+        #: Connections closed before association, by the setting that closed them.
+        self.dropped: Counter[str] = Counter()
         self.monitor: multiprocessing.process.BaseProcess | None = None
         self.monitor_url = ""
         self._snapshots: socket.socket | None = None
@@ -347,7 +349,7 @@ class Supervisor:
             peer = _peer(address)
             full = self._pending_full(address[0])
             if full:
-                self._drop(sock, address[0], full)
+                self._drop(sock, address[0], *full)
                 continue
             try:
                 set_low_latency(sock)
@@ -370,24 +372,27 @@ class Supervisor:
             finally:
                 sock.close()
 
-    def _pending_full(self, ip: str) -> str:
-        """Why a new connection from ``ip`` can't wait for its A-ASSOCIATE-RQ, or ""."""
+    def _pending_full(self, ip: str) -> tuple[str, str] | None:
+        """(the key, why) a new connection from ``ip`` can't wait for its A-ASSOCIATE-RQ, or None."""
         server = self.config.server
         if self.pending_per_address[ip] >= server.max_pending_per_address:
-            return (f"{self.pending_per_address[ip]} connections from this address are waiting for their"
-                    f" A-ASSOCIATE-RQ (server.max_pending_per_address)")
-        if len(self.pending) + len(self.rejects) >= server.max_pending_connections:
-            return (f"{len(self.pending) + len(self.rejects)} connections are waiting for their A-ASSOCIATE-RQ"
-                    f" (server.max_pending_connections)")
-        return ""
+            key = "server.max_pending_per_address"
+            return key, (f"{self.pending_per_address[ip]} connections from this address are waiting for their"
+                         f" A-ASSOCIATE-RQ ({key})")
+        waiting = len(self.pending) + len(self.rejects)
+        if waiting >= server.max_pending_connections:
+            key = "server.max_pending_connections"
+            return key, f"{waiting} connections are waiting for their A-ASSOCIATE-RQ ({key})"
+        return None
 
-    def _drop(self, sock: socket.socket, ip: str, reason: str) -> None:
+    def _drop(self, sock: socket.socket, ip: str, key: str, reason: str) -> None:
         # RST, not FIN: a flood leaves no TIME_WAIT sockets behind here.
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         except OSError:
             pass
         sock.close()
+        self.dropped[key] += 1
         self.drops.note(ip, reason)
 
     def _end_pending(self, connection_id: int) -> None:
@@ -420,6 +425,7 @@ class Supervisor:
                     if message.probe and "timed out" in message.state.outcome:
                         ip = self.pending.get(connection_id)
                         if ip is not None:
+                            self.dropped["server.acse_timeout"] += 1
                             self.drops.note(ip, "no A-ASSOCIATE-RQ within server.acse_timeout")
                     self._release(worker, connection_id)
             elif isinstance(message, AdmissionRequest):
@@ -676,6 +682,8 @@ class Supervisor:
             ],
             config=public_config(self.config),
         )
+        snapshot.pending_connections = len(self.pending)
+        snapshot.dropped_connections = dict(self.dropped)
         try:
             self._snapshots.send(SNAPSHOT_ENCODER.encode(snapshot))
         except (BlockingIOError, InterruptedError):

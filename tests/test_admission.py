@@ -16,12 +16,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
 from fastscp.scu import echo
 from tests.conftest import dcmtk, wait_until
 from tests.rawscu import RawSCU
 from tests.test_access import associate, config
+from tests.test_monitor_live import get
 
 pytestmark = pytest.mark.dcmtk
 
@@ -73,13 +75,17 @@ def echoscu_succeeds(server, aet: str = "ECHOSCU") -> None:  # type: ignore[no-u
 
 def test_idle_sockets_take_no_association_slot(start_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """Issue 11.1: 70 idle sockets from one host locked out every sender."""
-    server = start_server(config=config(tmp_path, LIMITS), workers=2)
+    server = start_server(config=config(tmp_path, LIMITS), workers=2, monitor="127.0.0.1:0")
+    (url,) = re.findall(r"status page (http://[^\s;]+)", server.log_text())
     with idle_sockets(server.port, "127.0.0.2", 70) as socks:
         # Far more than max_associations (4) idle sockets, yet senders get in.
         echoscu_succeeds(server)
         assert echo("127.0.0.1", server.port, aet="PYNETDICOM", aec=server.ae_title) == 0
         # 8 wait for their A-ASSOCIATE-RQ (the per-address cap); 62 were closed at once.
         assert len(closed_by_server(socks)) == 62
+        # /metrics shows them: 8 pending, 62 dropped by the per-address cap.
+        wait_until(lambda: _metrics(url) == (8.0, {"server.max_pending_per_address": 62.0}),
+                   what="8 pending and 62 dropped connections in /metrics")
         # max_associations still holds for real associations.
         held = [associate(server, f"HOLD{i}") for i in range(4)]
         try:
@@ -157,3 +163,10 @@ def test_peer_values_cannot_forge_log_lines(start_server, tmp_path: Path, log_fo
     assert any("'EVIL\\x0d\\x0aFORGED AE'" in m for m in messages), messages
     assert any("C-STORE 1.2.3\\x0d\\x0aFORGED UID\\x1b[2J from RAWSCU" in m for m in messages), messages
     assert not any(c in "".join(messages) for c in "\r\x1b")
+
+
+def _metrics(url: str) -> tuple[float, dict[str, float]]:
+    """fastscp_pending_connections and fastscp_connections_dropped_total by reason."""
+    families = {f.name: f for f in text_string_to_metric_families(get(url + "/metrics")[1])}
+    dropped = {s.labels["reason"]: s.value for s in families["fastscp_connections_dropped"].samples}
+    return families["fastscp_pending_connections"].samples[0].value, dropped
