@@ -167,16 +167,27 @@ def plan(model: str, identifier: Dataset, *, retrieve_ae_title: str = "") -> Fin
     return FindPlan(level, request, returns, unsupported)
 
 
+#: The longest DS value (PS3.5 6.2).
+_DS_CHARS = 16
+
+
 def _value(value: Any, vr: str) -> Any:
-    """A column value as pydicom wants it for the element's VR."""
+    """A column value as pydicom wants it for the element's VR; every value of a multi-valued one."""
     if value is None or value == "":
         return None
-    if vr == "DS" and isinstance(value, float):
-        return format_number_as_ds(value)
+    if isinstance(value, str) and "\\" in value:
+        # Multi-valued (Window Center, Image Type, Modalities In Study).
+        return [_value(one, vr) if one else "" for one in value.split("\\")]
+    if vr == "DS":
+        if isinstance(value, float):
+            return format_number_as_ds(value)
+        if isinstance(value, str) and len(value) > _DS_CHARS:
+            try:
+                return format_number_as_ds(float(value))
+            except ValueError:
+                return None
     if vr in ("IS", "US", "UL", "SS", "SL") and isinstance(value, str):
         return int(value) if value.lstrip("-").isdigit() else None
-    if isinstance(value, str) and "\\" in value:
-        return value.split("\\")  # multi-valued (Modalities In Study)
     return value
 
 

@@ -73,7 +73,7 @@ def rows(index: Index, sql: str, params: list[object] | None = None) -> list[tup
 
 
 def test_every_header_field_has_a_column() -> None:
-    placed = {name for table in ("patients", "studies", "series", "instances") for name in TABLES[table]}
+    placed = {name for table in ("studies", "series", "instances") for name in TABLES[table]}
     assert set(HeaderFields.__struct_fields__) <= placed, "a new HeaderFields field needs a column and a migration"
     assert set(TABLES["duplicate_conflicts"]) == set(DuplicateConflict.__struct_fields__)
 
@@ -111,7 +111,7 @@ def test_batch_fills_patients_studies_series_and_instances(storage: Path, tmp_pa
     assert rows(index, "SELECT patient_name FROM patients WHERE patient_id = 'X1EXAMPLE'") == [
         ("Wang^XiaoDong=王^小東",)]
     counts = dict(rows(index, "SELECT p.patient_id, c.number_of_patient_related_instances FROM patient_counts c "
-                              "JOIN patients p USING (patient_id)"))
+                              "JOIN patients p USING (patient_key)"))
     assert counts["SYNA"] == 4 and counts["SYNB"] == 3 and counts["1CT1"] == 1
     (study,) = rows(index, "SELECT number_of_study_related_series, number_of_study_related_instances, study_size "
                            "FROM study_counts JOIN studies USING (study_instance_uid) WHERE patient_id = 'SYNA'")
