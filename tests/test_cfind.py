@@ -12,7 +12,7 @@ import pytest
 
 from fastscp.indexclient import QueryClient
 from fastscp.synthetic import write_series
-from tests.conftest import dcmtk
+from tests.conftest import dcmtk, wait_until
 
 pytestmark = pytest.mark.dcmtk
 
@@ -90,3 +90,97 @@ def test_find_while_stores_run(archive, tmp_path: Path) -> None:  # type: ignore
         output, _ = store.communicate(timeout=120)
     assert store.returncode == 0, output
     assert len(archive.stored_files()) == 35
+
+
+# -- per-study patient attributes, multi-valued attributes, relational queries (issue 17) --------------
+
+
+def _instance(folder: Path, patient_id: str | None, name: str, study_date: str, seed: int, **extra: object) -> str:
+    """One CT of a new study, made by pydicom; ``patient_id`` None: no Patient ID element."""
+    (path,) = write_series(str(folder), 1, rows=8, columns=8, patient_id=patient_id or "X", seed=seed)
+    ds = pydicom.dcmread(path)
+    if patient_id is None:
+        del ds.PatientID
+    else:
+        ds.PatientID = patient_id
+    ds.PatientName = name
+    ds.StudyDate = study_date
+    for keyword, value in extra.items():
+        setattr(ds, keyword, value)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+@pytest.fixture
+def patients(start_server, tmp_path: Path):  # type: ignore[no-untyped-def]
+    """P008 stored as Smith^Jane (2020) then Jones^Jane (2023); two patients without a Patient ID.
+
+    The 2020 study arrives last, so a newest-wins patient row says Smith.
+    """
+    server = start_server()
+    files = [
+        _instance(tmp_path / "jones", "P008", "Jones^Jane", "20230101", 1),
+        _instance(tmp_path / "absent", None, "Absent^Id", "20210101", 2),
+        _instance(tmp_path / "empty", "", "Empty^Id", "20220101", 3, ImageType=["ORIGINAL", "PRIMARY", "AXIAL"],
+                  WindowCenter=["40", "400"], WindowWidth=["350", "1500.5"]),
+        _instance(tmp_path / "smith", "P008", "Smith^Jane", "20200101", 4),
+    ]
+    for path in files:  # one association each: the arrival order is the list's
+        dcmtk("storescu", "-aec", server.ae_title, "-xe", "127.0.0.1", str(server.port), path)
+    wait_until(lambda: QueryClient(str(server.index)).stats().instances == 4,  # type: ignore[attr-defined]
+               what="the stores to be indexed")
+    return server
+
+
+def test_study_root_matches_and_returns_each_studys_own_patient_name(patients, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    for name in ("Smith^Jane", "Jones^Jane"):
+        found = findscu(patients, tmp_path, "-S", "QueryRetrieveLevel=STUDY", f"PatientName={name}", "PatientID",
+                        "StudyDate")
+        assert [(str(ds.PatientName), ds.PatientID) for ds in found] == [(name, "P008")]
+    found = findscu(patients, tmp_path, "-S", "QueryRetrieveLevel=STUDY", "PatientID=P008", "PatientName",
+                    "StudyDate")
+    assert sorted((ds.StudyDate, str(ds.PatientName)) for ds in found) == [
+        ("20200101", "Smith^Jane"), ("20230101", "Jones^Jane")]
+
+
+def test_patients_without_a_patient_id_are_never_merged(patients, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    found = findscu(patients, tmp_path, "-S", "QueryRetrieveLevel=STUDY", "PatientName=*Id", "PatientID", "StudyDate")
+    assert sorted((str(ds.PatientName), ds.PatientID) for ds in found) == [("Absent^Id", ""), ("Empty^Id", "")]
+    found = findscu(patients, tmp_path, "-P", "QueryRetrieveLevel=PATIENT", "PatientName", "PatientID",
+                    "NumberOfPatientRelatedStudies")
+    assert sorted((str(ds.PatientName), ds.PatientID, int(ds.NumberOfPatientRelatedStudies)) for ds in found) == [
+        ("Absent^Id", "", 1), ("Empty^Id", "", 1), ("Jones^Jane", "P008", 2)]
+
+
+def test_patient_root_keeps_every_name_matchable(patients, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    # One patient per Patient ID; each name it was stored under finds it, and
+    # the answer shows the name that matched (else the latest study's).
+    for name in ("Smith^Jane", "Jones^Jane", "smith*"):
+        found = findscu(patients, tmp_path, "-P", "QueryRetrieveLevel=PATIENT", f"PatientName={name}", "PatientID",
+                        "NumberOfPatientRelatedStudies")
+        assert [(ds.PatientID, int(ds.NumberOfPatientRelatedStudies)) for ds in found] == [("P008", 2)], name
+        assert str(found[0].PatientName).lower().startswith(name.rstrip("*").lower()[:5])
+    (p008,) = findscu(patients, tmp_path, "-P", "QueryRetrieveLevel=PATIENT", "PatientID=P008", "PatientName")
+    assert str(p008.PatientName) == "Jones^Jane"  # the latest study (by Study Date), though it arrived first
+    studies = findscu(patients, tmp_path, "-P", "QueryRetrieveLevel=STUDY", "PatientID=P008", "PatientName",
+                      "StudyDate")
+    assert sorted((ds.StudyDate, str(ds.PatientName)) for ds in studies) == [
+        ("20200101", "Smith^Jane"), ("20230101", "Jones^Jane")]
+
+
+def test_multi_valued_attributes_come_back_with_every_value(patients, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    (study,) = findscu(patients, tmp_path, "-S", "QueryRetrieveLevel=STUDY", "PatientName=Empty^Id",
+                       "StudyInstanceUID")
+    (series,) = findscu(patients, tmp_path, "-S", "QueryRetrieveLevel=SERIES",
+                        f"StudyInstanceUID={study.StudyInstanceUID}", "SeriesInstanceUID")
+    keys = ("-S", "QueryRetrieveLevel=IMAGE", f"StudyInstanceUID={study.StudyInstanceUID}",
+            f"SeriesInstanceUID={series.SeriesInstanceUID}")
+    (image,) = findscu(patients, tmp_path, *keys, "WindowCenter", "WindowWidth", "ImageType", "SOPInstanceUID")
+    assert image["WindowCenter"].VM == 2 and [str(v) for v in image.WindowCenter] == ["40", "400"]
+    assert [float(v) for v in image.WindowWidth] == [350.0, 1500.5]
+    assert list(image.ImageType) == ["ORIGINAL", "PRIMARY", "AXIAL"]
+    # A single value matches a multi-valued attribute when any of its values does.
+    for key in ("WindowCenter=400", "WindowWidth=1500.5", "ImageType=AXIAL", "ImageType=PRIM*"):
+        assert len(findscu(patients, tmp_path, *keys, key)) == 1, key
+    for key in ("WindowCenter=41", "ImageType=DERIVED"):
+        assert findscu(patients, tmp_path, *keys, key) == [], key
