@@ -184,3 +184,78 @@ def test_multi_valued_attributes_come_back_with_every_value(patients, tmp_path: 
         assert len(findscu(patients, tmp_path, *keys, key)) == 1, key
     for key in ("WindowCenter=41", "ImageType=DERIVED"):
         assert findscu(patients, tmp_path, *keys, key) == [], key
+
+
+def _pynetdicom_find(server, level: str, relational: bool, **keys: str) -> tuple[list[pydicom.Dataset], set[int], bytes]:  # type: ignore[no-untyped-def]
+    """A Study Root C-FIND through pynetdicom: (matches, statuses, the relational-queries byte the SCP answered)."""
+    from pynetdicom import AE
+    from pynetdicom.pdu_primitives import SOPClassExtendedNegotiation
+
+    from fastscp.scu import associate
+
+    ae = AE(ae_title="FINDSCU")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 20
+    ae.add_requested_context(STUDY_ROOT_FIND)
+    extended = []
+    if relational:
+        item = SOPClassExtendedNegotiation()
+        item.sop_class_uid = STUDY_ROOT_FIND
+        item.service_class_application_information = b"\x01\x00"
+        extended.append(item)
+    assoc = associate(ae, "127.0.0.1", server.port, ae_title=server.ae_title, ext_neg=extended)
+    assert assoc.is_established
+    try:
+        answered = {str(i.sop_class_uid): bytes(i.service_class_application_information)
+                    for i in assoc.acceptor.user_information if isinstance(i, SOPClassExtendedNegotiation)}
+        query = pydicom.Dataset()
+        query.QueryRetrieveLevel = level
+        for keyword, value in keys.items():
+            setattr(query, keyword, value)
+        found, statuses = [], set()
+        for status, identifier in assoc.send_c_find(query, STUDY_ROOT_FIND):
+            statuses.add(int(status.Status))
+            if identifier is not None:
+                found.append(identifier)
+    finally:
+        assoc.release()
+    return found, statuses, answered.get(STUDY_ROOT_FIND, b"")
+
+
+STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
+
+
+def test_relational_queries_when_negotiated(patients) -> None:  # type: ignore[no-untyped-def]
+    # Without the negotiation a SERIES query needs the Study Instance UID (hierarchical: 0xA900).
+    found, statuses, answered = _pynetdicom_find(patients, "SERIES", False, PatientName="Smith^Jane",
+                                                 SeriesInstanceUID="", Modality="")
+    assert (found, statuses, answered) == ([], {0xA900}, b"")
+    found, statuses, answered = _pynetdicom_find(patients, "SERIES", True, PatientName="Smith^Jane",
+                                                 SeriesInstanceUID="", Modality="")
+    assert answered == b"\x01\x00"
+    assert statuses == {0xFF00, 0x0000} and [(ds.Modality, str(ds.PatientName)) for ds in found] == [
+        ("CT", "Smith^Jane")]
+    # An IMAGE query with only the Study Instance UID (and a key of the level above the series).
+    (study,) = _pynetdicom_find(patients, "STUDY", False, PatientName="Empty^Id", StudyInstanceUID="")[0]
+    found, statuses, _ = _pynetdicom_find(patients, "IMAGE", True, StudyInstanceUID=study.StudyInstanceUID,
+                                          SOPInstanceUID="", WindowCenter="")
+    assert statuses == {0xFF00, 0x0000} and [list(map(str, ds.WindowCenter)) for ds in found] == [["40", "400"]]
+
+
+def test_query_and_stats_use_the_same_per_study_semantics(patients, capsys) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from fastscp import cli_index
+
+    def query(*argv: str) -> list[dict[str, object]]:
+        assert cli_index.main(["query", *argv, "--index-db", str(patients.index), "--json"]) == 0
+        return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+
+    assert [row["StudyDate"] for row in query("studies", "--patient-name", "Smith^Jane")] == ["20200101"]
+    assert sorted((row["PatientName"], row["StudyDate"]) for row in query("studies", "--patient-id", "P008")) == [
+        ("Jones^Jane", "20230101"), ("Smith^Jane", "20200101")]
+    assert sorted((row["PatientName"], row["NumberOfPatientRelatedStudies"]) for row in query("patients")) == [
+        ("Absent^Id", 1), ("Empty^Id", 1), ("Jones^Jane", 2)]
+    assert [row["PatientName"] for row in query("patients", "--patient-name", "smith*")] == ["Smith^Jane"]
+    assert cli_index.main(["stats", "--index-db", str(patients.index), "--json"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert (stats["patients"], stats["studies"], stats["instances"]) == (3, 4, 4)
