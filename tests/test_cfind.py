@@ -169,7 +169,7 @@ def test_patient_root_keeps_every_name_matchable(patients, tmp_path: Path) -> No
 
 
 def test_multi_valued_attributes_come_back_with_every_value(patients, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    (study,) = findscu(patients, tmp_path, "-S", "QueryRetrieveLevel=STUDY", "PatientName=Empty^Id",
+    (study,) = findscu(patients, tmp_path, "-S", "QueryRetrieveLevel=STUDY", "StudyDate=20220101",
                        "StudyInstanceUID")
     (series,) = findscu(patients, tmp_path, "-S", "QueryRetrieveLevel=SERIES",
                         f"StudyInstanceUID={study.StudyInstanceUID}", "SeriesInstanceUID")
@@ -235,7 +235,7 @@ def test_relational_queries_when_negotiated(patients) -> None:  # type: ignore[n
     assert statuses == {0xFF00, 0x0000} and [(ds.Modality, str(ds.PatientName)) for ds in found] == [
         ("CT", "Smith^Jane")]
     # An IMAGE query with only the Study Instance UID (and a key of the level above the series).
-    (study,) = _pynetdicom_find(patients, "STUDY", False, PatientName="Empty^Id", StudyInstanceUID="")[0]
+    (study,) = _pynetdicom_find(patients, "STUDY", False, StudyDate="20220101", StudyInstanceUID="")[0]
     found, statuses, _ = _pynetdicom_find(patients, "IMAGE", True, StudyInstanceUID=study.StudyInstanceUID,
                                           SOPInstanceUID="", WindowCenter="")
     assert statuses == {0xFF00, 0x0000} and [list(map(str, ds.WindowCenter)) for ds in found] == [["40", "400"]]

@@ -283,6 +283,61 @@ def test_migration_from_v1(storage: Path, tmp_path: Path) -> None:
     index.close()
 
 
+#: Columns that schema version 3 added (the studies' patient attributes; header fields).
+_V3_COLUMNS = {"studies": ("patient_name", "patient_birth_date", "patient_sex"),
+               "instances": ("image_type", "window_center_values", "window_width_values")}
+
+
+def make_v2_index(path: str, records: list[InstanceRecord]) -> None:
+    """An index file as schema version 2 had it: one ``patients`` row per Patient ID (the last stored wins)."""
+    Index(path).add(records)
+    con = duckdb.connect(path)
+    con.execute("DROP VIEW patient_counts")
+    con.execute("DROP VIEW patients")
+    for table, added in _V3_COLUMNS.items():
+        kept = {name: sql for name, sql in TABLES[table].items() if name not in added}
+        key = "study_instance_uid" if table == "studies" else "path"
+        columns = ", ".join(f'"{name}" {sql}{" PRIMARY KEY" if name == key else ""}' for name, sql in kept.items())
+        con.execute(f"CREATE TABLE {table}_v2 ({columns})")
+        con.execute(f"INSERT INTO {table}_v2 SELECT {', '.join(f'{chr(34)}{n}{chr(34)}' for n in kept)} FROM {table}")
+        con.execute(f"DROP TABLE {table}")
+        con.execute(f"ALTER TABLE {table}_v2 RENAME TO {table}")
+    con.execute("CREATE TABLE patients (patient_id VARCHAR PRIMARY KEY, patient_name VARCHAR, "
+                "patient_birth_date VARCHAR, patient_sex VARCHAR)")
+    for r in records:
+        h = r.header
+        con.execute("INSERT INTO patients VALUES (?, ?, ?, ?) ON CONFLICT DO UPDATE SET patient_name = "
+                    "excluded.patient_name", [h.patient_id, h.patient_name, h.patient_birth_date, h.patient_sex])
+    con.execute("CREATE VIEW patient_counts AS SELECT st.patient_id, count(*) AS number_of_patient_related_instances "
+                "FROM instances i JOIN studies st ON st.study_instance_uid = i.study_instance_uid GROUP BY 1")
+    con.execute("UPDATE schema_version SET version = 2")
+    con.close()
+
+
+def test_migration_from_v2(storage: Path, tmp_path: Path) -> None:
+    path = str(tmp_path / "index.duckdb")
+    records = records_of(storage)
+    make_v2_index(path, records)
+    index = Index(path)
+    assert index.version == SCHEMA_VERSION == 3
+    assert index.count() == len(records)
+    # Each study got its patient's v2 row; the new columns exist and are written from now on.
+    assert rows(index, "SELECT DISTINCT patient_name FROM studies WHERE patient_id = 'SYNB'") == [
+        ("Synthetic^Patient",)]
+    assert rows(index, "SELECT count(*) FROM information_schema.tables WHERE table_name = 'patients' "
+                       "AND table_type = 'VIEW'") == [(1,)]
+    (syna,) = [r for r in records if r.path == "SYNA/CT00001.dcm"]
+    again = msgspec.structs.replace(syna, header=msgspec.structs.replace(
+        syna.header, patient_name="Renamed^Patient", image_type="ORIGINAL\\PRIMARY"))
+    assert index.add([again]) == 1  # a resend: replaces its row, upserts its study
+    assert rows(index, "SELECT patient_name FROM studies WHERE study_instance_uid = ?",
+                [syna.header.study_instance_uid]) == [("Renamed^Patient",)]
+    assert rows(index, "SELECT image_type FROM instances WHERE path = ?", [syna.path]) == [("ORIGINAL\\PRIMARY",)]
+    assert rows(index, "SELECT number_of_patient_related_instances FROM patient_counts WHERE patient_key = 'SYNA'"
+                ) == [(4,)]
+    index.close()
+
+
 def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
     path = str(tmp_path / "index.duckdb")
     Index(path).close()
