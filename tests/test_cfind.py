@@ -186,7 +186,8 @@ def test_multi_valued_attributes_come_back_with_every_value(patients, tmp_path: 
         assert findscu(patients, tmp_path, *keys, key) == [], key
 
 
-def _pynetdicom_find(server, level: str, relational: bool, **keys: str) -> tuple[list[pydicom.Dataset], set[int], bytes]:  # type: ignore[no-untyped-def]
+def _pynetdicom_find(server, level: str, relational: bool,  # type: ignore[no-untyped-def]
+                     **keys: str) -> tuple[list[pydicom.Dataset], set[int], bytes]:
     """A Study Root C-FIND through pynetdicom: (matches, statuses, the relational-queries byte the SCP answered)."""
     from pynetdicom import AE
     from pynetdicom.pdu_primitives import SOPClassExtendedNegotiation
