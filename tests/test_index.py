@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import duckdb
@@ -265,13 +266,20 @@ def make_v1_index(path: str, records: list[InstanceRecord]) -> None:
     con.close()
 
 
-def test_migration_from_v1(storage: Path, tmp_path: Path) -> None:
+def migrated(storage: Path, tmp_path: Path, make: Callable[[str, list[InstanceRecord]], None]
+             ) -> tuple[Index, list[InstanceRecord]]:
+    """An old index made by ``make`` from the storage's records, opened (so migrated)."""
     path = str(tmp_path / "index.duckdb")
     records = records_of(storage)
-    make_v1_index(path, records)
+    make(path, records)
     index = Index(path)
     assert index.version == SCHEMA_VERSION
     assert index.count() == len(records)
+    return index, records
+
+
+def test_migration_from_v1(storage: Path, tmp_path: Path) -> None:
+    index, records = migrated(storage, tmp_path, make_v1_index)
     assert rows(index, "SELECT max(version) FROM schema_version") == [(SCHEMA_VERSION,)]
     assert rows(index, "SELECT count(*) FROM information_schema.tables WHERE table_name = 'instances_v1'") == [(0,)]
     by_path = {r.path: r for r in records}
@@ -315,12 +323,8 @@ def make_v2_index(path: str, records: list[InstanceRecord]) -> None:
 
 
 def test_migration_from_v2(storage: Path, tmp_path: Path) -> None:
-    path = str(tmp_path / "index.duckdb")
-    records = records_of(storage)
-    make_v2_index(path, records)
-    index = Index(path)
-    assert index.version == SCHEMA_VERSION == 3
-    assert index.count() == len(records)
+    index, records = migrated(storage, tmp_path, make_v2_index)
+    assert index.version == 3
     # Each study got its patient's v2 row; the new columns exist and are written from now on.
     assert rows(index, "SELECT DISTINCT patient_name FROM studies WHERE patient_id = 'SYNB'") == [
         ("Synthetic^Patient",)]
