@@ -61,6 +61,12 @@ class QueryRequest(msgspec.Struct, frozen=True, kw_only=True, tag="query"):
     ordered: bool = True
 
 
+class SqlRequest(msgspec.Struct, frozen=True, kw_only=True, tag="sql"):
+    """Run one SELECT statement on the index (``fastscp sql``); answered like a :class:`QueryRequest`."""
+
+    sql: str
+
+
 class StatsRequest(msgspec.Struct, frozen=True, kw_only=True, tag="stats_request"):
     """Ask for :class:`Stats`; days are counted in the asker's time zone (seconds east of UTC)."""
 
@@ -122,8 +128,10 @@ class Stats(msgspec.Struct, frozen=True, kw_only=True, tag="stats"):
     indexer: IndexerState | None = None
 
 
-Message = QueryRequest | StatsRequest | StateRequest | Columns | Rows | Done | Failed | Stats | IndexerState
-_ENCODER = msgspec.msgpack.Encoder()
+Message = (QueryRequest | SqlRequest | StatsRequest | StateRequest | Columns | Rows | Done | Failed | Stats
+           | IndexerState)
+# A value msgpack has no type for (a DECIMAL, a UUID from SQL) travels as its text.
+_ENCODER = msgspec.msgpack.Encoder(enc_hook=str)
 _DECODER = msgspec.msgpack.Decoder(Message)
 
 
@@ -600,20 +608,44 @@ class QueryResult:
         self.close()
 
 
-def run_query(con: duckdb.DuckDBPyConnection, request: QueryRequest) -> QueryResult:
+def check_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> None:
+    """Refuse anything but one SELECT statement (``fastscp sql`` runs in the server, on its writable index).
+
+    Raises
+    ------
+    QueryError
+        Not SQL, several statements, or a statement of another kind.
+    """
+    try:
+        statements = con.extract_statements(sql)
+    except duckdb.Error as exc:
+        raise QueryError(str(exc).splitlines()[0]) from None
+    kinds = [statement.type.name for statement in statements]
+    if kinds != ["SELECT"]:
+        raise QueryError(f"one SELECT statement is run (the index is read-only here), "
+                         f"not {' + '.join(kinds) or 'none'}")
+
+
+def run_query(con: duckdb.DuckDBPyConnection, request: QueryRequest | SqlRequest) -> QueryResult:
     """Run a request on a DuckDB connection (one per thread); rows are fetched in chunks."""
-    built = build_query(request)
-    cursor = con.execute(built.sql, built.params)
+    if isinstance(request, SqlRequest):
+        check_read_only(con, request.sql)
+        cursor = con.execute(request.sql)
+        columns = [column[0] for column in cursor.description or ()]
+    else:
+        built = build_query(request)
+        cursor = con.execute(built.sql, built.params)
+        columns = built.columns
 
     def rows() -> Iterator[list[Any]]:
         while chunk := cursor.fetchmany(CHUNK_ROWS):
             for row in chunk:
                 yield list(row)
 
-    return QueryResult(built.columns, rows())
+    return QueryResult(columns, rows())
 
 
-def stream_query(con: duckdb.DuckDBPyConnection, request: QueryRequest) -> Iterator[Message]:
+def stream_query(con: duckdb.DuckDBPyConnection, request: QueryRequest | SqlRequest) -> Iterator[Message]:
     """The messages that answer a request: Columns, Rows..., Done; or Failed."""
     try:
         result = run_query(con, request)
@@ -698,7 +730,7 @@ class LocalQueryClient:
             raise IndexUnavailable(f"{index_path}: no such index file (no server has stored anything there yet)")
         self.index = Index(index_path, read_only=True)
 
-    def query(self, request: QueryRequest) -> QueryResult:
+    def query(self, request: QueryRequest | SqlRequest) -> QueryResult:
         """Run a query; raises :class:`QueryError` for a bad request."""
         return run_query(self.index.cursor(), request)
 

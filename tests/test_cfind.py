@@ -260,3 +260,39 @@ def test_query_and_stats_use_the_same_per_study_semantics(patients, capsys) -> N
     assert cli_index.main(["stats", "--index-db", str(patients.index), "--json"]) == 0
     stats = json.loads(capsys.readouterr().out)
     assert (stats["patients"], stats["studies"], stats["instances"]) == (3, 4, 4)
+
+
+def test_sql_is_read_only_with_every_output_format(patients, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    import csv
+    import io
+    import json
+
+    import pyarrow.parquet as pq
+
+    from fastscp import cli_index
+
+    def sql(statement: str, *options: str) -> tuple[int, str, str]:
+        status = cli_index.main(["sql", statement, "--index-db", str(patients.index), *options])
+        captured = capsys.readouterr()
+        return status, captured.out, captured.err
+
+    names = "SELECT patient_name, study_date FROM studies WHERE patient_id = 'P008' ORDER BY study_date"
+    for running in (True, False):  # through the server's indexer, then on the stopped server's file
+        status, out, _ = sql(names, "--format", "csv")
+        assert status == 0 and list(csv.reader(io.StringIO(out))) == [
+            ["patient_name", "study_date"], ["Smith^Jane", "20200101"], ["Jones^Jane", "20230101"]], running
+        status, out, _ = sql("SELECT count(*) AS n, max(window_center_values) AS wc FROM instances", "--format", "json")
+        assert status == 0 and json.loads(out) == {"n": 4, "wc": "40\\400"}
+        status, out, _ = sql("SELECT patient_name FROM patients ORDER BY 1")
+        assert status == 0 and out.split() == ["patient_name", "Absent^Id", "Empty^Id", "Jones^Jane"]
+        target = tmp_path / f"rows-{running}.parquet"
+        assert sql(names, "--format", "parquet", "--output", str(target))[0] == 0
+        assert pq.read_table(target).to_pydict() == {"patient_name": ["Smith^Jane", "Jones^Jane"],
+                                                     "study_date": ["20200101", "20230101"]}
+        for statement in ("DELETE FROM instances", "SELECT 1; DROP TABLE studies",
+                          "COPY instances TO '/tmp/x.csv'", "ATTACH 'x.db'", "not sql"):
+            status, out, err = sql(statement)
+            assert status == 2 and out == "" and "fastscp sql:" in err, statement
+        assert sql("SELECT count(*) FROM studies", "--format", "csv")[1].split() == ["count_star()", "4"]
+        if running:
+            assert patients.stop() == 0
