@@ -234,6 +234,9 @@ class Index:
         Open for queries only: no migration, and any number of read-only
         processes may open it, but only while no process has it read-write
         (DuckDB's rule: a running server holds it).
+    any_version : bool
+        With ``read_only``: open an index of another schema version as it
+        is (``fastscp reindex`` reads an old index's duplicate conflicts).
 
     Raises
     ------
@@ -242,7 +245,8 @@ class Index:
         this fastscp, or (read-only) older and needs a migration.
     """
 
-    def __init__(self, path: str, *, wal_mode: bool = True, read_only: bool = False) -> None:
+    def __init__(self, path: str, *, wal_mode: bool = True, read_only: bool = False,
+                 any_version: bool = False) -> None:
         self.path = path
         self.wal_mode = wal_mode
         self.read_only = read_only
@@ -268,7 +272,8 @@ class Index:
         try:
             self.version = self._version()
             if read_only:
-                self._check_readable()
+                if not any_version:
+                    self._check_readable()
             else:
                 self._migrate()
         except BaseException:

@@ -702,7 +702,9 @@ def run_stats(con: duckdb.DuckDBPyConnection, request: StatsRequest, indexer: In
 
 
 def read_conflicts(con: duckdb.DuckDBPyConnection) -> list[DuplicateConflict]:
-    """Every logged duplicate conflict, oldest first."""
+    """Every logged duplicate conflict, oldest first (none in a schema v1 index, which had no log)."""
+    if not con.execute("SELECT 1 FROM information_schema.tables WHERE table_name = 'duplicate_conflicts'").fetchall():
+        return []
     rows = con.execute(
         "SELECT sop_instance_uid, path, existing_hash, new_hash, policy, outcome, new_path, calling_ae_title, "
         "epoch_us(received_at) FROM duplicate_conflicts ORDER BY received_at"

@@ -409,6 +409,16 @@ def test_reindex_builds_the_index_from_files_and_keeps_conflicts(storage: Path, 
     assert not os.path.exists(path + ".reindex")
 
 
+@pytest.mark.parametrize("make", [make_v1_index, make_v2_index], ids=["v1", "v2"])
+def test_reindex_replaces_an_index_of_an_older_schema(storage: Path, tmp_path: Path, make) -> None:  # type: ignore[no-untyped-def]
+    path = str(tmp_path / "index.duckdb")
+    make(path, records_of(storage))
+    result = reindex(str(storage), path, progress=io.StringIO())
+    index = Index(path, read_only=True)
+    assert index.version == SCHEMA_VERSION and index.count() == result.indexed == result.files
+    index.close()
+
+
 def test_progress_line_shows_count_rate_and_eta() -> None:
     out = io.StringIO()
     bar = Progress(200, out)
