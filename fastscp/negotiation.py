@@ -235,7 +235,7 @@ def negotiate(pdu: bytes, policy: AcceptancePolicy, peer_ip: str = "") -> Negoti
 
 
 def _relational_queries(
-    requested: dict[str, bytes], find_classes: set[str]
+    requested: dict[str, bytes], find_classes: frozenset[str]
 ) -> tuple[frozenset[str], list[SOPClassExtendedNegotiation]]:
     """The FIND SOP classes to answer relational queries for, and the reply items.
 
