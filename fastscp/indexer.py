@@ -57,6 +57,7 @@ from fastscp.query import (
     Failed,
     IndexerState,
     QueryRequest,
+    SqlRequest,
     StateRequest,
     StatsRequest,
     recv_message,
@@ -154,7 +155,7 @@ class QueryServer:
                 return
             cursor = self.index.cursor()
             try:
-                if isinstance(request, QueryRequest):
+                if isinstance(request, QueryRequest | SqlRequest):
                     for message in stream_query(cursor, request):
                         send_message(conn, message)
                 elif isinstance(request, StatsRequest):
