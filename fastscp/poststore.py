@@ -88,11 +88,15 @@ class PostStore:
         #: Instances seen per study since its last sheet: (absolute path, header).
         self.studies: dict[str, list[tuple[str, HeaderFields]]] = collections.defaultdict(list)
         self.stopping = False
+        #: The supervisor's PID, checked every turn of the loop (0: no check).
+        self.parent = 0
         self.made = 0
         self.dropped = 0
 
     def run(self) -> None:
         while not (self.stopping and not self.queue):
+            if self._orphaned():
+                return
             timeout = 0 if self.queue else min(self.quiet.next_due_in() or 1.0, 1.0)
             for key, _events in self.selector.select(timeout):
                 if key.fileobj is self.listener:
@@ -103,10 +107,27 @@ class PostStore:
                 self._process(self.queue.popleft())
             for study in self.quiet.pop_due():
                 self._scansheet(study)
+        if self._orphaned():
+            return
         # Stopping: studies still settling get their sheet now, not never.
         for study in list(self.studies):
             self._scansheet(study)
         log.info("post-store stopped; %d thumbnails made, %d records dropped", self.made, self.dropped)
+
+    def _orphaned(self) -> bool:
+        """True (and the work dropped) once the supervisor is gone: nothing would stop us.
+
+        Its death signal (SIGTERM) only sets ``stopping``; the queue could
+        take minutes, and a restarted server may already be running.
+        """
+        if not self.parent or os.getppid() == self.parent:
+            return False
+        log.warning("the supervisor is gone: post-store stops; %d queued records and %d studies left without "
+                    "thumbnails or scan sheets (fastscp convert, fastscp scansheet)",
+                    len(self.queue), len(self.studies))
+        self.queue.clear()
+        self.studies.clear()
+        return True
 
     def _accept(self) -> None:
         while (conn := accept_local(self.listener)) is not None:
@@ -172,6 +193,7 @@ def poststore_main(root: str, layout: LayoutOptions, thumbnails: ThumbnailsConfi
         os.nice(19)
     indexer = IndexerClient(indexer_address)
     stage = PostStore(root, layout, thumbnails, scansheet, address, indexer)
+    stage.parent = os.getppid()
 
     def stop(_signum: int, _frame: object) -> None:
         stage.stopping = True

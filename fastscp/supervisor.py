@@ -16,6 +16,7 @@ touched). SIGTERM/SIGINT stop gracefully; a second one stops at once.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
 import multiprocessing
@@ -63,6 +64,24 @@ RESTART_BACKOFF = 1.0
 SNAPSHOT_INTERVAL = 0.5
 #: How often the indexer is asked for its committed and pending counts.
 INDEX_POLL = 2.0
+#: prctl(2) option: the signal a process gets when its parent dies.
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent: int, signum: int) -> None:
+    """In a forked child: get ``signum`` when the process ``parent`` dies; exit now if it already has.
+
+    An orphan would keep serving without a supervisor: an indexer keeps the
+    DuckDB lock and its sockets, so the next start fails. The kernel sends
+    the signal when the *thread* that forked us exits: the supervisor forks
+    from its only thread. A parent that died before the prctl is seen by
+    ``getppid()``, which then names the reaper instead.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, ctypes.c_ulong(signum), 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != parent:
+        os._exit(1)
 
 
 class StartupError(Exception):
@@ -168,6 +187,8 @@ class Supervisor:
         self.signals = 0
         self._port = config.server.port
         self._wake_r, self._wake_w = socket.socketpair()
+        #: Children check that they still have this parent (die_with_parent).
+        self.pid = os.getpid()
 
     # -- start ----------------------------------------------------------------
 
@@ -230,7 +251,12 @@ class Supervisor:
         self.selector.register(parent, selectors.EVENT_READ, ("control", index))
         self.selector.register(process.sentinel, selectors.EVENT_READ, ("exit", index))
 
-    def _child(self, target, *args) -> None:  # type: ignore[no-untyped-def]
+    def _child(self, target, *args, death_signal: int = signal.SIGKILL) -> None:  # type: ignore[no-untyped-def]
+        # First, before anything can block: a child dies with the supervisor.
+        # Workers and the indexer get SIGKILL: a crash leaves only what every
+        # start recovers from (temp files, records its reconcile indexes), and
+        # the DuckDB lock and the sockets are free for a restart at once.
+        die_with_parent(self.pid, death_signal)
         # A forked child must not keep the supervisor's sockets open: a client
         # connection or the listener held here would outlive the supervisor's
         # close. Close every one except what the child was given.
@@ -593,6 +619,8 @@ class Supervisor:
             target=self._child, name="fastscp-poststore",
             args=(poststore_main, self.storage.root, self.settings.layout, config.thumbnails, config.scansheet,
                   self.settings.poststore_address, self.address),
+            # SIGTERM: it stops after the image in hand (poststore_main sees it is orphaned).
+            kwargs={"death_signal": signal.SIGTERM},
         )
         process.start()
         self.poststore = process
@@ -627,7 +655,8 @@ class Supervisor:
         # Set before the fork, so the child closes our end and sees EOF when we go.
         self._snapshots = parent
         process = _fork.Process(
-            target=self._child, name="fastscp-monitor", args=(monitor_main, self.config.monitor.listen, child, ready_w)
+            target=self._child, name="fastscp-monitor", args=(monitor_main, self.config.monitor.listen, child, ready_w),
+            kwargs={"death_signal": signal.SIGTERM},  # its SIGTERM stops it at once, cleanly
         )
         process.start()
         child.close()
