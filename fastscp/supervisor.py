@@ -38,6 +38,7 @@ from fastscp.find import finder
 from fastscp.findscp import FIND_SOP_CLASSES
 from fastscp.indexclient import QueryClient
 from fastscp.indexer import indexer_address, indexer_main
+from fastscp.listen import bind_advice
 from fastscp.negotiation import (
     REJECTED_TRANSIENT,
     SOURCE_PROVIDER_PRESENTATION,
@@ -206,8 +207,8 @@ class Supervisor:
         except OSError as exc:
             sock.close()
             raise StartupError(
-                f"cannot listen on {server.host}:{server.port}: {exc.strerror}"
-                " (is another DICOM receiver running? choose another server.port)"
+                f"server.port: cannot listen on {server.host}:{server.port}: {exc.strerror}; "
+                + bind_advice(exc, server.port, "server.port (or PORT)")
             ) from None
         sock.listen(256)
         sock.setblocking(False)
