@@ -17,10 +17,12 @@ touched). SIGTERM/SIGINT stop gracefully; a second one stops at once.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import errno
 import logging
 import multiprocessing
 import os
+import pickle
 import selectors
 import signal
 import socket
@@ -28,12 +30,13 @@ import ssl
 import struct
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from fastscp import header, imaging, logs
 from fastscp.acceptor import ServiceSettings
 from fastscp.access import AccessConfigError, build_access_policy
-from fastscp.config import Config, layout_options, to_builtins
+from fastscp.config import Config, ConfigError, config_changes, layout_options, to_builtins, with_live_keys
 from fastscp.find import finder
 from fastscp.findscp import FIND_SOP_CLASSES
 from fastscp.indexclient import QueryClient
@@ -47,12 +50,21 @@ from fastscp.negotiation import (
     peek_ae_titles,
 )
 from fastscp.poststore import poststore_address, poststore_main
-from fastscp.records import DECODER, ENCODER, AdmissionReply, AdmissionRequest, AssociationReport, Handoff, Stop
+from fastscp.records import (
+    DECODER,
+    ENCODER,
+    AdmissionReply,
+    AdmissionRequest,
+    AssociationReport,
+    Handoff,
+    Reconfigure,
+    Stop,
+)
 from fastscp.status import ENCODER as SNAPSHOT_ENCODER
 from fastscp.status import WorkerState
 from fastscp.statusbook import StatusBook
 from fastscp.storage import Storage
-from fastscp.worker import worker_main
+from fastscp.worker import CONTROL_MESSAGE_MAX, worker_main
 
 log = logging.getLogger("fastscp.supervisor")
 _fork = multiprocessing.get_context("fork")
@@ -121,8 +133,14 @@ def set_low_latency(sock: socket.socket) -> None:
 
 
 class Supervisor:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, reload: Callable[[], Config] | None = None, config_file: str = "") -> None:
         self.config = config
+        #: Reads the config again from where it came from (SIGHUP); None: reloads are refused.
+        self._load_config = reload
+        self._config_file = config_file or "the command line"
+        self.reload_requested = False
+        #: logging.level, shared with the children: they take it on SIGHUP.
+        self._log_level = _fork.RawValue("i", logging.getLevelName(config.logging.level))
         server = config.server
         self.storage = Storage(
             config.storage.directory,
@@ -270,6 +288,8 @@ class Supervisor:
             if sock is not None and sock.fileno() not in keep:
                 sock.close()
         signal.set_wakeup_fd(-1)
+        # SIGHUP from the supervisor means "logging.level changed" (a terminal's hangup too: harmless).
+        signal.signal(signal.SIGHUP, self._follow_log_level)
         logs.forward_to(self._log_w)
         try:
             target(*args)
@@ -278,6 +298,8 @@ class Supervisor:
 
     def run(self) -> int:
         """Serve until stopped; returns the process exit code."""
+        # Before any child is forked: from the fork to its own handler, a child has this one.
+        signal.signal(signal.SIGHUP, self._on_hangup)
         removed = self.storage.prepare()
         if removed:
             log.warning("removed %d incomplete temp files left by an earlier run", removed)
@@ -326,6 +348,13 @@ class Supervisor:
     def _on_signal(self, signum: int, _frame: object) -> None:
         self.signals += 1
 
+    def _on_hangup(self, _signum: int, _frame: object) -> None:
+        self.reload_requested = True
+
+    def _follow_log_level(self, _signum: int, _frame: object) -> None:
+        """In a child: take the supervisor's logging.level (it sends SIGHUP after a reload)."""
+        logs.set_level(logging.getLevelName(self._log_level.value))
+
     # -- the loop --------------------------------------------------------------
 
     @property
@@ -336,6 +365,9 @@ class Supervisor:
         while True:
             if self.signals:
                 return self._shutdown()
+            if self.reload_requested:
+                self.reload_requested = False
+                self._reload()
             for key, _events in self.selector.select(timeout=0.5):
                 tag = key.data
                 if tag == "listen":
@@ -520,6 +552,55 @@ class Supervisor:
         log.error("indexer exited with code %s; restarting it", self.indexer.exitcode)
         time.sleep(RESTART_BACKOFF)
         self._start_indexer()
+
+    # -- SIGHUP: reload the config ----------------------------------------------------
+
+    def _reload(self) -> None:
+        """Read the config again; put its live keys (config.LIVE_KEYS) in force, name the others.
+
+        A config that does not load, or whose live part can't be used, is
+        refused as a whole with one error line: the running config stays.
+        """
+        if self._load_config is None:
+            log.error("config reload (SIGHUP) refused: this server was not started from a config source")
+            return
+        try:
+            new = self._load_config()
+            settings = live_settings(self.settings, new)
+        except ConfigError as exc:  # it names the file
+            log.error("config reload (SIGHUP) refused, the running config stays: %s", exc)
+            return
+        except StartupError as exc:
+            log.error("config reload (SIGHUP) refused, the running config stays: %s: %s", self._config_file, exc)
+            return
+        changed = {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)
+                   if getattr(settings, f.name) is not getattr(self.settings, f.name)}
+        message = ENCODER.encode(Reconfigure(settings=pickle.dumps(changed),
+                                             shutdown_timeout=new.server.shutdown_timeout))
+        if len(message) > CONTROL_MESSAGE_MAX:
+            log.error("config reload (SIGHUP) refused, the running config stays: the live settings take %d bytes, "
+                      "more than a worker takes (%d; a long access.allowed_calling_aets?): restart to apply them",
+                      len(message), CONTROL_MESSAGE_MAX)
+            return
+        live, restart = config_changes(self.config, new)
+        self.config = with_live_keys(self.config, new)
+        self.settings = settings  # for workers started from now on
+        for worker in self.workers.values():
+            try:
+                worker.control.send(message)
+            except OSError as exc:  # it is dying: its replacement gets the new settings
+                log.warning("worker %d did not take the reloaded config: %s", worker.index, exc)
+        level = logging.getLevelName(self.config.logging.level)
+        if level != self._log_level.value:
+            self._log_level.value = level
+            logs.set_level(self.config.logging.level)
+            for child in (self.indexer, self.poststore, self.monitor, *(w.process for w in self.workers.values())):
+                if child is not None and child.pid is not None and child.is_alive():
+                    os.kill(child.pid, signal.SIGHUP)
+        log.info("config reloaded (SIGHUP): %s", f"{', '.join(live)} in force for new associations" if live
+                 else "no key that applies live changed")
+        if restart:
+            log.warning("config reload (SIGHUP): %s changed but need a restart to take effect", ", ".join(restart))
 
     # -- rejecting while no worker runs ------------------------------------------
 
@@ -781,6 +862,38 @@ def public_config(config: Config) -> dict[str, object]:
     return data
 
 
-def serve(config: Config) -> int:
-    """Run the server in the foreground; returns the exit code."""
-    return Supervisor(config).run()
+def live_settings(settings: ServiceSettings, config: Config) -> ServiceSettings:
+    """``settings`` with what :data:`fastscp.config.LIVE_KEYS` set taken from ``config`` (a reload).
+
+    Raises
+    ------
+    StartupError
+        An access rule that can't be used (a host name that does not resolve).
+    """
+    try:
+        access = build_access_policy(config.access.allowed_calling_aets)
+    except AccessConfigError as exc:
+        raise StartupError(str(exc)) from None
+    policy = dataclasses.replace(settings.policy, storage_sop_classes=frozenset(config.sop_class_uids),
+                                 check_called_aet=config.access.check_called_aet, access=access)
+    if policy == settings.policy:
+        policy = settings.policy
+    replaced = {
+        "policy": policy,
+        "duplicates": config.storage.duplicates,
+        "acse_timeout": config.server.acse_timeout,
+        "dimse_timeout": config.server.dimse_timeout,
+        "min_free_bytes": config.storage.min_free_bytes,
+        "action_log": config.logging.actions,
+    }
+    # Unchanged values stay the same objects: the reload hands workers only what changed.
+    return dataclasses.replace(settings, **{k: v for k, v in replaced.items() if v != getattr(settings, k)})
+
+
+def serve(config: Config, reload: Callable[[], Config] | None = None, config_file: str = "") -> int:
+    """Run the server in the foreground; returns the exit code.
+
+    ``reload`` reads the config again from its sources (``config_file`` and
+    the command-line options it started with); SIGHUP calls it.
+    """
+    return Supervisor(config, reload, config_file).run()
