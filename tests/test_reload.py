@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import socket
 from pathlib import Path
@@ -120,3 +121,24 @@ def test_every_config_key_is_live_or_named_for_a_restart() -> None:
     assert config_changes(in_force, new) == ([], restart)
     assert in_force.server.port == running.server.port and in_force.server.max_associations == 3
     assert all(key.split(".")[0] in running.__struct_fields__ for key in LIVE_KEYS)
+
+
+def test_the_reference_config_marks_exactly_the_live_keys() -> None:
+    """config/fastscp.yaml says [live] in the comment right above each key of LIVE_KEYS, and nowhere else."""
+    marked: set[str] = set()
+    section = ""
+    comment: list[str] = []
+    reference = Path(__file__).resolve().parent.parent / "config" / "fastscp.yaml"
+    for line in reference.read_text().splitlines():
+        if line.lstrip().startswith("#"):
+            comment.append(line)
+            continue
+        key = re.match(r"^( {0,2})([a-z_]+):", line)
+        if key:
+            name = key.group(2) if not key.group(1) else f"{section}.{key.group(2)}"
+            if not key.group(1):
+                section = name
+            if any("[live]" in c for c in comment):
+                marked.add(name)
+        comment = []
+    assert marked == LIVE_KEYS
