@@ -148,33 +148,26 @@ class Supervisor:
             quarantine=config.storage.quarantine,
             sr_root=config.storage.sr_directory,
         )
-        try:
-            access = build_access_policy(config.access.allowed_calling_aets)
-        except AccessConfigError as exc:
-            raise StartupError(str(exc)) from None
-        self.settings = ServiceSettings(
+        # The keys a reload may change are set by live_settings, here and on SIGHUP.
+        self.settings = live_settings(ServiceSettings(
             policy=AcceptancePolicy(
                 ae_title=server.ae_title,
-                storage_sop_classes=frozenset(config.sop_class_uids),
+                storage_sop_classes=frozenset(),
                 max_pdu_size=server.max_pdu_size,
-                check_called_aet=config.access.check_called_aet,
-                access=access,
                 query_sop_classes=FIND_SOP_CLASSES,
             ),
             storage=self.storage,
             layout=layout_options(config),
-            duplicates=config.storage.duplicates,
-            acse_timeout=server.acse_timeout,
-            dimse_timeout=server.dimse_timeout,
-            min_free_bytes=config.storage.min_free_bytes,
+            duplicates="",
+            acse_timeout=0.0,
+            dimse_timeout=0.0,
             tls=tls_context(config) if config.tls.enabled else None,
-            action_log=config.logging.actions,
             poststore_address=(
                 poststore_address(config.index_path)
                 if config.thumbnails.enabled or config.scansheet.enabled else ""
             ),
             find=finder(config.index_path, retrieve_ae_title=server.ae_title),
-        )
+        ), config)
         self.poststore: multiprocessing.process.BaseProcess | None = None
         self.book = StatusBook()
         #: Admitted associations: connection ID -> calling AE title.
