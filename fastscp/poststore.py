@@ -25,6 +25,7 @@ from fastscp.header import HeaderFields
 from fastscp.indexclient import IndexerClient
 from fastscp.ipc import accept_local, listen, local_address, receive
 from fastscp.layout import LayoutOptions, study_folder
+from fastscp.orphan import parent_gone
 from fastscp.records import DECODER, ENCODER, InstanceRecord, ThumbnailMade
 from fastscp.scansheet import (
     QuietStudies,
@@ -88,8 +89,6 @@ class PostStore:
         #: Instances seen per study since its last sheet: (absolute path, header).
         self.studies: dict[str, list[tuple[str, HeaderFields]]] = collections.defaultdict(list)
         self.stopping = False
-        #: The supervisor's PID, checked every turn of the loop (0: no check).
-        self.parent = 0
         self.made = 0
         self.dropped = 0
 
@@ -120,7 +119,7 @@ class PostStore:
         Its death signal (SIGTERM) only sets ``stopping``; the queue could
         take minutes, and a restarted server may already be running.
         """
-        if not self.parent or os.getppid() == self.parent:
+        if not parent_gone():
             return False
         log.warning("the supervisor is gone: post-store stops; %d queued records and %d studies left without "
                     "thumbnails or scan sheets (fastscp convert, fastscp scansheet)",
@@ -193,7 +192,6 @@ def poststore_main(root: str, layout: LayoutOptions, thumbnails: ThumbnailsConfi
         os.nice(19)
     indexer = IndexerClient(indexer_address)
     stage = PostStore(root, layout, thumbnails, scansheet, address, indexer)
-    stage.parent = os.getppid()
 
     def stop(_signum: int, _frame: object) -> None:
         stage.stopping = True

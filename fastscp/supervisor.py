@@ -16,7 +16,6 @@ touched). SIGTERM/SIGINT stop gracefully; a second one stops at once.
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import errno
 import logging
@@ -49,6 +48,7 @@ from fastscp.negotiation import (
     encode_associate_rj,
     peek_ae_titles,
 )
+from fastscp.orphan import die_with_parent
 from fastscp.poststore import poststore_address, poststore_main
 from fastscp.records import (
     DECODER,
@@ -77,24 +77,6 @@ RESTART_BACKOFF = 1.0
 SNAPSHOT_INTERVAL = 0.5
 #: How often the indexer is asked for its committed and pending counts.
 INDEX_POLL = 2.0
-#: prctl(2) option: the signal a process gets when its parent dies.
-PR_SET_PDEATHSIG = 1
-
-
-def die_with_parent(parent: int, signum: int) -> None:
-    """In a forked child: get ``signum`` when the process ``parent`` dies; exit now if it already has.
-
-    An orphan would keep serving without a supervisor: an indexer keeps the
-    DuckDB lock and its sockets, so the next start fails. The kernel sends
-    the signal when the *thread* that forked us exits: the supervisor forks
-    from its only thread. A parent that died before the prctl is seen by
-    ``getppid()``, which then names the reaper instead.
-    """
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_PDEATHSIG, ctypes.c_ulong(signum), 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
-    if os.getppid() != parent:
-        os._exit(1)
 
 
 class StartupError(Exception):

@@ -93,3 +93,48 @@ def test_a_dead_supervisor_takes_its_children_and_a_restart_reconciles(start_ser
         p.stat().st_size == 0 for p in (again.storage / ".incoming").iterdir()
     ), "the half-received object's temp file is gone"
     assert again.stop() == 0
+
+
+# A grandchild of the script calls die_with_parent for its parent `mid`, either
+# after `mid` is gone (the race) or before `mid` exits; it reports "survived"
+# on the pipe only if it is still running 5 s later.
+_ORPHAN_SCRIPT = """
+import os, signal, sys, time
+from fastscp.orphan import die_with_parent
+parent_dies_first = sys.argv[1] == "late"
+r, w = os.pipe()
+mid = os.fork()
+if mid == 0:
+    parent = os.getpid()
+    if os.fork() == 0:
+        if parent_dies_first:
+            while os.getppid() == parent:
+                time.sleep(0.01)
+        die_with_parent(parent, signal.SIGKILL)
+        os.write(w, b"armed;")
+        time.sleep(5)
+        os.write(w, b"survived")
+        os._exit(0)
+    if not parent_dies_first:
+        time.sleep(0.5)
+    os._exit(0)
+os.close(w)
+os.waitpid(mid, 0)
+out = b""
+while chunk := os.read(r, 100):
+    out += chunk
+print(out.decode() or "exited")
+"""
+
+
+@pytest.mark.parametrize("when", ["late", "early"])
+def test_die_with_parent_also_when_the_parent_died_first(when) -> None:  # type: ignore[no-untyped-def]
+    import subprocess
+    import sys
+
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-c", _ORPHAN_SCRIPT, when], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    # late: it exits inside die_with_parent; early: the kernel kills it when its parent exits.
+    assert result.stdout.strip() == ("exited" if when == "late" else "armed;"), result.stdout
+    assert time.monotonic() - started < 4, "nobody waited for the 5 s sleep"
