@@ -178,7 +178,7 @@ class Config(_Section):
 #: readers are sized for, the worker pool, the storage folders and layout
 #: (files already named by it), the index and its processes, thumbnails and
 #: scan sheets (their process), TLS (its context), the monitor and the log
-#: output (handlers).
+#: output (handlers). Routing and hook rules, when they come, belong here.
 LIVE_KEYS: frozenset[str] = frozenset({
     "access",  # allowed_calling_aets, check_called_aet, max_associations_per_aet
     "accepted_sop_classes",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import signal
 import socket
+import time
 from pathlib import Path
 
 import pydicom
@@ -100,9 +101,15 @@ def test_a_bad_config_on_reload_is_refused_and_the_old_one_stays(start_server, t
 def test_sighup_changes_the_log_level_of_the_workers(start_server, tmp_path) -> None:  # type: ignore[no-untyped-def]
     config = tmp_path / "site.yaml"
     config.write_text("logging:\n  level: INFO\n")
-    server = start_server(config=config, workers=1)
+    server = start_server(config=config, workers=1, monitor="127.0.0.1:0")
+    server.wait_for_log("monitor started", "post-store stage started")
+    children = server.children()
+    assert len(children) == 4, children
     config.write_text("logging:\n  level: DEBUG\n")
     assert "logging.level in force" in reload(server, 1)
+    # Every child takes the level (SIGHUP) and keeps running.
+    time.sleep(0.5)
+    assert server.children() == children
     # A connection that closes before any PDU is logged by the worker at DEBUG only.
     with socket.create_connection(("127.0.0.1", server.port)):
         pass
