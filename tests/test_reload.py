@@ -149,3 +149,30 @@ def test_the_reference_config_marks_exactly_the_live_keys() -> None:
                 marked.add(name)
         comment = []
     assert marked == LIVE_KEYS
+
+
+def test_sighup_lowers_max_associations_for_new_associations(start_server, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    config = tmp_path / "site.yaml"
+    config.write_text("server:\n  max_associations: 4\n")
+    server = start_server(config=config, workers=1)
+    first = RawSCU(server.port, CTImageStorage, ExplicitVRLittleEndian)
+    second = RawSCU(server.port, CTImageStorage, ExplicitVRLittleEndian)
+    assert first.accepted and second.accepted
+    config.write_text("server:\n  max_associations: 1\n")
+    assert "server.max_associations in force" in reload(server, 1)
+    third = RawSCU(server.port, CTImageStorage, ExplicitVRLittleEndian)
+    assert third.rejection == (2, 3, 2), "A-ASSOCIATE-RJ transient, local limit exceeded"
+    # The two open before the reload go on.
+    for scu in (first, second):
+        scu.release()
+
+    def admitted() -> bool:
+        scu = RawSCU(server.port, CTImageStorage, ExplicitVRLittleEndian)
+        if scu.accepted:
+            scu.release()
+            return True
+        scu.close()
+        return False
+
+    wait_until(admitted, what="a free slot")
+    assert server.stop() == 0
