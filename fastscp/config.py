@@ -183,6 +183,8 @@ LIVE_KEYS: frozenset[str] = frozenset({
     "access",  # allowed_calling_aets, check_called_aet, max_associations_per_aet
     "accepted_sop_classes",
     "server.max_associations",
+    "server.max_pending_connections",
+    "server.max_pending_per_address",
     "server.acse_timeout",
     "server.dimse_timeout",
     "server.shutdown_timeout",
