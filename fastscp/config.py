@@ -169,22 +169,24 @@ class Config(_Section):
 
 
 #: Keys a running server takes from its config file on SIGHUP (a section name: all its keys).
-#: Each is read when an association starts (or, for the limits, when one is
-#: admitted), so it applies to new associations while open ones finish with
-#: the values they started with. Every other key needs a restart: it shapes
-#: something made once at start, which would have to be torn down under open
-#: associations: the listening socket (server.host/port), the AE title the
-#: C-FIND service and status page also carry, the Maximum Length the PDU
-#: readers are sized for, the worker pool, the storage folders and layout
-#: (files already named by it), the index and its processes, thumbnails and
-#: scan sheets (their process), TLS (its context), the monitor and the log
-#: output (handlers). Routing and hook rules, when they come, belong here.
+#: Each is read when an association starts (the limits: when a connection
+#: is accepted or admitted; shutdown_timeout: when a stop begins), so it
+#: applies to new associations while open ones finish with the values they
+#: started with. Every other key needs a restart: it shapes something made
+#: once at start, which would have to be torn down under open associations:
+#: the listening socket (server.host/port), the AE title (the C-FIND service
+#: and the status page carry it too), the worker pool, the storage folders
+#: and layout (files already named by it), the index and its processes,
+#: thumbnails and scan sheets (their process), TLS (its context), the
+#: monitor and the log output (handlers). Routing and hook rules, when they
+#: come, belong here.
 LIVE_KEYS: frozenset[str] = frozenset({
     "access",  # allowed_calling_aets, check_called_aet, max_associations_per_aet
     "accepted_sop_classes",
     "server.max_associations",
     "server.max_pending_connections",
     "server.max_pending_per_address",
+    "server.max_pdu_size",
     "server.acse_timeout",
     "server.dimse_timeout",
     "server.shutdown_timeout",

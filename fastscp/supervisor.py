@@ -135,7 +135,7 @@ class Supervisor:
             policy=AcceptancePolicy(
                 ae_title=server.ae_title,
                 storage_sop_classes=frozenset(),
-                max_pdu_size=server.max_pdu_size,
+                max_pdu_size=0,
                 query_sop_classes=FIND_SOP_CLASSES,
             ),
             storage=self.storage,
@@ -850,6 +850,7 @@ def live_settings(settings: ServiceSettings, config: Config) -> ServiceSettings:
     except AccessConfigError as exc:
         raise StartupError(str(exc)) from None
     policy = dataclasses.replace(settings.policy, storage_sop_classes=frozenset(config.sop_class_uids),
+                                 max_pdu_size=config.server.max_pdu_size,
                                  check_called_aet=config.access.check_called_aet, access=access)
     if policy == settings.policy:
         policy = settings.policy

@@ -11,9 +11,11 @@ from pathlib import Path
 import pydicom
 import pytest
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+from pynetdicom import AE
 
 from fastscp.config import LIVE_KEYS, config_changes, load_config, with_live_keys
 from fastscp.part10 import dataset_offset
+from fastscp.scu import associate
 from fastscp.synthetic import write_series
 from tests.conftest import dcmtk, wait_until
 from tests.rawscu import RawSCU
@@ -151,15 +153,15 @@ def test_the_reference_config_marks_exactly_the_live_keys() -> None:
     assert marked == LIVE_KEYS
 
 
-def test_sighup_lowers_max_associations_for_new_associations(start_server, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_sighup_changes_limits_for_new_associations(start_server, tmp_path) -> None:  # type: ignore[no-untyped-def]
     config = tmp_path / "site.yaml"
-    config.write_text("server:\n  max_associations: 4\n")
+    config.write_text("server:\n  max_associations: 4\n  max_pdu_size: 65536\n")
     server = start_server(config=config, workers=1)
     first = RawSCU(server.port, CTImageStorage, ExplicitVRLittleEndian)
     second = RawSCU(server.port, CTImageStorage, ExplicitVRLittleEndian)
     assert first.accepted and second.accepted
-    config.write_text("server:\n  max_associations: 1\n")
-    assert "server.max_associations in force" in reload(server, 1)
+    config.write_text("server:\n  max_associations: 1\n  max_pdu_size: 32768\n")
+    assert "server.max_associations, server.max_pdu_size in force" in reload(server, 1)
     third = RawSCU(server.port, CTImageStorage, ExplicitVRLittleEndian)
     assert third.rejection == (2, 3, 2), "A-ASSOCIATE-RJ transient, local limit exceeded"
     # The two open before the reload go on.
@@ -175,4 +177,10 @@ def test_sighup_lowers_max_associations_for_new_associations(start_server, tmp_p
         return False
 
     wait_until(admitted, what="a free slot")
+    ae = AE(ae_title="RELOADSCU")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    assoc = associate(ae, "127.0.0.1", server.port, ae_title=server.ae_title)
+    assert assoc.is_established
+    assert assoc.acceptor.maximum_length == 32768, "the new Maximum Length Received"
+    assoc.release()
     assert server.stop() == 0
