@@ -44,11 +44,13 @@ def _serve(args: argparse.Namespace) -> int:
     from fastscp import logs
     from fastscp.supervisor import StartupError, serve
 
-    config = load_config(args.config, _overrides(args))
+    overrides = _overrides(args)
+    config = load_config(args.config, overrides)
     logging_ = config.logging
     logs.configure(logging_.level, logging_.format, logging_.file, logging_.max_bytes, logging_.backups)
     try:
-        return serve(config)
+        # SIGHUP reads the same file with the same command-line options again.
+        return serve(config, reload=lambda: load_config(args.config, overrides), config_file=args.config or "")
     except StartupError as exc:
         print(f"fastscp: {exc}", file=sys.stderr)
         return 2

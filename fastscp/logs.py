@@ -102,7 +102,12 @@ def configure(level: str = "INFO", fmt: str = "plain", file: str = "", max_bytes
     for handler in handlers:
         handler.setFormatter(_formatter(fmt))
     root.handlers[:] = handlers
-    root.setLevel(level)
+    set_level(level)
+
+
+def set_level(level: str) -> None:
+    """This process's log level (``logging.level``; a reload changes it live)."""
+    logging.getLogger().setLevel(level)
     # pynetdicom's default handlers log (and copy) every dataset; the SCU
     # commands use it, so quieten it unless asked for DEBUG.
     logging.getLogger("pynetdicom").setLevel(logging.DEBUG if level == "DEBUG" else logging.WARNING)

@@ -37,6 +37,7 @@ import msgspec
 import uvloop
 
 from fastscp import __version__, logs, metrics, statuspage
+from fastscp.listen import bind_advice
 from fastscp.status import DECODER, JSON_ENCODER, StatusSnapshot
 
 log = logging.getLogger("fastscp.monitor")
@@ -498,8 +499,9 @@ def bind(listen: str) -> socket.socket:
     except OSError as exc:
         sock.close()
         raise ListenError(
-            f"monitor.listen {listen!r}: cannot listen on {format_url(host, port)}: {exc.strerror}"
-            " (another program may use this port: choose another monitor.listen, or set monitor.enabled: false)"
+            f"monitor.listen {listen!r}: cannot listen on {format_url(host, port)}: {exc.strerror}; "
+            + bind_advice(exc, port, "monitor.listen (or --monitor HOST:PORT)",
+                          off="monitor.enabled: false (or --monitor off)")
         ) from None
     sock.setblocking(False)
     return sock

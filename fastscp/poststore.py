@@ -25,6 +25,7 @@ from fastscp.header import HeaderFields
 from fastscp.indexclient import IndexerClient
 from fastscp.ipc import accept_local, listen, local_address, receive
 from fastscp.layout import LayoutOptions, study_folder
+from fastscp.orphan import parent_gone
 from fastscp.records import DECODER, ENCODER, InstanceRecord, ThumbnailMade
 from fastscp.scansheet import (
     QuietStudies,
@@ -93,6 +94,8 @@ class PostStore:
 
     def run(self) -> None:
         while not (self.stopping and not self.queue):
+            if self._orphaned():
+                return
             timeout = 0 if self.queue else min(self.quiet.next_due_in() or 1.0, 1.0)
             for key, _events in self.selector.select(timeout):
                 if key.fileobj is self.listener:
@@ -103,10 +106,27 @@ class PostStore:
                 self._process(self.queue.popleft())
             for study in self.quiet.pop_due():
                 self._scansheet(study)
+        if self._orphaned():
+            return
         # Stopping: studies still settling get their sheet now, not never.
         for study in list(self.studies):
             self._scansheet(study)
         log.info("post-store stopped; %d thumbnails made, %d records dropped", self.made, self.dropped)
+
+    def _orphaned(self) -> bool:
+        """True (and the work dropped) once the supervisor is gone: nothing would stop us.
+
+        Its death signal (SIGTERM) only sets ``stopping``; the queue could
+        take minutes, and a restarted server may already be running.
+        """
+        if not parent_gone():
+            return False
+        log.warning("the supervisor is gone: post-store stops; %d queued records and %d studies left without "
+                    "thumbnails or scan sheets (fastscp convert, fastscp scansheet)",
+                    len(self.queue), len(self.studies))
+        self.queue.clear()
+        self.studies.clear()
+        return True
 
     def _accept(self) -> None:
         while (conn := accept_local(self.listener)) is not None:
