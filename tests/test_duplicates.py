@@ -1,5 +1,6 @@
 """Resends and conflicting resends with dcmtk storescu, for every storage.duplicates
-policy; structured reports in their own root; two associations into one new study."""
+policy; other instances that a layout names alike; the same instance under another
+layout name; structured reports in their own root; two associations into one new study."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 import duckdb
 import pydicom
 import pytest
+from pydicom.uid import generate_uid
 
 from fastscp.storage import dataset_hash
 from fastscp.synthetic import write_series
@@ -102,6 +104,66 @@ def test_structured_reports_go_to_their_own_root(start_server, tmp_path: Path) -
     assert_same_dataset(sr, report)
     (image,) = server.stored_files()
     assert_same_dataset(ct, image)
+
+
+POLICIES = ["reject", "keep-first", "overwrite", "keep-both"]
+#: Names instances by their numbers only: two instances can get one name.
+BY_NUMBER = "{PatientID}/{SeriesNumber:03}/{InstanceNumber:04}.dcm"
+
+
+@pytest.fixture
+def two_instances_one_name(tmp_path: Path) -> tuple[Path, Path]:
+    """Two instances with the same Patient ID, Series and Instance Number, other SOP Instance UIDs."""
+    (first,) = map(Path, write_series(str(tmp_path / "a"), 1, rows=64, columns=64))
+    ds = pydicom.dcmread(first)
+    ds.SOPInstanceUID = generate_uid()
+    ds.PixelData = bytes(len(ds.PixelData))
+    second = tmp_path / "second.dcm"
+    ds.save_as(second, enforce_file_format=True)
+    return first, second
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_another_instance_under_a_taken_name_is_stored_under_its_own(  # type: ignore[no-untyped-def]
+        start_server, tmp_path: Path, two_instances_one_name, policy: str) -> None:
+    first, second = two_instances_one_name
+    server = start_server("--duplicates", policy, "--naming", "template",
+                          config=_config(tmp_path, f"storage:\n  template: \"{BY_NUMBER}\"\n"))
+    storescu(server, first)
+    storescu(server, second)  # succeeds: it is not a duplicate, whatever the policy
+    taken = server.storage / "SYN0001" / "001" / "0001.dcm"
+    uid = str(pydicom.dcmread(second, stop_before_pixels=True).SOPInstanceUID)
+    files = server.stored_files()
+    assert taken in files and len(files) == 2, files
+    (own,) = set(files) - {taken}
+    assert own.parent == taken.parent and own.name.startswith("0001.u") and own.suffix == ".dcm"
+    assert_same_dataset(first, taken)
+    assert_same_dataset(second, own)
+    log = server.wait_for_log("holds another instance")
+    assert "differs from the stored copy" not in log
+    # A resend of either finds its own file: identical, nothing new.
+    storescu(server, second)
+    storescu(server, first)
+    wait_until(lambda: server.log_text().count("1 instances (0 failed, 1 duplicates)") == 2, what="the resends")
+    assert server.stored_files() == sorted([taken, own])
+    assert server.stop() == 0
+    con = duckdb.connect(str(server.index), read_only=True)
+    rows = dict(con.execute("SELECT path, sop_instance_uid FROM instances").fetchall())
+    assert rows == {"SYN0001/001/0001.dcm": str(pydicom.dcmread(first).SOPInstanceUID),
+                    own.relative_to(server.storage).as_posix(): uid}
+    assert con.execute("SELECT count(*) FROM duplicate_conflicts").fetchall() == [(0,)]
+
+
+def test_default_policy_keeps_the_first_copy_and_answers_success(  # type: ignore[no-untyped-def]
+        server, original_and_conflict) -> None:
+    original, conflict = original_and_conflict
+    storescu(server, original)
+    stored = only_file(server)
+    result = storescu(server, conflict, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert server.stored_files() == [stored]
+    assert_same_dataset(original, stored)
+    server.wait_for_log("differs from the stored copy", "storage.duplicates=keep-first: kept-first")
 
 
 def _config(tmp_path: Path, text: str) -> Path:
