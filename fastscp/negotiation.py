@@ -105,6 +105,17 @@ class Negotiation:
     #: exceed it (0: no limit).
     peer_max_pdu: int = 0
     peer_implementation: str = ""
+    #: Refused presentation contexts: (abstract syntax UID, why), in request order.
+    refused: list[tuple[str, str]] = field(default_factory=list)
+
+
+#: Presentation context results other than acceptance (PS3.8 9.3.3.2).
+CONTEXT_REFUSALS: dict[int, str] = {
+    1: "user rejection",
+    2: "no reason (provider rejection)",
+    3: "abstract syntax not supported",
+    4: "transfer syntaxes not supported",
+}
 
 
 def _reject(rq: A_ASSOCIATE, result: int, source: int, reason: int, detail: str = "") -> Negotiation:
@@ -213,6 +224,11 @@ def negotiate(pdu: bytes, policy: AcceptancePolicy, peer_ip: str = "") -> Negoti
         for cx in results
         if cx.result == 0x00
     }
+    refused = [
+        (str(cx.abstract_syntax), CONTEXT_REFUSALS.get(int(cx.result or 0), f"result {cx.result}"))
+        for cx in results
+        if cx.result != 0x00
+    ]
     return Negotiation(
         calling_ae_title=str(rq.calling_ae_title).strip(),
         called_ae_title=str(rq.called_ae_title).strip(),
@@ -221,6 +237,7 @@ def negotiate(pdu: bytes, policy: AcceptancePolicy, peer_ip: str = "") -> Negoti
         contexts=contexts,
         peer_max_pdu=peer_max_pdu,
         peer_implementation=peer_implementation,
+        refused=refused,
     )
 
 

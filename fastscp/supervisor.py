@@ -103,6 +103,8 @@ class Supervisor:
             fsync=config.storage.fsync == "always",
             quarantine=config.storage.quarantine,
             sr_root=config.storage.sr_directory,
+            file_mode=int(config.storage.file_mode, 8),
+            dir_mode=int(config.storage.dir_mode, 8),
         )
         try:
             access = build_access_policy(config.access.allowed_calling_aets)
@@ -242,6 +244,11 @@ class Supervisor:
         removed = self.storage.prepare()
         if removed:
             log.warning("removed %d incomplete temp files left by an earlier run", removed)
+        free, watermark = self.storage.free_bytes(), self.config.storage.min_free_bytes
+        if free < watermark:
+            log.warning("storage %s: %d MB free, below storage.min_free_bytes (%d MB): every C-STORE gets 0xA700 "
+                        "Out of resources until space is freed", self.storage.root, free // 1_000_000,
+                        watermark // 1_000_000)
         self.listener = self._bind()
         self.selector.register(self._log_r, selectors.EVENT_READ, "log")
         try:
