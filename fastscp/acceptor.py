@@ -225,6 +225,8 @@ class _Stored:
     committed: Committed
     header: HeaderFields
     transfer_syntax: str
+    #: The command's Affected SOP Instance UID (the file is named by it).
+    affected: str
 
 
 class Association:
@@ -551,7 +553,7 @@ class Association:
             return dimse.OUT_OF_RESOURCES, f"cannot store: {exc.strerror}"[:64]
         # What the sender waits for ends here; the rest runs after the
         # C-STORE-RSP has gone (_hand_over).
-        self._stored = _Stored(incoming, committed, header, transfer_syntax)
+        self._stored = _Stored(incoming, committed, header, transfer_syntax, named.sop_instance_uid)
         if committed.outcome == "rejected":
             return dimse.DUPLICATE_SOP_INSTANCE, "other content stored under this SOP Instance UID"
         return dimse.SUCCESS, ""
@@ -606,6 +608,7 @@ class Association:
                     received_at=now,
                     header=header,
                     content_hash=incoming.content_hash,
+                    affected_sop_instance_uid=stored.affected if stored.affected != header.sop_instance_uid else "",
                 )
             )
         finally:

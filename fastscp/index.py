@@ -30,7 +30,7 @@ from fastscp.records import DuplicateConflict, InstanceRecord, ThumbnailMade
 
 log = logging.getLogger("fastscp.index")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # -- columns -----------------------------------------------------------------------
 
@@ -70,6 +70,10 @@ FILE_COLUMNS: dict[str, str] = {
     "peer_address": "VARCHAR",
     "received_at": "TIMESTAMP",  # UTC
 }
+#: Added in schema version 3, after the header columns: the C-STORE's Affected
+#: SOP Instance UID (the File Meta's) where it differs from the data set's,
+#: else "". An instance is found by either UID.
+AFFECTED_COLUMNS: dict[str, str] = {"affected_sop_instance_uid": "VARCHAR"}
 CONFLICT_COLUMNS: dict[str, str] = {
     "sop_instance_uid": "VARCHAR",
     "path": "VARCHAR",
@@ -91,7 +95,7 @@ TABLES: dict[str, dict[str, str]] = {
     "patients": _header_columns(PATIENT_FIELDS),
     "studies": _header_columns(STUDY_FIELDS),
     "series": _header_columns(SERIES_FIELDS),
-    "instances": {**FILE_COLUMNS, **_header_columns(INSTANCE_HEADER_FIELDS)},
+    "instances": {**FILE_COLUMNS, **_header_columns(INSTANCE_HEADER_FIELDS), **AFFECTED_COLUMNS},
     "duplicate_conflicts": CONFLICT_COLUMNS,
     # Thumbnails made by the post-store stage (both paths relative to the
     # storage root). Their own table: a thumbnail may be reported before its
@@ -268,17 +272,10 @@ class Index:
             return
         self.con.execute("BEGIN")
         try:
-            self.con.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-            if self.version == 1:
-                # v1: one flat "instances" table (file facts + every header field).
-                self.con.execute("ALTER TABLE instances RENAME TO instances_v1")
-            for table in TABLES:
-                self.con.execute(_create_table(table))
-            for view in _VIEWS:
-                self.con.execute(view)
-            if self.version == 1:
-                self._copy_v1()
-                self.con.execute("DROP TABLE instances_v1")
+            if self.version == 2:
+                self._migrate_v2()
+            else:
+                self._create(self.version)
             self.con.execute("INSERT INTO schema_version VALUES (?)", [SCHEMA_VERSION])
             self.con.execute("COMMIT")
         except BaseException:
@@ -288,6 +285,25 @@ class Index:
             log.info("index %s migrated from schema version %d to %d", self.path, self.version, SCHEMA_VERSION)
         self.version = SCHEMA_VERSION
         self.con.execute("CHECKPOINT")
+
+    def _migrate_v2(self) -> None:
+        # v3 adds the command's UID at the end of instances (inserts are positional).
+        for name, sql in AFFECTED_COLUMNS.items():
+            self.con.execute(f"ALTER TABLE instances ADD COLUMN {quote(name)} {sql} DEFAULT ''")
+
+    def _create(self, version: int) -> None:
+        """The tables of a new index, or of a v1 index (whose rows are copied)."""
+        self.con.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+        if version == 1:
+            # v1: one flat "instances" table (file facts + every header field).
+            self.con.execute("ALTER TABLE instances RENAME TO instances_v1")
+        for table in TABLES:
+            self.con.execute(_create_table(table))
+        for view in _VIEWS:
+            self.con.execute(view)
+        if version == 1:
+            self._copy_v1()
+            self.con.execute("DROP TABLE instances_v1")
 
     def _copy_v1(self) -> None:
         present = {row[0] for row in self.con.execute(

@@ -480,6 +480,9 @@ def build_query(request: QueryRequest) -> BuiltQuery:
                 lowest = max(lowest, attribute_depth)
         else:
             sql = match_sql(attribute.sql, attribute.vr, condition.value, where_params)
+            if sql is not None and condition.keyword == "SOPInstanceUID":
+                # Either UID of the instance: the data set's, or the command's where it differed.
+                sql = f"({sql} OR {match_sql('i.affected_sop_instance_uid', 'UI', condition.value, where_params)})"
             if sql is not None:
                 where.append(sql)
     params = where_params + below_params

@@ -25,6 +25,9 @@ class InstanceRecord(msgspec.Struct, frozen=True, kw_only=True, tag="instance"):
     header: HeaderFields
     #: SHA-256 (hex) of the data set bytes as received; "" if not computed.
     content_hash: str = ""
+    #: The C-STORE's Affected SOP Instance UID (the File Meta's) when it
+    #: differs from the data set's (``header.sop_instance_uid``), else "".
+    affected_sop_instance_uid: str = ""
 
 
 class DuplicateConflict(msgspec.Struct, frozen=True, kw_only=True, tag="conflict"):

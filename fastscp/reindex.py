@@ -163,9 +163,10 @@ def read_record(root: str, state: FileState, *, content_hash: bool = True) -> In
             while chunk := f.read(_HASH_CHUNK):
                 sha.update(chunk)
             digest = sha.hexdigest()
-    if not header.sop_instance_uid and meta.get(0x0003):
+    affected = meta.get(0x0003, "")
+    if not header.sop_instance_uid and affected:
         # As the acceptor does: the sender's UID names the file when the data set has none.
-        header = msgspec.structs.replace(header, sop_instance_uid=meta[0x0003])
+        header = msgspec.structs.replace(header, sop_instance_uid=affected)
     return InstanceRecord(
         path=state.path,
         size=state.size,
@@ -176,6 +177,7 @@ def read_record(root: str, state: FileState, *, content_hash: bool = True) -> In
         received_at=state.mtime_ns / 1e9,
         header=header,
         content_hash=digest,
+        affected_sop_instance_uid=affected if affected != header.sop_instance_uid else "",
     )
 
 

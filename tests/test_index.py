@@ -283,6 +283,37 @@ def test_migration_from_v1(storage: Path, tmp_path: Path) -> None:
     index.close()
 
 
+def test_migration_from_v2_and_an_instance_found_by_either_uid(storage: Path, tmp_path: Path) -> None:
+    path = str(tmp_path / "index.duckdb")
+    records = records_of(storage)
+    Index(path).close()
+    # Back to v2: instances without the v3 column (the rest of the v2 schema is v3's).
+    con = duckdb.connect(path)
+    v2_columns = ", ".join(f'"{name}" {sql}{" PRIMARY KEY" if name == "path" else ""}'
+                           for name, sql in TABLES["instances"].items() if name != "affected_sop_instance_uid")
+    con.execute("DROP TABLE instances")
+    con.execute(f"CREATE TABLE instances ({v2_columns})")
+    con.execute("DELETE FROM schema_version")
+    con.execute("INSERT INTO schema_version VALUES (2)")
+    con.close()
+    index = Index(path)
+    assert index.version == SCHEMA_VERSION == 3
+    assert rows(index, "SELECT max(version) FROM schema_version") == [(3,)]
+    # The sender's command named the first instance by another UID than its data set's.
+    first = msgspec.structs.replace(records[0], affected_sop_instance_uid="1.2.826.0.1.3680043.8.498.999")
+    index.add([first, *records[1:]])
+    assert index.count() == len(records)
+
+    def found(uid: str) -> list[list[object]]:
+        request = QueryRequest(level="IMAGE", keys=["Path"], conditions=[QueryCondition("SOPInstanceUID", uid)])
+        return list(run_query(index.cursor(), request))
+
+    assert found(first.header.sop_instance_uid) == [[first.path]]
+    assert found("1.2.826.0.1.3680043.8.498.999") == [[first.path]]
+    assert found(records[1].header.sop_instance_uid) == [[records[1].path]]
+    index.close()
+
+
 def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
     path = str(tmp_path / "index.duckdb")
     Index(path).close()
