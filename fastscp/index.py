@@ -635,6 +635,19 @@ class Index:
             for row in rows
         ]
 
+    @staticmethod
+    def paths_of(con: duckdb.DuckDBPyConnection, uids: Sequence[str]) -> list[str]:
+        """Paths of the instances whose data set's or command's SOP Instance UID is one of ``uids``.
+
+        PERF: a scan of two columns (no index: it would slow every insert);
+        asked only when :class:`fastscp.indexer.UidIndex` says one may match.
+        """
+        rows = con.execute(
+            "SELECT path FROM instances WHERE sop_instance_uid IN (SELECT unnest($1)) "
+            "OR affected_sop_instance_uid IN (SELECT unnest($1))", [list(uids)],
+        ).fetchall()
+        return [row[0] for row in rows]
+
     def count(self) -> int:
         """The number of indexed files."""
         # fetchall, not fetchone: DuckDB 2 keeps a half-read result open on the connection.

@@ -19,6 +19,10 @@ Three jobs, one process (DuckDB lets one process open the file):
   SOCK_STREAM) and answers each connection from a small thread pool, each
   query on its own DuckDB cursor (DuckDB's MVCC): batches go on being
   committed while a query runs.
+* **Where is this instance?** Before it answers a C-STORE, a worker asks
+  (:class:`~fastscp.query.LocateRequest`, on the query socket) where the
+  instance's SOP Instance UIDs are stored; :class:`UidIndex` answers from
+  memory, and DuckDB is read only when a UID may be indexed (a resend).
 * **Reconcile on start.** When it knows the storage root, the indexer
   compares the files with the index in a background thread, indexes what is
   missing (records a killed indexer never committed) and drops rows whose
@@ -49,6 +53,8 @@ from multiprocessing.connection import Connection
 
 import duckdb
 import msgspec
+import numpy as np
+import pyarrow as pa
 
 from fastscp.batchtable import InstanceBatch
 from fastscp.index import Index
@@ -56,6 +62,8 @@ from fastscp.ipc import accept_local, listen, local_address, receive, same_user
 from fastscp.query import (
     Failed,
     IndexerState,
+    Located,
+    LocateRequest,
     QueryRequest,
     StateRequest,
     StatsRequest,
@@ -64,7 +72,7 @@ from fastscp.query import (
     send_message,
     stream_query,
 )
-from fastscp.records import BATCH_DECODER, DuplicateConflict, ThumbnailMade
+from fastscp.records import BATCH_DECODER, DuplicateConflict, InstanceColumns, ThumbnailMade
 from fastscp.reindex import plan, read_records
 
 log = logging.getLogger("fastscp.indexer")
@@ -106,12 +114,96 @@ def query_address_of(address: str) -> str:
     return address.replace("\0fastscp-indexer-", "\0fastscp-query-", 1)
 
 
-class QueryServer:
-    """Answers :class:`~fastscp.query.QueryRequest` and :class:`~fastscp.query.StatsRequest` on a socket."""
+#: UIDs of the stored instances whose columns a batch of instances holds.
+_UID_COLUMNS = ("sop_instance_uid", "affected_sop_instance_uid")
 
-    def __init__(self, index: Index, address: str, state: Callable[[], IndexerState]) -> None:
+
+class UidIndex:
+    """Which SOP Instance UIDs the index holds: answers "where is this instance?" without reading DuckDB.
+
+    Records received and not yet committed are held exactly (UID -> path).
+    Committed UIDs are held as 64-bit hashes (Python's ``hash``, stable
+    within this process), sorted in a numpy array (8 bytes an instance) plus
+    a set of the latest; a hit is confirmed by a DuckDB query
+    (:meth:`fastscp.index.Index.paths_of`), which is the rare case: a resend.
+    Until :meth:`load` has read the committed rows, every lookup may match.
+    Thread-safe: the loop, the writer and the query threads all use it.
+    """
+
+    #: Hashes kept in the set before they are merged into the sorted array.
+    MERGE_AT = 100_000
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._received: dict[str, str] = {}
+        self._sorted = np.empty(0, dtype=np.int64)
+        self._recent: set[int] = set()
+        self.loaded = False
+
+    def load(self, con: duckdb.DuckDBPyConnection) -> None:
+        """Read the UIDs of the committed rows (at start; records go on arriving meanwhile)."""
+        reader = con.execute(f"SELECT {', '.join(_UID_COLUMNS)} FROM instances").fetch_record_batch(100_000)
+        parts = []
+        for batch in reader:
+            for column in batch.columns:
+                uids = [uid for uid in column.to_pylist() if uid]
+                parts.append(np.fromiter(map(hash, uids), dtype=np.int64, count=len(uids)))
+        with self._lock:
+            self._merge(np.concatenate(parts) if parts else np.empty(0, dtype=np.int64))
+            self.loaded = True
+
+    def _merge(self, hashes: np.ndarray) -> None:
+        recent = np.fromiter(self._recent, dtype=np.int64, count=len(self._recent))
+        self._sorted = np.union1d(self._sorted, np.concatenate((hashes, recent)))
+        self._recent = set()
+
+    def received(self, instances: InstanceColumns) -> None:
+        """Records the indexer has received (in the loop thread)."""
+        paths = instances.column("path")
+        with self._lock:
+            for name in _UID_COLUMNS:
+                for uid, path in zip(instances.column(name), paths, strict=True):
+                    if uid:
+                        self._received[uid] = path
+
+    def committed(self, instances: pa.Table) -> None:
+        """Rows now in DuckDB (or given up on: their files are found by the next reconcile)."""
+        paths = instances.column("path").to_pylist()
+        with self._lock:
+            for name in _UID_COLUMNS:
+                for uid, path in zip(instances.column(name).to_pylist(), paths, strict=True):
+                    if uid:
+                        if self._received.get(uid) == path:
+                            del self._received[uid]
+                        self._recent.add(hash(uid))
+            if len(self._recent) >= self.MERGE_AT:
+                self._merge(np.empty(0, dtype=np.int64))
+
+    def lookup(self, uids: list[str]) -> tuple[list[str], bool]:
+        """Paths of received records with these UIDs, and whether a committed row may have one."""
+        with self._lock:
+            paths = [self._received[uid] for uid in uids if uid in self._received]
+            if not self.loaded:
+                return paths, True
+            for uid in uids:
+                key = hash(uid)
+                if key in self._recent:
+                    return paths, True
+                at = int(np.searchsorted(self._sorted, key))
+                if at < len(self._sorted) and self._sorted[at] == key:
+                    return paths, True
+            return paths, False
+
+
+class QueryServer:
+    """Answers :class:`~fastscp.query.QueryRequest`, :class:`~fastscp.query.StatsRequest` and
+    :class:`~fastscp.query.LocateRequest` on a socket."""
+
+    def __init__(self, index: Index, address: str, state: Callable[[], IndexerState],
+                 uids: UidIndex | None = None) -> None:
         self.index = index
         self.state = state
+        self.uids = uids
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.listener.bind(address)
         self.listener.listen(64)
@@ -152,6 +244,15 @@ class QueryServer:
             except (OSError, ConnectionError, msgspec.DecodeError) as exc:
                 log.debug("query connection dropped: %s", exc)
                 return
+            if isinstance(request, LocateRequest) and self.uids is not None:
+                # On the hot path of every C-STORE: a cursor only if DuckDB must be read.
+                try:
+                    send_message(conn, Located(self._locate(request.uids)))
+                except (OSError, ConnectionError) as exc:
+                    log.debug("locate client went away: %s", exc)
+                except duckdb.Error as exc:
+                    log.error("locate failed: %s", exc)
+                return
             cursor = self.index.cursor()
             try:
                 if isinstance(request, QueryRequest):
@@ -173,6 +274,18 @@ class QueryServer:
                     pass
             finally:
                 cursor.close()
+
+    def _locate(self, uids: list[str]) -> list[str]:
+        assert self.uids is not None
+        uids = [uid for uid in uids[:8] if uid]
+        paths, maybe = self.uids.lookup(uids)
+        if maybe:
+            cursor = self.index.cursor()
+            try:
+                paths += Index.paths_of(cursor, uids)
+            finally:
+                cursor.close()
+        return list(dict.fromkeys(paths))
 
     def close(self) -> None:
         self._closing.set()
@@ -238,7 +351,9 @@ class Indexer:
         self._tidy_queued = False
         self._writer = threading.Thread(target=self._write_loop, name="fastscp-index-writer", daemon=True)
         self._reconciler: threading.Thread | None = None
-        self.queries = QueryServer(index, query_address, self.state) if query_address else None
+        #: The SOP Instance UIDs indexed or on their way (for LocateRequest).
+        self.uids = UidIndex()
+        self.queries = QueryServer(index, query_address, self.state, self.uids) if query_address else None
 
     def state(self) -> IndexerState:
         """What the indexer is doing (for stats; read from a query thread)."""
@@ -252,6 +367,7 @@ class Indexer:
     def run(self) -> None:
         self._writer.start()
         if self.queries is not None:
+            threading.Thread(target=self._load_uids, name="fastscp-uids", daemon=True).start()
             self.queries.start()
         if self.storage_root is not None:
             self._reconciler = threading.Thread(target=self._reconcile, name="fastscp-reconcile", daemon=True)
@@ -271,6 +387,18 @@ class Indexer:
                 self._reconciler.join(5)
             self._close_sockets()
             self.index.close()
+
+    def _load_uids(self) -> None:
+        started = time.monotonic()
+        cursor = self.index.cursor()
+        try:
+            self.uids.load(cursor)
+        except Exception:
+            log.exception("reading the indexed SOP Instance UIDs failed; duplicates are looked up in DuckDB")
+            return
+        finally:
+            cursor.close()
+        log.debug("indexed SOP Instance UIDs read in %.2f s", time.monotonic() - started)
 
     def _close_sockets(self) -> None:
         for key in list(self.selector.get_map().values()):
@@ -345,6 +473,7 @@ class Indexer:
                 self.oldest = now
             self.last_record = now
             self.pending.add(batch.instances)
+            self.uids.received(batch.instances)
             for record in batch.others:
                 if isinstance(record, DuplicateConflict):
                     self.pending_conflicts.append(record)
@@ -372,6 +501,7 @@ class Indexer:
             try:
                 if kind == "add":
                     self.index.add(payload, keep_newer=True)  # type: ignore[arg-type]
+                    self.uids.committed(InstanceBatch.of(payload).table())  # type: ignore[arg-type]
                 elif kind == "remove":
                     assert self.storage_root is not None
                     # A file may have come back (a resend) since the walk.
@@ -395,10 +525,11 @@ class Indexer:
     def _write_batch(self, batch: tuple[InstanceBatch, list[DuplicateConflict], list[ThumbnailMade]]) -> None:
         instances, conflicts, thumbnails = batch
         count = instances.count + len(conflicts) + len(thumbnails)
+        table = instances.table()
         attempt = 0
         while True:
             try:
-                self.index.add_table(instances.table(), conflicts, thumbnails)
+                self.index.add_table(table, conflicts, thumbnails)
                 self.committed += count
                 break
             except Exception:
@@ -410,6 +541,7 @@ class Indexer:
                               "(or fastscp reindex) indexes them", count)
                     break
                 time.sleep(0.5)
+        self.uids.committed(table)
         self._in_flight = 0
         self._written.set()
         try:

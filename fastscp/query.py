@@ -71,6 +71,19 @@ class StateRequest(msgspec.Struct, frozen=True, tag="state_request"):
     """Ask a running indexer for its :class:`IndexerState` (cheap: no query)."""
 
 
+class LocateRequest(msgspec.Struct, frozen=True, tag="locate"):
+    """Where is an instance stored? Asked by a worker before it answers a C-STORE (storage.duplicates)."""
+
+    #: Its SOP Instance UIDs (the command's and the data set's).
+    uids: list[str]
+
+
+class Located(msgspec.Struct, frozen=True, tag="located"):
+    """The paths (as the index records them) of instances with any of the asked UIDs, committed or not."""
+
+    paths: list[str]
+
+
 class Columns(msgspec.Struct, frozen=True, tag="columns"):
     names: list[str]
 
@@ -122,7 +135,8 @@ class Stats(msgspec.Struct, frozen=True, kw_only=True, tag="stats"):
     indexer: IndexerState | None = None
 
 
-Message = QueryRequest | StatsRequest | StateRequest | Columns | Rows | Done | Failed | Stats | IndexerState
+Message = (QueryRequest | StatsRequest | StateRequest | LocateRequest | Columns | Rows | Done | Failed | Stats
+           | IndexerState | Located)
 _ENCODER = msgspec.msgpack.Encoder()
 _DECODER = msgspec.msgpack.Decoder(Message)
 

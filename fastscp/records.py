@@ -109,6 +109,14 @@ class InstanceColumns(msgspec.Struct, frozen=True, array_like=True):
                 run_lengths.append(None)
         return cls(len(records), values, run_lengths)
 
+    def column(self, name: str) -> list[Any]:
+        """One column (:data:`INSTANCE_COLUMNS`), a value per record."""
+        at = INSTANCE_COLUMNS.index(name)
+        values, run_lengths = self.values[at], self.run_lengths[at]
+        if run_lengths is None:
+            return values
+        return [value for value, length in zip(values, run_lengths, strict=True) for _ in range(length)]
+
 
 class RecordBatch(msgspec.Struct, frozen=True, tag="batch"):
     """Several index records in one message (one datagram, one wake-up of the indexer)."""

@@ -29,7 +29,7 @@ from fastscp.access import AccessConfigError, build_access_policy
 from fastscp.config import Config, layout_options, to_builtins
 from fastscp.find import finder
 from fastscp.findscp import FIND_SOP_CLASSES
-from fastscp.indexclient import QueryClient
+from fastscp.indexclient import Locator, QueryClient
 from fastscp.indexer import indexer_address, indexer_main
 from fastscp.negotiation import (
     REJECTED_TRANSIENT,
@@ -132,6 +132,7 @@ class Supervisor:
                 if config.thumbnails.enabled or config.scansheet.enabled else ""
             ),
             find=finder(config.index_path, retrieve_ae_title=server.ae_title),
+            locate=Locator(config.index_path),
         )
         self.poststore: multiprocessing.process.BaseProcess | None = None
         self.book = StatusBook()

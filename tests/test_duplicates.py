@@ -12,9 +12,13 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
+from fastscp.indexclient import QueryClient
+from fastscp.part10 import dataset_offset
+from fastscp.query import QueryRequest
 from fastscp.storage import dataset_hash
 from fastscp.synthetic import write_series
 from tests.conftest import dcmtk, storescu_concurrently, wait_until
+from tests.rawscu import RawSCU
 from tests.test_server import assert_same_dataset, by_instance
 
 pytestmark = pytest.mark.dcmtk
@@ -152,6 +156,64 @@ def test_another_instance_under_a_taken_name_is_stored_under_its_own(  # type: i
     assert rows == {"SYN0001/001/0001.dcm": str(pydicom.dcmread(first).SOPInstanceUID),
                     own.relative_to(server.storage).as_posix(): uid}
     assert con.execute("SELECT count(*) FROM duplicate_conflicts").fetchall() == [(0,)]
+
+
+def indexed(server) -> int:  # type: ignore[no-untyped-def]
+    """Instances the running server's index has committed (so its indexer knows them)."""
+    with QueryClient(str(server.index)).query(QueryRequest(level="IMAGE", keys=["Path"], ordered=False)) as result:
+        return len(list(result))
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_the_same_instance_under_another_layout_name_is_a_duplicate(  # type: ignore[no-untyped-def]
+        start_server, tmp_path: Path, original_and_conflict, policy: str) -> None:
+    original, conflict = original_and_conflict
+    # The sender corrected the Patient ID (and changed the pixels): the layout names it elsewhere.
+    ds = pydicom.dcmread(conflict)
+    ds.PatientID = "CORRECTED"
+    ds.save_as(conflict, enforce_file_format=True)
+    server = start_server("--duplicates", policy, "--naming", "template",
+                          config=_config(tmp_path, 'storage:\n  template: "{PatientID}/{SOPInstanceUID}.dcm"\n'))
+    storescu(server, original)
+    stored = only_file(server)
+    wait_until(lambda: indexed(server) == 1, what="the first copy in the index")
+    result = storescu(server, conflict, "-v", check=False)
+    log = server.wait_for_log("differs from the stored copy", f"storage.duplicates={policy}")
+    assert "holds another instance" not in log
+    files = server.stored_files()
+    if policy == "reject":
+        assert result.returncode != 0 and "Status: 0x111" in (result.stdout + result.stderr)
+    else:
+        assert result.returncode == 0, result.stdout + result.stderr
+    if policy == "keep-both":
+        moved = server.storage / "CORRECTED" / stored.name
+        assert files == sorted([stored, moved])
+        assert_same_dataset(original, stored)
+        assert_same_dataset(conflict, moved)
+    else:
+        assert files == [stored], "no second copy under the new name"
+        assert_same_dataset(conflict if policy == "overwrite" else original, stored)
+
+
+def test_an_instance_is_found_by_the_command_uid_and_the_data_set_uid(server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The sender's command names the instance X, its data set says Y: a resend under Y is the same instance."""
+    (path,) = write_series(str(tmp_path / "ct"), 1, rows=32, columns=32)
+    ds = pydicom.dcmread(path)
+    raw = Path(path).read_bytes()
+    data, dataset_uid = raw[dataset_offset(raw):], str(ds.SOPInstanceUID)
+    command_uid = generate_uid()
+    scu = RawSCU(server.port, str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID))
+    assert scu.store(command_uid, data) == 0
+    wait_until(lambda: indexed(server) == 1, what="the first copy in the index")
+    assert scu.store(dataset_uid, data) == 0  # named by its data set's UID this time: another path
+    scu.release()
+    (stored,) = server.stored_files()
+    assert pydicom.dcmread(stored).file_meta.MediaStorageSOPInstanceUID == command_uid
+    server.wait_for_log("1 duplicates)")
+    assert server.stop() == 0
+    con = duckdb.connect(str(server.index), read_only=True)
+    assert con.execute("SELECT sop_instance_uid, affected_sop_instance_uid FROM instances").fetchall() == [
+        (dataset_uid, command_uid)]
 
 
 def test_default_policy_keeps_the_first_copy_and_answers_success(  # type: ignore[no-untyped-def]
