@@ -542,11 +542,15 @@ class Association:
         root = settings.storage.sr_root if sop_class in SR_SOP_CLASSES and settings.storage.sr_root else None
         # The duplicate rules are by SOP Instance UID, either of them.
         uids = tuple(dict.fromkeys(u for u in (named.sop_instance_uid, header.sop_instance_uid) if u))
-        elsewhere = tuple(os.path.join(settings.storage.root, p) for p in settings.locate(uids)) if (
-            settings.locate is not None and uids) else ()
+        locate = settings.locate
+
+        def elsewhere() -> list[str]:
+            assert locate is not None
+            return [os.path.join(settings.storage.root, p) for p in locate(uids)]
+
         try:
             committed = incoming.commit(relative_path(settings.layout, named), settings.duplicates, root,
-                                        sop_instance_uids=uids, elsewhere=elsewhere)
+                                        sop_instance_uids=uids, locate=elsewhere if locate and uids else None)
         except OSError as exc:
             self.stats.failures += 1
             log.error("C-STORE %s: cannot store: %s", sop_instance, exc)

@@ -142,7 +142,9 @@ class UidIndex:
 
     def load(self, con: duckdb.DuckDBPyConnection) -> None:
         """Read the UIDs of the committed rows (at start; records go on arriving meanwhile)."""
-        reader = con.execute(f"SELECT {', '.join(_UID_COLUMNS)} FROM instances").fetch_record_batch(100_000)
+        relation = con.sql(f"SELECT {', '.join(_UID_COLUMNS)} FROM instances")
+        # DuckDB 2 calls it to_arrow_reader(); older ones fetch_arrow_reader().
+        reader = (getattr(relation, "to_arrow_reader", None) or relation.fetch_arrow_reader)(100_000)
         parts = []
         for batch in reader:
             for column in batch.columns:

@@ -14,6 +14,7 @@ import hashlib
 import os
 import time
 import uuid
+from collections.abc import Callable, Iterable
 
 from fastscp.part10 import dataset_offset, file_meta, read_file_meta
 
@@ -231,7 +232,7 @@ class IncomingFile:
 
     def commit(
         self, relative_path: str, duplicates: str = "keep-first", root: str | None = None, *,
-        sop_instance_uids: tuple[str, ...] = (), elsewhere: tuple[str, ...] = (),
+        sop_instance_uids: tuple[str, ...] = (), locate: Callable[[], Iterable[str]] | None = None,
     ) -> Committed:
         """Make the file durable (per ``storage.fsync``) and put it at its final path.
 
@@ -239,9 +240,9 @@ class IncomingFile:
         path whose File Meta names another SOP Instance UID is another
         instance (layouts named by Instance Number, templates without the
         UID): this one gets a name of its own (:func:`own_name`). The same
-        SOP Instance UID, at the path or at a path in ``elsewhere`` (where
-        the index has it), is a duplicate: the same data set bytes are a
-        resend (kept, not rewritten), other bytes follow ``duplicates``.
+        SOP Instance UID, at the path or where ``locate`` says it is, is a
+        duplicate: the same data set bytes are a resend (kept, not
+        rewritten), other bytes follow ``duplicates``.
 
         Parameters
         ----------
@@ -249,8 +250,10 @@ class IncomingFile:
             The instance's UIDs: the one it is named by (the command's
             Affected SOP Instance UID, in its File Meta) first, then the
             data set's if it differs. Empty: the File Meta's.
-        elsewhere : tuple of str
+        locate : callable, optional
             Absolute paths where the index has one of these UIDs stored.
+            Called only before a link to a free name: a resend to the same
+            name is settled by that file's File Meta, without the index.
 
         Raises
         ------
@@ -268,7 +271,7 @@ class IncomingFile:
         try:
             if storage.fsync:
                 os.fsync(self._fd)
-            outcome = self._place(final, duplicates, uids, elsewhere)
+            outcome = self._place(final, duplicates, uids, locate)
             if outcome.outcome in ("stored", "overwritten", "kept-both") and storage.fsync:
                 _fsync_dir(os.path.dirname(outcome.path))
         except OSError:
@@ -277,17 +280,22 @@ class IncomingFile:
         self._unlink_temp()  # the temp name, if it is still there; the descriptor stays open
         return outcome
 
-    def _place(self, final: str, duplicates: str, uids: tuple[str, ...], elsewhere: tuple[str, ...]) -> Committed:
-        same = next((p for p in elsewhere if os.path.normpath(p) != final and os.path.isfile(p)), "")
-        if same and duplicates != "keep-both":
-            # Stored before under another name (its layout fields changed):
-            # the policy applies there, and an overwrite replaces that file.
-            return self._resolve_duplicate(same, duplicates)
-        # PERF: one makedirs per store, a stat when the folder exists.
-        makedirs(os.path.dirname(final), self._storage.dir_mode)
+    def _place(self, final: str, duplicates: str, uids: tuple[str, ...],
+               locate: Callable[[], Iterable[str]] | None) -> Committed:
         collided = ("", "")
+        same: str | None = None  # where the index has the UID: asked once, only before a link
         for attempt in range(MAX_NAMES + 1):
             candidate = final if attempt == 0 else own_name(final, uids[0], attempt - 1)
+            if same is None and locate is not None and not os.path.lexists(candidate):
+                same = next((p for p in locate() if os.path.normpath(p) != candidate and os.path.isfile(p)), "")
+                if same and duplicates != "keep-both":
+                    # Stored before under another name (its layout fields
+                    # changed): the policy applies there; overwrite replaces it.
+                    resolved = self._resolve_duplicate(same, duplicates)
+                    return dataclasses.replace(resolved, collided_path=collided[0], collided_uid=collided[1])
+            if attempt == 0:
+                # PERF: one makedirs per store, a stat when the folder exists.
+                makedirs(os.path.dirname(final), self._storage.dir_mode)
             if _link_new(self.temp_path, candidate):
                 if same:
                     return Committed(candidate, "kept-both", dataset_hash(same), same, *collided)

@@ -533,3 +533,32 @@ def test_indexer_state_is_cheap_to_ask(tmp_path: Path) -> None:
         assert state.pid == os.getpid() and state.pending == 0 and state.reconcile == "off"
     finally:
         running.stop()
+
+
+def test_uid_index_knows_received_and_committed_uids(storage: Path, tmp_path: Path) -> None:
+    from fastscp.batchtable import InstanceBatch
+    from fastscp.indexer import UidIndex
+    from fastscp.records import InstanceColumns
+
+    records = records_of(storage)
+    first = msgspec.structs.replace(records[0], affected_sop_instance_uid="1.2.826.0.1.3680043.8.498.777")
+    index = Index(str(tmp_path / "index.duckdb"))
+    index.add([first])
+    uids = UidIndex()
+    assert uids.lookup(["1.2.3"]) == ([], True), "not loaded yet: DuckDB must be asked"
+    cursor = index.cursor()
+    uids.load(cursor)
+    cursor.close()
+    assert uids.lookup(["1.2.3"]) == ([], False)
+    for uid in (first.header.sop_instance_uid, first.affected_sop_instance_uid):
+        assert uids.lookup([uid]) == ([], True)
+        assert Index.paths_of(index.cursor(), [uid]) == [first.path]
+    # Received, not committed: known exactly, with its path.
+    second = records[1]
+    uids.received(InstanceColumns.of([second]))
+    assert uids.lookup([second.header.sop_instance_uid]) == ([second.path], False)
+    index.add([second])
+    uids.committed(InstanceBatch.of([second]).table())
+    assert uids.lookup([second.header.sop_instance_uid]) == ([], True)
+    assert Index.paths_of(index.cursor(), [second.header.sop_instance_uid]) == [second.path]
+    index.close()
