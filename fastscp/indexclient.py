@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 import msgspec
 
-from fastscp.indexer import indexer_address, query_address, query_address_of
+from fastscp.indexer import indexer_address, locate_address, query_address, query_address_of
 from fastscp.query import (
     Columns,
     Done,
@@ -304,7 +304,7 @@ class Locator:
     """
 
     def __init__(self, index_path: str, timeout: float = LOCATE_TIMEOUT) -> None:
-        self.client = QueryClient(index_path, timeout=timeout)
+        self.client = QueryClient(address=locate_address(index_path), timeout=timeout)
         self._failing = False
 
     def __call__(self, uids: tuple[str, ...]) -> tuple[str, ...]:

@@ -20,9 +20,11 @@ Three jobs, one process (DuckDB lets one process open the file):
   query on its own DuckDB cursor (DuckDB's MVCC): batches go on being
   committed while a query runs.
 * **Where is this instance?** Before it answers a C-STORE, a worker asks
-  (:class:`~fastscp.query.LocateRequest`, on the query socket) where the
-  instance's SOP Instance UIDs are stored; :class:`UidIndex` answers from
-  memory, and DuckDB is read only when a UID may be indexed (a resend).
+  (:class:`~fastscp.query.LocateRequest`, on a third socket,
+  :func:`locate_address`, with threads of its own, so a slow C-FIND never
+  delays a store) where the instance's SOP Instance UIDs are stored;
+  :class:`UidIndex` answers from memory, and DuckDB is read only when a UID
+  may be indexed (a resend).
 * **Reconcile on start.** When it knows the storage root, the indexer
   compares the files with the index in a background thread, indexes what is
   missing (records a killed indexer never committed) and drops rows whose
@@ -84,6 +86,9 @@ log = logging.getLogger("fastscp.indexer")
 MAX_BATCH_FACTOR = 30
 #: Queries answered at the same time; more wait for a thread.
 QUERY_THREADS = 4
+#: LocateRequests answered at the same time (each takes microseconds, or one
+#: DuckDB scan for a resend).
+LOCATE_THREADS = 4
 #: A query client that neither sends nor reads for this long is dropped.
 QUERY_IO_TIMEOUT = 30.0
 #: Seconds without records after which the indexer tidies the index (Index.tidy:
@@ -107,6 +112,11 @@ def indexer_address(index_path: str) -> str:
 def query_address(index_path: str) -> str:
     """The abstract socket name on which the indexer of an index file answers queries."""
     return local_address("query", index_path)
+
+
+def locate_address(index_path: str) -> str:
+    """The abstract socket name on which the indexer of an index file answers LocateRequest."""
+    return local_address("locate", index_path)
 
 
 def query_address_of(address: str) -> str:
@@ -202,16 +212,17 @@ class QueryServer:
     :class:`~fastscp.query.LocateRequest` on a socket."""
 
     def __init__(self, index: Index, address: str, state: Callable[[], IndexerState],
-                 uids: UidIndex | None = None) -> None:
+                 uids: UidIndex | None = None, threads: int = QUERY_THREADS) -> None:
         self.index = index
         self.state = state
+        #: Set: LocateRequests are answered (and only they: the locate socket).
         self.uids = uids
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.listener.bind(address)
         self.listener.listen(64)
         # accept() wakes up now and then to see whether we are closing.
         self.listener.settimeout(0.5)
-        self.pool = ThreadPoolExecutor(max_workers=QUERY_THREADS, thread_name_prefix="fastscp-query")
+        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fastscp-query")
         self._closing = threading.Event()
         self.thread = threading.Thread(target=self._accept_loop, name="fastscp-query-accept", daemon=True)
 
@@ -246,10 +257,13 @@ class QueryServer:
             except (OSError, ConnectionError, msgspec.DecodeError) as exc:
                 log.debug("query connection dropped: %s", exc)
                 return
-            if isinstance(request, LocateRequest) and self.uids is not None:
+            if self.uids is not None:
                 # On the hot path of every C-STORE: a cursor only if DuckDB must be read.
                 try:
-                    send_message(conn, Located(self._locate(request.uids)))
+                    if isinstance(request, LocateRequest):
+                        send_message(conn, Located(self._locate(request.uids)))
+                    else:
+                        send_message(conn, Failed(f"not a LocateRequest: {type(request).__name__}"))
                 except (OSError, ConnectionError) as exc:
                     log.debug("locate client went away: %s", exc)
                 except duckdb.Error as exc:
@@ -318,10 +332,13 @@ class Indexer:
         ``storage.sr_directory``, reconciled too when it is outside the root.
     query_address : str, optional
         The query socket to bind (:func:`query_address`); None: no queries.
+    locate_address : str, optional
+        The socket for LocateRequest (:func:`locate_address`); None: not answered.
     """
 
     def __init__(self, index: Index, address: str, batch_size: int, batch_interval: float, *,
-                 storage_root: str | None = None, sr_root: str = "", query_address: str | None = None) -> None:
+                 storage_root: str | None = None, sr_root: str = "", query_address: str | None = None,
+                 locate_address: str | None = None) -> None:
         self.index = index
         self.batch_size = batch_size
         self.batch_interval = batch_interval
@@ -355,7 +372,9 @@ class Indexer:
         self._reconciler: threading.Thread | None = None
         #: The SOP Instance UIDs indexed or on their way (for LocateRequest).
         self.uids = UidIndex()
-        self.queries = QueryServer(index, query_address, self.state, self.uids) if query_address else None
+        self.queries = QueryServer(index, query_address, self.state) if query_address else None
+        self.locates = (QueryServer(index, locate_address, self.state, self.uids, LOCATE_THREADS)
+                        if locate_address else None)
 
     def state(self) -> IndexerState:
         """What the indexer is doing (for stats; read from a query thread)."""
@@ -369,8 +388,10 @@ class Indexer:
     def run(self) -> None:
         self._writer.start()
         if self.queries is not None:
-            threading.Thread(target=self._load_uids, name="fastscp-uids", daemon=True).start()
             self.queries.start()
+        if self.locates is not None:
+            threading.Thread(target=self._load_uids, name="fastscp-uids", daemon=True).start()
+            self.locates.start()
         if self.storage_root is not None:
             self._reconciler = threading.Thread(target=self._reconcile, name="fastscp-reconcile", daemon=True)
             self._reconciler.start()
@@ -385,6 +406,8 @@ class Indexer:
             self._writer.join()
             if self.queries is not None:
                 self.queries.close()
+            if self.locates is not None:
+                self.locates.close()
             if self._reconciler is not None:
                 self._reconciler.join(5)
             self._close_sockets()
@@ -624,7 +647,8 @@ def indexer_main(db_path: str, wal_mode: bool, address: str, batch_size: int, ba
         index = Index(db_path, wal_mode=wal_mode)
         try:
             indexer = Indexer(index, address, batch_size, batch_interval,
-                              storage_root=storage_root, sr_root=sr_root, query_address=query_address(db_path))
+                              storage_root=storage_root, sr_root=sr_root, query_address=query_address(db_path),
+                              locate_address=locate_address(db_path))
         except BaseException:
             index.close()
             raise

@@ -284,21 +284,23 @@ class IncomingFile:
                locate: Callable[[], Iterable[str]] | None) -> Committed:
         collided = ("", "")
         same: str | None = None  # where the index has the UID: asked once, only before a link
+        same_hash = ""
         for attempt in range(MAX_NAMES + 1):
             candidate = final if attempt == 0 else own_name(final, uids[0], attempt - 1)
             if same is None and locate is not None and not os.path.lexists(candidate):
                 same = next((p for p in locate() if os.path.normpath(p) != candidate and os.path.isfile(p)), "")
-                if same and duplicates != "keep-both":
+                same_hash = dataset_hash(same) if same else ""
+                if same and (duplicates != "keep-both" or same_hash == self.content_hash):
                     # Stored before under another name (its layout fields
                     # changed): the policy applies there; overwrite replaces it.
-                    resolved = self._resolve_duplicate(same, duplicates)
+                    resolved = self._resolve_duplicate(same, duplicates, same_hash)
                     return dataclasses.replace(resolved, collided_path=collided[0], collided_uid=collided[1])
             if attempt == 0:
                 # PERF: one makedirs per store, a stat when the folder exists.
                 makedirs(os.path.dirname(final), self._storage.dir_mode)
             if _link_new(self.temp_path, candidate):
                 if same:
-                    return Committed(candidate, "kept-both", dataset_hash(same), same, *collided)
+                    return Committed(candidate, "kept-both", same_hash, same, *collided)
                 return Committed(candidate, "stored", "", "", *collided)
             other = stored_uid(candidate)
             if other is not None and other in uids:
@@ -308,9 +310,10 @@ class IncomingFile:
                 collided = (candidate, other or "")
         raise OSError(errno.EEXIST, f"{MAX_NAMES} names after {final} hold other instances")
 
-    def _resolve_duplicate(self, final: str, duplicates: str) -> Committed:
-        """The same SOP Instance UID is stored at ``final``: the data set bytes and ``duplicates`` decide."""
-        existing = dataset_hash(final)
+    def _resolve_duplicate(self, final: str, duplicates: str, existing: str = "") -> Committed:
+        """The same SOP Instance UID is stored at ``final`` (its data set's hash ``existing``, if known):
+        the data set bytes and ``duplicates`` decide."""
+        existing = existing or dataset_hash(final)
         new = self.content_hash
         if existing == new:
             return Committed(final, "identical")

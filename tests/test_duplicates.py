@@ -195,8 +195,12 @@ def test_the_same_instance_under_another_layout_name_is_a_duplicate(  # type: ig
         assert_same_dataset(conflict if policy == "overwrite" else original, stored)
 
 
-def test_an_instance_is_found_by_the_command_uid_and_the_data_set_uid(server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    """The sender's command names the instance X, its data set says Y: a resend under Y is the same instance."""
+@pytest.mark.parametrize("policy", POLICIES)
+def test_an_instance_is_found_by_the_command_uid_and_the_data_set_uid(  # type: ignore[no-untyped-def]
+        start_server, tmp_path: Path, policy: str) -> None:
+    """The sender's command names the instance X, its data set says Y: a resend under Y is the same
+    instance, and the same bytes: acknowledged, not stored again, whatever the policy."""
+    server = start_server("--duplicates", policy)
     (path,) = write_series(str(tmp_path / "ct"), 1, rows=32, columns=32)
     ds = pydicom.dcmread(path)
     raw = Path(path).read_bytes()
