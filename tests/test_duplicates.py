@@ -220,6 +220,34 @@ def test_an_instance_is_found_by_the_command_uid_and_the_data_set_uid(  # type: 
         (dataset_uid, command_uid)]
 
 
+def test_stores_do_not_wait_for_busy_query_threads(server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Clients holding every query thread (here: connected, silent) must not delay the
+    C-STORE's "where is this instance?" question to the indexer."""
+    import socket
+    import time
+
+    from fastscp.indexer import QUERY_THREADS, query_address
+
+    idle = []
+    for _ in range(QUERY_THREADS + 1):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(query_address(str(server.index)))
+        idle.append(sock)
+    try:
+        (path,) = write_series(str(tmp_path / "ct"), 1, rows=32, columns=32)
+        ds = pydicom.dcmread(path)
+        raw = Path(path).read_bytes()
+        scu = RawSCU(server.port, str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID))
+        started = time.monotonic()
+        assert scu.store(str(ds.SOPInstanceUID), raw[dataset_offset(raw):]) == 0
+        assert time.monotonic() - started < 1.5, "the store waited for a query thread"
+        scu.release()
+    finally:
+        for sock in idle:
+            sock.close()
+    assert "can't say where SOP instances are stored" not in server.log_text()
+
+
 def test_default_policy_keeps_the_first_copy_and_answers_success(  # type: ignore[no-untyped-def]
         server, original_and_conflict) -> None:
     original, conflict = original_and_conflict
