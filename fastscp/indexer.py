@@ -57,6 +57,7 @@ import duckdb
 import msgspec
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from fastscp.batchtable import InstanceBatch
 from fastscp.index import Index
@@ -174,20 +175,24 @@ class UidIndex:
         paths = instances.column("path")
         with self._lock:
             for name in _UID_COLUMNS:
-                for uid, path in zip(instances.column(name), paths, strict=True):
-                    if uid:
-                        self._received[uid] = path
+                self._received.update(zip(instances.column(name), paths, strict=True))
+            self._received.pop("", None)  # no UID (affected_sop_instance_uid: most records)
 
     def committed(self, instances: pa.Table) -> None:
         """Rows now in DuckDB (or given up on: their files are found by the next reconcile)."""
         paths = instances.column("path").to_pylist()
         with self._lock:
+            received = self._received
             for name in _UID_COLUMNS:
-                for uid, path in zip(instances.column(name).to_pylist(), paths, strict=True):
-                    if uid:
-                        if self._received.get(uid) == path:
-                            del self._received[uid]
-                        self._recent.add(hash(uid))
+                column = instances.column(name)
+                if name != "sop_instance_uid" and not pc.any(pc.not_equal(column, "")).as_py():
+                    continue  # PERF: the command's UID is "" unless it differed from the data set's
+                uids = column.to_pylist()
+                self._recent.update(map(hash, uids))
+                # A record received since, under the same UID, keeps its entry.
+                for uid in [u for u, p in zip(uids, paths, strict=True) if received.get(u) == p]:
+                    del received[uid]
+            self._recent.discard(hash(""))
             if len(self._recent) >= self.MERGE_AT:
                 self._merge(np.empty(0, dtype=np.int64))
 

@@ -115,6 +115,8 @@ class InstanceColumns(msgspec.Struct, frozen=True, array_like=True):
         values, run_lengths = self.values[at], self.run_lengths[at]
         if run_lengths is None:
             return values
+        if len(values) == 1:
+            return values * self.count
         return [value for value, length in zip(values, run_lengths, strict=True) for _ in range(length)]
 
 
