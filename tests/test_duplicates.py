@@ -4,6 +4,7 @@ layout name; structured reports in their own root; two associations into one new
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 
@@ -127,20 +128,21 @@ def two_instances_one_name(tmp_path: Path) -> tuple[Path, Path]:
     return first, second
 
 
-@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize(("naming", "policy"), [*(("template", p) for p in POLICIES), ("accounts", "reject")])
 def test_another_instance_under_a_taken_name_is_stored_under_its_own(  # type: ignore[no-untyped-def]
-        start_server, tmp_path: Path, two_instances_one_name, policy: str) -> None:
+        start_server, tmp_path: Path, two_instances_one_name, naming: str, policy: str) -> None:
     first, second = two_instances_one_name
-    server = start_server("--duplicates", policy, "--naming", "template",
+    server = start_server("--duplicates", policy, "--naming", naming,
                           config=_config(tmp_path, f"storage:\n  template: \"{BY_NUMBER}\"\n"))
     storescu(server, first)
     storescu(server, second)  # succeeds: it is not a duplicate, whatever the policy
-    taken = server.storage / "SYN0001" / "001" / "0001.dcm"
+    taken = only_file_named(server, "0001.dcm" if naming == "template" else "001-000-000001.dcm")
     uid = str(pydicom.dcmread(second, stop_before_pixels=True).SOPInstanceUID)
     files = server.stored_files()
     assert taken in files and len(files) == 2, files
     (own,) = set(files) - {taken}
-    assert own.parent == taken.parent and own.name.startswith("0001.u") and own.suffix == ".dcm"
+    assert own.parent == taken.parent and own.suffix == ".dcm"
+    assert re.fullmatch(re.escape(taken.stem) + r"\.u[0-9a-f]{10}", own.stem), own.name
     assert_same_dataset(first, taken)
     assert_same_dataset(second, own)
     log = server.wait_for_log("holds another instance")
@@ -153,9 +155,14 @@ def test_another_instance_under_a_taken_name_is_stored_under_its_own(  # type: i
     assert server.stop() == 0
     con = duckdb.connect(str(server.index), read_only=True)
     rows = dict(con.execute("SELECT path, sop_instance_uid FROM instances").fetchall())
-    assert rows == {"SYN0001/001/0001.dcm": str(pydicom.dcmread(first).SOPInstanceUID),
+    assert rows == {taken.relative_to(server.storage).as_posix(): str(pydicom.dcmread(first).SOPInstanceUID),
                     own.relative_to(server.storage).as_posix(): uid}
     assert con.execute("SELECT count(*) FROM duplicate_conflicts").fetchall() == [(0,)]
+
+
+def only_file_named(server, name: str) -> Path:  # type: ignore[no-untyped-def]
+    (path,) = [p for p in server.stored_files() if p.name == name]
+    return path
 
 
 def indexed(server) -> int:  # type: ignore[no-untyped-def]
