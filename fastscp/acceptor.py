@@ -362,7 +362,7 @@ class Association:
         self.stats.contexts = len(result.contexts)
         if result.refused:
             log.warning(
-                "association %s (%s): %d of %d presentation contexts refused: %s", result.calling_ae_title,
+                "association %r (%s): %d of %d presentation contexts refused: %s", result.calling_ae_title,
                 self.stats.peer_address, len(result.refused), len(result.refused) + len(result.contexts),
                 "; ".join(f"{_sop_class_name(uid)}: {why}" for uid, why in result.refused),
             )

@@ -225,6 +225,7 @@ def test_refused_presentation_contexts_are_logged(start_server) -> None:  # type
     assert scu.accepted  # A-ASSOCIATE-AC, its only context refused
     scu.release()
     log = server.wait_for_log("presentation contexts refused", "-> FASTSCP")
+    assert "association 'MRSCU' (127.0.0.1:" in log
     assert "MR Image Storage (1.2.840.10008.5.1.4.1.1.4): abstract syntax not supported" in log
     (line,) = [entry for entry in log.splitlines() if "association MRSCU" in entry and "-> FASTSCP" in entry]
     assert "accepted with every presentation context refused" in line
