@@ -43,6 +43,9 @@ class ServerConfig(_Section):
     port: Port = 11112
     ae_title: AETitle = "FASTSCP"
     max_associations: Positive = 64
+    #: Connections still waiting for their A-ASSOCIATE-RQ (no association slot yet).
+    max_pending_connections: Positive = 256
+    max_pending_per_address: Positive = 32
     max_pdu_size: MaxPDU = 262144
     workers: Annotated[int, msgspec.Meta(ge=0, le=256)] = 0
     acse_timeout: Seconds = 30.0

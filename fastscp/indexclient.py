@@ -31,6 +31,7 @@ from fastscp.query import (
     QueryRequest,
     QueryResult,
     Rows,
+    SqlRequest,
     StateRequest,
     Stats,
     StatsRequest,
@@ -216,7 +217,7 @@ class QueryClient:
             return False
         return True
 
-    def query(self, request: QueryRequest) -> QueryResult:
+    def query(self, request: QueryRequest | SqlRequest) -> QueryResult:
         """Run a query in the server; rows stream in as they are read.
 
         Raises
@@ -325,7 +326,7 @@ class Locator:
 class IndexQueries(Protocol):
     """What :func:`fastscp.find.find` and the CLI need: QueryClient or LocalQueryClient."""
 
-    def query(self, request: QueryRequest) -> QueryResult: ...
+    def query(self, request: QueryRequest | SqlRequest) -> QueryResult: ...
 
     def stats(self, request: StatsRequest | None = None) -> Stats: ...
 

@@ -26,7 +26,14 @@ from fastscp.indexclient import IndexerClient
 from fastscp.ipc import accept_local, listen, local_address, receive
 from fastscp.layout import LayoutOptions, study_folder
 from fastscp.records import DECODER, ENCODER, InstanceRecord, ThumbnailMade
-from fastscp.scansheet import QuietStudies, find_study_instances, scansheet_dir, summarise_study, write_scansheet
+from fastscp.scansheet import (
+    QuietStudies,
+    find_study_instances,
+    sheet_folder,
+    stored_thumbnails,
+    summarise_study,
+    write_scansheet,
+)
 from fastscp.thumbnail import thumbnail_path, try_write_thumbnail
 
 log = logging.getLogger("fastscp.poststore")
@@ -143,14 +150,9 @@ class PostStore:
             # The whole study as it is on disk: instances stored before a
             # restart, or in earlier bursts, belong on the sheet too.
             items = find_study_instances(os.path.join(self.root, folder), study_uid) or items
-
-        def thumbnail_for(path: str) -> str:
-            relative = os.path.relpath(path, self.root)
-            return "" if relative.startswith("..") else thumbnail_path(self.root, relative)
-
         try:
-            summary = summarise_study(items, study_uid, thumbnail_for=thumbnail_for)
-            out = os.path.join(self.root, folder) if folder else scansheet_dir(self.root, summary)
+            summary = summarise_study(items, study_uid, thumbnail_for=stored_thumbnails(self.root))
+            out = sheet_folder(self.root, self.layout, summary)
             png, _html = write_scansheet(summary, out, per_row=self.scansheet.thumbnails_per_series)
             log.info("scan sheet of study %s (%d instances): %s", study_uid, len(items), png)
         except (OSError, ValueError) as exc:

@@ -2,8 +2,13 @@
 
 One thread, one selector loop. It accepts each connection, sets
 TCP_NODELAY, and hands the socket to the least-busy worker over a Unix
-SOCK_SEQPACKET pair. It counts open associations across all workers, so
-``server.max_associations`` holds globally: one more is answered here with
+SOCK_SEQPACKET pair. A connection is *pending* until its worker has read its
+A-ASSOCIATE-RQ and asks for admission: pending connections have their own
+budget (``server.max_pending_connections``, at most
+``server.max_pending_per_address`` from one address; beyond it a new
+connection is closed at once) and take no association slot, so idle sockets
+can't lock senders out. Admission counts open associations across all
+workers, so ``server.max_associations`` holds globally: one more gets
 A-ASSOCIATE-RJ "local limit exceeded". A worker that dies is replaced (the
 kernel closes its sockets, so its associations abort and no other is
 touched). SIGTERM/SIGINT stop gracefully; a second one stops at once.
@@ -19,6 +24,7 @@ import selectors
 import signal
 import socket
 import ssl
+import struct
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -139,6 +145,12 @@ class Supervisor:
         #: Admitted associations: connection ID -> calling AE title.
         self.admitted: dict[int, str] = {}
         self.per_ae: Counter[str] = Counter()
+        #: Connections waiting for their A-ASSOCIATE-RQ: connection ID -> peer IP.
+        self.pending: dict[int, str] = {}
+        self.pending_per_address: Counter[str] = Counter()
+        self.drops = logs.DropLog(log)
+        #: Connections closed before association, by the setting that closed them.
+        self.dropped: Counter[str] = Counter()
         self.monitor: multiprocessing.process.BaseProcess | None = None
         self.monitor_url = ""
         self._snapshots: socket.socket | None = None
@@ -329,6 +341,7 @@ class Supervisor:
                 elif tag[0] == "exit":
                     self._worker_died(tag[1])
             self._expire_rejects()
+            self.drops.flush()
             self._publish()
 
     def _accept(self) -> None:
@@ -342,11 +355,15 @@ class Supervisor:
                 log.error("accept failed: %s", exc)
                 return
             peer = _peer(address)
+            full = self._pending_full(address[0])
+            if full:
+                self._drop(sock, address[0], *full)
+                continue
             try:
                 set_low_latency(sock)
             except OSError:
                 pass
-            if self.open_associations >= self.config.server.max_associations or not self.workers:
+            if not self.workers:
                 self._begin_reject(sock, peer)
                 continue
             worker = min(self.workers.values(), key=lambda w: len(w.open))
@@ -356,10 +373,42 @@ class Supervisor:
             try:
                 socket.send_fds(worker.control, [handoff], [sock.fileno()])
                 worker.open.add(connection_id)
+                self.pending[connection_id] = address[0]
+                self.pending_per_address[address[0]] += 1
             except OSError as exc:
                 log.error("could not hand %s to worker %d: %s", peer, worker.index, exc)
             finally:
                 sock.close()
+
+    def _pending_full(self, ip: str) -> tuple[str, str] | None:
+        """(the key, why) a new connection from ``ip`` can't wait for its A-ASSOCIATE-RQ, or None."""
+        server = self.config.server
+        if self.pending_per_address[ip] >= server.max_pending_per_address:
+            key = "server.max_pending_per_address"
+            return key, (f"{self.pending_per_address[ip]} connections from this address are waiting for their"
+                         f" A-ASSOCIATE-RQ ({key})")
+        waiting = len(self.pending) + len(self.rejects)
+        if waiting >= server.max_pending_connections:
+            key = "server.max_pending_connections"
+            return key, f"{waiting} connections are waiting for their A-ASSOCIATE-RQ ({key})"
+        return None
+
+    def _drop(self, sock: socket.socket, ip: str, key: str, reason: str) -> None:
+        # RST, not FIN: a flood leaves no TIME_WAIT sockets behind here.
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass
+        sock.close()
+        self.dropped[key] += 1
+        self.drops.note(ip, reason)
+
+    def _end_pending(self, connection_id: int) -> None:
+        ip = self.pending.pop(connection_id, None)
+        if ip is not None:
+            self.pending_per_address[ip] -= 1
+            if self.pending_per_address[ip] <= 0:
+                del self.pending_per_address[ip]
 
     def _control(self, worker: WorkerHandle | None) -> None:
         if worker is None:
@@ -379,15 +428,32 @@ class Supervisor:
             if isinstance(message, AssociationReport):
                 self.book.report(message)
                 if message.ended:
-                    self._release(worker, message.state.connection_id)
+                    connection_id = message.state.connection_id
+                    # A probe the peer closed is no news; one we timed out is a drop.
+                    if message.probe and "timed out" in message.state.outcome:
+                        ip = self.pending.get(connection_id)
+                        if ip is not None:
+                            self.dropped["server.acse_timeout"] += 1
+                            self.drops.note(ip, "no A-ASSOCIATE-RQ within server.acse_timeout")
+                    self._release(worker, connection_id)
             elif isinstance(message, AdmissionRequest):
                 self._admit(worker, message)
 
     def _admit(self, worker: WorkerHandle, request: AdmissionRequest) -> None:
-        """Per calling AE limit (access.max_associations_per_aet), across all workers."""
+        """An A-ASSOCIATE-RQ was read and accepted by negotiation: its
+        connection stops being pending and takes an association slot, within
+        server.max_associations and access.max_associations_per_aet (across
+        all workers)."""
+        self._end_pending(request.connection_id)
         limit = self.config.access.max_associations_per_aet
+        most = self.config.server.max_associations
         ae = request.calling_ae_title
-        if limit and self.per_ae[ae] >= limit:
+        if len(self.admitted) >= most:
+            reply = AdmissionReply(
+                connection_id=request.connection_id, admitted=False,
+                reason=f"{len(self.admitted)} of {most} associations open (server.max_associations)",
+            )
+        elif limit and self.per_ae[ae] >= limit:
             reply = AdmissionReply(
                 connection_id=request.connection_id, admitted=False,
                 reason=f"{self.per_ae[ae]} of {limit} associations open for {ae!r} (access.max_associations_per_aet)",
@@ -403,6 +469,7 @@ class Supervisor:
 
     def _release(self, worker: WorkerHandle, connection_id: int) -> None:
         worker.open.discard(connection_id)
+        self._end_pending(connection_id)
         ae = self.admitted.pop(connection_id, None)
         if ae is not None:
             self.per_ae[ae] -= 1
@@ -435,7 +502,7 @@ class Supervisor:
         time.sleep(RESTART_BACKOFF)
         self._start_indexer()
 
-    # -- rejecting beyond max_associations ---------------------------------------
+    # -- rejecting while no worker runs ------------------------------------------
 
     def _begin_reject(self, sock: socket.socket, peer: str) -> None:
         sock.setblocking(False)
@@ -462,9 +529,8 @@ class Supervisor:
             pass
         self.book.reject("local limit exceeded")
         log.warning(
-            "association %s (%s) -> %s: rejected (local limit exceeded: %d of %d open)",
+            "association %s (%s) -> %s: rejected (local limit exceeded: no worker is running)",
             calling or "?", pending.peer, called or "?",
-            self.open_associations, self.config.server.max_associations,
         )
         self._drop_reject(pending)
 
@@ -616,12 +682,16 @@ class Supervisor:
             index_path=self.config.index_path, index_committed=self._index_state[0], index_lag=self._index_state[1],
             workers=[
                 WorkerState(index=w.index, pid=w.process.pid or 0, alive=w.process.is_alive(),
-                            open_associations=len(w.open), started=time.time() - (now - w.started),
+                            # Admitted ones: a connection still pending is no association yet.
+                            open_associations=sum(1 for c in w.open if c in self.admitted),
+                            started=time.time() - (now - w.started),
                             restarts=w.restarts)
                 for w in self.workers.values()
             ],
             config=public_config(self.config),
         )
+        snapshot.pending_connections = len(self.pending)
+        snapshot.dropped_connections = dict(self.dropped)
         try:
             self._snapshots.send(SNAPSHOT_ENCODER.encode(snapshot))
         except (BlockingIOError, InterruptedError):
