@@ -263,20 +263,14 @@ class QueryServer:
             except (OSError, ConnectionError, msgspec.DecodeError) as exc:
                 log.debug("query connection dropped: %s", exc)
                 return
-            if self.uids is not None:
-                # On the hot path of every C-STORE: a cursor only if DuckDB must be read.
-                try:
-                    if isinstance(request, LocateRequest):
-                        send_message(conn, Located(self._locate(request.uids)))
-                    else:
-                        send_message(conn, Failed(f"not a LocateRequest: {type(request).__name__}"))
-                except (OSError, ConnectionError) as exc:
-                    log.debug("locate client went away: %s", exc)
-                except duckdb.Error as exc:
-                    log.error("locate failed: %s", exc)
-                return
-            cursor = self.index.cursor()
+            cursor = None
             try:
+                if self.uids is not None:
+                    # The locate socket, on the hot path of every C-STORE: a cursor only if DuckDB must be read.
+                    send_message(conn, Located(self._locate(request.uids)) if isinstance(request, LocateRequest)
+                                 else Failed(f"not a LocateRequest: {type(request).__name__}"))
+                    return
+                cursor = self.index.cursor()
                 if isinstance(request, QueryRequest | SqlRequest):
                     for message in stream_query(cursor, request):
                         send_message(conn, message)
@@ -295,7 +289,8 @@ class QueryServer:
                 except OSError:
                     pass
             finally:
-                cursor.close()
+                if cursor is not None:
+                    cursor.close()
 
     def _locate(self, uids: list[str]) -> list[str]:
         assert self.uids is not None
