@@ -145,6 +145,7 @@ def _scansheet(args: argparse.Namespace) -> int:
         summarise_study_files,
         write_scansheet,
     )
+    from fastscp.storage import FileModes
 
     config = load_config(args.config, {"storage.directory": args.storage_dir, "database.path": args.index_db})
     root = config.storage.directory
@@ -165,6 +166,10 @@ def _scansheet(args: argparse.Namespace) -> int:
                                     thumbnail_for=stored_thumbnails(root))
     except ValueError as exc:
         return _fail("scansheet", f"{exc} (looked in {config.index_path if from_index else root})")
-    png, page = write_scansheet(study, args.out or sheet_folder(root, layout_options(config), study))
+    if args.out:
+        png, page = write_scansheet(study, args.out)
+    else:  # beside the server's own sheets, with the same storage.file_mode/dir_mode
+        png, page = write_scansheet(study, sheet_folder(root, layout_options(config), study),
+                                    modes=FileModes.of(config.storage.file_mode, config.storage.dir_mode))
     print(f"wrote {png} and {page} ({len(study.series)} series, {study.instance_count} instances)")
     return 0

@@ -31,6 +31,7 @@ from PIL import Image
 
 from fastscp._thumbnail_py import PixelInfo, ThumbnailError
 from fastscp.header import HeaderError, HeaderFields, IncompleteHeader, parse_header
+from fastscp.storage import BROWSABLE, FileModes, makedirs
 
 __all__ = [
     "PILLOW_FLAVOUR",
@@ -336,15 +337,18 @@ def encode_jpeg(image: np.ndarray, quality: int = DEFAULT_QUALITY) -> bytes:
     return out.getvalue()
 
 
-def write_atomic(path: str | os.PathLike[str], data: bytes, *, fsync: bool = False) -> None:
+def write_atomic(path: str | os.PathLike[str], data: bytes, *, fsync: bool = False,
+                 modes: FileModes = BROWSABLE) -> None:
     """Write `data` to `path` through a temp file in the same folder and a rename.
 
     Readers see the old file or the new one, never a part.  Parent folders
-    are created.  No fsync by default: thumbnails and scan sheets can be
-    made again from the images.
+    are created.  The file and the folders it creates get `modes` exactly:
+    the server passes storage.file_mode/dir_mode, since a thumbnail or a scan
+    sheet shows patient data as much as the image does.  No fsync by default:
+    thumbnails and scan sheets can be made again from the images.
     """
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
+    makedirs(folder, modes.folder)
     fd, temp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -352,7 +356,7 @@ def write_atomic(path: str | os.PathLike[str], data: bytes, *, fsync: bool = Fal
             if fsync:
                 f.flush()
                 os.fsync(f.fileno())
-        os.chmod(temp, 0o644)  # mkstemp makes 0600; these files are for browsing
+        os.chmod(temp, modes.file)  # mkstemp makes 0600
         os.replace(temp, path)
     except BaseException:
         try:

@@ -35,6 +35,7 @@ from fastscp.scansheet import (
     summarise_study,
     write_scansheet,
 )
+from fastscp.storage import FileModes
 from fastscp.thumbnail import thumbnail_path, try_write_thumbnail
 
 log = logging.getLogger("fastscp.poststore")
@@ -75,8 +76,9 @@ class PostStoreClient:
 
 class PostStore:
     def __init__(self, root: str, layout: LayoutOptions, thumbnails: ThumbnailsConfig, scansheet: ScansheetConfig,
-                 address: str, indexer: IndexerClient) -> None:
+                 address: str, indexer: IndexerClient, modes: FileModes) -> None:
         self.root = root
+        self.modes = modes
         self.layout = layout
         self.thumbnails = thumbnails
         self.scansheet = scansheet
@@ -152,7 +154,8 @@ class PostStore:
     def _process(self, record: InstanceRecord) -> None:
         path = record.path if os.path.isabs(record.path) else os.path.join(self.root, record.path)
         if self.thumbnails.enabled and not os.path.isabs(record.path):
-            made = try_write_thumbnail(path, thumbnail_path(self.root, record.path), self.thumbnails.size)
+            made = try_write_thumbnail(path, thumbnail_path(self.root, record.path), self.thumbnails.size,
+                                       self.modes)
             if made is not None:
                 self.made += 1
                 self.indexer.send(ThumbnailMade(path=record.path, thumbnail_path=os.path.relpath(made, self.root)))
@@ -173,14 +176,15 @@ class PostStore:
         try:
             summary = summarise_study(items, study_uid, thumbnail_for=stored_thumbnails(self.root))
             out = sheet_folder(self.root, self.layout, summary)
-            png, _html = write_scansheet(summary, out, per_row=self.scansheet.thumbnails_per_series)
+            png, _html = write_scansheet(summary, out, per_row=self.scansheet.thumbnails_per_series,
+                                          modes=self.modes)
             log.info("scan sheet of study %s (%d instances): %s", study_uid, len(items), png)
         except (OSError, ValueError) as exc:
             log.warning("scan sheet of study %s not written: %s", study_uid, exc)
 
 
 def poststore_main(root: str, layout: LayoutOptions, thumbnails: ThumbnailsConfig, scansheet: ScansheetConfig,
-                   address: str, indexer_address: str) -> None:
+                   address: str, indexer_address: str, modes: FileModes) -> None:
     """Entry point of the post-store process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # Receiving comes first: this process only runs on otherwise idle CPU
@@ -191,7 +195,7 @@ def poststore_main(root: str, layout: LayoutOptions, thumbnails: ThumbnailsConfi
     except (AttributeError, OSError):
         os.nice(19)
     indexer = IndexerClient(indexer_address)
-    stage = PostStore(root, layout, thumbnails, scansheet, address, indexer)
+    stage = PostStore(root, layout, thumbnails, scansheet, address, indexer, modes)
 
     def stop(_signum: int, _frame: object) -> None:
         stage.stopping = True

@@ -34,6 +34,7 @@ from PIL import Image, ImageDraw, ImageFont
 from fastscp.header import HeaderFields
 from fastscp.imaging import DecodeError, encode_jpeg, read_header, write_atomic
 from fastscp.layout import LayoutOptions, safe_component, study_folder
+from fastscp.storage import BROWSABLE, FileModes
 from fastscp.thumbnail import DEFAULT_SIZE, ThumbnailError, make_thumbnail, thumbnail_path
 
 __all__ = [
@@ -529,8 +530,9 @@ def write_scansheet(
     basename: str = "scansheet",
     size: int = DEFAULT_SIZE,
     per_row: int = DEFAULT_THUMBNAILS,
+    modes: FileModes = BROWSABLE,
 ) -> tuple[str, str]:
-    """Write ``<out_dir>/<basename>.png`` and ``.html`` for a study, replacing old ones atomically.
+    """Write ``<out_dir>/<basename>.png`` and ``.html`` for a study, replacing old ones atomically, with `modes`.
 
     Parameters
     ----------
@@ -555,6 +557,6 @@ def write_scansheet(
     sheet.save(png, format="PNG", optimize=False)
     png_path = os.path.join(os.fspath(out_dir), f"{basename}.png")
     html_path = os.path.join(os.fspath(out_dir), f"{basename}.html")
-    write_atomic(png_path, png.getvalue())
-    write_atomic(html_path, page.encode("utf-8"))
+    write_atomic(png_path, png.getvalue(), modes=modes)
+    write_atomic(html_path, page.encode("utf-8"), modes=modes)
     return png_path, html_path

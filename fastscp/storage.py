@@ -15,6 +15,7 @@ import os
 import time
 import uuid
 from collections.abc import Callable, Iterable
+from typing import NamedTuple
 
 from fastscp.part10 import dataset_offset, file_meta, read_file_meta
 
@@ -29,6 +30,24 @@ NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 #: owner and its group only.
 FILE_MODE = 0o640
 DIR_MODE = 0o750
+
+
+class FileModes(NamedTuple):
+    """The permission bits of the files and of the folders fastscp creates (storage.file_mode, storage.dir_mode)."""
+
+    file: int = FILE_MODE
+    folder: int = DIR_MODE
+
+    @classmethod
+    def of(cls, file_mode: str, dir_mode: str) -> FileModes:
+        """From the config's octal strings (storage.file_mode, storage.dir_mode), checked when the config loads."""
+        return cls(int(file_mode, 8), int(dir_mode, 8))
+
+
+#: The defaults, for images and everything made from them.
+PATIENT_DATA = FileModes()
+#: Files made for someone to open at once (``fastscp convert`` output): the usual 0644/0755.
+BROWSABLE = FileModes(0o644, 0o755)
 #: Names tried for one instance when its layout name holds other instances.
 MAX_NAMES = 100
 
@@ -367,11 +386,12 @@ class Storage:
     """The storage root and its policy."""
 
     def __init__(self, root: str, *, fsync: bool = True, quarantine: bool = True, sr_root: str = "",
-                 file_mode: int = FILE_MODE, dir_mode: int = DIR_MODE) -> None:
+                 modes: FileModes = PATIENT_DATA) -> None:
         self.root = os.path.abspath(root)
-        #: storage.file_mode and storage.dir_mode: given to every file and folder we create.
-        self.file_mode = file_mode
-        self.dir_mode = dir_mode
+        #: storage.file_mode and storage.dir_mode: given to every file and folder we create, and to
+        #: the files derived from this area's images (thumbnails, scan sheets).
+        self.modes = modes
+        self.file_mode, self.dir_mode = modes
         #: Root for structured reports (storage.sr_directory), or "" for ``root``.
         self.sr_root = os.path.abspath(sr_root) if sr_root else ""
         self.fsync = fsync

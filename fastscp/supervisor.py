@@ -63,7 +63,7 @@ from fastscp.records import (
 from fastscp.status import ENCODER as SNAPSHOT_ENCODER
 from fastscp.status import WorkerState
 from fastscp.statusbook import StatusBook
-from fastscp.storage import Storage
+from fastscp.storage import FileModes, Storage
 from fastscp.worker import CONTROL_MESSAGE_MAX, worker_main
 
 log = logging.getLogger("fastscp.supervisor")
@@ -129,8 +129,7 @@ class Supervisor:
             fsync=config.storage.fsync == "always",
             quarantine=config.storage.quarantine,
             sr_root=config.storage.sr_directory,
-            file_mode=int(config.storage.file_mode, 8),
-            dir_mode=int(config.storage.dir_mode, 8),
+            modes=FileModes.of(config.storage.file_mode, config.storage.dir_mode),
         )
         # The keys a reload may change are set by live_settings, here and on SIGHUP.
         self.settings = live_settings(ServiceSettings(
@@ -683,7 +682,7 @@ class Supervisor:
         process = _fork.Process(
             target=self._child, name="fastscp-poststore",
             args=(poststore_main, self.storage.root, self.settings.layout, config.thumbnails, config.scansheet,
-                  self.settings.poststore_address, self.address),
+                  self.settings.poststore_address, self.address, self.storage.modes),
             # SIGTERM: it stops after the image in hand (poststore_main sees it is orphaned).
             kwargs={"death_signal": signal.SIGTERM},
         )

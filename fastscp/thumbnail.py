@@ -25,6 +25,7 @@ from fastscp._backend import NO_EXTENSIONS, compiled
 from fastscp._thumbnail_py import DEFAULT_SIZE, PixelInfo, ThumbnailError
 from fastscp._thumbnail_py import thumbnail as thumbnail_py
 from fastscp.imaging import DEFAULT_QUALITY, DecodeError, NoPixelData, decode_frame, encode_jpeg, write_atomic
+from fastscp.storage import BROWSABLE, FileModes
 
 __all__ = [
     "NO_EXTENSIONS",
@@ -149,13 +150,14 @@ def write_thumbnail(
     size: int | None = DEFAULT_SIZE,
     *,
     quality: int = DEFAULT_QUALITY,
+    modes: FileModes = BROWSABLE,
 ) -> str:
-    """Write a JPEG thumbnail of a DICOM file, atomically (temp file + rename).
+    """Write a JPEG thumbnail of a DICOM file, atomically (temp file + rename), with `modes`.
 
     Returns `jpeg_path`.  Raises :class:`ThumbnailError` as
     :func:`make_thumbnail` does (no file is written then).
     """
-    write_atomic(jpeg_path, encode_jpeg(make_thumbnail(dicom_path, size), quality))
+    write_atomic(jpeg_path, encode_jpeg(make_thumbnail(dicom_path, size), quality), modes=modes)
     return os.fspath(jpeg_path)
 
 
@@ -163,6 +165,7 @@ def try_write_thumbnail(
     dicom_path: str | os.PathLike[str],
     jpeg_path: str | os.PathLike[str],
     size: int | None = DEFAULT_SIZE,
+    modes: FileModes = BROWSABLE,
 ) -> str | None:
     """:func:`write_thumbnail` for a post-store stage: logs the reason and returns None on failure.
 
@@ -171,7 +174,7 @@ def try_write_thumbnail(
     WARNING.  Never raises for either.
     """
     try:
-        return write_thumbnail(dicom_path, jpeg_path, size)
+        return write_thumbnail(dicom_path, jpeg_path, size, modes=modes)
     except ThumbnailError as exc:
         log.info("no thumbnail for %s: %s", dicom_path, exc)
     except OSError as exc:

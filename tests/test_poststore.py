@@ -80,3 +80,30 @@ def test_scansheet_command_while_the_server_runs(start_server, tmp_path: Path) -
     # The server's own sheet replaced it: one folder for both.
     assert list(server.storage.rglob("scansheet.png")) == [png]
     assert os.stat(png).st_mtime_ns != made_by_hand
+
+
+def test_thumbnails_and_scan_sheets_get_the_storage_modes(start_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """They show patient data as the images do: storage.file_mode/dir_mode, not 0644/0755 (issue 10)."""
+    from tests.test_server import fastscp
+
+    config = tmp_path / "fastscp.yaml"
+    config.write_text("storage:\n  file_mode: '0600'\n  dir_mode: '0700'\nscansheet:\n  study_timeout: 1\n")
+    server = start_server(config=config)
+    series = write_series(str(tmp_path / "ct"), 2, rows=32, columns=32, patient_id="PS3")
+    dcmtk("storescu", "-aec", server.ae_title, "-xe", "127.0.0.1", str(server.port), *series)
+    stored = server.stored_files()
+    study = stored[0].parent.parent
+    thumbnail = server.storage / "thumbnails" / stored[0].relative_to(server.storage).with_suffix(".jpg")
+    wait_until(lambda: thumbnail.exists() and (study / "scansheet.html").exists(), timeout=30,
+               what="a thumbnail and the scan sheet")
+    made = [thumbnail, study / "scansheet.png", study / "scansheet.html"]
+    assert {oct(p.stat().st_mode & 0o777) for p in made} == {"0o600"}
+    folders = [thumbnail.parent, *thumbnail.parent.relative_to(server.storage).parents][:-1]
+    assert {oct((server.storage / p).stat().st_mode & 0o777) for p in folders} == {"0o700"}
+
+    study_uid = str(pydicom.dcmread(series[0], stop_before_pixels=True).StudyInstanceUID)
+    (study / "scansheet.png").unlink()
+    result = fastscp("scansheet", study_uid, "--config", str(config), "--storage-dir", str(server.storage),
+                     "--index-db", str(server.index))
+    assert result.returncode == 0, result.stderr
+    assert oct((study / "scansheet.png").stat().st_mode & 0o777) == "0o600"
