@@ -243,10 +243,11 @@ def _serve_as(user: pwd.struct_passwd, caps: str, config: Path, log: Path, stage
         return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=ENV)
 
 
-def test_unprivileged_user_with_only_cap_net_bind_service_serves_port_104(service_dir: Path) -> None:
-    """What the unit grants, reproduced with setpriv: user ``nobody``, no groups, no_new_privs, and
-    CAP_NET_BIND_SERVICE as the only capability (ambient, inheritable, bounding set: the unit's
-    AmbientCapabilities= and CapabilityBoundingSet=). It binds 127.0.0.1:104 and stores a file byte for byte.
+def test_unprivileged_user_with_only_cap_net_bind_service_serves_port_104(service_dir: Path, root: Path) -> None:
+    """What the installed unit grants, reproduced with setpriv: its capabilities (AmbientCapabilities=,
+    CapabilityBoundingSet=: CAP_NET_BIND_SERVICE only) and NoNewPrivileges=, as user ``nobody`` with no
+    supplementary groups (the unit's own user exists only in the temporary root). It binds 127.0.0.1:104 and
+    stores files byte for byte.
 
     The interpreter here lives under /root (0700), which ``nobody`` can't enter; rather than change the
     machine, the server runs in a private mount namespace where /root is an empty 0755 tmpfs with only
@@ -264,6 +265,11 @@ def test_unprivileged_user_with_only_cap_net_bind_service_serves_port_104(servic
                       f"storage:\n  directory: {storage}\n"
                       "monitor:\n  enabled: false\nthumbnails:\n  enabled: false\nscansheet:\n  enabled: false\n")
     _port_104_free()
+    assert fastscp("service", "install", "--root", str(root), "--no-systemctl").returncode == 0
+    settings = unit_settings(root / UNIT_DIR.lstrip("/") / UNIT_NAME)
+    assert settings["CapabilityBoundingSet"] == settings["AmbientCapabilities"]
+    assert settings["NoNewPrivileges"] == "yes"
+    caps = "".join(",+" + cap.lower().removeprefix("cap_") for cap in settings["AmbientCapabilities"].split())
 
     # Without the capability: refused, and the message names the fix.
     log = service_dir / "no-cap.log"
@@ -277,7 +283,7 @@ def test_unprivileged_user_with_only_cap_net_bind_service_serves_port_104(servic
     assert "port 104 is below 1024" in log.read_text() and "CAP_NET_BIND_SERVICE" in log.read_text()
 
     log = service_dir / "server.log"
-    process = _serve_as(nobody, ",+net_bind_service", config, log, stage)
+    process = _serve_as(nobody, caps, config, log, stage)
     try:
         wait_for_port(104, process, log, timeout=60)
         status = dict(line.split(":\t", 1) for line in Path(f"/proc/{process.pid}/status").read_text().splitlines()
