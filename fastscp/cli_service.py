@@ -21,6 +21,7 @@ import importlib.resources
 import os
 import pwd
 import shutil
+import stat
 import subprocess
 import sys
 import sysconfig
@@ -121,6 +122,12 @@ def run(args: argparse.Namespace) -> int:
     except ServiceError as exc:
         print(f"fastscp service {args.action}: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename else ""
+        hint = " (run it as root)" if isinstance(exc, PermissionError) else ""
+        again = "; what is done stays, and running it again keeps what exists" if args.action == "install" else ""
+        print(f"fastscp service {args.action}: {where}{exc.strerror or exc}{hint}{again}", file=sys.stderr)
+        return 1
 
 
 # -- install / uninstall -----------------------------------------------------------------
@@ -150,6 +157,12 @@ def install(root: str, config_path: str, user: str, *, systemctl: bool = True) -
     config_file = _under_root(root, config_path)
     if os.path.exists(config_file):
         print(f"config: {config_file} exists, kept")
+        st = os.stat(config_file)
+        if not (st.st_uid == uid and st.st_mode & 0o400 or st.st_gid == gid and st.st_mode & 0o040
+                or st.st_mode & 0o004):
+            print(f"warning: {user} can't read {config_file} (owner {st.st_uid}:{st.st_gid}, mode "
+                  f"{stat.S_IMODE(st.st_mode):04o}): the service won't start; `chgrp {group} {config_file}` "
+                  f"and `chmod g+r {config_file}`", file=sys.stderr)
     else:
         _write(config_file, DEFAULT_CONFIG_TEXT.encode(), CONFIG_MODES, gid=gid)
         print(f"config: wrote {config_file} (port 104, storage {DEFAULT_STORAGE})")

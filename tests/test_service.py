@@ -163,6 +163,27 @@ def test_install_refuses_a_relative_storage_directory(root: Path) -> None:
     assert not (root / UNIT_DIR.lstrip("/") / UNIT_NAME).exists()
 
 
+def test_install_reports_a_file_in_the_way_without_a_traceback(root: Path) -> None:
+    (root / "etc/systemd").write_text("not a folder")
+    result = fastscp("service", "install", "--root", str(root), "--no-systemctl")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"fastscp service install: {root}/etc/systemd/system: Not a directory" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_install_warns_when_the_service_cannot_read_the_config(root: Path) -> None:
+    config_file = root / "etc/fastscp/fastscp.yaml"
+    config_file.parent.mkdir(parents=True)
+    config_file.write_text("storage:\n  directory: /srv/pacs\n")
+    config_file.chmod(0o600)
+    result = fastscp("service", "install", "--root", str(root), "--no-systemctl")
+    assert result.returncode == 0, result.stderr
+    assert f"warning: fastscp can't read {config_file}" in result.stderr
+    config_file.chmod(0o644)
+    result = fastscp("service", "install", "--root", str(root), "--no-systemctl")
+    assert result.returncode == 0 and "can't read" not in result.stderr, result.stderr
+
+
 @pytest.mark.parametrize("action", ["start", "stop", "reload", "status"])
 def test_control_without_systemd_is_a_clear_error(action: str) -> None:
     argv = [sys.executable, "-m", "fastscp.cli", "service", action]
