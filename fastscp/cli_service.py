@@ -402,8 +402,9 @@ def systemd_running() -> bool:
 def require_systemd(action: str) -> None:
     """Raise :class:`ServiceError` naming the reason when systemd can't be asked."""
     if not systemd_running():
-        raise ServiceError(f"systemd is not running on this machine ({_no_systemd_reason('/')}), so there is no "
-                           f"service to {action}. Run the server directly: fastscp serve --config {DEFAULT_CONFIG}")
+        raise ServiceError(f"systemd is not running on this machine ({_no_systemd_reason('/')}), and "
+                           f"`fastscp service {action}` needs it. Run the server directly: "
+                           f"fastscp serve --config {DEFAULT_CONFIG}")
     if shutil.which("systemctl") is None:
         raise ServiceError("systemctl is not on PATH")
 
