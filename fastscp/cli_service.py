@@ -183,7 +183,8 @@ def install(root: str, config_path: str, user: str, *, systemctl: bool = True) -
     elif _is_root(root) and systemd_running():
         _systemctl_checked("daemon-reload")
         _systemctl_checked("enable", UNIT_NAME)
-        print(f"enabled {UNIT_NAME}: start it with `fastscp service start` (or `systemctl start fastscp`)")
+        print(f"enabled {UNIT_NAME}: start it with `fastscp service start` (or `systemctl start fastscp`); "
+              "a running service takes a changed unit at `systemctl restart fastscp`")
     else:
         _systemctl_checked(f"--root={root}", "enable", UNIT_NAME)
         where = "" if _is_root(root) else f" in {root}"
