@@ -115,7 +115,8 @@ def _add_client_arguments(sub: argparse.ArgumentParser) -> None:
 
 #: Modules that add their own subcommands: each has ``register(commands)``,
 #: which adds a parser with ``set_defaults(func=...)`` to the subparsers.
-COMMAND_MODULES: tuple[str, ...] = ("fastscp.cli_status", "fastscp.cli_images", "fastscp.cli_index")
+COMMAND_MODULES: tuple[str, ...] = ("fastscp.cli_status", "fastscp.cli_images", "fastscp.cli_index",
+                                     "fastscp.cli_service")
 
 
 def build_parser() -> argparse.ArgumentParser:
