@@ -1,0 +1,65 @@
+"""Structural walk of a received data set before its success status.
+
+The walk runs in the compiled module ``fastscp._walk_cext`` (built from
+``cext/walk.pyx``) unless ``FASTSCP_NO_EXTENSIONS=1`` or the module is not
+built; then the pure-Python twin ``fastscp._walk_py`` runs, with the same
+results. :data:`BACKEND` tells which. See :mod:`fastscp._walk_py` for what
+the walk checks.
+"""
+
+from __future__ import annotations
+
+import mmap
+from typing import Any, Final
+
+from fastscp._backend import compiled
+from fastscp._header_py import ENC_DEFLATED, ENC_EXPLICIT_BE, ENC_IMPLICIT_LE, HeaderError, encoding_for
+from fastscp._walk_py import Walker as WalkerPy
+from fastscp._walk_py import walk_deflated
+
+__all__ = ["BACKEND", "HeaderError", "WalkerPy", "walk_dataset", "walk_file"]
+
+#: The compiled walker class; None if not built or FASTSCP_NO_EXTENSIONS=1.
+WalkerCext: Any = compiled("fastscp._walk_cext", "Walker")
+#: "cext" or "py": the implementation behind :func:`walk_dataset`.
+BACKEND: Final = "cext" if WalkerCext is not None else "py"
+_Walker: Any = WalkerCext or WalkerPy
+
+
+def walk_dataset(
+    data: bytes | bytearray | memoryview, transfer_syntax_uid: str, max_inflated: int, walker: Any = None
+) -> None:
+    """Walk a whole data set encoded in ``transfer_syntax_uid`` to its end.
+
+    ``walker`` picks the twin (a Walker class); the default is :data:`BACKEND`'s.
+
+    Raises
+    ------
+    HeaderError
+        The data set is malformed; the message says what and where.
+    """
+    cls = walker or _Walker
+    encoding = encoding_for(transfer_syntax_uid)
+    if encoding == ENC_DEFLATED:
+        walk_deflated(data, cls(True, False), max_inflated)
+        return
+    w = cls(encoding != ENC_IMPLICIT_LE, encoding == ENC_EXPLICIT_BE)
+    w.feed(data)
+    w.finish()
+
+
+def walk_file(fd: int, offset: int, length: int, transfer_syntax_uid: str, max_inflated: int) -> None:
+    """Walk the data set at ``offset`` (``length`` bytes) of an open file, through mmap.
+
+    PERF: only the pages holding element headers are touched; a skipped
+    value (the pixel data) is never read.
+    """
+    if length == 0:
+        walk_dataset(b"", transfer_syntax_uid, max_inflated)
+        return
+    with mmap.mmap(fd, offset + length, prot=mmap.PROT_READ) as mapped:
+        view = memoryview(mapped)
+        try:
+            walk_dataset(view[offset:], transfer_syntax_uid, max_inflated)
+        finally:
+            view.release()
