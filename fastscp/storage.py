@@ -234,6 +234,11 @@ class IncomingFile:
             return None
         return target
 
+    def fileno(self) -> int:
+        """The temp file's descriptor (the file stays open until :meth:`close`)."""
+        assert self._fd is not None, "the file is closed"
+        return self._fd
+
     def close(self) -> None:
         """Release the file descriptor (after :meth:`commit`, once the hash is taken)."""
         if self._fd is not None:
@@ -294,9 +299,14 @@ class Storage:
         temp: TempFile | None = None,
     ) -> IncomingFile:
         """Start receiving a data set (into ``temp`` if given); raises OSError
-        if no temp file can be made."""
-        meta = file_meta(sop_class_uid, sop_instance_uid, transfer_syntax_uid, calling_ae)
-        return IncomingFile(self, meta, temp)
+        if no temp file can be made. On any error ``temp`` is discarded."""
+        try:
+            meta = file_meta(sop_class_uid, sop_instance_uid, transfer_syntax_uid, calling_ae)
+            return IncomingFile(self, meta, temp)
+        except BaseException:
+            if temp is not None:
+                temp.discard()
+            raise
 
     def spare(self) -> TempFile | None:
         """A temp file for the next data set, or None if none can be made now

@@ -130,6 +130,9 @@ class Supervisor:
                 if config.thumbnails.enabled or config.scansheet.enabled else ""
             ),
             find=finder(config.index_path, retrieve_ae_title=server.ae_title),
+            max_object_size=config.limits.max_object_size,
+            max_command_set=config.limits.max_command_set,
+            min_data_rate=config.limits.min_data_rate,
         )
         self.poststore: multiprocessing.process.BaseProcess | None = None
         self.book = StatusBook()

@@ -10,6 +10,8 @@ the walk checks.
 from __future__ import annotations
 
 import mmap
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Final
 
 from fastscp._backend import compiled
@@ -17,7 +19,7 @@ from fastscp._header_py import ENC_DEFLATED, ENC_EXPLICIT_BE, ENC_IMPLICIT_LE, H
 from fastscp._walk_py import Walker as WalkerPy
 from fastscp._walk_py import walk_deflated
 
-__all__ = ["BACKEND", "HeaderError", "WalkerPy", "walk_dataset", "walk_file"]
+__all__ = ["BACKEND", "HeaderError", "WalkerCext", "WalkerPy", "mapped_dataset", "walk_dataset"]
 
 #: The compiled walker class; None if not built or FASTSCP_NO_EXTENSIONS=1.
 WalkerCext: Any = compiled("fastscp._walk_cext", "Walker")
@@ -48,18 +50,25 @@ def walk_dataset(
     w.finish()
 
 
-def walk_file(fd: int, offset: int, length: int, transfer_syntax_uid: str, max_inflated: int) -> None:
-    """Walk the data set at ``offset`` (``length`` bytes) of an open file, through mmap.
+@contextmanager
+def mapped_dataset(fd: int, offset: int, length: int) -> Iterator[memoryview]:
+    """The data set at ``offset`` (``length`` bytes) of an open file, mapped read-only.
 
-    PERF: only the pages holding element headers are touched; a skipped
-    value (the pixel data) is never read.
+    PERF: the walk and the header scan touch only the pages holding element
+    headers; a skipped value (the pixel data) is never read into memory.
     """
     if length == 0:
-        walk_dataset(b"", transfer_syntax_uid, max_inflated)
+        yield memoryview(b"")
         return
-    with mmap.mmap(fd, offset + length, prot=mmap.PROT_READ) as mapped:
-        view = memoryview(mapped)
+    mapped = mmap.mmap(fd, offset + length, prot=mmap.PROT_READ)
+    view = memoryview(mapped)[offset:]
+    try:
+        yield view
+    finally:
+        view.release()
         try:
-            walk_dataset(view[offset:], transfer_syntax_uid, max_inflated)
-        finally:
-            view.release()
+            mapped.close()
+        except BufferError:
+            # A slice of it lives on in a traceback being handled: the
+            # mapping goes when that does.
+            pass

@@ -8,7 +8,6 @@ import zlib
 from pathlib import Path
 from typing import Any
 
-import pydicom
 import pytest
 
 from fastscp import walk
