@@ -10,9 +10,10 @@ from typing import Any
 
 import pytest
 
-from fastscp import walk
+from fastscp import header, walk
+from fastscp._header_py import MAX_INFLATED as MAX_HEADER_INFLATED
 from fastscp._walk_py import Walker as WalkerPy
-from fastscp.header import HeaderError
+from fastscp.header import HeaderError, IncompleteHeader
 from fastscp.synthetic import write_series
 from tests import corpus
 from tests.dicomfiles import (
@@ -212,3 +213,28 @@ def test_walk_of_a_ct_costs_microseconds(tmp_path: Path) -> None:
     per_walk = (time.perf_counter() - start) / rounds
     # A generous bound for a shared 2-core VM; measured ~2 us here.
     assert per_walk < 100e-6, f"{per_walk * 1e6:.1f} us per walk"
+
+
+@pytest.mark.parametrize("parse", [pytest.param(header.parse_header_cext, id="cext"),
+                                   pytest.param(header.parse_header_py, id="py")])
+def test_deflated_header_scan_is_bounded(parse: Any) -> None:
+    """The header scan inflates a deflated data set in doubling chunks up to
+    Pixel Data, and no further than MAX_INFLATED (a bomb without Pixel Data)."""
+    enc = ENCODINGS[EXPLICIT_LE]
+    private = enc.element(0x00091010, "OB", bytes(300_000))
+    plain = _header(enc) + private + enc.element(0x00200013, "IS", pad("7")) + enc.element(0x7FE00010, "OW",
+                                                                                            bytes(1 << 20))
+    deflated = _deflate(plain)
+    fields = parse(deflated, DEFLATED_LE)
+    assert (fields.sop_instance_uid, fields.instance_number) == ("1.2.3.4", 7)
+    # Cut before Pixel Data: incomplete, or an error when said complete.
+    with pytest.raises(IncompleteHeader):
+        parse(deflated[:100], DEFLATED_LE, complete=False)
+    bomb = _deflate(_header(enc) + enc.element(0x00091010, "OB", bytes(MAX_HEADER_INFLATED + (1 << 20))))
+    with pytest.raises(HeaderError, match=f"header inflates past {MAX_HEADER_INFLATED} bytes"):
+        parse(bomb, DEFLATED_LE)
+
+
+def _deflate(data: bytes) -> bytes:
+    packer = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
+    return packer.compress(data) + packer.flush()
