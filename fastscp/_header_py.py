@@ -603,7 +603,8 @@ def parse_deflated(
                 pending = view[fed : fed + INFLATE_CHUNK]
                 fed += len(pending)
             try:
-                inflated += inflater.decompress(pending, target - len(inflated))
+                # At most a chunk per call: no large temporary beside `inflated`.
+                inflated += inflater.decompress(pending, min(target - len(inflated), INFLATE_CHUNK))
             except zlib.error as exc:
                 raise HeaderError(f"deflated dataset is not valid deflate data: {exc}") from None
             pending = inflater.unconsumed_tail

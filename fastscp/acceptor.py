@@ -761,13 +761,13 @@ class Association:
     def _respond(self, command_field: int, status: int, comment: str = "") -> None:
         request, self._request = self._request, None
         assert request is not None
+        # The peer's UIDs are echoed only if they are UIDs (they may be any bytes).
+        sop_class, sop_instance = (
+            uid if isinstance(uid, str) and dimse.is_uid(uid) else ""
+            for uid in (request.get("AffectedSOPClassUID"), request.get("AffectedSOPInstanceUID"))
+        )
         command = dimse.encode_response(
-            command_field,
-            str(request.get("AffectedSOPClassUID", "")),
-            int(request.get("MessageID", 0)),
-            status,
-            str(request.get("AffectedSOPInstanceUID", "")),
-            comment,
+            command_field, sop_class, int(request.get("MessageID", 0)), status, sop_instance, comment
         )
         self.sock.sendall(p_data_tf(self._context_id, command, self._peer_max_pdu))
         if command_field == dimse.C_STORE_RSP:
