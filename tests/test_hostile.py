@@ -308,8 +308,9 @@ def test_an_associate_request_over_512_kib_is_answered(start_server) -> None:  #
 # -- 5. no success for a malformed object ------------------------------------------------
 
 
-def test_short_pixel_data_is_quarantined_not_acknowledged(start_server) -> None:  # type: ignore[no-untyped-def]
-    server = start_server(workers=1)
+@pytest.mark.parametrize("backend", ["cext", "py"])
+def test_short_pixel_data_is_quarantined_not_acknowledged(start_server, backend: str) -> None:  # type: ignore[no-untyped-def]
+    server = start_server(workers=1, env={"FASTSCP_NO_EXTENSIONS": "1"} if backend == "py" else {})
     scu = RawSCU(server.port, CT, EXPLICIT)
     # The object: Pixel Data declares 8,192 bytes and carries 4,192.
     assert scu.store("1.2.3.7", dataset("1.2.3.7", bytes(4192), declared=8192)) == dimse.CANNOT_UNDERSTAND

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from fastscp import header, walk
+from fastscp._backend import NO_EXTENSIONS
 from fastscp._header_py import MAX_INFLATED as MAX_HEADER_INFLATED
 from fastscp._walk_py import Walker as WalkerPy
 from fastscp.header import HeaderError, IncompleteHeader
@@ -29,16 +30,27 @@ from tests.dicomfiles import (
     pad,
 )
 
-TWINS = [pytest.param(walk.WalkerCext, id="cext"), pytest.param(WalkerPy, id="py")]
+TWINS = ["cext", "py"]
 MAX_INFLATED = 1 << 30
 JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
 ENCODINGS = {EXPLICIT_LE: Encoder(True, False), IMPLICIT_LE: Encoder(False, False), EXPLICIT_BE: Encoder(True, True)}
 
 
+def _compiled() -> Any:
+    if walk.WalkerCext is None:
+        if NO_EXTENSIONS:
+            pytest.skip("FASTSCP_NO_EXTENSIONS=1")
+        pytest.fail("fastscp._walk_cext is not built: run `python setup.py build_ext --inplace`")
+    return walk.WalkerCext
+
+
 @pytest.fixture(params=TWINS)
 def twin(request: pytest.FixtureRequest) -> Any:
-    assert request.param is not None, "the compiled walker is not built: run setup.py build_ext --inplace"
-    return request.param
+    return _compiled() if request.param == "cext" else WalkerPy
+
+
+def test_backend_switch() -> None:
+    assert walk.BACKEND == ("py" if NO_EXTENSIONS else "cext")
 
 
 def _walk(twin: Any, data: bytes, ts: str) -> None:
@@ -158,7 +170,7 @@ def test_malformed_data_sets_fail_with_the_reason(twin: Any, name: str, ts: str,
 
 @pytest.mark.parametrize("name,ts,data,message", _invalid_cases(), ids=[c[0] for c in _invalid_cases()])
 def test_twins_give_the_same_text(name: str, ts: str, data: bytes, message: str) -> None:
-    assert _verdict(_walk, walk.WalkerCext, data, ts) == _verdict(_walk, WalkerPy, data, ts)
+    assert _verdict(_walk, _compiled(), data, ts) == _verdict(_walk, WalkerPy, data, ts)
 
 
 def test_the_whole_corpus_walks(twin: Any) -> None:
@@ -205,21 +217,23 @@ def test_deflated_walk_and_bomb(twin: Any) -> None:
 def test_walk_of_a_ct_costs_microseconds(tmp_path: Path) -> None:
     """On the hot path: a 512x512 CT walks in microseconds (compiled), values untouched."""
     data, ts = dataset_bytes(write_series(str(tmp_path), 1)[0])
-    assert walk.WalkerCext is not None
+    compiled = _compiled()
     rounds = 2000
     start = time.perf_counter()
     for _ in range(rounds):
-        walk.walk_dataset(data, ts, MAX_INFLATED)
+        walk.walk_dataset(data, ts, MAX_INFLATED, compiled)
     per_walk = (time.perf_counter() - start) / rounds
     # A generous bound for a shared 2-core VM; measured ~2 us here.
     assert per_walk < 100e-6, f"{per_walk * 1e6:.1f} us per walk"
 
 
-@pytest.mark.parametrize("parse", [pytest.param(header.parse_header_cext, id="cext"),
-                                   pytest.param(header.parse_header_py, id="py")])
-def test_deflated_header_scan_is_bounded(parse: Any) -> None:
+@pytest.mark.parametrize("backend", TWINS)
+def test_deflated_header_scan_is_bounded(backend: str) -> None:
     """The header scan inflates a deflated data set in doubling chunks up to
     Pixel Data, and no further than MAX_INFLATED (a bomb without Pixel Data)."""
+    if backend == "cext" and header.parse_header_cext is None:
+        _compiled()  # skips or fails as for the walker
+    parse = header.parse_header_cext if backend == "cext" else header.parse_header_py
     enc = ENCODINGS[EXPLICIT_LE]
     private = enc.element(0x00091010, "OB", bytes(300_000))
     plain = _header(enc) + private + enc.element(0x00200013, "IS", pad("7")) + enc.element(0x7FE00010, "OW",
