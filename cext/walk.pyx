@@ -25,6 +25,7 @@ cdef enum:
     ERR_DELIMITER = 7
     ERR_DEPTH = 8
     ERR_TAG = 9
+    ERR_VR = 10
     MAX_DEPTH = 64
     DATASET = 0
     SEQUENCE = 1
@@ -43,10 +44,18 @@ for _name, _value in (("ERR_HEADER", ERR_HEADER), ("ERR_VALUE", ERR_VALUE), ("ER
                       ("MAX_DEPTH", MAX_DEPTH)):
     assert getattr(_hp, _name) == _value, _name
 for _name, _value in (("DATASET", DATASET), ("SEQUENCE", SEQUENCE), ("FRAGMENTS", FRAGMENTS),
-                      ("PIXEL_DATA", PIXEL_DATA), ("OPEN", OPEN)):
+                      ("PIXEL_DATA", PIXEL_DATA), ("OPEN", OPEN), ("ERR_VR", ERR_VR)):
     assert getattr(_py, _name) == _value, _name
 assert _hp.LONG_VRS == frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN",
                                   b"UR", b"UT", b"UV"})
+
+
+# _KNOWN[(b0 - 'A') * 26 + (b1 - 'A')]: the two letters are a VR (from the twin's table).
+cdef bint _KNOWN[26 * 26]
+for _i in range(26 * 26):
+    _KNOWN[_i] = False
+for _vr in _py.KNOWN_VRS:
+    _KNOWN[(_vr[0] - 0x41) * 26 + (_vr[1] - 0x41)] = True
 
 
 ctypedef struct Level:
@@ -176,6 +185,9 @@ cdef class Walker:
             elif here == 0 and _is_vr(vr0, vr1):
                 elem_explicit = True
                 level.explicit = True
+            if elem_explicit and not _KNOWN[(vr0 - 0x41) * 26 + (vr1 - 0x41)]:
+                self.err, self.err_pos, self.err_tag, self.err_length = ERR_VR, here, tag, (vr0 << 8) | vr1
+                return -1
             is_un = elem_explicit and vr0 == 0x55 and vr1 == 0x4E
             is_sq = elem_explicit and vr0 == 0x53 and vr1 == 0x51
             if elem_explicit and _long_vr(vr0, vr1):
@@ -222,8 +234,8 @@ cdef class Walker:
                 taken = self._walk(<const unsigned char*>buffer.buf, buffer.len)
             if taken < 0:
                 self.left = 0
-                raise _hp.make_error(self.err, self.err_pos, self.err_tag, self.err_length, 0,
-                                     self.position + buffer.len, True)
+                raise _py.walk_error(self.err, self.err_pos, self.err_tag, self.err_length, 0,
+                                     self.position + buffer.len)
             self.position += taken
             self.left = buffer.len - taken
             return taken

@@ -48,10 +48,25 @@ FRAGMENTS: Final = 2
 PIXEL_DATA: Final = 0x7FE00010
 #: No defined end (an undefined-length sequence or item, or the top level).
 OPEN: Final = -1
+#: Error code of an explicit VR that is letters but no VR (beside _header_py's ERR_*).
+ERR_VR: Final = 10
+#: The VRs of PS3.5 table 6.2-1: with any other two letters the length field's
+#: size, and so the rest of the data set, can't be known.
+KNOWN_VRS: Final = frozenset(
+    b"AE AS AT CS DA DS DT FD FL IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV TM UC UI UL UN UR US UT UV".split()
+)
 
 _TAG = {False: struct.Struct("<HH").unpack_from, True: struct.Struct(">HH").unpack_from}
 _U16 = {False: struct.Struct("<H").unpack_from, True: struct.Struct(">H").unpack_from}
 _U32 = {False: struct.Struct("<I").unpack_from, True: struct.Struct(">I").unpack_from}
+
+
+def walk_error(code: int, pos: int, tag: int, length: int, start: int, size: int) -> HeaderError:
+    """The exception for a failed walk (shared by both twins); ``length`` carries the VR for ERR_VR."""
+    if code == ERR_VR:
+        vr = bytes((length >> 8, length & 0xFF)).decode("ascii")
+        return HeaderError(f"unknown VR {vr!r} of ({tag >> 16:04X},{tag & 0xFFFF:04X}) at byte offset {pos}")
+    return make_error(code, pos, tag, length, start, size, True)
 
 
 def _is_vr(b0: int, b1: int) -> bool:
@@ -159,6 +174,8 @@ class Walker:
                     elem_explicit = True
                     level[1] = True
                 vr = bytes((vr0, vr1)) if elem_explicit else b""
+                if elem_explicit and vr not in KNOWN_VRS:
+                    raise self._error(ERR_VR, here, tag, vr0 << 8 | vr1)
                 if elem_explicit and vr in LONG_VRS:
                     if n - p < 12:
                         break
@@ -208,7 +225,7 @@ class Walker:
         self._stack.append([kind, explicit, big, end, start, bound])
 
     def _error(self, code: int, pos: int, tag: int, length: int = 0, start: int = 0) -> HeaderError:
-        return make_error(code, pos, tag, length, start, self.position + self._left, True)
+        return walk_error(code, pos, tag, length, start, self.position + self._left)
 
     def finish(self) -> None:
         """The data ended: raise if it ended inside anything.

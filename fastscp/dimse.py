@@ -151,7 +151,10 @@ def encode_response(
     body += _us(0x0800, DATA_SET_FOLLOWS if has_data_set else NO_DATA_SET)
     body += _us(0x0900, status)
     if error_comment:
-        body += _text(0x0902, error_comment[:64])
+        # LO, default repertoire: the comment may quote peer data (a UID from
+        # the data set), so anything else becomes "?".
+        comment = "".join(c if " " <= c <= "~" and c != "\\" else "?" for c in error_comment[:64])
+        body += _text(0x0902, comment)
     if sop_instance_uid:
         body += _text(0x1000, sop_instance_uid)
     return _ELEMENT.pack(0, 0, 4) + len(body).to_bytes(4, "little") + body

@@ -142,6 +142,9 @@ def _invalid_cases() -> list[tuple[str, str, bytes, str]]:
                         for _ in range(40))
         out.append((f"{ts}-too-deep", ts, head + deep, "nested deeper"))
     enc = ENCODINGS[EXPLICIT_LE]
+    # Letters, but no VR: the length field's size can't be known (PS3.5 6.2).
+    unknown = enc.tag(0x00100010) + b"RN" + b"\x04\x00" + b"DOE "
+    out.append(("unknown-vr", EXPLICIT_LE, _header(enc) + unknown, "unknown VR 'RN' of (0010,0010)"))
     open_fragments = enc.header(0x7FE00010, "OB", UNDEFINED) + enc.item(b"", undefined=False) + enc.item(bytes(10),
                                                                                                            False)
     out.append(("fragments-never-close", JPEG_BASELINE, _header(enc) + open_fragments, "data ends inside"))
