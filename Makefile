@@ -1,7 +1,7 @@
 # fastscp: one entry point for setting up, serving, testing and benchmarking.
 #   make serve   set up, then run the server on the embedded default config
 #   make test    set up, then run the test suite (what .ci/run runs)
-#   make fuzz    the hostile-peer fuzz test with 2000 runs (make test runs 40)
+#   make fuzz    the hostile-peer fuzz test, 20000 runs per backend (make test runs 100)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
@@ -85,9 +85,9 @@ clean:
 	rm -rf build *.egg-info fastscp/*.so cext/*.c $(VENV) $(PIL_STOCK)
 
 # The fuzz test of tests/test_hostile.py (seeded mutations of a valid
-# association, sent raw) with many more runs than `make test` does (40).
+# association, sent raw) with many more runs than `make test` does (100).
 # FUZZ_SEED picks another sequence of mutations.
-FUZZ_RUNS ?= 2000
+FUZZ_RUNS ?= 20000
 FUZZ_SEED ?= 11
 fuzz: setup
 	FASTSCP_FUZZ_RUNS=$(FUZZ_RUNS) FASTSCP_FUZZ_SEED=$(FUZZ_SEED) $(BIN)/python -m pytest tests/test_hostile.py -k fuzz -q

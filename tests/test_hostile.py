@@ -324,7 +324,7 @@ def test_short_pixel_data_is_quarantined_not_acknowledged(start_server, backend:
 
 # -- the fuzz test -------------------------------------------------------------------------
 
-FUZZ_RUNS = int(os.environ.get("FASTSCP_FUZZ_RUNS", "40"))
+FUZZ_RUNS = int(os.environ.get("FASTSCP_FUZZ_RUNS", "100"))
 FUZZ_SEED = int(os.environ.get("FASTSCP_FUZZ_SEED", "11"))
 
 
@@ -336,9 +336,15 @@ def _session(uid: str) -> list[bytes]:
 
 
 def _mutate(rng: random.Random, pdus: list[bytes]) -> bytes:
+    for _ in range(rng.choice((1, 1, 1, 2, 3))):
+        pdus = _mutate_once(rng, pdus)
+    return b"".join(pdus)
+
+
+def _mutate_once(rng: random.Random, pdus: list[bytes]) -> list[bytes]:
     pdus = list(pdus)
     target = rng.randrange(len(pdus))
-    data = bytearray(pdus[target])
+    data = bytearray(pdus[target]) or bytearray(rng.randbytes(8))  # an earlier mutation emptied it
     kind = rng.randrange(6)
     if kind == 0:  # flip bytes
         for _ in range(rng.randint(1, 8)):
@@ -363,7 +369,7 @@ def _mutate(rng: random.Random, pdus: list[bytes]) -> bytes:
         else:
             data[rng.randrange(len(data))] = rng.randrange(256)
     pdus[target] = bytes(data)
-    return b"".join(pdus)
+    return pdus
 
 
 def _run(port: int, session: bytes) -> list[tuple[int, bytes]]:
@@ -381,24 +387,38 @@ def _run(port: int, session: bytes) -> list[tuple[int, bytes]]:
     pos = 0
     while len(data) - pos >= 6:
         pdu_type, length = struct.unpack_from(">BxI", data, pos)
+        if len(data) - pos - 6 < length:
+            break  # cut off by the abort
         out.append((pdu_type, data[pos + 6 : pos + 6 + length]))
         pos += 6 + length
     return out
 
 
 def _store_statuses(pdus: list[tuple[int, bytes]]) -> list[int]:
-    statuses = []
+    """The C-STORE-RSP statuses among the server's PDUs (command fragments reassembled:
+    a mutated Maximum Length Received can make the server fragment them)."""
+    statuses, command = [], b""
     for pdu_type, body in pdus:
-        if pdu_type == 0x04 and len(body) > 6 and body[5] & 1:
-            command = dimse.decode_command_set(body[6:])
-            if command.get("CommandField") == dimse.C_STORE_RSP:
-                statuses.append(int(command["Status"]))
+        pos = 0
+        while pdu_type == 0x04 and len(body) - pos >= 6:
+            length, control = struct.unpack_from(">I", body, pos)[0], body[pos + 5]
+            fragment = body[pos + 6 : pos + 4 + length]
+            pos += 4 + length
+            if control & 1:
+                command += fragment
+                if control & 2:
+                    decoded = dimse.decode_command_set(command)
+                    command = b""
+                    if decoded.get("CommandField") == dimse.C_STORE_RSP:
+                        statuses.append(int(decoded["Status"]))
     return statuses
 
 
-def test_fuzzed_sessions_leave_the_server_healthy(start_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    """Seeded mutations of a valid session (FASTSCP_FUZZ_RUNS, default 40; `make fuzz` runs more)."""
-    server = start_server(workers=1, config=config(tmp_path, "server:\n  acse_timeout: 2\n  dimse_timeout: 2\n"))
+@pytest.mark.parametrize("backend", ["cext", "py"])
+def test_fuzzed_sessions_leave_the_server_healthy(start_server, tmp_path: Path, backend: str) -> None:  # type: ignore[no-untyped-def]
+    """Seeded mutations of a valid session (FASTSCP_FUZZ_RUNS, default 100; `make fuzz` runs more)."""
+    server = start_server(workers=1, config=config(tmp_path, "server:\n  acse_timeout: 2\n  dimse_timeout: 2\n"),
+                          env={"FASTSCP_NO_EXTENSIONS": "1"} if backend == "py" else {})
     fds = baseline(server)
     rng = random.Random(FUZZ_SEED)
     successes = 0
