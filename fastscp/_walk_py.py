@@ -36,6 +36,7 @@ from fastscp._header_py import (
     SEQUENCE_DELIMITATION,
     UNDEFINED_LENGTH,
     HeaderError,
+    _is_vr,
     make_error,
 )
 
@@ -67,11 +68,6 @@ def walk_error(code: int, pos: int, tag: int, length: int, start: int, size: int
         vr = bytes((length >> 8, length & 0xFF)).decode("ascii")
         return HeaderError(f"unknown VR {vr!r} of ({tag >> 16:04X},{tag & 0xFFFF:04X}) at byte offset {pos}")
     return make_error(code, pos, tag, length, start, size, True)
-
-
-def _is_vr(b0: int, b1: int) -> bool:
-    # pydicom's test for "these two bytes are an explicit VR": both A-Z.
-    return 0x41 <= b0 <= 0x5A and 0x41 <= b1 <= 0x5A
 
 
 class Walker:

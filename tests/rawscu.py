@@ -12,7 +12,7 @@ import time
 
 from pydicom.uid import UID
 from pynetdicom.pdu import A_ASSOCIATE_RQ
-from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
+from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification, SCP_SCU_RoleSelectionNegotiation
 from pynetdicom.presentation import build_context
 
 from fastscp import dimse
@@ -38,8 +38,10 @@ def store_command(sop_class: str, sop_instance: bytes | None, message_id: int = 
     return struct.pack("<HHI", 0, 0, 4) + len(body).to_bytes(4, "little") + body
 
 
-def associate_rq(contexts: list[tuple[str, list[str]]], *, aet: str = "RAWSCU", aec: str = "FASTSCP") -> bytes:
-    """An encoded A-ASSOCIATE-RQ proposing ``contexts`` (IDs 1, 3, 5...), Maximum Length 0."""
+def associate_rq(contexts: list[tuple[str, list[str]]], *, aet: str = "RAWSCU", aec: str = "FASTSCP",
+                 max_length: int = 0, roles: dict[str, tuple[bool, bool]] | None = None) -> bytes:
+    """An encoded A-ASSOCIATE-RQ proposing ``contexts`` (IDs 1, 3, 5...), with
+    Maximum Length Received ``max_length`` and SCP/SCU role selections ``roles``."""
     rq = A_ASSOCIATE()
     rq.application_context_name = UID("1.2.840.10008.3.1.1.1")
     rq.calling_ae_title = aet
@@ -50,9 +52,14 @@ def associate_rq(contexts: list[tuple[str, list[str]]], *, aet: str = "RAWSCU", 
         context.context_id = 2 * i + 1
         proposed.append(context)
     rq.presentation_context_definition_list = proposed
-    max_length = MaximumLengthNotification()
-    max_length.maximum_length_received = 0
-    rq.user_information = [max_length]
+    length = MaximumLengthNotification()
+    length.maximum_length_received = max_length
+    items: list = [length]
+    for uid, (scu, scp) in (roles or {}).items():
+        role = SCP_SCU_RoleSelectionNegotiation()
+        role.sop_class_uid, role.scu_role, role.scp_role = uid, scu, scp
+        items.append(role)
+    rq.user_information = items
     pdu = A_ASSOCIATE_RQ()
     pdu.from_primitive(rq)
     return pdu.encode()
