@@ -18,6 +18,7 @@ import struct
 import time
 from collections import Counter
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
 import msgspec
@@ -607,7 +608,7 @@ class Association:
         try:
             # Walked to its end before anything acknowledges it; the header
             # scan reads the same mapping.
-            with mapped_dataset(incoming.fileno(), incoming.meta_length, incoming.dataset_length) as view:
+            with self._dataset_view(incoming) as view:
                 walk_dataset(view, transfer_syntax, self.settings.max_object_size)
                 header = self._scan_header(incoming, view, transfer_syntax)
         except HeaderError as exc:
@@ -714,6 +715,17 @@ class Association:
                 calling_ae_title=self.stats.calling_ae_title, received_at=now,
             )
         )
+
+    @staticmethod
+    def _dataset_view(incoming: IncomingFile) -> AbstractContextManager[memoryview]:
+        """The whole data set: the in-memory prefix when it holds it all, else the mapped file.
+
+        PERF: the mmap costs ~15 us per object here, the walk itself ~0.5 us
+        for a 512x512 CT (tests/test_walk.py); small objects skip the mmap.
+        """
+        if incoming.dataset_length <= len(incoming.prefix):
+            return nullcontext(memoryview(incoming.prefix))
+        return mapped_dataset(incoming.fileno(), incoming.meta_length, incoming.dataset_length)
 
     @staticmethod
     def _scan_header(incoming: IncomingFile, mapped: memoryview, transfer_syntax: str) -> HeaderFields:
