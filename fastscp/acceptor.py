@@ -263,6 +263,12 @@ class ServiceSettings:
     duplicates: str
     acse_timeout: float
     dimse_timeout: float
+    #: limits.max_object_size: a larger data set (or one inflating past it) aborts.
+    max_object_size: int
+    #: limits.max_command_set: a longer command set aborts.
+    max_command_set: int
+    #: limits.min_data_rate: bytes/s a message must average after dimse_timeout (0: off).
+    min_data_rate: int
     #: Below this many free bytes under the storage root, stores get 0xA700.
     min_free_bytes: int = 0
     tls: ssl.SSLContext | None = None
@@ -272,12 +278,6 @@ class ServiceSettings:
     find: Finder | None = None
     #: The post-store process's address ("": no thumbnails or scan sheets).
     poststore_address: str = ""
-    #: limits.max_object_size: a larger data set (or one inflating past it) aborts.
-    max_object_size: int = 4 * 1024**3
-    #: limits.max_command_set: a longer command set aborts.
-    max_command_set: int = 65536
-    #: limits.min_data_rate: bytes/s a message must average after dimse_timeout (0: off).
-    min_data_rate: int = 16384
 
 
 @dataclass(frozen=True)
@@ -334,13 +334,17 @@ class Association:
     def run(self) -> AssociationStats:
         """Serve until release, abort or error; never raises."""
         try:
+            started = time.monotonic()
             self.sock.settimeout(self.settings.acse_timeout)
             if self.settings.tls is not None:
+                # CPython runs the whole handshake against one deadline of the
+                # socket's timeout; what it took comes off the request's time.
                 self.sock = self.settings.tls.wrap_socket(self.sock, server_side=True)
             self.stream = PDUStream(self.sock, self.settings.policy.max_pdu_size)
-            # acse_timeout bounds the whole A-ASSOCIATE-RQ, not each read.
+            # acse_timeout bounds the whole A-ASSOCIATE-RQ (and TLS handshake), not each read.
             self.stream.deadline(
-                self.settings.acse_timeout, why="A-ASSOCIATE-RQ not complete within server.acse_timeout"
+                self.settings.acse_timeout - (time.monotonic() - started),
+                why="A-ASSOCIATE-RQ not complete within server.acse_timeout",
             )
             if self._associate():
                 self.stream.no_deadline()

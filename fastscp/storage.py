@@ -20,7 +20,7 @@ from fastscp.part10 import dataset_offset, file_meta
 INCOMING = ".incoming"
 QUARANTINE = ".quarantine"
 #: How much of the dataset's start is kept in memory for the header scan;
-#: longer headers are read back from the file (IncomingFile.read_dataset).
+#: longer headers are scanned in the mapped file (fastscp.walk.mapped_dataset).
 HEADER_PREFIX_BYTES = 64 * 1024
 #: errno values that mean "no room": answered with 0xA700 Out of resources.
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
@@ -158,11 +158,6 @@ class IncomingFile:
             assert self._fd is not None, "the file is closed"
             self._content_hash = _sha256(self._fd, self.meta_length, self.meta_length + self.dataset_length)
         return self._content_hash
-
-    def read_dataset(self, limit: int) -> bytes:
-        """Up to ``limit`` bytes of the data set's start, read back from the file."""
-        assert self._fd is not None, "the file is closed"
-        return os.pread(self._fd, min(limit, self.dataset_length), self.meta_length)
 
     def commit(self, relative_path: str, duplicates: str = "reject", root: str | None = None) -> Committed:
         """Make the file durable (per ``storage.fsync``) and put it at its final path.
