@@ -242,6 +242,18 @@ cdef class Walker:
         finally:
             PyBuffer_Release(&buffer)
 
+    @property
+    def pending_skip(self):
+        """Bytes of a value still to skip (see the twin)."""
+        return self.skip
+
+    def advance(self, int64_t count):
+        """Skip ``count`` bytes of the value being skipped without seeing them (see the twin)."""
+        if not 0 <= count <= self.skip or self.left:
+            raise ValueError("advance() only moves through a value being skipped")
+        self.skip -= count
+        self.position += count
+
     def finish(self):
         """The data ended: raise if it ended inside anything (see the twin)."""
         cdef int64_t size = self.position + self.left

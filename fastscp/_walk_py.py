@@ -208,6 +208,18 @@ class Walker:
             self._left = n - p
         return p
 
+    @property
+    def pending_skip(self) -> int:
+        """Bytes of a value still to skip: the walk needs no data for them."""
+        return self._skip
+
+    def advance(self, count: int) -> None:
+        """Skip ``count`` bytes of the value being skipped without seeing them."""
+        if not 0 <= count <= self._skip or self._left:
+            raise ValueError("advance() only moves through a value being skipped")
+        self._skip -= count
+        self.position += count
+
     def _skip_value(self, buf: memoryview, p: int, here: int, tag: int, length: int) -> int:
         take = min(length, len(buf) - p)
         self._skip = length - take

@@ -19,7 +19,7 @@ from fastscp._header_py import ENC_DEFLATED, ENC_EXPLICIT_BE, ENC_IMPLICIT_LE, H
 from fastscp._walk_py import Walker as WalkerPy
 from fastscp._walk_py import walk_deflated
 
-__all__ = ["BACKEND", "HeaderError", "WalkerCext", "WalkerPy", "mapped_dataset", "walk_dataset"]
+__all__ = ["BACKEND", "HeaderError", "WalkerCext", "WalkerPy", "mapped_dataset", "walk_dataset", "walk_from_prefix"]
 
 #: The compiled walker class; None if not built or FASTSCP_NO_EXTENSIONS=1.
 WalkerCext: Any = compiled("fastscp._walk_cext", "Walker")
@@ -48,6 +48,35 @@ def walk_dataset(
     w = cls(encoding != ENC_IMPLICIT_LE, encoding == ENC_EXPLICIT_BE)
     w.feed(data)
     w.finish()
+
+
+def walk_from_prefix(
+    prefix: bytes | bytearray | memoryview, transfer_syntax_uid: str, length: int, walker: Any = None
+) -> bool:
+    """Walk a data set of ``length`` bytes from its first bytes alone, if they suffice.
+
+    They suffice when they end inside a value that runs exactly to the end
+    of the data set: the Pixel Data of most images. Returns True if the walk
+    passed, False if it needs the rest (then walk the whole data set).
+
+    PERF: spares the mmap of the temp file (~15 us) for a 512x512 CT.
+
+    Raises
+    ------
+    HeaderError
+        The first bytes alone show the data set malformed.
+    """
+    encoding = encoding_for(transfer_syntax_uid)
+    if encoding == ENC_DEFLATED or len(prefix) >= length:
+        return False
+    w = (walker or _Walker)(encoding != ENC_IMPLICIT_LE, encoding == ENC_EXPLICIT_BE)
+    w.feed(prefix)
+    skip = w.pending_skip
+    if not skip or w.position + skip != length:
+        return False
+    w.advance(skip)
+    w.finish()
+    return True
 
 
 @contextmanager
