@@ -748,7 +748,8 @@ class Association:
         request = self._request
         context = self.negotiation.contexts[self._context_id]
         for status, match, comment in findscp.responses(
-            self.settings.find, context.abstract_syntax, identifier, context.transfer_syntax, self._cancel_requested
+            self.settings.find, context.abstract_syntax, identifier, context.transfer_syntax, self._cancel_requested,
+            context.abstract_syntax in self.negotiation.relational_queries,
         ):
             command = dimse.encode_response(
                 dimse.C_FIND_RSP, context.abstract_syntax, int(request.get("MessageID", 0)), status,

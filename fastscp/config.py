@@ -40,6 +40,9 @@ class ServerConfig(_Section):
     port: Port = 11112
     ae_title: AETitle = "FASTSCP"
     max_associations: Positive = 64
+    #: Connections still waiting for their A-ASSOCIATE-RQ (no association slot yet).
+    max_pending_connections: Positive = 256
+    max_pending_per_address: Positive = 32
     max_pdu_size: MaxPDU = 262144
     workers: Annotated[int, msgspec.Meta(ge=0, le=256)] = 0
     acse_timeout: Seconds = 30.0
@@ -175,6 +178,69 @@ class Config(_Section):
     @property
     def sop_class_uids(self) -> tuple[str, ...]:
         return resolve_sop_classes(self.accepted_sop_classes)
+
+
+#: Keys a running server takes from its config file on SIGHUP (a section name: all its keys).
+#: Each is read when an association starts (the limits: when a connection
+#: is accepted or admitted; shutdown_timeout: when a stop begins), so it
+#: applies to new associations while open ones finish with the values they
+#: started with. Every other key needs a restart: it shapes something made
+#: once at start, which would have to be torn down under open associations:
+#: the listening socket (server.host/port), the AE title (the C-FIND service
+#: and the status page carry it too), the worker pool, the storage folders
+#: and layout (files already named by it), the index and its processes,
+#: thumbnails and scan sheets (their process), TLS (its context), the
+#: monitor and the log output (handlers). Routing and hook rules, when they
+#: come, belong here.
+LIVE_KEYS: frozenset[str] = frozenset({
+    "access",  # allowed_calling_aets, check_called_aet, max_associations_per_aet
+    "accepted_sop_classes",
+    "server.max_associations",
+    "server.max_pending_connections",
+    "server.max_pending_per_address",
+    "server.max_pdu_size",
+    "server.acse_timeout",
+    "server.dimse_timeout",
+    "server.shutdown_timeout",
+    "storage.duplicates",
+    "storage.min_free_bytes",
+    "limits",
+    "logging.level",
+    "logging.actions",
+})
+
+
+def _is_live(key: str) -> bool:
+    parts = key.split(".")
+    return any(".".join(parts[:n]) in LIVE_KEYS for n in range(1, len(parts) + 1))
+
+
+def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        found: list[str] = []
+        for name in sorted(old.keys() | new.keys()):
+            found += _differences(old.get(name), new.get(name), f"{prefix}.{name}" if prefix else name)
+        return found
+    return [] if old == new else [prefix]
+
+
+def config_changes(running: Config, new: Config) -> tuple[list[str], list[str]]:
+    """The dotted keys whose values differ: (those in :data:`LIVE_KEYS`, those that need a restart)."""
+    changed = _differences(to_builtins(running), to_builtins(new))
+    return [k for k in changed if _is_live(k)], [k for k in changed if not _is_live(k)]
+
+
+def with_live_keys(running: Config, new: Config) -> Config:
+    """``running`` with the values of :data:`LIVE_KEYS` taken from ``new``: the config a reload puts in force."""
+    result = running
+    for key in sorted(LIVE_KEYS):
+        section, _, name = key.partition(".")
+        if name:
+            value = msgspec.structs.replace(getattr(result, section), **{name: getattr(getattr(new, section), name)})
+        else:
+            value = getattr(new, section)
+        result = msgspec.structs.replace(result, **{section: value})
+    return result
 
 
 class ConfigError(Exception):

@@ -27,6 +27,7 @@ from fastscp.query import (
     QueryRequest,
     QueryResult,
     Rows,
+    SqlRequest,
     StateRequest,
     Stats,
     StatsRequest,
@@ -210,7 +211,7 @@ class QueryClient:
             return False
         return True
 
-    def query(self, request: QueryRequest) -> QueryResult:
+    def query(self, request: QueryRequest | SqlRequest) -> QueryResult:
         """Run a query in the server; rows stream in as they are read.
 
         Raises
@@ -282,7 +283,7 @@ class QueryClient:
 class IndexQueries(Protocol):
     """What :func:`fastscp.find.find` and the CLI need: QueryClient or LocalQueryClient."""
 
-    def query(self, request: QueryRequest) -> QueryResult: ...
+    def query(self, request: QueryRequest | SqlRequest) -> QueryResult: ...
 
     def stats(self, request: StatsRequest | None = None) -> Stats: ...
 

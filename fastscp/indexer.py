@@ -57,6 +57,7 @@ from fastscp.query import (
     Failed,
     IndexerState,
     QueryRequest,
+    SqlRequest,
     StateRequest,
     StatsRequest,
     recv_message,
@@ -154,7 +155,7 @@ class QueryServer:
                 return
             cursor = self.index.cursor()
             try:
-                if isinstance(request, QueryRequest):
+                if isinstance(request, QueryRequest | SqlRequest):
                     for message in stream_query(cursor, request):
                         send_message(conn, message)
                 elif isinstance(request, StatsRequest):
@@ -226,7 +227,8 @@ class Indexer:
         self.oldest = 0.0
         self.last_record = 0.0
         self.stopping = False
-        #: Records committed since the start (written by the writer thread).
+        #: Instances committed since the start (written by the writer thread); thumbnail and
+        #: conflict records are not instances (the status page shows this as "committed").
         self.committed = 0
         self.reconcile_state = "running" if storage_root is not None else "off"
         # Work for the writer thread, in order: batches, reconcile steps, tidying.
@@ -399,7 +401,7 @@ class Indexer:
         while True:
             try:
                 self.index.add_table(instances.table(), conflicts, thumbnails)
-                self.committed += count
+                self.committed += instances.count
                 break
             except Exception:
                 attempt += 1
@@ -505,5 +507,5 @@ def indexer_main(db_path: str, wal_mode: bool, address: str, batch_size: int, ba
     ready.send("ready")
     ready.close()
     indexer.run()
-    log.info("indexer stopped; %d records committed", indexer.committed)
+    log.info("indexer stopped; %d instances committed", indexer.committed)
     gc.unfreeze()

@@ -168,6 +168,19 @@ class Stop(msgspec.Struct, frozen=True, kw_only=True, tag="stop"):
     now: bool = False
 
 
+class Reconfigure(msgspec.Struct, frozen=True, kw_only=True, tag="reconfigure"):
+    """The supervisor reloaded the config (SIGHUP): settings for the associations a worker starts from now.
+
+    ``settings`` holds the :class:`~fastscp.acceptor.ServiceSettings` fields
+    that changed, pickled (the access policy holds ``ipaddress`` networks);
+    it only ever travels over the supervisor's socket pair with its own
+    forked worker, never from a peer.
+    """
+
+    settings: bytes
+    shutdown_timeout: float
+
+
 Message = (
     InstanceRecord
     | DuplicateConflict
@@ -178,6 +191,7 @@ Message = (
     | AdmissionReply
     | Handoff
     | Stop
+    | Reconfigure
 )
 ENCODER = msgspec.msgpack.Encoder()
 DECODER = msgspec.msgpack.Decoder(Message)

@@ -350,25 +350,38 @@ def reindex(storage_root: str, index_path: str, *, sr_root: str = "", content_ha
     finally:
         index.close()
     bar.finish()
-    if os.path.exists(index_path):
-        # A server may have started on the old index while we read the files.
-        Index(index_path, read_only=True).close()
+    old = _open_old(index_path)  # raises if a server started on it while we read the files
+    if old is not None:
+        old.close()
     if os.path.exists(index_path + ".wal"):
         os.remove(index_path + ".wal")  # the old index's log: not for the new file
     os.replace(temp, index_path)
     return ReindexResult(len(states), indexed, failed, time.monotonic() - started)
 
 
-def _old_conflicts(index_path: str) -> list[DuplicateConflict] | None:
-    """The old index's duplicate conflicts, None if there is no old index to read."""
+def _open_old(index_path: str) -> Index | None:
+    """The index being replaced, read-only and of any schema version; None if there is none or it is unreadable.
+
+    Raises
+    ------
+    IndexUnavailable
+        A server (or another reindex) has it open.
+    """
     if not os.path.exists(index_path):
         return None
     try:
-        old = Index(index_path, read_only=True)
+        return Index(index_path, read_only=True, any_version=True)
     except IndexUnavailable as exc:
         if "another process" in str(exc):
             raise
         log.warning("%s; its duplicate conflicts are not carried over", exc)
+        return None
+
+
+def _old_conflicts(index_path: str) -> list[DuplicateConflict] | None:
+    """The old index's duplicate conflicts, None if there is no old index to read."""
+    old = _open_old(index_path)
+    if old is None:
         return None
     try:
         return read_conflicts(old.con)

@@ -168,17 +168,22 @@ def pki(tmp_path: Path) -> Path:
     return d
 
 
-def test_dicom_tls_with_client_certificates(start_server, tmp_path: Path, pki: Path, ct_dataset) -> None:  # type: ignore[no-untyped-def]
-    _uid, _data, ct = ct_dataset
-    server = start_server(config=config(tmp_path, f"""
+def tls_config(tmp_path: Path, pki: Path, min_version: str = "1.2") -> Path:
+    """A config for DICOM TLS with the test CA's server certificate, requiring client certificates."""
+    return config(tmp_path, f"""
 tls:
   enabled: true
   certificate: {pki / 'server.pem'}
   private_key: {pki / 'server.key'}
   ca_bundle: {pki / 'ca.pem'}
   require_client_certificate: true
-  min_version: "1.2"
-"""))
+  min_version: "{min_version}"
+""")
+
+
+def test_dicom_tls_with_client_certificates(start_server, tmp_path: Path, pki: Path, ct_dataset) -> None:  # type: ignore[no-untyped-def]
+    _uid, _data, ct = ct_dataset
+    server = start_server(config=tls_config(tmp_path, pki))
     tls = ["+tls", str(pki / "client.key"), str(pki / "client.pem"), "+cf", str(pki / "ca.pem")]
     dcmtk("echoscu", *tls, "-aec", server.ae_title, "127.0.0.1", str(server.port))
     dcmtk("storescu", *tls, "-aec", server.ae_title, "-xe", "127.0.0.1", str(server.port), str(ct))

@@ -68,8 +68,8 @@ def test_every_corpus_file_via_pynetdicom_is_stored_byte_exact(start_server) -> 
     server = start_server("--naming", "flat", "--fsync", "never")
     uid = lambda f: f.meta_sop_instance_uid  # noqa: E731 - pynetdicom sends the File Meta's UID
     for group in rounds(CORPUS, uid):
-        stored, failed = send("127.0.0.1", server.port, [f.path for f in group], aec=server.ae_title)
-        assert (stored, failed) == (len(group), 0)
+        sent = send("127.0.0.1", server.port, [f.path for f in group], aec=server.ae_title, out=None)
+        assert (sent.stored, sent.failed, sent.refused) == (len(group), 0, 0), sent.error
         check_round(server, group, uid)
 
 
