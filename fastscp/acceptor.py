@@ -537,10 +537,9 @@ class Association:
         if not isinstance(sop_instance, str) or not dimse.is_uid(sop_instance):
             # It names the file and goes into its File Meta: mandatory in a
             # C-STORE-RQ (PS3.7 9.3.1.1), digits and dots, at most 64.
-            self._reject_status = (
-                dimse.INVALID_OBJECT_INSTANCE,
-                "Affected SOP Instance UID missing" if sop_instance is None else "Affected SOP Instance UID invalid",
-            )
+            why = "Affected SOP Instance UID missing" if sop_instance is None else "Affected SOP Instance UID invalid"
+            log.warning("C-STORE %s from %s: %s, refused", sop_instance, self.stats.calling_ae_title, why)
+            self._reject_status = (dimse.INVALID_OBJECT_INSTANCE, why)
             return
         self._store_started = time.monotonic()
         free = self.settings.storage.free_bytes()
