@@ -29,6 +29,9 @@ AETitle = Annotated[str, msgspec.Meta(min_length=1, max_length=16, pattern=r"^[ 
 # 0 means "no limit" in A-ASSOCIATE (PS3.8 D.1); otherwise at least one
 # PDV header plus a byte, and we cap it so one PDU can't exhaust memory.
 MaxPDU = Annotated[int, msgspec.Meta(ge=0, le=64 * 1024 * 1024)]
+# Permission bits as octal text ("0640"); a YAML 1.1 octal number (0640
+# unquoted) arrives as an int and is turned back into text first.
+Mode = Annotated[str, msgspec.Meta(pattern=r"^0?[0-7]{3}$")]
 
 
 class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -83,11 +86,14 @@ class StorageConfig(_Section):
     patient_folders: PatientFoldersConfig = PatientFoldersConfig()
     accounts: AccountsConfig = AccountsConfig()
     sr_directory: str = ""
-    duplicates: Literal["reject", "keep-first", "overwrite", "keep-both"] = "reject"
+    duplicates: Literal["reject", "keep-first", "overwrite", "keep-both"] = "keep-first"
     fsync: Literal["always", "never"] = "always"
     quarantine: bool = True
     #: Below this much free space, new stores get 0xA700 "Out of resources".
     min_free_bytes: Annotated[int, msgspec.Meta(ge=0)] = 1024 * 1024 * 1024
+    #: Permissions of the files and folders fastscp creates (octal).
+    file_mode: Mode = "0640"
+    dir_mode: Mode = "0750"
 
 
 class AllowedAE(_Section):
@@ -268,7 +274,7 @@ CLI_OPTIONS: dict[str, tuple[str, str]] = {
     ),
     "storage.duplicates": (
         "--duplicates",
-        "a resend with other content: reject (default), keep-first, overwrite or keep-both",
+        "the same SOP instance again with other content: keep-first (default), reject, overwrite or keep-both",
     ),
     "logging.level": ("--log-level", "DEBUG, INFO (default), WARNING or ERROR"),
     "logging.file": ("--log-file", "also log to this file, rotated (logging.max_bytes, logging.backups)"),
@@ -336,6 +342,12 @@ def load_config(path: str | None = None, overrides: dict[str, Any] | None = None
         if value is not None:
             _set_dotted(raw, key, value)
             from_cli.add(key)
+    storage = raw.get("storage")
+    if isinstance(storage, dict):
+        for key in ("file_mode", "dir_mode"):
+            value = storage.get(key)
+            if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 0o777:
+                storage[key] = f"0{value:03o}"  # YAML read 0640 as an octal number
     try:
         config = msgspec.convert(raw, Config, strict=False)
     except msgspec.ValidationError as exc:
@@ -354,7 +366,15 @@ def load_config(path: str | None = None, overrides: dict[str, Any] | None = None
         value = _lookup(raw, key)
         choices = _choices(key)
         hint = f"; use one of {', '.join(map(repr, choices))}" if choices else ""
+        if key.endswith("_mode"):
+            hint = "; write the permission bits in octal, quoted, like '0640'"
         raise ConfigError(f"{where}: {key}: {detail} (got {value!r}){hint}") from None
+    for key, needed in (("file_mode", 0o600), ("dir_mode", 0o700)):
+        if int(getattr(config.storage, key), 8) & needed != needed:
+            raise ConfigError(
+                f"{source}: storage.{key}: {getattr(config.storage, key)!r} leaves the owner (fastscp) without "
+                f"read and write{' and search' if key == 'dir_mode' else ''} permission; use at least '0{needed:o}'"
+            )
     try:
         resolve_sop_classes(config.accepted_sop_classes)
     except ValueError as exc:

@@ -33,7 +33,7 @@ from fastscp.records import DuplicateConflict, InstanceRecord, ThumbnailMade
 
 log = logging.getLogger("fastscp.index")
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # -- columns -----------------------------------------------------------------------
 
@@ -75,6 +75,10 @@ FILE_COLUMNS: dict[str, str] = {
     "peer_address": "VARCHAR",
     "received_at": "TIMESTAMP",  # UTC
 }
+#: Added in schema version 4, after the header columns: the C-STORE's Affected
+#: SOP Instance UID (the File Meta's) where it differs from the data set's,
+#: else "". An instance is found by either UID.
+AFFECTED_COLUMNS: dict[str, str] = {"affected_sop_instance_uid": "VARCHAR"}
 CONFLICT_COLUMNS: dict[str, str] = {
     "sop_instance_uid": "VARCHAR",
     "path": "VARCHAR",
@@ -95,7 +99,7 @@ def _header_columns(fields: Sequence[str]) -> dict[str, str]:
 TABLES: dict[str, dict[str, str]] = {
     "studies": _header_columns(STUDY_FIELDS),
     "series": _header_columns(SERIES_FIELDS),
-    "instances": {**FILE_COLUMNS, **_header_columns(INSTANCE_HEADER_FIELDS)},
+    "instances": {**FILE_COLUMNS, **_header_columns(INSTANCE_HEADER_FIELDS), **AFFECTED_COLUMNS},
     "duplicate_conflicts": CONFLICT_COLUMNS,
     # Thumbnails made by the post-store stage (both paths relative to the
     # storage root). Their own table: a thumbnail may be reported before its
@@ -312,8 +316,10 @@ class Index:
             return
         self.con.execute("BEGIN")
         try:
-            if self.version == 2:
-                self._migrate_v2()
+            if self.version in (2, 3):
+                if self.version == 2:
+                    self._migrate_v2()
+                self._migrate_v3()
             else:
                 self._create(from_v1=self.version == 1)
             self.con.execute("INSERT INTO schema_version VALUES (?)", [SCHEMA_VERSION])
@@ -339,6 +345,11 @@ class Index:
         if from_v1:
             self._copy_v1()
             self.con.execute("DROP TABLE instances_v1")
+
+    def _migrate_v3(self) -> None:
+        """v4 adds the command's Affected SOP Instance UID to instances (v2 got it from _migrate_v2)."""
+        for name, sql in AFFECTED_COLUMNS.items():
+            self.con.execute(f"ALTER TABLE instances ADD COLUMN IF NOT EXISTS {quote(name)} {sql} DEFAULT ''")
 
     def _migrate_v2(self) -> None:
         """v2 kept one ``patients`` row per Patient ID; v3 keeps the patient attributes per study.
@@ -688,6 +699,19 @@ class Index:
                                      if value is not None}))
             for row in rows
         ]
+
+    @staticmethod
+    def paths_of(con: duckdb.DuckDBPyConnection, uids: Sequence[str]) -> list[str]:
+        """Paths of the instances whose data set's or command's SOP Instance UID is one of ``uids``.
+
+        PERF: a scan of two columns (no index: it would slow every insert);
+        asked only when :class:`fastscp.indexer.UidIndex` says one may match.
+        """
+        rows = con.execute(
+            "SELECT path FROM instances WHERE sop_instance_uid IN (SELECT unnest($1)) "
+            "OR affected_sop_instance_uid IN (SELECT unnest($1))", [list(uids)],
+        ).fetchall()
+        return [row[0] for row in rows]
 
     def count(self) -> int:
         """The number of indexed files."""

@@ -109,6 +109,17 @@ class Negotiation:
     #: Query/Retrieve FIND SOP classes for which the requestor asked for, and
     #: we agreed to, relational queries (SOP Class Extended Negotiation).
     relational_queries: frozenset[str] = frozenset()
+    #: Refused presentation contexts: (abstract syntax UID, why), in request order.
+    refused: list[tuple[str, str]] = field(default_factory=list)
+
+
+#: Presentation context results other than acceptance (PS3.8 9.3.3.2).
+CONTEXT_REFUSALS: dict[int, str] = {
+    1: "user rejection",
+    2: "no reason (provider rejection)",
+    3: "abstract syntax not supported",
+    4: "transfer syntaxes not supported",
+}
 
 
 def _reject(rq: A_ASSOCIATE, result: int, source: int, reason: int, detail: str = "") -> Negotiation:
@@ -226,6 +237,11 @@ def negotiate(pdu: bytes, policy: AcceptancePolicy, peer_ip: str = "") -> Negoti
         for cx in results
         if cx.result == 0x00
     }
+    refused = [
+        (str(cx.abstract_syntax), CONTEXT_REFUSALS.get(int(cx.result or 0), f"result {cx.result}"))
+        for cx in results
+        if cx.result != 0x00
+    ]
     return Negotiation(
         calling_ae_title=str(rq.calling_ae_title).strip(),
         called_ae_title=str(rq.called_ae_title).strip(),
@@ -235,6 +251,7 @@ def negotiate(pdu: bytes, policy: AcceptancePolicy, peer_ip: str = "") -> Negoti
         peer_max_pdu=peer_max_pdu,
         peer_implementation=peer_implementation,
         relational_queries=relational,
+        refused=refused,
     )
 
 

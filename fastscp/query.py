@@ -77,6 +77,19 @@ class StateRequest(msgspec.Struct, frozen=True, tag="state_request"):
     """Ask a running indexer for its :class:`IndexerState` (cheap: no query)."""
 
 
+class LocateRequest(msgspec.Struct, frozen=True, tag="locate"):
+    """Where is an instance stored? Asked by a worker before it answers a C-STORE (storage.duplicates)."""
+
+    #: Its SOP Instance UIDs (the command's and the data set's).
+    uids: list[str]
+
+
+class Located(msgspec.Struct, frozen=True, tag="located"):
+    """The paths (as the index records them) of instances with any of the asked UIDs, committed or not."""
+
+    paths: list[str]
+
+
 class Columns(msgspec.Struct, frozen=True, tag="columns"):
     names: list[str]
 
@@ -128,8 +141,8 @@ class Stats(msgspec.Struct, frozen=True, kw_only=True, tag="stats"):
     indexer: IndexerState | None = None
 
 
-Message = (QueryRequest | SqlRequest | StatsRequest | StateRequest | Columns | Rows | Done | Failed | Stats
-           | IndexerState)
+Message = (QueryRequest | SqlRequest | StatsRequest | StateRequest | LocateRequest | Columns | Rows | Done | Failed
+           | Stats | IndexerState | Located)
 # A value msgpack has no type for (a DECIMAL, a UUID from SQL) travels as its text.
 _ENCODER = msgspec.msgpack.Encoder(enc_hook=str)
 _DECODER = msgspec.msgpack.Decoder(Message)
@@ -441,6 +454,11 @@ def _match_attribute(attribute: Attribute, value: str, params: list[object]) -> 
             f"WHERE {others}))")
 
 
+def _either_uid(sql: str, value: str, params: list[object]) -> str:
+    """An instance matches by either UID: the data set's (``sql``) or the command's where it differed."""
+    return f"({sql} OR {match_sql('i.affected_sop_instance_uid', 'UI', value, params)})"
+
+
 def _returned(attribute: Attribute) -> str:
     """SQL of what a key returns: every value of a multi-valued number, as text."""
     if attribute.values and attribute.values != attribute.sql:
@@ -520,11 +538,15 @@ def build_query(request: QueryRequest) -> BuiltQuery:
         attribute_depth = LEVELS.index(attribute.level)
         if attribute_depth > depth:
             sql = _match_attribute(attribute, condition.value, below_params)
+            if sql is not None and condition.keyword == "SOPInstanceUID":
+                sql = _either_uid(sql, condition.value, below_params)
             if sql is not None:
                 below.append(sql)
                 lowest = max(lowest, attribute_depth)
         else:
             sql = _match_attribute(attribute, condition.value, where_params)
+            if sql is not None and condition.keyword == "SOPInstanceUID":
+                sql = _either_uid(sql, condition.value, where_params)
             if sql is not None:
                 where.append(sql)
     params = where_params + below_params

@@ -38,7 +38,7 @@ from fastscp.access import AccessConfigError, build_access_policy
 from fastscp.config import Config, ConfigError, config_changes, layout_options, to_builtins, with_live_keys
 from fastscp.find import finder
 from fastscp.findscp import FIND_SOP_CLASSES
-from fastscp.indexclient import QueryClient
+from fastscp.indexclient import Locator, QueryClient
 from fastscp.indexer import indexer_address, indexer_main
 from fastscp.listen import bind_advice
 from fastscp.negotiation import (
@@ -129,6 +129,8 @@ class Supervisor:
             fsync=config.storage.fsync == "always",
             quarantine=config.storage.quarantine,
             sr_root=config.storage.sr_directory,
+            file_mode=int(config.storage.file_mode, 8),
+            dir_mode=int(config.storage.dir_mode, 8),
         )
         # The keys a reload may change are set by live_settings, here and on SIGHUP.
         self.settings = live_settings(ServiceSettings(
@@ -152,6 +154,7 @@ class Supervisor:
             max_object_size=config.limits.max_object_size,
             max_command_set=config.limits.max_command_set,
             min_data_rate=config.limits.min_data_rate,
+            locate=Locator(config.index_path),
         ), config)
         self.poststore: multiprocessing.process.BaseProcess | None = None
         self.book = StatusBook()
@@ -281,6 +284,11 @@ class Supervisor:
         removed = self.storage.prepare()
         if removed:
             log.warning("removed %d incomplete temp files left by an earlier run", removed)
+        free, watermark = self.storage.free_bytes(), self.config.storage.min_free_bytes
+        if free < watermark:
+            log.warning("storage %s: %d MB free, below storage.min_free_bytes (%d MB): every C-STORE gets 0xA700 "
+                        "Out of resources until space is freed", self.storage.root, free // 1_000_000,
+                        watermark // 1_000_000)
         self.listener = self._bind()
         self.selector.register(self._log_r, selectors.EVENT_READ, "log")
         try:

@@ -222,3 +222,52 @@ def test_log_file_with_json_lines(start_server, tmp_path: Path, ct_dataset) -> N
     (connection,) = [e for e in entries if e["logger"] == "fastscp.association"]
     assert "STORESCU (127.0.0.1:" in connection["message"] and "1 instances" in connection["message"]
     assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", e["time"]) for e in entries)
+
+
+def test_refused_presentation_contexts_are_logged(start_server) -> None:  # type: ignore[no-untyped-def]
+    server = start_server("--accept", "CT")
+    scu = RawSCU(server.port, MRImageStorage, ExplicitVRLittleEndian, aet="MRSCU")
+    assert scu.accepted  # A-ASSOCIATE-AC, its only context refused
+    scu.release()
+    log = server.wait_for_log("presentation contexts refused", "-> FASTSCP")
+    assert "association 'MRSCU' (127.0.0.1:" in log
+    assert "MR Image Storage (1.2.840.10008.5.1.4.1.1.4): abstract syntax not supported" in log
+    (line,) = [entry for entry in log.splitlines() if "association MRSCU" in entry and "-> FASTSCP" in entry]
+    assert "accepted with every presentation context refused" in line
+
+
+def test_free_space_watermark_refusal_is_logged(start_server, tmp_path: Path, ct_dataset) -> None:  # type: ignore[no-untyped-def]
+    uid, data, _path = ct_dataset
+    server = start_server(config=config(tmp_path, "storage:\n  min_free_bytes: 1000000000000000000\n"))
+    assert "below storage.min_free_bytes" in server.log_text(), "a start-up warning"
+    scu = RawSCU(server.port, CTImageStorage, ExplicitVRLittleEndian)
+    assert scu.store(uid, data) == 0xA700
+    scu.release()
+    log = server.wait_for_log("refused with 0xA700", "fastscp.action: refused")
+    assert re.search(rf"WARNING .*C-STORE '{re.escape(uid)}' from 'RAWSCU' refused with 0xA700: free space", log)
+    assert server.stored_files() == []
+
+
+def test_stored_files_and_folders_are_owner_and_group_only(start_server, tmp_path: Path, ct_dataset) -> None:  # type: ignore[no-untyped-def]
+    uid, data, _path = ct_dataset
+    server = start_server()
+    scu = RawSCU(server.port, CTImageStorage, ExplicitVRLittleEndian)
+    assert scu.store(uid, data) == 0
+    scu.release()
+    (stored,) = server.stored_files()
+    assert stored.stat().st_mode & 0o777 == 0o640
+    folders = [p for p in stored.relative_to(server.storage).parents if p != Path(".")]
+    assert folders and all((server.storage / p).stat().st_mode & 0o777 == 0o750 for p in folders)
+    assert (server.storage / ".incoming").stat().st_mode & 0o777 == 0o750
+    assert server.stop() == 0  # the next server uses the same index file
+
+    other = tmp_path / "other"
+    other.mkdir()
+    server = start_server(storage=other / "received",
+                          config=config(other, "storage:\n  file_mode: '0600'\n  dir_mode: 0700\n"))
+    scu = RawSCU(server.port, CTImageStorage, ExplicitVRLittleEndian)
+    assert scu.store(uid, data) == 0
+    scu.release()
+    (stored,) = server.stored_files()
+    assert stored.stat().st_mode & 0o777 == 0o600
+    assert stored.parent.stat().st_mode & 0o777 == 0o700

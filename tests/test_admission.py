@@ -161,7 +161,7 @@ def test_peer_values_cannot_forge_log_lines(start_server, tmp_path: Path, log_fo
         assert all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ \[", line) for line in lines), lines
         messages = lines
     assert any("'EVIL\\x0d\\x0aFORGED AE'" in m for m in messages), messages
-    assert any("C-STORE 1.2.3\\x0d\\x0aFORGED UID\\x1b[2J from RAWSCU" in m for m in messages), messages
+    assert any("C-STORE '1.2.3\\r\\nFORGED UID\\x1b[2J' from 'RAWSCU' refused" in m for m in messages), messages
     assert not any(c in "".join(messages) for c in "\r\x1b")
 
 

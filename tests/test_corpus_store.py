@@ -25,11 +25,16 @@ CORPUS = corpus.corpus_files()
 
 
 def rounds(files: list[corpus.CorpusFile], uid: Callable[[corpus.CorpusFile], str]) -> list[list[corpus.CorpusFile]]:
-    """Split files into rounds in which no SOP Instance UID repeats."""
+    """Split files into rounds in which no SOP Instance UID repeats: neither ``uid`` nor the data
+    set's (fastscp treats either as the instance's, so a repeat would be a duplicate)."""
+
+    def uids(f: corpus.CorpusFile) -> set[str]:
+        return {uid(f), f.sop_instance_uid}
+
     out: list[list[corpus.CorpusFile]] = []
     for f in files:
         for group in out:
-            if all(uid(g) != uid(f) for g in group):
+            if all(not uids(g) & uids(f) for g in group):
                 group.append(f)
                 break
         else:

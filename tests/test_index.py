@@ -294,6 +294,8 @@ def test_migration_from_v1(storage: Path, tmp_path: Path) -> None:
 #: Columns that schema version 3 added (the studies' patient attributes; header fields).
 _V3_COLUMNS = {"studies": ("patient_name", "patient_birth_date", "patient_sex"),
                "instances": ("image_type", "window_center_values", "window_width_values")}
+#: Columns that schema version 4 added (the command's SOP Instance UID).
+_V4_COLUMNS = ("affected_sop_instance_uid",)
 
 
 def make_v2_index(path: str, records: list[InstanceRecord]) -> None:
@@ -303,7 +305,7 @@ def make_v2_index(path: str, records: list[InstanceRecord]) -> None:
     con.execute("DROP VIEW patient_counts")
     con.execute("DROP VIEW patients")
     for table, added in _V3_COLUMNS.items():
-        kept = {name: sql for name, sql in TABLES[table].items() if name not in added}
+        kept = {name: sql for name, sql in TABLES[table].items() if name not in (*added, *_V4_COLUMNS)}
         key = "study_instance_uid" if table == "studies" else "path"
         columns = ", ".join(f'"{name}" {sql}{" PRIMARY KEY" if name == key else ""}' for name, sql in kept.items())
         con.execute(f"CREATE TABLE {table}_v2 ({columns})")
@@ -324,7 +326,6 @@ def make_v2_index(path: str, records: list[InstanceRecord]) -> None:
 
 def test_migration_from_v2(storage: Path, tmp_path: Path) -> None:
     index, records = migrated(storage, tmp_path, make_v2_index)
-    assert index.version == 3
     # Each study got its patient's v2 row; the new columns exist and are written from now on.
     assert rows(index, "SELECT DISTINCT patient_name FROM studies WHERE patient_id = 'SYNB'") == [
         ("Synthetic^Patient",)]
@@ -339,6 +340,40 @@ def test_migration_from_v2(storage: Path, tmp_path: Path) -> None:
     assert rows(index, "SELECT image_type FROM instances WHERE path = ?", [syna.path]) == [("ORIGINAL\\PRIMARY",)]
     assert rows(index, "SELECT number_of_patient_related_instances FROM patient_counts WHERE patient_key = 'SYNA'"
                 ) == [(4,)]
+    index.close()
+
+
+def make_v3_index(path: str, records: list[InstanceRecord]) -> None:
+    """An index file as schema version 3 had it: instances without the command's UID."""
+    Index(path).add(records)
+    con = duckdb.connect(path)
+    kept = [name for name in TABLES["instances"] if name not in _V4_COLUMNS]
+    columns = ", ".join(f'"{name}" {TABLES["instances"][name]}{" PRIMARY KEY" if name == "path" else ""}'
+                        for name in kept)
+    con.execute(f"CREATE TABLE instances_v3 ({columns})")
+    con.execute(f"INSERT INTO instances_v3 SELECT {', '.join(f'{chr(34)}{n}{chr(34)}' for n in kept)} FROM instances")
+    con.execute("DROP TABLE instances")
+    con.execute("ALTER TABLE instances_v3 RENAME TO instances")
+    con.execute("UPDATE schema_version SET version = 3")
+    con.close()
+
+
+def test_migration_from_v3_and_an_instance_found_by_either_uid(storage: Path, tmp_path: Path) -> None:
+    index, records = migrated(storage, tmp_path, make_v3_index)
+    assert rows(index, "SELECT max(version) FROM schema_version") == [(SCHEMA_VERSION,)] == [(4,)]
+    assert rows(index, "SELECT DISTINCT affected_sop_instance_uid FROM instances") == [("",)]
+    # The sender's command named the first instance by another UID than its data set's.
+    first = msgspec.structs.replace(records[0], affected_sop_instance_uid="1.2.826.0.1.3680043.8.498.999")
+    index.add([first])
+    assert index.count() == len(records)
+
+    def found(uid: str) -> list[list[object]]:
+        request = QueryRequest(level="IMAGE", keys=["Path"], conditions=[QueryCondition("SOPInstanceUID", uid)])
+        return list(run_query(index.cursor(), request))
+
+    assert found(first.header.sop_instance_uid) == [[first.path]]
+    assert found("1.2.826.0.1.3680043.8.498.999") == [[first.path]]
+    assert found(records[1].header.sop_instance_uid) == [[records[1].path]]
     index.close()
 
 
@@ -571,3 +606,32 @@ def test_indexer_state_is_cheap_to_ask(tmp_path: Path) -> None:
         assert state.pid == os.getpid() and state.pending == 0 and state.reconcile == "off"
     finally:
         running.stop()
+
+
+def test_uid_index_knows_received_and_committed_uids(storage: Path, tmp_path: Path) -> None:
+    from fastscp.batchtable import InstanceBatch
+    from fastscp.indexer import UidIndex
+    from fastscp.records import InstanceColumns
+
+    records = records_of(storage)
+    first = msgspec.structs.replace(records[0], affected_sop_instance_uid="1.2.826.0.1.3680043.8.498.777")
+    index = Index(str(tmp_path / "index.duckdb"))
+    index.add([first])
+    uids = UidIndex()
+    assert uids.lookup(["1.2.3"]) == ([], True), "not loaded yet: DuckDB must be asked"
+    cursor = index.cursor()
+    uids.load(cursor)
+    cursor.close()
+    assert uids.lookup(["1.2.3"]) == ([], False)
+    for uid in (first.header.sop_instance_uid, first.affected_sop_instance_uid):
+        assert uids.lookup([uid]) == ([], True)
+        assert Index.paths_of(index.cursor(), [uid]) == [first.path]
+    # Received, not committed: known exactly, with its path.
+    second = records[1]
+    uids.received(InstanceColumns.of([second]))
+    assert uids.lookup([second.header.sop_instance_uid]) == ([second.path], False)
+    index.add([second])
+    uids.committed(InstanceBatch.of([second]).table())
+    assert uids.lookup([second.header.sop_instance_uid]) == ([], True)
+    assert Index.paths_of(index.cursor(), [second.header.sop_instance_uid]) == [second.path]
+    index.close()
