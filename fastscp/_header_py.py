@@ -285,6 +285,24 @@ def _is_vr(b0: int, b1: int) -> bool:
     return 0x41 <= b0 <= 0x5A and 0x41 <= b1 <= 0x5A
 
 
+def vr_switch(explicit: bool, vr0: int, vr1: int, first: bool, at_zero: bool) -> tuple[bool, bool]:
+    """pydicom's explicit/implicit rule for one element (the Python twins of the
+    header scan and of the walk share it; the compiled ones repeat it in C).
+
+    Returns (this element is explicit, its data set is from now on): bytes
+    that are no VR make the element implicit, and the whole data set if it
+    is its ``first`` element; a VR at offset 0 of an implicit data set
+    (``at_zero``) makes the data set explicit (one sent as implicit).
+    """
+    if explicit:
+        if _is_vr(vr0, vr1):
+            return True, True
+        return False, not first
+    if at_zero and _is_vr(vr0, vr1):
+        return True, True
+    return False, False
+
+
 def scan(buf: memoryview, explicit: bool, big: bool, complete: bool) -> tuple[list[int], list[int], int | None]:
     """Walk `buf` up to Pixel Data and find the kept top-level elements.
 
@@ -358,18 +376,7 @@ def scan(buf: memoryview, explicit: bool, big: bool, complete: bool) -> tuple[li
 
         vr0 = buf[pos + 4]
         vr1 = buf[pos + 5]
-        elem_explicit = explicit
-        if explicit:
-            # Like pydicom: bytes that are no VR mean this element is implicit,
-            # and if it is the first of its dataset, the whole dataset is.
-            if not _is_vr(vr0, vr1):
-                elem_explicit = False
-                if pos == start:
-                    level[1] = False
-        elif pos == 0 and _is_vr(vr0, vr1):
-            # An explicit dataset sent as implicit: pydicom switches, so do we.
-            elem_explicit = True
-            level[1] = True
+        elem_explicit, level[1] = vr_switch(explicit, vr0, vr1, pos == start, pos == 0)
 
         if elem_explicit:
             vr = bytes((vr0, vr1))

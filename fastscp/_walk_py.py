@@ -36,8 +36,8 @@ from fastscp._header_py import (
     SEQUENCE_DELIMITATION,
     UNDEFINED_LENGTH,
     HeaderError,
-    _is_vr,
     make_error,
+    vr_switch,
 )
 
 # Level kinds: a data set (top level or an item) holds data elements; a
@@ -157,18 +157,7 @@ class Walker:
                         continue
                     raise self._error(ERR_DELIMITER, here, tag)
                 vr0, vr1 = buf[p + 4], buf[p + 5]
-                elem_explicit = explicit
-                if explicit:
-                    # Like pydicom (and the header scan): bytes that are no VR
-                    # mean this element is implicit, and if it is the first of
-                    # its data set, the whole data set is.
-                    if not _is_vr(vr0, vr1):
-                        elem_explicit = False
-                        if here == start:
-                            level[1] = False
-                elif here == 0 and _is_vr(vr0, vr1):
-                    elem_explicit = True
-                    level[1] = True
+                elem_explicit, level[1] = vr_switch(explicit, vr0, vr1, here == start, here == 0)
                 vr = bytes((vr0, vr1)) if elem_explicit else b""
                 if elem_explicit and vr not in KNOWN_VRS:
                     raise self._error(ERR_VR, here, tag, vr0 << 8 | vr1)
