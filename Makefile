@@ -1,6 +1,7 @@
 # fastscp: one entry point for setting up, serving, testing and benchmarking.
 #   make serve   set up, then run the server on the embedded default config
 #   make test    set up, then run the test suite (what .ci/run runs)
+#   make fuzz    the hostile-peer fuzz test, 20000 runs per backend (make test runs 100)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
@@ -16,7 +17,7 @@ BENCH_APT_PACKAGES = orthanc
 PIL_STOCK = bench/.pil-stock
 
 # apt-install is a helper target: make apt-install PACKAGES=...
-.PHONY: setup system-packages pillow-simd bench-setup apt-install serve test lint bench-micro bench-quick bench-load clean
+.PHONY: setup system-packages pillow-simd bench-setup apt-install serve test lint fuzz bench-micro bench-quick bench-load clean
 
 setup: system-packages $(VENV)/.installed
 
@@ -83,3 +84,11 @@ bench-load: bench-setup
 
 clean:
 	rm -rf build *.egg-info fastscp/*.so cext/*.c $(VENV) $(PIL_STOCK)
+
+# The fuzz test of tests/test_hostile.py (seeded mutations of a valid
+# association, sent raw) with many more runs than `make test` does (100).
+# FUZZ_SEED picks another sequence of mutations.
+FUZZ_RUNS ?= 20000
+FUZZ_SEED ?= 11
+fuzz: setup
+	FASTSCP_FUZZ_RUNS=$(FUZZ_RUNS) FASTSCP_FUZZ_SEED=$(FUZZ_SEED) $(BIN)/python -m pytest tests/test_hostile.py -k fuzz -q

@@ -204,10 +204,13 @@ PIXEL_DATA_TAGS: Final = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
 LONG_VRS: Final = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
 # Open sequences plus open items; real data nests a handful deep.
 MAX_DEPTH: Final = 64
-# A deflated dataset is inflated in chunks, first INFLATE_CHUNK bytes; inflating
-# past MAX_INFLATED is refused (a compression bomb, or no Pixel Data in 1 GiB).
+# A deflated dataset is inflated in chunks, first INFLATE_CHUNK bytes, its input
+# fed INFLATE_CHUNK bytes at a time; a header (everything before Pixel Data)
+# inflating past MAX_INFLATED is refused: it bounds a worker's memory against
+# a compression bomb (the whole data set is walked in bounded memory first,
+# fastscp.walk).
 INFLATE_CHUNK: Final = 1 << 16
-MAX_INFLATED: Final = 1 << 30
+MAX_INFLATED: Final = 64 << 20
 
 # Error codes shared with cext/header.pyx; make_error() turns them into text.
 ERR_HEADER: Final = 1  # element/item header runs past the end
@@ -280,6 +283,24 @@ _SEQUENCE: Final = 1
 def _is_vr(b0: int, b1: int) -> bool:
     # pydicom's test for "these two bytes are an explicit VR": both A-Z.
     return 0x41 <= b0 <= 0x5A and 0x41 <= b1 <= 0x5A
+
+
+def vr_switch(explicit: bool, vr0: int, vr1: int, first: bool, at_zero: bool) -> tuple[bool, bool]:
+    """pydicom's explicit/implicit rule for one element (the Python twins of the
+    header scan and of the walk share it; the compiled ones repeat it in C).
+
+    Returns (this element is explicit, its data set is from now on): bytes
+    that are no VR make the element implicit, and the whole data set if it
+    is its ``first`` element; a VR at offset 0 of an implicit data set
+    (``at_zero``) makes the data set explicit (one sent as implicit).
+    """
+    if explicit:
+        if _is_vr(vr0, vr1):
+            return True, True
+        return False, not first
+    if at_zero and _is_vr(vr0, vr1):
+        return True, True
+    return False, False
 
 
 def scan(buf: memoryview, explicit: bool, big: bool, complete: bool) -> tuple[list[int], list[int], int | None]:
@@ -355,18 +376,7 @@ def scan(buf: memoryview, explicit: bool, big: bool, complete: bool) -> tuple[li
 
         vr0 = buf[pos + 4]
         vr1 = buf[pos + 5]
-        elem_explicit = explicit
-        if explicit:
-            # Like pydicom: bytes that are no VR mean this element is implicit,
-            # and if it is the first of its dataset, the whole dataset is.
-            if not _is_vr(vr0, vr1):
-                elem_explicit = False
-                if pos == start:
-                    level[1] = False
-        elif pos == 0 and _is_vr(vr0, vr1):
-            # An explicit dataset sent as implicit: pydicom switches, so do we.
-            elem_explicit = True
-            level[1] = True
+        elem_explicit, level[1] = vr_switch(explicit, vr0, vr1, pos == start, pos == 0)
 
         if elem_explicit:
             vr = bytes((vr0, vr1))
@@ -596,25 +606,37 @@ def parse_deflated(
     scanner.  The end of the deflate stream, not `complete`, says whether the
     dataset is whole; `complete` only decides which error a short stream gives.
     """
+    view = memoryview(data)
+    if view.ndim != 1 or view.itemsize != 1:
+        view = view.cast("B")
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
     inflated = bytearray()
-    pending = bytes(data)
+    pending: bytes | memoryview = b""
+    fed = 0
     budget = INFLATE_CHUNK
     while True:
-        try:
-            inflated += inflater.decompress(pending, budget)
-            pending = inflater.unconsumed_tail
+        # Inflate `budget` more bytes, feeding the input a chunk at a time:
+        # neither the input nor the inflated data is ever copied whole.
+        target = min(len(inflated) + budget, MAX_INFLATED + 1)
+        while len(inflated) < target and not inflater.eof:
             if not pending:
-                inflated += inflater.flush()
-        except zlib.error as exc:
-            raise HeaderError(f"deflated dataset is not valid deflate data: {exc}") from None
+                if fed >= len(view):
+                    break
+                pending = view[fed : fed + INFLATE_CHUNK]
+                fed += len(pending)
+            try:
+                # At most a chunk per call: no large temporary beside `inflated`.
+                inflated += inflater.decompress(pending, min(target - len(inflated), INFLATE_CHUNK))
+            except zlib.error as exc:
+                raise HeaderError(f"deflated dataset is not valid deflate data: {exc}") from None
+            pending = inflater.unconsumed_tail
         if len(inflated) > MAX_INFLATED:
-            raise HeaderError(f"inflated dataset exceeds {MAX_INFLATED} bytes")
-        whole = not pending and inflater.eof
+            raise HeaderError(f"deflated dataset: header inflates past {MAX_INFLATED} bytes")
+        more = not inflater.eof and (bool(pending) or fed < len(view))
         try:
-            fields = parse_plain(bytes(inflated), ENC_EXPLICIT_LE, whole)
+            fields = parse_plain(inflated, ENC_EXPLICIT_LE, inflater.eof)
         except IncompleteHeader as exc:
-            if pending:
+            if more:
                 budget = len(inflated)  # doubling: total work stays linear
                 continue
             if complete:

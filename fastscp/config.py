@@ -53,6 +53,17 @@ class ServerConfig(_Section):
     shutdown_timeout: Seconds = 30.0
 
 
+class LimitsConfig(_Section):
+    """What one association may cost (a hostile peer included)."""
+
+    #: Largest data set accepted, bytes (a deflated one: inflated too); more aborts the association.
+    max_object_size: Annotated[int, msgspec.Meta(ge=1024)] = 4 * 1024**3
+    #: Largest command set, bytes; fragments beyond it abort the association.
+    max_command_set: Annotated[int, msgspec.Meta(ge=256, le=16 * 1024 * 1024)] = 65536
+    #: Bytes per second a message must average after server.dimse_timeout; 0: off.
+    min_data_rate: Annotated[int, msgspec.Meta(ge=0)] = 16384
+
+
 class PatientFoldersConfig(_Section):
     top: Literal["patient_id", "patient_name"] = "patient_id"
     study_level: bool = True
@@ -150,6 +161,7 @@ class LoggingConfig(_Section):
 class Config(_Section):
     server: ServerConfig = ServerConfig()
     storage: StorageConfig = StorageConfig()
+    limits: LimitsConfig = LimitsConfig()
     database: DatabaseConfig = DatabaseConfig()
     thumbnails: ThumbnailsConfig = ThumbnailsConfig()
     scansheet: ScansheetConfig = ScansheetConfig()
@@ -198,6 +210,7 @@ LIVE_KEYS: frozenset[str] = frozenset({
     "server.shutdown_timeout",
     "storage.duplicates",
     "storage.min_free_bytes",
+    "limits",
     "logging.level",
     "logging.actions",
 })

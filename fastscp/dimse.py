@@ -8,6 +8,7 @@ No I/O here: bytes in, values out.
 
 from __future__ import annotations
 
+import re
 import struct
 
 # Command Field values (PS3.7 E.1-1).
@@ -32,6 +33,8 @@ OUT_OF_RESOURCES = 0xA700
 DATA_SET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 CANNOT_UNDERSTAND = 0xC000
 SOP_CLASS_NOT_SUPPORTED = 0x0122
+#: PS3.7 C.5: the SOP Instance UID violates the UID construction rules.
+INVALID_OBJECT_INSTANCE = 0x0117
 UNRECOGNIZED_OPERATION = 0x0211
 
 STATUS_NAMES: dict[int, str] = {
@@ -41,6 +44,7 @@ STATUS_NAMES: dict[int, str] = {
     DATA_SET_DOES_NOT_MATCH_SOP_CLASS: "Data set does not match SOP class",
     CANNOT_UNDERSTAND: "Cannot understand",
     SOP_CLASS_NOT_SUPPORTED: "SOP class not supported",
+    INVALID_OBJECT_INSTANCE: "Invalid object instance",
     UNRECOGNIZED_OPERATION: "Unrecognized operation",
 }
 
@@ -96,6 +100,14 @@ _NAMES = {
 }
 
 _ELEMENT = struct.Struct("<HHI")
+# PS3.5 9.1: digits and dots, at most 64 characters. Leading zeros in a
+# component are tolerated: real senders make them, and they harm nothing.
+_UID = re.compile(r"[0-9]+(\.[0-9]+)*")
+
+
+def is_uid(value: str) -> bool:
+    """True if ``value`` can be a UID (and so a file name and a File Meta value)."""
+    return len(value) <= 64 and _UID.fullmatch(value) is not None
 
 
 class CommandSetError(ValueError):
@@ -169,7 +181,10 @@ def encode_response(
     body += _us(0x0800, DATA_SET_FOLLOWS if has_data_set else NO_DATA_SET)
     body += _us(0x0900, status)
     if error_comment:
-        body += _text(0x0902, error_comment[:64])
+        # LO, default repertoire: the comment may quote peer data (a UID from
+        # the data set), so anything else becomes "?".
+        comment = "".join(c if " " <= c <= "~" and c != "\\" else "?" for c in error_comment[:64])
+        body += _text(0x0902, comment)
     if sop_instance_uid:
         body += _text(0x1000, sop_instance_uid)
     return _ELEMENT.pack(0, 0, 4) + len(body).to_bytes(4, "little") + body

@@ -201,6 +201,10 @@ def negotiate(pdu: bytes, policy: AcceptancePolicy, peer_ip: str = "") -> Negoti
     results: list[PresentationContext] = []
     reply_roles = []
     for rq_context in rq.presentation_context_definition_list:
+        if not rq_context.transfer_syntax:
+            # PS3.8 9.3.2.2: one or more; pynetdicom's negotiation assumes one.
+            context_id = rq_context.context_id
+            raise ValueError(f"malformed A-ASSOCIATE-RQ: presentation context {context_id} has no transfer syntax")
         result, role_items = negotiate_as_acceptor(
             [rq_context], _acceptor_context(rq_context, policy), roles
         )

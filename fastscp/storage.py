@@ -22,7 +22,7 @@ from fastscp.part10 import dataset_offset, file_meta, read_file_meta
 INCOMING = ".incoming"
 QUARANTINE = ".quarantine"
 #: How much of the dataset's start is kept in memory for the header scan;
-#: longer headers are read back from the file (IncomingFile.read_dataset).
+#: longer headers are scanned in the mapped file (fastscp.walk.mapped_dataset).
 HEADER_PREFIX_BYTES = 64 * 1024
 #: errno values that mean "no room": answered with 0xA700 Out of resources.
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
@@ -244,11 +244,6 @@ class IncomingFile:
             self._content_hash = _sha256(self._fd, self.meta_length, self.meta_length + self.dataset_length)
         return self._content_hash
 
-    def read_dataset(self, limit: int) -> bytes:
-        """Up to ``limit`` bytes of the data set's start, read back from the file."""
-        assert self._fd is not None, "the file is closed"
-        return os.pread(self._fd, min(limit, self.dataset_length), self.meta_length)
-
     def commit(
         self, relative_path: str, duplicates: str = "keep-first", root: str | None = None, *,
         sop_instance_uids: tuple[str, ...] = (), locate: Callable[[], Iterable[str]] | None = None,
@@ -367,6 +362,11 @@ class IncomingFile:
             return None
         return target
 
+    def fileno(self) -> int:
+        """The temp file's descriptor (the file stays open until :meth:`close`)."""
+        assert self._fd is not None, "the file is closed"
+        return self._fd
+
     def close(self) -> None:
         """Release the file descriptor (after :meth:`commit`, once the hash is taken)."""
         if self._fd is not None:
@@ -432,9 +432,14 @@ class Storage:
         temp: TempFile | None = None,
     ) -> IncomingFile:
         """Start receiving a data set (into ``temp`` if given); raises OSError
-        if no temp file can be made."""
-        meta = file_meta(sop_class_uid, sop_instance_uid, transfer_syntax_uid, calling_ae)
-        return IncomingFile(self, meta, temp)
+        if no temp file can be made. On any error ``temp`` is discarded."""
+        try:
+            meta = file_meta(sop_class_uid, sop_instance_uid, transfer_syntax_uid, calling_ae)
+            return IncomingFile(self, meta, temp)
+        except BaseException:
+            if temp is not None:
+                temp.discard()
+            raise
 
     def spare(self) -> TempFile | None:
         """A temp file for the next data set, or None if none can be made now

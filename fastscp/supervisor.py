@@ -150,6 +150,9 @@ class Supervisor:
                 if config.thumbnails.enabled or config.scansheet.enabled else ""
             ),
             find=finder(config.index_path, retrieve_ae_title=server.ae_title),
+            max_object_size=config.limits.max_object_size,
+            max_command_set=config.limits.max_command_set,
+            min_data_rate=config.limits.min_data_rate,
             locate=Locator(config.index_path),
         ), config)
         self.poststore: multiprocessing.process.BaseProcess | None = None
@@ -868,6 +871,9 @@ def live_settings(settings: ServiceSettings, config: Config) -> ServiceSettings:
         "dimse_timeout": config.server.dimse_timeout,
         "min_free_bytes": config.storage.min_free_bytes,
         "action_log": config.logging.actions,
+        "max_object_size": config.limits.max_object_size,
+        "max_command_set": config.limits.max_command_set,
+        "min_data_rate": config.limits.min_data_rate,
     }
     # Unchanged values stay the same objects: the reload hands workers only what changed.
     return dataclasses.replace(settings, **{k: v for k, v in replaced.items() if v != getattr(settings, k)})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -98,6 +99,10 @@ class Server:
         """
         wait_until(lambda: all(text in self.log_text() for text in texts), timeout, what=f"log lines {texts}")
         return self.log_text()
+
+    def worker_pids(self) -> dict[int, int]:
+        """Worker index -> PID, from the start-up log lines (the latest per index)."""
+        return {int(i): int(p) for i, p in re.findall(r"worker (\d+) started \(pid (\d+)\)", self.log_text())}
 
     def children(self) -> list[int]:
         """PIDs of the supervisor's child processes (workers and indexer)."""

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import socket
 import struct
+import time
 
 from pydicom.uid import UID
 from pynetdicom.pdu import A_ASSOCIATE_RQ
-from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
+from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification, SCP_SCU_RoleSelectionNegotiation
 from pynetdicom.presentation import build_context
 
 from fastscp import dimse
@@ -21,13 +22,47 @@ _PDV = struct.Struct(">IBB")
 
 
 def _command(sop_class: str, sop_instance: str, message_id: int) -> bytes:
+    return store_command(sop_class, sop_instance.encode("ascii"), message_id)
+
+
+def store_command(sop_class: str, sop_instance: bytes | None, message_id: int = 1) -> bytes:
+    """A C-STORE-RQ command set; ``sop_instance`` as raw bytes (any bytes), or None to leave it out."""
     body = dimse._text(0x0002, sop_class)
     body += dimse._us(0x0100, dimse.C_STORE_RQ)
     body += dimse._us(0x0110, message_id)
     body += dimse._us(0x0700, 0)
     body += dimse._us(0x0800, 0x0000)
-    body += dimse._text(0x1000, sop_instance)
+    if sop_instance is not None:
+        value = sop_instance + b"\x00" * (len(sop_instance) % 2)
+        body += struct.pack("<HHI", 0, 0x1000, len(value)) + value
     return struct.pack("<HHI", 0, 0, 4) + len(body).to_bytes(4, "little") + body
+
+
+def associate_rq(contexts: list[tuple[str, list[str]]], *, aet: str = "RAWSCU", aec: str = "FASTSCP",
+                 max_length: int = 0, roles: dict[str, tuple[bool, bool]] | None = None) -> bytes:
+    """An encoded A-ASSOCIATE-RQ proposing ``contexts`` (IDs 1, 3, 5...), with
+    Maximum Length Received ``max_length`` and SCP/SCU role selections ``roles``."""
+    rq = A_ASSOCIATE()
+    rq.application_context_name = UID("1.2.840.10008.3.1.1.1")
+    rq.calling_ae_title = aet
+    rq.called_ae_title = aec
+    proposed = []
+    for i, (abstract, syntaxes) in enumerate(contexts):
+        context = build_context(abstract, syntaxes)
+        context.context_id = 2 * i + 1
+        proposed.append(context)
+    rq.presentation_context_definition_list = proposed
+    length = MaximumLengthNotification()
+    length.maximum_length_received = max_length
+    items: list = [length]
+    for uid, (scu, scp) in (roles or {}).items():
+        role = SCP_SCU_RoleSelectionNegotiation()
+        role.sop_class_uid, role.scu_role, role.scp_role = uid, scu, scp
+        items.append(role)
+    rq.user_information = items
+    pdu = A_ASSOCIATE_RQ()
+    pdu.from_primitive(rq)
+    return pdu.encode()
 
 
 def p_data(context_id: int, data: bytes, *, command: bool, last: bool) -> bytes:
@@ -39,19 +74,7 @@ class RawSCU:
     def __init__(self, port: int, sop_class: str, transfer_syntax: str, *, aec: str = "FASTSCP",
                  aet: str = "RAWSCU", timeout: float = 30, raw_calling_ae: bytes = b"") -> None:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-        rq = A_ASSOCIATE()
-        rq.application_context_name = UID("1.2.840.10008.3.1.1.1")
-        rq.calling_ae_title = aet
-        rq.called_ae_title = aec
-        context = build_context(sop_class, [transfer_syntax])
-        context.context_id = 1
-        rq.presentation_context_definition_list = [context]
-        max_length = MaximumLengthNotification()
-        max_length.maximum_length_received = 0
-        rq.user_information = [max_length]
-        pdu = A_ASSOCIATE_RQ()
-        pdu.from_primitive(rq)
-        encoded = bytearray(pdu.encode())
+        encoded = bytearray(associate_rq([(sop_class, [transfer_syntax])], aet=aet, aec=aec))
         if raw_calling_ae:
             # Bytes pynetdicom refuses to encode (control characters): PS3.8 9.3.2 puts
             # the Calling AE Title at bytes 27-42 of the PDU.
@@ -117,3 +140,24 @@ class RawSCU:
 
     def close(self) -> None:
         self.sock.close()
+
+    def ended_by_server(self, timeout: float) -> int | None:
+        """Wait up to ``timeout`` s for the server to end the association.
+
+        Returns the PDU type it sent last (0x07 A-ABORT) or 0 for a bare
+        close; None if the association is still open after ``timeout``.
+        Whatever else arrives (a response) is read and skipped.
+        """
+        deadline = time.monotonic() + timeout
+        last = 0
+        try:
+            while True:
+                self.sock.settimeout(max(deadline - time.monotonic(), 0.01))
+                last, _ = self.read_pdu()
+                if last == 0x07:
+                    return last
+        except (ConnectionError, OSError) as exc:
+            if isinstance(exc, TimeoutError):
+                return None
+            return last
+

@@ -148,8 +148,8 @@ def test_peer_values_cannot_forge_log_lines(start_server, tmp_path: Path, log_fo
     assert evil.response_type == 0x07  # A-ABORT
     evil.close()
     scu = RawSCU(server.port, CTImageStorage, ExplicitVRLittleEndian, aet="RAWSCU")
-    # A data set that can't be parsed: its warning names the command's UID.
-    assert scu.store("1.2.3\r\nFORGED UID\x1b[2J", b"\x08\x00\x16\x00garbage") == 0xC000
+    # A UID that is no UID is refused (0x0117); the warning names it.
+    assert scu.store("1.2.3\r\nFORGED UID\x1b[2J", b"\x08\x00\x16\x00garbage") == 0x0117
     scu.release()
     server.wait_for_log("FORGED AE", "FORGED UID")
     server.stop()
@@ -161,7 +161,7 @@ def test_peer_values_cannot_forge_log_lines(start_server, tmp_path: Path, log_fo
         assert all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ \[", line) for line in lines), lines
         messages = lines
     assert any("'EVIL\\x0d\\x0aFORGED AE'" in m for m in messages), messages
-    assert any("C-STORE 1.2.3\\x0d\\x0aFORGED UID\\x1b[2J from RAWSCU" in m for m in messages), messages
+    assert any("C-STORE '1.2.3\\r\\nFORGED UID\\x1b[2J' from 'RAWSCU' refused" in m for m in messages), messages
     assert not any(c in "".join(messages) for c in "\r\x1b")
 
 

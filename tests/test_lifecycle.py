@@ -91,7 +91,7 @@ def test_second_signal_stops_at_once_without_partial_files(server, ct_file) -> N
 
 
 def _worker_pids(server) -> dict[int, int]:  # type: ignore[no-untyped-def]
-    return {int(i): int(p) for i, p in re.findall(r"worker (\d+) started \(pid (\d+)\)", server.log_text())}
+    return server.worker_pids()
 
 
 def test_a_dying_worker_is_replaced_and_only_its_association_aborts(start_server, ct_file) -> None:  # type: ignore[no-untyped-def]

@@ -8,12 +8,10 @@ import socket
 import threading
 
 import pytest
-from pydicom.uid import UID
-from pynetdicom import AE, AllStoragePresentationContexts, build_context, evt
+from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import decode
-from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
-from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification, SCP_SCU_RoleSelectionNegotiation
+from pynetdicom.pdu import A_ASSOCIATE_AC
 from pynetdicom.sop_class import Verification
 
 from fastscp import dimse
@@ -21,6 +19,7 @@ from fastscp.acceptor import PDUStream, ProtocolError, p_data_tf
 from fastscp.negotiation import AcceptancePolicy, negotiate
 from fastscp.sopclasses import STORAGE_SOP_CLASSES
 from tests.conftest import free_port
+from tests.rawscu import associate_rq
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 MR = "1.2.840.10008.5.1.4.1.1.4"
@@ -70,26 +69,7 @@ def test_bad_command_sets_raise(data: bytes) -> None:
 
 def _request(contexts: list[tuple[str, list[str]]], roles: dict[str, tuple[bool, bool]] | None = None,
              calling: str = "SCU", called: str = "FASTSCP") -> bytes:
-    rq = A_ASSOCIATE()
-    rq.application_context_name = UID("1.2.840.10008.3.1.1.1")
-    rq.calling_ae_title, rq.called_ae_title = calling, called
-    cxs = []
-    for i, (abstract, syntaxes) in enumerate(contexts):
-        cx = build_context(abstract, syntaxes)
-        cx.context_id = 2 * i + 1
-        cxs.append(cx)
-    rq.presentation_context_definition_list = cxs
-    length = MaximumLengthNotification()
-    length.maximum_length_received = 16384
-    items: list = [length]
-    for uid, (scu, scp) in (roles or {}).items():
-        role = SCP_SCU_RoleSelectionNegotiation()
-        role.sop_class_uid, role.scu_role, role.scp_role = uid, scu, scp
-        items.append(role)
-    rq.user_information = items
-    pdu = A_ASSOCIATE_RQ()
-    pdu.from_primitive(rq)
-    return pdu.encode()
+    return associate_rq(contexts, aet=calling, aec=called, max_length=16384, roles=roles)
 
 
 def _stock_acceptance(pdu: bytes) -> list[tuple[int, int, str]]:
@@ -184,6 +164,20 @@ def test_pdu_stream_reassembles_pdus_split_anywhere(chunk: int) -> None:
         assert pdu_type == 0x04 and len(body) <= 100
         seen += bytes((pdu_type, 0)) + len(body).to_bytes(4, "big") + bytes(body)
     assert bytes(seen) == pdus
+
+
+@pytest.mark.parametrize("max_pdu", [0, 16384])
+def test_pdu_stream_grows_for_a_pdu_larger_than_its_buffer(max_pdu: int) -> None:
+    # max_pdu_size 0 ("no limit") with a 12 MB PDU, or a ~600 KiB
+    # A-ASSOCIATE-RQ (read with its own limit): the buffer is replaced, not
+    # resized, so a body the caller still holds stays valid (issue 11: BufferError).
+    small = p_data_tf(1, b"\x01" * 100, 0)
+    size = 12_000_000 if max_pdu == 0 else 600_000
+    big = bytes((0x04, 0)) + size.to_bytes(4, "big") + bytes(range(256)) * (size // 256) + bytes(size % 256)
+    stream = PDUStream(_FakeSocket(small + big, 1 << 20), max_pdu)  # type: ignore[arg-type]
+    _type, first = stream.read()
+    _type, second = stream.read(limit=None if max_pdu == 0 else 1 << 20)
+    assert bytes(first) == small[6:] and bytes(second) == big[6:]
 
 
 def test_pdu_larger_than_announced_is_a_protocol_error() -> None:
