@@ -33,7 +33,7 @@ from fastscp.records import DuplicateConflict, InstanceRecord, ThumbnailMade
 
 log = logging.getLogger("fastscp.index")
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # -- columns -----------------------------------------------------------------------
 
@@ -312,8 +312,11 @@ class Index:
             return
         self.con.execute("BEGIN")
         try:
-            if self.version == 2:
-                self._migrate_v2()
+            if self.version in (2, 3):
+                self._add_columns()
+                if self.version == 2:
+                    self._migrate_v2()
+                self._migrate_v3()
             else:
                 self._create(from_v1=self.version == 1)
             self.con.execute("INSERT INTO schema_version VALUES (?)", [SCHEMA_VERSION])
@@ -340,6 +343,31 @@ class Index:
             self._copy_v1()
             self.con.execute("DROP TABLE instances_v1")
 
+    def _add_columns(self) -> None:
+        """The columns a v2 or v3 index lacks (NULL in its rows).
+
+        v3 added the studies' patient attributes and header fields (Image
+        Type, every value of a multi-valued Window Center/Width); v4 the
+        instances' attribute map.
+        """
+        con = self.con
+        for table in ("studies", "instances"):
+            present = {row[0] for row in con.execute(
+                "SELECT column_name FROM information_schema.columns WHERE table_name = ?", [table]).fetchall()}
+            for name, sql in TABLES[table].items():
+                if name not in present:
+                    con.execute(f"ALTER TABLE {table} ADD COLUMN {quote(name)} {sql}")
+
+    def _migrate_v3(self) -> None:
+        """v4 keeps every top-level attribute of an instance (``instances.attributes``); v3 had no such map.
+
+        The rows of a v3 index get none (SQL NULL): C-FIND on an attribute
+        that is no column of its own does not find them until ``fastscp
+        reindex`` reads the files again.
+        """
+        log.warning("index %s: schema v3 kept no attribute map; run 'fastscp reindex' so that every "
+                    "attribute of the files indexed so far can be queried", self.path)
+
     def _migrate_v2(self) -> None:
         """v2 kept one ``patients`` row per Patient ID; v3 keeps the patient attributes per study.
 
@@ -347,14 +375,6 @@ class Index:
         row. ``fastscp reindex`` reads them again from the files.
         """
         con = self.con
-        # New columns: the studies' patient attributes, and header fields
-        # (Image Type, every value of a multi-valued Window Center/Width).
-        for table in ("studies", "instances"):
-            present = {row[0] for row in con.execute(
-                "SELECT column_name FROM information_schema.columns WHERE table_name = ?", [table]).fetchall()}
-            for name, sql in TABLES[table].items():
-                if name not in present:
-                    con.execute(f"ALTER TABLE {table} ADD COLUMN {quote(name)} {sql}")
         con.execute(
             "UPDATE studies SET patient_name = p.patient_name, patient_birth_date = p.patient_birth_date, "
             "patient_sex = p.patient_sex FROM patients p WHERE p.patient_id = studies.patient_id"

@@ -294,6 +294,28 @@ def test_migration_from_v1(storage: Path, tmp_path: Path) -> None:
 #: Columns that schema version 3 added (the studies' patient attributes; header fields).
 _V3_COLUMNS = {"studies": ("patient_name", "patient_birth_date", "patient_sex"),
                "instances": ("image_type", "window_center_values", "window_width_values")}
+#: Columns that schema version 4 added (the attribute map).
+_V4_COLUMNS = {"instances": ("attributes",)}
+
+
+def _drop_columns(con: duckdb.DuckDBPyConnection, dropped: dict[str, tuple[str, ...]]) -> None:
+    for table, added in dropped.items():
+        kept = {name: sql for name, sql in TABLES[table].items() if name not in added}
+        key = "study_instance_uid" if table == "studies" else "path"
+        columns = ", ".join(f'"{name}" {sql}{" PRIMARY KEY" if name == key else ""}' for name, sql in kept.items())
+        con.execute(f"CREATE TABLE {table}_old ({columns})")
+        con.execute(f"INSERT INTO {table}_old SELECT {', '.join(f'{chr(34)}{n}{chr(34)}' for n in kept)} FROM {table}")
+        con.execute(f"DROP TABLE {table}")
+        con.execute(f"ALTER TABLE {table}_old RENAME TO {table}")
+
+
+def make_v3_index(path: str, records: list[InstanceRecord]) -> None:
+    """An index file as schema version 3 had it: no attribute map."""
+    Index(path).add(records)
+    con = duckdb.connect(path)
+    _drop_columns(con, _V4_COLUMNS)
+    con.execute("UPDATE schema_version SET version = 3")
+    con.close()
 
 
 def make_v2_index(path: str, records: list[InstanceRecord]) -> None:
@@ -302,14 +324,8 @@ def make_v2_index(path: str, records: list[InstanceRecord]) -> None:
     con = duckdb.connect(path)
     con.execute("DROP VIEW patient_counts")
     con.execute("DROP VIEW patients")
-    for table, added in _V3_COLUMNS.items():
-        kept = {name: sql for name, sql in TABLES[table].items() if name not in added}
-        key = "study_instance_uid" if table == "studies" else "path"
-        columns = ", ".join(f'"{name}" {sql}{" PRIMARY KEY" if name == key else ""}' for name, sql in kept.items())
-        con.execute(f"CREATE TABLE {table}_v2 ({columns})")
-        con.execute(f"INSERT INTO {table}_v2 SELECT {', '.join(f'{chr(34)}{n}{chr(34)}' for n in kept)} FROM {table}")
-        con.execute(f"DROP TABLE {table}")
-        con.execute(f"ALTER TABLE {table}_v2 RENAME TO {table}")
+    _drop_columns(con, {"studies": _V3_COLUMNS["studies"],
+                        "instances": _V3_COLUMNS["instances"] + _V4_COLUMNS["instances"]})
     con.execute("CREATE TABLE patients (patient_id VARCHAR PRIMARY KEY, patient_name VARCHAR, "
                 "patient_birth_date VARCHAR, patient_sex VARCHAR)")
     for r in records:
@@ -322,9 +338,19 @@ def make_v2_index(path: str, records: list[InstanceRecord]) -> None:
     con.close()
 
 
+def test_migration_from_v3(storage: Path, tmp_path: Path) -> None:
+    index, records = migrated(storage, tmp_path, make_v3_index)
+    # The old rows have no map (reindex reads it); new rows do.
+    assert rows(index, "SELECT count(*) FROM instances WHERE attributes IS NULL") == [(len(records),)]
+    (syna,) = [r for r in records if r.path == "SYNA/CT00001.dcm"]
+    again = msgspec.structs.replace(syna, header=msgspec.structs.replace(syna.header, attributes='{"00180060":"120"}'))
+    assert index.add([again]) == 1
+    assert rows(index, "SELECT attributes->>'$.\"00180060\"' FROM instances WHERE path = ?", [syna.path]) == [("120",)]
+    index.close()
+
+
 def test_migration_from_v2(storage: Path, tmp_path: Path) -> None:
     index, records = migrated(storage, tmp_path, make_v2_index)
-    assert index.version == 3
     # Each study got its patient's v2 row; the new columns exist and are written from now on.
     assert rows(index, "SELECT DISTINCT patient_name FROM studies WHERE patient_id = 'SYNB'") == [
         ("Synthetic^Patient",)]
@@ -409,7 +435,7 @@ def test_reindex_builds_the_index_from_files_and_keeps_conflicts(storage: Path, 
     assert not os.path.exists(path + ".reindex")
 
 
-@pytest.mark.parametrize("make", [make_v1_index, make_v2_index], ids=["v1", "v2"])
+@pytest.mark.parametrize("make", [make_v1_index, make_v2_index, make_v3_index], ids=["v1", "v2", "v3"])
 def test_reindex_replaces_an_index_of_an_older_schema(storage: Path, tmp_path: Path, make) -> None:  # type: ignore[no-untyped-def]
     path = str(tmp_path / "index.duckdb")
     make(path, records_of(storage))
