@@ -10,11 +10,15 @@ Character Set.
 Supported: Patient Root and Study Root Query/Retrieve Information Model -
 FIND at PATIENT, STUDY, SERIES and IMAGE level; single value, wildcard,
 universal, range and list-of-UID matching. Keys of the query level and of
-the levels above it are matched and returned. Queries are hierarchical (the
-unique keys of the levels above are required) unless the association
-negotiated relational queries (PS3.4 C.4.1.2.1, C.5.1.1.1). Keys fastscp does not index
-(and all sequences) are returned empty and not matched; the responses then
-carry status 0xFF01 (:attr:`FindResponses.pending_status`).
+the levels above it are matched and returned; so is any other top-level
+attribute that the instances' attribute map holds, at every level (above
+IMAGE: matched on any instance of the row, returned from its newest
+instance that has it). Queries are hierarchical (the unique keys of the
+levels above are required) unless the association negotiated relational
+queries (PS3.4 C.4.1.2.1, C.5.1.1.1). Sequences, binary values, private
+attributes and keys of a level below the query level are returned empty
+and not matched; the responses then carry status 0xFF01
+(:attr:`FindResponses.pending_status`).
 
 Example
 -------
@@ -35,7 +39,7 @@ from pydicom.tag import BaseTag
 from pydicom.valuerep import format_number_as_ds
 
 from fastscp.indexclient import IndexQueries, QueryClient, ServerUnavailable
-from fastscp.query import ATTRIBUTES, LEVELS, UNIQUE_KEYS, Condition, QueryError, QueryRequest, QueryResult
+from fastscp.query import LEVELS, UNIQUE_KEYS, Condition, QueryError, QueryRequest, QueryResult, attribute_for
 
 #: Patient Root Query/Retrieve Information Model - FIND (PS3.4 C.6.1).
 PATIENT_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.1.1"
@@ -140,12 +144,12 @@ def plan(model: str, identifier: Dataset, *, retrieve_ae_title: str = "", relati
             continue
         keyword = element.keyword
         present.add(keyword)
-        attribute = ATTRIBUTES.get(keyword)
+        attribute = attribute_for(keyword) if keyword else None
         if element.VR == "SQ":
             # Sequence matching is not supported: return it empty.
             returns.append(_Return(tag, "SQ", None, []))
             unsupported = unsupported or bool(element.value)
-        elif attribute is not None and attribute.dicom and LEVELS.index(attribute.level) <= depth:
+        elif attribute is not None and attribute.dicom and (attribute.tag or LEVELS.index(attribute.level) <= depth):
             value = _text(element.value).strip()
             if value and (not attribute.derived or keyword == "ModalitiesInStudy"):
                 conditions.append(Condition(keyword, value))
@@ -190,8 +194,13 @@ def _value(value: Any, vr: str) -> Any:
                 return format_number_as_ds(float(value))
             except ValueError:
                 return None
-    if vr in ("IS", "US", "UL", "SS", "SL") and isinstance(value, str):
+    if vr in ("IS", "US", "UL", "SS", "SL", "UV", "SV") and isinstance(value, str):
         return int(value) if value.lstrip("-").isdigit() else None
+    if vr in ("FL", "FD") and isinstance(value, str):  # from the attribute map, as text
+        try:
+            return float(value)
+        except ValueError:
+            return None
     return value
 
 

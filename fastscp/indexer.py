@@ -400,7 +400,7 @@ class Indexer:
         attempt = 0
         while True:
             try:
-                self.index.add_table(instances.table(), conflicts, thumbnails)
+                self.index.add_table(instances.table(), conflicts, thumbnails, maps=instances.maps)
                 self.committed += instances.count
                 break
             except Exception:

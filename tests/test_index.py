@@ -294,8 +294,13 @@ def test_migration_from_v1(storage: Path, tmp_path: Path) -> None:
 #: Columns that schema version 3 added (the studies' patient attributes; header fields).
 _V3_COLUMNS = {"studies": ("patient_name", "patient_birth_date", "patient_sex"),
                "instances": ("image_type", "window_center_values", "window_width_values")}
-#: Columns that schema version 4 added (the attribute map).
-_V4_COLUMNS = {"instances": ("attributes",)}
+#: Columns that schema version 4 added (the attribute map), beside its table and view.
+_V4_COLUMNS = {"instances": ("attributes", "attributes_base")}
+
+
+def _drop_v4(con: duckdb.DuckDBPyConnection) -> None:
+    con.execute("DROP VIEW instance_attributes")
+    con.execute("DROP TABLE attribute_maps")
 
 
 def _drop_columns(con: duckdb.DuckDBPyConnection, dropped: dict[str, tuple[str, ...]]) -> None:
@@ -313,6 +318,7 @@ def make_v3_index(path: str, records: list[InstanceRecord]) -> None:
     """An index file as schema version 3 had it: no attribute map."""
     Index(path).add(records)
     con = duckdb.connect(path)
+    _drop_v4(con)
     _drop_columns(con, _V4_COLUMNS)
     con.execute("UPDATE schema_version SET version = 3")
     con.close()
@@ -324,6 +330,7 @@ def make_v2_index(path: str, records: list[InstanceRecord]) -> None:
     con = duckdb.connect(path)
     con.execute("DROP VIEW patient_counts")
     con.execute("DROP VIEW patients")
+    _drop_v4(con)
     _drop_columns(con, {"studies": _V3_COLUMNS["studies"],
                         "instances": _V3_COLUMNS["instances"] + _V4_COLUMNS["instances"]})
     con.execute("CREATE TABLE patients (patient_id VARCHAR PRIMARY KEY, patient_name VARCHAR, "
@@ -345,7 +352,9 @@ def test_migration_from_v3(storage: Path, tmp_path: Path) -> None:
     (syna,) = [r for r in records if r.path == "SYNA/CT00001.dcm"]
     again = msgspec.structs.replace(syna, header=msgspec.structs.replace(syna.header, attributes='{"00180060":"120"}'))
     assert index.add([again]) == 1
-    assert rows(index, "SELECT attributes->>'$.\"00180060\"' FROM instances WHERE path = ?", [syna.path]) == [("120",)]
+    assert rows(index, "SELECT attributes->>'$.\"00180060\"' FROM instance_attributes WHERE path = ?",
+                [syna.path]) == [("120",)]
+    assert index.study_instances(syna.header.study_instance_uid)[0][1] == again.header
     index.close()
 
 
