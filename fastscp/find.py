@@ -60,6 +60,7 @@ IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 UNABLE_TO_PROCESS = 0xC000
 
 _QUERY_RETRIEVE_LEVEL = 0x00080052
+_FILLED_IN = frozenset({"RetrieveAETitle", "InstanceAvailability"})
 _SPECIFIC_CHARACTER_SET = 0x00080005
 _UTF8 = "ISO_IR 192"
 
@@ -144,7 +145,8 @@ def plan(model: str, identifier: Dataset, *, retrieve_ae_title: str = "", relati
             continue
         keyword = element.keyword
         present.add(keyword)
-        attribute = attribute_for(keyword) if keyword else None
+        # Filled in by fastscp, though the attribute map knows their keywords.
+        attribute = attribute_for(keyword) if keyword and keyword not in _FILLED_IN else None
         if element.VR == "SQ":
             # Sequence matching is not supported: return it empty.
             returns.append(_Return(tag, "SQ", None, []))

@@ -344,30 +344,49 @@ def scanned(start_server, tmp_path: Path):  # type: ignore[no-untyped-def]
     return server
 
 
+def _series_of(server, tmp_path: Path, patient_id: str) -> tuple[str, str]:  # type: ignore[no-untyped-def]
+    (study,) = findscu(server, tmp_path, "-S", "QueryRetrieveLevel=STUDY", f"PatientID={patient_id}",
+                       "StudyInstanceUID")
+    (series,) = findscu(server, tmp_path, "-S", "QueryRetrieveLevel=SERIES",
+                        f"StudyInstanceUID={study.StudyInstanceUID}", "SeriesInstanceUID")
+    return study.StudyInstanceUID, series.SeriesInstanceUID
+
+
 def test_any_attribute_at_image_level(scanned, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    keys = ("-S", "QueryRetrieveLevel=IMAGE", "SOPInstanceUID", "KVP", "ImagePositionPatient")
-    found = findscu(scanned, tmp_path, *keys, "SliceThickness=5")
+    study, series = _series_of(scanned, tmp_path, "ATTR1")
+    keys = ("-S", "QueryRetrieveLevel=IMAGE", f"StudyInstanceUID={study}", f"SeriesInstanceUID={series}",
+            "SOPInstanceUID", "KVP", "SliceThickness", "ImagePositionPatient")
+    found = findscu(scanned, tmp_path, *keys[:-2], "SliceThickness=5", "ImagePositionPatient")
     assert sorted((str(ds.SliceThickness), str(ds.KVP)) for ds in found) == [("5", "100"), ("5", "120")]
     assert all([str(v) for v in ds.ImagePositionPatient] == ["-100", "-120.5", "5"] for ds in found)
     # Numbers match as numbers; a single value matches a multi-valued attribute when any value does.
     assert len(findscu(scanned, tmp_path, *keys, "SliceThickness=5.0")) == 2
     assert len(findscu(scanned, tmp_path, *keys, "ImagePositionPatient=-120.5")) == 3
-    assert {str(ds.SliceThickness) for ds in findscu(scanned, tmp_path, *keys, "KVP=100")} == {"5", "2.5"}
+    assert [str(ds.SliceThickness) for ds in findscu(scanned, tmp_path, *keys, "KVP=100")] == ["5"]
     assert findscu(scanned, tmp_path, *keys, "SliceThickness=3") == []
+    # The Implicit VR study: the scan read its VRs from the data dictionary.
+    study, series = _series_of(scanned, tmp_path, "ATTR2")
+    found = findscu(scanned, tmp_path, "-S", "QueryRetrieveLevel=IMAGE", f"StudyInstanceUID={study}",
+                    f"SeriesInstanceUID={series}", "KVP=100", "SliceThickness", "InstitutionName")
+    assert sorted((str(ds.SliceThickness), ds.InstitutionName) for ds in found) == [
+        ("2.5", "Klinik Nörd"), ("2.5", "Klinik Nörd Annex")]
 
 
 def test_any_attribute_at_series_and_study_level(scanned, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    (series,) = findscu(scanned, tmp_path, "-S", "QueryRetrieveLevel=SERIES", "ProtocolName=CHEST*", "StationName",
-                        "SeriesInstanceUID")
+    study, _series = _series_of(scanned, tmp_path, "ATTR1")
+    (series,) = findscu(scanned, tmp_path, "-S", "QueryRetrieveLevel=SERIES", f"StudyInstanceUID={study}",
+                        "ProtocolName=CHEST*", "StationName", "SeriesInstanceUID")
     assert (series.ProtocolName, series.StationName) == ("CHEST ROUTINE", "CT01")
-    (study,) = findscu(scanned, tmp_path, "-S", "QueryRetrieveLevel=STUDY", "InstitutionName=General Hospital",
+    assert findscu(scanned, tmp_path, "-S", "QueryRetrieveLevel=SERIES", f"StudyInstanceUID={study}",
+                   "ProtocolName=HEAD") == []
+    (found,) = findscu(scanned, tmp_path, "-S", "QueryRetrieveLevel=STUDY", "InstitutionName=General Hospital",
                        "PatientID", "ProtocolName")
-    assert (study.PatientID, study.ProtocolName) == ("ATTR1", "CHEST ROUTINE")
+    assert (found.PatientID, found.ProtocolName) == ("ATTR1", "CHEST ROUTINE")
     # Matched on any instance of the study, returned from its newest instance (stored last).
-    (study,) = findscu(scanned, tmp_path, "-S", "QueryRetrieveLevel=STUDY", "InstitutionName=Klinik Nörd",
-                       "PatientID")
-    assert (study.PatientID, study.InstitutionName) == ("ATTR2", "Klinik Nörd Annex")
-    # Ranges on dates, wildcards on text.
+    (found,) = findscu(scanned, tmp_path, "-S", "QueryRetrieveLevel=STUDY", "SpecificCharacterSet=ISO_IR 192",
+                       "InstitutionName=Klinik Nörd", "PatientID")
+    assert (found.PatientID, found.InstitutionName) == ("ATTR2", "Klinik Nörd Annex")
+    # Ranges on dates, wildcards and lists on text.
     assert [ds.PatientID for ds in findscu(scanned, tmp_path, "-S", "QueryRetrieveLevel=STUDY",
                                            "AcquisitionDate=20240101-", "PatientID")] == ["ATTR1"]
     assert [ds.PatientID for ds in findscu(scanned, tmp_path, "-S", "QueryRetrieveLevel=STUDY",
@@ -376,6 +395,14 @@ def test_any_attribute_at_series_and_study_level(scanned, tmp_path: Path) -> Non
                                                  "InstitutionName=*Hosp*\\Klinik*", "PatientID")) == ["ATTR1", "ATTR2"]
     (patient,) = findscu(scanned, tmp_path, "-P", "QueryRetrieveLevel=PATIENT", "PatientID=ATTR1", "PatientAge")
     assert patient.PatientAge == "042Y"
+
+
+def test_any_attribute_in_a_relational_query(scanned) -> None:  # type: ignore[no-untyped-def]
+    found, statuses, _ = _pynetdicom_find(scanned, "IMAGE", True, KVP="100", SOPInstanceUID="", SliceThickness="",
+                                          PatientID="")
+    assert statuses == {0xFF00, 0x0000}
+    assert sorted((ds.PatientID, str(ds.SliceThickness)) for ds in found) == [
+        ("ATTR1", "5"), ("ATTR2", "2.5"), ("ATTR2", "2.5")]
 
 
 def test_map_keys_are_supported_and_the_rest_still_warn(scanned) -> None:  # type: ignore[no-untyped-def]

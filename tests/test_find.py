@@ -153,11 +153,14 @@ def test_unsupported_keys_and_sequences_come_back_empty(client) -> None:  # type
     ds = identifier("STUDY", PatientID="1CT1", InstitutionName="", StudyInstanceUID="")
     ds.ReferencedStudySequence = Sequence([])
     ds.add_new(0x00091001, "LO", "private")
+    ds.add_new(0x00281201, "OW", b"")  # Red Palette Color Lookup Table Data: binary, not in the attribute map
     responses = find(STUDY_ROOT_FIND, ds, client)
     assert responses.pending_status == PENDING_WARNING
     (match,) = list(responses)
-    assert match.InstitutionName in (None, "") and match.ReferencedStudySequence == []
-    assert match[0x00091001].value in (None, "")
+    assert match.ReferencedStudySequence == []
+    assert match[0x00091001].value in (None, "") and match[0x00281201].value in (None, b"")
+    # Institution Name has no column: it comes from the attribute map (it was unsupported before).
+    assert match.InstitutionName == "JFK IMAGING CENTER"
     plain = find(STUDY_ROOT_FIND, identifier("STUDY", PatientID="1CT1"), client)
     assert plain.pending_status == PENDING
 
