@@ -180,18 +180,26 @@ def _load_map_kinds():
 _load_fields()
 
 
-cdef inline int _implicit_kind(uint32_t tag) noexcept nogil:
-    """The map kind of `tag` read in implicit VR, -1 if left out (binary search, ~3500 tags)."""
-    cdef int lo = 0, hi = _NIMPLICIT - 1, mid
+cdef inline int _search(const uint32_t* tags, int count, uint32_t tag) noexcept nogil:
+    """Index of `tag` in the sorted `tags`, -1 if absent (binary search)."""
+    cdef int lo = 0, hi = count - 1, mid
+    if count == 0 or tag < tags[0] or tag > tags[hi]:
+        return -1
     while lo <= hi:
         mid = (lo + hi) >> 1
-        if _IMPLICIT_TAGS[mid] < tag:
+        if tags[mid] < tag:
             lo = mid + 1
-        elif _IMPLICIT_TAGS[mid] > tag:
+        elif tags[mid] > tag:
             hi = mid - 1
         else:
-            return _IMPLICIT_KINDS[mid]
+            return mid
     return -1
+
+
+cdef inline int _implicit_kind(uint32_t tag) noexcept nogil:
+    """The map kind of `tag` read in implicit VR, -1 if left out (~3500 tags)."""
+    cdef int at = _search(_IMPLICIT_TAGS, _NIMPLICIT, tag)
+    return -1 if at < 0 else _IMPLICIT_KINDS[at]
 
 
 cdef inline int _map_kind(uint32_t tag, bint explicit, unsigned char vr0, unsigned char vr1) noexcept nogil:
@@ -208,19 +216,8 @@ cdef inline int _map_kind(uint32_t tag, bint explicit, unsigned char vr0, unsign
 
 
 cdef inline int _slot_for(uint32_t tag) noexcept nogil:
-    """Index into FIELDS of `tag`, -1 if not kept (binary search, ~35 tags)."""
-    cdef int lo = 0, hi = _NFIELDS - 1, mid
-    if tag < _TAGS[0] or tag > _TAGS[hi]:
-        return -1
-    while lo <= hi:
-        mid = (lo + hi) >> 1
-        if _TAGS[mid] < tag:
-            lo = mid + 1
-        elif _TAGS[mid] > tag:
-            hi = mid - 1
-        else:
-            return mid
-    return -1
+    """Index into FIELDS of `tag`, -1 if not kept (~35 tags)."""
+    return _search(_TAGS, _NFIELDS, tag)
 
 
 cdef inline bint _is_upper(unsigned char c) noexcept nogil:
