@@ -11,9 +11,11 @@ PS3.4 C.2.2.2) and the keys to return. The same request runs
 * on a stopped server's index file, opened read-only (:class:`LocalQueryClient`).
 
 Values never become SQL text: :func:`build_query` emits ``?`` parameters,
-and keywords are looked up in :data:`ATTRIBUTES`, so a request can name only
-the columns listed there. Counts (Number of Study Related Instances...) are
-aggregated from ``instances`` for the rows a query returns only.
+and keywords are looked up in :data:`ATTRIBUTES` (the columns) or in
+pydicom's data dictionary (the attribute map, :func:`map_attribute`, whose
+JSON path is made from the tag number), so a request can name only those.
+Counts (Number of Study Related Instances...) are aggregated from
+``instances`` for the rows a query returns only.
 """
 
 from __future__ import annotations

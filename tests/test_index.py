@@ -207,6 +207,13 @@ def test_remove_drops_rows_and_empty_parents(storage: Path, tmp_path: Path) -> N
     assert rows(index, "SELECT count(*) FROM patients WHERE patient_id = 'SYNB'") == [(0,)]
     assert rows(index, "SELECT count(*) FROM series WHERE modality = 'MR' AND series_instance_uid IN "
                        "(SELECT series_instance_uid FROM instances)") == [(1,)]  # MR_small.dcm stays
+    # The base attribute maps of the gone series go with them; each one left is used.
+    assert rows(index, "SELECT count(*) FROM attribute_maps") == rows(
+        index, "SELECT count(DISTINCT attributes_base) FROM instances")
+    assert rows(index, "SELECT count(*) FROM attribute_maps WHERE id NOT IN (SELECT attributes_base FROM instances)"
+                ) == [(0,)]
+    index.remove([r.path for r in records if r.path not in gone])
+    assert rows(index, "SELECT count(*) FROM attribute_maps") == [(0,)]
     index.close()
 
 
@@ -451,6 +458,9 @@ def test_reindex_replaces_an_index_of_an_older_schema(storage: Path, tmp_path: P
     result = reindex(str(storage), path, progress=io.StringIO())
     index = Index(path, read_only=True)
     assert index.version == SCHEMA_VERSION and index.count() == result.indexed == result.files
+    # every file's attribute map is read again (an older index had none)
+    assert rows(index, "SELECT count(*) FROM instance_attributes WHERE attributes IS NULL") == [(0,)]
+    assert rows(index, "SELECT count(*) FROM instance_attributes WHERE attributes->>'$.\"00080070\"' <> ''")[0][0] > 0
     index.close()
 
 
