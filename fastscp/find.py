@@ -177,6 +177,8 @@ def plan(model: str, identifier: Dataset, *, retrieve_ae_title: str = "", relati
     return FindPlan(level, request, returns, unsupported)
 
 
+#: VRs whose backslash is text, not a separator of values (PS3.5 6.2).
+_SINGLE_VALUED_VRS = frozenset({"LT", "ST", "UT", "UR"})
 #: The longest DS value (PS3.5 6.2).
 _DS_CHARS = 16
 
@@ -185,8 +187,8 @@ def _value(value: Any, vr: str) -> Any:
     """A column value as pydicom wants it for the element's VR; every value of a multi-valued one."""
     if value is None or value == "":
         return None
-    if isinstance(value, str) and "\\" in value:
-        # Multi-valued (Window Center, Image Type, Modalities In Study).
+    if isinstance(value, str) and "\\" in value and vr not in _SINGLE_VALUED_VRS:
+        # Multi-valued (Window Center, Image Type, Modalities In Study, attribute map values).
         return [_value(one, vr) if one else "" for one in value.split("\\")]
     if vr == "DS":
         if isinstance(value, float):
@@ -197,7 +199,7 @@ def _value(value: Any, vr: str) -> Any:
             except ValueError:
                 return None
     if vr in ("IS", "US", "UL", "SS", "SL", "UV", "SV") and isinstance(value, str):
-        return int(value) if value.lstrip("-").isdigit() else None
+        return int(value) if value.lstrip("+-").isdigit() else None
     if vr in ("FL", "FD") and isinstance(value, str):  # from the attribute map, as text
         try:
             return float(value)

@@ -199,3 +199,13 @@ def test_find_through_a_running_server(start_server, tmp_path: Path) -> None:  #
     assert (match.StudyInstanceUID, match.RetrieveAETitle) == (study, server.ae_title)
     assert QueryClient(str(server.index)).stats().indexer is not None  # answered by the server's indexer
     assert server.stop() == 0
+
+
+def test_values_of_the_attribute_map_take_their_vr_form() -> None:
+    from fastscp.find import _value
+
+    # A backslash separates values, except in the text VRs where it is text (PS3.5 6.2).
+    assert _value("left\\right", "LT") == "left\\right" and _value("a\\b", "UT") == "a\\b"
+    assert _value("-100\\-120.5\\5", "DS") == ["-100", "-120.5", "5"]
+    assert _value("1\\2\\65535", "US") == [1, 2, 65535] and _value("+12", "IS") == 12
+    assert _value("0.30000001192092896", "FL") == 0.30000001192092896 and _value("x", "FD") is None
