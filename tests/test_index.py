@@ -26,7 +26,7 @@ from fastscp.index import SCHEMA_VERSION, TABLES, Index, IndexUnavailable
 from fastscp.indexclient import IndexerClient, QueryClient
 from fastscp.indexer import Indexer, indexer_address, query_address
 from fastscp.query import Condition as QueryCondition
-from fastscp.query import QueryRequest, run_query
+from fastscp.query import QueryRequest, SqlRequest, run_query
 from fastscp.records import DuplicateConflict, InstanceRecord
 from fastscp.reindex import FileState, Progress, plan, read_record, read_records, reindex, walk
 from fastscp.synthetic import write_series
@@ -513,6 +513,34 @@ def test_indexer_batches_records_and_answers_queries(storage: Path, tmp_path: Pa
         assert stats.indexer is not None and stats.indexer.committed == len(records)
         with queries.query(QueryRequest(level="PATIENT", keys=["PatientID"])) as result:
             assert {row[0] for row in result} >= {"SYNA", "SYNB", "1CT1"}
+    finally:
+        client.close()
+        running.stop()
+
+
+def test_long_attribute_maps_travel_in_messages_that_fit(storage: Path, tmp_path: Path) -> None:
+    """32 instances of 32 series with 60k-character maps: ~2 MB in one batch, far past a datagram's limit."""
+    path = str(tmp_path / "index.duckdb")
+    running = RunningIndexer(path)
+    client = IndexerClient(indexer_address(path))
+    queries = QueryClient(path)
+    template = records_of(storage)[0]
+
+    def record(n: int, comments: str) -> InstanceRecord:
+        header = msgspec.structs.replace(template.header, series_instance_uid=f"1.2.3.{n}",
+                                         sop_instance_uid=f"1.2.4.{n}", attributes='{"00204000":"' + comments + '"}')
+        return msgspec.structs.replace(template, path=f"long/{n}.dcm", header=header)
+
+    try:
+        for n in range(32):
+            client.send(record(n, f"{n:05d}" + "x" * 60_000))
+        client.send(record(99, "€" * 60_000))  # 180 kB of UTF-8 alone: goes without its map
+        wait_until(lambda: queries.stats().instances == 33)
+        assert client.pending == 0
+        with queries.query(SqlRequest(sql="SELECT path, length(attributes->>'$.\"00204000\"') FROM "
+                                          "instance_attributes ORDER BY path")) as result:
+            lengths = dict(result)
+        assert lengths == {**{f"long/{n}.dcm": 60_005 for n in range(32)}, "long/99.dcm": None}
     finally:
         client.close()
         running.stop()
