@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 import struct
 import zlib
 from collections.abc import Callable
@@ -458,7 +459,8 @@ def scan(
             if slot is not None:
                 offsets[slot] = pos + header
                 lengths[slot] = length
-            elif length <= MAP_MAX_VALUE and len(entries) < MAP_MAX_ELEMENTS and map_eligible(group, element):
+            elif (not group & 1 and 0x0002 < group < 0xFFFE and element  # map_eligible(), inline: per element
+                  and length <= MAP_MAX_VALUE and len(entries) < MAP_MAX_ELEMENTS):
                 map_kind = MAP_KINDS.get(vr) if elem_explicit else IMPLICIT_MAP_KINDS.get(tag)
                 if map_kind is not None:
                     entries.append((tag, map_kind, pos + header, length))
@@ -600,6 +602,7 @@ def ds_value(raw: bytes) -> float | None:
 
 
 _JSON_ESCAPES: Final = {c: f"\\u{c:04x}" for c in range(0x20)} | {ord('"'): '\\"', ord("\\"): "\\\\"}
+_NEEDS_ESCAPE: Final = re.compile('[\\x00-\\x1f"\\\\]').search
 
 
 def map_json(raw: bytes, kind: int, big: bool, specific_character_set: str) -> str:
@@ -617,12 +620,14 @@ def map_json(raw: bytes, kind: int, big: bool, specific_character_set: str) -> s
         text = "\\".join(map(repr, values))
     elif kind == MAP_STRIP or kind == MAP_UR or _is_plain_ascii(raw):
         text = raw.decode("latin-1")
-        if kind == MAP_STRIP:
-            text = "\\".join(value.strip(" \0") for value in text.split("\\"))
-        elif kind == MAP_TEXT or kind == MAP_PN:
-            text = "\\".join(value.rstrip(" \0") for value in text.split("\\"))
-        else:
+        if kind == MAP_UR or kind == MAP_LONG_TEXT:
             text = text.rstrip(" \0")
+        elif "\\" not in text:  # one value, the common case
+            text = text.strip(" \0") if kind == MAP_STRIP else text.rstrip(" \0")
+        elif kind == MAP_STRIP:
+            text = "\\".join(value.strip(" \0") for value in text.split("\\"))
+        else:
+            text = "\\".join(value.rstrip(" \0") for value in text.split("\\"))
     else:
         encodings = charset_info(specific_character_set)
         if kind == MAP_TEXT:
@@ -633,7 +638,7 @@ def map_json(raw: bytes, kind: int, big: bool, specific_character_set: str) -> s
             text = _decode_any(raw, encodings).rstrip(" \0")
         # A lone surrogate has no UTF-8: "?" instead.
         text = text.encode("utf-8", "replace").decode("utf-8")
-    return text.translate(_JSON_ESCAPES)
+    return text.translate(_JSON_ESCAPES) if _NEEDS_ESCAPE(text) else text
 
 
 def build_map(buf: memoryview, entries: list[tuple[int, int, int, int]], big: bool,
