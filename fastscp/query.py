@@ -285,19 +285,30 @@ _MAP_VRS = frozenset(vr.decode() for vr in MAP_KINDS)
 _COLUMN_TAGS = frozenset(tag for tag, _name, _kind in FIELDS)
 
 
-#: The join that brings an instance's base attribute map (alias am) to its row (alias i).
-_MAP_JOIN = " LEFT JOIN attribute_maps am ON am.id = i.attributes_base"
+def _map_path(tag: int) -> str:
+    return f"'$.\"{tag:08X}\"'"
+
+
+def map_joins(tags: set[int]) -> str:
+    """SQL joins that bring the base map's value of each tag to an instance row (alias i), as am<tag>.v.
+
+    PERF: the value is read from each base map once, not from the base map
+    of every instance (~2.5 KB of JSON each): a STUDY query matching a map
+    attribute over 100k instances took 0.4 s with one join of the maps.
+    """
+    return "".join(f" LEFT JOIN (SELECT id, json_extract_string(attributes, {_map_path(tag)}) AS v "
+                   f"FROM attribute_maps) am{tag:08X} ON am{tag:08X}.id = i.attributes_base" for tag in sorted(tags))
 
 
 def map_sql(tag: int) -> str:
     """SQL: the text of attribute ``tag`` in an instance's attribute map (NULL if it has none).
 
     The instance's own entries (i.attributes, where null means "absent")
-    over its series' base map (am.attributes, :data:`_MAP_JOIN`).
+    over its series' base map (:func:`map_joins`).
     """
-    path = f"'$.\"{tag:08X}\"'"
+    path = _map_path(tag)
     return (f"CASE WHEN json_exists(i.attributes, {path}) THEN json_extract_string(i.attributes, {path}) "
-            f"ELSE json_extract_string(am.attributes, {path}) END")
+            f"ELSE am{tag:08X}.v END")
 
 
 def map_attribute(keyword: str) -> Attribute | None:
@@ -353,11 +364,12 @@ _FROM: dict[str, str] = {
 }
 
 
-def _from(level: str, thumbnails: bool, maps: bool = False) -> str:
+def _from(level: str, thumbnails: bool, tags: set[int] | None = None) -> str:
+    """The rows of ``level``; at IMAGE level with the thumbnails and the base map values of ``tags``."""
     if level != "IMAGE":
         return _FROM[level]
     return (_FROM[level] + (" LEFT JOIN thumbnails t ON t.path = i.path" if thumbnails else "")
-            + (_MAP_JOIN if maps else ""))
+            + map_joins(tags or set()))
 
 
 # What identifies a row of each level.
@@ -526,10 +538,10 @@ def _newest_values(level: str, tags: list[int]) -> str:
     values = ", ".join(f"arg_max({map_sql(tag)}, i.received_at) AS m{n}" for n, tag in enumerate(tags))
     if level == "PATIENT":
         return (f"m AS (SELECT {patient_key('st')} AS k, {values} FROM instances i JOIN studies st "
-                f"ON st.study_instance_uid = i.study_instance_uid{_MAP_JOIN} "
+                f"ON st.study_instance_uid = i.study_instance_uid{map_joins(set(tags))} "
                 f"WHERE {patient_key('st')} IN (SELECT k FROM matched) GROUP BY 1)")
     key = "i.study_instance_uid" if level == "STUDY" else "i.series_instance_uid"
-    return (f"m AS (SELECT {key} AS k, {values} FROM instances i{_MAP_JOIN} "
+    return (f"m AS (SELECT {key} AS k, {values} FROM instances i{map_joins(set(tags))} "
             f"WHERE {key} IN (SELECT k FROM matched) GROUP BY 1)")
 
 
@@ -570,7 +582,7 @@ def build_query(request: QueryRequest) -> BuiltQuery:
                              f"a {level} query can't return it")
     thumbnails = "ThumbnailPath" in keys or any(c.keyword == "ThumbnailPath" for c in request.conditions)
     named = [*keys, *(c.keyword for c in request.conditions)]
-    maps = any(getattr(attribute_for(keyword), "tag", 0) for keyword in named)  # the attribute map is read
+    tags = {tag for keyword in named if (tag := getattr(attribute_for(keyword), "tag", 0))}  # read from the map
     # SQL pieces and their parameters, in the order they appear in the statement.
     where: list[str] = []
     where_params: list[object] = []
@@ -601,10 +613,10 @@ def build_query(request: QueryRequest) -> BuiltQuery:
     params = where_params + below_params
     if below:
         # Rows of this level with a descendant that matches every lower condition.
-        where.append(f"{_KEY[level]} IN (SELECT {_KEY[level]} FROM {_from(LEVELS[lowest], thumbnails, maps)} "
+        where.append(f"{_KEY[level]} IN (SELECT {_KEY[level]} FROM {_from(LEVELS[lowest], thumbnails, tags)} "
                      f"WHERE {' AND '.join(below)})")
     where_sql = f" WHERE {' AND '.join(where)}" if where else ""
-    source = _from(level, thumbnails, maps)
+    source = _from(level, thumbnails, tags)
     if level == "PATIENT":
         source = (f"(SELECT DISTINCT ON ({_KEY[level]}) * FROM {source}{where_sql} "
                   f"ORDER BY {_KEY[level]}, {latest_study_first('st')}) st")
