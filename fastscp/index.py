@@ -378,7 +378,7 @@ class Index:
         """
         self.con.execute(_create_table("attribute_maps"))
         self.con.execute(_MAP_VIEW)
-        log.warning("index %s: schema v3 kept no attribute map; run 'fastscp reindex' so that every "
+        log.warning("index %s: schemas before 4 kept no attribute map; run 'fastscp reindex' so that every "
                     "attribute of the files indexed so far can be queried", self.path)
 
     def _migrate_v2(self) -> None:
