@@ -41,6 +41,43 @@ _BASE = HeaderFields(
 _MODALITIES = ("CT", "MR", "US", "CR")
 _ROOT = "1.2.826.0.1.3680043.8.498"
 
+# The attribute map of a CT image (HeaderFields.attributes): the 46 attributes
+# of pydicom's CT_small.dcm that have no column, plus 54 more a current CT
+# sends (dose, helical scan, reconstruction; values of their usual length):
+# 99 attributes, ~2.3 KB of JSON; 7 differ from instance to instance (acquisition and
+# content time, position, slice location, table position, tube current, exposure).
+_CT_MAP = {
+    "00080012": "20040119", "00080013": "072731", "00080014": "1.3.6.1.4.1.5962.3", "00080021": "19970430",
+    "00080022": "19970430", "00080023": "19970430", "00080031": "112749", "00080032": "{time}",
+    "00080033": "{time}", "00080070": "GE MEDICAL SYSTEMS", "00080080": "JFK IMAGING CENTER",
+    "00080201": "-0500", "00081010": "CT01_OC0", "00081090": "RHAPSODE", "00101010": "000Y",
+    "00101030": "0.000000", "00180010": "ISOVUE300/100", "00180022": "HELICAL MODE", "00180050": "5.000000",
+    "00180060": "120", "00180088": "5.000000", "00180090": "480.000000", "00181020": "05",
+    "00181040": "IV", "00181100": "338.671600", "00181110": "1099.3100585938", "00181111": "630.000000",
+    "00181120": "0.000000", "00181130": "133.699997", "00181150": "1601", "00181151": "{ma}",
+    "00181152": "{ma}", "00181160": "LARGE BOWTIE FIL", "00181190": "0.700000", "00181210": "STANDARD",
+    "00185100": "FFS", "00200012": "2", "00200032": "-158.135803\\\\-179.035797\\\\{z}",
+    "00200037": "1.000000\\\\0.000000\\\\0.000000\\\\0.000000\\\\1.000000\\\\0.000000",
+    "00200052": "1.3.6.1.4.1.5962.1.4.1.1.20040119072730.12322", "00201040": "SN", "00201041": "{z}",
+    "00204000": "Uncompressed", "00280030": "0.661468\\\\0.661468", "00280102": "11", "00280120": "-2000",
+    "0008002A": "20040119112936.000000", "00080081": "1 Hospital Road, Springfield",
+    "00081040": "RADIOLOGY", "00081070": "OPERATOR^ONE", "00101020": "1.75", "00181000": "46124",
+    "00181012": "20040119", "00181030": "CHEST ABDOMEN PELVIS", "00181200": "20031101", "00181201": "083000",
+    "00189004": "PRODUCT", "00189073": "5.25", "00189302": "SPIRAL", "00189303": "0.0",
+    "00189305": "0.5", "00189306": "0.625", "00189307": "40.0", "00189309": "78.75",
+    "00189310": "39.375", "00189311": "0.984375", "00189313": "0.0\\\\-25.0\\\\-150.0",
+    "00189318": "0.0\\\\-25.0\\\\-150.0", "00189323": "SMART MA", "00189324": "0.35",
+    "00189345": "12.7400", "00189351": "170", "00189352": "120\\\\170\\\\220", "00200100": "1",
+    "00201002": "250", "00209128": "1", "00280301": "NO", "00281054": "HU",
+    "00281055": "WINDOW1\\\\WINDOW2", "00282110": "00", "00321060": "CT CHEST ABDOMEN PELVIS WITH CONTRAST",
+    "00400244": "20040119", "00400245": "072000", "00400253": "PPS0012345", "00400254": "CT CAP",
+    "00181004": "DET-77", "00181050": "0.625", "00181140": "CW",
+    "00181170": "72", "00185101": "PA", "00189319": "0.0", "00189320": "RANGE 1",
+    "00189327": "{z}", "00189334": "NO", "00189335": "250.0", "00189341": "-1.0", "00189346": "1.0",
+    "00200020": "L\\\\P", "00200062": "L",
+}
+_MAP_TEMPLATE = "{{" + ",".join(f'"{tag}":"{value}"' for tag, value in _CT_MAP.items()) + "}}"  # for str.format
+
 
 def study_date(study: int) -> str:
     day = 1 + study % 28
@@ -58,6 +95,8 @@ def record(k: int) -> InstanceRecord:
         study_instance_uid=f"{_ROOT}.1.{study}", study_date=study_date(study), accession_number=f"A{study}",
         series_instance_uid=f"{_ROOT}.2.{series}", series_number=series % 4 + 1, modality=_MODALITIES[study % 4],
         sop_instance_uid=f"{_ROOT}.3.{k}", instance_number=k % 25 + 1,
+        attributes=_MAP_TEMPLATE.format(time=f"{112936 + k % 3600:06d}", z=f"{-75.7 - k % 25 * 5:.6f}",
+                                        ma=170 + k % 60),
     )
     return InstanceRecord(
         path=f"P{patient:06d}/{header.study_date}_{header.study_instance_uid}/{header.series_number}_"

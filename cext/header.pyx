@@ -12,10 +12,15 @@ from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from cpython.exc cimport PyErr_Clear, PyErr_Occurred
 from cpython.ref cimport PyObject
-from cpython.unicode cimport PyUnicode_DecodeLatin1
+from cpython.unicode cimport PyUnicode_DecodeLatin1, PyUnicode_DecodeUTF8
+
+
+cdef extern from "Python.h":
+    const char* PyUnicode_AsUTF8AndSize(object text, Py_ssize_t* size) except NULL
 from libc.math cimport isfinite
-from libc.stdint cimport int64_t, uint32_t
-from libc.string cimport memchr
+from libc.stdint cimport int16_t, int32_t, int64_t, uint16_t, uint32_t, uint64_t
+from libc.stdlib cimport free, malloc, realloc
+from libc.string cimport memchr, memcpy
 
 from bufread cimport ByteView, has_bytes, load_u16, load_u32, read_tag, read_u32
 
@@ -58,6 +63,24 @@ cdef enum:
     LEVEL_DATASET = 0
     LEVEL_SEQUENCE = 1
 
+    MAP_STRIP = 0
+    MAP_TEXT = 1
+    MAP_PN = 2
+    MAP_LONG_TEXT = 3
+    MAP_UR = 4
+    MAP_US = 5
+    MAP_SS = 6
+    MAP_UL = 7
+    MAP_SL = 8
+    MAP_UV = 9
+    MAP_SV = 10
+    MAP_FL = 11
+    MAP_FD = 12
+    MAP_MAX_VALUE = 4096
+    MAP_MAX_ELEMENTS = 512
+    MAP_MAX_CHARS = 65536
+    MAP_STACK = 8192  # bytes of the map built on the stack; a longer one moves to the heap
+
 cdef uint32_t ITEM = 0xFFFEE000u
 cdef uint32_t ITEM_DELIMITATION = 0xFFFEE00Du
 cdef uint32_t SEQUENCE_DELIMITATION = 0xFFFEE0DDu
@@ -69,6 +92,13 @@ cdef struct Level:
     bint explicit
     bint big
     Py_ssize_t start  # offset of the level's first element or item
+
+
+cdef struct MapEntry:
+    uint32_t tag
+    int kind
+    Py_ssize_t offset
+    Py_ssize_t length
 
 
 cdef struct ScanResult:
@@ -86,6 +116,12 @@ cdef uint32_t _TAGS[MAX_FIELDS]
 cdef int _KINDS[MAX_FIELDS]
 cdef int _NFIELDS = 0
 cdef tuple _NAMES
+# The attribute map's kind of each explicit VR ("AA".."ZZ", -1: left out) and,
+# for implicit VR, of each tag of the data dictionary (sorted).
+cdef signed char _MAP_KIND_OF_VR[26 * 26]
+cdef uint32_t* _IMPLICIT_TAGS = NULL
+cdef signed char* _IMPLICIT_KINDS = NULL
+cdef int _NIMPLICIT = 0
 
 
 def _load_fields():
@@ -100,6 +136,7 @@ def _load_fields():
             raise ImportError("fastscp._header_cext: FIELDS must be sorted by tag")
     _NFIELDS = len(fields)
     _NAMES = tuple(name for _tag, name, _kind in fields)
+    _load_map_kinds()
     # The C constants above must match the Python twin's.
     expected = {
         "KIND_STR": KIND_STR, "KIND_TEXT": KIND_TEXT, "KIND_PN": KIND_PN,
@@ -110,6 +147,10 @@ def _load_fields():
         "ERR_UNCLOSED": ERR_UNCLOSED, "ERR_END": ERR_END, "ERR_NOT_ITEM": ERR_NOT_ITEM,
         "ERR_DELIMITER": ERR_DELIMITER, "ERR_DEPTH": ERR_DEPTH, "ERR_TAG": ERR_TAG,
         "MAX_DEPTH": MAX_DEPTH,
+        "MAP_STRIP": MAP_STRIP, "MAP_TEXT": MAP_TEXT, "MAP_PN": MAP_PN, "MAP_LONG_TEXT": MAP_LONG_TEXT,
+        "MAP_UR": MAP_UR, "MAP_US": MAP_US, "MAP_SS": MAP_SS, "MAP_UL": MAP_UL, "MAP_SL": MAP_SL,
+        "MAP_UV": MAP_UV, "MAP_SV": MAP_SV, "MAP_FL": MAP_FL, "MAP_FD": MAP_FD,
+        "MAP_MAX_VALUE": MAP_MAX_VALUE, "MAP_MAX_ELEMENTS": MAP_MAX_ELEMENTS, "MAP_MAX_CHARS": MAP_MAX_CHARS,
         "ITEM": ITEM, "ITEM_DELIMITATION": ITEM_DELIMITATION,
         "SEQUENCE_DELIMITATION": SEQUENCE_DELIMITATION, "UNDEFINED_LENGTH": UNDEFINED_LENGTH,
     }
@@ -118,23 +159,65 @@ def _load_fields():
             raise ImportError(f"fastscp._header_cext: {name} differs from fastscp._header_py")
 
 
+def _load_map_kinds():
+    global _IMPLICIT_TAGS, _IMPLICIT_KINDS, _NIMPLICIT
+    cdef int n
+    for n in range(26 * 26):
+        _MAP_KIND_OF_VR[n] = -1
+    for vr, kind in _py.MAP_KINDS.items():
+        _MAP_KIND_OF_VR[(vr[0] - 0x41) * 26 + vr[1] - 0x41] = kind
+    implicit = _py.IMPLICIT_MAP_KINDS  # sorted by tag
+    _IMPLICIT_TAGS = <uint32_t*>malloc(len(implicit) * sizeof(uint32_t) + 1)
+    _IMPLICIT_KINDS = <signed char*>malloc(len(implicit) + 1)
+    if _IMPLICIT_TAGS == NULL or _IMPLICIT_KINDS == NULL:
+        raise MemoryError()
+    for n, (tag, kind) in enumerate(implicit.items()):
+        _IMPLICIT_TAGS[n] = tag
+        _IMPLICIT_KINDS[n] = kind
+    _NIMPLICIT = len(implicit)
+
+
 _load_fields()
 
 
-cdef inline int _slot_for(uint32_t tag) noexcept nogil:
-    """Index into FIELDS of `tag`, -1 if not kept (binary search, ~35 tags)."""
-    cdef int lo = 0, hi = _NFIELDS - 1, mid
-    if tag < _TAGS[0] or tag > _TAGS[hi]:
+cdef inline int _search(const uint32_t* tags, int count, uint32_t tag) noexcept nogil:
+    """Index of `tag` in the sorted `tags`, -1 if absent (binary search)."""
+    cdef int lo = 0, hi = count - 1, mid
+    if count == 0 or tag < tags[0] or tag > tags[hi]:
         return -1
     while lo <= hi:
         mid = (lo + hi) >> 1
-        if _TAGS[mid] < tag:
+        if tags[mid] < tag:
             lo = mid + 1
-        elif _TAGS[mid] > tag:
+        elif tags[mid] > tag:
             hi = mid - 1
         else:
             return mid
     return -1
+
+
+cdef inline int _implicit_kind(uint32_t tag) noexcept nogil:
+    """The map kind of `tag` read in implicit VR, -1 if left out (~3500 tags)."""
+    cdef int at = _search(_IMPLICIT_TAGS, _NIMPLICIT, tag)
+    return -1 if at < 0 else _IMPLICIT_KINDS[at]
+
+
+cdef inline int _map_kind(uint32_t tag, bint explicit, unsigned char vr0, unsigned char vr1) noexcept nogil:
+    """The map kind of a top-level element that is no FIELDS one, -1 if the map leaves it out."""
+    cdef uint32_t group = tag >> 16
+    # _py.map_eligible(): not private, not File Meta, not a group length, no item tag
+    if (group & 1) or group <= 0x0002 or group >= 0xFFFE or (tag & 0xFFFF) == 0:
+        return -1
+    if not explicit:
+        return _implicit_kind(tag)
+    if not (_is_upper(vr0) and _is_upper(vr1)):
+        return -1
+    return _MAP_KIND_OF_VR[(vr0 - 0x41) * 26 + vr1 - 0x41]
+
+
+cdef inline int _slot_for(uint32_t tag) noexcept nogil:
+    """Index into FIELDS of `tag`, -1 if not kept (~35 tags)."""
+    return _search(_TAGS, _NFIELDS, tag)
 
 
 cdef inline bint _is_upper(unsigned char c) noexcept nogil:
@@ -163,7 +246,8 @@ cdef inline int _fail(ScanResult* res, int err, Py_ssize_t pos, uint32_t tag,
 
 
 cdef int _scan(const ByteView* view, bint explicit, bint big, bint complete,
-               Py_ssize_t* offsets, Py_ssize_t* lengths, ScanResult* res) noexcept nogil:
+               Py_ssize_t* offsets, Py_ssize_t* lengths, MapEntry* entries, int* nentries,
+               ScanResult* res) noexcept nogil:
     """Walk the dataset up to Pixel Data; mirrors _header_py.scan() line by line.
 
     Returns 0, or an ERR_* code with the details in `res`.
@@ -177,7 +261,7 @@ cdef int _scan(const ByteView* view, bint explicit, bint big, bint complete,
     cdef uint32_t tag = 0, length = 0  # out-parameters of the read_* helpers
     cdef unsigned char vr0, vr1
     cdef bint elem_explicit
-    cdef int slot
+    cdef int slot, map_kind
 
     stack[0].kind = LEVEL_DATASET
     stack[0].explicit = explicit
@@ -290,6 +374,14 @@ cdef int _scan(const ByteView* view, bint explicit, bint big, bint complete,
             if slot >= 0:
                 offsets[slot] = pos + header
                 lengths[slot] = length
+            elif length <= MAP_MAX_VALUE and nentries[0] < MAP_MAX_ELEMENTS:
+                map_kind = _map_kind(tag, elem_explicit, vr0, vr1)
+                if map_kind >= 0:
+                    entries[nentries[0]].tag = tag
+                    entries[nentries[0]].kind = map_kind
+                    entries[nentries[0]].offset = pos + header
+                    entries[nentries[0]].length = length
+                    nentries[0] += 1
         pos += header + <Py_ssize_t>length
 
 
@@ -387,8 +479,220 @@ cdef inline bint _fast_ds(const unsigned char* p, Py_ssize_t length, double* out
     return True
 
 
+# -- the attribute map (the twin of _py.build_map) ---------------------------------
+
+cdef struct OutBuf:
+    char* data
+    Py_ssize_t size
+    Py_ssize_t cap
+    bint heap
+
+
+cdef int _reserve(OutBuf* out, Py_ssize_t more) except -1:
+    cdef Py_ssize_t cap
+    cdef char* data
+    if out.size + more <= out.cap:
+        return 0
+    cap = max(out.cap * 2, out.size + more)
+    if out.heap:
+        data = <char*>realloc(out.data, cap)
+    else:
+        data = <char*>malloc(cap)
+        if data != NULL:
+            memcpy(data, out.data, out.size)
+    if data == NULL:
+        raise MemoryError()
+    out.data = data
+    out.cap = cap
+    out.heap = True
+    return 0
+
+
+cdef inline int _put(OutBuf* out, const char* text, Py_ssize_t n) except -1:
+    _reserve(out, n)
+    memcpy(out.data + out.size, text, n)
+    out.size += n
+    return 0
+
+
+cdef const char* _HEX = b"0123456789abcdef"
+
+
+cdef int _put_escaped(OutBuf* out, const unsigned char* p, Py_ssize_t n) except -1:
+    """ASCII bytes as JSON string content (_py._JSON_ESCAPES)."""
+    cdef Py_ssize_t i
+    cdef unsigned char c
+    cdef char* w
+    _reserve(out, 6 * n)  # the longest escape: \u00XX
+    w = out.data + out.size
+    for i in range(n):
+        c = p[i]
+        if c == 0x22 or c == 0x5C:
+            w[0] = 0x5C
+            w[1] = <char>c
+            w += 2
+        elif c < 0x20:
+            w[0] = 0x5C
+            w[1] = 0x75  # u
+            w[2] = 0x30
+            w[3] = 0x30
+            w[4] = _HEX[c >> 4]
+            w[5] = _HEX[c & 15]
+            w += 6
+        else:
+            w[0] = <char>c
+            w += 1
+    out.size = w - out.data
+    return 0
+
+
+cdef const char* _UPPER_HEX = b"0123456789ABCDEF"
+
+
+cdef inline int _put_key(OutBuf* out, uint32_t tag) except -1:
+    """'"GGGGEEEE":"' (snprintf costs ~0.1 us, as much as the rest of an entry)."""
+    cdef char* w
+    cdef int i
+    _reserve(out, 12)
+    w = out.data + out.size
+    w[0] = 0x22
+    for i in range(8):
+        w[1 + i] = _UPPER_HEX[(tag >> (28 - 4 * i)) & 15]
+    w[9] = 0x22
+    w[10] = 0x3A
+    w[11] = 0x22
+    out.size += 12
+    return 0
+
+
+cdef inline int _put_u64(OutBuf* out, uint64_t value, bint negative) except -1:
+    """A number in decimal (str(int)), "-" first if `negative`."""
+    cdef char text[24]
+    cdef int at = 24
+    while True:
+        at -= 1
+        text[at] = <char>(0x30 + value % 10)
+        value //= 10
+        if value == 0:
+            break
+    if negative:
+        at -= 1
+        text[at] = 0x2D
+    return _put(out, text + at, 24 - at)
+
+
+cdef inline bint _is_pad(unsigned char c) noexcept nogil:
+    return c == 0x20 or c == 0x00
+
+
+cdef int _put_text(OutBuf* out, const unsigned char* p, Py_ssize_t n, int kind) except -1:
+    """Plain ASCII text as _py.map_json() writes it."""
+    cdef Py_ssize_t start = 0, end, stop
+    if kind == MAP_LONG_TEXT or kind == MAP_UR:
+        _put_escaped(out, p, _rstrip_padding(p, n))
+        return 0
+    while True:  # one pass per value
+        stop = start
+        while stop < n and p[stop] != 0x5C:
+            stop += 1
+        end = stop
+        while end > start and _is_pad(p[end - 1]):
+            end -= 1
+        if kind == MAP_STRIP:
+            while start < end and _is_pad(p[start]):
+                start += 1
+        _put_escaped(out, p + start, end - start)
+        if stop == n:
+            return 0
+        _put(out, b"\\\\", 2)  # the separator, escaped
+        start = stop + 1
+
+
+cdef int _put_numbers(OutBuf* out, const unsigned char* p, Py_ssize_t n, int kind, bint big) except -1:
+    """Binary integers in decimal, backslash-separated; nothing if the length is no multiple of their size."""
+    cdef int size = 2 if kind == MAP_US or kind == MAP_SS else 4 if kind == MAP_UL or kind == MAP_SL else 8
+    cdef Py_ssize_t i
+    cdef int64_t signed
+    cdef uint64_t wide
+    if n % size:
+        return 0
+    for i in range(0, n, size):
+        if i:
+            _put(out, b"\\\\", 2)
+        if kind == MAP_US:
+            _put_u64(out, load_u16(p + i, big), False)
+        elif kind == MAP_SS:
+            signed = <int16_t>load_u16(p + i, big)
+            _put_u64(out, <uint64_t>(-signed if signed < 0 else signed), signed < 0)
+        elif kind == MAP_UL:
+            _put_u64(out, load_u32(p + i, big), False)
+        elif kind == MAP_SL:
+            signed = <int32_t>load_u32(p + i, big)
+            _put_u64(out, <uint64_t>(-signed if signed < 0 else signed), signed < 0)
+        else:
+            if big:
+                wide = (<uint64_t>load_u32(p + i, True) << 32) | load_u32(p + i + 4, True)
+            else:
+                wide = (<uint64_t>load_u32(p + i + 4, False) << 32) | load_u32(p + i, False)
+            if kind == MAP_SV and <int64_t>wide < 0:
+                _put_u64(out, (~wide) + 1, True)  # two's complement: INT64_MIN too
+            else:
+                _put_u64(out, wide, False)
+    return 0
+
+
+cdef str _build_map(const unsigned char* buf, MapEntry* entries, int nentries, bint big,
+                    str specific_character_set):
+    cdef char local[MAP_STACK]
+    cdef OutBuf out
+    cdef int n, kind
+    cdef Py_ssize_t mark, value_start, length, extra = 0, piece_size
+    cdef const unsigned char* p
+    cdef const char* piece
+    cdef bint first = True
+    cdef str text
+    out.data = local
+    out.size = 0
+    out.cap = MAP_STACK
+    out.heap = False
+    try:
+        _put(&out, b"{", 1)
+        for n in range(nentries):
+            kind = entries[n].kind
+            p = buf + entries[n].offset
+            length = entries[n].length
+            mark = out.size
+            if not first:
+                _put(&out, b",", 1)
+            _put_key(&out, entries[n].tag)
+            value_start = out.size
+            if MAP_US <= kind <= MAP_SV:
+                _put_numbers(&out, p, length, kind, big)
+            elif kind < MAP_US and _plain_ascii(p, length, True):
+                _put_text(&out, p, length, kind)
+            else:  # FL, FD, text that is not plain ASCII: the Python twin's conversion
+                text = _py.map_json(PyBytes_FromStringAndSize(<const char*>p, length), kind, big,
+                                    specific_character_set)
+                piece = PyUnicode_AsUTF8AndSize(text, &piece_size)
+                _put(&out, piece, piece_size)
+                extra += piece_size - len(text)  # UTF-8 bytes beyond the characters
+            if out.size == value_start:  # an empty value: left out
+                out.size = mark
+                continue
+            _put(&out, b"\"", 1)
+            if out.size - extra + 1 > MAP_MAX_CHARS:  # + 1: the closing brace
+                out.size = mark
+                break
+            first = False
+        _put(&out, b"}", 1)
+        return PyUnicode_DecodeUTF8(out.data, out.size, NULL)
+    finally:
+        if out.heap:
+            free(out.data)
+
+
 cdef object _build(const unsigned char* buf, Py_ssize_t* offsets, Py_ssize_t* lengths,
-                   bint big, Py_ssize_t pixel_data_offset):
+                   bint big, Py_ssize_t pixel_data_offset, MapEntry* entries, int nentries):
     cdef dict values = {}
     cdef int slot, kind
     cdef Py_ssize_t offset, length
@@ -437,6 +741,7 @@ cdef object _build(const unsigned char* buf, Py_ssize_t* offsets, Py_ssize_t* le
             if memchr(p, 92, length) != NULL and name in _ALL_VALUES:  # 92: a backslash
                 values[_ALL_VALUES[name]] = _py.all_values(PyBytes_FromStringAndSize(<const char*>p, length))
     values["pixel_data_offset"] = None if pixel_data_offset < 0 else pixel_data_offset
+    values["attributes"] = _build_map(buf, entries, nentries, big, values.get("specific_character_set", ""))
     return _HeaderFields(**values)
 
 
@@ -454,6 +759,8 @@ def _parse_plain(data, int encoding, bint complete):
     cdef ScanResult res
     cdef Py_ssize_t offsets[MAX_FIELDS]
     cdef Py_ssize_t lengths[MAX_FIELDS]
+    cdef MapEntry entries[MAP_MAX_ELEMENTS]
+    cdef int nentries = 0
     cdef int slot
     cdef bint big = encoding == ENC_EXPLICIT_BE
     PyObject_GetBuffer(data, &buffer, PyBUF_SIMPLE)
@@ -463,10 +770,11 @@ def _parse_plain(data, int encoding, bint complete):
         for slot in range(_NFIELDS):
             offsets[slot] = -1
             lengths[slot] = -1
-        if _scan(&view, encoding != ENC_IMPLICIT_LE, big, complete, offsets, lengths, &res):
+        if _scan(&view, encoding != ENC_IMPLICIT_LE, big, complete, offsets, lengths, entries, &nentries,
+                 &res):
             raise _py.make_error(res.err, res.err_pos, res.err_tag, res.err_length,
                                  res.err_start, view.size, complete)
-        return _build(view.data, offsets, lengths, big, res.pixel_data_offset)
+        return _build(view.data, offsets, lengths, big, res.pixel_data_offset, entries, nentries)
     finally:
         PyBuffer_Release(&buffer)
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 import struct
 import zlib
 from collections.abc import Callable
@@ -27,6 +28,7 @@ from typing import Final
 
 import msgspec
 from pydicom.charset import convert_encodings, decode_bytes, python_encoding
+from pydicom.datadict import DicomDictionary
 from pydicom.multival import MultiValue
 from pydicom.valuerep import TEXT_VR_DELIMS
 from pydicom.values import convert_PN, convert_text
@@ -103,6 +105,10 @@ class HeaderFields(msgspec.Struct, frozen=True, kw_only=True):
     image_type: str = ""
     window_center_values: str = ""
     window_width_values: str = ""
+    #: The attribute map: every other top-level attribute with a text form, as
+    #: a JSON object text keyed by tag (:func:`build_map`), e.g.
+    #: ``{"00180050":"5.0","00080080":"General Hospital"}``.
+    attributes: str = "{}"
 
 
 # How a kept element's value bytes become a field value.  The numbers are part
@@ -155,6 +161,51 @@ FIELDS: Final[tuple[tuple[int, str, int], ...]] = (
     (0x00321032, "requesting_physician", KIND_PN),
 )
 _SLOT_BY_TAG: Final = {tag: slot for slot, (tag, _, _) in enumerate(FIELDS)}
+
+# The attribute map (HeaderFields.attributes): every other top-level element
+# of a VR with a text form. How its value becomes text (cext/header.pyx reads
+# these numbers at import time):
+MAP_STRIP: Final = 0  # AE AS CS DA DS DT IS TM UI: latin-1, each value stripped of spaces
+MAP_TEXT: Final = 1  # LO SH UC: per Specific Character Set, each value stripped of trailing spaces
+MAP_PN: Final = 2  # PN: as MAP_TEXT, decoded as a person name
+MAP_LONG_TEXT: Final = 3  # LT ST UT: per Specific Character Set, one value (a backslash is text)
+MAP_UR: Final = 4  # UR: latin-1, one value
+# Binary numbers: every value, in decimal.
+MAP_US: Final = 5
+MAP_SS: Final = 6
+MAP_UL: Final = 7
+MAP_SL: Final = 8
+MAP_UV: Final = 9
+MAP_SV: Final = 10
+MAP_FL: Final = 11
+MAP_FD: Final = 12
+#: The VRs the map keeps; the others (SQ, AT, the O* and UN bytes) are left out.
+MAP_KINDS: Final[dict[bytes, int]] = {
+    **dict.fromkeys((b"AE", b"AS", b"CS", b"DA", b"DS", b"DT", b"IS", b"TM", b"UI"), MAP_STRIP),
+    **dict.fromkeys((b"LO", b"SH", b"UC"), MAP_TEXT), b"PN": MAP_PN,
+    **dict.fromkeys((b"LT", b"ST", b"UT"), MAP_LONG_TEXT), b"UR": MAP_UR,
+    b"US": MAP_US, b"SS": MAP_SS, b"UL": MAP_UL, b"SL": MAP_SL, b"UV": MAP_UV, b"SV": MAP_SV,
+    b"FL": MAP_FL, b"FD": MAP_FD,
+}
+_MAP_NUMBERS: Final = {MAP_US: "H", MAP_SS: "h", MAP_UL: "I", MAP_SL: "i", MAP_UV: "Q", MAP_SV: "q",
+                       MAP_FL: "f", MAP_FD: "d"}
+#: Implicit VR: the map kind of each tag the data dictionary gives one kept VR
+#: ("US or SS" and other VRs that depend on the data are left out).
+IMPLICIT_MAP_KINDS: Final[dict[int, int]] = {
+    tag: MAP_KINDS[entry[0].encode()] for tag, entry in sorted(DicomDictionary.items())
+    if entry[0].encode() in MAP_KINDS
+}
+#: Bounds against hostile headers: a longer value is left out; the map holds
+#: at most MAP_MAX_ELEMENTS elements and MAP_MAX_CHARS characters (elements
+#: past that are left out).
+MAP_MAX_VALUE: Final = 4096
+MAP_MAX_ELEMENTS: Final = 512
+MAP_MAX_CHARS: Final = 65536
+
+
+def map_eligible(group: int, element: int) -> bool:
+    """A top-level element the map may hold: not private, not File Meta, not a group length, no item tag."""
+    return group & 1 == 0 and 0x0002 < group < 0xFFFE and element != 0
 #: Multi-valued numbers whose every value is kept (as text) beside the first.
 ALL_VALUES: Final[dict[str, str]] = {"window_center": "window_center_values", "window_width": "window_width_values"}
 
@@ -303,7 +354,9 @@ def vr_switch(explicit: bool, vr0: int, vr1: int, first: bool, at_zero: bool) ->
     return False, False
 
 
-def scan(buf: memoryview, explicit: bool, big: bool, complete: bool) -> tuple[list[int], list[int], int | None]:
+def scan(
+    buf: memoryview, explicit: bool, big: bool, complete: bool
+) -> tuple[list[int], list[int], int | None, list[tuple[int, int, int, int]]]:
     """Walk `buf` up to Pixel Data and find the kept top-level elements.
 
     Returns
@@ -312,6 +365,8 @@ def scan(buf: memoryview, explicit: bool, big: bool, complete: bool) -> tuple[li
         Per slot of :data:`FIELDS`: value offset and length, -1 if absent.
     pixel_data_offset : int or None
         Offset of the Pixel Data tag, None if the dataset has none.
+    entries : list of (tag, map kind, offset, length)
+        The other elements for the attribute map (:func:`build_map`).
 
     Raises
     ------
@@ -321,6 +376,7 @@ def scan(buf: memoryview, explicit: bool, big: bool, complete: bool) -> tuple[li
     n = len(buf)
     offsets = [-1] * len(FIELDS)
     lengths = [-1] * len(FIELDS)
+    entries: list[tuple[int, int, int, int]] = []
     # Each level: [kind, explicit, big, start offset]; start is where its first
     # element (or item) begins, used for pydicom's implicit/explicit detection.
     stack: list[list] = [[_DATASET, explicit, big, 0]]
@@ -332,7 +388,7 @@ def scan(buf: memoryview, explicit: bool, big: bool, complete: bool) -> tuple[li
         if n - pos < 4:
             if pos == n and len(stack) == 1:
                 if complete:
-                    return offsets, lengths, None
+                    return offsets, lengths, None, entries
                 raise _ScanError(ERR_END, pos)
             if pos == n:
                 raise _ScanError(ERR_UNCLOSED, pos, start=start)
@@ -370,7 +426,7 @@ def scan(buf: memoryview, explicit: bool, big: bool, complete: bool) -> tuple[li
                 continue
             raise _ScanError(ERR_DELIMITER, pos, tag)
         if len(stack) == 1 and tag in PIXEL_DATA_TAGS:
-            return offsets, lengths, pos
+            return offsets, lengths, pos, entries
         if n - pos < 8:
             raise _ScanError(ERR_HEADER, pos, tag)
 
@@ -413,6 +469,11 @@ def scan(buf: memoryview, explicit: bool, big: bool, complete: bool) -> tuple[li
             if slot is not None:
                 offsets[slot] = pos + header
                 lengths[slot] = length
+            elif (not group & 1 and 0x0002 < group < 0xFFFE and element  # map_eligible(), inline: per element
+                  and length <= MAP_MAX_VALUE and len(entries) < MAP_MAX_ELEMENTS):
+                map_kind = MAP_KINDS.get(vr) if elem_explicit else IMPLICIT_MAP_KINDS.get(tag)
+                if map_kind is not None:
+                    entries.append((tag, map_kind, pos + header, length))
         pos += header + length
 
 
@@ -550,12 +611,73 @@ def ds_value(raw: bytes) -> float | None:
     return number if math.isfinite(number) else None
 
 
+_JSON_ESCAPES: Final = {c: f"\\u{c:04x}" for c in range(0x20)} | {ord('"'): '\\"', ord("\\"): "\\\\"}
+_NEEDS_ESCAPE: Final = re.compile('[\\x00-\\x1f"\\\\]').search
+
+
+def map_json(raw: bytes, kind: int, big: bool, specific_character_set: str) -> str:
+    """One value of the attribute map as JSON string content (escaped, no quotes); "" if empty.
+
+    The compiled twin calls this for the values it does not convert itself
+    (text that is not plain ASCII, FL and FD).
+    """
+    number = _MAP_NUMBERS.get(kind)
+    if number is not None:
+        size = struct.calcsize(number)
+        if len(raw) % size:
+            return ""  # pydicom refuses such a value too
+        values = struct.unpack(f"{'>' if big else '<'}{len(raw) // size}{number}", raw)
+        text = "\\".join(map(repr, values))
+    elif kind == MAP_STRIP or kind == MAP_UR or _is_plain_ascii(raw):
+        text = raw.decode("latin-1")
+        if kind == MAP_UR or kind == MAP_LONG_TEXT:
+            text = text.rstrip(" \0")
+        elif "\\" not in text:  # one value, the common case
+            text = text.strip(" \0") if kind == MAP_STRIP else text.rstrip(" \0")
+        elif kind == MAP_STRIP:
+            text = "\\".join(value.strip(" \0") for value in text.split("\\"))
+        else:
+            text = "\\".join(value.rstrip(" \0") for value in text.split("\\"))
+    else:
+        encodings = charset_info(specific_character_set)
+        if kind == MAP_TEXT:
+            text = decode_text(raw, encodings)
+        elif kind == MAP_PN:
+            text = decode_pn(raw, encodings)
+        else:
+            text = _decode_any(raw, encodings).rstrip(" \0")
+        # A lone surrogate has no UTF-8: "?" instead.
+        text = text.encode("utf-8", "replace").decode("utf-8")
+    return text.translate(_JSON_ESCAPES) if _NEEDS_ESCAPE(text) else text
+
+
+def build_map(buf: memoryview, entries: list[tuple[int, int, int, int]], big: bool,
+              specific_character_set: str) -> str:
+    """The attribute map: a JSON object of the entries' values, keyed by tag (8 hex digits).
+
+    Values are text: several values are backslash-separated, as in DICOM;
+    empty values are left out, and elements past :data:`MAP_MAX_CHARS`.
+    """
+    parts = []
+    total = 2  # the braces
+    for tag, kind, offset, length in entries:
+        text = map_json(bytes(buf[offset : offset + length]), kind, big, specific_character_set)
+        if not text:
+            continue
+        total += len(text) + 13 + (1 if parts else 0)  # "TTTTTTTT":"text"
+        if total > MAP_MAX_CHARS:
+            break
+        parts.append(f'"{tag:08X}":"{text}"')
+    return "{" + ",".join(parts) + "}"
+
+
 def build_fields(
     buf: memoryview,
     offsets: list[int],
     lengths: list[int],
     big: bool,
     pixel_data_offset: int | None,
+    entries: list[tuple[int, int, int, int]],
 ) -> HeaderFields:
     """Convert the kept values found by :func:`scan` into a HeaderFields."""
     values: dict[str, object] = {"pixel_data_offset": pixel_data_offset}
@@ -589,6 +711,7 @@ def build_fields(
             values[name] = ds_value(raw)
             if b"\\" in raw and name in ALL_VALUES:
                 values[ALL_VALUES[name]] = all_values(raw)
+    values["attributes"] = build_map(buf, entries, big, values.get("specific_character_set", ""))  # type: ignore[arg-type]
     return HeaderFields(**values)
 
 
@@ -655,10 +778,10 @@ def _parse_plain(data: bytes | bytearray | memoryview, encoding: int, complete: 
     explicit = encoding != ENC_IMPLICIT_LE
     big = encoding == ENC_EXPLICIT_BE
     try:
-        offsets, lengths, pixel_data_offset = scan(buf, explicit, big, complete)
+        offsets, lengths, pixel_data_offset, entries = scan(buf, explicit, big, complete)
     except _ScanError as exc:
         raise make_error(*exc.args5, len(buf), complete) from None
-    return build_fields(buf, offsets, lengths, big, pixel_data_offset)
+    return build_fields(buf, offsets, lengths, big, pixel_data_offset, entries)
 
 
 def parse_header(

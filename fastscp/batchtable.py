@@ -32,7 +32,7 @@ def value_type(annotation: object) -> type:
     return base  # type: ignore[no-any-return]
 
 
-_HINTS = {**typing.get_type_hints(InstanceRecord), **typing.get_type_hints(HeaderFields)}
+_HINTS = {**typing.get_type_hints(InstanceRecord), **typing.get_type_hints(HeaderFields), "attributes_base": int}
 #: Columns of :meth:`InstanceBatch.table`: every instance column; received_at as a UTC timestamp.
 SCHEMA = pa.schema([
     (name, pa.timestamp("us") if name == "received_at" else _ARROW_OF[value_type(_HINTS[name])])
@@ -53,15 +53,19 @@ class InstanceBatch:
         self.count = 0
         self._values: list[list[Any]] = [[] for _ in INSTANCE_COLUMNS]
         self._run_lengths: list[list[int]] = [[] for _ in INSTANCE_COLUMNS]
+        #: The base attribute maps of the instances, by id (for the ``attribute_maps`` table).
+        self.maps: dict[int, str] = {}
 
     @classmethod
     def of(cls, records: Sequence[InstanceRecord]) -> InstanceBatch:
         batch = cls()
-        batch.add(InstanceColumns(len(records), [list(column) for column in transpose(records)],
-                                  [None] * len(INSTANCE_COLUMNS)))
+        columns, maps = transpose(records)
+        batch.add(InstanceColumns(len(records), [list(column) for column in columns],
+                                  [None] * len(INSTANCE_COLUMNS), maps))
         return batch
 
     def add(self, columns: InstanceColumns) -> None:
+        self.maps.update(columns.maps)
         ones = [1] * columns.count
         for values, run_lengths, new_values, new_lengths in zip(
             self._values, self._run_lengths, columns.values, columns.run_lengths, strict=True

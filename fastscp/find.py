@@ -10,11 +10,15 @@ Character Set.
 Supported: Patient Root and Study Root Query/Retrieve Information Model -
 FIND at PATIENT, STUDY, SERIES and IMAGE level; single value, wildcard,
 universal, range and list-of-UID matching. Keys of the query level and of
-the levels above it are matched and returned. Queries are hierarchical (the
-unique keys of the levels above are required) unless the association
-negotiated relational queries (PS3.4 C.4.1.2.1, C.5.1.1.1). Keys fastscp does not index
-(and all sequences) are returned empty and not matched; the responses then
-carry status 0xFF01 (:attr:`FindResponses.pending_status`).
+the levels above it are matched and returned; so is any other top-level
+attribute that the instances' attribute map holds, at every level (above
+IMAGE: matched on any instance of the row, returned from its newest
+instance that has it). Queries are hierarchical (the unique keys of the
+levels above are required) unless the association negotiated relational
+queries (PS3.4 C.4.1.2.1, C.5.1.1.1). Sequences, binary values, private
+attributes and keys of a level below the query level are returned empty
+and not matched; the responses then carry status 0xFF01
+(:attr:`FindResponses.pending_status`).
 
 Example
 -------
@@ -35,7 +39,7 @@ from pydicom.tag import BaseTag
 from pydicom.valuerep import format_number_as_ds
 
 from fastscp.indexclient import IndexQueries, QueryClient, ServerUnavailable
-from fastscp.query import ATTRIBUTES, LEVELS, UNIQUE_KEYS, Condition, QueryError, QueryRequest, QueryResult
+from fastscp.query import LEVELS, UNIQUE_KEYS, Condition, QueryError, QueryRequest, QueryResult, attribute_for
 
 #: Patient Root Query/Retrieve Information Model - FIND (PS3.4 C.6.1).
 PATIENT_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.1.1"
@@ -56,6 +60,7 @@ IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 UNABLE_TO_PROCESS = 0xC000
 
 _QUERY_RETRIEVE_LEVEL = 0x00080052
+_FILLED_IN = frozenset({"RetrieveAETitle", "InstanceAvailability"})
 _SPECIFIC_CHARACTER_SET = 0x00080005
 _UTF8 = "ISO_IR 192"
 
@@ -140,12 +145,13 @@ def plan(model: str, identifier: Dataset, *, retrieve_ae_title: str = "", relati
             continue
         keyword = element.keyword
         present.add(keyword)
-        attribute = ATTRIBUTES.get(keyword)
+        # Filled in by fastscp, though the attribute map knows their keywords.
+        attribute = attribute_for(keyword) if keyword and keyword not in _FILLED_IN else None
         if element.VR == "SQ":
             # Sequence matching is not supported: return it empty.
             returns.append(_Return(tag, "SQ", None, []))
             unsupported = unsupported or bool(element.value)
-        elif attribute is not None and attribute.dicom and LEVELS.index(attribute.level) <= depth:
+        elif attribute is not None and attribute.dicom and (attribute.tag or LEVELS.index(attribute.level) <= depth):
             value = _text(element.value).strip()
             if value and (not attribute.derived or keyword == "ModalitiesInStudy"):
                 conditions.append(Condition(keyword, value))
@@ -171,6 +177,8 @@ def plan(model: str, identifier: Dataset, *, retrieve_ae_title: str = "", relati
     return FindPlan(level, request, returns, unsupported)
 
 
+#: VRs whose backslash is text, not a separator of values (PS3.5 6.2).
+_SINGLE_VALUED_VRS = frozenset({"LT", "ST", "UT", "UR"})
 #: The longest DS value (PS3.5 6.2).
 _DS_CHARS = 16
 
@@ -179,8 +187,8 @@ def _value(value: Any, vr: str) -> Any:
     """A column value as pydicom wants it for the element's VR; every value of a multi-valued one."""
     if value is None or value == "":
         return None
-    if isinstance(value, str) and "\\" in value:
-        # Multi-valued (Window Center, Image Type, Modalities In Study).
+    if isinstance(value, str) and "\\" in value and vr not in _SINGLE_VALUED_VRS:
+        # Multi-valued (Window Center, Image Type, Modalities In Study, attribute map values).
         return [_value(one, vr) if one else "" for one in value.split("\\")]
     if vr == "DS":
         if isinstance(value, float):
@@ -190,8 +198,13 @@ def _value(value: Any, vr: str) -> Any:
                 return format_number_as_ds(float(value))
             except ValueError:
                 return None
-    if vr in ("IS", "US", "UL", "SS", "SL") and isinstance(value, str):
-        return int(value) if value.lstrip("-").isdigit() else None
+    if vr in ("IS", "US", "UL", "SS", "SL", "UV", "SV") and isinstance(value, str):
+        return int(value) if value.lstrip("+-").isdigit() else None
+    if vr in ("FL", "FD") and isinstance(value, str):  # from the attribute map, as text
+        try:
+            return float(value)
+        except ValueError:
+            return None
     return value
 
 

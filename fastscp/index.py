@@ -33,7 +33,7 @@ from fastscp.records import DuplicateConflict, InstanceRecord, ThumbnailMade
 
 log = logging.getLogger("fastscp.index")
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 # -- columns -----------------------------------------------------------------------
 
@@ -99,15 +99,22 @@ def _header_columns(fields: Sequence[str]) -> dict[str, str]:
 TABLES: dict[str, dict[str, str]] = {
     "studies": _header_columns(STUDY_FIELDS),
     "series": _header_columns(SERIES_FIELDS),
-    "instances": {**FILE_COLUMNS, **_header_columns(INSTANCE_HEADER_FIELDS), **AFFECTED_COLUMNS},
+    # ``attributes`` is the instance's attribute map over the base map
+    # ``attributes_base`` (an id of ``attribute_maps``): see records.split_maps
+    # and the ``instance_attributes`` view, which puts them together.
+    "instances": {**FILE_COLUMNS, **_header_columns(INSTANCE_HEADER_FIELDS), **AFFECTED_COLUMNS,
+                  "attributes_base": "BIGINT"},
     "duplicate_conflicts": CONFLICT_COLUMNS,
     # Thumbnails made by the post-store stage (both paths relative to the
     # storage root). Their own table: a thumbnail may be reported before its
     # instance's batch is committed, and instance inserts stay narrow.
     "thumbnails": {"path": "VARCHAR", "thumbnail_path": "VARCHAR"},
+    # The base attribute maps (JSON object text), shared by the instances
+    # of a series; the id is a hash of the text (records.map_id).
+    "attribute_maps": {"id": "BIGINT", "attributes": "VARCHAR"},
 }
 _PRIMARY_KEY = {"studies": "study_instance_uid", "series": "series_instance_uid",
-                "instances": "path", "thumbnails": "path"}
+                "instances": "path", "thumbnails": "path", "attribute_maps": "id"}
 
 
 def quote(name: str) -> str:
@@ -161,7 +168,12 @@ _PATIENT_VIEWS = (
        FROM instances i JOIN studies st ON st.study_instance_uid = i.study_instance_uid
        GROUP BY 1""",
 )
-_VIEWS = _PATIENT_VIEWS + (
+#: Each instance's whole attribute map (NULL for instances indexed before schema 5).
+_MAP_VIEW = """CREATE VIEW instance_attributes AS
+       SELECT i.path, CASE WHEN am.attributes IS NULL THEN CAST(i.attributes AS JSON)
+                           ELSE json_merge_patch(am.attributes, i.attributes) END AS attributes
+       FROM instances i LEFT JOIN attribute_maps am ON am.id = i.attributes_base"""
+_VIEWS = _PATIENT_VIEWS + (_MAP_VIEW,) + (
     """CREATE VIEW series_counts AS
        SELECT series_instance_uid, count(*) AS number_of_series_related_instances, sum(size) AS series_size
        FROM instances GROUP BY series_instance_uid""",
@@ -316,10 +328,13 @@ class Index:
             return
         self.con.execute("BEGIN")
         try:
-            if self.version in (2, 3):
+            if self.version in (2, 3, 4):
+                self._add_columns()
                 if self.version == 2:
                     self._migrate_v2()
-                self._migrate_v3()
+                if self.version <= 3:
+                    self._migrate_v3()
+                self._migrate_v4()
             else:
                 self._create(from_v1=self.version == 1)
             self.con.execute("INSERT INTO schema_version VALUES (?)", [SCHEMA_VERSION])
@@ -346,10 +361,41 @@ class Index:
             self._copy_v1()
             self.con.execute("DROP TABLE instances_v1")
 
+    def _add_columns(self) -> None:
+        """The columns a v2, v3 or v4 index lacks (NULL in its rows).
+
+        v3 added the studies' patient attributes and header fields (Image
+        Type, every value of a multi-valued Window Center/Width); v4 the
+        command's Affected SOP Instance UID; v5 the instances' attribute map.
+        """
+        con = self.con
+        for table in ("studies", "instances"):
+            present = {row[0] for row in con.execute(
+                "SELECT column_name FROM information_schema.columns WHERE table_name = ?", [table]).fetchall()}
+            for name, sql in TABLES[table].items():
+                if name not in present:
+                    con.execute(f"ALTER TABLE {table} ADD COLUMN {quote(name)} {sql}")
+
     def _migrate_v3(self) -> None:
-        """v4 adds the command's Affected SOP Instance UID to instances (v2 got it from _migrate_v2)."""
-        for name, sql in AFFECTED_COLUMNS.items():
-            self.con.execute(f"ALTER TABLE instances ADD COLUMN IF NOT EXISTS {quote(name)} {sql} DEFAULT ''")
+        """v4 keeps the command's Affected SOP Instance UID where it differs from the data set's ("" elsewhere).
+
+        Older rows don't know it: "" (the reconcile and ``fastscp reindex``
+        read it from the File Meta).
+        """
+        for name in AFFECTED_COLUMNS:
+            self.con.execute(f"UPDATE instances SET {quote(name)} = '' WHERE {quote(name)} IS NULL")
+
+    def _migrate_v4(self) -> None:
+        """v5 keeps every top-level attribute of an instance (the attribute map); v4 had none.
+
+        The rows of an older index get none (SQL NULL): C-FIND on an attribute
+        that is no column of its own does not find them until ``fastscp
+        reindex`` reads the files again.
+        """
+        self.con.execute(_create_table("attribute_maps"))
+        self.con.execute(_MAP_VIEW)
+        log.warning("index %s: schemas before 5 kept no attribute map; run 'fastscp reindex' so that every "
+                    "attribute of the files indexed so far can be queried", self.path)
 
     def _migrate_v2(self) -> None:
         """v2 kept one ``patients`` row per Patient ID; v3 keeps the patient attributes per study.
@@ -358,14 +404,6 @@ class Index:
         row. ``fastscp reindex`` reads them again from the files.
         """
         con = self.con
-        # New columns: the studies' patient attributes, and header fields
-        # (Image Type, every value of a multi-valued Window Center/Width).
-        for table in ("studies", "instances"):
-            present = {row[0] for row in con.execute(
-                "SELECT column_name FROM information_schema.columns WHERE table_name = ?", [table]).fetchall()}
-            for name, sql in TABLES[table].items():
-                if name not in present:
-                    con.execute(f"ALTER TABLE {table} ADD COLUMN {quote(name)} {sql}")
         con.execute(
             "UPDATE studies SET patient_name = p.patient_name, patient_birth_date = p.patient_birth_date, "
             "patient_sex = p.patient_sex FROM patients p WHERE p.patient_id = studies.patient_id"
@@ -404,10 +442,12 @@ class Index:
     def add(self, instances: Iterable[InstanceRecord], conflicts: Iterable[DuplicateConflict] = (),
             thumbnails: Iterable[ThumbnailMade] = (), *, keep_newer: bool = False) -> int:
         """:meth:`add_table` for records."""
-        return self.add_table(InstanceBatch.of(list(instances)).table(), conflicts, thumbnails, keep_newer=keep_newer)
+        batch = InstanceBatch.of(list(instances))
+        return self.add_table(batch.table(), conflicts, thumbnails, keep_newer=keep_newer, maps=batch.maps)
 
     def add_table(self, instances: pa.Table, conflicts: Iterable[DuplicateConflict] = (),
-                  thumbnails: Iterable[ThumbnailMade] = (), *, keep_newer: bool = False) -> int:
+                  thumbnails: Iterable[ThumbnailMade] = (), *, keep_newer: bool = False,
+                  maps: dict[int, str] | None = None) -> int:
         """Write a batch of records in one transaction (thumbnails in a second one).
 
         Parameters
@@ -425,6 +465,9 @@ class Index:
             For rows made from files (reconcile): an indexed row whose
             ``received_at`` is not older is kept, so a record that a worker
             sent while the files were read wins.
+        maps : dict, optional
+            The base attribute maps the instances refer to, by id
+            (:attr:`~fastscp.batchtable.InstanceBatch.maps`).
 
         Returns
         -------
@@ -439,20 +482,22 @@ class Index:
             return 0
         parents = self._changed_parents(batch)
         conflict_batch = _conflicts_table(conflict_list) if conflict_list else None
+        map_batch = pa.table({"id": pa.array(list(maps), type=pa.int64()),
+                              "attributes": pa.array(list(maps.values()), type=pa.string())}) if maps else None
         careful = keep_newer
         try:
             if not careful:
                 try:
                     # The common case, every row new: plain INSERTs. An upsert
                     # (ON CONFLICT DO UPDATE) costs ~6 ms more per statement.
-                    self._in_transaction(self._insert, batch, parents, conflict_batch)
+                    self._in_transaction(self._insert, batch, parents, conflict_batch, map_batch)
                 except duckdb.ConstraintException:
                     # A resend (its path is indexed), or a parent row that changed
                     # or that this process has not written yet. DuckDB has no
                     # savepoints: start over, replacing and upserting.
                     careful = True
             if careful:
-                replaced = self._in_transaction(self._replace, batch, parents, conflict_batch, keep_newer)
+                replaced = self._in_transaction(self._replace, batch, parents, conflict_batch, map_batch, keep_newer)
                 if replaced or parents["studies"] or parents["series"]:
                     # A replaced instance, or a study or series written again, may
                     # have moved to another parent (a correction) and left the old
@@ -486,7 +531,7 @@ class Index:
             raise
         finally:
             # A rollback drops registrations too; unregister what is left.
-            for name in ("batch_instances", "batch_parents", "batch_conflicts"):
+            for name in ("batch_instances", "batch_parents", "batch_conflicts", "batch_maps"):
                 try:
                     con.unregister(name)
                 except (duckdb.Error, KeyError):
@@ -494,7 +539,8 @@ class Index:
         return bool(result)
 
     def _insert(self, batch: pa.Table, parents: dict[str, list[tuple[object, ...]]],
-                conflicts: pa.Table | None) -> None:
+                conflicts: pa.Table | None, maps: pa.Table | None) -> None:
+        self._insert_maps(maps)
         if batch.num_rows:
             self.con.register("batch_instances", batch)
             self.con.execute(f"INSERT INTO instances {_INSTANCE_VALUES}")
@@ -503,13 +549,14 @@ class Index:
         self._insert_conflicts(conflicts)
 
     def _replace(self, batch: pa.Table, parents: dict[str, list[tuple[object, ...]]], conflicts: pa.Table | None,
-                 keep_newer: bool) -> bool:
+                 maps: pa.Table | None, keep_newer: bool) -> bool:
         """Instances replace the rows of their paths, parents are upserted; True if a row was replaced.
 
         With ``keep_newer`` an indexed row whose ``received_at`` is not older
         is kept (reconcile must not undo what a worker sent meanwhile).
         """
         replaced = False
+        self._insert_maps(maps)
         if batch.num_rows:
             con = self.con
             con.register("batch_instances", batch)
@@ -534,6 +581,12 @@ class Index:
                 self._write_parents(table, rows, upsert=True)
         self._insert_conflicts(conflicts)
         return replaced
+
+    def _insert_maps(self, maps: pa.Table | None) -> None:
+        if maps is not None:
+            self.con.register("batch_maps", maps)
+            # A base map seen before (the same text: the same id) is there already.
+            self.con.execute("INSERT OR IGNORE INTO attribute_maps SELECT id, attributes FROM batch_maps")
 
     def _insert_conflicts(self, conflicts: pa.Table | None) -> None:
         if conflicts is not None:
@@ -613,6 +666,10 @@ class Index:
             "DELETE FROM studies WHERE NOT EXISTS "
             "(SELECT 1 FROM instances i WHERE i.study_instance_uid = studies.study_instance_uid)"
         )
+        self.con.execute(
+            "DELETE FROM attribute_maps WHERE NOT EXISTS "
+            "(SELECT 1 FROM instances i WHERE i.attributes_base = attribute_maps.id)"
+        )
 
     def remove(self, paths: Iterable[str]) -> int:
         """Drop the rows of these paths (files that are gone); returns how many were dropped."""
@@ -680,15 +737,17 @@ class Index:
         The header fields are put together from the instance, series and
         study rows (a study's attributes are its newest instance's).
         """
-        def alias(name: str) -> str:
+        def column(name: str) -> str:
+            if name == "attributes":
+                return "CAST(ia.attributes AS VARCHAR)"  # the whole map
             if name in INSTANCE_HEADER_FIELDS:
-                return "i"
-            return "se" if name in SERIES_FIELDS else "st"
+                return f"i.{quote(name)}"
+            return f"{'se' if name in SERIES_FIELDS else 'st'}.{quote(name)}"
 
         names = list(HeaderFields.__struct_fields__)
-        select = ", ".join(f"{alias(name)}.{quote(name)}" for name in names)
+        select = ", ".join(column(name) for name in names)
         rows = self.con.execute(
-            f"SELECT i.path, {select} FROM instances i "
+            f"SELECT i.path, {select} FROM instances i JOIN instance_attributes ia ON ia.path = i.path "
             "LEFT JOIN series se ON se.series_instance_uid = i.series_instance_uid "
             "LEFT JOIN studies st ON st.study_instance_uid = i.study_instance_uid "
             "WHERE i.study_instance_uid = ? ORDER BY i.path",

@@ -38,7 +38,7 @@ from fastscp.query import (
     recv_message,
     send_message,
 )
-from fastscp.records import ENCODER, IndexRecord, RecordBatch
+from fastscp.records import ENCODER, IndexRecord, InstanceRecord, RecordBatch
 
 log = logging.getLogger("fastscp.indexclient")
 
@@ -50,6 +50,33 @@ BATCH_RECORDS = 32
 RETRY_INTERVAL = 0.5
 #: Seconds a C-STORE waits for the indexer to say where its instance is stored.
 LOCATE_TIMEOUT = 2.0
+#: Bytes per message at most: a Unix datagram longer than the socket's send
+#: buffer (net.core.wmem_default, 208 KiB on Linux) is refused (EMSGSIZE),
+#: and the attribute maps of 32 instances of 32 series can be longer.
+MAX_MESSAGE_BYTES = 128 * 1024
+
+
+def batch_messages(records: list[IndexRecord]) -> list[tuple[bytes, int]]:
+    """The records as messages of :data:`MAX_MESSAGE_BYTES` at most: (message, records in it).
+
+    A batch too long is halved until each part fits. A single instance
+    record that is still too long (a hostile header: its attribute map is
+    bounded by characters, not bytes) travels without its attribute map;
+    the file keeps every attribute.
+    """
+    data = ENCODER.encode(RecordBatch.of(records))
+    if len(data) <= MAX_MESSAGE_BYTES:
+        return [(data, len(records))]
+    if len(records) > 1:
+        half = len(records) // 2
+        return batch_messages(records[:half]) + batch_messages(records[half:])
+    (record,) = records
+    if isinstance(record, InstanceRecord):
+        log.warning("the attribute map of %s is too long for a message (%d bytes): indexed without it",
+                    record.path.encode("unicode_escape").decode("ascii"), len(data))
+        record = msgspec.structs.replace(record, header=msgspec.structs.replace(record.header, attributes="{}"))
+        data = ENCODER.encode(RecordBatch.of([record]))
+    return [(data, 1)]
 
 
 class IndexerClient:
@@ -121,7 +148,7 @@ class IndexerClient:
     def _seal_locked(self) -> None:
         if self._batch:
             batch, self._batch = self._batch, []
-            self._pending.append((ENCODER.encode(RecordBatch.of(batch)), len(batch)))
+            self._pending += batch_messages(batch)
 
     def _deliver_locked(self) -> None:
         if not self._pending:

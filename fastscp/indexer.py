@@ -556,7 +556,7 @@ class Indexer:
         attempt = 0
         while True:
             try:
-                self.index.add_table(table, conflicts, thumbnails)
+                self.index.add_table(table, conflicts, thumbnails, maps=instances.maps)
                 self.committed += instances.count
                 break
             except Exception:

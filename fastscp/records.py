@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -58,22 +59,86 @@ IndexRecord = InstanceRecord | DuplicateConflict | ThumbnailMade
 
 
 #: The columns of a batch of instances: InstanceRecord's fields (its header
-#: excepted), then HeaderFields'.
+#: excepted), then HeaderFields', then the id of the attribute map the
+#: ``attributes`` column is relative to (:func:`split_maps`).
 INSTANCE_COLUMNS: tuple[str, ...] = (
     *(name for name in InstanceRecord.__struct_fields__ if name != "header"),
     *HeaderFields.__struct_fields__,
+    "attributes_base",
 )
 _HEADER_AT = InstanceRecord.__struct_fields__.index("header")
+_ATTRIBUTES_AT = INSTANCE_COLUMNS.index("attributes")
+_SERIES_AT = INSTANCE_COLUMNS.index("series_instance_uid")
 
 
-def transpose(records: Sequence[InstanceRecord]) -> list[tuple[Any, ...]]:
-    """The records' values by column (:data:`INSTANCE_COLUMNS`); one tuple per column."""
+def map_id(text: str) -> int:
+    """The id of an attribute map: a 64-bit hash of its text (equal maps share one row of ``attribute_maps``)."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little", signed=True)
+
+
+def _entries(text: str) -> list[str]:
+    # '{"T":"v","U":"w"}' -> ['T":"v', 'U":"w']: '","' is never inside a value,
+    # whose quotes are escaped (header.build_map).
+    return text[2:-2].split('","') if len(text) > 2 else []
+
+
+def split_maps(maps: Sequence[str], series: Sequence[str]) -> tuple[list[str], list[int], dict[int, str]]:
+    """Each instance's attribute map as a base shared by its series and its own entries over it.
+
+    PERF: a CT's ~100 attributes are ~2.5 KB of JSON, nearly all of it the
+    same in every instance of its series; written whole, the indexer's
+    rate fell to a quarter (bench/test_bench_index.py). The first map of
+    each series in ``maps`` is the base; an instance keeps the entries that
+    differ from it, and ``null`` for those it lacks (a JSON merge patch).
+
+    Returns
+    -------
+    deltas : list of str
+        Per instance: a JSON object text.
+    base_ids : list of int
+        Per instance.
+    bases : dict
+        Base id (:func:`map_id`) -> the base map's text.
+    """
+    first: dict[str, tuple[int, str, frozenset[str], frozenset[str]]] = {}
+    bases: dict[int, str] = {}
+    deltas: list[str] = []
+    base_ids: list[int] = []
+    for text, uid in zip(maps, series, strict=True):
+        base = first.get(uid)
+        if base is None:
+            entries = _entries(text)
+            base = first[uid] = (map_id(text), text, frozenset(entries), frozenset(e[:8] for e in entries))
+            bases[base[0]] = text
+        base_ids.append(base[0])
+        if text == base[1]:
+            deltas.append("{}")
+            continue
+        entries = _entries(text)
+        own = sorted(set(entries).difference(base[2]))  # set operations, at C speed
+        parts = [f'"{entry}"' for entry in own]
+        if len(entries) - len(own) != len(base[2]):  # some entry of the base is not the instance's
+            parts += [f'"{tag}":null' for tag in sorted(base[3].difference(entry[:8] for entry in entries))]
+        deltas.append("{" + ",".join(parts) + "}")
+    return deltas, base_ids, bases
+
+
+def transpose(records: Sequence[InstanceRecord]) -> tuple[list[tuple[Any, ...]], dict[int, str]]:
+    """The records' values by column (:data:`INSTANCE_COLUMNS`), one tuple per column, and the base maps.
+
+    The ``attributes`` column holds each instance's entries over its base
+    map (:func:`split_maps`); ``attributes_base`` the base's id.
+    """
     if not records:
-        return [() for _ in INSTANCE_COLUMNS]
+        return [() for _ in INSTANCE_COLUMNS], {}
     # PERF: transposed at C speed (astuple + zip): ~10x faster than a dict per row.
     by_field = list(zip(*map(msgspec.structs.astuple, records), strict=True))
     header = by_field.pop(_HEADER_AT)
-    return [*by_field, *zip(*map(msgspec.structs.astuple, header), strict=True)]
+    columns = [*by_field, *zip(*map(msgspec.structs.astuple, header), strict=True)]
+    deltas, base_ids, bases = split_maps(columns[_ATTRIBUTES_AT], columns[_SERIES_AT])
+    columns[_ATTRIBUTES_AT] = tuple(deltas)
+    columns.append(tuple(base_ids))
+    return columns, bases
 
 
 class InstanceColumns(msgspec.Struct, frozen=True, array_like=True):
@@ -90,12 +155,15 @@ class InstanceColumns(msgspec.Struct, frozen=True, array_like=True):
     values: list[list[Any]]
     #: Per column: the lengths of the runs of ``values``; None: one value per record.
     run_lengths: list[list[int] | None]
+    #: The base attribute maps of the records, by id (``attributes_base``).
+    maps: dict[int, str] = msgspec.field(default_factory=dict)
 
     @classmethod
     def of(cls, records: Sequence[InstanceRecord]) -> InstanceColumns:
         values: list[list[Any]] = []
         run_lengths: list[list[int] | None] = []
-        for column in transpose(records):
+        columns, maps = transpose(records)
+        for column in columns:
             if column and column.count(column[0]) == len(column):  # the common case, at C speed
                 values.append([column[0]])
                 run_lengths.append([len(column)])
@@ -107,7 +175,7 @@ class InstanceColumns(msgspec.Struct, frozen=True, array_like=True):
             else:
                 values.append(list(column))
                 run_lengths.append(None)
-        return cls(len(records), values, run_lengths)
+        return cls(len(records), values, run_lengths, maps)
 
     def column(self, name: str) -> list[Any]:
         """One column (:data:`INSTANCE_COLUMNS`), a value per record."""

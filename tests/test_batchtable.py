@@ -4,13 +4,23 @@ msgpack, gathered in a batchtable.InstanceBatch, expanded into one Arrow table; 
 from __future__ import annotations
 
 import datetime
+import json
 
 import msgspec
 import pytest
 
 from fastscp.batchtable import SCHEMA, InstanceBatch, distinct_rows, last_per_path
 from fastscp.header import HeaderFields
-from fastscp.records import BATCH_DECODER, ENCODER, INSTANCE_COLUMNS, InstanceRecord, RecordBatch, ThumbnailMade
+from fastscp.records import (
+    BATCH_DECODER,
+    ENCODER,
+    INSTANCE_COLUMNS,
+    InstanceRecord,
+    RecordBatch,
+    ThumbnailMade,
+    map_id,
+    split_maps,
+)
 
 
 def instance(n: int, *, series: int = 0, **header: object) -> InstanceRecord:
@@ -22,15 +32,36 @@ def instance(n: int, *, series: int = 0, **header: object) -> InstanceRecord:
                           received_at=1_700_000_000.25 + n, header=HeaderFields(**fields), content_hash=f"{n:064x}")
 
 
+def merge_patch(base: dict[str, object], patch: dict[str, object]) -> dict[str, object]:
+    """RFC 7386 on flat objects: what DuckDB's json_merge_patch (the instance_attributes view) does."""
+    merged = {**base, **patch}
+    return {key: value for key, value in merged.items() if value is not None}
+
+
 def expected_rows(records: list[InstanceRecord]) -> list[dict[str, object]]:
-    """The oracle: each record's fields, one dict per record (received_at as a UTC timestamp)."""
+    """The oracle: each record's fields, one dict per record (received_at as a UTC timestamp).
+
+    The attribute map is the first map of the record's series in the batch
+    (``attributes_base``, its id) and the record's own entries over it
+    (``attributes``, parsed here: compare with :func:`parsed`).
+    """
     rows = []
+    first: dict[str, str] = {}
     for record in records:
         row = {**msgspec.structs.asdict(record), **msgspec.structs.asdict(record.header)}
         row.pop("header")
         row["received_at"] = datetime.datetime(1970, 1, 1) + datetime.timedelta(seconds=record.received_at)
+        base = first.setdefault(record.header.series_instance_uid, record.header.attributes)
+        own, whole = json.loads(base), json.loads(record.header.attributes)
+        row["attributes"] = {key: value for key, value in whole.items() if own.get(key) != value} | {
+            key: None for key in own if key not in whole}
+        row["attributes_base"] = map_id(base)
         rows.append({name: row[name] for name in INSTANCE_COLUMNS})
     return rows
+
+
+def parsed(rows: list[dict[str, object]]) -> list[dict[str, object]]:
+    return [{**row, "attributes": json.loads(row["attributes"])} for row in rows]  # type: ignore[arg-type]
 
 
 def through_the_wire(records: list[InstanceRecord]) -> RecordBatch:
@@ -46,7 +77,7 @@ def test_shared_values_travel_once_and_come_back_per_instance() -> None:
     assert len(by_name["path"]) == 12  # every value differs: no runs
     gathered = InstanceBatch()
     gathered.add(batch)
-    assert gathered.table().to_pylist() == expected_rows(records)
+    assert parsed(gathered.table().to_pylist()) == expected_rows(records)
 
 
 def test_batches_of_either_coding_gather_in_order() -> None:
@@ -58,7 +89,7 @@ def test_batches_of_either_coding_gather_in_order() -> None:
     assert gathered.count == 9
     table = gathered.table()
     assert table.schema == SCHEMA
-    assert table.to_pylist() == expected_rows(first + second)
+    assert parsed(table.to_pylist()) == expected_rows(first + second)
     assert InstanceBatch.of(first + second).table().equals(table)
 
 
@@ -99,3 +130,24 @@ def test_distinct_rows_give_the_last_row_of_each_key(order: str) -> None:
         oracle[record.header.series_instance_uid] = (record.header.series_instance_uid, record.header.series_number,
                                                      record.header.series_description)
     assert rows == oracle
+
+
+def test_attribute_maps_travel_as_a_base_per_series_and_each_instance_s_own_entries() -> None:
+    maps = ['{"00180050":"5","00200032":"1\\\\2\\\\3","00080080":"A \\"B\\"","00181151":"170"}',
+            '{"00180050":"5","00200032":"1\\\\2\\\\8","00080080":"A \\"B\\"","00181151":"170"}',
+            '{"00180050":"5","00080080":"A \\"B\\"","00181151":"170","00201041":"-8"}',
+            '{}']
+    records = [instance(n, series=n // 3, attributes=text) for n, text in enumerate(maps + maps[:1])]
+    batch = through_the_wire(records).instances
+    assert len(batch.maps) == 2  # one base per series
+    gathered = InstanceBatch()
+    gathered.add(batch)
+    rows = gathered.table().to_pylist()
+    assert parsed(rows) == expected_rows(records)
+    assert [row["attributes"] for row in rows[:3]] == ["{}", '{"00200032":"1\\\\2\\\\8"}',
+                                                      '{"00201041":"-8","00200032":null}']
+    for record, row in zip(records, rows, strict=True):  # base + own entries = the instance's map
+        whole = merge_patch(json.loads(gathered.maps[row["attributes_base"]]), json.loads(row["attributes"]))
+        assert whole == json.loads(record.header.attributes)
+    deltas, ids, bases = split_maps([], [])
+    assert (deltas, ids, bases) == ([], [], {})

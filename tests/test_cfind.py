@@ -296,3 +296,147 @@ def test_sql_is_read_only_with_every_output_format(patients, tmp_path: Path, cap
         assert sql("SELECT count(*) FROM studies", "--format", "csv")[1].split() == ["count_star()", "4"]
         if running:
             assert patients.stop() == 0
+
+
+# -- every attribute: keys that are no column of their own, from the attribute map (issue 17 item 4) --------
+
+
+@pytest.fixture
+def scanned(start_server, tmp_path: Path):  # type: ignore[no-untyped-def]
+    """Two studies whose attributes are in no column of the index, only in the instances' attribute map.
+
+    ATTR1 (Explicit VR): General Hospital, CHEST ROUTINE, slices of 1.25, 5
+    and 5 mm at 120, 120 and 100 kVp, acquired 2024-01-05, a private
+    element. ATTR2 (Implicit VR: the scan takes the VRs from the data
+    dictionary; ISO_IR 100): HEAD, 2.5 mm at 100 kVp, acquired 2023-03-01,
+    its second instance (stored last) from another institution.
+    """
+    server = start_server()
+    first = write_series(str(tmp_path / "attr1"), 3, rows=8, columns=8, patient_id="ATTR1", seed=11)
+    for path, thickness, kvp in zip(first, ("1.25", "5", "5"), ("120", "120", "100"), strict=True):
+        ds = pydicom.dcmread(path)
+        ds.InstitutionName = "General Hospital"
+        ds.ProtocolName = "CHEST ROUTINE"
+        ds.StationName = "CT01"
+        ds.PatientAge = "042Y"
+        ds.SliceThickness = thickness
+        ds.KVP = kvp
+        ds.AcquisitionDate = "20240105"
+        ds.ImagePositionPatient = ["-100", "-120.5", thickness]
+        ds.private_block(0x0019, "ACME", create=True).add_new(0x01, "LO", "secret")
+        ds.save_as(path, enforce_file_format=True)
+    second = write_series(str(tmp_path / "attr2"), 2, rows=8, columns=8, patient_id="ATTR2", seed=12)
+    for path, institution in zip(second, ("Klinik Nörd", "Klinik Nörd Annex"), strict=True):
+        ds = pydicom.dcmread(path)
+        ds.SpecificCharacterSet = "ISO_IR 100"
+        ds.InstitutionName = institution
+        ds.ProtocolName = "HEAD"
+        ds.SliceThickness = "2.5"
+        ds.KVP = "100"
+        ds.AcquisitionDate = "20230301"
+        ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
+        ds.save_as(path, enforce_file_format=True)
+    dcmtk("storescu", "-aec", server.ae_title, "-xe", "127.0.0.1", str(server.port), *first)
+    for path in second:  # one association each: the second is the newest
+        dcmtk("storescu", "-aec", server.ae_title, "-xi", "127.0.0.1", str(server.port), path)
+    wait_until(lambda: QueryClient(str(server.index)).stats().instances == 5,  # type: ignore[attr-defined]
+               what="the stores to be indexed")
+    return server
+
+
+def _series_of(server, tmp_path: Path, patient_id: str) -> tuple[str, str]:  # type: ignore[no-untyped-def]
+    (study,) = findscu(server, tmp_path, "-S", "QueryRetrieveLevel=STUDY", f"PatientID={patient_id}",
+                       "StudyInstanceUID")
+    (series,) = findscu(server, tmp_path, "-S", "QueryRetrieveLevel=SERIES",
+                        f"StudyInstanceUID={study.StudyInstanceUID}", "SeriesInstanceUID")
+    return study.StudyInstanceUID, series.SeriesInstanceUID
+
+
+def test_any_attribute_at_image_level(scanned, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    study, series = _series_of(scanned, tmp_path, "ATTR1")
+    keys = ("-S", "QueryRetrieveLevel=IMAGE", f"StudyInstanceUID={study}", f"SeriesInstanceUID={series}",
+            "SOPInstanceUID", "KVP", "SliceThickness", "ImagePositionPatient")
+    found = findscu(scanned, tmp_path, *keys[:-2], "SliceThickness=5", "ImagePositionPatient")
+    assert sorted((str(ds.SliceThickness), str(ds.KVP)) for ds in found) == [("5", "100"), ("5", "120")]
+    assert all([str(v) for v in ds.ImagePositionPatient] == ["-100", "-120.5", "5"] for ds in found)
+    # Numbers match as numbers; a single value matches a multi-valued attribute when any value does.
+    assert len(findscu(scanned, tmp_path, *keys, "SliceThickness=5.0")) == 2
+    assert len(findscu(scanned, tmp_path, *keys, "ImagePositionPatient=-120.5")) == 3
+    assert [str(ds.SliceThickness) for ds in findscu(scanned, tmp_path, *keys, "KVP=100")] == ["5"]
+    assert findscu(scanned, tmp_path, *keys, "SliceThickness=3") == []
+    # The Implicit VR study: the scan read its VRs from the data dictionary.
+    study, series = _series_of(scanned, tmp_path, "ATTR2")
+    found = findscu(scanned, tmp_path, "-S", "QueryRetrieveLevel=IMAGE", f"StudyInstanceUID={study}",
+                    f"SeriesInstanceUID={series}", "KVP=100", "SliceThickness", "InstitutionName")
+    assert sorted((str(ds.SliceThickness), ds.InstitutionName) for ds in found) == [
+        ("2.5", "Klinik Nörd"), ("2.5", "Klinik Nörd Annex")]
+
+
+def test_any_attribute_at_series_and_study_level(scanned, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    study, _series = _series_of(scanned, tmp_path, "ATTR1")
+    (series,) = findscu(scanned, tmp_path, "-S", "QueryRetrieveLevel=SERIES", f"StudyInstanceUID={study}",
+                        "ProtocolName=CHEST*", "StationName", "SeriesInstanceUID")
+    assert (series.ProtocolName, series.StationName) == ("CHEST ROUTINE", "CT01")
+    assert findscu(scanned, tmp_path, "-S", "QueryRetrieveLevel=SERIES", f"StudyInstanceUID={study}",
+                   "ProtocolName=HEAD") == []
+    (found,) = findscu(scanned, tmp_path, "-S", "QueryRetrieveLevel=STUDY", "InstitutionName=General Hospital",
+                       "PatientID", "ProtocolName")
+    assert (found.PatientID, found.ProtocolName) == ("ATTR1", "CHEST ROUTINE")
+    # Matched on any instance of the study, returned from its newest instance (stored last).
+    (found,) = findscu(scanned, tmp_path, "-S", "QueryRetrieveLevel=STUDY", "SpecificCharacterSet=ISO_IR 192",
+                       "InstitutionName=Klinik Nörd", "PatientID")
+    assert (found.PatientID, found.InstitutionName) == ("ATTR2", "Klinik Nörd Annex")
+    # Ranges on dates, wildcards and lists on text.
+    assert [ds.PatientID for ds in findscu(scanned, tmp_path, "-S", "QueryRetrieveLevel=STUDY",
+                                           "AcquisitionDate=20240101-", "PatientID")] == ["ATTR1"]
+    assert [ds.PatientID for ds in findscu(scanned, tmp_path, "-S", "QueryRetrieveLevel=STUDY",
+                                           "AcquisitionDate=-20231231", "PatientID")] == ["ATTR2"]
+    assert sorted(ds.PatientID for ds in findscu(scanned, tmp_path, "-S", "QueryRetrieveLevel=STUDY",
+                                                 "InstitutionName=*Hosp*\\Klinik*", "PatientID")) == ["ATTR1", "ATTR2"]
+    (patient,) = findscu(scanned, tmp_path, "-P", "QueryRetrieveLevel=PATIENT", "PatientID=ATTR1", "PatientAge")
+    assert patient.PatientAge == "042Y"
+
+
+def test_any_attribute_in_a_relational_query(scanned) -> None:  # type: ignore[no-untyped-def]
+    found, statuses, _ = _pynetdicom_find(scanned, "IMAGE", True, KVP="100", SOPInstanceUID="", SliceThickness="",
+                                          PatientID="")
+    assert statuses == {0xFF00, 0x0000}
+    assert sorted((ds.PatientID, str(ds.SliceThickness)) for ds in found) == [
+        ("ATTR1", "5"), ("ATTR2", "2.5"), ("ATTR2", "2.5")]
+
+
+def test_map_keys_are_supported_and_the_rest_still_warn(scanned) -> None:  # type: ignore[no-untyped-def]
+    found, statuses, _ = _pynetdicom_find(scanned, "STUDY", False, InstitutionName="General*", PatientID="",
+                                          KVP="")
+    assert statuses == {0xFF00, 0x0000}  # every key supported: no 0xFF01
+    assert [(ds.PatientID, ds.InstitutionName, str(ds.KVP)) for ds in found] == [("ATTR1", "General Hospital", "100")]
+    # A binary attribute and a sequence item: returned empty, not matched, 0xFF01 as before.
+    found, statuses, _ = _pynetdicom_find(scanned, "STUDY", False, PatientID="ATTR1",
+                                          RedPaletteColorLookupTableData=b"")  # type: ignore[arg-type]
+    assert statuses == {0xFF01, 0x0000} and [ds.PatientID for ds in found] == ["ATTR1"]
+    assert "RedPaletteColorLookupTableData" in found[0] and not found[0].RedPaletteColorLookupTableData
+    found, statuses, _ = _pynetdicom_find(scanned, "STUDY", False, PatientID="ATTR1",
+                                          ReferencedImageSequence=[pydicom.Dataset()])  # type: ignore[arg-type]
+    assert statuses == {0xFF01, 0x0000} and [ds.PatientID for ds in found] == ["ATTR1"]
+
+
+def test_sql_reads_the_attribute_map(scanned, capsys) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from fastscp import cli_index
+
+    statement = ("SELECT attributes->>'$.\"00180050\"' AS slice_thickness, count(*) AS n FROM instance_attributes "
+                 "GROUP BY 1 ORDER BY 1")
+    for running in (True, False):  # through the server's indexer, then on the stopped server's file
+        assert cli_index.main(["sql", statement, "--index-db", str(scanned.index), "--format", "json"]) == 0
+        rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        assert rows == [{"slice_thickness": "1.25", "n": 1}, {"slice_thickness": "2.5", "n": 2},
+                        {"slice_thickness": "5", "n": 2}], running
+        # fastscp query takes any attribute of the map as a key too
+        assert cli_index.main(["query", "studies", "--index-db", str(scanned.index), "--json",
+                               "--keys", "PatientID,InstitutionName,ProtocolName"]) == 0
+        rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        assert sorted((row["PatientID"], row["InstitutionName"], row["ProtocolName"]) for row in rows) == [
+            ("ATTR1", "General Hospital", "CHEST ROUTINE"), ("ATTR2", "Klinik Nörd Annex", "HEAD")], running
+        if running:
+            assert scanned.stop() == 0

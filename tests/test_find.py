@@ -153,11 +153,14 @@ def test_unsupported_keys_and_sequences_come_back_empty(client) -> None:  # type
     ds = identifier("STUDY", PatientID="1CT1", InstitutionName="", StudyInstanceUID="")
     ds.ReferencedStudySequence = Sequence([])
     ds.add_new(0x00091001, "LO", "private")
+    ds.add_new(0x00281201, "OW", b"")  # Red Palette Color Lookup Table Data: binary, not in the attribute map
     responses = find(STUDY_ROOT_FIND, ds, client)
     assert responses.pending_status == PENDING_WARNING
     (match,) = list(responses)
-    assert match.InstitutionName in (None, "") and match.ReferencedStudySequence == []
-    assert match[0x00091001].value in (None, "")
+    assert match.ReferencedStudySequence == []
+    assert match[0x00091001].value in (None, "") and match[0x00281201].value in (None, b"")
+    # Institution Name has no column: it comes from the attribute map (it was unsupported before).
+    assert match.InstitutionName == "JFK IMAGING CENTER"
     plain = find(STUDY_ROOT_FIND, identifier("STUDY", PatientID="1CT1"), client)
     assert plain.pending_status == PENDING
 
@@ -196,3 +199,13 @@ def test_find_through_a_running_server(start_server, tmp_path: Path) -> None:  #
     assert (match.StudyInstanceUID, match.RetrieveAETitle) == (study, server.ae_title)
     assert QueryClient(str(server.index)).stats().indexer is not None  # answered by the server's indexer
     assert server.stop() == 0
+
+
+def test_values_of_the_attribute_map_take_their_vr_form() -> None:
+    from fastscp.find import _value
+
+    # A backslash separates values, except in the text VRs where it is text (PS3.5 6.2).
+    assert _value("left\\right", "LT") == "left\\right" and _value("a\\b", "UT") == "a\\b"
+    assert _value("-100\\-120.5\\5", "DS") == ["-100", "-120.5", "5"]
+    assert _value("1\\2\\65535", "US") == [1, 2, 65535] and _value("+12", "IS") == 12
+    assert _value("0.30000001192092896", "FL") == 0.30000001192092896 and _value("x", "FD") is None

@@ -7,9 +7,11 @@ built, unless ``FASTSCP_NO_EXTENSIONS=1`` says to run without it.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
+import struct
 import warnings
 import zlib
 from collections.abc import Callable
@@ -19,7 +21,8 @@ from pathlib import Path
 import msgspec
 import pydicom
 import pytest
-from pydicom.datadict import tag_for_keyword
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import RawDataElement
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_dataset
@@ -165,6 +168,52 @@ def pydicom_fields(ds: pydicom.Dataset) -> dict[str, object]:
     return expected
 
 
+_FIELD_TAGS = {tag for tag, _name, _kind in _header_py.FIELDS}
+_BINARY_NUMBERS = ("US", "SS", "UL", "SL", "UV", "SV", "FL", "FD")
+
+
+def pydicom_map(ds: pydicom.Dataset) -> dict[str, str]:
+    """What the attribute map should hold, from pydicom's reading of the same bytes.
+
+    Every top-level element that is no FIELDS one, not private, not a group
+    length, of a kept VR (the VR in the data, or for implicit VR the
+    dictionary's when it gives one kept VR), up to MAP_MAX_VALUE bytes, not
+    empty: its values as pydicom shows them, backslash-separated.
+    """
+    expected = {}
+    for tag in ds.keys():
+        if tag in _FIELD_TAGS or not _header_py.map_eligible(tag.group, tag.element):
+            continue
+        raw = ds.get_item(tag)
+        raw_vr = raw.VR if isinstance(raw, RawDataElement) else ds[tag].VR
+        if raw_vr is None:  # implicit VR
+            if tag not in _header_py.IMPLICIT_MAP_KINDS:
+                continue
+            vr = dictionary_VR(tag)
+        elif raw_vr.encode() in _header_py.MAP_KINDS:
+            vr = raw_vr
+        else:
+            continue
+        if isinstance(raw, RawDataElement) and raw.value is not None and len(raw.value) > _header_py.MAP_MAX_VALUE:
+            continue
+        value = ds[tag].value
+        values = list(value) if isinstance(value, MultiValue | list) else [value]
+        if vr in _BINARY_NUMBERS:
+            text = "\\".join(repr(v) for v in values if v is not None)
+        else:
+            texts = ["" if v is None else str(v) for v in values]
+            # Padding: pydicom keeps some (leading spaces of a TM, trailing
+            # ones of a PN's first value); the map has none, per value.
+            if _header_py.MAP_KINDS[vr.encode()] == _header_py.MAP_STRIP:
+                texts = [t.strip(" \0") for t in texts]
+            else:
+                texts = [t.rstrip(" \0") for t in texts]
+            text = "\\".join(texts)
+        if text:
+            expected[f"{tag:08X}"] = text
+    return expected
+
+
 def assert_matches_pydicom(fields: HeaderFields, ds: pydicom.Dataset) -> None:
     expected = pydicom_fields(ds)
     defaults = HeaderFields()
@@ -172,6 +221,7 @@ def assert_matches_pydicom(fields: HeaderFields, ds: pydicom.Dataset) -> None:
     got = {name: getattr(fields, name) for name in names}
     want = {name: expected.get(name, getattr(defaults, name)) for name in names}
     assert got == want
+    assert json.loads(fields.attributes) == pydicom_map(ds)
 
 
 def read_raw_dataset(data: bytes, ts: str) -> pydicom.Dataset:
@@ -196,7 +246,8 @@ def test_fields_table_matches_the_dicom_dictionary() -> None:
     for tag, name, _kind in _header_py.FIELDS:
         assert tag == tag_for_keyword(KEYWORDS[name]), name
     assert _header_py.FIELDS[0][1] == "specific_character_set"
-    assert set(HeaderFields.__struct_fields__) == set(KEYWORDS) | {"pixel_data_offset"} | set(ALL_VALUES_OF)
+    extra = {"pixel_data_offset", "attributes"}
+    assert set(HeaderFields.__struct_fields__) == set(KEYWORDS) | extra | set(ALL_VALUES_OF)
 
 
 def test_backend_switch() -> None:
@@ -748,7 +799,113 @@ def test_pydicom_written_ct(parse: Parse, encoding: str) -> None:
     write_dataset(fp, ds)
     data = fp.getvalue()
     fields = parse(data, ts)
-    assert_matches_pydicom(fields, ds)
+    # as read back: an implicit VR "US or SS" element has no VR in the data
+    assert_matches_pydicom(fields, read_raw_dataset(data, ts))
     assert fields.window_center == 40.0 and fields.requesting_physician == "Who^Doctor"
     assert data[fields.pixel_data_offset : fields.pixel_data_offset + 4] == PIXEL_DATA_TAG[enc.big]
     assert msgspec.json.decode(msgspec.json.encode(fields), type=HeaderFields) == fields
+
+
+# -- the attribute map ------------------------------------------------------------------------
+
+
+def map_dataset(enc: Encoder) -> bytes:
+    """Elements of every kept VR, values that need JSON escapes, and elements the map leaves out."""
+    e = ">" if enc.big else "<"
+    parts = [
+        enc.element(0x00080005, "CS", pad("ISO_IR 100")),
+        enc.element(0x00080012, "DA", pad("20240102")),  # DA
+        enc.element(0x00080013, "TM", pad(" 101010.5")),  # TM, leading space stripped
+        enc.element(0x00080014, "UI", pad("1.2.3", "UI")),  # UI, NUL padding
+        enc.element(0x00080054, "AE", pad("AE1\\AE2 ")),  # AE, two values
+        enc.element(0x00080070, "LO", pad('Maker "Q"\\back')),  # quotes, two values
+        enc.element(0x00080080, "LO", pad("Hôpital Zürich", encoding="latin-1")),  # charset text
+        enc.element(0x00081010, "SH", pad("")),  # empty: left out
+        enc.element(0x00081048, "PN", pad("Phys^One \\Phys^Two")),  # PN, two values
+        enc.element(0x00081080, "LO", pad("a\x01b\x1fc")),  # control characters
+        enc.element(0x00090010, "LO", pad("PRIVATE")),  # private creator: left out
+        enc.element(0x00091001, "LO", pad("private")),  # private: left out
+        enc.element(0x00100000, "UL", struct.pack(e + "I", 8)),  # group length: left out
+        enc.element(0x00101010, "AS", pad("042Y")),
+        enc.element(0x0008002A, "DT", pad("20240102101010.5+0100")),
+        enc.element(0x00186020, "SL", struct.pack(e + "i", -70000)),
+        enc.element(0x00080119, "UC", pad("long code\\second")),
+        enc.element(0x00720071, "UR", pad("http://x/a b ")),
+        enc.element(0x00101030, "DS", pad(" 70.5\\80 ")),  # DS, two values, spaces
+        enc.element(0x00104000, "LT", pad("line1\r\nline2 \\ not a separator")),  # LT: one value
+        enc.element(0x00180060, "DS", pad("120")),
+        enc.element(0x00181020, "UT", pad("x" * 5000)),  # longer than MAP_MAX_VALUE: left out
+        enc.element(0x00181151, "IS", pad("-300")),
+        enc.element(0x00189345, "FD", struct.pack(e + "d", 0.1)),  # FD
+        enc.element(0x00189306, "FD", struct.pack(e + "2d", -1.5, 2.25)),  # FD, two values
+        enc.element(0x00181160, "SH", pad("FILTER")),
+        enc.element(0x00200032, "DS", pad("-125.5\\-130\\40")),
+        enc.element(0x00209241, "FL", struct.pack(e + "f", 0.3)),  # FL: float32's repr
+        enc.element(0x00280030, "DS", pad("0.5\\0.5")),
+        enc.element(0x00280101, "US", 12),  # a FIELDS element: its own column, not in the map
+        enc.element(0x00280102, "US", 11),  # US
+        enc.element(0x00280106, "US", 7),  # "US or SS": kept in explicit VR only
+        enc.element(0x00281041, "SS", struct.pack(e + "h", -2)),  # SS
+        enc.element(0x00380010, "LO", pad("ADM1")),
+        enc.element(0x00400244, "DA", pad("20240102")),
+        enc.element(0x00400253, "SH", pad("PPS1")),
+        enc.element(0x00540081, "US", struct.pack(e + "3H", 1, 2, 65535)),  # US, three values
+        enc.element(0x00660031, "LO", pad("")),
+        enc.element(0x00686210, "LO", pad("d")),
+        enc.element(0x00720064, "IS", pad("5")),
+        enc.element(0x00089123, "UI", pad("1.2", "UI")),
+        enc.element(0x0040A30A, "DS", pad("1")),
+        enc.element(0x00400009, "SH", pad("SPS")),
+        enc.element(0x00080201, "SH", pad("+0100")),
+        enc.element(0x00180015, "CS", pad("CHEST")),  # a FIELDS element
+        enc.element(0x00189313, "FD", struct.pack(e + "3d", 1.0, 2.0, 3.0)),
+        enc.element(0x00100218, "UT", pad("ut text ")),
+        enc.element(0x00081030, "LO", pad("Study")),  # a FIELDS element
+        enc.element(0x0008010D, "UI", pad("1.2.4", "UI")),
+        enc.element(0x00720082, "SV", struct.pack(e + "q", -(1 << 63))),  # SV at its minimum
+        enc.element(0x00720083, "UV", struct.pack(e + "Q", (1 << 64) - 1)),  # UV at its maximum
+        enc.element(0x00420011, "OB", b"\x01\x02"),  # bytes: left out
+        enc.element(0x0072FFF0, "UN", b"\x01\x02"),  # unknown VR: left out
+        enc.element(0x00180050, "DS", pad("5.0")),
+        enc.element(0x7FE00010, "OW", b"\x00\x01" * 4),
+    ]
+    # the scan reads the elements in the order they come; keep them sorted by tag as a dataset is
+    heads = sorted(parts[:-1], key=lambda p: struct.unpack(e + "HH", p[:4]))
+    return b"".join(heads) + parts[-1]
+
+
+@pytest.mark.parametrize("encoding", list(ENCODINGS))
+def test_attribute_map(parse: Parse, encoding: str) -> None:
+    ts, enc = ENCODINGS[encoding]
+    data = map_dataset(enc)
+    fields = parse(data, ts)
+    got = json.loads(fields.attributes)
+    assert got == pydicom_map(read_raw_dataset(data, ts))
+    assert fields.attributes.startswith('{"00080012":"20240102",')  # tags in data order, 8 upper-case hex digits
+    assert got["00080013"] == "101010.5" and got["00080014"] == "1.2.3" and got["00080054"] == "AE1\\AE2"
+    assert got["00080070"] == 'Maker "Q"\\back' and got["00080080"] == "Hôpital Zürich"
+    assert got["00081048"] == "Phys^One\\Phys^Two" and got["00081080"] == "a\x01b\x1fc"
+    assert got["00101030"] == "70.5\\80" and got["00104000"] == "line1\r\nline2 \\ not a separator"
+    assert got["00189306"] == "-1.5\\2.25" and got["00209241"] == repr(struct.unpack("f", struct.pack("f", 0.3))[0])
+    assert got["00540081"] == "1\\2\\65535" and got["00281041"] == "-2"
+    assert got["00720082"] == str(-(1 << 63)) and got["00720083"] == str((1 << 64) - 1)
+    left_out = {"00081010", "00090010", "00091001", "00100000", "00181020", "00280101", "00180015", "00081030",
+                "00420011", "0072FFF0", "00660031"}
+    assert not left_out & set(got)
+    # "US or SS" has no VR to go by in implicit VR
+    assert ("00280106" in got) == enc.explicit
+
+
+def test_attribute_map_is_bounded(both: tuple[Parse, Parse]) -> None:
+    """A hostile header: at most MAP_MAX_ELEMENTS elements and MAP_MAX_CHARS characters, the twins alike."""
+    enc = Encoder()
+    many = b"".join(enc.element(0x00400000 + n * 2 + 2, "LO", pad(f"v{n}")) for n in range(700))
+    long = b"".join(enc.element(0x00400000 + n * 2 + 2, "UT", pad("\\" * 4000)) for n in range(40))
+    cext, py = both
+    for data in (many, long):
+        fields = py(data, EXPLICIT_LE)
+        assert cext(data, EXPLICIT_LE) == fields
+        assert len(fields.attributes) <= _header_py.MAP_MAX_CHARS
+        assert len(json.loads(fields.attributes)) <= _header_py.MAP_MAX_ELEMENTS
+    assert len(json.loads(py(many, EXPLICIT_LE).attributes)) == _header_py.MAP_MAX_ELEMENTS
+    assert len(json.loads(py(long, EXPLICIT_LE).attributes)) == _header_py.MAP_MAX_CHARS // 8014

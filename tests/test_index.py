@@ -26,7 +26,7 @@ from fastscp.index import SCHEMA_VERSION, TABLES, Index, IndexUnavailable
 from fastscp.indexclient import IndexerClient, QueryClient
 from fastscp.indexer import Indexer, indexer_address, query_address
 from fastscp.query import Condition as QueryCondition
-from fastscp.query import QueryRequest, run_query
+from fastscp.query import QueryRequest, SqlRequest, run_query
 from fastscp.records import DuplicateConflict, InstanceRecord
 from fastscp.reindex import FileState, Progress, plan, read_record, read_records, reindex, walk
 from fastscp.synthetic import write_series
@@ -207,6 +207,13 @@ def test_remove_drops_rows_and_empty_parents(storage: Path, tmp_path: Path) -> N
     assert rows(index, "SELECT count(*) FROM patients WHERE patient_id = 'SYNB'") == [(0,)]
     assert rows(index, "SELECT count(*) FROM series WHERE modality = 'MR' AND series_instance_uid IN "
                        "(SELECT series_instance_uid FROM instances)") == [(1,)]  # MR_small.dcm stays
+    # The base attribute maps of the gone series go with them; each one left is used.
+    assert rows(index, "SELECT count(*) FROM attribute_maps") == rows(
+        index, "SELECT count(DISTINCT attributes_base) FROM instances")
+    assert rows(index, "SELECT count(*) FROM attribute_maps WHERE id NOT IN (SELECT attributes_base FROM instances)"
+                ) == [(0,)]
+    index.remove([r.path for r in records if r.path not in gone])
+    assert rows(index, "SELECT count(*) FROM attribute_maps") == [(0,)]
     index.close()
 
 
@@ -295,7 +302,48 @@ def test_migration_from_v1(storage: Path, tmp_path: Path) -> None:
 _V3_COLUMNS = {"studies": ("patient_name", "patient_birth_date", "patient_sex"),
                "instances": ("image_type", "window_center_values", "window_width_values")}
 #: Columns that schema version 4 added (the command's SOP Instance UID).
-_V4_COLUMNS = ("affected_sop_instance_uid",)
+_V4_COLUMNS = {"instances": ("affected_sop_instance_uid",)}
+#: Columns that schema version 5 added (the attribute map), beside its table and view.
+_V5_COLUMNS = {"instances": ("attributes", "attributes_base")}
+
+
+def _drop_v5(con: duckdb.DuckDBPyConnection) -> None:
+    con.execute("DROP VIEW instance_attributes")
+    con.execute("DROP TABLE attribute_maps")
+
+
+def _drop_columns(con: duckdb.DuckDBPyConnection, *dropped: dict[str, tuple[str, ...]]) -> None:
+    for table in ("studies", "instances"):
+        added = [name for columns in dropped for name in columns.get(table, ())]
+        if not added:
+            continue
+        kept = {name: sql for name, sql in TABLES[table].items() if name not in added}
+        key = "study_instance_uid" if table == "studies" else "path"
+        columns = ", ".join(f'"{name}" {sql}{" PRIMARY KEY" if name == key else ""}' for name, sql in kept.items())
+        con.execute(f"CREATE TABLE {table}_old ({columns})")
+        con.execute(f"INSERT INTO {table}_old SELECT {', '.join(f'{chr(34)}{n}{chr(34)}' for n in kept)} FROM {table}")
+        con.execute(f"DROP TABLE {table}")
+        con.execute(f"ALTER TABLE {table}_old RENAME TO {table}")
+
+
+def make_v4_index(path: str, records: list[InstanceRecord]) -> None:
+    """An index file as schema version 4 had it: no attribute map."""
+    Index(path).add(records)
+    con = duckdb.connect(path)
+    _drop_v5(con)
+    _drop_columns(con, _V5_COLUMNS)
+    con.execute("UPDATE schema_version SET version = 4")
+    con.close()
+
+
+def make_v3_index(path: str, records: list[InstanceRecord]) -> None:
+    """An index file as schema version 3 had it: no attribute map, instances without the command's UID."""
+    Index(path).add(records)
+    con = duckdb.connect(path)
+    _drop_v5(con)
+    _drop_columns(con, _V4_COLUMNS, _V5_COLUMNS)
+    con.execute("UPDATE schema_version SET version = 3")
+    con.close()
 
 
 def make_v2_index(path: str, records: list[InstanceRecord]) -> None:
@@ -304,14 +352,8 @@ def make_v2_index(path: str, records: list[InstanceRecord]) -> None:
     con = duckdb.connect(path)
     con.execute("DROP VIEW patient_counts")
     con.execute("DROP VIEW patients")
-    for table, added in _V3_COLUMNS.items():
-        kept = {name: sql for name, sql in TABLES[table].items() if name not in (*added, *_V4_COLUMNS)}
-        key = "study_instance_uid" if table == "studies" else "path"
-        columns = ", ".join(f'"{name}" {sql}{" PRIMARY KEY" if name == key else ""}' for name, sql in kept.items())
-        con.execute(f"CREATE TABLE {table}_v2 ({columns})")
-        con.execute(f"INSERT INTO {table}_v2 SELECT {', '.join(f'{chr(34)}{n}{chr(34)}' for n in kept)} FROM {table}")
-        con.execute(f"DROP TABLE {table}")
-        con.execute(f"ALTER TABLE {table}_v2 RENAME TO {table}")
+    _drop_v5(con)
+    _drop_columns(con, _V3_COLUMNS, _V4_COLUMNS, _V5_COLUMNS)
     con.execute("CREATE TABLE patients (patient_id VARCHAR PRIMARY KEY, patient_name VARCHAR, "
                 "patient_birth_date VARCHAR, patient_sex VARCHAR)")
     for r in records:
@@ -322,6 +364,19 @@ def make_v2_index(path: str, records: list[InstanceRecord]) -> None:
                 "FROM instances i JOIN studies st ON st.study_instance_uid = i.study_instance_uid GROUP BY 1")
     con.execute("UPDATE schema_version SET version = 2")
     con.close()
+
+
+def test_migration_from_v4(storage: Path, tmp_path: Path) -> None:
+    index, records = migrated(storage, tmp_path, make_v4_index)
+    # The old rows have no map (reindex reads it); new rows do.
+    assert rows(index, "SELECT count(*) FROM instances WHERE attributes IS NULL") == [(len(records),)]
+    (syna,) = [r for r in records if r.path == "SYNA/CT00001.dcm"]
+    again = msgspec.structs.replace(syna, header=msgspec.structs.replace(syna.header, attributes='{"00180060":"120"}'))
+    assert index.add([again]) == 1
+    assert rows(index, "SELECT attributes->>'$.\"00180060\"' FROM instance_attributes WHERE path = ?",
+                [syna.path]) == [("120",)]
+    assert index.study_instances(syna.header.study_instance_uid)[0][1] == again.header
+    index.close()
 
 
 def test_migration_from_v2(storage: Path, tmp_path: Path) -> None:
@@ -343,24 +398,9 @@ def test_migration_from_v2(storage: Path, tmp_path: Path) -> None:
     index.close()
 
 
-def make_v3_index(path: str, records: list[InstanceRecord]) -> None:
-    """An index file as schema version 3 had it: instances without the command's UID."""
-    Index(path).add(records)
-    con = duckdb.connect(path)
-    kept = [name for name in TABLES["instances"] if name not in _V4_COLUMNS]
-    columns = ", ".join(f'"{name}" {TABLES["instances"][name]}{" PRIMARY KEY" if name == "path" else ""}'
-                        for name in kept)
-    con.execute(f"CREATE TABLE instances_v3 ({columns})")
-    con.execute(f"INSERT INTO instances_v3 SELECT {', '.join(f'{chr(34)}{n}{chr(34)}' for n in kept)} FROM instances")
-    con.execute("DROP TABLE instances")
-    con.execute("ALTER TABLE instances_v3 RENAME TO instances")
-    con.execute("UPDATE schema_version SET version = 3")
-    con.close()
-
-
 def test_migration_from_v3_and_an_instance_found_by_either_uid(storage: Path, tmp_path: Path) -> None:
     index, records = migrated(storage, tmp_path, make_v3_index)
-    assert rows(index, "SELECT max(version) FROM schema_version") == [(SCHEMA_VERSION,)] == [(4,)]
+    assert rows(index, "SELECT max(version) FROM schema_version") == [(SCHEMA_VERSION,)] == [(5,)]
     assert rows(index, "SELECT DISTINCT affected_sop_instance_uid FROM instances") == [("",)]
     # The sender's command named the first instance by another UID than its data set's.
     first = msgspec.structs.replace(records[0], affected_sop_instance_uid="1.2.826.0.1.3680043.8.498.999")
@@ -444,13 +484,17 @@ def test_reindex_builds_the_index_from_files_and_keeps_conflicts(storage: Path, 
     assert not os.path.exists(path + ".reindex")
 
 
-@pytest.mark.parametrize("make", [make_v1_index, make_v2_index], ids=["v1", "v2"])
+@pytest.mark.parametrize("make", [make_v1_index, make_v2_index, make_v3_index, make_v4_index],
+                         ids=["v1", "v2", "v3", "v4"])
 def test_reindex_replaces_an_index_of_an_older_schema(storage: Path, tmp_path: Path, make) -> None:  # type: ignore[no-untyped-def]
     path = str(tmp_path / "index.duckdb")
     make(path, records_of(storage))
     result = reindex(str(storage), path, progress=io.StringIO())
     index = Index(path, read_only=True)
     assert index.version == SCHEMA_VERSION and index.count() == result.indexed == result.files
+    # every file's attribute map is read again (an older index had none)
+    assert rows(index, "SELECT count(*) FROM instance_attributes WHERE attributes IS NULL") == [(0,)]
+    assert rows(index, "SELECT count(*) FROM instance_attributes WHERE attributes->>'$.\"00080070\"' <> ''")[0][0] > 0
     index.close()
 
 
@@ -503,6 +547,34 @@ def test_indexer_batches_records_and_answers_queries(storage: Path, tmp_path: Pa
         assert stats.indexer is not None and stats.indexer.committed == len(records)
         with queries.query(QueryRequest(level="PATIENT", keys=["PatientID"])) as result:
             assert {row[0] for row in result} >= {"SYNA", "SYNB", "1CT1"}
+    finally:
+        client.close()
+        running.stop()
+
+
+def test_long_attribute_maps_travel_in_messages_that_fit(storage: Path, tmp_path: Path) -> None:
+    """32 instances of 32 series with 60k-character maps: ~2 MB in one batch, far past a datagram's limit."""
+    path = str(tmp_path / "index.duckdb")
+    running = RunningIndexer(path)
+    client = IndexerClient(indexer_address(path))
+    queries = QueryClient(path)
+    template = records_of(storage)[0]
+
+    def record(n: int, comments: str) -> InstanceRecord:
+        header = msgspec.structs.replace(template.header, series_instance_uid=f"1.2.3.{n}",
+                                         sop_instance_uid=f"1.2.4.{n}", attributes='{"00204000":"' + comments + '"}')
+        return msgspec.structs.replace(template, path=f"long/{n}.dcm", header=header)
+
+    try:
+        for n in range(32):
+            client.send(record(n, f"{n:05d}" + "x" * 60_000))
+        client.send(record(99, "€" * 60_000))  # 180 kB of UTF-8 alone: goes without its map
+        wait_until(lambda: queries.stats().instances == 33)
+        assert client.pending == 0
+        with queries.query(SqlRequest(sql="SELECT path, length(attributes->>'$.\"00204000\"') FROM "
+                                          "instance_attributes ORDER BY path")) as result:
+            lengths = dict(result)
+        assert lengths == {**{f"long/{n}.dcm": 60_005 for n in range(32)}, "long/99.dcm": None}
     finally:
         client.close()
         running.stop()

@@ -184,3 +184,39 @@ def test_cli_index_chosen_by_storage_dir_and_config(index_path: str, tmp_path: P
     config.write_text(f"storage:\n  directory: {tmp_path}\ndatabase:\n  path: {index_path}\n")
     assert cli_index.main(["stats", "--config", str(config), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["patients"] == 7
+
+
+def test_attribute_map_keys_read_the_instance_over_its_series_base(tmp_path: Path) -> None:
+    """An instance's own entries win over its series' base map; a null entry is an attribute it lacks."""
+    import msgspec
+
+    from tests.test_batchtable import instance
+
+    maps = ['{"00080080":"Base Hospital","00180050":"5","00201041":"-10"}',
+            '{"00080080":"Base Hospital","00180050":"2.5","00201041":"-12.5"}',
+            '{"00180050":"5","00201041":"-15"}']  # no Institution Name
+    records = [instance(n, series=1, attributes=text) for n, text in enumerate(maps)]
+    index = Index(str(tmp_path / "index.duckdb"))
+    index.add(records)
+    cursor = index.cursor()
+
+    def images(*conditions: Condition) -> list[list[object]]:
+        request = QueryRequest(level="IMAGE", conditions=list(conditions),
+                               keys=["InstanceNumber", "InstitutionName", "SliceThickness"])
+        return list(run_query(cursor, request))
+
+    assert images() == [[0, "Base Hospital", "5"], [1, "Base Hospital", "2.5"], [2, None, "5"]]
+    assert [row[0] for row in images(Condition("SliceThickness", "5"))] == [0, 2]
+    assert [row[0] for row in images(Condition("InstitutionName", "Base*"))] == [0, 1]
+    assert [row[0] for row in images(Condition("SliceLocation", "-12.5"))] == [1]
+    # The newest instance (received last) that has a value answers for the series.
+    series = list(run_query(cursor, QueryRequest(level="SERIES", keys=["InstitutionName", "SliceThickness"])))
+    assert series == [["Base Hospital", "5"]]
+    later = msgspec.structs.replace(records[1], received_at=records[2].received_at + 1)
+    index.add([later])
+    series = list(run_query(cursor, QueryRequest(level="SERIES", keys=["InstitutionName", "SliceThickness"])))
+    assert series == [["Base Hospital", "2.5"]]
+    with pytest.raises(QueryError, match="unknown key 'ReferencedImageSequence'"):
+        build_query(QueryRequest(level="IMAGE", keys=["ReferencedImageSequence"]))
+    cursor.close()
+    index.close()
