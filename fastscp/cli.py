@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 import msgspec
@@ -42,10 +43,14 @@ def _overrides(args: argparse.Namespace) -> dict[str, object]:
 
 def _serve(args: argparse.Namespace) -> int:
     from fastscp import logs
+    from fastscp.storage import FileModes
     from fastscp.supervisor import StartupError, serve
 
     overrides = _overrides(args)
     config = load_config(args.config, overrides)
+    # The index, its WAL and the log file hold patient data as the images do;
+    # the storage area gives its own files their modes exactly.
+    os.umask(FileModes.of(config.storage.file_mode, config.storage.dir_mode).umask())
     logging_ = config.logging
     logs.configure(logging_.level, logging_.format, logging_.file, logging_.max_bytes, logging_.backups)
     try:

@@ -43,6 +43,10 @@ class FileModes(NamedTuple):
         """From the config's octal strings (storage.file_mode, storage.dir_mode), checked when the config loads."""
         return cls(int(file_mode, 8), int(dir_mode, 8))
 
+    def umask(self) -> int:
+        """The process umask that gives files made by others (DuckDB's index and WAL, the log) no more than these."""
+        return 0o777 & ~(self.file | self.folder)
+
 
 #: The defaults, for images and everything made from them.
 PATIENT_DATA = FileModes()

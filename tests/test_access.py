@@ -271,3 +271,19 @@ def test_stored_files_and_folders_are_owner_and_group_only(start_server, tmp_pat
     (stored,) = server.stored_files()
     assert stored.stat().st_mode & 0o777 == 0o600
     assert stored.parent.stat().st_mode & 0o777 == 0o700
+
+
+@pytest.mark.parametrize("modes", [("", 0o640), ("storage:\n  file_mode: '0600'\n  dir_mode: '0700'\n", 0o600)],
+                         ids=["default", "0600"])
+def test_the_index_and_the_log_file_are_no_more_open_than_the_images(start_server, tmp_path: Path, ct_dataset,
+                                                                      modes) -> None:  # type: ignore[no-untyped-def]
+    """They hold patient names too: DuckDB and the log handler create them under a umask from the storage modes."""
+    text, expected = modes
+    uid, data, _path = ct_dataset
+    log_file = tmp_path / "fastscp.log"
+    server = start_server(config=config(tmp_path, f"{text}logging:\n  file: {log_file}\n"))
+    scu = RawSCU(server.port, CTImageStorage, ExplicitVRLittleEndian)
+    assert scu.store(uid, data) == 0
+    scu.release()
+    assert server.stop() == 0
+    assert {oct(p.stat().st_mode & 0o777) for p in (server.index, log_file)} == {oct(expected)}
