@@ -20,14 +20,26 @@ _PDU = struct.Struct(">BxI")
 _PDV = struct.Struct(">IBB")
 
 
-def _command(sop_class: str, sop_instance: str, message_id: int) -> bytes:
-    body = dimse._text(0x0002, sop_class)
-    body += dimse._us(0x0100, dimse.C_STORE_RQ)
-    body += dimse._us(0x0110, message_id)
-    body += dimse._us(0x0700, 0)
-    body += dimse._us(0x0800, 0x0000)
-    body += dimse._text(0x1000, sop_instance)
+def command_set(command_field: int, *, sop_class: str = "", message_id: int | None = None,
+                responding_to: int | None = None, data_set: bool = False, sop_instance: str = "") -> bytes:
+    """A DIMSE command set (Implicit VR Little Endian, elements in tag order)."""
+    body = dimse._text(0x0002, sop_class) if sop_class else b""
+    body += dimse._us(0x0100, command_field)
+    if message_id is not None:
+        body += dimse._us(0x0110, message_id)
+    if responding_to is not None:
+        body += dimse._us(0x0120, responding_to)
+    if command_field != dimse.C_CANCEL_RQ:
+        body += dimse._us(0x0700, 0)  # Priority: medium
+    body += dimse._us(0x0800, 0x0000 if data_set else dimse.NO_DATA_SET)
+    if sop_instance:
+        body += dimse._text(0x1000, sop_instance)
     return struct.pack("<HHI", 0, 0, 4) + len(body).to_bytes(4, "little") + body
+
+
+def _command(sop_class: str, sop_instance: str, message_id: int) -> bytes:
+    return command_set(dimse.C_STORE_RQ, sop_class=sop_class, message_id=message_id, data_set=True,
+                       sop_instance=sop_instance)
 
 
 def p_data(context_id: int, data: bytes, *, command: bool, last: bool) -> bytes:
@@ -98,6 +110,30 @@ class RawSCU:
         pdu_type, body = self.read_pdu()
         assert pdu_type == 0x04, f"expected P-DATA-TF, got 0x{pdu_type:02X}"
         return dimse.decode_command_set(body[6:])["Status"]  # type: ignore[return-value]
+
+    def send_command(self, command: bytes) -> None:
+        self.sock.sendall(p_data(1, command, command=True, last=True))
+
+    def read_message(self) -> tuple[dict[str, int | str], bytes | None]:
+        """The next DIMSE message from the server: its command set and data set (None if it has none)."""
+        parts = {True: b"", False: b""}
+        command: dict[str, int | str] | None = None
+        while True:
+            pdu_type, body = self.read_pdu()
+            assert pdu_type == 0x04, f"expected P-DATA-TF, got 0x{pdu_type:02X}"
+            pos = 0
+            while pos < len(body):
+                length, _context, control = _PDV.unpack_from(body, pos)
+                is_command = bool(control & 1)
+                parts[is_command] += body[pos + 6 : pos + 4 + length]
+                pos += 4 + length
+                if control & 2 and is_command:
+                    command = dimse.decode_command_set(parts[True])
+                    if command.get("CommandDataSetType", dimse.NO_DATA_SET) == dimse.NO_DATA_SET:
+                        return command, None
+                elif control & 2:
+                    assert command is not None, "data set before its command"
+                    return command, parts[False]
 
     def store(self, sop_instance: str, data: bytes) -> int:
         self.begin_store(sop_instance)
