@@ -7,8 +7,8 @@ BIN     = $(VENV)/bin
 # Debian packages: dcmtk (storescu/echoscu/findscu/storescp used by tests and
 # benchmarks), the headers the compiled extensions and Pillow build with, and
 # chromium (the status page is tested in a real headless browser), DejaVu
-# fonts for scan sheets.
-APT_PACKAGES = dcmtk libjpeg62-turbo-dev zlib1g-dev chromium openssl fonts-dejavu-core
+# fonts for scan sheets, strace (tests count the fsync calls a server makes).
+APT_PACKAGES = dcmtk libjpeg62-turbo-dev zlib1g-dev chromium openssl fonts-dejavu-core strace
 
 # Benchmarks also compare against Orthanc (Debian's package, its own SQLite index).
 BENCH_APT_PACKAGES = orthanc

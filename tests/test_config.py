@@ -48,6 +48,17 @@ def test_command_line_overrides_the_file(tmp_path: Path) -> None:
         ("server:\n  max_associations: 0\n", "server.max_associations: Expected `int` >= 1"),
         ("server:\n  ae_title: ''\n", "server.ae_title: Expected `str` of length >= 1"),
         ("server:\n  ae_title: WAY_TOO_LONG_AE_TITLE\n", "server.ae_title: Expected `str` of length <= 16"),
+        # PS3.8 9.3.1: no backslash, no control characters, not all spaces.
+        ("server:\n  ae_title: 'A\\B'\n", "server.ae_title: Expected `str` matching regex"),
+        ("server:\n  ae_title: '    '\n", "server.ae_title: Expected `str` matching regex"),
+        ("server:\n  ae_title: \"A\\tB\"\n", "server.ae_title: Expected `str` matching regex"),
+        ("access:\n  allowed_calling_aets: [OK, 'X\\Y']\n",
+         "access.allowed_calling_aets[1]: Expected `str` matching regex"),
+        (
+            "storage:\n  naming: template\n  template: '{PatientNmae}/{SOPInstanceUID}'\n",
+            "storage.template: {PatientNmae}: 'PatientNmae' is not a keyword",
+        ),
+        ("storage:\n  naming: template\n  template: '{PatientID:x}'\n", "storage.template: {PatientID:x}: width"),
         (
             "storage:\n  fsync: sometimes\n",
             "storage.fsync: Invalid enum value 'sometimes' (got 'sometimes'); use one of 'always', 'never'",

@@ -119,6 +119,25 @@ def test_hostile_tag_values_never_leave_the_root(naming: str, value: str) -> Non
     assert not any(p.split(".")[0].upper() in ("CON", "NUL", "LPT1") for p in parts)
 
 
+@pytest.mark.parametrize(("value", "expected"), [
+    ("..CON", "_CON"), (". .nul.txt", "_nul.txt"), ("CON..", "_CON"), ("..", "UNKNOWN"), ("a..b", "a..b"),
+    (".hidden", "hidden"), ("  Lpt9 ", "_Lpt9"), ("COM", "COM"), ("CONSOLE", "CONSOLE"),
+])
+def test_leading_and_trailing_dots_go_before_the_reserved_name_check(value: str, expected: str) -> None:
+    assert safe_component(value) == expected
+
+
+@pytest.mark.parametrize("naming", ["hierarchical", "patient-folders", "template"])
+@pytest.mark.parametrize("patient_id", ["thumbnails", "Thumbnails", "scansheets", "index.duckdb", "index.duckdb.wal"])
+def test_a_patient_named_like_a_reserved_top_folder_gets_a_prefix(naming: str, patient_id: str) -> None:
+    header = HeaderFields(patient_id=patient_id, study_instance_uid="1.2", study_date="20240131",
+                          series_number=1, modality="CT", sop_instance_uid="9")
+    result = path(naming, header, template="{PatientID}/{SOPInstanceUID}.dcm")
+    assert result.split("/")[0] == f"_{patient_id}", result
+    assert path(naming, HeaderFields(patient_id="thumbnails2", sop_instance_uid="9"),
+                template="{PatientID}/{SOPInstanceUID}.dcm").startswith("thumbnails2/")
+
+
 def test_safe_component_keeps_readable_unicode() -> None:
     assert safe_component("Yamada^Tarou=山田^太郎=やまだ^たろう") == "Yamada Tarou=山田 太郎=やまだ たろう"
     assert safe_component("Ölçü/Ğ") == "Ölçü_Ğ"
@@ -141,6 +160,6 @@ def test_charset_files_give_readable_utf8_folder_names(name: str) -> None:
     folder = relative_path(LayoutOptions("patient-folders", patient_folders=PatientFolders(top="patient_name")),
                            header, TODAY).split("/")[0]
     assert folder == safe_component(expected)
-    folder.encode("utf-8")  # a valid UTF-8 name
+    assert not any(0xD800 <= ord(c) <= 0xDFFF for c in folder), "a valid UTF-8 name (no lone surrogates)"
     if any(ord(c) > 127 for c in expected):
         assert any(ord(c) > 127 for c in folder), "decoded, not escaped"

@@ -1,0 +1,79 @@
+"""fastscp.storage on a real folder: the commit's root backstop, keep-both versions, quarantine."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from fastscp.storage import IncomingFile, Storage
+
+CT = "1.2.840.10008.5.1.4.1.1.2"
+EXPLICIT = "1.2.840.10008.1.2.1"
+
+
+def receive(storage: Storage, data: bytes, uid: str = "1.2.3") -> IncomingFile:
+    incoming = storage.begin(CT, uid, EXPLICIT, "SCU")
+    incoming.write(memoryview(data))
+    return incoming
+
+
+@pytest.fixture
+def storage(tmp_path: Path) -> Storage:
+    storage = Storage(str(tmp_path / "root"), fsync=False)
+    storage.prepare()
+    return storage
+
+
+def leftovers(storage: Storage) -> list[str]:
+    return os.listdir(storage.incoming_dir)
+
+
+@pytest.mark.parametrize("relative", ["../outside.dcm", "a/../../outside.dcm", "/etc/outside.dcm", ".."])
+def test_commit_refuses_a_path_that_leaves_the_root(storage: Storage, tmp_path: Path, relative: str) -> None:
+    """The backstop behind the layouts' own sanitising: nothing is written outside the root."""
+    incoming = receive(storage, b"data")
+    with pytest.raises(PermissionError, match="leaves the storage root"):
+        incoming.commit(relative)
+    assert leftovers(storage) == []
+    assert not (tmp_path / "outside.dcm").exists() and not Path("/etc/outside.dcm").exists()
+    # A sibling folder whose name merely starts like the root's is outside too.
+    incoming = receive(storage, b"data")
+    with pytest.raises(PermissionError):
+        incoming.commit("../root2/x.dcm")
+    assert not (tmp_path / "root2").exists() and leftovers(storage) == []
+
+
+def test_keep_both_numbers_every_further_version(storage: Storage) -> None:
+    first = receive(storage, b"first").commit("p/x.dcm", "keep-both")
+    assert first.outcome == "stored"
+    paths = [first.path]
+    for content in (b"second", b"third", b"fourth"):
+        committed = receive(storage, content).commit("p/x.dcm", "keep-both")
+        assert (committed.outcome, committed.existing_path) == ("kept-both", first.path)
+        paths.append(committed.path)
+    folder = os.path.join(storage.root, "p")
+    assert [os.path.basename(p) for p in paths] == ["x.dcm", "x.v2.dcm", "x.v3.dcm", "x.v4.dcm"]
+    assert sorted(os.listdir(folder)) == ["x.dcm", "x.v2.dcm", "x.v3.dcm", "x.v4.dcm"]
+    for path, content in zip(paths, (b"first", b"second", b"third", b"fourth"), strict=True):
+        assert Path(path).read_bytes().endswith(content)
+    # A resend of the first content is the first file: no new version.
+    assert receive(storage, b"first").commit("p/x.dcm", "keep-both").outcome == "identical"
+    assert len(os.listdir(folder)) == 4 and leftovers(storage) == []
+
+
+def test_quarantine_keeps_the_file_and_its_reason(storage: Storage) -> None:
+    incoming = receive(storage, b"unparseable")
+    target = incoming.quarantine("1.2.3: element length runs past the end")
+    assert target is not None and os.path.dirname(target) == storage.quarantine_dir
+    assert Path(target).read_bytes().endswith(b"unparseable")
+    assert Path(target + ".reason.txt").read_text() == "1.2.3: element length runs past the end\n"
+    assert leftovers(storage) == []
+
+
+def test_quarantine_false_keeps_nothing(tmp_path: Path) -> None:
+    storage = Storage(str(tmp_path / "root"), fsync=False, quarantine=False)
+    storage.prepare()
+    assert receive(storage, b"unparseable").quarantine("why") is None
+    assert os.listdir(storage.quarantine_dir) == [] and leftovers(storage) == []
