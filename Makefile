@@ -15,7 +15,7 @@ BENCH_APT_PACKAGES = orthanc
 PIL_STOCK = bench/.pil-stock
 
 # apt-install is a helper target: make apt-install PACKAGES=...
-.PHONY: setup system-packages pillow-simd bench-setup apt-install serve test lint bench-micro bench-quick bench-load clean
+.PHONY: setup system-packages pillow-simd bench-setup apt-install serve test lint mutation mutation-quick bench-micro bench-quick bench-load clean
 
 setup: system-packages $(VENV)/.installed
 
@@ -67,6 +67,18 @@ test: setup
 
 lint: setup
 	$(BIN)/ruff check fastscp tests bench
+
+# Mutation testing (tests/README.md): every hand-written fault of
+# tests/mutation/faults.py must be killed, then AST mutants of the modules in
+# tests/mutation/__main__.py MODULES run against their tests; reports in
+# build/mutation/. Hours on the full set. mutation-quick is the CI subset
+# (about a minute): the quick faults and 15 mutants each of layout and access.
+mutation: setup
+	$(BIN)/python -m tests.mutation faults
+	$(BIN)/python -m tests.mutation mutants --all
+
+mutation-quick: setup
+	$(BIN)/python -m tests.mutation quick
 
 bench-micro: bench-setup
 	mkdir -p bench/results

@@ -20,6 +20,7 @@ from fastscp.layout import (
     check_template,
     relative_path,
     safe_component,
+    study_folder,
 )
 from fastscp.part10 import dataset_offset
 
@@ -46,6 +47,10 @@ def test_date_based_uses_study_date_else_received_date() -> None:
     for bad in ("", "2024", "20241399", "garbage!"):
         header = HeaderFields(study_date=bad, study_instance_uid="1.2", series_instance_uid="1.3", sop_instance_uid="9")
         assert path("date-based", header) == "2026/11/22/1.2/1.3/9.dcm"
+    # A date and time where only a date belongs (some modalities): its date part counts.
+    header = HeaderFields(study_date="20240131093000", study_instance_uid="1.2", series_instance_uid="1.3",
+                          sop_instance_uid="9")
+    assert path("date-based", header) == "2024/01/31/1.2/1.3/9.dcm"
 
 
 def test_template_with_fallbacks_and_padding() -> None:
@@ -94,6 +99,30 @@ def test_accounts_preset_resolution_order() -> None:
     assert path("accounts", nobody, accounts=accounts) == f"Unknown/{tail}"
     # An account named like the physician matches without a list.
     assert path("accounts", accounts=Accounts(physicians={"SMITH^JOHN": ()})).startswith("SMITH JOHN/")
+    # Accounts exist, but neither physician has one: Guest.
+    assert path("accounts", accounts=Accounts(physicians={"cardio": ("NOBODY^ELSE",)})) == f"Guest/SMITH JOHN/{tail}"
+    # No Series Number, Echo Number or Instance Number: zeros, and the SOP Instance UID keeps names apart.
+    bare = HeaderFields(study_date="20240131", patient_name="DOE^JANE", accession_number="ACC9",
+                        series_description="AXIAL", sop_instance_uid="1.2.9")
+    assert path("accounts", bare) == "Unknown/20240131_DOE JANE_ACC9/Dicom/000_AXIAL/000-000-1.2.9.dcm"
+
+
+def test_study_folder_of_each_layout() -> None:
+    """Where a study's scan sheet goes: the study's own folder, or None when the layout has none."""
+    def folder(naming: str, **options) -> str | None:  # type: ignore[no-untyped-def]
+        return study_folder(LayoutOptions(naming=naming, **options), path(naming, **options))
+
+    assert folder("hierarchical") == "PID1/20240131_1.2.3"
+    assert folder("date-based") == "2024/01/31/1.2.3"
+    accounts = Accounts(physicians={"cardio": ("SMITH^JOHN",)})
+    assert folder("accounts", accounts=accounts) == "cardio/20240131_DOE JANE_ACC9"
+    assert folder("patient-folders") == "PID1/20240131_1.2.3"
+    study_only = PatientFolders(study_level=True, series_level=False)
+    assert folder("patient-folders", patient_folders=study_only) == "PID1/20240131_1.2.3"
+    assert folder("patient-folders", patient_folders=PatientFolders(study_level=False)) is None
+    assert folder("flat") is None and folder("template", template="{PatientID}/{SOPInstanceUID}") is None
+    # A path too short to hold a study folder (made by another layout): none.
+    assert study_folder(LayoutOptions(naming="hierarchical"), "a/b.dcm") is None
 
 
 HOSTILE = ["../../etc", "/etc/passwd", "..", ".", "", " ", "a/../../b", "C:\\Windows\\system32", "x" * 10_000,
