@@ -14,7 +14,7 @@ import pytest
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage
 from pynetdicom import AE
 
-from fastscp.access import build_access_policy
+from fastscp.access import build_access_policy, peer_ip
 from fastscp.config import AllowedAE
 from fastscp.part10 import dataset_offset
 from fastscp.synthetic import write_series
@@ -231,3 +231,12 @@ def test_ipv4_mapped_peer_addresses_match_ipv4_networks() -> None:
     assert policy.check("LAN", "::ffff:a02:1") != ""  # the same address written in hex: still 10.2.0.1
     assert policy.check("ANY", "::ffff:192.0.2.1") == ""
     assert "not in access.allowed_calling_aets" in policy.check("OTHER", "::ffff:10.1.2.3")
+
+
+def test_access_policy_edges() -> None:
+    """A network written with host bits; a peer that is not an IP address; bracketed IPv6 peers."""
+    policy = build_access_policy([AllowedAE(ae_title="LAN", hosts=["10.1.2.3/16"])])
+    assert policy.check("LAN", "10.1.200.1") == ""
+    assert policy.check("LAN", "not-an-ip") == "peer address 'not-an-ip' is not an IP address"
+    assert peer_ip("[::1]:5000") == "::1" and peer_ip("[::ffff:10.1.2.3]:104") == "::ffff:10.1.2.3"
+    assert peer_ip("10.1.2.3:104") == "10.1.2.3"

@@ -73,6 +73,7 @@ MODULES: dict[str, tuple[str, ...]] = {
 QUICK_MODULES: dict[str, tuple[str, ...]] = {
     "fastscp/layout.py": ("tests/test_layout.py",),
     "fastscp/access.py": ("tests/test_access.py::test_ipv4_mapped_peer_addresses_match_ipv4_networks",
+                          "tests/test_access.py::test_access_policy_edges",
                           "tests/test_access.py::test_unresolvable_host_stops_start_up_naming_the_key"),
 }
 QUICK_MAX = 15
@@ -374,6 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     mutate_.add_argument("--max", type=int, default=None, help="at most this many mutants per module (sampled)")
     mutate_.add_argument("--seed", type=int, default=18)
     mutate_.add_argument("--list", action="store_true", help="list the mutants, run nothing")
+    mutate_.add_argument("--tests", nargs="+", help="run these tests instead of the module's mapped ones")
     sub.add_parser("quick", help="the CI subset: quick faults, and a sample of mutants of layout and access")
     args = parser.parse_args(argv)
     if args.command == "faults":
@@ -389,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     for module in args.modules:
         if module not in MODULES:
             parser.error(f"{module}: not in MODULES ({', '.join(MODULES)})")
-        chosen[module] = MODULES[module]
+        chosen[module] = tuple(args.tests) if args.tests else MODULES[module]
     if not chosen:
         parser.error("name modules or use --all")
     if args.list:

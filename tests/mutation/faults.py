@@ -57,6 +57,9 @@ FAULTS: tuple[Fault, ...] = (
     Fault("C-CANCEL of a C-FIND ignored", "fastscp/acceptor.py",
           'return command["CommandField"] == dimse.C_CANCEL_RQ', "return False",
           (PROTOCOL + "test_c_cancel_stops_a_c_find",), quick=False),
+    Fault("C-CANCEL already read into the PDU buffer missed", "fastscp/acceptor.py",
+          "if not self.stream.buffered and not select.select(", "if not select.select(",
+          (PROTOCOL + "test_c_cancel_stops_a_c_find",), quick=False),
     # -- storage and layout ------------------------------------------------------------------
     Fault("root-escape backstop removed", "fastscp/storage.py",
           "        if not final.startswith(root.rstrip(os.sep) + os.sep):\n", "        if False:\n",
