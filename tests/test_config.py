@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fastscp.config import Config, ConfigError, load_config, to_builtins
+from fastscp.config import Config, ConfigError, layout_options, load_config, to_builtins
+from fastscp.layout import Accounts, LayoutOptions, PatientFolders
 from fastscp.sopclasses import MODALITY_SOP_CLASSES, STORAGE_SOP_CLASSES, resolve_sop_classes
 
 REFERENCE = Path(__file__).parent.parent / "config" / "fastscp.yaml"
@@ -54,6 +56,9 @@ def test_command_line_overrides_the_file(tmp_path: Path) -> None:
         ("server:\n  ae_title: \"A\\tB\"\n", "server.ae_title: Expected `str` matching regex"),
         ("access:\n  allowed_calling_aets: [OK, 'X\\Y']\n",
          "access.allowed_calling_aets[1]: Expected `str` matching regex"),
+        ("access:\n  allowed_calling_aets: [OK, '   ']\n", "(got '   ')"),  # the list element's value
+        ("server:\n  port: -1\n", "server.port: Expected `int` >= 0 (got -1)"),
+        ("server:\n  max_pdu_size: 67108865\n", "server.max_pdu_size: Expected `int` <= 67108864 (got 67108865)"),
         (
             "storage:\n  naming: template\n  template: '{PatientNmae}/{SOPInstanceUID}'\n",
             "storage.template: {PatientNmae}: 'PatientNmae' is not a keyword",
@@ -124,3 +129,25 @@ def test_accept_entries_resolve() -> None:
         assert MODALITY_SOP_CLASSES[modality], modality
     assert "1.2.840.10008.5.1.4.1.1.88.67" in resolve_sop_classes(["SR"])  # X-Ray Radiation Dose SR
     assert "1.2.840.10008.5.1.4.1.1.481.1" in resolve_sop_classes(["RT"])  # RT Image
+
+
+def test_bounds_are_inclusive() -> None:
+    assert load_config(None, {"server.port": 0}).server.port == 0  # 0: any free port
+    assert load_config(None, {"server.max_pdu_size": 64 * 1024 * 1024}).server.max_pdu_size == 64 * 1024 * 1024
+
+
+def test_derived_values(tmp_path: Path) -> None:
+    """workers 0 (one per CPU), an empty file (the defaults), --monitor off, and the layout options."""
+    assert load_config(None, {"server.workers": 0}).worker_count == (os.cpu_count() or 1)
+    assert load_config(None, {"server.workers": 3}).worker_count == 3
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing set\n")
+    assert load_config(str(empty)) == Config()
+    assert load_config(None, {"monitor.listen": "off"}).monitor.enabled is False
+    assert load_config(None, {"monitor.listen": "127.0.0.1:9000"}).monitor.listen == "127.0.0.1:9000"
+    site = tmp_path / "site.yaml"
+    site.write_text("storage:\n  naming: accounts\n  patient_folders:\n    top: patient_name\n"
+                    "  accounts:\n    physicians:\n      cardio: [SMITH^JOHN]\n    guest: Gast\n")
+    assert layout_options(load_config(str(site))) == LayoutOptions(
+        naming="accounts", template=Config().storage.template, patient_folders=PatientFolders(top="patient_name"),
+        accounts=Accounts(physicians={"cardio": ("SMITH^JOHN",)}, guest="Gast"))
