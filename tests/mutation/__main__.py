@@ -97,6 +97,8 @@ _COMPARE_FLIP: dict[type[ast.cmpop], type[ast.cmpop]] = {
     ast.In: ast.NotIn, ast.NotIn: ast.In, ast.Is: ast.IsNot, ast.IsNot: ast.Is,
 }
 
+_OP_SWAP: dict[type, type] = {ast.And: ast.Or, ast.Or: ast.And, ast.Add: ast.Sub, ast.Sub: ast.Add}
+
 
 def _docstring_ids(tree: ast.AST) -> set[int]:
     ids = set()
@@ -129,7 +131,7 @@ def _sites(tree: ast.AST) -> Iterator[tuple[ast.AST, str, int]]:
                 if type(op) in _COMPARE_FLIP:
                     yield node, f"compare:{i}", line
         elif isinstance(node, ast.BoolOp):
-            yield node, "boolop", line
+            yield node, "swap-op", line
         elif isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
             yield node, "not", line
         elif isinstance(node, ast.Constant) and type(node.value) is bool:
@@ -138,7 +140,7 @@ def _sites(tree: ast.AST) -> Iterator[tuple[ast.AST, str, int]]:
             yield node, "int", line
         elif isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Sub)) and not (
                 isinstance(node.left, ast.Constant) and isinstance(node.left.value, str)):
-            yield node, "addsub", line
+            yield node, "swap-op", line
         elif isinstance(node, ast.Expr) and isinstance(node.value, ast.Call) and not _is_log_call(node.value):
             yield node, "delete-call", line
         elif isinstance(node, ast.Return) and node.value is not None and not (
@@ -154,11 +156,11 @@ def _apply(node: ast.AST, kind: str) -> str:
         old = node.ops[i]
         node.ops[i] = _COMPARE_FLIP[type(old)]()
         return f"{type(old).__name__} -> {type(node.ops[i]).__name__}"
-    if kind == "boolop":
-        assert isinstance(node, ast.BoolOp)
-        old_name = type(node.op).__name__
-        node.op = ast.Or() if isinstance(node.op, ast.And) else ast.And()
-        return f"{old_name} -> {type(node.op).__name__}"
+    if kind == "swap-op":
+        assert isinstance(node, (ast.BoolOp, ast.BinOp))
+        old_op = type(node.op)
+        node.op = _OP_SWAP[old_op]()
+        return f"{old_op.__name__} -> {type(node.op).__name__}"
     if kind == "not":
         assert isinstance(node, ast.UnaryOp)
         node.op = ast.UAdd()  # replaced below: "not x" -> "x"
@@ -171,11 +173,6 @@ def _apply(node: ast.AST, kind: str) -> str:
         assert isinstance(node, ast.Constant)
         node.value += 1
         return f"{node.value - 1} -> {node.value}"
-    if kind == "addsub":
-        assert isinstance(node, ast.BinOp)
-        old_name = type(node.op).__name__
-        node.op = ast.Sub() if isinstance(node.op, ast.Add) else ast.Add()
-        return f"{old_name} -> {type(node.op).__name__}"
     if kind == "delete-call":
         return "call statement deleted"
     if kind == "return-none":
