@@ -77,3 +77,31 @@ def test_quarantine_false_keeps_nothing(tmp_path: Path) -> None:
     storage.prepare()
     assert receive(storage, b"unparseable").quarantine("why") is None
     assert os.listdir(storage.quarantine_dir) == [] and leftovers(storage) == []
+
+
+def test_no_descriptor_is_left_open(tmp_path: Path) -> None:
+    """Stores, a folder fsync, a conflicting resend (the existing file is hashed), discards: no fd leaks."""
+    storage = Storage(str(tmp_path / "root"), fsync=True)
+    storage.prepare()
+    before = sorted(os.listdir("/proc/self/fd"))
+    for i in range(5):
+        incoming = receive(storage, b"content %d" % i)
+        assert incoming.commit(f"p/{i}.dcm").outcome == "stored"
+        incoming.close()
+    conflict = receive(storage, b"other content")
+    assert conflict.commit("p/0.dcm", "reject").outcome == "rejected"
+    conflict.discard()
+    receive(storage, b"dropped").discard()
+    spare = storage.spare()
+    assert spare is not None
+    spare.discard()
+    assert sorted(os.listdir("/proc/self/fd")) == before
+    assert leftovers(storage) == []
+
+
+def test_read_dataset_reads_back_the_data_set_start(storage: Storage) -> None:
+    data = bytes(range(256)) * 4
+    incoming = receive(storage, data)
+    assert incoming.read_dataset(10) == data[:10]
+    assert incoming.read_dataset(10_000) == data
+    incoming.discard()
