@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fastscp.storage import IncomingFile, Storage
+from fastscp.storage import HEADER_PREFIX_BYTES, IncomingFile, Storage
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 EXPLICIT = "1.2.840.10008.1.2.1"
@@ -92,6 +92,7 @@ def test_no_descriptor_is_left_open(tmp_path: Path) -> None:
     assert conflict.commit("p/0.dcm", "reject").outcome == "rejected"
     conflict.discard()
     receive(storage, b"dropped").discard()
+    assert receive(storage, b"unparseable").quarantine("why") is not None
     spare = storage.spare()
     assert spare is not None
     spare.discard()
@@ -105,3 +106,19 @@ def test_read_dataset_reads_back_the_data_set_start(storage: Storage) -> None:
     assert incoming.read_dataset(10) == data[:10]
     assert incoming.read_dataset(10_000) == data
     incoming.discard()
+
+
+def test_only_the_header_prefix_stays_in_memory(storage: Storage) -> None:
+    data = bytes(range(256)) * (HEADER_PREFIX_BYTES // 128)  # twice the prefix
+    incoming = receive(storage, data[:1000])
+    incoming.write(memoryview(data[1000:]))
+    assert bytes(incoming.prefix) == data[:HEADER_PREFIX_BYTES] and incoming.dataset_length == len(data)
+    incoming.discard()
+
+
+def test_prepare_removes_what_a_killed_process_left(storage: Storage) -> None:
+    for name in ("a.part", "b.part"):
+        Path(storage.incoming_dir, name).write_bytes(b"half a data set")
+    Path(storage.incoming_dir, "keep.txt").write_text("not ours")
+    assert storage.prepare() == 2
+    assert os.listdir(storage.incoming_dir) == ["keep.txt"]
