@@ -240,3 +240,5 @@ def test_access_policy_edges() -> None:
     assert policy.check("LAN", "not-an-ip") == "peer address 'not-an-ip' is not an IP address"
     assert peer_ip("[::1]:5000") == "::1" and peer_ip("[::ffff:10.1.2.3]:104") == "::ffff:10.1.2.3"
     assert peer_ip("10.1.2.3:104") == "10.1.2.3"
+    by_name = build_access_policy([AllowedAE(ae_title="HERE", hosts=["localhost"])])  # resolved once, now
+    assert by_name.check("HERE", "127.0.0.1") == "" and by_name.check("HERE", "10.0.0.1") != ""
