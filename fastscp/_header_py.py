@@ -59,7 +59,9 @@ class HeaderFields(msgspec.Struct, frozen=True, kw_only=True):
 
     Strings are ``""`` and numbers ``None`` when the element is absent or empty.
     Multi-valued strings keep their backslash separators; multi-valued numbers
-    give their first value.
+    give their first value, and the ``*_values`` field of a number that has
+    one (:data:`ALL_VALUES`) holds all of them as text (``"40\\400"``; ``""``
+    when there is one value).
     """
 
     specific_character_set: str = ""
@@ -98,6 +100,9 @@ class HeaderFields(msgspec.Struct, frozen=True, kw_only=True):
     rescale_intercept: float | None = None
     photometric_interpretation: str = ""
     pixel_data_offset: int | None = None
+    image_type: str = ""
+    window_center_values: str = ""
+    window_width_values: str = ""
 
 
 # How a kept element's value bytes become a field value.  The numbers are part
@@ -113,6 +118,7 @@ KIND_DS: Final = 5  # DS: first value as float, None if not a finite number
 # Character Set: the text kinds are decoded with it.
 FIELDS: Final[tuple[tuple[int, str, int], ...]] = (
     (0x00080005, "specific_character_set", KIND_STR),  # CS
+    (0x00080008, "image_type", KIND_STR),  # CS, 2-n
     (0x00080016, "sop_class_uid", KIND_STR),  # UI
     (0x00080018, "sop_instance_uid", KIND_STR),  # UI
     (0x00080020, "study_date", KIND_STR),  # DA
@@ -149,6 +155,8 @@ FIELDS: Final[tuple[tuple[int, str, int], ...]] = (
     (0x00321032, "requesting_physician", KIND_PN),
 )
 _SLOT_BY_TAG: Final = {tag: slot for slot, (tag, _, _) in enumerate(FIELDS)}
+#: Multi-valued numbers whose every value is kept (as text) beside the first.
+ALL_VALUES: Final[dict[str, str]] = {"window_center": "window_center_values", "window_width": "window_width_values"}
 
 # Transfer syntaxes whose dataset is not Explicit VR Little Endian.
 IMPLICIT_VR_LITTLE_ENDIAN: Final = "1.2.840.10008.1.2"
@@ -515,6 +523,11 @@ def is_value(raw: bytes) -> int | None:
     return int(number) if number.is_integer() else None
 
 
+def all_values(raw: bytes) -> str:
+    """Every value of a multi-valued number as text, backslash-separated, each without padding."""
+    return "\\".join(value.strip() for value in raw.decode("latin-1").rstrip(" \0").split("\\"))
+
+
 def ds_value(raw: bytes) -> float | None:
     """Convert the first value of a DS element; None unless a finite number."""
     text = _first_number(raw)
@@ -564,6 +577,8 @@ def build_fields(
             values[name] = is_value(raw)
         else:
             values[name] = ds_value(raw)
+            if b"\\" in raw and name in ALL_VALUES:
+                values[ALL_VALUES[name]] = all_values(raw)
     return HeaderFields(**values)
 
 

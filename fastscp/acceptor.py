@@ -11,6 +11,7 @@ to the temp file with no copy into Python objects. Stock pynetdicom reads
 from __future__ import annotations
 
 import logging
+import os
 import select
 import socket
 import ssl
@@ -21,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import msgspec
+from pydicom.uid import UID
 
 from fastscp import dimse, findscp
 from fastscp.access import peer_ip
@@ -152,6 +154,8 @@ class AssociationStats:
     started_epoch: float = field(default_factory=time.time)
     #: The connection closed before sending anything (a port probe).
     probe: bool = False
+    #: Presentation contexts accepted at negotiation.
+    contexts: int = 0
     by_modality: Counter[str] = field(default_factory=Counter)
     latency: Histogram = field(default_factory=lambda: Histogram.empty(LATENCY_BUCKETS))
     sizes: Histogram = field(default_factory=lambda: Histogram.empty(SIZE_BUCKETS))
@@ -177,11 +181,19 @@ class AssociationStats:
         if not self.accepted:
             return f"association {who}: rejected ({self.outcome}) after {elapsed:.3f} s"
         mb = self.bytes / 1e6
+        # A-ASSOCIATE-AC with every context refused: nothing can be exchanged.
+        accepted = "accepted" if self.contexts else "accepted with every presentation context refused"
         return (
-            f"association {who}: accepted, {self.outcome}; {self.instances} instances"
+            f"association {who}: {accepted}, {self.outcome}; {self.instances} instances"
             f" ({self.failures} failed, {self.duplicates} duplicates), {mb:.2f} MB in {elapsed:.3f} s"
             f" ({self.instances / elapsed:.1f} img/s, {mb / elapsed:.2f} MB/s)"
         )
+
+
+def _sop_class_name(uid: str) -> str:
+    """A SOP class UID with its name, for logs (the UID is the peer's: shown escaped)."""
+    name = UID(uid).name
+    return f"{name} ({uid})" if name != uid else repr(uid)
 
 
 def _always_admit(_calling_ae_title: str) -> tuple[bool, str]:
@@ -205,6 +217,9 @@ class ServiceSettings:
     find: Finder | None = None
     #: The post-store process's address ("": no thumbnails or scan sheets).
     poststore_address: str = ""
+    #: Where the index has any of these SOP Instance UIDs stored (paths as
+    #: the index records them); None: no index to ask.
+    locate: Callable[[tuple[str, ...]], tuple[str, ...]] | None = None
 
 
 @dataclass(frozen=True)
@@ -215,6 +230,8 @@ class _Stored:
     committed: Committed
     header: HeaderFields
     transfer_syntax: str
+    #: The command's Affected SOP Instance UID (the file is named by it).
+    affected: str
 
 
 class Association:
@@ -347,6 +364,13 @@ class Association:
             self.stats.outcome = result.reject_reason
             return False
         self.stats.accepted = True
+        self.stats.contexts = len(result.contexts)
+        if result.refused:
+            log.warning(
+                "association %r (%s): %d of %d presentation contexts refused: %s", result.calling_ae_title,
+                self.stats.peer_address, len(result.refused), len(result.refused) + len(result.contexts),
+                "; ".join(f"{_sop_class_name(uid)}: {why}" for uid, why in result.refused),
+            )
         self._peer_max_pdu = result.peer_max_pdu
         return True
 
@@ -418,21 +442,27 @@ class Association:
             else:
                 self._respond(int(field) | 0x8000, *status)
 
+    def _refuse(self, request: dict[str, int | str], status: int, comment: str) -> None:
+        """Drain the coming data set and answer ``status``; logged (warning and action line) now."""
+        self._reject_status = (status, comment)
+        sop_instance = str(request.get("AffectedSOPInstanceUID", ""))
+        log.warning("C-STORE %r from %r refused with 0x%04X: %s", sop_instance, self.stats.calling_ae_title,
+                    status, comment)
+        if self.settings.action_log:
+            action_log.info("refused %r (0x%04X %s) from %r", sop_instance, status, comment,
+                            self.stats.calling_ae_title)
+
     def _begin_store(self, request: dict[str, int | str], abstract_syntax: str, transfer_syntax: str) -> None:
         sop_class = str(request.get("AffectedSOPClassUID", ""))
         if sop_class != abstract_syntax:
-            self._reject_status = (
-                dimse.SOP_CLASS_NOT_SUPPORTED,
-                "Affected SOP Class UID differs from the presentation context",
-            )
+            self._refuse(request, dimse.SOP_CLASS_NOT_SUPPORTED,
+                         "Affected SOP Class UID differs from the presentation context")
             return
         self._store_started = time.monotonic()
         free = self.settings.storage.free_bytes()
         if free < self.settings.min_free_bytes:
-            self._reject_status = (
-                dimse.OUT_OF_RESOURCES,
-                f"free space {free // 1_000_000} MB below storage.min_free_bytes",
-            )
+            self._refuse(request, dimse.OUT_OF_RESOURCES,
+                         f"free space {free // 1_000_000} MB below storage.min_free_bytes")
             return
         try:
             spare, self._spare = self._spare, None
@@ -444,7 +474,7 @@ class Association:
                 spare,
             )
         except OSError as exc:
-            self._reject_status = (dimse.OUT_OF_RESOURCES, f"cannot create temp file: {exc.strerror}")
+            self._refuse(request, dimse.OUT_OF_RESOURCES, f"cannot create temp file: {exc.strerror}")
 
     def _on_data_fragment(self, fragment: memoryview, last: bool) -> None:
         if self._request is None:
@@ -515,15 +545,24 @@ class Association:
         header = msgspec.structs.replace(header, sop_instance_uid=header.sop_instance_uid or sop_instance)
         settings = self.settings
         root = settings.storage.sr_root if sop_class in SR_SOP_CLASSES and settings.storage.sr_root else None
+        # The duplicate rules are by SOP Instance UID, either of them.
+        uids = tuple(dict.fromkeys(u for u in (named.sop_instance_uid, header.sop_instance_uid) if u))
+        locate = settings.locate
+
+        def elsewhere() -> list[str]:
+            assert locate is not None
+            return [os.path.join(settings.storage.root, p) for p in locate(uids)]
+
         try:
-            committed = incoming.commit(relative_path(settings.layout, named), settings.duplicates, root)
+            committed = incoming.commit(relative_path(settings.layout, named), settings.duplicates, root,
+                                        sop_instance_uids=uids, locate=elsewhere if locate and uids else None)
         except OSError as exc:
             self.stats.failures += 1
             log.error("C-STORE %s: cannot store: %s", sop_instance, exc)
             return dimse.OUT_OF_RESOURCES, f"cannot store: {exc.strerror}"[:64]
         # What the sender waits for ends here; the rest runs after the
         # C-STORE-RSP has gone (_hand_over).
-        self._stored = _Stored(incoming, committed, header, transfer_syntax)
+        self._stored = _Stored(incoming, committed, header, transfer_syntax, named.sop_instance_uid)
         if committed.outcome == "rejected":
             return dimse.DUPLICATE_SOP_INSTANCE, "other content stored under this SOP Instance UID"
         return dimse.SUCCESS, ""
@@ -544,6 +583,12 @@ class Association:
             settings = self.settings
             path = settings.storage.relative(committed.path)
             now = time.time()
+            if committed.collided_path:
+                log.warning(
+                    "C-STORE %r from %r: %s holds another instance (SOP Instance UID %r); stored as %s",
+                    header.sop_instance_uid, self.stats.calling_ae_title,
+                    settings.storage.relative(committed.collided_path), committed.collided_uid, path,
+                )
             if committed.existing_hash:
                 self._conflict(committed, header.sop_instance_uid, incoming.content_hash, path, now)
             size = incoming.meta_length + incoming.dataset_length
@@ -572,6 +617,7 @@ class Association:
                     received_at=now,
                     header=header,
                     content_hash=incoming.content_hash,
+                    affected_sop_instance_uid=stored.affected if stored.affected != header.sop_instance_uid else "",
                 )
             )
         finally:
@@ -613,7 +659,8 @@ class Association:
         request = self._request
         context = self.negotiation.contexts[self._context_id]
         for status, match, comment in findscp.responses(
-            self.settings.find, context.abstract_syntax, identifier, context.transfer_syntax, self._cancel_requested
+            self.settings.find, context.abstract_syntax, identifier, context.transfer_syntax, self._cancel_requested,
+            context.abstract_syntax in self.negotiation.relational_queries,
         ):
             command = dimse.encode_response(
                 dimse.C_FIND_RSP, context.abstract_syntax, int(request.get("MessageID", 0)), status,

@@ -44,11 +44,13 @@ def _serve(args: argparse.Namespace) -> int:
     from fastscp import logs
     from fastscp.supervisor import StartupError, serve
 
-    config = load_config(args.config, _overrides(args))
+    overrides = _overrides(args)
+    config = load_config(args.config, overrides)
     logging_ = config.logging
     logs.configure(logging_.level, logging_.format, logging_.file, logging_.max_bytes, logging_.backups)
     try:
-        return serve(config)
+        # SIGHUP reads the same file with the same command-line options again.
+        return serve(config, reload=lambda: load_config(args.config, overrides), config_file=args.config or "")
     except StartupError as exc:
         print(f"fastscp: {exc}", file=sys.stderr)
         return 2
@@ -60,11 +62,22 @@ def _config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _client_tls(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    """The TLS context of ``--tls*`` (any of them turns TLS on), else None."""
+    from fastscp.scu import tls_context
+
+    files = (args.tls_ca_bundle, args.tls_certificate, args.tls_private_key)
+    if not (args.tls or any(files) or args.tls_min_version):
+        return None
+    return tls_context(ca_bundle=args.tls_ca_bundle or "", certificate=args.tls_certificate or "",
+                       private_key=args.tls_private_key or "", min_version=args.tls_min_version or "1.2")
+
+
 def _echo(args: argparse.Namespace) -> int:
     from fastscp.scu import SCUError, echo
 
     try:
-        status = echo(args.host, args.port, aet=args.aet, aec=args.aec)
+        status = echo(args.host, args.port, aet=args.aet, aec=args.aec, tls=_client_tls(args))
     except SCUError as exc:
         print(f"fastscp echo: {exc}", file=sys.stderr)
         return 1
@@ -76,12 +89,28 @@ def _send(args: argparse.Namespace) -> int:
     from fastscp.scu import SCUError, send
 
     try:
-        stored, failed = send(args.host, args.port, args.paths, aet=args.aet, aec=args.aec)
+        summary = send(args.host, args.port, args.paths, aet=args.aet, aec=args.aec, tls=_client_tls(args),
+                       out=sys.stdout, progress=sys.stderr)
     except SCUError as exc:
         print(f"fastscp send: {exc}", file=sys.stderr)
         return 1
-    print(f"sent {stored} files, {failed} failed")
-    return 0 if failed == 0 else 1
+    if summary.error:
+        print(f"fastscp send: {summary.error}", file=sys.stderr)
+    print(summary)
+    return 0 if summary.ok else 1
+
+
+def _add_client_arguments(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("--aet", default="FASTSCU", help="our (calling) AE title")
+    sub.add_argument("--aec", default="ANY-SCP", help="the called AE title")
+    sub.add_argument("--tls", action="store_true", help="DICOM TLS (implied by any --tls-* option)")
+    sub.add_argument("--tls-ca-bundle", metavar="FILE",
+                     help="PEM CA certificates the receiver's certificate is checked against "
+                          "(default: the system's)")
+    sub.add_argument("--tls-certificate", metavar="FILE",
+                     help="our certificate (PEM), for a receiver that requires client certificates")
+    sub.add_argument("--tls-private-key", metavar="FILE", help="the private key of --tls-certificate (PEM)")
+    sub.add_argument("--tls-min-version", choices=("1.2", "1.3"), help="oldest TLS version to use (default 1.2)")
 
 
 #: Modules that add their own subcommands: each has ``register(commands)``,
@@ -108,8 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("port", type=int)
         if name == "send":
             sub.add_argument("paths", nargs="+", metavar="FILE_OR_DIR")
-        sub.add_argument("--aet", default="FASTSCU", help="our (calling) AE title")
-        sub.add_argument("--aec", default="ANY-SCP", help="the called AE title")
+        _add_client_arguments(sub)
         sub.set_defaults(func=func)
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(commands)

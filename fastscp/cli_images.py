@@ -10,8 +10,6 @@ import argparse
 import os
 import sys
 
-from fastscp.header import HeaderFields
-
 __all__ = ["register"]
 
 
@@ -60,11 +58,12 @@ def register(commands: argparse._SubParsersAction) -> None:
     sheet = commands.add_parser("scansheet", help="make a study's scan sheet (PNG and HTML)")
     sheet.add_argument("study_uid", metavar="STUDY_UID")
     sheet.add_argument("--storage-dir", help="storage root (default: storage.directory of the config)")
-    sheet.add_argument("--index-db", help="find the study's files in this index instead of reading every header "
-                                          "(not while a server has it open)")
+    sheet.add_argument("--index-db", help="find the study's files in this index (through the server while it runs) "
+                                          "instead of reading every header; used anyway while a server runs")
     sheet.add_argument("--out", metavar="DIR",
-                       help="folder for scansheet.png and scansheet.html "
-                            "(default: <storage>/scansheets/<PatientID>/<StudyDate>_<StudyInstanceUID>)")
+                       help="folder for scansheet.png and scansheet.html (default: where the server puts it: the "
+                            "study's folder of storage.naming, else <storage>/scansheets/<PatientID>/"
+                            "<StudyDate>_<StudyInstanceUID>)")
     sheet.add_argument("--config", metavar="FILE", help="YAML config file (see config/fastscp.yaml)")
     sheet.set_defaults(func=_scansheet)
 
@@ -110,43 +109,62 @@ def _jpg2dcm(args: argparse.Namespace) -> int:
     return 0
 
 
-def study_instances_from_index(index_path: str, study_uid: str) -> list[tuple[str, HeaderFields]]:
-    """(relative path, HeaderFields) of a study's files in an index database, opened read-only."""
-    from fastscp.index import Index
+def study_files_from_index(index_path: str, study_uid: str) -> list[str]:
+    """Paths (as indexed: relative to the storage root) of a study's files, through the running
+    server's index or, when none runs, the file read-only.
 
-    index = Index(index_path, read_only=True)
+    Raises
+    ------
+    fastscp.index.IndexUnavailable
+        No server answers and the file can't be opened.
+    fastscp.query.QueryError, ConnectionError
+        The server refused the query or stopped answering.
+    """
+    from fastscp.indexclient import open_query_client
+    from fastscp.query import Condition, QueryRequest
+
+    client = open_query_client(index_path)
     try:
-        return index.study_instances(study_uid)
+        request = QueryRequest(level="IMAGE", conditions=[Condition("StudyInstanceUID", study_uid)], keys=["Path"])
+        with client.query(request) as result:
+            return [row[0] for row in result]
     finally:
-        index.close()
+        client.close()
 
 
 def _scansheet(args: argparse.Namespace) -> int:
-    from fastscp.config import load_config
-    from fastscp.scansheet import find_study_instances, scansheet_dir, summarise_study, write_scansheet
-    from fastscp.thumbnail import thumbnail_path
+    from fastscp.config import layout_options, load_config
+    from fastscp.index import IndexUnavailable
+    from fastscp.indexclient import server_running
+    from fastscp.query import QueryError
+    from fastscp.scansheet import (
+        find_study_instances,
+        sheet_folder,
+        stored_thumbnails,
+        summarise_study,
+        summarise_study_files,
+        write_scansheet,
+    )
 
     config = load_config(args.config, {"storage.directory": args.storage_dir, "database.path": args.index_db})
     root = config.storage.directory
-    if args.index_db:
-        import duckdb
-
-        try:
-            rows = study_instances_from_index(config.index_path, args.study_uid)
-        except duckdb.Error as exc:
-            return _fail("scansheet", f"{config.index_path}: {exc} (a running server holds the index: "
-                                      "use --storage-dir without --index-db)")
-        items = [(os.path.join(root, path), fields) for path, fields in rows]
-    else:
-        items = find_study_instances(root, args.study_uid)
-
-    def thumbnail_for(path: str) -> str:  # made by the post-store stage, if it ran
-        return thumbnail_path(root, os.path.relpath(path, root))
-
+    # DuckDB lets one process open the index: while the server runs, ask it.
+    from_index = bool(args.index_db) or server_running(config.index_path)
     try:
-        study = summarise_study(items, args.study_uid, thumbnail_for=thumbnail_for)
+        if from_index:
+            try:
+                paths = study_files_from_index(config.index_path, args.study_uid)
+            except (IndexUnavailable, QueryError) as exc:
+                return _fail("scansheet", exc)
+            except (ConnectionError, OSError) as exc:
+                return _fail("scansheet", f"{config.index_path}: the server stopped answering: {exc}")
+            study = summarise_study_files([os.path.join(root, p) for p in paths], args.study_uid,
+                                          thumbnail_for=stored_thumbnails(root))
+        else:
+            study = summarise_study(find_study_instances(root, args.study_uid), args.study_uid,
+                                    thumbnail_for=stored_thumbnails(root))
     except ValueError as exc:
-        return _fail("scansheet", f"{exc} (looked in {args.index_db and config.index_path or root})")
-    png, page = write_scansheet(study, args.out or scansheet_dir(root, study))
+        return _fail("scansheet", f"{exc} (looked in {config.index_path if from_index else root})")
+    png, page = write_scansheet(study, args.out or sheet_folder(root, layout_options(config), study))
     print(f"wrote {png} and {page} ({len(study.series)} series, {study.instance_count} instances)")
     return 0

@@ -1,6 +1,6 @@
-"""Command line of the index: ``fastscp query``, ``fastscp stats``, ``fastscp reindex``.
+"""Command line of the index: ``fastscp query``, ``fastscp sql``, ``fastscp stats``, ``fastscp reindex``.
 
-``query`` and ``stats`` ask the running server that owns the index (through
+``query``, ``sql`` and ``stats`` ask the running server that owns the index (through
 its indexer's query socket) or, when none does, open the index file
 read-only. The index is chosen by ``--index-db``, else ``--storage-dir``
 (its ``index.duckdb``), else ``--config`` (its ``database.path`` /
@@ -10,6 +10,7 @@ read-only. The index is chosen by ``--index-db``, else ``--storage-dir``
 from __future__ import annotations
 
 import argparse
+import csv
 import os
 import re
 import sys
@@ -69,6 +70,19 @@ def register(commands: Any) -> None:
     _add_index_arguments(query)
     query.set_defaults(func=_query)
 
+    sql = commands.add_parser(
+        "sql", help="run a read-only SQL SELECT on the index",
+        description="Run one SELECT statement on the index (DuckDB SQL; tables studies, series, instances, "
+                    "duplicate_conflicts, thumbnails; views patients and *_counts), through the running server "
+                    "or on the file when it is stopped. Other statements are refused.",
+    )
+    sql.add_argument("statement", help='e.g. "SELECT modality, count(*) FROM instances GROUP BY 1"')
+    sql.add_argument("--format", choices=("table", "json", "csv", "parquet"), default="table",
+                     help="table (default), JSON lines, CSV with a header line, or Parquet (needs --output)")
+    sql.add_argument("--output", metavar="FILE", help="write the rows to FILE instead of standard output")
+    _add_index_arguments(sql)
+    sql.set_defaults(func=_sql)
+
     stats = commands.add_parser("stats", help="counts and sizes in the index: by modality, calling AE, day")
     stats.add_argument("--json", action="store_true", help="print one JSON object")
     _add_index_arguments(stats)
@@ -101,9 +115,7 @@ def _conditions(args: argparse.Namespace, level: str) -> list[Any]:
 
 
 def _query(args: argparse.Namespace) -> int:
-    from fastscp.index import IndexUnavailable
-    from fastscp.indexclient import open_query_client
-    from fastscp.query import QueryError, QueryRequest
+    from fastscp.query import QueryRequest
 
     level = LEVEL_NAMES[args.level]
     try:
@@ -113,35 +125,85 @@ def _query(args: argparse.Namespace) -> int:
         return 2
     keys = [k.strip() for k in args.keys.split(",") if k.strip()] if args.keys else []
     request = QueryRequest(level=level, conditions=conditions, keys=keys, limit=max(args.limit, 0))  # type: ignore[arg-type]
+    return _run("query", args, request, "json" if args.json else "table", None, f"no {args.level} match")
+
+
+def _sql(args: argparse.Namespace) -> int:
+    from fastscp.query import SqlRequest
+
+    if args.format == "parquet" and not args.output:
+        print("fastscp sql: --format parquet writes a file: give it with --output FILE", file=sys.stderr)
+        return 2
+    return _run("sql", args, SqlRequest(sql=args.statement), args.format, args.output, "no rows")
+
+
+def _run(command: str, args: argparse.Namespace, request: Any, form: str, output: str | None, empty: str) -> int:
+    """Run a query or SQL request on the index and write its rows in ``form``; the exit status."""
+    from fastscp.index import IndexUnavailable
+    from fastscp.indexclient import open_query_client
+    from fastscp.query import QueryError
+
     _storage, index_path = _paths(args)
     try:
         client = open_query_client(index_path)
     except IndexUnavailable as exc:
-        print(f"fastscp query: {exc}", file=sys.stderr)
+        print(f"fastscp {command}: {exc}", file=sys.stderr)
         return 1
     try:
         with client.query(request) as result:
-            if args.json:
-                encode = msgspec.json.Encoder().encode
-                out = sys.stdout.buffer
-                for row in result:
-                    out.write(encode(dict(zip(result.columns, row, strict=True))) + b"\n")
-                out.flush()
-            else:
-                rows = list(result)
-                if rows:
-                    sys.stdout.write(format_table(result.columns, rows))
-                else:
-                    print(f"no {args.level} match", file=sys.stderr)
+            if not write_rows(result.columns, result, form, output) and form == "table":
+                print(empty, file=sys.stderr)
     except QueryError as exc:
-        print(f"fastscp query: {exc}", file=sys.stderr)
+        print(f"fastscp {command}: {exc}", file=sys.stderr)
         return 2
     except (ConnectionError, OSError) as exc:
-        print(f"fastscp query: the server stopped answering: {exc}", file=sys.stderr)
+        print(f"fastscp {command}: the server stopped answering: {exc}", file=sys.stderr)
         return 1
     finally:
         client.close()
     return 0
+
+
+def write_rows(columns: Sequence[str], rows: Iterable[Sequence[Any]], form: str, output: str | None) -> int:
+    """Write rows as a table, JSON lines, CSV or Parquet (to ``output``, else standard output); how many."""
+    if form == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        listed = list(rows)
+        by_column = list(zip(*listed, strict=True)) if listed else [() for _ in columns]
+        pq.write_table(pa.Table.from_arrays([pa.array(list(values)) for values in by_column], names=list(columns)),
+                       output)
+        return len(listed)
+    with open(output, "w", newline="", encoding="utf-8") if output else _stdout() as out:
+        count = 0
+        if form == "json":
+            encode = msgspec.json.Encoder(enc_hook=str).encode
+            for row in rows:
+                out.write(encode(dict(zip(columns, row, strict=True))).decode() + "\n")
+                count += 1
+        elif form == "csv":
+            writer = csv.writer(out)
+            writer.writerow(columns)
+            for row in rows:
+                writer.writerow(row)
+                count += 1
+        else:
+            listed = list(rows)
+            if listed:
+                out.write(format_table(columns, listed))
+            count = len(listed)
+        return count
+
+
+class _stdout:
+    """Standard output as a context manager that flushes and does not close it."""
+
+    def __enter__(self) -> Any:
+        return sys.stdout
+
+    def __exit__(self, *_exc: object) -> None:
+        sys.stdout.flush()
 
 
 def human_bytes(count: int | float | None) -> str:
@@ -211,7 +273,7 @@ def format_stats(stats: Any, index_path: str) -> str:
     if stats.indexer is not None:
         state = stats.indexer
         source = (f"server running (indexer pid {state.pid}: {state.pending} records pending, "
-                  f"{state.committed} committed since start, reconcile {state.reconcile})")
+                  f"{state.committed} instances committed since start, reconcile {state.reconcile})")
     else:
         source = "server stopped: read from the file"
     lines = [

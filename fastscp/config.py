@@ -29,6 +29,9 @@ AETitle = Annotated[str, msgspec.Meta(min_length=1, max_length=16, pattern=r"^[ 
 # 0 means "no limit" in A-ASSOCIATE (PS3.8 D.1); otherwise at least one
 # PDV header plus a byte, and we cap it so one PDU can't exhaust memory.
 MaxPDU = Annotated[int, msgspec.Meta(ge=0, le=64 * 1024 * 1024)]
+# Permission bits as octal text ("0640"); a YAML 1.1 octal number (0640
+# unquoted) arrives as an int and is turned back into text first.
+Mode = Annotated[str, msgspec.Meta(pattern=r"^0?[0-7]{3}$")]
 
 
 class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -40,6 +43,9 @@ class ServerConfig(_Section):
     port: Port = 11112
     ae_title: AETitle = "FASTSCP"
     max_associations: Positive = 64
+    #: Connections still waiting for their A-ASSOCIATE-RQ (no association slot yet).
+    max_pending_connections: Positive = 256
+    max_pending_per_address: Positive = 32
     max_pdu_size: MaxPDU = 262144
     workers: Annotated[int, msgspec.Meta(ge=0, le=256)] = 0
     acse_timeout: Seconds = 30.0
@@ -69,11 +75,14 @@ class StorageConfig(_Section):
     patient_folders: PatientFoldersConfig = PatientFoldersConfig()
     accounts: AccountsConfig = AccountsConfig()
     sr_directory: str = ""
-    duplicates: Literal["reject", "keep-first", "overwrite", "keep-both"] = "reject"
+    duplicates: Literal["reject", "keep-first", "overwrite", "keep-both"] = "keep-first"
     fsync: Literal["always", "never"] = "always"
     quarantine: bool = True
     #: Below this much free space, new stores get 0xA700 "Out of resources".
     min_free_bytes: Annotated[int, msgspec.Meta(ge=0)] = 1024 * 1024 * 1024
+    #: Permissions of the files and folders fastscp creates (octal).
+    file_mode: Mode = "0640"
+    dir_mode: Mode = "0750"
 
 
 class AllowedAE(_Section):
@@ -165,6 +174,68 @@ class Config(_Section):
         return resolve_sop_classes(self.accepted_sop_classes)
 
 
+#: Keys a running server takes from its config file on SIGHUP (a section name: all its keys).
+#: Each is read when an association starts (the limits: when a connection
+#: is accepted or admitted; shutdown_timeout: when a stop begins), so it
+#: applies to new associations while open ones finish with the values they
+#: started with. Every other key needs a restart: it shapes something made
+#: once at start, which would have to be torn down under open associations:
+#: the listening socket (server.host/port), the AE title (the C-FIND service
+#: and the status page carry it too), the worker pool, the storage folders
+#: and layout (files already named by it), the index and its processes,
+#: thumbnails and scan sheets (their process), TLS (its context), the
+#: monitor and the log output (handlers). Routing and hook rules, when they
+#: come, belong here.
+LIVE_KEYS: frozenset[str] = frozenset({
+    "access",  # allowed_calling_aets, check_called_aet, max_associations_per_aet
+    "accepted_sop_classes",
+    "server.max_associations",
+    "server.max_pending_connections",
+    "server.max_pending_per_address",
+    "server.max_pdu_size",
+    "server.acse_timeout",
+    "server.dimse_timeout",
+    "server.shutdown_timeout",
+    "storage.duplicates",
+    "storage.min_free_bytes",
+    "logging.level",
+    "logging.actions",
+})
+
+
+def _is_live(key: str) -> bool:
+    parts = key.split(".")
+    return any(".".join(parts[:n]) in LIVE_KEYS for n in range(1, len(parts) + 1))
+
+
+def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        found: list[str] = []
+        for name in sorted(old.keys() | new.keys()):
+            found += _differences(old.get(name), new.get(name), f"{prefix}.{name}" if prefix else name)
+        return found
+    return [] if old == new else [prefix]
+
+
+def config_changes(running: Config, new: Config) -> tuple[list[str], list[str]]:
+    """The dotted keys whose values differ: (those in :data:`LIVE_KEYS`, those that need a restart)."""
+    changed = _differences(to_builtins(running), to_builtins(new))
+    return [k for k in changed if _is_live(k)], [k for k in changed if not _is_live(k)]
+
+
+def with_live_keys(running: Config, new: Config) -> Config:
+    """``running`` with the values of :data:`LIVE_KEYS` taken from ``new``: the config a reload puts in force."""
+    result = running
+    for key in sorted(LIVE_KEYS):
+        section, _, name = key.partition(".")
+        if name:
+            value = msgspec.structs.replace(getattr(result, section), **{name: getattr(getattr(new, section), name)})
+        else:
+            value = getattr(new, section)
+        result = msgspec.structs.replace(result, **{section: value})
+    return result
+
+
 class ConfigError(Exception):
     """A config file or option that can't be used; the message says which and why."""
 
@@ -190,7 +261,7 @@ CLI_OPTIONS: dict[str, tuple[str, str]] = {
     ),
     "storage.duplicates": (
         "--duplicates",
-        "a resend with other content: reject (default), keep-first, overwrite or keep-both",
+        "the same SOP instance again with other content: keep-first (default), reject, overwrite or keep-both",
     ),
     "logging.level": ("--log-level", "DEBUG, INFO (default), WARNING or ERROR"),
     "logging.file": ("--log-file", "also log to this file, rotated (logging.max_bytes, logging.backups)"),
@@ -258,6 +329,12 @@ def load_config(path: str | None = None, overrides: dict[str, Any] | None = None
         if value is not None:
             _set_dotted(raw, key, value)
             from_cli.add(key)
+    storage = raw.get("storage")
+    if isinstance(storage, dict):
+        for key in ("file_mode", "dir_mode"):
+            value = storage.get(key)
+            if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 0o777:
+                storage[key] = f"0{value:03o}"  # YAML read 0640 as an octal number
     try:
         config = msgspec.convert(raw, Config, strict=False)
     except msgspec.ValidationError as exc:
@@ -276,7 +353,15 @@ def load_config(path: str | None = None, overrides: dict[str, Any] | None = None
         value = _lookup(raw, key)
         choices = _choices(key)
         hint = f"; use one of {', '.join(map(repr, choices))}" if choices else ""
+        if key.endswith("_mode"):
+            hint = "; write the permission bits in octal, quoted, like '0640'"
         raise ConfigError(f"{where}: {key}: {detail} (got {value!r}){hint}") from None
+    for key, needed in (("file_mode", 0o600), ("dir_mode", 0o700)):
+        if int(getattr(config.storage, key), 8) & needed != needed:
+            raise ConfigError(
+                f"{source}: storage.{key}: {getattr(config.storage, key)!r} leaves the owner (fastscp) without "
+                f"read and write{' and search' if key == 'dir_mode' else ''} permission; use at least '0{needed:o}'"
+            )
     try:
         resolve_sop_classes(config.accepted_sop_classes)
     except ValueError as exc:

@@ -44,6 +44,36 @@ STATUS_NAMES: dict[int, str] = {
     UNRECOGNIZED_OPERATION: "Unrecognized operation",
 }
 
+# C-STORE statuses a receiver may send that fastscp itself never does (PS3.4 B.2.3):
+# failures by range, warnings by code.
+_STORE_FAILURE_RANGES: tuple[tuple[int, int, str], ...] = (
+    (0xA700, 0xA7FF, "Out of resources"),
+    (0xA900, 0xA9FF, "Data set does not match SOP class"),
+    (0xC000, 0xCFFF, "Cannot understand"),
+)
+_STORE_WARNINGS: dict[int, str] = {
+    0xB000: "Coercion of data elements",
+    0xB007: "Data set does not match SOP class",
+    0xB006: "Elements discarded",
+}
+
+
+def status_name(code: int) -> str:
+    """The PS3.4/PS3.7 name of a C-STORE response status, e.g. ``0xA701`` -> "Out of resources"."""
+    if code in STATUS_NAMES:
+        return STATUS_NAMES[code]
+    if code in _STORE_WARNINGS:
+        return _STORE_WARNINGS[code]
+    for low, high, name in _STORE_FAILURE_RANGES:
+        if low <= code <= high:
+            return name
+    return "Warning" if is_warning(code) else "Failure"
+
+
+def is_warning(code: int) -> bool:
+    """A warning status (PS3.7 C.1.3: 0x0001 or 0xBxxx): the object was stored."""
+    return code == 0x0001 or 0xB000 <= code <= 0xBFFF
+
 # The command elements fastscp reads, by element number, with their VR.
 _US = {0x0100, 0x0110, 0x0120, 0x0700, 0x0800, 0x0900, 0x1031}
 _UL = {0x0000}

@@ -8,10 +8,11 @@ for, plus Query/Retrieve Level and, when a value needs it, Specific
 Character Set.
 
 Supported: Patient Root and Study Root Query/Retrieve Information Model -
-FIND, hierarchical queries at PATIENT, STUDY, SERIES and IMAGE level;
-single value, wildcard, universal, range and list-of-UID matching. Keys of
-the query level and of the levels above it are matched and returned (the
-unique keys of the levels above are required). Keys fastscp does not index
+FIND at PATIENT, STUDY, SERIES and IMAGE level; single value, wildcard,
+universal, range and list-of-UID matching. Keys of the query level and of
+the levels above it are matched and returned. Queries are hierarchical (the
+unique keys of the levels above are required) unless the association
+negotiated relational queries (PS3.4 C.4.1.2.1, C.5.1.1.1). Keys fastscp does not index
 (and all sequences) are returned empty and not matched; the responses then
 carry status 0xFF01 (:attr:`FindResponses.pending_status`).
 
@@ -104,14 +105,17 @@ class FindPlan(NamedTuple):
     unsupported: bool
 
 
-def plan(model: str, identifier: Dataset, *, retrieve_ae_title: str = "") -> FindPlan:
+def plan(model: str, identifier: Dataset, *, retrieve_ae_title: str = "", relational: bool = False) -> FindPlan:
     """Check a request identifier and turn it into a query.
+
+    ``relational``: the association negotiated relational queries, so the
+    unique keys of the levels above may be absent (any key may be matched).
 
     Raises
     ------
     IdentifierError
-        0xA900: an unknown information model or level, or a missing unique
-        key of a level above the query level.
+        0xA900: an unknown information model or level, or (hierarchical
+        query) a missing unique key of a level above the query level.
     """
     levels = MODEL_LEVELS.get(model)
     if levels is None:
@@ -121,7 +125,7 @@ def plan(model: str, identifier: Dataset, *, retrieve_ae_title: str = "") -> Fin
         raise IdentifierError(f"Query/Retrieve Level {level or '(missing)'!r}: use one of {', '.join(levels)}")
     depth = LEVELS.index(level)
     # Hierarchical query (PS3.4 C.4.1.2.1): the unique keys above must be given.
-    for above in levels[:levels.index(level)]:
+    for above in () if relational else levels[:levels.index(level)]:
         keyword = UNIQUE_KEYS[above]
         if not _text(identifier.get(keyword, "")).strip():
             raise IdentifierError(f"a {level} level query needs {keyword} (the unique key of the {above} level)")
@@ -167,16 +171,27 @@ def plan(model: str, identifier: Dataset, *, retrieve_ae_title: str = "") -> Fin
     return FindPlan(level, request, returns, unsupported)
 
 
+#: The longest DS value (PS3.5 6.2).
+_DS_CHARS = 16
+
+
 def _value(value: Any, vr: str) -> Any:
-    """A column value as pydicom wants it for the element's VR."""
+    """A column value as pydicom wants it for the element's VR; every value of a multi-valued one."""
     if value is None or value == "":
         return None
-    if vr == "DS" and isinstance(value, float):
-        return format_number_as_ds(value)
+    if isinstance(value, str) and "\\" in value:
+        # Multi-valued (Window Center, Image Type, Modalities In Study).
+        return [_value(one, vr) if one else "" for one in value.split("\\")]
+    if vr == "DS":
+        if isinstance(value, float):
+            return format_number_as_ds(value)
+        if isinstance(value, str) and len(value) > _DS_CHARS:
+            try:
+                return format_number_as_ds(float(value))
+            except ValueError:
+                return None
     if vr in ("IS", "US", "UL", "SS", "SL") and isinstance(value, str):
         return int(value) if value.lstrip("-").isdigit() else None
-    if isinstance(value, str) and "\\" in value:
-        return value.split("\\")  # multi-valued (Modalities In Study)
     return value
 
 
@@ -233,7 +248,8 @@ class FindResponses:
         self._result.close()
 
 
-def find(model: str, identifier: Dataset, client: IndexQueries, *, retrieve_ae_title: str = "") -> FindResponses:
+def find(model: str, identifier: Dataset, client: IndexQueries, *, retrieve_ae_title: str = "",
+         relational: bool = False) -> FindResponses:
     """Match a C-FIND request identifier against the index.
 
     Parameters
@@ -248,6 +264,8 @@ def find(model: str, identifier: Dataset, client: IndexQueries, *, retrieve_ae_t
         shared by all its association threads (it is thread-safe).
     retrieve_ae_title : str, optional
         The value of Retrieve AE Title (0008,0054) when the SCU asks for it.
+    relational : bool, optional
+        The association negotiated relational queries for ``model``.
 
     Returns
     -------
@@ -264,7 +282,7 @@ def find(model: str, identifier: Dataset, client: IndexQueries, *, retrieve_ae_t
         Before any response, the index can't be asked (0xA700 / 0xC000);
         while iterating, the query failed (0xC000).
     """
-    found = plan(model, identifier, retrieve_ae_title=retrieve_ae_title)
+    found = plan(model, identifier, retrieve_ae_title=retrieve_ae_title, relational=relational)
     try:
         result = client.query(found.request)
     except ServerUnavailable as exc:
@@ -274,15 +292,15 @@ def find(model: str, identifier: Dataset, client: IndexQueries, *, retrieve_ae_t
     return FindResponses(found, result)
 
 
-def finder(index_path: str, *, retrieve_ae_title: str = "") -> Callable[[str, Dataset], FindResponses]:
-    """The ``find(model, identifier)`` callable of :data:`fastscp.findscp.Finder` for an index.
+def finder(index_path: str, *, retrieve_ae_title: str = "") -> Callable[[str, Dataset, bool], FindResponses]:
+    """The ``find(model, identifier, relational)`` callable of :data:`fastscp.findscp.Finder` for an index.
 
     It asks the running server's indexer (one :class:`~fastscp.indexclient.QueryClient`,
     thread-safe, no open connection) and works in every worker process.
     """
     client = QueryClient(index_path)
 
-    def find_in_index(model: str, identifier: Dataset) -> FindResponses:
-        return find(model, identifier, client, retrieve_ae_title=retrieve_ae_title)
+    def find_in_index(model: str, identifier: Dataset, relational: bool = False) -> FindResponses:
+        return find(model, identifier, client, retrieve_ae_title=retrieve_ae_title, relational=relational)
 
     return find_in_index

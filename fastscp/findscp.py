@@ -34,8 +34,9 @@ CANCEL = 0xFE00
 UNABLE_TO_PROCESS = 0xC000
 IDENTIFIER_DOES_NOT_MATCH = 0xA900
 
-#: ``find(model_uid, identifier) -> matches``: the query behind the service.
-Finder = Callable[[str, Dataset], Iterator[Dataset]]
+#: ``find(model_uid, identifier, relational) -> matches``: the query behind
+#: the service; ``relational``: relational queries were negotiated.
+Finder = Callable[[str, Dataset, bool], Iterator[Dataset]]
 
 _IMPLICIT = "1.2.840.10008.1.2"
 _BIG_ENDIAN = "1.2.840.10008.1.2.2"
@@ -58,9 +59,12 @@ def encode_identifier(ds: Dataset, transfer_syntax: str) -> bytes:
 
 
 def responses(
-    find: Finder, model: str, identifier: bytes, transfer_syntax: str, cancelled: Callable[[], bool]
+    find: Finder, model: str, identifier: bytes, transfer_syntax: str, cancelled: Callable[[], bool],
+    relational: bool = False,
 ) -> Iterator[tuple[int, bytes | None, str]]:
     """(status, encoded identifier or None, error comment) for each C-FIND-RSP.
+
+    ``relational``: the association negotiated relational queries for ``model``.
 
     Pending responses carry a match; the last one is Success, Cancel or a
     failure, without an identifier.
@@ -74,7 +78,7 @@ def responses(
         yield IDENTIFIER_DOES_NOT_MATCH, None, "Query/Retrieve Level (0008,0052) missing"
         return
     try:
-        matches = find(model, request)
+        matches = find(model, request, relational)
         # 0xFF01 when some requested key can't be matched (PS3.4 C.4.1.1.4).
         pending = getattr(matches, "pending_status", PENDING)
         for match in matches:

@@ -2,10 +2,13 @@
 
 This module and :mod:`fastscp.query` (which reads) are the only code that
 talks to DuckDB.  The index holds one row per stored file in ``instances``
-and one row per patient, study and series in ``patients``, ``studies`` and
-``series`` (the attributes of the newest instance win), plus the
-``duplicate_conflicts`` log.  Study, series and patient counts and sizes are
-derived from ``instances`` (the ``*_counts`` views, and the query builder's
+and one row per study and series in ``studies`` and ``series`` (the
+attributes of the newest instance win), plus the ``duplicate_conflicts``
+log. Each study row carries its own patient attributes (name, birth date,
+sex as stored with that study): a Patient ID stored under two names, or
+patients without a Patient ID, never overwrite each other; ``patients`` is
+a view over the studies (:func:`patient_key`).  Study, series and patient
+counts and sizes are derived from ``instances`` (the ``*_counts`` views, and the query builder's
 own restricted aggregates), so a write never has to update them.  Column
 names are the DICOM keywords in snake_case, as in
 :class:`~fastscp.header.HeaderFields`.
@@ -30,7 +33,7 @@ from fastscp.records import DuplicateConflict, InstanceRecord, ThumbnailMade
 
 log = logging.getLogger("fastscp.index")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 4
 
 # -- columns -----------------------------------------------------------------------
 
@@ -41,12 +44,14 @@ _HEADER_TYPES: dict[str, type] = {
     name: value_type(annotation) for name, annotation in typing.get_type_hints(HeaderFields).items()
 }
 
-#: Header fields kept per patient, study and series; the first is the key,
-#: the second (studies, series) the key of the parent.
+#: The patient attributes, kept per study (as stored with that study).
 PATIENT_FIELDS: tuple[str, ...] = ("patient_id", "patient_name", "patient_birth_date", "patient_sex")
+#: Header fields kept per study and series; the first is the key, the second
+#: the key of the parent.
 STUDY_FIELDS: tuple[str, ...] = (
     "study_instance_uid", "patient_id", "study_date", "study_time", "study_id", "accession_number",
     "study_description", "referring_physician_name", "requesting_physician",
+    "patient_name", "patient_birth_date", "patient_sex",
 )
 SERIES_FIELDS: tuple[str, ...] = (
     "series_instance_uid", "study_instance_uid", "series_number", "modality", "series_description",
@@ -70,6 +75,10 @@ FILE_COLUMNS: dict[str, str] = {
     "peer_address": "VARCHAR",
     "received_at": "TIMESTAMP",  # UTC
 }
+#: Added in schema version 4, after the header columns: the C-STORE's Affected
+#: SOP Instance UID (the File Meta's) where it differs from the data set's,
+#: else "". An instance is found by either UID.
+AFFECTED_COLUMNS: dict[str, str] = {"affected_sop_instance_uid": "VARCHAR"}
 CONFLICT_COLUMNS: dict[str, str] = {
     "sop_instance_uid": "VARCHAR",
     "path": "VARCHAR",
@@ -88,17 +97,16 @@ def _header_columns(fields: Sequence[str]) -> dict[str, str]:
 
 
 TABLES: dict[str, dict[str, str]] = {
-    "patients": _header_columns(PATIENT_FIELDS),
     "studies": _header_columns(STUDY_FIELDS),
     "series": _header_columns(SERIES_FIELDS),
-    "instances": {**FILE_COLUMNS, **_header_columns(INSTANCE_HEADER_FIELDS)},
+    "instances": {**FILE_COLUMNS, **_header_columns(INSTANCE_HEADER_FIELDS), **AFFECTED_COLUMNS},
     "duplicate_conflicts": CONFLICT_COLUMNS,
     # Thumbnails made by the post-store stage (both paths relative to the
     # storage root). Their own table: a thumbnail may be reported before its
     # instance's batch is committed, and instance inserts stay narrow.
     "thumbnails": {"path": "VARCHAR", "thumbnail_path": "VARCHAR"},
 }
-_PRIMARY_KEY = {"patients": "patient_id", "studies": "study_instance_uid", "series": "series_instance_uid",
+_PRIMARY_KEY = {"studies": "study_instance_uid", "series": "series_instance_uid",
                 "instances": "path", "thumbnails": "path"}
 
 
@@ -115,9 +123,45 @@ def _create_table(table: str) -> str:
     return f"CREATE TABLE {table} ({columns})"
 
 
-# Derived counts for people reading the index with SQL; the query builder
-# computes the same numbers restricted to the rows it returns.
-_VIEWS = (
+def patient_key(alias: str) -> str:
+    """SQL: the patient a study row (``alias``) belongs to.
+
+    Its Patient ID; a study without one (empty or absent) is a patient of
+    its own, keyed by a backslash and its Study Instance UID (a Patient ID
+    is LO, VM 1: it never holds a backslash), so such patients are never
+    merged.
+    """
+    return (f"CASE WHEN coalesce({alias}.patient_id, '') = '' THEN '\\' || {alias}.study_instance_uid "
+            f"ELSE {alias}.patient_id END")
+
+
+def latest_study_first(alias: str) -> str:
+    """SQL ORDER BY terms that put a patient's latest study first (by Study Date and Time).
+
+    Its name, birth date and sex are the patient's at PATIENT level: by
+    date, so the answer does not depend on the order the studies arrived in.
+    """
+    return (f"{alias}.study_date DESC NULLS LAST, {alias}.study_time DESC NULLS LAST, "
+            f"{alias}.study_instance_uid DESC")
+
+
+# The patients (one row each, its latest study's attributes) and derived
+# counts, for people reading the index with SQL and for the stats; the query
+# builder computes the same restricted to the rows it returns.
+_PATIENT_VIEWS = (
+    f"""CREATE VIEW patients AS
+       SELECT DISTINCT ON (patient_key) {patient_key('st')} AS patient_key,
+              {', '.join(f'st.{name}' for name in PATIENT_FIELDS)}
+       FROM studies st ORDER BY patient_key, {latest_study_first('st')}""",
+    f"""CREATE VIEW patient_counts AS
+       SELECT {patient_key('st')} AS patient_key,
+              count(DISTINCT i.study_instance_uid) AS number_of_patient_related_studies,
+              count(DISTINCT i.series_instance_uid) AS number_of_patient_related_series,
+              count(*) AS number_of_patient_related_instances, sum(i.size) AS patient_size
+       FROM instances i JOIN studies st ON st.study_instance_uid = i.study_instance_uid
+       GROUP BY 1""",
+)
+_VIEWS = _PATIENT_VIEWS + (
     """CREATE VIEW series_counts AS
        SELECT series_instance_uid, count(*) AS number_of_series_related_instances, sum(size) AS series_size
        FROM instances GROUP BY series_instance_uid""",
@@ -125,12 +169,6 @@ _VIEWS = (
        SELECT study_instance_uid, count(DISTINCT series_instance_uid) AS number_of_study_related_series,
               count(*) AS number_of_study_related_instances, sum(size) AS study_size
        FROM instances GROUP BY study_instance_uid""",
-    """CREATE VIEW patient_counts AS
-       SELECT st.patient_id, count(DISTINCT i.study_instance_uid) AS number_of_patient_related_studies,
-              count(DISTINCT i.series_instance_uid) AS number_of_patient_related_series,
-              count(*) AS number_of_patient_related_instances, sum(i.size) AS patient_size
-       FROM instances i JOIN studies st ON st.study_instance_uid = i.study_instance_uid
-       GROUP BY st.patient_id""",
 )
 
 # -- Arrow batches -------------------------------------------------------------------
@@ -144,8 +182,13 @@ def _arrow_type(table: str, name: str) -> pa.DataType:
 
 _SCHEMAS = {table: pa.schema([(name, _arrow_type(table, name)) for name in TABLES[table]]) for table in TABLES}
 
+def _column_list(table: str) -> str:
+    """The table's columns, for INSERTs that name them (a migration appends columns at the end)."""
+    return ", ".join(quote(name) for name in TABLES[table])
+
+
 #: The instances table's columns of the batch table (batchtable.SCHEMA has more).
-_INSTANCE_VALUES = f"SELECT {', '.join(quote(name) for name in TABLES['instances'])} FROM batch_instances"
+_INSTANCE_VALUES = f"({_column_list('instances')}) SELECT {_column_list('instances')} FROM batch_instances"
 
 
 def _conflicts_table(conflicts: Sequence[DuplicateConflict]) -> pa.Table:
@@ -195,6 +238,9 @@ class Index:
         Open for queries only: no migration, and any number of read-only
         processes may open it, but only while no process has it read-write
         (DuckDB's rule: a running server holds it).
+    any_version : bool
+        With ``read_only``: open an index of another schema version as it
+        is (``fastscp reindex`` reads an old index's duplicate conflicts).
 
     Raises
     ------
@@ -203,7 +249,8 @@ class Index:
         this fastscp, or (read-only) older and needs a migration.
     """
 
-    def __init__(self, path: str, *, wal_mode: bool = True, read_only: bool = False) -> None:
+    def __init__(self, path: str, *, wal_mode: bool = True, read_only: bool = False,
+                 any_version: bool = False) -> None:
         self.path = path
         self.wal_mode = wal_mode
         self.read_only = read_only
@@ -223,13 +270,14 @@ class Index:
         self.needs_checkpoint = False
         self._cursor_source = self.con.cursor()
         self._cursor_lock = threading.Lock()
-        self._known: dict[str, dict[str, tuple[object, ...]]] = {"patients": {}, "studies": {}, "series": {}}
+        self._known: dict[str, dict[str, tuple[object, ...]]] = {"studies": {}, "series": {}}
         #: Some patient, study or series may have no instances left: see :meth:`prune`.
         self.needs_prune = False
         try:
             self.version = self._version()
             if read_only:
-                self._check_readable()
+                if not any_version:
+                    self._check_readable()
             else:
                 self._migrate()
         except BaseException:
@@ -268,17 +316,12 @@ class Index:
             return
         self.con.execute("BEGIN")
         try:
-            self.con.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-            if self.version == 1:
-                # v1: one flat "instances" table (file facts + every header field).
-                self.con.execute("ALTER TABLE instances RENAME TO instances_v1")
-            for table in TABLES:
-                self.con.execute(_create_table(table))
-            for view in _VIEWS:
-                self.con.execute(view)
-            if self.version == 1:
-                self._copy_v1()
-                self.con.execute("DROP TABLE instances_v1")
+            if self.version in (2, 3):
+                if self.version == 2:
+                    self._migrate_v2()
+                self._migrate_v3()
+            else:
+                self._create(from_v1=self.version == 1)
             self.con.execute("INSERT INTO schema_version VALUES (?)", [SCHEMA_VERSION])
             self.con.execute("COMMIT")
         except BaseException:
@@ -288,6 +331,51 @@ class Index:
             log.info("index %s migrated from schema version %d to %d", self.path, self.version, SCHEMA_VERSION)
         self.version = SCHEMA_VERSION
         self.con.execute("CHECKPOINT")
+
+    def _create(self, *, from_v1: bool) -> None:
+        """The tables and views of a new index, or of one made from a v1 index's flat table."""
+        self.con.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+        if from_v1:
+            # v1: one flat "instances" table (file facts + every header field).
+            self.con.execute("ALTER TABLE instances RENAME TO instances_v1")
+        for table in TABLES:
+            self.con.execute(_create_table(table))
+        for view in _VIEWS:
+            self.con.execute(view)
+        if from_v1:
+            self._copy_v1()
+            self.con.execute("DROP TABLE instances_v1")
+
+    def _migrate_v3(self) -> None:
+        """v4 adds the command's Affected SOP Instance UID to instances (v2 got it from _migrate_v2)."""
+        for name, sql in AFFECTED_COLUMNS.items():
+            self.con.execute(f"ALTER TABLE instances ADD COLUMN IF NOT EXISTS {quote(name)} {sql} DEFAULT ''")
+
+    def _migrate_v2(self) -> None:
+        """v2 kept one ``patients`` row per Patient ID; v3 keeps the patient attributes per study.
+
+        v2 did not keep what each study had: every study gets its patient's
+        row. ``fastscp reindex`` reads them again from the files.
+        """
+        con = self.con
+        # New columns: the studies' patient attributes, and header fields
+        # (Image Type, every value of a multi-valued Window Center/Width).
+        for table in ("studies", "instances"):
+            present = {row[0] for row in con.execute(
+                "SELECT column_name FROM information_schema.columns WHERE table_name = ?", [table]).fetchall()}
+            for name, sql in TABLES[table].items():
+                if name not in present:
+                    con.execute(f"ALTER TABLE {table} ADD COLUMN {quote(name)} {sql}")
+        con.execute(
+            "UPDATE studies SET patient_name = p.patient_name, patient_birth_date = p.patient_birth_date, "
+            "patient_sex = p.patient_sex FROM patients p WHERE p.patient_id = studies.patient_id"
+        )
+        con.execute("DROP VIEW patient_counts")
+        con.execute("DROP TABLE patients")
+        for view in _PATIENT_VIEWS:
+            con.execute(view)
+        log.warning("index %s: schema v2 kept one name per Patient ID; run 'fastscp reindex' to read each "
+                    "study's own patient attributes from its files again", self.path)
 
     def _copy_v1(self) -> None:
         present = {row[0] for row in self.con.execute(
@@ -303,7 +391,7 @@ class Index:
             f"INSERT INTO instances SELECT {select('instances')} FROM instances_v1"
         )
         self.con.execute("UPDATE instances SET content_hash = '' WHERE content_hash IS NULL")
-        for table in ("patients", "studies", "series"):
+        for table in ("studies", "series"):
             key = quote(_PRIMARY_KEY[table])
             # The newest instance's attributes win, as for records.
             self.con.execute(
@@ -477,9 +565,9 @@ class Index:
             con.unregister("batch_thumbnails")
 
     def _changed_parents(self, batch: pa.Table, *, all_rows: bool = False) -> dict[str, list[tuple[object, ...]]]:
-        """Patient, study and series rows of the batch that differ from what we last wrote."""
+        """Study and series rows of the batch that differ from what we last wrote."""
         changed: dict[str, list[tuple[object, ...]]] = {}
-        for table, fields in (("patients", PATIENT_FIELDS), ("studies", STUDY_FIELDS), ("series", SERIES_FIELDS)):
+        for table, fields in (("studies", STUDY_FIELDS), ("series", SERIES_FIELDS)):
             latest = distinct_rows(batch, fields)
             known = self._known[table]
             changed[table] = [row for key, row in latest.items() if all_rows or known.get(key) != row]
@@ -498,12 +586,13 @@ class Index:
         self.con.register("batch_parents", batch)  # replaces the last table's; unregistered by _in_transaction
         if upsert:
             updates = ", ".join(f"{quote(name)} = excluded.{quote(name)}" for name in names[1:])
-            self.con.execute(f"INSERT INTO {table} SELECT * FROM batch_parents ON CONFLICT DO UPDATE SET {updates}")
+            self.con.execute(f"INSERT INTO {table} ({_column_list(table)}) SELECT * FROM batch_parents "
+                             f"ON CONFLICT DO UPDATE SET {updates}")
         else:
-            self.con.execute(f"INSERT INTO {table} SELECT * FROM batch_parents")
+            self.con.execute(f"INSERT INTO {table} ({_column_list(table)}) SELECT * FROM batch_parents")
 
     def prune(self) -> None:
-        """Drop series, studies and patients left without instances, in one transaction."""
+        """Drop series and studies left without instances, in one transaction."""
         self.con.execute("BEGIN")
         try:
             self._prune()
@@ -523,13 +612,6 @@ class Index:
         self.con.execute(
             "DELETE FROM studies WHERE NOT EXISTS "
             "(SELECT 1 FROM instances i WHERE i.study_instance_uid = studies.study_instance_uid)"
-        )
-        self._prune_patients()
-
-    def _prune_patients(self) -> None:
-        self.con.execute(
-            "DELETE FROM patients WHERE NOT EXISTS "
-            "(SELECT 1 FROM studies st WHERE st.patient_id = patients.patient_id)"
         )
 
     def remove(self, paths: Iterable[str]) -> int:
@@ -595,13 +677,13 @@ class Index:
     def study_instances(self, study_instance_uid: str) -> list[tuple[str, HeaderFields]]:
         """(path, header fields) of every indexed file of a study, by path.
 
-        The header fields are put together from the instance, series, study
-        and patient rows (a study's attributes are its newest instance's).
+        The header fields are put together from the instance, series and
+        study rows (a study's attributes are its newest instance's).
         """
         def alias(name: str) -> str:
             if name in INSTANCE_HEADER_FIELDS:
                 return "i"
-            return "se" if name in SERIES_FIELDS else "st" if name in STUDY_FIELDS else "p"
+            return "se" if name in SERIES_FIELDS else "st"
 
         names = list(HeaderFields.__struct_fields__)
         select = ", ".join(f"{alias(name)}.{quote(name)}" for name in names)
@@ -609,7 +691,6 @@ class Index:
             f"SELECT i.path, {select} FROM instances i "
             "LEFT JOIN series se ON se.series_instance_uid = i.series_instance_uid "
             "LEFT JOIN studies st ON st.study_instance_uid = i.study_instance_uid "
-            "LEFT JOIN patients p ON p.patient_id = st.patient_id "
             "WHERE i.study_instance_uid = ? ORDER BY i.path",
             [study_instance_uid],
         ).fetchall()
@@ -618,6 +699,19 @@ class Index:
                                      if value is not None}))
             for row in rows
         ]
+
+    @staticmethod
+    def paths_of(con: duckdb.DuckDBPyConnection, uids: Sequence[str]) -> list[str]:
+        """Paths of the instances whose data set's or command's SOP Instance UID is one of ``uids``.
+
+        PERF: a scan of two columns (no index: it would slow every insert);
+        asked only when :class:`fastscp.indexer.UidIndex` says one may match.
+        """
+        rows = con.execute(
+            "SELECT path FROM instances WHERE sop_instance_uid IN (SELECT unnest($1)) "
+            "OR affected_sop_instance_uid IN (SELECT unnest($1))", [list(uids)],
+        ).fetchall()
+        return [row[0] for row in rows]
 
     def count(self) -> int:
         """The number of indexed files."""

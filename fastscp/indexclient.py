@@ -16,17 +16,22 @@ import threading
 from collections.abc import Iterator
 from typing import Any, Protocol
 
-from fastscp.indexer import indexer_address, query_address, query_address_of
+import msgspec
+
+from fastscp.indexer import indexer_address, locate_address, query_address, query_address_of
 from fastscp.query import (
     Columns,
     Done,
     Failed,
     IndexerState,
     LocalQueryClient,
+    Located,
+    LocateRequest,
     QueryError,
     QueryRequest,
     QueryResult,
     Rows,
+    SqlRequest,
     StateRequest,
     Stats,
     StatsRequest,
@@ -43,6 +48,8 @@ SEND_INTERVAL = 0.02
 BATCH_RECORDS = 32
 #: Seconds between retries while records wait for the indexer.
 RETRY_INTERVAL = 0.5
+#: Seconds a C-STORE waits for the indexer to say where its instance is stored.
+LOCATE_TIMEOUT = 2.0
 
 
 class IndexerClient:
@@ -210,7 +217,7 @@ class QueryClient:
             return False
         return True
 
-    def query(self, request: QueryRequest) -> QueryResult:
+    def query(self, request: QueryRequest | SqlRequest) -> QueryResult:
         """Run a query in the server; rows stream in as they are read.
 
         Raises
@@ -260,6 +267,16 @@ class QueryClient:
             raise ConnectionError(f"unexpected answer {type(answer).__name__}")
         return answer
 
+    def locate(self, uids: list[str]) -> list[str]:
+        """Where the running server's index has instances with any of these SOP Instance UIDs
+        (paths as the index records them; records not yet committed included)."""
+        with self._open() as sock:
+            send_message(sock, LocateRequest(uids))
+            answer = recv_message(sock)
+        if not isinstance(answer, Located):
+            raise ConnectionError(f"unexpected answer {type(answer).__name__}")
+        return answer.paths
+
     def state(self) -> IndexerState:
         """The indexer's own state (pending and committed records, reconcile): no query, cheap."""
         with self._open() as sock:
@@ -279,10 +296,37 @@ class QueryClient:
         self.close()
 
 
+class Locator:
+    """A worker's "where is this instance stored?" (:meth:`QueryClient.locate`), for the duplicate check.
+
+    Never raises: while the indexer can't answer (restarting, overloaded
+    past ``timeout``) the store goes on with what the file at its own path
+    tells, and a warning says so once per outage.
+    """
+
+    def __init__(self, index_path: str, timeout: float = LOCATE_TIMEOUT) -> None:
+        self.client = QueryClient(address=locate_address(index_path), timeout=timeout)
+        self._failing = False
+
+    def __call__(self, uids: tuple[str, ...]) -> tuple[str, ...]:
+        try:
+            paths = tuple(self.client.locate(list(uids)))
+        except (OSError, ConnectionError, msgspec.DecodeError) as exc:
+            if not self._failing:
+                self._failing = True
+                log.warning("the index can't say where SOP instances are stored (%s): duplicates stored under "
+                            "another path are not detected until it answers again", exc)
+            return ()
+        if self._failing:
+            self._failing = False
+            log.info("the index answers where SOP instances are stored again")
+        return paths
+
+
 class IndexQueries(Protocol):
     """What :func:`fastscp.find.find` and the CLI need: QueryClient or LocalQueryClient."""
 
-    def query(self, request: QueryRequest) -> QueryResult: ...
+    def query(self, request: QueryRequest | SqlRequest) -> QueryResult: ...
 
     def stats(self, request: StatsRequest | None = None) -> Stats: ...
 
@@ -320,6 +364,7 @@ def server_running(index_path: str) -> bool:
 __all__ = [
     "IndexQueries",
     "IndexerClient",
+    "Locator",
     "QueryClient",
     "ServerUnavailable",
     "open_query_client",

@@ -19,6 +19,12 @@ Three jobs, one process (DuckDB lets one process open the file):
   SOCK_STREAM) and answers each connection from a small thread pool, each
   query on its own DuckDB cursor (DuckDB's MVCC): batches go on being
   committed while a query runs.
+* **Where is this instance?** Before it answers a C-STORE, a worker asks
+  (:class:`~fastscp.query.LocateRequest`, on a third socket,
+  :func:`locate_address`, with threads of its own, so a slow C-FIND never
+  delays a store) where the instance's SOP Instance UIDs are stored;
+  :class:`UidIndex` answers from memory, and DuckDB is read only when a UID
+  may be indexed (a resend).
 * **Reconcile on start.** When it knows the storage root, the indexer
   compares the files with the index in a background thread, indexes what is
   missing (records a killed indexer never committed) and drops rows whose
@@ -49,6 +55,9 @@ from multiprocessing.connection import Connection
 
 import duckdb
 import msgspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from fastscp.batchtable import InstanceBatch
 from fastscp.index import Index
@@ -56,7 +65,10 @@ from fastscp.ipc import accept_local, listen, local_address, receive, same_user
 from fastscp.query import (
     Failed,
     IndexerState,
+    Located,
+    LocateRequest,
     QueryRequest,
+    SqlRequest,
     StateRequest,
     StatsRequest,
     recv_message,
@@ -64,7 +76,7 @@ from fastscp.query import (
     send_message,
     stream_query,
 )
-from fastscp.records import BATCH_DECODER, DuplicateConflict, ThumbnailMade
+from fastscp.records import BATCH_DECODER, DuplicateConflict, InstanceColumns, ThumbnailMade
 from fastscp.reindex import plan, read_records
 
 log = logging.getLogger("fastscp.indexer")
@@ -76,6 +88,9 @@ log = logging.getLogger("fastscp.indexer")
 MAX_BATCH_FACTOR = 30
 #: Queries answered at the same time; more wait for a thread.
 QUERY_THREADS = 4
+#: LocateRequests answered at the same time (each takes microseconds, or one
+#: DuckDB scan for a resend).
+LOCATE_THREADS = 4
 #: A query client that neither sends nor reads for this long is dropped.
 QUERY_IO_TIMEOUT = 30.0
 #: Seconds without records after which the indexer tidies the index (Index.tidy:
@@ -101,23 +116,119 @@ def query_address(index_path: str) -> str:
     return local_address("query", index_path)
 
 
+def locate_address(index_path: str) -> str:
+    """The abstract socket name on which the indexer of an index file answers LocateRequest."""
+    return local_address("locate", index_path)
+
+
 def query_address_of(address: str) -> str:
     """The query socket of the indexer whose record socket is ``address`` (what a worker knows)."""
     return address.replace("\0fastscp-indexer-", "\0fastscp-query-", 1)
 
 
-class QueryServer:
-    """Answers :class:`~fastscp.query.QueryRequest` and :class:`~fastscp.query.StatsRequest` on a socket."""
+#: UIDs of the stored instances whose columns a batch of instances holds.
+_UID_COLUMNS = ("sop_instance_uid", "affected_sop_instance_uid")
 
-    def __init__(self, index: Index, address: str, state: Callable[[], IndexerState]) -> None:
+
+class UidIndex:
+    """Which SOP Instance UIDs the index holds: answers "where is this instance?" without reading DuckDB.
+
+    Records received and not yet committed are held exactly (UID -> path).
+    Committed UIDs are held as 64-bit hashes (Python's ``hash``, stable
+    within this process), sorted in a numpy array (8 bytes an instance) plus
+    a set of the latest; a hit is confirmed by a DuckDB query
+    (:meth:`fastscp.index.Index.paths_of`), which is the rare case: a resend.
+    Until :meth:`load` has read the committed rows, every lookup may match.
+    Thread-safe: the loop, the writer and the query threads all use it.
+    """
+
+    #: Hashes kept in the set before they are merged into the sorted array.
+    MERGE_AT = 100_000
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._received: dict[str, str] = {}
+        self._sorted = np.empty(0, dtype=np.int64)
+        self._recent: set[int] = set()
+        self.loaded = False
+
+    def load(self, con: duckdb.DuckDBPyConnection) -> None:
+        """Read the UIDs of the committed rows (at start; records go on arriving meanwhile)."""
+        relation = con.sql(f"SELECT {', '.join(_UID_COLUMNS)} FROM instances")
+        # DuckDB 2 calls it to_arrow_reader(); older ones fetch_arrow_reader().
+        reader = (getattr(relation, "to_arrow_reader", None) or relation.fetch_arrow_reader)(100_000)
+        parts = []
+        for batch in reader:
+            for column in batch.columns:
+                uids = [uid for uid in column.to_pylist() if uid]
+                parts.append(np.fromiter(map(hash, uids), dtype=np.int64, count=len(uids)))
+        with self._lock:
+            self._merge(np.concatenate(parts) if parts else np.empty(0, dtype=np.int64))
+            self.loaded = True
+
+    def _merge(self, hashes: np.ndarray) -> None:
+        recent = np.fromiter(self._recent, dtype=np.int64, count=len(self._recent))
+        self._sorted = np.union1d(self._sorted, np.concatenate((hashes, recent)))
+        self._recent = set()
+
+    def received(self, instances: InstanceColumns) -> None:
+        """Records the indexer has received (in the loop thread)."""
+        paths = instances.column("path")
+        with self._lock:
+            for name in _UID_COLUMNS:
+                self._received.update(zip(instances.column(name), paths, strict=True))
+            self._received.pop("", None)  # no UID (affected_sop_instance_uid: most records)
+
+    def committed(self, instances: pa.Table) -> None:
+        """Rows now in DuckDB (or given up on: their files are found by the next reconcile)."""
+        paths = instances.column("path").to_pylist()
+        with self._lock:
+            received = self._received
+            for name in _UID_COLUMNS:
+                column = instances.column(name)
+                if name != "sop_instance_uid" and not pc.any(pc.not_equal(column, "")).as_py():
+                    continue  # PERF: the command's UID is "" unless it differed from the data set's
+                uids = column.to_pylist()
+                self._recent.update(map(hash, uids))
+                # A record received since, under the same UID, keeps its entry.
+                for uid in [u for u, p in zip(uids, paths, strict=True) if received.get(u) == p]:
+                    del received[uid]
+            self._recent.discard(hash(""))
+            if len(self._recent) >= self.MERGE_AT:
+                self._merge(np.empty(0, dtype=np.int64))
+
+    def lookup(self, uids: list[str]) -> tuple[list[str], bool]:
+        """Paths of received records with these UIDs, and whether a committed row may have one."""
+        with self._lock:
+            paths = [self._received[uid] for uid in uids if uid in self._received]
+            if not self.loaded:
+                return paths, True
+            for uid in uids:
+                key = hash(uid)
+                if key in self._recent:
+                    return paths, True
+                at = int(np.searchsorted(self._sorted, key))
+                if at < len(self._sorted) and self._sorted[at] == key:
+                    return paths, True
+            return paths, False
+
+
+class QueryServer:
+    """Answers :class:`~fastscp.query.QueryRequest`, :class:`~fastscp.query.StatsRequest` and
+    :class:`~fastscp.query.LocateRequest` on a socket."""
+
+    def __init__(self, index: Index, address: str, state: Callable[[], IndexerState],
+                 uids: UidIndex | None = None, threads: int = QUERY_THREADS) -> None:
         self.index = index
         self.state = state
+        #: Set: LocateRequests are answered (and only they: the locate socket).
+        self.uids = uids
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.listener.bind(address)
         self.listener.listen(64)
         # accept() wakes up now and then to see whether we are closing.
         self.listener.settimeout(0.5)
-        self.pool = ThreadPoolExecutor(max_workers=QUERY_THREADS, thread_name_prefix="fastscp-query")
+        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fastscp-query")
         self._closing = threading.Event()
         self.thread = threading.Thread(target=self._accept_loop, name="fastscp-query-accept", daemon=True)
 
@@ -152,9 +263,15 @@ class QueryServer:
             except (OSError, ConnectionError, msgspec.DecodeError) as exc:
                 log.debug("query connection dropped: %s", exc)
                 return
-            cursor = self.index.cursor()
+            cursor = None
             try:
-                if isinstance(request, QueryRequest):
+                if self.uids is not None:
+                    # The locate socket, on the hot path of every C-STORE: a cursor only if DuckDB must be read.
+                    send_message(conn, Located(self._locate(request.uids)) if isinstance(request, LocateRequest)
+                                 else Failed(f"not a LocateRequest: {type(request).__name__}"))
+                    return
+                cursor = self.index.cursor()
+                if isinstance(request, QueryRequest | SqlRequest):
                     for message in stream_query(cursor, request):
                         send_message(conn, message)
                 elif isinstance(request, StatsRequest):
@@ -172,7 +289,20 @@ class QueryServer:
                 except OSError:
                     pass
             finally:
+                if cursor is not None:
+                    cursor.close()
+
+    def _locate(self, uids: list[str]) -> list[str]:
+        assert self.uids is not None
+        uids = [uid for uid in uids[:8] if uid]
+        paths, maybe = self.uids.lookup(uids)
+        if maybe:
+            cursor = self.index.cursor()
+            try:
+                paths += Index.paths_of(cursor, uids)
+            finally:
                 cursor.close()
+        return list(dict.fromkeys(paths))
 
     def close(self) -> None:
         self._closing.set()
@@ -203,10 +333,13 @@ class Indexer:
         ``storage.sr_directory``, reconciled too when it is outside the root.
     query_address : str, optional
         The query socket to bind (:func:`query_address`); None: no queries.
+    locate_address : str, optional
+        The socket for LocateRequest (:func:`locate_address`); None: not answered.
     """
 
     def __init__(self, index: Index, address: str, batch_size: int, batch_interval: float, *,
-                 storage_root: str | None = None, sr_root: str = "", query_address: str | None = None) -> None:
+                 storage_root: str | None = None, sr_root: str = "", query_address: str | None = None,
+                 locate_address: str | None = None) -> None:
         self.index = index
         self.batch_size = batch_size
         self.batch_interval = batch_interval
@@ -226,7 +359,8 @@ class Indexer:
         self.oldest = 0.0
         self.last_record = 0.0
         self.stopping = False
-        #: Records committed since the start (written by the writer thread).
+        #: Instances committed since the start (written by the writer thread); thumbnail and
+        #: conflict records are not instances (the status page shows this as "committed").
         self.committed = 0
         self.reconcile_state = "running" if storage_root is not None else "off"
         # Work for the writer thread, in order: batches, reconcile steps, tidying.
@@ -238,7 +372,11 @@ class Indexer:
         self._tidy_queued = False
         self._writer = threading.Thread(target=self._write_loop, name="fastscp-index-writer", daemon=True)
         self._reconciler: threading.Thread | None = None
+        #: The SOP Instance UIDs indexed or on their way (for LocateRequest).
+        self.uids = UidIndex()
         self.queries = QueryServer(index, query_address, self.state) if query_address else None
+        self.locates = (QueryServer(index, locate_address, self.state, self.uids, LOCATE_THREADS)
+                        if locate_address else None)
 
     def state(self) -> IndexerState:
         """What the indexer is doing (for stats; read from a query thread)."""
@@ -253,6 +391,9 @@ class Indexer:
         self._writer.start()
         if self.queries is not None:
             self.queries.start()
+        if self.locates is not None:
+            threading.Thread(target=self._load_uids, name="fastscp-uids", daemon=True).start()
+            self.locates.start()
         if self.storage_root is not None:
             self._reconciler = threading.Thread(target=self._reconcile, name="fastscp-reconcile", daemon=True)
             self._reconciler.start()
@@ -267,10 +408,24 @@ class Indexer:
             self._writer.join()
             if self.queries is not None:
                 self.queries.close()
+            if self.locates is not None:
+                self.locates.close()
             if self._reconciler is not None:
                 self._reconciler.join(5)
             self._close_sockets()
             self.index.close()
+
+    def _load_uids(self) -> None:
+        started = time.monotonic()
+        cursor = self.index.cursor()
+        try:
+            self.uids.load(cursor)
+        except Exception:
+            log.exception("reading the indexed SOP Instance UIDs failed; duplicates are looked up in DuckDB")
+            return
+        finally:
+            cursor.close()
+        log.debug("indexed SOP Instance UIDs read in %.2f s", time.monotonic() - started)
 
     def _close_sockets(self) -> None:
         for key in list(self.selector.get_map().values()):
@@ -345,6 +500,7 @@ class Indexer:
                 self.oldest = now
             self.last_record = now
             self.pending.add(batch.instances)
+            self.uids.received(batch.instances)
             for record in batch.others:
                 if isinstance(record, DuplicateConflict):
                     self.pending_conflicts.append(record)
@@ -372,6 +528,7 @@ class Indexer:
             try:
                 if kind == "add":
                     self.index.add(payload, keep_newer=True)  # type: ignore[arg-type]
+                    self.uids.committed(InstanceBatch.of(payload).table())  # type: ignore[arg-type]
                 elif kind == "remove":
                     assert self.storage_root is not None
                     # A file may have come back (a resend) since the walk.
@@ -395,11 +552,12 @@ class Indexer:
     def _write_batch(self, batch: tuple[InstanceBatch, list[DuplicateConflict], list[ThumbnailMade]]) -> None:
         instances, conflicts, thumbnails = batch
         count = instances.count + len(conflicts) + len(thumbnails)
+        table = instances.table()
         attempt = 0
         while True:
             try:
-                self.index.add_table(instances.table(), conflicts, thumbnails)
-                self.committed += count
+                self.index.add_table(table, conflicts, thumbnails)
+                self.committed += instances.count
                 break
             except Exception:
                 attempt += 1
@@ -410,6 +568,7 @@ class Indexer:
                               "(or fastscp reindex) indexes them", count)
                     break
                 time.sleep(0.5)
+        self.uids.committed(table)
         self._in_flight = 0
         self._written.set()
         try:
@@ -490,7 +649,8 @@ def indexer_main(db_path: str, wal_mode: bool, address: str, batch_size: int, ba
         index = Index(db_path, wal_mode=wal_mode)
         try:
             indexer = Indexer(index, address, batch_size, batch_interval,
-                              storage_root=storage_root, sr_root=sr_root, query_address=query_address(db_path))
+                              storage_root=storage_root, sr_root=sr_root, query_address=query_address(db_path),
+                              locate_address=locate_address(db_path))
         except BaseException:
             index.close()
             raise
@@ -505,5 +665,5 @@ def indexer_main(db_path: str, wal_mode: bool, address: str, batch_size: int, ba
     ready.send("ready")
     ready.close()
     indexer.run()
-    log.info("indexer stopped; %d records committed", indexer.committed)
+    log.info("indexer stopped; %d instances committed", indexer.committed)
     gc.unfreeze()

@@ -7,20 +7,64 @@ file has one writer and rotation never races between processes.
 Loggers: ``fastscp.association`` (the connection log, one line per
 association), ``fastscp.action`` (one line per stored object), and one per
 component.
+
+Messages carry values a peer chose (AE titles, UIDs, addresses, comments,
+paths), so both formats write every control character of a message as a
+visible escape (:func:`escape`): no peer can forge a log line.
 """
 
 from __future__ import annotations
 
 import logging
 import logging.handlers
+import re
 import socket
 import sys
 import threading
 import time
+from collections import Counter
 
 import msgspec
 
 _FORWARDED = ("name", "levelno", "levelname", "created", "msecs", "process", "processName", "threadName")
+
+
+#: C0 and C1 control characters, DEL, and the Unicode line and paragraph separators.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _escaped(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def escape(text: str) -> str:
+    """``text`` with each control character written as ``\\xNN`` (``\\uNNNN``).
+
+    A CR/LF in a calling AE title or a UID would otherwise start a line of
+    the peer's making in the log; a terminal escape would act on the
+    reader's terminal.
+    """
+    return _CONTROL.sub(_escaped, text) if _CONTROL.search(text) else text
+
+
+class PlainFormatter(logging.Formatter):
+    """Timestamp, level, process, logger and the escaped message, one line."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s [%(processName)s] %(name)s: %(message)s")
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        # The record is shared by every handler: escape a copy of its message.
+        escaped = logging.makeLogRecord(record.__dict__)
+        escaped.message = escape(record.message)
+        return super().formatMessage(escaped)
+
+    def format(self, record: logging.LogRecord) -> str:
+        # A traceback is the only multi-line part, and its exception message
+        # may quote a peer: indent its lines so none can pass for a record.
+        first, *rest = super().format(record).split("\n")
+        return "\n".join([first, *(f"    {escape(line)}" for line in rest)])
 
 
 class JSONFormatter(logging.Formatter):
@@ -32,19 +76,19 @@ class JSONFormatter(logging.Formatter):
             "logger": record.name,
             "process": record.processName,
             "pid": record.process,
-            "message": record.getMessage(),
+            "message": escape(record.getMessage()),
         }
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
-        elif record.exc_text:
-            entry["exception"] = record.exc_text
+        exception = self.formatException(record.exc_info) if record.exc_info else record.exc_text
+        if exception:
+            # Line breaks kept (a traceback's own), every other control character escaped.
+            entry["exception"] = "\n".join(escape(line) for line in exception.split("\n"))
         return msgspec.json.encode(entry).decode()
 
 
 def _formatter(fmt: str) -> logging.Formatter:
     if fmt == "json":
         return JSONFormatter()
-    return logging.Formatter("%(asctime)s %(levelname)s [%(processName)s] %(name)s: %(message)s")
+    return PlainFormatter()
 
 
 def configure(level: str = "INFO", fmt: str = "plain", file: str = "", max_bytes: int = 50 << 20,
@@ -58,10 +102,62 @@ def configure(level: str = "INFO", fmt: str = "plain", file: str = "", max_bytes
     for handler in handlers:
         handler.setFormatter(_formatter(fmt))
     root.handlers[:] = handlers
-    root.setLevel(level)
+    set_level(level)
+
+
+def set_level(level: str) -> None:
+    """This process's log level (``logging.level``; a reload changes it live)."""
+    logging.getLogger().setLevel(level)
     # pynetdicom's default handlers log (and copy) every dataset; the SCU
     # commands use it, so quieten it unless asked for DEBUG.
     logging.getLogger("pynetdicom").setLevel(logging.DEBUG if level == "DEBUG" else logging.WARNING)
+
+
+#: At most one "connection closed" line per address per this many seconds;
+#: the next line counts the ones not logged.
+DROP_LOG_INTERVAL = 5.0
+#: Addresses a DropLog tracks at once; more are counted together.
+DROP_LOG_ADDRESSES = 1024
+
+
+class DropLog:
+    """INFO lines for connections a server closes on a peer, rate-limited.
+
+    A flood must not flood the log: the first drop from an address is logged
+    at once; later ones within ``interval`` are counted, and :meth:`flush`
+    (called now and then) logs them as one line when the interval ends.
+    """
+
+    def __init__(self, logger: logging.Logger, interval: float = DROP_LOG_INTERVAL) -> None:
+        self.log = logger
+        self.interval = interval
+        #: address -> (quiet until, reasons of the drops not yet logged)
+        self._quiet: dict[str, tuple[float, Counter[str]]] = {}
+
+    def note(self, address: str, reason: str) -> None:
+        if address not in self._quiet and len(self._quiet) >= DROP_LOG_ADDRESSES:
+            address = "other addresses"
+        entry = self._quiet.get(address)
+        if entry is not None:
+            entry[1][reason] += 1
+            return
+        self.log.info("connection from %s closed: %s", address, reason)
+        self._quiet[address] = (time.monotonic() + self.interval, Counter())
+
+    def flush(self) -> None:
+        """Log the counts of intervals that have ended."""
+        now = time.monotonic()
+        for address, (until, suppressed) in list(self._quiet.items()):
+            if until > now:
+                continue
+            del self._quiet[address]
+            if suppressed:
+                self.log.info(
+                    "connection from %s: %d more closed in the last %.0f s: %s", address, suppressed.total(),
+                    self.interval, "; ".join(f"{n} as {reason}" for reason, n in suppressed.most_common()),
+                )
+                # Still busy: stay quiet for another interval.
+                self._quiet[address] = (now + self.interval, Counter())
 
 
 #: How long a child holds INFO records before sending them as one message.

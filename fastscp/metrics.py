@@ -131,6 +131,12 @@ def render(snapshot: StatusSnapshot, now: float | None = None) -> str:
                  "Instances stored, by calling AE title.", "calling_ae", snapshot.per_calling_ae)
 
     out.single("fastscp_open_associations", "gauge", "Associations open now.", len(snapshot.open))
+    out.single("fastscp_pending_connections", "gauge",
+               "Connections waiting for their A-ASSOCIATE-RQ (no association slot yet).",
+               snapshot.pending_connections)
+    out.labelled("fastscp_connections_dropped_total", "counter",
+                 "Connections closed before association, by the setting that closed them.", "reason",
+                 snapshot.dropped_connections)
     storage = snapshot.storage
     out.single("fastscp_storage_total_bytes", "gauge",
                "Size of the filesystem holding storage.directory.", storage.total_bytes)

@@ -36,7 +36,8 @@ from urllib.parse import urlsplit
 import msgspec
 import uvloop
 
-from fastscp import __version__, metrics, statuspage
+from fastscp import __version__, logs, metrics, statuspage
+from fastscp.listen import bind_advice
 from fastscp.status import DECODER, JSON_ENCODER, StatusSnapshot
 
 log = logging.getLogger("fastscp.monitor")
@@ -50,11 +51,17 @@ STALE_AFTER = 5.0
 MAX_REQUEST_HEAD = 16 * 1024
 #: A body on a GET is read and ignored up to this size; larger: 413.
 MAX_REQUEST_BODY = 64 * 1024
-#: Concurrent HTTP connections; more are answered 503 and closed.
+#: Concurrent HTTP connections. At the cap a new one closes the connection
+#: that has waited longest with no request to answer (an idle keep-alive
+#: one first, then one still sending its first request head), so slow or
+#: idle clients can't keep /healthz from answering; when every connection
+#: is being answered, the new one gets 503.
 MAX_CONNECTIONS = 64
-#: Time for a new connection to send its first request head.
+#: Deadline for a new connection's whole first request head (slow-header
+#: clients are cut off here).
 REQUEST_TIMEOUT = 10.0
-#: A keep-alive connection idle this long is closed.
+#: A keep-alive connection gets this long to begin its next request (then
+#: REQUEST_TIMEOUT for that request's whole head).
 IDLE_TIMEOUT = 30.0
 #: Largest snapshot message accepted; the kernel's SOCK_SEQPACKET limit (the
 #: sender's SO_SNDBUF, ~208 KiB by default) is well below it.
@@ -296,6 +303,20 @@ class Routes:
 # -- the process ---------------------------------------------------------------------------
 
 
+@dataclass(eq=False)
+class _Connection:
+    writer: asyncio.StreamWriter
+    peer: str
+    #: "head": waiting for its first request head; "idle": keep-alive,
+    #: waiting for the next one; "busy": being answered.
+    state: str = "head"
+    #: When it entered that state (monotonic).
+    since: float = field(default_factory=time.monotonic)
+
+    def enter(self, state: str) -> None:
+        self.state, self.since = state, time.monotonic()
+
+
 class MonitorServer:
     """The monitor's event loop work: snapshots in, HTTP out, until told to stop."""
 
@@ -304,7 +325,8 @@ class MonitorServer:
         self.store = SnapshotStore(stale_after)
         self.routes = Routes(self.store)
         self.stopped = asyncio.Event()
-        self.connections: set[asyncio.Task] = set()
+        self.connections: dict[asyncio.Task, _Connection] = {}
+        self.drops = logs.DropLog(log)
         self._buffer = bytearray(MAX_SNAPSHOT)
         self._parent = os.getppid()
 
@@ -336,6 +358,10 @@ class MonitorServer:
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
                 log.error("status snapshot dropped: cannot decode it: %s", exc)
 
+    def flush_drops(self) -> None:
+        self.drops.flush()
+        asyncio.get_running_loop().call_later(1.0, self.flush_drops)
+
     def check_parent(self) -> None:
         # EOF on the socket is the normal signal; this catches a supervisor
         # that died while another process still holds its end of the pair.
@@ -349,29 +375,61 @@ class MonitorServer:
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        self.connections.add(task)
+        peer = writer.get_extra_info("peername")
+        connection = _Connection(writer, str(peer[0]) if isinstance(peer, tuple) else "?")
         try:
-            if len(self.connections) > MAX_CONNECTIONS:
+            if len(self.connections) >= MAX_CONNECTIONS and not self._evict():
+                self.drops.note(connection.peer, f"{MAX_CONNECTIONS} connections are being answered (503)")
                 await _send(writer, text_response(503, "too many connections").encode(keep_alive=False))
                 return
-            await self._serve(reader, writer)
-        except (ConnectionError, TimeoutError, asyncio.IncompleteReadError):
-            pass  # the client went away or idled out: nothing to answer
+            self.connections[task] = connection
+            await self._serve(reader, writer, connection)
+        except TimeoutError:
+            # An idle keep-alive connection timing out is the normal end of one.
+            if connection.state == "head":
+                self.drops.note(connection.peer, f"no whole request head within {REQUEST_TIMEOUT:.0f} s")
+            elif connection.state == "busy":
+                self.drops.note(connection.peer, f"the response was not read within {IDLE_TIMEOUT:.0f} s")
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass  # the client went away: nothing to answer
         finally:
-            self.connections.discard(task)
+            self.connections.pop(task, None)
             writer.close()
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        timeout = REQUEST_TIMEOUT
+    def _evict(self) -> bool:
+        """Close the connection that has waited longest without a request to
+        answer, idle keep-alive ones first; False if every one is busy."""
+        waiting = [c for c in self.connections.items() if c[1].state == "idle"]
+        waiting = waiting or [c for c in self.connections.items() if c[1].state == "head"]
+        if not waiting:
+            return False
+        task, victim = min(waiting, key=lambda c: c[1].since)
+        del self.connections[task]
+        # Its pending read ends with EOF, and its task closes and leaves.
+        victim.writer.transport.abort()
+        kind = "idle keep-alive connection" if victim.state == "idle" else "connection without a whole request head"
+        self.drops.note(victim.peer, f"{kind}, closed for a new one at the cap of {MAX_CONNECTIONS}")
+        return True
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                     connection: _Connection) -> None:
         while not self.stopped.is_set():
             try:
-                async with asyncio.timeout(timeout):
-                    head = await reader.readuntil(b"\r\n\r\n")
+                first = b""
+                if connection.state == "idle":
+                    # Keep-alive: up to IDLE_TIMEOUT to begin the next request...
+                    async with asyncio.timeout(IDLE_TIMEOUT):
+                        first = await reader.readexactly(1)
+                    connection.enter("head")
+                # ...and REQUEST_TIMEOUT for the whole head, however it trickles in.
+                async with asyncio.timeout(REQUEST_TIMEOUT):
+                    head = first + await reader.readuntil(b"\r\n\r\n")
             except asyncio.LimitOverrunError:
                 await _send(writer, text_response(431, "request head too large").encode(keep_alive=False))
                 return
             except asyncio.IncompleteReadError:
                 return  # closed between requests: the normal end of keep-alive
+            connection.enter("busy")
             try:
                 request = parse_request_head(head)
                 length = request.body_length()
@@ -386,7 +444,7 @@ class MonitorServer:
             await _send(writer, response.encode(keep_alive=keep_alive, head_only=request.method == "HEAD"))
             if not keep_alive:
                 return
-            timeout = IDLE_TIMEOUT
+            connection.enter("idle")
 
     async def run(self, listener: socket.socket, ready: Connection, url: str) -> None:
         loop = asyncio.get_running_loop()
@@ -395,6 +453,7 @@ class MonitorServer:
         loop.add_reader(self.snapshots.fileno(), self.on_snapshots_readable)
         loop.add_signal_handler(signal.SIGTERM, self.stop, "SIGTERM")
         loop.call_later(PARENT_CHECK_INTERVAL, self.check_parent)
+        loop.call_later(1.0, self.flush_drops)
         ready.send(("ready", url))
         ready.close()
         log.info("monitor listening on %s (status page, /status.json, /metrics, /healthz)", url)
@@ -440,8 +499,9 @@ def bind(listen: str) -> socket.socket:
     except OSError as exc:
         sock.close()
         raise ListenError(
-            f"monitor.listen {listen!r}: cannot listen on {format_url(host, port)}: {exc.strerror}"
-            " (another program may use this port: choose another monitor.listen, or set monitor.enabled: false)"
+            f"monitor.listen {listen!r}: cannot listen on {format_url(host, port)}: {exc.strerror}; "
+            + bind_advice(exc, port, "monitor.listen (or --monitor HOST:PORT)",
+                          off="monitor.enabled: false (or --monitor off)")
         ) from None
     sock.setblocking(False)
     return sock

@@ -18,6 +18,7 @@ from pynetdicom.pdu_primitives import (
     ImplementationClassUIDNotification,
     ImplementationVersionNameNotification,
     MaximumLengthNotification,
+    SOPClassExtendedNegotiation,
 )
 from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
 
@@ -105,6 +106,20 @@ class Negotiation:
     #: exceed it (0: no limit).
     peer_max_pdu: int = 0
     peer_implementation: str = ""
+    #: Query/Retrieve FIND SOP classes for which the requestor asked for, and
+    #: we agreed to, relational queries (SOP Class Extended Negotiation).
+    relational_queries: frozenset[str] = frozenset()
+    #: Refused presentation contexts: (abstract syntax UID, why), in request order.
+    refused: list[tuple[str, str]] = field(default_factory=list)
+
+
+#: Presentation context results other than acceptance (PS3.8 9.3.3.2).
+CONTEXT_REFUSALS: dict[int, str] = {
+    1: "user rejection",
+    2: "no reason (provider rejection)",
+    3: "abstract syntax not supported",
+    4: "transfer syntaxes not supported",
+}
 
 
 def _reject(rq: A_ASSOCIATE, result: int, source: int, reason: int, detail: str = "") -> Negotiation:
@@ -172,11 +187,14 @@ def negotiate(pdu: bytes, policy: AcceptancePolicy, peer_ip: str = "") -> Negoti
     peer_max_pdu = 0
     peer_implementation = ""
     roles: dict[UID, tuple[bool | None, bool | None]] = {}
+    extended: dict[str, bytes] = {}
     for item in rq.user_information:
         if isinstance(item, MaximumLengthNotification):
             peer_max_pdu = int(item.maximum_length_received or 0)
         elif isinstance(item, ImplementationVersionNameNotification):
             peer_implementation = str(item.implementation_version_name)
+        elif isinstance(item, SOPClassExtendedNegotiation):
+            extended[str(item.sop_class_uid)] = bytes(item.service_class_application_information or b"")
         elif type(item).__name__ == "SCP_SCU_RoleSelectionNegotiation":
             roles[UID(item.sop_class_uid)] = (item.scu_role, item.scp_role)
 
@@ -202,7 +220,9 @@ def negotiate(pdu: bytes, policy: AcceptancePolicy, peer_ip: str = "") -> Negoti
     impl_uid.implementation_class_uid = UID(IMPLEMENTATION_CLASS_UID)
     impl_name = ImplementationVersionNameNotification()
     impl_name.implementation_version_name = IMPLEMENTATION_VERSION_NAME
-    ac.user_information = [max_length, impl_uid, impl_name, *reply_roles]
+    accepted_syntaxes = {str(cx.abstract_syntax) for cx in results if cx.result == 0x00}
+    relational, reply_extended = _relational_queries(extended, policy.query_sop_classes & accepted_syntaxes)
+    ac.user_information = [max_length, impl_uid, impl_name, *reply_roles, *reply_extended]
 
     ac_pdu = A_ASSOCIATE_AC()
     ac_pdu.from_primitive(ac)
@@ -213,6 +233,11 @@ def negotiate(pdu: bytes, policy: AcceptancePolicy, peer_ip: str = "") -> Negoti
         for cx in results
         if cx.result == 0x00
     }
+    refused = [
+        (str(cx.abstract_syntax), CONTEXT_REFUSALS.get(int(cx.result or 0), f"result {cx.result}"))
+        for cx in results
+        if cx.result != 0x00
+    ]
     return Negotiation(
         calling_ae_title=str(rq.calling_ae_title).strip(),
         called_ae_title=str(rq.called_ae_title).strip(),
@@ -221,7 +246,31 @@ def negotiate(pdu: bytes, policy: AcceptancePolicy, peer_ip: str = "") -> Negoti
         contexts=contexts,
         peer_max_pdu=peer_max_pdu,
         peer_implementation=peer_implementation,
+        relational_queries=relational,
+        refused=refused,
     )
+
+
+def _relational_queries(
+    requested: dict[str, bytes], find_classes: frozenset[str]
+) -> tuple[frozenset[str], list[SOPClassExtendedNegotiation]]:
+    """The FIND SOP classes to answer relational queries for, and the reply items.
+
+    Query/Retrieve extended negotiation (PS3.4 C.5.1.1.1): byte 1 is
+    relational-queries (1 = asked for); the later bytes (combined date-time
+    matching, fuzzy semantic matching, timezone adjustment...) are not
+    supported and are answered 0.
+    """
+    agreed = []
+    replies = []
+    for uid, info in requested.items():
+        if uid in find_classes and info[:1] == b"\x01":
+            agreed.append(uid)
+            reply = SOPClassExtendedNegotiation()
+            reply.sop_class_uid = UID(uid)
+            reply.service_class_application_information = b"\x01" + bytes(len(info) - 1)
+            replies.append(reply)
+    return frozenset(agreed), replies
 
 
 __all__ = ["PYNETDICOM_VERSION", "negotiate", "encode_associate_rj", "peek_ae_titles"]

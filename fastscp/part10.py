@@ -68,3 +68,50 @@ def dataset_offset(header: bytes) -> int:
     if (group, element, vr, length) != (0x0002, 0x0000, b"UL", 4):
         raise ValueError("File Meta Information Group Length (0002,0000) missing")
     return 144 + struct.unpack_from("<I", header, 140)[0]
+
+
+_ELEMENT = struct.Struct("<HH2s")
+
+
+def read_file_meta(data: bytes) -> tuple[dict[int, str], int]:
+    """The File Meta Information text elements of a Part 10 file, and where its data set starts.
+
+    Walks group 0002 element by element (always Explicit VR Little Endian),
+    so a file without (0002,0000) Group Length is read too.
+
+    Returns
+    -------
+    (dict, int)
+        Element number (0x0010 for Transfer Syntax UID) -> value without
+        padding; the offset of the data set.
+
+    Raises
+    ------
+    ValueError
+        No ``DICM`` prefix, or the meta group runs past ``data``.
+    """
+    if len(data) < 132 or data[128:132] != b"DICM":
+        raise ValueError("not a DICOM Part 10 file (no DICM prefix)")
+    pos = 132
+    values: dict[int, str] = {}
+    while pos + 8 <= len(data):
+        group, element, vr = _ELEMENT.unpack_from(data, pos)
+        if group != 0x0002:
+            break
+        if vr in (b"OB", b"OW", b"UN", b"SQ", b"UT", b"UC", b"UR"):
+            if pos + 12 > len(data):
+                raise ValueError("File Meta Information runs past the end of the data")
+            length = struct.unpack_from("<I", data, pos + 8)[0]
+            start = pos + 12
+        else:
+            length = struct.unpack_from("<H", data, pos + 6)[0]
+            start = pos + 8
+        end = start + length
+        if end > len(data):
+            raise ValueError("File Meta Information runs past the end of the data")
+        if vr in (b"UI", b"AE", b"SH", b"CS", b"LO"):
+            values[element] = data[start:end].decode("ascii", "replace").rstrip("\0 ").lstrip(" ")
+        pos = end
+    if 0x0010 not in values:
+        raise ValueError("File Meta Information has no Transfer Syntax UID (0002,0010)")
+    return values, pos

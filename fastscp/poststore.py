@@ -25,8 +25,16 @@ from fastscp.header import HeaderFields
 from fastscp.indexclient import IndexerClient
 from fastscp.ipc import accept_local, listen, local_address, receive
 from fastscp.layout import LayoutOptions, study_folder
+from fastscp.orphan import parent_gone
 from fastscp.records import DECODER, ENCODER, InstanceRecord, ThumbnailMade
-from fastscp.scansheet import QuietStudies, find_study_instances, scansheet_dir, summarise_study, write_scansheet
+from fastscp.scansheet import (
+    QuietStudies,
+    find_study_instances,
+    sheet_folder,
+    stored_thumbnails,
+    summarise_study,
+    write_scansheet,
+)
 from fastscp.thumbnail import thumbnail_path, try_write_thumbnail
 
 log = logging.getLogger("fastscp.poststore")
@@ -86,6 +94,8 @@ class PostStore:
 
     def run(self) -> None:
         while not (self.stopping and not self.queue):
+            if self._orphaned():
+                return
             timeout = 0 if self.queue else min(self.quiet.next_due_in() or 1.0, 1.0)
             for key, _events in self.selector.select(timeout):
                 if key.fileobj is self.listener:
@@ -96,10 +106,27 @@ class PostStore:
                 self._process(self.queue.popleft())
             for study in self.quiet.pop_due():
                 self._scansheet(study)
+        if self._orphaned():
+            return
         # Stopping: studies still settling get their sheet now, not never.
         for study in list(self.studies):
             self._scansheet(study)
         log.info("post-store stopped; %d thumbnails made, %d records dropped", self.made, self.dropped)
+
+    def _orphaned(self) -> bool:
+        """True (and the work dropped) once the supervisor is gone: nothing would stop us.
+
+        Its death signal (SIGTERM) only sets ``stopping``; the queue could
+        take minutes, and a restarted server may already be running.
+        """
+        if not parent_gone():
+            return False
+        log.warning("the supervisor is gone: post-store stops; %d queued records and %d studies left without "
+                    "thumbnails or scan sheets (fastscp convert, fastscp scansheet)",
+                    len(self.queue), len(self.studies))
+        self.queue.clear()
+        self.studies.clear()
+        return True
 
     def _accept(self) -> None:
         while (conn := accept_local(self.listener)) is not None:
@@ -143,14 +170,9 @@ class PostStore:
             # The whole study as it is on disk: instances stored before a
             # restart, or in earlier bursts, belong on the sheet too.
             items = find_study_instances(os.path.join(self.root, folder), study_uid) or items
-
-        def thumbnail_for(path: str) -> str:
-            relative = os.path.relpath(path, self.root)
-            return "" if relative.startswith("..") else thumbnail_path(self.root, relative)
-
         try:
-            summary = summarise_study(items, study_uid, thumbnail_for=thumbnail_for)
-            out = os.path.join(self.root, folder) if folder else scansheet_dir(self.root, summary)
+            summary = summarise_study(items, study_uid, thumbnail_for=stored_thumbnails(self.root))
+            out = sheet_folder(self.root, self.layout, summary)
             png, _html = write_scansheet(summary, out, per_row=self.scansheet.thumbnails_per_series)
             log.info("scan sheet of study %s (%d instances): %s", study_uid, len(items), png)
         except (OSError, ValueError) as exc:

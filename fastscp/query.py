@@ -27,7 +27,7 @@ from typing import Any, Literal, NamedTuple
 import duckdb
 import msgspec
 
-from fastscp.index import Index, IndexUnavailable
+from fastscp.index import Index, IndexUnavailable, latest_study_first, patient_key
 from fastscp.records import DuplicateConflict
 
 Level = Literal["PATIENT", "STUDY", "SERIES", "IMAGE"]
@@ -61,6 +61,12 @@ class QueryRequest(msgspec.Struct, frozen=True, kw_only=True, tag="query"):
     ordered: bool = True
 
 
+class SqlRequest(msgspec.Struct, frozen=True, kw_only=True, tag="sql"):
+    """Run one SELECT statement on the index (``fastscp sql``); answered like a :class:`QueryRequest`."""
+
+    sql: str
+
+
 class StatsRequest(msgspec.Struct, frozen=True, kw_only=True, tag="stats_request"):
     """Ask for :class:`Stats`; days are counted in the asker's time zone (seconds east of UTC)."""
 
@@ -69,6 +75,19 @@ class StatsRequest(msgspec.Struct, frozen=True, kw_only=True, tag="stats_request
 
 class StateRequest(msgspec.Struct, frozen=True, tag="state_request"):
     """Ask a running indexer for its :class:`IndexerState` (cheap: no query)."""
+
+
+class LocateRequest(msgspec.Struct, frozen=True, tag="locate"):
+    """Where is an instance stored? Asked by a worker before it answers a C-STORE (storage.duplicates)."""
+
+    #: Its SOP Instance UIDs (the command's and the data set's).
+    uids: list[str]
+
+
+class Located(msgspec.Struct, frozen=True, tag="located"):
+    """The paths (as the index records them) of instances with any of the asked UIDs, committed or not."""
+
+    paths: list[str]
 
 
 class Columns(msgspec.Struct, frozen=True, tag="columns"):
@@ -102,7 +121,7 @@ class IndexerState(msgspec.Struct, frozen=True, kw_only=True, tag="state"):
     pid: int
     #: Records received and not committed yet.
     pending: int
-    #: Records committed since the indexer started.
+    #: Instances committed since the indexer started (not their thumbnail or conflict records).
     committed: int
     #: "running", "done", "failed" or "off" (no storage root given).
     reconcile: str
@@ -122,8 +141,10 @@ class Stats(msgspec.Struct, frozen=True, kw_only=True, tag="stats"):
     indexer: IndexerState | None = None
 
 
-Message = QueryRequest | StatsRequest | StateRequest | Columns | Rows | Done | Failed | Stats | IndexerState
-_ENCODER = msgspec.msgpack.Encoder()
+Message = (QueryRequest | SqlRequest | StatsRequest | StateRequest | LocateRequest | Columns | Rows | Done | Failed
+           | Stats | IndexerState | Located)
+# A value msgpack has no type for (a DECIMAL, a UUID from SQL) travels as its text.
+_ENCODER = msgspec.msgpack.Encoder(enc_hook=str)
 _DECODER = msgspec.msgpack.Decoder(Message)
 
 
@@ -179,8 +200,9 @@ class Attribute(NamedTuple):
     """A key a query may match or return."""
 
     level: str
-    #: SQL over the aliases p (patients), st (studies), se (series),
-    #: i (instances); for derived keys, a column of the level's aggregate.
+    #: SQL over the aliases st (studies, which carry their patient
+    #: attributes), se (series), i (instances); for derived keys, a column
+    #: of the level's aggregate.
     sql: str
     #: Value representation: decides the matching rules.
     vr: str
@@ -188,18 +210,23 @@ class Attribute(NamedTuple):
     derived: bool = False
     #: A DICOM keyword (C-FIND may use it), not one of fastscp's own columns.
     dicom: bool = True
+    #: SQL of the backslash-separated text of every value, where the column
+    #: (``sql``) holds one value of a multi-valued number; ``sql`` itself when
+    #: the column holds every value (strings). A single value then matches
+    #: if any value matches.
+    values: str = ""
 
 
-def _a(level: str, sql: str, vr: str, *, derived: bool = False, dicom: bool = True) -> Attribute:
-    return Attribute(level, sql, vr, derived, dicom)
+def _a(level: str, sql: str, vr: str, *, derived: bool = False, dicom: bool = True, values: str = "") -> Attribute:
+    return Attribute(level, sql, vr, derived, dicom, values)
 
 
 ATTRIBUTES: dict[str, Attribute] = {
     # Patient
-    "PatientID": _a("PATIENT", "p.patient_id", "LO"),
-    "PatientName": _a("PATIENT", "p.patient_name", "PN"),
-    "PatientBirthDate": _a("PATIENT", "p.patient_birth_date", "DA"),
-    "PatientSex": _a("PATIENT", "p.patient_sex", "CS"),
+    "PatientID": _a("PATIENT", "st.patient_id", "LO"),
+    "PatientName": _a("PATIENT", "st.patient_name", "PN"),
+    "PatientBirthDate": _a("PATIENT", "st.patient_birth_date", "DA"),
+    "PatientSex": _a("PATIENT", "st.patient_sex", "CS"),
     "NumberOfPatientRelatedStudies": _a("PATIENT", "number_of_patient_related_studies", "IS", derived=True),
     "NumberOfPatientRelatedSeries": _a("PATIENT", "number_of_patient_related_series", "IS", derived=True),
     "NumberOfPatientRelatedInstances": _a("PATIENT", "number_of_patient_related_instances", "IS", derived=True),
@@ -238,8 +265,10 @@ ATTRIBUTES: dict[str, Attribute] = {
     "PlanarConfiguration": _a("IMAGE", "i.planar_configuration", "US"),
     "NumberOfFrames": _a("IMAGE", "i.number_of_frames", "IS"),
     "PhotometricInterpretation": _a("IMAGE", "i.photometric_interpretation", "CS"),
-    "WindowCenter": _a("IMAGE", "i.window_center", "DS"),
-    "WindowWidth": _a("IMAGE", "i.window_width", "DS"),
+    "ImageType": _a("IMAGE", "i.image_type", "CS", values="i.image_type"),
+    # The first value as a number, every value as text (HeaderFields.window_center_values).
+    "WindowCenter": _a("IMAGE", "i.window_center", "DS", values="i.window_center_values"),
+    "WindowWidth": _a("IMAGE", "i.window_width", "DS", values="i.window_width_values"),
     "RescaleIntercept": _a("IMAGE", "i.rescale_intercept", "DS"),
     "RescaleSlope": _a("IMAGE", "i.rescale_slope", "DS"),
     "AvailableTransferSyntaxUID": _a("IMAGE", "i.transfer_syntax_uid", "UI"),
@@ -273,15 +302,16 @@ DEFAULT_KEYS: dict[str, tuple[str, ...]] = {
 UNIQUE_KEYS: dict[str, str] = {"PATIENT": "PatientID", "STUDY": "StudyInstanceUID", "SERIES": "SeriesInstanceUID",
                                "IMAGE": "SOPInstanceUID"}
 
-# Each level's rows with the attributes of every level above it.
+# Each level's rows with the attributes of every level above it. Each study
+# carries its own patient attributes: a STUDY (and lower) query matches and
+# returns those. PATIENT rows are studies too, one per patient_key (see
+# build_query).
 _FROM: dict[str, str] = {
-    "PATIENT": "patients p",
-    "STUDY": "studies st JOIN patients p ON p.patient_id = st.patient_id",
-    "SERIES": "series se JOIN studies st ON st.study_instance_uid = se.study_instance_uid "
-              "JOIN patients p ON p.patient_id = st.patient_id",
+    "PATIENT": "studies st",
+    "STUDY": "studies st",
+    "SERIES": "series se JOIN studies st ON st.study_instance_uid = se.study_instance_uid",
     "IMAGE": "instances i JOIN series se ON se.series_instance_uid = i.series_instance_uid "
-             "JOIN studies st ON st.study_instance_uid = i.study_instance_uid "
-             "JOIN patients p ON p.patient_id = st.patient_id",
+             "JOIN studies st ON st.study_instance_uid = i.study_instance_uid",
 }
 
 
@@ -292,10 +322,10 @@ def _from(level: str, thumbnails: bool) -> str:
 
 
 # What identifies a row of each level.
-_KEY: dict[str, str] = {"PATIENT": "p.patient_id", "STUDY": "st.study_instance_uid",
+_KEY: dict[str, str] = {"PATIENT": patient_key("st"), "STUDY": "st.study_instance_uid",
                         "SERIES": "se.series_instance_uid", "IMAGE": "i.path"}
 _ORDER: dict[str, tuple[str, ...]] = {
-    "PATIENT": ("p.patient_name", "p.patient_id"),
+    "PATIENT": ("st.patient_name", "st.patient_id", "st.study_instance_uid"),
     "STUDY": ("st.study_date DESC", "st.study_time DESC", "st.study_instance_uid"),
     "SERIES": ("st.study_date DESC", "st.study_instance_uid", "se.series_number", "se.series_instance_uid"),
     "IMAGE": ("i.study_instance_uid", "i.series_instance_uid", "i.instance_number", "i.path"),
@@ -304,11 +334,11 @@ _ORDER: dict[str, tuple[str, ...]] = {
 # series) of the rows matched, keyed by "k".
 _AGGREGATES: dict[str, tuple[str, ...]] = {
     "PATIENT": (
-        """SELECT st.patient_id AS k, count(DISTINCT i.study_instance_uid) AS number_of_patient_related_studies,
+        f"""SELECT {patient_key("st")} AS k, count(DISTINCT i.study_instance_uid) AS number_of_patient_related_studies,
                   count(DISTINCT i.series_instance_uid) AS number_of_patient_related_series,
                   count(*) AS number_of_patient_related_instances, sum(i.size) AS bytes
            FROM instances i JOIN studies st ON st.study_instance_uid = i.study_instance_uid
-           WHERE st.patient_id IN (SELECT k FROM matched) GROUP BY st.patient_id""",
+           WHERE {patient_key("st")} IN (SELECT k FROM matched) GROUP BY 1""",
     ),
     "STUDY": (
         """SELECT i.study_instance_uid AS k, count(DISTINCT i.series_instance_uid) AS number_of_study_related_series,
@@ -407,6 +437,35 @@ def _match_one(expr: str, vr: str, value: str, params: list[object]) -> str | No
     return f"{expr} = ?"
 
 
+def _match_attribute(attribute: Attribute, value: str, params: list[object]) -> str | None:
+    """:func:`match_sql` for an attribute; a multi-valued one matches if any of its values does."""
+    if not attribute.values:
+        return match_sql(attribute.sql, attribute.vr, value, params)
+    if attribute.values == attribute.sql:
+        one = match_sql("mv.x", attribute.vr, value, params)
+        if one is None:
+            return None
+        return f"EXISTS (SELECT 1 FROM unnest(string_split({attribute.values}, '\\')) AS mv(x) WHERE {one})"
+    first = match_sql(attribute.sql, attribute.vr, value, params)
+    if first is None:
+        return None
+    others = match_sql("TRY_CAST(mv.x AS DOUBLE)", attribute.vr, value, params)
+    return (f"({first} OR EXISTS (SELECT 1 FROM unnest(string_split({attribute.values}, '\\')) AS mv(x) "
+            f"WHERE {others}))")
+
+
+def _either_uid(sql: str, value: str, params: list[object]) -> str:
+    """An instance matches by either UID: the data set's (``sql``) or the command's where it differed."""
+    return f"({sql} OR {match_sql('i.affected_sop_instance_uid', 'UI', value, params)})"
+
+
+def _returned(attribute: Attribute) -> str:
+    """SQL of what a key returns: every value of a multi-valued number, as text."""
+    if attribute.values and attribute.values != attribute.sql:
+        return f"if(coalesce({attribute.values}, '') <> '', {attribute.values}, CAST({attribute.sql} AS VARCHAR))"
+    return attribute.sql
+
+
 def _attribute(keyword: str, level: str) -> Attribute:
     attribute = ATTRIBUTES[keyword]
     if keyword == "Bytes" and level == "IMAGE":
@@ -420,7 +479,7 @@ def _study_modality_match(level: str, value: str, params: list[object]) -> str |
     if condition is None:
         return None
     if level == "PATIENT":
-        return (f"p.patient_id IN (SELECT st2.patient_id FROM series se2 JOIN studies st2 "
+        return (f"{_KEY[level]} IN (SELECT {patient_key('st2')} FROM series se2 JOIN studies st2 "
                 f"ON st2.study_instance_uid = se2.study_instance_uid WHERE {condition})")
     return f"st.study_instance_uid IN (SELECT se2.study_instance_uid FROM series se2 WHERE {condition})"
 
@@ -437,6 +496,10 @@ def build_query(request: QueryRequest) -> BuiltQuery:
     Conditions on the query level and the levels above it filter the joined
     rows; conditions on levels below it keep the rows that have a matching
     descendant (all such conditions on one descendant).
+
+    A PATIENT row is a patient's latest study (:func:`fastscp.index.latest_study_first`)
+    among those that match the patient conditions: every name a Patient ID
+    was stored under matches, and the answer shows the name that matched.
 
     Raises
     ------
@@ -474,12 +537,16 @@ def build_query(request: QueryRequest) -> BuiltQuery:
             raise QueryError(f"{condition.keyword} is computed by fastscp; it can be returned, not matched")
         attribute_depth = LEVELS.index(attribute.level)
         if attribute_depth > depth:
-            sql = match_sql(attribute.sql, attribute.vr, condition.value, below_params)
+            sql = _match_attribute(attribute, condition.value, below_params)
+            if sql is not None and condition.keyword == "SOPInstanceUID":
+                sql = _either_uid(sql, condition.value, below_params)
             if sql is not None:
                 below.append(sql)
                 lowest = max(lowest, attribute_depth)
         else:
-            sql = match_sql(attribute.sql, attribute.vr, condition.value, where_params)
+            sql = _match_attribute(attribute, condition.value, where_params)
+            if sql is not None and condition.keyword == "SOPInstanceUID":
+                sql = _either_uid(sql, condition.value, where_params)
             if sql is not None:
                 where.append(sql)
     params = where_params + below_params
@@ -488,6 +555,11 @@ def build_query(request: QueryRequest) -> BuiltQuery:
         where.append(f"{_KEY[level]} IN (SELECT {_KEY[level]} FROM {_from(LEVELS[lowest], thumbnails)} "
                      f"WHERE {' AND '.join(below)})")
     where_sql = f" WHERE {' AND '.join(where)}" if where else ""
+    source = _from(level, thumbnails)
+    if level == "PATIENT":
+        source = (f"(SELECT DISTINCT ON ({_KEY[level]}) * FROM {source}{where_sql} "
+                  f"ORDER BY {_KEY[level]}, {latest_study_first('st')}) st")
+        where_sql = ""
     order = _ORDER[level] if request.ordered else ()
     limit = ""
     if request.limit > 0:
@@ -496,18 +568,18 @@ def build_query(request: QueryRequest) -> BuiltQuery:
     attributes = {keyword: _attribute(keyword, level) for keyword in keys}
     derived = [keyword for keyword in keys if attributes[keyword].derived]
     if not derived:
-        select = ", ".join(f"{attributes[k].sql} AS c{n}" for n, k in enumerate(keys))
+        select = ", ".join(f"{_returned(attributes[k])} AS c{n}" for n, k in enumerate(keys))
         order_sql = f" ORDER BY {', '.join(order)}" if order else ""
-        return BuiltQuery(f"SELECT {select} FROM {_from(level, thumbnails)}{where_sql}{order_sql}{limit}", params,
+        return BuiltQuery(f"SELECT {select} FROM {source}{where_sql}{order_sql}{limit}", params,
                           keys)
     # Rows first (with their order and limit), then their counts.
     plain = [(n, k) for n, k in enumerate(keys) if not attributes[k].derived]
-    inner = [f"{_KEY[level]} AS k"] + [f"{attributes[k].sql} AS c{n}" for n, k in plain]
+    inner = [f"{_KEY[level]} AS k"] + [f"{_returned(attributes[k])} AS c{n}" for n, k in plain]
     inner += [f"{term.removesuffix(' DESC')} AS o{n}" for n, term in enumerate(order)]
     inner_order = f" ORDER BY {', '.join(order)}" if order else ""
     aggregates = _AGGREGATES[level]
     used = sorted({_AGGREGATE_OF.get(attributes[k].sql, 0) for k in derived})
-    ctes = [f"matched AS (SELECT {', '.join(inner)} FROM {_from(level, thumbnails)}{where_sql}{inner_order}{limit})"]
+    ctes = [f"matched AS (SELECT {', '.join(inner)} FROM {source}{where_sql}{inner_order}{limit})"]
     ctes += [f"a{n} AS ({aggregates[n]})" for n in used]
     joins = "".join(f" LEFT JOIN a{n} ON a{n}.k = matched.k" for n in used)
     outer = []
@@ -558,20 +630,44 @@ class QueryResult:
         self.close()
 
 
-def run_query(con: duckdb.DuckDBPyConnection, request: QueryRequest) -> QueryResult:
+def check_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> None:
+    """Refuse anything but one SELECT statement (``fastscp sql`` runs in the server, on its writable index).
+
+    Raises
+    ------
+    QueryError
+        Not SQL, several statements, or a statement of another kind.
+    """
+    try:
+        statements = con.extract_statements(sql)
+    except duckdb.Error as exc:
+        raise QueryError(str(exc).splitlines()[0]) from None
+    kinds = [statement.type.name for statement in statements]
+    if kinds != ["SELECT"]:
+        raise QueryError(f"one SELECT statement is run (the index is read-only here), "
+                         f"not {' + '.join(kinds) or 'none'}")
+
+
+def run_query(con: duckdb.DuckDBPyConnection, request: QueryRequest | SqlRequest) -> QueryResult:
     """Run a request on a DuckDB connection (one per thread); rows are fetched in chunks."""
-    built = build_query(request)
-    cursor = con.execute(built.sql, built.params)
+    if isinstance(request, SqlRequest):
+        check_read_only(con, request.sql)
+        cursor = con.execute(request.sql)
+        columns = [column[0] for column in cursor.description or ()]
+    else:
+        built = build_query(request)
+        cursor = con.execute(built.sql, built.params)
+        columns = built.columns
 
     def rows() -> Iterator[list[Any]]:
         while chunk := cursor.fetchmany(CHUNK_ROWS):
             for row in chunk:
                 yield list(row)
 
-    return QueryResult(built.columns, rows())
+    return QueryResult(columns, rows())
 
 
-def stream_query(con: duckdb.DuckDBPyConnection, request: QueryRequest) -> Iterator[Message]:
+def stream_query(con: duckdb.DuckDBPyConnection, request: QueryRequest | SqlRequest) -> Iterator[Message]:
     """The messages that answer a request: Columns, Rows..., Done; or Failed."""
     try:
         result = run_query(con, request)
@@ -628,7 +724,9 @@ def run_stats(con: duckdb.DuckDBPyConnection, request: StatsRequest, indexer: In
 
 
 def read_conflicts(con: duckdb.DuckDBPyConnection) -> list[DuplicateConflict]:
-    """Every logged duplicate conflict, oldest first."""
+    """Every logged duplicate conflict, oldest first (none in a schema v1 index, which had no log)."""
+    if not con.execute("SELECT 1 FROM information_schema.tables WHERE table_name = 'duplicate_conflicts'").fetchall():
+        return []
     rows = con.execute(
         "SELECT sop_instance_uid, path, existing_hash, new_hash, policy, outcome, new_path, calling_ae_title, "
         "epoch_us(received_at) FROM duplicate_conflicts ORDER BY received_at"
@@ -656,7 +754,7 @@ class LocalQueryClient:
             raise IndexUnavailable(f"{index_path}: no such index file (no server has stored anything there yet)")
         self.index = Index(index_path, read_only=True)
 
-    def query(self, request: QueryRequest) -> QueryResult:
+    def query(self, request: QueryRequest | SqlRequest) -> QueryResult:
         """Run a query; raises :class:`QueryError` for a bad request."""
         return run_query(self.index.cursor(), request)
 

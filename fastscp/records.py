@@ -25,6 +25,9 @@ class InstanceRecord(msgspec.Struct, frozen=True, kw_only=True, tag="instance"):
     header: HeaderFields
     #: SHA-256 (hex) of the data set bytes as received; "" if not computed.
     content_hash: str = ""
+    #: The C-STORE's Affected SOP Instance UID (the File Meta's) when it
+    #: differs from the data set's (``header.sop_instance_uid``), else "".
+    affected_sop_instance_uid: str = ""
 
 
 class DuplicateConflict(msgspec.Struct, frozen=True, kw_only=True, tag="conflict"):
@@ -106,6 +109,16 @@ class InstanceColumns(msgspec.Struct, frozen=True, array_like=True):
                 run_lengths.append(None)
         return cls(len(records), values, run_lengths)
 
+    def column(self, name: str) -> list[Any]:
+        """One column (:data:`INSTANCE_COLUMNS`), a value per record."""
+        at = INSTANCE_COLUMNS.index(name)
+        values, run_lengths = self.values[at], self.run_lengths[at]
+        if run_lengths is None:
+            return values
+        if len(values) == 1:
+            return values * self.count
+        return [value for value, length in zip(values, run_lengths, strict=True) for _ in range(length)]
+
 
 class RecordBatch(msgspec.Struct, frozen=True, tag="batch"):
     """Several index records in one message (one datagram, one wake-up of the indexer)."""
@@ -168,6 +181,19 @@ class Stop(msgspec.Struct, frozen=True, kw_only=True, tag="stop"):
     now: bool = False
 
 
+class Reconfigure(msgspec.Struct, frozen=True, kw_only=True, tag="reconfigure"):
+    """The supervisor reloaded the config (SIGHUP): settings for the associations a worker starts from now.
+
+    ``settings`` holds the :class:`~fastscp.acceptor.ServiceSettings` fields
+    that changed, pickled (the access policy holds ``ipaddress`` networks);
+    it only ever travels over the supervisor's socket pair with its own
+    forked worker, never from a peer.
+    """
+
+    settings: bytes
+    shutdown_timeout: float
+
+
 Message = (
     InstanceRecord
     | DuplicateConflict
@@ -178,6 +204,7 @@ Message = (
     | AdmissionReply
     | Handoff
     | Stop
+    | Reconfigure
 )
 ENCODER = msgspec.msgpack.Encoder()
 DECODER = msgspec.msgpack.Decoder(Message)

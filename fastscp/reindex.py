@@ -17,7 +17,6 @@ import hashlib
 import logging
 import os
 import stat
-import struct
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -27,6 +26,7 @@ import msgspec
 
 from fastscp.header import HeaderError, IncompleteHeader, parse_header
 from fastscp.index import Index, IndexUnavailable
+from fastscp.part10 import read_file_meta
 from fastscp.query import read_conflicts
 from fastscp.records import DuplicateConflict, InstanceRecord
 
@@ -134,53 +134,6 @@ def plan(root: str, indexed: dict[str, tuple[int, int]], *, sr_root: str = "", s
 
 # -- one file -> one record ------------------------------------------------------------
 
-_ELEMENT = struct.Struct("<HH2s")
-
-
-def read_file_meta(data: bytes) -> tuple[dict[int, str], int]:
-    """The File Meta Information text elements of a Part 10 file, and where its data set starts.
-
-    Walks group 0002 element by element (always Explicit VR Little Endian),
-    so a file without (0002,0000) Group Length is read too.
-
-    Returns
-    -------
-    (dict, int)
-        Element number (0x0010 for Transfer Syntax UID) -> value without
-        padding; the offset of the data set.
-
-    Raises
-    ------
-    ValueError
-        No ``DICM`` prefix, or the meta group runs past ``data``.
-    """
-    if len(data) < 132 or data[128:132] != b"DICM":
-        raise ValueError("not a DICOM Part 10 file (no DICM prefix)")
-    pos = 132
-    values: dict[int, str] = {}
-    while pos + 8 <= len(data):
-        group, element, vr = _ELEMENT.unpack_from(data, pos)
-        if group != 0x0002:
-            break
-        if vr in (b"OB", b"OW", b"UN", b"SQ", b"UT", b"UC", b"UR"):
-            if pos + 12 > len(data):
-                raise ValueError("File Meta Information runs past the end of the data")
-            length = struct.unpack_from("<I", data, pos + 8)[0]
-            start = pos + 12
-        else:
-            length = struct.unpack_from("<H", data, pos + 6)[0]
-            start = pos + 8
-        end = start + length
-        if end > len(data):
-            raise ValueError("File Meta Information runs past the end of the data")
-        if vr in (b"UI", b"AE", b"SH", b"CS", b"LO"):
-            values[element] = data[start:end].decode("ascii", "replace").rstrip("\0 ").lstrip(" ")
-        pos = end
-    if 0x0010 not in values:
-        raise ValueError("File Meta Information has no Transfer Syntax UID (0002,0010)")
-    return values, pos
-
-
 def read_record(root: str, state: FileState, *, content_hash: bool = True) -> InstanceRecord:
     """The index record of one stored file, made from the file alone.
 
@@ -210,9 +163,10 @@ def read_record(root: str, state: FileState, *, content_hash: bool = True) -> In
             while chunk := f.read(_HASH_CHUNK):
                 sha.update(chunk)
             digest = sha.hexdigest()
-    if not header.sop_instance_uid and meta.get(0x0003):
+    affected = meta.get(0x0003, "")
+    if not header.sop_instance_uid and affected:
         # As the acceptor does: the sender's UID names the file when the data set has none.
-        header = msgspec.structs.replace(header, sop_instance_uid=meta[0x0003])
+        header = msgspec.structs.replace(header, sop_instance_uid=affected)
     return InstanceRecord(
         path=state.path,
         size=state.size,
@@ -223,6 +177,7 @@ def read_record(root: str, state: FileState, *, content_hash: bool = True) -> In
         received_at=state.mtime_ns / 1e9,
         header=header,
         content_hash=digest,
+        affected_sop_instance_uid=affected if affected != header.sop_instance_uid else "",
     )
 
 
@@ -350,25 +305,38 @@ def reindex(storage_root: str, index_path: str, *, sr_root: str = "", content_ha
     finally:
         index.close()
     bar.finish()
-    if os.path.exists(index_path):
-        # A server may have started on the old index while we read the files.
-        Index(index_path, read_only=True).close()
+    old = _open_old(index_path)  # raises if a server started on it while we read the files
+    if old is not None:
+        old.close()
     if os.path.exists(index_path + ".wal"):
         os.remove(index_path + ".wal")  # the old index's log: not for the new file
     os.replace(temp, index_path)
     return ReindexResult(len(states), indexed, failed, time.monotonic() - started)
 
 
-def _old_conflicts(index_path: str) -> list[DuplicateConflict] | None:
-    """The old index's duplicate conflicts, None if there is no old index to read."""
+def _open_old(index_path: str) -> Index | None:
+    """The index being replaced, read-only and of any schema version; None if there is none or it is unreadable.
+
+    Raises
+    ------
+    IndexUnavailable
+        A server (or another reindex) has it open.
+    """
     if not os.path.exists(index_path):
         return None
     try:
-        old = Index(index_path, read_only=True)
+        return Index(index_path, read_only=True, any_version=True)
     except IndexUnavailable as exc:
         if "another process" in str(exc):
             raise
         log.warning("%s; its duplicate conflicts are not carried over", exc)
+        return None
+
+
+def _old_conflicts(index_path: str) -> list[DuplicateConflict] | None:
+    """The old index's duplicate conflicts, None if there is no old index to read."""
+    old = _open_old(index_path)
+    if old is None:
         return None
     try:
         return read_conflicts(old.con)

@@ -33,8 +33,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from fastscp.header import HeaderFields
 from fastscp.imaging import DecodeError, encode_jpeg, read_header, write_atomic
-from fastscp.layout import safe_component
-from fastscp.thumbnail import DEFAULT_SIZE, ThumbnailError, make_thumbnail
+from fastscp.layout import LayoutOptions, safe_component, study_folder
+from fastscp.thumbnail import DEFAULT_SIZE, ThumbnailError, make_thumbnail, thumbnail_path
 
 __all__ = [
     "SCANSHEETS_DIR",
@@ -44,6 +44,8 @@ __all__ = [
     "StudySummary",
     "find_study_instances",
     "scansheet_dir",
+    "sheet_folder",
+    "stored_thumbnails",
     "summarise_study",
     "summarise_study_files",
     "write_scansheet",
@@ -179,7 +181,8 @@ def summarise_study(
 
 
 def summarise_study_files(
-    paths: Iterable[str | os.PathLike[str]], study_instance_uid: str | None = None
+    paths: Iterable[str | os.PathLike[str]], study_instance_uid: str | None = None, *,
+    thumbnail_for: Callable[[str], str] | None = None,
 ) -> StudySummary:
     """:func:`summarise_study` of DICOM files, reading their headers (not their pixels).
 
@@ -194,7 +197,7 @@ def summarise_study_files(
             log.info("scan sheet: skipped %s: %s", path, exc)
             continue
         items.append((os.fspath(path), fields))
-    return summarise_study(items, study_instance_uid)
+    return summarise_study(items, study_instance_uid, thumbnail_for=thumbnail_for)
 
 
 def find_study_instances(storage_root: str | os.PathLike[str],
@@ -237,6 +240,30 @@ def scansheet_dir(storage_root: str | os.PathLike[str], study: StudySummary) -> 
         os.fspath(storage_root), SCANSHEETS_DIR, safe_component(study.patient_id),
         safe_component(f"{study.study_date}_{study.study_instance_uid}".strip("_")),
     )
+
+
+def sheet_folder(storage_root: str | os.PathLike[str], layout: LayoutOptions, study: StudySummary) -> str:
+    """Where a study's scan sheet goes: its folder in the storage layout, beside its series
+    (:func:`fastscp.layout.study_folder`), else :func:`scansheet_dir` (layouts without a study level).
+
+    The post-store stage and ``fastscp scansheet`` both ask here, so a sheet
+    made by hand replaces the server's.
+    """
+    root = os.fspath(storage_root)
+    first = study.series[0].instances[0].path
+    folder = study_folder(layout, os.path.relpath(first, root))
+    return os.path.join(root, folder) if folder else scansheet_dir(root, study)
+
+
+def stored_thumbnails(storage_root: str | os.PathLike[str]) -> Callable[[str], str]:
+    """path -> where the post-store stage puts its thumbnail (it may not exist); "" outside the root."""
+    root = os.fspath(storage_root)
+
+    def thumbnail_for(path: str) -> str:
+        relative = os.path.relpath(path, root)
+        return "" if relative.startswith("..") else thumbnail_path(root, relative)
+
+    return thumbnail_for
 
 
 # -- the trigger --------------------------------------------------------------------

@@ -5,7 +5,9 @@ entries, each one of:
 
 - ``all``: every storage SOP class pynetdicom knows (PS3.4 Annex B);
 - a modality name (``CT``, ``MR``, ``US`` ...; see :data:`MODALITY_SOP_CLASSES`);
-- a SOP class keyword (``CTImageStorage``) or name (``CT Image Storage``);
+- a SOP class keyword (``CTImageStorage``) or name (``CT Image Storage``), or
+  that name with the common short modality words (``US Image Storage``,
+  ``NM Image Storage``, ``DX Image Storage``: see :data:`SHORT_NAMES`);
 - a SOP class UID (``1.2.840.10008.5.1.4.1.1.2``).
 """
 
@@ -74,10 +76,47 @@ def _normalise_name(name: str) -> str:
     return re.sub(r"[^a-z0-9]", "", name.lower())
 
 
-_BY_NAME: dict[str, str] = {}
+#: Words of the standard's SOP class names -> the short forms other
+#: products' configs use for them ("US Image Storage").
+SHORT_NAMES: dict[str, tuple[str, ...]] = {
+    "Ultrasound": ("US",),
+    "Computed Radiography": ("CR",),
+    "Digital X-Ray": ("DX",),
+    "Digital Mammography X-Ray": ("MG", "Mammography"),
+    "Digital Intra-Oral X-Ray": ("IO",),
+    "Nuclear Medicine": ("NM",),
+    "Positron Emission Tomography": ("PET", "PT"),
+    "X-Ray Angiographic": ("XA",),
+    "X-Ray Radiofluoroscopic": ("RF", "XRF"),
+    "X-Ray 3D Angiographic": ("XA 3D",),
+    "Secondary Capture": ("SC",),
+}
+#: A name without this suffix means both classes (For Presentation and For Processing).
+_FOR_SUFFIXES = (" - For Presentation", " - For Processing")
+
+
+def _aliases(name: str) -> set[str]:
+    names = {name}
+    for long, shorts in SHORT_NAMES.items():
+        if long in name:
+            names.update(name.replace(long, short) for short in shorts)
+    for alias in list(names):
+        for suffix in _FOR_SUFFIXES:
+            if alias.endswith(suffix):
+                names.add(alias.removesuffix(suffix))
+    return names
+
+
+#: Normalised keyword, name or alias -> its UIDs (an alias may name two).
+_BY_NAME: dict[str, tuple[str, ...]] = {}
 for _keyword, _uid in STORAGE_SOP_CLASSES.items():
-    _BY_NAME[_normalise_name(_keyword)] = _uid
-    _BY_NAME[_normalise_name(UID(_uid).name)] = _uid
+    _BY_NAME[_normalise_name(_keyword)] = (_uid,)
+    _BY_NAME[_normalise_name(UID(_uid).name)] = (_uid,)
+_EXACT = frozenset(_BY_NAME)
+for _uid in STORAGE_SOP_CLASSES.values():
+    for _alias in map(_normalise_name, _aliases(UID(_uid).name)):
+        if _alias not in _EXACT:  # a standard name always means its own class
+            _BY_NAME[_alias] = tuple(dict.fromkeys((*_BY_NAME.get(_alias, ()), _uid)))
 
 
 def resolve_sop_classes(entries: list[str] | tuple[str, ...]) -> tuple[str, ...]:
@@ -86,7 +125,7 @@ def resolve_sop_classes(entries: list[str] | tuple[str, ...]) -> tuple[str, ...]
     Parameters
     ----------
     entries : list of str
-        Modality names, SOP class keywords or names, UIDs, or ``all``.
+        Modality names, SOP class keywords, names or short names, UIDs, or ``all``.
 
     Returns
     -------
@@ -111,7 +150,7 @@ def resolve_sop_classes(entries: list[str] | tuple[str, ...]) -> tuple[str, ...]
             # Any syntactically valid UID is allowed: private SOP classes exist.
             uids[entry] = None
         elif _normalise_name(entry) in _BY_NAME:
-            uids[_BY_NAME[_normalise_name(entry)]] = None
+            uids.update(dict.fromkeys(_BY_NAME[_normalise_name(entry)]))
         else:
             known = ", ".join(sorted(MODALITY_SOP_CLASSES))
             raise ValueError(

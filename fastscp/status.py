@@ -134,6 +134,11 @@ class StatusSnapshot(msgspec.Struct, kw_only=True):
     object_size_bytes: Histogram
     #: The config in force, secrets hidden.
     config: dict[str, object]
+    #: Connections waiting for their A-ASSOCIATE-RQ (not associations yet).
+    pending_connections: int = 0
+    #: Connections closed before association, by the setting that closed
+    #: them (server.max_pending_per_address, ...).
+    dropped_connections: dict[str, int] = msgspec.field(default_factory=dict)
 
 
 #: How many ended associations the snapshot lists.

@@ -8,14 +8,15 @@ complete file.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import os
 import time
 import uuid
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
 
-from fastscp.part10 import dataset_offset, file_meta
+from fastscp.part10 import dataset_offset, file_meta, read_file_meta
 
 INCOMING = ".incoming"
 QUARANTINE = ".quarantine"
@@ -24,21 +25,33 @@ QUARANTINE = ".quarantine"
 HEADER_PREFIX_BYTES = 64 * 1024
 #: errno values that mean "no room": answered with 0xA700 Out of resources.
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+#: storage.file_mode and storage.dir_mode defaults: patient data, so the
+#: owner and its group only.
+FILE_MODE = 0o640
+DIR_MODE = 0o750
+#: Names tried for one instance when its layout name holds other instances.
+MAX_NAMES = 100
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Committed:
     """Where a received data set ended up."""
 
     #: The final absolute path: the new file, or the existing one it duplicates.
     path: str
     #: stored | identical (a resend: not rewritten) | overwritten | kept-both |
-    #: kept-first | rejected (the last four: same path, other content).
+    #: kept-first | rejected (the last four: the same SOP Instance UID stored
+    #: already, with other content).
     outcome: str
     #: SHA-256 of the existing file's data set, for a conflict.
     existing_hash: str = ""
     #: The existing file's path, for a conflict (differs from ``path`` for keep-both).
     existing_path: str = ""
+    #: The layout's name, when it held another instance (another SOP Instance
+    #: UID) and this one was stored under a name of its own (``path``).
+    collided_path: str = ""
+    #: The other instance's SOP Instance UID (from its File Meta), for a collision.
+    collided_uid: str = ""
 
 
 def _link_new(source: str, target: str) -> bool:
@@ -48,6 +61,54 @@ def _link_new(source: str, target: str) -> bool:
         return True
     except FileExistsError:
         return False
+
+
+def makedirs(path: str, mode: int) -> None:
+    """``os.makedirs(path, exist_ok=True)``, each folder it creates given exactly ``mode`` (not masked by the umask).
+
+    Folders that exist are left as they are: the storage root and its tree
+    may have been set up by an administrator.
+    """
+    missing: list[str] = []
+    while not os.path.isdir(path):
+        missing.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    for folder in reversed(missing):
+        try:
+            os.mkdir(folder, mode)
+        except FileExistsError:
+            continue  # another association made it just now
+        os.chmod(folder, mode)
+
+
+def stored_uid(path: str) -> str | None:
+    """The Media Storage SOP Instance UID (0002,0003) of a stored file; None if it has none or can't be read."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        meta, _offset = read_file_meta(os.pread(fd, 65536, 0))
+    except (OSError, ValueError):
+        return None
+    finally:
+        os.close(fd)
+    return meta.get(0x0003)
+
+
+def own_name(path: str, sop_instance_uid: str, attempt: int) -> str:
+    """The name of an instance whose layout name holds another instance: the
+    layout name with a suffix from its SOP Instance UID (deterministic, so a
+    resend finds it again); ``attempt`` > 0 only if that name is taken too."""
+    stem, dot, extension = path.rpartition(".")
+    if not dot or "/" in extension:
+        stem, extension = path, ""
+    tag = hashlib.sha256(sop_instance_uid.encode("ascii", "replace")).hexdigest()[:10]
+    more = f"-{attempt + 1}" if attempt else ""
+    return f"{stem}.u{tag}{more}" + (f".{extension}" if extension else "")
 
 
 def _fsync_dir(directory: str) -> None:
@@ -95,13 +156,18 @@ class TempFile:
     it waits for the next C-STORE, not after the request arrives.
     """
 
-    def __init__(self, incoming_dir: str) -> None:
+    def __init__(self, incoming_dir: str, mode: int = FILE_MODE) -> None:
         self.path = os.path.join(incoming_dir, f"{uuid.uuid4().hex}.part")
         # Read-write: the data set is hashed back from this descriptor after
         # the C-STORE-RSP (IncomingFile.content_hash). After the link into
         # place it still names our own inode, even if a later store replaces
         # the final path.
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+        try:
+            os.fchmod(self.fd, mode)  # storage.file_mode exactly, whatever the umask
+        except OSError:
+            self.discard()
+            raise
 
     def discard(self) -> None:
         os.close(self.fd)
@@ -113,7 +179,7 @@ class IncomingFile:
 
     def __init__(self, storage: Storage, meta: bytes, temp: TempFile | None = None) -> None:
         self._storage = storage
-        temp = temp or TempFile(storage.incoming_dir)
+        temp = temp or TempFile(storage.incoming_dir, storage.file_mode)
         self.temp_path = temp.path
         self.meta_length = len(meta)
         self.dataset_length = 0
@@ -164,12 +230,30 @@ class IncomingFile:
         assert self._fd is not None, "the file is closed"
         return os.pread(self._fd, min(limit, self.dataset_length), self.meta_length)
 
-    def commit(self, relative_path: str, duplicates: str = "reject", root: str | None = None) -> Committed:
+    def commit(
+        self, relative_path: str, duplicates: str = "keep-first", root: str | None = None, *,
+        sop_instance_uids: tuple[str, ...] = (), locate: Callable[[], Iterable[str]] | None = None,
+    ) -> Committed:
         """Make the file durable (per ``storage.fsync``) and put it at its final path.
 
-        The link into place never replaces an existing file; when the path is
-        taken, the data set bytes decide: the same bytes are a resend (kept,
-        not rewritten), other bytes follow ``duplicates``.
+        The link into place never replaces an existing file. A file at the
+        path whose File Meta names another SOP Instance UID is another
+        instance (layouts named by Instance Number, templates without the
+        UID): this one gets a name of its own (:func:`own_name`). The same
+        SOP Instance UID, at the path or where ``locate`` says it is, is a
+        duplicate: the same data set bytes are a resend (kept, not
+        rewritten), other bytes follow ``duplicates``.
+
+        Parameters
+        ----------
+        sop_instance_uids : tuple of str
+            The instance's UIDs: the one it is named by (the command's
+            Affected SOP Instance UID, in its File Meta) first, then the
+            data set's if it differs. Empty: the File Meta's.
+        locate : callable, optional
+            Absolute paths where the index has one of these UIDs stored.
+            Called only before a link to a free name: a resend to the same
+            name is settled by that file's File Meta, without the index.
 
         Raises
         ------
@@ -183,15 +267,11 @@ class IncomingFile:
         if not final.startswith(root.rstrip(os.sep) + os.sep):
             self.discard()
             raise PermissionError(errno.EACCES, f"path {relative_path!r} leaves the storage root")
+        uids = tuple(dict.fromkeys(u for u in sop_instance_uids if u)) or (stored_uid(self.temp_path) or "",)
         try:
             if storage.fsync:
                 os.fsync(self._fd)
-            # exist_ok: another association may create the same study folder now.
-            os.makedirs(os.path.dirname(final), exist_ok=True)
-            if _link_new(self.temp_path, final):
-                outcome = Committed(final, "stored")
-            else:
-                outcome = self._resolve_duplicate(final, duplicates)
+            outcome = self._place(final, duplicates, uids, locate)
             if outcome.outcome in ("stored", "overwritten", "kept-both") and storage.fsync:
                 _fsync_dir(os.path.dirname(outcome.path))
         except OSError:
@@ -200,8 +280,40 @@ class IncomingFile:
         self._unlink_temp()  # the temp name, if it is still there; the descriptor stays open
         return outcome
 
-    def _resolve_duplicate(self, final: str, duplicates: str) -> Committed:
-        existing = dataset_hash(final)
+    def _place(self, final: str, duplicates: str, uids: tuple[str, ...],
+               locate: Callable[[], Iterable[str]] | None) -> Committed:
+        collided = ("", "")
+        same: str | None = None  # where the index has the UID: asked once, only before a link
+        same_hash = ""
+        for attempt in range(MAX_NAMES + 1):
+            candidate = final if attempt == 0 else own_name(final, uids[0], attempt - 1)
+            if same is None and locate is not None and not os.path.lexists(candidate):
+                same = next((p for p in locate() if os.path.normpath(p) != candidate and os.path.isfile(p)), "")
+                same_hash = dataset_hash(same) if same else ""
+                if same and (duplicates != "keep-both" or same_hash == self.content_hash):
+                    # Stored before under another name (its layout fields
+                    # changed): the policy applies there; overwrite replaces it.
+                    resolved = self._resolve_duplicate(same, duplicates, same_hash)
+                    return dataclasses.replace(resolved, collided_path=collided[0], collided_uid=collided[1])
+            if attempt == 0:
+                # PERF: one makedirs per store, a stat when the folder exists.
+                makedirs(os.path.dirname(final), self._storage.dir_mode)
+            if _link_new(self.temp_path, candidate):
+                if same:
+                    return Committed(candidate, "kept-both", same_hash, same, *collided)
+                return Committed(candidate, "stored", "", "", *collided)
+            other = stored_uid(candidate)
+            if other is not None and other in uids:
+                resolved = self._resolve_duplicate(candidate, duplicates)
+                return dataclasses.replace(resolved, collided_path=collided[0], collided_uid=collided[1])
+            if attempt == 0:
+                collided = (candidate, other or "")
+        raise OSError(errno.EEXIST, f"{MAX_NAMES} names after {final} hold other instances")
+
+    def _resolve_duplicate(self, final: str, duplicates: str, existing: str = "") -> Committed:
+        """The same SOP Instance UID is stored at ``final`` (its data set's hash ``existing``, if known):
+        the data set bytes and ``duplicates`` decide."""
+        existing = existing or dataset_hash(final)
         new = self.content_hash
         if existing == new:
             return Committed(final, "identical")
@@ -227,7 +339,9 @@ class IncomingFile:
         target = os.path.join(self._storage.quarantine_dir, f"{stamp}_{uuid.uuid4().hex[:8]}.dcm")
         try:
             os.replace(self.temp_path, target)
-            with open(target + ".reason.txt", "w", encoding="utf-8") as f:
+            fd = os.open(target + ".reason.txt", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
+                         self._storage.file_mode)
+            with open(fd, "w", encoding="utf-8") as f:
                 f.write(reason + "\n")
         except OSError:
             self.discard()
@@ -252,8 +366,12 @@ class IncomingFile:
 class Storage:
     """The storage root and its policy."""
 
-    def __init__(self, root: str, *, fsync: bool = True, quarantine: bool = True, sr_root: str = "") -> None:
+    def __init__(self, root: str, *, fsync: bool = True, quarantine: bool = True, sr_root: str = "",
+                 file_mode: int = FILE_MODE, dir_mode: int = DIR_MODE) -> None:
         self.root = os.path.abspath(root)
+        #: storage.file_mode and storage.dir_mode: given to every file and folder we create.
+        self.file_mode = file_mode
+        self.dir_mode = dir_mode
         #: Root for structured reports (storage.sr_directory), or "" for ``root``.
         self.sr_root = os.path.abspath(sr_root) if sr_root else ""
         self.fsync = fsync
@@ -267,10 +385,10 @@ class Storage:
         Returns the number of stale temp files removed. Only the supervisor
         calls this, before any worker runs.
         """
-        os.makedirs(self.incoming_dir, exist_ok=True)
-        os.makedirs(self.quarantine_dir, exist_ok=True)
+        makedirs(self.incoming_dir, self.dir_mode)
+        makedirs(self.quarantine_dir, self.dir_mode)
         if self.sr_root:
-            os.makedirs(self.sr_root, exist_ok=True)
+            makedirs(self.sr_root, self.dir_mode)
         removed = 0
         for name in os.listdir(self.incoming_dir):
             if name.endswith(".part"):
@@ -302,6 +420,6 @@ class Storage:
         """A temp file for the next data set, or None if none can be made now
         (begin then tries again and reports why)."""
         try:
-            return TempFile(self.incoming_dir)
+            return TempFile(self.incoming_dir, self.file_mode)
         except OSError:
             return None

@@ -2,8 +2,13 @@
 
 One thread, one selector loop. It accepts each connection, sets
 TCP_NODELAY, and hands the socket to the least-busy worker over a Unix
-SOCK_SEQPACKET pair. It counts open associations across all workers, so
-``server.max_associations`` holds globally: one more is answered here with
+SOCK_SEQPACKET pair. A connection is *pending* until its worker has read its
+A-ASSOCIATE-RQ and asks for admission: pending connections have their own
+budget (``server.max_pending_connections``, at most
+``server.max_pending_per_address`` from one address; beyond it a new
+connection is closed at once) and take no association slot, so idle sockets
+can't lock senders out. Admission counts open associations across all
+workers, so ``server.max_associations`` holds globally: one more gets
 A-ASSOCIATE-RJ "local limit exceeded". A worker that dies is replaced (the
 kernel closes its sockets, so its associations abort and no other is
 touched). SIGTERM/SIGINT stop gracefully; a second one stops at once.
@@ -11,26 +16,31 @@ touched). SIGTERM/SIGINT stop gracefully; a second one stops at once.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import multiprocessing
 import os
+import pickle
 import selectors
 import signal
 import socket
 import ssl
+import struct
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from fastscp import header, imaging, logs
 from fastscp.acceptor import ServiceSettings
 from fastscp.access import AccessConfigError, build_access_policy
-from fastscp.config import Config, layout_options, to_builtins
+from fastscp.config import Config, ConfigError, config_changes, layout_options, to_builtins, with_live_keys
 from fastscp.find import finder
 from fastscp.findscp import FIND_SOP_CLASSES
-from fastscp.indexclient import QueryClient
+from fastscp.indexclient import Locator, QueryClient
 from fastscp.indexer import indexer_address, indexer_main
+from fastscp.listen import bind_advice
 from fastscp.negotiation import (
     REJECTED_TRANSIENT,
     SOURCE_PROVIDER_PRESENTATION,
@@ -38,13 +48,23 @@ from fastscp.negotiation import (
     encode_associate_rj,
     peek_ae_titles,
 )
+from fastscp.orphan import die_with_parent
 from fastscp.poststore import poststore_address, poststore_main
-from fastscp.records import DECODER, ENCODER, AdmissionReply, AdmissionRequest, AssociationReport, Handoff, Stop
+from fastscp.records import (
+    DECODER,
+    ENCODER,
+    AdmissionReply,
+    AdmissionRequest,
+    AssociationReport,
+    Handoff,
+    Reconfigure,
+    Stop,
+)
 from fastscp.status import ENCODER as SNAPSHOT_ENCODER
 from fastscp.status import WorkerState
 from fastscp.statusbook import StatusBook
 from fastscp.storage import Storage
-from fastscp.worker import worker_main
+from fastscp.worker import CONTROL_MESSAGE_MAX, worker_main
 
 log = logging.getLogger("fastscp.supervisor")
 _fork = multiprocessing.get_context("fork")
@@ -95,47 +115,55 @@ def set_low_latency(sock: socket.socket) -> None:
 
 
 class Supervisor:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, reload: Callable[[], Config] | None = None, config_file: str = "") -> None:
         self.config = config
+        #: Reads the config again from where it came from (SIGHUP); None: reloads are refused.
+        self._load_config = reload
+        self._config_file = config_file or "the command line"
+        self.reload_requested = False
+        #: logging.level, shared with the children: they take it on SIGHUP.
+        self._log_level = _fork.RawValue("i", logging.getLevelName(config.logging.level))
         server = config.server
         self.storage = Storage(
             config.storage.directory,
             fsync=config.storage.fsync == "always",
             quarantine=config.storage.quarantine,
             sr_root=config.storage.sr_directory,
+            file_mode=int(config.storage.file_mode, 8),
+            dir_mode=int(config.storage.dir_mode, 8),
         )
-        try:
-            access = build_access_policy(config.access.allowed_calling_aets)
-        except AccessConfigError as exc:
-            raise StartupError(str(exc)) from None
-        self.settings = ServiceSettings(
+        # The keys a reload may change are set by live_settings, here and on SIGHUP.
+        self.settings = live_settings(ServiceSettings(
             policy=AcceptancePolicy(
                 ae_title=server.ae_title,
-                storage_sop_classes=frozenset(config.sop_class_uids),
-                max_pdu_size=server.max_pdu_size,
-                check_called_aet=config.access.check_called_aet,
-                access=access,
+                storage_sop_classes=frozenset(),
+                max_pdu_size=0,
                 query_sop_classes=FIND_SOP_CLASSES,
             ),
             storage=self.storage,
             layout=layout_options(config),
-            duplicates=config.storage.duplicates,
-            acse_timeout=server.acse_timeout,
-            dimse_timeout=server.dimse_timeout,
-            min_free_bytes=config.storage.min_free_bytes,
+            duplicates="",
+            acse_timeout=0.0,
+            dimse_timeout=0.0,
             tls=tls_context(config) if config.tls.enabled else None,
-            action_log=config.logging.actions,
             poststore_address=(
                 poststore_address(config.index_path)
                 if config.thumbnails.enabled or config.scansheet.enabled else ""
             ),
             find=finder(config.index_path, retrieve_ae_title=server.ae_title),
-        )
+            locate=Locator(config.index_path),
+        ), config)
         self.poststore: multiprocessing.process.BaseProcess | None = None
         self.book = StatusBook()
         #: Admitted associations: connection ID -> calling AE title.
         self.admitted: dict[int, str] = {}
         self.per_ae: Counter[str] = Counter()
+        #: Connections waiting for their A-ASSOCIATE-RQ: connection ID -> peer IP.
+        self.pending: dict[int, str] = {}
+        self.pending_per_address: Counter[str] = Counter()
+        self.drops = logs.DropLog(log)
+        #: Connections closed before association, by the setting that closed them.
+        self.dropped: Counter[str] = Counter()
         self.monitor: multiprocessing.process.BaseProcess | None = None
         self.monitor_url = ""
         self._snapshots: socket.socket | None = None
@@ -156,6 +184,8 @@ class Supervisor:
         self.signals = 0
         self._port = config.server.port
         self._wake_r, self._wake_w = socket.socketpair()
+        #: Children check that they still have this parent (die_with_parent).
+        self.pid = os.getpid()
 
     # -- start ----------------------------------------------------------------
 
@@ -173,8 +203,8 @@ class Supervisor:
         except OSError as exc:
             sock.close()
             raise StartupError(
-                f"cannot listen on {server.host}:{server.port}: {exc.strerror}"
-                " (is another DICOM receiver running? choose another server.port)"
+                f"server.port: cannot listen on {server.host}:{server.port}: {exc.strerror}; "
+                + bind_advice(exc, server.port, "server.port (or PORT)")
             ) from None
         sock.listen(256)
         sock.setblocking(False)
@@ -218,7 +248,12 @@ class Supervisor:
         self.selector.register(parent, selectors.EVENT_READ, ("control", index))
         self.selector.register(process.sentinel, selectors.EVENT_READ, ("exit", index))
 
-    def _child(self, target, *args) -> None:  # type: ignore[no-untyped-def]
+    def _child(self, target, *args, death_signal: int = signal.SIGKILL) -> None:  # type: ignore[no-untyped-def]
+        # First, before anything can block: a child dies with the supervisor.
+        # Workers and the indexer get SIGKILL: a crash leaves only what every
+        # start recovers from (temp files, records its reconcile indexes), and
+        # the DuckDB lock and the sockets are free for a restart at once.
+        die_with_parent(self.pid, death_signal)
         # A forked child must not keep the supervisor's sockets open: a client
         # connection or the listener held here would outlive the supervisor's
         # close. Close every one except what the child was given.
@@ -231,6 +266,8 @@ class Supervisor:
             if sock is not None and sock.fileno() not in keep:
                 sock.close()
         signal.set_wakeup_fd(-1)
+        # SIGHUP from the supervisor means "logging.level changed" (a terminal's hangup too: harmless).
+        signal.signal(signal.SIGHUP, self._follow_log_level)
         logs.forward_to(self._log_w)
         try:
             target(*args)
@@ -239,9 +276,16 @@ class Supervisor:
 
     def run(self) -> int:
         """Serve until stopped; returns the process exit code."""
+        # Before any child is forked: from the fork to its own handler, a child has this one.
+        signal.signal(signal.SIGHUP, self._on_hangup)
         removed = self.storage.prepare()
         if removed:
             log.warning("removed %d incomplete temp files left by an earlier run", removed)
+        free, watermark = self.storage.free_bytes(), self.config.storage.min_free_bytes
+        if free < watermark:
+            log.warning("storage %s: %d MB free, below storage.min_free_bytes (%d MB): every C-STORE gets 0xA700 "
+                        "Out of resources until space is freed", self.storage.root, free // 1_000_000,
+                        watermark // 1_000_000)
         self.listener = self._bind()
         self.selector.register(self._log_r, selectors.EVENT_READ, "log")
         try:
@@ -287,6 +331,13 @@ class Supervisor:
     def _on_signal(self, signum: int, _frame: object) -> None:
         self.signals += 1
 
+    def _on_hangup(self, _signum: int, _frame: object) -> None:
+        self.reload_requested = True
+
+    def _follow_log_level(self, _signum: int, _frame: object) -> None:
+        """In a child: take the supervisor's logging.level (it sends SIGHUP after a reload)."""
+        logs.set_level(logging.getLevelName(self._log_level.value))
+
     # -- the loop --------------------------------------------------------------
 
     @property
@@ -297,6 +348,9 @@ class Supervisor:
         while True:
             if self.signals:
                 return self._shutdown()
+            if self.reload_requested:
+                self.reload_requested = False
+                self._reload()
             for key, _events in self.selector.select(timeout=0.5):
                 tag = key.data
                 if tag == "listen":
@@ -321,6 +375,7 @@ class Supervisor:
                 elif tag[0] == "exit":
                     self._worker_died(tag[1])
             self._expire_rejects()
+            self.drops.flush()
             self._publish()
 
     def _accept(self) -> None:
@@ -334,11 +389,15 @@ class Supervisor:
                 log.error("accept failed: %s", exc)
                 return
             peer = _peer(address)
+            full = self._pending_full(address[0])
+            if full:
+                self._drop(sock, address[0], *full)
+                continue
             try:
                 set_low_latency(sock)
             except OSError:
                 pass
-            if self.open_associations >= self.config.server.max_associations or not self.workers:
+            if not self.workers:
                 self._begin_reject(sock, peer)
                 continue
             worker = min(self.workers.values(), key=lambda w: len(w.open))
@@ -348,10 +407,42 @@ class Supervisor:
             try:
                 socket.send_fds(worker.control, [handoff], [sock.fileno()])
                 worker.open.add(connection_id)
+                self.pending[connection_id] = address[0]
+                self.pending_per_address[address[0]] += 1
             except OSError as exc:
                 log.error("could not hand %s to worker %d: %s", peer, worker.index, exc)
             finally:
                 sock.close()
+
+    def _pending_full(self, ip: str) -> tuple[str, str] | None:
+        """(the key, why) a new connection from ``ip`` can't wait for its A-ASSOCIATE-RQ, or None."""
+        server = self.config.server
+        if self.pending_per_address[ip] >= server.max_pending_per_address:
+            key = "server.max_pending_per_address"
+            return key, (f"{self.pending_per_address[ip]} connections from this address are waiting for their"
+                         f" A-ASSOCIATE-RQ ({key})")
+        waiting = len(self.pending) + len(self.rejects)
+        if waiting >= server.max_pending_connections:
+            key = "server.max_pending_connections"
+            return key, f"{waiting} connections are waiting for their A-ASSOCIATE-RQ ({key})"
+        return None
+
+    def _drop(self, sock: socket.socket, ip: str, key: str, reason: str) -> None:
+        # RST, not FIN: a flood leaves no TIME_WAIT sockets behind here.
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass
+        sock.close()
+        self.dropped[key] += 1
+        self.drops.note(ip, reason)
+
+    def _end_pending(self, connection_id: int) -> None:
+        ip = self.pending.pop(connection_id, None)
+        if ip is not None:
+            self.pending_per_address[ip] -= 1
+            if self.pending_per_address[ip] <= 0:
+                del self.pending_per_address[ip]
 
     def _control(self, worker: WorkerHandle | None) -> None:
         if worker is None:
@@ -371,15 +462,32 @@ class Supervisor:
             if isinstance(message, AssociationReport):
                 self.book.report(message)
                 if message.ended:
-                    self._release(worker, message.state.connection_id)
+                    connection_id = message.state.connection_id
+                    # A probe the peer closed is no news; one we timed out is a drop.
+                    if message.probe and "timed out" in message.state.outcome:
+                        ip = self.pending.get(connection_id)
+                        if ip is not None:
+                            self.dropped["server.acse_timeout"] += 1
+                            self.drops.note(ip, "no A-ASSOCIATE-RQ within server.acse_timeout")
+                    self._release(worker, connection_id)
             elif isinstance(message, AdmissionRequest):
                 self._admit(worker, message)
 
     def _admit(self, worker: WorkerHandle, request: AdmissionRequest) -> None:
-        """Per calling AE limit (access.max_associations_per_aet), across all workers."""
+        """An A-ASSOCIATE-RQ was read and accepted by negotiation: its
+        connection stops being pending and takes an association slot, within
+        server.max_associations and access.max_associations_per_aet (across
+        all workers)."""
+        self._end_pending(request.connection_id)
         limit = self.config.access.max_associations_per_aet
+        most = self.config.server.max_associations
         ae = request.calling_ae_title
-        if limit and self.per_ae[ae] >= limit:
+        if len(self.admitted) >= most:
+            reply = AdmissionReply(
+                connection_id=request.connection_id, admitted=False,
+                reason=f"{len(self.admitted)} of {most} associations open (server.max_associations)",
+            )
+        elif limit and self.per_ae[ae] >= limit:
             reply = AdmissionReply(
                 connection_id=request.connection_id, admitted=False,
                 reason=f"{self.per_ae[ae]} of {limit} associations open for {ae!r} (access.max_associations_per_aet)",
@@ -395,6 +503,7 @@ class Supervisor:
 
     def _release(self, worker: WorkerHandle, connection_id: int) -> None:
         worker.open.discard(connection_id)
+        self._end_pending(connection_id)
         ae = self.admitted.pop(connection_id, None)
         if ae is not None:
             self.per_ae[ae] -= 1
@@ -427,7 +536,56 @@ class Supervisor:
         time.sleep(RESTART_BACKOFF)
         self._start_indexer()
 
-    # -- rejecting beyond max_associations ---------------------------------------
+    # -- SIGHUP: reload the config ----------------------------------------------------
+
+    def _reload(self) -> None:
+        """Read the config again; put its live keys (config.LIVE_KEYS) in force, name the others.
+
+        A config that does not load, or whose live part can't be used, is
+        refused as a whole with one error line: the running config stays.
+        """
+        if self._load_config is None:
+            log.error("config reload (SIGHUP) refused: this server was not started from a config source")
+            return
+        try:
+            new = self._load_config()
+            settings = live_settings(self.settings, new)
+        except ConfigError as exc:  # it names the file
+            log.error("config reload (SIGHUP) refused, the running config stays: %s", exc)
+            return
+        except StartupError as exc:
+            log.error("config reload (SIGHUP) refused, the running config stays: %s: %s", self._config_file, exc)
+            return
+        changed = {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)
+                   if getattr(settings, f.name) is not getattr(self.settings, f.name)}
+        message = ENCODER.encode(Reconfigure(settings=pickle.dumps(changed),
+                                             shutdown_timeout=new.server.shutdown_timeout))
+        if len(message) > CONTROL_MESSAGE_MAX:
+            log.error("config reload (SIGHUP) refused, the running config stays: the live settings take %d bytes, "
+                      "more than a worker takes (%d; a long access.allowed_calling_aets?): restart to apply them",
+                      len(message), CONTROL_MESSAGE_MAX)
+            return
+        live, restart = config_changes(self.config, new)
+        self.config = with_live_keys(self.config, new)
+        self.settings = settings  # for workers started from now on
+        for worker in self.workers.values():
+            try:
+                worker.control.send(message)
+            except OSError as exc:  # it is dying: its replacement gets the new settings
+                log.warning("worker %d did not take the reloaded config: %s", worker.index, exc)
+        level = logging.getLevelName(self.config.logging.level)
+        if level != self._log_level.value:
+            self._log_level.value = level
+            logs.set_level(self.config.logging.level)
+            for child in (self.indexer, self.poststore, self.monitor, *(w.process for w in self.workers.values())):
+                if child is not None and child.pid is not None and child.is_alive():
+                    os.kill(child.pid, signal.SIGHUP)
+        log.info("config reloaded (SIGHUP): %s", f"{', '.join(live)} in force for new associations" if live
+                 else "no key that applies live changed")
+        if restart:
+            log.warning("config reload (SIGHUP): %s changed but need a restart to take effect", ", ".join(restart))
+
+    # -- rejecting while no worker runs ------------------------------------------
 
     def _begin_reject(self, sock: socket.socket, peer: str) -> None:
         sock.setblocking(False)
@@ -454,9 +612,8 @@ class Supervisor:
             pass
         self.book.reject("local limit exceeded")
         log.warning(
-            "association %s (%s) -> %s: rejected (local limit exceeded: %d of %d open)",
+            "association %s (%s) -> %s: rejected (local limit exceeded: no worker is running)",
             calling or "?", pending.peer, called or "?",
-            self.open_associations, self.config.server.max_associations,
         )
         self._drop_reject(pending)
 
@@ -527,6 +684,8 @@ class Supervisor:
             target=self._child, name="fastscp-poststore",
             args=(poststore_main, self.storage.root, self.settings.layout, config.thumbnails, config.scansheet,
                   self.settings.poststore_address, self.address),
+            # SIGTERM: it stops after the image in hand (poststore_main sees it is orphaned).
+            kwargs={"death_signal": signal.SIGTERM},
         )
         process.start()
         self.poststore = process
@@ -561,7 +720,8 @@ class Supervisor:
         # Set before the fork, so the child closes our end and sees EOF when we go.
         self._snapshots = parent
         process = _fork.Process(
-            target=self._child, name="fastscp-monitor", args=(monitor_main, self.config.monitor.listen, child, ready_w)
+            target=self._child, name="fastscp-monitor", args=(monitor_main, self.config.monitor.listen, child, ready_w),
+            kwargs={"death_signal": signal.SIGTERM},  # its SIGTERM stops it at once, cleanly
         )
         process.start()
         child.close()
@@ -608,12 +768,16 @@ class Supervisor:
             index_path=self.config.index_path, index_committed=self._index_state[0], index_lag=self._index_state[1],
             workers=[
                 WorkerState(index=w.index, pid=w.process.pid or 0, alive=w.process.is_alive(),
-                            open_associations=len(w.open), started=time.time() - (now - w.started),
+                            # Admitted ones: a connection still pending is no association yet.
+                            open_associations=sum(1 for c in w.open if c in self.admitted),
+                            started=time.time() - (now - w.started),
                             restarts=w.restarts)
                 for w in self.workers.values()
             ],
             config=public_config(self.config),
         )
+        snapshot.pending_connections = len(self.pending)
+        snapshot.dropped_connections = dict(self.dropped)
         try:
             self._snapshots.send(SNAPSHOT_ENCODER.encode(snapshot))
         except (BlockingIOError, InterruptedError):
@@ -681,6 +845,39 @@ def public_config(config: Config) -> dict[str, object]:
     return data
 
 
-def serve(config: Config) -> int:
-    """Run the server in the foreground; returns the exit code."""
-    return Supervisor(config).run()
+def live_settings(settings: ServiceSettings, config: Config) -> ServiceSettings:
+    """``settings`` with what :data:`fastscp.config.LIVE_KEYS` set taken from ``config`` (a reload).
+
+    Raises
+    ------
+    StartupError
+        An access rule that can't be used (a host name that does not resolve).
+    """
+    try:
+        access = build_access_policy(config.access.allowed_calling_aets)
+    except AccessConfigError as exc:
+        raise StartupError(str(exc)) from None
+    policy = dataclasses.replace(settings.policy, storage_sop_classes=frozenset(config.sop_class_uids),
+                                 max_pdu_size=config.server.max_pdu_size,
+                                 check_called_aet=config.access.check_called_aet, access=access)
+    if policy == settings.policy:
+        policy = settings.policy
+    replaced = {
+        "policy": policy,
+        "duplicates": config.storage.duplicates,
+        "acse_timeout": config.server.acse_timeout,
+        "dimse_timeout": config.server.dimse_timeout,
+        "min_free_bytes": config.storage.min_free_bytes,
+        "action_log": config.logging.actions,
+    }
+    # Unchanged values stay the same objects: the reload hands workers only what changed.
+    return dataclasses.replace(settings, **{k: v for k, v in replaced.items() if v != getattr(settings, k)})
+
+
+def serve(config: Config, reload: Callable[[], Config] | None = None, config_file: str = "") -> int:
+    """Run the server in the foreground; returns the exit code.
+
+    ``reload`` reads the config again from its sources (``config_file`` and
+    the command-line options it started with); SIGHUP calls it.
+    """
+    return Supervisor(config, reload, config_file).run()

@@ -9,8 +9,10 @@ worker never opens DuckDB.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+import pickle
 import signal
 import socket
 import threading
@@ -27,6 +29,7 @@ from fastscp.records import (
     DuplicateConflict,
     Handoff,
     InstanceRecord,
+    Reconfigure,
     Stop,
 )
 
@@ -37,6 +40,8 @@ log = logging.getLogger("fastscp.worker")
 REPORT_INTERVAL = 0.5
 #: How long an association waits for the supervisor's admission answer.
 ADMISSION_TIMEOUT = 10.0
+#: The largest message from the supervisor a worker takes whole.
+CONTROL_MESSAGE_MAX = 65536
 
 
 class Worker:
@@ -58,7 +63,7 @@ class Worker:
         threading.Thread(target=self._report_loop, name="reporter", daemon=True).start()
         while True:
             try:
-                data, fds, _flags, _addr = socket.recv_fds(self.control, 65536, 4)
+                data, fds, _flags, _addr = socket.recv_fds(self.control, CONTROL_MESSAGE_MAX, 4)
             except InterruptedError:
                 continue
             except OSError:
@@ -77,6 +82,10 @@ class Worker:
             elif isinstance(message, Stop):
                 self._stop(now=message.now)
                 return
+            elif isinstance(message, Reconfigure):
+                # Open associations keep the settings they started with.
+                self.settings = dataclasses.replace(self.settings, **pickle.loads(message.settings))
+                self.shutdown_timeout = message.shutdown_timeout
 
     def _send(self, message: object) -> None:
         try:

@@ -49,7 +49,7 @@ def p_data(context_id: int, data: bytes, *, command: bool, last: bool) -> bytes:
 
 class RawSCU:
     def __init__(self, port: int, sop_class: str, transfer_syntax: str, *, aec: str = "FASTSCP",
-                 aet: str = "RAWSCU", timeout: float = 30) -> None:
+                 aet: str = "RAWSCU", timeout: float = 30, raw_calling_ae: bytes = b"") -> None:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
         rq = A_ASSOCIATE()
         rq.application_context_name = UID("1.2.840.10008.3.1.1.1")
@@ -63,7 +63,12 @@ class RawSCU:
         rq.user_information = [max_length]
         pdu = A_ASSOCIATE_RQ()
         pdu.from_primitive(rq)
-        self.sock.sendall(pdu.encode())
+        encoded = bytearray(pdu.encode())
+        if raw_calling_ae:
+            # Bytes pynetdicom refuses to encode (control characters): PS3.8 9.3.2 puts
+            # the Calling AE Title at bytes 27-42 of the PDU.
+            encoded[26:42] = raw_calling_ae.ljust(16)[:16]
+        self.sock.sendall(encoded)
         self.response_type, self.response = self.read_pdu()
         self.sop_class = sop_class
 

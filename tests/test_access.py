@@ -170,17 +170,22 @@ def pki(tmp_path: Path) -> Path:
     return d
 
 
-def test_dicom_tls_with_client_certificates(start_server, tmp_path: Path, pki: Path, ct_dataset) -> None:  # type: ignore[no-untyped-def]
-    _uid, _data, ct = ct_dataset
-    server = start_server(config=config(tmp_path, f"""
+def tls_config(tmp_path: Path, pki: Path, min_version: str = "1.2") -> Path:
+    """A config for DICOM TLS with the test CA's server certificate, requiring client certificates."""
+    return config(tmp_path, f"""
 tls:
   enabled: true
   certificate: {pki / 'server.pem'}
   private_key: {pki / 'server.key'}
   ca_bundle: {pki / 'ca.pem'}
   require_client_certificate: true
-  min_version: "1.2"
-"""))
+  min_version: "{min_version}"
+""")
+
+
+def test_dicom_tls_with_client_certificates(start_server, tmp_path: Path, pki: Path, ct_dataset) -> None:  # type: ignore[no-untyped-def]
+    _uid, _data, ct = ct_dataset
+    server = start_server(config=tls_config(tmp_path, pki))
     tls = ["+tls", str(pki / "client.key"), str(pki / "client.pem"), "+cf", str(pki / "ca.pem")]
     dcmtk("echoscu", *tls, "-aec", server.ae_title, "127.0.0.1", str(server.port))
     dcmtk("storescu", *tls, "-aec", server.ae_title, "-xe", "127.0.0.1", str(server.port), str(ct))
@@ -242,3 +247,52 @@ def test_access_policy_edges() -> None:
     assert peer_ip("10.1.2.3:104") == "10.1.2.3"
     by_name = build_access_policy([AllowedAE(ae_title="HERE", hosts=["localhost"])])  # resolved once, now
     assert by_name.check("HERE", "127.0.0.1") == "" and by_name.check("HERE", "10.0.0.1") != ""
+
+
+def test_refused_presentation_contexts_are_logged(start_server) -> None:  # type: ignore[no-untyped-def]
+    server = start_server("--accept", "CT")
+    scu = RawSCU(server.port, MRImageStorage, ExplicitVRLittleEndian, aet="MRSCU")
+    assert scu.accepted  # A-ASSOCIATE-AC, its only context refused
+    scu.release()
+    log = server.wait_for_log("presentation contexts refused", "-> FASTSCP")
+    assert "association 'MRSCU' (127.0.0.1:" in log
+    assert "MR Image Storage (1.2.840.10008.5.1.4.1.1.4): abstract syntax not supported" in log
+    (line,) = [entry for entry in log.splitlines() if "association MRSCU" in entry and "-> FASTSCP" in entry]
+    assert "accepted with every presentation context refused" in line
+
+
+def test_free_space_watermark_refusal_is_logged(start_server, tmp_path: Path, ct_dataset) -> None:  # type: ignore[no-untyped-def]
+    uid, data, _path = ct_dataset
+    server = start_server(config=config(tmp_path, "storage:\n  min_free_bytes: 1000000000000000000\n"))
+    assert "below storage.min_free_bytes" in server.log_text(), "a start-up warning"
+    scu = RawSCU(server.port, CTImageStorage, ExplicitVRLittleEndian)
+    assert scu.store(uid, data) == 0xA700
+    scu.release()
+    log = server.wait_for_log("refused with 0xA700", "fastscp.action: refused")
+    assert re.search(rf"WARNING .*C-STORE '{re.escape(uid)}' from 'RAWSCU' refused with 0xA700: free space", log)
+    assert server.stored_files() == []
+
+
+def test_stored_files_and_folders_are_owner_and_group_only(start_server, tmp_path: Path, ct_dataset) -> None:  # type: ignore[no-untyped-def]
+    uid, data, _path = ct_dataset
+    server = start_server()
+    scu = RawSCU(server.port, CTImageStorage, ExplicitVRLittleEndian)
+    assert scu.store(uid, data) == 0
+    scu.release()
+    (stored,) = server.stored_files()
+    assert stored.stat().st_mode & 0o777 == 0o640
+    folders = [p for p in stored.relative_to(server.storage).parents if p != Path(".")]
+    assert folders and all((server.storage / p).stat().st_mode & 0o777 == 0o750 for p in folders)
+    assert (server.storage / ".incoming").stat().st_mode & 0o777 == 0o750
+    assert server.stop() == 0  # the next server uses the same index file
+
+    other = tmp_path / "other"
+    other.mkdir()
+    server = start_server(storage=other / "received",
+                          config=config(other, "storage:\n  file_mode: '0600'\n  dir_mode: 0700\n"))
+    scu = RawSCU(server.port, CTImageStorage, ExplicitVRLittleEndian)
+    assert scu.store(uid, data) == 0
+    scu.release()
+    (stored,) = server.stored_files()
+    assert stored.stat().st_mode & 0o777 == 0o600
+    assert stored.parent.stat().st_mode & 0o777 == 0o700

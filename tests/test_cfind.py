@@ -12,7 +12,7 @@ import pytest
 
 from fastscp.indexclient import QueryClient
 from fastscp.synthetic import write_series
-from tests.conftest import dcmtk
+from tests.conftest import dcmtk, wait_until
 
 pytestmark = pytest.mark.dcmtk
 
@@ -90,3 +90,209 @@ def test_find_while_stores_run(archive, tmp_path: Path) -> None:  # type: ignore
         output, _ = store.communicate(timeout=120)
     assert store.returncode == 0, output
     assert len(archive.stored_files()) == 35
+
+
+# -- per-study patient attributes, multi-valued attributes, relational queries (issue 17) --------------
+
+
+def _instance(folder: Path, patient_id: str | None, name: str, study_date: str, seed: int, **extra: object) -> str:
+    """One CT of a new study, made by pydicom; ``patient_id`` None: no Patient ID element."""
+    (path,) = write_series(str(folder), 1, rows=8, columns=8, patient_id=patient_id or "X", seed=seed)
+    ds = pydicom.dcmread(path)
+    if patient_id is None:
+        del ds.PatientID
+    else:
+        ds.PatientID = patient_id
+    ds.PatientName = name
+    ds.StudyDate = study_date
+    for keyword, value in extra.items():
+        setattr(ds, keyword, value)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+@pytest.fixture
+def patients(start_server, tmp_path: Path):  # type: ignore[no-untyped-def]
+    """P008 stored as Smith^Jane (2020) then Jones^Jane (2023); two patients without a Patient ID.
+
+    The 2020 study arrives last, so a newest-wins patient row says Smith.
+    """
+    server = start_server()
+    files = [
+        _instance(tmp_path / "jones", "P008", "Jones^Jane", "20230101", 1),
+        _instance(tmp_path / "absent", None, "Absent^Id", "20210101", 2),
+        _instance(tmp_path / "empty", "", "Empty^Id", "20220101", 3, ImageType=["ORIGINAL", "PRIMARY", "AXIAL"],
+                  WindowCenter=["40", "400"], WindowWidth=["350", "1500.5"]),
+        _instance(tmp_path / "smith", "P008", "Smith^Jane", "20200101", 4),
+    ]
+    for path in files:  # one association each: the arrival order is the list's
+        dcmtk("storescu", "-aec", server.ae_title, "-xe", "127.0.0.1", str(server.port), path)
+    wait_until(lambda: QueryClient(str(server.index)).stats().instances == 4,  # type: ignore[attr-defined]
+               what="the stores to be indexed")
+    return server
+
+
+def test_study_root_matches_and_returns_each_studys_own_patient_name(patients, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    for name in ("Smith^Jane", "Jones^Jane"):
+        found = findscu(patients, tmp_path, "-S", "QueryRetrieveLevel=STUDY", f"PatientName={name}", "PatientID",
+                        "StudyDate")
+        assert [(str(ds.PatientName), ds.PatientID) for ds in found] == [(name, "P008")]
+    found = findscu(patients, tmp_path, "-S", "QueryRetrieveLevel=STUDY", "PatientID=P008", "PatientName",
+                    "StudyDate")
+    assert sorted((ds.StudyDate, str(ds.PatientName)) for ds in found) == [
+        ("20200101", "Smith^Jane"), ("20230101", "Jones^Jane")]
+
+
+def test_patients_without_a_patient_id_are_never_merged(patients, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    found = findscu(patients, tmp_path, "-S", "QueryRetrieveLevel=STUDY", "PatientName=*Id", "PatientID", "StudyDate")
+    assert sorted((str(ds.PatientName), ds.PatientID) for ds in found) == [("Absent^Id", ""), ("Empty^Id", "")]
+    found = findscu(patients, tmp_path, "-P", "QueryRetrieveLevel=PATIENT", "PatientName", "PatientID",
+                    "NumberOfPatientRelatedStudies")
+    assert sorted((str(ds.PatientName), ds.PatientID, int(ds.NumberOfPatientRelatedStudies)) for ds in found) == [
+        ("Absent^Id", "", 1), ("Empty^Id", "", 1), ("Jones^Jane", "P008", 2)]
+
+
+def test_patient_root_keeps_every_name_matchable(patients, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    # One patient per Patient ID; each name it was stored under finds it, and
+    # the answer shows the name that matched (else the latest study's).
+    for name in ("Smith^Jane", "Jones^Jane", "smith*"):
+        found = findscu(patients, tmp_path, "-P", "QueryRetrieveLevel=PATIENT", f"PatientName={name}", "PatientID",
+                        "NumberOfPatientRelatedStudies")
+        assert [(ds.PatientID, int(ds.NumberOfPatientRelatedStudies)) for ds in found] == [("P008", 2)], name
+        assert str(found[0].PatientName).lower().startswith(name.rstrip("*").lower()[:5])
+    (p008,) = findscu(patients, tmp_path, "-P", "QueryRetrieveLevel=PATIENT", "PatientID=P008", "PatientName")
+    assert str(p008.PatientName) == "Jones^Jane"  # the latest study (by Study Date), though it arrived first
+    studies = findscu(patients, tmp_path, "-P", "QueryRetrieveLevel=STUDY", "PatientID=P008", "PatientName",
+                      "StudyDate")
+    assert sorted((ds.StudyDate, str(ds.PatientName)) for ds in studies) == [
+        ("20200101", "Smith^Jane"), ("20230101", "Jones^Jane")]
+
+
+def test_multi_valued_attributes_come_back_with_every_value(patients, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    (study,) = findscu(patients, tmp_path, "-S", "QueryRetrieveLevel=STUDY", "StudyDate=20220101",
+                       "StudyInstanceUID")
+    (series,) = findscu(patients, tmp_path, "-S", "QueryRetrieveLevel=SERIES",
+                        f"StudyInstanceUID={study.StudyInstanceUID}", "SeriesInstanceUID")
+    keys = ("-S", "QueryRetrieveLevel=IMAGE", f"StudyInstanceUID={study.StudyInstanceUID}",
+            f"SeriesInstanceUID={series.SeriesInstanceUID}")
+    (image,) = findscu(patients, tmp_path, *keys, "WindowCenter", "WindowWidth", "ImageType", "SOPInstanceUID")
+    assert image["WindowCenter"].VM == 2 and [str(v) for v in image.WindowCenter] == ["40", "400"]
+    assert [float(v) for v in image.WindowWidth] == [350.0, 1500.5]
+    assert list(image.ImageType) == ["ORIGINAL", "PRIMARY", "AXIAL"]
+    # A single value matches a multi-valued attribute when any of its values does.
+    for key in ("WindowCenter=400", "WindowWidth=1500.5", "ImageType=AXIAL", "ImageType=PRIM*"):
+        assert len(findscu(patients, tmp_path, *keys, key)) == 1, key
+    for key in ("WindowCenter=41", "ImageType=DERIVED"):
+        assert findscu(patients, tmp_path, *keys, key) == [], key
+
+
+def _pynetdicom_find(server, level: str, relational: bool,  # type: ignore[no-untyped-def]
+                     **keys: str) -> tuple[list[pydicom.Dataset], set[int], bytes]:
+    """A Study Root C-FIND through pynetdicom: (matches, statuses, the relational-queries byte the SCP answered)."""
+    from pynetdicom import AE
+    from pynetdicom.pdu_primitives import SOPClassExtendedNegotiation
+
+    from fastscp.scu import associate
+
+    ae = AE(ae_title="FINDSCU")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 20
+    ae.add_requested_context(STUDY_ROOT_FIND)
+    extended = []
+    if relational:
+        item = SOPClassExtendedNegotiation()
+        item.sop_class_uid = STUDY_ROOT_FIND
+        item.service_class_application_information = b"\x01\x00"
+        extended.append(item)
+    assoc = associate(ae, "127.0.0.1", server.port, ae_title=server.ae_title, ext_neg=extended)
+    assert assoc.is_established
+    try:
+        answered = {str(i.sop_class_uid): bytes(i.service_class_application_information)
+                    for i in assoc.acceptor.user_information if isinstance(i, SOPClassExtendedNegotiation)}
+        query = pydicom.Dataset()
+        query.QueryRetrieveLevel = level
+        for keyword, value in keys.items():
+            setattr(query, keyword, value)
+        found, statuses = [], set()
+        for status, identifier in assoc.send_c_find(query, STUDY_ROOT_FIND):
+            statuses.add(int(status.Status))
+            if identifier is not None:
+                found.append(identifier)
+    finally:
+        assoc.release()
+    return found, statuses, answered.get(STUDY_ROOT_FIND, b"")
+
+
+STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
+
+
+def test_relational_queries_when_negotiated(patients) -> None:  # type: ignore[no-untyped-def]
+    # Without the negotiation a SERIES query needs the Study Instance UID (hierarchical: 0xA900).
+    found, statuses, answered = _pynetdicom_find(patients, "SERIES", False, PatientName="Smith^Jane",
+                                                 SeriesInstanceUID="", Modality="")
+    assert (found, statuses, answered) == ([], {0xA900}, b"")
+    found, statuses, answered = _pynetdicom_find(patients, "SERIES", True, PatientName="Smith^Jane",
+                                                 SeriesInstanceUID="", Modality="")
+    assert answered == b"\x01\x00"
+    assert statuses == {0xFF00, 0x0000} and [(ds.Modality, str(ds.PatientName)) for ds in found] == [
+        ("CT", "Smith^Jane")]
+    # An IMAGE query with only the Study Instance UID (and a key of the level above the series).
+    (study,) = _pynetdicom_find(patients, "STUDY", False, StudyDate="20220101", StudyInstanceUID="")[0]
+    found, statuses, _ = _pynetdicom_find(patients, "IMAGE", True, StudyInstanceUID=study.StudyInstanceUID,
+                                          SOPInstanceUID="", WindowCenter="")
+    assert statuses == {0xFF00, 0x0000} and [list(map(str, ds.WindowCenter)) for ds in found] == [["40", "400"]]
+
+
+def test_query_and_stats_use_the_same_per_study_semantics(patients, capsys) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from fastscp import cli_index
+
+    def query(*argv: str) -> list[dict[str, object]]:
+        assert cli_index.main(["query", *argv, "--index-db", str(patients.index), "--json"]) == 0
+        return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+
+    assert [row["StudyDate"] for row in query("studies", "--patient-name", "Smith^Jane")] == ["20200101"]
+    assert sorted((row["PatientName"], row["StudyDate"]) for row in query("studies", "--patient-id", "P008")) == [
+        ("Jones^Jane", "20230101"), ("Smith^Jane", "20200101")]
+    assert sorted((row["PatientName"], row["NumberOfPatientRelatedStudies"]) for row in query("patients")) == [
+        ("Absent^Id", 1), ("Empty^Id", 1), ("Jones^Jane", 2)]
+    assert [row["PatientName"] for row in query("patients", "--patient-name", "smith*")] == ["Smith^Jane"]
+    assert cli_index.main(["stats", "--index-db", str(patients.index), "--json"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert (stats["patients"], stats["studies"], stats["instances"]) == (3, 4, 4)
+
+
+def test_sql_is_read_only_with_every_output_format(patients, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    import csv
+    import io
+    import json
+
+    import pyarrow.parquet as pq
+
+    from fastscp import cli_index
+
+    def sql(statement: str, *options: str) -> tuple[int, str, str]:
+        status = cli_index.main(["sql", statement, "--index-db", str(patients.index), *options])
+        captured = capsys.readouterr()
+        return status, captured.out, captured.err
+
+    names = "SELECT patient_name, study_date FROM studies WHERE patient_id = 'P008' ORDER BY study_date"
+    for running in (True, False):  # through the server's indexer, then on the stopped server's file
+        status, out, _ = sql(names, "--format", "csv")
+        assert status == 0 and list(csv.reader(io.StringIO(out))) == [
+            ["patient_name", "study_date"], ["Smith^Jane", "20200101"], ["Jones^Jane", "20230101"]], running
+        status, out, _ = sql("SELECT count(*) AS n, max(window_center_values) AS wc FROM instances", "--format", "json")
+        assert status == 0 and json.loads(out) == {"n": 4, "wc": "40\\400"}
+        status, out, _ = sql("SELECT patient_name FROM patients ORDER BY 1")
+        assert status == 0 and out.split() == ["patient_name", "Absent^Id", "Empty^Id", "Jones^Jane"]
+        target = tmp_path / f"rows-{running}.parquet"
+        assert sql(names, "--format", "parquet", "--output", str(target))[0] == 0
+        assert pq.read_table(target).to_pydict() == {"patient_name": ["Smith^Jane", "Jones^Jane"],
+                                                     "study_date": ["20200101", "20230101"]}
+        for statement in ("DELETE FROM instances", "SELECT 1; DROP TABLE studies",
+                          "COPY instances TO '/tmp/x.csv'", "ATTACH 'x.db'", "not sql"):
+            status, out, err = sql(statement)
+            assert status == 2 and out == "" and "fastscp sql:" in err, statement
+        assert sql("SELECT count(*) FROM studies", "--format", "csv")[1].split() == ["count_star()", "4"]
+        if running:
+            assert patients.stop() == 0

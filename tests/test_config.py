@@ -72,6 +72,9 @@ def test_command_line_overrides_the_file(tmp_path: Path) -> None:
         ("accepted_sop_classes: [CT, XYZ]\n", "accepted_sop_classes: unknown SOP class or modality 'XYZ'"),
         ("accepted_sop_classes: CT\n", "accepted_sop_classes: Expected `array`, got `str`"),
         ("- just\n- a list\n", "the top level must be a mapping"),
+        ("storage:\n  file_mode: 640\n", "storage.file_mode: Expected `str`"),
+        ("storage:\n  dir_mode: rwx\n", "storage.dir_mode: Expected `str` matching"),
+        ("storage:\n  file_mode: '0440'\n", "storage.file_mode: '0440' leaves the owner"),
         ("server: [1\n", "not valid YAML"),
     ],
 )
@@ -124,6 +127,12 @@ def test_accept_entries_resolve() -> None:
     assert ct in resolve_sop_classes(["CT"])
     assert resolve_sop_classes(["CT Image Storage"]) == (ct,)
     assert resolve_sop_classes(["CTImageStorage"]) == (ct,)
+    # Short forms of the standard's names, as other products' configs write them.
+    assert resolve_sop_classes(["US Image Storage"]) == ("1.2.840.10008.5.1.4.1.1.6.1",)
+    assert resolve_sop_classes(["US Multi-frame Image Storage"]) == ("1.2.840.10008.5.1.4.1.1.3.1",)
+    assert resolve_sop_classes(["NM Image Storage", "PET Image Storage", "SC Image Storage"]) == (
+        "1.2.840.10008.5.1.4.1.1.20", "1.2.840.10008.5.1.4.1.1.128", "1.2.840.10008.5.1.4.1.1.7")
+    assert resolve_sop_classes(["DX Image Storage"]) == ("1.2.840.10008.5.1.4.1.1.1.1", "1.2.840.10008.5.1.4.1.1.1.1.1")
     assert resolve_sop_classes([ct, "1.2.3.4"]) == (ct, "1.2.3.4")
     for modality in ("CT", "MR", "US", "CR", "DX", "MG", "NM", "PT", "XA", "RF", "SC", "SR", "RT"):
         assert MODALITY_SOP_CLASSES[modality], modality

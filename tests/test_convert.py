@@ -258,7 +258,8 @@ def test_converted_object_is_accepted_over_the_network(start_server, tmp_path: P
     path = tmp_path / "sc.dcm"
     uid = convert.jpg_to_dcm(jpeg, path, patient_name="Net^Work", patient_id="NET1")
     server = start_server()
-    assert scu.send("127.0.0.1", server.port, [str(path)], aec=server.ae_title, out=io.StringIO()) == (1, 0)
+    summary = scu.send("127.0.0.1", server.port, [str(path)], aec=server.ae_title, out=io.StringIO())
+    assert (summary.stored, summary.failed, summary.refused) == (1, 0, 0)
     stored = server.stored_files()
     assert len(stored) == 1 and stored[0].name == f"{uid}.dcm"
     ds = read_strict(stored[0])

@@ -81,7 +81,10 @@ KEYWORDS = {
     "rescale_slope": "RescaleSlope",
     "rescale_intercept": "RescaleIntercept",
     "photometric_interpretation": "PhotometricInterpretation",
+    "image_type": "ImageType",
 }
+#: Fields that hold every value of a multi-valued number, and their number field.
+ALL_VALUES_OF = {values: name for name, values in _header_py.ALL_VALUES.items()}
 KIND = {name: kind for _tag, name, kind in _header_py.FIELDS}
 PIXEL_DATA_TAG = {False: b"\xe0\x7f\x10\x00", True: b"\x7f\xe0\x00\x10"}  # LE, BE
 
@@ -142,6 +145,8 @@ def pydicom_fields(ds: pydicom.Dataset) -> dict[str, object]:
                 value = "\\".join(str(v) for v in value)
             expected[name] = str(value)
             continue
+        if name in _header_py.ALL_VALUES and isinstance(value, MultiValue | list) and len(value) > 1:
+            expected[_header_py.ALL_VALUES[name]] = "\\".join(str(v).strip() for v in value)
         value = _first(value)
         if value is None or value == "":
             expected[name] = None
@@ -165,8 +170,9 @@ def pydicom_fields(ds: pydicom.Dataset) -> dict[str, object]:
 def assert_matches_pydicom(fields: HeaderFields, ds: pydicom.Dataset) -> None:
     expected = pydicom_fields(ds)
     defaults = HeaderFields()
-    got = {name: getattr(fields, name) for name in KEYWORDS}
-    want = {name: expected.get(name, getattr(defaults, name)) for name in KEYWORDS}
+    names = [*KEYWORDS, *ALL_VALUES_OF]
+    got = {name: getattr(fields, name) for name in names}
+    want = {name: expected.get(name, getattr(defaults, name)) for name in names}
     assert got == want
 
 
@@ -192,7 +198,7 @@ def test_fields_table_matches_the_dicom_dictionary() -> None:
     for tag, name, _kind in _header_py.FIELDS:
         assert tag == tag_for_keyword(KEYWORDS[name]), name
     assert _header_py.FIELDS[0][1] == "specific_character_set"
-    assert set(HeaderFields.__struct_fields__) == set(KEYWORDS) | {"pixel_data_offset"}
+    assert set(HeaderFields.__struct_fields__) == set(KEYWORDS) | {"pixel_data_offset"} | set(ALL_VALUES_OF)
 
 
 def test_backend_switch() -> None:
@@ -324,6 +330,7 @@ def small_dataset(enc: Encoder, pixel_data: bool = True) -> bytes:
     look_alike = PIXEL_DATA_TAG[enc.big] + b"\xfe\xff\x0d\xe0\xff\xff\xff\xff"
     parts = [
         enc.element(0x00080005, "CS", pad("ISO_IR 100")),
+        enc.element(0x00080008, "CS", pad("ORIGINAL\\PRIMARY")),
         enc.element(0x00080016, "UI", pad("1.2.840.10008.5.1.4.1.1.4", "UI")),
         enc.element(0x00080018, "UI", pad("1.2.826.0.1.3680043.2.1125.1.42", "UI")),
         enc.element(0x00080060, "CS", pad("MR")),
@@ -367,7 +374,9 @@ SMALL_EXPECTED = {
     "bits_allocated": 16,
     "pixel_representation": 1,
     "window_center": 40.0,
+    "window_center_values": "40\\400",
     "window_width": 400.5,
+    "image_type": "ORIGINAL\\PRIMARY",
     "rescale_slope": 1.0,
 }
 

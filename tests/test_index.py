@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import duckdb
@@ -73,7 +74,7 @@ def rows(index: Index, sql: str, params: list[object] | None = None) -> list[tup
 
 
 def test_every_header_field_has_a_column() -> None:
-    placed = {name for table in ("patients", "studies", "series", "instances") for name in TABLES[table]}
+    placed = {name for table in ("studies", "series", "instances") for name in TABLES[table]}
     assert set(HeaderFields.__struct_fields__) <= placed, "a new HeaderFields field needs a column and a migration"
     assert set(TABLES["duplicate_conflicts"]) == set(DuplicateConflict.__struct_fields__)
 
@@ -111,7 +112,7 @@ def test_batch_fills_patients_studies_series_and_instances(storage: Path, tmp_pa
     assert rows(index, "SELECT patient_name FROM patients WHERE patient_id = 'X1EXAMPLE'") == [
         ("Wang^XiaoDong=王^小東",)]
     counts = dict(rows(index, "SELECT p.patient_id, c.number_of_patient_related_instances FROM patient_counts c "
-                              "JOIN patients p USING (patient_id)"))
+                              "JOIN patients p USING (patient_key)"))
     assert counts["SYNA"] == 4 and counts["SYNB"] == 3 and counts["1CT1"] == 1
     (study,) = rows(index, "SELECT number_of_study_related_series, number_of_study_related_instances, study_size "
                            "FROM study_counts JOIN studies USING (study_instance_uid) WHERE patient_id = 'SYNA'")
@@ -265,13 +266,20 @@ def make_v1_index(path: str, records: list[InstanceRecord]) -> None:
     con.close()
 
 
-def test_migration_from_v1(storage: Path, tmp_path: Path) -> None:
+def migrated(storage: Path, tmp_path: Path, make: Callable[[str, list[InstanceRecord]], None]
+             ) -> tuple[Index, list[InstanceRecord]]:
+    """An old index made by ``make`` from the storage's records, opened (so migrated)."""
     path = str(tmp_path / "index.duckdb")
     records = records_of(storage)
-    make_v1_index(path, records)
+    make(path, records)
     index = Index(path)
     assert index.version == SCHEMA_VERSION
     assert index.count() == len(records)
+    return index, records
+
+
+def test_migration_from_v1(storage: Path, tmp_path: Path) -> None:
+    index, records = migrated(storage, tmp_path, make_v1_index)
     assert rows(index, "SELECT max(version) FROM schema_version") == [(SCHEMA_VERSION,)]
     assert rows(index, "SELECT count(*) FROM information_schema.tables WHERE table_name = 'instances_v1'") == [(0,)]
     by_path = {r.path: r for r in records}
@@ -280,6 +288,92 @@ def test_migration_from_v1(storage: Path, tmp_path: Path) -> None:
     assert rows(index, "SELECT count(*) FROM studies") == [(len({r.header.study_instance_uid for r in records}),)]
     (syna,) = [r for r in records if r.path == "SYNA/CT00001.dcm"]
     assert index.study_instances(syna.header.study_instance_uid)[0][1] == syna.header
+    index.close()
+
+
+#: Columns that schema version 3 added (the studies' patient attributes; header fields).
+_V3_COLUMNS = {"studies": ("patient_name", "patient_birth_date", "patient_sex"),
+               "instances": ("image_type", "window_center_values", "window_width_values")}
+#: Columns that schema version 4 added (the command's SOP Instance UID).
+_V4_COLUMNS = ("affected_sop_instance_uid",)
+
+
+def make_v2_index(path: str, records: list[InstanceRecord]) -> None:
+    """An index file as schema version 2 had it: one ``patients`` row per Patient ID (the last stored wins)."""
+    Index(path).add(records)
+    con = duckdb.connect(path)
+    con.execute("DROP VIEW patient_counts")
+    con.execute("DROP VIEW patients")
+    for table, added in _V3_COLUMNS.items():
+        kept = {name: sql for name, sql in TABLES[table].items() if name not in (*added, *_V4_COLUMNS)}
+        key = "study_instance_uid" if table == "studies" else "path"
+        columns = ", ".join(f'"{name}" {sql}{" PRIMARY KEY" if name == key else ""}' for name, sql in kept.items())
+        con.execute(f"CREATE TABLE {table}_v2 ({columns})")
+        con.execute(f"INSERT INTO {table}_v2 SELECT {', '.join(f'{chr(34)}{n}{chr(34)}' for n in kept)} FROM {table}")
+        con.execute(f"DROP TABLE {table}")
+        con.execute(f"ALTER TABLE {table}_v2 RENAME TO {table}")
+    con.execute("CREATE TABLE patients (patient_id VARCHAR PRIMARY KEY, patient_name VARCHAR, "
+                "patient_birth_date VARCHAR, patient_sex VARCHAR)")
+    for r in records:
+        h = r.header
+        con.execute("INSERT INTO patients VALUES (?, ?, ?, ?) ON CONFLICT DO UPDATE SET patient_name = "
+                    "excluded.patient_name", [h.patient_id, h.patient_name, h.patient_birth_date, h.patient_sex])
+    con.execute("CREATE VIEW patient_counts AS SELECT st.patient_id, count(*) AS number_of_patient_related_instances "
+                "FROM instances i JOIN studies st ON st.study_instance_uid = i.study_instance_uid GROUP BY 1")
+    con.execute("UPDATE schema_version SET version = 2")
+    con.close()
+
+
+def test_migration_from_v2(storage: Path, tmp_path: Path) -> None:
+    index, records = migrated(storage, tmp_path, make_v2_index)
+    # Each study got its patient's v2 row; the new columns exist and are written from now on.
+    assert rows(index, "SELECT DISTINCT patient_name FROM studies WHERE patient_id = 'SYNB'") == [
+        ("Synthetic^Patient",)]
+    assert rows(index, "SELECT count(*) FROM information_schema.tables WHERE table_name = 'patients' "
+                       "AND table_type = 'VIEW'") == [(1,)]
+    (syna,) = [r for r in records if r.path == "SYNA/CT00001.dcm"]
+    again = msgspec.structs.replace(syna, header=msgspec.structs.replace(
+        syna.header, patient_name="Renamed^Patient", image_type="ORIGINAL\\PRIMARY"))
+    assert index.add([again]) == 1  # a resend: replaces its row, upserts its study
+    assert rows(index, "SELECT patient_name FROM studies WHERE study_instance_uid = ?",
+                [syna.header.study_instance_uid]) == [("Renamed^Patient",)]
+    assert rows(index, "SELECT image_type FROM instances WHERE path = ?", [syna.path]) == [("ORIGINAL\\PRIMARY",)]
+    assert rows(index, "SELECT number_of_patient_related_instances FROM patient_counts WHERE patient_key = 'SYNA'"
+                ) == [(4,)]
+    index.close()
+
+
+def make_v3_index(path: str, records: list[InstanceRecord]) -> None:
+    """An index file as schema version 3 had it: instances without the command's UID."""
+    Index(path).add(records)
+    con = duckdb.connect(path)
+    kept = [name for name in TABLES["instances"] if name not in _V4_COLUMNS]
+    columns = ", ".join(f'"{name}" {TABLES["instances"][name]}{" PRIMARY KEY" if name == "path" else ""}'
+                        for name in kept)
+    con.execute(f"CREATE TABLE instances_v3 ({columns})")
+    con.execute(f"INSERT INTO instances_v3 SELECT {', '.join(f'{chr(34)}{n}{chr(34)}' for n in kept)} FROM instances")
+    con.execute("DROP TABLE instances")
+    con.execute("ALTER TABLE instances_v3 RENAME TO instances")
+    con.execute("UPDATE schema_version SET version = 3")
+    con.close()
+
+
+def test_migration_from_v3_and_an_instance_found_by_either_uid(storage: Path, tmp_path: Path) -> None:
+    index, records = migrated(storage, tmp_path, make_v3_index)
+    assert rows(index, "SELECT max(version) FROM schema_version") == [(SCHEMA_VERSION,)] == [(4,)]
+    assert rows(index, "SELECT DISTINCT affected_sop_instance_uid FROM instances") == [("",)]
+    # The sender's command named the first instance by another UID than its data set's.
+    first = msgspec.structs.replace(records[0], affected_sop_instance_uid="1.2.826.0.1.3680043.8.498.999")
+    index.add([first])
+    assert index.count() == len(records)
+
+    def found(uid: str) -> list[list[object]]:
+        request = QueryRequest(level="IMAGE", keys=["Path"], conditions=[QueryCondition("SOPInstanceUID", uid)])
+        return list(run_query(index.cursor(), request))
+
+    assert found(first.header.sop_instance_uid) == [[first.path]]
+    assert found("1.2.826.0.1.3680043.8.498.999") == [[first.path]]
+    assert found(records[1].header.sop_instance_uid) == [[records[1].path]]
     index.close()
 
 
@@ -367,6 +461,16 @@ def test_reindex_builds_the_index_from_files_and_keeps_conflicts(storage: Path, 
     assert rows(index, "SELECT policy FROM duplicate_conflicts") == [("reject",)]
     index.close()
     assert not os.path.exists(path + ".reindex")
+
+
+@pytest.mark.parametrize("make", [make_v1_index, make_v2_index], ids=["v1", "v2"])
+def test_reindex_replaces_an_index_of_an_older_schema(storage: Path, tmp_path: Path, make) -> None:  # type: ignore[no-untyped-def]
+    path = str(tmp_path / "index.duckdb")
+    make(path, records_of(storage))
+    result = reindex(str(storage), path, progress=io.StringIO())
+    index = Index(path, read_only=True)
+    assert index.version == SCHEMA_VERSION and index.count() == result.indexed == result.files
+    index.close()
 
 
 def test_progress_line_shows_count_rate_and_eta() -> None:
@@ -521,3 +625,32 @@ def test_indexer_state_is_cheap_to_ask(tmp_path: Path) -> None:
         assert state.pid == os.getpid() and state.pending == 0 and state.reconcile == "off"
     finally:
         running.stop()
+
+
+def test_uid_index_knows_received_and_committed_uids(storage: Path, tmp_path: Path) -> None:
+    from fastscp.batchtable import InstanceBatch
+    from fastscp.indexer import UidIndex
+    from fastscp.records import InstanceColumns
+
+    records = records_of(storage)
+    first = msgspec.structs.replace(records[0], affected_sop_instance_uid="1.2.826.0.1.3680043.8.498.777")
+    index = Index(str(tmp_path / "index.duckdb"))
+    index.add([first])
+    uids = UidIndex()
+    assert uids.lookup(["1.2.3"]) == ([], True), "not loaded yet: DuckDB must be asked"
+    cursor = index.cursor()
+    uids.load(cursor)
+    cursor.close()
+    assert uids.lookup(["1.2.3"]) == ([], False)
+    for uid in (first.header.sop_instance_uid, first.affected_sop_instance_uid):
+        assert uids.lookup([uid]) == ([], True)
+        assert Index.paths_of(index.cursor(), [uid]) == [first.path]
+    # Received, not committed: known exactly, with its path.
+    second = records[1]
+    uids.received(InstanceColumns.of([second]))
+    assert uids.lookup([second.header.sop_instance_uid]) == ([second.path], False)
+    index.add([second])
+    uids.committed(InstanceBatch.of([second]).table())
+    assert uids.lookup([second.header.sop_instance_uid]) == ([], True)
+    assert Index.paths_of(index.cursor(), [second.header.sop_instance_uid]) == [second.path]
+    index.close()

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from fastscp import cli_index
-from fastscp.index import Index
+from fastscp.index import SCHEMA_VERSION, Index
 from fastscp.indexclient import QueryClient
 from fastscp.query import LocalQueryClient, QueryRequest, StatsRequest
 from fastscp.synthetic import write_series
@@ -225,11 +225,11 @@ def test_a_v1_index_is_migrated_when_the_server_starts(start_server, small_serie
     record = read_record(str(storage), FileState("KILL1/a.dcm", info.st_size, info.st_mtime_ns))
     make_v1_index(str(tmp_path / "index.duckdb"), [record])  # where conftest's Server puts it
     server = start_server(workers=1, storage=storage)
-    server.wait_for_log("migrated from schema version 1 to 2")
+    server.wait_for_log(f"migrated from schema version 1 to {SCHEMA_VERSION}")
     with QueryClient(str(server.index)).query(QueryRequest(level="STUDY", keys=["PatientID", "StudyInstanceUID"],
                                                            )) as result:
         assert list(result) == [["KILL1", record.header.study_instance_uid]]
     assert server.stop() == 0
     index = Index(str(server.index), read_only=True)
-    assert index.version == 2 and index.count() == 1
+    assert index.version == SCHEMA_VERSION and index.count() == 1
     index.close()

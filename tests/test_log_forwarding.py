@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 import sys
@@ -75,3 +76,33 @@ def test_a_huge_message_and_traceback_arrive_cut_not_lost(pair, collected) -> No
     (got,) = collected
     assert got.getMessage() == "y" * logs.MAX_FIELD_CHARS
     assert len(got.exc_text) == logs.MAX_FIELD_CHARS and got.exc_text.endswith("x" * 100)
+
+
+@pytest.mark.parametrize("fmt", ["plain", "json"])
+def test_a_peer_value_in_a_forwarded_traceback_cannot_forge_a_line(pair, fmt: str, capsys) -> None:  # type: ignore[no-untyped-def]
+    """An exception message may quote a peer (an AE title, a UID): its CR/LF stay inside the record."""
+    child, parent = pair
+    logs.configure(fmt=fmt)
+    try:
+        logs.forward_to(child)
+        try:
+            raise ValueError("bad AE title 'EVIL\r\n2026-12-01 00:00:00,000 INFO [MainProcess] forged'")
+        except ValueError:
+            logging.getLogger("fastscp.association").exception("association from %s failed", "X\nFORGED")
+        logs.flush()
+        logs.configure(fmt=fmt)
+        logs.receive(parent)
+    finally:
+        logs.configure()
+    lines = capsys.readouterr().err.splitlines()
+    if fmt == "json":
+        # One line: the traceback's line breaks are inside a JSON string.
+        (entry,) = [json.loads(line) for line in lines]
+        assert entry["message"] == "association from X\\x0aFORGED failed"
+        assert entry["exception"].endswith("'EVIL\\x0d\n2026-12-01 00:00:00,000 INFO [MainProcess] forged'")
+    else:
+        # The traceback's lines, the peer's among them, are indented: none passes for a record.
+        assert lines[0].endswith("association from X\\x0aFORGED failed")
+        assert all(line.startswith("    ") for line in lines[1:]) and len(lines) > 3
+        assert lines[-2:] == ["    ValueError: bad AE title 'EVIL\\x0d",
+                              "    2026-12-01 00:00:00,000 INFO [MainProcess] forged'"]

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 import re
+import select
 import shutil
+import socket
+import time
 import urllib.request
 from pathlib import Path
 
@@ -115,3 +118,110 @@ def test_failures_duplicates_and_rejections_of_a_real_server_reach_the_status(st
     (recent,) = [a for a in snapshot["recent"] if a["calling_ae_title"] == "WARD_7" and a["instances"]]
     assert (recent["instances"], recent["failures"], recent["duplicates"]) == (2, 1, 1)
     assert len(server.stored_files()) == 1
+
+
+def test_committed_counts_instances_not_records(start_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from fastscp.indexclient import QueryClient
+    from fastscp.query import QueryRequest
+
+    # Thumbnails on (the default): each instance also sends a thumbnail record to the indexer.
+    server = start_server(monitor="127.0.0.1:0")
+    (url,) = re.findall(r"status page (http://[^\s;]+)", server.log_text())
+    count = 12
+    series = write_series(str(tmp_path / "ct"), count, rows=32, columns=32)
+    dcmtk("storescu", "-aec", server.ae_title, "-xe", "127.0.0.1", str(server.port), *series)
+    queries = QueryClient(str(server.index))
+
+    def thumbnails_indexed() -> bool:
+        with queries.query(QueryRequest(level="IMAGE", keys=["ThumbnailPath"])) as result:
+            paths = [row[0] for row in result]
+        return len(paths) == count and all(paths)
+
+    wait_until(thumbnails_indexed, timeout=60, what="every instance and its thumbnail in the index")
+    wait_until(lambda: queries.state().pending == 0, what="nothing left to commit")
+    state = queries.state()
+    # The supervisor asks the indexer every INDEX_POLL seconds: wait until the page shows its answer.
+    wait_until(lambda: status(url)["index"]["committed"] == state.committed, what="the status page to catch up")
+    assert status(url)["index"]["committed"] == count, f"{count} instances stored"
+    assert state.committed == count
+
+
+def _connect(port: int, request: bytes) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(request)
+    return sock
+
+
+def _read_response(sock: socket.socket) -> bytes:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536) or b"EOF"
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(re.search(rb"Content-Length: (\d+)", head)[1])  # type: ignore[index]
+    while len(body) < length:
+        body += sock.recv(65536)
+    return head
+
+
+def _idle_keep_alive(port: int, socks: list[socket.socket]) -> None:
+    """A keep-alive connection (in ``socks``) that asked once and stays idle."""
+    socks.append(_connect(port, b"GET /healthz HTTP/1.1\r\nHost: flood\r\n\r\n"))
+    assert _read_response(socks[-1]).startswith(b"HTTP/1.1 200 ")
+
+
+@pytest.mark.parametrize("flood", ["slow-header", "idle-keep-alive"])
+def test_healthz_answers_under_connection_floods(start_server, flood: str) -> None:  # type: ignore[no-untyped-def]
+    """Issue 11.7: 70 slow-header or 66 idle keep-alive connections made /healthz answer 503."""
+    server = start_server(monitor="127.0.0.1:0")
+    (url,) = re.findall(r"status page (http://[^\s;]+)", server.log_text())
+    port = int(url.rsplit(":", 1)[1])
+    wait_until(lambda: get(url + "/healthz")[0] == 200, what="the first status snapshot")
+    socks: list[socket.socket] = []
+    try:
+        if flood == "slow-header":
+            # Request heads that never end, more than the monitor's connection cap.
+            socks += [_connect(port, b"GET /healthz HTTP/1.1\r\nHost: flood\r\n") for _ in range(70)]
+            evicted = "connection without a whole request head"
+        else:
+            for _ in range(66):
+                _idle_keep_alive(port, socks)
+            evicted = "idle keep-alive connection"
+        assert get(url + "/healthz") == (200, "ok\n")
+        # The other kind on top; every closed one is logged (rate-limited).
+        if flood == "slow-header":
+            for _ in range(66):
+                _idle_keep_alive(port, socks)
+        else:
+            socks += [_connect(port, b"GET / HTTP/1.1\r\nHost: flood\r\n") for _ in range(70)]
+        assert get(url + "/healthz") == (200, "ok\n")
+        server.wait_for_log(f"connection from 127.0.0.1 closed: {evicted}, closed for a new one at the cap of 64")
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def test_trickled_keep_alive_request_head_is_cut_at_its_deadline(start_server) -> None:  # type: ignore[no-untyped-def]
+    """A keep-alive connection's next head had the 30 s idle time to trickle in; now 10 s (REQUEST_TIMEOUT)."""
+    server = start_server(monitor="127.0.0.1:0")
+    (url,) = re.findall(r"status page (http://[^\s;]+)", server.log_text())
+    wait_until(lambda: get(url + "/healthz")[0] == 200, what="the first status snapshot")
+    socks: list[socket.socket] = []
+    try:
+        _idle_keep_alive(int(url.rsplit(":", 1)[1]), socks)
+        (sock,) = socks
+        sock.sendall(b"GET /healthz HTTP/1.1\r\n")
+        started = time.monotonic()
+        closed = False
+        while not closed and time.monotonic() - started < 20:
+            try:
+                sock.sendall(b"X-Trickle: 1\r\n")
+                readable, _, _ = select.select([sock], [], [], 1.0)
+                closed = bool(readable) and sock.recv(1) == b""
+            except (BrokenPipeError, ConnectionResetError):
+                closed = True
+        assert closed, "a trickling request head kept its connection for 20 s"
+        assert 9 < time.monotonic() - started < 15
+        server.wait_for_log("connection from 127.0.0.1 closed: no whole request head within 10 s")
+    finally:
+        for sock in socks:
+            sock.close()

@@ -58,7 +58,8 @@ def test_deflate_pdf_sr_rt_and_waveform_are_stored_byte_exact(start_server, tmp_
     wanted = {"test-SR.dcm", "rtplan.dcm", "rtdose.dcm", "waveform_ecg.dcm", "reportsi.dcm"}
     files += [Path(f.path) for f in corpus.corpus_files() if f.name in wanted]
     assert len(files) == 2 + len(wanted)
-    assert send("127.0.0.1", server.port, [str(f) for f in files], aec=server.ae_title) == (len(files), 0)
+    sent = send("127.0.0.1", server.port, [str(f) for f in files], aec=server.ae_title)
+    assert (sent.stored, sent.failed, sent.refused) == (len(files), 0, 0), sent.error
     for source in files:
         meta = pydicom.filereader.read_file_meta_info(source)
         stored = server.storage / f"{meta.MediaStorageSOPInstanceUID}.dcm"
@@ -97,7 +98,7 @@ def test_a_header_longer_than_the_in_memory_prefix_is_read_back(start_server, tm
     ds.PixelData = os.urandom(16 * 16 * 2)
     source = tmp_path / "long-header.dcm"
     ds.save_as(source, enforce_file_format=True)
-    assert send("127.0.0.1", server.port, [str(source)], aec=server.ae_title) == (1, 0)
+    assert send("127.0.0.1", server.port, [str(source)], aec=server.ae_title).stored == 1
     (stored,) = server.stored_files()
     assert_same_dataset(source, stored)
     relative = stored.relative_to(server.storage).parts

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import duckdb
 import numpy as np
+import pydicom
 import pytest
 from PIL import Image
 
@@ -56,3 +57,30 @@ def test_thumbnails_and_scan_sheet_of_a_quiet_study(start_server, tmp_path: Path
     for path, thumbnail in rows:
         assert (server.storage / thumbnail).is_file()
         assert Path(thumbnail).with_suffix("") == Path("thumbnails", path).with_suffix("")
+
+
+def test_scansheet_command_while_the_server_runs(start_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from fastscp.indexclient import QueryClient
+    from tests.test_server import fastscp
+
+    config = tmp_path / "fastscp.yaml"
+    config.write_text("scansheet:\n  study_timeout: 3600\n")  # the server makes its sheet only when it stops
+    server = start_server(config=config)
+    series = write_series(str(tmp_path / "ct"), 3, rows=32, columns=32, patient_id="PS2")
+    dcmtk("storescu", "-aec", server.ae_title, "-xe", "127.0.0.1", str(server.port), *series)
+    study_uid = str(pydicom.dcmread(series[0], stop_before_pixels=True).StudyInstanceUID)
+    wait_until(lambda: QueryClient(str(server.index)).stats().instances == 3, what="the study in the index")
+
+    result = fastscp("scansheet", study_uid, "--storage-dir", str(server.storage), "--index-db", str(server.index))
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    study = server.stored_files()[0].parent.parent  # PatientID/StudyDate_StudyUID: where the server puts it
+    png = study / "scansheet.png"
+    assert png.exists() and "3 instances" in result.stdout
+    assert "PS2" in (study / "scansheet.html").read_text()
+    made_by_hand = os.stat(png).st_mtime_ns
+
+    assert server.stop() == 0
+    server.wait_for_log(f"scan sheet of study {study_uid} (3 instances)")
+    # The server's own sheet replaced it: one folder for both.
+    assert list(server.storage.rglob("scansheet.png")) == [png]
+    assert os.stat(png).st_mtime_ns != made_by_hand

@@ -186,9 +186,9 @@ def test_find_study_instances_and_cli(study_files: tuple[str, list[Path]], tmp_p
     cli_images.register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["scansheet", study_uid, "--storage-dir", str(root)])
     assert args.func(args) == 0
-    study = scansheet.summarise_study_files(paths)
-    expected = Path(scansheet.scansheet_dir(root, study))
-    assert expected == root / "scansheets" / "PID42" / f"20260102_{study_uid}"
+    # Where the server's post-store stage puts it: the study's folder of the (hierarchical) layout.
+    expected = root / "PID42" / f"20260102_{study_uid}"
+    assert not (root / "scansheets").exists()
     assert (expected / "scansheet.png").exists() and (expected / "scansheet.html").exists()
     assert "3 series, 16 instances" in capsys.readouterr().out
 
