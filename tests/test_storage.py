@@ -122,3 +122,23 @@ def test_prepare_removes_what_a_killed_process_left(storage: Storage) -> None:
     Path(storage.incoming_dir, "keep.txt").write_text("not ours")
     assert storage.prepare() == 2
     assert os.listdir(storage.incoming_dir) == ["keep.txt"]
+
+
+def test_a_commit_that_fails_leaves_no_temp_file(storage: Storage) -> None:
+    Path(storage.root, "p").write_text("a file where the folder should be")
+    incoming = receive(storage, b"data")
+    with pytest.raises(OSError):
+        incoming.commit("p/x.dcm")
+    assert leftovers(storage) == [] and Path(storage.root, "p").read_text().startswith("a file")
+
+
+def test_a_quarantine_that_fails_leaves_no_temp_file(storage: Storage) -> None:
+    os.rmdir(storage.quarantine_dir)
+    assert receive(storage, b"unparseable").quarantine("why") is None
+    assert leftovers(storage) == [] and not os.path.exists(storage.quarantine_dir)
+
+
+def test_prepare_makes_the_structured_report_root(tmp_path: Path) -> None:
+    storage = Storage(str(tmp_path / "root"), sr_root=str(tmp_path / "sr"))
+    storage.prepare()
+    assert (tmp_path / "sr").is_dir() and Path(storage.incoming_dir).is_dir() and Path(storage.quarantine_dir).is_dir()
