@@ -380,6 +380,8 @@ def main(argv: list[str] | None = None) -> int:
     mutate_.add_argument("--seed", type=int, default=18)
     mutate_.add_argument("--list", action="store_true", help="list the mutants, run nothing")
     mutate_.add_argument("--tests", nargs="+", help="run these tests instead of the module's mapped ones")
+    mutate_.add_argument("--report", help="report file name in build/mutation/ (default mutants.md with --all, "
+                         "else mutants-partial.md)")
     sub.add_parser("quick", help="the CI subset: quick faults, and a sample of mutants of layout and access")
     args = parser.parse_args(argv)
     if args.command == "faults":
@@ -403,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
             for mutant in mutants((ROOT / module).read_text()):
                 print(f"{module}:{mutant.line} #{mutant.index} {mutant.description}")
         return 0
-    run_mutants(chosen, args.max, args.seed, "mutants.md" if args.all else "mutants-partial.md")
+    run_mutants(chosen, args.max, args.seed, args.report or ("mutants.md" if args.all else "mutants-partial.md"))
     return 0
 
 
