@@ -7,10 +7,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+import msgspec
 import pytest
 import yaml
 
-from fastscp.config import Config, ConfigError, layout_options, load_config, to_builtins
+from fastscp.config import (
+    Config,
+    ConfigError,
+    config_changes,
+    layout_options,
+    load_config,
+    to_builtins,
+    with_live_keys,
+)
 from fastscp.layout import Accounts, LayoutOptions, PatientFolders
 from fastscp.sopclasses import MODALITY_SOP_CLASSES, STORAGE_SOP_CLASSES, resolve_sop_classes
 
@@ -160,3 +169,43 @@ def test_derived_values(tmp_path: Path) -> None:
     assert layout_options(load_config(str(site))) == LayoutOptions(
         naming="accounts", template=Config().storage.template, patient_folders=PatientFolders(top="patient_name"),
         accounts=Accounts(physicians={"cardio": ("SMITH^JOHN",)}, guest="Gast"))
+
+
+def test_reload_splits_live_keys_from_restart_keys() -> None:
+    running = Config()
+    new = load_config(None, {"server.dimse_timeout": 7, "server.port": 4242, "accepted_sop_classes": ["CT"]})
+    new = msgspec.structs.replace(new, access=msgspec.structs.replace(new.access, allowed_calling_aets=["A"]))
+    live, restart = config_changes(running, new)
+    assert live == ["accepted_sop_classes", "access.allowed_calling_aets", "server.dimse_timeout"]
+    assert restart == ["server.port"]
+    assert config_changes(running, Config()) == ([], [])
+    applied = with_live_keys(running, new)
+    assert (applied.server.dimse_timeout, applied.accepted_sop_classes) == (7, ["CT"])
+    assert applied.access.allowed_calling_aets == ["A"]
+    assert applied.server.port == running.server.port  # needs a restart: not taken
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("storage:\n  file_mode: 0600\n  dir_mode: 0700\n", ("0600", "0700")),  # YAML reads 0600 as a number
+    ("storage:\n  file_mode: '0644'\n", ("0644", "0750")),
+])
+def test_modes_in_octal(tmp_path: Path, text: str, expected: tuple[str, str]) -> None:
+    path = tmp_path / "modes.yaml"
+    path.write_text(text)
+    storage = load_config(str(path)).storage
+    assert (storage.file_mode, storage.dir_mode) == expected
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("storage:\n  file_mode: '0400'\n", "storage.file_mode: '0400' leaves the owner (fastscp) without read and "
+                                        "write permission; use at least '0600'"),
+    ("storage:\n  dir_mode: '0600'\n", "storage.dir_mode: '0600' leaves the owner (fastscp) without read and write "
+                                       "and search permission; use at least '0700'"),
+    ("storage:\n  file_mode: 640\n", "storage.file_mode: "),  # decimal 640: not a mode
+])
+def test_modes_the_owner_cannot_use_are_refused(tmp_path: Path, text: str, expected: str) -> None:
+    path = tmp_path / "modes.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path))
+    assert str(info.value).startswith(f"{path}: {expected}")
