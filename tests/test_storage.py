@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
 import pytest
 
-from fastscp.storage import HEADER_PREFIX_BYTES, IncomingFile, Storage
+from fastscp.storage import HEADER_PREFIX_BYTES, IncomingFile, Storage, TempFile, own_name
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 EXPLICIT = "1.2.840.10008.1.2.1"
@@ -142,3 +143,23 @@ def test_prepare_makes_the_structured_report_root(tmp_path: Path) -> None:
     storage = Storage(str(tmp_path / "root"), sr_root=str(tmp_path / "sr"))
     storage.prepare()
     assert (tmp_path / "sr").is_dir() and Path(storage.incoming_dir).is_dir() and Path(storage.quarantine_dir).is_dir()
+
+
+def test_own_name_keeps_folder_and_extension() -> None:
+    tag = own_name("p/x.dcm", "1.2", 0).split(".")[1]
+    assert own_name("p/x.dcm", "1.2", 0) == f"p/x.{tag}.dcm" and own_name("p/x.dcm", "1.2", 1) == f"p/x.{tag}-2.dcm"
+    assert own_name("a.b/c", "1.2", 0) == f"a.b/c.{tag}"  # a dot in a folder is not an extension
+    assert own_name("p/x.dcm", "1.3", 0) != own_name("p/x.dcm", "1.2", 0)
+
+
+def test_a_write_error_gives_the_space_back_at_once(storage: Storage) -> None:
+    """A full disk (/dev/full answers every write with ENOSPC): the temp file goes at the first error."""
+    temp = TempFile(storage.incoming_dir)
+    os.close(temp.fd)
+    temp.fd = os.open("/dev/full", os.O_WRONLY | os.O_CLOEXEC)
+    incoming = storage.begin(CT, "1.2.3", EXPLICIT, "SCU", temp)
+    assert incoming.error is not None and incoming.error.errno == errno.ENOSPC
+    assert leftovers(storage) == []
+    incoming.write(memoryview(b"more data"))  # drained, not written
+    assert incoming.dataset_length == 9 and leftovers(storage) == []
+    incoming.discard()
