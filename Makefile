@@ -72,7 +72,7 @@ lint: setup
 # tests/mutation/faults.py must be killed, then AST mutants of the modules in
 # tests/mutation/__main__.py MODULES run against their tests; reports in
 # build/mutation/. Hours on the full set. mutation-quick is the CI subset
-# (about a minute): the quick faults and 15 mutants each of layout and access.
+# (under two minutes): the quick faults and 15 mutants each of layout and access.
 mutation: setup
 	$(BIN)/python -m tests.mutation faults
 	$(BIN)/python -m tests.mutation mutants --all
