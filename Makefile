@@ -9,15 +9,15 @@ BIN     = $(VENV)/bin
 # benchmarks), the headers the compiled extensions and Pillow build with, and
 # chromium (the status page is tested in a real headless browser), DejaVu
 # fonts for scan sheets, systemd (systemd-analyze verifies the unit of
-# `fastscp service install`).
-APT_PACKAGES = dcmtk libjpeg62-turbo-dev zlib1g-dev chromium openssl fonts-dejavu-core systemd
+# `fastscp service install`), strace (tests count the fsync calls a server makes).
+APT_PACKAGES = dcmtk libjpeg62-turbo-dev zlib1g-dev chromium openssl fonts-dejavu-core systemd strace
 
 # Benchmarks also compare against Orthanc (Debian's package, its own SQLite index).
 BENCH_APT_PACKAGES = orthanc
 PIL_STOCK = bench/.pil-stock
 
 # apt-install is a helper target: make apt-install PACKAGES=...
-.PHONY: setup system-packages pillow-simd bench-setup apt-install serve test lint fuzz bench-micro bench-quick bench-load clean
+.PHONY: setup system-packages pillow-simd bench-setup apt-install serve test lint fuzz mutation mutation-quick bench-micro bench-quick bench-load clean
 
 setup: system-packages $(VENV)/.installed
 
@@ -69,6 +69,18 @@ test: setup
 
 lint: setup
 	$(BIN)/ruff check fastscp tests bench
+
+# Mutation testing (tests/README.md): every hand-written fault of
+# tests/mutation/faults.py must be killed, then AST mutants of the modules in
+# tests/mutation/__main__.py MODULES run against their tests; reports in
+# build/mutation/. Hours on the full set. mutation-quick is the CI subset
+# (under two minutes): the quick faults and 15 mutants each of layout and access.
+mutation: setup
+	$(BIN)/python -m tests.mutation faults
+	$(BIN)/python -m tests.mutation mutants --all
+
+mutation-quick: setup
+	$(BIN)/python -m tests.mutation quick
 
 bench-micro: bench-setup
 	mkdir -p bench/results

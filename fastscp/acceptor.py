@@ -189,6 +189,11 @@ class PDUStream:
                 # ~40 ms for our delayed ACK.
                 self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
 
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet returned by :meth:`read`."""
+        return self._end - self._start
+
     def read(self, limit: int | None = None) -> tuple[int, memoryview]:
         """The next PDU's type and body (valid until the next call)."""
         self._fill(6)
@@ -806,8 +811,9 @@ class Association:
     def _cancel_requested(self) -> bool:
         """True if the peer sent C-CANCEL-RQ while we stream C-FIND results."""
         assert self.stream is not None
-        readable, _, _ = select.select([self.sock], [], [], 0)
-        if not readable:
+        # A C-CANCEL-RQ sent right after the request may already sit in the
+        # stream's buffer, read along with the identifier.
+        if not self.stream.buffered and not select.select([self.sock], [], [], 0)[0]:
             return False
         pdu_type, body = self.stream.read()
         if pdu_type == A_ABORT:

@@ -21,21 +21,36 @@ _PDU = struct.Struct(">BxI")
 _PDV = struct.Struct(">IBB")
 
 
+def command_set(command_field: int, *, sop_class: str = "", message_id: int | None = None,
+                responding_to: int | None = None, data_set: bool = False, sop_instance: str | bytes = "") -> bytes:
+    """A DIMSE command set (Implicit VR Little Endian, elements in tag order); a ``sop_instance`` given as
+    bytes goes in as it is (any bytes, as a hostile peer sends them), even empty."""
+    body = dimse._text(0x0002, sop_class) if sop_class else b""
+    body += dimse._us(0x0100, command_field)
+    if message_id is not None:
+        body += dimse._us(0x0110, message_id)
+    if responding_to is not None:
+        body += dimse._us(0x0120, responding_to)
+    if command_field != dimse.C_CANCEL_RQ:
+        body += dimse._us(0x0700, 0)  # Priority: medium
+    body += dimse._us(0x0800, 0x0000 if data_set else dimse.NO_DATA_SET)
+    if isinstance(sop_instance, bytes):
+        value = sop_instance + b"\x00" * (len(sop_instance) % 2)
+        body += struct.pack("<HHI", 0, 0x1000, len(value)) + value
+    elif sop_instance:
+        body += dimse._text(0x1000, sop_instance)
+    return struct.pack("<HHI", 0, 0, 4) + len(body).to_bytes(4, "little") + body
+
+
 def _command(sop_class: str, sop_instance: str, message_id: int) -> bytes:
-    return store_command(sop_class, sop_instance.encode("ascii"), message_id)
+    return command_set(dimse.C_STORE_RQ, sop_class=sop_class, message_id=message_id, data_set=True,
+                       sop_instance=sop_instance)
 
 
 def store_command(sop_class: str, sop_instance: bytes | None, message_id: int = 1) -> bytes:
     """A C-STORE-RQ command set; ``sop_instance`` as raw bytes (any bytes), or None to leave it out."""
-    body = dimse._text(0x0002, sop_class)
-    body += dimse._us(0x0100, dimse.C_STORE_RQ)
-    body += dimse._us(0x0110, message_id)
-    body += dimse._us(0x0700, 0)
-    body += dimse._us(0x0800, 0x0000)
-    if sop_instance is not None:
-        value = sop_instance + b"\x00" * (len(sop_instance) % 2)
-        body += struct.pack("<HHI", 0, 0x1000, len(value)) + value
-    return struct.pack("<HHI", 0, 0, 4) + len(body).to_bytes(4, "little") + body
+    return command_set(dimse.C_STORE_RQ, sop_class=sop_class, message_id=message_id, data_set=True,
+                       sop_instance="" if sop_instance is None else sop_instance)
 
 
 def associate_rq(contexts: list[tuple[str, list[str]]], *, aet: str = "RAWSCU", aec: str = "FASTSCP",
@@ -126,6 +141,30 @@ class RawSCU:
         pdu_type, body = self.read_pdu()
         assert pdu_type == 0x04, f"expected P-DATA-TF, got 0x{pdu_type:02X}"
         return dimse.decode_command_set(body[6:])["Status"]  # type: ignore[return-value]
+
+    def send_command(self, command: bytes) -> None:
+        self.sock.sendall(p_data(1, command, command=True, last=True))
+
+    def read_message(self) -> tuple[dict[str, int | str], bytes | None]:
+        """The next DIMSE message from the server: its command set and data set (None if it has none)."""
+        parts = {True: b"", False: b""}
+        command: dict[str, int | str] | None = None
+        while True:
+            pdu_type, body = self.read_pdu()
+            assert pdu_type == 0x04, f"expected P-DATA-TF, got 0x{pdu_type:02X}"
+            pos = 0
+            while pos < len(body):
+                length, _context, control = _PDV.unpack_from(body, pos)
+                is_command = bool(control & 1)
+                parts[is_command] += body[pos + 6 : pos + 4 + length]
+                pos += 4 + length
+                if control & 2 and is_command:
+                    command = dimse.decode_command_set(parts[True])
+                    if command.get("CommandDataSetType", dimse.NO_DATA_SET) == dimse.NO_DATA_SET:
+                        return command, None
+                elif control & 2:
+                    assert command is not None, "data set before its command"
+                    return command, parts[False]
 
     def store(self, sop_instance: str, data: bytes) -> int:
         self.begin_store(sop_instance)

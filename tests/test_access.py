@@ -14,6 +14,8 @@ import pytest
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage
 from pynetdicom import AE
 
+from fastscp.access import build_access_policy, peer_ip
+from fastscp.config import AllowedAE
 from fastscp.part10 import dataset_offset
 from fastscp.synthetic import write_series
 from tests.conftest import dcmtk, wait_until
@@ -222,6 +224,29 @@ def test_log_file_with_json_lines(start_server, tmp_path: Path, ct_dataset) -> N
     (connection,) = [e for e in entries if e["logger"] == "fastscp.association"]
     assert "STORESCU (127.0.0.1:" in connection["message"] and "1 instances" in connection["message"]
     assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", e["time"]) for e in entries)
+
+
+def test_ipv4_mapped_peer_addresses_match_ipv4_networks() -> None:
+    """A dual-stack listener sees IPv4 peers as ::ffff:a.b.c.d; they match the IPv4 rules."""
+    policy = build_access_policy(["ANY", AllowedAE(ae_title="LAN", hosts=["10.1.0.0/16", "::1"])])
+    assert policy.check("LAN", "::ffff:10.1.2.3") == ""
+    assert policy.check("LAN", "10.1.2.3") == ""
+    assert policy.check("LAN", "::1") == ""
+    assert policy.check("LAN", "::ffff:10.2.0.1") == "calling AE title 'LAN' is not allowed from ::ffff:10.2.0.1"
+    assert policy.check("LAN", "::ffff:a02:1") != ""  # the same address written in hex: still 10.2.0.1
+    assert policy.check("ANY", "::ffff:192.0.2.1") == ""
+    assert "not in access.allowed_calling_aets" in policy.check("OTHER", "::ffff:10.1.2.3")
+
+
+def test_access_policy_edges() -> None:
+    """A network written with host bits; a peer that is not an IP address; bracketed IPv6 peers."""
+    policy = build_access_policy([AllowedAE(ae_title="LAN", hosts=["10.1.2.3/16"])])
+    assert policy.check("LAN", "10.1.200.1") == ""
+    assert policy.check("LAN", "not-an-ip") == "peer address 'not-an-ip' is not an IP address"
+    assert peer_ip("[::1]:5000") == "::1" and peer_ip("[::ffff:10.1.2.3]:104") == "::ffff:10.1.2.3"
+    assert peer_ip("10.1.2.3:104") == "10.1.2.3"
+    by_name = build_access_policy([AllowedAE(ae_title="HERE", hosts=["localhost"])])  # resolved once, now
+    assert by_name.check("HERE", "127.0.0.1") == "" and by_name.check("HERE", "10.0.0.1") != ""
 
 
 def test_refused_presentation_contexts_are_logged(start_server) -> None:  # type: ignore[no-untyped-def]

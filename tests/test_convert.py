@@ -113,7 +113,9 @@ def test_cli_dcm2jpg(ct: Path, tmp_path: Path, capsys: pytest.CaptureFixture) ->
 def test_cli_registry_integration(ct: Path, tmp_path: Path) -> None:
     """``fastscp convert`` through cli.main (cli.COMMAND_MODULES lists fastscp.cli_images)."""
     assert cli.main(["convert", "dcm2jpg", str(ct), str(tmp_path / "m.jpg"), "--thumbnail"]) == 0
-    assert (tmp_path / "m.jpg").exists()
+    with Image.open(tmp_path / "m.jpg") as image:
+        assert (image.format, image.size) == ("JPEG", (85, 128))  # the thumbnail of the 200x300 image
+        assert np.asarray(image).std() > 5, "not blank"
 
 
 # -- jpg2dcm --------------------------------------------------------------------------------

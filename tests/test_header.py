@@ -12,6 +12,8 @@ import math
 import os
 import random
 import struct
+import subprocess
+import sys
 import warnings
 import zlib
 from collections.abc import Callable
@@ -251,13 +253,18 @@ def test_fields_table_matches_the_dicom_dictionary() -> None:
 
 
 def test_backend_switch() -> None:
-    assert header.BACKEND in ("cext", "py")
     if header.NO_EXTENSIONS:
         assert header.BACKEND == "py"
     else:
         _backend("cext")  # fails here when the module is not built
         assert header.BACKEND == "cext"
-        assert header.parse_header_cext is not None
+        assert header.parse_header_cext is not None and header._parse is header.parse_header_cext
+    # The environment switch, in a fresh interpreter: the twin runs, the compiled module is not loaded.
+    code = ("import sys; from fastscp import header; "
+            "print(header.BACKEND, header._parse is header.parse_header_py, 'fastscp._header_cext' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "FASTSCP_NO_EXTENSIONS": "1"})
+    assert out.stdout.split() == ["py", "True", "False"]
     assert issubclass(IncompleteHeader, HeaderError)
     assert issubclass(HeaderError, ValueError)
 

@@ -463,6 +463,25 @@ def test_plan_finds_missing_changed_and_gone(storage: Path, tmp_path: Path) -> N
     index.close()
 
 
+def test_plan_finds_a_file_of_the_same_size_written_after_its_row(storage: Path, tmp_path: Path) -> None:
+    """Other content of the same size (a resend under storage.duplicates=overwrite) is re-read."""
+    index = Index(str(tmp_path / "index.duckdb"))
+    index.add(records_of(storage))
+    indexed = index.file_states()
+    rewritten = storage / "SYNA" / "CT00002.dcm"
+    other = (storage / "SYNA" / "CT00003.dcm").read_bytes()
+    assert len(other) == rewritten.stat().st_size
+    before = rewritten.stat().st_mtime_ns
+    rewritten.write_bytes(other)
+    os.utime(rewritten, ns=(before + 2_000_000_000, before + 2_000_000_000))  # 2 s after the row was made
+    todo = plan(str(storage), indexed)
+    assert (todo.missing, [s.path for s in todo.changed], todo.gone) == ([], ["SYNA/CT00002.dcm"], [])
+    # Not newer than its row (the same second): left alone.
+    os.utime(rewritten, ns=(before, before))
+    assert plan(str(storage), indexed).changed == []
+    index.close()
+
+
 def test_reindex_builds_the_index_from_files_and_keeps_conflicts(storage: Path, tmp_path: Path) -> None:
     path = str(tmp_path / "index.duckdb")
     old = Index(path)

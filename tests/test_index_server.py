@@ -62,9 +62,10 @@ def reconciled(server) -> bool:  # type: ignore[no-untyped-def]
 
 
 def require_reconcile(server) -> None:  # type: ignore[no-untyped-def]
-    """Skip unless the supervisor gives the indexer its storage root (see fastscp.indexer.indexer_main)."""
-    if QueryClient(str(server.index)).state().reconcile == "off":
-        pytest.skip("the supervisor does not pass storage.root to indexer_main: no reconcile on start")
+    """Fail unless the supervisor gives the indexer its storage root (see fastscp.indexer.indexer_main):
+    without it nothing indexes the files whose records a killed process lost."""
+    state = QueryClient(str(server.index)).state().reconcile
+    assert state != "off", "the indexer runs without storage.root: no reconcile on start"
 
 
 def index_equals_files(server) -> bool:  # type: ignore[no-untyped-def]

@@ -20,6 +20,7 @@ from fastscp.layout import (
     check_template,
     relative_path,
     safe_component,
+    study_folder,
 )
 from fastscp.part10 import dataset_offset
 
@@ -46,6 +47,10 @@ def test_date_based_uses_study_date_else_received_date() -> None:
     for bad in ("", "2024", "20241399", "garbage!"):
         header = HeaderFields(study_date=bad, study_instance_uid="1.2", series_instance_uid="1.3", sop_instance_uid="9")
         assert path("date-based", header) == "2026/11/22/1.2/1.3/9.dcm"
+    # A date and time where only a date belongs (some modalities): its date part counts.
+    header = HeaderFields(study_date="20240131093000", study_instance_uid="1.2", series_instance_uid="1.3",
+                          sop_instance_uid="9")
+    assert path("date-based", header) == "2024/01/31/1.2/1.3/9.dcm"
 
 
 def test_template_with_fallbacks_and_padding() -> None:
@@ -94,6 +99,30 @@ def test_accounts_preset_resolution_order() -> None:
     assert path("accounts", nobody, accounts=accounts) == f"Unknown/{tail}"
     # An account named like the physician matches without a list.
     assert path("accounts", accounts=Accounts(physicians={"SMITH^JOHN": ()})).startswith("SMITH JOHN/")
+    # Accounts exist, but neither physician has one: Guest.
+    assert path("accounts", accounts=Accounts(physicians={"cardio": ("NOBODY^ELSE",)})) == f"Guest/SMITH JOHN/{tail}"
+    # No Series Number, Echo Number or Instance Number: zeros, and the SOP Instance UID keeps names apart.
+    bare = HeaderFields(study_date="20240131", patient_name="DOE^JANE", accession_number="ACC9",
+                        series_description="AXIAL", sop_instance_uid="1.2.9")
+    assert path("accounts", bare) == "Unknown/20240131_DOE JANE_ACC9/Dicom/000_AXIAL/000-000-1.2.9.dcm"
+
+
+def test_study_folder_of_each_layout() -> None:
+    """Where a study's scan sheet goes: the study's own folder, or None when the layout has none."""
+    def folder(naming: str, **options) -> str | None:  # type: ignore[no-untyped-def]
+        return study_folder(LayoutOptions(naming=naming, **options), path(naming, **options))
+
+    assert folder("hierarchical") == "PID1/20240131_1.2.3"
+    assert folder("date-based") == "2024/01/31/1.2.3"
+    accounts = Accounts(physicians={"cardio": ("SMITH^JOHN",)})
+    assert folder("accounts", accounts=accounts) == "cardio/20240131_DOE JANE_ACC9"
+    assert folder("patient-folders") == "PID1/20240131_1.2.3"
+    study_only = PatientFolders(study_level=True, series_level=False)
+    assert folder("patient-folders", patient_folders=study_only) == "PID1/20240131_1.2.3"
+    assert folder("patient-folders", patient_folders=PatientFolders(study_level=False)) is None
+    assert folder("flat") is None and folder("template", template="{PatientID}/{SOPInstanceUID}") is None
+    # A path too short to hold a study folder (made by another layout): none.
+    assert study_folder(LayoutOptions(naming="hierarchical"), "a/b.dcm") is None
 
 
 HOSTILE = ["../../etc", "/etc/passwd", "..", ".", "", " ", "a/../../b", "C:\\Windows\\system32", "x" * 10_000,
@@ -119,6 +148,25 @@ def test_hostile_tag_values_never_leave_the_root(naming: str, value: str) -> Non
     assert not any(p.split(".")[0].upper() in ("CON", "NUL", "LPT1") for p in parts)
 
 
+@pytest.mark.parametrize(("value", "expected"), [
+    ("..CON", "_CON"), (". .nul.txt", "_nul.txt"), ("CON..", "_CON"), ("..", "UNKNOWN"), ("a..b", "a..b"),
+    (".hidden", "hidden"), ("  Lpt9 ", "_Lpt9"), ("COM", "COM"), ("CONSOLE", "CONSOLE"),
+])
+def test_leading_and_trailing_dots_go_before_the_reserved_name_check(value: str, expected: str) -> None:
+    assert safe_component(value) == expected
+
+
+@pytest.mark.parametrize("naming", ["hierarchical", "patient-folders", "template"])
+@pytest.mark.parametrize("patient_id", ["thumbnails", "Thumbnails", "scansheets", "index.duckdb", "index.duckdb.wal"])
+def test_a_patient_named_like_a_reserved_top_folder_gets_a_prefix(naming: str, patient_id: str) -> None:
+    header = HeaderFields(patient_id=patient_id, study_instance_uid="1.2", study_date="20240131",
+                          series_number=1, modality="CT", sop_instance_uid="9")
+    result = path(naming, header, template="{PatientID}/{SOPInstanceUID}.dcm")
+    assert result.split("/")[0] == f"_{patient_id}", result
+    assert path(naming, HeaderFields(patient_id="thumbnails2", sop_instance_uid="9"),
+                template="{PatientID}/{SOPInstanceUID}.dcm").startswith("thumbnails2/")
+
+
 def test_safe_component_keeps_readable_unicode() -> None:
     assert safe_component("Yamada^Tarou=山田^太郎=やまだ^たろう") == "Yamada Tarou=山田 太郎=やまだ たろう"
     assert safe_component("Ölçü/Ğ") == "Ölçü_Ğ"
@@ -141,6 +189,6 @@ def test_charset_files_give_readable_utf8_folder_names(name: str) -> None:
     folder = relative_path(LayoutOptions("patient-folders", patient_folders=PatientFolders(top="patient_name")),
                            header, TODAY).split("/")[0]
     assert folder == safe_component(expected)
-    folder.encode("utf-8")  # a valid UTF-8 name
+    assert not any(0xD800 <= ord(c) <= 0xDFFF for c in folder), "a valid UTF-8 name (no lone surrogates)"
     if any(ord(c) > 127 for c in expected):
         assert any(ord(c) > 127 for c in folder), "decoded, not escaped"

@@ -12,7 +12,6 @@ import pytest
 
 from fastscp import cli
 from fastscp.cli_status import url_for_listen
-from fastscp.config import Config
 from fastscp.status import StatusSnapshot
 from tests.conftest import free_port
 from tests.test_monitor import HOSTILE_AE, MonitorProcess, make_snapshot, running_monitor
@@ -86,7 +85,6 @@ def test_not_a_fastscp_monitor(monitor: MonitorProcess, capsys: pytest.CaptureFi
     assert "HTTP 404" in capsys.readouterr().err
 
 
-@pytest.mark.skipif("monitor" not in Config.__struct_fields__, reason="Config has no monitor section yet")
 def test_address_from_the_config_file(monitor: MonitorProcess, tmp_path: Path,
                                       capsys: pytest.CaptureFixture[str]) -> None:
     monitor.publish(make_snapshot())

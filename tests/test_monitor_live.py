@@ -90,6 +90,36 @@ def test_status_page_metrics_and_cli_while_storing(start_server, tmp_path: Path)
     assert status(url)["totals"]["associations"] == 2
 
 
+def test_failures_duplicates_and_rejections_of_a_real_server_reach_the_status(start_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """What the status shows comes from real associations, not from a hand-made snapshot."""
+    config = tmp_path / "fastscp.yaml"
+    config.write_text("access:\n  allowed_calling_aets: [WARD_7]\n")
+    server = start_server(monitor="127.0.0.1:0", config=config)
+    (url,) = re.findall(r"status page (http://[^\s;]+)", server.log_text())
+    (path,) = write_series(str(tmp_path / "ct"), 1, rows=32, columns=32)
+    raw = Path(path).read_bytes()
+    uid, data = str(pydicom.dcmread(path).SOPInstanceUID), raw[dataset_offset(raw):]
+
+    scu = RawSCU(server.port, CTImageStorage, ExplicitVRLittleEndian, aet="WARD_7")
+    assert scu.store(uid, data) == 0
+    assert scu.store(uid, data) == 0  # a resend: acknowledged, counted as a duplicate
+    assert scu.store("1.2.3.4.5", b"\x08\x00\x18\x00UI\xff\x7f" + b"1.2.3" * 10) == 0xC000
+    scu.release()
+    rejected = RawSCU(server.port, CTImageStorage, ExplicitVRLittleEndian, aet="INTRUDER")
+    assert rejected.rejection is not None
+
+    wait_until(lambda: status(url)["totals"]["rejected"] == 1 and status(url)["open"] == [],
+               what="the rejection and the end of the association in the status")
+    snapshot = status(url)
+    totals = snapshot["totals"]
+    assert (totals["instances"], totals["duplicates"], totals["failures"], totals["associations"]) == (2, 1, 1, 1)
+    assert snapshot["per_calling_ae"] == {"WARD_7": 2}
+    assert snapshot["rejects"] == {"calling AE title not recognized": 1}
+    (recent,) = [a for a in snapshot["recent"] if a["calling_ae_title"] == "WARD_7" and a["instances"]]
+    assert (recent["instances"], recent["failures"], recent["duplicates"]) == (2, 1, 1)
+    assert len(server.stored_files()) == 1
+
+
 def test_committed_counts_instances_not_records(start_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     from fastscp.indexclient import QueryClient
     from fastscp.query import QueryRequest

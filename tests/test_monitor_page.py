@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -108,7 +109,10 @@ def test_page_shows_the_status_live_and_escaped(monitor: MonitorProcess, tmp_pat
 
     tiles = page.text["tiles"]
     assert "123,456" in tiles and "65.4 GB" in tiles and "13.3" in tiles and "800 MB" in tiles
-    assert "45" in page.text["tiles"] and "2 of 2" in tiles
+    # Each value beside its own label: the index lag (45) is not found inside "123,456".
+    assert re.search(r"Index lag\s+45\s+123,411 committed", tiles), tiles
+    assert re.search(r"Instances stored\s+123,456\s", tiles), tiles
+    assert re.search(r"Workers alive\s+2 of 2\s", tiles), tiles
     assert "FASTSCP" in page.text["heading"] and "running" in page.text["meta"]
     recent = page.text["recent"]
     assert "MR_3T_EAST" in recent and "released" in recent and "rejected (calling AE not recognized)" in recent

@@ -38,13 +38,17 @@ def test_thumbnails_and_scan_sheet_of_a_quiet_study(start_server, tmp_path: Path
     with Image.open(png) as sheet:
         assert sheet.width >= 400 and np.asarray(sheet.convert("L")).std() > 10
     text = html.read_text()
-    assert "PS1" in text and "Synthetic" in text and "4" in text
+    # The study's patient in the header, its one series with its count, a thumbnail per instance.
+    assert ">PS1</td>" in text and "Synthetic" in text
+    assert text.count('<div class="count">') == 1 and '<div class="count">4 instances</div>' in text
+    assert text.count('<span class="thumb"') == 4
 
     # More images of the study: the sheet is made again, with all of them.
     first = os.stat(png).st_mtime_ns
     dcmtk("storescu", "-aec", server.ae_title, "-xe", "127.0.0.1", str(server.port), *series[4:])
     wait_until(lambda: os.stat(png).st_mtime_ns != first, timeout=30, what="the scan sheet to be remade")
     wait_until(lambda: "(6 instances)" in server.log_text(), what="the log line of the remade sheet")
+    assert '<div class="count">6 instances</div>' in html.read_text()
     assert server.stop() == 0
     # The thumbnails' paths are in the index, beside their instances.
     rows = duckdb.connect(str(server.index), read_only=True).execute(

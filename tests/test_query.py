@@ -156,15 +156,31 @@ def test_cli_query_table_and_json(index_path: str, capsys) -> None:  # type: ign
         {"PatientID": "SYNB", "Modality": "MR", "NumberOfSeriesRelatedInstances": 3}]
 
 
-@pytest.mark.parametrize("argv", [
-    ["query", "studies", "--date", "20240101-20240131", "--accession", "ACC*"],
-    ["query", "patients", "--date", "-20040201"],
-    ["query", "instances", "--study-uid", "1.3.6.1.4.1.5962.1.2.1.20040119072730.12322", "--limit", "1"],
+CT1_STUDY = "1.3.6.1.4.1.5962.1.2.1.20040119072730.12322"
+MR4_STUDY = "1.3.6.1.4.1.5962.1.2.4.20040826185059.5457"
+
+
+@pytest.mark.parametrize(("argv", "patient_ids"), [
+    (["studies", "--date", "20260101", "--accession", "ACC*"], ["SYNA", "SYNB"]),
+    (["studies", "--date", "20040101-20040131"], ["1CT1"]),
+    (["studies", "--date", "20040826-"], ["4MR1", "8NM1", "SYNA", "SYNB"]),
+    (["studies", "--date", "-20251231", "--accession", "ACC*"], []),
+    (["studies", "--accession", "ACC0001"], ["SYNA", "SYNB"]),
+    (["patients", "--date", "-20040201"], ["1CT1"]),
+    (["instances", "--study-uid", CT1_STUDY], ["1CT1"]),
+    (["instances", "--study-uid", f"{CT1_STUDY}\\{MR4_STUDY}"], ["1CT1", "4MR1"]),
+    (["instances", "--study-uid", f"{CT1_STUDY}\\{MR4_STUDY}", "--limit", "1"], None),
+    (["instances", "--patient-id", "SYNA"], ["SYNA"] * 4),
+    (["instances", "--patient-id", "SYNA", "--limit", "2"], ["SYNA"] * 2),
 ])
-def test_cli_filters(index_path: str, argv: list[str], capsys) -> None:  # type: ignore[no-untyped-def]
-    assert cli_index.main([*argv, "--index-db", index_path]) == 0
-    captured = capsys.readouterr()
-    assert captured.out or "match" in captured.err
+def test_cli_filters(index_path: str, argv: list[str], patient_ids: list[str] | None,
+                     capsys) -> None:  # type: ignore[no-untyped-def]
+    assert cli_index.main(["query", *argv, "--index-db", index_path, "--json", "--keys", "PatientID"]) == 0
+    found = sorted(json.loads(line)["PatientID"] for line in capsys.readouterr().out.splitlines())
+    if patient_ids is None:  # --limit 1 of two: either one, but only one
+        assert found in (["1CT1"], ["4MR1"])
+    else:
+        assert found == patient_ids
 
 
 def test_cli_refuses_a_bad_date_and_a_missing_index(index_path: str, tmp_path: Path,

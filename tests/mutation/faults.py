@@ -1,0 +1,89 @@
+"""Hand-written faults (issue 18): realistic mistakes that once went unnoticed.
+
+Each one replaces one exact piece of source text; the runner applies it to a
+copy of the tree, runs the tests named here, and expects them to fail. A fault
+whose ``old`` text is no longer in the source fails the run: the list must be
+kept in step with the code it guards.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+
+class Fault(NamedTuple):
+    name: str
+    path: str
+    old: str
+    new: str
+    #: pytest node ids (or files) that must fail with the fault in place.
+    tests: tuple[str, ...]
+    #: Seconds or so (on an idle machine); the CI subset takes the quick ones.
+    quick: bool = True
+
+
+DURABILITY = ("tests/test_durability.py",)
+PROTOCOL = "tests/test_protocol_paths.py::"
+
+FAULTS: tuple[Fault, ...] = (
+    # -- durability --------------------------------------------------------------------------
+    Fault("file fsync removed", "fastscp/storage.py",
+          "            if storage.fsync:\n                os.fsync(self._fd)\n",
+          "            if storage.fsync:\n                pass\n", DURABILITY),
+    Fault("folder fsync removed", "fastscp/storage.py",
+          "                _fsync_dir(os.path.dirname(outcome.path))", "                pass", DURABILITY),
+    Fault("fsync under never", "fastscp/supervisor.py",
+          'fsync=config.storage.fsync == "always"', "fsync=True", DURABILITY),
+    # -- reconcile ---------------------------------------------------------------------------
+    Fault("indexer not given the storage root", "fastscp/supervisor.py",
+          "child, self.storage.root, self.storage.sr_root)", "child, None, self.storage.sr_root)",
+          ("tests/test_index_server.py::test_kill_9_of_the_indexer_while_storing_loses_no_record",), quick=False),
+    Fault("changed judged by size alone", "fastscp/reindex.py",
+          "known[0] != state.size or state.mtime_ns // 1000 > known[1]", "known[0] != state.size",
+          ("tests/test_index.py::test_plan_finds_a_file_of_the_same_size_written_after_its_row",)),
+    # -- protocol paths ----------------------------------------------------------------------
+    Fault("Affected SOP Class not checked against the context (0x0122)", "fastscp/acceptor.py",
+          "        if sop_class != abstract_syntax:\n", "        if False:\n",
+          (PROTOCOL + "test_store_whose_affected_sop_class_differs_from_its_context_gets_0122",), quick=False),
+    Fault("unsupported command answered with success", "fastscp/acceptor.py",
+          "status = (dimse.UNRECOGNIZED_OPERATION,", "status = (dimse.SUCCESS,",
+          (PROTOCOL + "test_unsupported_commands_get_0211_and_the_association_carries_on",), quick=False),
+    Fault("acse_timeout ignored", "fastscp/acceptor.py",
+          "self.sock.settimeout(self.settings.acse_timeout)", "self.sock.settimeout(None)",
+          (PROTOCOL + "test_a_peer_that_never_associates_is_dropped_after_the_acse_timeout",), quick=False),
+    Fault("shutdown_timeout never expires in the worker", "fastscp/worker.py",
+          "(0 if now else self.shutdown_timeout)", "(0 if now else 1e9)",
+          (PROTOCOL + "test_shutdown_timeout_aborts_an_association_that_does_not_finish",), quick=False),
+    Fault("C-CANCEL of a C-FIND ignored", "fastscp/acceptor.py",
+          'return command["CommandField"] == dimse.C_CANCEL_RQ', "return False",
+          (PROTOCOL + "test_c_cancel_stops_a_c_find",), quick=False),
+    Fault("C-CANCEL already read into the PDU buffer missed", "fastscp/acceptor.py",
+          "if not self.stream.buffered and not select.select(", "if not select.select(",
+          (PROTOCOL + "test_c_cancel_stops_a_c_find",), quick=False),
+    # -- storage and layout ------------------------------------------------------------------
+    Fault("root-escape backstop removed", "fastscp/storage.py",
+          "        if not final.startswith(root.rstrip(os.sep) + os.sep):\n", "        if False:\n",
+          ("tests/test_storage.py",)),
+    Fault("keep-both limited to .v2", "fastscp/storage.py",
+          "range(2, 10000)", "range(2, 3)", ("tests/test_storage.py",)),
+    Fault("leading-dot strip dropped before the reserved-name check", "fastscp/layout.py",
+          'text = re.sub(r"\\s+", " ", text).strip(" .")', 'text = re.sub(r"\\s+", " ", text).strip(" ")',
+          ("tests/test_layout.py",)),
+    Fault("no _ prefix for a reserved top-level folder name", "fastscp/layout.py",
+          "if top.lower() in RESERVED_TOP else path", "if False else path", ("tests/test_layout.py",)),
+    Fault("reserved top-level folder names matched case-sensitively", "fastscp/layout.py",
+          "if top.lower() in RESERVED_TOP else path", "if top in RESERVED_TOP else path", ("tests/test_layout.py",)),
+    Fault("quarantine: false ignored", "fastscp/storage.py",
+          "if not self._storage.quarantine or self.error is not None:", "if self.error is not None:",
+          ("tests/test_storage.py",)),
+    Fault("no .reason.txt", "fastscp/storage.py",
+          '                f.write(reason + "\\n")', "                pass", ("tests/test_storage.py",)),
+    # -- access and config -------------------------------------------------------------------
+    Fault("IPv4-mapped peer addresses not unmapped", "fastscp/access.py",
+          "            address = address.ipv4_mapped", "            pass",
+          ("tests/test_access.py::test_ipv4_mapped_peer_addresses_match_ipv4_networks",)),
+    Fault("AE-title pattern dropped", "fastscp/config.py",
+          ', pattern=r"^[ -\\[\\]-~]*[!-\\[\\]-~][ -\\[\\]-~]*$")]', ")]", ("tests/test_config.py",)),
+    Fault("templates not checked at load", "fastscp/config.py",
+          "            check_template(config.storage.template)", "            pass", ("tests/test_config.py",)),
+)
