@@ -101,14 +101,6 @@ def test_no_descriptor_is_left_open(tmp_path: Path) -> None:
     assert leftovers(storage) == []
 
 
-def test_read_dataset_reads_back_the_data_set_start(storage: Storage) -> None:
-    data = bytes(range(256)) * 4
-    incoming = receive(storage, data)
-    assert incoming.read_dataset(10) == data[:10]
-    assert incoming.read_dataset(10_000) == data
-    incoming.discard()
-
-
 def test_only_the_header_prefix_stays_in_memory(storage: Storage) -> None:
     data = bytes(range(256)) * (HEADER_PREFIX_BYTES // 128)  # twice the prefix
     incoming = receive(storage, data[:1000])
