@@ -147,6 +147,12 @@ def test_another_instance_under_a_taken_name_is_stored_under_its_own(  # type: i
     assert_same_dataset(second, own)
     log = server.wait_for_log("holds another instance")
     assert "differs from the stored copy" not in log
+    # The line names both instances and both files (Committed.collided_path, .collided_uid).
+    (line,) = [line for line in log.splitlines() if "holds another instance" in line]
+    first_uid = str(pydicom.dcmread(first, stop_before_pixels=True).SOPInstanceUID)
+    relative = {p: p.relative_to(server.storage).as_posix() for p in (taken, own)}
+    assert (f"C-STORE {uid!r}" in line and f"{relative[taken]} holds another instance (SOP Instance UID "
+            f"{first_uid!r}); stored as " in line and line.endswith(relative[own])), line
     # A resend of either finds its own file: identical, nothing new.
     storescu(server, second)
     storescu(server, first)
