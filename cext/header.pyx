@@ -23,6 +23,7 @@ from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memchr, memcpy
 
 from bufread cimport ByteView, has_bytes, load_u16, load_u32, read_tag, read_u32
+from vr cimport is_long_vr, is_vr
 
 from fastscp import _header_py as _py
 
@@ -210,7 +211,7 @@ cdef inline int _map_kind(uint32_t tag, bint explicit, unsigned char vr0, unsign
         return -1
     if not explicit:
         return _implicit_kind(tag)
-    if not (_is_upper(vr0) and _is_upper(vr1)):
+    if not is_vr(vr0, vr1):
         return -1
     return _MAP_KIND_OF_VR[(vr0 - 0x41) * 26 + vr1 - 0x41]
 
@@ -218,21 +219,6 @@ cdef inline int _map_kind(uint32_t tag, bint explicit, unsigned char vr0, unsign
 cdef inline int _slot_for(uint32_t tag) noexcept nogil:
     """Index into FIELDS of `tag`, -1 if not kept (~35 tags)."""
     return _search(_TAGS, _NFIELDS, tag)
-
-
-cdef inline bint _is_upper(unsigned char c) noexcept nogil:
-    return 0x41 <= c <= 0x5A
-
-
-cdef inline bint _is_long_vr(unsigned char a, unsigned char b) noexcept nogil:
-    # OB OD OF OL OV OW SQ SV UC UN UR UT UV: 2 reserved bytes, 32-bit length
-    if a == 0x4F:  # 'O'
-        return b == 0x42 or b == 0x44 or b == 0x46 or b == 0x4C or b == 0x56 or b == 0x57
-    if a == 0x53:  # 'S'
-        return b == 0x51 or b == 0x56
-    if a == 0x55:  # 'U'
-        return b == 0x43 or b == 0x4E or b == 0x52 or b == 0x54 or b == 0x56
-    return False
 
 
 cdef inline int _fail(ScanResult* res, int err, Py_ssize_t pos, uint32_t tag,
@@ -328,17 +314,17 @@ cdef int _scan(const ByteView* view, bint explicit, bint big, bint complete,
         if level.explicit:
             # Like pydicom: bytes that are no VR mean this element is implicit,
             # and if it is the first of its dataset, the whole dataset is.
-            if not (_is_upper(vr0) and _is_upper(vr1)):
+            if not is_vr(vr0, vr1):
                 elem_explicit = False
                 if pos == level.start:
                     level.explicit = False
-        elif pos == 0 and _is_upper(vr0) and _is_upper(vr1):
+        elif pos == 0 and is_vr(vr0, vr1):
             # An explicit dataset sent as implicit: pydicom switches, so do we.
             elem_explicit = True
             level.explicit = True
 
         if elem_explicit:
-            if _is_long_vr(vr0, vr1):
+            if is_long_vr(vr0, vr1):
                 if not read_u32(view, pos + 8, level.big, &length):
                     return _fail(res, ERR_HEADER, pos, tag, 0, 0)
                 header = 12

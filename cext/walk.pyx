@@ -11,6 +11,7 @@ from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from libc.stdint cimport int64_t, uint32_t
 
 from bufread cimport load_u16, load_u32
+from vr cimport is_long_vr, is_vr
 
 from fastscp import _header_py as _hp
 from fastscp import _walk_py as _py
@@ -65,21 +66,6 @@ ctypedef struct Level:
     int64_t end     # where a defined-length level closes, else OPEN
     int64_t start
     int64_t bound   # the nearest enclosing defined end, else OPEN
-
-
-cdef inline bint _is_vr(unsigned char b0, unsigned char b1) noexcept nogil:
-    return 0x41 <= b0 <= 0x5A and 0x41 <= b1 <= 0x5A
-
-
-cdef inline bint _long_vr(unsigned char b0, unsigned char b1) noexcept nogil:
-    # PS3.5 table 7.1-1: 2 reserved bytes and a 32-bit length.
-    if b0 == 0x4F:  # O: OB OD OF OL OV OW
-        return b1 in (0x42, 0x44, 0x46, 0x4C, 0x56, 0x57)
-    if b0 == 0x53:  # SQ SV
-        return b1 == 0x51 or b1 == 0x56
-    if b0 == 0x55:  # UC UN UR UT UV
-        return b1 in (0x43, 0x4E, 0x52, 0x54, 0x56)
-    return False
 
 
 cdef class Walker:
@@ -178,11 +164,11 @@ cdef class Walker:
             if level.explicit:
                 # Like pydicom: bytes that are no VR make this element implicit,
                 # and the whole data set if it is its first element.
-                if not _is_vr(vr0, vr1):
+                if not is_vr(vr0, vr1):
                     elem_explicit = False
                     if here == level.start:
                         level.explicit = False
-            elif here == 0 and _is_vr(vr0, vr1):
+            elif here == 0 and is_vr(vr0, vr1):
                 elem_explicit = True
                 level.explicit = True
             if elem_explicit and not _KNOWN[(vr0 - 0x41) * 26 + (vr1 - 0x41)]:
@@ -190,7 +176,7 @@ cdef class Walker:
                 return -1
             is_un = elem_explicit and vr0 == 0x55 and vr1 == 0x4E
             is_sq = elem_explicit and vr0 == 0x53 and vr1 == 0x51
-            if elem_explicit and _long_vr(vr0, vr1):
+            if elem_explicit and is_long_vr(vr0, vr1):
                 if n - p < 12:
                     break
                 length = load_u32(buf + p + 8, level.big)

@@ -202,7 +202,7 @@ class IncomingFile:
 
     def __init__(self, storage: Storage, meta: bytes, temp: TempFile | None = None) -> None:
         self._storage = storage
-        temp = temp or TempFile(storage.incoming_dir, storage.file_mode)
+        temp = temp or TempFile(storage.incoming_dir, storage.modes.file)
         self.temp_path = temp.path
         self.meta_length = len(meta)
         self.dataset_length = 0
@@ -315,7 +315,7 @@ class IncomingFile:
                     return dataclasses.replace(resolved, collided_path=collided[0], collided_uid=collided[1])
             if attempt == 0:
                 # PERF: one makedirs per store, a stat when the folder exists.
-                makedirs(os.path.dirname(final), self._storage.dir_mode)
+                makedirs(os.path.dirname(final), self._storage.modes.folder)
             if _link_new(self.temp_path, candidate):
                 if same:
                     return Committed(candidate, "kept-both", same_hash, same, *collided)
@@ -358,7 +358,7 @@ class IncomingFile:
         try:
             os.replace(self.temp_path, target)
             fd = os.open(target + ".reason.txt", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
-                         self._storage.file_mode)
+                         self._storage.modes.file)
             with open(fd, "w", encoding="utf-8") as f:
                 f.write(reason + "\n")
         except OSError:
@@ -395,7 +395,6 @@ class Storage:
         #: storage.file_mode and storage.dir_mode: given to every file and folder we create, and to
         #: the files derived from this area's images (thumbnails, scan sheets).
         self.modes = modes
-        self.file_mode, self.dir_mode = modes
         #: Root for structured reports (storage.sr_directory), or "" for ``root``.
         self.sr_root = os.path.abspath(sr_root) if sr_root else ""
         self.fsync = fsync
@@ -409,10 +408,10 @@ class Storage:
         Returns the number of stale temp files removed. Only the supervisor
         calls this, before any worker runs.
         """
-        makedirs(self.incoming_dir, self.dir_mode)
-        makedirs(self.quarantine_dir, self.dir_mode)
+        makedirs(self.incoming_dir, self.modes.folder)
+        makedirs(self.quarantine_dir, self.modes.folder)
         if self.sr_root:
-            makedirs(self.sr_root, self.dir_mode)
+            makedirs(self.sr_root, self.modes.folder)
         removed = 0
         for name in os.listdir(self.incoming_dir):
             if name.endswith(".part"):
@@ -449,6 +448,6 @@ class Storage:
         """A temp file for the next data set, or None if none can be made now
         (begin then tries again and reports why)."""
         try:
-            return TempFile(self.incoming_dir, self.file_mode)
+            return TempFile(self.incoming_dir, self.modes.file)
         except OSError:
             return None
