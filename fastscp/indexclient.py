@@ -72,8 +72,9 @@ def batch_messages(records: list[IndexRecord]) -> list[tuple[bytes, int]]:
         return batch_messages(records[:half]) + batch_messages(records[half:])
     (record,) = records
     if isinstance(record, InstanceRecord):
+        # The path comes from header values: the log formatters escape it (fastscp.logs.escape).
         log.warning("the attribute map of %s is too long for a message (%d bytes): indexed without it",
-                    record.path.encode("unicode_escape").decode("ascii"), len(data))
+                    record.path, len(data))
         record = msgspec.structs.replace(record, header=msgspec.structs.replace(record.header, attributes="{}"))
         data = ENCODER.encode(RecordBatch.of([record]))
     return [(data, 1)]
