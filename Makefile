@@ -41,8 +41,8 @@ apt-install:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
 	fi
 
-# Re-installs when the project's build inputs change; compiles cext/ in place.
-$(VENV)/.installed: pyproject.toml setup.py $(wildcard cext/*.pyx cext/*.pxd)
+# Re-installs when the project's build inputs change; compiles the .pyx files in place.
+$(VENV)/.installed: pyproject.toml setup.py $(wildcard fastscp/*/*.pyx fastscp/*/*.pxd)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[test]'
@@ -95,7 +95,7 @@ bench-load: bench-setup
 	$(BIN)/python -m bench.load
 
 clean:
-	rm -rf build *.egg-info fastscp/*.so cext/*.c $(VENV) $(PIL_STOCK)
+	rm -rf build *.egg-info fastscp/*/*.so fastscp/*/*.c $(VENV) $(PIL_STOCK)
 
 # The fuzz test of tests/test_hostile.py (seeded mutations of a valid
 # association, sent raw) with many more runs than `make test` does (100).

@@ -1,8 +1,10 @@
 """Build the Cython extensions; all metadata lives in pyproject.toml.
 
-Every ``cext/NAME.pyx`` becomes the extension module ``fastscp._NAME_cext``
-(``cext/header.pyx`` -> ``fastscp._header_cext``).  Shared inline helpers are
-``cext/*.pxd`` files, cimported by name.
+Every ``fastscp/**/NAME.pyx`` becomes the extension module of that name, beside
+its pure-Python twin (``fastscp/dicom/_header_cext.pyx`` ->
+``fastscp.dicom._header_cext``, twin of ``fastscp/dicom/_header_py.py``).
+Shared inline helpers are ``.pxd`` files in the same package, cimported
+relatively (``from .vr cimport is_vr``).
 
 Environment switches:
 
@@ -24,7 +26,7 @@ from pathlib import Path
 from setuptools import Extension, setup
 
 HERE = Path(__file__).resolve().parent
-CEXT = "cext"  # relative to HERE: setuptools wants relative source paths
+PACKAGE = "fastscp"  # relative to HERE: setuptools wants relative source paths
 
 
 def _flag(name: str) -> bool:
@@ -32,14 +34,14 @@ def _flag(name: str) -> bool:
 
 
 def extensions() -> list[Extension]:
-    """One Extension per ``cext/*.pyx``, cythonized."""
+    """One Extension per ``fastscp/**/*.pyx``, cythonized."""
     from Cython.Build import cythonize
 
     trace = _flag("FASTSCP_CYTHON_TRACE")
     macros = [("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")]
     if trace:
         macros += [("CYTHON_TRACE", "1"), ("CYTHON_TRACE_NOGIL", "1")]
-    include_dirs = [CEXT]
+    include_dirs = []
     try:  # numpy headers for the modules that cimport numpy
         import numpy
 
@@ -48,18 +50,17 @@ def extensions() -> list[Extension]:
         pass
     modules = [
         Extension(
-            f"fastscp._{pyx.stem}_cext",
-            [f"{CEXT}/{pyx.name}"],
+            ".".join(pyx.relative_to(HERE).with_suffix("").parts),
+            [str(pyx.relative_to(HERE))],
             include_dirs=include_dirs,
             define_macros=macros,
             extra_compile_args=["-O3"] if os.name != "nt" else [],
         )
-        for pyx in sorted((HERE / CEXT).glob("*.pyx"))
+        for pyx in sorted((HERE / PACKAGE).rglob("*.pyx"))
     ]
     annotate = _flag("FASTSCP_CYTHON_ANNOTATE")
     return cythonize(
         modules,
-        include_path=[CEXT],
         annotate=annotate,
         # Cython only compares timestamps, not directives: regenerate the C
         # code when a switch asks for different code.

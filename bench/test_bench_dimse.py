@@ -1,19 +1,19 @@
 """DIMSE and upper-layer hot paths: fastscp's data phase against pynetdicom's.
 
 Run with ``pytest bench/test_bench_dimse.py --benchmark-only``. fastscp runs
-the data transfer phase itself (``fastscp/acceptor.py``, ``fastscp/dimse.py``);
+the data transfer phase itself (``fastscp/net/association.py``, ``fastscp/net/dimse.py``);
 each benchmark measures the pynetdicom code it replaced in the same run and
 reports the speed-up (printed, and ``extra_info["x_vs_pynetdicom"]`` in
 ``--benchmark-json``).
 
-* C-STORE-RQ command set -> values: :func:`fastscp.dimse.decode_command_set`
+* C-STORE-RQ command set -> values: :func:`fastscp.net.dimse.decode_command_set`
   vs ``pynetdicom.dsutils.decode`` plus reading the fields a Storage SCP uses
   (pydicom converts values lazily, so decoding alone is not the whole cost;
   it is measured too, for information).
-* C-STORE-RSP -> bytes: :func:`fastscp.dimse.encode_response` vs pynetdicom's
+* C-STORE-RSP -> bytes: :func:`fastscp.net.dimse.encode_response` vs pynetdicom's
   ``C_STORE`` primitive -> ``C_STORE_RSP.primitive_to_message`` ->
   ``dsutils.encode``; and the same to P-DATA-TF PDUs on the wire
-  (:func:`fastscp.acceptor.p_data_tf` vs ``encode_msg`` +
+  (:func:`fastscp.net.association.p_data_tf` vs ``encode_msg`` +
   ``P_DATA_TF.from_primitive().encode()``, what ``DIMSEServiceProvider.send_msg``
   does).
 * P-DATA-TF parsing: a 512x512 CT data set (~0.5 MiB) in PDUs of 16 KiB
@@ -38,8 +38,8 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import decode, encode
 from pynetdicom.pdu import P_DATA_TF
 
-from fastscp import dimse
-from fastscp.acceptor import Association, PDUStream, p_data_tf
+from fastscp.net import dimse
+from fastscp.net.association import Association, PDUStream, p_data_tf
 
 SOP_INSTANCE = "1.2.826.0.1.3680043.8.498.12345678901234567890123456789012345"
 CONTEXT_ID = 1

@@ -28,7 +28,7 @@ from pydicom.filewriter import write_dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian
 
-from fastscp import header
+from fastscp.dicom import header
 
 TS = str(ExplicitVRLittleEndian)
 # Medians of this run, seconds, by implementation; filled as the tests run.
@@ -127,7 +127,7 @@ def test_parse_header(benchmark, ct, capsys, impl: str) -> None:
     file, dataset = ct
     parse = header.parse_header_cext if impl == "cext" else header.parse_header_py
     if parse is None:
-        pytest.fail("fastscp._header_cext is not built")
+        pytest.fail("fastscp.dicom._header_cext is not built")
     benchmark.group = "CT 512x512 header"
     fields = benchmark(parse, dataset, TS)
     assert fields.rows == 512 and fields.window_center == 40.0

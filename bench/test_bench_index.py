@@ -22,13 +22,13 @@ import msgspec
 import pytest
 from pydicom.dataset import Dataset
 
-from fastscp.find import STUDY_ROOT_FIND, find
-from fastscp.header import HeaderFields
-from fastscp.index import Index
-from fastscp.indexclient import BATCH_RECORDS, QueryClient
-from fastscp.indexer import indexer_address, indexer_main
-from fastscp.query import Condition, LocalQueryClient, QueryRequest, StatsRequest, run_query, run_stats
-from fastscp.records import ENCODER, InstanceRecord, RecordBatch
+from fastscp.dicom.header import HeaderFields
+from fastscp.index.client import BATCH_RECORDS, QueryClient
+from fastscp.index.database import Index
+from fastscp.index.indexer import indexer_address, indexer_main
+from fastscp.index.records import ENCODER, InstanceRecord, RecordBatch
+from fastscp.query.cfind import STUDY_ROOT_FIND, find
+from fastscp.query.engine import Condition, LocalQueryClient, QueryRequest, StatsRequest, run_query, run_stats
 
 #: Rows of the big index (FASTSCP_BENCH_INDEX_ROWS for a quick try).
 INSTANCES = int(os.environ.get("FASTSCP_BENCH_INDEX_ROWS", 1_000_000))

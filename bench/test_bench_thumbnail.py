@@ -30,9 +30,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fastscp import _thumbnail_py, imaging, thumbnail
-from fastscp.synthetic import write_series
-from fastscp.thumbnail import PixelInfo
+from fastscp.dicom.synthetic import write_series
+from fastscp.imaging import _thumbnail_py, thumbnail
+from fastscp.imaging import frames as imaging
+from fastscp.imaging.thumbnail import PixelInfo
 
 ROWS = COLUMNS = 512
 SIZE = 128
@@ -121,7 +122,7 @@ def test_numpy_lut_pillow(benchmark, ct, capsys) -> None:
 def test_thumbnail(benchmark, ct, capsys, impl: str) -> None:
     render = thumbnail.thumbnail_cext if impl == "cext" else thumbnail.thumbnail_py
     if render is None:
-        pytest.fail("fastscp._thumbnail_cext is not built")
+        pytest.fail("fastscp.imaging._thumbnail_cext is not built")
     benchmark.group = "CT 512x512 -> 128 thumbnail"
     image = benchmark(render, ct, INFO, SIZE)
     assert image.shape == (SIZE, SIZE)
@@ -134,8 +135,8 @@ def test_thumbnail(benchmark, ct, capsys, impl: str) -> None:
 def test_thumbnail_render_only(benchmark, ct) -> None:
     """The compiled pass alone, without the Python planning around it."""
     if thumbnail.thumbnail_cext is None:
-        pytest.fail("fastscp._thumbnail_cext is not built")
-    from fastscp import _thumbnail_cext
+        pytest.fail("fastscp.imaging._thumbnail_cext is not built")
+    from fastscp.imaging import _thumbnail_cext
 
     plan = _thumbnail_py.plan(ct, INFO, SIZE)
     benchmark.group = "CT 512x512 -> 128 thumbnail"
@@ -168,7 +169,7 @@ PIL_STOCK = Path(__file__).resolve().parent / ".pil-stock"
 _TIME_ENCODE = """
 import json, statistics, sys, timeit
 import numpy as np
-from fastscp import imaging
+from fastscp.imaging import frames as imaging
 image = np.load(sys.argv[1])
 seconds = statistics.median(timeit.repeat(lambda: imaging.encode_jpeg(image), number=int(sys.argv[2]), repeat=7))
 print(json.dumps({"pillow": f"{imaging.PILLOW_FLAVOUR} {imaging.PILLOW_VERSION}", "s": seconds / int(sys.argv[2])}))

@@ -17,8 +17,8 @@ from typing import Annotated, Any, Literal
 import msgspec
 import yaml
 
-from fastscp.layout import Accounts, LayoutOptions, PatientFolders, TemplateError, check_template
-from fastscp.sopclasses import resolve_sop_classes
+from fastscp.dicom.sopclasses import resolve_sop_classes
+from fastscp.storage.layout import Accounts, LayoutOptions, PatientFolders, TemplateError, check_template
 
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
 Positive = Annotated[int, msgspec.Meta(ge=1)]
@@ -389,7 +389,7 @@ def load_config(path: str | None = None, overrides: dict[str, Any] | None = None
 
 
 def layout_options(config: Config) -> LayoutOptions:
-    """The layout part of the config, as :mod:`fastscp.layout` takes it."""
+    """The layout part of the config, as :mod:`fastscp.storage.layout` takes it."""
     storage = config.storage
     return LayoutOptions(
         naming=storage.naming,

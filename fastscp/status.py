@@ -147,3 +147,13 @@ RECENT = 50
 ENCODER = msgspec.msgpack.Encoder()
 DECODER = msgspec.msgpack.Decoder(StatusSnapshot)
 JSON_ENCODER = msgspec.json.Encoder()
+
+
+def human_bytes(count: int | float | None) -> str:
+    """1536 -> '1.5 KiB'."""
+    value = float(count or 0)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")

@@ -94,7 +94,7 @@ class Server:
     def wait_for_log(self, *texts: str, timeout: float = 15) -> str:
         """The log once it holds every one of ``texts``.
 
-        Child processes forward INFO records in batches (fastscp.logs), so a
+        Child processes forward INFO records in batches (fastscp.process.logs), so a
         line can reach the log a moment after the action that logged it.
         """
         wait_until(lambda: all(text in self.log_text() for text in texts), timeout, what=f"log lines {texts}")

@@ -15,7 +15,7 @@ from pynetdicom.pdu import A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification, SCP_SCU_RoleSelectionNegotiation
 from pynetdicom.presentation import build_context
 
-from fastscp import dimse
+from fastscp.net import dimse
 
 _PDU = struct.Struct(">BxI")
 _PDV = struct.Struct(">IBB")

@@ -14,10 +14,10 @@ import pytest
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage
 from pynetdicom import AE
 
-from fastscp.access import build_access_policy, peer_ip
 from fastscp.config import AllowedAE
-from fastscp.part10 import dataset_offset
-from fastscp.synthetic import write_series
+from fastscp.dicom.part10 import dataset_offset
+from fastscp.dicom.synthetic import write_series
+from fastscp.net.access import build_access_policy, peer_ip
 from tests.conftest import dcmtk, wait_until
 from tests.rawscu import RawSCU
 from tests.test_lifecycle import incoming

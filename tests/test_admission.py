@@ -19,7 +19,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
-from fastscp.scu import echo
+from fastscp.net.scu import echo
 from tests.conftest import dcmtk, wait_until
 from tests.rawscu import RawSCU
 from tests.test_access import associate, config

@@ -9,9 +9,9 @@ import json
 import msgspec
 import pytest
 
-from fastscp.batchtable import SCHEMA, InstanceBatch, distinct_rows, last_per_path
-from fastscp.header import HeaderFields
-from fastscp.records import (
+from fastscp.dicom.header import HeaderFields
+from fastscp.index.batchtable import SCHEMA, InstanceBatch, distinct_rows, last_per_path
+from fastscp.index.records import (
     BATCH_DECODER,
     ENCODER,
     INSTANCE_COLUMNS,

@@ -117,7 +117,7 @@ def test_tree_monitor_counts_children_and_peak_rss() -> None:
 
 
 def test_dataset_digest_matches_the_bytes_after_file_meta(tmp_path: Path) -> None:
-    from fastscp.synthetic import write_series
+    from fastscp.dicom.synthetic import write_series
 
     (path,) = write_series(str(tmp_path), 1, rows=8, columns=8)
     data = Path(path).read_bytes()
@@ -133,13 +133,14 @@ def test_dataset_digest_matches_the_bytes_after_file_meta(tmp_path: Path) -> Non
 def test_profile_summary_splits_association_threads(tmp_path: Path) -> None:
     raw = tmp_path / "p.txt"
     raw.write_text(
-        'process 1:"python -m fastscp.cli serve";run (fastscp/worker.py:10);Association.run (fastscp/acceptor.py:5);'
-        "IncomingFile.write (fastscp/storage.py:99) 30\n"
-        'process 1:"python -m fastscp.cli serve";run (fastscp/worker.py:10);Association.run (fastscp/acceptor.py:5);'
-        "PDUStream._fill (fastscp/acceptor.py:70) 10\n"
-        'process 2:"python -m fastscp.cli serve";Indexer.run (fastscp/indexer.py:3);Index.add (fastscp/index.py:7) 5\n'
+        'process 1:"python -m fastscp.cli serve";run (fastscp/runtime/worker.py:10);'
+        "Association.run (fastscp/net/association.py:5);IncomingFile.write (fastscp/storage/area.py:99) 30\n"
+        'process 1:"python -m fastscp.cli serve";run (fastscp/runtime/worker.py:10);'
+        "Association.run (fastscp/net/association.py:5);PDUStream._fill (fastscp/net/association.py:70) 10\n"
+        'process 2:"python -m fastscp.cli serve";Indexer.run (fastscp/index/indexer.py:3);'
+        "Index.add (fastscp/index/database.py:7) 5\n"
     )
     text = report.profile_summary(raw)
     assert "association threads: 40 samples" in text
-    assert "| `IncomingFile.write (storage.py)` | 75.0 | 75.0 |" in text
-    assert "other threads: 5 samples" in text and "| `Index.add (index.py)` | 100.0 | 100.0 |" in text
+    assert "| `IncomingFile.write (storage/area.py)` | 75.0 | 75.0 |" in text
+    assert "other threads: 5 samples" in text and "| `Index.add (index/database.py)` | 100.0 | 100.0 |" in text

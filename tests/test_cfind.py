@@ -10,8 +10,8 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from fastscp.indexclient import QueryClient
-from fastscp.synthetic import write_series
+from fastscp.dicom.synthetic import write_series
+from fastscp.index.client import QueryClient
 from tests.conftest import dcmtk, wait_until
 
 pytestmark = pytest.mark.dcmtk
@@ -192,7 +192,7 @@ def _pynetdicom_find(server, level: str, relational: bool,  # type: ignore[no-un
     from pynetdicom import AE
     from pynetdicom.pdu_primitives import SOPClassExtendedNegotiation
 
-    from fastscp.scu import associate
+    from fastscp.net.scu import associate
 
     ae = AE(ae_title="FINDSCU")
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 20
@@ -245,7 +245,7 @@ def test_relational_queries_when_negotiated(patients) -> None:  # type: ignore[n
 def test_query_and_stats_use_the_same_per_study_semantics(patients, capsys) -> None:  # type: ignore[no-untyped-def]
     import json
 
-    from fastscp import cli_index
+    from fastscp.cli import index as cli_index
 
     def query(*argv: str) -> list[dict[str, object]]:
         assert cli_index.main(["query", *argv, "--index-db", str(patients.index), "--json"]) == 0
@@ -269,7 +269,7 @@ def test_sql_is_read_only_with_every_output_format(patients, tmp_path: Path, cap
 
     import pyarrow.parquet as pq
 
-    from fastscp import cli_index
+    from fastscp.cli import index as cli_index
 
     def sql(statement: str, *options: str) -> tuple[int, str, str]:
         status = cli_index.main(["sql", statement, "--index-db", str(patients.index), *options])
@@ -423,7 +423,7 @@ def test_map_keys_are_supported_and_the_rest_still_warn(scanned) -> None:  # typ
 def test_sql_reads_the_attribute_map(scanned, capsys) -> None:  # type: ignore[no-untyped-def]
     import json
 
-    from fastscp import cli_index
+    from fastscp.cli import index as cli_index
 
     statement = ("SELECT attributes->>'$.\"00180050\"' AS slice_thickness, count(*) AS n FROM instance_attributes "
                  "GROUP BY 1 ORDER BY 1")

@@ -17,7 +17,7 @@ import pydicom
 import pytest
 from pydicom.uid import MRImageStorage
 
-from fastscp.synthetic import write_series
+from fastscp.dicom.synthetic import write_series
 from tests.conftest import free_port
 from tests.test_access import pki, tls_config  # noqa: F401  (pki: the test CA fixture)
 from tests.test_server import assert_same_dataset, by_instance, fastscp
@@ -168,8 +168,8 @@ def test_echo_and_send_over_tls(start_server, tmp_path: Path, pki: Path) -> None
 
 
 def test_more_than_128_contexts_take_several_associations(start_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    from fastscp.scu import MAX_CONTEXTS
-    from fastscp.sopclasses import STORAGE_SOP_CLASSES
+    from fastscp.dicom.sopclasses import STORAGE_SOP_CLASSES
+    from fastscp.net.scu import MAX_CONTEXTS
 
     server = start_server(workers=1)
     classes = sorted(set(STORAGE_SOP_CLASSES.values()))[: MAX_CONTEXTS + 2]

@@ -20,8 +20,8 @@ from fastscp.config import (
     to_builtins,
     with_live_keys,
 )
-from fastscp.layout import Accounts, LayoutOptions, PatientFolders
-from fastscp.sopclasses import MODALITY_SOP_CLASSES, STORAGE_SOP_CLASSES, resolve_sop_classes
+from fastscp.dicom.sopclasses import MODALITY_SOP_CLASSES, STORAGE_SOP_CLASSES, resolve_sop_classes
+from fastscp.storage.layout import Accounts, LayoutOptions, PatientFolders
 
 REFERENCE = Path(__file__).parent.parent / "config" / "fastscp.yaml"
 

@@ -1,4 +1,4 @@
-"""fastscp.convert and ``fastscp convert``: DICOM -> JPEG and JPEG -> Secondary Capture."""
+"""fastscp.imaging.convert and ``fastscp convert``: DICOM -> JPEG and JPEG -> Secondary Capture."""
 
 from __future__ import annotations
 
@@ -14,10 +14,13 @@ from PIL import Image
 from pydicom.encaps import generate_frames
 from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, SecondaryCaptureImageStorage, generate_uid
 
-from fastscp import cli, cli_images, convert, scu
-from fastscp.convert import ConversionError, jpeg_info
-from fastscp.synthetic import write_series
-from fastscp.thumbnail import ThumbnailError
+from fastscp.cli import images as cli_images
+from fastscp.cli import main as cli
+from fastscp.dicom.synthetic import write_series
+from fastscp.imaging import convert
+from fastscp.imaging.convert import ConversionError, jpeg_info
+from fastscp.imaging.thumbnail import ThumbnailError
+from fastscp.net import scu
 
 from .conftest import dcmtk
 
@@ -111,7 +114,7 @@ def test_cli_dcm2jpg(ct: Path, tmp_path: Path, capsys: pytest.CaptureFixture) ->
 
 
 def test_cli_registry_integration(ct: Path, tmp_path: Path) -> None:
-    """``fastscp convert`` through cli.main (cli.COMMAND_MODULES lists fastscp.cli_images)."""
+    """``fastscp convert`` through cli.main (cli.COMMAND_MODULES lists fastscp.cli.images)."""
     assert cli.main(["convert", "dcm2jpg", str(ct), str(tmp_path / "m.jpg"), "--thumbnail"]) == 0
     with Image.open(tmp_path / "m.jpg") as image:
         assert (image.format, image.size) == ("JPEG", (85, 128))  # the thumbnail of the 200x300 image

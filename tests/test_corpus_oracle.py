@@ -206,7 +206,7 @@ def test_storescu_really_changes_the_excluded_files(oracle):
 def test_pynetdicom_chunked_delivers_every_corpus_file(oracle, monkeypatch):
     from pynetdicom import AE, _config
 
-    from fastscp.scu import associate
+    from fastscp.net.scu import associate
 
     # send the file's data set bytes as they are instead of re-encoding
     monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)

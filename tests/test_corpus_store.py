@@ -17,7 +17,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from fastscp.scu import associate, send
+from fastscp.net.scu import associate, send
 from tests import corpus
 
 pytestmark = pytest.mark.dcmtk

@@ -12,9 +12,9 @@ import pytest
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from pynetdicom import AE
 
-from fastscp.part10 import dataset_offset
-from fastscp.scu import associate
-from fastscp.synthetic import write_series
+from fastscp.dicom.part10 import dataset_offset
+from fastscp.dicom.synthetic import write_series
+from fastscp.net.scu import associate
 from tests.conftest import wait_until
 from tests.rawscu import RawSCU
 from tests.test_server import fastscp
@@ -100,7 +100,7 @@ def test_a_dead_supervisor_takes_its_children_and_a_restart_reconciles(start_ser
 # on the pipe only if it is still running 5 s later.
 _ORPHAN_SCRIPT = """
 import os, signal, sys, time
-from fastscp.orphan import die_with_parent
+from fastscp.process.orphan import die_with_parent
 parent_dies_first = sys.argv[1] == "late"
 r, w = os.pipe()
 mid = os.fork()

@@ -13,11 +13,11 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from fastscp.indexclient import QueryClient
-from fastscp.part10 import dataset_offset
-from fastscp.query import QueryRequest
-from fastscp.storage import dataset_hash
-from fastscp.synthetic import write_series
+from fastscp.dicom.part10 import dataset_offset
+from fastscp.dicom.synthetic import write_series
+from fastscp.index.client import QueryClient
+from fastscp.query.engine import QueryRequest
+from fastscp.storage.area import dataset_hash
 from tests.conftest import dcmtk, storescu_concurrently, wait_until
 from tests.rawscu import RawSCU
 from tests.test_server import assert_same_dataset, by_instance
@@ -239,7 +239,7 @@ def test_stores_do_not_wait_for_busy_query_threads(server, tmp_path: Path) -> No
     import socket
     import time
 
-    from fastscp.indexer import QUERY_THREADS, query_address
+    from fastscp.index.indexer import QUERY_THREADS, query_address
 
     idle = []
     for _ in range(QUERY_THREADS + 1):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from fastscp.synthetic import write_series
+from fastscp.dicom.synthetic import write_series
 from tests.conftest import dcmtk, wait_until
 
 pytestmark = pytest.mark.dcmtk

@@ -2,7 +2,7 @@
 
 The index is built from synthetic series and pydicom's test files (see
 tests/test_index.py: make_storage); the identifiers are pydicom Datasets as
-fastscp.findscp decodes them from a C-FIND-RQ.
+fastscp.net.findscp decodes them from a C-FIND-RQ.
 """
 
 from __future__ import annotations
@@ -15,7 +15,9 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
-from fastscp.find import (
+from fastscp.index.database import Index
+from fastscp.net.findscp import decode_identifier, encode_identifier
+from fastscp.query.cfind import (
     IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS,
     PATIENT_ROOT_FIND,
     PENDING,
@@ -25,9 +27,7 @@ from fastscp.find import (
     find,
     finder,
 )
-from fastscp.findscp import decode_identifier, encode_identifier
-from fastscp.index import Index
-from fastscp.query import LocalQueryClient
+from fastscp.query.engine import LocalQueryClient
 from tests.conftest import dcmtk
 from tests.test_index import make_storage, records_of
 
@@ -179,8 +179,8 @@ def test_non_ascii_values_get_utf8_and_survive_encoding(client) -> None:  # type
 
 @pytest.mark.dcmtk
 def test_find_through_a_running_server(start_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    from fastscp.indexclient import QueryClient
-    from fastscp.synthetic import write_series
+    from fastscp.dicom.synthetic import write_series
+    from fastscp.index.client import QueryClient
 
     server = start_server(workers=1)
     files = write_series(str(tmp_path / "send"), 3, rows=16, columns=16, patient_id="FINDME")
@@ -202,7 +202,7 @@ def test_find_through_a_running_server(start_server, tmp_path: Path) -> None:  #
 
 
 def test_values_of_the_attribute_map_take_their_vr_form() -> None:
-    from fastscp.find import _value
+    from fastscp.query.cfind import _value
 
     # A backslash separates values, except in the text VRs where it is text (PS3.5 6.2).
     assert _value("left\\right", "LT") == "left\\right" and _value("a\\b", "UT") == "a\\b"

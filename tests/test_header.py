@@ -1,4 +1,4 @@
-"""fastscp.header: both twins against pydicom and against each other.
+"""fastscp.dicom.header: both twins against pydicom and against each other.
 
 Every test that parses runs twice, ``[cext]`` (the compiled module) and
 ``[py]`` (the pure-Python twin).  The cext case fails when the module is not
@@ -30,8 +30,8 @@ from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_dataset
 from pydicom.multival import MultiValue
 
-from fastscp import _header_py, header
-from fastscp.header import HeaderError, HeaderFields, IncompleteHeader
+from fastscp.dicom import _header_py, header
+from fastscp.dicom.header import HeaderError, HeaderFields, IncompleteHeader
 
 from .dicomfiles import (
     DEFLATED_LE,
@@ -101,7 +101,7 @@ def _backend(name: str) -> Parse:
     if header.parse_header_cext is None:
         if header.NO_EXTENSIONS:
             pytest.skip("FASTSCP_NO_EXTENSIONS=1")
-        pytest.fail("fastscp._header_cext is not built: run `pip install -e .` "
+        pytest.fail("fastscp.dicom._header_cext is not built: run `pip install -e .` "
                     "or `python setup.py build_ext --inplace`")
     return header.parse_header_cext
 
@@ -260,8 +260,9 @@ def test_backend_switch() -> None:
         assert header.BACKEND == "cext"
         assert header.parse_header_cext is not None and header._parse is header.parse_header_cext
     # The environment switch, in a fresh interpreter: the twin runs, the compiled module is not loaded.
-    code = ("import sys; from fastscp import header; "
-            "print(header.BACKEND, header._parse is header.parse_header_py, 'fastscp._header_cext' in sys.modules)")
+    code = ("import sys; from fastscp.dicom import header; "
+            "print(header.BACKEND, header._parse is header.parse_header_py, "
+            "'fastscp.dicom._header_cext' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "FASTSCP_NO_EXTENSIONS": "1"})
     assert out.stdout.split() == ["py", "True", "False"]

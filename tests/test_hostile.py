@@ -23,10 +23,10 @@ import pytest
 from pydicom.uid import CTImageStorage, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 from pynetdicom import AE
 
-from fastscp import dimse
-from fastscp.part10 import dataset_offset
-from fastscp.scu import associate
-from fastscp.synthetic import write_series
+from fastscp.dicom.part10 import dataset_offset
+from fastscp.dicom.synthetic import write_series
+from fastscp.net import dimse
+from fastscp.net.scu import associate
 from tests.conftest import dcmtk, wait_until
 from tests.dicomfiles import Encoder, pad
 from tests.rawscu import RawSCU, associate_rq, p_data, store_command
@@ -434,7 +434,7 @@ def test_fuzzed_sessions_leave_the_server_healthy(start_server, tmp_path: Path, 
     assert "internal error" not in server.log_text()
     # Whatever was acknowledged is whole: pydicom reads every element of it,
     # and so does the other twin of the walk.
-    from fastscp.walk import WalkerPy, walk_dataset  # here: this file also runs against the code before it
+    from fastscp.dicom.walk import WalkerPy, walk_dataset  # here: this file also runs against the code before it
 
     stored = server.stored_files()
     for path in stored:

@@ -1,7 +1,7 @@
 """The DuckDB index on real files: schema, batches, resends, conflicts, migration, reconcile, reindex.
 
 The records come from real DICOM files (synthetic series and pydicom's test
-files) read back with :func:`fastscp.reindex.read_record`; every index is a
+files) read back with :func:`fastscp.index.reindex.read_record`; every index is a
 real DuckDB file in the test's temp folder.
 """
 
@@ -21,15 +21,15 @@ import duckdb
 import msgspec
 import pytest
 
-from fastscp.header import HeaderFields
-from fastscp.index import SCHEMA_VERSION, TABLES, Index, IndexUnavailable
-from fastscp.indexclient import IndexerClient, QueryClient
-from fastscp.indexer import Indexer, indexer_address, query_address
-from fastscp.query import Condition as QueryCondition
-from fastscp.query import QueryRequest, SqlRequest, run_query
-from fastscp.records import DuplicateConflict, InstanceRecord
-from fastscp.reindex import FileState, Progress, plan, read_record, read_records, reindex, walk
-from fastscp.synthetic import write_series
+from fastscp.dicom.header import HeaderFields
+from fastscp.dicom.synthetic import write_series
+from fastscp.index.client import IndexerClient, QueryClient
+from fastscp.index.database import SCHEMA_VERSION, TABLES, Index, IndexUnavailable
+from fastscp.index.indexer import Indexer, indexer_address, query_address
+from fastscp.index.records import DuplicateConflict, InstanceRecord
+from fastscp.index.reindex import FileState, Progress, plan, read_record, read_records, reindex, walk
+from fastscp.query.engine import Condition as QueryCondition
+from fastscp.query.engine import QueryRequest, SqlRequest, run_query
 from tests.dicomfiles import PYDICOM_DATA
 
 #: pydicom test files in the storage fixture: two compressed, a UTF-8 and a Latin-1 name.
@@ -639,7 +639,7 @@ def test_query_socket_refuses_other_users(tmp_path: Path) -> None:
     try:
         # A child that becomes "nobody" connects: abstract sockets have no file
         # permissions, so the indexer checks the peer's credentials itself.
-        code = ("import os, sys; from fastscp.indexclient import QueryClient; os.setuid(65534)\n"
+        code = ("import os, sys; from fastscp.index.client import QueryClient; os.setuid(65534)\n"
                 "try:\n    QueryClient(sys.argv[1]).stats()\nexcept ConnectionError:\n    sys.exit(3)")
         denied = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True, timeout=60)
         assert denied.returncode == 3, denied.stderr
@@ -674,7 +674,7 @@ def test_files_outside_the_root_are_indexed_by_absolute_path(storage: Path, tmp_
 
 
 def test_thumbnails_are_recorded_and_queried(storage: Path, tmp_path: Path) -> None:
-    from fastscp.records import ThumbnailMade
+    from fastscp.index.records import ThumbnailMade
 
     index = Index(str(tmp_path / "index.duckdb"))
     records = records_of(storage)
@@ -700,9 +700,9 @@ def test_indexer_state_is_cheap_to_ask(tmp_path: Path) -> None:
 
 
 def test_uid_index_knows_received_and_committed_uids(storage: Path, tmp_path: Path) -> None:
-    from fastscp.batchtable import InstanceBatch
-    from fastscp.indexer import UidIndex
-    from fastscp.records import InstanceColumns
+    from fastscp.index.batchtable import InstanceBatch
+    from fastscp.index.indexer import UidIndex
+    from fastscp.index.records import InstanceColumns
 
     records = records_of(storage)
     first = msgspec.structs.replace(records[0], affected_sop_instance_uid="1.2.826.0.1.3680043.8.498.777")

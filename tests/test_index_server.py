@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from fastscp import cli_index
-from fastscp.index import SCHEMA_VERSION, Index
-from fastscp.indexclient import QueryClient
-from fastscp.query import LocalQueryClient, QueryRequest, StatsRequest
-from fastscp.synthetic import write_series
+from fastscp.cli import index as cli_index
+from fastscp.dicom.synthetic import write_series
+from fastscp.index.client import QueryClient
+from fastscp.index.database import SCHEMA_VERSION, Index
+from fastscp.query.engine import LocalQueryClient, QueryRequest, StatsRequest
 from tests.conftest import dcmtk
 
 pytestmark = pytest.mark.dcmtk
@@ -62,7 +62,7 @@ def reconciled(server) -> bool:  # type: ignore[no-untyped-def]
 
 
 def require_reconcile(server) -> None:  # type: ignore[no-untyped-def]
-    """Fail unless the supervisor gives the indexer its storage root (see fastscp.indexer.indexer_main):
+    """Fail unless the supervisor gives the indexer its storage root (see fastscp.index.indexer.indexer_main):
     without it nothing indexes the files whose records a killed process lost."""
     state = QueryClient(str(server.index)).state().reconcile
     assert state != "off", "the indexer runs without storage.root: no reconcile on start"
@@ -214,7 +214,7 @@ def test_wal_mode_false_checkpoints_every_batch(start_server, small_series, tmp_
 
 def test_a_v1_index_is_migrated_when_the_server_starts(start_server, small_series,
                                                       tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from fastscp.reindex import FileState, read_record
+    from fastscp.index.reindex import FileState, read_record
     from tests.test_index import make_v1_index
 
     storage = tmp_path / "received"

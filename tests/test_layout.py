@@ -10,8 +10,9 @@ import warnings
 import pydicom
 import pytest
 
-from fastscp.header import HeaderFields, parse_header
-from fastscp.layout import (
+from fastscp.dicom.header import HeaderFields, parse_header
+from fastscp.dicom.part10 import dataset_offset
+from fastscp.storage.layout import (
     LAYOUTS,
     Accounts,
     LayoutOptions,
@@ -22,7 +23,6 @@ from fastscp.layout import (
     safe_component,
     study_folder,
 )
-from fastscp.part10 import dataset_offset
 
 CT = HeaderFields(
     patient_id="PID1", patient_name="DOE^JANE", study_instance_uid="1.2.3", study_date="20240131",

@@ -14,9 +14,9 @@ import pytest
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from pynetdicom import AE
 
-from fastscp.part10 import dataset_offset
-from fastscp.scu import associate
-from fastscp.synthetic import write_large_multiframe, write_series
+from fastscp.dicom.part10 import dataset_offset
+from fastscp.dicom.synthetic import write_large_multiframe, write_series
+from fastscp.net.scu import associate
 from tests.conftest import wait_until
 from tests.rawscu import RawSCU
 from tests.test_server import fastscp

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from fastscp import logs
+from fastscp.process import logs
 
 
 class Collect(logging.Handler):

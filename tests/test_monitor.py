@@ -21,7 +21,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from fastscp.config import load_config, to_builtins
-from fastscp.monitor import STALE_AFTER, ListenError, monitor_main, parse_listen
+from fastscp.monitor.server import STALE_AFTER, ListenError, monitor_main, parse_listen
 from fastscp.status import (
     ENCODER,
     LATENCY_BUCKETS,

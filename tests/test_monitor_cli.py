@@ -10,8 +10,8 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from fastscp import cli
-from fastscp.cli_status import url_for_listen
+from fastscp.cli import main as cli
+from fastscp.cli.status import url_for_listen
 from fastscp.status import StatusSnapshot
 from tests.conftest import free_port
 from tests.test_monitor import HOSTILE_AE, MonitorProcess, make_snapshot, running_monitor

@@ -17,8 +17,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
-from fastscp.part10 import dataset_offset
-from fastscp.synthetic import write_series
+from fastscp.dicom.part10 import dataset_offset
+from fastscp.dicom.synthetic import write_series
 from tests.conftest import dcmtk, wait_until
 from tests.rawscu import RawSCU
 from tests.test_monitor_page import chromium
@@ -121,8 +121,8 @@ def test_failures_duplicates_and_rejections_of_a_real_server_reach_the_status(st
 
 
 def test_committed_counts_instances_not_records(start_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    from fastscp.indexclient import QueryClient
-    from fastscp.query import QueryRequest
+    from fastscp.index.client import QueryClient
+    from fastscp.query.engine import QueryRequest
 
     # Thumbnails on (the default): each instance also sends a thumbnail record to the indexer.
     server = start_server(monitor="127.0.0.1:0")

@@ -1,4 +1,4 @@
-"""Prometheus rendering (fastscp.metrics) without a process: exact text, escaping, empty server."""
+"""Prometheus rendering (fastscp.monitor.metrics) without a process: exact text, escaping, empty server."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import re
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from fastscp.metrics import escape_label_value, format_value, render
+from fastscp.monitor.metrics import escape_label_value, format_value, render
 from fastscp.status import LATENCY_BUCKETS, SIZE_BUCKETS, Histogram, Totals
 from tests.test_monitor import QUOTED_AE, make_snapshot
 

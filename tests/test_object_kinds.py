@@ -18,8 +18,8 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from fastscp import imaging
-from fastscp.scu import send
+from fastscp.imaging import frames as imaging
+from fastscp.net.scu import send
 from tests import corpus
 from tests.test_server import assert_same_dataset
 

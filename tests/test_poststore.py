@@ -12,7 +12,7 @@ import pydicom
 import pytest
 from PIL import Image
 
-from fastscp.synthetic import write_series
+from fastscp.dicom.synthetic import write_series
 from tests.conftest import dcmtk, wait_until
 
 pytestmark = pytest.mark.dcmtk
@@ -60,7 +60,7 @@ def test_thumbnails_and_scan_sheet_of_a_quiet_study(start_server, tmp_path: Path
 
 
 def test_scansheet_command_while_the_server_runs(start_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    from fastscp.indexclient import QueryClient
+    from fastscp.index.client import QueryClient
     from tests.test_server import fastscp
 
     config = tmp_path / "fastscp.yaml"

@@ -14,10 +14,10 @@ from pynetdicom.dsutils import decode
 from pynetdicom.pdu import A_ASSOCIATE_AC
 from pynetdicom.sop_class import Verification
 
-from fastscp import dimse
-from fastscp.acceptor import PDUStream, ProtocolError, p_data_tf
-from fastscp.negotiation import AcceptancePolicy, negotiate
-from fastscp.sopclasses import STORAGE_SOP_CLASSES
+from fastscp.dicom.sopclasses import STORAGE_SOP_CLASSES
+from fastscp.net import dimse
+from fastscp.net.association import PDUStream, ProtocolError, p_data_tf
+from fastscp.net.negotiation import AcceptancePolicy, negotiate
 from tests.conftest import free_port
 from tests.rawscu import associate_rq
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from fastscp import cli_index
-from fastscp.index import Index
-from fastscp.query import (
+from fastscp.cli import index as cli_index
+from fastscp.index.database import Index
+from fastscp.query.engine import (
     ATTRIBUTES,
     DEFAULT_KEYS,
     Condition,

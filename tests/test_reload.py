@@ -14,9 +14,9 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from pynetdicom import AE
 
 from fastscp.config import LIVE_KEYS, config_changes, load_config, with_live_keys
-from fastscp.part10 import dataset_offset
-from fastscp.scu import associate
-from fastscp.synthetic import write_series
+from fastscp.dicom.part10 import dataset_offset
+from fastscp.dicom.synthetic import write_series
+from fastscp.net.scu import associate
 from tests.conftest import dcmtk, wait_until
 from tests.rawscu import RawSCU
 

@@ -1,4 +1,4 @@
-"""fastscp.scansheet and ``fastscp scansheet``: one PNG and one HTML page per study."""
+"""fastscp.imaging.scansheet and ``fastscp scansheet``: one PNG and one HTML page per study."""
 
 from __future__ import annotations
 
@@ -15,12 +15,13 @@ from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from fastscp import cli_images, scansheet
-from fastscp.imaging import read_header
-from fastscp.index import Index
-from fastscp.records import InstanceRecord
-from fastscp.scansheet import QuietStudies, StudySummary
-from fastscp.thumbnail import make_thumbnail, thumbnail_path
+from fastscp.cli import images as cli_images
+from fastscp.imaging import scansheet
+from fastscp.imaging.frames import read_header
+from fastscp.imaging.scansheet import QuietStudies, StudySummary
+from fastscp.imaging.thumbnail import make_thumbnail, thumbnail_path
+from fastscp.index.database import Index
+from fastscp.index.records import InstanceRecord
 
 HOSTILE = "<script>alert('x')</script>&\"Evil\"^Name"
 

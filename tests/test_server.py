@@ -16,9 +16,9 @@ import pytest
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, SecondaryCaptureImageStorage
 from pynetdicom import AE
 
-from fastscp.part10 import dataset_offset
-from fastscp.scu import associate
-from fastscp.synthetic import write_series
+from fastscp.dicom.part10 import dataset_offset
+from fastscp.dicom.synthetic import write_series
+from fastscp.net.scu import associate
 from tests.conftest import dcmtk, storescu_concurrently, wait_until
 from tests.rawscu import RawSCU
 
@@ -205,7 +205,7 @@ def test_peer_vanishing_mid_dataset_leaves_no_file(server) -> None:  # type: ign
 
 def test_a_response_the_reactor_takes_goes_back_to_the_sender(server) -> None:  # type: ignore[no-untyped-def]
     # pynetdicom's reactor thread may take a response meant for a send_c_*()
-    # (its pause races); fastscp.scu.associate puts it back on the queue.
+    # (its pause races); fastscp.net.scu.associate puts it back on the queue.
     from pynetdicom.dimse_primitives import C_ECHO
     from pynetdicom.sop_class import Verification
 

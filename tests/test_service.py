@@ -25,9 +25,9 @@ from pathlib import Path
 
 import pytest
 
-from fastscp.cli_service import DEFAULT_STORAGE, SYSTEMD_RUNTIME, UNIT_DIR, UNIT_NAME
+from fastscp.cli.service import DEFAULT_STORAGE, SYSTEMD_RUNTIME, UNIT_DIR, UNIT_NAME
 from fastscp.config import load_config
-from fastscp.synthetic import write_series
+from fastscp.dicom.synthetic import write_series
 from tests.conftest import dcmtk, wait_for_port
 from tests.dicomfiles import dataset_bytes
 

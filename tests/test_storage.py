@@ -1,4 +1,4 @@
-"""fastscp.storage on a real folder: the commit's root backstop, keep-both versions, quarantine."""
+"""fastscp.storage.area on a real folder: the commit's root backstop, keep-both versions, quarantine."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fastscp.storage import HEADER_PREFIX_BYTES, IncomingFile, Storage, TempFile, own_name
+from fastscp.storage.area import HEADER_PREFIX_BYTES, IncomingFile, Storage, TempFile, own_name
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 EXPLICIT = "1.2.840.10008.1.2.1"

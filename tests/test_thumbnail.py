@@ -1,4 +1,4 @@
-"""fastscp.thumbnail: both twins against each other, against pydicom, and on edge cases.
+"""fastscp.imaging.thumbnail: both twins against each other, against pydicom, and on edge cases.
 
 Every test that renders runs twice, ``[cext]`` (the compiled module) and
 ``[py]`` (the numpy twin).  The cext case fails when the module is not built,
@@ -34,8 +34,9 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from fastscp import _thumbnail_py, imaging, thumbnail
-from fastscp.thumbnail import DecodeError, NoPixelData, PixelInfo, ThumbnailError
+from fastscp.imaging import _thumbnail_py, thumbnail
+from fastscp.imaging import frames as imaging
+from fastscp.imaging.thumbnail import DecodeError, NoPixelData, PixelInfo, ThumbnailError
 
 from .dicomfiles import PYDICOM_DATA, corpus_files, corpus_id
 
@@ -54,7 +55,7 @@ def _backend(name: str) -> Render:
     if thumbnail.thumbnail_cext is None:
         if thumbnail.NO_EXTENSIONS:
             pytest.skip("FASTSCP_NO_EXTENSIONS=1")
-        pytest.fail("fastscp._thumbnail_cext is not built: run `pip install -e .` "
+        pytest.fail("fastscp.imaging._thumbnail_cext is not built: run `pip install -e .` "
                     "or `python setup.py build_ext --inplace`")
     return thumbnail.thumbnail_cext
 
@@ -86,7 +87,7 @@ def test_backend_switch() -> None:
 
 
 def test_no_extensions_environment_selects_the_twin() -> None:
-    code = "from fastscp import thumbnail; print(thumbnail.BACKEND, thumbnail.thumbnail_cext)"
+    code = "from fastscp.imaging import thumbnail; print(thumbnail.BACKEND, thumbnail.thumbnail_cext)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "FASTSCP_NO_EXTENSIONS": "1"})
     assert out.stdout.split() == ["py", "None"]

@@ -1,4 +1,4 @@
-"""The structural walk (fastscp.walk): both twins, the same cases, the same verdicts."""
+"""The structural walk (fastscp.dicom.walk): both twins, the same cases, the same verdicts."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ from typing import Any
 
 import pytest
 
-from fastscp import header, walk
-from fastscp._backend import NO_EXTENSIONS
-from fastscp._header_py import MAX_INFLATED as MAX_HEADER_INFLATED
-from fastscp._walk_py import Walker as WalkerPy
-from fastscp.header import HeaderError, IncompleteHeader
-from fastscp.synthetic import write_series
+from fastscp.dicom import header, walk
+from fastscp.dicom._header_py import MAX_INFLATED as MAX_HEADER_INFLATED
+from fastscp.dicom._walk_py import Walker as WalkerPy
+from fastscp.dicom.backend import NO_EXTENSIONS
+from fastscp.dicom.header import HeaderError, IncompleteHeader
+from fastscp.dicom.synthetic import write_series
 from tests import corpus
 from tests.dicomfiles import (
     DEFLATED_LE,
@@ -40,7 +40,7 @@ def _compiled() -> Any:
     if walk.WalkerCext is None:
         if NO_EXTENSIONS:
             pytest.skip("FASTSCP_NO_EXTENSIONS=1")
-        pytest.fail("fastscp._walk_cext is not built: run `python setup.py build_ext --inplace`")
+        pytest.fail("fastscp.dicom._walk_cext is not built: run `python setup.py build_ext --inplace`")
     return walk.WalkerCext
 
 

@@ -6,10 +6,10 @@ every file with the SHA-256 of its data set bytes (everything after the File
 Meta group): what a byte-exact receiver must reproduce.
 
 * ``ct``: single-frame 512x512 16-bit CT slices of one series
-  (:func:`fastscp.synthetic.write_series`), ~0.5 MiB each: the bulk case.
+  (:func:`fastscp.dicom.synthetic.write_series`), ~0.5 MiB each: the bulk case.
 * ``mr``: 64x64 16-bit MR slices, ~8 KiB each: per-message overhead.
 * ``large``: one multi-frame CT of at least the given size
-  (:func:`fastscp.synthetic.write_large_multiframe`): streaming and memory.
+  (:func:`fastscp.dicom.synthetic.write_large_multiframe`): streaming and memory.
 * ``mixed``: pydicom's test files that dcmtk ``storescu`` delivers unchanged
   (``tests/corpus.py``; 8 transfer syntaxes, 10 SOP classes, one file per
   SOP Instance UID so no receiver overwrites one with another), plus
@@ -66,10 +66,10 @@ class Corpus:
 def dataset_offset(path: str) -> int:
     """Where the data set starts in a Part 10 file.
 
-    :func:`fastscp.part10.dataset_offset` (File Meta Group Length) first; an
+    :func:`fastscp.dicom.part10.dataset_offset` (File Meta Group Length) first; an
     element walk for files without that element (some of pydicom's).
     """
-    from fastscp.part10 import dataset_offset as by_group_length
+    from fastscp.dicom.part10 import dataset_offset as by_group_length
 
     with open(path, "rb") as f:
         head = f.read(65536)
@@ -129,7 +129,7 @@ def _meta_uids(path: str) -> tuple[str, str]:
 def _gen_series(folder: Path, count: int, rows: int, modality: str) -> None:
     from pydicom.uid import CTImageStorage, MRImageStorage
 
-    from fastscp.synthetic import write_series
+    from fastscp.dicom.synthetic import write_series
 
     sop_class = CTImageStorage if modality == "CT" else MRImageStorage
     write_series(str(folder), count, rows=rows, columns=rows, modality=modality, sop_class=sop_class,
@@ -137,7 +137,7 @@ def _gen_series(folder: Path, count: int, rows: int, modality: str) -> None:
 
 
 def _gen_large(folder: Path, size: int) -> None:
-    from fastscp.synthetic import write_large_multiframe
+    from fastscp.dicom.synthetic import write_large_multiframe
 
     write_large_multiframe(str(folder / "LARGE.dcm"), size)
 
@@ -146,7 +146,7 @@ def _encoded_series(folder: Path, count: int, transfer_syntax: str, prefix: str)
     import numpy as np
     from pydicom.uid import CTImageStorage
 
-    from fastscp.synthetic import write_series
+    from fastscp.dicom.synthetic import write_series
 
     tmp = folder / f".{prefix}-raw"
     paths = write_series(str(tmp), count, rows=256, columns=256, patient_id=f"BENCH{prefix}",

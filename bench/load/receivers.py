@@ -190,7 +190,7 @@ class Running:
         if self.index_path is None or not self.index_path.exists():
             return None
         # With the fastscp that wrote it (its schema may differ from this tree's).
-        code = ("import sys\nfrom fastscp.index import Index\n"
+        code = ("import sys\nfrom fastscp.index.database import Index\n"
                 "index = Index(sys.argv[1], read_only=True)\nprint(index.count())\n")
         out = subprocess.run([PYTHON, "-c", code, str(self.index_path)], capture_output=True, text=True,
                              env=receiver_env(False, self.receiver.pythonpath), timeout=120,

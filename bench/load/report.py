@@ -173,6 +173,12 @@ def write(result: dict, out: Path, stem: str) -> dict[str, Path]:
 _FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::\d+)?\)$")
 
 
+def _short(file: str) -> str:
+    """``.../fastscp/storage/area.py`` -> ``storage/area.py``: the package names the stage."""
+    parts = Path(file).parts
+    return "/".join(parts[-2:]) if len(parts) > 1 else file
+
+
 def profile_summary(raw: Path, top: int = 15, marker: str = "Association.run") -> str:
     """Where the time goes, from ``py-spy record --idle --format raw``.
 
@@ -196,7 +202,7 @@ def profile_summary(raw: Path, top: int = 15, marker: str = "Association.run") -
         names = []
         for frame in frames:
             m = _FRAME.match(frame)
-            names.append(f"{m['func']} ({Path(m['file']).name})" if m else frame)
+            names.append(f"{m['func']} ({_short(m['file'])})" if m else frame)
         group = "association threads" if any(marker in n for n in names) else "other threads"
         totals[group] += count
         self_counts, incl_counts = groups[group]

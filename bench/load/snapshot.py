@@ -33,7 +33,8 @@ def build(ref: str, log=print) -> Path:  # type: ignore[no-untyped-def]
     dest.mkdir(parents=True, exist_ok=True)
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
         tar.extractall(dest, filter="data")
-    if (dest / "setup.py").exists() and list((dest / "cext").glob("*.pyx")):
+    # Extensions lived in cext/ before the subpackages, beside their twins since.
+    if (dest / "setup.py").exists() and (list((dest / "cext").glob("*.pyx")) or list(dest.glob("fastscp/**/*.pyx"))):
         # Only the extensions are needed; without pyproject.toml setuptools
         # does not validate metadata the venv's (older) setuptools may reject.
         (dest / "pyproject.toml").unlink(missing_ok=True)

@@ -24,7 +24,7 @@ calls excepted), ``return x`` -> ``return None``. Docstrings, annotations and
 Usage::
 
     python -m tests.mutation faults [--quick]                  # the hand-written faults (faults.py)
-    python -m tests.mutation mutants fastscp/layout.py [--max N] [--seed S]
+    python -m tests.mutation mutants fastscp/storage/layout.py [--max N] [--seed S]
     python -m tests.mutation mutants --all                     # every module in MODULES
     python -m tests.mutation quick                             # the CI subset
 
@@ -58,22 +58,22 @@ MARKER = "FASTSCP_MUTATION_RUN"
 #: Module -> the tests that guard it (run with -x). The modules the issue names:
 #: storage, layout, the association and DIMSE paths, access, config, reconcile.
 MODULES: dict[str, tuple[str, ...]] = {
-    "fastscp/access.py": ("tests/test_access.py",),
-    "fastscp/layout.py": ("tests/test_layout.py",),
-    "fastscp/storage.py": ("tests/test_storage.py", "tests/test_durability.py", "tests/test_duplicates.py",
+    "fastscp/net/access.py": ("tests/test_access.py",),
+    "fastscp/storage/layout.py": ("tests/test_layout.py",),
+    "fastscp/storage/area.py": ("tests/test_storage.py", "tests/test_durability.py", "tests/test_duplicates.py",
                            "tests/test_server.py", "tests/test_lifecycle.py"),
     "fastscp/config.py": ("tests/test_config.py",),
-    "fastscp/dimse.py": ("tests/test_protocol.py", "tests/test_protocol_paths.py"),
-    "fastscp/negotiation.py": ("tests/test_protocol.py", "tests/test_access.py", "tests/test_server.py"),
-    "fastscp/acceptor.py": ("tests/test_protocol.py", "tests/test_protocol_paths.py", "tests/test_server.py",
+    "fastscp/net/dimse.py": ("tests/test_protocol.py", "tests/test_protocol_paths.py"),
+    "fastscp/net/negotiation.py": ("tests/test_protocol.py", "tests/test_access.py", "tests/test_server.py"),
+    "fastscp/net/association.py": ("tests/test_protocol.py", "tests/test_protocol_paths.py", "tests/test_server.py",
                             "tests/test_access.py", "tests/test_lifecycle.py", "tests/test_duplicates.py"),
-    "fastscp/reindex.py": ("tests/test_index.py", "tests/test_index_server.py"),
+    "fastscp/index/reindex.py": ("tests/test_index.py", "tests/test_index_server.py"),
 }
 
 #: The CI subset: fast unit-level tests only, a fixed sample of mutants.
 QUICK_MODULES: dict[str, tuple[str, ...]] = {
-    "fastscp/layout.py": ("tests/test_layout.py",),
-    "fastscp/access.py": ("tests/test_access.py::test_ipv4_mapped_peer_addresses_match_ipv4_networks",
+    "fastscp/storage/layout.py": ("tests/test_layout.py",),
+    "fastscp/net/access.py": ("tests/test_access.py::test_ipv4_mapped_peer_addresses_match_ipv4_networks",
                           "tests/test_access.py::test_access_policy_edges",
                           "tests/test_access.py::test_unresolvable_host_stops_start_up_naming_the_key"),
 }

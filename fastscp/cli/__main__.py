@@ -1,0 +1,5 @@
+"""``python -m fastscp.cli``: the ``fastscp`` command."""
+
+from fastscp.cli.main import main
+
+raise SystemExit(main())

@@ -1,0 +1,794 @@
+"""The DuckDB index: schema, migrations and batched writes.
+
+This module and :mod:`fastscp.query.engine` (which reads) are the only code that
+talks to DuckDB.  The index holds one row per stored file in ``instances``
+and one row per study and series in ``studies`` and ``series`` (the
+attributes of the newest instance win), plus the ``duplicate_conflicts``
+log. Each study row carries its own patient attributes (name, birth date,
+sex as stored with that study): a Patient ID stored under two names, or
+patients without a Patient ID, never overwrite each other; ``patients`` is
+a view over the studies (:func:`patient_key`).  Study, series and patient
+counts and sizes are derived from ``instances`` (the ``*_counts`` views, and the query builder's
+own restricted aggregates), so a write never has to update them.  Column
+names are the DICOM keywords in snake_case, as in
+:class:`~fastscp.dicom.header.HeaderFields`.
+
+Writes come in batches through Arrow, one INSERT per table and batch, never
+row by row (~1k rows/s row by row against 100k+ rows/s from Arrow here).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import typing
+from collections.abc import Callable, Iterable, Sequence
+
+import duckdb
+import pyarrow as pa
+
+from fastscp.dicom.header import HeaderFields
+from fastscp.index.batchtable import InstanceBatch, distinct_rows, last_per_path, timestamps, value_type
+from fastscp.index.records import DuplicateConflict, InstanceRecord, ThumbnailMade
+
+log = logging.getLogger("fastscp.index")
+
+SCHEMA_VERSION = 5
+
+# -- columns -----------------------------------------------------------------------
+
+_SQL_OF = {str: "VARCHAR", int: "BIGINT", float: "DOUBLE"}
+
+
+_HEADER_TYPES: dict[str, type] = {
+    name: value_type(annotation) for name, annotation in typing.get_type_hints(HeaderFields).items()
+}
+
+#: The patient attributes, kept per study (as stored with that study).
+PATIENT_FIELDS: tuple[str, ...] = ("patient_id", "patient_name", "patient_birth_date", "patient_sex")
+#: Header fields kept per study and series; the first is the key, the second
+#: the key of the parent.
+STUDY_FIELDS: tuple[str, ...] = (
+    "study_instance_uid", "patient_id", "study_date", "study_time", "study_id", "accession_number",
+    "study_description", "referring_physician_name", "requesting_physician",
+    "patient_name", "patient_birth_date", "patient_sex",
+)
+SERIES_FIELDS: tuple[str, ...] = (
+    "series_instance_uid", "study_instance_uid", "series_number", "modality", "series_description",
+    "body_part_examined",
+)
+#: Header fields kept per instance: the rest, plus where it belongs (its own
+#: header is the truth about that) and, for simple SQL and stats without a
+#: join, its Patient ID and Modality.
+_INSTANCE_KEYS = ("sop_instance_uid", "series_instance_uid", "study_instance_uid", "patient_id", "modality")
+INSTANCE_HEADER_FIELDS: tuple[str, ...] = _INSTANCE_KEYS + tuple(
+    name for name in _HEADER_TYPES if name not in {*PATIENT_FIELDS, *STUDY_FIELDS, *SERIES_FIELDS, *_INSTANCE_KEYS}
+)
+#: Facts about the received file (not in its header), per instance.
+FILE_COLUMNS: dict[str, str] = {
+    "path": "VARCHAR",  # relative to the storage root; the key: keep-both may store a UID twice
+    "size": "BIGINT",  # bytes of the whole Part 10 file
+    "content_hash": "VARCHAR",  # SHA-256 (hex) of the data set, "" if not computed
+    "transfer_syntax_uid": "VARCHAR",
+    "calling_ae_title": "VARCHAR",
+    "called_ae_title": "VARCHAR",
+    "peer_address": "VARCHAR",
+    "received_at": "TIMESTAMP",  # UTC
+}
+#: Added in schema version 4, after the header columns: the C-STORE's Affected
+#: SOP Instance UID (the File Meta's) where it differs from the data set's,
+#: else "". An instance is found by either UID.
+AFFECTED_COLUMNS: dict[str, str] = {"affected_sop_instance_uid": "VARCHAR"}
+CONFLICT_COLUMNS: dict[str, str] = {
+    "sop_instance_uid": "VARCHAR",
+    "path": "VARCHAR",
+    "existing_hash": "VARCHAR",
+    "new_hash": "VARCHAR",
+    "policy": "VARCHAR",
+    "outcome": "VARCHAR",
+    "new_path": "VARCHAR",
+    "calling_ae_title": "VARCHAR",
+    "received_at": "TIMESTAMP",  # UTC
+}
+
+
+def _header_columns(fields: Sequence[str]) -> dict[str, str]:
+    return {name: _SQL_OF[_HEADER_TYPES[name]] for name in fields}
+
+
+TABLES: dict[str, dict[str, str]] = {
+    "studies": _header_columns(STUDY_FIELDS),
+    "series": _header_columns(SERIES_FIELDS),
+    # ``attributes`` is the instance's attribute map over the base map
+    # ``attributes_base`` (an id of ``attribute_maps``): see records.split_maps
+    # and the ``instance_attributes`` view, which puts them together.
+    "instances": {**FILE_COLUMNS, **_header_columns(INSTANCE_HEADER_FIELDS), **AFFECTED_COLUMNS,
+                  "attributes_base": "BIGINT"},
+    "duplicate_conflicts": CONFLICT_COLUMNS,
+    # Thumbnails made by the post-store stage (both paths relative to the
+    # storage root). Their own table: a thumbnail may be reported before its
+    # instance's batch is committed, and instance inserts stay narrow.
+    "thumbnails": {"path": "VARCHAR", "thumbnail_path": "VARCHAR"},
+    # The base attribute maps (JSON object text), shared by the instances
+    # of a series; the id is a hash of the text (records.map_id).
+    "attribute_maps": {"id": "BIGINT", "attributes": "VARCHAR"},
+}
+_PRIMARY_KEY = {"studies": "study_instance_uid", "series": "series_instance_uid",
+                "instances": "path", "thumbnails": "path", "attribute_maps": "id"}
+
+
+def quote(name: str) -> str:
+    """A column name as a SQL identifier ("rows" and "columns" are keywords)."""
+    return f'"{name}"'
+
+
+def _create_table(table: str) -> str:
+    key = _PRIMARY_KEY.get(table)
+    columns = ", ".join(
+        f"{quote(name)} {sql}{' PRIMARY KEY' if name == key else ''}" for name, sql in TABLES[table].items()
+    )
+    return f"CREATE TABLE {table} ({columns})"
+
+
+def patient_key(alias: str) -> str:
+    """SQL: the patient a study row (``alias``) belongs to.
+
+    Its Patient ID; a study without one (empty or absent) is a patient of
+    its own, keyed by a backslash and its Study Instance UID (a Patient ID
+    is LO, VM 1: it never holds a backslash), so such patients are never
+    merged.
+    """
+    return (f"CASE WHEN coalesce({alias}.patient_id, '') = '' THEN '\\' || {alias}.study_instance_uid "
+            f"ELSE {alias}.patient_id END")
+
+
+def latest_study_first(alias: str) -> str:
+    """SQL ORDER BY terms that put a patient's latest study first (by Study Date and Time).
+
+    Its name, birth date and sex are the patient's at PATIENT level: by
+    date, so the answer does not depend on the order the studies arrived in.
+    """
+    return (f"{alias}.study_date DESC NULLS LAST, {alias}.study_time DESC NULLS LAST, "
+            f"{alias}.study_instance_uid DESC")
+
+
+# The patients (one row each, its latest study's attributes) and derived
+# counts, for people reading the index with SQL and for the stats; the query
+# builder computes the same restricted to the rows it returns.
+_PATIENT_VIEWS = (
+    f"""CREATE VIEW patients AS
+       SELECT DISTINCT ON (patient_key) {patient_key('st')} AS patient_key,
+              {', '.join(f'st.{name}' for name in PATIENT_FIELDS)}
+       FROM studies st ORDER BY patient_key, {latest_study_first('st')}""",
+    f"""CREATE VIEW patient_counts AS
+       SELECT {patient_key('st')} AS patient_key,
+              count(DISTINCT i.study_instance_uid) AS number_of_patient_related_studies,
+              count(DISTINCT i.series_instance_uid) AS number_of_patient_related_series,
+              count(*) AS number_of_patient_related_instances, sum(i.size) AS patient_size
+       FROM instances i JOIN studies st ON st.study_instance_uid = i.study_instance_uid
+       GROUP BY 1""",
+)
+#: Each instance's whole attribute map (NULL for instances indexed before schema 5).
+_MAP_VIEW = """CREATE VIEW instance_attributes AS
+       SELECT i.path, CASE WHEN am.attributes IS NULL THEN CAST(i.attributes AS JSON)
+                           ELSE json_merge_patch(am.attributes, i.attributes) END AS attributes
+       FROM instances i LEFT JOIN attribute_maps am ON am.id = i.attributes_base"""
+_VIEWS = _PATIENT_VIEWS + (_MAP_VIEW,) + (
+    """CREATE VIEW series_counts AS
+       SELECT series_instance_uid, count(*) AS number_of_series_related_instances, sum(size) AS series_size
+       FROM instances GROUP BY series_instance_uid""",
+    """CREATE VIEW study_counts AS
+       SELECT study_instance_uid, count(DISTINCT series_instance_uid) AS number_of_study_related_series,
+              count(*) AS number_of_study_related_instances, sum(size) AS study_size
+       FROM instances GROUP BY study_instance_uid""",
+)
+
+# -- Arrow batches -------------------------------------------------------------------
+
+
+def _arrow_type(table: str, name: str) -> pa.DataType:
+    sql = TABLES[table][name]
+    return {"VARCHAR": pa.string(), "BIGINT": pa.int64(), "DOUBLE": pa.float64(),
+            "TIMESTAMP": pa.timestamp("us")}[sql]
+
+
+_SCHEMAS = {table: pa.schema([(name, _arrow_type(table, name)) for name in TABLES[table]]) for table in TABLES}
+
+def _column_list(table: str) -> str:
+    """The table's columns, for INSERTs that name them (a migration appends columns at the end)."""
+    return ", ".join(quote(name) for name in TABLES[table])
+
+
+#: The instances table's columns of the batch table (batchtable.SCHEMA has more).
+_INSTANCE_VALUES = f"({_column_list('instances')}) SELECT {_column_list('instances')} FROM batch_instances"
+
+
+def _conflicts_table(conflicts: Sequence[DuplicateConflict]) -> pa.Table:
+    arrays = []
+    for name in CONFLICT_COLUMNS:
+        values = [getattr(c, name) for c in conflicts]
+        if name == "received_at":
+            arrays.append(timestamps(pa.array(values, type=pa.float64())))
+        else:
+            arrays.append(pa.array(values, type=_SCHEMAS["duplicate_conflicts"].field(name).type))
+    return pa.Table.from_arrays(arrays, schema=_SCHEMAS["duplicate_conflicts"])
+
+
+# -- the index ---------------------------------------------------------------------------
+
+
+class IndexUnavailable(Exception):
+    """The index file can't be used as asked; the message says why and what to do."""
+
+
+#: Parent rows remembered as written, so that a batch of a known series
+#: writes only its instances. Cleared when it grows past this.
+_KNOWN_LIMIT = 100_000
+
+#: DuckDB checkpoints by itself when its WAL reaches this size (its default,
+#: 16 MiB, is ~30k instances). Each checkpoint rewrites the primary-key
+#: indexes, so at 1M instances a commit that checkpoints takes 0.1-0.4 s; a
+#: bigger WAL, checkpointed when the indexer is idle, made the sustained
+#: insert rate ~1.4x (bench/test_bench_index.py). A crash replays at most
+#: this much WAL at the next start.
+CHECKPOINT_WAL_BYTES = 256 * 1024 * 1024
+
+
+class Index:
+    """An open index database.
+
+    Parameters
+    ----------
+    path : str
+        The DuckDB file; created (with the current schema) if missing.
+    wal_mode : bool
+        True: DuckDB's write-ahead log, written into the data file by
+        :meth:`tidy` (the indexer calls it when idle) or automatically once
+        it holds :data:`CHECKPOINT_WAL_BYTES`. False: a checkpoint after
+        every batch (the data file is always complete; slower writes).
+    read_only : bool
+        Open for queries only: no migration, and any number of read-only
+        processes may open it, but only while no process has it read-write
+        (DuckDB's rule: a running server holds it).
+    any_version : bool
+        With ``read_only``: open an index of another schema version as it
+        is (``fastscp reindex`` reads an old index's duplicate conflicts).
+
+    Raises
+    ------
+    IndexUnavailable
+        The file is locked by another process, or its schema is newer than
+        this fastscp, or (read-only) older and needs a migration.
+    """
+
+    def __init__(self, path: str, *, wal_mode: bool = True, read_only: bool = False,
+                 any_version: bool = False) -> None:
+        self.path = path
+        self.wal_mode = wal_mode
+        self.read_only = read_only
+        try:
+            self.con = duckdb.connect(path, read_only=read_only)
+        except duckdb.IOException as exc:
+            text = str(exc)
+            if "lock" in text.lower():
+                raise IndexUnavailable(
+                    f"{path}: the index is open in another process (a running fastscp server, or a "
+                    f"reindex); ask the server, or stop it first ({text.splitlines()[0]})"
+                ) from None
+            raise IndexUnavailable(f"{path}: cannot open the index: {text.splitlines()[0]}") from None
+        if wal_mode and not read_only:
+            self.con.execute(f"SET checkpoint_threshold = '{CHECKPOINT_WAL_BYTES}B'")
+        #: Committed writes not yet checkpointed (WAL mode): see :meth:`tidy`.
+        self.needs_checkpoint = False
+        self._cursor_source = self.con.cursor()
+        self._cursor_lock = threading.Lock()
+        self._known: dict[str, dict[str, tuple[object, ...]]] = {"studies": {}, "series": {}}
+        #: Some patient, study or series may have no instances left: see :meth:`prune`.
+        self.needs_prune = False
+        try:
+            self.version = self._version()
+            if read_only:
+                if not any_version:
+                    self._check_readable()
+            else:
+                self._migrate()
+        except BaseException:
+            self._cursor_source.close()
+            self.con.close()
+            raise
+
+    # -- schema ----------------------------------------------------------------------
+
+    def _version(self) -> int:
+        tables = {row[0] for row in self.con.execute(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = 'main'").fetchall()}
+        if "schema_version" not in tables:
+            return 0
+        (version,) = self.con.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchall()[0]
+        return int(version)
+
+    def _check_readable(self) -> None:
+        if self.version == SCHEMA_VERSION:
+            return
+        if self.version == 0:
+            raise IndexUnavailable(f"{self.path}: not a fastscp index (no schema_version table)")
+        raise IndexUnavailable(
+            f"{self.path}: index schema version {self.version}, this fastscp reads {SCHEMA_VERSION}; "
+            + ("start the server once (it migrates the index) or run 'fastscp reindex'"
+               if self.version < SCHEMA_VERSION else "upgrade fastscp")
+        )
+
+    def _migrate(self) -> None:
+        if self.version > SCHEMA_VERSION:
+            raise IndexUnavailable(
+                f"{self.path}: index schema version {self.version} is newer than this fastscp "
+                f"supports ({SCHEMA_VERSION}); upgrade fastscp or rebuild the index with 'fastscp reindex'"
+            )
+        if self.version == SCHEMA_VERSION:
+            return
+        self.con.execute("BEGIN")
+        try:
+            if self.version in (2, 3, 4):
+                self._add_columns()
+                if self.version == 2:
+                    self._migrate_v2()
+                if self.version <= 3:
+                    self._migrate_v3()
+                self._migrate_v4()
+            else:
+                self._create(from_v1=self.version == 1)
+            self.con.execute("INSERT INTO schema_version VALUES (?)", [SCHEMA_VERSION])
+            self.con.execute("COMMIT")
+        except BaseException:
+            self.con.execute("ROLLBACK")
+            raise
+        if self.version:
+            log.info("index %s migrated from schema version %d to %d", self.path, self.version, SCHEMA_VERSION)
+        self.version = SCHEMA_VERSION
+        self.con.execute("CHECKPOINT")
+
+    def _create(self, *, from_v1: bool) -> None:
+        """The tables and views of a new index, or of one made from a v1 index's flat table."""
+        self.con.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+        if from_v1:
+            # v1: one flat "instances" table (file facts + every header field).
+            self.con.execute("ALTER TABLE instances RENAME TO instances_v1")
+        for table in TABLES:
+            self.con.execute(_create_table(table))
+        for view in _VIEWS:
+            self.con.execute(view)
+        if from_v1:
+            self._copy_v1()
+            self.con.execute("DROP TABLE instances_v1")
+
+    def _add_columns(self) -> None:
+        """The columns a v2, v3 or v4 index lacks (NULL in its rows).
+
+        v3 added the studies' patient attributes and header fields (Image
+        Type, every value of a multi-valued Window Center/Width); v4 the
+        command's Affected SOP Instance UID; v5 the instances' attribute map.
+        """
+        con = self.con
+        for table in ("studies", "instances"):
+            present = {row[0] for row in con.execute(
+                "SELECT column_name FROM information_schema.columns WHERE table_name = ?", [table]).fetchall()}
+            for name, sql in TABLES[table].items():
+                if name not in present:
+                    con.execute(f"ALTER TABLE {table} ADD COLUMN {quote(name)} {sql}")
+
+    def _migrate_v3(self) -> None:
+        """v4 keeps the command's Affected SOP Instance UID where it differs from the data set's ("" elsewhere).
+
+        Older rows don't know it: "" (the reconcile and ``fastscp reindex``
+        read it from the File Meta).
+        """
+        for name in AFFECTED_COLUMNS:
+            self.con.execute(f"UPDATE instances SET {quote(name)} = '' WHERE {quote(name)} IS NULL")
+
+    def _migrate_v4(self) -> None:
+        """v5 keeps every top-level attribute of an instance (the attribute map); v4 had none.
+
+        The rows of an older index get none (SQL NULL): C-FIND on an attribute
+        that is no column of its own does not find them until ``fastscp
+        reindex`` reads the files again.
+        """
+        self.con.execute(_create_table("attribute_maps"))
+        self.con.execute(_MAP_VIEW)
+        log.warning("index %s: schemas before 5 kept no attribute map; run 'fastscp reindex' so that every "
+                    "attribute of the files indexed so far can be queried", self.path)
+
+    def _migrate_v2(self) -> None:
+        """v2 kept one ``patients`` row per Patient ID; v3 keeps the patient attributes per study.
+
+        v2 did not keep what each study had: every study gets its patient's
+        row. ``fastscp reindex`` reads them again from the files.
+        """
+        con = self.con
+        con.execute(
+            "UPDATE studies SET patient_name = p.patient_name, patient_birth_date = p.patient_birth_date, "
+            "patient_sex = p.patient_sex FROM patients p WHERE p.patient_id = studies.patient_id"
+        )
+        con.execute("DROP VIEW patient_counts")
+        con.execute("DROP TABLE patients")
+        for view in _PATIENT_VIEWS:
+            con.execute(view)
+        log.warning("index %s: schema v2 kept one name per Patient ID; run 'fastscp reindex' to read each "
+                    "study's own patient attributes from its files again", self.path)
+
+    def _copy_v1(self) -> None:
+        present = {row[0] for row in self.con.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = 'instances_v1'").fetchall()}
+
+        def select(table: str) -> str:
+            return ", ".join(
+                quote(name) if name in present else f"CAST(NULL AS {sql}) AS {quote(name)}"
+                for name, sql in TABLES[table].items()
+            )
+
+        self.con.execute(
+            f"INSERT INTO instances SELECT {select('instances')} FROM instances_v1"
+        )
+        self.con.execute("UPDATE instances SET content_hash = '' WHERE content_hash IS NULL")
+        for table in ("studies", "series"):
+            key = quote(_PRIMARY_KEY[table])
+            # The newest instance's attributes win, as for records.
+            self.con.execute(
+                f"INSERT INTO {table} SELECT DISTINCT ON ({key}) {select(table)} FROM instances_v1 "
+                f"ORDER BY {key}, received_at DESC"
+            )
+
+    # -- writes ------------------------------------------------------------------------
+
+    def add(self, instances: Iterable[InstanceRecord], conflicts: Iterable[DuplicateConflict] = (),
+            thumbnails: Iterable[ThumbnailMade] = (), *, keep_newer: bool = False) -> int:
+        """:meth:`add_table` for records."""
+        batch = InstanceBatch.of(list(instances))
+        return self.add_table(batch.table(), conflicts, thumbnails, keep_newer=keep_newer, maps=batch.maps)
+
+    def add_table(self, instances: pa.Table, conflicts: Iterable[DuplicateConflict] = (),
+                  thumbnails: Iterable[ThumbnailMade] = (), *, keep_newer: bool = False,
+                  maps: dict[int, str] | None = None) -> int:
+        """Write a batch of records in one transaction (thumbnails in a second one).
+
+        Parameters
+        ----------
+        instances : pyarrow.Table
+            Instance records (:data:`fastscp.index.batchtable.SCHEMA`, as an
+            :class:`~fastscp.index.batchtable.InstanceBatch` gives them). A record
+            whose path is indexed already replaces that row (a resend); of
+            one path twice in the batch, the last one wins.
+        conflicts : iterable of DuplicateConflict
+            Appended to ``duplicate_conflicts``.
+        thumbnails : iterable of ThumbnailMade
+            A thumbnail replaces the one its instance had.
+        keep_newer : bool
+            For rows made from files (reconcile): an indexed row whose
+            ``received_at`` is not older is kept, so a record that a worker
+            sent while the files were read wins.
+        maps : dict, optional
+            The base attribute maps the instances refer to, by id
+            (:attr:`~fastscp.index.batchtable.InstanceBatch.maps`).
+
+        Returns
+        -------
+        int
+            The number of distinct instance paths in the batch.
+        """
+        batch = last_per_path(instances)
+        count = batch.num_rows
+        conflict_list = list(conflicts)
+        self._add_thumbnails({t.path: t.thumbnail_path for t in thumbnails})
+        if not count and not conflict_list:
+            return 0
+        parents = self._changed_parents(batch)
+        conflict_batch = _conflicts_table(conflict_list) if conflict_list else None
+        map_batch = pa.table({"id": pa.array(list(maps), type=pa.int64()),
+                              "attributes": pa.array(list(maps.values()), type=pa.string())}) if maps else None
+        careful = keep_newer
+        try:
+            if not careful:
+                try:
+                    # The common case, every row new: plain INSERTs. An upsert
+                    # (ON CONFLICT DO UPDATE) costs ~6 ms more per statement.
+                    self._in_transaction(self._insert, batch, parents, conflict_batch, map_batch)
+                except duckdb.ConstraintException:
+                    # A resend (its path is indexed), or a parent row that changed
+                    # or that this process has not written yet. DuckDB has no
+                    # savepoints: start over, replacing and upserting.
+                    careful = True
+            if careful:
+                replaced = self._in_transaction(self._replace, batch, parents, conflict_batch, map_batch, keep_newer)
+                if replaced or parents["studies"] or parents["series"]:
+                    # A replaced instance, or a study or series written again, may
+                    # have moved to another parent (a correction) and left the old
+                    # one empty. Dropping empty parents scans the instances (a few
+                    # ms per 1M): the indexer does it when idle.
+                    self.needs_prune = True
+        except BaseException:
+            self._known = {table: {} for table in self._known}
+            raise
+        for table, rows in parents.items():
+            known = self._known[table]
+            if len(known) > _KNOWN_LIMIT:
+                known.clear()
+            for row in rows:
+                known[row[0]] = row  # type: ignore[index]
+        self._after_write()
+        return count
+
+    def _in_transaction(self, write: Callable[..., bool | None], *args: object) -> bool:
+        """``write(*args)`` between BEGIN and COMMIT (ROLLBACK if it raises); its result."""
+        con = self.con
+        con.execute("BEGIN")
+        try:
+            result = write(*args)
+            con.execute("COMMIT")
+        except BaseException:
+            try:
+                con.execute("ROLLBACK")
+            except duckdb.Error:
+                pass
+            raise
+        finally:
+            # A rollback drops registrations too; unregister what is left.
+            for name in ("batch_instances", "batch_parents", "batch_conflicts", "batch_maps"):
+                try:
+                    con.unregister(name)
+                except (duckdb.Error, KeyError):
+                    pass
+        return bool(result)
+
+    def _insert(self, batch: pa.Table, parents: dict[str, list[tuple[object, ...]]],
+                conflicts: pa.Table | None, maps: pa.Table | None) -> None:
+        self._insert_maps(maps)
+        if batch.num_rows:
+            self.con.register("batch_instances", batch)
+            self.con.execute(f"INSERT INTO instances {_INSTANCE_VALUES}")
+            for table, rows in parents.items():
+                self._write_parents(table, rows, upsert=False)
+        self._insert_conflicts(conflicts)
+
+    def _replace(self, batch: pa.Table, parents: dict[str, list[tuple[object, ...]]], conflicts: pa.Table | None,
+                 maps: pa.Table | None, keep_newer: bool) -> bool:
+        """Instances replace the rows of their paths, parents are upserted; True if a row was replaced.
+
+        With ``keep_newer`` an indexed row whose ``received_at`` is not older
+        is kept (reconcile must not undo what a worker sent meanwhile).
+        """
+        replaced = False
+        self._insert_maps(maps)
+        if batch.num_rows:
+            con = self.con
+            con.register("batch_instances", batch)
+            if keep_newer:
+                con.execute(
+                    "DELETE FROM instances WHERE path IN (SELECT b.path FROM batch_instances b "
+                    "JOIN instances i ON i.path = b.path WHERE i.received_at < b.received_at)"
+                )
+                con.execute(f"INSERT INTO instances {_INSTANCE_VALUES} b "
+                            "WHERE NOT EXISTS (SELECT 1 FROM instances i WHERE i.path = b.path)")
+                replaced = True
+            else:
+                (deleted,) = con.execute(
+                    "DELETE FROM instances WHERE path IN (SELECT path FROM batch_instances)").fetchone()  # type: ignore[misc]
+                con.execute(f"INSERT INTO instances {_INSTANCE_VALUES}")
+                replaced = deleted > 0
+            if replaced:
+                # A replaced row may move an instance to another series or
+                # study: rewrite every parent (empty ones are pruned later).
+                parents.update(self._changed_parents(batch, all_rows=True))
+            for table, rows in parents.items():
+                self._write_parents(table, rows, upsert=True)
+        self._insert_conflicts(conflicts)
+        return replaced
+
+    def _insert_maps(self, maps: pa.Table | None) -> None:
+        if maps is not None:
+            self.con.register("batch_maps", maps)
+            # A base map seen before (the same text: the same id) is there already.
+            self.con.execute("INSERT OR IGNORE INTO attribute_maps SELECT id, attributes FROM batch_maps")
+
+    def _insert_conflicts(self, conflicts: pa.Table | None) -> None:
+        if conflicts is not None:
+            self.con.register("batch_conflicts", conflicts)
+            self.con.execute("INSERT INTO duplicate_conflicts SELECT * FROM batch_conflicts")
+
+    def _add_thumbnails(self, latest: dict[str, str]) -> None:
+        if not latest:
+            return
+        batch = pa.table({"path": pa.array(list(latest), type=pa.string()),
+                          "thumbnail_path": pa.array(list(latest.values()), type=pa.string())})
+        con = self.con
+        con.register("batch_thumbnails", batch)
+        try:
+            try:
+                con.execute("INSERT INTO thumbnails SELECT * FROM batch_thumbnails")
+            except duckdb.ConstraintException:
+                # A thumbnail made again (a resend): replace it.
+                con.register("batch_thumbnails", batch)
+                con.execute("BEGIN")
+                try:
+                    con.execute("DELETE FROM thumbnails WHERE path IN (SELECT path FROM batch_thumbnails)")
+                    con.execute("INSERT INTO thumbnails SELECT * FROM batch_thumbnails")
+                    con.execute("COMMIT")
+                except BaseException:
+                    con.execute("ROLLBACK")
+                    raise
+        finally:
+            con.unregister("batch_thumbnails")
+
+    def _changed_parents(self, batch: pa.Table, *, all_rows: bool = False) -> dict[str, list[tuple[object, ...]]]:
+        """Study and series rows of the batch that differ from what we last wrote."""
+        changed: dict[str, list[tuple[object, ...]]] = {}
+        for table, fields in (("studies", STUDY_FIELDS), ("series", SERIES_FIELDS)):
+            latest = distinct_rows(batch, fields)
+            known = self._known[table]
+            changed[table] = [row for key, row in latest.items() if all_rows or known.get(key) != row]
+        return changed
+
+    def _write_parents(self, table: str, rows: list[tuple[object, ...]], *, upsert: bool) -> None:
+        if not rows:
+            return
+        names = list(TABLES[table])
+        columns = list(zip(*rows, strict=True))
+        batch = pa.Table.from_arrays(
+            [pa.array(list(values), type=_SCHEMAS[table].field(name).type) for name, values in zip(names, columns,
+                                                                                                     strict=True)],
+            schema=_SCHEMAS[table],
+        )
+        self.con.register("batch_parents", batch)  # replaces the last table's; unregistered by _in_transaction
+        if upsert:
+            updates = ", ".join(f"{quote(name)} = excluded.{quote(name)}" for name in names[1:])
+            self.con.execute(f"INSERT INTO {table} ({_column_list(table)}) SELECT * FROM batch_parents "
+                             f"ON CONFLICT DO UPDATE SET {updates}")
+        else:
+            self.con.execute(f"INSERT INTO {table} ({_column_list(table)}) SELECT * FROM batch_parents")
+
+    def prune(self) -> None:
+        """Drop series and studies left without instances, in one transaction."""
+        self.con.execute("BEGIN")
+        try:
+            self._prune()
+            self.con.execute("COMMIT")
+        except BaseException:
+            self.con.execute("ROLLBACK")
+            raise
+        self.needs_prune = False
+        self._known = {table: {} for table in self._known}
+        self._after_write()
+
+    def _prune(self) -> None:
+        self.con.execute(
+            "DELETE FROM series WHERE NOT EXISTS "
+            "(SELECT 1 FROM instances i WHERE i.series_instance_uid = series.series_instance_uid)"
+        )
+        self.con.execute(
+            "DELETE FROM studies WHERE NOT EXISTS "
+            "(SELECT 1 FROM instances i WHERE i.study_instance_uid = studies.study_instance_uid)"
+        )
+        self.con.execute(
+            "DELETE FROM attribute_maps WHERE NOT EXISTS "
+            "(SELECT 1 FROM instances i WHERE i.attributes_base = attribute_maps.id)"
+        )
+
+    def remove(self, paths: Iterable[str]) -> int:
+        """Drop the rows of these paths (files that are gone); returns how many were dropped."""
+        gone = list(dict.fromkeys(paths))
+        if not gone:
+            return 0
+        con = self.con
+        con.execute("BEGIN")
+        try:
+            con.register("gone_paths", pa.table({"path": pa.array(gone, type=pa.string())}))
+            row = con.execute(
+                "DELETE FROM instances WHERE path IN (SELECT path FROM gone_paths) RETURNING path"
+            ).fetchall()
+            con.execute("DELETE FROM thumbnails WHERE path IN (SELECT path FROM gone_paths)")
+            self._prune()
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+        finally:
+            con.unregister("gone_paths")
+        self._known = {table: {} for table in self._known}
+        self._after_write()
+        return len(row)
+
+    def _after_write(self) -> None:
+        if self.wal_mode:
+            self.needs_checkpoint = True
+        else:
+            self.checkpoint()
+
+    def tidy(self) -> None:
+        """Work left for idle time: drop empty parents (:meth:`prune`), then checkpoint the WAL."""
+        if self.needs_prune:
+            self.prune()
+        if self.needs_checkpoint and self.checkpoint():
+            self.needs_checkpoint = False
+
+    def checkpoint(self) -> bool:
+        """Write the WAL into the data file; False if DuckDB can't now (a query is open)."""
+        try:
+            self.con.execute("CHECKPOINT")
+        except duckdb.Error as exc:
+            # DuckDB refuses while another transaction is running; the next
+            # batch tries again.
+            log.debug("checkpoint deferred: %s", exc)
+            return False
+        return True
+
+    # -- reads for the indexer itself ----------------------------------------------------
+
+    def file_states(self, con: duckdb.DuckDBPyConnection | None = None) -> dict[str, tuple[int, int]]:
+        """path -> (size, received_at in microseconds) of every indexed file, for reconcile."""
+        relation = (con or self.con).sql("SELECT path, size, epoch_us(received_at) AS received_us FROM instances")
+        # DuckDB 1.4+ calls it to_arrow_table(); older ones arrow().
+        table = (getattr(relation, "to_arrow_table", None) or relation.arrow)()
+        paths = table.column("path").to_pylist()
+        sizes = table.column("size").to_pylist()
+        times = table.column("received_us").to_pylist()
+        return dict(zip(paths, zip(sizes, times, strict=True), strict=True))
+
+    def study_instances(self, study_instance_uid: str) -> list[tuple[str, HeaderFields]]:
+        """(path, header fields) of every indexed file of a study, by path.
+
+        The header fields are put together from the instance, series and
+        study rows (a study's attributes are its newest instance's).
+        """
+        def column(name: str) -> str:
+            if name == "attributes":
+                return "CAST(ia.attributes AS VARCHAR)"  # the whole map
+            if name in INSTANCE_HEADER_FIELDS:
+                return f"i.{quote(name)}"
+            return f"{'se' if name in SERIES_FIELDS else 'st'}.{quote(name)}"
+
+        names = list(HeaderFields.__struct_fields__)
+        select = ", ".join(column(name) for name in names)
+        rows = self.con.execute(
+            f"SELECT i.path, {select} FROM instances i JOIN instance_attributes ia ON ia.path = i.path "
+            "LEFT JOIN series se ON se.series_instance_uid = i.series_instance_uid "
+            "LEFT JOIN studies st ON st.study_instance_uid = i.study_instance_uid "
+            "WHERE i.study_instance_uid = ? ORDER BY i.path",
+            [study_instance_uid],
+        ).fetchall()
+        return [
+            (row[0], HeaderFields(**{name: value for name, value in zip(names, row[1:], strict=True)
+                                     if value is not None}))
+            for row in rows
+        ]
+
+    @staticmethod
+    def paths_of(con: duckdb.DuckDBPyConnection, uids: Sequence[str]) -> list[str]:
+        """Paths of the instances whose data set's or command's SOP Instance UID is one of ``uids``.
+
+        PERF: a scan of two columns (no index: it would slow every insert);
+        asked only when :class:`fastscp.index.indexer.UidIndex` says one may match.
+        """
+        rows = con.execute(
+            "SELECT path FROM instances WHERE sop_instance_uid IN (SELECT unnest($1)) "
+            "OR affected_sop_instance_uid IN (SELECT unnest($1))", [list(uids)],
+        ).fetchall()
+        return [row[0] for row in rows]
+
+    def count(self) -> int:
+        """The number of indexed files."""
+        # fetchall, not fetchone: DuckDB 2 keeps a half-read result open on the connection.
+        return int(self.con.execute("SELECT count(*) FROM instances").fetchall()[0][0])
+
+    def cursor(self) -> duckdb.DuckDBPyConnection:
+        """A new connection to the same database, for another thread (DuckDB's rule).
+
+        Thread-safe: cursors come from a connection of their own that runs
+        no statements, so a writer using :attr:`con` meanwhile is not touched.
+        """
+        with self._cursor_lock:
+            return self._cursor_source.cursor()
+
+    def close(self) -> None:
+        try:
+            self._cursor_source.close()
+            self.con.close()
+        except duckdb.Error as exc:
+            log.warning("closing the index %s: %s", self.path, exc)

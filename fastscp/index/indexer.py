@@ -1,0 +1,669 @@
+"""The indexer process: owns the DuckDB file, commits records in batches, answers queries.
+
+Three jobs, one process (DuckDB lets one process open the file):
+
+* **Records.** Workers (and the post-store stage) connect to a Unix
+  SOCK_SEQPACKET socket (:func:`indexer_address`, abstract namespace, so a
+  long storage path can't overflow ``sun_path``); each message is one msgpack
+  :class:`~fastscp.index.records.RecordBatch`: instance records column by column
+  (:class:`~fastscp.index.records.InstanceColumns`), which the loop keeps as they
+  came in a :class:`~fastscp.index.batchtable.InstanceBatch`, plus any duplicate
+  conflicts and thumbnails. A commit is due when it holds
+  ``database.batch_size`` records or its oldest record is
+  ``database.batch_interval`` seconds old. A writer thread commits it while
+  the loop goes on receiving (DuckDB releases the GIL while it writes);
+  records that arrive meanwhile join the next batch (up to
+  :data:`MAX_BATCH_FACTOR` times the size, then the loop stops reading), so
+  a busy indexer writes fewer, bigger batches.
+* **Queries.** A thread accepts on a second socket (:func:`query_address`,
+  SOCK_STREAM) and answers each connection from a small thread pool, each
+  query on its own DuckDB cursor (DuckDB's MVCC): batches go on being
+  committed while a query runs.
+* **Where is this instance?** Before it answers a C-STORE, a worker asks
+  (:class:`~fastscp.query.engine.LocateRequest`, on a third socket,
+  :func:`locate_address`, with threads of its own, so a slow C-FIND never
+  delays a store) where the instance's SOP Instance UIDs are stored;
+  :class:`UidIndex` answers from memory, and DuckDB is read only when a UID
+  may be indexed (a resend).
+* **Reconcile on start.** When it knows the storage root, the indexer
+  compares the files with the index in a background thread, indexes what is
+  missing (records a killed indexer never committed) and drops rows whose
+  file is gone, then logs what it fixed. It says "ready" before that: the
+  supervisor waits for "ready" before it accepts connections again, and a
+  walk of a big archive must not hold that up.
+
+The files are the truth: a batch DuckDB keeps refusing (a full disk) is
+dropped after :data:`WRITE_ATTEMPTS` tries, logged, and indexed from its files
+at the next start, rather than stalling every C-STORE behind it.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import queue
+import selectors
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from multiprocessing.connection import Connection
+
+import duckdb
+import msgspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from fastscp.index.batchtable import InstanceBatch
+from fastscp.index.database import Index
+from fastscp.index.records import BATCH_DECODER, DuplicateConflict, InstanceColumns, ThumbnailMade
+from fastscp.index.reindex import plan, read_records
+from fastscp.process.ipc import accept_local, listen, local_address, receive, same_user
+from fastscp.query.engine import (
+    Failed,
+    IndexerState,
+    Located,
+    LocateRequest,
+    QueryRequest,
+    SqlRequest,
+    StateRequest,
+    StatsRequest,
+    recv_message,
+    run_stats,
+    send_message,
+    stream_query,
+)
+
+log = logging.getLogger("fastscp.indexer")
+
+#: A batch may grow to this many times ``batch_size`` with records that are already waiting.
+#: PERF: each commit has fixed costs (parent-table statements, the WAL
+#: flush); 10 -> 30 took a flooded indexer from ~100k to ~135k rows/s
+#: (bench/test_bench_index.py::test_indexer_sustained_rate, 1M records).
+MAX_BATCH_FACTOR = 30
+#: Queries answered at the same time; more wait for a thread.
+QUERY_THREADS = 4
+#: LocateRequests answered at the same time (each takes microseconds, or one
+#: DuckDB scan for a resend).
+LOCATE_THREADS = 4
+#: A query client that neither sends nor reads for this long is dropped.
+QUERY_IO_TIMEOUT = 30.0
+#: Seconds without records after which the indexer tidies the index (Index.tidy:
+#: drops empty parents, checkpoints the WAL).
+TIDY_IDLE = 1.0
+#: Tries of a batch before it is left to the next reconcile.
+WRITE_ATTEMPTS = 5
+#: Files read per reconcile step (one transaction each).
+RECONCILE_CHUNK = 1000
+
+
+def indexer_address(index_path: str) -> str:
+    """The abstract socket name the indexer of an index file listens on for records.
+
+    Derived from the file's absolute path, so any process that knows the
+    index (a worker, ``fastscp query``) can find the server that owns it.
+    """
+    return local_address("indexer", index_path)
+
+
+def query_address(index_path: str) -> str:
+    """The abstract socket name on which the indexer of an index file answers queries."""
+    return local_address("query", index_path)
+
+
+def locate_address(index_path: str) -> str:
+    """The abstract socket name on which the indexer of an index file answers LocateRequest."""
+    return local_address("locate", index_path)
+
+
+def query_address_of(address: str) -> str:
+    """The query socket of the indexer whose record socket is ``address`` (what a worker knows)."""
+    return address.replace("\0fastscp-indexer-", "\0fastscp-query-", 1)
+
+
+#: UIDs of the stored instances whose columns a batch of instances holds.
+_UID_COLUMNS = ("sop_instance_uid", "affected_sop_instance_uid")
+
+
+class UidIndex:
+    """Which SOP Instance UIDs the index holds: answers "where is this instance?" without reading DuckDB.
+
+    Records received and not yet committed are held exactly (UID -> path).
+    Committed UIDs are held as 64-bit hashes (Python's ``hash``, stable
+    within this process), sorted in a numpy array (8 bytes an instance) plus
+    a set of the latest; a hit is confirmed by a DuckDB query
+    (:meth:`fastscp.index.database.Index.paths_of`), which is the rare case: a resend.
+    Until :meth:`load` has read the committed rows, every lookup may match.
+    Thread-safe: the loop, the writer and the query threads all use it.
+    """
+
+    #: Hashes kept in the set before they are merged into the sorted array.
+    MERGE_AT = 100_000
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._received: dict[str, str] = {}
+        self._sorted = np.empty(0, dtype=np.int64)
+        self._recent: set[int] = set()
+        self.loaded = False
+
+    def load(self, con: duckdb.DuckDBPyConnection) -> None:
+        """Read the UIDs of the committed rows (at start; records go on arriving meanwhile)."""
+        relation = con.sql(f"SELECT {', '.join(_UID_COLUMNS)} FROM instances")
+        # DuckDB 2 calls it to_arrow_reader(); older ones fetch_arrow_reader().
+        reader = (getattr(relation, "to_arrow_reader", None) or relation.fetch_arrow_reader)(100_000)
+        parts = []
+        for batch in reader:
+            for column in batch.columns:
+                uids = [uid for uid in column.to_pylist() if uid]
+                parts.append(np.fromiter(map(hash, uids), dtype=np.int64, count=len(uids)))
+        with self._lock:
+            self._merge(np.concatenate(parts) if parts else np.empty(0, dtype=np.int64))
+            self.loaded = True
+
+    def _merge(self, hashes: np.ndarray) -> None:
+        recent = np.fromiter(self._recent, dtype=np.int64, count=len(self._recent))
+        self._sorted = np.union1d(self._sorted, np.concatenate((hashes, recent)))
+        self._recent = set()
+
+    def received(self, instances: InstanceColumns) -> None:
+        """Records the indexer has received (in the loop thread)."""
+        paths = instances.column("path")
+        with self._lock:
+            for name in _UID_COLUMNS:
+                self._received.update(zip(instances.column(name), paths, strict=True))
+            self._received.pop("", None)  # no UID (affected_sop_instance_uid: most records)
+
+    def committed(self, instances: pa.Table) -> None:
+        """Rows now in DuckDB (or given up on: their files are found by the next reconcile)."""
+        paths = instances.column("path").to_pylist()
+        with self._lock:
+            received = self._received
+            for name in _UID_COLUMNS:
+                column = instances.column(name)
+                if name != "sop_instance_uid" and not pc.any(pc.not_equal(column, "")).as_py():
+                    continue  # PERF: the command's UID is "" unless it differed from the data set's
+                uids = column.to_pylist()
+                self._recent.update(map(hash, uids))
+                # A record received since, under the same UID, keeps its entry.
+                for uid in [u for u, p in zip(uids, paths, strict=True) if received.get(u) == p]:
+                    del received[uid]
+            self._recent.discard(hash(""))
+            if len(self._recent) >= self.MERGE_AT:
+                self._merge(np.empty(0, dtype=np.int64))
+
+    def lookup(self, uids: list[str]) -> tuple[list[str], bool]:
+        """Paths of received records with these UIDs, and whether a committed row may have one."""
+        with self._lock:
+            paths = [self._received[uid] for uid in uids if uid in self._received]
+            if not self.loaded:
+                return paths, True
+            for uid in uids:
+                key = hash(uid)
+                if key in self._recent:
+                    return paths, True
+                at = int(np.searchsorted(self._sorted, key))
+                if at < len(self._sorted) and self._sorted[at] == key:
+                    return paths, True
+            return paths, False
+
+
+class QueryServer:
+    """Answers :class:`~fastscp.query.engine.QueryRequest`, :class:`~fastscp.query.engine.StatsRequest` and
+    :class:`~fastscp.query.engine.LocateRequest` on a socket."""
+
+    def __init__(self, index: Index, address: str, state: Callable[[], IndexerState],
+                 uids: UidIndex | None = None, threads: int = QUERY_THREADS) -> None:
+        self.index = index
+        self.state = state
+        #: Set: LocateRequests are answered (and only they: the locate socket).
+        self.uids = uids
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(address)
+        self.listener.listen(64)
+        # accept() wakes up now and then to see whether we are closing.
+        self.listener.settimeout(0.5)
+        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fastscp-query")
+        self._closing = threading.Event()
+        self.thread = threading.Thread(target=self._accept_loop, name="fastscp-query-accept", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def _accept_loop(self) -> None:
+        while not self._closing.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                if self._closing.is_set():
+                    return
+                time.sleep(0.1)
+                continue
+            if not same_user(conn):
+                conn.close()
+                continue
+            try:
+                self.pool.submit(self._serve, conn)
+            except RuntimeError:  # the pool is shutting down
+                conn.close()
+                return
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(QUERY_IO_TIMEOUT)
+            try:
+                request = recv_message(conn)
+            except (OSError, ConnectionError, msgspec.DecodeError) as exc:
+                log.debug("query connection dropped: %s", exc)
+                return
+            cursor = None
+            try:
+                if self.uids is not None:
+                    # The locate socket, on the hot path of every C-STORE: a cursor only if DuckDB must be read.
+                    send_message(conn, Located(self._locate(request.uids)) if isinstance(request, LocateRequest)
+                                 else Failed(f"not a LocateRequest: {type(request).__name__}"))
+                    return
+                cursor = self.index.cursor()
+                if isinstance(request, QueryRequest | SqlRequest):
+                    for message in stream_query(cursor, request):
+                        send_message(conn, message)
+                elif isinstance(request, StatsRequest):
+                    send_message(conn, run_stats(cursor, request, self.state()))
+                elif isinstance(request, StateRequest):
+                    send_message(conn, self.state())
+                else:
+                    send_message(conn, Failed(f"not a request: {type(request).__name__}"))
+            except (OSError, ConnectionError) as exc:
+                log.debug("query client went away: %s", exc)
+            except duckdb.Error as exc:
+                log.error("query failed: %s", exc)
+                try:
+                    send_message(conn, Failed(str(exc)))
+                except OSError:
+                    pass
+            finally:
+                if cursor is not None:
+                    cursor.close()
+
+    def _locate(self, uids: list[str]) -> list[str]:
+        assert self.uids is not None
+        uids = [uid for uid in uids[:8] if uid]
+        paths, maybe = self.uids.lookup(uids)
+        if maybe:
+            cursor = self.index.cursor()
+            try:
+                paths += Index.paths_of(cursor, uids)
+            finally:
+                cursor.close()
+        return list(dict.fromkeys(paths))
+
+    def close(self) -> None:
+        self._closing.set()
+        self.thread.join(2)
+        self.listener.close()
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+class Indexer:
+    """The record loop of the indexer process (see the module docstring).
+
+    Two threads share the work: the loop receives records and forms batches;
+    a writer thread commits them (and the reconcile's steps), one at a time.
+    DuckDB releases the GIL while it writes, so receiving the next batch
+    overlaps writing the last one.
+
+    Parameters
+    ----------
+    index : Index
+        The open index, read-write.
+    address : str
+        The record socket to bind (:func:`indexer_address`).
+    batch_size, batch_interval
+        ``database.batch_size`` and ``database.batch_interval``.
+    storage_root : str, optional
+        Reconcile the index with the files under it when :meth:`run` starts.
+    sr_root : str
+        ``storage.sr_directory``, reconciled too when it is outside the root.
+    query_address : str, optional
+        The query socket to bind (:func:`query_address`); None: no queries.
+    locate_address : str, optional
+        The socket for LocateRequest (:func:`locate_address`); None: not answered.
+    """
+
+    def __init__(self, index: Index, address: str, batch_size: int, batch_interval: float, *,
+                 storage_root: str | None = None, sr_root: str = "", query_address: str | None = None,
+                 locate_address: str | None = None) -> None:
+        self.index = index
+        self.batch_size = batch_size
+        self.batch_interval = batch_interval
+        self.storage_root = storage_root
+        self.sr_root = sr_root
+        self.listener = listen(address)
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(self.listener, selectors.EVENT_READ, "listen")
+        # The writer wakes the loop when a batch is written.
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self.selector.register(self._wake_r, selectors.EVENT_READ, "wake")
+        #: Instance records waiting (as the runs of values they came in).
+        self.pending = InstanceBatch()
+        self.pending_conflicts: list[DuplicateConflict] = []
+        self.pending_thumbnails: list[ThumbnailMade] = []
+        self.oldest = 0.0
+        self.last_record = 0.0
+        self.stopping = False
+        #: Instances committed since the start (written by the writer thread); thumbnail and
+        #: conflict records are not instances (the status page shows this as "committed").
+        self.committed = 0
+        self.reconcile_state = "running" if storage_root is not None else "off"
+        # Work for the writer thread, in order: batches, reconcile steps, tidying.
+        self._writes: queue.Queue[tuple[str, object] | None] = queue.Queue()
+        #: Records of the batch the writer holds (0: it holds none).
+        self._in_flight = 0
+        self._written = threading.Event()
+        self._written.set()
+        self._tidy_queued = False
+        self._writer = threading.Thread(target=self._write_loop, name="fastscp-index-writer", daemon=True)
+        self._reconciler: threading.Thread | None = None
+        #: The SOP Instance UIDs indexed or on their way (for LocateRequest).
+        self.uids = UidIndex()
+        self.queries = QueryServer(index, query_address, self.state) if query_address else None
+        self.locates = (QueryServer(index, locate_address, self.state, self.uids, LOCATE_THREADS)
+                        if locate_address else None)
+
+    def state(self) -> IndexerState:
+        """What the indexer is doing (for stats; read from a query thread)."""
+        return IndexerState(pid=os.getpid(), pending=self._waiting + self._in_flight, committed=self.committed,
+                            reconcile=self.reconcile_state)
+
+    @property
+    def _waiting(self) -> int:
+        return self.pending.count + len(self.pending_conflicts) + len(self.pending_thumbnails)
+
+    def run(self) -> None:
+        self._writer.start()
+        if self.queries is not None:
+            self.queries.start()
+        if self.locates is not None:
+            threading.Thread(target=self._load_uids, name="fastscp-uids", daemon=True).start()
+            self.locates.start()
+        if self.storage_root is not None:
+            self._reconciler = threading.Thread(target=self._reconcile, name="fastscp-reconcile", daemon=True)
+            self._reconciler.start()
+        try:
+            self._loop()
+            self._written.wait()
+            self._hand_over()
+            if self.index.needs_prune or self.index.needs_checkpoint:
+                self._writes.put(("tidy", None))
+        finally:
+            self._writes.put(None)
+            self._writer.join()
+            if self.queries is not None:
+                self.queries.close()
+            if self.locates is not None:
+                self.locates.close()
+            if self._reconciler is not None:
+                self._reconciler.join(5)
+            self._close_sockets()
+            self.index.close()
+
+    def _load_uids(self) -> None:
+        started = time.monotonic()
+        cursor = self.index.cursor()
+        try:
+            self.uids.load(cursor)
+        except Exception:
+            log.exception("reading the indexed SOP Instance UIDs failed; duplicates are looked up in DuckDB")
+            return
+        finally:
+            cursor.close()
+        log.debug("indexed SOP Instance UIDs read in %.2f s", time.monotonic() - started)
+
+    def _close_sockets(self) -> None:
+        for key in list(self.selector.get_map().values()):
+            key.fileobj.close()  # type: ignore[union-attr]
+        self.selector.close()
+        self._wake_w.close()
+
+    def _loop(self) -> None:
+        while True:
+            if self._waiting >= self.batch_size * MAX_BATCH_FACTOR:
+                # Back-pressure: stop reading (workers' sends block in the
+                # kernel) until the writer has taken the batch it holds.
+                self._written.wait()
+            # At most 1 s: SIGTERM only sets a flag (and select() resumes after a signal).
+            timeout = min(max(self.oldest + self.batch_interval - time.monotonic(), 0.0), 1.0) if self._waiting else 1.0
+            for key, _events in self.selector.select(timeout):
+                if key.data == "listen":
+                    self._accept()
+                elif key.data == "wake":
+                    self._drain_wake()
+                else:
+                    self._receive(key.fileobj)  # type: ignore[arg-type]
+            now = time.monotonic()
+            if self._waiting and (self._waiting >= self.batch_size or now - self.oldest >= self.batch_interval):
+                if self._written.is_set():
+                    self._hand_over()
+            elif (not self._waiting and self._written.is_set() and not self._tidy_queued
+                  and (self.index.needs_prune or self.index.needs_checkpoint)
+                  and now - self.last_record >= TIDY_IDLE):
+                self._tidy_queued = True
+                self._writes.put(("tidy", None))
+            clients = len(self.selector.get_map()) - 2
+            if self.stopping and clients == 0:
+                return
+
+    def stop(self) -> None:
+        """Finish: commit what is pending once the workers have closed their connections, then return from run()."""
+        self.stopping = True
+        try:
+            self._wake_w.send(b"\0")
+        except OSError:
+            pass
+
+    def _drain_wake(self) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+
+    def _accept(self) -> None:
+        while (conn := accept_local(self.listener)) is not None:
+            self.selector.register(conn, selectors.EVENT_READ, "records")
+
+    def _receive(self, conn: socket.socket) -> None:
+        now = time.monotonic()
+        limit = self.batch_size * MAX_BATCH_FACTOR
+        while self._waiting < limit:
+            data = receive(conn)
+            if data == b"":
+                return
+            if data is None:
+                self.selector.unregister(conn)
+                conn.close()
+                return
+            try:
+                batch = BATCH_DECODER.decode(data)
+            except Exception as exc:  # a bad message must not stop indexing
+                log.error("undecodable message from a worker dropped: %s", exc)
+                continue
+            if not self._waiting:
+                self.oldest = now
+            self.last_record = now
+            self.pending.add(batch.instances)
+            self.uids.received(batch.instances)
+            for record in batch.others:
+                if isinstance(record, DuplicateConflict):
+                    self.pending_conflicts.append(record)
+                elif isinstance(record, ThumbnailMade):
+                    self.pending_thumbnails.append(record)
+
+    def _hand_over(self) -> None:
+        """Give what is pending to the writer as one batch."""
+        if not self._waiting:
+            return
+        batch = (self.pending, self.pending_conflicts, self.pending_thumbnails)
+        self._in_flight = self._waiting
+        self.pending, self.pending_conflicts, self.pending_thumbnails = InstanceBatch(), [], []
+        self._written.clear()
+        self._writes.put(("batch", batch))
+
+    # -- the writer thread: the only one that writes to DuckDB ----------------------------
+
+    def _write_loop(self) -> None:
+        while (work := self._writes.get()) is not None:
+            kind, payload = work
+            if kind == "batch":
+                self._write_batch(payload)  # type: ignore[arg-type]
+                continue
+            try:
+                if kind == "add":
+                    self.index.add(payload, keep_newer=True)  # type: ignore[arg-type]
+                    self.uids.committed(InstanceBatch.of(payload).table())  # type: ignore[arg-type]
+                elif kind == "remove":
+                    assert self.storage_root is not None
+                    # A file may have come back (a resend) since the walk.
+                    gone = [p for p in payload if not os.path.exists(os.path.join(self.storage_root, p))]  # type: ignore[attr-defined]
+                    self.index.remove(gone)
+                elif kind == "prune":
+                    self.index.prune()
+                elif kind == "tidy":
+                    self._tidy_queued = False
+                    self.index.tidy()
+                elif kind == "done":
+                    self.reconcile_state = "done"
+                    log.info("%s", payload)
+            except Exception:
+                if kind in ("prune", "tidy"):
+                    log.exception("tidying the index (empty parents, checkpoint) failed; will retry")
+                else:
+                    log.exception("reconcile: could not apply a %s step; the next start tries again", kind)
+                    self.reconcile_state = "failed"
+
+    def _write_batch(self, batch: tuple[InstanceBatch, list[DuplicateConflict], list[ThumbnailMade]]) -> None:
+        instances, conflicts, thumbnails = batch
+        count = instances.count + len(conflicts) + len(thumbnails)
+        table = instances.table()
+        attempt = 0
+        while True:
+            try:
+                self.index.add_table(table, conflicts, thumbnails, maps=instances.maps)
+                self.committed += instances.count
+                break
+            except Exception:
+                attempt += 1
+                log.exception("index commit of %d records failed (attempt %d of %d)", count, attempt,
+                              WRITE_ATTEMPTS)
+                if attempt >= WRITE_ATTEMPTS:
+                    log.error("%d records not indexed; the files are stored: the next start's reconcile "
+                              "(or fastscp reindex) indexes them", count)
+                    break
+                time.sleep(0.5)
+        self.uids.committed(table)
+        self._in_flight = 0
+        self._written.set()
+        try:
+            self._wake_w.send(b"\0")
+        except OSError:
+            pass
+
+    # -- reconcile on start ----------------------------------------------------------------
+
+    def _reconcile(self) -> None:
+        root = self.storage_root
+        assert root is not None
+        started = time.monotonic()
+        try:
+            cursor = self.index.cursor()
+            try:
+                indexed = self.index.file_states(cursor)
+            finally:
+                cursor.close()
+            path = os.path.abspath(self.index.path)
+            skip = frozenset({path, path + ".wal", path + ".reindex", path + ".reindex.wal"})
+            todo = plan(root, indexed, sr_root=self.sr_root, skip=skip, stop=lambda: self.stopping)
+            failed: list[tuple[str, str]] = []
+            work = todo.missing + todo.changed
+            for start in range(0, len(work), RECONCILE_CHUNK):
+                if self.stopping:
+                    return
+                records = read_records(root, work[start:start + RECONCILE_CHUNK], failed=failed)
+                if records:
+                    self._writes.put(("add", records))
+            if todo.gone and not self.stopping:
+                self._writes.put(("remove", todo.gone))
+            # A killed indexer may have left parents without instances.
+            self._writes.put(("prune", None))
+            for name, reason in failed[:10]:
+                log.warning("reconcile: %s not indexed: %s", name, reason)
+            seconds = time.monotonic() - started
+            if todo.missing or todo.changed or todo.gone or failed:
+                summary = (f"reconcile: {todo.files} files under {root}: indexed {len(todo.missing)} missing, "
+                           f"re-indexed {len(todo.changed)} changed, dropped {len(todo.gone)} rows whose file is "
+                           f"gone, {len(failed)} unreadable; {seconds:.1f} s")
+            else:
+                summary = f"reconcile: the index matches the {todo.files} files under {root} ({seconds:.1f} s)"
+            self._writes.put(("done", summary))
+        except Exception:
+            log.exception("reconcile of %s with the index failed", root)
+            self.reconcile_state = "failed"
+
+
+def tune_gc() -> None:
+    """Fewer cyclic GC passes, and quicker GIL hand-overs, in the indexer process.
+
+    PERF: every record is two tracked objects that refcounting frees (they
+    make no cycles); with the default threshold (700) a busy indexer spends
+    a third of its time in collections that find nothing
+    (bench/test_bench_index.py::test_indexer_sustained_rate).
+    """
+    gc.freeze()  # what the process holds from its start: never garbage
+    gc.set_threshold(50_000, 20, 100)
+    # The receiving loop gives up the GIL at every recv and waits to get it
+    # back from the writer thread (up to the 5 ms default): 52k -> 58k rows/s
+    # (same benchmark).
+    sys.setswitchinterval(0.0005)
+
+
+def indexer_main(db_path: str, wal_mode: bool, address: str, batch_size: int, batch_interval: float,
+                 ready: Connection, storage_root: str | None = None, sr_root: str = "") -> None:
+    """Entry point of the indexer process; reports "ready" or the error on ``ready``.
+
+    ``storage_root`` (and ``sr_root``, ``storage.sr_directory``): reconcile
+    the index with the files under it (in the background, after "ready");
+    None skips the reconcile.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    tune_gc()
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(db_path)), exist_ok=True)
+        index = Index(db_path, wal_mode=wal_mode)
+        try:
+            indexer = Indexer(index, address, batch_size, batch_interval,
+                              storage_root=storage_root, sr_root=sr_root, query_address=query_address(db_path),
+                              locate_address=locate_address(db_path))
+        except BaseException:
+            index.close()
+            raise
+    except Exception as exc:
+        ready.send(f"cannot open the index {db_path}: {exc}")
+        return
+
+    def stop(_signum: int, _frame: object) -> None:
+        indexer.stop()
+
+    signal.signal(signal.SIGTERM, stop)
+    ready.send("ready")
+    ready.close()
+    indexer.run()
+    log.info("indexer stopped; %d instances committed", indexer.committed)
+    gc.unfreeze()

@@ -1,0 +1,280 @@
+"""Messages between processes (msgspec, MessagePack on the wire)."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import msgspec
+
+from fastscp.dicom.header import HeaderFields
+from fastscp.status import AssociationState, Histogram
+
+
+class InstanceRecord(msgspec.Struct, frozen=True, kw_only=True, tag="instance"):
+    """One stored instance, sent by a worker to the indexer after its rename."""
+
+    path: str  # relative to the storage root
+    size: int  # bytes of the whole Part 10 file
+    transfer_syntax_uid: str
+    calling_ae_title: str
+    called_ae_title: str
+    peer_address: str
+    received_at: float  # seconds since the epoch
+    header: HeaderFields
+    #: SHA-256 (hex) of the data set bytes as received; "" if not computed.
+    content_hash: str = ""
+    #: The C-STORE's Affected SOP Instance UID (the File Meta's) when it
+    #: differs from the data set's (``header.sop_instance_uid``), else "".
+    affected_sop_instance_uid: str = ""
+
+
+class DuplicateConflict(msgspec.Struct, frozen=True, kw_only=True, tag="conflict"):
+    """An instance arrived again with different content (``storage.duplicates``)."""
+
+    sop_instance_uid: str
+    path: str  # the existing file, relative to the storage root
+    existing_hash: str
+    new_hash: str
+    policy: str  # reject | keep-first | overwrite | keep-both
+    #: What happened: "rejected", "kept-first", "overwritten", "kept-both".
+    outcome: str
+    #: Where the new copy went (keep-both, overwrite), else "".
+    new_path: str
+    calling_ae_title: str
+    received_at: float
+
+
+class ThumbnailMade(msgspec.Struct, frozen=True, kw_only=True, tag="thumbnail"):
+    """The post-store stage made a thumbnail for a stored instance."""
+
+    path: str  # the instance, relative to the storage root
+    thumbnail_path: str  # relative to the storage root
+
+
+#: What workers and the post-store stage tell the indexer.
+IndexRecord = InstanceRecord | DuplicateConflict | ThumbnailMade
+
+
+#: The columns of a batch of instances: InstanceRecord's fields (its header
+#: excepted), then HeaderFields', then the id of the attribute map the
+#: ``attributes`` column is relative to (:func:`split_maps`).
+INSTANCE_COLUMNS: tuple[str, ...] = (
+    *(name for name in InstanceRecord.__struct_fields__ if name != "header"),
+    *HeaderFields.__struct_fields__,
+    "attributes_base",
+)
+_HEADER_AT = InstanceRecord.__struct_fields__.index("header")
+_ATTRIBUTES_AT = INSTANCE_COLUMNS.index("attributes")
+_SERIES_AT = INSTANCE_COLUMNS.index("series_instance_uid")
+
+
+def map_id(text: str) -> int:
+    """The id of an attribute map: a 64-bit hash of its text (equal maps share one row of ``attribute_maps``)."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little", signed=True)
+
+
+def _entries(text: str) -> list[str]:
+    # '{"T":"v","U":"w"}' -> ['T":"v', 'U":"w']: '","' is never inside a value,
+    # whose quotes are escaped (header.build_map).
+    return text[2:-2].split('","') if len(text) > 2 else []
+
+
+def split_maps(maps: Sequence[str], series: Sequence[str]) -> tuple[list[str], list[int], dict[int, str]]:
+    """Each instance's attribute map as a base shared by its series and its own entries over it.
+
+    PERF: a CT's ~100 attributes are ~2.5 KB of JSON, nearly all of it the
+    same in every instance of its series; written whole, the indexer's
+    rate fell to a quarter (bench/test_bench_index.py). The first map of
+    each series in ``maps`` is the base; an instance keeps the entries that
+    differ from it, and ``null`` for those it lacks (a JSON merge patch).
+
+    Returns
+    -------
+    deltas : list of str
+        Per instance: a JSON object text.
+    base_ids : list of int
+        Per instance.
+    bases : dict
+        Base id (:func:`map_id`) -> the base map's text.
+    """
+    first: dict[str, tuple[int, str, frozenset[str], frozenset[str]]] = {}
+    bases: dict[int, str] = {}
+    deltas: list[str] = []
+    base_ids: list[int] = []
+    for text, uid in zip(maps, series, strict=True):
+        base = first.get(uid)
+        if base is None:
+            entries = _entries(text)
+            base = first[uid] = (map_id(text), text, frozenset(entries), frozenset(e[:8] for e in entries))
+            bases[base[0]] = text
+        base_ids.append(base[0])
+        if text == base[1]:
+            deltas.append("{}")
+            continue
+        entries = _entries(text)
+        own = sorted(set(entries).difference(base[2]))  # set operations, at C speed
+        parts = [f'"{entry}"' for entry in own]
+        if len(entries) - len(own) != len(base[2]):  # some entry of the base is not the instance's
+            parts += [f'"{tag}":null' for tag in sorted(base[3].difference(entry[:8] for entry in entries))]
+        deltas.append("{" + ",".join(parts) + "}")
+    return deltas, base_ids, bases
+
+
+def transpose(records: Sequence[InstanceRecord]) -> tuple[list[tuple[Any, ...]], dict[int, str]]:
+    """The records' values by column (:data:`INSTANCE_COLUMNS`), one tuple per column, and the base maps.
+
+    The ``attributes`` column holds each instance's entries over its base
+    map (:func:`split_maps`); ``attributes_base`` the base's id.
+    """
+    if not records:
+        return [() for _ in INSTANCE_COLUMNS], {}
+    # PERF: transposed at C speed (astuple + zip): ~10x faster than a dict per row.
+    by_field = list(zip(*map(msgspec.structs.astuple, records), strict=True))
+    header = by_field.pop(_HEADER_AT)
+    columns = [*by_field, *zip(*map(msgspec.structs.astuple, header), strict=True)]
+    deltas, base_ids, bases = split_maps(columns[_ATTRIBUTES_AT], columns[_SERIES_AT])
+    columns[_ATTRIBUTES_AT] = tuple(deltas)
+    columns.append(tuple(base_ids))
+    return columns, bases
+
+
+class InstanceColumns(msgspec.Struct, frozen=True, array_like=True):
+    """Instance records column by column (:data:`INSTANCE_COLUMNS`), each run-length coded when that is shorter.
+
+    PERF: the instances of one series share most values (patient, study and
+    series, AE titles, image geometry), so the indexer decodes a few values
+    per record, not ~45, and no struct per record: decoding was its largest
+    cost (bench/test_bench_index.py::test_indexer_sustained_rate).
+    """
+
+    count: int
+    #: Per column: one value per record, or one per run.
+    values: list[list[Any]]
+    #: Per column: the lengths of the runs of ``values``; None: one value per record.
+    run_lengths: list[list[int] | None]
+    #: The base attribute maps of the records, by id (``attributes_base``).
+    maps: dict[int, str] = msgspec.field(default_factory=dict)
+
+    @classmethod
+    def of(cls, records: Sequence[InstanceRecord]) -> InstanceColumns:
+        values: list[list[Any]] = []
+        run_lengths: list[list[int] | None] = []
+        columns, maps = transpose(records)
+        for column in columns:
+            if column and column.count(column[0]) == len(column):  # the common case, at C speed
+                values.append([column[0]])
+                run_lengths.append([len(column)])
+                continue
+            runs = [(value, len(list(group))) for value, group in itertools.groupby(column)]
+            if len(runs) * 2 <= len(column):
+                values.append([value for value, _ in runs])
+                run_lengths.append([length for _, length in runs])
+            else:
+                values.append(list(column))
+                run_lengths.append(None)
+        return cls(len(records), values, run_lengths, maps)
+
+    def column(self, name: str) -> list[Any]:
+        """One column (:data:`INSTANCE_COLUMNS`), a value per record."""
+        at = INSTANCE_COLUMNS.index(name)
+        values, run_lengths = self.values[at], self.run_lengths[at]
+        if run_lengths is None:
+            return values
+        if len(values) == 1:
+            return values * self.count
+        return [value for value, length in zip(values, run_lengths, strict=True) for _ in range(length)]
+
+
+class RecordBatch(msgspec.Struct, frozen=True, tag="batch"):
+    """Several index records in one message (one datagram, one wake-up of the indexer)."""
+
+    instances: InstanceColumns
+    #: Duplicate conflicts and thumbnails, in the order they were made.
+    others: list[DuplicateConflict | ThumbnailMade]
+
+    @classmethod
+    def of(cls, records: Iterable[IndexRecord]) -> RecordBatch:
+        instances: list[InstanceRecord] = []
+        others: list[DuplicateConflict | ThumbnailMade] = []
+        for record in records:
+            if isinstance(record, InstanceRecord):
+                instances.append(record)
+            else:
+                others.append(record)
+        return cls(InstanceColumns.of(instances), others)
+
+
+class AssociationReport(msgspec.Struct, frozen=True, kw_only=True, tag="report"):
+    """A worker's cumulative figures for one association (``ended`` when it has).
+
+    Sent about twice a second while it is open, and once when it ends; the
+    supervisor keeps the latest one and frees its slot on ``ended``.
+    """
+
+    state: AssociationState
+    by_modality: dict[str, int]
+    store_latency_seconds: Histogram
+    object_size_bytes: Histogram
+    ended: bool = False
+    #: The connection closed before any PDU (a port probe): not counted.
+    probe: bool = False
+
+
+class AdmissionRequest(msgspec.Struct, frozen=True, kw_only=True, tag="admit?"):
+    """A worker asks whether a calling AE may have one more association."""
+
+    connection_id: int
+    calling_ae_title: str
+
+
+class AdmissionReply(msgspec.Struct, frozen=True, kw_only=True, tag="admit"):
+    connection_id: int
+    admitted: bool
+    reason: str = ""
+
+
+class Handoff(msgspec.Struct, frozen=True, kw_only=True, tag="handoff"):
+    """The supervisor hands a worker an accepted connection (its fd rides along)."""
+
+    connection_id: int
+    peer_address: str
+
+
+class Stop(msgspec.Struct, frozen=True, kw_only=True, tag="stop"):
+    """The supervisor asks a worker to stop: ``now`` aborts open associations."""
+
+    now: bool = False
+
+
+class Reconfigure(msgspec.Struct, frozen=True, kw_only=True, tag="reconfigure"):
+    """The supervisor reloaded the config (SIGHUP): settings for the associations a worker starts from now.
+
+    ``settings`` holds the :class:`~fastscp.net.association.ServiceSettings` fields
+    that changed, pickled (the access policy holds ``ipaddress`` networks);
+    it only ever travels over the supervisor's socket pair with its own
+    forked worker, never from a peer.
+    """
+
+    settings: bytes
+    shutdown_timeout: float
+
+
+Message = (
+    InstanceRecord
+    | DuplicateConflict
+    | ThumbnailMade
+    | RecordBatch
+    | AssociationReport
+    | AdmissionRequest
+    | AdmissionReply
+    | Handoff
+    | Stop
+    | Reconfigure
+)
+ENCODER = msgspec.msgpack.Encoder()
+DECODER = msgspec.msgpack.Decoder(Message)
+#: The indexer's decoder: workers and the post-store stage send only batches.
+BATCH_DECODER = msgspec.msgpack.Decoder(RecordBatch)

@@ -1,0 +1,100 @@
+"""C-FIND SCP (PS3.4 C.4.1): decode the request identifier, run the query,
+stream pending responses, honour C-CANCEL.
+
+The matching itself (DICOM rules -> SQL on the index) lives in
+:mod:`fastscp.query.cfind`; this module is the DIMSE side only.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from io import BytesIO
+
+from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import read_dataset
+from pydicom.filewriter import write_dataset
+
+from fastscp.net import dimse
+from fastscp.query.cfind import FindError
+
+log = logging.getLogger("fastscp.find")
+
+#: Patient Root and Study Root Query/Retrieve Information Model - FIND.
+PATIENT_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.1.1"
+STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
+FIND_SOP_CLASSES: frozenset[str] = frozenset({PATIENT_ROOT_FIND, STUDY_ROOT_FIND})
+
+#: Largest request identifier we read (they are a few hundred bytes).
+MAX_IDENTIFIER_BYTES = 1 << 20
+
+PENDING = 0xFF00
+CANCEL = 0xFE00
+UNABLE_TO_PROCESS = 0xC000
+IDENTIFIER_DOES_NOT_MATCH = 0xA900
+
+#: ``find(model_uid, identifier, relational) -> matches``: the query behind
+#: the service; ``relational``: relational queries were negotiated.
+Finder = Callable[[str, Dataset, bool], Iterator[Dataset]]
+
+_IMPLICIT = "1.2.840.10008.1.2"
+_BIG_ENDIAN = "1.2.840.10008.1.2.2"
+
+
+def decode_identifier(data: bytes, transfer_syntax: str) -> Dataset:
+    """The request identifier as a pydicom Dataset (raises on garbage)."""
+    ds = read_dataset(BytesIO(data), transfer_syntax == _IMPLICIT, transfer_syntax != _BIG_ENDIAN)
+    for element in ds:  # decode now, so errors surface here and not mid-query
+        _ = element.value
+    return ds
+
+
+def encode_identifier(ds: Dataset, transfer_syntax: str) -> bytes:
+    buffer = DicomBytesIO()
+    buffer.is_implicit_VR = transfer_syntax == _IMPLICIT
+    buffer.is_little_endian = transfer_syntax != _BIG_ENDIAN
+    write_dataset(buffer, ds)
+    return buffer.getvalue()
+
+
+def responses(
+    find: Finder, model: str, identifier: bytes, transfer_syntax: str, cancelled: Callable[[], bool],
+    relational: bool = False,
+) -> Iterator[tuple[int, bytes | None, str]]:
+    """(status, encoded identifier or None, error comment) for each C-FIND-RSP.
+
+    ``relational``: the association negotiated relational queries for ``model``.
+
+    Pending responses carry a match; the last one is Success, Cancel or a
+    failure, without an identifier.
+    """
+    try:
+        request = decode_identifier(identifier, transfer_syntax)
+    except Exception as exc:
+        yield UNABLE_TO_PROCESS, None, f"cannot decode the identifier: {exc}"[:64]
+        return
+    if "QueryRetrieveLevel" not in request:
+        yield IDENTIFIER_DOES_NOT_MATCH, None, "Query/Retrieve Level (0008,0052) missing"
+        return
+    try:
+        matches = find(model, request, relational)
+        # 0xFF01 when some requested key can't be matched (PS3.4 C.4.1.1.4).
+        pending = getattr(matches, "pending_status", PENDING)
+        for match in matches:
+            if cancelled():
+                getattr(matches, "close", lambda: None)()
+                yield CANCEL, None, ""
+                return
+            yield pending, encode_identifier(match, transfer_syntax), ""
+    except FindError as exc:
+        yield exc.status, None, exc.comment[:64]
+        return
+    except ValueError as exc:  # a request the matching rules refuse
+        yield IDENTIFIER_DOES_NOT_MATCH, None, str(exc)[:64]
+        return
+    except Exception as exc:
+        log.exception("C-FIND failed")
+        yield UNABLE_TO_PROCESS, None, f"query failed: {exc}"[:64]
+        return
+    yield dimse.SUCCESS, None, ""

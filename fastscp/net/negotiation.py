@@ -1,0 +1,276 @@
+"""Association negotiation as the acceptor (PS3.8 section 7.1 and annex D).
+
+pynetdicom decodes the A-ASSOCIATE-RQ PDU, encodes the A-ASSOCIATE-AC PDU and
+negotiates each presentation context and SCP/SCU role; this module decides
+*what* to accept. No I/O: PDU bytes in, PDU bytes and accepted contexts out.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+
+from pydicom.uid import UID
+from pynetdicom import __version__ as PYNETDICOM_VERSION
+from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
+from pynetdicom.pdu_primitives import (
+    A_ASSOCIATE,
+    ImplementationClassUIDNotification,
+    ImplementationVersionNameNotification,
+    MaximumLengthNotification,
+    SOPClassExtendedNegotiation,
+)
+from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
+
+from fastscp.dicom.sopclasses import SUPPORTED_TRANSFER_SYNTAXES, VERIFICATION_SOP_CLASS
+from fastscp.dicom.uids import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from fastscp.net.access import AccessPolicy
+
+#: DICOM Application Context Name (PS3.7 A.2.1).
+APPLICATION_CONTEXT_NAME = "1.2.840.10008.3.1.1.1"
+
+# A-ASSOCIATE-RJ (PS3.8 9.3.4): result, source, reason/diagnostic.
+REJECTED_PERMANENT = 1
+REJECTED_TRANSIENT = 2
+SOURCE_SERVICE_USER = 1
+SOURCE_PROVIDER_ACSE = 2
+SOURCE_PROVIDER_PRESENTATION = 3
+
+REJECT_REASONS: dict[tuple[int, int], str] = {
+    (SOURCE_SERVICE_USER, 1): "no reason given",
+    (SOURCE_SERVICE_USER, 2): "application context name not supported",
+    (SOURCE_SERVICE_USER, 3): "calling AE title not recognized",
+    (SOURCE_SERVICE_USER, 7): "called AE title not recognized",
+    (SOURCE_PROVIDER_ACSE, 1): "no reason given",
+    (SOURCE_PROVIDER_ACSE, 2): "protocol version not supported",
+    (SOURCE_PROVIDER_PRESENTATION, 1): "temporary congestion",
+    (SOURCE_PROVIDER_PRESENTATION, 2): "local limit exceeded",
+}
+
+_RJ = struct.Struct(">BBIBBBB")
+
+
+def encode_associate_rj(result: int, source: int, reason: int) -> bytes:
+    """Encode an A-ASSOCIATE-RJ PDU."""
+    return _RJ.pack(0x03, 0, 4, 0, result, source, reason)
+
+
+def peek_ae_titles(pdu: bytes) -> tuple[str, str]:
+    """Called and calling AE titles of an A-ASSOCIATE-RQ PDU, without decoding the rest."""
+    if len(pdu) < 42 or pdu[0] != 0x01:
+        return "", ""
+    return (
+        pdu[10:26].decode("ascii", "replace").strip(),
+        pdu[26:42].decode("ascii", "replace").strip(),
+    )
+
+
+@dataclass(frozen=True)
+class AcceptancePolicy:
+    """What this Storage SCP accepts."""
+
+    ae_title: str
+    storage_sop_classes: frozenset[str]
+    max_pdu_size: int
+    check_called_aet: bool = False
+    access: AccessPolicy = AccessPolicy()
+    #: Query/Retrieve FIND models offered (empty: no C-FIND service).
+    query_sop_classes: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class AcceptedContext:
+    context_id: int
+    abstract_syntax: str
+    transfer_syntax: str
+
+
+@dataclass
+class Negotiation:
+    """The outcome of one A-ASSOCIATE-RQ."""
+
+    calling_ae_title: str
+    called_ae_title: str
+    #: The PDU to send back: A-ASSOCIATE-AC or -RJ.
+    response: bytes
+    accepted: bool
+    #: Why it was rejected, in PS3.8 words (empty when accepted).
+    reject_reason: str = ""
+    #: Accepted presentation contexts by context ID.
+    contexts: dict[int, AcceptedContext] = field(default_factory=dict)
+    #: The requestor's Maximum Length Received: our P-DATA-TF PDUs must not
+    #: exceed it (0: no limit).
+    peer_max_pdu: int = 0
+    peer_implementation: str = ""
+    #: Query/Retrieve FIND SOP classes for which the requestor asked for, and
+    #: we agreed to, relational queries (SOP Class Extended Negotiation).
+    relational_queries: frozenset[str] = frozenset()
+    #: Refused presentation contexts: (abstract syntax UID, why), in request order.
+    refused: list[tuple[str, str]] = field(default_factory=list)
+
+
+#: Presentation context results other than acceptance (PS3.8 9.3.3.2).
+CONTEXT_REFUSALS: dict[int, str] = {
+    1: "user rejection",
+    2: "no reason (provider rejection)",
+    3: "abstract syntax not supported",
+    4: "transfer syntaxes not supported",
+}
+
+
+def _reject(rq: A_ASSOCIATE, result: int, source: int, reason: int, detail: str = "") -> Negotiation:
+    why = REJECT_REASONS.get((source, reason), f"reason {reason}")
+    return Negotiation(
+        calling_ae_title=str(rq.calling_ae_title).strip(),
+        called_ae_title=str(rq.called_ae_title).strip(),
+        response=encode_associate_rj(result, source, reason),
+        accepted=False,
+        reject_reason=f"{why}: {detail}" if detail else why,
+    )
+
+
+def _acceptor_context(rq_context: PresentationContext, policy: AcceptancePolicy) -> list[PresentationContext]:
+    """The acceptor context to negotiate one requested context against.
+
+    pynetdicom picks the first transfer syntax in the *acceptor's* order; we
+    list the requestor's own syntaxes in its order, so its preferred one that
+    we support wins and a compressed dataset is never forced to decompress.
+    """
+    abstract = str(rq_context.abstract_syntax)
+    if (
+        abstract != VERIFICATION_SOP_CLASS
+        and abstract not in policy.storage_sop_classes
+        and abstract not in policy.query_sop_classes
+    ):
+        return []
+    context = PresentationContext()
+    context.abstract_syntax = UID(abstract)
+    syntaxes = [ts for ts in rq_context.transfer_syntax if str(ts) in SUPPORTED_TRANSFER_SYNTAXES]
+    # An unsupported-only context still needs an acceptor entry, so that it is
+    # refused as "transfer syntaxes not supported" rather than "abstract syntax".
+    context.transfer_syntax = syntaxes or ["1.2.840.10008.1.2"]
+    # SCP/SCU Role Selection: the requestor may act as SCU (it sends us
+    # C-STORE / C-ECHO / C-FIND), not as SCP.
+    context.scu_role = True
+    context.scp_role = False
+    return [context]
+
+
+def negotiate(pdu: bytes, policy: AcceptancePolicy, peer_ip: str = "") -> Negotiation:
+    """Negotiate an association from the bytes of an A-ASSOCIATE-RQ PDU.
+
+    Raises
+    ------
+    ValueError
+        If the PDU can't be decoded (the caller aborts the association).
+    """
+    rq_pdu = A_ASSOCIATE_RQ()
+    try:
+        rq_pdu.decode(pdu)
+        rq = rq_pdu.to_primitive()
+    except Exception as exc:  # pynetdicom raises a variety on malformed PDUs
+        raise ValueError(f"malformed A-ASSOCIATE-RQ: {exc}") from exc
+
+    if str(rq.application_context_name) != APPLICATION_CONTEXT_NAME:
+        return _reject(rq, REJECTED_PERMANENT, SOURCE_SERVICE_USER, 2)
+    denied = policy.access.check(str(rq.calling_ae_title), peer_ip)
+    if denied:
+        return _reject(rq, REJECTED_PERMANENT, SOURCE_SERVICE_USER, 3, denied)
+    if policy.check_called_aet and str(rq.called_ae_title).strip() != policy.ae_title:
+        called = str(rq.called_ae_title).strip()
+        return _reject(rq, REJECTED_PERMANENT, SOURCE_SERVICE_USER, 7, f"called {called!r}, we are {policy.ae_title!r}")
+
+    peer_max_pdu = 0
+    peer_implementation = ""
+    roles: dict[UID, tuple[bool | None, bool | None]] = {}
+    extended: dict[str, bytes] = {}
+    for item in rq.user_information:
+        if isinstance(item, MaximumLengthNotification):
+            peer_max_pdu = int(item.maximum_length_received or 0)
+        elif isinstance(item, ImplementationVersionNameNotification):
+            peer_implementation = str(item.implementation_version_name)
+        elif isinstance(item, SOPClassExtendedNegotiation):
+            extended[str(item.sop_class_uid)] = bytes(item.service_class_application_information or b"")
+        elif type(item).__name__ == "SCP_SCU_RoleSelectionNegotiation":
+            roles[UID(item.sop_class_uid)] = (item.scu_role, item.scp_role)
+
+    results: list[PresentationContext] = []
+    reply_roles = []
+    for rq_context in rq.presentation_context_definition_list:
+        if not rq_context.transfer_syntax:
+            # PS3.8 9.3.2.2: one or more; pynetdicom's negotiation assumes one.
+            context_id = rq_context.context_id
+            raise ValueError(f"malformed A-ASSOCIATE-RQ: presentation context {context_id} has no transfer syntax")
+        result, role_items = negotiate_as_acceptor(
+            [rq_context], _acceptor_context(rq_context, policy), roles
+        )
+        results.extend(result)
+        reply_roles.extend(role_items)
+
+    ac = A_ASSOCIATE()
+    ac.application_context_name = UID(APPLICATION_CONTEXT_NAME)
+    ac.calling_ae_title = rq.calling_ae_title
+    ac.called_ae_title = rq.called_ae_title
+    ac.result = 0x00
+    ac.result_source = 0x01
+    ac.presentation_context_definition_results_list = results
+    max_length = MaximumLengthNotification()
+    max_length.maximum_length_received = policy.max_pdu_size
+    impl_uid = ImplementationClassUIDNotification()
+    impl_uid.implementation_class_uid = UID(IMPLEMENTATION_CLASS_UID)
+    impl_name = ImplementationVersionNameNotification()
+    impl_name.implementation_version_name = IMPLEMENTATION_VERSION_NAME
+    accepted_syntaxes = {str(cx.abstract_syntax) for cx in results if cx.result == 0x00}
+    relational, reply_extended = _relational_queries(extended, policy.query_sop_classes & accepted_syntaxes)
+    ac.user_information = [max_length, impl_uid, impl_name, *reply_roles, *reply_extended]
+
+    ac_pdu = A_ASSOCIATE_AC()
+    ac_pdu.from_primitive(ac)
+    contexts = {
+        int(cx.context_id): AcceptedContext(
+            int(cx.context_id), str(cx.abstract_syntax), str(cx.transfer_syntax[0])
+        )
+        for cx in results
+        if cx.result == 0x00
+    }
+    refused = [
+        (str(cx.abstract_syntax), CONTEXT_REFUSALS.get(int(cx.result or 0), f"result {cx.result}"))
+        for cx in results
+        if cx.result != 0x00
+    ]
+    return Negotiation(
+        calling_ae_title=str(rq.calling_ae_title).strip(),
+        called_ae_title=str(rq.called_ae_title).strip(),
+        response=ac_pdu.encode(),
+        accepted=True,
+        contexts=contexts,
+        peer_max_pdu=peer_max_pdu,
+        peer_implementation=peer_implementation,
+        relational_queries=relational,
+        refused=refused,
+    )
+
+
+def _relational_queries(
+    requested: dict[str, bytes], find_classes: frozenset[str]
+) -> tuple[frozenset[str], list[SOPClassExtendedNegotiation]]:
+    """The FIND SOP classes to answer relational queries for, and the reply items.
+
+    Query/Retrieve extended negotiation (PS3.4 C.5.1.1.1): byte 1 is
+    relational-queries (1 = asked for); the later bytes (combined date-time
+    matching, fuzzy semantic matching, timezone adjustment...) are not
+    supported and are answered 0.
+    """
+    agreed = []
+    replies = []
+    for uid, info in requested.items():
+        if uid in find_classes and info[:1] == b"\x01":
+            agreed.append(uid)
+            reply = SOPClassExtendedNegotiation()
+            reply.sop_class_uid = UID(uid)
+            reply.service_class_application_information = b"\x01" + bytes(len(info) - 1)
+            replies.append(reply)
+    return frozenset(agreed), replies
+
+
+__all__ = ["PYNETDICOM_VERSION", "negotiate", "encode_associate_rj", "peek_ae_titles"]

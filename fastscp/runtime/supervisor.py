@@ -1,0 +1,890 @@
+"""The supervisor: owns the listening socket, the worker pool and the indexer.
+
+One thread, one selector loop. It accepts each connection, sets
+TCP_NODELAY, and hands the socket to the least-busy worker over a Unix
+SOCK_SEQPACKET pair. A connection is *pending* until its worker has read its
+A-ASSOCIATE-RQ and asks for admission: pending connections have their own
+budget (``server.max_pending_connections``, at most
+``server.max_pending_per_address`` from one address; beyond it a new
+connection is closed at once) and take no association slot, so idle sockets
+can't lock senders out. Admission counts open associations across all
+workers, so ``server.max_associations`` holds globally: one more gets
+A-ASSOCIATE-RJ "local limit exceeded". A worker that dies is replaced (the
+kernel closes its sockets, so its associations abort and no other is
+touched). SIGTERM/SIGINT stop gracefully; a second one stops at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import logging
+import multiprocessing
+import os
+import pickle
+import selectors
+import signal
+import socket
+import ssl
+import struct
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from fastscp.config import Config, ConfigError, config_changes, layout_options, to_builtins, with_live_keys
+from fastscp.dicom import header
+from fastscp.imaging import frames as imaging
+from fastscp.index.client import Locator, QueryClient
+from fastscp.index.indexer import indexer_address, indexer_main
+from fastscp.index.records import (
+    DECODER,
+    ENCODER,
+    AdmissionReply,
+    AdmissionRequest,
+    AssociationReport,
+    Handoff,
+    Reconfigure,
+    Stop,
+)
+from fastscp.monitor.book import StatusBook
+from fastscp.net.access import AccessConfigError, build_access_policy
+from fastscp.net.association import ServiceSettings
+from fastscp.net.findscp import FIND_SOP_CLASSES
+from fastscp.net.negotiation import (
+    REJECTED_TRANSIENT,
+    SOURCE_PROVIDER_PRESENTATION,
+    AcceptancePolicy,
+    encode_associate_rj,
+    peek_ae_titles,
+)
+from fastscp.poststore.stage import poststore_address, poststore_main
+from fastscp.process import logs
+from fastscp.process.listen import bind_advice
+from fastscp.process.orphan import die_with_parent
+from fastscp.query.cfind import finder
+from fastscp.runtime.worker import CONTROL_MESSAGE_MAX, worker_main
+from fastscp.status import ENCODER as SNAPSHOT_ENCODER
+from fastscp.status import WorkerState
+from fastscp.storage.area import FileModes, Storage
+
+log = logging.getLogger("fastscp.supervisor")
+_fork = multiprocessing.get_context("fork")
+
+#: How long a connection we are rejecting may take to send its A-ASSOCIATE-RQ.
+REJECT_READ_TIMEOUT = 5.0
+#: A worker that dies sooner than this after its start is restarted with a delay.
+RESTART_BACKOFF = 1.0
+#: How often the status snapshot goes to the monitor.
+SNAPSHOT_INTERVAL = 0.5
+#: How often the indexer is asked for its committed and pending counts.
+INDEX_POLL = 2.0
+
+
+class StartupError(Exception):
+    """The server can't start; the message says why and what to do."""
+
+
+@dataclass
+class WorkerHandle:
+    index: int
+    process: multiprocessing.process.BaseProcess
+    control: socket.socket
+    started: float
+    open: set[int] = field(default_factory=set)
+    restarts: int = 0
+
+
+@dataclass
+class PendingReject:
+    sock: socket.socket
+    peer: str
+    deadline: float
+    data: bytearray = field(default_factory=bytearray)
+
+
+def _peer(address: tuple) -> str:
+    host, port = address[0], address[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def set_low_latency(sock: socket.socket) -> None:
+    """TCP_NODELAY for our small responses; TCP_QUICKACK so a peer with Nagle
+    on is ACKed at once (the worker re-arms it on every read)."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if hasattr(socket, "TCP_QUICKACK"):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+
+
+class Supervisor:
+    def __init__(self, config: Config, reload: Callable[[], Config] | None = None, config_file: str = "") -> None:
+        self.config = config
+        #: Reads the config again from where it came from (SIGHUP); None: reloads are refused.
+        self._load_config = reload
+        self._config_file = config_file or "the command line"
+        self.reload_requested = False
+        #: logging.level, shared with the children: they take it on SIGHUP.
+        self._log_level = _fork.RawValue("i", logging.getLevelName(config.logging.level))
+        server = config.server
+        self.storage = Storage(
+            config.storage.directory,
+            fsync=config.storage.fsync == "always",
+            quarantine=config.storage.quarantine,
+            sr_root=config.storage.sr_directory,
+            modes=FileModes.of(config.storage.file_mode, config.storage.dir_mode),
+        )
+        # The keys a reload may change are set by live_settings, here and on SIGHUP.
+        self.settings = live_settings(ServiceSettings(
+            policy=AcceptancePolicy(
+                ae_title=server.ae_title,
+                storage_sop_classes=frozenset(),
+                max_pdu_size=0,
+                query_sop_classes=FIND_SOP_CLASSES,
+            ),
+            storage=self.storage,
+            layout=layout_options(config),
+            duplicates="",
+            acse_timeout=0.0,
+            dimse_timeout=0.0,
+            tls=tls_context(config) if config.tls.enabled else None,
+            poststore_address=(
+                poststore_address(config.index_path)
+                if config.thumbnails.enabled or config.scansheet.enabled else ""
+            ),
+            find=finder(config.index_path, retrieve_ae_title=server.ae_title),
+            max_object_size=config.limits.max_object_size,
+            max_command_set=config.limits.max_command_set,
+            min_data_rate=config.limits.min_data_rate,
+            locate=Locator(config.index_path),
+        ), config)
+        self.poststore: multiprocessing.process.BaseProcess | None = None
+        self.book = StatusBook()
+        #: Admitted associations: connection ID -> calling AE title.
+        self.admitted: dict[int, str] = {}
+        self.per_ae: Counter[str] = Counter()
+        #: Connections waiting for their A-ASSOCIATE-RQ: connection ID -> peer IP.
+        self.pending: dict[int, str] = {}
+        self.pending_per_address: Counter[str] = Counter()
+        self.drops = logs.DropLog(log)
+        #: Connections closed before association, by the setting that closed them.
+        self.dropped: Counter[str] = Counter()
+        self.monitor: multiprocessing.process.BaseProcess | None = None
+        self.monitor_url = ""
+        self._snapshots: socket.socket | None = None
+        self._next_snapshot = 0.0
+        self._next_index_poll = 0.0
+        #: (committed since start, pending) as the indexer last told us.
+        self._index_state = (0, 0)
+        self.stopping = False
+        # Children forward their log records here; only we write output.
+        self._log_r, self._log_w = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.address = indexer_address(config.index_path)
+        self.selector = selectors.DefaultSelector()
+        self.workers: dict[int, WorkerHandle] = {}
+        self.rejects: dict[socket.socket, PendingReject] = {}
+        self.listener: socket.socket | None = None
+        self.indexer: multiprocessing.process.BaseProcess | None = None
+        self.next_connection = 1
+        self.signals = 0
+        self._port = config.server.port
+        self._wake_r, self._wake_w = socket.socketpair()
+        #: Children check that they still have this parent (die_with_parent).
+        self.pid = os.getpid()
+
+    # -- start ----------------------------------------------------------------
+
+    def _bind(self) -> socket.socket:
+        server = self.config.server
+        try:
+            info = socket.getaddrinfo(server.host, server.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        except socket.gaierror as exc:
+            raise StartupError(f"server.host {server.host!r}: cannot resolve: {exc}") from None
+        family, _type, _proto, _canon, sockaddr = info[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(sockaddr)
+        except OSError as exc:
+            sock.close()
+            raise StartupError(
+                f"server.port: cannot listen on {server.host}:{server.port}: {exc.strerror}; "
+                + bind_advice(exc, server.port, "server.port (or PORT)")
+            ) from None
+        sock.listen(256)
+        sock.setblocking(False)
+        return sock
+
+    def _start_indexer(self) -> None:
+        db = self.config.database
+        parent, child = _fork.Pipe(duplex=False)
+        process = _fork.Process(
+            target=self._child, name="fastscp-indexer",
+            args=(indexer_main, self.config.index_path, db.wal_mode, self.address,
+                  db.batch_size, db.batch_interval, child, self.storage.root, self.storage.sr_root),
+        )
+        process.start()
+        child.close()
+        if not parent.poll(60):
+            process.kill()
+            raise StartupError(f"the indexer did not open {self.config.index_path} within 60 s")
+        message = parent.recv()
+        parent.close()
+        if message != "ready":
+            process.join(5)
+            raise StartupError(
+                f"{message} (is another fastscp using this database.path? DuckDB allows one process)"
+            )
+        self.indexer = process
+        self.selector.register(process.sentinel, selectors.EVENT_READ, "indexer")
+        log.info("indexer started (pid %d), index %s", process.pid, self.config.index_path)
+
+    def _start_worker(self, index: int, restarts: int = 0) -> None:
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        process = _fork.Process(
+            target=self._child, name=f"fastscp-worker-{index}",
+            args=(worker_main, index, child, self.settings, self.address, self.config.server.shutdown_timeout),
+        )
+        process.start()
+        child.close()
+        handle = WorkerHandle(index, process, parent, time.monotonic(), restarts=restarts)
+        self.workers[index] = handle
+        log.info("worker %d started (pid %d)", index, process.pid)
+        self.selector.register(parent, selectors.EVENT_READ, ("control", index))
+        self.selector.register(process.sentinel, selectors.EVENT_READ, ("exit", index))
+
+    def _child(self, target, *args, death_signal: int = signal.SIGKILL) -> None:  # type: ignore[no-untyped-def]
+        # First, before anything can block: a child dies with the supervisor.
+        # Workers and the indexer get SIGKILL: a crash leaves only what every
+        # start recovers from (temp files, records its reconcile indexes), and
+        # the DuckDB lock and the sockets are free for a restart at once.
+        die_with_parent(self.pid, death_signal)
+        # A forked child must not keep the supervisor's sockets open: a client
+        # connection or the listener held here would outlive the supervisor's
+        # close. Close every one except what the child was given.
+        keep = {a.fileno() for a in args if isinstance(a, socket.socket)}
+        for key in list(self.selector.get_map().values()):
+            fileobj = key.fileobj
+            if isinstance(fileobj, socket.socket) and fileobj.fileno() not in keep:
+                fileobj.close()
+        for sock in (self.listener, self._wake_r, self._wake_w, self._log_r, self._snapshots, *self.rejects):
+            if sock is not None and sock.fileno() not in keep:
+                sock.close()
+        signal.set_wakeup_fd(-1)
+        # SIGHUP from the supervisor means "logging.level changed" (a terminal's hangup too: harmless).
+        signal.signal(signal.SIGHUP, self._follow_log_level)
+        logs.forward_to(self._log_w)
+        try:
+            target(*args)
+        finally:
+            logs.flush()
+
+    def run(self) -> int:
+        """Serve until stopped; returns the process exit code."""
+        # Before any child is forked: from the fork to its own handler, a child has this one.
+        signal.signal(signal.SIGHUP, self._on_hangup)
+        removed = self.storage.prepare()
+        if removed:
+            log.warning("removed %d incomplete temp files left by an earlier run", removed)
+        free, watermark = self.storage.free_bytes(), self.config.storage.min_free_bytes
+        if free < watermark:
+            log.warning("storage %s: %d MB free, below storage.min_free_bytes (%d MB): every C-STORE gets 0xA700 "
+                        "Out of resources until space is freed", self.storage.root, free // 1_000_000,
+                        watermark // 1_000_000)
+        self.listener = self._bind()
+        self.selector.register(self._log_r, selectors.EVENT_READ, "log")
+        try:
+            if self.config.monitor.enabled:
+                self._start_monitor()
+            self._start_indexer()
+            if self.settings.poststore_address:
+                self._start_poststore()
+            for index in range(self.config.worker_count):
+                self._start_worker(index)
+        except StartupError:
+            # Leave nothing running behind: an orphaned indexer would keep the
+            # DuckDB file locked.
+            for worker in self.workers.values():
+                worker.process.kill()
+            self._stop_poststore()
+            self._stop_indexer()
+            self._stop_monitor()
+            logs.receive(self._log_r)
+            raise
+        self.selector.register(self.listener, selectors.EVENT_READ, "listen")
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self.selector.register(self._wake_r, selectors.EVENT_READ, "signal")
+        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._on_signal)
+        host, port = self.listener.getsockname()[:2]
+        self._port = port
+        log.info(
+            "fastscp listening on %s:%d as %s with %d workers, max %d associations; "
+            "storage %s, index %s; header scan backend: %s; JPEG: %s %s; TLS %s; status page %s",
+            host, port, self.config.server.ae_title, len(self.workers),
+            self.config.server.max_associations, self.storage.root, self.config.index_path, header.BACKEND,
+            imaging.PILLOW_FLAVOUR, imaging.PILLOW_VERSION,
+            "on" if self.settings.tls else "off", self.monitor_url or "off",
+        )
+        try:
+            return self._loop()
+        finally:
+            signal.set_wakeup_fd(-1)
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        self.signals += 1
+
+    def _on_hangup(self, _signum: int, _frame: object) -> None:
+        self.reload_requested = True
+
+    def _follow_log_level(self, _signum: int, _frame: object) -> None:
+        """In a child: take the supervisor's logging.level (it sends SIGHUP after a reload)."""
+        logs.set_level(logging.getLevelName(self._log_level.value))
+
+    # -- the loop --------------------------------------------------------------
+
+    @property
+    def open_associations(self) -> int:
+        return sum(len(w.open) for w in self.workers.values())
+
+    def _loop(self) -> int:
+        while True:
+            if self.signals:
+                return self._shutdown()
+            if self.reload_requested:
+                self.reload_requested = False
+                self._reload()
+            for key, _events in self.selector.select(timeout=0.5):
+                tag = key.data
+                if tag == "listen":
+                    self._accept()
+                elif tag == "signal":
+                    try:
+                        self._wake_r.recv(512)
+                    except BlockingIOError:
+                        pass
+                elif tag == "log":
+                    logs.receive(self._log_r)
+                elif tag == "indexer":
+                    self._indexer_died()
+                elif tag == "monitor":
+                    self._monitor_died()
+                elif tag == "poststore":
+                    self._poststore_died()
+                elif tag == "reject":
+                    self._reject_step(self.rejects[key.fileobj])  # type: ignore[index]
+                elif tag[0] == "control":
+                    self._control(self.workers.get(tag[1]))
+                elif tag[0] == "exit":
+                    self._worker_died(tag[1])
+            self._expire_rejects()
+            self.drops.flush()
+            self._publish()
+
+    def _accept(self) -> None:
+        assert self.listener is not None
+        while True:
+            try:
+                sock, address = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # e.g. EMFILE: keep serving the open ones
+                log.error("accept failed: %s", exc)
+                return
+            peer = _peer(address)
+            full = self._pending_full(address[0])
+            if full:
+                self._drop(sock, address[0], *full)
+                continue
+            try:
+                set_low_latency(sock)
+            except OSError:
+                pass
+            if not self.workers:
+                self._begin_reject(sock, peer)
+                continue
+            worker = min(self.workers.values(), key=lambda w: len(w.open))
+            connection_id = self.next_connection
+            self.next_connection += 1
+            handoff = ENCODER.encode(Handoff(connection_id=connection_id, peer_address=peer))
+            try:
+                socket.send_fds(worker.control, [handoff], [sock.fileno()])
+                worker.open.add(connection_id)
+                self.pending[connection_id] = address[0]
+                self.pending_per_address[address[0]] += 1
+            except OSError as exc:
+                log.error("could not hand %s to worker %d: %s", peer, worker.index, exc)
+            finally:
+                sock.close()
+
+    def _pending_full(self, ip: str) -> tuple[str, str] | None:
+        """(the key, why) a new connection from ``ip`` can't wait for its A-ASSOCIATE-RQ, or None."""
+        server = self.config.server
+        if self.pending_per_address[ip] >= server.max_pending_per_address:
+            key = "server.max_pending_per_address"
+            return key, (f"{self.pending_per_address[ip]} connections from this address are waiting for their"
+                         f" A-ASSOCIATE-RQ ({key})")
+        waiting = len(self.pending) + len(self.rejects)
+        if waiting >= server.max_pending_connections:
+            key = "server.max_pending_connections"
+            return key, f"{waiting} connections are waiting for their A-ASSOCIATE-RQ ({key})"
+        return None
+
+    def _drop(self, sock: socket.socket, ip: str, key: str, reason: str) -> None:
+        # RST, not FIN: a flood leaves no TIME_WAIT sockets behind here.
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass
+        sock.close()
+        self.dropped[key] += 1
+        self.drops.note(ip, reason)
+
+    def _end_pending(self, connection_id: int) -> None:
+        ip = self.pending.pop(connection_id, None)
+        if ip is not None:
+            self.pending_per_address[ip] -= 1
+            if self.pending_per_address[ip] <= 0:
+                del self.pending_per_address[ip]
+
+    def _control(self, worker: WorkerHandle | None) -> None:
+        if worker is None:
+            return
+        while True:
+            try:
+                data = worker.control.recv(65536, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                data = b""
+            if not data:
+                # EOF: the worker is exiting; its sentinel tells us when.
+                self.selector.unregister(worker.control)
+                return
+            message = DECODER.decode(data)
+            if isinstance(message, AssociationReport):
+                self.book.report(message)
+                if message.ended:
+                    connection_id = message.state.connection_id
+                    # A probe the peer closed is no news; one we timed out is a drop.
+                    if message.probe and "timed out" in message.state.outcome:
+                        ip = self.pending.get(connection_id)
+                        if ip is not None:
+                            self.dropped["server.acse_timeout"] += 1
+                            self.drops.note(ip, "no A-ASSOCIATE-RQ within server.acse_timeout")
+                    self._release(worker, connection_id)
+            elif isinstance(message, AdmissionRequest):
+                self._admit(worker, message)
+
+    def _admit(self, worker: WorkerHandle, request: AdmissionRequest) -> None:
+        """An A-ASSOCIATE-RQ was read and accepted by negotiation: its
+        connection stops being pending and takes an association slot, within
+        server.max_associations and access.max_associations_per_aet (across
+        all workers)."""
+        self._end_pending(request.connection_id)
+        limit = self.config.access.max_associations_per_aet
+        most = self.config.server.max_associations
+        ae = request.calling_ae_title
+        if len(self.admitted) >= most:
+            reply = AdmissionReply(
+                connection_id=request.connection_id, admitted=False,
+                reason=f"{len(self.admitted)} of {most} associations open (server.max_associations)",
+            )
+        elif limit and self.per_ae[ae] >= limit:
+            reply = AdmissionReply(
+                connection_id=request.connection_id, admitted=False,
+                reason=f"{self.per_ae[ae]} of {limit} associations open for {ae!r} (access.max_associations_per_aet)",
+            )
+        else:
+            self.per_ae[ae] += 1
+            self.admitted[request.connection_id] = ae
+            reply = AdmissionReply(connection_id=request.connection_id, admitted=True)
+        try:
+            worker.control.send(ENCODER.encode(reply))
+        except OSError:
+            pass
+
+    def _release(self, worker: WorkerHandle, connection_id: int) -> None:
+        worker.open.discard(connection_id)
+        self._end_pending(connection_id)
+        ae = self.admitted.pop(connection_id, None)
+        if ae is not None:
+            self.per_ae[ae] -= 1
+            if self.per_ae[ae] <= 0:
+                del self.per_ae[ae]
+
+    def _worker_died(self, index: int) -> None:
+        worker = self.workers.pop(index)
+        worker.process.join(1)
+        self.selector.unregister(worker.process.sentinel)
+        if worker.control in {k.fileobj for k in self.selector.get_map().values()}:
+            self.selector.unregister(worker.control)
+        worker.control.close()
+        log.error(
+            "worker %d (pid %s) exited with code %s; %d open associations aborted; restarting it",
+            index, worker.process.pid, worker.process.exitcode, len(worker.open),
+        )
+        for connection_id in list(worker.open):
+            self.book.ended(connection_id)
+            self._release(worker, connection_id)
+        if time.monotonic() - worker.started < RESTART_BACKOFF:
+            time.sleep(RESTART_BACKOFF)
+        self._start_worker(index, worker.restarts + 1)
+
+    def _indexer_died(self) -> None:
+        assert self.indexer is not None
+        self.selector.unregister(self.indexer.sentinel)
+        self.indexer.join(0)
+        log.error("indexer exited with code %s; restarting it", self.indexer.exitcode)
+        time.sleep(RESTART_BACKOFF)
+        self._start_indexer()
+
+    # -- SIGHUP: reload the config ----------------------------------------------------
+
+    def _reload(self) -> None:
+        """Read the config again; put its live keys (config.LIVE_KEYS) in force, name the others.
+
+        A config that does not load, or whose live part can't be used, is
+        refused as a whole with one error line: the running config stays.
+        """
+        if self._load_config is None:
+            log.error("config reload (SIGHUP) refused: this server was not started from a config source")
+            return
+        try:
+            new = self._load_config()
+            settings = live_settings(self.settings, new)
+        except ConfigError as exc:  # it names the file
+            log.error("config reload (SIGHUP) refused, the running config stays: %s", exc)
+            return
+        except StartupError as exc:
+            log.error("config reload (SIGHUP) refused, the running config stays: %s: %s", self._config_file, exc)
+            return
+        changed = {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)
+                   if getattr(settings, f.name) is not getattr(self.settings, f.name)}
+        message = ENCODER.encode(Reconfigure(settings=pickle.dumps(changed),
+                                             shutdown_timeout=new.server.shutdown_timeout))
+        if len(message) > CONTROL_MESSAGE_MAX:
+            log.error("config reload (SIGHUP) refused, the running config stays: the live settings take %d bytes, "
+                      "more than a worker takes (%d; a long access.allowed_calling_aets?): restart to apply them",
+                      len(message), CONTROL_MESSAGE_MAX)
+            return
+        live, restart = config_changes(self.config, new)
+        self.config = with_live_keys(self.config, new)
+        self.settings = settings  # for workers started from now on
+        for worker in self.workers.values():
+            try:
+                worker.control.send(message)
+            except OSError as exc:  # it is dying: its replacement gets the new settings
+                log.warning("worker %d did not take the reloaded config: %s", worker.index, exc)
+        level = logging.getLevelName(self.config.logging.level)
+        if level != self._log_level.value:
+            self._log_level.value = level
+            logs.set_level(self.config.logging.level)
+            for child in (self.indexer, self.poststore, self.monitor, *(w.process for w in self.workers.values())):
+                if child is not None and child.pid is not None and child.is_alive():
+                    os.kill(child.pid, signal.SIGHUP)
+        log.info("config reloaded (SIGHUP): %s", f"{', '.join(live)} in force for new associations" if live
+                 else "no key that applies live changed")
+        if restart:
+            log.warning("config reload (SIGHUP): %s changed but need a restart to take effect", ", ".join(restart))
+
+    # -- rejecting while no worker runs ------------------------------------------
+
+    def _begin_reject(self, sock: socket.socket, peer: str) -> None:
+        sock.setblocking(False)
+        self.rejects[sock] = PendingReject(sock, peer, time.monotonic() + REJECT_READ_TIMEOUT)
+        self.selector.register(sock, selectors.EVENT_READ, "reject")
+
+    def _reject_step(self, pending: PendingReject) -> None:
+        try:
+            chunk = pending.sock.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            chunk = b""
+        pending.data += chunk
+        have_pdu = len(pending.data) >= 6 and len(pending.data) >= 6 + int.from_bytes(pending.data[2:6], "big")
+        if chunk and not have_pdu and len(pending.data) < 65536:
+            return
+        called, calling = peek_ae_titles(bytes(pending.data))
+        try:
+            pending.sock.setblocking(True)
+            pending.sock.settimeout(1.0)
+            pending.sock.sendall(encode_associate_rj(REJECTED_TRANSIENT, SOURCE_PROVIDER_PRESENTATION, 2))
+        except OSError:
+            pass
+        self.book.reject("local limit exceeded")
+        log.warning(
+            "association %s (%s) -> %s: rejected (local limit exceeded: no worker is running)",
+            calling or "?", pending.peer, called or "?",
+        )
+        self._drop_reject(pending)
+
+    def _drop_reject(self, pending: PendingReject) -> None:
+        self.selector.unregister(pending.sock)
+        del self.rejects[pending.sock]
+        pending.sock.close()
+
+    def _expire_rejects(self) -> None:
+        now = time.monotonic()
+        for pending in [p for p in self.rejects.values() if p.deadline < now]:
+            self._drop_reject(pending)
+
+    # -- stopping --------------------------------------------------------------------
+
+    def _shutdown(self) -> int:
+        assert self.listener is not None
+        self.stopping = True
+        self.selector.unregister(self.listener)
+        self.listener.close()
+        for pending in list(self.rejects.values()):
+            self._drop_reject(pending)
+        log.info(
+            "stopping: no new associations; waiting up to %.0f s for %d open ones (signal again to stop now)",
+            self.config.server.shutdown_timeout, self.open_associations,
+        )
+        for worker in self.workers.values():
+            try:
+                worker.control.send(ENCODER.encode(Stop(now=False)))
+            except OSError:
+                pass
+        deadline = time.monotonic() + self.config.server.shutdown_timeout + 10
+        handled = self.signals
+        while any(w.process.is_alive() for w in self.workers.values()):
+            if self.signals > handled or time.monotonic() > deadline:
+                log.warning("stopping now: aborting open associations")
+                for worker in self.workers.values():
+                    worker.process.kill()
+                break
+            for key, _events in self.selector.select(timeout=0.2):
+                if key.data == "signal":
+                    try:
+                        self._wake_r.recv(512)
+                    except BlockingIOError:
+                        pass
+                elif key.data == "log":
+                    logs.receive(self._log_r)
+                elif isinstance(key.data, tuple) and key.data[0] == "control":
+                    self._control(self.workers.get(key.data[1]))
+            self._publish()
+        for worker in self.workers.values():
+            worker.process.join(5)
+        # A killed worker may leave temp files; never a file at a final path.
+        self.storage.prepare()
+        # Post-store first: its thumbnail records go to the indexer.
+        self._stop_poststore()
+        self._stop_indexer()
+        self._stop_monitor()
+        logs.receive(self._log_r)
+        log.info("fastscp stopped")
+        return 0
+
+    # -- post-store stage --------------------------------------------------------------
+
+    def _start_poststore(self) -> None:
+        config = self.config
+        process = _fork.Process(
+            target=self._child, name="fastscp-poststore",
+            args=(poststore_main, self.storage.root, self.settings.layout, config.thumbnails, config.scansheet,
+                  self.settings.poststore_address, self.address, self.storage.modes),
+            # SIGTERM: it stops after the image in hand (poststore_main sees it is orphaned).
+            kwargs={"death_signal": signal.SIGTERM},
+        )
+        process.start()
+        self.poststore = process
+        self.selector.register(process.sentinel, selectors.EVENT_READ, "poststore")
+        log.info("post-store stage started (pid %d): thumbnails %s, scan sheets %s", process.pid,
+                 "on" if config.thumbnails.enabled else "off", "on" if config.scansheet.enabled else "off")
+
+    def _poststore_died(self) -> None:
+        assert self.poststore is not None
+        self.selector.unregister(self.poststore.sentinel)
+        self.poststore.join(1)
+        log.error("post-store stage exited with code %s; restarting it", self.poststore.exitcode)
+        time.sleep(RESTART_BACKOFF)
+        self._start_poststore()
+
+    def _stop_poststore(self) -> None:
+        if self.poststore is not None and self.poststore.is_alive():
+            self.poststore.terminate()  # SIGTERM: it finishes its queue and pending scan sheets
+            self.poststore.join(60)
+            if self.poststore.is_alive():
+                log.error("post-store stage did not stop within 60 s; killing it")
+                self.poststore.kill()
+                self.poststore.join(5)
+
+    # -- status ----------------------------------------------------------------------
+
+    def _start_monitor(self) -> None:
+        from fastscp.monitor.server import monitor_main
+
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        ready_r, ready_w = _fork.Pipe(duplex=False)
+        # Set before the fork, so the child closes our end and sees EOF when we go.
+        self._snapshots = parent
+        process = _fork.Process(
+            target=self._child, name="fastscp-monitor", args=(monitor_main, self.config.monitor.listen, child, ready_w),
+            kwargs={"death_signal": signal.SIGTERM},  # its SIGTERM stops it at once, cleanly
+        )
+        process.start()
+        child.close()
+        ready_w.close()
+        outcome = ready_r.recv() if ready_r.poll(30) else ("error", "monitor.listen: did not start within 30 s")
+        ready_r.close()
+        if outcome[0] != "ready":
+            process.kill()
+            process.join(5)
+            parent.close()
+            self._snapshots = None
+            raise StartupError(outcome[1])  # it names monitor.listen, the reason and the fix
+        parent.setblocking(False)
+        self.monitor, self.monitor_url = process, outcome[1]
+        self.selector.register(process.sentinel, selectors.EVENT_READ, "monitor")
+        log.info("monitor started (pid %d) at %s", process.pid, self.monitor_url)
+
+    def _monitor_died(self) -> None:
+        assert self.monitor is not None
+        self.selector.unregister(self.monitor.sentinel)
+        self.monitor.join(1)
+        log.error("monitor exited with code %s; the status page is down until restart", self.monitor.exitcode)
+        self.monitor = None
+
+    def _stop_monitor(self) -> None:
+        if self.monitor is not None and self.monitor.is_alive():
+            self.monitor.terminate()
+            self.monitor.join(10)
+            if self.monitor.is_alive():
+                self.monitor.kill()
+
+    def _publish(self) -> None:
+        """Send a status snapshot to the monitor, at most every SNAPSHOT_INTERVAL."""
+        now = time.monotonic()
+        if self._snapshots is None or self.monitor is None or now < self._next_snapshot:
+            return
+        self._next_snapshot = now + SNAPSHOT_INTERVAL
+        self._poll_index(now)
+        server = self.config.server
+        snapshot = self.book.snapshot(
+            ae_title=server.ae_title, host=server.host, port=self._port,
+            state="stopping" if self.stopping else "running",
+            storage_root=self.storage.root, min_free_bytes=self.config.storage.min_free_bytes,
+            index_path=self.config.index_path, index_committed=self._index_state[0], index_lag=self._index_state[1],
+            workers=[
+                WorkerState(index=w.index, pid=w.process.pid or 0, alive=w.process.is_alive(),
+                            # Admitted ones: a connection still pending is no association yet.
+                            open_associations=sum(1 for c in w.open if c in self.admitted),
+                            started=time.time() - (now - w.started),
+                            restarts=w.restarts)
+                for w in self.workers.values()
+            ],
+            config=public_config(self.config),
+        )
+        snapshot.pending_connections = len(self.pending)
+        snapshot.dropped_connections = dict(self.dropped)
+        try:
+            self._snapshots.send(SNAPSHOT_ENCODER.encode(snapshot))
+        except (BlockingIOError, InterruptedError):
+            pass  # the monitor is busy: it gets the next one
+        except OSError as exc:
+            if exc.errno == errno.EMSGSIZE:
+                log.warning("status snapshot too large (%s); skipped", exc)
+            else:
+                self._snapshots = None
+
+    def _poll_index(self, now: float) -> None:
+        """Committed and pending counts from the indexer, every INDEX_POLL seconds at most."""
+        if now < self._next_index_poll:
+            return
+        self._next_index_poll = now + INDEX_POLL
+        try:
+            state = QueryClient(self.config.index_path, timeout=0.3).state()
+            self._index_state = (state.committed, state.pending)
+        except (OSError, ConnectionError):
+            pass  # busy or restarting: show the last known figures
+
+    def _stop_indexer(self) -> None:
+        if self.indexer is None or not self.indexer.is_alive():
+            return
+        self.indexer.terminate()  # SIGTERM: it commits what it holds, then exits
+        self.indexer.join(30)
+        if self.indexer.is_alive():
+            log.error("indexer did not stop within 30 s; killing it")
+            self.indexer.kill()
+            self.indexer.join(5)
+
+
+def tls_context(config: Config) -> ssl.SSLContext:
+    """The server-side TLS context of ``tls``; StartupError names the bad key."""
+    tls = config.tls
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_3 if tls.min_version == "1.3" else ssl.TLSVersion.TLSv1_2
+    for key, path in (("tls.certificate", tls.certificate), ("tls.private_key", tls.private_key)):
+        if not path:
+            raise StartupError(f"{key} is empty; tls.enabled needs a certificate and its private key (PEM)")
+        if not os.path.isfile(path):
+            raise StartupError(f"{key}: {path}: no such file")
+    try:
+        context.load_cert_chain(tls.certificate, tls.private_key)
+    except (ssl.SSLError, OSError) as exc:
+        raise StartupError(f"tls.certificate/tls.private_key: cannot load {tls.certificate}: {exc}") from None
+    if tls.ca_bundle:
+        try:
+            context.load_verify_locations(tls.ca_bundle)
+        except (ssl.SSLError, OSError) as exc:
+            raise StartupError(f"tls.ca_bundle: cannot load {tls.ca_bundle}: {exc}") from None
+    if tls.require_client_certificate:
+        if not tls.ca_bundle:
+            raise StartupError("tls.require_client_certificate needs tls.ca_bundle to check client certificates")
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def public_config(config: Config) -> dict[str, object]:
+    """The config for the status page: file paths of keys are shown, nothing secret is in it."""
+    data = to_builtins(config)
+    tls = data.get("tls")
+    if isinstance(tls, dict) and tls.get("private_key"):
+        tls["private_key"] = "(hidden)"
+    return data
+
+
+def live_settings(settings: ServiceSettings, config: Config) -> ServiceSettings:
+    """``settings`` with what :data:`fastscp.config.LIVE_KEYS` set taken from ``config`` (a reload).
+
+    Raises
+    ------
+    StartupError
+        An access rule that can't be used (a host name that does not resolve).
+    """
+    try:
+        access = build_access_policy(config.access.allowed_calling_aets)
+    except AccessConfigError as exc:
+        raise StartupError(str(exc)) from None
+    policy = dataclasses.replace(settings.policy, storage_sop_classes=frozenset(config.sop_class_uids),
+                                 max_pdu_size=config.server.max_pdu_size,
+                                 check_called_aet=config.access.check_called_aet, access=access)
+    if policy == settings.policy:
+        policy = settings.policy
+    replaced = {
+        "policy": policy,
+        "duplicates": config.storage.duplicates,
+        "acse_timeout": config.server.acse_timeout,
+        "dimse_timeout": config.server.dimse_timeout,
+        "min_free_bytes": config.storage.min_free_bytes,
+        "action_log": config.logging.actions,
+        "max_object_size": config.limits.max_object_size,
+        "max_command_set": config.limits.max_command_set,
+        "min_data_rate": config.limits.min_data_rate,
+    }
+    # Unchanged values stay the same objects: the reload hands workers only what changed.
+    return dataclasses.replace(settings, **{k: v for k, v in replaced.items() if v != getattr(settings, k)})
+
+
+def serve(config: Config, reload: Callable[[], Config] | None = None, config_file: str = "") -> int:
+    """Run the server in the foreground; returns the exit code.
+
+    ``reload`` reads the config again from its sources (``config_file`` and
+    the command-line options it started with); SIGHUP calls it.
+    """
+    return Supervisor(config, reload, config_file).run()
