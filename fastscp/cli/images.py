@@ -1,4 +1,4 @@
-"""Command line for images: ``fastscp convert dcm2jpg|jpg2dcm`` and ``fastscp scansheet``.
+"""Command line for images: ``fastscp convert dcm2jpg|jpg2dcm|dcm2nii`` and ``fastscp scansheet``.
 
 Listed in :data:`fastscp.cli.main.COMMAND_MODULES`; :func:`register` adds the
 subcommands.
@@ -15,8 +15,10 @@ __all__ = ["register"]
 
 def register(commands: argparse._SubParsersAction) -> None:
     """Add ``convert`` and ``scansheet`` to the ``fastscp`` subcommands."""
-    convert = commands.add_parser("convert", help="convert between DICOM and JPEG")
-    kinds = convert.add_subparsers(dest="conversion", required=True, metavar="{dcm2jpg,jpg2dcm}")
+    from fastscp.cli.export import add_dcm2nii
+
+    convert = commands.add_parser("convert", help="convert between DICOM and JPEG, a series to NIfTI")
+    kinds = convert.add_subparsers(dest="conversion", required=True, metavar="{dcm2jpg,jpg2dcm,dcm2nii}")
 
     d2j = kinds.add_parser("dcm2jpg", help="export a frame of a DICOM file as JPEG (windowed)")
     d2j.add_argument("input", metavar="IN.dcm")
@@ -54,6 +56,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     j2d.add_argument("--uncompressed", action="store_true",
                      help="store decoded pixels even for a JPEG Baseline file (default: the JPEG as it is)")
     j2d.set_defaults(func=_jpg2dcm)
+    add_dcm2nii(kinds)
 
     sheet = commands.add_parser("scansheet", help="make a study's scan sheet (PNG and HTML)")
     sheet.add_argument("study_uid", metavar="STUDY_UID")

@@ -121,7 +121,7 @@ def _add_client_arguments(sub: argparse.ArgumentParser) -> None:
 #: Modules that add their own subcommands: each has ``register(commands)``,
 #: which adds a parser with ``set_defaults(func=...)`` to the subparsers.
 COMMAND_MODULES: tuple[str, ...] = ("fastscp.cli.status", "fastscp.cli.images", "fastscp.cli.index",
-                                     "fastscp.cli.service")
+                                     "fastscp.cli.service", "fastscp.cli.export")
 
 
 def build_parser() -> argparse.ArgumentParser:
