@@ -22,7 +22,7 @@ from pydicom.uid import ImplicitVRLittleEndian, MRImageStorage
 from fastscp.cli.main import main
 from fastscp.dicom.synthetic import write_series
 from fastscp.index.reindex import reindex
-from fastscp.media.dicomdir import write_media_set
+from fastscp.media.dicomdir import MediaError, write_media_set
 from fastscp.media.nifti import NiftiError, convert_files
 
 from .conftest import dcmtk, wait_until
@@ -236,6 +236,31 @@ def test_failure_after_copying_leaves_nothing(stored: Stored, tmp_path: Path, ca
                  *stored.args()]) == 1
     assert "afile" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "index.duckdb", "storage"]
+
+
+def test_messages_escape_stored_values(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A path (made of header values by storage.naming) with a terminal escape is printed escaped."""
+    root = tmp_path / "storage"
+    (first, *_rest) = _complete(write_series(str(root / "s"), 2, rows=8, columns=8, patient_id="ESC"), "1")
+    hostile = root / "s" / "bad\x1b[2J.dcm"
+    os.rename(first, hostile)
+    reindex(str(root), str(tmp_path / "index.duckdb"), progress=io.StringIO())
+    hostile.unlink()
+    assert main(["export", "dicomdir", "--patient", "ESC", str(tmp_path / "cd"), "--storage-dir", str(root),
+                 "--index-db", str(tmp_path / "index.duckdb")]) == 1
+    err = capsys.readouterr().err
+    assert "bad\\x1b[2J.dcm" in err and "\x1b" not in err
+
+
+def test_study_date_is_never_invented(tmp_path: Path) -> None:
+    """Study Date is Type 1 in the STUDY record and nothing can stand for it: the file is named, nothing is left."""
+    paths = _complete(write_series(str(tmp_path / "src"), 2, rows=8, columns=8), "1")
+    ds = dcmread(paths[1])
+    del ds.StudyDate
+    ds.save_as(paths[1], enforce_file_format=True)
+    with pytest.raises(MediaError, match=re.escape(paths[1]) + ".*Study Date"):
+        write_media_set(paths, str(tmp_path / "cd"), progress=io.StringIO())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
 
 def test_invented_record_values(tmp_path: Path) -> None:

@@ -61,8 +61,15 @@ def add_dcm2nii(kinds: Any) -> None:
     dcm2nii.set_defaults(func=_dcm2nii)
 
 
+def _say(command: str, message: object) -> None:
+    """A line on standard error; values from stored headers (UIDs, paths made of them) escaped."""
+    from fastscp.process.logs import escape
+
+    print(f"fastscp {command}: {escape(str(message))}", file=sys.stderr)
+
+
 def _fail(command: str, message: object) -> int:
-    print(f"fastscp {command}: {message}", file=sys.stderr)
+    _say(command, message)
     return 1
 
 
@@ -115,20 +122,18 @@ def _dicomdir(args: argparse.Namespace) -> int:
     except OSError as exc:
         return _fail("export", f"{exc.filename or args.out}: {exc.strerror}")
     for note in media.invented[:SHOWN_NOTES]:
-        print(f"fastscp export: {note}", file=sys.stderr)
+        _say("export", note)
     if len(media.invented) > SHOWN_NOTES:
-        print(f"fastscp export: ... and {len(media.invented) - SHOWN_NOTES} more invented values", file=sys.stderr)
+        _say("export", f"... and {len(media.invented) - SHOWN_NOTES} more invented values")
     if media.duplicates:
-        print(f"fastscp export: {media.duplicates} files left out: an earlier file has their SOP Instance UID",
-              file=sys.stderr)
+        _say("export", f"{media.duplicates} files left out: an earlier file has their SOP Instance UID")
     from pydicom.uid import ExplicitVRLittleEndian
 
     other = {uid: n for uid, n in media.transfer_syntaxes.items() if uid != ExplicitVRLittleEndian}
     if other:
         listed = ", ".join(f"{n} in {uid}" for uid, n in sorted(other.items()))
-        print(f"fastscp export: {sum(other.values())} files are not in Explicit VR Little Endian ({listed}): "
-              "exported as stored; the General Purpose CD-R profile (STD-GEN-CD) allows only that one",
-              file=sys.stderr)
+        _say("export", f"{sum(other.values())} files are not in Explicit VR Little Endian ({listed}): exported "
+                       "as stored; the General Purpose CD-R profile (STD-GEN-CD) allows only that one")
     print(f"wrote {media.folder}: {media.instances} instances ({media.patients} patients, {media.studies} studies, "
           f"{media.series} series, {human_bytes(media.bytes)})" + (f" and {media.iso}" if media.iso else ""))
     return 0
