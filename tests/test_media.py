@@ -86,13 +86,17 @@ def _by_sop_instance(paths: list[str]) -> dict[str, bytes]:
     return {_uid(p, "SOPInstanceUID"): Path(p).read_bytes() for p in paths}
 
 
-def _check_media_set(out: Path, expected: list[str], *, patients: int, studies: int, series: int) -> FileSet:
+def _check_media_set(out: Path, expected: list[str], *, patients: int, studies: int, series: int,
+                     leaves: int | None = None) -> FileSet:
     """pydicom's FileSet reads the set back: the records, the counts, every file byte-identical, nothing else."""
     fileset = _fileset(out / "DICOMDIR")
     assert fileset.ID == "FASTSCP"
     records = [r.DirectoryRecordType for r in dcmread(out / "DICOMDIR").DirectoryRecordSequence]
     assert (records.count("PATIENT"), records.count("STUDY"), records.count("SERIES"),
-            records.count("IMAGE")) == (patients, studies, series, len(expected))
+            len(records) - records.count("PATIENT") - records.count("STUDY") - records.count("SERIES")
+            ) == (patients, studies, series, leaves or len(expected))
+    if leaves is None:
+        assert records.count("IMAGE") == len(expected)
     originals = _by_sop_instance(expected)
     assert len(fileset) == len(originals)
     referenced = set()
@@ -252,15 +256,38 @@ def test_messages_escape_stored_values(tmp_path: Path, capsys: pytest.CaptureFix
     assert "bad\\x1b[2J.dcm" in err and "\x1b" not in err
 
 
-def test_study_date_is_never_invented(tmp_path: Path) -> None:
-    """Study Date is Type 1 in the STUDY record and nothing can stand for it: the file is named, nothing is left."""
+def test_study_date_from_the_content_date_else_refused(tmp_path: Path) -> None:
+    """Study Date is Type 1 in the STUDY record: taken from the series, acquisition or content date (as dcmmkdir
+    does), and a file with none of them is refused by name, leaving nothing."""
     paths = _complete(write_series(str(tmp_path / "src"), 2, rows=8, columns=8), "1")
-    ds = dcmread(paths[1])
+    ds = dcmread(paths[0])
     del ds.StudyDate
-    ds.save_as(paths[1], enforce_file_format=True)
-    with pytest.raises(MediaError, match=re.escape(paths[1]) + ".*Study Date"):
-        write_media_set(paths, str(tmp_path / "cd"), progress=io.StringIO())
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+    ds.ContentDate = "20250102"
+    ds.save_as(paths[0], enforce_file_format=True)
+    media = write_media_set(paths, str(tmp_path / "cd"), progress=io.StringIO())
+    assert any(n.startswith("StudyDate 20250102 (its ContentDate)") for n in media.invented)
+    assert {i.StudyDate for i in _fileset(tmp_path / "cd" / "DICOMDIR")} == {"20250102"}
+    del ds.ContentDate
+    ds.save_as(paths[0], enforce_file_format=True)
+    with pytest.raises(MediaError, match=re.escape(paths[0]) + ".*Study Date"):
+        write_media_set(paths, str(tmp_path / "cd2"), progress=io.StringIO())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cd", "src"]
+
+
+def test_other_record_types_and_transfer_syntaxes(tmp_path: Path) -> None:
+    """pydicom's own test objects: SR, RT plan and dose, JPEG 2000 and Explicit VR Big Endian: each gets its
+    leaf record type and File ID prefix, every file is exported byte-exact, and the transfer syntaxes are counted
+    (STD-GEN-CD allows Explicit VR Little Endian only: the CLI warns)."""
+    from pydicom.data import get_testdata_file
+
+    names = ("test-SR.dcm", "CT_small.dcm", "MR_small_bigendian.dcm", "rtplan.dcm", "rtdose.dcm", "JPEG2000.dcm")
+    files = [str(get_testdata_file(name)) for name in names]
+    media = write_media_set(files, str(tmp_path / "cd"), progress=io.StringIO())
+    assert media.transfer_syntaxes == {"1.2.840.10008.1.2.1": 2, "1.2.840.10008.1.2.2": 1,
+                                       "1.2.840.10008.1.2": 2, "1.2.840.10008.1.2.4.91": 1}
+    fileset = _check_media_set(tmp_path / "cd", files, patients=6, studies=6, series=6, leaves=6)
+    kinds = {Path(i.FileID).name[:2]: i.node.record_type for i in fileset}
+    assert kinds == {"SR": "SR DOCUMENT", "IM": "IMAGE", "RP": "RT PLAN", "RD": "RT DOSE"}
 
 
 def test_invented_record_values(tmp_path: Path) -> None:

@@ -92,12 +92,20 @@ def check_output(out: str) -> None:
             raise MediaError(f"{out}: exists and is not empty; give a new or empty folder")
 
 
+# Where the STUDY record's Study Date and Time come from when a file has none (Type 2 in the IODs), in
+# the order dcmmkdir takes them.
+_ALTERNATIVES = {"StudyDate": ("SeriesDate", "AcquisitionDate", "ContentDate"),
+                 "StudyTime": ("SeriesTime", "AcquisitionTime", "ContentTime")}
+
+
 class _Inventor:
     """Values for Type 1 keys of the directory records that a file lacks (PS3.3 F.5).
 
-    Only the record gets them, never the file, as dcmmkdir's ``--invent``
-    does: an empty Study ID (Type 2 in the image IODs) is common. One value
-    per patient, study and series, so records still group.
+    Only the record gets them, never the file, as dcmmkdir does: Study Date
+    and Time from the series, acquisition or content date and time; with
+    ``--invent``, IDs and numbers (an empty Study ID, Type 2 in the image
+    IODs, is common). One value per patient, study and series, so records
+    still group. A file with no date at all is refused.
     """
 
     def __init__(self) -> None:
@@ -110,6 +118,12 @@ class _Inventor:
     def fill(self, ds: Dataset) -> None:
         study = str(ds.get("StudyInstanceUID", ""))
         series = str(ds.get("SeriesInstanceUID", ""))
+        for keyword, alternatives in _ALTERNATIVES.items():
+            if not ds.get(keyword):
+                found = next((a for a in alternatives if ds.get(a)), None)
+                if found is not None:
+                    setattr(ds, keyword, ds.get(found))
+                    self._note(keyword, f"{ds.get(keyword)} (its {found})", f"study {study}")
         if not ds.get("PatientID"):
             ds.PatientID = self._patients.setdefault(study, f"FASTSCPPAT{len(self._patients) + 1:06d}")
             self._note("PatientID", ds.PatientID, f"study {study}")
