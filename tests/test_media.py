@@ -274,7 +274,7 @@ def test_study_date_from_the_content_date_else_refused(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cd", "src"]
 
 
-def test_other_record_types_and_transfer_syntaxes(tmp_path: Path) -> None:
+def test_other_record_types_and_transfer_syntaxes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """pydicom's own test objects: SR, RT plan and dose, JPEG 2000 and Explicit VR Big Endian: each gets its
     leaf record type and File ID prefix, every file is exported byte-exact, and the transfer syntaxes are counted
     (STD-GEN-CD allows Explicit VR Little Endian only: the CLI warns)."""
@@ -288,6 +288,16 @@ def test_other_record_types_and_transfer_syntaxes(tmp_path: Path) -> None:
     fileset = _check_media_set(tmp_path / "cd", files, patients=6, studies=6, series=6, leaves=6)
     kinds = {Path(i.FileID).name[:2]: i.node.record_type for i in fileset}
     assert kinds == {"SR": "SR DOCUMENT", "IM": "IMAGE", "RP": "RT PLAN", "RD": "RT DOSE"}
+    # the command says which files the General Purpose CD-R profile does not allow
+    root = tmp_path / "storage"
+    root.mkdir()
+    for path in files:
+        shutil.copyfile(path, root / Path(path).name)
+    reindex(str(root), str(tmp_path / "index.duckdb"), progress=io.StringIO())
+    assert main(["export", "dicomdir", "--query", "Modality=RT*", str(tmp_path / "rt"), "--storage-dir", str(root),
+                 "--index-db", str(tmp_path / "index.duckdb")]) == 0
+    assert ("2 files are not in Explicit VR Little Endian (2 in 1.2.840.10008.1.2): exported as stored"
+            in capsys.readouterr().err)
 
 
 def test_invented_record_values(tmp_path: Path) -> None:
