@@ -328,7 +328,10 @@ def test_invented_record_values(tmp_path: Path) -> None:
 def test_export_from_a_running_server(start_server, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
     """While the server runs, the index is asked through it; the set holds the files as the server stored them."""
     server = start_server()
-    sent = _complete(write_series(str(tmp_path / "send"), 4, rows=16, columns=16, patient_id="LIVE1"), "9")
+    sent = _complete(write_series(str(tmp_path / "send"), 4, rows=16, columns=16, patient_id="LIVE1",
+                                  image_positions=[(0.0, 0.0, 5.0 * k) for k in range(4)],
+                                  image_orientation=(1, 0, 0, 0, 1, 0), pixel_spacing=(1.0, 1.0),
+                                  slice_thickness=5.0), "9")
     dcmtk("storescu", "-aec", server.ae_title, "127.0.0.1", str(server.port), *sent)
     study = _uid(sent[0])
     args = ["--storage-dir", str(server.storage), "--index-db", str(server.index)]
@@ -343,6 +346,9 @@ def test_export_from_a_running_server(start_server, tmp_path: Path, capsys: pyte
     stored = [str(p) for p in server.stored_files()]
     assert len(stored) == 4
     _check_media_set(out, stored, patients=1, studies=1, series=1)
+    nifti = tmp_path / "live.nii.gz"
+    assert main(["convert", "dcm2nii", _uid(sent[0], "SeriesInstanceUID"), str(nifti), *args]) == 0
+    _check_volume(nifti, stored)
     assert server.stop() == 0
 
 
