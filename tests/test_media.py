@@ -308,7 +308,8 @@ def test_invented_record_values(tmp_path: Path) -> None:
         ds = dcmread(path)
         ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
         ds.save_as(path, enforce_file_format=True)
-    media = write_media_set(paths + implicit, str(tmp_path / "cd"), progress=io.StringIO())
+    media = write_media_set(paths + implicit + paths[:1], str(tmp_path / "cd"), progress=io.StringIO())
+    assert media.duplicates == 1  # the same SOP Instance UID again: left out
     assert media.transfer_syntaxes == {"1.2.840.10008.1.2.1": 3, "1.2.840.10008.1.2": 2}
     assert len([n for n in media.invented if n.startswith("StudyID")]) == 2
     fileset = _check_media_set(tmp_path / "cd", paths + implicit, patients=1, studies=2, series=2)

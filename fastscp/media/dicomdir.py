@@ -72,7 +72,7 @@ class MediaSet(NamedTuple):
     iso: str
     #: Files not exported because an earlier one has the same SOP Instance UID.
     duplicates: int
-    #: Type 1 record values invented for attributes the files lack (as dcmmkdir +I does).
+    #: Type 1 record values filled in for attributes the files lack (as dcmmkdir does), one line each.
     invented: list[str]
     #: Transfer Syntax UID -> files. STD-GEN-CD allows Explicit VR Little Endian only.
     transfer_syntaxes: dict[str, int]
@@ -188,6 +188,8 @@ def _recordify(ds: Dataset) -> list[Dataset]:
     the FileSet (pydicom is pinned; the tests read the result with FileSet).
     """
     return list(FileSet._recordify(None, ds))  # type: ignore[arg-type]
+
+
 # What identifies a record among its siblings.
 _KEYS = {"PATIENT": "PatientID", "STUDY": "StudyInstanceUID", "SERIES": "SeriesInstanceUID"}
 
@@ -338,6 +340,8 @@ def _assign_file_ids(tree: dict[str, _Node]) -> list[_Node]:
         numbers: Counter[str] = Counter()
         for node in nodes.values():
             prefix = _PREFIXES.get(node.record.DirectoryRecordType, "IM")
+            if numbers[prefix] > 999_999:  # File ID components have 8 characters at most
+                raise MediaError(f"more than a million {node.record.DirectoryRecordType} records in one folder")
             name = f"{prefix}{numbers[prefix]:06d}"
             numbers[prefix] += 1
             if node.children:
