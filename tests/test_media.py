@@ -24,7 +24,6 @@ from fastscp.dicom.synthetic import write_series
 from fastscp.index.reindex import reindex
 from fastscp.media.dicomdir import MediaError, write_media_set
 from fastscp.media.nifti import NiftiError, convert_files
-
 from tests.conftest import dcmtk, wait_until
 
 # File ID components: PS3.10 8.2 (1-8 of A-Z, 0-9, _), at most 8 of them.
