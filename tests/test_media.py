@@ -446,6 +446,17 @@ def test_dcm2nii_errors(stored: Stored, tmp_path: Path, capsys: pytest.CaptureFi
     junk.write_bytes(b"\x00" * 200)
     with pytest.raises(NiftiError, match="dcm2niix made no volume"):
         convert_files([str(junk)], str(out))
+    # two echoes in one series make two volumes: refused with their names
+    echoes = write_series(str(tmp_path / "echoes"), 4, rows=8, columns=8, modality="MR", sop_class=MRImageStorage,
+                          image_positions=[(0.0, 0.0, 2.0 * (k % 2)) for k in range(4)],
+                          image_orientation=(1, 0, 0, 0, 1, 0), pixel_spacing=(1.0, 1.0), slice_thickness=2.0)
+    for k, path in enumerate(echoes):
+        ds = dcmread(path)
+        ds.EchoNumbers, ds.EchoTime = 1 + k // 2, 10.0 * (1 + k // 2)
+        ds.save_as(path, enforce_file_format=True)
+    with pytest.raises(NiftiError, match=r"makes 2 volumes \(volume_e1.nii.gz, volume_e2.nii.gz\)"):
+        convert_files(echoes, str(out))
+    shutil.rmtree(tmp_path / "echoes")
     # an existing output is replaced whole
     out.write_bytes(b"old")
     convert_files(stored.mr, str(out))
