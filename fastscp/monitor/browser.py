@@ -85,7 +85,7 @@ QUERY_THREADS = 4
 #: Seconds each message of a query's answer may take.
 QUERY_TIMEOUT = 15.0
 #: Bytes per chunk of a zip on the wire, and chunks made ahead of the client:
-#: a download holds at most (ZIP_AHEAD + 1) * ZIP_CHUNK plus one read buffer.
+#: a download holds about (ZIP_AHEAD + 3) * ZIP_CHUNK (queued, being sent, read, gathered).
 ZIP_CHUNK = 256 * 1024
 ZIP_AHEAD = 4
 #: A thumbnail or scan sheet larger than this is not served (they are small JPEG/PNG files).
@@ -735,11 +735,12 @@ class _ChunkWriter(io.RawIOBase):
 
     def write(self, data: Any) -> int:
         self.buffer += data
-        if len(self.buffer) >= ZIP_CHUNK:
+        while len(self.buffer) >= ZIP_CHUNK:
             self.send_chunk()
         return len(data)
 
     def send_chunk(self) -> None:
+        """Hand the event loop up to ZIP_CHUNK bytes of the buffer, once fewer than ZIP_AHEAD wait."""
         if not self.buffer:
             return
         while not self.ahead.acquire(timeout=0.5):  # the client reads slowly: wait for it
@@ -747,8 +748,8 @@ class _ChunkWriter(io.RawIOBase):
                 raise _Cancelled
         if self.cancelled.is_set():
             raise _Cancelled
-        chunk = bytes(self.buffer)
-        self.buffer.clear()
+        chunk = bytes(self.buffer[:ZIP_CHUNK])
+        del self.buffer[:ZIP_CHUNK]
         self.loop.call_soon_threadsafe(self.queue.put_nowait, chunk)
 
     def finish(self, last: None | BaseException) -> None:
@@ -781,14 +782,15 @@ def _write_zip(out: _ChunkWriter, files: list[tuple[str, str | None]], uid: str)
                     info.file_size = stat.st_size  # decides ZIP64 for a large file
                     info.external_attr = 0o640 << 16
                     with archive.open(info, "w") as target:
-                        while chunk := source.read(1024 * 1024):
+                        while chunk := source.read(ZIP_CHUNK):
                             target.write(chunk)
             if missing:
                 log.warning("study browser: zip of study %s without %d files: %s", uid, len(missing),
                             "; ".join(missing[:10]))
                 archive.writestr("fastscp-missing.txt", "Files of this study the index names but that could not "
                                  "be read:\n" + "".join(f"{line}\n" for line in missing))
-        out.send_chunk()
+        while out.buffer:
+            out.send_chunk()
         out.finish(None)
     except _Cancelled:
         log.info("study browser: zip of study %s stopped: the client went away", uid)

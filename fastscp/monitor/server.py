@@ -536,7 +536,13 @@ async def _send_stream(writer: asyncio.StreamWriter, response: StreamResponse, r
         if request.method == "HEAD":
             return
         async for chunk in response.chunks:
-            await _send(writer, b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
+            if chunked:
+                # Size line, chunk, CRLF as they are: no copy of the chunk into a framed one.
+                writer.write(b"%x\r\n" % len(chunk))
+                writer.write(chunk)
+                await _send(writer, b"\r\n")
+            else:
+                await _send(writer, chunk)
         if chunked:
             await _send(writer, b"0\r\n\r\n")
     except (TimeoutError, ConnectionError):
