@@ -457,14 +457,18 @@ class Browser:
 
     # -- pages
 
+    async def _search(self, level: str, fields: dict[str, str], conditions: list[Condition], keys: list[str],
+                      who: str, peer: str) -> tuple[list[dict[str, Any]], bool]:
+        """(the first MAX_ROWS rows, whether there are more); the search logged."""
+        rows = await self._query(level, conditions, keys, MAX_ROWS + 1)
+        searched = ", ".join(f"{name}={_quoted(value)}" for name, value in fields.items() if value) or "everything"
+        log.info("study browser: %s from %s searched %s (%s): %d shown", who, peer,
+                 "patients" if level == "PATIENT" else "studies", searched, min(len(rows), MAX_ROWS))
+        return rows[:MAX_ROWS], len(rows) > MAX_ROWS
+
     async def studies(self, query: str, who: str, peer: str) -> Response:
         fields = parse_search(query, STUDY_FIELDS)
-        conditions = study_conditions(fields)
-        rows = await self._query("STUDY", conditions, _STUDY_KEYS, MAX_ROWS + 1)
-        more = len(rows) > MAX_ROWS
-        rows = rows[:MAX_ROWS]
-        searched = ", ".join(f"{name}={_quoted(value)}" for name, value in fields.items() if value) or "everything"
-        log.info("study browser: %s from %s searched studies (%s): %d shown", who, peer, searched, len(rows))
+        rows, more = await self._search("STUDY", fields, study_conditions(fields), _STUDY_KEYS, who, peer)
         lines = []
         for row in rows:
             uid = row["StudyInstanceUID"] or ""
@@ -492,11 +496,7 @@ class Browser:
         fields = parse_search(query, PATIENT_FIELDS)
         conditions = [c for c in (_text_condition("PatientName", fields["name"]),
                                   _text_condition("PatientID", fields["id"])) if c]
-        rows = await self._query("PATIENT", conditions, _PATIENT_KEYS, MAX_ROWS + 1)
-        more = len(rows) > MAX_ROWS
-        rows = rows[:MAX_ROWS]
-        searched = ", ".join(f"{name}={_quoted(value)}" for name, value in fields.items() if value) or "everything"
-        log.info("study browser: %s from %s searched patients (%s): %d shown", who, peer, searched, len(rows))
+        rows, more = await self._search("PATIENT", fields, conditions, _PATIENT_KEYS, who, peer)
         lines = []
         for row in rows:
             patient_id, name = row["PatientID"] or "", row["PatientName"] or ""

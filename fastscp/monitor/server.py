@@ -252,21 +252,27 @@ class Response:
 
     def encode(self, *, keep_alive: bool, head_only: bool = False) -> bytes:
         """The response as bytes on the wire (HTTP/1.1)."""
-        phrase = http.HTTPStatus(self.status).phrase
-        lines = [
-            f"HTTP/1.1 {self.status} {phrase}",
-            f"Date: {email.utils.formatdate(usegmt=True)}",
-            f"Server: fastscp/{__version__}",
-            f"Content-Type: {self.content_type}",
-            f"Content-Length: {len(self.body)}",
-            # Always the live figures: no browser or proxy cache.
-            "Cache-Control: no-store",
-            "X-Content-Type-Options: nosniff",
-            f"Connection: {'keep-alive' if keep_alive else 'close'}",
-            *(f"{name}: {value}" for name, value in self.headers),
-        ]
-        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        head = _head(self.status, self.content_type, f"Content-Length: {len(self.body)}",
+                     "keep-alive" if keep_alive else "close", self.headers)
         return head if head_only else head + self.body
+
+
+def _head(status: int, content_type: str, framing: str, connection: str,
+          headers: tuple[tuple[str, str], ...]) -> bytes:
+    """A response's status line and headers; ``framing`` says where its body ends."""
+    lines = [
+        f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}",
+        f"Date: {email.utils.formatdate(usegmt=True)}",
+        f"Server: fastscp/{__version__}",
+        f"Content-Type: {content_type}",
+        *([framing] if framing else []),
+        # Always the live figures: no browser or proxy cache.
+        "Cache-Control: no-store",
+        "X-Content-Type-Options: nosniff",
+        f"Connection: {connection}",
+        *(f"{name}: {value}" for name, value in headers),
+    ]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
 @dataclass(frozen=True)
@@ -283,19 +289,9 @@ class StreamResponse:
     headers: tuple[tuple[str, str], ...] = field(default=())
 
     def head(self, *, chunked: bool) -> bytes:
-        phrase = http.HTTPStatus(self.status).phrase
-        lines = [
-            f"HTTP/1.1 {self.status} {phrase}",
-            f"Date: {email.utils.formatdate(usegmt=True)}",
-            f"Server: fastscp/{__version__}",
-            f"Content-Type: {self.content_type}",
-            *(["Transfer-Encoding: chunked"] if chunked else []),
-            "Cache-Control: no-store",
-            "X-Content-Type-Options: nosniff",
-            "Connection: close",
-            *(f"{name}: {value}" for name, value in self.headers),
-        ]
-        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        # Without chunked framing (HTTP/1.0) the body ends where the connection does.
+        return _head(self.status, self.content_type, "Transfer-Encoding: chunked" if chunked else "", "close",
+                     self.headers)
 
 
 def text_response(status: int, text: str, headers: tuple[tuple[str, str], ...] = ()) -> Response:
