@@ -138,7 +138,9 @@ def test_search_study_page_thumbnails_scansheet_and_zip(two_studies) -> None:  #
     status, _, body = fetch(url, "/patients?name=jane")
     page = body.decode()
     assert status == 200 and "PAT-CT-1" in page and "PAT-MR-2" not in page
-    assert 'href="/studies?id=PAT-CT-1"' in page
+    assert 'href="/studies?patient_id=PAT-CT-1"' in page
+    assert found("?patient_id=PAT-CT-1") == [ct] and found("?patient_id=PAT-CT") == []  # exactly
+    assert "Patient ID exactly: PAT-CT-1" in fetch(url, "/studies?patient_id=PAT-CT-1")[2].decode()
 
     # The study page: header, series with one thumbnail per instance (5 <= 8 per series).
     status, _, body = fetch(url, f"/studies/{ct}")
@@ -219,6 +221,12 @@ BAD_PATHS = (
 
 def test_unknown_uids_and_traversal_get_404(two_studies) -> None:  # type: ignore[no-untyped-def]
     _server, url, ct, _mr = two_studies
+    # Bad searches are refused with a reason, not a dropped connection.
+    for query, reason in (("?" + "x=1&" * 40, b"too many search fields"), ("?name=" + "a" * 65, b"name: at most 64"),
+                          ("?id=a%0Ab", b"id: no control characters"), ("?from=2026-13", b"from: a date"),
+                          ("?modality=C%2AT", b"modality: letters and digits")):
+        status, _, body = fetch(url, "/studies" + query)
+        assert status == 400 and reason in body, (query, body[-500:])
     for path in ("/studies/1.2.3", "/studies/1.2.3.zip", "/studies/1.2.3/scansheet.png",
                  f"/studies/1.2.3/thumbnails/{ct}.jpg"):
         status, _, body = fetch(url, path)
@@ -320,7 +328,12 @@ def test_beyond_loopback_credentials_are_required(start_server, tmp_path: Path) 
     assert fetch(url, "/studies", _basic(USER, "wrong"))[0] == 401
     assert fetch(url, "/studies", _basic("other", PASSWORD))[0] == 401
     assert fetch(url, "/studies", {"Authorization": "Bearer " + TOKEN[:-1] + "x"})[0] == 401
-    server.wait_for_log('wrong credentials from 127.0.0.1 (Basic user "other")')
+    assert fetch(url, "/studies", {"Authorization": "Basic !!!"})[0] == 401
+    server.wait_for_log('wrong credentials from 127.0.0.1 ("basic" user "other")',
+                        'wrong credentials from 127.0.0.1 ("basic" user "(not base64 UTF-8)")',
+                        'wrong credentials from 127.0.0.1 ("bearer")')
+    # The scheme is case-insensitive (RFC 9110 11.1).
+    assert fetch(url, "/patients", {"Authorization": "basic " + _basic(USER, PASSWORD)["Authorization"][6:]})[0] == 200
 
     wait_indexed(url, uid, 2, _basic(USER, PASSWORD))
     assert study_rows(fetch(url, "/studies", _basic(USER, PASSWORD))[2].decode()) == [uid]

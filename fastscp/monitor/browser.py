@@ -74,8 +74,9 @@ log = logging.getLogger("fastscp.browser")
 
 #: Rows of a search result page; more matches ask for a narrower search.
 MAX_ROWS = 200
-#: Characters of one search field.
+#: Characters of one search field, and fields in a query string.
 MAX_FIELD = 64
+MAX_FIELDS = 32
 #: Instances of a study the study page and the zip take from the index.
 MAX_STUDY_INSTANCES = 100_000
 #: Zips being sent at once (each reads files in its own thread); more get 503.
@@ -270,7 +271,11 @@ def parse_search(query: str, fields: tuple[str, ...]) -> dict[str, str]:
         A field longer than :data:`MAX_FIELD` or with control characters.
     """
     values = dict.fromkeys(fields, "")
-    for name, value in parse_qsl(query, keep_blank_values=True, max_num_fields=32):
+    try:
+        pairs = parse_qsl(query, keep_blank_values=True, max_num_fields=MAX_FIELDS)
+    except ValueError:
+        raise BadSearch(f"too many search fields (at most {MAX_FIELDS})") from None
+    for name, value in pairs:
         if name not in values:
             continue
         if len(value) > MAX_FIELD:
@@ -282,8 +287,10 @@ def parse_search(query: str, fields: tuple[str, ...]) -> dict[str, str]:
 
 
 def study_conditions(fields: dict[str, str]) -> list[Condition]:
-    """The conditions of a study search (name, id, accession, modality, from, to)."""
-    conditions = [c for c in (_text_condition("PatientName", fields["name"]),
+    """The conditions of a study search (name, id, accession, modality, from, to; patient_id: exactly)."""
+    exact = fields["patient_id"].replace("\\", "")
+    conditions = [Condition("PatientID", exact)] if exact else []
+    conditions += [c for c in (_text_condition("PatientName", fields["name"]),
                               _text_condition("PatientID", fields["id"]),
                               _text_condition("AccessionNumber", fields["accession"])) if c]
     if fields["modality"]:
@@ -297,7 +304,7 @@ def study_conditions(fields: dict[str, str]) -> list[Condition]:
     return conditions
 
 
-STUDY_FIELDS = ("name", "id", "accession", "modality", "from", "to")
+STUDY_FIELDS = ("name", "id", "accession", "modality", "from", "to", "patient_id")
 PATIENT_FIELDS = ("name", "id")
 _STUDY_KEYS = ["StudyInstanceUID", "PatientName", "PatientID", "PatientBirthDate", "StudyDate", "StudyTime",
                "AccessionNumber", "ModalitiesInStudy", "StudyDescription", "NumberOfStudyRelatedSeries",
@@ -314,6 +321,11 @@ _INSTANCE_KEYS = ["SeriesInstanceUID", "SeriesNumber", "Modality", "SeriesDescri
 def _search_form(fields: dict[str, str], inputs: tuple[tuple[str, str, str], ...], action: str) -> str:
     parts = [f'<form class="search" method="get" action="{action}">']
     for name, label, kind in inputs:
+        if kind == "hidden":  # kept while searching on, if given
+            if fields[name]:
+                parts.append(f'<label>{esc(label)}: {esc(fields[name])}'
+                             f'<input type="hidden" name="{name}" value="{esc(fields[name])}"></label>')
+            continue
         parts.append(f'<label>{esc(label)}<input type="{kind}" name="{name}" value="{esc(fields[name])}" '
                      f'maxlength="{MAX_FIELD}"></label>')
     parts.append('<button type="submit">Search</button></form>')
@@ -323,6 +335,20 @@ def _search_form(fields: dict[str, str], inputs: tuple[tuple[str, str, str], ...
 # -- the browser --------------------------------------------------------------------------
 
 
+def parse_authorization(header: str) -> tuple[str, str, str]:
+    """An Authorization header as (scheme in lower case, user, secret): Basic gives the user and
+    password (RFC 7617), Bearer the token; ("", "", "") when there is none."""
+    scheme, _, value = header.strip().partition(" ")
+    scheme, value = scheme.lower(), value.strip()
+    if scheme == "basic":
+        try:
+            user, _, password = base64.b64decode(value, validate=True).decode("utf-8").partition(":")
+        except (binascii.Error, ValueError):
+            return scheme, "(not base64 UTF-8)", ""
+        return scheme, user, password
+    return scheme, "", value
+
+
 class Browser:
     """The browser's routes: request in, response out, queries in threads."""
 
@@ -330,8 +356,6 @@ class Browser:
         self.settings = settings
         self.executor = concurrent.futures.ThreadPoolExecutor(QUERY_THREADS, thread_name_prefix="fastscp-browser")
         self.downloads = 0
-        self._basic = ("Basic " + base64.b64encode(f"{settings.username}:{settings.password}".encode()).decode()
-                       if settings.username else "")
 
     @classmethod
     def from_config(cls, config: Config, bound_host: str) -> Browser:
@@ -362,12 +386,13 @@ class Browser:
             name = host[1:].partition("]")[0] if host.startswith("[") else host.rpartition(":")[0] or host
             return "local user (no authentication on loopback)" if (
                 name.lower() in _LOOPBACK_NAMES or is_loopback(name)) else None
-        given = request.headers.get("authorization", "")
-        if self._basic and hmac.compare_digest(given.encode(), self._basic.encode()):
+        scheme, user, secret = parse_authorization(request.headers.get("authorization", ""))
+        # Both halves compared, in constant time, whatever the first gave.
+        if scheme == "basic" and settings.username and all(
+                [hmac.compare_digest(user.encode(), settings.username.encode()),
+                 hmac.compare_digest(secret.encode(), settings.password.encode())]):
             return f"user {_quoted(settings.username)}"
-        scheme, _, value = given.partition(" ")
-        if settings.token and scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(),
-                                                                                  settings.token.encode()):
+        if scheme == "bearer" and settings.token and hmac.compare_digest(secret.encode(), settings.token.encode()):
             return "bearer token holder"
         return None
 
@@ -381,19 +406,12 @@ class Browser:
                 log.warning("study browser: request from %s with Host %s refused (only loopback names are served "
                             "without credentials)", peer, _quoted(request.headers.get("host", "")[:100]))
                 return text_response(403, "the study browser answers loopback names only (use http://127.0.0.1)")
-            given = request.headers.get("authorization", "")
-            if given:
-                user = ""
-                scheme, _, value = given.partition(" ")
-                if scheme.lower() == "basic":
-                    try:
-                        user = base64.b64decode(value, validate=True).decode("utf-8", "replace").partition(":")[0]
-                    except (binascii.Error, ValueError):
-                        user = "(not base64)"
-                log.warning("study browser: wrong credentials from %s (%s%s)", peer, scheme[:20],
+            scheme, user, _secret = parse_authorization(request.headers.get("authorization", ""))
+            if scheme:
+                log.warning("study browser: wrong credentials from %s (%s%s)", peer, _quoted(scheme[:20]),
                             f" user {_quoted(user[:100])}" if user else "")
                 await asyncio.sleep(AUTH_FAILURE_DELAY)
-            scheme_header = 'Basic realm="fastscp study browser", charset="UTF-8"' if self._basic else "Bearer"
+            scheme_header = 'Basic realm="fastscp study browser", charset="UTF-8"' if settings.username else "Bearer"
             return text_response(401, "authentication required", (("WWW-Authenticate", scheme_header),))
         if request.method not in ("GET", "HEAD"):
             return text_response(405, f"method {request.method[:20]} not allowed; use GET", (("Allow", "GET, HEAD"),))
@@ -407,6 +425,9 @@ class Browser:
         except (QueryError, ConnectionError, OSError, msgspec.DecodeError) as exc:
             log.error("study browser: the index failed to answer %s: %s", request.path[:200], exc)
             return _error_page(502, "the index failed to answer; the server log says why")
+        except Exception:
+            log.exception("study browser: %s failed", request.path[:200])
+            return _error_page(500, "the page failed; the server log says why")
 
     async def _route(self, request: Request, who: str, peer: str) -> Response | StreamResponse:
         path = request.path
@@ -485,7 +506,8 @@ class Browser:
                 f'<td><a href="{esc(_study_href(uid, ".zip"))}">zip</a></td></tr>')
         form = _search_form(fields, (("name", "Patient name", "search"), ("id", "Patient ID", "search"),
                                      ("accession", "Accession", "search"), ("modality", "Modality", "search"),
-                                     ("from", "Study date from", "date"), ("to", "to", "date")), "/studies")
+                                     ("from", "Study date from", "date"), ("to", "to", "date"),
+                                     ("patient_id", "Patient ID exactly", "hidden")), "/studies")
         table = _table(("Patient", "Patient ID", "Birth date", "Study date", "Accession", "Modalities",
                         "Description", "Series", "Instances", "Size", ""), lines, "No study matches.", "study-list")
         body = (f'<section><h2>Studies</h2>{form}</section>\n<section><h2>Results <span class="note" id="count">'
@@ -500,8 +522,8 @@ class Browser:
         lines = []
         for row in rows:
             patient_id, name = row["PatientID"] or "", row["PatientName"] or ""
-            # The patient's studies: by ID (exactly, as the ID has no wildcards of ours), else by name.
-            search = {"id": patient_id} if patient_id else {"name": name}
+            # The patient's studies: by ID exactly, else (a patient without ID) by name.
+            search = {"patient_id": patient_id} if patient_id else {"name": name}
             href = esc("/studies?" + urlencode(search))
             lines.append(
                 f'<tr><td><a href="{href}">{esc(format_name(name))}</a></td><td>{esc(patient_id)}</td>'
@@ -753,7 +775,10 @@ class _ChunkWriter(io.RawIOBase):
         self.loop.call_soon_threadsafe(self.queue.put_nowait, chunk)
 
     def finish(self, last: None | BaseException) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, last)
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, last)
+        except RuntimeError:
+            pass  # the monitor is stopping: its loop is closed, nobody waits
 
 
 def _write_zip(out: _ChunkWriter, files: list[tuple[str, str | None]], uid: str) -> None:
