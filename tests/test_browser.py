@@ -171,6 +171,14 @@ def test_search_study_page_thumbnails_scansheet_and_zip(two_studies) -> None:  #
         inside = {name: archive.read(name) for name in archive.namelist()}
     expected = stored_study(server, ct)
     assert len(expected) == 5 and inside == expected
+    # HTTP/1.0 has no chunked framing: the body ends with the connection.
+    with socket.create_connection(("127.0.0.1", int(url.rpartition(":")[2])), timeout=30) as sock:
+        sock.sendall(f"GET /studies/{ct}.zip HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n".encode())
+        answer = b"".join(iter(lambda: sock.recv(65536), b""))
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and b"Transfer-Encoding" not in head
+    with zipfile.ZipFile(io.BytesIO(body)) as archive:
+        assert {name: archive.read(name) for name in archive.namelist()} == expected
 
     # Every view of patient data is logged: who, what, from where.
     log = server.wait_for_log(f"viewed study {ct}", f"downloaded study {ct}")
@@ -294,6 +302,9 @@ def test_the_zip_streams_in_bounded_memory_and_cut_off_downloads_free_their_slot
                 assert chunk, "the server closed the download early"
                 received += len(chunk)
     server.wait_for_log("stopped: the client went away")
+    for _ in range(MAX_DOWNLOADS + 1):  # a HEAD takes a slot too, and gives it back
+        status, headers, _ = fetch(url, f"/studies/{uid}.zip", method="HEAD")
+        assert status == 200 and headers["content-type"] == "application/zip"
 
     before = peak_rss()
     status, _, data = fetch(url, f"/studies/{uid}.zip")
