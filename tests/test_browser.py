@@ -8,6 +8,7 @@ byte with the stored files.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import http.client
 import io
@@ -23,7 +24,8 @@ import pytest
 
 from fastscp.config import ConfigError, load_config
 from fastscp.dicom.synthetic import write_series
-from fastscp.monitor.browser import MAX_DOWNLOADS, ZIP_AHEAD, ZIP_CHUNK, is_loopback
+from fastscp.monitor.browser import MAX_DOWNLOADS, ZIP_AHEAD, ZIP_CHUNK, Browser, is_loopback
+from fastscp.monitor.server import Request
 from tests.conftest import dcmtk, wait_until
 from tests.test_monitor_page import CHROMIUM, _Page, chromium
 
@@ -88,8 +90,9 @@ def stored_study(server, uid: str) -> dict[str, bytes]:  # type: ignore[no-untyp
     return {str(p.relative_to(server.storage)): p.read_bytes() for p in server.stored_files() if uid in str(p)}
 
 
-def write_config(tmp_path: Path, **monitor: str) -> Path:
-    lines = ["scansheet:", "  study_timeout: 1", "monitor:"] + [f"  {k}: {v!r}" for k, v in monitor.items()]
+def write_config(tmp_path: Path, **monitor: object) -> Path:
+    lines = ["scansheet:", "  study_timeout: 1", "monitor:"] + [
+        f"  {k}: {str(v).lower() if isinstance(v, bool) else repr(v)}" for k, v in monitor.items()]
     config = tmp_path / "fastscp.yaml"
     config.write_text("\n".join(lines) + "\n")
     return config
@@ -380,6 +383,20 @@ def test_on_loopback_only_loopback_host_names_are_served(two_studies) -> None:  
     assert fetch(url, "/studies", {"Host": "localhost"})[0] == 200
     assert fetch(url, "/studies", {"Host": "127.0.0.1"})[0] == 200
     assert fetch(url, "/", {"Host": "attacker.example"})[0] == 200  # the status page: no patient data
+
+
+def test_credentials_apply_on_loopback_too_and_the_browser_can_be_turned_off(tmp_path: Path) -> None:
+    def status(browser: Browser) -> int:
+        request = Request("GET", "/studies", "HTTP/1.1", {"host": "127.0.0.1"})
+        try:
+            return asyncio.run(browser.respond(request, "127.0.0.1")).status
+        finally:
+            browser.close()
+
+    config = load_config(str(write_config(tmp_path, username=USER, password=PASSWORD)))
+    assert status(Browser.from_config(config, "127.0.0.1")) == 401
+    config = load_config(str(write_config(tmp_path, browser=False)))
+    assert status(Browser.from_config(config, "127.0.0.1")) == 403
 
 
 def test_what_counts_as_loopback() -> None:
