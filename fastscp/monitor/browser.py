@@ -77,8 +77,9 @@ MAX_ROWS = 200
 #: Characters of one search field, and fields in a query string.
 MAX_FIELD = 64
 MAX_FIELDS = 32
-#: Instances of a study the study page and the zip take from the index.
-MAX_STUDY_INSTANCES = 100_000
+#: Instances of a study the study page and the zip take from the index (~0.7 KB of memory each while
+#: a page is made; a larger study: 413 for its zip, no series list).
+MAX_STUDY_INSTANCES = 50_000
 #: Zips being sent at once (each reads files in its own thread); more get 503.
 MAX_DOWNLOADS = 4
 #: Queries to the indexer at once (threads: the query client blocks).
