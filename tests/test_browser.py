@@ -183,6 +183,11 @@ def test_search_study_page_thumbnails_scansheet_and_zip(two_studies) -> None:  #
     with zipfile.ZipFile(io.BytesIO(body)) as archive:
         assert {name: archive.read(name) for name in archive.namelist()} == expected
 
+    # The monitor asked the indexer: it never opened the index itself (DuckDB allows one process).
+    (pid,) = re.findall(r"monitor started \(pid (\d+)\)", server.log_text())
+    opened = [os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir() if fd.is_symlink()]
+    assert not [name for name in opened if "index.duckdb" in name], opened
+
     # Every view of patient data is logged: who, what, from where.
     log = server.wait_for_log(f"viewed study {ct}", f"downloaded study {ct}")
     assert re.search(rf"local user \(no authentication on loopback\) from 127\.0\.0\.1 viewed study {ct} "
