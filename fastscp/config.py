@@ -126,6 +126,13 @@ class MonitorConfig(_Section):
     enabled: bool = True
     #: HOST:PORT of the status page, /metrics and /healthz; [::1]:PORT for IPv6.
     listen: str = "127.0.0.1:8080"
+    #: The study browser (/studies, /patients): patient data, so beyond loopback only with credentials.
+    browser: bool = True
+    #: HTTP basic authentication of the study browser (both or neither).
+    username: str = ""
+    password: str = ""
+    #: A bearer token for the study browser (``Authorization: Bearer TOKEN``), for scripts.
+    token: str = ""
 
 
 class ThumbnailsConfig(_Section):
@@ -380,12 +387,34 @@ def load_config(path: str | None = None, overrides: dict[str, Any] | None = None
     except ValueError as exc:
         where = "command-line option --accept" if "accepted_sop_classes" in from_cli else source
         raise ConfigError(f"{where}: accepted_sop_classes: {exc}") from None
+    _check_monitor_credentials(config.monitor, source)
     if config.storage.naming == "template":
         try:
             check_template(config.storage.template)
         except TemplateError as exc:
             raise ConfigError(f"{source}: storage.template: {exc}") from None
     return config
+
+
+#: A bearer token shorter than this is refused: it must not be guessable.
+MIN_TOKEN_LENGTH = 16
+
+
+def _check_monitor_credentials(monitor: MonitorConfig, source: str) -> None:
+    """Credentials that HTTP can carry: both halves of basic auth, tokens long enough, no separators."""
+    if bool(monitor.username) != bool(monitor.password):
+        given, missing = ("username", "password") if monitor.username else ("password", "username")
+        raise ConfigError(f"{source}: monitor.{missing}: empty, but monitor.{given} is set; basic authentication "
+                          f"needs both (or neither)")
+    if ":" in monitor.username or not monitor.username.isprintable():
+        raise ConfigError(f"{source}: monitor.username: no ':' or control characters (basic authentication "
+                          f"separates the name from the password with ':')")
+    if not monitor.password.isprintable():
+        raise ConfigError(f"{source}: monitor.password: no control characters")
+    token = monitor.token
+    if token and (len(token) < MIN_TOKEN_LENGTH or not re.fullmatch(r"[!-~]+", token)):
+        raise ConfigError(f"{source}: monitor.token: use at least {MIN_TOKEN_LENGTH} printable ASCII characters "
+                          f"without spaces (for example the output of 'openssl rand -hex 24')")
 
 
 def layout_options(config: Config) -> LayoutOptions:

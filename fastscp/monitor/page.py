@@ -378,7 +378,8 @@ _BODY = """
 </div>
 </main>
 <footer>Updated every second from <a href="status.json">status.json</a> &middot;
-Prometheus: <a href="metrics">metrics</a> &middot; health: <a href="healthz">healthz</a></footer>
+Prometheus: <a href="metrics">metrics</a> &middot; health: <a href="healthz">healthz</a> &middot;
+<a href="studies">study browser</a></footer>
 """
 
 

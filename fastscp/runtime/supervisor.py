@@ -724,7 +724,8 @@ class Supervisor:
         # Set before the fork, so the child closes our end and sees EOF when we go.
         self._snapshots = parent
         process = _fork.Process(
-            target=self._child, name="fastscp-monitor", args=(monitor_main, self.config.monitor.listen, child, ready_w),
+            target=self._child, name="fastscp-monitor",
+            args=(monitor_main, self.config.monitor.listen, child, ready_w, self.config),  # the config: the browser
             kwargs={"death_signal": signal.SIGTERM},  # its SIGTERM stops it at once, cleanly
         )
         process.start()
@@ -846,6 +847,10 @@ def public_config(config: Config) -> dict[str, object]:
     tls = data.get("tls")
     if isinstance(tls, dict) and tls.get("private_key"):
         tls["private_key"] = "(hidden)"
+    monitor = data.get("monitor")
+    for key in ("password", "token"):
+        if isinstance(monitor, dict) and monitor.get(key):
+            monitor[key] = "(hidden)"
     return data
 
 
