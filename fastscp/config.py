@@ -122,6 +122,24 @@ class TLSConfig(_Section):
     min_version: Literal["1.2", "1.3"] = "1.2"
 
 
+class MoveDestination(_Section):
+    """Where C-MOVE sends to, for one Move Destination AE title."""
+
+    host: str
+    port: Annotated[int, msgspec.Meta(ge=1, le=65535)]
+    #: Connect with TLS (checked against tls.ca_bundle; tls.certificate is our client certificate).
+    tls: bool = False
+
+
+class RetrieveConfig(_Section):
+    """C-MOVE and C-GET (Query/Retrieve SCP)."""
+
+    #: Move Destination AE title -> where it listens; C-MOVE to any other is refused (0xA801).
+    move_destinations: dict[AETitle, MoveDestination] = msgspec.field(default_factory=dict)
+    #: Most instances one C-MOVE or C-GET may select (more: 0xA701); bounds a request's memory.
+    max_instances: Positive = 100000
+
+
 class MonitorConfig(_Section):
     enabled: bool = True
     #: HOST:PORT of the status page, /metrics and /healthz; [::1]:PORT for IPv6.
@@ -174,6 +192,7 @@ class Config(_Section):
     scansheet: ScansheetConfig = ScansheetConfig()
     access: AccessConfig = AccessConfig()
     tls: TLSConfig = TLSConfig()
+    retrieve: RetrieveConfig = RetrieveConfig()
     monitor: MonitorConfig = MonitorConfig()
     logging: LoggingConfig = LoggingConfig()
     accepted_sop_classes: list[str] = msgspec.field(default_factory=lambda: ["all"])

@@ -21,6 +21,15 @@ from pynetdicom.sop_class import _STORAGE_CLASSES
 #: Verification SOP Class (C-ECHO), always accepted.
 VERIFICATION_SOP_CLASS: str = "1.2.840.10008.1.1"
 
+#: Query/Retrieve Information Models - MOVE and GET (PS3.4 C.6.1, C.6.2): retrieval.
+PATIENT_ROOT_MOVE: str = "1.2.840.10008.5.1.4.1.2.1.2"
+PATIENT_ROOT_GET: str = "1.2.840.10008.5.1.4.1.2.1.3"
+STUDY_ROOT_MOVE: str = "1.2.840.10008.5.1.4.1.2.2.2"
+STUDY_ROOT_GET: str = "1.2.840.10008.5.1.4.1.2.2.3"
+MOVE_SOP_CLASSES: frozenset[str] = frozenset({PATIENT_ROOT_MOVE, STUDY_ROOT_MOVE})
+GET_SOP_CLASSES: frozenset[str] = frozenset({PATIENT_ROOT_GET, STUDY_ROOT_GET})
+RETRIEVE_SOP_CLASSES: frozenset[str] = MOVE_SOP_CLASSES | GET_SOP_CLASSES
+
 #: Every storage SOP class, keyword -> UID.
 STORAGE_SOP_CLASSES: dict[str, str] = dict(_STORAGE_CLASSES)
 

@@ -25,10 +25,10 @@ import msgspec
 from pydicom.uid import UID
 
 from fastscp.dicom.header import HeaderError, HeaderFields, IncompleteHeader, parse_header
-from fastscp.dicom.sopclasses import MODALITY_SOP_CLASSES
+from fastscp.dicom.sopclasses import GET_SOP_CLASSES, MODALITY_SOP_CLASSES, MOVE_SOP_CLASSES
 from fastscp.dicom.walk import mapped_dataset, walk_dataset, walk_from_prefix
 from fastscp.index.records import AssociationReport, DuplicateConflict, InstanceRecord
-from fastscp.net import dimse, findscp
+from fastscp.net import dimse, findscp, getscp, movescp
 from fastscp.net.access import peer_ip
 from fastscp.net.findscp import FIND_SOP_CLASSES, MAX_IDENTIFIER_BYTES, Finder
 from fastscp.net.negotiation import (
@@ -39,6 +39,7 @@ from fastscp.net.negotiation import (
     encode_associate_rj,
     negotiate,
 )
+from fastscp.net.retrievescp import RetrieveService
 from fastscp.status import LATENCY_BUCKETS, SIZE_BUCKETS, AssociationState, Histogram
 from fastscp.storage.area import NO_SPACE, Committed, IncomingFile, Storage, TempFile
 from fastscp.storage.layout import LayoutOptions, relative_path
@@ -297,6 +298,8 @@ class ServiceSettings:
     #: Where the index has any of these SOP Instance UIDs stored (paths as
     #: the index records them); None: no index to ask.
     locate: Callable[[tuple[str, ...]], tuple[str, ...]] | None = None
+    #: C-MOVE and C-GET (None: the Query/Retrieve MOVE and GET models are not served).
+    retrieve: RetrieveService | None = None
 
 
 @dataclass(frozen=True)
@@ -544,6 +547,10 @@ class Association:
             self._begin_store(request, context.abstract_syntax, context.transfer_syntax)
         elif field == dimse.C_FIND_RQ and has_data_set and context.abstract_syntax in FIND_SOP_CLASSES:
             self._identifier = bytearray()
+        elif has_data_set and self.settings.retrieve is not None and context.abstract_syntax in (
+            MOVE_SOP_CLASSES if field == dimse.C_MOVE_RQ else GET_SOP_CLASSES if field == dimse.C_GET_RQ else ()
+        ):
+            self._identifier = bytearray()  # the C-MOVE / C-GET identifier: as for C-FIND
         elif field == dimse.C_CANCEL_RQ:
             self._request = None
         else:
@@ -604,7 +611,10 @@ class Association:
             self._identifier += fragment
             if last:
                 identifier, self._identifier = bytes(self._identifier), None
-                self._find(identifier)
+                if self._request["CommandField"] == dimse.C_FIND_RQ:
+                    self._find(identifier)
+                else:
+                    self._retrieve(identifier)
             return
         self._dataset_bytes += len(fragment)
         if self._dataset_bytes > self.settings.max_object_size:
@@ -807,6 +817,83 @@ class Association:
             self.sock.sendall(p_data_tf(self._context_id, command, self._peer_max_pdu, match))
         self._request = None
         self._restart_clock()
+
+    # -- C-MOVE and C-GET (fastscp.net.retrievescp, movescp, getscp) -------------
+
+    def _retrieve(self, identifier: bytes) -> None:
+        """A C-MOVE or C-GET: its sub-operations, a pending response after each, the final response."""
+        assert self.negotiation is not None and self.settings.retrieve is not None and self._request is not None
+        request, service, negotiation = self._request, self.settings.retrieve, self.negotiation
+        context = negotiation.contexts[self._context_id]
+        message_id = int(request.get("MessageID", 0))
+        relational = context.abstract_syntax in negotiation.relational_queries
+        if request["CommandField"] == dimse.C_MOVE_RQ:
+            rsp_field = dimse.C_MOVE_RSP
+            originator = movescp.MoveRequest(service.ae_title, self.stats.calling_ae_title, message_id,
+                                             self.settings.dimse_timeout)
+            responses = movescp.responses(service, context.abstract_syntax, identifier, context.transfer_syntax,
+                                          relational, str(request.get("MoveDestination", "")), originator,
+                                          self._cancel_requested)
+        else:
+            rsp_field = dimse.C_GET_RSP
+            session = getscp.GetSession(
+                {cid: (cx.abstract_syntax, cx.transfer_syntax) for cid, cx in negotiation.contexts.items()
+                 if cx.requestor_scp},
+                self._send_message, self._next_command, max(self._peer_max_pdu - 6, 0),
+                priority=int(request.get("Priority", 0)),
+            )
+            responses = getscp.responses(service, context.abstract_syntax, identifier, context.transfer_syntax,
+                                         relational, session, self._cancel_requested)
+        try:
+            for response in responses:
+                command = dimse.encode_response(
+                    rsp_field, context.abstract_syntax, message_id, response.status,
+                    error_comment=response.comment, has_data_set=response.identifier is not None,
+                    suboperations=response.suboperations,
+                )
+                self.sock.sendall(p_data_tf(self._context_id, command, self._peer_max_pdu, response.identifier))
+        except getscp.ProtocolViolation as exc:
+            raise ProtocolError(str(exc)) from None
+        self._request = None
+        self._restart_clock()
+
+    def _send_message(self, context_id: int, command: bytes, fragments: getscp.Fragments) -> None:
+        """A C-GET sub-operation's C-STORE-RQ: the command set, then each data set fragment in a P-DATA-TF PDU."""
+        self.sock.sendall(p_data_tf(context_id, command, self._peer_max_pdu))
+        for fragment, last in fragments:
+            self.sock.sendall(_PDU_HEADER.pack(P_DATA_TF, len(fragment) + 6)
+                              + _PDV_HEADER.pack(len(fragment) + 2, context_id, 2 if last else 0) + fragment)
+
+    def _next_command(self) -> tuple[int, dict[str, int | str]]:
+        """The peer's next command set during a C-GET (a C-STORE-RSP or a C-CANCEL-RQ; no data set)."""
+        assert self.stream is not None
+        self._restart_clock()
+        command = bytearray()
+        while True:
+            pdu_type, body = self.stream.read()
+            if pdu_type == A_ABORT:
+                raise PeerClosed("aborted by peer")
+            if pdu_type != P_DATA_TF:
+                raise ProtocolError(f"unexpected PDU type 0x{pdu_type:02X} during a C-GET")
+            pos = 0
+            while pos < len(body):
+                if len(body) - pos < 6:
+                    raise ProtocolError("truncated PDV item")
+                item_length, context_id, control = _PDV_HEADER.unpack_from(body, pos)
+                if item_length < 2 or pos + 4 + item_length > len(body) or not control & 1:
+                    raise ProtocolError("a data set or a malformed PDV where a command set was expected")
+                command += body[pos + 6 : pos + 4 + item_length]
+                pos += 4 + item_length
+                if len(command) > self.settings.max_command_set:
+                    raise LimitExceeded(f"command set longer than limits.max_command_set "
+                                        f"({self.settings.max_command_set})")
+                if control & 2:
+                    if pos < len(body):
+                        raise ProtocolError("more PDVs after a complete command set")
+                    try:
+                        return context_id, dimse.decode_command_set(command)
+                    except dimse.CommandSetError as exc:
+                        raise ProtocolError(str(exc)) from None
 
     def _cancel_requested(self) -> bool:
         """True if the peer sent C-CANCEL-RQ while we stream C-FIND results."""

@@ -14,8 +14,12 @@ import struct
 # Command Field values (PS3.7 E.1-1).
 C_STORE_RQ = 0x0001
 C_STORE_RSP = 0x8001
+C_GET_RQ = 0x0010
+C_GET_RSP = 0x8010
 C_FIND_RQ = 0x0020
 C_FIND_RSP = 0x8020
+C_MOVE_RQ = 0x0021
+C_MOVE_RSP = 0x8021
 C_ECHO_RQ = 0x0030
 C_ECHO_RSP = 0x8030
 C_CANCEL_RQ = 0x0FFF
@@ -81,7 +85,7 @@ def is_warning(code: int) -> bool:
 # The command elements fastscp reads, by element number, with their VR.
 _US = {0x0100, 0x0110, 0x0120, 0x0700, 0x0800, 0x0900, 0x1031}
 _UL = {0x0000}
-_TEXT = {0x0002, 0x0003, 0x1000, 0x1001, 0x1030, 0x0902}
+_TEXT = {0x0002, 0x0003, 0x1000, 0x1001, 0x1030, 0x0902, 0x0600}
 
 _NAMES = {
     0x0002: "AffectedSOPClassUID",
@@ -89,6 +93,7 @@ _NAMES = {
     0x0100: "CommandField",
     0x0110: "MessageID",
     0x0120: "MessageIDBeingRespondedTo",
+    0x0600: "MoveDestination",
     0x0700: "Priority",
     0x0800: "CommandDataSetType",
     0x0900: "Status",
@@ -173,8 +178,13 @@ def encode_response(
     sop_instance_uid: str = "",
     error_comment: str = "",
     has_data_set: bool = False,
+    suboperations: tuple[int | None, int, int, int] | None = None,
 ) -> bytes:
-    """Encode a C-STORE-RSP, C-ECHO-RSP or C-FIND-RSP command set."""
+    """Encode a C-STORE-RSP, C-ECHO-RSP, C-FIND-RSP, C-MOVE-RSP or C-GET-RSP command set.
+
+    ``suboperations``: (remaining, completed, failed, warning) of a C-MOVE or
+    C-GET (PS3.7 9.3.4.2, 9.3.3.2); remaining None: left out (final responses).
+    """
     body = _text(0x0002, sop_class_uid)
     body += _us(0x0100, command_field)
     body += _us(0x0120, message_id)
@@ -187,4 +197,32 @@ def encode_response(
         body += _text(0x0902, comment)
     if sop_instance_uid:
         body += _text(0x1000, sop_instance_uid)
+    if suboperations is not None:
+        for element, count in zip((0x1020, 0x1021, 0x1022, 0x1023), suboperations, strict=True):
+            if count is not None:
+                body += _us(element, min(count, 0xFFFF))
+    return _group(body)
+
+
+def _group(body: bytes) -> bytes:
+    """A command set: Command Group Length (0000,0000) and then ``body``."""
     return _ELEMENT.pack(0, 0, 4) + len(body).to_bytes(4, "little") + body
+
+
+def encode_store_request(sop_class_uid: str, sop_instance_uid: str, message_id: int, *, priority: int = 0,
+                         move_originator: str = "", move_originator_id: int | None = None) -> bytes:
+    """Encode a C-STORE-RQ command set (PS3.7 9.3.1.1); a data set follows it.
+
+    ``move_originator``/``move_originator_id``: the C-MOVE it is a sub-operation of.
+    """
+    body = _text(0x0002, sop_class_uid)
+    body += _us(0x0100, C_STORE_RQ)
+    body += _us(0x0110, message_id)
+    body += _us(0x0700, priority)
+    body += _us(0x0800, DATA_SET_FOLLOWS)
+    body += _text(0x1000, sop_instance_uid)
+    if move_originator:
+        body += _text(0x1030, move_originator)
+    if move_originator_id is not None:
+        body += _us(0x1031, move_originator_id)
+    return _group(body)

@@ -22,7 +22,7 @@ from pynetdicom.pdu_primitives import (
 )
 from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
 
-from fastscp.dicom.sopclasses import SUPPORTED_TRANSFER_SYNTAXES, VERIFICATION_SOP_CLASS
+from fastscp.dicom.sopclasses import GET_SOP_CLASSES, SUPPORTED_TRANSFER_SYNTAXES, VERIFICATION_SOP_CLASS
 from fastscp.dicom.uids import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from fastscp.net.access import AccessPolicy
 
@@ -74,7 +74,7 @@ class AcceptancePolicy:
     max_pdu_size: int
     check_called_aet: bool = False
     access: AccessPolicy = AccessPolicy()
-    #: Query/Retrieve FIND models offered (empty: no C-FIND service).
+    #: Query/Retrieve FIND, MOVE and GET models offered (empty: no C-FIND, C-MOVE or C-GET service).
     query_sop_classes: frozenset[str] = frozenset()
 
 
@@ -83,6 +83,8 @@ class AcceptedContext:
     context_id: int
     abstract_syntax: str
     transfer_syntax: str
+    #: The requestor took the SCP role (SCP/SCU Role Selection): C-GET sends it C-STORE-RQs here.
+    requestor_scp: bool = False
 
 
 @dataclass
@@ -150,9 +152,11 @@ def _acceptor_context(rq_context: PresentationContext, policy: AcceptancePolicy)
     # refused as "transfer syntaxes not supported" rather than "abstract syntax".
     context.transfer_syntax = syntaxes or ["1.2.840.10008.1.2"]
     # SCP/SCU Role Selection: the requestor may act as SCU (it sends us
-    # C-STORE / C-ECHO / C-FIND), not as SCP.
+    # C-STORE / C-ECHO / C-FIND), and as SCP of the storage SOP classes only
+    # when C-GET is offered (its C-STORE sub-operations go to the requestor).
     context.scu_role = True
-    context.scp_role = False
+    context.scp_role = abstract in policy.storage_sop_classes and not GET_SOP_CLASSES.isdisjoint(
+        policy.query_sop_classes)
     return [context]
 
 
@@ -228,7 +232,7 @@ def negotiate(pdu: bytes, policy: AcceptancePolicy, peer_ip: str = "") -> Negoti
     ac_pdu.from_primitive(ac)
     contexts = {
         int(cx.context_id): AcceptedContext(
-            int(cx.context_id), str(cx.abstract_syntax), str(cx.transfer_syntax[0])
+            int(cx.context_id), str(cx.abstract_syntax), str(cx.transfer_syntax[0]), bool(cx.as_scu)
         )
         for cx in results
         if cx.result == 0x00

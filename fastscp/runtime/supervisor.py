@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 
 from fastscp.config import Config, ConfigError, config_changes, layout_options, to_builtins, with_live_keys
 from fastscp.dicom import header
+from fastscp.dicom.sopclasses import RETRIEVE_SOP_CLASSES
 from fastscp.imaging import frames as imaging
 from fastscp.index.client import Locator, QueryClient
 from fastscp.index.indexer import indexer_address, indexer_main
@@ -48,6 +49,7 @@ from fastscp.index.records import (
     Stop,
 )
 from fastscp.monitor.book import StatusBook
+from fastscp.net import scu
 from fastscp.net.access import AccessConfigError, build_access_policy
 from fastscp.net.association import ServiceSettings
 from fastscp.net.findscp import FIND_SOP_CLASSES
@@ -58,11 +60,13 @@ from fastscp.net.negotiation import (
     encode_associate_rj,
     peek_ae_titles,
 )
+from fastscp.net.retrievescp import Destination, RetrieveService
 from fastscp.poststore.stage import poststore_address, poststore_main
 from fastscp.process import logs
 from fastscp.process.listen import bind_advice
 from fastscp.process.orphan import die_with_parent
 from fastscp.query.cfind import finder
+from fastscp.query.retrieve import selector
 from fastscp.runtime.worker import CONTROL_MESSAGE_MAX, worker_main
 from fastscp.status import ENCODER as SNAPSHOT_ENCODER
 from fastscp.status import WorkerState
@@ -139,7 +143,7 @@ class Supervisor:
                 ae_title=server.ae_title,
                 storage_sop_classes=frozenset(),
                 max_pdu_size=0,
-                query_sop_classes=FIND_SOP_CLASSES,
+                query_sop_classes=FIND_SOP_CLASSES | RETRIEVE_SOP_CLASSES,
             ),
             storage=self.storage,
             layout=layout_options(config),
@@ -156,6 +160,7 @@ class Supervisor:
             max_command_set=config.limits.max_command_set,
             min_data_rate=config.limits.min_data_rate,
             locate=Locator(config.index_path),
+            retrieve=retrieve_service(config, self.storage.root),
         ), config)
         self.poststore: multiprocessing.process.BaseProcess | None = None
         self.book = StatusBook()
@@ -839,6 +844,24 @@ def tls_context(config: Config) -> ssl.SSLContext:
             raise StartupError("tls.require_client_certificate needs tls.ca_bundle to check client certificates")
         context.verify_mode = ssl.CERT_REQUIRED
     return context
+
+
+def retrieve_service(config: Config, storage_root: str) -> RetrieveService:
+    """C-MOVE and C-GET from the config (retrieve.*); StartupError names the bad key."""
+    tls = config.tls
+    client_tls = None
+    if any(d.tls for d in config.retrieve.move_destinations.values()):
+        try:
+            client_tls = scu.tls_context(ca_bundle=tls.ca_bundle, certificate=tls.certificate,
+                                         private_key=tls.private_key, min_version=tls.min_version)
+        except scu.SCUError as exc:
+            raise StartupError(f"retrieve.move_destinations (tls: true) uses the tls.* files: {exc}") from None
+    return RetrieveService(
+        select=selector(config.index_path, storage_root, limit=config.retrieve.max_instances),
+        ae_title=config.server.ae_title,
+        move_destinations={ae: Destination(d.host, d.port, client_tls if d.tls else None)
+                           for ae, d in config.retrieve.move_destinations.items()},
+    )
 
 
 def public_config(config: Config) -> dict[str, object]:
