@@ -150,13 +150,19 @@ def pynetdicom_move(server, model: str, ds: Dataset, destination: str = DEST,  #
 
 
 def pynetdicom_get(server, model: str, ds: Dataset, storage: list[tuple[str, list[str]]],  # type: ignore[no-untyped-def]
-                   received: dict[str, tuple[str, bytes]]) -> list[Dataset]:
-    """A C-GET through pynetdicom, the SCP role taken for ``storage`` (SOP class, transfer syntaxes)."""
+                   received: dict[str, tuple[str, bytes]], cancel_after: int = 0) -> list[Dataset]:
+    """A C-GET through pynetdicom, the SCP role taken for ``storage`` (SOP class, transfer syntaxes).
+
+    ``cancel_after``: send C-CANCEL-RQ before answering that many C-STORE-RQs.
+    """
     from pynetdicom import evt
 
     def on_store(event) -> int:  # type: ignore[no-untyped-def]
         ds = event.dataset
         received[str(ds.SOPInstanceUID)] = (str(event.context.transfer_syntax), bytes(event.request.DataSet.getvalue()))
+        if cancel_after and len(received) == cancel_after:
+            context = next(cx for cx in event.assoc.accepted_contexts if cx.abstract_syntax == model)
+            event.assoc.send_c_cancel(9, context.context_id)
         return 0
 
     ae = AE(ae_title="GETSCU")
@@ -169,7 +175,7 @@ def pynetdicom_get(server, model: str, ds: Dataset, storage: list[tuple[str, lis
     assert assoc.is_established
     out = []
     try:
-        for status, found in assoc.send_c_get(ds, model):
+        for status, found in assoc.send_c_get(ds, model, msg_id=9):
             assert "Status" in status, "no response (association aborted or timeout)"
             status.identifier = found
             out.append(status)
@@ -246,6 +252,24 @@ def test_get_missing_file_counts_as_failed(start_server, tmp_path: Path) -> None
     assert final.Status == 0xB000 and counts(final) == (2, 1, 0, None)
     assert final.identifier.FailedSOPInstanceUIDList == gone
     assert sorted(received) == sorted(uid_of(p, "SOPInstanceUID") for p in files if uid_of(p, "SOPInstanceUID") != gone)
+    assert server.stop() == 0
+
+
+def test_c_cancel_during_a_c_get_sub_operation_stops_it(start_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    server = start_server(workers=1)
+    total = 20
+    files = write_series(str(tmp_path / "a"), total, rows=16, columns=16, patient_id="GETD")
+    send(server, files)
+    study = uid_of(files[0], "StudyInstanceUID")
+    indexed(server, total, StudyInstanceUID=study)
+    received: dict[str, tuple[str, bytes]] = {}
+    # The C-CANCEL-RQ arrives while the SCP waits for the second C-STORE-RSP.
+    statuses = pynetdicom_get(server, StudyRootQueryRetrieveInformationModelGet,
+                              identifier("STUDY", StudyInstanceUID=study), [(CTImageStorage, [EXPLICIT_LE])],
+                              received, cancel_after=2)
+    final = statuses[-1]
+    assert final.Status == 0xFE00, [hex(s.Status) for s in statuses]
+    assert counts(final) == (2, 0, 0, total - 2) and len(received) == 2
     assert server.stop() == 0
 
 

@@ -843,7 +843,7 @@ class Association:
                 priority=int(request.get("Priority", 0)),
             )
             responses = getscp.responses(service, context.abstract_syntax, identifier, context.transfer_syntax,
-                                         relational, session, self._cancel_requested)
+                                         relational, session, self._cancel_requested, self.stats.calling_ae_title)
         try:
             for response in responses:
                 command = dimse.encode_response(

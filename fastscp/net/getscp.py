@@ -50,13 +50,14 @@ Receive = Callable[[], tuple[int, dict[str, int | str]]]
 
 
 def responses(service: RetrieveService, model: str, identifier: bytes, transfer_syntax: str, relational: bool,
-              session: GetSession, cancelled: Callable[[], bool]) -> Iterator[Response]:
+              session: GetSession, cancelled: Callable[[], bool], requester: str = "") -> Iterator[Response]:
     """The C-GET-RSPs of one C-GET-RQ, running its sub-operations through ``session`` as they go."""
     found = select_instances(service.select, model, identifier, transfer_syntax, relational)
     if isinstance(found, Response):
         yield found
         return
-    yield from suboperations(found, session, lambda: session.cancel_received or cancelled(), transfer_syntax)
+    yield from suboperations(found, session, lambda: session.cancel_received or cancelled(), transfer_syntax,
+                             f"C-GET from {requester!r}")
 
 
 class ProtocolViolation(ValueError):

@@ -72,7 +72,8 @@ def responses(service: RetrieveService, model: str, identifier: bytes, transfer_
                 log.warning("C-MOVE from %r to %r: %s", request.calling_ae_title, destination_ae, exc)
                 yield all_failed(found, transfer_syntax, str(exc))
                 return
-        yield from suboperations(found, session, cancelled, transfer_syntax)
+        yield from suboperations(found, session, cancelled, transfer_syntax,
+                                 f"C-MOVE from {request.calling_ae_title!r} to {destination_ae!r}")
 
 
 class MoveSession:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import ssl
+import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -134,11 +135,17 @@ def select_instances(select: Selector, model: str, identifier: bytes, transfer_s
 
 
 def suboperations(found: list[Instance], store: Store, cancelled: Callable[[], bool],
-                  transfer_syntax: str) -> Iterator[Response]:
-    """Run a C-STORE sub-operation per instance: a pending response after each, then the final one."""
+                  transfer_syntax: str, what: str = "C-MOVE/C-GET") -> Iterator[Response]:
+    """Run a C-STORE sub-operation per instance: a pending response after each, then the final one.
+
+    ``what`` names the request in the log line of its outcome.
+    """
     counts = Counts(remaining=len(found))
+    started = time.monotonic()
     for instance in found:
         if cancelled():
+            log.info("%s: cancelled after %d completed, %d failed, %d warning, %d remaining, %.3f s", what,
+                     counts.completed, counts.failed, counts.warning, counts.remaining, time.monotonic() - started)
             yield Response(CANCEL, counts.pending(), _failed_list(counts, transfer_syntax))
             return
         status = store(instance)
@@ -151,6 +158,8 @@ def suboperations(found: list[Instance], store: Store, cancelled: Callable[[], b
         status = WARNING
     else:
         status = dimse.SUCCESS
+    log.info("%s: %d completed, %d failed, %d warning in %.3f s", what, counts.completed, counts.failed,
+             counts.warning, time.monotonic() - started)
     yield Response(status, counts.final(), _failed_list(counts, transfer_syntax))
 
 
