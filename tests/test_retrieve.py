@@ -35,6 +35,7 @@ from fastscp.index.client import QueryClient
 from fastscp.query.engine import Condition, QueryRequest
 from tests.conftest import dcmtk, free_port, wait_until
 from tests.dicomfiles import EXPLICIT_LE, PYDICOM_DATA, dataset_bytes
+from tests.test_find import identifier
 
 pytestmark = pytest.mark.dcmtk
 
@@ -111,6 +112,15 @@ def send(server, files: list[str]) -> None:  # type: ignore[no-untyped-def]
     dcmtk("storescu", "-aec", server.ae_title, "127.0.0.1", str(server.port), *files)
 
 
+def stored_study(server, folder: Path, count: int, patient_id: str, size: int = 16) -> tuple[list[str], str]:  # type: ignore[no-untyped-def]
+    """A synthetic study sent to ``server`` and indexed: (its files, its Study Instance UID)."""
+    files = write_series(str(folder), count, rows=size, columns=size, patient_id=patient_id)
+    send(server, files)
+    study = uid_of(files[0], "StudyInstanceUID")
+    indexed(server, count, StudyInstanceUID=study)
+    return files, study
+
+
 def uid_of(path: str | Path, keyword: str) -> str:
     return str(getattr(pydicom.dcmread(path, stop_before_pixels=True), keyword))
 
@@ -118,14 +128,6 @@ def uid_of(path: str | Path, keyword: str) -> str:
 def by_sop_instance(paths: list[str] | list[Path]) -> dict[str, bytes]:
     """SOP Instance UID -> the data set bytes (after the File Meta)."""
     return {uid_of(p, "SOPInstanceUID"): dataset_bytes(p)[0] for p in paths}
-
-
-def identifier(level: str, **keys: str) -> Dataset:
-    ds = Dataset()
-    ds.QueryRetrieveLevel = level
-    for keyword, value in keys.items():
-        setattr(ds, keyword, value)
-    return ds
 
 
 def pynetdicom_move(server, model: str, ds: Dataset, destination: str = DEST,  # type: ignore[no-untyped-def]
@@ -209,10 +211,8 @@ def test_getscu_study_level_is_byte_identical(start_server, tmp_path: Path) -> N
 
 def test_pynetdicom_get_series_and_image_levels_with_counts(start_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     server = start_server(workers=1)
-    files = write_series(str(tmp_path / "a"), 3, rows=16, columns=16, patient_id="GETB")
-    send(server, files)
-    study, series = uid_of(files[0], "StudyInstanceUID"), uid_of(files[0], "SeriesInstanceUID")
-    indexed(server, 3, SeriesInstanceUID=series)
+    files, study = stored_study(server, tmp_path / "a", 3, "GETB")
+    series = uid_of(files[0], "SeriesInstanceUID")
     expected = by_sop_instance(files)
     storage = [(CTImageStorage, [EXPLICIT_LE])]
 
@@ -237,10 +237,7 @@ def test_pynetdicom_get_series_and_image_levels_with_counts(start_server, tmp_pa
 
 def test_get_missing_file_counts_as_failed(start_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     server = start_server(workers=1)
-    files = write_series(str(tmp_path / "a"), 3, rows=16, columns=16, patient_id="GETC")
-    send(server, files)
-    study = uid_of(files[0], "StudyInstanceUID")
-    indexed(server, 3, StudyInstanceUID=study)
+    files, study = stored_study(server, tmp_path / "a", 3, "GETC")
     gone = uid_of(files[1], "SOPInstanceUID")
     (stored,) = [p for p in server.stored_files() if uid_of(p, "SOPInstanceUID") == gone]
     stored.unlink()
@@ -258,10 +255,7 @@ def test_get_missing_file_counts_as_failed(start_server, tmp_path: Path) -> None
 def test_c_cancel_during_a_c_get_sub_operation_stops_it(start_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     server = start_server(workers=1)
     total = 20
-    files = write_series(str(tmp_path / "a"), total, rows=16, columns=16, patient_id="GETD")
-    send(server, files)
-    study = uid_of(files[0], "StudyInstanceUID")
-    indexed(server, total, StudyInstanceUID=study)
+    files, study = stored_study(server, tmp_path / "a", total, "GETD")
     received: dict[str, tuple[str, bytes]] = {}
     # The C-CANCEL-RQ arrives while the SCP waits for the second C-STORE-RSP.
     statuses = pynetdicom_get(server, StudyRootQueryRetrieveInformationModelGet,
@@ -314,10 +308,8 @@ def test_get_sends_compressed_files_as_stored_and_converts_only_when_nothing_els
 def test_movescu_to_storescp_at_study_series_and_image_levels(start_server, storescp, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     dest = storescp()
     server = start_server(workers=1, config=config_with_destination(tmp_path, dest.port))
-    files = write_series(str(tmp_path / "a"), 4, rows=32, columns=32, patient_id="MOVEA")
-    send(server, files)
-    study, series = uid_of(files[0], "StudyInstanceUID"), uid_of(files[0], "SeriesInstanceUID")
-    indexed(server, 4, StudyInstanceUID=study)
+    files, study = stored_study(server, tmp_path / "a", 4, "MOVEA", size=32)
+    series = uid_of(files[0], "SeriesInstanceUID")
     expected = by_sop_instance(files)
 
     def movescu(*keys: str) -> None:
@@ -364,10 +356,7 @@ def test_patient_root_patient_level_move_and_get(start_server, storescp, tmp_pat
 def test_move_to_an_unknown_destination_is_refused(start_server, storescp, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     dest = storescp()
     server = start_server(workers=1, config=config_with_destination(tmp_path, dest.port))
-    files = write_series(str(tmp_path / "a"), 1, rows=16, columns=16, patient_id="MOVEB")
-    send(server, files)
-    study = uid_of(files[0], "StudyInstanceUID")
-    indexed(server, 1, StudyInstanceUID=study)
+    files, study = stored_study(server, tmp_path / "a", 1, "MOVEB")
     statuses = pynetdicom_move(server, StudyRootQueryRetrieveInformationModelMove,
                                identifier("STUDY", StudyInstanceUID=study), destination="NOBODY")
     assert [s.Status for s in statuses] == [0xA801]
@@ -381,10 +370,7 @@ def test_move_to_an_unknown_destination_is_refused(start_server, storescp, tmp_p
 def test_move_missing_file_counts_as_failed_and_the_rest_arrive(start_server, storescp, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     dest = storescp()
     server = start_server(workers=1, config=config_with_destination(tmp_path, dest.port))
-    files = write_series(str(tmp_path / "a"), 3, rows=16, columns=16, patient_id="MOVEC")
-    send(server, files)
-    study = uid_of(files[0], "StudyInstanceUID")
-    indexed(server, 3, StudyInstanceUID=study)
+    files, study = stored_study(server, tmp_path / "a", 3, "MOVEC")
     gone = uid_of(files[0], "SOPInstanceUID")
     (stored,) = [p for p in server.stored_files() if uid_of(p, "SOPInstanceUID") == gone]
     stored.unlink()
@@ -403,10 +389,7 @@ def test_c_cancel_stops_a_long_move(start_server, storescp, tmp_path: Path) -> N
     dest = storescp()
     server = start_server(workers=1, config=config_with_destination(tmp_path, dest.port))
     total = 80
-    files = write_series(str(tmp_path / "a"), total, rows=64, columns=64, patient_id="MOVED")
-    send(server, files)
-    study = uid_of(files[0], "StudyInstanceUID")
-    indexed(server, total, StudyInstanceUID=study)
+    files, study = stored_study(server, tmp_path / "a", total, "MOVED", size=64)
     started = time.monotonic()
     statuses = pynetdicom_move(server, StudyRootQueryRetrieveInformationModelMove,
                                identifier("STUDY", StudyInstanceUID=study), cancel_after=1)
@@ -421,10 +404,7 @@ def test_c_cancel_stops_a_long_move(start_server, storescp, tmp_path: Path) -> N
 
 def test_move_with_an_unreachable_destination_fails_every_sub_operation(start_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     server = start_server(workers=1, config=config_with_destination(tmp_path, free_port()))
-    files = write_series(str(tmp_path / "a"), 2, rows=16, columns=16, patient_id="MOVEE")
-    send(server, files)
-    study = uid_of(files[0], "StudyInstanceUID")
-    indexed(server, 2, StudyInstanceUID=study)
+    files, study = stored_study(server, tmp_path / "a", 2, "MOVEE")
     statuses = pynetdicom_move(server, StudyRootQueryRetrieveInformationModelMove,
                                identifier("STUDY", StudyInstanceUID=study))
     assert [s.Status for s in statuses] == [0xA702] and counts(statuses[0]) == (0, 2, 0, None)

@@ -17,25 +17,13 @@ requester accepted none of its own transfer syntax for its SOP class.
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Callable, Iterator
 
 from fastscp.dicom.part10 import read_file_meta
-from fastscp.net import dimse
+from fastscp.net import dimse, retrievescp
 from fastscp.net.findscp import encode_identifier
-from fastscp.net.retrievescp import (
-    Response,
-    RetrieveService,
-    choose_transfer_syntax,
-    converted,
-    failed,
-    select_instances,
-    suboperations,
-)
 from fastscp.query.retrieve import Instance
-
-log = logging.getLogger("fastscp.retrieve")
 
 #: Bytes of File Meta Information read to find where the data set starts (far above any real one).
 _META_READ = 64 * 1024
@@ -49,15 +37,16 @@ Send = Callable[[int, bytes, Fragments], None]
 Receive = Callable[[], tuple[int, dict[str, int | str]]]
 
 
-def responses(service: RetrieveService, model: str, identifier: bytes, transfer_syntax: str, relational: bool,
-              session: GetSession, cancelled: Callable[[], bool], requester: str = "") -> Iterator[Response]:
+def responses(service: retrievescp.RetrieveService, model: str, identifier: bytes, transfer_syntax: str,
+              relational: bool, session: GetSession, cancelled: Callable[[], bool],
+              requester: str = "") -> Iterator[retrievescp.Response]:
     """The C-GET-RSPs of one C-GET-RQ, running its sub-operations through ``session`` as they go."""
-    found = select_instances(service.select, model, identifier, transfer_syntax, relational)
-    if isinstance(found, Response):
+    found = retrievescp.select_instances(service.select, model, identifier, transfer_syntax, relational)
+    if isinstance(found, retrievescp.Response):
         yield found
         return
-    yield from suboperations(found, session, lambda: session.cancel_received or cancelled(), transfer_syntax,
-                             f"C-GET from {requester!r}")
+    yield from retrievescp.suboperations(found, session, lambda: session.cancel_received or cancelled(),
+                                         transfer_syntax, f"C-GET from {requester!r}")
 
 
 class ProtocolViolation(ValueError):
@@ -117,28 +106,30 @@ class GetSession:
         try:
             f = open(instance.path, "rb")
         except FileNotFoundError:
-            return failed("C-GET", instance, "its file is missing")
+            return retrievescp.failed("C-GET", instance, "its file is missing")
         except OSError as exc:
-            return failed("C-GET", instance, f"cannot open its file: {exc.strerror}")
+            return retrievescp.failed("C-GET", instance, f"cannot open its file: {exc.strerror}")
         try:
             meta, offset = read_file_meta(f.read(_META_READ))
             length = os.fstat(f.fileno()).st_size - offset
         except (OSError, ValueError) as exc:
             f.close()
-            return failed("C-GET", instance, f"cannot read its File Meta Information: {exc}")
+            return retrievescp.failed("C-GET", instance, f"cannot read its File Meta Information: {exc}")
         stored = meta.get(0x0010) or instance.transfer_syntax_uid
-        choice = choose_transfer_syntax(stored, frozenset(syntaxes))
+        choice = retrievescp.choose_transfer_syntax(stored, frozenset(syntaxes))
         if choice is None:
             f.close()
-            return failed("C-GET", instance, "the requester accepted no SCP role context for its SOP class and syntax")
+            return retrievescp.failed("C-GET", instance,
+                                      "the requester accepted no SCP role context for its SOP class and syntax")
         syntax, convert = choice
         if convert:
             f.close()
             try:
-                fragments = _bytes_fragments(encode_identifier(converted(instance.path, syntax), syntax),
+                fragments = _bytes_fragments(encode_identifier(retrievescp.converted(instance.path, syntax), syntax),
                                              self._fragment)
             except Exception as exc:  # decoder plugins raise many types
-                return failed("C-GET", instance, f"cannot convert it to {syntax}: {type(exc).__name__}: {exc}")
+                return retrievescp.failed("C-GET", instance,
+                                          f"cannot convert it to {syntax}: {type(exc).__name__}: {exc}")
             sop_instance = instance.sop_instance_uid
         else:
             fragments = _file_fragments(f, offset, length, self._fragment)
