@@ -213,18 +213,16 @@ def test_hanging_hook_is_killed_and_the_server_keeps_storing(start_server, tmp_p
 thumbnails: {{enabled: false}}
 scansheet: {{enabled: false}}
 hooks:
-  - {{name: hangs, event: instance-stored, program: [{program}], timeout: 2, max_concurrent: 1}}
+  - {{name: hangs, event: instance-stored, program: [{program}], timeout: 3, max_concurrent: 1}}
 """, monitor="127.0.0.1:0")
     series = write_series(str(tmp_path / "ct"), 6, rows=16, columns=16)
     send(server, series[0])
     wait(server, lambda: pids.exists() and pids.read_text().count("\n") == 1, "the hook to start")
-    started = time.monotonic()
     send(server, *series[1:])  # while it hangs (it ignores SIGTERM: SIGKILL ends it)
-    assert time.monotonic() - started < 2, "stores waited for the hook"
     assert len(server.stored_files()) == 6
-    assert "timed out" not in server.log_text()
+    assert "timed out" not in server.log_text(), "the stores waited for the hook"
     shell, sleeper = map(int, pids.read_text().split())
-    wait(server, lambda: "timed out after 2 s: killed" in server.log_text(), "the kill", 30)
+    wait(server, lambda: "timed out after 3 s: killed" in server.log_text(), "the kill", 30)
     wait(server, lambda: not _alive(shell) and not _alive(sleeper), "the group to be gone", 10)
     wait(server, lambda: hook_state(server, "hangs")["timed_out"] >= 1, "the count")
     state = hook_state(server, "hangs")
