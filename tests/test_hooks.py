@@ -42,6 +42,10 @@ print("patient:", record["env"].get("FASTSCP_PATIENT_NAME", ""))
 """
 
 
+#: No thumbnails or scan sheets: only the hooks run in the post-store process.
+QUIET = "thumbnails: {enabled: false}\nscansheet: {enabled: false}\n"
+
+
 def script(path: Path, text: str) -> str:
     path.write_text(text)
     path.chmod(0o755)
@@ -184,9 +188,7 @@ def test_failing_hook_is_retried_then_counted(start_server, tmp_path: Path) -> N
                      f'#!/bin/sh\necho "attempt $FASTSCP_ATTEMPT" >> {attempts}\necho "no PACS at $FASTSCP_PATH" >&2\n'
                      "exit 3\n")
     server, _ = serve(start_server, tmp_path, f"""
-thumbnails: {{enabled: false}}
-scansheet: {{enabled: false}}
-hooks:
+{QUIET}hooks:
   - {{name: fails, event: instance-stored, program: [{program}], retries: 2, retry_backoff: 0.3}}
 """, monitor="127.0.0.1:0")
     send(server, *write_series(str(tmp_path / "ct"), 1, rows=16, columns=16))
@@ -210,9 +212,7 @@ def test_hanging_hook_is_killed_and_the_server_keeps_storing(start_server, tmp_p
     program = script(tmp_path / "hang.sh",
                      f"#!/bin/sh\ntrap '' TERM\nsleep 600 &\necho $$ $! >> {pids}\nwait\n")
     server, _ = serve(start_server, tmp_path, f"""
-thumbnails: {{enabled: false}}
-scansheet: {{enabled: false}}
-hooks:
+{QUIET}hooks:
   - {{name: hangs, event: instance-stored, program: [{program}], timeout: 3, max_concurrent: 1}}
 """, monitor="127.0.0.1:0")
     series = write_series(str(tmp_path / "ct"), 6, rows=16, columns=16)
@@ -248,9 +248,7 @@ def test_concurrency_limit(start_server, tmp_path: Path) -> None:  # type: ignor
     program = script(tmp_path / "slow.sh",
                      f"#!/bin/sh\nt0=$(date +%s.%N)\nsleep 1\necho $t0 $(date +%s.%N) > {times}/$$\n")
     server, _ = serve(start_server, tmp_path, f"""
-thumbnails: {{enabled: false}}
-scansheet: {{enabled: false}}
-hooks:
+{QUIET}hooks:
   - {{name: slow, event: instance-stored, program: [{program}], max_concurrent: 2}}
 """)
     send(server, *write_series(str(tmp_path / "ct"), 6, rows=16, columns=16))
@@ -264,9 +262,7 @@ def test_builtin_jpeg_for_secondary_capture_and_byte_exact_copy(start_server, tm
     jpegs, copies = tmp_path / "jpeg", tmp_path / "copy"
     server, _ = serve(start_server, tmp_path, f"""
 storage: {{file_mode: '0600', dir_mode: '0700'}}
-thumbnails: {{enabled: false}}
-scansheet: {{enabled: false}}
-hooks:
+{QUIET}hooks:
   - {{name: sc-jpeg, event: instance-stored, action: jpeg, directory: {jpegs}, match: {{sop_classes: [SC]}}}}
   - {{name: mirror, event: instance-stored, action: copy, directory: {copies}}}
 """)
@@ -296,18 +292,14 @@ hooks:
 def test_sighup_picks_up_changed_hooks(start_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     program, out = recorder(tmp_path)
     server, config = serve(start_server, tmp_path, f"""
-thumbnails: {{enabled: false}}
-scansheet: {{enabled: false}}
-hooks:
+{QUIET}hooks:
   - {{name: first, event: instance-stored, program: [{program}, first]}}
 """)
     series = write_series(str(tmp_path / "ct"), 2, rows=16, columns=16)
     send(server, series[0])
     wait(server, lambda: len(records(out, "instance-stored")) == 1, "the first hook", 30)
     config.write_text(f"""
-thumbnails: {{enabled: false}}
-scansheet: {{enabled: false}}
-hooks:
+{QUIET}hooks:
   - {{name: second, event: instance-stored, program: [{program}, second]}}
 """)
     server.signal(signal.SIGHUP)

@@ -14,14 +14,13 @@ below its storage root, so the folder mirrors the storage layout:
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 
 from fastscp.config import HookConfig
 from fastscp.hooks.events import Event
 from fastscp.imaging.convert import dcm_to_jpg
+from fastscp.imaging.frames import write_atomic
 from fastscp.imaging.thumbnail import mirror_jpeg_path
-from fastscp.storage.area import FileModes, fsync_dir, makedirs
+from fastscp.storage.area import FileModes, fsync_dir
 
 
 def run_action(hook: HookConfig, event: Event, modes: FileModes) -> str:
@@ -48,21 +47,7 @@ def copy_atomic(source: str, target: str, modes: FileModes) -> str:
     stored again: storage.duplicates overwrite). Folders made get
     ``modes.folder``, the file ``modes.file``.
     """
-    folder = os.path.dirname(os.path.abspath(target))
-    makedirs(folder, modes.folder)
-    fd, temp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as dst, open(source, "rb") as src:
-            shutil.copyfileobj(src, dst, 1 << 20)
-            dst.flush()
-            os.fchmod(dst.fileno(), modes.file)  # mkstemp made it 0600
-            os.fsync(dst.fileno())
-        os.replace(temp, target)
-    except BaseException:
-        try:
-            os.unlink(temp)
-        except FileNotFoundError:
-            pass
-        raise
-    fsync_dir(folder)
+    with open(source, "rb") as data:
+        write_atomic(target, data, fsync=True, modes=modes)
+    fsync_dir(os.path.dirname(os.path.abspath(target)))  # the rename, too, must survive a power cut
     return target
