@@ -23,6 +23,7 @@ from pydicom.uid import SecondaryCaptureImageStorage
 
 from fastscp.dicom.synthetic import write_series
 from tests.conftest import dcmtk, wait_until
+from tests.test_monitor_page import chromium
 from tests.test_server import fastscp
 
 pytestmark = pytest.mark.dcmtk
@@ -204,6 +205,11 @@ def test_failing_hook_is_retried_then_counted(start_server, tmp_path: Path) -> N
     samples = metrics(server)
     assert samples[("fastscp_hook_failed_total", "fails")] == 1
     assert samples[("fastscp_hook_retried_total", "fails")] == 2
+    # The status page shows the hook's row and an alert.
+    (url,) = re.findall(r"status page (http://[^\s;]+)", server.log_text())
+    dom = chromium(tmp_path, url + "/", "--dump-dom")
+    assert '<section id="hooks-section">' in dom, "the hooks table is shown"
+    assert "Hook fails gave up on 1 events" in dom and "exit status 3; output: no PACS at" in dom
 
 
 def test_hanging_hook_is_killed_and_the_server_keeps_storing(start_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
