@@ -210,6 +210,11 @@ def test_failing_hook_is_retried_then_counted(start_server, tmp_path: Path) -> N
     dom = chromium(tmp_path, url + "/", "--dump-dom")
     assert '<section id="hooks-section">' in dom, "the hooks table is shown"
     assert "Hook fails gave up on 1 events" in dom and "exit status 3; output: no PACS at" in dom
+    result = fastscp("status", "--url", url)
+    assert result.returncode == 0, result.stderr
+    line = (r"^Hook fails +instance-stored: 3 runs, 0 succeeded, 1 failed, 2 retried, 0 timed out; 0 running, "
+            r"0 queued; last error at [0-9:]+: exit status 3; output: no PACS at ")
+    assert re.search(line, result.stdout, re.MULTILINE), result.stdout
 
 
 def test_hanging_hook_is_killed_and_the_server_keeps_storing(start_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

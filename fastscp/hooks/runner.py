@@ -84,6 +84,7 @@ class _Hook:
         self.removed = False
 
     def update(self, config: HookConfig) -> None:
+        self.removed = False  # removed by an earlier reload, back before its last run ended
         self.config = config
         self.matcher = Matcher(config)
         self.state.event = config.event
@@ -129,6 +130,7 @@ class Hooks:
         queued events are dropped, its running programs finish.
         """
         wanted = {config.name: config for config in configs}
+        had = any(not hook.removed for hook in self.hooks.values())
         for name, hook in list(self.hooks.items()):
             if name in wanted:
                 hook.update(wanted[name])
@@ -147,6 +149,8 @@ class Hooks:
         self.changed = True
         if configs:
             log.info("hooks in force: %s", ", ".join(f"{c.name} ({c.event}: {_what(c)})" for c in configs))
+        elif had:
+            log.info("no hooks in force")
 
     def _active(self, event: str) -> list[_Hook]:
         return [h for h in self.hooks.values() if not h.removed and h.config.event == event]
@@ -359,7 +363,7 @@ class Hooks:
         started = time.monotonic()
         try:
             made = run_action(hook.config, job.event, self.modes)
-        except (OSError, ValueError) as exc:
+        except Exception as exc:  # a file no renderer expected must not stop the post-store process
             self._done(hook, job, time.monotonic() - started, f"{type(exc).__name__}: {exc}", b"")
         else:
             self._done(hook, job, time.monotonic() - started, "", made.encode())
