@@ -5,6 +5,7 @@ copy actions; a reload that changes the hooks (fastscp.hooks)."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import sys
@@ -234,7 +235,10 @@ def test_hanging_hook_is_killed_and_the_server_keeps_storing(start_server, tmp_p
     assert "timed out" not in server.log_text(), "the stores waited for the hook"
     shell, sleeper = map(int, pids.read_text().split())
     wait(server, lambda: "timed out after 3 s: killed" in server.log_text(), "the kill", 30)
-    wait(server, lambda: not _alive(shell) and not _alive(sleeper), "the group to be gone", 10)
+    try:
+        wait(server, lambda: not _alive(shell) and not _alive(sleeper), "the group to be gone", 10)
+    finally:
+        _kill([shell, sleeper])
     wait(server, lambda: hook_state(server, "hangs")["timed_out"] >= 1, "the count")
     state = hook_state(server, "hangs")
     assert state["failed"] >= 1 and state["runs"] + state["queued"] == 6
@@ -243,6 +247,32 @@ def test_hanging_hook_is_killed_and_the_server_keeps_storing(start_server, tmp_p
     shells = [int(line.split()[0]) for line in pids.read_text().splitlines()]
     assert not any(_alive(pid) for line in pids.read_text().splitlines() for pid in map(int, line.split()))
     assert len(shells) < 6
+
+
+def test_running_hooks_die_with_a_killed_server(start_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """kill -9 of the supervisor: the post-store process kills its hooks' process groups, nothing is left behind."""
+    pids = tmp_path / "pids"
+    program = script(tmp_path / "hang.sh", f"#!/bin/sh\nsleep 600 &\necho $$ $! >> {pids}\nwait\n")
+    server, _ = serve(start_server, tmp_path, f"""
+{QUIET}hooks:
+  - {{name: hangs, event: instance-stored, program: [{program}], timeout: 600}}
+""")
+    send(server, *write_series(str(tmp_path / "ct"), 2, rows=16, columns=16))
+    wait(server, lambda: pids.exists() and pids.read_text().count("\n") == 2, "both runs to start")
+    server.process.kill()
+    server.process.wait(10)
+    hooks = [int(pid) for line in pids.read_text().splitlines() for pid in line.split()]
+    try:
+        wait(server, lambda: not any(map(_alive, hooks)), "the hooks to be killed", 20)
+    finally:
+        _kill(hooks)
+
+
+def _kill(pids: list[int]) -> None:
+    """What a failed test left running, by PID."""
+    for pid in pids:
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
 
 
 def _alive(pid: int) -> bool:
