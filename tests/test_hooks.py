@@ -381,3 +381,46 @@ def test_config_errors_name_the_hook_key_and_the_file(tmp_path: Path) -> None:
         with pytest.raises(ConfigError) as error:
             load_config(str(config))
         assert str(error.value).startswith(f"{config}: {expected}")
+
+
+def _drive(hooks, until, timeout: float = 30) -> None:  # type: ignore[no-untyped-def]
+    """Run a Hooks object's loop (tick, then its ready pipes) as the post-store process does."""
+    deadline = time.monotonic() + timeout
+    while not until():
+        assert time.monotonic() < deadline, "the hooks did not finish"
+        due = hooks.tick()
+        hooks.dispatch(min(0.05, due if due is not None else 0.05))
+
+
+def test_a_large_document_reaches_a_slow_reader_and_a_program_that_never_reads_does_not_block(
+        tmp_path: Path) -> None:
+    """An association-ended document of 5,000 paths (~1 MB) is written as the program reads it (the pipe holds
+    64 KiB): all of it arrives; a program that ignores its input ends normally. In process, with real programs."""
+    from fastscp.config import HookConfig, layout_options, load_config
+    from fastscp.dicom.header import HeaderFields
+    from fastscp.hooks.runner import Hooks
+    from fastscp.index.records import AssociationReport, InstanceRecord
+    from fastscp.status import LATENCY_BUCKETS, SIZE_BUCKETS, AssociationState, Histogram
+    from fastscp.storage.area import FileModes
+
+    received = tmp_path / "received-bytes"
+    reader = script(tmp_path / "slow-reader.py",
+                    f"#!{sys.executable} -IS\nimport sys, time\ntime.sleep(0.5)\n"
+                    f"open({str(received)!r}, 'w').write(str(len(sys.stdin.buffer.read())))\n")
+    hooks = Hooks([HookConfig(name="reads", event="association-ended", program=[reader]),
+                   HookConfig(name="ignores", event="association-ended", program=["/bin/true"])],
+                  str(tmp_path), "", layout_options(load_config()), FileModes())
+    header = HeaderFields(sop_class_uid="1.2.840.10008.5.1.4.1.1.2", modality="CT", study_instance_uid="1.2.3")
+    for n in range(5000):
+        hooks.instance_stored(InstanceRecord(
+            path=f"{'p' * 150}/{n}.dcm", size=1, transfer_syntax_uid="1.2.840.10008.1.2.1", calling_ae_title="A",
+            called_ae_title="B", peer_address="127.0.0.1:1", received_at=0.0, header=header))
+    hooks.association_ended(AssociationReport(
+        state=AssociationState(connection_id=1, worker=0, calling_ae_title="A", called_ae_title="B",
+                               peer_address="127.0.0.1:1", instances=5000, outcome="released"),
+        by_modality={"CT": 5000}, store_latency_seconds=Histogram.empty(LATENCY_BUCKETS),
+        object_size_bytes=Histogram.empty(SIZE_BUCKETS), ended=True))
+    _drive(hooks, lambda: {s.name: s.succeeded for s in hooks.states()} == {"reads": 1, "ignores": 1})
+    document_size = int(received.read_text())
+    assert document_size > 5000 * 150, "the whole document arrived"
+    assert hooks.running == 0 and not hooks.selector.get_map(), "every pipe and pidfd closed"
