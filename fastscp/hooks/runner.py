@@ -328,7 +328,7 @@ class Hooks:
                 return False
         except ChildProcessError:
             pass  # reaped already: wait() below knows
-        if run.terminated:
+        if run.terminated or run.killed:
             # What it started may still run; the zombie leader keeps the group's ID ours.
             self._signal(run, signal.SIGKILL)
         returncode = run.process.wait()
