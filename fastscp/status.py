@@ -110,6 +110,30 @@ class WorkerState(msgspec.Struct, kw_only=True):
     restarts: int = 0
 
 
+class HookState(msgspec.Struct, kw_only=True):
+    """One post-receive hook's counts since the post-store process started (config ``hooks``)."""
+
+    name: str
+    event: str
+    #: Attempts started, retries included.
+    runs: int = 0
+    succeeded: int = 0
+    #: Events given up on: the last attempt failed (non-zero exit, signal,
+    #: timeout, not startable) and no retry was left.
+    failed: int = 0
+    #: Attempts that failed and were tried again.
+    retried: int = 0
+    #: Attempts killed at the hook's timeout.
+    timed_out: int = 0
+    #: Events dropped because the hook's queue was full.
+    dropped: int = 0
+    running: int = 0
+    #: Waiting to start (retries waiting out their backoff included).
+    queued: int = 0
+    last_error: str = ""
+    last_error_at: float = 0.0  # epoch seconds
+
+
 class StatusSnapshot(msgspec.Struct, kw_only=True):
     time: float
     started: float
@@ -139,6 +163,8 @@ class StatusSnapshot(msgspec.Struct, kw_only=True):
     #: Connections closed before association, by the setting that closed
     #: them (server.max_pending_per_address, ...).
     dropped_connections: dict[str, int] = msgspec.field(default_factory=dict)
+    #: Post-receive hooks (config ``hooks``), as the post-store process last reported them.
+    hooks: list[HookState] = msgspec.field(default_factory=list)
 
 
 #: How many ended associations the snapshot lists.

@@ -162,6 +162,11 @@ def summary(s: StatusSnapshot) -> str:
         ("By calling AE", _counts(s.per_calling_ae)),
         ("Rejected", _counts(s.rejects)),
     ]
+    rows += [(f"Hook {_safe(h.name)}", f"{h.event}: {h.runs:,} runs, {h.succeeded:,} succeeded, {h.failed:,} failed, "
+                                       f"{h.retried:,} retried, {h.timed_out:,} timed out; {h.running} running, "
+                                       f"{h.queued:,} queued"
+              + (f"; last error at {_clock(h.last_error_at)}: {_safe(h.last_error)}" if h.last_error else ""))
+             for h in s.hooks]
     width = max(len(label) for label, _ in rows)
     lines += [f"{label:<{width}}  {value}" for label, value in rows]
     if s.open:

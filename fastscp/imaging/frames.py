@@ -20,10 +20,11 @@ from __future__ import annotations
 import importlib.metadata
 import io
 import os
+import shutil
 import struct
 import tempfile
 import warnings
-from typing import Final, NamedTuple
+from typing import BinaryIO, Final, NamedTuple
 
 import numpy as np
 import PIL
@@ -337,9 +338,9 @@ def encode_jpeg(image: np.ndarray, quality: int = DEFAULT_QUALITY) -> bytes:
     return out.getvalue()
 
 
-def write_atomic(path: str | os.PathLike[str], data: bytes, *, fsync: bool = False,
+def write_atomic(path: str | os.PathLike[str], data: bytes | BinaryIO, *, fsync: bool = False,
                  modes: FileModes = BROWSABLE) -> None:
-    """Write `data` to `path` through a temp file in the same folder and a rename.
+    """Write `data` (bytes, or a binary file, read to its end) to `path` via a temp file in its folder and a rename.
 
     Readers see the old file or the new one, never a part.  Parent folders
     are created.  The file and the folders it creates get `modes` exactly:
@@ -352,7 +353,10 @@ def write_atomic(path: str | os.PathLike[str], data: bytes, *, fsync: bool = Fal
     fd, temp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            if isinstance(data, bytes):
+                f.write(data)
+            else:
+                shutil.copyfileobj(data, f, 1 << 20)  # a stored file: never whole in memory
             if fsync:
                 f.flush()
                 os.fsync(f.fileno())

@@ -143,6 +143,10 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
+#: For the other stages that place files durably (fastscp.hooks.actions: the copy action).
+fsync_dir = _fsync_dir
+
+
 def _sha256(fd: int, offset: int, end: int | None = None) -> str:
     """SHA-256 (hex) of a file's bytes from ``offset`` to ``end`` (or its end)."""
     digest = hashlib.sha256()
