@@ -24,17 +24,10 @@ import msgspec
 
 from fastscp.config import ScansheetConfig, ThumbnailsConfig
 from fastscp.dicom.header import HeaderFields
-from fastscp.imaging.scansheet import (
-    QuietStudies,
-    find_study_instances,
-    sheet_folder,
-    stored_thumbnails,
-    summarise_study,
-    write_scansheet,
-)
+from fastscp.imaging.scansheet import QuietStudies, find_study_instances, make_scansheet
 from fastscp.imaging.thumbnail import thumbnail_path, try_write_thumbnail
 from fastscp.index.client import IndexerClient
-from fastscp.index.records import DECODER, ENCODER, InstanceRecord, ThumbnailMade
+from fastscp.index.records import ENCODER, INSTANCE_DECODER, InstanceRecord, ThumbnailMade
 from fastscp.process.ipc import accept_local, listen, local_address, receive
 from fastscp.process.orphan import parent_gone
 from fastscp.storage.area import FileModes
@@ -178,10 +171,8 @@ class PostStore:
             # restart, or in earlier bursts, belong on the sheet too.
             items = find_study_instances(os.path.join(self.root, folder), study_uid) or items
         try:
-            summary = summarise_study(items, study_uid, thumbnail_for=stored_thumbnails(self.root))
-            out = sheet_folder(self.root, self.layout, summary)
-            png, _html = write_scansheet(summary, out, per_row=self.scansheet.thumbnails_per_series,
-                                          modes=self.modes)
+            _summary, png, _html = make_scansheet(self.root, self.layout, study_uid, items,
+                                                  per_row=self.scansheet.thumbnails_per_series, modes=self.modes)
             log.info("scan sheet of study %s (%d instances): %s", study_uid, len(items), png)
         except (OSError, ValueError) as exc:
             log.warning("scan sheet of study %s not written: %s", study_uid, exc)
