@@ -90,6 +90,8 @@ class PostStore:
         self.stopping = False
         self.made = 0
         self.dropped = 0
+        #: Messages that were not an InstanceRecord.
+        self.undecodable = 0
 
     def run(self) -> None:
         while not (self.stopping and not self.queue):
@@ -140,8 +142,14 @@ class PostStore:
                 self.selector.unregister(conn)
                 conn.close()
                 return
-            record = DECODER.decode(data)
-            if not isinstance(record, InstanceRecord):
+            try:
+                record = INSTANCE_DECODER.decode(data)
+            except msgspec.DecodeError as exc:
+                # Any process of our user can connect: a stray message is dropped, not fatal.
+                self.undecodable += 1
+                if self.undecodable in (1, 10, 100) or self.undecodable % 1000 == 0:
+                    log.warning("post-store: %d messages that are not instance records dropped (%s)",
+                                self.undecodable, exc)
                 continue
             if len(self.queue) >= QUEUE_LIMIT:
                 self.dropped += 1
