@@ -175,11 +175,22 @@ DECODER = msgspec.msgpack.Decoder(StatusSnapshot)
 JSON_ENCODER = msgspec.json.Encoder()
 
 
+_SI_UNITS = ("B", "kB", "MB", "GB", "TB", "PB")
+
+
 def human_bytes(count: int | float | None) -> str:
-    """1536 -> '1.5 KiB'."""
+    """A byte count in SI units with three significant digits: 1536 -> '1.54 kB', 631_000_000 -> '631 MB'.
+
+    The one convention of every size fastscp shows: the status page (its
+    script's ``bytes()`` in :mod:`fastscp.monitor.page` writes the same
+    text), ``fastscp status`` and ``fastscp send``; disks are sold and
+    ``df -H`` counts in powers of 1000.
+    """
     value = float(count or 0)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
+    unit = 0
+    while abs(value) >= 1000 and unit < len(_SI_UNITS) - 1:
+        value /= 1000
+        unit += 1
+    if unit == 0:
+        return f"{value:.0f} B"
+    return f"{value:.{2 if value < 10 else 1 if value < 100 else 0}f} {_SI_UNITS[unit]}"

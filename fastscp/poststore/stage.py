@@ -32,17 +32,10 @@ from fastscp.config import HookConfig, ScansheetConfig, ThumbnailsConfig
 from fastscp.dicom.header import HeaderFields
 from fastscp.hooks import link
 from fastscp.hooks.runner import Hooks
-from fastscp.imaging.scansheet import (
-    QuietStudies,
-    find_study_instances,
-    sheet_folder,
-    stored_thumbnails,
-    summarise_study,
-    write_scansheet,
-)
+from fastscp.imaging.scansheet import QuietStudies, find_study_instances, make_scansheet
 from fastscp.imaging.thumbnail import thumbnail_path, try_write_thumbnail
 from fastscp.index.client import IndexerClient
-from fastscp.index.records import DECODER, ENCODER, AssociationReport, InstanceRecord, ThumbnailMade
+from fastscp.index.records import ENCODER, POSTSTORE_DECODER, AssociationReport, InstanceRecord, ThumbnailMade
 from fastscp.process.ipc import accept_local, listen, local_address, receive
 from fastscp.process.orphan import parent_gone
 from fastscp.storage.area import FileModes
@@ -120,6 +113,8 @@ class PostStore:
         if hooks_link is not None:
             hooks_link.setblocking(False)
             self.selector.register(hooks_link, selectors.EVENT_READ)
+        #: Messages that were not an InstanceRecord.
+        self.undecodable = 0
 
     def run(self) -> None:
         while not (self.stopping and not self.queue):
@@ -203,8 +198,14 @@ class PostStore:
                 self.selector.unregister(conn)
                 conn.close()
                 return
-            record = DECODER.decode(data)
-            if not isinstance(record, InstanceRecord | AssociationReport):
+            try:
+                record = POSTSTORE_DECODER.decode(data)
+            except msgspec.DecodeError as exc:
+                # Any process of our user can connect: a stray message is dropped, not fatal.
+                self.undecodable += 1
+                if self.undecodable in (1, 10, 100) or self.undecodable % 1000 == 0:
+                    log.warning("post-store: %d messages that are neither instance records nor association "
+                                "reports dropped (%s)", self.undecodable, exc)
                 continue
             if len(self.queue) >= QUEUE_LIMIT:
                 self.dropped += 1
@@ -239,10 +240,8 @@ class PostStore:
             # restart, or in earlier bursts, belong on the sheet too.
             items = find_study_instances(os.path.join(self.root, folder), study_uid) or items
         try:
-            summary = summarise_study(items, study_uid, thumbnail_for=stored_thumbnails(self.root))
-            out = sheet_folder(self.root, self.layout, summary)
-            png, _html = write_scansheet(summary, out, per_row=self.scansheet.thumbnails_per_series,
-                                          modes=self.modes)
+            _summary, png, _html = make_scansheet(self.root, self.layout, study_uid, items,
+                                                  per_row=self.scansheet.thumbnails_per_series, modes=self.modes)
             log.info("scan sheet of study %s (%d instances): %s", study_uid, len(items), png)
         except (OSError, ValueError) as exc:
             log.warning("scan sheet of study %s not written: %s", study_uid, exc)
