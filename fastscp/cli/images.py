@@ -137,18 +137,11 @@ def study_files_from_index(index_path: str, study_uid: str) -> list[str]:
 
 def _scansheet(args: argparse.Namespace) -> int:
     from fastscp.config import layout_options, load_config
-    from fastscp.imaging.scansheet import (
-        find_study_instances,
-        sheet_folder,
-        stored_thumbnails,
-        summarise_study,
-        summarise_study_files,
-        write_scansheet,
-    )
+    from fastscp.imaging.scansheet import find_study_instances, make_scansheet, read_headers
     from fastscp.index.client import server_running
     from fastscp.index.database import IndexUnavailable
     from fastscp.query.engine import QueryError
-    from fastscp.storage.area import FileModes
+    from fastscp.storage.area import BROWSABLE, FileModes
 
     config = load_config(args.config, {"storage.directory": args.storage_dir, "database.path": args.index_db})
     root = config.storage.directory
@@ -162,17 +155,15 @@ def _scansheet(args: argparse.Namespace) -> int:
                 return _fail("scansheet", exc)
             except (ConnectionError, OSError) as exc:
                 return _fail("scansheet", f"{config.index_path}: the server stopped answering: {exc}")
-            study = summarise_study_files([os.path.join(root, p) for p in paths], args.study_uid,
-                                          thumbnail_for=stored_thumbnails(root))
+            items = read_headers(os.path.join(root, p) for p in paths)
         else:
-            study = summarise_study(find_study_instances(root, args.study_uid), args.study_uid,
-                                    thumbnail_for=stored_thumbnails(root))
+            items = find_study_instances(root, args.study_uid)
+        # Beside the server's own sheets, with the same storage.file_mode/dir_mode; --out: readable by all.
+        modes = BROWSABLE if args.out else FileModes.of(config.storage.file_mode, config.storage.dir_mode)
+        study, png, page = make_scansheet(root, layout_options(config), args.study_uid, items,
+                                          per_row=config.scansheet.thumbnails_per_series, modes=modes,
+                                          out_dir=args.out or None)
     except ValueError as exc:
         return _fail("scansheet", f"{exc} (looked in {config.index_path if from_index else root})")
-    if args.out:
-        png, page = write_scansheet(study, args.out)
-    else:  # beside the server's own sheets, with the same storage.file_mode/dir_mode
-        png, page = write_scansheet(study, sheet_folder(root, layout_options(config), study),
-                                    modes=FileModes.of(config.storage.file_mode, config.storage.dir_mode))
     print(f"wrote {png} and {page} ({len(study.series)} series, {study.instance_count} instances)")
     return 0

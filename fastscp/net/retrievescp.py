@@ -31,22 +31,19 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
 from fastscp.net import dimse
-from fastscp.net.findscp import decode_identifier, encode_identifier
-from fastscp.query.cfind import FindError
+from fastscp.net.findscp import CANCEL, decode_identifier, encode_identifier
+from fastscp.query.cfind import PENDING, UNABLE_TO_PROCESS, FindError
 from fastscp.query.retrieve import Instance, Selector
 
 log = logging.getLogger("fastscp.retrieve")
 
-# C-MOVE / C-GET statuses (PS3.4 C.4.2.1.5, C.4.3.1.4).
-PENDING = 0xFF00
-CANCEL = 0xFE00
+# C-MOVE / C-GET statuses (PS3.4 C.4.2.1.5, C.4.3.1.4); Pending, 0xA900 and
+# 0xC000 are C-FIND's (fastscp.query.cfind), Cancel fastscp.net.findscp's.
 #: Sub-operations complete, one or more failures or warnings.
 WARNING = 0xB000
 #: Out of Resources - Unable to perform sub-operations (every one failed).
 UNABLE_TO_PERFORM = 0xA702
 MOVE_DESTINATION_UNKNOWN = 0xA801
-IDENTIFIER_DOES_NOT_MATCH = 0xA900
-UNABLE_TO_PROCESS = 0xC000
 
 #: What a peer may be sent when it accepts no context for a file's own transfer syntax, best first.
 UNCOMPRESSED: tuple[str, ...] = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2")

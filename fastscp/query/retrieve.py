@@ -21,13 +21,18 @@ from typing import NamedTuple
 
 from pydicom.dataset import Dataset
 
-from fastscp.dicom.sopclasses import PATIENT_ROOT_GET, PATIENT_ROOT_MOVE, STUDY_ROOT_GET, STUDY_ROOT_MOVE
+from fastscp.dicom.sopclasses import (
+    PATIENT_ROOT_FIND,
+    PATIENT_ROOT_GET,
+    PATIENT_ROOT_MOVE,
+    STUDY_ROOT_FIND,
+    STUDY_ROOT_GET,
+    STUDY_ROOT_MOVE,
+)
 from fastscp.index.client import IndexQueries, QueryClient, ServerUnavailable
 from fastscp.query.cfind import (
     MODEL_LEVELS,
     OUT_OF_RESOURCES,
-    PATIENT_ROOT_FIND,
-    STUDY_ROOT_FIND,
     UNABLE_TO_PROCESS,
     FindError,
     IdentifierError,
