@@ -38,6 +38,10 @@ MOVE_SOP_CLASSES: frozenset[str] = frozenset({PATIENT_ROOT_MOVE, STUDY_ROOT_MOVE
 GET_SOP_CLASSES: frozenset[str] = frozenset({PATIENT_ROOT_GET, STUDY_ROOT_GET})
 RETRIEVE_SOP_CLASSES: frozenset[str] = MOVE_SOP_CLASSES | GET_SOP_CLASSES
 
+#: Storage Commitment Push Model SOP Class and its well-known SOP Instance (PS3.4 J.3.5).
+STORAGE_COMMITMENT_PUSH: str = "1.2.840.10008.1.20.1"
+STORAGE_COMMITMENT_PUSH_INSTANCE: str = "1.2.840.10008.1.20.1.1"
+
 #: Every storage SOP class, keyword -> UID.
 STORAGE_SOP_CLASSES: dict[str, str] = dict(_STORAGE_CLASSES)
 

@@ -25,10 +25,17 @@ import msgspec
 from pydicom.uid import UID
 
 from fastscp.dicom.header import HeaderError, HeaderFields, IncompleteHeader, parse_header
-from fastscp.dicom.sopclasses import FIND_SOP_CLASSES, GET_SOP_CLASSES, MODALITY_SOP_CLASSES, MOVE_SOP_CLASSES
+from fastscp.dicom.sopclasses import (
+    FIND_SOP_CLASSES,
+    GET_SOP_CLASSES,
+    MODALITY_SOP_CLASSES,
+    MOVE_SOP_CLASSES,
+    STORAGE_COMMITMENT_PUSH,
+    STORAGE_COMMITMENT_PUSH_INSTANCE,
+)
 from fastscp.dicom.walk import mapped_dataset, walk_dataset, walk_from_prefix
 from fastscp.index.records import AssociationReport, DuplicateConflict, InstanceRecord
-from fastscp.net import dimse, findscp, getscp, movescp
+from fastscp.net import commitscp, dimse, findscp, getscp, movescp
 from fastscp.net.access import peer_ip
 from fastscp.net.findscp import MAX_IDENTIFIER_BYTES, Finder
 from fastscp.net.negotiation import (
@@ -82,6 +89,10 @@ class ProtocolError(Exception):
 
 class DeadlineExceeded(TimeoutError):
     """The peer took too long for a whole request or message (not one read)."""
+
+
+class ReleaseRequested(Exception):
+    """The peer sent A-RELEASE-RQ where we awaited a response (Storage Commitment report)."""
 
 
 class LimitExceeded(Exception):
@@ -300,6 +311,8 @@ class ServiceSettings:
     locate: Callable[[tuple[str, ...]], tuple[str, ...]] | None = None
     #: C-MOVE and C-GET (None: the Query/Retrieve MOVE and GET models are not served).
     retrieve: RetrieveService | None = None
+    #: Storage Commitment Push Model (None: not served).
+    commitment: commitscp.CommitmentService | None = None
 
 
 @dataclass(frozen=True)
@@ -551,6 +564,9 @@ class Association:
             MOVE_SOP_CLASSES if field == dimse.C_MOVE_RQ else GET_SOP_CLASSES if field == dimse.C_GET_RQ else ()
         ):
             self._identifier = bytearray()  # the C-MOVE / C-GET identifier: as for C-FIND
+        elif (field == dimse.N_ACTION_RQ and has_data_set and self.settings.commitment is not None
+              and context.abstract_syntax == STORAGE_COMMITMENT_PUSH):
+            self._identifier = bytearray()  # the Action Information
         elif field == dimse.C_CANCEL_RQ:
             self._request = None
         else:
@@ -613,6 +629,8 @@ class Association:
                 identifier, self._identifier = bytes(self._identifier), None
                 if self._request["CommandField"] == dimse.C_FIND_RQ:
                     self._find(identifier)
+                elif self._request["CommandField"] == dimse.N_ACTION_RQ:
+                    self._commit(identifier)
                 else:
                     self._retrieve(identifier)
             return
@@ -857,6 +875,44 @@ class Association:
         self._request = None
         self._restart_clock()
 
+    # -- Storage Commitment (fastscp.net.commitscp) ---------------------------------
+
+    def _commit(self, data: bytes) -> None:
+        """N-ACTION-RSP at once, then the N-EVENT-REPORT on this association (else on a new one)."""
+        assert self.negotiation is not None and self.settings.commitment is not None and self._request is not None
+        request, service = self._request, self.settings.commitment
+        syntax = self.negotiation.contexts[self._context_id].transfer_syntax
+        decoded = commitscp.decode_request(request, data, syntax)
+        status, comment = (dimse.SUCCESS, "") if isinstance(decoded, commitscp.CommitRequest) else decoded
+        command = dimse.encode_response(dimse.N_ACTION_RSP, STORAGE_COMMITMENT_PUSH, int(request.get("MessageID", 0)),
+                                        status, STORAGE_COMMITMENT_PUSH_INSTANCE, comment)
+        self.sock.sendall(p_data_tf(self._context_id, command, self._peer_max_pdu))
+        self._request = None
+        if not isinstance(decoded, commitscp.CommitRequest):
+            self._restart_clock()
+            return
+        event_type, report = commitscp.commit(decoded, service.lookup)
+        command = dimse.encode_event_report_request(STORAGE_COMMITMENT_PUSH, STORAGE_COMMITMENT_PUSH_INSTANCE, 1,
+                                                    event_type)
+        self.sock.sendall(p_data_tf(self._context_id, command, self._peer_max_pdu,
+                                    findscp.encode_identifier(report, syntax)))
+        try:
+            _context_id, response = self._next_command()
+        except ReleaseRequested:
+            # Released before it answered (PS3.4 J.3.3): the report goes on a new association.
+            self.sock.sendall(RELEASE_RP)
+            self.stats.outcome = "released"
+            commitscp.send_on_new_association(service, self.stats.calling_ae_title, event_type, report,
+                                              self.settings.dimse_timeout)
+            raise PeerClosed("released") from None
+        if response["CommandField"] != dimse.N_EVENT_REPORT_RSP or response.get("MessageIDBeingRespondedTo") != 1:
+            raise ProtocolError(f"command 0x{int(response['CommandField']):04X} where an N-EVENT-REPORT-RSP "
+                                f"was awaited")
+        if response.get("Status") != dimse.SUCCESS:
+            log.warning("storage commitment %s: %r answered the report with status 0x%04X", decoded.transaction_uid,
+                        self.stats.calling_ae_title, int(response.get("Status", 0xFFFF)))
+        self._restart_clock()
+
     def _send_message(self, context_id: int, command: bytes, fragments: getscp.Fragments) -> None:
         """A C-GET sub-operation's C-STORE-RQ: the command set, then each data set fragment in a P-DATA-TF PDU."""
         self.sock.sendall(p_data_tf(context_id, command, self._peer_max_pdu))
@@ -865,7 +921,7 @@ class Association:
                               + _PDV_HEADER.pack(len(fragment) + 2, context_id, 2 if last else 0) + fragment)
 
     def _next_command(self) -> tuple[int, dict[str, int | str]]:
-        """The peer's next command set during a C-GET (a C-STORE-RSP or a C-CANCEL-RQ; no data set)."""
+        """The peer's next command set: a C-STORE-RSP or C-CANCEL-RQ during a C-GET, an N-EVENT-REPORT-RSP."""
         assert self.stream is not None
         self._restart_clock()
         command = bytearray()
@@ -873,8 +929,10 @@ class Association:
             pdu_type, body = self.stream.read()
             if pdu_type == A_ABORT:
                 raise PeerClosed("aborted by peer")
+            if pdu_type == A_RELEASE_RQ:
+                raise ReleaseRequested()
             if pdu_type != P_DATA_TF:
-                raise ProtocolError(f"unexpected PDU type 0x{pdu_type:02X} during a C-GET")
+                raise ProtocolError(f"unexpected PDU type 0x{pdu_type:02X} where a response was awaited")
             pos = 0
             while pos < len(body):
                 if len(body) - pos < 6:

@@ -23,6 +23,10 @@ C_MOVE_RSP = 0x8021
 C_ECHO_RQ = 0x0030
 C_ECHO_RSP = 0x8030
 C_CANCEL_RQ = 0x0FFF
+N_EVENT_REPORT_RQ = 0x0100
+N_EVENT_REPORT_RSP = 0x8100
+N_ACTION_RQ = 0x0130
+N_ACTION_RSP = 0x8130
 
 #: Command Data Set Type value meaning "no data set follows".
 NO_DATA_SET = 0x0101
@@ -83,7 +87,7 @@ def is_warning(code: int) -> bool:
     return code == 0x0001 or 0xB000 <= code <= 0xBFFF
 
 # The command elements fastscp reads, by element number, with their VR.
-_US = {0x0100, 0x0110, 0x0120, 0x0700, 0x0800, 0x0900, 0x1031}
+_US = {0x0100, 0x0110, 0x0120, 0x0700, 0x0800, 0x0900, 0x1002, 0x1008, 0x1031}
 _UL = {0x0000}
 _TEXT = {0x0002, 0x0003, 0x1000, 0x1001, 0x1030, 0x0902, 0x0600}
 
@@ -100,6 +104,8 @@ _NAMES = {
     0x0902: "ErrorComment",
     0x1000: "AffectedSOPInstanceUID",
     0x1001: "RequestedSOPInstanceUID",
+    0x1002: "EventTypeID",
+    0x1008: "ActionTypeID",
     0x1030: "MoveOriginatorApplicationEntityTitle",
     0x1031: "MoveOriginatorMessageID",
 }
@@ -207,6 +213,18 @@ def encode_response(
 def _group(body: bytes) -> bytes:
     """A command set: Command Group Length (0000,0000) and then ``body``."""
     return _ELEMENT.pack(0, 0, 4) + len(body).to_bytes(4, "little") + body
+
+
+def encode_event_report_request(sop_class_uid: str, sop_instance_uid: str, message_id: int,
+                                event_type_id: int) -> bytes:
+    """Encode an N-EVENT-REPORT-RQ command set (PS3.7 10.3.1.1); its Event Information data set follows."""
+    body = _text(0x0002, sop_class_uid)
+    body += _us(0x0100, N_EVENT_REPORT_RQ)
+    body += _us(0x0110, message_id)
+    body += _us(0x0800, DATA_SET_FOLLOWS)
+    body += _text(0x1000, sop_instance_uid)
+    body += _us(0x1002, event_type_id)
+    return _group(body)
 
 
 def encode_store_request(sop_class_uid: str, sop_instance_uid: str, message_id: int, *, priority: int = 0,

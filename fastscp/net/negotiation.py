@@ -74,7 +74,7 @@ class AcceptancePolicy:
     max_pdu_size: int
     check_called_aet: bool = False
     access: AccessPolicy = AccessPolicy()
-    #: Query/Retrieve FIND, MOVE and GET models offered (empty: no C-FIND, C-MOVE or C-GET service).
+    #: Query/Retrieve FIND, MOVE and GET models and Storage Commitment offered (empty: none of those services).
     query_sop_classes: frozenset[str] = frozenset()
 
 

@@ -116,6 +116,31 @@ def instances(model: str, identifier: Dataset, client: IndexQueries, storage_roo
     if limit:
         request = QueryRequest(level=request.level, conditions=request.conditions, keys=request.keys,
                                ordered=True, limit=limit + 1)
+    return list(_run(request, client, storage_root, limit).values())
+
+
+def stored(sop_instance_uids: list[str], client: IndexQueries, storage_root: str) -> dict[str, Instance]:
+    """The indexed instances among ``sop_instance_uids`` (Storage Commitment), by SOP Instance UID.
+
+    Raises
+    ------
+    FindError
+        The index can't be asked (0xA700) or fails (0xC000).
+    """
+    found: dict[str, Instance] = {}
+    for start in range(0, len(sop_instance_uids), _UIDS_PER_QUERY):
+        uids = "\\".join(sop_instance_uids[start : start + _UIDS_PER_QUERY])
+        found.update(_run(QueryRequest(level="IMAGE", conditions=[Condition("SOPInstanceUID", uids)],
+                                       keys=list(_KEYS), ordered=False), client, storage_root))
+    return found
+
+
+#: UIDs in one list of UID matching (a Storage Commitment request may name thousands).
+_UIDS_PER_QUERY = 500
+
+
+def _run(request: QueryRequest, client: IndexQueries, storage_root: str, limit: int = 0) -> dict[str, Instance]:
+    """Run an IMAGE level query of :data:`_KEYS`: each SOP Instance UID once (the first row)."""
     try:
         result = client.query(request)
     except ServerUnavailable as exc:
@@ -134,7 +159,7 @@ def instances(model: str, identifier: Dataset, client: IndexQueries, storage_roo
         raise FindError(UNABLE_TO_PROCESS, f"query failed: {exc}") from None
     finally:
         result.close()
-    return list(found.values())
+    return found
 
 
 #: ``select(model, identifier, relational) -> instances``: the query behind C-MOVE and C-GET.
@@ -149,3 +174,13 @@ def selector(index_path: str, storage_root: str, *, limit: int = 0) -> Selector:
         return instances(model, identifier, client, storage_root, relational=relational, limit=limit)
 
     return select
+
+
+#: ``lookup(sop_instance_uids) -> {uid: instance}``: the indexed ones (Storage Commitment).
+Lookup = Callable[[list[str]], dict[str, Instance]]
+
+
+def lookup(index_path: str, storage_root: str) -> Lookup:
+    """The :data:`Lookup` for a running server's index."""
+    client = QueryClient(index_path)
+    return lambda uids: stored(uids, client, storage_root)

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 from fastscp.config import Config, ConfigError, config_changes, layout_options, to_builtins, with_live_keys
 from fastscp.dicom import header
-from fastscp.dicom.sopclasses import RETRIEVE_SOP_CLASSES
+from fastscp.dicom.sopclasses import RETRIEVE_SOP_CLASSES, STORAGE_COMMITMENT_PUSH
 from fastscp.hooks.link import HooksLink
 from fastscp.imaging import frames as imaging
 from fastscp.index.client import Locator, QueryClient
@@ -53,6 +53,7 @@ from fastscp.monitor.book import StatusBook
 from fastscp.net import scu
 from fastscp.net.access import AccessConfigError, build_access_policy
 from fastscp.net.association import ServiceSettings
+from fastscp.net.commitscp import CommitmentService
 from fastscp.net.findscp import FIND_SOP_CLASSES
 from fastscp.net.negotiation import (
     REJECTED_TRANSIENT,
@@ -67,7 +68,7 @@ from fastscp.process import logs
 from fastscp.process.listen import bind_advice
 from fastscp.process.orphan import die_with_parent
 from fastscp.query.cfind import finder
-from fastscp.query.retrieve import selector
+from fastscp.query.retrieve import lookup, selector
 from fastscp.runtime.worker import CONTROL_MESSAGE_MAX, worker_main
 from fastscp.status import ENCODER as SNAPSHOT_ENCODER
 from fastscp.status import WorkerState
@@ -144,7 +145,7 @@ class Supervisor:
                 ae_title=server.ae_title,
                 storage_sop_classes=frozenset(),
                 max_pdu_size=0,
-                query_sop_classes=FIND_SOP_CLASSES | RETRIEVE_SOP_CLASSES,
+                query_sop_classes=FIND_SOP_CLASSES | RETRIEVE_SOP_CLASSES | {STORAGE_COMMITMENT_PUSH},
             ),
             storage=self.storage,
             layout=layout_options(config),
@@ -161,7 +162,9 @@ class Supervisor:
             max_command_set=config.limits.max_command_set,
             min_data_rate=config.limits.min_data_rate,
             locate=Locator(config.index_path),
-            retrieve=retrieve_service(config, self.storage.root),
+            retrieve=(retrieve := retrieve_service(config, self.storage.root)),
+            commitment=CommitmentService(lookup(config.index_path, self.storage.root), server.ae_title,
+                                         dict(retrieve.move_destinations)),
         ), config)
         self.poststore: multiprocessing.process.BaseProcess | None = None
         #: Reloaded hooks to the post-store process, their counts back.
