@@ -49,11 +49,17 @@ class Reports:
     def __init__(self) -> None:
         self.received: list[tuple[int, Dataset]] = []
         self.arrived = threading.Event()
+        #: Our N-EVENT-REPORT-RSP has gone out (releasing before it would make the SCP report again).
+        self.answered = threading.Event()
 
     def handler(self, event) -> tuple[int, None]:  # type: ignore[no-untyped-def]
         self.received.append((int(event.event_type), event.event_information))
         self.arrived.set()
         return 0x0000, None
+
+    def on_sent(self, event) -> None:  # type: ignore[no-untyped-def]
+        if type(event.message).__name__ == "N_EVENT_REPORT_RSP":
+            self.answered.set()
 
 
 def request_commitment(server, references: list[tuple[str, str]], reports: Reports, *,  # type: ignore[no-untyped-def]
@@ -62,13 +68,14 @@ def request_commitment(server, references: list[tuple[str, str]], reports: Repor
     ae = AE(ae_title="COMMITSCU")
     ae.add_requested_context(StorageCommitmentPushModel)
     assoc = ae.associate("127.0.0.1", server.port, ae_title=server.ae_title,
-                         evt_handlers=[(evt.EVT_N_EVENT_REPORT, reports.handler)])
+                         evt_handlers=[(evt.EVT_N_EVENT_REPORT, reports.handler),
+                                       (evt.EVT_DIMSE_SENT, reports.on_sent)])
     assert assoc.is_established
     info = action_information(references)
     try:
         status, _reply = assoc.send_n_action(info, 1, StorageCommitmentPushModel, StorageCommitmentPushModelInstance)
         if not release_at_once:
-            assert reports.arrived.wait(30), "no N-EVENT-REPORT on the association"
+            assert reports.answered.wait(30), "no N-EVENT-REPORT on the association"
     finally:
         assoc.release()
     return int(status.Status), info
@@ -107,6 +114,7 @@ def test_commitment_on_the_same_association(start_server, tmp_path: Path) -> Non
     ((event_type, report),) = reports.received
     assert event_type == 1 and outcome(report) == (stored, {})
     assert server.stop() == 0
+    assert "not delivered" not in server.log_text()  # both reports answered on the association
 
 
 def test_a_missing_file_is_not_committed(start_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -125,6 +133,7 @@ def test_a_missing_file_is_not_committed(start_server, tmp_path: Path) -> None: 
     ((event_type, report),) = reports.received
     assert event_type == 2 and outcome(report) == ([stored[1]], {stored[0]: NO_SUCH_OBJECT_INSTANCE})
     assert server.stop() == 0
+    assert "not delivered" not in server.log_text()
 
 
 def test_report_on_a_new_association_when_the_requester_released(start_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -153,6 +162,8 @@ def test_report_on_a_new_association_when_the_requester_released(start_server, t
         ((event_type, report),) = listener_reports.received
         assert event_type == 2 and report.TransactionUID == info.TransactionUID
         assert outcome(report) == ([stored], {never_sent: NO_SUCH_OBJECT_INSTANCE})
+        assert reports.received == []  # released before the report: it came only on the new association
         assert server.stop() == 0
+        assert "report for 'COMMITSCU' delivered on a new association" in server.log_text()  # answered 0x0000
     finally:
         listener.shutdown()

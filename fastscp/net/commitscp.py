@@ -192,12 +192,15 @@ def send_on_new_association(service: CommitmentService, requester: str, event_ty
         log.error("storage commitment report for %r not delivered: %s", requester, exc)
         return False
     try:
-        status = assoc.send_n_event_report(report, event_type, STORAGE_COMMITMENT_PUSH,
+        status, _reply = assoc.send_n_event_report(report, event_type, STORAGE_COMMITMENT_PUSH,
                                            STORAGE_COMMITMENT_PUSH_INSTANCE)
     finally:
         if assoc.is_established:
             assoc.release()
     answered = "Status" in status and int(status.Status) == 0
-    if not answered:
-        log.error("storage commitment report for %r: no success response on the new association", requester)
+    if answered:
+        log.info("storage commitment report for %r delivered on a new association", requester)
+    else:
+        log.error("storage commitment report for %r: no success response on the new association (%s)", requester,
+                  f"status 0x{int(status.Status):04X}" if "Status" in status else "none")
     return answered
