@@ -136,6 +136,7 @@ class RetrieveConfig(_Section):
     """C-MOVE and C-GET (Query/Retrieve SCP)."""
 
     #: Move Destination AE title -> where it listens; C-MOVE to any other is refused (0xA801).
+    #: Also where a storage commitment report goes when its requester released the association.
     move_destinations: dict[AETitle, MoveDestination] = msgspec.field(default_factory=dict)
     #: Most instances one C-MOVE or C-GET may select (more: 0xA701); bounds a request's memory.
     max_instances: Positive = 100000
