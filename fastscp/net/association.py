@@ -857,7 +857,7 @@ class Association:
             session = getscp.GetSession(
                 {cid: (cx.abstract_syntax, cx.transfer_syntax) for cid, cx in negotiation.contexts.items()
                  if cx.requestor_scp},
-                self._send_message, self._next_command, max(self._peer_max_pdu - 6, 0),
+                self._send_message, self._next_command, max(self._peer_max_pdu - 6, 1) if self._peer_max_pdu else 0,
                 priority=int(request.get("Priority", 0)),
             )
             responses = getscp.responses(service, context.abstract_syntax, identifier, context.transfer_syntax,

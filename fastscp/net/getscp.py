@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
+from typing import BinaryIO
 
 from fastscp.dicom.part10 import read_file_meta
 from fastscp.net import dimse, retrievescp
@@ -53,21 +54,18 @@ class ProtocolViolation(ValueError):
     """The requester sent something other than a C-STORE-RSP or C-CANCEL-RQ during the C-GET."""
 
 
-def _file_fragments(f: object, offset: int, length: int, size: int) -> Fragments:
-    """The data set bytes of an open file, ``size`` at a time; the file is closed at the end."""
-    try:
-        f.seek(offset)  # type: ignore[attr-defined]
-        left = length
-        while True:
-            chunk = f.read(min(size, left)) if left else b""  # type: ignore[attr-defined]
-            if len(chunk) < min(size, left):
-                raise OSError(f"file shorter than when it was opened ({left - len(chunk)} bytes missing)")
-            left -= len(chunk)
-            yield chunk, left == 0
-            if not left:
-                return
-    finally:
-        f.close()  # type: ignore[attr-defined]
+def _file_fragments(f: BinaryIO, offset: int, length: int, size: int) -> Fragments:
+    """The data set bytes of an open file, ``size`` at a time (the caller closes the file)."""
+    f.seek(offset)
+    left = length
+    while True:
+        chunk = f.read(min(size, left)) if left else b""
+        if len(chunk) < min(size, left):
+            raise OSError(f"file shorter than when it was opened ({left - len(chunk)} bytes missing)")
+        left -= len(chunk)
+        yield chunk, left == 0
+        if not left:
+            return
 
 
 def _bytes_fragments(data: bytes, size: int) -> Fragments:
@@ -109,35 +107,33 @@ class GetSession:
             return retrievescp.failed("C-GET", instance, "its file is missing")
         except OSError as exc:
             return retrievescp.failed("C-GET", instance, f"cannot open its file: {exc.strerror}")
-        try:
-            meta, offset = read_file_meta(f.read(_META_READ))
-            length = os.fstat(f.fileno()).st_size - offset
-        except (OSError, ValueError) as exc:
-            f.close()
-            return retrievescp.failed("C-GET", instance, f"cannot read its File Meta Information: {exc}")
-        stored = meta.get(0x0010) or instance.transfer_syntax_uid
-        choice = retrievescp.choose_transfer_syntax(stored, frozenset(syntaxes))
-        if choice is None:
-            f.close()
-            return retrievescp.failed("C-GET", instance,
-                                      "the requester accepted no SCP role context for its SOP class and syntax")
-        syntax, convert = choice
-        if convert:
-            f.close()
+        with f:
             try:
-                fragments = _bytes_fragments(encode_identifier(retrievescp.converted(instance.path, syntax), syntax),
-                                             self._fragment)
-            except Exception as exc:  # decoder plugins raise many types
+                meta, offset = read_file_meta(f.read(_META_READ))
+                length = os.fstat(f.fileno()).st_size - offset
+            except (OSError, ValueError) as exc:
+                return retrievescp.failed("C-GET", instance, f"cannot read its File Meta Information: {exc}")
+            choice = retrievescp.choose_transfer_syntax(meta.get(0x0010) or instance.transfer_syntax_uid,
+                                                        frozenset(syntaxes))
+            if choice is None:
                 return retrievescp.failed("C-GET", instance,
-                                          f"cannot convert it to {syntax}: {type(exc).__name__}: {exc}")
-            sop_instance = instance.sop_instance_uid
-        else:
-            fragments = _file_fragments(f, offset, length, self._fragment)
-            sop_instance = meta.get(0x0003) or instance.sop_instance_uid
-        self._message_id = self._message_id % 0xFFFF + 1
-        command = dimse.encode_store_request(instance.sop_class_uid, sop_instance, self._message_id,
-                                             priority=self._priority)
-        self._send(syntaxes[syntax], command, fragments)
+                                          "the requester accepted no SCP role context for its SOP class and syntax")
+            syntax, convert = choice
+            if convert:
+                try:
+                    data = encode_identifier(retrievescp.converted(instance.path, syntax), syntax)
+                except Exception as exc:  # decoder plugins raise many types
+                    return retrievescp.failed("C-GET", instance,
+                                              f"cannot convert it to {syntax}: {type(exc).__name__}: {exc}")
+                fragments = _bytes_fragments(data, self._fragment)
+                sop_instance = instance.sop_instance_uid
+            else:
+                fragments = _file_fragments(f, offset, length, self._fragment)
+                sop_instance = meta.get(0x0003) or instance.sop_instance_uid
+            self._message_id = self._message_id % 0xFFFF + 1
+            command = dimse.encode_store_request(instance.sop_class_uid, sop_instance, self._message_id,
+                                                 priority=self._priority)
+            self._send(syntaxes[syntax], command, fragments)
         return self._response()
 
     def _response(self) -> int:
