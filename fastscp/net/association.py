@@ -892,8 +892,8 @@ class Association:
             self._restart_clock()
             return
         event_type, report = commitscp.commit(decoded, service.lookup)
-        command = dimse.encode_event_report_request(STORAGE_COMMITMENT_PUSH, STORAGE_COMMITMENT_PUSH_INSTANCE, 1,
-                                                    event_type)
+        command = dimse.encode_request(dimse.N_EVENT_REPORT_RQ, STORAGE_COMMITMENT_PUSH,
+                                       STORAGE_COMMITMENT_PUSH_INSTANCE, 1, event_type_id=event_type)
         self.sock.sendall(p_data_tf(self._context_id, command, self._peer_max_pdu,
                                     findscp.encode_identifier(report, syntax)))
         try:

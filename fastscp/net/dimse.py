@@ -215,32 +215,14 @@ def _group(body: bytes) -> bytes:
     return _ELEMENT.pack(0, 0, 4) + len(body).to_bytes(4, "little") + body
 
 
-def encode_event_report_request(sop_class_uid: str, sop_instance_uid: str, message_id: int,
-                                event_type_id: int) -> bytes:
-    """Encode an N-EVENT-REPORT-RQ command set (PS3.7 10.3.1.1); its Event Information data set follows."""
-    body = _text(0x0002, sop_class_uid)
-    body += _us(0x0100, N_EVENT_REPORT_RQ)
-    body += _us(0x0110, message_id)
-    body += _us(0x0800, DATA_SET_FOLLOWS)
-    body += _text(0x1000, sop_instance_uid)
-    body += _us(0x1002, event_type_id)
-    return _group(body)
-
-
-def encode_store_request(sop_class_uid: str, sop_instance_uid: str, message_id: int, *, priority: int = 0,
-                         move_originator: str = "", move_originator_id: int | None = None) -> bytes:
-    """Encode a C-STORE-RQ command set (PS3.7 9.3.1.1); a data set follows it.
-
-    ``move_originator``/``move_originator_id``: the C-MOVE it is a sub-operation of.
-    """
-    body = _text(0x0002, sop_class_uid)
-    body += _us(0x0100, C_STORE_RQ)
-    body += _us(0x0110, message_id)
-    body += _us(0x0700, priority)
-    body += _us(0x0800, DATA_SET_FOLLOWS)
-    body += _text(0x1000, sop_instance_uid)
-    if move_originator:
-        body += _text(0x1030, move_originator)
-    if move_originator_id is not None:
-        body += _us(0x1031, move_originator_id)
+def encode_request(command_field: int, sop_class_uid: str, sop_instance_uid: str, message_id: int, *,
+                   priority: int | None = None, event_type_id: int | None = None) -> bytes:
+    """Encode the command set of a request a data set follows: a C-STORE-RQ (PS3.7 9.3.1.1, with
+    ``priority``) or an N-EVENT-REPORT-RQ (PS3.7 10.3.1.1, with ``event_type_id``)."""
+    body = _text(0x0002, sop_class_uid) + _us(0x0100, command_field) + _us(0x0110, message_id)
+    if priority is not None:
+        body += _us(0x0700, priority)
+    body += _us(0x0800, DATA_SET_FOLLOWS) + _text(0x1000, sop_instance_uid)
+    if event_type_id is not None:
+        body += _us(0x1002, event_type_id)
     return _group(body)

@@ -131,8 +131,8 @@ class GetSession:
                 fragments = _file_fragments(f, offset, length, self._fragment)
                 sop_instance = meta.get(0x0003) or instance.sop_instance_uid
             self._message_id = self._message_id % 0xFFFF + 1
-            command = dimse.encode_store_request(instance.sop_class_uid, sop_instance, self._message_id,
-                                                 priority=self._priority)
+            command = dimse.encode_request(dimse.C_STORE_RQ, instance.sop_class_uid, sop_instance, self._message_id,
+                                           priority=self._priority)
             self._send(syntaxes[syntax], command, fragments)
         return self._response()
 
