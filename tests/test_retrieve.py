@@ -131,11 +131,21 @@ def by_sop_instance(paths: list[str] | list[Path]) -> dict[str, bytes]:
 
 
 def pynetdicom_move(server, model: str, ds: Dataset, destination: str = DEST,  # type: ignore[no-untyped-def]
-                    cancel_after: int = 0) -> list[Dataset]:
-    """A C-MOVE through pynetdicom: every response's status Dataset (identifier in .identifier)."""
+                    cancel_after: int = 0, relational: bool = False) -> list[Dataset]:
+    """A C-MOVE through pynetdicom: every response's status Dataset (identifier in .identifier).
+
+    ``relational``: ask for relational retrieval (SOP Class Extended Negotiation, PS3.4 C.5.1.1.1).
+    """
+    from pynetdicom.pdu_primitives import SOPClassExtendedNegotiation
+
     ae = AE(ae_title="MOVESCU")
     ae.add_requested_context(model)
-    assoc = ae.associate("127.0.0.1", server.port, ae_title=server.ae_title)
+    ext_neg = []
+    if relational:
+        item = SOPClassExtendedNegotiation()
+        item.sop_class_uid, item.service_class_application_information = model, b"\x01"
+        ext_neg.append(item)
+    assoc = ae.associate("127.0.0.1", server.port, ae_title=server.ae_title, ext_neg=ext_neg)
     assert assoc.is_established
     out = []
     try:
@@ -430,4 +440,17 @@ def test_retrieve_identifier_errors(start_server, storescp, tmp_path: Path) -> N
     statuses = pynetdicom_move(server, StudyRootQueryRetrieveInformationModelMove,
                                identifier("STUDY", StudyInstanceUID="1.2.3.4"))
     assert [s.Status for s in statuses] == [0x0000] and counts(statuses[0]) == (0, 0, 0, None)
+    assert server.stop() == 0
+
+
+def test_relational_retrieve_when_negotiated(start_server, storescp, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    dest = storescp()
+    server = start_server(workers=1, config=config_with_destination(tmp_path, dest.port))
+    files, _study = stored_study(server, tmp_path / "a", 2, "MOVEF")
+    series = identifier("SERIES", SeriesInstanceUID=uid_of(files[0], "SeriesInstanceUID"))  # no Study Instance UID
+    statuses = pynetdicom_move(server, StudyRootQueryRetrieveInformationModelMove, series)
+    assert [s.Status for s in statuses] == [0xA900]  # hierarchical by default
+    statuses = pynetdicom_move(server, StudyRootQueryRetrieveInformationModelMove, series, relational=True)
+    assert statuses[-1].Status == 0x0000 and counts(statuses[-1]) == (2, 0, 0, None)
+    assert by_sop_instance(dest.files()) == by_sop_instance(files)
     assert server.stop() == 0
