@@ -21,8 +21,9 @@ from pynetdicom.sop_class import (
     StorageCommitmentPushModelInstance,
 )
 
+from fastscp.dicom.synthetic import write_series
 from tests.conftest import free_port
-from tests.test_retrieve import send, uid_of
+from tests.test_retrieve import indexed, send, uid_of
 
 pytestmark = pytest.mark.dcmtk
 
@@ -92,8 +93,6 @@ def outcome(report: Dataset) -> tuple[list[str], dict[str, int]]:
 
 
 def test_commitment_on_the_same_association(start_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    from fastscp.dicom.synthetic import write_series
-
     server = start_server("--fsync", "never", workers=1)
     files = write_series(str(tmp_path / "a"), 3, rows=16, columns=16, patient_id="COMMITA")
     send(server, files)
@@ -118,9 +117,6 @@ def test_commitment_on_the_same_association(start_server, tmp_path: Path) -> Non
 
 
 def test_a_missing_file_is_not_committed(start_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    from fastscp.dicom.synthetic import write_series
-    from tests.test_retrieve import indexed
-
     server = start_server(workers=1)
     files = write_series(str(tmp_path / "a"), 2, rows=16, columns=16, patient_id="COMMITB")
     send(server, files)
@@ -137,8 +133,6 @@ def test_a_missing_file_is_not_committed(start_server, tmp_path: Path) -> None: 
 
 
 def test_report_on_a_new_association_when_the_requester_released(start_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    from fastscp.dicom.synthetic import write_series
-
     port = free_port()
     listener_reports = Reports()
     scp = AE(ae_title="COMMITSCU")

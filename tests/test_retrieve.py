@@ -35,6 +35,7 @@ from fastscp.index.client import QueryClient
 from fastscp.query.engine import Condition, QueryRequest
 from tests.conftest import dcmtk, free_port, wait_until
 from tests.dicomfiles import EXPLICIT_LE, PYDICOM_DATA, dataset_bytes
+from tests.test_access import pki  # noqa: F401  (pki: the test CA fixture)
 from tests.test_find import identifier
 
 pytestmark = pytest.mark.dcmtk
@@ -451,6 +452,23 @@ def test_relational_retrieve_when_negotiated(start_server, storescp, tmp_path: P
     statuses = pynetdicom_move(server, StudyRootQueryRetrieveInformationModelMove, series)
     assert [s.Status for s in statuses] == [0xA900]  # hierarchical by default
     statuses = pynetdicom_move(server, StudyRootQueryRetrieveInformationModelMove, series, relational=True)
+    assert statuses[-1].Status == 0x0000 and counts(statuses[-1]) == (2, 0, 0, None)
+    assert by_sop_instance(dest.files()) == by_sop_instance(files)
+    assert server.stop() == 0
+
+
+def test_move_to_a_tls_destination(start_server, storescp, tmp_path: Path, pki: Path) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+    dest = storescp("+tls", str(pki / "server.key"), str(pki / "server.pem"), "+cf", str(pki / "ca.pem"))
+    config = tmp_path / "fastscp.yaml"
+    # Not a TLS listener itself: the tls.* files are its client certificate and the CAs it trusts.
+    config.write_text(f"tls:\n  certificate: {pki / 'client.pem'}\n  private_key: {pki / 'client.key'}\n"
+                      f"  ca_bundle: {pki / 'ca.pem'}\n"
+                      f"retrieve:\n  move_destinations:\n"
+                      f"    {DEST}: {{host: 127.0.0.1, port: {dest.port}, tls: true}}\n")
+    server = start_server(workers=1, config=config)
+    files, study = stored_study(server, tmp_path / "a", 2, "MOVEG")
+    statuses = pynetdicom_move(server, StudyRootQueryRetrieveInformationModelMove,
+                               identifier("STUDY", StudyInstanceUID=study))
     assert statuses[-1].Status == 0x0000 and counts(statuses[-1]) == (2, 0, 0, None)
     assert by_sop_instance(dest.files()) == by_sop_instance(files)
     assert server.stop() == 0
