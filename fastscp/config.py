@@ -158,6 +158,78 @@ class LoggingConfig(_Section):
     actions: bool = True
 
 
+class DestinationTLSConfig(_Section):
+    """DICOM TLS towards one forwarding destination (we are the client)."""
+
+    enabled: bool = False
+    #: CA certificates the destination's certificate is checked against; "": the system's.
+    ca_bundle: str = ""
+    #: Our certificate and key (PEM), for a destination that requires client certificates.
+    certificate: str = ""
+    private_key: str = ""
+    min_version: Literal["1.2", "1.3"] = "1.2"
+
+
+#: The transfer syntaxes a stored file may be converted to when a destination refuses its own
+#: (only between these uncompressed ones: nothing is decompressed).
+CONVERTIBLE_TRANSFER_SYNTAXES: dict[str, str] = {
+    "ExplicitVRLittleEndian": "1.2.840.10008.1.2.1",
+    "ImplicitVRLittleEndian": "1.2.840.10008.1.2",
+}
+
+
+class DestinationConfig(_Section):
+    """A DICOM node that forwarded instances are sent to with C-STORE."""
+
+    ae_title: AETitle
+    host: str
+    port: Annotated[int, msgspec.Meta(ge=1, le=65535)]
+    #: Associations open to it at once.
+    max_associations: Annotated[int, msgspec.Meta(ge=1, le=16)] = 1
+    #: Offered after the file's own transfer syntax, for a file in an uncompressed one: what it is
+    #: converted to when the destination refuses its own (keywords of CONVERTIBLE_TRANSFER_SYNTAXES or
+    #: their UIDs); []: never converted.
+    transfer_syntaxes: list[str] = msgspec.field(
+        default_factory=lambda: ["ExplicitVRLittleEndian", "ImplicitVRLittleEndian"])
+    tls: DestinationTLSConfig = DestinationTLSConfig()
+    #: Seconds to wait for the connection, the association and each C-STORE response.
+    timeout: Seconds = 60.0
+
+    @property
+    def fallback_syntaxes(self) -> tuple[str, ...]:
+        return tuple(CONVERTIBLE_TRANSFER_SYNTAXES.get(ts, ts) for ts in self.transfer_syntaxes)
+
+
+class ForwardRuleConfig(_Section):
+    """Which stored instances go where: every condition given must match (an empty one matches all)."""
+
+    #: Destinations (names under forwarding.destinations) a matching instance is queued for.
+    destinations: list[str]
+    #: Calling AE titles of the sender (any of them).
+    calling_ae_titles: list[str] = msgspec.field(default_factory=list)
+    #: Modality (0008,0060) values (any of them).
+    modalities: list[str] = msgspec.field(default_factory=list)
+    #: SOP classes, as accepted_sop_classes takes them (modalities, names, short names, UIDs).
+    sop_classes: list[str] = msgspec.field(default_factory=list)
+    #: Any indexed header field by DICOM keyword (or fastscp's own keys, as `fastscp query` takes them) ->
+    #: the value to match, with the C-FIND rules: * and ? wildcards, a backslash between alternatives.
+    fields: dict[str, str] = msgspec.field(default_factory=dict)
+
+
+class ForwardingConfig(_Section):
+    #: The durable queue (SQLite); "": FORWARD.sqlite beside the index (index.duckdb -> index.forward.sqlite).
+    queue: str = ""
+    #: Our AE title as the sender; "": server.ae_title.
+    ae_title: str = ""
+    #: Instances sent on one association at most.
+    batch_size: Annotated[int, msgspec.Meta(ge=1, le=10000)] = 100
+    #: Seconds before the first retry; doubled after each failure up to retry_max.
+    retry_initial: Seconds = 2.0
+    retry_max: Seconds = 300.0
+    destinations: dict[str, DestinationConfig] = msgspec.field(default_factory=dict)
+    rules: list[ForwardRuleConfig] = msgspec.field(default_factory=list)
+
+
 class Config(_Section):
     server: ServerConfig = ServerConfig()
     storage: StorageConfig = StorageConfig()
@@ -169,6 +241,7 @@ class Config(_Section):
     tls: TLSConfig = TLSConfig()
     monitor: MonitorConfig = MonitorConfig()
     logging: LoggingConfig = LoggingConfig()
+    forwarding: ForwardingConfig = ForwardingConfig()
     accepted_sop_classes: list[str] = msgspec.field(default_factory=lambda: ["all"])
 
     @property
@@ -185,6 +258,11 @@ class Config(_Section):
     def sop_class_uids(self) -> tuple[str, ...]:
         return resolve_sop_classes(self.accepted_sop_classes)
 
+    @property
+    def forward_queue_path(self) -> str:
+        """``forwarding.queue``; empty means beside the index, ``<index>.forward.sqlite``."""
+        return self.forwarding.queue or os.path.splitext(self.index_path)[0] + ".forward.sqlite"
+
 
 #: Keys a running server takes from its config file on SIGHUP (a section name: all its keys).
 #: Each is read when an association starts (the limits: when a connection
@@ -196,8 +274,10 @@ class Config(_Section):
 #: and the status page carry it too), the worker pool, the storage folders
 #: and layout (files already named by it), the index and its processes,
 #: thumbnails and scan sheets (their process), TLS (its context), the
-#: monitor and the log output (handlers). Routing and hook rules, when they
-#: come, belong here.
+#: monitor and the log output (handlers). Forwarding rules and destinations
+#: are read by the forwarder process when it gets the reload (queued
+#: instances keep their destination name); turning forwarding on or off
+#: (the first destination, the queue file) needs a restart.
 LIVE_KEYS: frozenset[str] = frozenset({
     "access",  # allowed_calling_aets, check_called_aet, max_associations_per_aet
     "accepted_sop_classes",
@@ -213,6 +293,11 @@ LIVE_KEYS: frozenset[str] = frozenset({
     "limits",
     "logging.level",
     "logging.actions",
+    "forwarding.rules",
+    "forwarding.destinations",
+    "forwarding.batch_size",
+    "forwarding.retry_initial",
+    "forwarding.retry_max",
 })
 
 
@@ -380,12 +465,44 @@ def load_config(path: str | None = None, overrides: dict[str, Any] | None = None
     except ValueError as exc:
         where = "command-line option --accept" if "accepted_sop_classes" in from_cli else source
         raise ConfigError(f"{where}: accepted_sop_classes: {exc}") from None
+    _check_forwarding(config.forwarding, source)
     if config.storage.naming == "template":
         try:
             check_template(config.storage.template)
         except TemplateError as exc:
             raise ConfigError(f"{source}: storage.template: {exc}") from None
     return config
+
+
+def _check_forwarding(forwarding: ForwardingConfig, source: str) -> None:
+    """What msgspec can't check in ``forwarding``: names that must refer to something."""
+    for name, destination in forwarding.destinations.items():
+        for n, syntax in enumerate(destination.transfer_syntaxes):
+            if syntax not in CONVERTIBLE_TRANSFER_SYNTAXES and syntax not in CONVERTIBLE_TRANSFER_SYNTAXES.values():
+                raise ConfigError(
+                    f"{source}: forwarding.destinations.{name}.transfer_syntaxes[{n}]: {syntax!r} is not one a "
+                    f"file can be converted to; use {', '.join(CONVERTIBLE_TRANSFER_SYNTAXES)} (or their UIDs)")
+        tls = destination.tls
+        if bool(tls.certificate) != bool(tls.private_key):
+            raise ConfigError(f"{source}: forwarding.destinations.{name}.tls: certificate and private_key go "
+                              f"together (PEM files)")
+    if forwarding.retry_max < forwarding.retry_initial:
+        raise ConfigError(f"{source}: forwarding.retry_max: {forwarding.retry_max} is below forwarding.retry_initial "
+                          f"({forwarding.retry_initial}); make it at least as long")
+    for n, rule in enumerate(forwarding.rules):
+        key = f"forwarding.rules[{n}]"
+        if not rule.destinations:
+            raise ConfigError(f"{source}: {key}.destinations: empty; name at least one of forwarding.destinations")
+        for d, name in enumerate(rule.destinations):
+            if name not in forwarding.destinations:
+                known = ", ".join(sorted(forwarding.destinations)) or "none is defined"
+                raise ConfigError(f"{source}: {key}.destinations[{d}]: no destination {name!r} under "
+                                  f"forwarding.destinations ({known})")
+        try:
+            if rule.sop_classes:
+                resolve_sop_classes(rule.sop_classes)
+        except ValueError as exc:
+            raise ConfigError(f"{source}: {key}.sop_classes: {exc}") from None
 
 
 def layout_options(config: Config) -> LayoutOptions:

@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 
 from fastscp.config import Config, ConfigError, config_changes, layout_options, to_builtins, with_live_keys
 from fastscp.dicom import header
+from fastscp.forward.process import forward_address, forward_main
+from fastscp.forward.status import ForwardStatus
 from fastscp.imaging import frames as imaging
 from fastscp.index.client import Locator, QueryClient
 from fastscp.index.indexer import indexer_address, indexer_main
@@ -156,8 +158,11 @@ class Supervisor:
             max_command_set=config.limits.max_command_set,
             min_data_rate=config.limits.min_data_rate,
             locate=Locator(config.index_path),
+            forward_address=forward_address(config.index_path) if config.forwarding.destinations else "",
         ), config)
         self.poststore: multiprocessing.process.BaseProcess | None = None
+        self.forwarder: multiprocessing.process.BaseProcess | None = None
+        self._forward_status = ForwardStatus(config.forward_queue_path)
         self.book = StatusBook()
         #: Admitted associations: connection ID -> calling AE title.
         self.admitted: dict[int, str] = {}
@@ -298,6 +303,8 @@ class Supervisor:
             self._start_indexer()
             if self.settings.poststore_address:
                 self._start_poststore()
+            if self.settings.forward_address:
+                self._start_forwarder()
             for index in range(self.config.worker_count):
                 self._start_worker(index)
         except StartupError:
@@ -305,6 +312,7 @@ class Supervisor:
             # DuckDB file locked.
             for worker in self.workers.values():
                 worker.process.kill()
+            self._stop_forwarder()
             self._stop_poststore()
             self._stop_indexer()
             self._stop_monitor()
@@ -372,6 +380,8 @@ class Supervisor:
                     self._monitor_died()
                 elif tag == "poststore":
                     self._poststore_died()
+                elif tag == "forwarder":
+                    self._forwarder_died()
                 elif tag == "reject":
                     self._reject_step(self.rejects[key.fileobj])  # type: ignore[index]
                 elif tag[0] == "control":
@@ -584,6 +594,7 @@ class Supervisor:
             for child in (self.indexer, self.poststore, self.monitor, *(w.process for w in self.workers.values())):
                 if child is not None and child.pid is not None and child.is_alive():
                     os.kill(child.pid, signal.SIGHUP)
+        self._reload_forwarder()
         log.info("config reloaded (SIGHUP): %s", f"{', '.join(live)} in force for new associations" if live
                  else "no key that applies live changed")
         if restart:
@@ -672,6 +683,7 @@ class Supervisor:
             worker.process.join(5)
         # A killed worker may leave temp files; never a file at a final path.
         self.storage.prepare()
+        self._stop_forwarder()
         # Post-store first: its thumbnail records go to the indexer.
         self._stop_poststore()
         self._stop_indexer()
@@ -713,6 +725,44 @@ class Supervisor:
                 log.error("post-store stage did not stop within 60 s; killing it")
                 self.poststore.kill()
                 self.poststore.join(5)
+
+    # -- forwarder (fastscp.forward) ----------------------------------------------------
+    # Started when forwarding.destinations is not empty; workers then hand it
+    # each stored instance (ServiceSettings.forward_address).
+
+    def _start_forwarder(self) -> None:
+        process = _fork.Process(
+            target=self._child, name="fastscp-forwarder",
+            args=(forward_main, self.config, self._load_config, self._config_file),
+            # SIGTERM: it ends its C-STOREs in hand (the queue keeps the rest).
+            kwargs={"death_signal": signal.SIGTERM},
+        )
+        process.start()
+        self.forwarder = process
+        self.selector.register(process.sentinel, selectors.EVENT_READ, "forwarder")
+        log.info("forwarder started (pid %d), queue %s", process.pid, self.config.forward_queue_path)
+
+    def _forwarder_died(self) -> None:
+        assert self.forwarder is not None
+        self.selector.unregister(self.forwarder.sentinel)
+        self.forwarder.join(1)
+        log.error("forwarder exited with code %s; restarting it", self.forwarder.exitcode)
+        time.sleep(RESTART_BACKOFF)
+        self._start_forwarder()
+
+    def _reload_forwarder(self) -> None:
+        """The forwarder reads the rules and destinations again itself (forward_main)."""
+        if self.forwarder is not None and self.forwarder.pid is not None and self.forwarder.is_alive():
+            os.kill(self.forwarder.pid, signal.SIGHUP)
+
+    def _stop_forwarder(self) -> None:
+        if self.forwarder is not None and self.forwarder.is_alive():
+            self.forwarder.terminate()
+            self.forwarder.join(15)
+            if self.forwarder.is_alive():
+                log.error("forwarder did not stop within 15 s; killing it")
+                self.forwarder.kill()
+                self.forwarder.join(5)
 
     # -- status ----------------------------------------------------------------------
 
@@ -782,6 +832,8 @@ class Supervisor:
         )
         snapshot.pending_connections = len(self.pending)
         snapshot.dropped_connections = dict(self.dropped)
+        if self.forwarder is not None:
+            snapshot.forwarding = self._forward_status.poll(now, list(self.config.forwarding.destinations))
         try:
             self._snapshots.send(SNAPSHOT_ENCODER.encode(snapshot))
         except (BlockingIOError, InterruptedError):
