@@ -121,12 +121,16 @@ class StatusSCP:
                  contexts: tuple[tuple[str, list[str]], ...] = ((CTImageStorage, [ExplicitVRLittleEndian]),)) -> None:
         self.port, self.status, self.ae_title = port, status, ae_title
         self.requests: list[tuple[str, str, bytes]] = []  # (SOP Instance UID, transfer syntax, data set)
+        #: Seconds each C-STORE takes (a slow destination).
+        self.delay = 0.0
         ae = AE(ae_title=ae_title)
         for sop_class, syntaxes in contexts:
             ae.add_supported_context(sop_class, syntaxes)
         self._lock = threading.Lock()
 
         def on_store(event: evt.Event) -> int:
+            if self.delay:
+                time.sleep(self.delay)
             with self._lock:
                 self.requests.append((event.request.AffectedSOPInstanceUID, str(event.context.transfer_syntax),
                                       bytes(event.request.DataSet.getvalue())))
@@ -211,13 +215,19 @@ def test_destination_down_then_up_every_image_arrives_byte_exact(tmp_path: Path,
     mr = write_series(str(tmp_path / "mr"), 5, rows=ROWS, columns=ROWS, modality="MR", seed=1)
     send(server, ct + mr)
     # Down: all 200 CT wait in the queue, with why; the MR match no rule.
-    wait_until(lambda: states(server).get("pacs", DestinationState(name="")).queued == 200, 20, "200 queued")
+    def waiting() -> int:
+        state = states(server).get("pacs", DestinationState(name=""))
+        return state.queued + state.in_flight  # in flight: an association being tried
+
+    wait_until(lambda: waiting() == 200, 20, "200 queued")
     wait_until(lambda: "connection refused" in states(server)["pacs"].last_error, 10, "the refusal recorded")
     assert states(server)["pacs"].oldest_queued_seconds > 0
     status = subprocess.run([sys.executable, "-m", "fastscp.cli", "forward", "status", "--config", str(config),
                              "--index-db", str(server.index)], capture_output=True, text=True, timeout=60)
     assert status.returncode == 0, status.stderr
-    assert "pacs" in status.stdout and " 200 " in status.stdout and "connection refused" in status.stdout
+    line = next(line for line in status.stdout.splitlines() if line.startswith("pacs "))
+    queued, in_flight, sent, failed = map(int, line.split()[1:5])
+    assert (queued + in_flight, sent, failed) == (200, 0, 0) and "connection refused" in line, status.stdout
     dest = Storescp(tmp_path / "dest", port)
     receivers.append(dest.start())
     wait_until(lambda: states(server)["pacs"].sent == 200, 60, "200 sent")
@@ -228,3 +238,114 @@ def test_destination_down_then_up_every_image_arrives_byte_exact(tmp_path: Path,
     assert not mr_uids & set(received), "an instance no rule matches was forwarded"
     assert assert_byte_exact(server, received, exclude=mr_uids) == 0
     assert len(received) == 200
+
+
+class Standalone:
+    """``fastscp forward run`` beside a server without forwarding of its own."""
+
+    def __init__(self, tmp: Path, config: Path, server: Server) -> None:
+        self.log = tmp / f"forwarder-{time.monotonic_ns()}.log"
+        self._log = open(self.log, "w")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "fastscp.cli", "forward", "run", "--config", str(config), "--storage-dir",
+             str(server.storage), "--index-db", str(server.index)],
+            stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        wait_until(lambda: "forwarder started" in self.log.read_text(), 30, "the forwarder to start")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                os.kill(self.process.pid, signal.SIGKILL)
+                self.process.wait(5)
+        self._log.close()
+
+
+def test_reconcile_queues_what_the_forwarder_never_took_in(tmp_path: Path, start_server, receivers) -> None:
+    """The start's reconcile with the index: instances stored while no forwarder ran are forwarded
+    (what a kill -9 of a worker or of the forwarder leaves), once each; older ones are not."""
+    port = free_port()
+    config = forwarding_config(tmp_path / "forward.yaml", {"pacs": destination(port)},
+                               [{"destinations": ["pacs"]}])
+    server = start_server()  # no forwarding of its own: nothing is handed to a forwarder
+    before = write_series(str(tmp_path / "before"), 3, rows=ROWS, columns=ROWS, seed=3)
+    send(server, before)  # stored before forwarding began: never forwarded (not the archive)
+    time.sleep(0.5)
+    forwarder = Standalone(tmp_path, config, server)
+    receivers.append(forwarder)
+    forwarder.stop()
+    files = write_series(str(tmp_path / "ct"), 30, rows=ROWS, columns=ROWS)
+    send(server, files)
+    dest = Storescp(tmp_path / "dest", port)
+    receivers.append(dest.start())
+    forwarder = Standalone(tmp_path, config, server)
+    receivers.append(forwarder)
+    wait_until(lambda: states(server).get("pacs", DestinationState(name="")).sent == 30, 60, "30 sent")
+    assert "30 stored instances the queue had not taken in" in forwarder.log.read_text()
+    before_uids = {read_file_meta(Path(p).read_bytes()[:4096])[0][0x0003] for p in before}
+    received = dest.received()
+    assert not before_uids & set(received)
+    assert assert_byte_exact(server, received, exclude=before_uids) == 0
+
+
+def test_kill9_forwarder_midway_loses_nothing_and_counts_resends(tmp_path: Path, start_server, receivers) -> None:
+    port = free_port()
+    dest = StatusSCP(port, ae_title="DEST")
+    receivers.append(dest)
+    config = forwarding_config(tmp_path / "forward.yaml", {"pacs": destination(port)},
+                               [{"destinations": ["pacs"]}], batch_size=10)
+    server = start_server(config=config)
+    dest.delay = 0.02  # 200 images take 4 s or more: time to kill in the middle
+    files = write_series(str(tmp_path / "ct"), 200, rows=ROWS, columns=ROWS)
+    send(server, files)
+    wait_until(lambda: len(dest.requests) >= 40, 30, "forwarding under way")
+    killed = forwarder_pid(server)
+    os.kill(killed, signal.SIGKILL)
+    at_kill = len(dest.requests)
+    assert at_kill < 200, "everything was sent before the kill: the test did not kill mid-way"
+    wait_until(lambda: forwarder_pid(server) != killed, 20, "the forwarder restarted")
+    wait_until(lambda: states(server).get("pacs", DestinationState(name="")).sent >= 200, 60, "200 sent")
+    final = states(server)["pacs"]
+    assert (final.queued, final.in_flight, final.failed) == (0, 0, 0)
+    by_uid = collections.Counter(uid for uid, _ts, _data in dest.requests)
+    stored = {read_file_meta(p.read_bytes()[:4096])[0][0x0003]: p for p in server.stored_files()}
+    assert set(by_uid) == set(stored), "an acknowledged instance never reached the destination"
+    duplicates = sum(n - 1 for n in by_uid.values())
+    # At least once: what was in flight at the kill went again, and was counted.
+    assert final.resent >= duplicates
+    assert final.resent <= 10  # one association's batch at most
+    for uid, _ts, data in dest.requests:
+        assert data == data_set(stored[uid])
+
+
+def test_kill9_whole_server_midway_loses_nothing(tmp_path: Path, start_server, receivers) -> None:
+    port = free_port()
+    dest = StatusSCP(port, ae_title="DEST")
+    dest.delay = 0.01
+    receivers.append(dest)
+    config = forwarding_config(tmp_path / "forward.yaml", {"pacs": destination(port)},
+                               [{"destinations": ["pacs"]}], batch_size=10)
+    server = start_server(config=config)
+    files = write_series(str(tmp_path / "ct"), 200, rows=ROWS, columns=ROWS)
+    sender = subprocess.Popen(["storescu", "-aec", server.ae_title, "127.0.0.1", str(server.port), *files],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ, TCP_NODELAY="1"))
+    # While instances still arrive and are forwarded: some acknowledged ones have not reached the forwarder.
+    wait_until(lambda: len(server.stored_files()) >= 60, 30, "storing under way")
+    os.killpg(server.process.pid, signal.SIGKILL)  # every process of the server at once
+    server.process.wait(10)
+    sender.wait(60)
+    server = start_server(config=config, storage=server.storage)
+    stored = {read_file_meta(p.read_bytes()[:4096])[0][0x0003]: p for p in server.stored_files()}
+    assert 60 <= len(stored)
+    if len(stored) < 200:  # what storescu did not get acknowledged, it sends again now
+        send(server, files)
+        stored = {read_file_meta(p.read_bytes()[:4096])[0][0x0003]: p for p in server.stored_files()}
+    assert len(stored) == 200
+    wait_until(lambda: set(uid for uid, _ts, _d in dest.requests) >= set(stored), 60, "every stored instance sent")
+    wait_until(lambda: states(server)["pacs"].queued + states(server)["pacs"].in_flight == 0, 30, "the queue empty")
+    for uid, _ts, data in dest.requests:
+        assert data == data_set(stored[uid])
+    duplicates = len(dest.requests) - len(set(uid for uid, _ts, _d in dest.requests))
+    assert states(server)["pacs"].resent >= duplicates

@@ -116,6 +116,8 @@ class Forwarder:
         self._reconciler: threading.Thread | None = None
         self._next_tidy = 0.0
         self._retry_seen = self.queue.retry_requested()
+        #: When forwarding began: the reconcile never looks further back.
+        self.since = time.time()
 
     @property
     def ae_title(self) -> str:
@@ -128,7 +130,7 @@ class Forwarder:
         for name, count in resent.items():
             log.warning("forwarding to %s: %d instances were in flight when the forwarder stopped; sending them "
                         "again (the destination may get them twice)", name, count)
-        self.queue.start_mark(time.time())
+        self.since = self.queue.start_mark(time.time())
         self._start_destinations(self.config.forwarding.destinations)
         log.info("forwarder started (pid %d): %d rules, destinations %s; queue %s", os.getpid(), len(self.rules),
                  ", ".join(f"{n} ({d.ae_title}@{d.host}:{d.port})" for n, d in
@@ -257,8 +259,7 @@ class Forwarder:
         """
         queue = Queue(self.queue_path)
         try:
-            high = queue.high_water() or time.time()
-            since = high - window
+            since = max(self.since, (queue.high_water() or time.time()) - window)
             if wait_for_indexer:
                 self._wait_for_indexer()
             rows = self._indexed_since(since)

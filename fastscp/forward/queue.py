@@ -16,7 +16,8 @@ failed, with its attempts and last error), ``seen`` (every stored instance
 the forwarder has taken in, matched or not, for a recent window: the
 start's reconcile skips these), ``destinations`` (figures that outlive the
 rows: sent, resent after an interruption, last error) and ``meta``
-(``high_water``: the newest ``received_at`` taken in).
+(``high_water``: the newest ``received_at`` taken in; ``since``: when
+forwarding began).
 """
 
 from __future__ import annotations
@@ -178,9 +179,10 @@ class Queue:
             raise
         return queued
 
-    def start_mark(self, now: float) -> None:
-        """The first start: nothing received before ``now`` is forwarded (not the archive)."""
-        self.con.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('high_water', ?)", (now,))
+    def start_mark(self, now: float) -> float:
+        """When forwarding began (set at the first start): nothing received before it is forwarded, not the archive."""
+        self.con.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('since', ?)", (now,))
+        return float(self.con.execute("SELECT value FROM meta WHERE key = 'since'").fetchone()[0])
 
     # -- sending --------------------------------------------------------------------------
 
