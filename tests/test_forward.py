@@ -9,6 +9,7 @@ port and stopped by its PID.
 from __future__ import annotations
 
 import collections
+import io
 import os
 import signal
 import subprocess
@@ -18,12 +19,16 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import pydicom
 import pytest
 import yaml
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, SecondaryCaptureImageStorage
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage
 
+from fastscp.cli.forward import load_checked
+from fastscp.cli.main import main
+from fastscp.config import ConfigError
 from fastscp.dicom.part10 import read_file_meta
 from fastscp.dicom.synthetic import write_series
 from fastscp.forward.queue import Queue
@@ -206,7 +211,8 @@ def assert_byte_exact(server: Server, received: dict[str, list[Path]], *, exclud
 # -- tests ------------------------------------------------------------------------------------
 
 
-def test_destination_down_then_up_every_image_arrives_byte_exact(tmp_path: Path, start_server, receivers) -> None:
+def test_destination_down_then_up_every_image_arrives_byte_exact(tmp_path: Path, start_server, receivers,
+                                                                 capsys) -> None:
     port = free_port()
     config = forwarding_config(tmp_path / "forward.yaml", {"pacs": destination(port, max_associations=2)},
                                [{"destinations": ["pacs"], "modalities": ["CT"]}])
@@ -222,12 +228,11 @@ def test_destination_down_then_up_every_image_arrives_byte_exact(tmp_path: Path,
     wait_until(lambda: waiting() == 200, 20, "200 queued")
     wait_until(lambda: "connection refused" in states(server)["pacs"].last_error, 10, "the refusal recorded")
     assert states(server)["pacs"].oldest_queued_seconds > 0
-    status = subprocess.run([sys.executable, "-m", "fastscp.cli", "forward", "status", "--config", str(config),
-                             "--index-db", str(server.index)], capture_output=True, text=True, timeout=60)
-    assert status.returncode == 0, status.stderr
-    line = next(line for line in status.stdout.splitlines() if line.startswith("pacs "))
+    code, out = forward_cli(capsys, config, server, "status")
+    assert code == 0, out
+    line = next(line for line in out.splitlines() if line.startswith("pacs "))
     queued, in_flight, sent, failed = map(int, line.split()[1:5])
-    assert (queued + in_flight, sent, failed) == (200, 0, 0) and "connection refused" in line, status.stdout
+    assert (queued + in_flight, sent, failed) == (200, 0, 0) and "connection refused" in line, out
     dest = Storescp(tmp_path / "dest", port)
     receivers.append(dest.start())
     wait_until(lambda: states(server)["pacs"].sent == 200, 60, "200 sent")
@@ -330,7 +335,8 @@ def test_kill9_whole_server_midway_loses_nothing(tmp_path: Path, start_server, r
     server = start_server(config=config)
     files = write_series(str(tmp_path / "ct"), 200, rows=ROWS, columns=ROWS)
     sender = subprocess.Popen(["storescu", "-aec", server.ae_title, "127.0.0.1", str(server.port), *files],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ, TCP_NODELAY="1"))
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              env=dict(os.environ, TCP_NODELAY="1"))
     # While instances still arrive and are forwarded: some acknowledged ones have not reached the forwarder.
     wait_until(lambda: len(server.stored_files()) >= 60, 30, "storing under way")
     os.killpg(server.process.pid, signal.SIGKILL)  # every process of the server at once
@@ -349,3 +355,131 @@ def test_kill9_whole_server_midway_loses_nothing(tmp_path: Path, start_server, r
         assert data == data_set(stored[uid])
     duplicates = len(dest.requests) - len(set(uid for uid, _ts, _d in dest.requests))
     assert states(server)["pacs"].resent >= duplicates
+
+
+def forward_cli(capsys: pytest.CaptureFixture[str], config: Path, server: Server, *argv: str) -> tuple[int, str]:
+    """``fastscp forward ...`` (its main, in this process): exit code and output."""
+    capsys.readouterr()
+    code = main(["forward", *argv, "--config", str(config), "--storage-dir", str(server.storage),
+                 "--index-db", str(server.index)])
+    out = capsys.readouterr()
+    return code, out.out + out.err
+
+
+def test_permanent_refusals_are_recorded_and_not_retried_transient_ones_are(tmp_path: Path, start_server,
+                                                                            receivers, capsys) -> None:
+    refuse_port, busy_port = free_port(), free_port()
+    refuse = StatusSCP(refuse_port, 0xA900, ae_title="REFUSE")  # CT only: Secondary Capture's context is refused
+    busy = StatusSCP(busy_port, 0xA700, ae_title="BUSY")
+    receivers += [refuse, busy]
+    config = forwarding_config(tmp_path / "forward.yaml",
+                               {"refuse": destination(refuse_port, "REFUSE"), "busy": destination(busy_port, "BUSY")},
+                               [{"destinations": ["refuse"]}, {"destinations": ["busy"], "modalities": ["CT"]}])
+    server = start_server(config=config)
+    ct = write_series(str(tmp_path / "ct"), 4, rows=ROWS, columns=ROWS)
+    sc = write_series(str(tmp_path / "sc"), 2, rows=ROWS, columns=ROWS, modality="OT",
+                      sop_class=SecondaryCaptureImageStorage, seed=2)
+    send(server, ct + sc)
+    wait_until(lambda: states(server).get("refuse", DestinationState(name="")).failed == 6, 30, "6 refused")
+    # Out of resources is transient: each CT is tried again, with backoff.
+    wait_until(lambda: len(busy.requests) >= 12, 30, "retries of 0xA700")
+    assert states(server)["busy"].failed == 0 and "0xA700" in states(server)["busy"].last_error
+    busy.status = 0
+    wait_until(lambda: states(server)["busy"].sent == 4, 30, "sent once the destination has room")
+    time.sleep(2.5)  # several retry_max periods: a permanent refusal is not tried again
+    assert len(refuse.requests) == 4  # the CT; Secondary Capture never got a context
+    refused = states(server)["refuse"]
+    assert (refused.failed, refused.queued, refused.in_flight, refused.sent) == (6, 0, 0, 0)
+    code, out = forward_cli(capsys, config, server, "status")
+    assert code == 0, out
+    failures = [line for line in out.splitlines() if line.startswith("failed: refuse: ")]
+    assert len(failures) == 6
+    assert sum("0xA900 Data set does not match SOP class" in line for line in failures) == 4
+    assert sum("SOP class not accepted by the destination" in line for line in failures) == 2
+    # retry: queued again at once; the destination now stores the CT, still refuses Secondary Capture.
+    refuse.status = 0
+    code, out = forward_cli(capsys, config, server, "retry", "--destination", "refuse")
+    assert code == 0 and "6 failed instances queued again" in out, out
+    wait_until(lambda: states(server)["refuse"].sent == 4 and states(server)["refuse"].failed == 2, 30, "retried")
+    assert len(refuse.requests) == 8
+    code, out = forward_cli(capsys, config, server, "purge", "--failed")
+    assert code == 0 and "2 failed instances removed" in out, out
+    assert states(server)["refuse"].failed == 0
+
+
+def test_converted_only_when_the_destination_refuses_the_stored_transfer_syntax(tmp_path: Path, start_server,
+                                                                               receivers) -> None:
+    implicit_only = ((CTImageStorage, [ImplicitVRLittleEndian]),)
+    convert_port, strict_port = free_port(), free_port()
+    convert = StatusSCP(convert_port, ae_title="CONVERT", contexts=implicit_only)
+    strict = StatusSCP(strict_port, ae_title="STRICT", contexts=implicit_only)
+    receivers += [convert, strict]
+    config = forwarding_config(tmp_path / "forward.yaml",
+                               {"convert": destination(convert_port, "CONVERT"),
+                                "strict": destination(strict_port, "STRICT", transfer_syntaxes=[])},
+                               [{"destinations": ["convert", "strict"]}])
+    server = start_server(config=config)
+    files = write_series(str(tmp_path / "ct"), 3, rows=ROWS, columns=ROWS)
+    send(server, files)
+    wait_until(lambda: states(server).get("convert", DestinationState(name="")).sent == 3, 30, "3 converted")
+    wait_until(lambda: states(server).get("strict", DestinationState(name="")).failed == 3, 30, "3 refused")
+    assert strict.requests == []
+    assert "transfer syntax not accepted" in states(server)["strict"].last_error
+    originals = {pydicom.dcmread(p).SOPInstanceUID: pydicom.dcmread(p) for p in files}
+    for uid, syntax, data in convert.requests:
+        assert syntax == ImplicitVRLittleEndian
+        received = pydicom.dcmread(io.BytesIO(data), force=True)  # a bare Implicit VR Little Endian data set
+        assert received.PixelData == originals[uid].PixelData and received.PatientID == originals[uid].PatientID
+
+
+def test_sighup_puts_changed_rules_in_force(tmp_path: Path, start_server, receivers) -> None:
+    port = free_port()
+    dest = StatusSCP(port, ae_title="DEST", contexts=((CTImageStorage, [ExplicitVRLittleEndian]),
+                                                      ("1.2.840.10008.5.1.4.1.1.4", [ExplicitVRLittleEndian])))
+    receivers.append(dest)
+    config = forwarding_config(tmp_path / "forward.yaml", {"pacs": destination(port)},
+                               [{"destinations": ["pacs"], "modalities": ["CT"]}])
+    server = start_server(config=config)
+    mr = write_series(str(tmp_path / "mr1"), 2, rows=ROWS, columns=ROWS, modality="MR",
+                      sop_class="1.2.840.10008.5.1.4.1.1.4", seed=4)
+    send(server, mr)
+    # A rule that can't be used is refused with its key and file; the running rules stay.
+    bad = yaml.safe_load(config.read_text())
+    bad["forwarding"]["rules"][0]["fields"] = {"NoSuchKeyword": "x"}
+    config.write_text(yaml.safe_dump(bad))
+    server.signal(signal.SIGHUP)
+    server.wait_for_log(f"{config}: forwarding.rules[0].fields.NoSuchKeyword: not a header field")
+    good = yaml.safe_load(config.read_text())
+    good["forwarding"]["rules"][0] = {"destinations": ["pacs"], "fields": {"Modality": "MR",
+                                                                         "PatientID": "SYN*"}}
+    config.write_text(yaml.safe_dump(good))
+    server.signal(signal.SIGHUP)
+    server.wait_for_log("forwarder: config reloaded: 1 rules")
+    mr2 = write_series(str(tmp_path / "mr2"), 2, rows=ROWS, columns=ROWS, modality="MR",
+                       sop_class="1.2.840.10008.5.1.4.1.1.4", seed=5)
+    ct = write_series(str(tmp_path / "ct"), 2, rows=ROWS, columns=ROWS)
+    send(server, mr2 + ct)
+    wait_until(lambda: states(server).get("pacs", DestinationState(name="")).sent == 2, 30, "2 sent")
+    time.sleep(1)
+    uids = lambda paths: {pydicom.dcmread(p).SOPInstanceUID for p in paths}  # noqa: E731
+    assert {uid for uid, _ts, _data in dest.requests} == uids(mr2)
+
+
+@pytest.mark.parametrize(("rule", "destinations", "message"), [
+    ({"destinations": ["nowhere"]}, {}, "forwarding.rules[0].destinations[0]: no destination 'nowhere'"),
+    ({"destinations": ["pacs"], "sop_classes": ["No Such Storage"]}, None, "forwarding.rules[0].sop_classes:"),
+    ({"destinations": ["pacs"], "fields": {"PixelData": "x"}}, None,
+     "forwarding.rules[0].fields.PixelData: not a header field"),
+    ({"destinations": ["pacs"]}, {"pacs": {"ae_title": "P", "host": "h", "port": 104,
+                                           "transfer_syntaxes": ["JPEGBaseline8Bit"]}},
+     "forwarding.destinations.pacs.transfer_syntaxes[0]: 'JPEGBaseline8Bit' is not one a file can be converted to"),
+    ({"destinations": ["pacs"], "modality": ["CT"]}, None, "unknown key 'forwarding.rules[0].modality'"),
+])
+def test_bad_rules_are_refused_at_load_naming_key_and_file(tmp_path: Path, rule: dict, destinations: dict | None,
+                                                           message: str) -> None:
+    if destinations is None:
+        destinations = {"pacs": {"ae_title": "P", "host": "h", "port": 104}}
+    config = forwarding_config(tmp_path / "bad.yaml", destinations, [rule])
+    with pytest.raises(ConfigError) as refused:
+        load_checked(str(config))
+    assert str(refused.value).startswith(f"{config}: ") and message in str(refused.value)

@@ -35,7 +35,9 @@ from pynetdicom import Association
 from fastscp.config import DestinationConfig, ForwardingConfig
 from fastscp.forward.queue import Item, Queue
 from fastscp.net.dimse import is_warning, status_name
-from fastscp.net.scu import MAX_CONTEXTS, SCUError, _new_ae, _open, tls_context
+
+# The SCU of `fastscp send`: its requestor AE (keeps why a connect failed), its reasons for a refused context.
+from fastscp.net.scu import _CONTEXT_REFUSED, MAX_CONTEXTS, _new_ae, _why, associate, tls_context
 
 log = logging.getLogger("fastscp.forward")
 
@@ -159,11 +161,16 @@ class Destination:
         items = [i for i in items if (i.sop_class_uid, i.transfer_syntax_uid) in offered]
         if later:
             queue.release(later)  # more contexts than one association takes: the next one
-        try:
-            assoc = _open(ae, config.host, config.port, config.ae_title, self._tls, max_pdu=0)
-        except SCUError as exc:
-            queue.release(items, str(exc))
-            self._association_failed(str(exc))
+        assoc = associate(ae, config.host, config.port, ae_title=config.ae_title,
+                          tls_args=(self._tls, config.host) if self._tls is not None else None, max_pdu=0)
+        if not assoc.is_established:
+            if assoc.rejected_contexts and not assoc.accepted_contexts and not assoc.is_rejected:
+                # It took none of them (pynetdicom then aborts): each instance is refused for good.
+                self._refused(queue, items, assoc)
+                return
+            error = f"no association with {config.ae_title} at {config.host}:{config.port} ({_why(assoc)})"
+            queue.release(items, error)
+            self._association_failed(error)
             return
         with self._lock:
             self.failures, self.retry_at = 0, 0.0
@@ -180,6 +187,15 @@ class Destination:
             queue.release(rest, error)
             self._association_failed(error)
 
+    def _refused(self, queue: Queue, items: list[Item], assoc: Association) -> None:
+        results = {(c.abstract_syntax, c.transfer_syntax[0]): c.result for c in assoc.rejected_contexts}
+        for item in items:
+            result = results.get((item.sop_class_uid, item.transfer_syntax_uid), 3)
+            why = _CONTEXT_REFUSED.get(result, _CONTEXT_REFUSED[3]).replace("receiver", "destination")
+            if result == 4:
+                why += f" ({UID(item.transfer_syntax_uid).name}), and none it takes fits"
+            queue.failed(item, None, why)
+
     def _store_all(self, queue: Queue, assoc: Association, items: list[Item]) -> list[Item]:
         """Send each item; returns those not tried because the association was lost."""
         accepted = {(c.abstract_syntax, c.transfer_syntax[0]) for c in assoc.accepted_contexts}
@@ -193,8 +209,7 @@ class Destination:
                 continue
             exact = (item.sop_class_uid, item.transfer_syntax_uid) in accepted
             if not exact and item.sop_class_uid not in accepted_classes:
-                queue.failed(item, None, f"refused: SOP class not accepted by the destination "
-                                         f"({UID(item.sop_class_uid).name})")
+                queue.failed(item, None, _CONTEXT_REFUSED[3].replace("receiver", "destination"))
                 continue
             try:
                 if exact:
