@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import collections
 import io
+import json
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -90,8 +92,6 @@ class Orthanc:
                   "IndexDirectory": str(self.folder / "index"), "DicomAet": self.ae_title, "DicomPort": self.port,
                   "HttpPort": free_port(), "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
                   "Plugins": [], "LuaScripts": [], "StorageCompression": False}
-        (self.folder / "orthanc.json").write_text(yaml.safe_dump(config))  # JSON is YAML; Orthanc reads JSON
-        import json
         (self.folder / "orthanc.json").write_text(json.dumps(config))
         self.process = subprocess.Popen(["Orthanc", str(self.folder / "orthanc.json")], cwd=self.folder,
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -216,7 +216,8 @@ def test_destination_down_then_up_every_image_arrives_byte_exact(tmp_path: Path,
     port = free_port()
     config = forwarding_config(tmp_path / "forward.yaml", {"pacs": destination(port, max_associations=2)},
                                [{"destinations": ["pacs"], "modalities": ["CT"]}])
-    server = start_server(config=config)
+    monitor = f"127.0.0.1:{free_port()}"
+    server = start_server(config=config, monitor=monitor)
     ct = write_series(str(tmp_path / "ct"), 200, rows=ROWS, columns=ROWS)
     mr = write_series(str(tmp_path / "mr"), 5, rows=ROWS, columns=ROWS, modality="MR", seed=1)
     send(server, ct + mr)
@@ -243,6 +244,21 @@ def test_destination_down_then_up_every_image_arrives_byte_exact(tmp_path: Path,
     assert not mr_uids & set(received), "an instance no rule matches was forwarded"
     assert assert_byte_exact(server, received, exclude=mr_uids) == 0
     assert len(received) == 200
+    # The status page and /metrics show the same figures (the supervisor reads the queue every 2 s).
+    def published() -> dict:
+        with urllib.request.urlopen(f"http://{monitor}/status.json", timeout=5) as answer:
+            return json.loads(answer.read())["forwarding"]
+
+    wait_until(lambda: published() and published()[0]["sent"] == 200, 15, "the snapshot's forwarding figures")
+    assert published()[0] | {"last_error": "", "last_error_at": 0} == {
+        "name": "pacs", "queued": 0, "in_flight": 0, "sent": 200, "failed": 0, "resent": 0, "last_error": "",
+        "last_error_at": 0, "oldest_queued_seconds": 0.0}
+    with urllib.request.urlopen(f"http://{monitor}/metrics", timeout=5) as answer:
+        metrics = answer.read().decode()
+    assert 'fastscp_forward_sent_total{destination="pacs"} 200' in metrics
+    assert 'fastscp_forward_queued{destination="pacs"} 0' in metrics
+    with urllib.request.urlopen(f"http://{monitor}/", timeout=5) as answer:
+        assert 'id="forwarding"' in answer.read().decode()
 
 
 class Standalone:
@@ -483,3 +499,18 @@ def test_bad_rules_are_refused_at_load_naming_key_and_file(tmp_path: Path, rule:
     with pytest.raises(ConfigError) as refused:
         load_checked(str(config))
     assert str(refused.value).startswith(f"{config}: ") and message in str(refused.value)
+
+
+def test_orthanc_destination_down_then_up(tmp_path: Path, start_server, receivers) -> None:
+    port = free_port()
+    config = forwarding_config(tmp_path / "forward.yaml", {"orthanc": destination(port, "ORTHANC")},
+                               [{"destinations": ["orthanc"], "sop_classes": ["CT"]}])
+    server = start_server(config=config)
+    files = write_series(str(tmp_path / "ct"), 40, rows=ROWS, columns=ROWS)
+    send(server, files)
+    wait_until(lambda: "connection refused" in states(server).get("orthanc", DestinationState(name="")).last_error,
+               20, "the refusal recorded")
+    orthanc = Orthanc(tmp_path / "orthanc", port)
+    receivers.append(orthanc.start())
+    wait_until(lambda: states(server)["orthanc"].sent == 40, 60, "40 sent")
+    assert assert_byte_exact(server, orthanc.received()) == 0

@@ -95,6 +95,21 @@ class _Exposition:
         return "\n".join(self.lines) + "\n"
 
 
+#: Forwarding, per destination (fastscp.status.DestinationState): (name, type, help, field).
+_FORWARD_FAMILIES: tuple[tuple[str, str, str, str], ...] = (
+    ("fastscp_forward_queued", "gauge", "Instances waiting to be forwarded, by destination.", "queued"),
+    ("fastscp_forward_in_flight", "gauge", "Instances being sent now, by destination.", "in_flight"),
+    ("fastscp_forward_sent_total", "counter", "Instances forwarded and acknowledged, by destination.", "sent"),
+    ("fastscp_forward_failed", "gauge",
+     "Instances refused for good and kept (fastscp forward retry|purge), by destination.", "failed"),
+    ("fastscp_forward_resent_total", "counter",
+     "Instances sent again after an interruption (the destination may hold them twice), by destination.",
+     "resent"),
+    ("fastscp_forward_oldest_queued_seconds", "gauge",
+     "Age of the oldest instance waiting to be forwarded, by destination (0: none).", "oldest_queued_seconds"),
+)
+
+
 def render(snapshot: StatusSnapshot, now: float | None = None) -> str:
     """The snapshot as Prometheus text exposition format 0.0.4.
 
@@ -171,6 +186,11 @@ def render(snapshot: StatusSnapshot, now: float | None = None) -> str:
                max(0.0, (time.time() if now is None else now) - snapshot.time))
     out.family("fastscp_info", "gauge", "Version and AE title of this server (always 1).")
     out.sample("fastscp_info", 1, {"version": snapshot.version, "ae_title": snapshot.ae_title})
+
+    for name, kind, help_text, field in _FORWARD_FAMILIES:
+        out.family(name, kind, help_text)
+        for destination in snapshot.forwarding:
+            out.sample(name, getattr(destination, field), {"destination": destination.name})
 
     out.histogram("fastscp_store_latency_seconds",
                   "Seconds from a C-STORE request to its response (receiving, writing, fsync).",

@@ -312,6 +312,15 @@ function renderWorkers(s) {
       el("span", {class: w.alive ? "pill ok" : "pill bad"}, w.alive ? "running" : "not running"),
       int(w.open_associations), clock(w.started), int(w.restarts)]), "No worker processes."));
 }
+function renderForwarding(s) {
+  const rows = (s.forwarding || []).map(d => [d.name, int(d.queued), int(d.in_flight), int(d.sent),
+    int(d.failed), int(d.resent), d.queued ? duration(d.oldest_queued_seconds) : "\u2014",
+    d.last_error ? clock(d.last_error_at) + " " + d.last_error : "\u2014"]);
+  fill("forwarding", table([{label: "Destination", cls: "ae"}, {label: "Queued", cls: "num"},
+    {label: "In flight", cls: "num"}, {label: "Sent", cls: "num"}, {label: "Failed", cls: "num"},
+    {label: "Resent", cls: "num"}, {label: "Oldest queued", cls: "num"}, {label: "Last error"}], rows,
+    "Forwarding is off (no forwarding.destinations)."));
+}
 function renderConfig(s) {
   fill("config", table([{label: "Key"}, {label: "Value"}], flatten(s.config, "", []), "No configuration."));
 }
@@ -319,7 +328,8 @@ function render() {
   renderAlerts(last);
   if (!last) return;
   renderHeader(last); renderTiles(last); renderOpen(last); renderRecent(last); renderCounts(last);
-  renderStorage(last); renderPerformance(last); renderWorkers(last); renderConfig(last);
+  renderStorage(last); renderPerformance(last); renderWorkers(last); renderForwarding(last);
+  renderConfig(last);
   document.getElementById("content").hidden = false;
 }
 
@@ -374,6 +384,8 @@ _BODY = """
 <div id="performance"></div>
 <h2 class="sub-heading">Workers</h2><div id="workers"></div></section>
 </div>
+<section><h2>Forwarding <span class="note">per destination; resent: sent again after an interruption, possibly
+twice</span></h2><div id="forwarding"></div></section>
 <section><details open><summary>Configuration in force</summary><div id="config"></div></details></section>
 </div>
 </main>
