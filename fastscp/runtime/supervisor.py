@@ -754,6 +754,9 @@ class Supervisor:
         """The forwarder reads the rules and destinations again itself (forward_main)."""
         if self.forwarder is not None and self.forwarder.pid is not None and self.forwarder.is_alive():
             os.kill(self.forwarder.pid, signal.SIGHUP)
+        elif self.forwarder is None and self.config.forwarding.destinations:
+            log.warning("config reload (SIGHUP): forwarding.destinations: forwarding was off at start (no "
+                        "destinations); restart to turn it on")
 
     def _stop_forwarder(self) -> None:
         if self.forwarder is not None and self.forwarder.is_alive():
