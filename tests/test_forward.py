@@ -43,61 +43,19 @@ ROWS = 32  # small images: the test is about delivery, not bandwidth
 # -- receivers --------------------------------------------------------------------------------
 
 
-class Storescp:
-    """dcmtk storescp, bit-preserving, one file per received C-STORE (+uf)."""
+class Receiver:
+    """A destination in its own process, started on a free port, stopped by its PID."""
 
-    def __init__(self, folder: Path, port: int, ae_title: str = "DEST") -> None:
+    def __init__(self, folder: Path, port: int, ae_title: str) -> None:
         self.folder, self.port, self.ae_title = folder, port, ae_title
         self.process: subprocess.Popen | None = None
 
-    def start(self) -> Storescp:
+    def _run(self, argv: list[str], ready_within: float) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.process = subprocess.Popen(
-            ["storescp", "+B", "+uf", "+xa", "-aet", self.ae_title, "-od", str(self.folder), str(self.port)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-            env=dict(os.environ, TCP_NODELAY="1"))
+        self.process = subprocess.Popen(argv, cwd=self.folder, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                        start_new_session=True, env=dict(os.environ, TCP_NODELAY="1"))
         wait_until(lambda: dcmtk("echoscu", "-to", "1", "-aec", self.ae_title, "127.0.0.1", str(self.port),
-                                 check=False).returncode == 0, 15, "storescp to answer C-ECHO")
-        return self
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            os.kill(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                os.kill(self.process.pid, signal.SIGKILL)
-                self.process.wait(5)
-
-    def received(self) -> dict[str, list[Path]]:
-        """SOP Instance UID -> the files received with it (more than one: a duplicate)."""
-        found: dict[str, list[Path]] = collections.defaultdict(list)
-        for path in self.folder.iterdir():
-            if path.is_file():
-                meta, _ = read_file_meta(path.read_bytes()[:4096])
-                found[meta[0x0003]].append(path)
-        return found
-
-
-class Orthanc:
-    """Orthanc with its own config, storage and index folders, on free ports."""
-
-    def __init__(self, folder: Path, port: int, ae_title: str = "ORTHANC") -> None:
-        self.folder, self.port, self.ae_title = folder, port, ae_title
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> Orthanc:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        config = {"Name": "fastscp-forward-test", "StorageDirectory": str(self.folder / "storage"),
-                  "IndexDirectory": str(self.folder / "index"), "DicomAet": self.ae_title, "DicomPort": self.port,
-                  "HttpPort": free_port(), "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
-                  "Plugins": [], "LuaScripts": [], "StorageCompression": False}
-        (self.folder / "orthanc.json").write_text(json.dumps(config))
-        self.process = subprocess.Popen(["Orthanc", str(self.folder / "orthanc.json")], cwd=self.folder,
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        wait_until(lambda: dcmtk("echoscu", "-to", "1", "-aec", self.ae_title, "127.0.0.1", str(self.port),
-                                 check=False).returncode == 0, 30, "Orthanc to answer C-ECHO")
-        return self
+                                 check=False).returncode == 0, ready_within, f"{argv[0]} to answer C-ECHO")
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -108,15 +66,49 @@ class Orthanc:
                 os.kill(self.process.pid, signal.SIGKILL)
                 self.process.wait(5)
 
+    def files(self) -> Iterator[Path]:
+        return (p for p in self.folder.rglob("*") if p.is_file())
+
     def received(self) -> dict[str, list[Path]]:
+        """SOP Instance UID -> the Part 10 files received with it (more than one: a duplicate)."""
         found: dict[str, list[Path]] = collections.defaultdict(list)
-        for path in (self.folder / "storage").rglob("*"):
-            if path.is_file() and not path.name.endswith((".json", ".db")):
-                data = path.read_bytes()
-                if data[128:132] == b"DICM":
-                    meta, _ = read_file_meta(data[:4096])
-                    found[meta[0x0003]].append(path)
+        for path in self.files():
+            head = path.read_bytes()[:4096]
+            if head[128:132] == b"DICM":
+                found[read_file_meta(head)[0][0x0003]].append(path)
         return found
+
+
+class Storescp(Receiver):
+    """dcmtk storescp, bit-preserving, one file per received C-STORE (+uf)."""
+
+    def __init__(self, folder: Path, port: int, ae_title: str = "DEST") -> None:
+        super().__init__(folder, port, ae_title)
+
+    def start(self) -> Storescp:
+        self._run(["storescp", "+B", "+uf", "+xa", "-aet", self.ae_title, "-od", str(self.folder), str(self.port)],
+                  15)
+        return self
+
+
+class Orthanc(Receiver):
+    """Orthanc with its own config, storage and index folders, on free ports."""
+
+    def __init__(self, folder: Path, port: int, ae_title: str = "ORTHANC") -> None:
+        super().__init__(folder, port, ae_title)
+
+    def start(self) -> Orthanc:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        config = {"Name": "fastscp-forward-test", "StorageDirectory": str(self.folder / "storage"),
+                  "IndexDirectory": str(self.folder / "index"), "DicomAet": self.ae_title, "DicomPort": self.port,
+                  "HttpPort": free_port(), "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
+                  "Plugins": [], "LuaScripts": [], "StorageCompression": False}
+        (self.folder / "orthanc.json").write_text(json.dumps(config))
+        self._run(["Orthanc", str(self.folder / "orthanc.json")], 30)
+        return self
+
+    def files(self) -> Iterator[Path]:
+        return (p for p in (self.folder / "storage").rglob("*") if p.is_file())
 
 
 class StatusSCP:
@@ -261,10 +253,11 @@ def test_destination_down_then_up_every_image_arrives_byte_exact(tmp_path: Path,
         assert 'id="forwarding"' in answer.read().decode()
 
 
-class Standalone:
+class Standalone(Receiver):
     """``fastscp forward run`` beside a server without forwarding of its own."""
 
     def __init__(self, tmp: Path, config: Path, server: Server) -> None:
+        super().__init__(tmp, 0, "")
         self.log = tmp / f"forwarder-{time.monotonic_ns()}.log"
         self._log = open(self.log, "w")
         self.process = subprocess.Popen(
@@ -274,13 +267,7 @@ class Standalone:
         wait_until(lambda: "forwarder started" in self.log.read_text(), 30, "the forwarder to start")
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            os.kill(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                os.kill(self.process.pid, signal.SIGKILL)
-                self.process.wait(5)
+        super().stop()
         self._log.close()
 
 

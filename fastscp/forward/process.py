@@ -44,7 +44,7 @@ from fastscp.index.client import QueryClient, ServerUnavailable
 from fastscp.index.records import BATCH_DECODER, INSTANCE_COLUMNS, InstanceColumns, InstanceRecord
 from fastscp.index.reindex import FileState, read_records
 from fastscp.process import logs
-from fastscp.process.ipc import accept_local, listen, local_address, receive
+from fastscp.process.ipc import accept_local, listen, local_address, receive_waiting
 from fastscp.process.orphan import parent_gone
 from fastscp.query.engine import LocalQueryClient, SqlRequest
 
@@ -163,14 +163,11 @@ class Forwarder:
         self._stop()
 
     def _receive(self, conn: socket.socket) -> None:
-        while True:
-            data = receive(conn)
-            if data == b"":
-                return
-            if data is None:
-                self.selector.unregister(conn)
-                conn.close()
-                return
+        messages, closed = receive_waiting(conn)
+        if closed:
+            self.selector.unregister(conn)
+            conn.close()
+        for data in messages:
             try:
                 batch = BATCH_DECODER.decode(data)
             except msgspec.DecodeError as exc:

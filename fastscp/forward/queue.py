@@ -22,10 +22,11 @@ forwarding began).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from fastscp.index.records import InstanceRecord
@@ -122,9 +123,16 @@ class Queue:
     def close(self) -> None:
         self.con.close()
 
-    def _transaction(self) -> sqlite3.Connection:
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction (taken at once: no other writer can slip in between its reads and writes)."""
         self.con.execute("BEGIN IMMEDIATE")
-        return self.con
+        try:
+            yield self.con
+        except BaseException:
+            self.con.execute("ROLLBACK")
+            raise
+        self.con.execute("COMMIT")
 
     # -- taking records in ----------------------------------------------------------------
 
@@ -152,8 +160,7 @@ class Queue:
         """
         now = time.time() if now is None else now
         queued = 0
-        con = self._transaction()
-        try:
+        with self._transaction() as con:
             newest = None
             for record, destinations in records:
                 row = con.execute("SELECT received_at, content_hash FROM seen WHERE path = ?",
@@ -173,10 +180,6 @@ class Queue:
             if newest is not None:
                 con.execute("INSERT INTO meta (key, value) VALUES ('high_water', ?) ON CONFLICT (key) "
                             "DO UPDATE SET value = max(value, excluded.value)", (newest,))
-            con.execute("COMMIT")
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
         return queued
 
     def start_mark(self, now: float) -> float:
@@ -193,38 +196,34 @@ class Queue:
         is sent again (at least once), and counted per destination as
         ``resent``. Returns those counts.
         """
-        con = self._transaction()
-        try:
+        with self._transaction() as con:
             counts = dict(con.execute("SELECT destination, count(*) FROM items WHERE in_flight = 1 "
                                       "GROUP BY destination").fetchall())
             for name, count in counts.items():
-                self._destination(con, name)
-                con.execute("UPDATE destinations SET resent = resent + ? WHERE name = ?", (count, name))
+                self._note(con, name, resent=count)
             con.execute("UPDATE items SET in_flight = 0 WHERE in_flight = 1")
-            con.execute("COMMIT")
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
         return counts
 
     @staticmethod
-    def _destination(con: sqlite3.Connection, name: str) -> None:
+    def _note(con: sqlite3.Connection, name: str, *, error: str = "", sent: int = 0, resent: int = 0) -> None:
+        """A destination's figures: counts added, the last error if any."""
         con.execute("INSERT OR IGNORE INTO destinations (name) VALUES (?)", (name,))
+        if sent or resent:
+            con.execute("UPDATE destinations SET sent = sent + ?, resent = resent + ? WHERE name = ?",
+                        (sent, resent, name))
+        if error:
+            con.execute("UPDATE destinations SET last_error = ?, last_error_at = ? WHERE name = ?",
+                        (error, time.time(), name))
 
     def claim(self, destination: str, limit: int, now: float | None = None) -> list[Item]:
         """Up to ``limit`` queued items of ``destination`` that are due, marked in flight."""
         now = time.time() if now is None else now
-        con = self._transaction()
-        try:
+        with self._transaction() as con:
             rows = con.execute(
                 "SELECT id, destination, path, sop_class_uid, sop_instance_uid, transfer_syntax_uid, size, queued_at, "
                 "attempts FROM items WHERE destination = ? AND state = 'queued' AND in_flight = 0 AND next_try <= ? "
                 "ORDER BY next_try, id LIMIT ?", (destination, now, limit)).fetchall()
             con.executemany("UPDATE items SET in_flight = 1 WHERE id = ?", [(row[0],) for row in rows])
-            con.execute("COMMIT")
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
         return [Item(*row) for row in rows]
 
     def next_due(self, destination: str) -> float | None:
@@ -233,23 +232,13 @@ class Queue:
         return None if row[0] is None else float(row[0])
 
     def _finish(self, item: Item, sql: str, params: tuple, error: str = "") -> None:
-        con = self._transaction()
-        try:
+        with self._transaction() as con:
             # queued_at is the row's version: a newer copy queued meanwhile stays queued.
             changed = con.execute(f"UPDATE items SET in_flight = 0, {sql} WHERE id = ? AND queued_at = ?",
                                   (*params, item.id, item.queued_at)).rowcount
             if not changed:
                 con.execute("UPDATE items SET in_flight = 0 WHERE id = ?", (item.id,))
-            self._destination(con, item.destination)
-            if changed and "'sent'" in sql:
-                con.execute("UPDATE destinations SET sent = sent + 1 WHERE name = ?", (item.destination,))
-            if error:
-                con.execute("UPDATE destinations SET last_error = ?, last_error_at = ? WHERE name = ?",
-                            (error, time.time(), item.destination))
-            con.execute("COMMIT")
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
+            self._note(con, item.destination, error=error, sent=int(bool(changed) and "'sent'" in sql))
 
     def sent(self, item: Item, status: int) -> None:
         self._finish(item, "state = 'sent', done_at = ?, status = ?, attempts = attempts + 1",
@@ -265,32 +254,14 @@ class Queue:
         self._finish(item, "status = ?, last_error = ?, attempts = attempts + 1, next_try = ?",
                      (status, error, next_try), error)
 
-    def release(self, items: Iterable[Item], error: str = "") -> None:
-        """Items not tried (no association): back to the queue as they were."""
+    def release(self, items: Iterable[Item], error: str = "", *, resent: bool = False) -> None:
+        """Items back to the queue as they were: not tried (no association), or ``resent``: lost mid-send,
+        so the destination may have stored them (counted as resent: they go again)."""
         items = list(items)
-        con = self._transaction()
-        try:
+        with self._transaction() as con:
             con.executemany("UPDATE items SET in_flight = 0 WHERE id = ?", [(i.id,) for i in items])
             for name in {i.destination for i in items}:
-                self._destination(con, name)
-                if error:
-                    con.execute("UPDATE destinations SET last_error = ?, last_error_at = ? WHERE name = ?",
-                                (error, time.time(), name))
-            con.execute("COMMIT")
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
-
-    def note_error(self, destination: str, error: str) -> None:
-        con = self._transaction()
-        try:
-            self._destination(con, destination)
-            con.execute("UPDATE destinations SET last_error = ?, last_error_at = ? WHERE name = ?",
-                        (error, time.time(), destination))
-            con.execute("COMMIT")
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
+                self._note(con, name, error=error, resent=sum(resent for i in items if i.destination == name))
 
     def tidy(self, now: float | None = None) -> None:
         """Drop sent rows older than :data:`KEEP_SENT` and ``seen`` rows far behind the high-water mark."""
@@ -326,24 +297,19 @@ class Queue:
 
     def failures(self, destination: str | None = None, limit: int = 20) -> list[tuple[str, str, str]]:
         """(destination, path, last error) of failed items, newest first."""
-        where, params = ("AND destination = ?", (destination,)) if destination else ("", ())
+        where, params = _only(destination)
         return self.con.execute(f"SELECT destination, path, last_error FROM items WHERE state = 'failed' {where} "
                                 f"ORDER BY done_at DESC LIMIT ?", (*params, limit)).fetchall()
 
     def retry(self, destination: str | None = None) -> int:
         """Failed items (of one destination, or all) queued again, due now; returns how many."""
-        where, params = ("AND destination = ?", (destination,)) if destination else ("", ())
-        con = self._transaction()
-        try:
+        where, params = _only(destination)
+        with self._transaction() as con:
             count = con.execute(f"UPDATE items SET state = 'queued', attempts = 0, next_try = 0, done_at = NULL "
                                 f"WHERE state = 'failed' {where}", params).rowcount
             # The forwarder sees this and stops waiting out its backoff.
             con.execute("INSERT INTO meta (key, value) VALUES ('retry_requested', ?) ON CONFLICT (key) "
                         "DO UPDATE SET value = excluded.value", (time.time(),))
-            con.execute("COMMIT")
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
         return count
 
     def retry_requested(self) -> float:
@@ -353,9 +319,14 @@ class Queue:
     def purge(self, states: tuple[str, ...], destination: str | None = None) -> int:
         """Delete the items in ``states`` (queued, failed, sent) of one destination or all; returns how many."""
         marks = ", ".join("?" for _ in states)
-        where, params = ("AND destination = ?", (destination,)) if destination else ("", ())
+        where, params = _only(destination)
         return self.con.execute(f"DELETE FROM items WHERE state IN ({marks}) AND in_flight = 0 {where}",
                                 (*states, *params)).rowcount
+
+
+def _only(destination: str | None) -> tuple[str, tuple[str, ...]]:
+    """SQL (and its parameter) that keeps one destination's items; none: every destination's."""
+    return ("AND destination = ?", (destination,)) if destination else ("", ())
 
 
 def _same_receipt(row: tuple[float, str], record: InstanceRecord) -> bool:

@@ -230,7 +230,9 @@ class Destination:
             code = int(status.Status) if "Status" in status else None
             if code is None:
                 if not assoc.is_established:
-                    return items[n:]  # lost mid-send: the whole rest goes back
+                    # Lost mid-send: this one may have been stored (it goes again, counted); the rest goes back.
+                    queue.release([item], resent=True)
+                    return items[n + 1:]
                 queue.later(item, None, "no response (DIMSE timeout)", time.time() + self._item_backoff(item))
                 continue
             # Peer-supplied text: repr() shows control characters escaped.
