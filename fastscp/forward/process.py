@@ -61,12 +61,16 @@ INDEXER_WAIT = 120.0
 #: Files read and matched per queue transaction in a reconcile.
 RECONCILE_CHUNK = 500
 #: Seconds between tidy-ups of the queue (old sent rows, old ``seen`` rows).
-TIDY_INTERVAL = 3600.0
+TIDY_INTERVAL = 300.0
 
 
 def forward_address(index_path: str) -> str:
     """The abstract socket the forwarder of an index listens on for the workers' records."""
     return local_address("forward", index_path)
+
+
+class ForwardError(Exception):
+    """The forwarder can't run; the message says why."""
 
 
 def instance_records(columns: InstanceColumns, with_attributes: bool) -> list[InstanceRecord]:
@@ -108,7 +112,12 @@ class Forwarder:
         self.queue_path = config.forward_queue_path
         self.queue = Queue(self.queue_path)
         self.address = forward_address(config.index_path)
-        self.listener = listen(self.address, 64)
+        try:
+            self.listener = listen(self.address, 64)
+        except OSError as exc:
+            self.queue.close()
+            raise ForwardError(f"cannot listen for stored instances ({exc.strerror}): another forwarder runs for "
+                               f"the index {config.index_path} (the server's own, or `fastscp forward run`)") from None
         self.selector = selectors.DefaultSelector()
         self.selector.register(self.listener, selectors.EVENT_READ)
         self.destinations: dict[str, Destination] = {}

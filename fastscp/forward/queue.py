@@ -54,6 +54,8 @@ CREATE TABLE IF NOT EXISTS items (
     UNIQUE (destination, path)
 );
 CREATE INDEX IF NOT EXISTS items_due ON items (destination, state, next_try);
+-- The figures (states) read the queued and failed rows only, never the sent ones.
+CREATE INDEX IF NOT EXISTS items_state ON items (state, destination, in_flight);
 CREATE TABLE IF NOT EXISTS seen (
     path TEXT PRIMARY KEY,
     received_at REAL NOT NULL,
@@ -81,10 +83,11 @@ _QUEUE_SQL = (
 )
 #: Seconds within which two records of one path are one receipt, when a hash can't tell.
 SAME_RECEIPT = 1.0
-#: Sent rows are kept this long (``fastscp forward status`` counts them in ``destinations.sent``).
-KEEP_SENT = 7 * 86400.0
-#: ``seen`` rows are kept this far behind the high-water mark (the start's reconcile window, doubled).
-KEEP_SEEN = 2 * 3600.0
+#: Sent rows are kept this long (``destinations.sent`` counts them for good).
+KEEP_SENT = 86400.0
+#: ``seen`` rows are kept this far behind the high-water mark (twice the start's reconcile window,
+#: fastscp.forward.process.START_WINDOW): one row per stored instance, ~200 bytes.
+KEEP_SEEN = 1200.0
 
 
 @dataclass(frozen=True)
@@ -107,15 +110,17 @@ class QueueError(Exception):
 class Queue:
     """One connection to the queue file (one per thread)."""
 
-    def __init__(self, path: str, *, create: bool = True) -> None:
+    def __init__(self, path: str, *, create: bool = True, timeout: float = 30.0) -> None:
+        """``create``: make the file and its tables if missing (the forwarder); else it must exist.
+        ``timeout``: seconds to wait for another process's write transaction."""
         self.path = path
         if not create and not os.path.exists(path):
             raise QueueError(f"{path}: no forwarding queue (forwarding.queue; the forwarder makes it on its start)")
         try:
-            self.con = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
-            self.con.execute("PRAGMA journal_mode=WAL")
+            self.con = sqlite3.connect(path, timeout=timeout, isolation_level=None, check_same_thread=False)
             self.con.execute("PRAGMA synchronous=NORMAL")
             if create:
+                self.con.execute("PRAGMA journal_mode=WAL")  # kept in the file: set once, by its maker
                 self.con.executescript(SCHEMA)
         except sqlite3.Error as exc:
             raise QueueError(f"{path}: cannot open the forwarding queue: {exc}") from None
@@ -282,7 +287,7 @@ class Queue:
             state.sent, state.resent, state.last_error, state.last_error_at = sent, resent, error, error_at
         for name, state_, in_flight, count, oldest in self.con.execute(
                 "SELECT destination, state, in_flight, count(*), min(queued_at) FROM items "
-                "GROUP BY destination, state, in_flight"):
+                "WHERE state IN ('queued', 'failed') GROUP BY destination, state, in_flight"):
             state = found.setdefault(name, DestinationState(name=name))
             if in_flight:
                 state.in_flight += count

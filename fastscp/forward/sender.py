@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 import ssl
 import threading
 import time
@@ -118,7 +119,12 @@ class Destination:
                     self.wake.wait(min(wait, 1.0))
                     self.wake.clear()
                     continue
-                items = queue.claim(self.name, self.forwarding.batch_size)
+                try:
+                    items = queue.claim(self.name, self.forwarding.batch_size)
+                except sqlite3.Error as exc:  # locked for longer than its timeout (a long purge): later
+                    log.warning("forwarding to %s: the queue is busy (%s); trying again", self.name, exc)
+                    self.wake.wait(1.0)
+                    continue
                 if not items:
                     due = queue.next_due(self.name)
                     self.wake.wait(1.0 if due is None else min(1.0, max(0.05, due - time.time())))

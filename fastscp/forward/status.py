@@ -31,7 +31,8 @@ class ForwardStatus:
         if not os.path.exists(self.queue_path):
             return [DestinationState(name=name) for name in names]
         try:
-            queue = Queue(self.queue_path, create=False)
+            # A short wait: the supervisor's loop must not stall on the queue.
+            queue = Queue(self.queue_path, create=False, timeout=0.2)
             try:
                 self._states = queue.states(names)
             finally:

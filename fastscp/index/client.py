@@ -94,8 +94,10 @@ class IndexerClient:
     files whose records never arrived.
     """
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, name: str = "indexer") -> None:
         self.address = address
+        #: Who receives the records, for the log ("indexer", "forwarder").
+        self.name = name
         self._sock: socket.socket | None = None
         #: Records not yet sealed into a message.
         self._batch: list[IndexRecord] = []
@@ -166,11 +168,11 @@ class IndexerClient:
                 self._sock = None
             if not self._down:
                 self._down = True
-                log.warning("indexer unreachable (%s); %d records kept for retry", exc, self._waiting_locked())
+                log.warning("%s unreachable (%s); %d records kept for retry", self.name, exc, self._waiting_locked())
             return
         if self._down:
             self._down = False
-            log.info("indexer reachable again; kept records delivered")
+            log.info("%s reachable again; kept records delivered", self.name)
 
     def _send_loop(self) -> None:
         with self._lock:

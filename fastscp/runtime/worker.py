@@ -59,7 +59,7 @@ class Worker:
         self._stopping = threading.Event()
         self.poststore = PostStoreClient(settings.poststore_address) if settings.poststore_address else None
         # Kept while the forwarder is down, like the indexer's records (its reconcile finds what a dead worker held).
-        self.forward = IndexerClient(settings.forward_address) if settings.forward_address else None
+        self.forward = IndexerClient(settings.forward_address, "forwarder") if settings.forward_address else None
 
     def run(self) -> None:
         threading.Thread(target=self._report_loop, name="reporter", daemon=True).start()
