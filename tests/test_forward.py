@@ -21,6 +21,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import msgspec
 import pydicom
 import pytest
 import yaml
@@ -33,9 +34,14 @@ from fastscp.cli.main import main
 from fastscp.config import ConfigError
 from fastscp.dicom.part10 import read_file_meta
 from fastscp.dicom.synthetic import write_series
+from fastscp.forward.process import instance_records
 from fastscp.forward.queue import Queue
+from fastscp.forward.rules import compile_rules, destinations_for
+from fastscp.index.records import BATCH_DECODER, ENCODER, InstanceRecord, RecordBatch
+from fastscp.index.reindex import FileState, read_record
 from fastscp.status import DestinationState
 from tests.conftest import Server, dcmtk, free_port, wait_until
+from tests.test_access import pki, tls_config  # noqa: F401 (pki: a fixture of test_access)
 
 ROWS = 32  # small images: the test is about delivery, not bandwidth
 
@@ -501,3 +507,79 @@ def test_orthanc_destination_down_then_up(tmp_path: Path, start_server, receiver
     receivers.append(orthanc.start())
     wait_until(lambda: states(server)["orthanc"].sent == 40, 60, "40 sent")
     assert assert_byte_exact(server, orthanc.received()) == 0
+
+
+def test_tls_destination_with_client_certificate(tmp_path: Path, start_server, pki: Path) -> None:  # noqa: F811
+    """Forwarding to another fastscp that requires DICOM TLS with client certificates."""
+    receiver_dir = tmp_path / "receiver"
+    receiver_dir.mkdir()
+    receiver = start_server("--index-db", str(receiver_dir / "index.duckdb"), ae_title="TLSDEST",
+                            storage=receiver_dir / "received", config=tls_config(receiver_dir, pki))
+    tls = {"enabled": True, "ca_bundle": str(pki / "ca.pem"), "certificate": str(pki / "client.pem"),
+           "private_key": str(pki / "client.key")}
+    config = forwarding_config(tmp_path / "forward.yaml",
+                               {"secure": destination(receiver.port, "TLSDEST", tls=tls)},
+                               [{"destinations": ["secure"]}])
+    server = start_server(config=config)
+    files = write_series(str(tmp_path / "ct"), 3, rows=ROWS, columns=ROWS)
+    send(server, files)
+    wait_until(lambda: states(server).get("secure", DestinationState(name="")).sent == 3, 30, "3 sent over TLS")
+    received = {read_file_meta(p.read_bytes()[:4096])[0][0x0003]: [p] for p in receiver.stored_files()}
+    assert assert_byte_exact(server, received) == 0 and len(received) == 3
+
+
+# -- rules, on records read from real files -----------------------------------------------------
+
+
+def records_of(paths: list[str], calling_ae: str = "CT1") -> list[InstanceRecord]:
+    out = []
+    for path in paths:
+        info = os.stat(path)
+        record = read_record("/", FileState(os.path.abspath(path).lstrip("/"), info.st_size, info.st_mtime_ns))
+        out.append(msgspec.structs.replace(record, calling_ae_title=calling_ae))
+    return out
+
+
+def rules_of(tmp_path: Path, rules: list[dict]) -> tuple:
+    config = forwarding_config(tmp_path / f"rules-{len(list(tmp_path.iterdir()))}.yaml",
+                               {name: destination(104, "X") for name in ("a", "b")}, rules)
+    return compile_rules(load_checked(str(config)).forwarding, str(config))
+
+
+def test_rules_match_on_calling_ae_modality_sop_class_and_any_indexed_field(tmp_path: Path) -> None:
+    ct = records_of(write_series(str(tmp_path / "ct"), 1, rows=ROWS, columns=ROWS), "CT1")[0]
+    sc = records_of(write_series(str(tmp_path / "sc"), 1, rows=ROWS, columns=ROWS, modality="OT",
+                                 sop_class=SecondaryCaptureImageStorage, seed=1), "WS1")[0]
+
+    def where(rule: dict, record: InstanceRecord) -> list[str]:
+        return destinations_for(rules_of(tmp_path, [{"destinations": ["a"], **rule}]), record)
+
+    assert where({}, ct) == ["a"]
+    assert where({"calling_ae_titles": ["WS1"]}, ct) == [] and where({"calling_ae_titles": ["WS1"]}, sc) == ["a"]
+    assert where({"modalities": ["ct"]}, ct) == ["a"] and where({"modalities": ["MR"]}, ct) == []
+    assert where({"sop_classes": ["SC"]}, sc) == ["a"]
+    assert where({"sop_classes": ["SecondaryCaptureImageStorage"]}, ct) == []
+    assert where({"sop_classes": ["CT Image Storage"]}, ct) == ["a"]
+    # Header fields: columns and the attribute map (HighBit), with the C-FIND rules.
+    assert where({"fields": {"PatientName": "synthetic^PATIENT"}}, ct) == ["a"]  # names: any case
+    assert where({"fields": {"StudyDescription": "*study"}}, ct) == ["a"]
+    assert where({"fields": {"StudyDescription": "*STUDY"}}, ct) == []  # other text: case counts
+    assert where({"fields": {"AccessionNumber": "X\\ACC0001"}}, ct) == ["a"]  # alternatives
+    assert where({"fields": {"HighBit": "11"}}, ct) == ["a"] and where({"fields": {"HighBit": "12"}}, ct) == []
+    assert where({"fields": {"WindowCenter": "40.0"}}, ct) == ["a"]  # numbers as numbers
+    assert where({"fields": {"CallingAETitle": "CT?"}}, ct) == ["a"]
+    assert where({"fields": {"Manufacturer": "ACME"}}, ct) == []  # absent: no match
+    assert where({"modalities": ["CT"], "fields": {"PatientID": "OTHER"}}, ct) == []  # every condition
+    # Several rules naming one destination: queued once.
+    both = rules_of(tmp_path, [{"destinations": ["a", "b"]}, {"destinations": ["b"], "modalities": ["CT"]}])
+    assert destinations_for(both, ct) == ["a", "b"]
+
+
+def test_records_from_the_workers_wire_keep_their_attribute_map(tmp_path: Path) -> None:
+    """What a worker sends (RecordBatch, maps shared per series) is what the forwarder matches on."""
+    records = records_of(write_series(str(tmp_path / "ct"), 3, rows=ROWS, columns=ROWS))
+    batch = BATCH_DECODER.decode(ENCODER.encode(RecordBatch.of(records)))
+    rebuilt = instance_records(batch.instances, with_attributes=True)
+    assert [json.loads(r.header.attributes) for r in rebuilt] == [json.loads(r.header.attributes) for r in records]
+    assert [msgspec.structs.replace(r, header=msgspec.structs.replace(r.header, attributes="")) for r in rebuilt] == [
+        msgspec.structs.replace(r, header=msgspec.structs.replace(r.header, attributes="")) for r in records]
