@@ -472,6 +472,11 @@ def test_sighup_puts_changed_rules_in_force(tmp_path: Path, start_server, receiv
     time.sleep(1)
     uids = lambda paths: {pydicom.dcmread(p).SOPInstanceUID for p in paths}  # noqa: E731
     assert {uid for uid, _ts, _data in dest.requests} == uids(mr2)
+    # One forwarder per index: a second one, run by hand, says so and ends.
+    second = subprocess.run([sys.executable, "-m", "fastscp.cli", "forward", "run", "--config", str(config),
+                             "--storage-dir", str(server.storage), "--index-db", str(server.index)],
+                            capture_output=True, text=True, timeout=60)
+    assert second.returncode == 1 and "another forwarder runs for the index" in second.stderr, second.stderr
 
 
 @pytest.mark.parametrize(("rule", "destinations", "message"), [

@@ -105,18 +105,14 @@ def purge(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fastscp.forward.process import ForwardError, forward_main
+    from fastscp.forward.process import forward_main
     from fastscp.process import logs
 
     overrides = {"storage.directory": args.storage_dir, "database.path": args.index_db}
     config = load_checked(args.config, overrides)
     logging_ = config.logging
     logs.configure(logging_.level, logging_.format, logging_.file, logging_.max_bytes, logging_.backups)
-    try:
-        forward_main(config, reload=lambda: load_checked(args.config, overrides), source=args.config or "")
-    except ForwardError as exc:
-        print(f"fastscp forward run: {exc}", file=sys.stderr)
-        return 1
+    forward_main(config, reload=lambda: load_checked(args.config, overrides), source=args.config or "")
     return 0
 
 

@@ -37,7 +37,7 @@ import msgspec
 
 from fastscp.config import Config, ConfigError, DestinationConfig, with_live_keys
 from fastscp.dicom.header import HeaderFields
-from fastscp.forward.queue import SAME_RECEIPT, Queue
+from fastscp.forward.queue import SAME_RECEIPT, Queue, QueueError
 from fastscp.forward.rules import compile_rules, destinations_for, needs_attribute_map
 from fastscp.forward.sender import Destination
 from fastscp.index.client import QueryClient, ServerUnavailable
@@ -353,9 +353,15 @@ def forward_main(config: Config, reload: Callable[[], Config] | None = None, sou
     ------
     ConfigError
         A rule that can't be used (naming the key and ``source``).
+    SystemExit
+        Exit status 1: the queue can't be opened, or another forwarder runs for the index (logged).
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    forwarder = Forwarder(config, reload, source)
+    try:
+        forwarder = Forwarder(config, reload, source)
+    except (ForwardError, QueueError) as exc:
+        log.error("forwarder not started: %s", exc)
+        raise SystemExit(1) from None
 
     def stop(_signum: int, _frame: object) -> None:
         forwarder.stopping.set()
