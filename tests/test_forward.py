@@ -39,6 +39,7 @@ from fastscp.forward.queue import Queue
 from fastscp.forward.rules import compile_rules, destinations_for
 from fastscp.index.records import BATCH_DECODER, ENCODER, InstanceRecord, RecordBatch
 from fastscp.index.reindex import FileState, read_record
+from fastscp.runtime.supervisor import public_config
 from fastscp.status import DestinationState
 from tests.conftest import Server, dcmtk, free_port, wait_until
 from tests.test_access import pki, tls_config  # noqa: F401 (pki: a fixture of test_access)
@@ -588,3 +589,10 @@ def test_records_from_the_workers_wire_keep_their_attribute_map(tmp_path: Path) 
     assert [json.loads(r.header.attributes) for r in rebuilt] == [json.loads(r.header.attributes) for r in records]
     assert [msgspec.structs.replace(r, header=msgspec.structs.replace(r.header, attributes="")) for r in rebuilt] == [
         msgspec.structs.replace(r, header=msgspec.structs.replace(r.header, attributes="")) for r in records]
+
+
+def test_the_status_page_hides_a_destinations_private_key(tmp_path: Path) -> None:
+    tls = {"enabled": True, "certificate": "/etc/fastscp/ours.pem", "private_key": "/etc/fastscp/ours.key"}
+    config = forwarding_config(tmp_path / "c.yaml", {"pacs": destination(104, tls=tls)}, [])
+    shown = public_config(load_checked(str(config)))["forwarding"]["destinations"]["pacs"]["tls"]  # type: ignore[index]
+    assert shown["private_key"] == "(hidden)" and shown["certificate"] == "/etc/fastscp/ours.pem"

@@ -901,6 +901,9 @@ def public_config(config: Config) -> dict[str, object]:
     tls = data.get("tls")
     if isinstance(tls, dict) and tls.get("private_key"):
         tls["private_key"] = "(hidden)"
+    for destination in data["forwarding"]["destinations"].values():  # type: ignore[union-attr]
+        if destination["tls"]["private_key"]:
+            destination["tls"]["private_key"] = "(hidden)"
     return data
 
 
