@@ -67,15 +67,14 @@ def status(args: argparse.Namespace) -> int:
     for s in states:
         destination = config.forwarding.destinations.get(s.name)
         name = s.name if destination is not None else f"{s.name} (not configured)"
-        error = s.last_error
-        if error and s.last_error_at:
-            error = f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(s.last_error_at))}: {error}"
+        error = "-"
+        if s.last_error:  # peer-supplied text inside: repr() shows control characters escaped
+            when = time.strftime("%Y-%m-%d %H:%M:%S ", time.localtime(s.last_error_at)) if s.last_error_at else ""
+            error = f"{when}{s.last_error!r}"
         print(f"{name:<16} {s.queued:>7} {s.in_flight:>9} {s.sent:>8} {s.failed:>7} {s.resent:>7} "
-              f"{_age(s.oldest_queued_seconds):>8}  {error!r}" if error else
-              f"{name:<16} {s.queued:>7} {s.in_flight:>9} {s.sent:>8} {s.failed:>7} {s.resent:>7} "
-              f"{_age(s.oldest_queued_seconds):>8}  -")
+              f"{_age(s.oldest_queued_seconds):>8}  {error}")
     for destination, path, error in failures:
-        print(f"failed: {destination}: {path}: {error}")
+        print(f"failed: {destination}: {path}: {error!r}")
     return 0
 
 
