@@ -12,6 +12,7 @@ import collections
 import io
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -45,6 +46,8 @@ from fastscp.runtime.supervisor import public_config
 from fastscp.status import DestinationState
 from tests.conftest import Server, dcmtk, free_port, wait_until
 from tests.test_access import pki, tls_config  # noqa: F401 (pki: a fixture of test_access)
+from tests.test_monitor import MonitorProcess, make_snapshot
+from tests.test_monitor_page import _chromium_present, _Page, chromium, monitor  # noqa: F401 (fixtures)
 
 ROWS = 32  # small images: the test is about delivery, not bandwidth
 
@@ -174,7 +177,6 @@ def states(server: Server) -> dict[str, DestinationState]:
 
 
 def forwarder_pid(server: Server) -> int:
-    import re
     return int(re.findall(r"forwarder started \(pid (\d+)\), queue", server.log_text())[-1])
 
 
@@ -217,8 +219,8 @@ def test_destination_down_then_up_every_image_arrives_byte_exact(tmp_path: Path,
     port = free_port()
     config = forwarding_config(tmp_path / "forward.yaml", {"pacs": destination(port, max_associations=2)},
                                [{"destinations": ["pacs"], "modalities": ["CT"]}])
-    monitor = f"127.0.0.1:{free_port()}"
-    server = start_server(config=config, monitor=monitor)
+    listen = f"127.0.0.1:{free_port()}"
+    server = start_server(config=config, monitor=listen)
     ct = write_series(str(tmp_path / "ct"), 200, rows=ROWS, columns=ROWS)
     mr = write_series(str(tmp_path / "mr"), 5, rows=ROWS, columns=ROWS, modality="MR", seed=1)
     send(server, ct + mr)
@@ -247,18 +249,18 @@ def test_destination_down_then_up_every_image_arrives_byte_exact(tmp_path: Path,
     assert len(received) == 200
     # The status page and /metrics show the same figures (the supervisor reads the queue every 2 s).
     def published() -> dict:
-        with urllib.request.urlopen(f"http://{monitor}/status.json", timeout=5) as answer:
+        with urllib.request.urlopen(f"http://{listen}/status.json", timeout=5) as answer:
             return json.loads(answer.read())["forwarding"]
 
     wait_until(lambda: published() and published()[0]["sent"] == 200, 15, "the snapshot's forwarding figures")
     assert published()[0] | {"last_error": "", "last_error_at": 0} == {
         "name": "pacs", "queued": 0, "in_flight": 0, "sent": 200, "failed": 0, "resent": 0, "last_error": "",
         "last_error_at": 0, "oldest_queued_seconds": 0.0}
-    with urllib.request.urlopen(f"http://{monitor}/metrics", timeout=5) as answer:
+    with urllib.request.urlopen(f"http://{listen}/metrics", timeout=5) as answer:
         metrics = answer.read().decode()
     assert 'fastscp_forward_sent_total{destination="pacs"} 200' in metrics
     assert 'fastscp_forward_queued{destination="pacs"} 0' in metrics
-    with urllib.request.urlopen(f"http://{monitor}/", timeout=5) as answer:
+    with urllib.request.urlopen(f"http://{listen}/", timeout=5) as answer:
         assert 'id="forwarding"' in answer.read().decode()
 
 
@@ -612,3 +614,27 @@ def test_the_sender_turns_nagle_off(receivers) -> None:
         assert assoc.dul.socket.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
     finally:
         assoc.release()
+
+
+@pytest.mark.usefixtures("_chromium_present")
+def test_the_status_page_shows_forwarding_per_destination(monitor: MonitorProcess,  # noqa: F811
+                                                          tmp_path: Path) -> None:
+    snapshot = make_snapshot()
+    snapshot.forwarding = [
+        DestinationState(name="pacs", queued=1234, in_flight=40, sent=98765, failed=3, resent=2,
+                         last_error="<img src=x onerror=alert(1)>", last_error_at=time.time(),
+                         oldest_queued_seconds=125.0),
+        DestinationState(name="archive", sent=7),
+    ]
+    monitor.publish(snapshot)
+    dom = chromium(tmp_path, monitor.url + "/", "--dump-dom")
+    page = _Page(dom)
+    assert "hidden" not in dom.split('id="forwarding-section"')[1].split(">")[0]
+    text = page.text["forwarding"]
+    assert re.search(r"pacs\s+1,234\s+40\s+98,765\s+3\s+2\s+2 min", text), text
+    assert re.search(r"archive\s+0\s+0\s+7\s+0\s+0\s+\u2014\s+\u2014", text), text
+    assert "<img src=x onerror=alert(1)>" in text and "img" not in page.tags  # peer text stays text
+    # Forwarding off: no section.
+    monitor.publish(make_snapshot())
+    dom = chromium(tmp_path, monitor.url + "/", "--dump-dom")
+    assert "hidden" in dom.split('id="forwarding-section"')[1].split(">")[0]

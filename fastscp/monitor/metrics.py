@@ -108,6 +108,17 @@ _FORWARD_FAMILIES: tuple[tuple[str, str, str, str], ...] = (
     ("fastscp_forward_oldest_queued_seconds", "gauge",
      "Age of the oldest instance waiting to be forwarded, by destination (0: none).", "oldest_queued_seconds"),
 )
+#: Per post-receive hook (config ``hooks``): HookState field, metric type, help.
+_HOOK_FAMILIES: tuple[tuple[str, str, str], ...] = (
+    ("runs", "counter", "Post-receive hook attempts started, retries included."),
+    ("succeeded", "counter", "Post-receive hook attempts that succeeded."),
+    ("failed", "counter", "Events a post-receive hook gave up on (its last attempt failed)."),
+    ("retried", "counter", "Post-receive hook attempts that failed and were tried again."),
+    ("timed_out", "counter", "Post-receive hook programs killed at their timeout."),
+    ("dropped", "counter", "Events dropped because a post-receive hook's queue was full."),
+    ("running", "gauge", "Post-receive hook programs running now."),
+    ("queued", "gauge", "Events waiting for a post-receive hook (retries included)."),
+)
 
 
 def render(snapshot: StatusSnapshot, now: float | None = None) -> str:
@@ -191,6 +202,11 @@ def render(snapshot: StatusSnapshot, now: float | None = None) -> str:
         out.family(name, kind, help_text)
         for destination in snapshot.forwarding:
             out.sample(name, getattr(destination, field), {"destination": destination.name})
+    for field, kind, help_text in _HOOK_FAMILIES:
+        out.family(f"fastscp_hook_{field}" + ("_total" if kind == "counter" else ""), kind, help_text)
+        for hook in snapshot.hooks:
+            out.sample(f"fastscp_hook_{field}" + ("_total" if kind == "counter" else ""), getattr(hook, field),
+                       {"hook": hook.name, "event": hook.event})
 
     out.histogram("fastscp_store_latency_seconds",
                   "Seconds from a C-STORE request to its response (receiving, writing, fsync).",

@@ -108,7 +108,7 @@ function fill(id, ...children) { document.getElementById(id).replaceChildren(...
 // -- formatting -----------------------------------------------------------------------------
 function int(n) { return NUMBER.format(n); }
 function fixed(n, digits) { return Number(n).toFixed(digits); }
-function bytes(n) {
+function bytes(n) {  // SI, as fastscp.status.human_bytes writes them (tests/test_monitor_page.py)
   const units = ["B", "kB", "MB", "GB", "TB", "PB"];
   let i = 0;
   while (Math.abs(n) >= 1000 && i < units.length - 1) { n /= 1000; i++; }
@@ -230,6 +230,10 @@ function renderAlerts(s) {
     if (!w.alive) alerts.push(["bad", "Worker " + w.index + " (pid " + w.pid + ") is not running; " +
                                       "its associations were aborted and it is being restarted."]);
   }
+  for (const h of (s && s.hooks) || []) {
+    if (h.failed) alerts.push(["warn", "Hook " + h.name + " gave up on " + int(h.failed) + " events; last error at " +
+                                       clock(h.last_error_at) + ": " + h.last_error]);
+  }
   fill("alerts", alerts.map(([cls, message]) => el("div", {class: "alert " + cls, role: "alert"}, message)));
 }
 function renderTiles(s) {
@@ -313,13 +317,27 @@ function renderWorkers(s) {
       int(w.open_associations), clock(w.started), int(w.restarts)]), "No worker processes."));
 }
 function renderForwarding(s) {
-  const rows = (s.forwarding || []).map(d => [d.name, int(d.queued), int(d.in_flight), int(d.sent),
+  const destinations = s.forwarding || [];
+  document.getElementById("forwarding-section").hidden = !destinations.length;
+  const rows = destinations.map(d => [d.name, int(d.queued), int(d.in_flight), int(d.sent),
     int(d.failed), int(d.resent), d.queued ? duration(d.oldest_queued_seconds) : "\u2014",
     d.last_error ? clock(d.last_error_at) + " " + d.last_error : "\u2014"]);
   fill("forwarding", table([{label: "Destination", cls: "ae"}, {label: "Queued", cls: "num"},
     {label: "In flight", cls: "num"}, {label: "Sent", cls: "num"}, {label: "Failed", cls: "num"},
     {label: "Resent", cls: "num"}, {label: "Oldest queued", cls: "num"}, {label: "Last error"}], rows,
     "Forwarding is off (no forwarding.destinations)."));
+}
+function renderHooks(s) {
+  const hooks = s.hooks || [];
+  document.getElementById("hooks-section").hidden = !hooks.length;
+  fill("hooks", table([{label: "Hook", cls: "ae"}, {label: "Event"}, {label: "Runs", cls: "num"},
+    {label: "Succeeded", cls: "num"}, {label: "Failed", cls: "num"}, {label: "Retried", cls: "num"},
+    {label: "Timed out", cls: "num"}, {label: "Dropped", cls: "num"}, {label: "Running", cls: "num"},
+    {label: "Queued", cls: "num"}, {label: "Last error"}],
+    hooks.map(h => [h.name, h.event, int(h.runs), int(h.succeeded),
+      el("span", {class: h.failed ? "bad-text" : ""}, int(h.failed)), int(h.retried), int(h.timed_out),
+      int(h.dropped), int(h.running), int(h.queued),
+      h.last_error ? clock(h.last_error_at) + " " + h.last_error : ""]), "No hooks configured."));
 }
 function renderConfig(s) {
   fill("config", table([{label: "Key"}, {label: "Value"}], flatten(s.config, "", []), "No configuration."));
@@ -329,7 +347,7 @@ function render() {
   if (!last) return;
   renderHeader(last); renderTiles(last); renderOpen(last); renderRecent(last); renderCounts(last);
   renderStorage(last); renderPerformance(last); renderWorkers(last); renderForwarding(last);
-  renderConfig(last);
+  renderHooks(last); renderConfig(last);
   document.getElementById("content").hidden = false;
 }
 
@@ -384,13 +402,16 @@ _BODY = """
 <div id="performance"></div>
 <h2 class="sub-heading">Workers</h2><div id="workers"></div></section>
 </div>
-<section><h2>Forwarding <span class="note">per destination; resent: sent again after an interruption, possibly
-twice</span></h2><div id="forwarding"></div></section>
+<section id="forwarding-section" hidden><h2>Forwarding <span class="note">per destination; resent: sent again
+after an interruption, possibly twice</span></h2><div id="forwarding"></div></section>
+<section id="hooks-section" hidden><h2>Post-receive hooks <span class="note">since the post-store process
+started</span></h2><div id="hooks"></div></section>
 <section><details open><summary>Configuration in force</summary><div id="config"></div></details></section>
 </div>
 </main>
 <footer>Updated every second from <a href="status.json">status.json</a> &middot;
-Prometheus: <a href="metrics">metrics</a> &middot; health: <a href="healthz">healthz</a></footer>
+Prometheus: <a href="metrics">metrics</a> &middot; health: <a href="healthz">healthz</a> &middot;
+<a href="studies">study browser</a></footer>
 """
 
 

@@ -36,6 +36,7 @@ from fastscp.config import Config, ConfigError, config_changes, layout_options, 
 from fastscp.dicom import header
 from fastscp.forward.process import forward_address, forward_main
 from fastscp.forward.status import ForwardStatus
+from fastscp.hooks.link import HooksLink
 from fastscp.imaging import frames as imaging
 from fastscp.index.client import Locator, QueryClient
 from fastscp.index.indexer import indexer_address, indexer_main
@@ -151,7 +152,7 @@ class Supervisor:
             tls=tls_context(config) if config.tls.enabled else None,
             poststore_address=(
                 poststore_address(config.index_path)
-                if config.thumbnails.enabled or config.scansheet.enabled else ""
+                if config.thumbnails.enabled or config.scansheet.enabled or config.hooks else ""
             ),
             find=finder(config.index_path, retrieve_ae_title=server.ae_title),
             max_object_size=config.limits.max_object_size,
@@ -163,6 +164,8 @@ class Supervisor:
         self.poststore: multiprocessing.process.BaseProcess | None = None
         self.forwarder: multiprocessing.process.BaseProcess | None = None
         self._forward_status = ForwardStatus(config.forward_queue_path)
+        #: Reloaded hooks to the post-store process, their counts back.
+        self.hooks_link = HooksLink()
         self.book = StatusBook()
         #: Admitted associations: connection ID -> calling AE title.
         self.admitted: dict[int, str] = {}
@@ -271,7 +274,8 @@ class Supervisor:
             fileobj = key.fileobj
             if isinstance(fileobj, socket.socket) and fileobj.fileno() not in keep:
                 fileobj.close()
-        for sock in (self.listener, self._wake_r, self._wake_w, self._log_r, self._snapshots, *self.rejects):
+        for sock in (self.listener, self._wake_r, self._wake_w, self._log_r, self._snapshots, self.hooks_link.sock,
+                     *self.rejects):
             if sock is not None and sock.fileno() not in keep:
                 sock.close()
         signal.set_wakeup_fd(-1)
@@ -582,6 +586,8 @@ class Supervisor:
         live, restart = config_changes(self.config, new)
         self.config = with_live_keys(self.config, new)
         self.settings = settings  # for workers started from now on
+        if "hooks" in live:
+            self.hooks_link.update(self.config.hooks)
         for worker in self.workers.values():
             try:
                 worker.control.send(message)
@@ -696,14 +702,17 @@ class Supervisor:
 
     def _start_poststore(self) -> None:
         config = self.config
+        link = self.hooks_link.open()
         process = _fork.Process(
             target=self._child, name="fastscp-poststore",
             args=(poststore_main, self.storage.root, self.settings.layout, config.thumbnails, config.scansheet,
-                  self.settings.poststore_address, self.address, self.storage.modes),
+                  self.settings.poststore_address, self.address, self.storage.modes, config.hooks,
+                  self.storage.sr_root, link),
             # SIGTERM: it stops after the image in hand (poststore_main sees it is orphaned).
             kwargs={"death_signal": signal.SIGTERM},
         )
         process.start()
+        link.close()
         self.poststore = process
         self.selector.register(process.sentinel, selectors.EVENT_READ, "poststore")
         log.info("post-store stage started (pid %d): thumbnails %s, scan sheets %s", process.pid,
@@ -777,7 +786,8 @@ class Supervisor:
         # Set before the fork, so the child closes our end and sees EOF when we go.
         self._snapshots = parent
         process = _fork.Process(
-            target=self._child, name="fastscp-monitor", args=(monitor_main, self.config.monitor.listen, child, ready_w),
+            target=self._child, name="fastscp-monitor",
+            args=(monitor_main, self.config.monitor.listen, child, ready_w, self.config),  # the config: the browser
             kwargs={"death_signal": signal.SIGTERM},  # its SIGTERM stops it at once, cleanly
         )
         process.start()
@@ -837,6 +847,7 @@ class Supervisor:
         snapshot.dropped_connections = dict(self.dropped)
         if self.forwarder is not None:
             snapshot.forwarding = self._forward_status.poll(now, list(self.config.forwarding.destinations))
+        snapshot.hooks = self.hooks_link.states()
         try:
             self._snapshots.send(SNAPSHOT_ENCODER.encode(snapshot))
         except (BlockingIOError, InterruptedError):
@@ -904,6 +915,10 @@ def public_config(config: Config) -> dict[str, object]:
     for destination in data["forwarding"]["destinations"].values():  # type: ignore[union-attr]
         if destination["tls"]["private_key"]:
             destination["tls"]["private_key"] = "(hidden)"
+    monitor = data.get("monitor")
+    for key in ("password", "token"):
+        if isinstance(monitor, dict) and monitor.get(key):
+            monitor[key] = "(hidden)"
     return data
 
 
