@@ -114,7 +114,7 @@ def test_thumbnails_and_scan_sheets_get_the_storage_modes(start_server, tmp_path
 
 
 def test_a_stray_message_does_not_stop_the_post_store_stage(start_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    """The post-store socket takes instance records only; anything else from a local process is dropped."""
+    """The post-store socket takes instance records and association reports; anything else is dropped."""
     import socket
 
     from fastscp.index.records import ENCODER, ThumbnailMade
@@ -132,5 +132,5 @@ def test_a_stray_message_does_not_stop_the_post_store_stage(start_server, tmp_pa
     dcmtk("storescu", "-aec", server.ae_title, "-xe", "127.0.0.1", str(server.port), series[1])
     wait_until(lambda: len(list((server.storage / "thumbnails").rglob("*.jpg"))) == 2, what="the second thumbnail")
     assert "post-store stage exited" not in server.log_text()  # it used to die on the first one (and restart)
-    assert "1 messages that are not instance records dropped" in server.log_text()
+    assert "1 messages that are neither instance records nor association reports dropped" in server.log_text()
     assert server.stop() == 0
