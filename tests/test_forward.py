@@ -145,7 +145,13 @@ class StatusSCP:
                                       bytes(event.request.DataSet.getvalue())))
             return self.status
 
-        self.server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+        def on_accepted(_event: evt.Event) -> None:
+            with self._lock:
+                self.associations += 1
+
+        self.associations = 0
+        self.server = ae.start_server(("127.0.0.1", port), block=False,
+                                      evt_handlers=[(evt.EVT_C_STORE, on_store), (evt.EVT_ACCEPTED, on_accepted)])
 
     def stop(self) -> None:
         self.server.shutdown()
@@ -335,6 +341,7 @@ def test_kill9_forwarder_midway_loses_nothing_and_counts_resends(tmp_path: Path,
     # At least once: what was in flight at the kill went again, and was counted.
     assert final.resent >= duplicates
     assert final.resent <= 10  # one association's batch at most
+    assert dest.associations <= len(dest.requests) / 3  # several instances per association (batch_size 10)
     for uid, _ts, data in dest.requests:
         assert data == data_set(stored[uid])
 
