@@ -241,8 +241,9 @@ class Destination:
                     return items[n + 1:]
                 queue.later(item, None, "no response (DIMSE timeout)", time.time() + self._item_backoff(item))
                 continue
-            # Peer-supplied text: repr() shows control characters escaped.
-            comment = f": {str(status.ErrorComment)!r}" if "ErrorComment" in status and status.ErrorComment else ""
+            # Peer-supplied text: repr() shows control characters escaped; the queue keeps 200 characters of it.
+            comment = (f": {str(status.ErrorComment)[:200]!r}" if "ErrorComment" in status and status.ErrorComment
+                       else "")
             what = f"0x{code:04X} {status_name(code)}{comment}"
             if code == 0 or is_warning(code):
                 queue.sent(item, code)
