@@ -27,6 +27,7 @@ import msgspec
 import pydicom
 import pytest
 import yaml
+from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, SecondaryCaptureImageStorage
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage
@@ -132,6 +133,8 @@ class StatusSCP:
         self.requests: list[tuple[str, str, bytes]] = []  # (SOP Instance UID, transfer syntax, data set)
         #: Seconds each C-STORE takes (a slow destination).
         self.delay = 0.0
+        #: SOP Instance UIDs whose C-STORE aborts the association (an instance the destination chokes on).
+        self.abort_on: set[str] = set()
         ae = AE(ae_title=ae_title)
         for sop_class, syntaxes in contexts:
             ae.add_supported_context(sop_class, syntaxes)
@@ -140,9 +143,11 @@ class StatusSCP:
         def on_store(event: evt.Event) -> int:
             if self.delay:
                 time.sleep(self.delay)
+            uid = event.request.AffectedSOPInstanceUID
             with self._lock:
-                self.requests.append((event.request.AffectedSOPInstanceUID, str(event.context.transfer_syntax),
-                                      bytes(event.request.DataSet.getvalue())))
+                self.requests.append((uid, str(event.context.transfer_syntax), bytes(event.request.DataSet.getvalue())))
+            if uid in self.abort_on:
+                event.assoc.abort()  # no response: the sender sees the association lost mid-send
             return self.status
 
         def on_accepted(_event: evt.Event) -> None:
@@ -391,6 +396,9 @@ def test_permanent_refusals_are_recorded_and_not_retried_transient_ones_are(tmp_
                                                                             receivers, capsys) -> None:
     refuse_port, busy_port = free_port(), free_port()
     refuse = StatusSCP(refuse_port, 0xA900, ae_title="REFUSE")  # CT only: Secondary Capture's context is refused
+    hostile = Dataset()  # a long Error Comment with a line break and markup in it
+    hostile.Status, hostile.ErrorComment = 0xA900, "\n<b>" + "x" * 58
+    refuse.status = hostile  # type: ignore[assignment]
     busy = StatusSCP(busy_port, 0xA700, ae_title="BUSY")
     receivers += [refuse, busy]
     config = forwarding_config(tmp_path / "forward.yaml",
@@ -416,6 +424,8 @@ def test_permanent_refusals_are_recorded_and_not_retried_transient_ones_are(tmp_
     failures = [line for line in out.splitlines() if line.startswith("failed: refuse: ")]
     assert len(failures) == 6
     assert sum("0xA900 Data set does not match SOP class" in line for line in failures) == 4
+    refused_line = next(line for line in failures if "0xA900" in line)
+    assert "\\\\n<b>xxx" in refused_line  # the peer's line break escaped
     assert sum("SOP class not accepted by the destination" in line for line in failures) == 2
     # retry: queued again at once; the destination now stores the CT, still refuses Secondary Capture.
     refuse.status = 0
@@ -645,3 +655,28 @@ def test_the_status_page_shows_forwarding_per_destination(monitor: MonitorProces
     monitor.publish(make_snapshot())
     dom = chromium(tmp_path, monitor.url + "/", "--dump-dom")
     assert "hidden" in dom.split('id="forwarding-section"')[1].split(">")[0]
+
+
+def test_an_instance_that_aborts_the_association_backs_off_and_does_not_block_the_rest(
+        tmp_path: Path, start_server, receivers) -> None:
+    port = free_port()
+    dest = StatusSCP(port, ae_title="DEST")
+    receivers.append(dest)
+    config = forwarding_config(tmp_path / "forward.yaml", {"pacs": destination(port)}, [{"destinations": ["pacs"]}],
+                               retry_initial=0.3, retry_max=30.0)
+    server = start_server(config=config)
+    files = write_series(str(tmp_path / "ct"), 4, rows=ROWS, columns=ROWS)
+    poison = pydicom.dcmread(files[0]).SOPInstanceUID
+    dest.abort_on.add(poison)
+    send(server, files[:1])
+    wait_until(lambda: len(dest.requests) >= 1, 20, "the first try")
+    started = time.monotonic()
+    send(server, files[1:])
+    wait_until(lambda: states(server)["pacs"].sent == 3, 30, "the others sent")
+    time.sleep(max(0.0, 4.0 - (time.monotonic() - started)))
+    tries = sum(uid == poison for uid, _ts, _data in dest.requests)
+    # Exponential backoff: tries at about 0, 0.3, 0.9, 2.1 s (then 4.5): not one every retry_initial.
+    assert 2 <= tries <= 5, tries
+    state = states(server)["pacs"]
+    # Each unanswered try may have been stored: each is counted as a resend.
+    assert state.queued == 1 and state.resent == tries and "no response" in state.last_error

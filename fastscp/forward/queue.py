@@ -236,14 +236,15 @@ class Queue:
                                "AND in_flight = 0", (destination,)).fetchone()
         return None if row[0] is None else float(row[0])
 
-    def _finish(self, item: Item, sql: str, params: tuple, error: str = "") -> None:
+    def _finish(self, item: Item, sql: str, params: tuple, error: str = "", resent: bool = False) -> None:
         with self._transaction() as con:
             # queued_at is the row's version: a newer copy queued meanwhile stays queued.
             changed = con.execute(f"UPDATE items SET in_flight = 0, {sql} WHERE id = ? AND queued_at = ?",
                                   (*params, item.id, item.queued_at)).rowcount
             if not changed:
                 con.execute("UPDATE items SET in_flight = 0 WHERE id = ?", (item.id,))
-            self._note(con, item.destination, error=error, sent=int(bool(changed) and "'sent'" in sql))
+            self._note(con, item.destination, error=error, sent=int(bool(changed) and "'sent'" in sql),
+                       resent=int(resent))
 
     def sent(self, item: Item, status: int) -> None:
         self._finish(item, "state = 'sent', done_at = ?, status = ?, attempts = attempts + 1",
@@ -254,19 +255,19 @@ class Queue:
         self._finish(item, "state = 'failed', done_at = ?, status = ?, last_error = ?, attempts = attempts + 1",
                      (time.time(), status, error), error)
 
-    def later(self, item: Item, status: int | None, error: str, next_try: float) -> None:
-        """A transient failure of this item: tried again at ``next_try``."""
+    def later(self, item: Item, status: int | None, error: str, next_try: float, *, resent: bool = False) -> None:
+        """A transient failure of this item: tried again at ``next_try``; ``resent``: it went without an
+        answer, so the destination may hold it already (counted)."""
         self._finish(item, "status = ?, last_error = ?, attempts = attempts + 1, next_try = ?",
-                     (status, error, next_try), error)
+                     (status, error, next_try), error, resent)
 
-    def release(self, items: Iterable[Item], error: str = "", *, resent: bool = False) -> None:
-        """Items back to the queue as they were: not tried (no association), or ``resent``: lost mid-send,
-        so the destination may have stored them (counted as resent: they go again)."""
+    def release(self, items: Iterable[Item], error: str = "") -> None:
+        """Items not tried (no association): back to the queue as they were."""
         items = list(items)
         with self._transaction() as con:
             con.executemany("UPDATE items SET in_flight = 0 WHERE id = ?", [(i.id,) for i in items])
             for name in {i.destination for i in items}:
-                self._note(con, name, error=error, resent=sum(resent for i in items if i.destination == name))
+                self._note(con, name, error=error)
 
     def tidy(self, now: float | None = None) -> None:
         """Drop sent rows older than :data:`KEEP_SENT` and ``seen`` rows far behind the high-water mark."""

@@ -146,7 +146,7 @@ class Destination:
             self.retry_at = time.time() + delay
             failures = self.failures
         if failures in (1, 2, 5) or failures % 20 == 0:
-            log.warning("forwarding to %s (%s@%s:%d): %s; retrying in %.0f s (%d failures in a row)", self.name,
+            log.warning("forwarding to %s (%s@%s:%d): %s; retrying in %.1f s (%d failures in a row)", self.name,
                         self.config.ae_title, self.config.host, self.config.port, error, delay, failures)
 
     def _send(self, queue: Queue, items: list[Item]) -> None:
@@ -179,7 +179,6 @@ class Destination:
             self._association_failed(error)
             return
         with self._lock:
-            self.failures, self.retry_at = 0, 0.0
             self._associations.add(assoc)
         try:
             rest = self._store_all(queue, assoc, items)
@@ -235,12 +234,15 @@ class Destination:
                 continue
             code = int(status.Status) if "Status" in status else None
             if code is None:
+                # It may have been stored: it goes again (at least once), counted as resent, after its
+                # backoff, so an instance the destination chokes on can't make it abort over and over.
+                queue.later(item, None, "no response (association lost, or the DIMSE timeout)",
+                            time.time() + self._item_backoff(item), resent=True)
                 if not assoc.is_established:
-                    # Lost mid-send: this one may have been stored (it goes again, counted); the rest goes back.
-                    queue.release([item], resent=True)
-                    return items[n + 1:]
-                queue.later(item, None, "no response (DIMSE timeout)", time.time() + self._item_backoff(item))
+                    return items[n + 1:]  # the rest goes back as it was
                 continue
+            with self._lock:  # the destination answers: its backoff starts again from retry_initial
+                self.failures = 0
             # Peer-supplied text: repr() shows control characters escaped; the queue keeps 200 characters of it.
             comment = (f": {str(status.ErrorComment)[:200]!r}" if "ErrorComment" in status and status.ErrorComment
                        else "")
