@@ -120,7 +120,8 @@ class DestinationState(msgspec.Struct, kw_only=True):
     sent: int = 0
     #: Refused for good (not retried until ``fastscp forward retry``).
     failed: int = 0
-    #: Sent again because the forwarder died while they were in flight: the destination may hold them twice.
+    #: Sent again after the forwarder died while they were in flight, or after a send got no answer:
+    #: the destination may hold them twice.
     resent: int = 0
     last_error: str = ""
     last_error_at: float = 0.0  # epoch seconds; 0: none
