@@ -26,7 +26,8 @@ Positive = Annotated[int, msgspec.Meta(ge=1)]
 Seconds = Annotated[float, msgspec.Meta(gt=0)]
 # PS3.8 9.3.1: an AE title is 1-16 characters of the default repertoire,
 # not all spaces, without backslash or control characters.
-AETitle = Annotated[str, msgspec.Meta(min_length=1, max_length=16, pattern=r"^[ -\[\]-~]*[!-\[\]-~][ -\[\]-~]*$")]
+_AE_TITLE_PATTERN = r"^[ -\[\]-~]*[!-\[\]-~][ -\[\]-~]*$"
+AETitle = Annotated[str, msgspec.Meta(min_length=1, max_length=16, pattern=_AE_TITLE_PATTERN)]
 # 0 means "no limit" in A-ASSOCIATE (PS3.8 D.1); otherwise at least one
 # PDV header plus a byte, and we cap it so one PDU can't exhaust memory.
 MaxPDU = Annotated[int, msgspec.Meta(ge=0, le=64 * 1024 * 1024)]
@@ -537,6 +538,10 @@ def _check_forwarding(forwarding: ForwardingConfig, source: str) -> None:
         if bool(tls.certificate) != bool(tls.private_key):
             raise ConfigError(f"{source}: forwarding.destinations.{name}.tls: certificate and private_key go "
                               f"together (PEM files)")
+    ae_title = forwarding.ae_title
+    if ae_title and not (len(ae_title) <= 16 and re.match(_AE_TITLE_PATTERN, ae_title)):
+        raise ConfigError(f"{source}: forwarding.ae_title: {ae_title!r} is not an AE title (1 to 16 "
+                          f"characters, no backslash or control characters); or leave it empty for server.ae_title")
     if forwarding.retry_max < forwarding.retry_initial:
         raise ConfigError(f"{source}: forwarding.retry_max: {forwarding.retry_max} is below forwarding.retry_initial "
                           f"({forwarding.retry_initial}); make it at least as long")

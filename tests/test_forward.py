@@ -510,12 +510,16 @@ def test_sighup_puts_changed_rules_in_force(tmp_path: Path, start_server, receiv
                                            "transfer_syntaxes": ["JPEGBaseline8Bit"]}},
      "forwarding.destinations.pacs.transfer_syntaxes[0]: 'JPEGBaseline8Bit' is not one a file can be converted to"),
     ({"destinations": ["pacs"], "modality": ["CT"]}, None, "unknown key 'forwarding.rules[0].modality'"),
+    ({"destinations": ["pacs"]}, "ae_title", "forwarding.ae_title: 'FAR_TOO_LONG_AE_TITLE' is not an AE title"),
 ])
-def test_bad_rules_are_refused_at_load_naming_key_and_file(tmp_path: Path, rule: dict, destinations: dict | None,
+def test_bad_rules_are_refused_at_load_naming_key_and_file(tmp_path: Path, rule: dict, destinations: dict | str | None,
                                                            message: str) -> None:
+    extra = {}
+    if destinations == "ae_title":
+        destinations, extra = None, {"ae_title": "FAR_TOO_LONG_AE_TITLE"}
     if destinations is None:
         destinations = {"pacs": {"ae_title": "P", "host": "h", "port": 104}}
-    config = forwarding_config(tmp_path / "bad.yaml", destinations, [rule])
+    config = forwarding_config(tmp_path / "bad.yaml", destinations, [rule], **extra)
     with pytest.raises(ConfigError) as refused:
         load_checked(str(config))
     assert str(refused.value).startswith(f"{config}: ") and message in str(refused.value)
