@@ -26,7 +26,8 @@ Positive = Annotated[int, msgspec.Meta(ge=1)]
 Seconds = Annotated[float, msgspec.Meta(gt=0)]
 # PS3.8 9.3.1: an AE title is 1-16 characters of the default repertoire,
 # not all spaces, without backslash or control characters.
-AETitle = Annotated[str, msgspec.Meta(min_length=1, max_length=16, pattern=r"^[ -\[\]-~]*[!-\[\]-~][ -\[\]-~]*$")]
+_AE_TITLE_PATTERN = r"^[ -\[\]-~]*[!-\[\]-~][ -\[\]-~]*$"
+AETitle = Annotated[str, msgspec.Meta(min_length=1, max_length=16, pattern=_AE_TITLE_PATTERN)]
 # 0 means "no limit" in A-ASSOCIATE (PS3.8 D.1); otherwise at least one
 # PDV header plus a byte, and we cap it so one PDU can't exhaust memory.
 MaxPDU = Annotated[int, msgspec.Meta(ge=0, le=64 * 1024 * 1024)]
@@ -185,6 +186,76 @@ class LoggingConfig(_Section):
     actions: bool = True
 
 
+class DestinationTLSConfig(_Section):
+    """DICOM TLS towards one forwarding destination (we are the client)."""
+
+    enabled: bool = False
+    #: CA certificates the destination's certificate is checked against; "": the system's.
+    ca_bundle: str = ""
+    #: Our certificate and key (PEM), for a destination that requires client certificates.
+    certificate: str = ""
+    private_key: str = ""
+    min_version: Literal["1.2", "1.3"] = "1.2"
+
+
+#: The transfer syntaxes a stored file may be converted to when a destination refuses its own
+#: (only between these uncompressed ones: nothing is decompressed).
+CONVERTIBLE_TRANSFER_SYNTAXES: dict[str, str] = {
+    "ExplicitVRLittleEndian": "1.2.840.10008.1.2.1",
+    "ImplicitVRLittleEndian": "1.2.840.10008.1.2",
+}
+
+
+class DestinationConfig(_Section):
+    """A DICOM node that forwarded instances are sent to with C-STORE."""
+
+    ae_title: AETitle
+    host: str
+    port: Annotated[int, msgspec.Meta(ge=1, le=65535)]
+    #: Associations open to it at once.
+    max_associations: Annotated[int, msgspec.Meta(ge=1, le=16)] = 1
+    #: Offered after the file's own transfer syntax, for a file in an uncompressed one: what it is
+    #: converted to when the destination refuses its own (keywords of CONVERTIBLE_TRANSFER_SYNTAXES or
+    #: their UIDs); []: never converted.
+    transfer_syntaxes: list[str] = msgspec.field(
+        default_factory=lambda: ["ExplicitVRLittleEndian", "ImplicitVRLittleEndian"])
+    tls: DestinationTLSConfig = DestinationTLSConfig()
+    #: Seconds to wait for the connection, the association and each C-STORE response.
+    timeout: Seconds = 60.0
+
+    @property
+    def fallback_syntaxes(self) -> tuple[str, ...]:
+        return tuple(CONVERTIBLE_TRANSFER_SYNTAXES.get(ts, ts) for ts in self.transfer_syntaxes)
+
+
+class ForwardRuleConfig(_Section):
+    """Which stored instances go where: every condition given must match (an empty one matches all)."""
+
+    #: Destinations (names under forwarding.destinations) a matching instance is queued for.
+    destinations: list[str]
+    #: Calling AE titles of the sender (any of them).
+    calling_ae_titles: list[str] = msgspec.field(default_factory=list)
+    #: Modality (0008,0060) values (any of them).
+    modalities: list[str] = msgspec.field(default_factory=list)
+    #: SOP classes, as accepted_sop_classes takes them (modalities, names, short names, UIDs).
+    sop_classes: list[str] = msgspec.field(default_factory=list)
+    #: Any indexed header field by DICOM keyword (or fastscp's own keys, as `fastscp query` takes them) ->
+    #: the value to match, with the C-FIND rules: * and ? wildcards, a backslash between alternatives.
+    fields: dict[str, str] = msgspec.field(default_factory=dict)
+
+
+class ForwardingConfig(_Section):
+    #: The durable queue (SQLite); "": FORWARD.sqlite beside the index (index.duckdb -> index.forward.sqlite).
+    queue: str = ""
+    #: Our AE title as the sender; "": server.ae_title.
+    ae_title: str = ""
+    #: Instances sent on one association at most.
+    batch_size: Annotated[int, msgspec.Meta(ge=1, le=10000)] = 100
+    #: Seconds before the first retry; doubled after each failure up to retry_max.
+    retry_initial: Seconds = 2.0
+    retry_max: Seconds = 300.0
+    destinations: dict[str, DestinationConfig] = msgspec.field(default_factory=dict)
+    rules: list[ForwardRuleConfig] = msgspec.field(default_factory=list)
 HookEvent = Literal["instance-stored", "association-ended", "study-complete"]
 
 
@@ -232,6 +303,7 @@ class Config(_Section):
     retrieve: RetrieveConfig = RetrieveConfig()
     monitor: MonitorConfig = MonitorConfig()
     logging: LoggingConfig = LoggingConfig()
+    forwarding: ForwardingConfig = ForwardingConfig()
     accepted_sop_classes: list[str] = msgspec.field(default_factory=lambda: ["all"])
     hooks: list[HookConfig] = msgspec.field(default_factory=list)
 
@@ -249,6 +321,11 @@ class Config(_Section):
     def sop_class_uids(self) -> tuple[str, ...]:
         return resolve_sop_classes(self.accepted_sop_classes)
 
+    @property
+    def forward_queue_path(self) -> str:
+        """``forwarding.queue``; empty means beside the index, ``<index>.forward.sqlite``."""
+        return self.forwarding.queue or os.path.splitext(self.index_path)[0] + ".forward.sqlite"
+
 
 #: Keys a running server takes from its config file on SIGHUP (a section name: all its keys).
 #: Each is read when an association starts (the limits: when a connection
@@ -260,6 +337,10 @@ class Config(_Section):
 #: and the status page carry it too), the worker pool, the storage folders
 #: and layout (files already named by it), the index and its processes,
 #: thumbnails and scan sheets (their process), TLS (its context), the
+#: monitor and the log output (handlers). Forwarding rules and destinations
+#: are read by the forwarder process when it gets the reload (queued
+#: instances keep their destination name); turning forwarding on or off
+#: (the first destination, the queue file) needs a restart.
 #: monitor and the log output (handlers). Hooks go to the post-store process,
 #: which runs them from then on (runs already started finish as they were).
 LIVE_KEYS: frozenset[str] = frozenset({
@@ -277,6 +358,11 @@ LIVE_KEYS: frozenset[str] = frozenset({
     "limits",
     "logging.level",
     "logging.actions",
+    "forwarding.rules",
+    "forwarding.destinations",
+    "forwarding.batch_size",
+    "forwarding.retry_initial",
+    "forwarding.retry_max",
     "hooks",
 })
 
@@ -445,6 +531,7 @@ def load_config(path: str | None = None, overrides: dict[str, Any] | None = None
     except ValueError as exc:
         where = "command-line option --accept" if "accepted_sop_classes" in from_cli else source
         raise ConfigError(f"{where}: accepted_sop_classes: {exc}") from None
+    _check_forwarding(config.forwarding, source)
     _check_monitor_credentials(config.monitor, source)
     if config.storage.naming == "template":
         try:
@@ -459,6 +546,39 @@ def load_config(path: str | None = None, overrides: dict[str, Any] | None = None
     return config
 
 
+def _check_forwarding(forwarding: ForwardingConfig, source: str) -> None:
+    """What msgspec can't check in ``forwarding``: names that must refer to something."""
+    for name, destination in forwarding.destinations.items():
+        for n, syntax in enumerate(destination.transfer_syntaxes):
+            if syntax not in CONVERTIBLE_TRANSFER_SYNTAXES and syntax not in CONVERTIBLE_TRANSFER_SYNTAXES.values():
+                raise ConfigError(
+                    f"{source}: forwarding.destinations.{name}.transfer_syntaxes[{n}]: {syntax!r} is not one a "
+                    f"file can be converted to; use {', '.join(CONVERTIBLE_TRANSFER_SYNTAXES)} (or their UIDs)")
+        tls = destination.tls
+        if bool(tls.certificate) != bool(tls.private_key):
+            raise ConfigError(f"{source}: forwarding.destinations.{name}.tls: certificate and private_key go "
+                              f"together (PEM files)")
+    ae_title = forwarding.ae_title
+    if ae_title and not (len(ae_title) <= 16 and re.match(_AE_TITLE_PATTERN, ae_title)):
+        raise ConfigError(f"{source}: forwarding.ae_title: {ae_title!r} is not an AE title (1 to 16 "
+                          f"characters, no backslash or control characters); or leave it empty for server.ae_title")
+    if forwarding.retry_max < forwarding.retry_initial:
+        raise ConfigError(f"{source}: forwarding.retry_max: {forwarding.retry_max} is below forwarding.retry_initial "
+                          f"({forwarding.retry_initial}); make it at least as long")
+    for n, rule in enumerate(forwarding.rules):
+        key = f"forwarding.rules[{n}]"
+        if not rule.destinations:
+            raise ConfigError(f"{source}: {key}.destinations: empty; name at least one of forwarding.destinations")
+        for d, name in enumerate(rule.destinations):
+            if name not in forwarding.destinations:
+                known = ", ".join(sorted(forwarding.destinations)) or "none is defined"
+                raise ConfigError(f"{source}: {key}.destinations[{d}]: no destination {name!r} under "
+                                  f"forwarding.destinations ({known})")
+        try:
+            if rule.sop_classes:
+                resolve_sop_classes(rule.sop_classes)
+        except ValueError as exc:
+            raise ConfigError(f"{source}: {key}.sop_classes: {exc}") from None
 #: A bearer token shorter than this is refused: it must not be guessable.
 MIN_TOKEN_LENGTH = 16
 

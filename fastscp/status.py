@@ -110,6 +110,23 @@ class WorkerState(msgspec.Struct, kw_only=True):
     restarts: int = 0
 
 
+class DestinationState(msgspec.Struct, kw_only=True):
+    """One forwarding destination, from the forwarding queue (fastscp.forward.queue)."""
+
+    name: str
+    queued: int = 0
+    in_flight: int = 0
+    #: Sent and acknowledged (success or warning), since the queue was made.
+    sent: int = 0
+    #: Refused for good (not retried until ``fastscp forward retry``).
+    failed: int = 0
+    #: Sent again after the forwarder died while they were in flight, or after a send got no answer:
+    #: the destination may hold them twice.
+    resent: int = 0
+    last_error: str = ""
+    last_error_at: float = 0.0  # epoch seconds; 0: none
+    #: Age of the oldest queued instance, seconds (0: none queued).
+    oldest_queued_seconds: float = 0.0
 class HookState(msgspec.Struct, kw_only=True):
     """One post-receive hook's counts since the post-store process started (config ``hooks``)."""
 
@@ -163,6 +180,8 @@ class StatusSnapshot(msgspec.Struct, kw_only=True):
     #: Connections closed before association, by the setting that closed
     #: them (server.max_pending_per_address, ...).
     dropped_connections: dict[str, int] = msgspec.field(default_factory=dict)
+    #: Forwarding, per destination (empty: forwarding is off).
+    forwarding: list[DestinationState] = msgspec.field(default_factory=list)
     #: Post-receive hooks (config ``hooks``), as the post-store process last reported them.
     hooks: list[HookState] = msgspec.field(default_factory=list)
 

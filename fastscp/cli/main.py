@@ -15,7 +15,7 @@ import sys
 import msgspec
 
 from fastscp import __version__
-from fastscp.config import CLI_OPTIONS, ConfigError, load_config, to_builtins
+from fastscp.config import CLI_OPTIONS, ConfigError, to_builtins
 
 
 def _dest(option: str) -> str:
@@ -42,12 +42,13 @@ def _overrides(args: argparse.Namespace) -> dict[str, object]:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from fastscp.cli.forward import load_checked
     from fastscp.process import logs
     from fastscp.runtime.supervisor import StartupError, serve
     from fastscp.storage.area import FileModes
 
     overrides = _overrides(args)
-    config = load_config(args.config, overrides)
+    config = load_checked(args.config, overrides)
     # The index, its WAL and the log file hold patient data as the images do;
     # the storage area gives its own files their modes exactly.
     os.umask(FileModes.of(config.storage.file_mode, config.storage.dir_mode).umask())
@@ -55,14 +56,16 @@ def _serve(args: argparse.Namespace) -> int:
     logs.configure(logging_.level, logging_.format, logging_.file, logging_.max_bytes, logging_.backups)
     try:
         # SIGHUP reads the same file with the same command-line options again.
-        return serve(config, reload=lambda: load_config(args.config, overrides), config_file=args.config or "")
+        return serve(config, reload=lambda: load_checked(args.config, overrides), config_file=args.config or "")
     except StartupError as exc:
         print(f"fastscp: {exc}", file=sys.stderr)
         return 2
 
 
 def _config(args: argparse.Namespace) -> int:
-    config = load_config(args.config, _overrides(args))
+    from fastscp.cli.forward import load_checked
+
+    config = load_checked(args.config, _overrides(args))
     sys.stdout.write(msgspec.yaml.encode(to_builtins(config)).decode())
     return 0
 
@@ -121,7 +124,7 @@ def _add_client_arguments(sub: argparse.ArgumentParser) -> None:
 #: Modules that add their own subcommands: each has ``register(commands)``,
 #: which adds a parser with ``set_defaults(func=...)`` to the subparsers.
 COMMAND_MODULES: tuple[str, ...] = ("fastscp.cli.status", "fastscp.cli.images", "fastscp.cli.index",
-                                     "fastscp.cli.service", "fastscp.cli.export")
+                                     "fastscp.cli.service", "fastscp.cli.export", "fastscp.cli.forward")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -94,8 +94,10 @@ class IndexerClient:
     files whose records never arrived.
     """
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, name: str = "indexer") -> None:
         self.address = address
+        #: Who receives the records, for the log ("indexer", "forwarder").
+        self.name = name
         self._sock: socket.socket | None = None
         #: Sealed messages not yet delivered, with their record counts.
         self._pending: list[tuple[bytes, int]] = []
@@ -104,7 +106,7 @@ class IndexerClient:
         #: Records not yet sealed into a message; its lock guards all of the above.
         self._batcher: Batcher[IndexRecord] = Batcher(
             self._deliver_locked, interval=SEND_INTERVAL, max_items=BATCH_RECORDS, retry_interval=RETRY_INTERVAL,
-            name="fastscp-indexer-send")
+            name=f"fastscp-{name}-send")
         #: Hand a record to the indexer (soon; or keep it until the indexer is back).
         self.send: Callable[[IndexRecord], None] = self._batcher.add
 
@@ -150,11 +152,12 @@ class IndexerClient:
                 self._sock = None
             if not self._down:
                 self._down = True
-                log.warning("indexer unreachable (%s); %d records kept for retry", exc, self._waiting_locked())
+                log.warning("%s unreachable (%s); %d records kept for retry", self.name, exc,
+                            self._waiting_locked())
             return False
         if self._down:
             self._down = False
-            log.info("indexer reachable again; kept records delivered")
+            log.info("%s reachable again; kept records delivered", self.name)
         return True
 
     def close(self) -> None:

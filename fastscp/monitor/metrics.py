@@ -95,6 +95,19 @@ class _Exposition:
         return "\n".join(self.lines) + "\n"
 
 
+#: Forwarding, per destination (fastscp.status.DestinationState): (name, type, help, field).
+_FORWARD_FAMILIES: tuple[tuple[str, str, str, str], ...] = (
+    ("fastscp_forward_queued", "gauge", "Instances waiting to be forwarded, by destination.", "queued"),
+    ("fastscp_forward_in_flight", "gauge", "Instances being sent now, by destination.", "in_flight"),
+    ("fastscp_forward_sent_total", "counter", "Instances forwarded and acknowledged, by destination.", "sent"),
+    ("fastscp_forward_failed", "gauge",
+     "Instances refused for good and kept (fastscp forward retry|purge), by destination.", "failed"),
+    ("fastscp_forward_resent_total", "counter",
+     "Instances sent again after an interruption (the destination may hold them twice), by destination.",
+     "resent"),
+    ("fastscp_forward_oldest_queued_seconds", "gauge",
+     "Age of the oldest instance waiting to be forwarded, by destination (0: none).", "oldest_queued_seconds"),
+)
 #: Per post-receive hook (config ``hooks``): HookState field, metric type, help.
 _HOOK_FAMILIES: tuple[tuple[str, str, str], ...] = (
     ("runs", "counter", "Post-receive hook attempts started, retries included."),
@@ -185,6 +198,10 @@ def render(snapshot: StatusSnapshot, now: float | None = None) -> str:
     out.family("fastscp_info", "gauge", "Version and AE title of this server (always 1).")
     out.sample("fastscp_info", 1, {"version": snapshot.version, "ae_title": snapshot.ae_title})
 
+    for name, kind, help_text, field in _FORWARD_FAMILIES:
+        out.family(name, kind, help_text)
+        for destination in snapshot.forwarding:
+            out.sample(name, getattr(destination, field), {"destination": destination.name})
     for field, kind, help_text in _HOOK_FAMILIES:
         out.family(f"fastscp_hook_{field}" + ("_total" if kind == "counter" else ""), kind, help_text)
         for hook in snapshot.hooks:

@@ -316,6 +316,17 @@ function renderWorkers(s) {
       el("span", {class: w.alive ? "pill ok" : "pill bad"}, w.alive ? "running" : "not running"),
       int(w.open_associations), clock(w.started), int(w.restarts)]), "No worker processes."));
 }
+function renderForwarding(s) {
+  const destinations = s.forwarding || [];
+  document.getElementById("forwarding-section").hidden = !destinations.length;
+  const rows = destinations.map(d => [d.name, int(d.queued), int(d.in_flight), int(d.sent),
+    int(d.failed), int(d.resent), d.queued ? duration(d.oldest_queued_seconds) : "\u2014",
+    d.last_error ? clock(d.last_error_at) + " " + d.last_error : "\u2014"]);
+  fill("forwarding", table([{label: "Destination", cls: "ae"}, {label: "Queued", cls: "num"},
+    {label: "In flight", cls: "num"}, {label: "Sent", cls: "num"}, {label: "Failed", cls: "num"},
+    {label: "Resent", cls: "num"}, {label: "Oldest queued", cls: "num"}, {label: "Last error"}], rows,
+    "Forwarding is off (no forwarding.destinations)."));
+}
 function renderHooks(s) {
   const hooks = s.hooks || [];
   document.getElementById("hooks-section").hidden = !hooks.length;
@@ -335,7 +346,8 @@ function render() {
   renderAlerts(last);
   if (!last) return;
   renderHeader(last); renderTiles(last); renderOpen(last); renderRecent(last); renderCounts(last);
-  renderStorage(last); renderPerformance(last); renderWorkers(last); renderHooks(last); renderConfig(last);
+  renderStorage(last); renderPerformance(last); renderWorkers(last); renderForwarding(last);
+  renderHooks(last); renderConfig(last);
   document.getElementById("content").hidden = false;
 }
 
@@ -390,6 +402,8 @@ _BODY = """
 <div id="performance"></div>
 <h2 class="sub-heading">Workers</h2><div id="workers"></div></section>
 </div>
+<section id="forwarding-section" hidden><h2>Forwarding <span class="note">per destination; resent: sent again
+after an interruption, possibly twice</span></h2><div id="forwarding"></div></section>
 <section id="hooks-section" hidden><h2>Post-receive hooks <span class="note">since the post-store process
 started</span></h2><div id="hooks"></div></section>
 <section><details open><summary>Configuration in force</summary><div id="config"></div></details></section>

@@ -306,6 +306,8 @@ class ServiceSettings:
     find: Finder | None = None
     #: The post-store process's address ("": no thumbnails or scan sheets).
     poststore_address: str = ""
+    #: The forwarder process's address ("": forwarding is off).
+    forward_address: str = ""
     #: Where the index has any of these SOP Instance UIDs stored (paths as
     #: the index records them); None: no index to ask.
     locate: Callable[[tuple[str, ...]], tuple[str, ...]] | None = None

@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 from fastscp.config import Config, ConfigError, config_changes, layout_options, to_builtins, with_live_keys
 from fastscp.dicom import header
 from fastscp.dicom.sopclasses import RETRIEVE_SOP_CLASSES, STORAGE_COMMITMENT_PUSH
+from fastscp.forward.process import forward_address, forward_main
+from fastscp.forward.status import ForwardStatus
 from fastscp.hooks.link import HooksLink
 from fastscp.imaging import frames as imaging
 from fastscp.index.client import Locator, QueryClient
@@ -162,11 +164,14 @@ class Supervisor:
             max_command_set=config.limits.max_command_set,
             min_data_rate=config.limits.min_data_rate,
             locate=Locator(config.index_path),
+            forward_address=forward_address(config.index_path) if config.forwarding.destinations else "",
             retrieve=(retrieve := retrieve_service(config, self.storage.root)),
             commitment=CommitmentService(lookup(config.index_path, self.storage.root), server.ae_title,
                                          dict(retrieve.move_destinations)),
         ), config)
         self.poststore: multiprocessing.process.BaseProcess | None = None
+        self.forwarder: multiprocessing.process.BaseProcess | None = None
+        self._forward_status = ForwardStatus(config.forward_queue_path)
         #: Reloaded hooks to the post-store process, their counts back.
         self.hooks_link = HooksLink()
         self.book = StatusBook()
@@ -310,6 +315,8 @@ class Supervisor:
             self._start_indexer()
             if self.settings.poststore_address:
                 self._start_poststore()
+            if self.settings.forward_address:
+                self._start_forwarder()
             for index in range(self.config.worker_count):
                 self._start_worker(index)
         except StartupError:
@@ -317,6 +324,7 @@ class Supervisor:
             # DuckDB file locked.
             for worker in self.workers.values():
                 worker.process.kill()
+            self._stop_forwarder()
             self._stop_poststore()
             self._stop_indexer()
             self._stop_monitor()
@@ -384,6 +392,8 @@ class Supervisor:
                     self._monitor_died()
                 elif tag == "poststore":
                     self._poststore_died()
+                elif tag == "forwarder":
+                    self._forwarder_died()
                 elif tag == "reject":
                     self._reject_step(self.rejects[key.fileobj])  # type: ignore[index]
                 elif tag[0] == "control":
@@ -598,6 +608,7 @@ class Supervisor:
             for child in (self.indexer, self.poststore, self.monitor, *(w.process for w in self.workers.values())):
                 if child is not None and child.pid is not None and child.is_alive():
                     os.kill(child.pid, signal.SIGHUP)
+        self._reload_forwarder()
         log.info("config reloaded (SIGHUP): %s", f"{', '.join(live)} in force for new associations" if live
                  else "no key that applies live changed")
         if restart:
@@ -686,6 +697,7 @@ class Supervisor:
             worker.process.join(5)
         # A killed worker may leave temp files; never a file at a final path.
         self.storage.prepare()
+        self._stop_forwarder()
         # Post-store first: its thumbnail records go to the indexer.
         self._stop_poststore()
         self._stop_indexer()
@@ -730,6 +742,47 @@ class Supervisor:
                 log.error("post-store stage did not stop within 60 s; killing it")
                 self.poststore.kill()
                 self.poststore.join(5)
+
+    # -- forwarder (fastscp.forward) ----------------------------------------------------
+    # Started when forwarding.destinations is not empty; workers then hand it
+    # each stored instance (ServiceSettings.forward_address).
+
+    def _start_forwarder(self) -> None:
+        process = _fork.Process(
+            target=self._child, name="fastscp-forwarder",
+            args=(forward_main, self.config, self._load_config, self._config_file),
+            # SIGTERM: it ends its C-STOREs in hand (the queue keeps the rest).
+            kwargs={"death_signal": signal.SIGTERM},
+        )
+        process.start()
+        self.forwarder = process
+        self.selector.register(process.sentinel, selectors.EVENT_READ, "forwarder")
+        log.info("forwarder started (pid %d), queue %s", process.pid, self.config.forward_queue_path)
+
+    def _forwarder_died(self) -> None:
+        assert self.forwarder is not None
+        self.selector.unregister(self.forwarder.sentinel)
+        self.forwarder.join(1)
+        log.error("forwarder exited with code %s; restarting it", self.forwarder.exitcode)
+        time.sleep(RESTART_BACKOFF)
+        self._start_forwarder()
+
+    def _reload_forwarder(self) -> None:
+        """The forwarder reads the rules and destinations again itself (forward_main)."""
+        if self.forwarder is not None and self.forwarder.pid is not None and self.forwarder.is_alive():
+            os.kill(self.forwarder.pid, signal.SIGHUP)
+        elif self.forwarder is None and self.config.forwarding.destinations:
+            log.warning("config reload (SIGHUP): forwarding.destinations: forwarding was off at start (no "
+                        "destinations); restart to turn it on")
+
+    def _stop_forwarder(self) -> None:
+        if self.forwarder is not None and self.forwarder.is_alive():
+            self.forwarder.terminate()
+            self.forwarder.join(15)
+            if self.forwarder.is_alive():
+                log.error("forwarder did not stop within 15 s; killing it")
+                self.forwarder.kill()
+                self.forwarder.join(5)
 
     # -- status ----------------------------------------------------------------------
 
@@ -800,6 +853,8 @@ class Supervisor:
         )
         snapshot.pending_connections = len(self.pending)
         snapshot.dropped_connections = dict(self.dropped)
+        if self.forwarder is not None:
+            snapshot.forwarding = self._forward_status.poll(now, list(self.config.forwarding.destinations))
         snapshot.hooks = self.hooks_link.states()
         try:
             self._snapshots.send(SNAPSHOT_ENCODER.encode(snapshot))
@@ -883,6 +938,9 @@ def public_config(config: Config) -> dict[str, object]:
     tls = data.get("tls")
     if isinstance(tls, dict) and tls.get("private_key"):
         tls["private_key"] = "(hidden)"
+    for destination in data["forwarding"]["destinations"].values():  # type: ignore[union-attr]
+        if destination["tls"]["private_key"]:
+            destination["tls"]["private_key"] = "(hidden)"
     monitor = data.get("monitor")
     for key in ("password", "token"):
         if isinstance(monitor, dict) and monitor.get(key):

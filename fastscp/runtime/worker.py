@@ -58,6 +58,8 @@ class Worker:
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self.poststore = PostStoreClient(settings.poststore_address) if settings.poststore_address else None
+        # Kept while the forwarder is down, like the indexer's records (its reconcile finds what a dead worker held).
+        self.forward = IndexerClient(settings.forward_address, "forwarder") if settings.forward_address else None
 
     def run(self) -> None:
         threading.Thread(target=self._report_loop, name="reporter", daemon=True).start()
@@ -137,6 +139,8 @@ class Worker:
         self.indexer.send(record)
         if self.poststore is not None and isinstance(record, InstanceRecord):
             self.poststore.send(record)
+        if self.forward is not None and isinstance(record, InstanceRecord):
+            self.forward.send(record)
 
     def _serve(self, connection_id: int, association: Association) -> None:
         stats = association.run()
@@ -179,6 +183,9 @@ class Worker:
                 break
             time.sleep(0.1)
         self.indexer.close()
+        if self.forward is not None:
+            self.forward.flush()
+            self.forward.close()
 
 
 def worker_main(index: int, control: socket.socket, settings: ServiceSettings, indexer_address: str,
