@@ -10,7 +10,7 @@ own File Meta). pynetdicom checks the statuses and counts.
 from __future__ import annotations
 
 import os
-import signal
+import socket
 import subprocess
 import time
 from io import BytesIO
@@ -37,6 +37,7 @@ from tests.conftest import dcmtk, free_port, wait_until
 from tests.dicomfiles import EXPLICIT_LE, PYDICOM_DATA, dataset_bytes
 from tests.test_access import pki  # noqa: F401  (pki: the test CA fixture)
 from tests.test_find import identifier
+from tests.test_forward import Receiver
 
 pytestmark = pytest.mark.dcmtk
 
@@ -44,46 +45,35 @@ DEST = "MOVEDEST"
 JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
 
 
-class StoreSCP:
-    """dcmtk storescp as the move destination, bit-preserving (+B); stopped by PID."""
+class MoveDestination(Receiver):
+    """dcmtk storescp as the move destination, bit-preserving (+B); stopped by PID (Receiver.stop)."""
 
-    def __init__(self, folder: Path, *options: str) -> None:
-        self.port = free_port()
-        self.folder = folder
-        folder.mkdir(parents=True, exist_ok=True)
+    def start(self, *options: str) -> MoveDestination:
+        self.folder.mkdir(parents=True, exist_ok=True)
         self.process = subprocess.Popen(
-            ["storescp", "-aet", DEST, "+B", "-od", str(folder), *options, str(self.port)],
+            ["storescp", "-aet", self.ae_title, "+B", "-od", str(self.folder), *options, str(self.port)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ, TCP_NODELAY="1"))
+        # Listening is enough (a C-ECHO would need the destination's TLS options).
         wait_until(self._listening, 15, "storescp listening")
+        return self
 
     def _listening(self) -> bool:
-        import socket
-
-        assert self.process.poll() is None, "storescp exited"
+        assert self.process is not None and self.process.poll() is None, "storescp exited"
         with socket.socket() as s:
             return s.connect_ex(("127.0.0.1", self.port)) == 0
 
-    def files(self) -> list[Path]:
-        return sorted(p for p in self.folder.iterdir() if p.is_file())
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            os.kill(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            os.kill(self.process.pid, signal.SIGKILL)
-            self.process.wait(10)
+    def stored(self) -> list[Path]:
+        return sorted(self.files())
 
 
 @pytest.fixture
 def storescp(tmp_path: Path):  # type: ignore[no-untyped-def]
-    started: list[StoreSCP] = []
+    started: list[MoveDestination] = []
 
-    def start(*options: str) -> StoreSCP:
-        scp = StoreSCP(tmp_path / f"dest{len(started)}", *options)
+    def start(*options: str) -> MoveDestination:
+        scp = MoveDestination(tmp_path / f"dest{len(started)}", free_port(), DEST)
         started.append(scp)
-        return scp
+        return scp.start(*options)
 
     yield start
     for scp in started:
@@ -328,17 +318,17 @@ def test_movescu_to_storescp_at_study_series_and_image_levels(start_server, stor
               *(a for k in keys for a in ("-k", k)), "127.0.0.1", str(server.port))
 
     movescu("QueryRetrieveLevel=STUDY", f"StudyInstanceUID={study}")
-    assert by_sop_instance(dest.files()) == expected
-    for path in dest.files():
+    assert by_sop_instance(dest.stored()) == expected
+    for path in dest.stored():
         path.unlink()
     movescu("QueryRetrieveLevel=SERIES", f"StudyInstanceUID={study}", f"SeriesInstanceUID={series}")
-    assert by_sop_instance(dest.files()) == expected
-    for path in dest.files():
+    assert by_sop_instance(dest.stored()) == expected
+    for path in dest.stored():
         path.unlink()
     one = uid_of(files[2], "SOPInstanceUID")
     movescu("QueryRetrieveLevel=IMAGE", f"StudyInstanceUID={study}", f"SeriesInstanceUID={series}",
             f"SOPInstanceUID={one}")
-    assert by_sop_instance(dest.files()) == {one: expected[one]}
+    assert by_sop_instance(dest.stored()) == {one: expected[one]}
     assert server.stop() == 0
 
 
@@ -354,7 +344,7 @@ def test_patient_root_patient_level_move_and_get(start_server, storescp, tmp_pat
     statuses = pynetdicom_move(server, PatientRootQueryRetrieveInformationModelMove,
                                identifier("PATIENT", PatientID="PATX"))
     assert statuses[-1].Status == 0x0000 and counts(statuses[-1]) == (5, 0, 0, None)
-    assert by_sop_instance(dest.files()) == by_sop_instance(first + second)
+    assert by_sop_instance(dest.stored()) == by_sop_instance(first + second)
 
     out = tmp_path / "got"
     out.mkdir()
@@ -371,7 +361,7 @@ def test_move_to_an_unknown_destination_is_refused(start_server, storescp, tmp_p
     statuses = pynetdicom_move(server, StudyRootQueryRetrieveInformationModelMove,
                                identifier("STUDY", StudyInstanceUID=study), destination="NOBODY")
     assert [s.Status for s in statuses] == [0xA801]
-    assert dest.files() == []
+    assert dest.stored() == []
     result = dcmtk("movescu", "-S", "-aec", server.ae_title, "-aem", "NOBODY", "-k", "QueryRetrieveLevel=STUDY",
                    "-k", f"StudyInstanceUID={study}", "127.0.0.1", str(server.port), check=False)
     assert result.returncode != 0 and "MoveDestinationUnknown" in result.stdout + result.stderr
@@ -392,7 +382,7 @@ def test_move_missing_file_counts_as_failed_and_the_rest_arrive(start_server, st
     assert final.identifier.FailedSOPInstanceUIDList == gone
     expected = by_sop_instance(files)
     del expected[gone]
-    assert by_sop_instance(dest.files()) == expected
+    assert by_sop_instance(dest.stored()) == expected
     assert server.stop() == 0
 
 
@@ -408,7 +398,7 @@ def test_c_cancel_stops_a_long_move(start_server, storescp, tmp_path: Path) -> N
     assert final.Status == 0xFE00, [hex(s.Status) for s in statuses]
     completed, failed, _warning, remaining = counts(final)
     assert failed == 0 and remaining and completed + remaining == total and completed < total
-    assert len(dest.files()) == completed
+    assert len(dest.stored()) == completed
     assert time.monotonic() - started < 60
     assert server.stop() == 0
 
@@ -453,7 +443,7 @@ def test_relational_retrieve_when_negotiated(start_server, storescp, tmp_path: P
     assert [s.Status for s in statuses] == [0xA900]  # hierarchical by default
     statuses = pynetdicom_move(server, StudyRootQueryRetrieveInformationModelMove, series, relational=True)
     assert statuses[-1].Status == 0x0000 and counts(statuses[-1]) == (2, 0, 0, None)
-    assert by_sop_instance(dest.files()) == by_sop_instance(files)
+    assert by_sop_instance(dest.stored()) == by_sop_instance(files)
     assert server.stop() == 0
 
 
@@ -470,5 +460,5 @@ def test_move_to_a_tls_destination(start_server, storescp, tmp_path: Path, pki: 
     statuses = pynetdicom_move(server, StudyRootQueryRetrieveInformationModelMove,
                                identifier("STUDY", StudyInstanceUID=study))
     assert statuses[-1].Status == 0x0000 and counts(statuses[-1]) == (2, 0, 0, None)
-    assert by_sop_instance(dest.files()) == by_sop_instance(files)
+    assert by_sop_instance(dest.stored()) == by_sop_instance(files)
     assert server.stop() == 0
