@@ -306,6 +306,32 @@ def test_get_sends_compressed_files_as_stored_and_converts_only_when_nothing_els
 # -- C-MOVE -----------------------------------------------------------------------------------
 
 
+def test_move_converts_only_for_a_destination_that_accepts_nothing_else(start_server, storescp, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from fastscp.net.scu import send as scu_send
+
+    plain, everything = storescp(), storescp("+xa")  # uncompressed only (storescp's default) / every syntax
+    config = tmp_path / "fastscp.yaml"
+    config.write_text(f"retrieve:\n  move_destinations:\n    {DEST}: {{host: 127.0.0.1, port: {plain.port}}}\n"
+                      f"    ALLSYNTAXES: {{host: 127.0.0.1, port: {everything.port}}}\n")
+    server = start_server(workers=1, config=config)
+    jpeg = PYDICOM_DATA / "test_files" / "SC_rgb_jpeg_dcmtk.dcm"
+    assert scu_send("127.0.0.1", server.port, [str(jpeg)], aec=server.ae_title, out=None).stored == 1
+    study = uid_of(jpeg, "StudyInstanceUID")
+    indexed(server, 1, StudyInstanceUID=study)
+    for destination in (DEST, "ALLSYNTAXES"):
+        statuses = pynetdicom_move(server, StudyRootQueryRetrieveInformationModelMove,
+                                   identifier("STUDY", StudyInstanceUID=study), destination=destination)
+        assert statuses[-1].Status == 0x0000 and counts(statuses[-1]) == (1, 0, 0, None)
+    ((as_stored,),) = [everything.stored()]
+    assert dataset_bytes(as_stored) == dataset_bytes(jpeg)  # JPEG Baseline, byte for byte
+    ((converted,),) = [plain.stored()]
+    received, original = pydicom.dcmread(converted), pydicom.dcmread(jpeg)
+    assert received.file_meta.TransferSyntaxUID in (EXPLICIT_LE, "1.2.840.10008.1.2")
+    assert received.SOPInstanceUID == original.SOPInstanceUID
+    assert (received.pixel_array == original.pixel_array).all()
+    assert server.stop() == 0
+
+
 def test_movescu_to_storescp_at_study_series_and_image_levels(start_server, storescp, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     dest = storescp()
     server = start_server(workers=1, config=config_with_destination(tmp_path, dest.port))
