@@ -488,3 +488,28 @@ def test_move_to_a_tls_destination(start_server, storescp, tmp_path: Path, pki: 
     assert statuses[-1].Status == 0x0000 and counts(statuses[-1]) == (2, 0, 0, None)
     assert by_sop_instance(dest.stored()) == by_sop_instance(files)
     assert server.stop() == 0
+
+
+def test_move_contexts_stay_within_128_and_cover_each_class() -> None:
+    from fastscp.net.movescp import plan_contexts
+    from fastscp.net.retrievescp import UNCOMPRESSED, choose_transfer_syntax
+    from fastscp.query.retrieve import Instance
+
+    found = [Instance(f"1.2.3.{n}", f"1.2.840.99.{n % 70}", EXPLICIT_LE if n % 2 else JPEG_BASELINE, "")
+             for n in range(200)]
+    contexts, classes = plan_contexts(found)
+    assert len(contexts) <= 128 and len(set(contexts)) == len(contexts)
+    # 64 classes of 2 contexts each (its syntax and the uncompressed one) fit; the 65th opens the next association.
+    assert classes == {f"1.2.840.99.{n}" for n in range(64)}
+    assert all((c, UNCOMPRESSED) in contexts for c in classes)
+    # A class met again with another syntax when the budget is spent: sent converted, not a 129th context.
+    again = Instance("1.2.3.999", found[0].sop_class_uid, EXPLICIT_LE, "")  # found[0] is JPEG Baseline
+    later, later_classes = plan_contexts([found[0], *[Instance("1", f"1.2.840.98.{n}", EXPLICIT_LE, "")
+                                                      for n in range(63)], again])
+    assert len(later) == 128 and again.sop_class_uid in later_classes
+    assert (again.sop_class_uid, (EXPLICIT_LE,)) not in later
+    # As stored when accepted; the first uncompressed one accepted otherwise; else nothing.
+    assert choose_transfer_syntax(JPEG_BASELINE, {JPEG_BASELINE, EXPLICIT_LE}) == (JPEG_BASELINE, False)
+    assert choose_transfer_syntax(JPEG_BASELINE, {"1.2.840.10008.1.2", EXPLICIT_LE}) == (EXPLICIT_LE, True)
+    assert choose_transfer_syntax(EXPLICIT_LE, {"1.2.840.10008.1.2"}) == ("1.2.840.10008.1.2", True)
+    assert choose_transfer_syntax(EXPLICIT_LE, {JPEG_BASELINE}) is None

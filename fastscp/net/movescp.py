@@ -76,6 +76,26 @@ def responses(service: RetrieveService, model: str, identifier: bytes, transfer_
                                  f"C-MOVE from {request.calling_ae_title!r} to {destination_ae!r}")
 
 
+def plan_contexts(found: list[Instance]) -> tuple[list[tuple[str, tuple[str, ...]]], set[str]]:
+    """The presentation contexts (SOP class, transfer syntaxes) to propose for ``found`` from its start,
+    at most :data:`~fastscp.net.scu.MAX_CONTEXTS`, and the SOP classes they cover.
+
+    Each SOP class gets its files' own transfer syntaxes and one uncompressed context; the first
+    class that no longer fits ends the list (its instances go on the next association).
+    """
+    contexts: dict[tuple[str, tuple[str, ...]], None] = {}
+    classes: set[str] = set()
+    for instance in found:
+        wanted = {(instance.sop_class_uid, (instance.transfer_syntax_uid,)), (instance.sop_class_uid, UNCOMPRESSED)}
+        if len(contexts.keys() | wanted) > MAX_CONTEXTS:
+            if instance.sop_class_uid in classes:
+                continue  # its uncompressed context is proposed: it goes converted
+            break
+        contexts.update(dict.fromkeys(sorted(wanted)))
+        classes.add(instance.sop_class_uid)
+    return list(contexts), classes
+
+
 class MoveSession:
     """The association(s) to one move destination for one C-MOVE; call it per instance.
 
@@ -116,15 +136,7 @@ class MoveSession:
         """
         self.close()
         ae = _new_ae(self.request.ae_title, self.request.timeout)
-        self._classes = set()
-        contexts: dict[tuple[str, tuple[str, ...]], None] = {}
-        for instance in self._found[self._next:]:
-            wanted = {(instance.sop_class_uid, (instance.transfer_syntax_uid,)),
-                      (instance.sop_class_uid, UNCOMPRESSED)}
-            if len(contexts.keys() | wanted) > MAX_CONTEXTS and instance.sop_class_uid not in self._classes:
-                break
-            contexts.update(dict.fromkeys(sorted(wanted)))
-            self._classes.add(instance.sop_class_uid)
+        contexts, self._classes = plan_contexts(self._found[self._next:])
         for sop_class, syntaxes in contexts:
             ae.add_requested_context(sop_class, list(syntaxes))
         dest = self.destination
