@@ -513,3 +513,38 @@ def test_move_contexts_stay_within_128_and_cover_each_class() -> None:
     assert choose_transfer_syntax(JPEG_BASELINE, {"1.2.840.10008.1.2", EXPLICIT_LE}) == (EXPLICIT_LE, True)
     assert choose_transfer_syntax(EXPLICIT_LE, {"1.2.840.10008.1.2"}) == ("1.2.840.10008.1.2", True)
     assert choose_transfer_syntax(EXPLICIT_LE, {JPEG_BASELINE}) is None
+
+
+@pytest.mark.parametrize("peer", ["silent", "data-set-instead-of-response"])
+def test_a_c_get_requester_that_does_not_answer_its_c_store_is_aborted(start_server, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                                       peer: str) -> None:
+    from fastscp.net import dimse
+    from fastscp.net.findscp import encode_identifier
+    from tests.rawscu import RawSCU, associate_rq, command_set, p_data
+
+    config = tmp_path / "fastscp.yaml"
+    config.write_text("server:\n  dimse_timeout: 2\n")
+    server = start_server(workers=1, config=config)
+    _files, study = stored_study(server, tmp_path / "a", 2, "GETH")
+    scu = RawSCU.__new__(RawSCU)  # two contexts and a role selection: the association request by hand
+    scu.sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+    scu.sock.sendall(associate_rq([(StudyRootQueryRetrieveInformationModelGet, [EXPLICIT_LE]),
+                                   (CTImageStorage, [EXPLICIT_LE])], roles={CTImageStorage: (False, True)}))
+    assert scu.read_pdu()[0] == 0x02  # A-ASSOCIATE-AC
+    scu.sock.sendall(p_data(1, command_set(dimse.C_GET_RQ, sop_class=StudyRootQueryRetrieveInformationModelGet,
+                                           message_id=5, data_set=True), command=True, last=True)
+                     + p_data(1, encode_identifier(identifier("STUDY", StudyInstanceUID=study), EXPLICIT_LE),
+                              command=False, last=True))
+    command, data_set = scu.read_message()
+    assert command["CommandField"] == dimse.C_STORE_RQ and data_set  # the first sub-operation
+    started = time.monotonic()
+    if peer != "silent":
+        scu.sock.sendall(p_data(3, b"\x00" * 8, command=False, last=True))
+    try:
+        assert scu.ended_by_server(30) == 0x07  # A-ABORT
+    finally:
+        scu.close()
+    assert time.monotonic() - started < (15 if peer == "silent" else 5)
+    expected = "timed out, aborted" if peer == "silent" else "protocol error, aborted"
+    server.wait_for_log("RAWSCU (127.0.0.1:", expected)
+    assert server.stop() == 0
