@@ -11,7 +11,7 @@ import pydicom
 import pytest
 
 from fastscp.dicom.synthetic import write_series
-from fastscp.index.client import QueryClient
+from fastscp.query.client import QueryClient
 from tests.conftest import dcmtk, wait_until
 
 pytestmark = pytest.mark.dcmtk

@@ -18,8 +18,8 @@ import pytest
 
 from fastscp.cli import index as cli_index
 from fastscp.dicom.synthetic import write_series
-from fastscp.index.client import QueryClient
 from fastscp.index.database import SCHEMA_VERSION, Index
+from fastscp.query.client import QueryClient
 from fastscp.query.engine import LocalQueryClient, QueryRequest, StatsRequest
 from tests.conftest import dcmtk
 

@@ -26,9 +26,8 @@ import msgspec
 
 from fastscp.dicom.header import HeaderError, IncompleteHeader, parse_header
 from fastscp.dicom.part10 import read_file_meta
-from fastscp.index.database import Index, IndexUnavailable
+from fastscp.index.database import Index, IndexUnavailable, read_conflicts
 from fastscp.index.records import DuplicateConflict, InstanceRecord
-from fastscp.query.engine import read_conflicts
 
 log = logging.getLogger("fastscp.reindex")
 

@@ -22,7 +22,7 @@ and not matched; the responses then carry status 0xFF01
 
 Example
 -------
->>> client = QueryClient.from_indexer_address(indexer_address)  # doctest: +SKIP
+>>> client = QueryClient(index_path)  # doctest: +SKIP
 >>> for identifier in find(model, request_identifier, client):  # doctest: +SKIP
 ...     send_pending(identifier)
 """
@@ -38,7 +38,7 @@ from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag
 from pydicom.valuerep import format_number_as_ds
 
-from fastscp.index.client import IndexQueries, QueryClient, ServerUnavailable
+from fastscp.query.client import IndexQueries, QueryClient, ServerUnavailable
 from fastscp.query.engine import LEVELS, UNIQUE_KEYS, Condition, QueryError, QueryRequest, QueryResult, attribute_for
 
 #: Patient Root Query/Retrieve Information Model - FIND (PS3.4 C.6.1).
@@ -272,9 +272,8 @@ def find(model: str, identifier: Dataset, client: IndexQueries, *, retrieve_ae_t
     identifier : pydicom.dataset.Dataset
         The request identifier, with Query/Retrieve Level.
     client : QueryClient or LocalQueryClient
-        Runs the query: in a worker, one
-        ``fastscp.index.client.QueryClient.from_indexer_address(address)``
-        shared by all its association threads (it is thread-safe).
+        Runs the query: in a worker, one :class:`~fastscp.query.client.QueryClient`
+        shared by all its association threads (it is thread-safe; :func:`finder`).
     retrieve_ae_title : str, optional
         The value of Retrieve AE Title (0008,0054) when the SCU asks for it.
     relational : bool, optional
@@ -308,7 +307,7 @@ def find(model: str, identifier: Dataset, client: IndexQueries, *, retrieve_ae_t
 def finder(index_path: str, *, retrieve_ae_title: str = "") -> Callable[[str, Dataset, bool], FindResponses]:
     """The ``find(model, identifier, relational)`` callable of :data:`fastscp.net.findscp.Finder` for an index.
 
-    It asks the running server's indexer (one :class:`~fastscp.index.client.QueryClient`,
+    It asks the running server's indexer (one :class:`~fastscp.query.client.QueryClient`,
     thread-safe, no open connection) and works in every worker process.
     """
     client = QueryClient(index_path)
