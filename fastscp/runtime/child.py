@@ -281,7 +281,7 @@ class Child:
     def _exited(self) -> None:
         process = self.process
         assert process is not None
-        process.join(0)  # reaps it: the sentinel says it is gone
+        process.join(1)  # reaps it: the sentinel says it is exiting (a bounded wait: it is gone in microseconds)
         self.selector.unregister(process.sentinel)
         if self.channel is not None:
             self._unregister(self.channel)
@@ -305,7 +305,7 @@ class Child:
         self._quick_exits = self._quick_exits + 1 if ran < self.backoff.stable else 0
         delay = self.backoff.delay(ran, self._quick_exits)
         self._restart_at = now + delay
-        log.error("%s; restarting it%s", why, f" in {delay:.0f} s" if delay else "")
+        log.error("%s; restarting it%s", why, f" in {delay:g} s" if delay else "")
 
     def _unregister(self, fileobj: socket.socket) -> None:
         try:

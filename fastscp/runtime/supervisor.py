@@ -302,6 +302,10 @@ class Supervisor:
             if sock is not None and sock.fileno() not in keep:
                 sock.close()
         signal.set_wakeup_fd(-1)
+        # A child restarted while we serve would inherit our stop handlers: it
+        # starts with the defaults, and its target sets its own.
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, signal.SIG_DFL)
         # SIGHUP from the supervisor means "logging.level changed" (a terminal's hangup too: harmless).
         signal.signal(signal.SIGHUP, self._follow_log_level)
         logs.forward_to(self._log_w)
