@@ -25,8 +25,8 @@ from fastscp.query.cfind import (
     STUDY_ROOT_FIND,
     IdentifierError,
     find,
-    finder,
 )
+from fastscp.query.client import finder
 from fastscp.query.engine import LocalQueryClient
 from tests.conftest import dcmtk
 from tests.test_index import make_storage, records_of

@@ -96,11 +96,11 @@ def mute(_channel) -> None:  # type: ignore[no-untyped-def]
 # -- the supervisor as a process, with fakes ---------------------------------------------------
 
 _SCRIPT = """
-import json, sys
+import dataclasses, json, sys
 from fastscp.config import load_config
 from fastscp.process import logs
 from fastscp.runtime import supervisor
-from fastscp.runtime.children import Targets
+from fastscp.runtime.children import TARGETS
 from tests import test_supervisor as fakes
 
 port, root, workers, targets, ready_timeout = sys.argv[1:6]
@@ -108,8 +108,8 @@ supervisor.INDEXER_READY_TIMEOUT = float(ready_timeout)
 config = load_config(None, {"server.port": int(port), "server.host": "127.0.0.1", "storage.directory": root,
                             "server.workers": int(workers), "monitor.listen": "off"})
 logs.configure("INFO")
-targets = Targets(**{kind: getattr(fakes, name) for kind, name in json.loads(targets).items()})
-sys.exit(supervisor.Supervisor(config, targets=targets, backoff=fakes.BACKOFF).run())
+targets = dataclasses.replace(TARGETS, **{kind: getattr(fakes, name) for kind, name in json.loads(targets).items()})
+sys.exit(supervisor.Supervisor(config, targets, backoff=fakes.BACKOFF).run())
 """
 
 

@@ -29,7 +29,6 @@ Example
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from pydicom.datadict import dictionary_VR, tag_for_keyword
@@ -38,8 +37,17 @@ from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag
 from pydicom.valuerep import format_number_as_ds
 
-from fastscp.query.client import IndexQueries, QueryClient, ServerUnavailable
-from fastscp.query.engine import LEVELS, UNIQUE_KEYS, Condition, QueryError, QueryRequest, QueryResult, attribute_for
+from fastscp.query.engine import (
+    LEVELS,
+    UNIQUE_KEYS,
+    Condition,
+    IndexQueries,
+    QueryError,
+    QueryRequest,
+    QueryResult,
+    ServerUnavailable,
+    attribute_for,
+)
 
 #: Patient Root Query/Retrieve Information Model - FIND (PS3.4 C.6.1).
 PATIENT_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.1.1"
@@ -273,7 +281,7 @@ def find(model: str, identifier: Dataset, client: IndexQueries, *, retrieve_ae_t
         The request identifier, with Query/Retrieve Level.
     client : QueryClient or LocalQueryClient
         Runs the query: in a worker, one :class:`~fastscp.query.client.QueryClient`
-        shared by all its association threads (it is thread-safe; :func:`finder`).
+        shared by all its association threads (it is thread-safe; :func:`fastscp.query.client.finder`).
     retrieve_ae_title : str, optional
         The value of Retrieve AE Title (0008,0054) when the SCU asks for it.
     relational : bool, optional
@@ -302,17 +310,3 @@ def find(model: str, identifier: Dataset, client: IndexQueries, *, retrieve_ae_t
     except (QueryError, ConnectionError, OSError) as exc:
         raise FindError(UNABLE_TO_PROCESS, f"query failed: {exc}") from None
     return FindResponses(found, result)
-
-
-def finder(index_path: str, *, retrieve_ae_title: str = "") -> Callable[[str, Dataset, bool], FindResponses]:
-    """The ``find(model, identifier, relational)`` callable of :data:`fastscp.net.findscp.Finder` for an index.
-
-    It asks the running server's indexer (one :class:`~fastscp.query.client.QueryClient`,
-    thread-safe, no open connection) and works in every worker process.
-    """
-    client = QueryClient(index_path)
-
-    def find_in_index(model: str, identifier: Dataset, relational: bool = False) -> FindResponses:
-        return find(model, identifier, client, retrieve_ae_title=retrieve_ae_title, relational=relational)
-
-    return find_in_index

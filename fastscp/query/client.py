@@ -12,16 +12,19 @@ from __future__ import annotations
 
 import logging
 import socket
-from collections.abc import Iterator
-from typing import Any, Protocol
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import msgspec
+from pydicom.dataset import Dataset
 
 from fastscp.index.client import indexer_address
+from fastscp.query.cfind import FindResponses, find
 from fastscp.query.engine import (
     Columns,
     Done,
     Failed,
+    IndexQueries,
     LocalQueryClient,
     Located,
     LocateRequest,
@@ -29,6 +32,7 @@ from fastscp.query.engine import (
     QueryRequest,
     QueryResult,
     Rows,
+    ServerUnavailable,
     SqlRequest,
     StateRequest,
     Stats,
@@ -44,10 +48,6 @@ log = logging.getLogger("fastscp.indexclient")
 
 #: Seconds a C-STORE waits for the indexer to say where its instance is stored.
 LOCATE_TIMEOUT = 2.0
-
-
-class ServerUnavailable(ConnectionError):
-    """No running server answers queries for this index."""
 
 
 class QueryClient:
@@ -200,16 +200,6 @@ class Locator:
         return paths
 
 
-class IndexQueries(Protocol):
-    """What :func:`fastscp.query.cfind.find` and the CLI need: QueryClient or LocalQueryClient."""
-
-    def query(self, request: QueryRequest | SqlRequest) -> QueryResult: ...
-
-    def stats(self, request: StatsRequest | None = None) -> Stats: ...
-
-    def close(self) -> None: ...
-
-
 def open_query_client(index_path: str) -> IndexQueries:
     """Queries on ``index_path``: through its running server, else on the file read-only.
 
@@ -238,9 +228,24 @@ def server_running(index_path: str) -> bool:
     return False
 
 
+def finder(index_path: str, *, retrieve_ae_title: str = "") -> Callable[[str, Dataset, bool], FindResponses]:
+    """The ``find(model, identifier, relational)`` callable of :data:`fastscp.net.findscp.Finder` for an index.
+
+    It asks the running server's indexer (one :class:`~fastscp.query.client.QueryClient`,
+    thread-safe, no open connection) and works in every worker process.
+    """
+    client = QueryClient(index_path)
+
+    def find_in_index(model: str, identifier: Dataset, relational: bool = False) -> FindResponses:
+        return find(model, identifier, client, retrieve_ae_title=retrieve_ae_title, relational=relational)
+
+    return find_in_index
+
+
 __all__ = [
     "IndexQueries",
     "Locator",
+    "finder",
     "QueryClient",
     "ServerUnavailable",
     "open_query_client",

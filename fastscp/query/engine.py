@@ -24,7 +24,7 @@ import os
 import socket
 import struct
 from collections.abc import Callable, Iterator
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, Protocol
 
 import duckdb
 import msgspec
@@ -149,6 +149,10 @@ def query_address(index_path: str) -> str:
 def locate_address(index_path: str) -> str:
     """The abstract socket name on which the indexer of an index file answers LocateRequest."""
     return local_address("locate", index_path)
+
+
+class ServerUnavailable(ConnectionError):
+    """No running server answers queries for this index."""
 
 
 class QueryError(ValueError):
@@ -844,3 +848,13 @@ class LocalQueryClient:
 
     def __exit__(self, *_exc: object) -> None:
         self.close()
+
+
+class IndexQueries(Protocol):
+    """What :func:`fastscp.query.cfind.find` and the CLI need: QueryClient or LocalQueryClient."""
+
+    def query(self, request: QueryRequest | SqlRequest) -> QueryResult: ...
+
+    def stats(self, request: StatsRequest | None = None) -> Stats: ...
+
+    def close(self) -> None: ...

@@ -298,7 +298,7 @@ class Child:
         if cost:
             why += f"; {cost}"
         if not self.spec.restart:
-            log.error("%s; it is not restarted", why)
+            log.error("%s; it is not restarted: the server goes on without it until its own restart", why)
             return
         now = time.monotonic()
         ran = now - self.started
@@ -336,19 +336,21 @@ class Child:
 
     # -- talking to it -----------------------------------------------------------------
 
-    def send(self, message: object, fds: list[int] | None = None) -> bool:
-        """Send a message on the channel (blocking: the child reads at once); False if it is gone."""
+    def send(self, message: object, fds: list[int] | None = None) -> None:
+        """Send a message (and file descriptors) on the channel; blocking: the child reads at once.
+
+        Raises
+        ------
+        OSError
+            The child is gone or going (BrokenPipeError when it has no channel now).
+        """
         if self.channel is None:
-            return False
-        try:
-            data = ENCODER.encode(message)
-            if fds:
-                socket.send_fds(self.channel, [data], fds)
-            else:
-                self.channel.send(data)
-        except OSError:
-            return False
-        return True
+            raise BrokenPipeError(f"{self.spec.name} is not running")
+        data = ENCODER.encode(message)
+        if fds:
+            socket.send_fds(self.channel, [data], fds)
+        else:
+            self.channel.send(data)
 
     def signal(self, signum: int) -> None:
         """Send ``signum`` to the running child, by PID."""

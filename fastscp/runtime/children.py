@@ -1,9 +1,10 @@
-"""What each child process of the supervisor runs: the entry points, composed from the stages' parts.
+"""The server composed: what each child process of the supervisor runs, and :func:`serve`.
 
 Each target is called in the forked child as ``target(channel, *args)``
 (:class:`fastscp.runtime.child.ChildSpec`); ``channel`` is the child's end of
 its socket pair with the supervisor. The supervisor takes them as a
-:class:`Targets`, so tests run it with small fake children.
+:class:`~fastscp.runtime.supervisor.Targets` (:data:`TARGETS` here), so
+tests run it with small fake children.
 """
 
 from __future__ import annotations
@@ -15,13 +16,14 @@ import signal
 import socket
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 
+from fastscp.config import Config
 from fastscp.index.database import Index
 from fastscp.index.indexer import Indexer, tune_gc
 from fastscp.poststore.stage import poststore_main
 from fastscp.query.server import query_services
 from fastscp.runtime.messages import ENCODER, Ready, StartFailed
+from fastscp.runtime.supervisor import Supervisor, Targets
 from fastscp.runtime.worker import worker_main
 
 log = logging.getLogger("fastscp.indexer")
@@ -102,12 +104,19 @@ def monitor_process(channel: socket.socket, listen: str) -> None:
     monitor_main(listen, channel, _Readiness(channel))  # type: ignore[arg-type]
 
 
-@dataclass(frozen=True)
-class Targets:
-    """What each child runs (tests pass small fakes). A new kind of child adds its target here and its
-    :class:`~fastscp.runtime.child.ChildSpec` in :meth:`fastscp.runtime.supervisor.Supervisor.stages`."""
+#: What the server's children run.
+TARGETS = Targets(worker=worker_main, indexer=indexer_process, poststore=poststore_main, monitor=monitor_process)
 
-    worker: Callable[..., object] = worker_main
-    indexer: Callable[..., object] = indexer_process
-    poststore: Callable[..., object] = poststore_main
-    monitor: Callable[..., object] = monitor_process
+
+def serve(config: Config, reload: Callable[[], Config] | None = None, config_file: str = "") -> int:
+    """Run the server in the foreground; returns the exit code.
+
+    ``reload`` reads the config again from its sources (``config_file`` and
+    the command-line options it started with); SIGHUP calls it.
+
+    Raises
+    ------
+    fastscp.runtime.supervisor.StartupError
+        The server can't start (the message says why and what to do).
+    """
+    return Supervisor(config, TARGETS, reload, config_file).run()

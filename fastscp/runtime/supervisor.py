@@ -18,8 +18,9 @@ Every child (workers, the indexer, the post-store stage, the monitor) is a
 restart is a deadline (with a backoff that grows while a child keeps dying
 at once), a restarted indexer's readiness is a message on its channel, and
 the indexer pushes its state (for the status page) on the same channel.
-What each child runs is passed in (:class:`~fastscp.runtime.children.Targets`),
-so tests run the supervisor with small fake children. To add a kind of
+What each child runs is passed in (:class:`Targets`; the server's are
+composed in :mod:`fastscp.runtime.children`), so tests run the supervisor
+with small fake children. To add a kind of
 child, return its :class:`~fastscp.runtime.child.ChildSpec` from
 :meth:`Supervisor.stages`.
 """
@@ -61,10 +62,8 @@ from fastscp.poststore.stage import poststore_address
 from fastscp.process import logs
 from fastscp.process.listen import bind_advice
 from fastscp.process.orphan import die_with_parent
-from fastscp.query.cfind import finder
-from fastscp.query.client import Locator
+from fastscp.query.client import Locator, finder
 from fastscp.runtime.child import Backoff, Child, ChildSpec
-from fastscp.runtime.children import Targets
 from fastscp.runtime.messages import (
     ENCODER,
     FROM_INDEXER,
@@ -100,6 +99,21 @@ class StartupError(Exception):
     """The server can't start; the message says why and what to do."""
 
 
+@dataclass(frozen=True)
+class Targets:
+    """What each child runs: ``target(channel, *args)`` (the post-store stage: ``target(*args)``).
+
+    The server's are :data:`fastscp.runtime.children.TARGETS`; tests pass
+    small fakes. A new kind of child adds its target here and its
+    :class:`~fastscp.runtime.child.ChildSpec` in :meth:`Supervisor.stages`.
+    """
+
+    worker: Callable[..., object]
+    indexer: Callable[..., object]
+    poststore: Callable[..., object]
+    monitor: Callable[..., object]
+
+
 @dataclass(eq=False)
 class WorkerSlot:
     """Worker ``index``: its child process (restarted in place) and the connections handed to it."""
@@ -132,15 +146,16 @@ def set_low_latency(sock: socket.socket) -> None:
 
 
 class Supervisor:
-    """Serves ``config`` with the children :class:`~fastscp.runtime.children.Targets` names (see the module docstring).
+    """Serves ``config`` with the children ``targets`` names (see the module docstring).
 
-    ``backoff`` sets the restart delays of every child.
+    ``reload`` reads the config again from its sources (SIGHUP); None:
+    reloads are refused. ``backoff`` sets the restart delays of every child.
     """
 
-    def __init__(self, config: Config, reload: Callable[[], Config] | None = None, config_file: str = "", *,
-                 targets: Targets | None = None, backoff: Backoff | None = None) -> None:
+    def __init__(self, config: Config, targets: Targets, reload: Callable[[], Config] | None = None,
+                 config_file: str = "", *, backoff: Backoff | None = None) -> None:
         self.config = config
-        self.targets = targets or Targets()
+        self.targets = targets
         self.backoff = backoff or Backoff()
         #: Reads the config again from where it came from (SIGHUP); None: reloads are refused.
         self._load_config = reload
@@ -237,7 +252,7 @@ class Supervisor:
         """The children beside the workers, in start order (they stop in the reverse order).
 
         A new kind of child (a forwarder, a hook runner) is one more spec
-        here, with its target in :class:`~fastscp.runtime.children.Targets`.
+        here, with its target in :class:`Targets`.
         """
         config, targets, db = self.config, self.targets, self.config.database
         specs = []
@@ -802,12 +817,3 @@ def live_settings(settings: ServiceSettings, config: Config) -> ServiceSettings:
     }
     # Unchanged values stay the same objects: the reload hands workers only what changed.
     return dataclasses.replace(settings, **{k: v for k, v in replaced.items() if v != getattr(settings, k)})
-
-
-def serve(config: Config, reload: Callable[[], Config] | None = None, config_file: str = "") -> int:
-    """Run the server in the foreground; returns the exit code.
-
-    ``reload`` reads the config again from its sources (``config_file`` and
-    the command-line options it started with); SIGHUP calls it.
-    """
-    return Supervisor(config, reload, config_file).run()
