@@ -281,7 +281,11 @@ class Child:
     def _exited(self) -> None:
         process = self.process
         assert process is not None
-        process.join(1)  # reaps it: the sentinel says it is exiting (a bounded wait: it is gone in microseconds)
+        if self.channel is not None and not self._eof:
+            self._readable()  # what it said before it exited (a worker's last reports) comes first
+        # Reaps it (after the above: a PID is only signalled before it is reaped). The
+        # sentinel says it is exiting: the wait is bounded and short.
+        process.join(1)
         self.selector.unregister(process.sentinel)
         if self.channel is not None:
             self._unregister(self.channel)
@@ -354,9 +358,11 @@ class Child:
 
     def signal(self, signum: int) -> None:
         """Send ``signum`` to the running child, by PID."""
-        if self.process is not None and self.state != "down" and self.process.pid is not None:
+        process = self.process
+        # exitcode reaps a zombie first: a reaped PID may be another process's already.
+        if process is not None and self.state != "down" and process.pid is not None and process.exitcode is None:
             try:
-                os.kill(self.process.pid, signum)
+                os.kill(process.pid, signum)
             except ProcessLookupError:
                 pass
 
