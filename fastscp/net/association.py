@@ -25,12 +25,12 @@ import msgspec
 from pydicom.uid import UID
 
 from fastscp.dicom.header import HeaderError, HeaderFields, IncompleteHeader, parse_header
-from fastscp.dicom.sopclasses import MODALITY_SOP_CLASSES
+from fastscp.dicom.sopclasses import FIND_SOP_CLASSES, MODALITY_SOP_CLASSES
 from fastscp.dicom.walk import mapped_dataset, walk_dataset, walk_from_prefix
 from fastscp.index.records import DuplicateConflict, InstanceRecord
 from fastscp.net import dimse, findscp
 from fastscp.net.access import peer_ip
-from fastscp.net.findscp import FIND_SOP_CLASSES, MAX_IDENTIFIER_BYTES, Finder
+from fastscp.net.findscp import MAX_IDENTIFIER_BYTES, Finder
 from fastscp.net.negotiation import (
     REJECTED_TRANSIENT,
     SOURCE_PROVIDER_PRESENTATION,

@@ -81,6 +81,8 @@ class ChildSpec:
         ``target(*args())`` when ``channel`` is False.
     args
         Called at each start: the target's arguments after the channel.
+        Sockets among them are the child's: the supervisor's copies are
+        closed once it has forked.
     about
         Appended to the "started" log line (", index /srv/index.duckdb").
     decoder
@@ -192,8 +194,9 @@ class Child:
         try:
             process.start()
         finally:
-            if child is not None:
-                child.close()
+            for handed in (child, *args):
+                if isinstance(handed, socket.socket):
+                    handed.close()
         if self.process is not None:
             self.restarts += 1
         self.process, self.channel = process, parent

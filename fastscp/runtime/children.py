@@ -97,11 +97,11 @@ class _Readiness:
         """The channel stays open: the snapshots come on it."""
 
 
-def monitor_process(channel: socket.socket, listen: str) -> None:
+def monitor_process(channel: socket.socket, listen: str, config: Config | None = None) -> None:
     """The monitor process: status snapshots come on the channel; it says Ready with its URL."""
     from fastscp.monitor.server import monitor_main  # its HTTP stack loads in this process only
 
-    monitor_main(listen, channel, _Readiness(channel))  # type: ignore[arg-type]
+    monitor_main(listen, channel, _Readiness(channel), config)  # type: ignore[arg-type]
 
 
 #: What the server's children run.

@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 
 from fastscp.config import Config, ConfigError, config_changes, layout_options, to_builtins, with_live_keys
 from fastscp.dicom import header
+from fastscp.hooks.link import HooksLink
 from fastscp.imaging import frames as imaging
 from fastscp.index.client import indexer_address
 from fastscp.monitor.book import StatusBook
@@ -187,7 +188,7 @@ class Supervisor:
             tls=tls_context(config) if config.tls.enabled else None,
             poststore_address=(
                 poststore_address(config.index_path)
-                if config.thumbnails.enabled or config.scansheet.enabled else ""
+                if config.thumbnails.enabled or config.scansheet.enabled or config.hooks else ""
             ),
             find=finder(config.index_path, retrieve_ae_title=server.ae_title),
             max_object_size=config.limits.max_object_size,
@@ -195,6 +196,8 @@ class Supervisor:
             min_data_rate=config.limits.min_data_rate,
             locate=Locator(config.index_path),
         ), config)
+        #: Reloaded hooks to the post-store process, their counts back.
+        self.hooks_link = HooksLink()
         self.book = StatusBook()
         #: Admitted associations: connection ID -> calling AE title.
         self.admitted: dict[int, str] = {}
@@ -258,7 +261,8 @@ class Supervisor:
         specs = []
         if config.monitor.enabled:
             specs.append(ChildSpec(
-                "monitor", targets.monitor, lambda: (self.config.monitor.listen,), decoder=READINESS,
+                # The config: the study browser.
+                "monitor", targets.monitor, lambda: (self.config.monitor.listen, self.config), decoder=READINESS,
                 ready_timeout=MONITOR_READY_TIMEOUT, restart=False, stop_timeout=10,
                 death_signal=signal.SIGTERM))  # its SIGTERM stops it at once, cleanly
         specs.append(ChildSpec(
@@ -271,7 +275,8 @@ class Supervisor:
             specs.append(ChildSpec(
                 "post-store stage", targets.poststore, lambda: (
                     self.storage.root, self.settings.layout, self.config.thumbnails, self.config.scansheet,
-                    self.settings.poststore_address, self.address, self.storage.modes),
+                    self.settings.poststore_address, self.address, self.storage.modes, self.config.hooks,
+                    self.storage.sr_root, self.hooks_link.open()),  # a new link for each start
                 about=(f": thumbnails {'on' if config.thumbnails.enabled else 'off'}, "
                        f"scan sheets {'on' if config.scansheet.enabled else 'off'}"),
                 channel=False, stop_timeout=60,  # SIGTERM: it finishes its queue and pending scan sheets
@@ -313,7 +318,7 @@ class Supervisor:
             fileobj = key.fileobj
             if isinstance(fileobj, socket.socket) and fileobj.fileno() not in keep:
                 fileobj.close()
-        for sock in (self.listener, self._wake_r, self._wake_w, self._log_r, *self.rejects):
+        for sock in (self.listener, self._wake_r, self._wake_w, self._log_r, self.hooks_link.sock, *self.rejects):
             if sock is not None and sock.fileno() not in keep:
                 sock.close()
         signal.set_wakeup_fd(-1)
@@ -605,6 +610,8 @@ class Supervisor:
         live, restart = config_changes(self.config, new)
         self.config = with_live_keys(self.config, new)
         self.settings = settings  # for workers started from now on
+        if "hooks" in live:
+            self.hooks_link.update(self.config.hooks)
         for worker in self.workers.values():
             if worker.child.state == "down":
                 continue  # its restart gets the new settings
@@ -743,6 +750,7 @@ class Supervisor:
         )
         snapshot.pending_connections = len(self.pending)
         snapshot.dropped_connections = dict(self.dropped)
+        snapshot.hooks = self.hooks_link.states()
         try:
             monitor.channel.send(SNAPSHOT_ENCODER.encode(snapshot), socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):
@@ -784,6 +792,10 @@ def public_config(config: Config) -> dict[str, object]:
     tls = data.get("tls")
     if isinstance(tls, dict) and tls.get("private_key"):
         tls["private_key"] = "(hidden)"
+    monitor = data.get("monitor")
+    for key in ("password", "token"):
+        if isinstance(monitor, dict) and monitor.get(key):
+            monitor[key] = "(hidden)"
     return data
 
 
