@@ -70,6 +70,17 @@ def indexer_ready_once(channel, *_args: object) -> None:  # type: ignore[no-unty
     _forever()
 
 
+def extra_stage(_supervisor: object) -> ChildSpec:
+    """A kind of child registered in Targets.stages, as a forwarder would be."""
+    return ChildSpec("extra", extra_child, channel=False)
+
+
+def extra_child() -> None:
+    _note("extra")
+    time.sleep(0.3)
+    os._exit(4)
+
+
 def crashing_worker(_control, index: int, *_args: object) -> None:  # type: ignore[no-untyped-def]
     """A worker that dies as soon as it starts, every time."""
     _note(f"worker{index}")
@@ -104,17 +115,19 @@ from fastscp.runtime.children import TARGETS
 from tests import test_supervisor as fakes
 
 port, root, workers, targets, ready_timeout = sys.argv[1:6]
+targets = json.loads(targets)
+stages = tuple(getattr(fakes, name) for name in targets.pop("stages", []))
 supervisor.INDEXER_READY_TIMEOUT = float(ready_timeout)
 config = load_config(None, {"server.port": int(port), "server.host": "127.0.0.1", "storage.directory": root,
                             "server.workers": int(workers), "monitor.listen": "off"})
 logs.configure("INFO")
-targets = dataclasses.replace(TARGETS, **{kind: getattr(fakes, name) for kind, name in json.loads(targets).items()})
+targets = dataclasses.replace(TARGETS, stages=stages, **{kind: getattr(fakes, name) for kind, name in targets.items()})
 sys.exit(supervisor.Supervisor(config, targets, backoff=fakes.BACKOFF).run())
 """
 
 
 class FakeServer:
-    def __init__(self, tmp: Path, targets: dict[str, str], *, workers: int = 1, ready_timeout: float = 60) -> None:
+    def __init__(self, tmp: Path, targets: dict[str, object], *, workers: int = 1, ready_timeout: float = 60) -> None:
         self.port = free_port()
         self.log = tmp / "supervisor.log"
         self.fakes = tmp / "fakes.log"
@@ -153,7 +166,7 @@ class FakeServer:
 def fake_server(tmp_path):  # type: ignore[no-untyped-def]
     servers: list[FakeServer] = []
 
-    def start(targets: dict[str, str], **kwargs) -> FakeServer:  # type: ignore[no-untyped-def]
+    def start(targets: dict[str, object], **kwargs) -> FakeServer:  # type: ignore[no-untyped-def]
         server = FakeServer(tmp_path, targets, **kwargs)
         servers.append(server)
         return server
@@ -168,7 +181,8 @@ def _gaps(starts: list[tuple[int, float]]) -> list[float]:
 
 
 def test_a_child_that_dies_is_restarted_with_growing_backoff_and_the_storm_is_bounded(fake_server) -> None:  # type: ignore[no-untyped-def]
-    server = fake_server({"worker": "crashing_worker", "indexer": "indexer_ready", "poststore": "idle"})
+    server = fake_server({"worker": "crashing_worker", "indexer": "indexer_ready", "poststore": "idle",
+                          "stages": ["extra_stage"]})
     window = 6.5
     wait_until(lambda: server.starts("worker0"), timeout=30, what="the first worker start")
     time.sleep(window)
@@ -183,6 +197,10 @@ def test_a_child_that_dies_is_restarted_with_growing_backoff_and_the_storm_is_bo
     assert len({pid for pid, _ in starts}) == len(starts)
     log = server.log_text()
     assert "worker 0 (pid" in log and "exited with code 3" in log and "restarting it in 1 s" in log
+    # A child registered in Targets.stages is run and kept running the same way.
+    extra = server.starts("extra")
+    assert 3 <= len(extra) <= 7 and all(gap >= BACKOFF.first * 0.9 for gap in _gaps(extra)), extra
+    assert "extra started (pid" in log and "extra (pid" in log and "exited with code 4" in log
     assert server.stop() == 0
 
 

@@ -104,8 +104,10 @@ def monitor_process(channel: socket.socket, listen: str, config: Config | None =
     monitor_main(listen, channel, _Readiness(channel), config)  # type: ignore[arg-type]
 
 
-#: What the server's children run.
-TARGETS = Targets(worker=worker_main, indexer=indexer_process, poststore=poststore_main, monitor=monitor_process)
+#: What the server's children run. A new kind of child is one more entry in ``stages``: a function
+#: ``(supervisor) -> ChildSpec | None`` (:class:`~fastscp.runtime.supervisor.Targets`).
+TARGETS = Targets(worker=worker_main, indexer=indexer_process, poststore=poststore_main, monitor=monitor_process,
+                  stages=())
 
 
 def serve(config: Config, reload: Callable[[], Config] | None = None, config_file: str = "") -> int:

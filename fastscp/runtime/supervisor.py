@@ -105,14 +105,18 @@ class Targets:
     """What each child runs: ``target(channel, *args)`` (the post-store stage: ``target(*args)``).
 
     The server's are :data:`fastscp.runtime.children.TARGETS`; tests pass
-    small fakes. A new kind of child adds its target here and its
-    :class:`~fastscp.runtime.child.ChildSpec` in :meth:`Supervisor.stages`.
+    small fakes. ``stages`` registers more kinds of child (a forwarder, a
+    hook runner): each is called with the supervisor when the server starts
+    and returns its :class:`~fastscp.runtime.child.ChildSpec`, or None when
+    the config turns it off; they start after the built-in ones, stop before
+    them, and are restarted like them.
     """
 
     worker: Callable[..., object]
     indexer: Callable[..., object]
     poststore: Callable[..., object]
     monitor: Callable[..., object]
+    stages: tuple[Callable[[Supervisor], ChildSpec | None], ...] = ()
 
 
 @dataclass(eq=False)
@@ -254,8 +258,8 @@ class Supervisor:
     def stages(self) -> list[ChildSpec]:
         """The children beside the workers, in start order (they stop in the reverse order).
 
-        A new kind of child (a forwarder, a hook runner) is one more spec
-        here, with its target in :class:`Targets`.
+        A new kind of child (a forwarder, a hook runner) registers a
+        function that makes its spec in :attr:`Targets.stages`.
         """
         config, targets, db = self.config, self.targets, self.config.database
         specs = []
@@ -281,7 +285,7 @@ class Supervisor:
                        f"scan sheets {'on' if config.scansheet.enabled else 'off'}"),
                 channel=False, stop_timeout=60,  # SIGTERM: it finishes its queue and pending scan sheets
                 death_signal=signal.SIGTERM))  # it stops after the image in hand (poststore_main sees it is orphaned)
-        return specs
+        return specs + [spec for make in targets.stages if (spec := make(self)) is not None]
 
     def _make_child(self, spec: ChildSpec, on_message: Callable[[Child, object], None] | None = None,
                     on_exit: Callable[[Child], str] | None = None) -> Child:
