@@ -140,8 +140,8 @@ def _sql(args: argparse.Namespace) -> int:
 
 def _run(command: str, args: argparse.Namespace, request: Any, form: str, output: str | None, empty: str) -> int:
     """Run a query or SQL request on the index and write its rows in ``form``; the exit status."""
-    from fastscp.index.client import open_query_client
     from fastscp.index.database import IndexUnavailable
+    from fastscp.query.client import open_query_client
     from fastscp.query.engine import QueryError
 
     _storage, index_path = _paths(args)
@@ -236,8 +236,8 @@ def format_table(columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
 
 
 def _stats(args: argparse.Namespace) -> int:
-    from fastscp.index.client import open_query_client
     from fastscp.index.database import IndexUnavailable
+    from fastscp.query.client import open_query_client
     from fastscp.query.engine import StatsRequest
 
     _storage, index_path = _paths(args)
@@ -293,9 +293,9 @@ def format_stats(stats: Any, index_path: str) -> str:
 
 
 def _reindex(args: argparse.Namespace) -> int:
-    from fastscp.index.client import server_running
     from fastscp.index.database import IndexUnavailable
     from fastscp.index.reindex import reindex
+    from fastscp.query.client import server_running
 
     config = _config(args)
     storage, index_path = config.storage.directory, config.index_path

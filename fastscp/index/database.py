@@ -786,3 +786,18 @@ class Index:
             self.con.close()
         except duckdb.Error as exc:
             log.warning("closing the index %s: %s", self.path, exc)
+
+
+def read_conflicts(con: duckdb.DuckDBPyConnection) -> list[DuplicateConflict]:
+    """Every logged duplicate conflict, oldest first (none in a schema v1 index, which had no log)."""
+    if not con.execute("SELECT 1 FROM information_schema.tables WHERE table_name = 'duplicate_conflicts'").fetchall():
+        return []
+    rows = con.execute(
+        "SELECT sop_instance_uid, path, existing_hash, new_hash, policy, outcome, new_path, calling_ae_title, "
+        "epoch_us(received_at) FROM duplicate_conflicts ORDER BY received_at"
+    ).fetchall()
+    return [
+        DuplicateConflict(sop_instance_uid=r[0], path=r[1], existing_hash=r[2], new_hash=r[3], policy=r[4],
+                          outcome=r[5], new_path=r[6], calling_ae_title=r[7], received_at=r[8] / 1e6)
+        for r in rows
+    ]

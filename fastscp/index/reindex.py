@@ -25,9 +25,8 @@ import msgspec
 
 from fastscp.dicom.header import HeaderError, read_header_from
 from fastscp.dicom.part10 import dataset_sha256
-from fastscp.index.database import Index, IndexUnavailable
+from fastscp.index.database import Index, IndexUnavailable, read_conflicts
 from fastscp.index.records import DuplicateConflict, InstanceRecord
-from fastscp.query.engine import read_conflicts
 
 log = logging.getLogger("fastscp.reindex")
 

@@ -27,7 +27,7 @@ from pydicom.uid import UID
 from fastscp.dicom.header import HeaderError, HeaderFields, IncompleteHeader, parse_header
 from fastscp.dicom.sopclasses import FIND_SOP_CLASSES, MODALITY_SOP_CLASSES
 from fastscp.dicom.walk import mapped_dataset, walk_dataset, walk_from_prefix
-from fastscp.index.records import AssociationReport, DuplicateConflict, InstanceRecord
+from fastscp.index.records import DuplicateConflict, InstanceRecord
 from fastscp.net import dimse, findscp
 from fastscp.net.access import peer_ip
 from fastscp.net.findscp import MAX_IDENTIFIER_BYTES, Finder
@@ -39,7 +39,7 @@ from fastscp.net.negotiation import (
     encode_associate_rj,
     negotiate,
 )
-from fastscp.status import LATENCY_BUCKETS, SIZE_BUCKETS, AssociationState, Histogram
+from fastscp.status import LATENCY_BUCKETS, SIZE_BUCKETS, AssociationReport, AssociationState, Histogram
 from fastscp.storage.area import NO_SPACE, Committed, IncomingFile, Storage, TempFile
 from fastscp.storage.layout import LayoutOptions, relative_path
 
