@@ -60,7 +60,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from fastscp.index.batchtable import InstanceBatch
-from fastscp.index.database import Index
+from fastscp.index.database import Index, Lake
 from fastscp.index.records import BATCH_DECODER, DuplicateConflict, InstanceColumns, ThumbnailMade
 from fastscp.index.reindex import plan, read_records
 from fastscp.process.ipc import accept_local, listen, local_address, receive, same_user
@@ -635,18 +635,20 @@ def tune_gc() -> None:
 
 
 def indexer_main(db_path: str, wal_mode: bool, address: str, batch_size: int, batch_interval: float,
-                 ready: Connection, storage_root: str | None = None, sr_root: str = "") -> None:
+                 ready: Connection, storage_root: str | None = None, sr_root: str = "",
+                 lake: tuple[str, str, str] | None = None) -> None:
     """Entry point of the indexer process; reports "ready" or the error on ``ready``.
 
     ``storage_root`` (and ``sr_root``, ``storage.sr_directory``): reconcile
     the index with the files under it (in the background, after "ready");
-    None skips the reconcile.
+    None skips the reconcile. ``lake``: (catalog, data path, node) of a
+    shared index (:class:`fastscp.index.database.Lake`) instead of ``db_path``.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     tune_gc()
     try:
         os.makedirs(os.path.dirname(os.path.abspath(db_path)), exist_ok=True)
-        index = Index(db_path, wal_mode=wal_mode)
+        index = Index(db_path, wal_mode=wal_mode, lake=Lake(*lake) if lake else None)
         try:
             indexer = Indexer(index, address, batch_size, batch_interval,
                               storage_root=storage_root, sr_root=sr_root, query_address=query_address(db_path),

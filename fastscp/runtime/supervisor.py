@@ -223,7 +223,8 @@ class Supervisor:
         process = _fork.Process(
             target=self._child, name="fastscp-indexer",
             args=(indexer_main, self.config.index_path, db.wal_mode, self.address,
-                  db.batch_size, db.batch_interval, child, self.storage.root, self.storage.sr_root),
+                  db.batch_size, db.batch_interval, child, self.storage.root, self.storage.sr_root,
+                  self.config.lake),
         )
         process.start()
         child.close()
