@@ -13,6 +13,7 @@ import os
 import pwd
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -25,7 +26,7 @@ from fastscp.cli import index as cli_index
 from fastscp.dicom.synthetic import write_series
 from fastscp.index.client import QueryClient
 from fastscp.query.engine import QueryRequest, SqlRequest
-from tests.conftest import Server, dcmtk, wait_until
+from tests.conftest import Server, dcmtk, free_port, wait_until
 
 pytestmark = pytest.mark.dcmtk
 
@@ -170,3 +171,147 @@ def test_a_catalog_needs_its_data_path_and_the_postgres_prefix(tmp_path) -> None
     path.write_text("server:\n  node: a1\ndatabase:\n  catalog: 'postgres:dbname=lake host=db1'\n"
                     "  data_path: /lake\n")
     assert load_config(str(path)).lake == ("dbname=lake host=db1", "/lake", "a1")
+
+
+class HAProxy:
+    """Debian's HAProxy in TCP mode in front of ``nodes`` (Server objects), health-checking each /healthz."""
+
+    def __init__(self, folder: Path, nodes: list[tuple[str, Server, int]]) -> None:
+        self.port = free_port()
+        self.socket = folder / "haproxy.sock"
+        config = folder / "haproxy.cfg"
+        # The shipped example's settings, on loopback ports.
+        servers = "\n".join(f"    server {name} 127.0.0.1:{node.port} check port {monitor}"
+                            for name, node, monitor in nodes)
+        config.write_text(f"""global
+    maxconn 1024
+    stats socket {self.socket} mode 600 level admin
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 10m
+    timeout server 10m
+    retries 3
+    option redispatch
+frontend dicom
+    bind 127.0.0.1:{self.port}
+    default_backend fastscp
+backend fastscp
+    balance leastconn
+    option httpchk GET /healthz
+    http-check expect status 200
+    default-server inter 500ms fall 2 rise 2 maxconn 64
+{servers}
+""")
+        self.log = folder / "haproxy.log"
+        self._log_file = open(self.log, "w")
+        self.process = subprocess.Popen(["haproxy", "-db", "-f", str(config)], stdout=self._log_file,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+        wait_until(lambda: self.up() == {name for name, _, _ in nodes}, 30, "HAProxy to see every node up")
+
+    def up(self) -> set[str]:
+        """The names of the servers HAProxy sends to now."""
+        if self.process.poll() is not None:
+            raise AssertionError(f"haproxy exited with {self.process.returncode}:\n{self.log.read_text()}")
+        try:
+            with socket.socket(socket.AF_UNIX) as sock:
+                sock.settimeout(5)
+                sock.connect(str(self.socket))
+                sock.sendall(b"show servers state fastscp\n")
+                text = b""
+                while chunk := sock.recv(65536):
+                    text += chunk
+        except OSError:
+            return set()
+        # Columns: be_id be_name srv_id srv_name srv_addr srv_op_state ... (2: running)
+        rows = [line.split() for line in text.decode().splitlines()[1:] if line and not line.startswith("#")]
+        return {row[3] for row in rows if len(row) > 5 and row[5] == "2"}
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(30)
+        self._log_file.close()
+
+
+def indexed_on(server: Server, node: str) -> set[str]:
+    return {row[0] for row in sql_rows(server, f"SELECT path FROM instances WHERE node = '{node}'")}  # type: ignore[misc]
+
+
+def files_of(server: Server) -> set[str]:
+    return {p.relative_to(server.storage).as_posix() for p in server.stored_files()}
+
+
+def test_three_nodes_behind_haproxy_lose_nothing_to_kill_9(postgres, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    lake = tmp_path / "lake"
+    batches = [[str(p) for p in write_series(str(tmp_path / f"series{n}"), 20, rows=32, columns=32,
+                                             patient_id=f"HA{n}", seed=n)] for n in range(6)]
+    uids = {uid for batch in batches for uid in map(sop_uid, batch)}
+    names = ["node-a", "node-b", "node-c"]
+    nodes: dict[str, Server] = {}
+    monitors: dict[str, int] = {}
+    proxy = None
+    try:
+        for name in names:
+            folder = tmp_path / name
+            monitors[name] = free_port()
+            nodes[name] = Server(folder, workers=1, config=node_config(folder, postgres, lake, name),
+                                 monitor=f"127.0.0.1:{monitors[name]}")
+        proxy = HAProxy(tmp_path, [(name, nodes[name], monitors[name]) for name in names])
+        env = dict(os.environ, TCP_NODELAY="1")
+        argv = ["storescu", "-aec", "FASTSCP", "-xe", "127.0.0.1", str(proxy.port)]
+        senders = {n: subprocess.Popen([*argv, *batch], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                   for n, batch in enumerate(batches)}
+        victim = nodes["node-b"]
+        wait_until(lambda: len(victim.stored_files()) >= 3, 60, "node-b to store its first files")
+        victim.kill_group()
+        victim._log_file.close()
+        failed = []
+        for n, sender in senders.items():
+            sender.communicate(timeout=120)
+            if sender.returncode != 0:
+                failed.append(n)
+        assert failed, "no association was on the killed node: the test proved nothing"
+        wait_until(lambda: "node-b" not in proxy.up(), 30, "HAProxy to take node-b out")
+        # The modality sends again what was not acknowledged (storescu: the whole batch).
+        for n in failed:
+            dcmtk(*argv, *batches[n])
+        live = [nodes["node-a"], nodes["node-c"]]
+
+        def counted(server: Server) -> int:
+            return int(sql_rows(server, "SELECT count(DISTINCT sop_instance_uid) FROM instances")[0][0])  # type: ignore[call-overload]
+
+        # Queries from every live node count every instance (nothing acknowledged is lost).
+        for server in live:
+            wait_until(lambda server=server: counted(server) == len(uids), 60, "every instance in the index")
+        for name in ("node-a", "node-c"):
+            wait_until(lambda name=name: indexed_on(nodes[name], name) == files_of(nodes[name]), 60,
+                       f"{name}'s rows to equal its files")
+        # The killed node restarts on its storage and reconciles: its rows equal its files again.
+        restarted = Server(tmp_path / "node-b", workers=1, storage=victim.storage,
+                           config=tmp_path / "node-b" / "fastscp.yaml", monitor=f"127.0.0.1:{monitors['node-b']}")
+        nodes["node-b"] = restarted
+        wait_until(lambda: indexed_on(restarted, "node-b") == files_of(restarted), 60, "node-b to reconcile")
+        assert files_of(restarted), "node-b stored nothing before it was killed"
+        wait_until(lambda: proxy.up() == set(names), 30, "HAProxy to take node-b back")
+        for server in nodes.values():
+            assert counted(server) == len(uids)
+            rows = sql_rows(server, "SELECT node, count(*) FROM instances GROUP BY node")
+            assert sum(int(count) for _, count in rows) == sum(len(files_of(s)) for s in nodes.values())  # type: ignore[call-overload]
+            (study,) = findscu(server, tmp_path, "-S", "QueryRetrieveLevel=STUDY", "PatientID=HA0",
+                               "NumberOfStudyRelatedInstances")
+            assert int(study.NumberOfStudyRelatedInstances) >= 20
+    finally:
+        if proxy is not None:
+            proxy.stop()
+        for server in nodes.values():
+            if server.process.poll() is None:
+                server.stop()
+            server.kill_group()
+            server._log_file.close()
+
+
+def sop_uid(path: str) -> str:
+    import pydicom
+
+    return str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
