@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -122,14 +123,16 @@ def test_one_node_on_the_ducklake_index(postgres, series, tmp_path, capsys) -> N
         # Every row names its node and its file (relative to that node's storage root).
         rows = sql_rows(server, "SELECT node, path FROM instances")
         assert sorted(rows) == sorted(("node-a", path) for path in on_disk)
-        # The rows are in the lake (Parquet under data_path, catalog in PostgreSQL), not in a local file.
-        assert list(lake.rglob("*.parquet"))
+        # The rows are in the lake (catalog in PostgreSQL; DuckLake keeps small
+        # commits in the catalog until a checkpoint writes them to Parquet), not in a local file.
         assert not server.index.exists()
         assert "instances" in postgres.psql("SELECT table_name FROM ducklake_table", database="lake").split()
         # fastscp query (through the node's query socket) and C-FIND see them.
         assert cli_index.main(["query", "instances", "--index-db", str(server.index), "--json"]) == 0
         out = capsys.readouterr().out.splitlines()
         assert len(out) == len(series) and all('"PatientID":"LAKE1"' in line for line in out)
+        assert cli_index.main(["stats", "--index-db", str(server.index), "--json"]) == 0
+        assert f'"instances":{len(series)},' in capsys.readouterr().out
         with QueryClient(str(server.index)).query(QueryRequest(level="IMAGE", keys=["Path"])) as result:
             assert {row[0] for row in result} == on_disk
         (study,) = findscu(server, tmp_path, "-S", "QueryRetrieveLevel=STUDY", "PatientID=LAKE1",
@@ -315,3 +318,51 @@ def sop_uid(path: str) -> str:
     import pydicom
 
     return str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+
+
+def test_nodes_started_together_store_one_study_split_between_them(postgres, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # A new catalog: the nodes race to make DuckLake's tables and the schema.
+    # Then each node receives a third of one series at the same time: the
+    # index holds one study and one series, of every instance.
+    lake = tmp_path / "lake"
+    files = write_series(str(tmp_path / "series"), 30, rows=16, columns=16, patient_id="SPLIT")
+    names = ["node-a", "node-b", "node-c"]
+    started: dict[str, Server] = {}
+    errors: list[BaseException] = []
+
+    def start(name: str) -> None:
+        try:
+            started[name] = Server(tmp_path / name, workers=1,
+                                   config=node_config(tmp_path / name, postgres, lake, name))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start, args=(name,)) for name in names]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        assert not errors, errors
+        env = dict(os.environ, TCP_NODELAY="1")
+        senders = [subprocess.Popen(["storescu", "-aec", "FASTSCP", "127.0.0.1", str(started[name].port),
+                                     *files[k::3]], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                   for k, name in enumerate(names)]
+        for sender in senders:
+            output, _ = sender.communicate(timeout=120)
+            assert sender.returncode == 0, output
+        for name, server in started.items():
+            wait_until(lambda server=server: sql_rows(server, "SELECT count(*) FROM instances") == [(30,)], 60,
+                       f"{name} to count every instance")
+            assert sorted(sql_rows(server, "SELECT node, count(*) FROM instances GROUP BY node")) == [
+                (other, 10) for other in names]
+            assert sql_rows(server, "SELECT count(*) FROM studies") == [(1,)]
+            assert sql_rows(server, "SELECT count(*) FROM series") == [(1,)]
+            (study,) = findscu(server, tmp_path, "-S", "QueryRetrieveLevel=STUDY", "PatientID=SPLIT",
+                               "NumberOfStudyRelatedInstances", "NumberOfStudyRelatedSeries")
+            assert int(study.NumberOfStudyRelatedInstances) == 30
+            assert int(study.NumberOfStudyRelatedSeries) == 1
+    finally:
+        for server in started.values():
+            server.stop()
+            server._log_file.close()

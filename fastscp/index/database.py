@@ -131,6 +131,11 @@ _PRIMARY_KEY = {"studies": "study_instance_uid", "series": "series_instance_uid"
                 "instances": "path", "thumbnails": "path", "attribute_maps": "id"}
 #: In a lake: the tables whose rows name their node (the last column, ``node``).
 _NODE_TABLES = ("instances", "thumbnails", "duplicate_conflicts")
+#: In a lake, studies and series are written to these tables and never
+#: updated: nodes that store parts of one study at once would otherwise
+#: both insert its row (no key refuses the second), or conflict replacing
+#: it. The views ``studies`` and ``series`` read the latest row of each key.
+_LAKE_PARENTS = {"studies": "studies_rows", "series": "series_rows"}
 
 
 def quote(name: str) -> str:
@@ -139,13 +144,19 @@ def quote(name: str) -> str:
 
 
 def _create_table(table: str, *, lake: bool = False) -> str:
-    """A table's CREATE statement; in a lake without keys (DuckLake has none) and with the node of each row."""
+    """A table's CREATE statement; in a lake without keys (DuckLake has none) and with the node of each row.
+
+    A lake's studies and series are appended to ``*_rows`` tables (see
+    :data:`_LAKE_PARENTS`), each row with the time it was written.
+    """
     key = None if lake else _PRIMARY_KEY.get(table)
     columns = ", ".join(
         f"{quote(name)} {sql}{' PRIMARY KEY' if name == key else ''}" for name, sql in TABLES[table].items()
     )
     if lake and table in _NODE_TABLES:
         columns += ", node VARCHAR"
+    if lake and table in _LAKE_PARENTS:
+        return f"CREATE TABLE {_LAKE_PARENTS[table]} ({columns}, written_at TIMESTAMP)"
     return f"CREATE TABLE {table} ({columns})"
 
 
@@ -214,7 +225,13 @@ def _views(lake: bool) -> tuple[str, ...]:
         return _VIEWS
     view = _MAP_VIEW.replace("SELECT i.path,", "SELECT i.node, i.path,").replace(
         "LEFT JOIN attribute_maps am", "LEFT JOIN (SELECT DISTINCT id, attributes FROM attribute_maps) am")
-    return tuple(view if text == _MAP_VIEW else text for text in _VIEWS)
+    parents = tuple(
+        f"CREATE VIEW {table} AS SELECT DISTINCT ON ({quote(_PRIMARY_KEY[table])}) {_column_list(table)} "
+        f"FROM {rows} ORDER BY {quote(_PRIMARY_KEY[table])}, written_at DESC"
+        for table, rows in _LAKE_PARENTS.items()
+    )
+    # The parents' views first: the others read them.
+    return parents + tuple(view if text == _MAP_VIEW else text for text in _VIEWS)
 
 
 # -- the shared index (DuckLake) --------------------------------------------------------
@@ -275,12 +292,20 @@ def _load_lake_extensions(con: duckdb.DuckDBPyConnection) -> None:
 def _attach_lake(con: duckdb.DuckDBPyConnection, lake: Lake, *, read_only: bool) -> None:
     _load_lake_extensions(con)
     options = f"DATA_PATH {_sql_text(os.path.join(lake.data_path, ''))}" + (", READ_ONLY" if read_only else "")
-    try:
-        con.execute(f"ATTACH {_sql_text('ducklake:postgres:' + lake.catalog)} AS lake ({options})")
-    except duckdb.Error as exc:
-        # Never the connection string (it may hold a password).
-        reason = str(exc).splitlines()[0].replace(lake.catalog, "<database.catalog>")
-        raise IndexUnavailable(f"database.catalog: cannot open {lake}: {reason}") from None
+    for attempt in range(1, LAKE_WRITE_ATTEMPTS + 1):
+        try:
+            con.execute(f"ATTACH {_sql_text('ducklake:postgres:' + lake.catalog)} AS lake ({options})")
+            break
+        except duckdb.Error as exc:
+            # Never the connection string (it may hold a password).
+            reason = str(exc).splitlines()[0].replace(lake.catalog, "<database.catalog>")
+            if attempt == LAKE_WRITE_ATTEMPTS:
+                raise IndexUnavailable(f"database.catalog: cannot open {lake}: {reason}") from None
+            # Nodes that start together on a new catalog race to make
+            # DuckLake's own tables: the losers' ATTACH fails, and the next
+            # one finds them made.
+            log.info("%s: attempt %d to open it failed: %s", lake, attempt, reason)
+            time.sleep(0.2 * attempt)
     con.execute("USE lake")
 
 
@@ -490,7 +515,8 @@ class Index:
                 with self.transaction():
                     self._create(from_v1=False)
                     self.con.execute("INSERT INTO schema_version VALUES (?)", [SCHEMA_VERSION])
-            except duckdb.TransactionException as exc:
+            except (duckdb.TransactionException, duckdb.CatalogException) as exc:
+                # Refused at COMMIT, or at CREATE once the other node's commit is visible.
                 log.info("%s: another node made the schema first (%s)", self.path, str(exc).splitlines()[0])
             self.version = self._version()
         raise IndexUnavailable(f"{self.path}: the schema could not be made (conflicts with other nodes)")
@@ -717,6 +743,11 @@ class Index:
                 time.sleep(0.05 * attempt)
         raise AssertionError("unreachable")
 
+    def _own_rows(self, table: str, batch: str) -> bool:
+        """Whether ``table`` holds a row of this node with a path of the registered ``batch``."""
+        return bool(self.con.execute(
+            f"SELECT count(*) FROM {table} WHERE path IN (SELECT path FROM {batch}){self._mine()}").fetchall()[0][0])
+
     def _mine(self, alias: str = "") -> str:
         """SQL: `` AND`` the row is this node's (in a lake; "" in a file, whose rows are all its own)."""
         return f" AND {alias}node = {_sql_text(self.lake.node)}" if self.lake else ""
@@ -753,9 +784,12 @@ class Index:
                             f"WHERE NOT EXISTS (SELECT 1 FROM instances i WHERE i.path = b.path{self._mine('i.')})")
                 replaced = True
             else:
-                (deleted,) = con.execute(
-                    f"DELETE FROM instances WHERE path IN (SELECT path FROM batch_instances){self._mine()}"
-                ).fetchone()  # type: ignore[misc]
+                deleted = 0
+                if not self.lake or self._own_rows("instances", "batch_instances"):
+                    # (In a lake only when there is one: a DELETE conflicts with other nodes' deletes.)
+                    (deleted,) = con.execute(
+                        f"DELETE FROM instances WHERE path IN (SELECT path FROM batch_instances){self._mine()}"
+                    ).fetchone()  # type: ignore[misc]
                 con.execute(f"INSERT INTO instances {self._instance_values}")
                 replaced = deleted > 0
             if replaced:
@@ -800,8 +834,9 @@ class Index:
                 con.register("batch_thumbnails", batch)
                 node = f", {_sql_text(self.lake.node)}" if self.lake else ""
                 with self.transaction():
-                    con.execute(f"DELETE FROM thumbnails WHERE path IN (SELECT path FROM batch_thumbnails)"
-                                f"{self._mine()}")
+                    if not self.lake or self._own_rows("thumbnails", "batch_thumbnails"):
+                        con.execute(f"DELETE FROM thumbnails WHERE path IN (SELECT path FROM batch_thumbnails)"
+                                    f"{self._mine()}")
                     con.execute(f"INSERT INTO thumbnails SELECT *{node} FROM batch_thumbnails")
         finally:
             con.unregister("batch_thumbnails")
@@ -826,11 +861,10 @@ class Index:
             schema=_SCHEMAS[table],
         )
         self.con.register("batch_parents", batch)  # replaces the last table's; unregistered by _in_transaction
-        if upsert and self.lake:
-            # No key to upsert on: the rows of these keys go, the batch's come.
-            key = quote(names[0])
-            self.con.execute(f"DELETE FROM {table} WHERE {key} IN (SELECT {key} FROM batch_parents)")
-            self.con.execute(f"INSERT INTO {table} ({_column_list(table)}) SELECT * FROM batch_parents")
+        if self.lake:
+            # Appended, never replaced: the view reads the latest (_LAKE_PARENTS).
+            self.con.execute(f"INSERT INTO {_LAKE_PARENTS[table]} ({_column_list(table)}, written_at) "
+                             "SELECT *, now() FROM batch_parents")
         elif upsert:
             updates = ", ".join(f"{quote(name)} = excluded.{quote(name)}" for name in names[1:])
             self.con.execute(f"INSERT INTO {table} ({_column_list(table)}) SELECT * FROM batch_parents "
@@ -847,13 +881,14 @@ class Index:
         self._after_write()
 
     def _prune(self) -> None:
+        series, studies = (_LAKE_PARENTS["series"], _LAKE_PARENTS["studies"]) if self.lake else ("series", "studies")
         self.con.execute(
-            "DELETE FROM series WHERE NOT EXISTS "
-            "(SELECT 1 FROM instances i WHERE i.series_instance_uid = series.series_instance_uid)"
+            f"DELETE FROM {series} WHERE NOT EXISTS "
+            f"(SELECT 1 FROM instances i WHERE i.series_instance_uid = {series}.series_instance_uid)"
         )
         self.con.execute(
-            "DELETE FROM studies WHERE NOT EXISTS "
-            "(SELECT 1 FROM instances i WHERE i.study_instance_uid = studies.study_instance_uid)"
+            f"DELETE FROM {studies} WHERE NOT EXISTS "
+            f"(SELECT 1 FROM instances i WHERE i.study_instance_uid = {studies}.study_instance_uid)"
         )
         self.con.execute(
             "DELETE FROM attribute_maps WHERE NOT EXISTS "
