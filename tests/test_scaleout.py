@@ -366,3 +366,47 @@ def test_nodes_started_together_store_one_study_split_between_them(postgres, tmp
         for server in started.values():
             server.stop()
             server._log_file.close()
+
+
+def test_a_node_writes_replaces_and_reconciles_only_its_own_rows(postgres, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from fastscp.index.database import Index, Lake
+    from fastscp.index.reindex import read_records, walk
+
+    root = tmp_path / "storage"
+    write_series(str(root), 36, rows=16, columns=16, patient_id="OWN")
+    failed: list[tuple[str, str]] = []
+    records = read_records(str(root), sorted(walk(str(root))), failed=failed)
+    assert failed == [] and len(records) == 36
+    catalog = postgres.catalog.removeprefix("postgres:")
+    a = Index(str(tmp_path / "a.duckdb"), lake=Lake(catalog, str(tmp_path / "lake"), "node-a"))
+    b = Index(str(tmp_path / "b.duckdb"), lake=Lake(catalog, str(tmp_path / "lake"), "node-b"))
+    try:
+        def per_node(index: Index) -> list[tuple[object, ...]]:
+            return index.con.execute("SELECT node, count(*) FROM instances GROUP BY 1 ORDER BY 1").fetchall()
+
+        # Three commits of 12 (more than DuckLake inlines): three Parquet files per table.
+        for start in range(0, 36, 12):
+            a.add(records[start:start + 12])
+        b.add(records)  # the same paths, on another node
+        assert per_node(b) == [("node-a", 36), ("node-b", 36)]
+        a.add(records[:5])  # a resend to node-a replaces node-a's rows, never node-b's
+        assert per_node(a) == [("node-a", 36), ("node-b", 36)]
+        assert a.remove([records[0].path]) == 1
+        assert per_node(b) == [("node-a", 35), ("node-b", 36)]
+        assert set(a.file_states()) == {r.path for r in records[1:]}
+        assert set(b.file_states()) == {r.path for r in records}
+        assert a.con.execute("SELECT count(*) FROM studies").fetchall() == [(1,)]
+        assert a.con.execute("SELECT count(*) FROM series").fetchall() == [(1,)]
+        assert len(a.study_instances(records[0].header.study_instance_uid)) == 35
+
+        def files() -> int:
+            return len(a.con.execute("SELECT * FROM ducklake_list_files('lake', 'instances')").fetchall())
+
+        before = files()
+        assert before >= 3
+        assert a.checkpoint()  # DuckLake's merge of the small files
+        assert files() < before
+        assert per_node(b) == [("node-a", 35), ("node-b", 36)]
+    finally:
+        a.close()
+        b.close()

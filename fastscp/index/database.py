@@ -902,14 +902,15 @@ class Index:
             return 0
         with self.transaction("gone_paths") as con:
             con.register("gone_paths", pa.table({"path": pa.array(gone, type=pa.string())}))
-            row = con.execute(
-                f"DELETE FROM instances WHERE path IN (SELECT path FROM gone_paths){self._mine()} RETURNING path"
-            ).fetchall()
+            # The count DELETE answers (DuckLake has no DELETE ... RETURNING).
+            (dropped,) = con.execute(
+                f"DELETE FROM instances WHERE path IN (SELECT path FROM gone_paths){self._mine()}"
+            ).fetchall()[0]
             con.execute(f"DELETE FROM thumbnails WHERE path IN (SELECT path FROM gone_paths){self._mine()}")
             self._prune()
         self._known = {table: {} for table in self._known}
         self._after_write()
-        return len(row)
+        return int(dropped)
 
     def _after_write(self) -> None:
         if self.lake:
