@@ -17,7 +17,6 @@ import socket
 import subprocess
 import tempfile
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from fastscp.dicom.synthetic import write_series
 from fastscp.index.client import QueryClient
 from fastscp.query.engine import QueryRequest, SqlRequest
 from tests.conftest import Server, dcmtk, free_port, wait_until
+from tests.test_cfind import findscu
 
 pytestmark = pytest.mark.dcmtk
 
@@ -113,7 +113,8 @@ def sql_rows(server: Server, sql: str) -> list[tuple[object, ...]]:
 def test_one_node_on_the_ducklake_index(postgres, series, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
     lake = tmp_path / "lake"
     folder = tmp_path / "node-a"
-    server = Server(folder, workers=1, config=node_config(folder, postgres, lake, "node-a"))
+    config = node_config(folder, postgres, lake, "node-a")
+    server = Server(folder, workers=1, config=config)
     try:
         dcmtk("storescu", "-aec", server.ae_title, "-xe", "127.0.0.1", str(server.port), *map(str, series))
         on_disk = {p.relative_to(server.storage).as_posix() for p in server.stored_files()}
@@ -141,24 +142,17 @@ def test_one_node_on_the_ducklake_index(postgres, series, tmp_path, capsys) -> N
         assert int(study.NumberOfStudyRelatedInstances) == len(series)
     finally:
         assert server.stop() == 0, server.log_text()
+    # With no node running, fastscp query with the node's config reads the lake read-only.
+    capsys.readouterr()
+    assert cli_index.main(["query", "instances", "--config", str(config), "--index-db", str(server.index),
+                           "--json"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == len(series)
 
 
 def study_uid(path: Path) -> str:
     import pydicom
 
     return str(pydicom.dcmread(path, stop_before_pixels=True).StudyInstanceUID)
-
-
-def findscu(server: Server, tmp_path: Path, model: str, *keys: str) -> list:  # type: ignore[type-arg]
-    import pydicom
-
-    out = tmp_path / f"rsp-{time.monotonic_ns()}"
-    out.mkdir()
-    argv = ["findscu", model, "-aec", server.ae_title, "-X", "-od", str(out)]
-    for key in keys:
-        argv += ["-k", key]
-    dcmtk(*argv, "127.0.0.1", str(server.port))
-    return [pydicom.dcmread(p) for p in sorted(out.glob("rsp*.dcm"))]
 
 
 def test_a_catalog_needs_its_data_path_and_the_postgres_prefix(tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -144,9 +144,10 @@ def _run(command: str, args: argparse.Namespace, request: Any, form: str, output
     from fastscp.index.database import IndexUnavailable
     from fastscp.query.engine import QueryError
 
-    _storage, index_path = _paths(args)
+    config = _config(args)
+    index_path = config.index_path
     try:
-        client = open_query_client(index_path)
+        client = open_query_client(index_path, config.lake)
     except IndexUnavailable as exc:
         print(f"fastscp {command}: {exc}", file=sys.stderr)
         return 1
@@ -240,9 +241,10 @@ def _stats(args: argparse.Namespace) -> int:
     from fastscp.index.database import IndexUnavailable
     from fastscp.query.engine import StatsRequest
 
-    _storage, index_path = _paths(args)
+    config = _config(args)
+    index_path = config.index_path
     try:
-        client = open_query_client(index_path)
+        client = open_query_client(index_path, config.lake)
     except IndexUnavailable as exc:
         print(f"fastscp stats: {exc}", file=sys.stderr)
         return 1
