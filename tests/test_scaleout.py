@@ -32,6 +32,7 @@ from tests.test_cfind import findscu
 pytestmark = pytest.mark.dcmtk
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
+EXAMPLE_HAPROXY_CFG = Path(__file__).parent.parent / "config" / "haproxy.cfg.example"
 
 
 class PostgresCluster:
@@ -177,29 +178,20 @@ class HAProxy:
         self.port = free_port()
         self.socket = folder / "haproxy.sock"
         config = folder / "haproxy.cfg"
-        # The shipped example's settings, on loopback ports.
-        servers = "\n".join(f"    server {name} 127.0.0.1:{node.port} check port {monitor}"
-                            for name, node, monitor in nodes)
-        config.write_text(f"""global
-    maxconn 1024
-    stats socket {self.socket} mode 600 level admin
-defaults
-    mode tcp
-    timeout connect 5s
-    timeout client 10m
-    timeout server 10m
-    retries 3
-    option redispatch
-frontend dicom
-    bind 127.0.0.1:{self.port}
-    default_backend fastscp
-backend fastscp
-    balance leastconn
-    option httpchk GET /healthz
-    http-check expect status 200
-    default-server inter 500ms fall 2 rise 2 maxconn 64
-{servers}
-""")
+        # The shipped example, on loopback ports: its servers replaced by
+        # these nodes, no syslog, and a stats socket to ask which are up.
+        lines = []
+        for line in EXAMPLE_HAPROXY_CFG.read_text().splitlines():
+            words = line.split()
+            if words[:1] in (["log"], ["server"]) or words == ["option", "tcplog"]:
+                continue
+            if words[:1] == ["bind"]:
+                line = f"    bind 127.0.0.1:{self.port}"
+            lines.append(line)
+            if words == ["global"]:
+                lines.append(f"    stats socket {self.socket} mode 600 level admin")
+        lines += [f"    server {name} 127.0.0.1:{node.port} check port {monitor}" for name, node, monitor in nodes]
+        config.write_text("\n".join(lines) + "\n")
         self.log = folder / "haproxy.log"
         self._log_file = open(self.log, "w")
         self.process = subprocess.Popen(["haproxy", "-db", "-f", str(config)], stdout=self._log_file,
@@ -404,3 +396,58 @@ def test_a_node_writes_replaces_and_reconciles_only_its_own_rows(postgres, tmp_p
     finally:
         a.close()
         b.close()
+
+
+def test_haproxy_takes_a_draining_node_out(postgres, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import urllib.error
+    import urllib.request
+
+    import pydicom
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+
+    from fastscp.dicom.part10 import dataset_offset
+    from tests.rawscu import RawSCU
+
+    lake = tmp_path / "lake"
+    (held,) = write_series(str(tmp_path / "held"), 1, rows=32, columns=32, patient_id="DRAIN")
+    others = write_series(str(tmp_path / "others"), 5, rows=32, columns=32, patient_id="OTHERS", seed=1)
+    names = ["node-a", "node-b"]
+    nodes: dict[str, Server] = {}
+    monitors = {name: free_port() for name in names}
+    proxy = None
+    try:
+        for name in names:
+            nodes[name] = Server(tmp_path / name, workers=1,
+                                 config=node_config(tmp_path / name, postgres, lake, name),
+                                 monitor=f"127.0.0.1:{monitors[name]}")
+        proxy = HAProxy(tmp_path, [(name, nodes[name], monitors[name]) for name in names])
+        draining = nodes["node-a"]
+        raw = Path(held).read_bytes()
+        data = raw[dataset_offset(raw):]
+        scu = RawSCU(draining.port, CTImageStorage, ExplicitVRLittleEndian)
+        scu.begin_store(str(pydicom.dcmread(held, stop_before_pixels=True).SOPInstanceUID))
+        scu.send_data(data[: len(data) // 2], last=False)
+        draining.signal(signal.SIGTERM)
+        # While its association finishes, node-a's /healthz says why it is out, and HAProxy sends elsewhere.
+        wait_until(lambda: "node-a" not in proxy.up(), 30, "HAProxy to take the draining node out")
+        assert draining.process.poll() is None, "node-a must wait for its open association"
+        with pytest.raises(urllib.error.HTTPError) as answer:
+            urllib.request.urlopen(f"http://127.0.0.1:{monitors['node-a']}/healthz", timeout=5)
+        assert answer.value.code == 503 and b"stopping" in answer.value.read()
+        dcmtk("storescu", "-aec", "FASTSCP", "127.0.0.1", str(proxy.port), *others)
+        scu.send_data(data[len(data) // 2:], last=True)
+        assert scu.read_status() == 0
+        scu.release()
+        assert draining.process.wait(30) == 0
+        assert len(nodes["node-b"].stored_files()) == len(others)
+        # node-a's last store reached the shared index before it stopped.
+        wait_until(lambda: sql_rows(nodes["node-b"], "SELECT node, count(*) FROM instances GROUP BY 1 ORDER BY 1")
+                   == [("node-a", 1), ("node-b", len(others))], 60, "both nodes' rows")
+    finally:
+        if proxy is not None:
+            proxy.stop()
+        for server in nodes.values():
+            if server.process.poll() is None:
+                server.stop()
+            server.kill_group()
+            server._log_file.close()
