@@ -22,7 +22,8 @@ sees) that several nodes write at once. There each row of ``instances``,
 ``thumbnails`` and ``duplicate_conflicts`` names its ``node`` (its ``path`` is
 relative to that node's storage root); a node writes, replaces and reconciles
 only its own rows and reads everyone's. DuckLake has no PRIMARY KEY or UNIQUE
-constraints: every lake write replaces by key (DELETE, then INSERT).
+constraints: a resent instance replaces its node's row by path (DELETE, then
+INSERT), and studies and series are appended (:data:`_LAKE_PARENTS`).
 """
 
 from __future__ import annotations
@@ -214,7 +215,6 @@ _VIEWS = _PATIENT_VIEWS + (_MAP_VIEW,) + (
 )
 
 
-
 def _views(lake: bool) -> tuple[str, ...]:
     """The views; a lake's map view names each row's node, and reads a base map once.
 
@@ -364,12 +364,13 @@ _KNOWN_LIMIT = 100_000
 #: this much WAL at the next start.
 CHECKPOINT_WAL_BYTES = 256 * 1024 * 1024
 
-#: A lake writes a Parquet file per commit (per table written); its
-#: CHECKPOINT merges the small files. The indexer checkpoints when idle,
+#: A lake writes a Parquet file per commit of more than 10 rows (DuckLake
+#: keeps smaller ones in its catalog), per table; its CHECKPOINT merges
+#: the small files. The indexer checkpoints when idle,
 #: and a node under steady load at least this often (seconds).
 LAKE_MERGE_SECONDS = 60.0
 #: Attempts of a lake write that conflicts with another node's (both
-#: replaced the same study row, say): the loser starts over.
+#: deleted rows of one data file, say): the loser starts over.
 LAKE_WRITE_ATTEMPTS = 5
 
 
