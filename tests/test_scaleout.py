@@ -148,6 +148,10 @@ def test_one_node_on_the_ducklake_index(postgres, series, tmp_path, capsys) -> N
     assert cli_index.main(["query", "instances", "--config", str(config), "--index-db", str(server.index),
                            "--json"]) == 0
     assert len(capsys.readouterr().out.splitlines()) == len(series)
+    # reindex rebuilds an index file: it refuses a node of the shared index (its start reconciles).
+    assert cli_index.main(["reindex", "--config", str(config), "--storage-dir", str(server.storage)]) == 1
+    assert "database.catalog: reindex rebuilds an index file" in capsys.readouterr().err
+    assert not server.index.exists()
 
 
 def study_uid(path: Path) -> str:

@@ -302,6 +302,11 @@ def _reindex(args: argparse.Namespace) -> int:
     config = _config(args)
     storage, index_path = config.storage.directory, config.index_path
     sr_root = getattr(config.storage, "sr_directory", "")
+    if config.lake:
+        print(f"fastscp reindex: {args.config}: database.catalog: reindex rebuilds an index file, not the shared "
+              "index; start the node instead (its reconcile indexes the files it has and drops rows of files "
+              "that are gone)", file=sys.stderr)
+        return 1
     if server_running(index_path):
         print(f"fastscp reindex: a running fastscp server owns {index_path}; stop it first "
               "(the server keeps its index up to date and reconciles it with the files when it starts)",
