@@ -396,6 +396,10 @@ def test_a_node_writes_replaces_and_reconciles_only_its_own_rows(postgres, tmp_p
         assert before >= 3
         assert a.checkpoint()  # DuckLake's merge of the small files
         assert files() < before
+        # ...which also drops snapshots, and the files only they used, after an hour.
+        assert a.con.execute("SELECT option_name, value FROM ducklake_options('lake') WHERE option_name "
+                             "LIKE '%older_than' ORDER BY 1").fetchall() == [
+            ("delete_older_than", "1 hour"), ("expire_older_than", "1 hour")]
         assert per_node(b) == [("node-a", 35), ("node-b", 36)]
     finally:
         a.close()

@@ -372,6 +372,10 @@ LAKE_MERGE_SECONDS = 60.0
 #: Attempts of a lake write that conflicts with another node's (both
 #: deleted rows of one data file, say): the loser starts over.
 LAKE_WRITE_ATTEMPTS = 5
+#: A lake's CHECKPOINT also forgets snapshots older than this and deletes
+#: the files only they used (the small files a merge replaced); a query
+#: on another node reads one snapshot, and none runs for an hour.
+LAKE_KEEP_SNAPSHOTS = "1 hour"
 
 
 class Index:
@@ -516,6 +520,8 @@ class Index:
                 with self.transaction():
                     self._create(from_v1=False)
                     self.con.execute("INSERT INTO schema_version VALUES (?)", [SCHEMA_VERSION])
+                    for option in ("expire_older_than", "delete_older_than"):
+                        self.con.execute(f"CALL lake.set_option('{option}', '{LAKE_KEEP_SNAPSHOTS}')")
             except (duckdb.TransactionException, duckdb.CatalogException) as exc:
                 # Refused at COMMIT, or at CREATE once the other node's commit is visible.
                 log.info("%s: another node made the schema first (%s)", self.path, str(exc).splitlines()[0])
