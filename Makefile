@@ -10,11 +10,11 @@ BIN     = $(VENV)/bin
 # chromium (the status page is tested in a real headless browser), DejaVu
 # fonts for scan sheets, systemd (systemd-analyze verifies the unit of
 # `fastscp service install`), strace (tests count the fsync calls a server makes),
-# xorriso (the ISO 9660 image of `fastscp export dicomdir --iso`), postgresql
-# and haproxy (tests/test_scaleout.py runs nodes on a DuckLake index whose
-# catalog is in PostgreSQL, behind HAProxy).
-APT_PACKAGES = dcmtk libjpeg62-turbo-dev zlib1g-dev chromium openssl fonts-dejavu-core systemd strace xorriso \
-  postgresql haproxy
+# xorriso (the ISO 9660 image of `fastscp export dicomdir --iso`).
+APT_PACKAGES = dcmtk libjpeg62-turbo-dev zlib1g-dev chromium openssl fonts-dejavu-core systemd strace xorriso
+# PostgreSQL and HAProxy: tests/test_scaleout.py runs nodes on a DuckLake
+# index whose catalog is in PostgreSQL, behind HAProxy.
+APT_PACKAGES += postgresql haproxy
 
 # Benchmarks also compare against Orthanc (Debian's package, its own SQLite index).
 BENCH_APT_PACKAGES = orthanc
