@@ -17,7 +17,7 @@ import socket
 import subprocess
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pytest
@@ -227,6 +227,17 @@ class HAProxy:
         self._log_file.close()
 
 
+def stop_all(proxy: HAProxy | None, servers: Iterable[Server]) -> None:
+    """Stop HAProxy, then every node still running (SIGTERM; its process group killed after)."""
+    if proxy is not None:
+        proxy.stop()
+    for server in servers:
+        if server.process.poll() is None:
+            server.stop()
+        server.kill_group()
+        server._log_file.close()
+
+
 def indexed_on(server: Server, node: str) -> set[str]:
     return {row[0] for row in sql_rows(server, f"SELECT path FROM instances WHERE node = '{node}'")}  # type: ignore[misc]
 
@@ -295,13 +306,7 @@ def test_three_nodes_behind_haproxy_lose_nothing_to_kill_9(postgres, tmp_path) -
                                "NumberOfStudyRelatedInstances")
             assert int(study.NumberOfStudyRelatedInstances) >= 20
     finally:
-        if proxy is not None:
-            proxy.stop()
-        for server in nodes.values():
-            if server.process.poll() is None:
-                server.stop()
-            server.kill_group()
-            server._log_file.close()
+        stop_all(proxy, nodes.values())
 
 
 def sop_uid(path: str) -> str:
@@ -353,9 +358,7 @@ def test_nodes_started_together_store_one_study_split_between_them(postgres, tmp
             assert int(study.NumberOfStudyRelatedInstances) == 30
             assert int(study.NumberOfStudyRelatedSeries) == 1
     finally:
-        for server in started.values():
-            server.stop()
-            server._log_file.close()
+        stop_all(None, started.values())
 
 
 def test_a_node_writes_replaces_and_reconciles_only_its_own_rows(postgres, tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -452,10 +455,4 @@ def test_haproxy_takes_a_draining_node_out(postgres, tmp_path) -> None:  # type:
         wait_until(lambda: sql_rows(nodes["node-b"], "SELECT node, count(*) FROM instances GROUP BY 1 ORDER BY 1")
                    == [("node-a", 1), ("node-b", len(others))], 60, "both nodes' rows")
     finally:
-        if proxy is not None:
-            proxy.stop()
-        for server in nodes.values():
-            if server.process.poll() is None:
-                server.stop()
-            server.kill_group()
-            server._log_file.close()
+        stop_all(proxy, nodes.values())
