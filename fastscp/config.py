@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import socket
 import typing
 from typing import Annotated, Any, Literal
 
@@ -53,6 +54,8 @@ class ServerConfig(_Section):
     acse_timeout: Seconds = 30.0
     dimse_timeout: Seconds = 120.0
     shutdown_timeout: Seconds = 30.0
+    #: This node's name in a shared index (database.catalog); "" means the host name.
+    node: Annotated[str, msgspec.Meta(max_length=64, pattern=r"^[A-Za-z0-9_.-]*$")] = ""
 
 
 class LimitsConfig(_Section):
@@ -154,6 +157,10 @@ class DatabaseConfig(_Section):
     wal_mode: bool = True
     batch_size: Positive = 1000
     batch_interval: Seconds = 0.2
+    #: A shared index: "postgres:" and the libpq connection string of the DuckLake catalog; "" is the file.
+    catalog: str = ""
+    #: The shared index's Parquet folder, the same path on every node (with catalog).
+    data_path: str = ""
 
 
 class LoggingConfig(_Section):
@@ -296,6 +303,14 @@ class Config(_Section):
     def index_path(self) -> str:
         """``database.path``; empty means ``index.duckdb`` inside the storage folder."""
         return self.database.path or os.path.join(self.storage.directory, "index.duckdb")
+
+    @property
+    def lake(self) -> tuple[str, str, str] | None:
+        """(libpq catalog string, data path, node name) of a shared index; None for the index file."""
+        catalog = self.database.catalog
+        if not catalog:
+            return None
+        return catalog.removeprefix("postgres:"), self.database.data_path, self.server.node or socket.gethostname()
 
     @property
     def sop_class_uids(self) -> tuple[str, ...]:
@@ -513,6 +528,13 @@ def load_config(path: str | None = None, overrides: dict[str, Any] | None = None
         raise ConfigError(f"{where}: accepted_sop_classes: {exc}") from None
     _check_forwarding(config.forwarding, source)
     _check_monitor_credentials(config.monitor, source)
+    database = config.database
+    if database.catalog and not (database.catalog.startswith("postgres:") and database.data_path):
+        raise ConfigError(f"{source}: database.catalog: a shared index needs 'postgres:' and the catalog's libpq "
+                          "connection string (postgres:dbname=fastscp host=db1), and database.data_path: the "
+                          "folder of its Parquet files, the same on every node")
+    if database.data_path and not database.catalog:
+        raise ConfigError(f"{source}: database.data_path: set database.catalog too (or remove data_path)")
     if config.storage.naming == "template":
         try:
             check_template(config.storage.template)

@@ -200,8 +200,11 @@ class Locator:
         return paths
 
 
-def open_query_client(index_path: str) -> IndexQueries:
+def open_query_client(index_path: str, lake: tuple[str, str, str] | None = None) -> IndexQueries:
     """Queries on ``index_path``: through its running server, else on the file read-only.
+
+    ``lake`` (config ``Config.lake``): with no server running here, the
+    shared index read-only instead of the file.
 
     Raises
     ------
@@ -212,7 +215,7 @@ def open_query_client(index_path: str) -> IndexQueries:
     client = QueryClient(index_path)
     if client.available():
         return client
-    return LocalQueryClient(index_path)
+    return LocalQueryClient(index_path, lake=lake)
 
 
 def server_running(index_path: str) -> bool:

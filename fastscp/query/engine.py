@@ -31,7 +31,7 @@ import msgspec
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 
 from fastscp.dicom._header_py import FIELDS, MAP_KINDS, map_eligible
-from fastscp.index.database import Index, IndexUnavailable, latest_study_first, patient_key
+from fastscp.index.database import Index, IndexUnavailable, Lake, latest_study_first, patient_key
 from fastscp.process.ipc import local_address
 from fastscp.status import IndexerState
 
@@ -828,7 +828,10 @@ class LocalQueryClient:
         The file is missing, locked by a server, or of another schema version.
     """
 
-    def __init__(self, index_path: str) -> None:
+    def __init__(self, index_path: str, lake: tuple[str, str, str] | None = None) -> None:
+        if lake:  # the shared index (config database.catalog): any number of readers
+            self.index = Index(index_path, read_only=True, lake=Lake(*lake))
+            return
         if not os.path.exists(index_path):
             raise IndexUnavailable(f"{index_path}: no such index file (no server has stored anything there yet)")
         self.index = Index(index_path, read_only=True)

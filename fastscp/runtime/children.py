@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 from fastscp.config import Config
 from fastscp.forward.process import forward_main
-from fastscp.index.database import Index
+from fastscp.index.database import Index, Lake
 from fastscp.index.indexer import Indexer, tune_gc
 from fastscp.poststore.stage import poststore_main
 from fastscp.query.server import query_services
@@ -35,7 +35,8 @@ STATE_INTERVAL = 1.0
 
 
 def indexer_process(channel: socket.socket, db_path: str, wal_mode: bool, address: str, batch_size: int,
-                    batch_interval: float, storage_root: str | None = None, sr_root: str = "") -> None:
+                    batch_interval: float, storage_root: str | None = None, sr_root: str = "",
+                    lake: tuple[str, str, str] | None = None) -> None:
     """The indexer process: the record loop with the query servers as its services.
 
     Sends :class:`Ready` once the index is open and every socket bound, or
@@ -49,7 +50,7 @@ def indexer_process(channel: socket.socket, db_path: str, wal_mode: bool, addres
     tune_gc()
     try:
         os.makedirs(os.path.dirname(os.path.abspath(db_path)), exist_ok=True)
-        index = Index(db_path, wal_mode=wal_mode)
+        index = Index(db_path, wal_mode=wal_mode, lake=Lake(*lake) if lake else None)
         try:
             indexer = Indexer(index, address, batch_size, batch_interval, storage_root=storage_root, sr_root=sr_root)
             indexer.services = list(query_services(indexer, db_path))
