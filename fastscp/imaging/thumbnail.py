@@ -26,12 +26,12 @@ from fastscp.imaging._thumbnail_py import DEFAULT_SIZE, PixelInfo, ThumbnailErro
 from fastscp.imaging._thumbnail_py import thumbnail as thumbnail_py
 from fastscp.imaging.frames import DEFAULT_QUALITY, DecodeError, NoPixelData, decode_frame, encode_jpeg, write_atomic
 from fastscp.storage.area import BROWSABLE, FileModes
+from fastscp.storage.reserved import THUMBNAILS
 
 __all__ = [
     "NO_EXTENSIONS",
     "BACKEND",
     "DEFAULT_SIZE",
-    "THUMBNAILS_DIR",
     "DecodeError",
     "NoPixelData",
     "PixelInfo",
@@ -57,10 +57,6 @@ thumbnail_cext: Thumbnail | None = compiled("fastscp.imaging._thumbnail_cext", "
 BACKEND: Final = "cext" if thumbnail_cext is not None else "py"
 
 _thumbnail: Thumbnail = thumbnail_cext or thumbnail_py
-
-#: Folder under the storage root that mirrors the image tree with JPEGs.
-THUMBNAILS_DIR: Final = "thumbnails"
-
 
 def thumbnail(
     pixels: np.ndarray,
@@ -198,4 +194,4 @@ def thumbnail_path(storage_root: str | os.PathLike[str], relative_path: str) -> 
         raise ValueError(f"not a relative path inside the storage root: {relative_path!r}")
     name = parts[-1]
     parts[-1] = (name[:-4] if name.lower().endswith(".dcm") else name) + ".jpg"
-    return os.path.join(os.fspath(storage_root), THUMBNAILS_DIR, *parts)
+    return os.path.join(os.fspath(storage_root), THUMBNAILS, *parts)

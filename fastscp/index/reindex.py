@@ -29,12 +29,10 @@ from fastscp.dicom.part10 import read_file_meta
 from fastscp.index.database import Index, IndexUnavailable
 from fastscp.index.records import DuplicateConflict, InstanceRecord
 from fastscp.query.engine import read_conflicts
+from fastscp.storage.reserved import NOT_INSTANCES
 
 log = logging.getLogger("fastscp.reindex")
 
-#: Folders under the storage root that hold no stored instances: temp files,
-#: quarantine, thumbnails (and any other dot-folder).
-SKIPPED_FOLDERS: frozenset[str] = frozenset({".incoming", ".quarantine", "thumbnails"})
 #: Every storage layout names its files ``*.dcm``; other files (scan sheets,
 #: the index itself, notes) are not instances.
 SUFFIX = ".dcm"
@@ -55,7 +53,7 @@ def walk(root: str, *, skip: frozenset[str] = frozenset(), absolute: bool = Fals
     """Every stored instance file under ``root`` (``*.dcm``, regular files only).
 
     Uses ``os.scandir`` (one ``stat`` per file, no symlinks followed), skips
-    :data:`SKIPPED_FOLDERS`, dot-folders, and the absolute paths in ``skip``.
+    :data:`~fastscp.storage.reserved.NOT_INSTANCES`, dot-folders, and the absolute paths in ``skip``.
     Paths are relative to ``root``, or absolute with ``absolute=True`` (as
     the index records files stored outside the storage root).
     """
@@ -76,7 +74,7 @@ def walk(root: str, *, skip: frozenset[str] = frozenset(), absolute: bool = Fals
             child = f"{relative}/{name}" if relative else name
             try:
                 if entry.is_dir(follow_symlinks=False):
-                    if name not in SKIPPED_FOLDERS and not name.startswith("."):
+                    if name not in NOT_INSTANCES and not name.startswith("."):
                         stack.append(child)
                     continue
                 if not name.lower().endswith(SUFFIX) or entry.path in skip:

@@ -132,6 +132,9 @@ class Supervisor:
             quarantine=config.storage.quarantine,
             sr_root=config.storage.sr_directory,
             modes=FileModes.of(config.storage.file_mode, config.storage.dir_mode),
+            layout=layout_options(config),
+            duplicates=config.storage.duplicates,
+            min_free_bytes=config.storage.min_free_bytes,
         )
         # The keys a reload may change are set by live_settings, here and on SIGHUP.
         self.settings = live_settings(ServiceSettings(
@@ -142,8 +145,6 @@ class Supervisor:
                 query_sop_classes=FIND_SOP_CLASSES,
             ),
             storage=self.storage,
-            layout=layout_options(config),
-            duplicates="",
             acse_timeout=0.0,
             dimse_timeout=0.0,
             tls=tls_context(config) if config.tls.enabled else None,
@@ -686,7 +687,7 @@ class Supervisor:
         config = self.config
         process = _fork.Process(
             target=self._child, name="fastscp-poststore",
-            args=(poststore_main, self.storage.root, self.settings.layout, config.thumbnails, config.scansheet,
+            args=(poststore_main, self.storage.root, self.storage.layout, config.thumbnails, config.scansheet,
                   self.settings.poststore_address, self.address, self.storage.modes),
             # SIGTERM: it stops after the image in hand (poststore_main sees it is orphaned).
             kwargs={"death_signal": signal.SIGTERM},
@@ -868,10 +869,10 @@ def live_settings(settings: ServiceSettings, config: Config) -> ServiceSettings:
         policy = settings.policy
     replaced = {
         "policy": policy,
-        "duplicates": config.storage.duplicates,
+        "storage": settings.storage.reconfigured(duplicates=config.storage.duplicates,
+                                                 min_free_bytes=config.storage.min_free_bytes),
         "acse_timeout": config.server.acse_timeout,
         "dimse_timeout": config.server.dimse_timeout,
-        "min_free_bytes": config.storage.min_free_bytes,
         "action_log": config.logging.actions,
         "max_object_size": config.limits.max_object_size,
         "max_command_set": config.limits.max_command_set,
