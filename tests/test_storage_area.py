@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import errno
 import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from fastscp.storage.area import SR_SOP_CLASSES, IncomingFile, Storage
 from fastscp.storage.layout import LAYOUTS, LayoutOptions, relative_path
 from fastscp.storage.policy import DuplicatePolicy, Outcome
 from fastscp.storage.reserved import INCOMING, NOT_INSTANCES, QUARANTINE, RESERVED
+from tests.conftest import mounted_tmpfs
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 SR = "1.2.840.10008.5.1.4.1.1.88.11"  # Basic Text SR
@@ -183,13 +183,7 @@ def test_reserved_names_have_one_owner() -> None:
 @pytest.fixture
 def tiny_disk(tmp_path: Path) -> Iterator[Path]:
     """A 1 MiB tmpfs with 16 inodes: blocks and inodes both run out."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root (CI runs as root)")
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,nr_inodes=16", "tmpfs", str(mount)], check=True)
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=True)
+    yield from mounted_tmpfs(tmp_path, "size=1m,nr_inodes=16")
 
 
 def test_a_full_disk_fails_the_write_and_gives_the_space_back(tiny_disk: Path) -> None:
