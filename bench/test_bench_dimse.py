@@ -13,7 +13,7 @@ reports the speed-up (printed, and ``extra_info["x_vs_pynetdicom"]`` in
 * C-STORE-RSP -> bytes: :func:`fastscp.net.dimse.encode_response` vs pynetdicom's
   ``C_STORE`` primitive -> ``C_STORE_RSP.primitive_to_message`` ->
   ``dsutils.encode``; and the same to P-DATA-TF PDUs on the wire
-  (:func:`fastscp.net.association.p_data_tf` vs ``encode_msg`` +
+  (:func:`fastscp.net.pdu.p_data_tf` vs ``encode_msg`` +
   ``P_DATA_TF.from_primitive().encode()``, what ``DIMSEServiceProvider.send_msg``
   does).
 * P-DATA-TF parsing: a 512x512 CT data set (~0.5 MiB) in PDUs of 16 KiB

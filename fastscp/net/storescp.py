@@ -31,6 +31,7 @@ from fastscp.storage.policy import Outcome
 if TYPE_CHECKING:
     from fastscp.net.association import Association
 
+# The association's loggers: what a C-STORE logs is part of its association's story.
 log = logging.getLogger("fastscp.association")
 action_log = logging.getLogger("fastscp.action")
 
