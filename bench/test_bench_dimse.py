@@ -295,6 +295,9 @@ def _fastscp_parse(buffer: bytes, max_pdu: int) -> int:
     while stream.bytes_read < end or stream._start < stream._end:
         _pdu_type, body = stream.read()
         assoc._p_data(body)
+    # As the data set's last fragment would: no Association <-> StoreRequest
+    # cycle left for the garbage collector (it holds the sink's memory).
+    assoc._message = None
     return sink.out.tell()
 
 

@@ -166,7 +166,6 @@ class Association:
         #: The temp file the next C-STORE data set goes into, made in advance.
         self._spare: TempFile | None = None
         self._peer_max_pdu = 0
-        self._closing = False
 
     # -- life cycle ---------------------------------------------------------
 
@@ -229,7 +228,6 @@ class Association:
 
     def shutdown(self) -> None:
         """Stop at once (a second SIGTERM): the thread's blocking read fails."""
-        self._closing = True
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
