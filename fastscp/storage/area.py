@@ -78,6 +78,7 @@ class Committed:
 
     #: The final absolute path: the new file, or the existing one it duplicates.
     path: str
+    #: Stored, a resend, or a duplicate settled by storage.duplicates (:class:`~fastscp.storage.policy.Outcome`).
     outcome: Outcome
     #: SHA-256 of the existing file's data set, for a conflict.
     existing_hash: str = ""
