@@ -15,6 +15,7 @@ from msgspec.structs import replace
 from fastscp.config import load_config
 from fastscp.dicom.header import HeaderFields
 from fastscp.dicom.part10 import file_meta, read_file_meta
+from fastscp.index.reindex import walk
 from fastscp.storage.area import SR_SOP_CLASSES, IncomingFile, Storage
 from fastscp.storage.layout import LAYOUTS, LayoutOptions, relative_path
 from fastscp.storage.policy import DuplicatePolicy, Outcome
@@ -217,3 +218,15 @@ def test_the_free_space_watermark(tiny_disk: Path) -> None:
     assert storage.out_of_space() == f"free space {storage.free_bytes() // 1_000_000} MB below storage.min_free_bytes"
     assert area(tiny_disk / "root", min_free_bytes=4096).out_of_space() == ""
     assert area(tiny_disk / "root").out_of_space() == ""  # 0: off
+
+
+def test_reserved_names_are_reserved_at_the_top_only(tmp_path: Path) -> None:
+    """A stored instance's folder deeper down may have such a name (a template's
+    {SeriesDescription} of "thumbnails"): reindex and reconcile still find the files in it."""
+    storage = area(tmp_path / "root", layout=LayoutOptions(naming="template",
+                                                          template="{PatientID}/{SeriesDescription}/{SOPInstanceUID}"))
+    path, _ = store(storage, b"data", replace(HEADER, series_description="thumbnails"))
+    assert path.parent.name == "thumbnails" and path.parent.parent.name == "P1"
+    Path(storage.root, "thumbnails", "P1").mkdir(parents=True)
+    Path(storage.root, "thumbnails", "P1", "not-an-instance.dcm").write_bytes(b"a thumbnail's folder")
+    assert [state.path for state in walk(storage.root)] == [f"P1/thumbnails/{UID}.dcm"]

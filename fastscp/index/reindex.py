@@ -53,7 +53,7 @@ def walk(root: str, *, skip: frozenset[str] = frozenset(), absolute: bool = Fals
     """Every stored instance file under ``root`` (``*.dcm``, regular files only).
 
     Uses ``os.scandir`` (one ``stat`` per file, no symlinks followed), skips
-    :data:`~fastscp.storage.reserved.NOT_INSTANCES`, dot-folders, and the absolute paths in ``skip``.
+    :data:`~fastscp.storage.reserved.NOT_INSTANCES` at the top, dot-folders, and the absolute paths in ``skip``.
     Paths are relative to ``root``, or absolute with ``absolute=True`` (as
     the index records files stored outside the storage root).
     """
@@ -74,7 +74,8 @@ def walk(root: str, *, skip: frozenset[str] = frozenset(), absolute: bool = Fals
             child = f"{relative}/{name}" if relative else name
             try:
                 if entry.is_dir(follow_symlinks=False):
-                    if name not in NOT_INSTANCES and not name.startswith("."):
+                    # fastscp's own folders are at the top; deeper, the name is a tag value's.
+                    if not name.startswith(".") and (relative or name not in NOT_INSTANCES):
                         stack.append(child)
                     continue
                 if not name.lower().endswith(SUFFIX) or entry.path in skip:
