@@ -25,6 +25,7 @@ from fastscp.net.stats import AssociationStats
 from fastscp.status import LATENCY_BUCKETS
 from fastscp.storage.area import Storage
 from fastscp.storage.layout import LayoutOptions
+from tests.conftest import wait_until
 from tests.rawscu import RawSCU, command_set, p_data, store_command
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -175,6 +176,7 @@ def test_an_abort_mid_object_leaves_no_temp_file(peer: Peer, storage: Storage, c
     scu = peer.scu()
     scu.begin_store(uid)
     scu.send_data(data[: len(data) // 2], last=False, fragment=1000)
+    wait_until(lambda: peer.association.stats.bytes == len(data) // 2, timeout=10, what="half the data set read")
     # The data set is being received into its temp file (and the next one is not made yet).
     assert len(temp_files(storage)) == 1
     if how == "A-ABORT":
@@ -292,6 +294,7 @@ def test_a_full_disk_answers_out_of_resources_and_the_association_goes_on(
         uid, data = ct_image
         scu.begin_store("1.2.3.4")
         scu.send_data(b"\x00" * (4 << 20), last=False, fragment=16000)
+        wait_until(lambda: peer.association.stats.bytes == 4 << 20, timeout=10, what="the data set read")
         assert temp_files(storage) == []  # given back at the first failed write
         scu.send_data(b"\x00" * 8, last=True)
         assert scu.read_status() == dimse.OUT_OF_RESOURCES
