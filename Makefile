@@ -9,8 +9,9 @@ BIN     = $(VENV)/bin
 # benchmarks), the headers the compiled extensions and Pillow build with, and
 # chromium (the status page is tested in a real headless browser), DejaVu
 # fonts for scan sheets, systemd (systemd-analyze verifies the unit of
-# `fastscp service install`), strace (tests count the fsync calls a server makes).
-APT_PACKAGES = dcmtk libjpeg62-turbo-dev zlib1g-dev chromium openssl fonts-dejavu-core systemd strace
+# `fastscp service install`), strace (tests count the fsync calls a server makes),
+# xorriso (the ISO 9660 image of `fastscp export dicomdir --iso`).
+APT_PACKAGES = dcmtk libjpeg62-turbo-dev zlib1g-dev chromium openssl fonts-dejavu-core systemd strace xorriso
 
 # Benchmarks also compare against Orthanc (Debian's package, its own SQLite index).
 BENCH_APT_PACKAGES = orthanc

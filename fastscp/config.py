@@ -12,6 +12,7 @@ from __future__ import annotations
 import enum
 import os
 import re
+import shutil
 import typing
 from typing import Annotated, Any, Literal
 
@@ -129,6 +130,13 @@ class MonitorConfig(_Section):
     enabled: bool = True
     #: HOST:PORT of the status page, /metrics and /healthz; [::1]:PORT for IPv6.
     listen: str = "127.0.0.1:8080"
+    #: The study browser (/studies, /patients): patient data, so beyond loopback only with credentials.
+    browser: bool = True
+    #: HTTP basic authentication of the study browser (both or neither).
+    username: str = ""
+    password: str = ""
+    #: A bearer token for the study browser (``Authorization: Bearer TOKEN``), for scripts.
+    token: str = ""
 
 
 class ThumbnailsConfig(_Section):
@@ -161,6 +169,41 @@ class LoggingConfig(_Section):
     actions: bool = True
 
 
+HookEvent = Literal["instance-stored", "association-ended", "study-complete"]
+
+
+class HookMatch(_Section):
+    """Which events a hook takes; an empty list matches everything."""
+
+    #: Entries as in accepted_sop_classes (modalities, names, keywords, UIDs).
+    sop_classes: list[str] = msgspec.field(default_factory=list)
+    #: Modality (0008,0060) values, e.g. [CT, MR].
+    modalities: list[str] = msgspec.field(default_factory=list)
+    calling_aets: list[str] = msgspec.field(default_factory=list)
+
+
+class HookConfig(_Section):
+    """One post-receive hook: a program, or a built-in action, run after an event (fastscp.hooks)."""
+
+    #: Names the hook in logs, the status page and /metrics.
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
+    event: HookEvent
+    #: The program and its arguments (argv, never a shell command line).
+    program: list[str] = msgspec.field(default_factory=list)
+    #: A built-in action instead of a program (instance-stored only).
+    action: Literal["", "jpeg", "copy"] = ""
+    #: jpeg and copy: the folder they write to, mirroring the storage layout.
+    directory: str = ""
+    #: jpeg: JPEG quality.
+    quality: Annotated[int, msgspec.Meta(ge=1, le=95)] = 90
+    match: HookMatch = HookMatch()
+    timeout: Seconds = 60.0
+    max_concurrent: Annotated[int, msgspec.Meta(ge=1, le=64)] = 2
+    #: Runs after a failed one (0: none); the n-th waits retry_backoff * 2**(n-1) seconds.
+    retries: Annotated[int, msgspec.Meta(ge=0, le=100)] = 0
+    retry_backoff: Seconds = 5.0
+
+
 class Config(_Section):
     server: ServerConfig = ServerConfig()
     storage: StorageConfig = StorageConfig()
@@ -173,6 +216,7 @@ class Config(_Section):
     monitor: MonitorConfig = MonitorConfig()
     logging: LoggingConfig = LoggingConfig()
     accepted_sop_classes: list[str] = msgspec.field(default_factory=lambda: ["all"])
+    hooks: list[HookConfig] = msgspec.field(default_factory=list)
 
     @property
     def worker_count(self) -> int:
@@ -199,8 +243,8 @@ class Config(_Section):
 #: and the status page carry it too), the worker pool, the storage folders
 #: and layout (files already named by it), the index and its processes,
 #: thumbnails and scan sheets (their process), TLS (its context), the
-#: monitor and the log output (handlers). Routing and hook rules, when they
-#: come, belong here.
+#: monitor and the log output (handlers). Hooks go to the post-store process,
+#: which runs them from then on (runs already started finish as they were).
 LIVE_KEYS: frozenset[str] = frozenset({
     "access",  # allowed_calling_aets, check_called_aet, max_associations_per_aet
     "accepted_sop_classes",
@@ -216,6 +260,7 @@ LIVE_KEYS: frozenset[str] = frozenset({
     "limits",
     "logging.level",
     "logging.actions",
+    "hooks",
 })
 
 
@@ -383,12 +428,70 @@ def load_config(path: str | None = None, overrides: dict[str, Any] | None = None
     except ValueError as exc:
         where = "command-line option --accept" if "accepted_sop_classes" in from_cli else source
         raise ConfigError(f"{where}: accepted_sop_classes: {exc}") from None
+    _check_monitor_credentials(config.monitor, source)
     if config.storage.naming == "template":
         try:
             check_template(config.storage.template)
         except TemplateError as exc:
             raise ConfigError(f"{source}: storage.template: {exc}") from None
+    for n, hook in enumerate(config.hooks):
+        problem = _hook_problem(config, hook, config.hooks[:n])
+        if problem:
+            key, detail = problem
+            raise ConfigError(f"{source}: hooks[{n}].{key}: {detail}")
     return config
+
+
+#: A bearer token shorter than this is refused: it must not be guessable.
+MIN_TOKEN_LENGTH = 16
+
+
+def _check_monitor_credentials(monitor: MonitorConfig, source: str) -> None:
+    """Credentials that HTTP can carry: both halves of basic auth, tokens long enough, no separators."""
+    if bool(monitor.username) != bool(monitor.password):
+        given, missing = ("username", "password") if monitor.username else ("password", "username")
+        raise ConfigError(f"{source}: monitor.{missing}: empty, but monitor.{given} is set; basic authentication "
+                          f"needs both (or neither)")
+    if ":" in monitor.username or not monitor.username.isprintable():
+        raise ConfigError(f"{source}: monitor.username: no ':' or control characters (basic authentication "
+                          f"separates the name from the password with ':')")
+    if not monitor.password.isprintable():
+        raise ConfigError(f"{source}: monitor.password: no control characters")
+    token = monitor.token
+    if token and (len(token) < MIN_TOKEN_LENGTH or not re.fullmatch(r"[!-~]+", token)):
+        raise ConfigError(f"{source}: monitor.token: use at least {MIN_TOKEN_LENGTH} printable ASCII characters "
+                          f"without spaces (for example the output of 'openssl rand -hex 24')")
+
+
+def _hook_problem(config: Config, hook: HookConfig, before: list[HookConfig]) -> tuple[str, str] | None:
+    """(the key below ``hooks[n]``, what is wrong) for a hook that can't run, else None."""
+    if any(other.name == hook.name for other in before):
+        return "name", f"{hook.name!r} names an earlier hook too; give each hook its own name"
+    if bool(hook.program) == bool(hook.action):
+        return "program", "give a hook either a program (an argv list) or a built-in action (jpeg, copy), not both"
+    if hook.program:
+        program = hook.program[0]
+        found = program if "/" in program else shutil.which(program)
+        if not found or not os.path.isfile(found) or not os.access(found, os.X_OK):
+            return "program", (f"{program!r} is not an executable file{'' if '/' in program else ' on PATH'}; "
+                               "give its absolute path")
+    else:
+        if hook.event != "instance-stored":
+            return "event", f"the {hook.action} action runs on instance-stored only (got {hook.event!r})"
+        if not hook.directory:
+            return "directory", f"the {hook.action} action needs the folder it writes to"
+        if hook.action == "copy":
+            target = os.path.realpath(hook.directory)
+            root = os.path.realpath(config.storage.directory)
+            if os.path.commonpath([target, root]) in (target, root):
+                return "directory", (f"{hook.directory!r} overlaps storage.directory {config.storage.directory!r}; "
+                                     "copy to a folder outside it")
+    try:
+        if hook.match.sop_classes:
+            resolve_sop_classes(hook.match.sop_classes)
+    except ValueError as exc:
+        return "match.sop_classes", str(exc)
+    return None
 
 
 def layout_options(config: Config) -> LayoutOptions:
@@ -410,10 +513,13 @@ def _choices(key: str) -> tuple[object, ...]:
     """The allowed values of a Literal- or enum-typed key, else ()."""
     node: Any = Config
     for part in key.split("."):
+        name = re.sub(r"\[\d+\]$", "", part)  # hooks[2] -> hooks, an item of its list
         hints = typing.get_type_hints(node) if isinstance(node, type) else {}
-        if part not in hints:
+        if name not in hints:
             return ()
-        node = hints[part]
+        node = hints[name]
+        if name != part and typing.get_origin(node) is list:
+            node = typing.get_args(node)[0]
     if isinstance(node, type) and issubclass(node, enum.Enum):
         return tuple(member.value for member in node)
     return typing.get_args(node) if typing.get_origin(node) is Literal else ()

@@ -110,6 +110,30 @@ class WorkerState(msgspec.Struct, kw_only=True):
     restarts: int = 0
 
 
+class HookState(msgspec.Struct, kw_only=True):
+    """One post-receive hook's counts since the post-store process started (config ``hooks``)."""
+
+    name: str
+    event: str
+    #: Attempts started, retries included.
+    runs: int = 0
+    succeeded: int = 0
+    #: Events given up on: the last attempt failed (non-zero exit, signal,
+    #: timeout, not startable) and no retry was left.
+    failed: int = 0
+    #: Attempts that failed and were tried again.
+    retried: int = 0
+    #: Attempts killed at the hook's timeout.
+    timed_out: int = 0
+    #: Events dropped because the hook's queue was full.
+    dropped: int = 0
+    running: int = 0
+    #: Waiting to start (retries waiting out their backoff included).
+    queued: int = 0
+    last_error: str = ""
+    last_error_at: float = 0.0  # epoch seconds
+
+
 class StatusSnapshot(msgspec.Struct, kw_only=True):
     time: float
     started: float
@@ -139,6 +163,8 @@ class StatusSnapshot(msgspec.Struct, kw_only=True):
     #: Connections closed before association, by the setting that closed
     #: them (server.max_pending_per_address, ...).
     dropped_connections: dict[str, int] = msgspec.field(default_factory=dict)
+    #: Post-receive hooks (config ``hooks``), as the post-store process last reported them.
+    hooks: list[HookState] = msgspec.field(default_factory=list)
 
 
 #: How many ended associations the snapshot lists.
@@ -149,11 +175,22 @@ DECODER = msgspec.msgpack.Decoder(StatusSnapshot)
 JSON_ENCODER = msgspec.json.Encoder()
 
 
+_SI_UNITS = ("B", "kB", "MB", "GB", "TB", "PB")
+
+
 def human_bytes(count: int | float | None) -> str:
-    """1536 -> '1.5 KiB'."""
+    """A byte count in SI units with three significant digits: 1536 -> '1.54 kB', 631_000_000 -> '631 MB'.
+
+    The one convention of every size fastscp shows: the status page (its
+    script's ``bytes()`` in :mod:`fastscp.monitor.page` writes the same
+    text), ``fastscp status`` and ``fastscp send``; disks are sold and
+    ``df -H`` counts in powers of 1000.
+    """
     value = float(count or 0)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
+    unit = 0
+    while abs(value) >= 1000 and unit < len(_SI_UNITS) - 1:
+        value /= 1000
+        unit += 1
+    if unit == 0:
+        return f"{value:.0f} B"
+    return f"{value:.{2 if value < 10 else 1 if value < 100 else 0}f} {_SI_UNITS[unit]}"

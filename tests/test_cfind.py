@@ -10,6 +10,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from fastscp.dicom.sopclasses import STUDY_ROOT_FIND
 from fastscp.dicom.synthetic import write_series
 from fastscp.index.client import QueryClient
 from tests.conftest import dcmtk, wait_until
@@ -220,9 +221,6 @@ def _pynetdicom_find(server, level: str, relational: bool,  # type: ignore[no-un
     finally:
         assoc.release()
     return found, statuses, answered.get(STUDY_ROOT_FIND, b"")
-
-
-STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
 
 
 def test_relational_queries_when_negotiated(patients) -> None:  # type: ignore[no-untyped-def]

@@ -726,3 +726,27 @@ def test_uid_index_knows_received_and_committed_uids(storage: Path, tmp_path: Pa
     assert uids.lookup([second.header.sop_instance_uid]) == ([], True)
     assert Index.paths_of(index.cursor(), [second.header.sop_instance_uid]) == [second.path]
     index.close()
+
+
+def test_transaction_commits_or_rolls_back_and_unregisters(tmp_path: Path) -> None:
+    import pyarrow as pa
+
+    index = Index(str(tmp_path / "index.duckdb"))
+    table = pa.table({"path": ["a.dcm"], "thumbnail_path": ["thumbnails/a.jpg"]})
+    with pytest.raises(RuntimeError, match="the block's own error"):
+        with index.transaction("made") as con:
+            con.register("made", table)
+            con.execute("INSERT INTO thumbnails SELECT * FROM made")
+            raise RuntimeError("the block's own error")
+    assert rows(index, "SELECT count(*) FROM thumbnails") == [(0,)]
+    with pytest.raises(duckdb.CatalogException):
+        index.con.execute("SELECT * FROM made")  # unregistered after a rollback
+    with index.transaction("made") as con:
+        con.register("made", table)
+        con.execute("INSERT INTO thumbnails SELECT * FROM made")
+    with pytest.raises(duckdb.CatalogException):
+        index.con.execute("SELECT * FROM made")  # and after a commit
+    index.close()
+    reopened = Index(str(tmp_path / "index.duckdb"), read_only=True)
+    assert rows(reopened, "SELECT * FROM thumbnails") == [("a.dcm", "thumbnails/a.jpg")]
+    reopened.close()

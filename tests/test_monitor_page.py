@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from fastscp.status import human_bytes
 from tests.test_monitor import HOSTILE_AE, MonitorProcess, make_snapshot, running_monitor
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -117,6 +118,14 @@ def test_page_shows_the_status_live_and_escaped(monitor: MonitorProcess, tmp_pat
     recent = page.text["recent"]
     assert "MR_3T_EAST" in recent and "released" in recent and "rejected (calling AE not recognized)" in recent
     assert "local limit exceeded" in page.text["rejects"]
+    # One convention for sizes: fastscp status and fastscp send write them as the page does.
+    assert [human_bytes(a.bytes) for a in snapshot.open] == ["631 MB", "1.57 MB"]
+    for association in snapshot.open:
+        assert human_bytes(association.bytes) in open_text
+    for association in snapshot.recent:
+        assert human_bytes(association.bytes) in recent
+    for size in (snapshot.storage.free_bytes, snapshot.storage.total_bytes, snapshot.storage.used_bytes):
+        assert human_bytes(size) in page.text["storage"]
     assert "/srv/pacs/received" in page.text["storage"]
     assert "server.max_associations" in page.text["config"]
     # Below the watermark: the administrator is told what it means.

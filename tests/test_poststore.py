@@ -111,3 +111,26 @@ def test_thumbnails_and_scan_sheets_get_the_storage_modes(start_server, tmp_path
                      "--index-db", str(server.index))
     assert result.returncode == 0, result.stderr
     assert oct((study / "scansheet.png").stat().st_mode & 0o777) == "0o600"
+
+
+def test_a_stray_message_does_not_stop_the_post_store_stage(start_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The post-store socket takes instance records and association reports; anything else is dropped."""
+    import socket
+
+    from fastscp.index.records import ENCODER, ThumbnailMade
+    from fastscp.poststore.stage import poststore_address
+
+    server = start_server()
+    series = write_series(str(tmp_path / "ct"), 2, rows=32, columns=32, patient_id="PS9")
+    dcmtk("storescu", "-aec", server.ae_title, "-xe", "127.0.0.1", str(server.port), series[0])
+    wait_until(lambda: any((server.storage / "thumbnails").rglob("*.jpg")), what="the first thumbnail")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
+        sock.connect(poststore_address(str(server.index)))
+        sock.send(b"\xc1 not msgpack")
+        sock.send(ENCODER.encode(ThumbnailMade(path="a.dcm", thumbnail_path="thumbnails/a.jpg")))  # the indexer's
+        sock.send(ENCODER.encode({"path": "../../etc/passwd"}))
+    dcmtk("storescu", "-aec", server.ae_title, "-xe", "127.0.0.1", str(server.port), series[1])
+    wait_until(lambda: len(list((server.storage / "thumbnails").rglob("*.jpg"))) == 2, what="the second thumbnail")
+    assert "post-store stage exited" not in server.log_text()  # it used to die on the first one (and restart)
+    assert "1 messages that are neither instance records nor association reports dropped" in server.log_text()
+    assert server.stop() == 0

@@ -14,10 +14,11 @@ import pytest
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian, MRImageStorage
 
 from fastscp.dicom.part10 import dataset_offset
+from fastscp.dicom.sopclasses import STUDY_ROOT_FIND
 from fastscp.dicom.synthetic import write_series
 from fastscp.index.client import QueryClient
 from fastscp.net import dimse
-from fastscp.net.findscp import CANCEL, PENDING, STUDY_ROOT_FIND, encode_identifier
+from fastscp.net.findscp import CANCEL, PENDING, encode_identifier
 from tests.conftest import dcmtk, wait_until
 from tests.rawscu import RawSCU, command_set
 from tests.test_lifecycle import incoming

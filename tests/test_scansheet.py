@@ -22,6 +22,7 @@ from fastscp.imaging.scansheet import QuietStudies, StudySummary
 from fastscp.imaging.thumbnail import make_thumbnail, thumbnail_path
 from fastscp.index.database import Index
 from fastscp.index.records import InstanceRecord
+from fastscp.storage.layout import LayoutOptions
 
 HOSTILE = "<script>alert('x')</script>&\"Evil\"^Name"
 
@@ -258,3 +259,25 @@ def test_formatting(func, value: str, expected: str) -> None:  # type: ignore[no
 def test_empty_study_renders() -> None:
     sheet, page = scansheet.render_scansheet(StudySummary(study_instance_uid="1.2.3"))
     assert sheet.size[0] > 0 and "no series" in page
+
+
+def test_cli_sheet_is_the_servers_sheet(study_files: tuple[str, list[Path]], tmp_path: Path) -> None:
+    """``fastscp scansheet`` assembles the sheet as the post-store stage does: scansheet.thumbnails_per_series too."""
+    study_uid, _paths = study_files
+    root = tmp_path / "storage"
+    config = tmp_path / "fastscp.yaml"
+    config.write_text("scansheet:\n  thumbnails_per_series: 2\n")
+    parser = argparse.ArgumentParser(prog="fastscp")
+    cli_images.register(parser.add_subparsers(dest="command", required=True))
+    out = tmp_path / "by-hand"
+    args = parser.parse_args(["scansheet", study_uid, "--storage-dir", str(root), "--config", str(config),
+                              "--out", str(out)])
+    assert args.func(args) == 0
+    by_hand = (out / "scansheet.html").read_text("utf-8")
+    # The server's assembly, with the same config value.
+    _summary, _png, server_html = scansheet.make_scansheet(
+        root, LayoutOptions(), study_uid, scansheet.find_study_instances(root, study_uid), per_row=2,
+        out_dir=tmp_path / "server")
+    assert by_hand == Path(server_html).read_text("utf-8")
+    rows = by_hand.split('<table class="series">')[1].split("<tr>")[1:]
+    assert [row.count('class="thumb') for row in rows] == [1, 2, 2]  # series of 1, 12 and 3 instances

@@ -19,11 +19,9 @@ Meta group): what a byte-exact receiver must reproduce.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,64 +61,39 @@ class Corpus:
 # -- data set bytes ------------------------------------------------------------------
 
 
-def dataset_offset(path: str) -> int:
-    """Where the data set starts in a Part 10 file.
-
-    :func:`fastscp.dicom.part10.dataset_offset` (File Meta Group Length) first; an
-    element walk for files without that element (some of pydicom's).
-    """
-    from fastscp.dicom.part10 import dataset_offset as by_group_length
+def _file_meta(path: str) -> tuple[dict[int, str], int]:
+    """:func:`fastscp.dicom.part10.read_file_meta` of a file: its File Meta text elements and data set offset."""
+    from fastscp.dicom.part10 import META_READ, read_file_meta
 
     with open(path, "rb") as f:
-        head = f.read(65536)
+        head = f.read(META_READ)
     try:
-        return by_group_length(head)
-    except ValueError:
-        pass
-    if head[128:132] != b"DICM":
-        raise ValueError(f"{path}: not a DICOM Part 10 file")
-    pos = 132
-    while pos + 8 <= len(head):
-        group, _element, vr = struct.unpack_from("<HH2s", head, pos)
-        if group != 0x0002:
-            return pos
-        if vr in (b"OB", b"OW", b"UN", b"SQ", b"UT", b"UC", b"UR", b"OD", b"OF", b"OL", b"OV", b"SV", b"UV"):
-            pos += 12 + struct.unpack_from("<I", head, pos + 8)[0]
-        else:
-            pos += 8 + struct.unpack_from("<H", head, pos + 6)[0]
-    raise ValueError(f"{path}: File Meta group longer than 64 KiB")
+        return read_file_meta(head)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
+
+
+def dataset_offset(path: str) -> int:
+    """Where the data set starts in a Part 10 file (with or without File Meta Group Length)."""
+    return _file_meta(path)[1]
 
 
 def dataset_digest(path: str) -> tuple[int, str]:
-    """(length, SHA-256 hex) of a Part 10 file's data set bytes, streamed."""
-    digest = hashlib.sha256()
-    length = 0
-    with open(path, "rb") as f:
-        f.seek(dataset_offset(path))
-        while chunk := f.read(8 << 20):
-            digest.update(chunk)
-            length += len(chunk)
-    return length, digest.hexdigest()
+    """(length, SHA-256 hex) of a Part 10 file's data set bytes, as fastscp hashes them."""
+    from fastscp.dicom.part10 import dataset_sha256
+
+    offset = dataset_offset(path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.fstat(fd).st_size - offset, dataset_sha256(fd, offset)
+    finally:
+        os.close(fd)
 
 
 def _meta_uids(path: str) -> tuple[str, str]:
     """(MediaStorageSOPClassUID, TransferSyntaxUID) from the File Meta group."""
-    with open(path, "rb") as f:
-        head = f.read(65536)
-    found: dict[int, str] = {}
-    pos = 132
-    while pos + 8 <= len(head):
-        group, element, vr = struct.unpack_from("<HH2s", head, pos)
-        if group != 0x0002:
-            break
-        if vr in (b"OB", b"OW", b"UN", b"SQ", b"UT"):
-            length, header = struct.unpack_from("<I", head, pos + 8)[0], 12
-        else:
-            length, header = struct.unpack_from("<H", head, pos + 6)[0], 8
-        if element in (0x0002, 0x0010):
-            found[element] = head[pos + header : pos + header + length].rstrip(b"\0 ").decode("ascii")
-        pos += header + length
-    return found.get(0x0002, ""), found.get(0x0010, "")
+    meta, _offset = _file_meta(path)
+    return meta.get(0x0002, ""), meta[0x0010]
 
 
 # -- generators -----------------------------------------------------------------------

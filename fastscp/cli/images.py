@@ -1,4 +1,4 @@
-"""Command line for images: ``fastscp convert dcm2jpg|jpg2dcm`` and ``fastscp scansheet``.
+"""Command line for images: ``fastscp convert dcm2jpg|jpg2dcm|dcm2nii`` and ``fastscp scansheet``.
 
 Listed in :data:`fastscp.cli.main.COMMAND_MODULES`; :func:`register` adds the
 subcommands.
@@ -15,8 +15,10 @@ __all__ = ["register"]
 
 def register(commands: argparse._SubParsersAction) -> None:
     """Add ``convert`` and ``scansheet`` to the ``fastscp`` subcommands."""
-    convert = commands.add_parser("convert", help="convert between DICOM and JPEG")
-    kinds = convert.add_subparsers(dest="conversion", required=True, metavar="{dcm2jpg,jpg2dcm}")
+    from fastscp.cli.export import add_dcm2nii
+
+    convert = commands.add_parser("convert", help="convert between DICOM and JPEG, a series to NIfTI")
+    kinds = convert.add_subparsers(dest="conversion", required=True, metavar="{dcm2jpg,jpg2dcm,dcm2nii}")
 
     d2j = kinds.add_parser("dcm2jpg", help="export a frame of a DICOM file as JPEG (windowed)")
     d2j.add_argument("input", metavar="IN.dcm")
@@ -54,6 +56,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     j2d.add_argument("--uncompressed", action="store_true",
                      help="store decoded pixels even for a JPEG Baseline file (default: the JPEG as it is)")
     j2d.set_defaults(func=_jpg2dcm)
+    add_dcm2nii(kinds)
 
     sheet = commands.add_parser("scansheet", help="make a study's scan sheet (PNG and HTML)")
     sheet.add_argument("study_uid", metavar="STUDY_UID")
@@ -134,18 +137,11 @@ def study_files_from_index(index_path: str, study_uid: str) -> list[str]:
 
 def _scansheet(args: argparse.Namespace) -> int:
     from fastscp.config import layout_options, load_config
-    from fastscp.imaging.scansheet import (
-        find_study_instances,
-        sheet_folder,
-        stored_thumbnails,
-        summarise_study,
-        summarise_study_files,
-        write_scansheet,
-    )
+    from fastscp.imaging.scansheet import find_study_instances, make_scansheet, read_headers
     from fastscp.index.client import server_running
     from fastscp.index.database import IndexUnavailable
     from fastscp.query.engine import QueryError
-    from fastscp.storage.area import FileModes
+    from fastscp.storage.area import BROWSABLE, FileModes
 
     config = load_config(args.config, {"storage.directory": args.storage_dir, "database.path": args.index_db})
     root = config.storage.directory
@@ -159,17 +155,15 @@ def _scansheet(args: argparse.Namespace) -> int:
                 return _fail("scansheet", exc)
             except (ConnectionError, OSError) as exc:
                 return _fail("scansheet", f"{config.index_path}: the server stopped answering: {exc}")
-            study = summarise_study_files([os.path.join(root, p) for p in paths], args.study_uid,
-                                          thumbnail_for=stored_thumbnails(root))
+            items = read_headers(os.path.join(root, p) for p in paths)
         else:
-            study = summarise_study(find_study_instances(root, args.study_uid), args.study_uid,
-                                    thumbnail_for=stored_thumbnails(root))
+            items = find_study_instances(root, args.study_uid)
+        # Beside the server's own sheets, with the same storage.file_mode/dir_mode; --out: readable by all.
+        modes = BROWSABLE if args.out else FileModes.of(config.storage.file_mode, config.storage.dir_mode)
+        study, png, page = make_scansheet(root, layout_options(config), args.study_uid, items,
+                                          per_row=config.scansheet.thumbnails_per_series, modes=modes,
+                                          out_dir=args.out or None)
     except ValueError as exc:
         return _fail("scansheet", f"{exc} (looked in {config.index_path if from_index else root})")
-    if args.out:
-        png, page = write_scansheet(study, args.out)
-    else:  # beside the server's own sheets, with the same storage.file_mode/dir_mode
-        png, page = write_scansheet(study, sheet_folder(root, layout_options(config), study),
-                                    modes=FileModes.of(config.storage.file_mode, config.storage.dir_mode))
     print(f"wrote {png} and {page} ({len(study.series)} series, {study.instance_count} instances)")
     return 0

@@ -327,16 +327,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     ``fastscp`` itself gets them through ``fastscp.cli.main.COMMAND_MODULES``.
     """
-    from fastscp.config import ConfigError
+    from fastscp.cli.main import run
 
     parser = argparse.ArgumentParser(prog="fastscp", description="fastscp index commands")
     register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args))
-    except ConfigError as exc:
-        print(f"fastscp: config error: {exc}", file=sys.stderr)
-        return 2
+    return run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

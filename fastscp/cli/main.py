@@ -121,7 +121,7 @@ def _add_client_arguments(sub: argparse.ArgumentParser) -> None:
 #: Modules that add their own subcommands: each has ``register(commands)``,
 #: which adds a parser with ``set_defaults(func=...)`` to the subparsers.
 COMMAND_MODULES: tuple[str, ...] = ("fastscp.cli.status", "fastscp.cli.images", "fastscp.cli.index",
-                                     "fastscp.cli.service")
+                                     "fastscp.cli.service", "fastscp.cli.export")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -150,13 +150,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run(args: argparse.Namespace) -> int:
+    """Run a parsed command: its exit status; 2 with the message for a config error."""
     try:
         return int(args.func(args))
     except ConfigError as exc:
         print(f"fastscp: config error: {exc}", file=sys.stderr)
         return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(build_parser().parse_args(argv))
 
 
 def store_scp_main(argv: list[str] | None = None) -> int:

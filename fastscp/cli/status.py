@@ -16,7 +16,7 @@ import urllib.request
 import msgspec
 
 from fastscp.monitor.server import DEFAULT_LISTEN, ListenError, parse_listen
-from fastscp.status import StatusSnapshot
+from fastscp.status import StatusSnapshot, human_bytes
 
 #: Seconds to wait for the monitor's answer.
 DEFAULT_TIMEOUT = 5.0
@@ -142,13 +142,13 @@ def summary(s: StatusSnapshot) -> str:
         f"up {_duration(s.time - s.started)}; status of {_clock(s.time)}",
     ]
     rows = [
-        ("Stored", f"{t.instances:,} instances, {_bytes(t.bytes)} received; {t.failures:,} failed, "
+        ("Stored", f"{t.instances:,} instances, {human_bytes(t.bytes)} received; {t.failures:,} failed, "
                    f"{t.duplicates:,} duplicates"),
         ("Rates", f"{r.instances_per_s_1m:.1f} instances/s, {r.mb_per_s_1m:.1f} MB/s over 1 min; "
                   f"{r.instances_per_s_5m:.1f} instances/s, {r.mb_per_s_5m:.1f} MB/s over 5 min"),
         ("Associations", f"{len(s.open)} open, {t.associations:,} ended, {t.rejected:,} rejected"),
-        ("Storage", f"{_safe(st.root)}: {_bytes(st.free_bytes)} free of {_bytes(st.total_bytes)}, "
-                    f"minimum {_bytes(st.min_free_bytes)}"),
+        ("Storage", f"{_safe(st.root)}: {human_bytes(st.free_bytes)} free of {human_bytes(st.total_bytes)}, "
+                    f"minimum {human_bytes(st.min_free_bytes)}"),
     ]
     if st.below_watermark:
         rows.append(("WARNING", "storage is below its free-space watermark (storage.min_free_bytes): "
@@ -162,6 +162,11 @@ def summary(s: StatusSnapshot) -> str:
         ("By calling AE", _counts(s.per_calling_ae)),
         ("Rejected", _counts(s.rejects)),
     ]
+    rows += [(f"Hook {_safe(h.name)}", f"{h.event}: {h.runs:,} runs, {h.succeeded:,} succeeded, {h.failed:,} failed, "
+                                       f"{h.retried:,} retried, {h.timed_out:,} timed out; {h.running} running, "
+                                       f"{h.queued:,} queued"
+              + (f"; last error at {_clock(h.last_error_at)}: {_safe(h.last_error)}" if h.last_error else ""))
+             for h in s.hooks]
     width = max(len(label) for label, _ in rows)
     lines += [f"{label:<{width}}  {value}" for label, value in rows]
     if s.open:
@@ -169,7 +174,7 @@ def summary(s: StatusSnapshot) -> str:
         lines += _table(
             ("CALLING AE", "ADDRESS", "STARTED", "INSTANCES", "RECEIVED", "RATE"),
             [(_safe(a.calling_ae_title), _safe(a.peer_address), _clock(a.started), f"{a.instances:,}",
-              _bytes(a.bytes), f"{a.rate:.1f}/s") for a in sorted(s.open, key=lambda a: a.started)],
+              human_bytes(a.bytes), f"{a.rate:.1f}/s") for a in sorted(s.open, key=lambda a: a.started)],
             right={3, 4, 5},
         )
     if s.recent:
@@ -177,7 +182,7 @@ def summary(s: StatusSnapshot) -> str:
         lines += _table(
             ("CALLING AE", "ADDRESS", "ENDED", "INSTANCES", "RECEIVED", "OUTCOME"),
             [(_safe(a.calling_ae_title), _safe(a.peer_address), _clock(a.ended), f"{a.instances:,}",
-              _bytes(a.bytes), _safe(a.outcome)) for a in s.recent[:RECENT_SHOWN]],
+              human_bytes(a.bytes), _safe(a.outcome)) for a in s.recent[:RECENT_SHOWN]],
             right={3, 4},
         )
     return "\n".join(lines) + "\n"
@@ -204,18 +209,6 @@ def _table(header: tuple[str, ...], rows: list[tuple[str, ...]], right: set[int]
         .rstrip()
         for row in (header, *rows)
     ]
-
-
-def _bytes(n: float) -> str:
-    # SI units, as the status page shows them.
-    units = ("B", "kB", "MB", "GB", "TB", "PB")
-    i = 0
-    while abs(n) >= 1000 and i < len(units) - 1:
-        n /= 1000
-        i += 1
-    if i == 0:
-        return f"{n:.0f} B"
-    return f"{n:.{2 if n < 10 else 1 if n < 100 else 0}f} {units[i]}"
 
 
 def _duration(seconds: float) -> str:

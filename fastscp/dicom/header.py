@@ -15,21 +15,24 @@ Example
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Final
+from typing import BinaryIO, Final, NamedTuple
 
 from fastscp.dicom._header_py import HeaderError, HeaderFields, IncompleteHeader
 from fastscp.dicom._header_py import parse_header as parse_header_py
 from fastscp.dicom.backend import NO_EXTENSIONS, compiled
+from fastscp.dicom.part10 import META_READ, read_file_meta
 
 __all__ = [
     "NO_EXTENSIONS",
     "BACKEND",
+    "FileHeader",
     "HeaderError",
     "HeaderFields",
     "IncompleteHeader",
     "parse_header",
     "parse_header_cext",
     "parse_header_py",
+    "read_header_from",
 ]
 
 ParseHeader = Callable[..., HeaderFields]
@@ -105,3 +108,51 @@ def parse_header(
     as ASCII falls back to the default repertoire.
     """
     return _parse(data, transfer_syntax_uid, complete=complete)
+
+
+class FileHeader(NamedTuple):
+    """A Part 10 file's header as :func:`read_header_from` read it."""
+
+    fields: HeaderFields  # ``pixel_data_offset`` is relative to ``dataset_offset``
+    meta: dict[int, str]  # the File Meta text elements (fastscp.dicom.part10.read_file_meta)
+    transfer_syntax_uid: str
+    dataset_offset: int  # where the data set starts in the file
+
+
+def read_header_from(file: BinaryIO) -> FileHeader:
+    """The header of a Part 10 file, read in growing steps, never its pixel data.
+
+    The one incremental header reader for files (the network path scans its
+    receive buffer instead). The first read is 64 KiB, which holds the whole
+    header of most objects, CT and MR included; a longer header (a large
+    SR, enhanced multi-frame) doubles what is held until the scan reaches
+    Pixel Data or the end of the file, so even long headers take few reads.
+
+    Parameters
+    ----------
+    file : binary file
+        Open at its start, buffered (``open(path, "rb")``): a short read
+        means the end of the file. Its position afterwards is unspecified.
+
+    Raises
+    ------
+    ValueError
+        Not a Part 10 file (:func:`fastscp.dicom.part10.read_file_meta`).
+    HeaderError
+        A header fastscp cannot parse (a subclass of ValueError).
+    OSError
+        The file can't be read.
+    """
+    data = file.read(META_READ)
+    at_end = len(data) < META_READ  # the whole file is in `data`
+    meta, start = read_file_meta(data)
+    transfer_syntax = meta[0x0010]
+    while True:
+        try:
+            fields = parse_header(memoryview(data)[start:], transfer_syntax, complete=at_end)
+            return FileHeader(fields, meta, transfer_syntax, start)
+        except IncompleteHeader:  # only raised while complete=False
+            wanted = len(data)
+            more = file.read(wanted)
+            at_end = len(more) < wanted
+            data += more

@@ -6,11 +6,17 @@ made by fastscp.
 
 from __future__ import annotations
 
+import hashlib
+import os
 import struct
 
+from fastscp.dicom._header_py import LONG_VRS
 from fastscp.dicom.uids import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 
 PREAMBLE = b"\x00" * 128 + b"DICM"
+#: Bytes that always hold a File Meta group (it is a few hundred bytes long).
+META_READ = 64 * 1024
+_HASH_STEP = 1 << 20
 
 _SHORT = struct.Struct("<HH2sH")  # explicit VR with a 2-byte length
 _LONG = struct.Struct("<HH2s2xI")  # OB and friends: 2 reserved bytes, 4-byte length
@@ -53,31 +59,41 @@ def file_meta(
     return PREAMBLE + group_length + body
 
 
-def dataset_offset(header: bytes) -> int:
-    """Where the dataset starts in a Part 10 file, from its first bytes.
+def dataset_offset(data: bytes) -> int:
+    """Where the data set starts in a Part 10 file, from its first bytes (:func:`read_file_meta`).
 
     Raises
     ------
     ValueError
-        If ``header`` does not start with a preamble, ``DICM`` and a File
-        Meta Group Length element.
+        As :func:`read_file_meta`.
     """
-    if len(header) < 144 or header[128:132] != b"DICM":
-        raise ValueError("not a DICOM Part 10 file (no DICM prefix)")
-    group, element, vr, length = _SHORT.unpack_from(header, 132)
-    if (group, element, vr, length) != (0x0002, 0x0000, b"UL", 4):
-        raise ValueError("File Meta Information Group Length (0002,0000) missing")
-    return 144 + struct.unpack_from("<I", header, 140)[0]
+    return read_file_meta(data)[1]
 
 
 _ELEMENT = struct.Struct("<HH2s")
+_LENGTH_16 = struct.Struct("<H")
+_LENGTH_32 = struct.Struct("<I")
+#: File Meta elements kept as text: the UIs, Source/Sending/Receiving AE
+#: Titles, Implementation Version Name, and the CS/LO values some
+#: implementations add (PS3.10 Table 7.1-1).
+_TEXT_VRS = frozenset({b"UI", b"AE", b"SH", b"CS", b"LO"})
 
 
-def read_file_meta(data: bytes) -> tuple[dict[int, str], int]:
+def read_file_meta(data: bytes | bytearray | memoryview) -> tuple[dict[int, str], int]:
     """The File Meta Information text elements of a Part 10 file, and where its data set starts.
 
-    Walks group 0002 element by element (always Explicit VR Little Endian),
-    so a file without (0002,0000) Group Length is read too.
+    The one reader of File Meta Information in fastscp. It walks group 0002
+    element by element (always Explicit VR Little Endian, PS3.10 7.1), so a
+    file without (0002,0000) Group Length is read too, and a wrong Group
+    Length does not mislead it. A file without the 128-byte preamble and
+    ``DICM`` prefix, whose first element is of group 0002, is read as
+    pydicom reads it.
+
+    Parameters
+    ----------
+    data : bytes-like
+        The file's first bytes: at least its whole File Meta group and the
+        first element after it (64 KiB always does).
 
     Returns
     -------
@@ -88,30 +104,60 @@ def read_file_meta(data: bytes) -> tuple[dict[int, str], int]:
     Raises
     ------
     ValueError
-        No ``DICM`` prefix, or the meta group runs past ``data``.
+        Not a Part 10 file, the meta group runs past ``data``, or it has no
+        Transfer Syntax UID.
     """
-    if len(data) < 132 or data[128:132] != b"DICM":
+    if data[128:132] == b"DICM":
+        pos = 132
+    elif data[:2] == b"\x02\x00":
+        pos = 0
+    else:
         raise ValueError("not a DICOM Part 10 file (no DICM prefix)")
-    pos = 132
     values: dict[int, str] = {}
     while pos + 8 <= len(data):
         group, element, vr = _ELEMENT.unpack_from(data, pos)
         if group != 0x0002:
             break
-        if vr in (b"OB", b"OW", b"UN", b"SQ", b"UT", b"UC", b"UR"):
+        if vr in LONG_VRS:
             if pos + 12 > len(data):
                 raise ValueError("File Meta Information runs past the end of the data")
-            length = struct.unpack_from("<I", data, pos + 8)[0]
             start = pos + 12
+            end = start + _LENGTH_32.unpack_from(data, pos + 8)[0]
         else:
-            length = struct.unpack_from("<H", data, pos + 6)[0]
             start = pos + 8
-        end = start + length
+            end = start + _LENGTH_16.unpack_from(data, pos + 6)[0]
         if end > len(data):
             raise ValueError("File Meta Information runs past the end of the data")
-        if vr in (b"UI", b"AE", b"SH", b"CS", b"LO"):
-            values[element] = data[start:end].decode("ascii", "replace").rstrip("\0 ").lstrip(" ")
+        if vr in _TEXT_VRS:
+            values[element] = bytes(data[start:end]).decode("ascii", "replace").rstrip("\0 ").lstrip(" ")
         pos = end
     if 0x0010 not in values:
         raise ValueError("File Meta Information has no Transfer Syntax UID (0002,0010)")
     return values, pos
+
+
+def dataset_sha256(fd: int, offset: int, end: int | None = None) -> str:
+    """SHA-256 (hex) of a file's data set: its bytes from ``offset`` to ``end`` (or its end).
+
+    The one data-set hash of fastscp (``content_hash`` of the index, the
+    comparison of duplicates): the bytes after the File Meta Information,
+    exactly as received. Read with ``pread`` in 1 MiB steps, so the file
+    position is not moved.
+    """
+    digest = hashlib.sha256()
+    while end is None or offset < end:
+        chunk = os.pread(fd, _HASH_STEP if end is None else min(_HASH_STEP, end - offset), offset)
+        if not chunk:
+            break
+        digest.update(chunk)
+        offset += len(chunk)
+    return digest.hexdigest()
+
+
+def dataset_hash(path: str) -> str:
+    """:func:`dataset_sha256` of a Part 10 file's data set (its File Meta excluded)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return dataset_sha256(fd, dataset_offset(os.pread(fd, META_READ, 0)))
+    finally:
+        os.close(fd)

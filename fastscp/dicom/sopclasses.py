@@ -21,6 +21,14 @@ from pynetdicom.sop_class import _STORAGE_CLASSES
 #: Verification SOP Class (C-ECHO), always accepted.
 VERIFICATION_SOP_CLASS: str = "1.2.840.10008.1.1"
 
+#: Patient Root Query/Retrieve Information Model - FIND (PS3.4 C.6.1).
+PATIENT_ROOT_FIND: str = "1.2.840.10008.5.1.4.1.2.1.1"
+#: Study Root Query/Retrieve Information Model - FIND (PS3.4 C.6.2).
+STUDY_ROOT_FIND: str = "1.2.840.10008.5.1.4.1.2.2.1"
+#: The Query/Retrieve FIND models fastscp answers (their levels:
+#: :data:`fastscp.query.cfind.MODEL_LEVELS`).
+FIND_SOP_CLASSES: frozenset[str] = frozenset({PATIENT_ROOT_FIND, STUDY_ROOT_FIND})
+
 #: Every storage SOP class, keyword -> UID.
 STORAGE_SOP_CLASSES: dict[str, str] = dict(_STORAGE_CLASSES)
 

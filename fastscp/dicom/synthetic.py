@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Sequence
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -48,14 +49,34 @@ def _image(rows: int, columns: int, modality: str, sop_class: str, study: str, s
 
 def write_series(folder: str, count: int, *, rows: int = 512, columns: int = 512,
                  modality: str = "CT", sop_class: str = CTImageStorage,
-                 patient_id: str = "SYN0001", seed: int = 0) -> list[str]:
-    """Write ``count`` single-frame 16-bit images of one new study and series."""
+                 patient_id: str = "SYN0001", seed: int = 0,
+                 image_positions: Sequence[Sequence[float]] | None = None,
+                 image_orientation: Sequence[float] | None = None,
+                 pixel_spacing: Sequence[float] | None = None,
+                 slice_thickness: float | None = None) -> list[str]:
+    """Write ``count`` single-frame 16-bit images of one new study and series.
+
+    The geometry (Image Plane Module, PS3.3 C.7.6.2) is written only when
+    given: ``image_positions`` has one Image Position (Patient) per image,
+    in Instance Number order (any slice order); without it the files are
+    what they always were (other tests compare them).
+    """
     os.makedirs(folder, exist_ok=True)
     rng = np.random.default_rng(seed)
     study, series = generate_uid(), generate_uid()
+    if image_positions is not None and len(image_positions) != count:
+        raise ValueError(f"{len(image_positions)} image positions for {count} images")
     paths = []
     for number in range(1, count + 1):
         ds = _image(rows, columns, modality, sop_class, study, series, number, patient_id)
+        if image_positions is not None:
+            ds.ImagePositionPatient = [float(v) for v in image_positions[number - 1]]
+        if image_orientation is not None:
+            ds.ImageOrientationPatient = [float(v) for v in image_orientation]
+        if pixel_spacing is not None:
+            ds.PixelSpacing = [float(v) for v in pixel_spacing]
+        if slice_thickness is not None:
+            ds.SliceThickness = float(slice_thickness)
         ds.PixelData = rng.integers(0, 4096, (rows, columns), dtype=np.uint16).tobytes()
         path = os.path.join(folder, f"{modality}{number:05d}.dcm")
         ds.save_as(path, enforce_file_format=True)

@@ -26,6 +26,7 @@ from fastscp import __version__
 from fastscp.dicom.uids import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from fastscp.imaging.frames import DEFAULT_QUALITY, encode_jpeg, write_atomic
 from fastscp.imaging.thumbnail import DEFAULT_SIZE, make_thumbnail
+from fastscp.storage.area import BROWSABLE, FileModes
 
 __all__ = [
     "ConversionError",
@@ -52,6 +53,7 @@ def dcm_to_jpg(
     size: int | None = None,
     window: tuple[float, float] | None = None,
     quality: int = DEFAULT_QUALITY,
+    modes: FileModes = BROWSABLE,
 ) -> str:
     """Export one frame of a DICOM file as a JPEG (written atomically).
 
@@ -68,6 +70,9 @@ def dcm_to_jpg(
         automatic.
     quality : int
         JPEG quality (1-95).
+    modes : FileModes
+        Permissions of the file and of the folders made for it (the server
+        passes storage.file_mode/dir_mode: the image shows patient data).
 
     Returns
     -------
@@ -80,7 +85,7 @@ def dcm_to_jpg(
         No pixel data, or the frame cannot be decoded or rendered.
     """
     image = make_thumbnail(dicom_path, size, frame=frame, window=window)
-    write_atomic(jpeg_path, encode_jpeg(image, quality))
+    write_atomic(jpeg_path, encode_jpeg(image, quality), modes=modes)
     return os.fspath(jpeg_path)
 
 

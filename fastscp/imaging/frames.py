@@ -20,16 +20,17 @@ from __future__ import annotations
 import importlib.metadata
 import io
 import os
+import shutil
 import struct
 import tempfile
 import warnings
-from typing import Final, NamedTuple
+from typing import BinaryIO, Final, NamedTuple
 
 import numpy as np
 import PIL
 from PIL import Image
 
-from fastscp.dicom.header import HeaderError, HeaderFields, IncompleteHeader, parse_header
+from fastscp.dicom.header import HeaderError, HeaderFields, read_header_from
 from fastscp.imaging._thumbnail_py import PixelInfo, ThumbnailError
 from fastscp.storage.area import BROWSABLE, FileModes, makedirs
 
@@ -93,7 +94,6 @@ class Frame(NamedTuple):
 
 # -- reading the file ---------------------------------------------------------------
 
-_HEAD_BYTES: Final = 64 * 1024  # most headers, CT and MR included, fit in the first read
 _NATIVE: Final = {
     "1.2.840.10008.1.2": "<",  # Implicit VR Little Endian
     "1.2.840.10008.1.2.1": "<",  # Explicit VR Little Endian
@@ -105,43 +105,9 @@ _PIXEL_DATA_BE: Final = b"\x7f\xe0\x00\x10"
 _UNDEFINED_LENGTH: Final = 0xFFFFFFFF
 
 
-def _file_meta(head: bytes) -> tuple[int, str]:
-    """(offset of the dataset, Transfer Syntax UID) from a Part 10 file's first bytes.
-
-    The File Meta group is walked element by element (it is always Explicit
-    VR Little Endian, PS3.10 7.1) rather than trusting its group length;
-    files without the 128-byte preamble are read as pydicom reads them.
-    """
-    if head[128:132] == b"DICM":
-        pos = 132
-    elif head[:2] == b"\x02\x00":
-        pos = 0
-    else:
-        raise DecodeError("not a DICOM Part 10 file (no DICM prefix)")
-    transfer_syntax = ""
-    while len(head) - pos >= 8:
-        group, element = struct.unpack_from("<HH", head, pos)
-        if group != 0x0002:
-            break
-        vr = head[pos + 4 : pos + 6]
-        if vr in (b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN"):
-            if len(head) - pos < 12:
-                break
-            (length,) = struct.unpack_from("<I", head, pos + 8)
-            header = 12
-        else:
-            (length,) = struct.unpack_from("<H", head, pos + 6)
-            header = 8
-        if element == 0x0010:
-            transfer_syntax = head[pos + header : pos + header + length].decode("ascii", "replace").rstrip("\0 ")
-        pos += header + length
-    if not transfer_syntax:
-        raise DecodeError("File Meta Information has no Transfer Syntax UID (0002,0010)")
-    return pos, transfer_syntax
-
-
 def read_header(path: str | os.PathLike[str]) -> tuple[HeaderFields, str, int]:
-    """The indexed attributes of a Part 10 file, without reading its pixel data.
+    """The indexed attributes of a Part 10 file, without reading its pixel data
+    (:func:`fastscp.dicom.header.read_header_from`).
 
     Returns
     -------
@@ -155,20 +121,13 @@ def read_header(path: str | os.PathLike[str]) -> tuple[HeaderFields, str, int]:
         Not a Part 10 file, or a header fastscp cannot parse.
     """
     with open(path, "rb") as f:
-        data = f.read(_HEAD_BYTES)
-        at_end = len(data) < _HEAD_BYTES  # the whole file is in `data`
-        start, transfer_syntax = _file_meta(data)
-        while True:
-            try:
-                fields = parse_header(memoryview(data)[start:], transfer_syntax, complete=at_end)
-                return fields, transfer_syntax, start
-            except IncompleteHeader:  # only raised while complete=False
-                wanted = len(data)  # doubles what we hold: few reads even for long headers
-                more = f.read(wanted)
-                at_end = len(more) < wanted
-                data += more
-            except HeaderError as exc:
-                raise DecodeError(f"header: {exc}") from None
+        try:
+            header = read_header_from(f)
+        except HeaderError as exc:
+            raise DecodeError(f"header: {exc}") from None
+        except ValueError as exc:  # not Part 10
+            raise DecodeError(str(exc)) from None
+    return header.fields, header.transfer_syntax_uid, header.dataset_offset
 
 
 def _native_dtype(fields: HeaderFields, byte_order: str) -> np.dtype | None:
@@ -337,9 +296,9 @@ def encode_jpeg(image: np.ndarray, quality: int = DEFAULT_QUALITY) -> bytes:
     return out.getvalue()
 
 
-def write_atomic(path: str | os.PathLike[str], data: bytes, *, fsync: bool = False,
+def write_atomic(path: str | os.PathLike[str], data: bytes | BinaryIO, *, fsync: bool = False,
                  modes: FileModes = BROWSABLE) -> None:
-    """Write `data` to `path` through a temp file in the same folder and a rename.
+    """Write `data` (bytes, or a binary file, read to its end) to `path` via a temp file in its folder and a rename.
 
     Readers see the old file or the new one, never a part.  Parent folders
     are created.  The file and the folders it creates get `modes` exactly:
@@ -352,7 +311,10 @@ def write_atomic(path: str | os.PathLike[str], data: bytes, *, fsync: bool = Fal
     fd, temp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            if isinstance(data, bytes):
+                f.write(data)
+            else:
+                shutil.copyfileobj(data, f, 1 << 20)  # a stored file: never whole in memory
             if fsync:
                 f.flush()
                 os.fsync(f.fileno())

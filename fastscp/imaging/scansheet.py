@@ -44,6 +44,8 @@ __all__ = [
     "SeriesSummary",
     "StudySummary",
     "find_study_instances",
+    "make_scansheet",
+    "read_headers",
     "scansheet_dir",
     "sheet_folder",
     "stored_thumbnails",
@@ -177,11 +179,8 @@ def summarise_study(
     return StudySummary(study_instance_uid=rows[0][1].study_instance_uid, series=tuple(summaries), **values)
 
 
-def summarise_study_files(
-    paths: Iterable[str | os.PathLike[str]], study_instance_uid: str | None = None, *,
-    thumbnail_for: Callable[[str], str] | None = None,
-) -> StudySummary:
-    """:func:`summarise_study` of DICOM files, reading their headers (not their pixels).
+def read_headers(paths: Iterable[str | os.PathLike[str]]) -> list[tuple[str, HeaderFields]]:
+    """(path, HeaderFields) of DICOM files, reading their headers (not their pixels).
 
     Files that are not DICOM, or whose header cannot be parsed, are skipped
     with a log line.
@@ -194,7 +193,15 @@ def summarise_study_files(
             log.info("scan sheet: skipped %s: %s", path, exc)
             continue
         items.append((os.fspath(path), fields))
-    return summarise_study(items, study_instance_uid, thumbnail_for=thumbnail_for)
+    return items
+
+
+def summarise_study_files(
+    paths: Iterable[str | os.PathLike[str]], study_instance_uid: str | None = None, *,
+    thumbnail_for: Callable[[str], str] | None = None,
+) -> StudySummary:
+    """:func:`summarise_study` of DICOM files (:func:`read_headers`)."""
+    return summarise_study(read_headers(paths), study_instance_uid, thumbnail_for=thumbnail_for)
 
 
 def find_study_instances(storage_root: str | os.PathLike[str],
@@ -261,6 +268,52 @@ def stored_thumbnails(storage_root: str | os.PathLike[str]) -> Callable[[str], s
         return "" if relative.startswith("..") else thumbnail_path(root, relative)
 
     return thumbnail_for
+
+
+def make_scansheet(
+    storage_root: str | os.PathLike[str],
+    layout: LayoutOptions,
+    study_instance_uid: str,
+    items: Iterable[tuple[str, HeaderFields]],
+    *,
+    per_row: int = DEFAULT_THUMBNAILS,
+    modes: FileModes = BROWSABLE,
+    out_dir: str | os.PathLike[str] | None = None,
+) -> tuple[StudySummary, str, str]:
+    """Make a study's scan sheet as the server does, and write it.
+
+    The one assembly of a sheet: the post-store stage and ``fastscp
+    scansheet`` both call it, so a sheet made by hand is the server's sheet
+    (same place, same thumbnails, same number per series) and replaces it.
+
+    Parameters
+    ----------
+    items : iterable of (path, HeaderFields)
+        The study's instances (absolute paths), from the files or the index.
+    per_row : int
+        ``scansheet.thumbnails_per_series``.
+    modes : FileModes
+        ``storage.file_mode``/``dir_mode`` of the files and folders made.
+    out_dir : str or PathLike, optional
+        Another folder than the server's (:func:`sheet_folder`).
+
+    Returns
+    -------
+    tuple
+        (StudySummary, png_path, html_path).
+
+    Raises
+    ------
+    ValueError
+        No instance of the study in ``items``.
+    OSError
+        The sheet can't be written.
+    """
+    root = os.fspath(storage_root)
+    summary = summarise_study(items, study_instance_uid, thumbnail_for=stored_thumbnails(root))
+    out = sheet_folder(root, layout, summary) if out_dir is None else out_dir
+    png, page = write_scansheet(summary, out, per_row=per_row, modes=modes)
+    return summary, png, page
 
 
 # -- the trigger --------------------------------------------------------------------

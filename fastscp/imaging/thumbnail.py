@@ -181,17 +181,27 @@ def try_write_thumbnail(
 def thumbnail_path(storage_root: str | os.PathLike[str], relative_path: str) -> str:
     """Where the thumbnail of a stored file goes: ``<root>/thumbnails/<relative path>.jpg``.
 
-    The thumbnail tree mirrors the storage layout, with ``.dcm`` replaced by
-    ``.jpg`` (other names get ``.jpg`` appended).
+    The thumbnail tree mirrors the storage layout (:func:`mirror_jpeg_path`).
 
     Raises
     ------
     ValueError
         `relative_path` is absolute or leaves the storage root.
     """
+    return mirror_jpeg_path(os.path.join(os.fspath(storage_root), THUMBNAILS), relative_path)
+
+
+def mirror_jpeg_path(folder: str | os.PathLike[str], relative_path: str) -> str:
+    """``<folder>/<relative path>`` with ``.dcm`` replaced by ``.jpg`` (other names get ``.jpg`` appended).
+
+    Raises
+    ------
+    ValueError
+        `relative_path` is absolute or leaves `folder`.
+    """
     parts = relative_path.replace("\\", "/").split("/")
     if os.path.isabs(relative_path) or any(part in ("", ".", "..") for part in parts):
         raise ValueError(f"not a relative path inside the storage root: {relative_path!r}")
     name = parts[-1]
     parts[-1] = (name[:-4] if name.lower().endswith(".dcm") else name) + ".jpg"
-    return os.path.join(os.fspath(storage_root), THUMBNAILS, *parts)
+    return os.path.join(os.fspath(folder), *parts)

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import logging
 import socket
-import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 import msgspec
 
 from fastscp.index.indexer import indexer_address, locate_address, query_address, query_address_of
 from fastscp.index.records import ENCODER, IndexRecord, InstanceRecord, RecordBatch
+from fastscp.process.batcher import Batcher
 from fastscp.query.engine import (
     Columns,
     Done,
@@ -97,16 +97,16 @@ class IndexerClient:
     def __init__(self, address: str) -> None:
         self.address = address
         self._sock: socket.socket | None = None
-        #: Records not yet sealed into a message.
-        self._batch: list[IndexRecord] = []
         #: Sealed messages not yet delivered, with their record counts.
         self._pending: list[tuple[bytes, int]] = []
-        self._lock = threading.Lock()
-        self._wake = threading.Condition(self._lock)
-        self._sender: threading.Thread | None = None
         #: The indexer could not be reached at the last try.
         self._down = False
-        self._closed = False
+        #: Records not yet sealed into a message; its lock guards all of the above.
+        self._batcher: Batcher[IndexRecord] = Batcher(
+            self._deliver_locked, interval=SEND_INTERVAL, max_items=BATCH_RECORDS, retry_interval=RETRY_INTERVAL,
+            name="fastscp-indexer-send")
+        #: Hand a record to the indexer (soon; or keep it until the indexer is back).
+        self.send: Callable[[IndexRecord], None] = self._batcher.add
 
     def _connect(self) -> socket.socket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -117,43 +117,27 @@ class IndexerClient:
             raise
         return sock
 
-    def send(self, record: IndexRecord) -> None:
-        """Hand a record to the indexer (soon; or keep it until the indexer is back)."""
-        with self._lock:
-            self._batch.append(record)
-            if len(self._batch) == 1:
-                self._wake.notify()  # the sender starts its SEND_INTERVAL
-            if len(self._batch) >= BATCH_RECORDS:
-                self._seal_locked()
-                self._deliver_locked()
-            elif self._sender is None and not self._closed:
-                self._sender = threading.Thread(target=self._send_loop, name="fastscp-indexer-send", daemon=True)
-                self._sender.start()
-
     def flush(self) -> int:
         """Try to deliver everything now; returns how many records remain."""
-        with self._lock:
-            self._seal_locked()
-            self._deliver_locked()
+        with self._batcher.lock:
+            self._batcher.flush_locked()
             return self._waiting_locked()
 
     @property
     def pending(self) -> int:
         """Records not yet delivered to the indexer."""
-        with self._lock:
+        with self._batcher.lock:
             return self._waiting_locked()
 
     def _waiting_locked(self) -> int:
-        return len(self._batch) + sum(count for _, count in self._pending)
+        return self._batcher.waiting + sum(count for _, count in self._pending)
 
-    def _seal_locked(self) -> None:
-        if self._batch:
-            batch, self._batch = self._batch, []
-            self._pending += batch_messages(batch)
-
-    def _deliver_locked(self) -> None:
+    def _deliver_locked(self, records: list[IndexRecord]) -> bool:
+        """Seal ``records`` into messages and send every message kept; False if some remain (the indexer is down)."""
+        if records:
+            self._pending += batch_messages(records)
         if not self._pending:
-            return
+            return True
         try:
             if self._sock is None:
                 self._sock = self._connect()
@@ -167,25 +151,15 @@ class IndexerClient:
             if not self._down:
                 self._down = True
                 log.warning("indexer unreachable (%s); %d records kept for retry", exc, self._waiting_locked())
-            return
+            return False
         if self._down:
             self._down = False
             log.info("indexer reachable again; kept records delivered")
-
-    def _send_loop(self) -> None:
-        with self._lock:
-            while not self._closed:
-                if not self._batch and not self._pending:
-                    self._wake.wait()  # idle: until a record arrives
-                    continue
-                self._wake.wait(RETRY_INTERVAL if self._down else SEND_INTERVAL)
-                self._seal_locked()
-                self._deliver_locked()
+        return True
 
     def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            self._wake.notify_all()
+        self._batcher.close()
+        with self._batcher.lock:
             if self._sock is not None:
                 self._sock.close()
                 self._sock = None

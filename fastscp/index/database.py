@@ -19,10 +19,11 @@ row by row (~1k rows/s row by row against 100k+ rows/s from Arrow here).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import typing
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import duckdb
 import pyarrow as pa
@@ -326,8 +327,7 @@ class Index:
             )
         if self.version == SCHEMA_VERSION:
             return
-        self.con.execute("BEGIN")
-        try:
+        with self.transaction():
             if self.version in (2, 3, 4):
                 self._add_columns()
                 if self.version == 2:
@@ -338,10 +338,6 @@ class Index:
             else:
                 self._create(from_v1=self.version == 1)
             self.con.execute("INSERT INTO schema_version VALUES (?)", [SCHEMA_VERSION])
-            self.con.execute("COMMIT")
-        except BaseException:
-            self.con.execute("ROLLBACK")
-            raise
         if self.version:
             log.info("index %s migrated from schema version %d to %d", self.path, self.version, SCHEMA_VERSION)
         self.version = SCHEMA_VERSION
@@ -516,12 +512,25 @@ class Index:
         self._after_write()
         return count
 
-    def _in_transaction(self, write: Callable[..., bool | None], *args: object) -> bool:
-        """``write(*args)`` between BEGIN and COMMIT (ROLLBACK if it raises); its result."""
+    @contextlib.contextmanager
+    def transaction(self, *registered: str) -> Iterator[duckdb.DuckDBPyConnection]:
+        """The block's writes in one transaction: BEGIN, then COMMIT, or ROLLBACK if the block raises.
+
+        The block's own exception is the one that propagates (a failed
+        ROLLBACK does not hide it). The Arrow tables registered under the
+        names in ``registered`` are unregistered afterwards, committed or
+        not (a rollback drops some registrations, not all).
+
+        Example
+        -------
+        >>> with index.transaction("gone_paths") as con:  # doctest: +SKIP
+        ...     con.register("gone_paths", table)
+        ...     con.execute("DELETE FROM instances WHERE path IN (SELECT path FROM gone_paths)")
+        """
         con = self.con
         con.execute("BEGIN")
         try:
-            result = write(*args)
+            yield con
             con.execute("COMMIT")
         except BaseException:
             try:
@@ -530,13 +539,16 @@ class Index:
                 pass
             raise
         finally:
-            # A rollback drops registrations too; unregister what is left.
-            for name in ("batch_instances", "batch_parents", "batch_conflicts", "batch_maps"):
+            for name in registered:
                 try:
                     con.unregister(name)
                 except (duckdb.Error, KeyError):
                     pass
-        return bool(result)
+
+    def _in_transaction(self, write: Callable[..., bool | None], *args: object) -> bool:
+        """``write(*args)`` in one :meth:`transaction`; its result."""
+        with self.transaction("batch_instances", "batch_parents", "batch_conflicts", "batch_maps"):
+            return bool(write(*args))
 
     def _insert(self, batch: pa.Table, parents: dict[str, list[tuple[object, ...]]],
                 conflicts: pa.Table | None, maps: pa.Table | None) -> None:
@@ -606,14 +618,9 @@ class Index:
             except duckdb.ConstraintException:
                 # A thumbnail made again (a resend): replace it.
                 con.register("batch_thumbnails", batch)
-                con.execute("BEGIN")
-                try:
+                with self.transaction():
                     con.execute("DELETE FROM thumbnails WHERE path IN (SELECT path FROM batch_thumbnails)")
                     con.execute("INSERT INTO thumbnails SELECT * FROM batch_thumbnails")
-                    con.execute("COMMIT")
-                except BaseException:
-                    con.execute("ROLLBACK")
-                    raise
         finally:
             con.unregister("batch_thumbnails")
 
@@ -646,13 +653,8 @@ class Index:
 
     def prune(self) -> None:
         """Drop series and studies left without instances, in one transaction."""
-        self.con.execute("BEGIN")
-        try:
+        with self.transaction():
             self._prune()
-            self.con.execute("COMMIT")
-        except BaseException:
-            self.con.execute("ROLLBACK")
-            raise
         self.needs_prune = False
         self._known = {table: {} for table in self._known}
         self._after_write()
@@ -676,21 +678,13 @@ class Index:
         gone = list(dict.fromkeys(paths))
         if not gone:
             return 0
-        con = self.con
-        con.execute("BEGIN")
-        try:
+        with self.transaction("gone_paths") as con:
             con.register("gone_paths", pa.table({"path": pa.array(gone, type=pa.string())}))
             row = con.execute(
                 "DELETE FROM instances WHERE path IN (SELECT path FROM gone_paths) RETURNING path"
             ).fetchall()
             con.execute("DELETE FROM thumbnails WHERE path IN (SELECT path FROM gone_paths)")
             self._prune()
-            con.execute("COMMIT")
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
-        finally:
-            con.unregister("gone_paths")
         self._known = {table: {} for table in self._known}
         self._after_write()
         return len(row)

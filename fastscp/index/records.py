@@ -278,3 +278,6 @@ ENCODER = msgspec.msgpack.Encoder()
 DECODER = msgspec.msgpack.Decoder(Message)
 #: The indexer's decoder: workers and the post-store stage send only batches.
 BATCH_DECODER = msgspec.msgpack.Decoder(RecordBatch)
+#: The post-store stage's decoder: workers send it one instance record a message, and each
+#: association's final report (for the association-ended hooks).
+POSTSTORE_DECODER = msgspec.msgpack.Decoder(InstanceRecord | AssociationReport)

@@ -13,7 +13,6 @@ The files are the source of truth. Two users:
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import stat
@@ -24,8 +23,8 @@ from typing import IO, NamedTuple
 
 import msgspec
 
-from fastscp.dicom.header import HeaderError, IncompleteHeader, parse_header
-from fastscp.dicom.part10 import read_file_meta
+from fastscp.dicom.header import HeaderError, read_header_from
+from fastscp.dicom.part10 import dataset_sha256
 from fastscp.index.database import Index, IndexUnavailable
 from fastscp.index.records import DuplicateConflict, InstanceRecord
 from fastscp.query.engine import read_conflicts
@@ -36,9 +35,6 @@ log = logging.getLogger("fastscp.reindex")
 #: Every storage layout names its files ``*.dcm``; other files (scan sheets,
 #: the index itself, notes) are not instances.
 SUFFIX = ".dcm"
-#: Bytes read for the header scan; the rest of the file only if the header is longer.
-HEADER_BYTES = 256 * 1024
-_HASH_CHUNK = 1 << 20
 
 
 class FileState(NamedTuple):
@@ -147,21 +143,8 @@ def read_record(root: str, state: FileState, *, content_hash: bool = True) -> In
     """
     full = os.path.join(root, state.path)
     with open(full, "rb") as f:
-        data = f.read(HEADER_BYTES)
-        meta, offset = read_file_meta(data)
-        transfer_syntax = meta[0x0010]
-        complete = len(data) >= state.size
-        try:
-            header = parse_header(memoryview(data)[offset:], transfer_syntax, complete=complete)
-        except IncompleteHeader:
-            data += f.read()
-            header = parse_header(memoryview(data)[offset:], transfer_syntax, complete=True)
-        digest = ""
-        if content_hash:
-            sha = hashlib.sha256(memoryview(data)[offset:])
-            while chunk := f.read(_HASH_CHUNK):
-                sha.update(chunk)
-            digest = sha.hexdigest()
+        header, meta, transfer_syntax, offset = read_header_from(f)
+        digest = dataset_sha256(f.fileno(), offset) if content_hash else ""
     affected = meta.get(0x0003, "")
     if not header.sop_instance_uid and affected:
         # As the acceptor does: the sender's UID names the file when the data set has none.

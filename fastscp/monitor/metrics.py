@@ -95,6 +95,19 @@ class _Exposition:
         return "\n".join(self.lines) + "\n"
 
 
+#: Per post-receive hook (config ``hooks``): HookState field, metric type, help.
+_HOOK_FAMILIES: tuple[tuple[str, str, str], ...] = (
+    ("runs", "counter", "Post-receive hook attempts started, retries included."),
+    ("succeeded", "counter", "Post-receive hook attempts that succeeded."),
+    ("failed", "counter", "Events a post-receive hook gave up on (its last attempt failed)."),
+    ("retried", "counter", "Post-receive hook attempts that failed and were tried again."),
+    ("timed_out", "counter", "Post-receive hook programs killed at their timeout."),
+    ("dropped", "counter", "Events dropped because a post-receive hook's queue was full."),
+    ("running", "gauge", "Post-receive hook programs running now."),
+    ("queued", "gauge", "Events waiting for a post-receive hook (retries included)."),
+)
+
+
 def render(snapshot: StatusSnapshot, now: float | None = None) -> str:
     """The snapshot as Prometheus text exposition format 0.0.4.
 
@@ -171,6 +184,12 @@ def render(snapshot: StatusSnapshot, now: float | None = None) -> str:
                max(0.0, (time.time() if now is None else now) - snapshot.time))
     out.family("fastscp_info", "gauge", "Version and AE title of this server (always 1).")
     out.sample("fastscp_info", 1, {"version": snapshot.version, "ae_title": snapshot.ae_title})
+
+    for field, kind, help_text in _HOOK_FAMILIES:
+        out.family(f"fastscp_hook_{field}" + ("_total" if kind == "counter" else ""), kind, help_text)
+        for hook in snapshot.hooks:
+            out.sample(f"fastscp_hook_{field}" + ("_total" if kind == "counter" else ""), getattr(hook, field),
+                       {"hook": hook.name, "event": hook.event})
 
     out.histogram("fastscp_store_latency_seconds",
                   "Seconds from a C-STORE request to its response (receiving, writing, fsync).",

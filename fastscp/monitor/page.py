@@ -108,7 +108,7 @@ function fill(id, ...children) { document.getElementById(id).replaceChildren(...
 // -- formatting -----------------------------------------------------------------------------
 function int(n) { return NUMBER.format(n); }
 function fixed(n, digits) { return Number(n).toFixed(digits); }
-function bytes(n) {
+function bytes(n) {  // SI, as fastscp.status.human_bytes writes them (tests/test_monitor_page.py)
   const units = ["B", "kB", "MB", "GB", "TB", "PB"];
   let i = 0;
   while (Math.abs(n) >= 1000 && i < units.length - 1) { n /= 1000; i++; }
@@ -230,6 +230,10 @@ function renderAlerts(s) {
     if (!w.alive) alerts.push(["bad", "Worker " + w.index + " (pid " + w.pid + ") is not running; " +
                                       "its associations were aborted and it is being restarted."]);
   }
+  for (const h of (s && s.hooks) || []) {
+    if (h.failed) alerts.push(["warn", "Hook " + h.name + " gave up on " + int(h.failed) + " events; last error at " +
+                                       clock(h.last_error_at) + ": " + h.last_error]);
+  }
   fill("alerts", alerts.map(([cls, message]) => el("div", {class: "alert " + cls, role: "alert"}, message)));
 }
 function renderTiles(s) {
@@ -312,6 +316,18 @@ function renderWorkers(s) {
       el("span", {class: w.alive ? "pill ok" : "pill bad"}, w.alive ? "running" : "not running"),
       int(w.open_associations), clock(w.started), int(w.restarts)]), "No worker processes."));
 }
+function renderHooks(s) {
+  const hooks = s.hooks || [];
+  document.getElementById("hooks-section").hidden = !hooks.length;
+  fill("hooks", table([{label: "Hook", cls: "ae"}, {label: "Event"}, {label: "Runs", cls: "num"},
+    {label: "Succeeded", cls: "num"}, {label: "Failed", cls: "num"}, {label: "Retried", cls: "num"},
+    {label: "Timed out", cls: "num"}, {label: "Dropped", cls: "num"}, {label: "Running", cls: "num"},
+    {label: "Queued", cls: "num"}, {label: "Last error"}],
+    hooks.map(h => [h.name, h.event, int(h.runs), int(h.succeeded),
+      el("span", {class: h.failed ? "bad-text" : ""}, int(h.failed)), int(h.retried), int(h.timed_out),
+      int(h.dropped), int(h.running), int(h.queued),
+      h.last_error ? clock(h.last_error_at) + " " + h.last_error : ""]), "No hooks configured."));
+}
 function renderConfig(s) {
   fill("config", table([{label: "Key"}, {label: "Value"}], flatten(s.config, "", []), "No configuration."));
 }
@@ -319,7 +335,7 @@ function render() {
   renderAlerts(last);
   if (!last) return;
   renderHeader(last); renderTiles(last); renderOpen(last); renderRecent(last); renderCounts(last);
-  renderStorage(last); renderPerformance(last); renderWorkers(last); renderConfig(last);
+  renderStorage(last); renderPerformance(last); renderWorkers(last); renderHooks(last); renderConfig(last);
   document.getElementById("content").hidden = false;
 }
 
@@ -374,11 +390,14 @@ _BODY = """
 <div id="performance"></div>
 <h2 class="sub-heading">Workers</h2><div id="workers"></div></section>
 </div>
+<section id="hooks-section" hidden><h2>Post-receive hooks <span class="note">since the post-store process
+started</span></h2><div id="hooks"></div></section>
 <section><details open><summary>Configuration in force</summary><div id="config"></div></details></section>
 </div>
 </main>
 <footer>Updated every second from <a href="status.json">status.json</a> &middot;
-Prometheus: <a href="metrics">metrics</a> &middot; health: <a href="healthz">healthz</a></footer>
+Prometheus: <a href="metrics">metrics</a> &middot; health: <a href="healthz">healthz</a> &middot;
+<a href="studies">study browser</a></footer>
 """
 
 

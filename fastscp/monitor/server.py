@@ -9,6 +9,8 @@ about twice a second. The monitor keeps the latest one and answers, on
 - ``GET /status.json``  the latest snapshot as JSON
 - ``GET /metrics``      Prometheus text format (:mod:`fastscp.monitor.metrics`)
 - ``GET /healthz``      200 ``ok`` while fresh snapshots arrive and the server runs
+- ``GET /studies``, ``/patients`` and below: the study browser
+  (:mod:`fastscp.monitor.browser`), when the server gives the config
 
 It runs apart from the supervisor so that a slow or hostile HTTP client can
 never delay the supervisor's accept loop; the supervisor only ever does a
@@ -28,7 +30,8 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Callable
+import typing
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from urllib.parse import urlsplit
@@ -42,6 +45,10 @@ from fastscp.monitor import page as statuspage
 from fastscp.process import logs
 from fastscp.process.listen import bind_advice
 from fastscp.status import DECODER, JSON_ENCODER, StatusSnapshot
+
+if typing.TYPE_CHECKING:
+    from fastscp.config import Config
+    from fastscp.monitor.browser import Browser
 
 log = logging.getLogger("fastscp.monitor")
 
@@ -182,6 +189,8 @@ class Request:
     version: str
     #: Header names in lower case; repeated headers joined with ", ".
     headers: dict[str, str]
+    #: The query string after "?", still percent-encoded.
+    query: str = ""
 
     @property
     def keep_alive(self) -> bool:
@@ -227,10 +236,11 @@ def parse_request_head(head: bytes) -> Request:
         name = name.lower()
         headers[name] = f"{headers[name]}, {value.strip()}" if name in headers else value.strip()
     # origin-form ("/status.json?x") or absolute-form ("http://host/status.json")
-    path = urlsplit(target).path if target.startswith(("/", "http://", "https://")) else ""
-    if not path.startswith("/"):
+    parts = urlsplit(target) if target.startswith(("/", "http://", "https://")) else None
+    path = parts.path if parts is not None else ""
+    if parts is None or not path.startswith("/"):
         raise BadRequest(400, "malformed request target")
-    return Request(method=method, path=path, version=version, headers=headers)
+    return Request(method=method, path=path, version=version, headers=headers, query=parts.query)
 
 
 @dataclass(frozen=True)
@@ -242,21 +252,46 @@ class Response:
 
     def encode(self, *, keep_alive: bool, head_only: bool = False) -> bytes:
         """The response as bytes on the wire (HTTP/1.1)."""
-        phrase = http.HTTPStatus(self.status).phrase
-        lines = [
-            f"HTTP/1.1 {self.status} {phrase}",
-            f"Date: {email.utils.formatdate(usegmt=True)}",
-            f"Server: fastscp/{__version__}",
-            f"Content-Type: {self.content_type}",
-            f"Content-Length: {len(self.body)}",
-            # Always the live figures: no browser or proxy cache.
-            "Cache-Control: no-store",
-            "X-Content-Type-Options: nosniff",
-            f"Connection: {'keep-alive' if keep_alive else 'close'}",
-            *(f"{name}: {value}" for name, value in self.headers),
-        ]
-        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        head = _head(self.status, self.content_type, f"Content-Length: {len(self.body)}",
+                     "keep-alive" if keep_alive else "close", self.headers)
         return head if head_only else head + self.body
+
+
+def _head(status: int, content_type: str, framing: str, connection: str,
+          headers: tuple[tuple[str, str], ...]) -> bytes:
+    """A response's status line and headers; ``framing`` says where its body ends."""
+    lines = [
+        f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}",
+        f"Date: {email.utils.formatdate(usegmt=True)}",
+        f"Server: fastscp/{__version__}",
+        f"Content-Type: {content_type}",
+        *([framing] if framing else []),
+        # Always the live figures: no browser or proxy cache.
+        "Cache-Control: no-store",
+        "X-Content-Type-Options: nosniff",
+        f"Connection: {connection}",
+        *(f"{name}: {value}" for name, value in headers),
+    ]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+@dataclass(frozen=True)
+class StreamResponse:
+    """A response whose body is made while it is sent (a study's zip): chunked on HTTP/1.1, then closed.
+
+    The chunked framing ends with a zero-length chunk only when ``chunks``
+    ends normally, so a client can tell a cut-off body from a whole one.
+    """
+
+    status: int
+    content_type: str
+    chunks: AsyncIterator[bytes]
+    headers: tuple[tuple[str, str], ...] = field(default=())
+
+    def head(self, *, chunked: bool) -> bytes:
+        # Without chunked framing (HTTP/1.0) the body ends where the connection does.
+        return _head(self.status, self.content_type, "Transfer-Encoding: chunked" if chunked else "", "close",
+                     self.headers)
 
 
 def text_response(status: int, text: str, headers: tuple[tuple[str, str], ...] = ()) -> Response:
@@ -323,10 +358,12 @@ class _Connection:
 class MonitorServer:
     """The monitor's event loop work: snapshots in, HTTP out, until told to stop."""
 
-    def __init__(self, snapshots: socket.socket, stale_after: float = STALE_AFTER) -> None:
+    def __init__(self, snapshots: socket.socket, stale_after: float = STALE_AFTER,
+                 browser: Browser | None = None) -> None:
         self.snapshots = snapshots
         self.store = SnapshotStore(stale_after)
         self.routes = Routes(self.store)
+        self.browser = browser
         self.stopped = asyncio.Event()
         self.connections: dict[asyncio.Task, _Connection] = {}
         self.drops = logs.DropLog(log)
@@ -442,8 +479,14 @@ class MonitorServer:
             except BadRequest as exc:
                 await _send(writer, text_response(exc.status, exc.reason).encode(keep_alive=False))
                 return
-            response = self.routes.respond(request)
-            keep_alive = request.keep_alive and not self.stopped.is_set()
+            if self.browser is not None and self.browser.handles(request.path):
+                response: Response | StreamResponse = await self.browser.respond(request, connection.peer)
+            else:
+                response = self.routes.respond(request)
+            if isinstance(response, StreamResponse):
+                await _send_stream(writer, response, request)
+                return
+            keep_alive = request.keep_alive and not self.stopped.is_set() and response.status != 401
             await _send(writer, response.encode(keep_alive=keep_alive, head_only=request.method == "HEAD"))
             if not keep_alive:
                 return
@@ -474,6 +517,38 @@ async def _send(writer: asyncio.StreamWriter, data: bytes) -> None:
     writer.write(data)
     async with asyncio.timeout(IDLE_TIMEOUT):
         await writer.drain()
+
+
+async def _send_stream(writer: asyncio.StreamWriter, response: StreamResponse, request: Request) -> None:
+    """Send a streamed response, then the connection closes.
+
+    Each chunk waits for the client to take the one before (drain), so at
+    most one chunk per connection sits in the transport; a body that fails
+    half way aborts the connection without the final chunk.
+    """
+    chunked = request.version == "HTTP/1.1"
+    try:
+        await _send(writer, response.head(chunked=chunked))
+        if request.method == "HEAD":
+            return
+        async for chunk in response.chunks:
+            if chunked:
+                # Size line, chunk, CRLF as they are: no copy of the chunk into a framed one.
+                writer.write(b"%x\r\n" % len(chunk))
+                writer.write(chunk)
+                await _send(writer, b"\r\n")
+            else:
+                await _send(writer, chunk)
+        if chunked:
+            await _send(writer, b"0\r\n\r\n")
+    except (TimeoutError, ConnectionError):
+        writer.transport.abort()  # no final chunk: the client sees the body is incomplete
+        raise
+    except Exception as exc:  # the body failed half way (its maker logged why)
+        log.error("%s: response cut off: %s", request.path[:200], exc)
+        writer.transport.abort()
+    finally:
+        await response.chunks.aclose()  # type: ignore[attr-defined]
 
 
 def bind(listen: str) -> socket.socket:
@@ -510,7 +585,7 @@ def bind(listen: str) -> socket.socket:
     return sock
 
 
-def monitor_main(listen: str, snapshots: socket.socket, ready: Connection, *,
+def monitor_main(listen: str, snapshots: socket.socket, ready: Connection, config: Config | None = None, *,
                  stale_after: float = STALE_AFTER) -> None:
     """Run the monitor process until SIGTERM or the supervisor is gone.
 
@@ -528,6 +603,10 @@ def monitor_main(listen: str, snapshots: socket.socket, ready: Connection, *,
     ready : multiprocessing.connection.Connection
         Receives ``("ready", "http://HOST:PORT")`` with the bound port once
         listening, or ``("error", message)`` if it can't listen.
+    config : Config, optional
+        The server's config: with it, the study browser is served
+        (:mod:`fastscp.monitor.browser`; its access rules depend on where
+        the monitor listens).
     stale_after : float, optional
         Seconds without a new snapshot after which /healthz answers 503.
 
@@ -551,9 +630,16 @@ def monitor_main(listen: str, snapshots: socket.socket, ready: Connection, *,
     url = format_url(host, port)
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
+    browser = None
+    if config is not None:
+        from fastscp.monitor.browser import Browser  # it builds on this module's HTTP types
+
+        browser = Browser.from_config(config, host)
     try:
-        loop.run_until_complete(MonitorServer(snapshots, stale_after).run(listener, ready, url))
+        loop.run_until_complete(MonitorServer(snapshots, stale_after, browser).run(listener, ready, url))
     finally:
+        if browser is not None:
+            browser.close()
         asyncio.set_event_loop(None)
         loop.close()
         listener.close()

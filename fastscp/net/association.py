@@ -27,10 +27,11 @@ from typing import Protocol
 
 from pydicom.uid import UID
 
+from fastscp.dicom.sopclasses import FIND_SOP_CLASSES
 from fastscp.index.records import DuplicateConflict, InstanceRecord
 from fastscp.net import dimse
 from fastscp.net.access import peer_ip
-from fastscp.net.findscp import FIND_SOP_CLASSES, Finder, FindRequest
+from fastscp.net.findscp import Finder, FindRequest
 from fastscp.net.negotiation import (
     REJECTED_TRANSIENT,
     SOURCE_PROVIDER_PRESENTATION,

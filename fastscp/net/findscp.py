@@ -20,28 +20,23 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_dataset
 
+from fastscp.dicom.sopclasses import FIND_SOP_CLASSES as FIND_SOP_CLASSES  # the supervisor's import
 from fastscp.net import dimse
 from fastscp.net.negotiation import AcceptedContext
 from fastscp.net.pdu import ProtocolError
-from fastscp.query.cfind import FindError
+from fastscp.query.cfind import IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, PENDING, UNABLE_TO_PROCESS, FindError
 
 if TYPE_CHECKING:
     from fastscp.net.association import Association
 
 log = logging.getLogger("fastscp.find")
 
-#: Patient Root and Study Root Query/Retrieve Information Model - FIND.
-PATIENT_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.1.1"
-STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
-FIND_SOP_CLASSES: frozenset[str] = frozenset({PATIENT_ROOT_FIND, STUDY_ROOT_FIND})
-
 #: Largest request identifier we read (they are a few hundred bytes).
 MAX_IDENTIFIER_BYTES = 1 << 20
 
-PENDING = 0xFF00
+#: Matching terminated due to Cancel (PS3.4 C.4.1.1.4); the other C-FIND
+#: statuses are :mod:`fastscp.query.cfind`'s.
 CANCEL = 0xFE00
-UNABLE_TO_PROCESS = 0xC000
-IDENTIFIER_DOES_NOT_MATCH = 0xA900
 
 #: ``find(model_uid, identifier, relational) -> matches``: the query behind
 #: the service; ``relational``: relational queries were negotiated.
@@ -84,7 +79,7 @@ def responses(
         yield UNABLE_TO_PROCESS, None, f"cannot decode the identifier: {exc}"[:64]
         return
     if "QueryRetrieveLevel" not in request:
-        yield IDENTIFIER_DOES_NOT_MATCH, None, "Query/Retrieve Level (0008,0052) missing"
+        yield IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, None, "Query/Retrieve Level (0008,0052) missing"
         return
     try:
         matches = find(model, request, relational)
@@ -100,7 +95,7 @@ def responses(
         yield exc.status, None, exc.comment[:64]
         return
     except ValueError as exc:  # a request the matching rules refuse
-        yield IDENTIFIER_DOES_NOT_MATCH, None, str(exc)[:64]
+        yield IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, None, str(exc)[:64]
         return
     except Exception as exc:
         log.exception("C-FIND failed")

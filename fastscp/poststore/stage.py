@@ -8,7 +8,11 @@ It runs at low CPU priority, one record at a time, and makes:
 - a JPEG thumbnail per image, in ``<root>/thumbnails/`` mirroring the layout,
   whose path it reports to the indexer;
 - a scan sheet per study once the study has been quiet for
-  ``scansheet.study_timeout`` seconds, remade when more images arrive.
+  ``scansheet.study_timeout`` seconds, remade when more images arrive;
+- the post-receive hooks (:mod:`fastscp.hooks`) of each stored instance, of
+  each association's end (workers report it here too) and of each quiet
+  study; the supervisor sends reloaded hooks and takes their counts over
+  a link of their own (:mod:`fastscp.hooks.link`).
 """
 
 from __future__ import annotations
@@ -19,22 +23,19 @@ import os
 import selectors
 import signal
 import socket
+import time
+from collections.abc import Sequence
 
 import msgspec
 
-from fastscp.config import ScansheetConfig, ThumbnailsConfig
+from fastscp.config import HookConfig, ScansheetConfig, ThumbnailsConfig
 from fastscp.dicom.header import HeaderFields
-from fastscp.imaging.scansheet import (
-    QuietStudies,
-    find_study_instances,
-    sheet_folder,
-    stored_thumbnails,
-    summarise_study,
-    write_scansheet,
-)
+from fastscp.hooks import link
+from fastscp.hooks.runner import Hooks
+from fastscp.imaging.scansheet import QuietStudies, find_study_instances, make_scansheet
 from fastscp.imaging.thumbnail import thumbnail_path, try_write_thumbnail
 from fastscp.index.client import IndexerClient
-from fastscp.index.records import DECODER, ENCODER, InstanceRecord, ThumbnailMade
+from fastscp.index.records import ENCODER, POSTSTORE_DECODER, AssociationReport, InstanceRecord, ThumbnailMade
 from fastscp.process.ipc import accept_local, listen, local_address, receive
 from fastscp.process.orphan import parent_gone
 from fastscp.storage.area import FileModes
@@ -44,6 +45,10 @@ log = logging.getLogger("fastscp.poststore")
 
 #: Records waiting for a thumbnail; beyond this they are dropped (and counted).
 QUEUE_LIMIT = 100_000
+#: How often, at most, the hooks' counts go to the supervisor (status page).
+HOOKS_REPORT_INTERVAL = 0.5
+#: On stop, how long running hook programs may take before they are killed.
+HOOKS_STOP_GRACE = 10.0
 
 
 def poststore_address(index_path: str) -> str:
@@ -59,16 +64,19 @@ class PostStoreClient:
         self._sock: socket.socket | None = None
         self.dropped = 0
 
-    def send(self, record: InstanceRecord) -> None:
+    def send(self, record: InstanceRecord | AssociationReport) -> None:
+        """A stored instance, or an association's final report (its association-ended hooks)."""
         try:
             if self._sock is None:
                 sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
                 sock.setblocking(False)
                 sock.connect(self.address)
                 self._sock = sock
-            # The post-store stage needs no attribute map (~2.5 KB for a CT).
-            header = msgspec.structs.replace(record.header, attributes="{}")
-            self._sock.send(ENCODER.encode(msgspec.structs.replace(record, header=header)))
+            if isinstance(record, InstanceRecord):
+                # The post-store stage needs no attribute map (~2.5 KB for a CT).
+                header = msgspec.structs.replace(record.header, attributes="{}")
+                record = msgspec.structs.replace(record, header=header)
+            self._sock.send(ENCODER.encode(record))
         except OSError as exc:
             if self._sock is not None and not isinstance(exc, BlockingIOError):
                 self._sock.close()
@@ -80,7 +88,8 @@ class PostStoreClient:
 
 class PostStore:
     def __init__(self, root: str, layout: LayoutOptions, thumbnails: ThumbnailsConfig, scansheet: ScansheetConfig,
-                 address: str, indexer: IndexerClient, modes: FileModes) -> None:
+                 address: str, indexer: IndexerClient, modes: FileModes, hooks: Sequence[HookConfig] = (),
+                 sr_root: str = "", hooks_link: socket.socket | None = None) -> None:
         self.root = root
         self.modes = modes
         self.layout = layout
@@ -90,34 +99,75 @@ class PostStore:
         self.listener = listen(address, 64)
         self.selector = selectors.DefaultSelector()
         self.selector.register(self.listener, selectors.EVENT_READ)
-        self.queue: collections.deque[InstanceRecord] = collections.deque()
+        self.queue: collections.deque[InstanceRecord | AssociationReport] = collections.deque()
         self.quiet = QuietStudies(scansheet.study_timeout)
         #: Instances seen per study since its last sheet: (absolute path, header).
         self.studies: dict[str, list[tuple[str, HeaderFields]]] = collections.defaultdict(list)
         self.stopping = False
         self.made = 0
         self.dropped = 0
+        self.hooks = Hooks(hooks, root, sr_root, layout, modes)
+        self.selector.register(self.hooks, selectors.EVENT_READ)
+        self.hooks_link = hooks_link
+        self._next_report = 0.0
+        if hooks_link is not None:
+            hooks_link.setblocking(False)
+            self.selector.register(hooks_link, selectors.EVENT_READ)
+        #: Messages that were not an InstanceRecord.
+        self.undecodable = 0
 
     def run(self) -> None:
         while not (self.stopping and not self.queue):
             if self._orphaned():
                 return
-            timeout = 0 if self.queue else min(self.quiet.next_due_in() or 1.0, 1.0)
+            hooks_due = self.hooks.tick()
+            timeout = 0 if self.queue else min(self.quiet.next_due_in() or 1.0, 1.0,
+                                               1.0 if hooks_due is None else hooks_due)
             for key, _events in self.selector.select(timeout):
                 if key.fileobj is self.listener:
                     self._accept()
+                elif key.fileobj is self.hooks:
+                    self.hooks.dispatch()
+                elif key.fileobj is self.hooks_link:
+                    self._reconfigure()
                 else:
                     self._receive(key.fileobj)  # type: ignore[arg-type]
             if self.queue:
                 self._process(self.queue.popleft())
             for study in self.quiet.pop_due():
                 self._scansheet(study)
+                self.hooks.study_complete(study)
+            self._report_hooks()
         if self._orphaned():
             return
         # Stopping: studies still settling get their sheet now, not never.
         for study in list(self.studies):
             self._scansheet(study)
+        self.hooks.stop(HOOKS_STOP_GRACE)
+        self._report_hooks(force=True)
         log.info("post-store stopped; %d thumbnails made, %d records dropped", self.made, self.dropped)
+
+    def _reconfigure(self) -> None:
+        assert self.hooks_link is not None
+        while data := receive(self.hooks_link):
+            message = link.DECODER.decode(data)
+            if isinstance(message, link.HooksUpdate):
+                self.hooks.configure(message.hooks)
+        if data is None:  # the supervisor is gone: _orphaned() sees to the rest
+            self.selector.unregister(self.hooks_link)
+            self.hooks_link.close()
+            self.hooks_link = None
+
+    def _report_hooks(self, force: bool = False) -> None:
+        """The hooks' counts to the supervisor, when they changed, at most every HOOKS_REPORT_INTERVAL."""
+        now = time.monotonic()
+        if self.hooks_link is None or not (self.hooks.changed or force) or (now < self._next_report and not force):
+            return
+        self._next_report = now + HOOKS_REPORT_INTERVAL
+        try:
+            self.hooks_link.send(link.ENCODER.encode(link.HooksReport(self.hooks.states())))
+        except OSError:
+            pass  # busy: the next report carries the same counts
 
     def _orphaned(self) -> bool:
         """True (and the work dropped) once the supervisor is gone: nothing would stop us.
@@ -128,10 +178,11 @@ class PostStore:
         if not parent_gone():
             return False
         log.warning("the supervisor is gone: post-store stops; %d queued records and %d studies left without "
-                    "thumbnails or scan sheets (fastscp convert, fastscp scansheet)",
-                    len(self.queue), len(self.studies))
+                    "thumbnails or scan sheets (fastscp convert, fastscp scansheet); %d running hooks killed",
+                    len(self.queue), len(self.studies), self.hooks.running)
         self.queue.clear()
         self.studies.clear()
+        self.hooks.abandon()
         return True
 
     def _accept(self) -> None:
@@ -147,15 +198,24 @@ class PostStore:
                 self.selector.unregister(conn)
                 conn.close()
                 return
-            record = DECODER.decode(data)
-            if not isinstance(record, InstanceRecord):
+            try:
+                record = POSTSTORE_DECODER.decode(data)
+            except msgspec.DecodeError as exc:
+                # Any process of our user can connect: a stray message is dropped, not fatal.
+                self.undecodable += 1
+                if self.undecodable in (1, 10, 100) or self.undecodable % 1000 == 0:
+                    log.warning("post-store: %d messages that are neither instance records nor association "
+                                "reports dropped (%s)", self.undecodable, exc)
                 continue
             if len(self.queue) >= QUEUE_LIMIT:
                 self.dropped += 1
                 continue
             self.queue.append(record)
 
-    def _process(self, record: InstanceRecord) -> None:
+    def _process(self, record: InstanceRecord | AssociationReport) -> None:
+        if isinstance(record, AssociationReport):
+            self.hooks.association_ended(record)
+            return
         path = record.path if os.path.isabs(record.path) else os.path.join(self.root, record.path)
         if self.thumbnails.enabled and not os.path.isabs(record.path):
             made = try_write_thumbnail(path, thumbnail_path(self.root, record.path), self.thumbnails.size,
@@ -166,6 +226,8 @@ class PostStore:
         study = record.header.study_instance_uid
         if self.scansheet.enabled and study:
             self.studies[study].append((path, record.header))
+        self.hooks.instance_stored(record)
+        if study and (self.scansheet.enabled or self.hooks.wants_studies):
             self.quiet.touch(study)
 
     def _scansheet(self, study_uid: str) -> None:
@@ -178,17 +240,16 @@ class PostStore:
             # restart, or in earlier bursts, belong on the sheet too.
             items = find_study_instances(os.path.join(self.root, folder), study_uid) or items
         try:
-            summary = summarise_study(items, study_uid, thumbnail_for=stored_thumbnails(self.root))
-            out = sheet_folder(self.root, self.layout, summary)
-            png, _html = write_scansheet(summary, out, per_row=self.scansheet.thumbnails_per_series,
-                                          modes=self.modes)
+            _summary, png, _html = make_scansheet(self.root, self.layout, study_uid, items,
+                                                  per_row=self.scansheet.thumbnails_per_series, modes=self.modes)
             log.info("scan sheet of study %s (%d instances): %s", study_uid, len(items), png)
         except (OSError, ValueError) as exc:
             log.warning("scan sheet of study %s not written: %s", study_uid, exc)
 
 
 def poststore_main(root: str, layout: LayoutOptions, thumbnails: ThumbnailsConfig, scansheet: ScansheetConfig,
-                   address: str, indexer_address: str, modes: FileModes) -> None:
+                   address: str, indexer_address: str, modes: FileModes, hooks: Sequence[HookConfig] = (),
+                   sr_root: str = "", hooks_link: socket.socket | None = None) -> None:
     """Entry point of the post-store process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # Receiving comes first: this process only runs on otherwise idle CPU
@@ -199,7 +260,7 @@ def poststore_main(root: str, layout: LayoutOptions, thumbnails: ThumbnailsConfi
     except (AttributeError, OSError):
         os.nice(19)
     indexer = IndexerClient(indexer_address)
-    stage = PostStore(root, layout, thumbnails, scansheet, address, indexer, modes)
+    stage = PostStore(root, layout, thumbnails, scansheet, address, indexer, modes, hooks, sr_root, hooks_link)
 
     def stop(_signum: int, _frame: object) -> None:
         stage.stopping = True

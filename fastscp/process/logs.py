@@ -20,11 +20,12 @@ import logging.handlers
 import re
 import socket
 import sys
-import threading
 import time
 from collections import Counter
 
 import msgspec
+
+from fastscp.process.batcher import Batcher
 
 _FORWARDED = ("name", "levelno", "levelname", "created", "msecs", "process", "processName", "threadName")
 
@@ -181,10 +182,9 @@ class ForwardHandler(logging.Handler):
     def __init__(self, sock: socket.socket) -> None:
         super().__init__()
         self.sock = sock
-        self._batch: list[dict[str, object]] = []
-        self._size = 0
-        self._batch_lock = threading.Lock()
-        self._flusher: threading.Thread | None = None
+        self._batcher: Batcher[dict[str, object]] = Batcher(
+            self._send, interval=FORWARD_INTERVAL, max_items=FORWARD_BATCH, max_cost=FORWARD_BYTES,
+            name="log-forwarder")
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -195,34 +195,20 @@ class ForwardHandler(logging.Handler):
         except Exception:
             self.handleError(record)
             return
-        with self._batch_lock:
-            self._batch.append(fields)
-            self._size += len(fields["msg"]) + len(fields.get("exc_text", "")) + 200
-            full = len(self._batch) >= FORWARD_BATCH or self._size >= FORWARD_BYTES
-            if full or record.levelno >= logging.WARNING:
-                self._send_locked()
-            elif self._flusher is None:
-                self._flusher = threading.Thread(target=self._flush_loop, name="log-forwarder", daemon=True)
-                self._flusher.start()
-
-    def _flush_loop(self) -> None:
-        while True:
-            time.sleep(FORWARD_INTERVAL)
-            self.flush()
+        size = len(fields["msg"]) + len(fields.get("exc_text", "")) + 200
+        self._batcher.add(fields, size, urgent=record.levelno >= logging.WARNING)
 
     def flush(self) -> None:
-        with self._batch_lock:
-            self._send_locked()
+        self._batcher.flush()
 
-    def _send_locked(self) -> None:
-        if not self._batch:
-            return
-        batch, self._batch, self._size = self._batch, [], 0
-        try:
-            self.sock.send(msgspec.msgpack.encode(batch))
-        except OSError:
-            # The supervisor is gone or overwhelmed: don't block the worker.
-            pass
+    def _send(self, batch: list[dict[str, object]]) -> bool:
+        if batch:
+            try:
+                self.sock.send(msgspec.msgpack.encode(batch))
+            except OSError:
+                # The supervisor is gone or overwhelmed: drop, don't block the worker.
+                pass
+        return True  # nothing kept for a retry
 
 
 def forward_to(sock: socket.socket) -> None:

@@ -38,18 +38,16 @@ from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag
 from pydicom.valuerep import format_number_as_ds
 
+from fastscp.dicom.sopclasses import FIND_SOP_CLASSES, PATIENT_ROOT_FIND, STUDY_ROOT_FIND
 from fastscp.index.client import IndexQueries, QueryClient, ServerUnavailable
 from fastscp.query.engine import LEVELS, UNIQUE_KEYS, Condition, QueryError, QueryRequest, QueryResult, attribute_for
 
-#: Patient Root Query/Retrieve Information Model - FIND (PS3.4 C.6.1).
-PATIENT_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.1.1"
-#: Study Root Query/Retrieve Information Model - FIND (PS3.4 C.6.2).
-STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
 #: The levels of each information model, top down.
 MODEL_LEVELS: dict[str, tuple[str, ...]] = {
     PATIENT_ROOT_FIND: ("PATIENT", "STUDY", "SERIES", "IMAGE"),
     STUDY_ROOT_FIND: ("STUDY", "SERIES", "IMAGE"),
 }
+assert set(MODEL_LEVELS) == FIND_SOP_CLASSES, "each FIND model offered has its levels"
 
 # C-FIND statuses (PS3.4 C.4.1.1.4).
 PENDING = 0xFF00

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 
 from fastscp.config import Config, ConfigError, config_changes, layout_options, to_builtins, with_live_keys
 from fastscp.dicom import header
+from fastscp.hooks.link import HooksLink
 from fastscp.imaging import frames as imaging
 from fastscp.index.client import Locator, QueryClient
 from fastscp.index.indexer import indexer_address, indexer_main
@@ -150,7 +151,7 @@ class Supervisor:
             tls=tls_context(config) if config.tls.enabled else None,
             poststore_address=(
                 poststore_address(config.index_path)
-                if config.thumbnails.enabled or config.scansheet.enabled else ""
+                if config.thumbnails.enabled or config.scansheet.enabled or config.hooks else ""
             ),
             find=finder(config.index_path, retrieve_ae_title=server.ae_title),
             max_object_size=config.limits.max_object_size,
@@ -159,6 +160,8 @@ class Supervisor:
             locate=Locator(config.index_path),
         ), config)
         self.poststore: multiprocessing.process.BaseProcess | None = None
+        #: Reloaded hooks to the post-store process, their counts back.
+        self.hooks_link = HooksLink()
         self.book = StatusBook()
         #: Admitted associations: connection ID -> calling AE title.
         self.admitted: dict[int, str] = {}
@@ -267,7 +270,8 @@ class Supervisor:
             fileobj = key.fileobj
             if isinstance(fileobj, socket.socket) and fileobj.fileno() not in keep:
                 fileobj.close()
-        for sock in (self.listener, self._wake_r, self._wake_w, self._log_r, self._snapshots, *self.rejects):
+        for sock in (self.listener, self._wake_r, self._wake_w, self._log_r, self._snapshots, self.hooks_link.sock,
+                     *self.rejects):
             if sock is not None and sock.fileno() not in keep:
                 sock.close()
         signal.set_wakeup_fd(-1)
@@ -573,6 +577,8 @@ class Supervisor:
         live, restart = config_changes(self.config, new)
         self.config = with_live_keys(self.config, new)
         self.settings = settings  # for workers started from now on
+        if "hooks" in live:
+            self.hooks_link.update(self.config.hooks)
         for worker in self.workers.values():
             try:
                 worker.control.send(message)
@@ -685,14 +691,17 @@ class Supervisor:
 
     def _start_poststore(self) -> None:
         config = self.config
+        link = self.hooks_link.open()
         process = _fork.Process(
             target=self._child, name="fastscp-poststore",
             args=(poststore_main, self.storage.root, self.storage.layout, config.thumbnails, config.scansheet,
-                  self.settings.poststore_address, self.address, self.storage.modes),
+                  self.settings.poststore_address, self.address, self.storage.modes, config.hooks,
+                  self.storage.sr_root, link),
             # SIGTERM: it stops after the image in hand (poststore_main sees it is orphaned).
             kwargs={"death_signal": signal.SIGTERM},
         )
         process.start()
+        link.close()
         self.poststore = process
         self.selector.register(process.sentinel, selectors.EVENT_READ, "poststore")
         log.info("post-store stage started (pid %d): thumbnails %s, scan sheets %s", process.pid,
@@ -725,7 +734,8 @@ class Supervisor:
         # Set before the fork, so the child closes our end and sees EOF when we go.
         self._snapshots = parent
         process = _fork.Process(
-            target=self._child, name="fastscp-monitor", args=(monitor_main, self.config.monitor.listen, child, ready_w),
+            target=self._child, name="fastscp-monitor",
+            args=(monitor_main, self.config.monitor.listen, child, ready_w, self.config),  # the config: the browser
             kwargs={"death_signal": signal.SIGTERM},  # its SIGTERM stops it at once, cleanly
         )
         process.start()
@@ -783,6 +793,7 @@ class Supervisor:
         )
         snapshot.pending_connections = len(self.pending)
         snapshot.dropped_connections = dict(self.dropped)
+        snapshot.hooks = self.hooks_link.states()
         try:
             self._snapshots.send(SNAPSHOT_ENCODER.encode(snapshot))
         except (BlockingIOError, InterruptedError):
@@ -847,6 +858,10 @@ def public_config(config: Config) -> dict[str, object]:
     tls = data.get("tls")
     if isinstance(tls, dict) and tls.get("private_key"):
         tls["private_key"] = "(hidden)"
+    monitor = data.get("monitor")
+    for key in ("password", "token"):
+        if isinstance(monitor, dict) and monitor.get(key):
+            monitor[key] = "(hidden)"
     return data
 
 

@@ -143,7 +143,10 @@ class Worker:
         with self._lock:
             self._open.pop(connection_id, None)
             self._threads.pop(connection_id, None)
-        self._send(stats.report(ended=True))
+        report = stats.report(ended=True)
+        self._send(report)
+        if self.poststore is not None and not report.probe:
+            self.poststore.send(report)  # its association-ended hooks (fastscp.hooks)
 
     def _report_loop(self) -> None:
         while not self._stopping.wait(REPORT_INTERVAL):

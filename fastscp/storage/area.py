@@ -26,7 +26,8 @@ from typing import NamedTuple
 import msgspec
 
 from fastscp.dicom.header import HeaderFields
-from fastscp.dicom.part10 import dataset_offset, file_meta, read_file_meta
+from fastscp.dicom.part10 import dataset_hash, file_meta, read_file_meta
+from fastscp.dicom.part10 import dataset_sha256 as _sha256
 from fastscp.dicom.sopclasses import MODALITY_SOP_CLASSES
 from fastscp.storage.layout import LayoutOptions, relative_path
 from fastscp.storage.policy import DuplicatePolicy, Outcome
@@ -157,16 +158,8 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
-def _sha256(fd: int, offset: int, end: int | None = None) -> str:
-    """SHA-256 (hex) of a file's bytes from ``offset`` to ``end`` (or its end)."""
-    digest = hashlib.sha256()
-    while end is None or offset < end:
-        chunk = os.pread(fd, 1 << 20 if end is None else min(1 << 20, end - offset), offset)
-        if not chunk:
-            break
-        digest.update(chunk)
-        offset += len(chunk)
-    return digest.hexdigest()
+#: For the other stages that place files durably (fastscp.hooks.actions: the copy action).
+fsync_dir = _fsync_dir
 
 
 def _unlink_if_there(path: str) -> None:
@@ -174,15 +167,6 @@ def _unlink_if_there(path: str) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
-
-
-def dataset_hash(path: str) -> str:
-    """SHA-256 (hex) of a Part 10 file's data set bytes (its file meta excluded)."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        return _sha256(fd, dataset_offset(os.pread(fd, 65536, 0)))
-    finally:
-        os.close(fd)
 
 
 class TempFile:

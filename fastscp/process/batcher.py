@@ -1,0 +1,98 @@
+"""Batch and flush: items gathered under one lock and handed on together, by size, urgency or time.
+
+One owner of the pattern that sends many small things between processes:
+log records forwarded to the supervisor (:class:`fastscp.process.logs.ForwardHandler`)
+and index records sent to the indexer (:class:`fastscp.index.client.IndexerClient`).
+One message per item made the receiver's wake-ups the bottleneck in both
+(see their PERF notes); a batch waits at most ``interval`` for company.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+__all__ = ["Batcher"]
+
+T = TypeVar("T")
+
+
+class Batcher(Generic[T]):
+    """Gathers items and hands them to ``deliver`` as one list.
+
+    A batch goes at once when it holds ``max_items`` items, or items of
+    ``max_cost`` (the sum of what :meth:`add` was told; 0: no bound), or an
+    urgent item; otherwise a background thread (started with the first item)
+    delivers it ``interval`` seconds after its first item arrived.
+
+    ``deliver(items)`` runs with :attr:`lock` held, so deliveries never
+    interleave; it returns True when all is delivered, False when its owner
+    keeps something for later (the peer is down): then the thread calls it
+    again every ``retry_interval`` seconds, with the items gathered since
+    (perhaps none), until it returns True. Thread-safe.
+    """
+
+    def __init__(self, deliver: Callable[[list[T]], bool], *, interval: float, max_items: int,
+                 max_cost: int = 0, retry_interval: float | None = None, name: str = "fastscp-batcher") -> None:
+        self._deliver = deliver
+        self.interval = interval
+        self.max_items = max_items
+        self.max_cost = max_cost
+        self.retry_interval = interval if retry_interval is None else retry_interval
+        self.name = name
+        #: Held while items are added and while ``deliver`` runs; an owner may
+        #: hold it to read its own state consistently (:meth:`flush_locked`).
+        self.lock = threading.Lock()
+        self._wake = threading.Condition(self.lock)
+        self._items: list[T] = []
+        self._cost = 0
+        #: The last delivery left something for a retry.
+        self._behind = False
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    def add(self, item: T, cost: int = 0, urgent: bool = False) -> None:
+        """Gather ``item``; deliver now if the batch is full or ``urgent``."""
+        with self.lock:
+            items = self._items
+            items.append(item)
+            if len(items) == 1:
+                self._wake.notify()  # the thread starts the batch's interval
+            self._cost += cost
+            if urgent or len(items) >= self.max_items or (self.max_cost and self._cost >= self.max_cost):
+                self.flush_locked()
+            elif self._thread is None and not self._closed:
+                self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+                self._thread.start()
+
+    def flush(self) -> None:
+        """Deliver what waits (and retry what the owner kept), now."""
+        with self.lock:
+            self.flush_locked()
+
+    def flush_locked(self) -> None:
+        """:meth:`flush` for a caller that holds :attr:`lock`."""
+        if self._items or self._behind:
+            items, self._items, self._cost = self._items, [], 0
+            self._behind = not self._deliver(items)
+
+    @property
+    def waiting(self) -> int:
+        """Items gathered and not yet handed to ``deliver`` (read it holding :attr:`lock`)."""
+        return len(self._items)
+
+    def _run(self) -> None:
+        with self.lock:
+            while not self._closed:
+                if not self._items and not self._behind:
+                    self._wake.wait()  # idle: until an item arrives
+                    continue
+                self._wake.wait(self.retry_interval if self._behind else self.interval)
+                self.flush_locked()
+
+    def close(self) -> None:
+        """Stop the thread (what waits stays; :meth:`flush` still delivers it)."""
+        with self.lock:
+            self._closed = True
+            self._wake.notify_all()

@@ -1,0 +1,95 @@
+"""The one batch-and-flush sender (fastscp.process.batcher.Batcher), with its real thread and clock.
+
+Its two users have their own tests: test_log_forwarding.py (ForwardHandler)
+and test_index_server.py / test_index.py (IndexerClient).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from fastscp.process.batcher import Batcher
+from tests.conftest import wait_until
+
+
+class Receiver:
+    """A deliver callback that records each call; ``accept`` says what it returns."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[float, list[int]]] = []
+        self.accept = True
+
+    def __call__(self, items: list[int]) -> bool:
+        self.calls.append((time.monotonic(), list(items)))
+        return self.accept
+
+    @property
+    def batches(self) -> list[list[int]]:
+        return [items for _at, items in self.calls]
+
+
+def test_items_wait_for_the_interval_and_travel_together() -> None:
+    receiver = Receiver()
+    batcher = Batcher(receiver, interval=0.3, max_items=100, name="test-batcher")
+    started = time.monotonic()
+    for n in range(5):
+        batcher.add(n)
+    assert receiver.calls == []  # nothing yet: they wait for company
+    wait_until(lambda: receiver.calls, timeout=10, what="the timed delivery")
+    assert receiver.batches == [[0, 1, 2, 3, 4]]
+    assert receiver.calls[0][0] - started >= 0.25
+    batcher.close()
+
+
+def test_a_full_batch_an_expensive_one_or_an_urgent_item_goes_at_once() -> None:
+    receiver = Receiver()
+    batcher = Batcher(receiver, interval=60, max_items=3, max_cost=100)
+    for n in range(4):
+        batcher.add(n)
+    assert receiver.batches == [[0, 1, 2]]  # by count; 3 waits
+    batcher.add(4, cost=99)
+    assert receiver.batches == [[0, 1, 2]]
+    batcher.add(5, cost=1)  # the cost bound reached
+    assert receiver.batches == [[0, 1, 2], [3, 4, 5]]
+    batcher.add(6)
+    batcher.add(7, urgent=True)  # and what waited goes with it
+    assert receiver.batches == [[0, 1, 2], [3, 4, 5], [6, 7]]
+    batcher.add(8)
+    batcher.flush()
+    batcher.flush()  # nothing waits: no empty delivery
+    assert receiver.batches[-1] == [8] and len(receiver.calls) == 4
+    batcher.close()
+
+
+def test_what_the_owner_keeps_is_retried_until_delivered() -> None:
+    receiver = Receiver()
+    receiver.accept = False  # the peer is down
+    batcher = Batcher(receiver, interval=0.05, max_items=100, retry_interval=0.2)
+    batcher.add(1)
+    wait_until(lambda: len(receiver.calls) >= 3, timeout=10, what="the retries")
+    assert receiver.batches[:3] == [[1], [], []]  # retries carry only what arrived since
+    gaps = [b - a for (a, _), (b, _) in zip(receiver.calls, receiver.calls[1:], strict=False)][:2]
+    assert all(gap >= 0.15 for gap in gaps), gaps  # every retry_interval, not every interval
+    receiver.accept = True  # the peer is back
+    batcher.add(2)
+    wait_until(lambda: [2] in receiver.batches, timeout=10, what="the delivery after the peer is back")
+    count = len(receiver.calls)
+    time.sleep(0.5)
+    assert len(receiver.calls) == count  # delivered: the thread idles
+    batcher.close()
+
+
+def test_close_stops_the_thread_and_flush_still_delivers() -> None:
+    receiver = Receiver()
+    batcher = Batcher(receiver, interval=0.05, max_items=100, name="test-batcher-close")
+    batcher.add(1)
+    wait_until(lambda: receiver.calls, timeout=10, what="the first delivery")
+    batcher.close()
+    wait_until(lambda: not any(t.name == "test-batcher-close" for t in threading.enumerate()), timeout=10,
+               what="the thread to end")
+    batcher.add(2)
+    time.sleep(0.2)
+    assert receiver.batches == [[1]]  # no thread: nothing goes by time
+    batcher.flush()
+    assert receiver.batches == [[1], [2]]
