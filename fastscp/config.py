@@ -9,6 +9,7 @@ names the key and its source (the file, or the command-line option).
 
 from __future__ import annotations
 
+import enum
 import os
 import re
 import shutil
@@ -21,6 +22,8 @@ import yaml
 
 from fastscp.dicom.sopclasses import resolve_sop_classes
 from fastscp.storage.layout import Accounts, LayoutOptions, PatientFolders, TemplateError, check_template
+from fastscp.storage.policy import DuplicatePolicy
+from fastscp.storage.reserved import INDEX
 
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
 Positive = Annotated[int, msgspec.Meta(ge=1)]
@@ -91,7 +94,7 @@ class StorageConfig(_Section):
     patient_folders: PatientFoldersConfig = PatientFoldersConfig()
     accounts: AccountsConfig = AccountsConfig()
     sr_directory: str = ""
-    duplicates: Literal["reject", "keep-first", "overwrite", "keep-both"] = "keep-first"
+    duplicates: DuplicatePolicy = DuplicatePolicy.KEEP_FIRST
     fsync: Literal["always", "never"] = "always"
     quarantine: bool = True
     #: Below this much free space, new stores get 0xA700 "Out of resources".
@@ -302,7 +305,7 @@ class Config(_Section):
     @property
     def index_path(self) -> str:
         """``database.path``; empty means ``index.duckdb`` inside the storage folder."""
-        return self.database.path or os.path.join(self.storage.directory, "index.duckdb")
+        return self.database.path or os.path.join(self.storage.directory, INDEX)
 
     @property
     def lake(self) -> tuple[str, str, str] | None:
@@ -649,7 +652,7 @@ def layout_options(config: Config) -> LayoutOptions:
 
 
 def _choices(key: str) -> tuple[object, ...]:
-    """The allowed values of a Literal-typed key, else ()."""
+    """The allowed values of a Literal- or enum-typed key, else ()."""
     node: Any = Config
     for part in key.split("."):
         name = re.sub(r"\[\d+\]$", "", part)  # hooks[2] -> hooks, an item of its list
@@ -659,6 +662,8 @@ def _choices(key: str) -> tuple[object, ...]:
         node = hints[name]
         if name != part and typing.get_origin(node) is list:
             node = typing.get_args(node)[0]
+    if isinstance(node, type) and issubclass(node, enum.Enum):
+        return tuple(member.value for member in node)
     return typing.get_args(node) if typing.get_origin(node) is Literal else ()
 
 

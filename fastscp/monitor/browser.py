@@ -62,13 +62,14 @@ from fastscp.imaging.scansheet import (
     pick,
     sheet_folder,
 )
-from fastscp.imaging.thumbnail import THUMBNAILS_DIR, thumbnail_path
+from fastscp.imaging.thumbnail import thumbnail_path
 from fastscp.monitor import page as statuspage
 from fastscp.monitor.server import Request, Response, StreamResponse, text_response
 from fastscp.query.client import QueryClient, ServerUnavailable
 from fastscp.query.engine import Condition, QueryError, QueryRequest
 from fastscp.status import human_bytes
 from fastscp.storage.layout import LayoutOptions
+from fastscp.storage.reserved import THUMBNAILS
 
 log = logging.getLogger("fastscp.browser")
 
@@ -660,7 +661,7 @@ class Browser:
                 candidate = thumbnail_path(root, stored)
             except ValueError:
                 candidate = ""
-        path = inside(candidate, os.path.join(root, THUMBNAILS_DIR)) if candidate else None
+        path = inside(candidate, os.path.join(root, THUMBNAILS)) if candidate else None
         return await self._image(path, "image/jpeg")
 
     async def download(self, uid: str, who: str, peer: str) -> Response | StreamResponse:

@@ -177,6 +177,9 @@ class Supervisor:
             quarantine=config.storage.quarantine,
             sr_root=config.storage.sr_directory,
             modes=FileModes.of(config.storage.file_mode, config.storage.dir_mode),
+            layout=layout_options(config),
+            duplicates=config.storage.duplicates,
+            min_free_bytes=config.storage.min_free_bytes,
         )
         # The keys a reload may change are set by live_settings, here and on SIGHUP.
         self.settings = live_settings(ServiceSettings(
@@ -187,8 +190,6 @@ class Supervisor:
                 query_sop_classes=FIND_SOP_CLASSES,
             ),
             storage=self.storage,
-            layout=layout_options(config),
-            duplicates="",
             acse_timeout=0.0,
             dimse_timeout=0.0,
             tls=tls_context(config) if config.tls.enabled else None,
@@ -282,7 +283,7 @@ class Supervisor:
         if self.settings.poststore_address:
             specs.append(ChildSpec(
                 "post-store stage", targets.poststore, lambda: (
-                    self.storage.root, self.settings.layout, self.config.thumbnails, self.config.scansheet,
+                    self.storage.root, self.storage.layout, self.config.thumbnails, self.config.scansheet,
                     self.settings.poststore_address, self.address, self.storage.modes, self.config.hooks,
                     self.storage.sr_root, self.hooks_link.open()),  # a new link for each start
                 about=(f": thumbnails {'on' if config.thumbnails.enabled else 'off'}, "
@@ -842,10 +843,10 @@ def live_settings(settings: ServiceSettings, config: Config) -> ServiceSettings:
         policy = settings.policy
     replaced = {
         "policy": policy,
-        "duplicates": config.storage.duplicates,
+        "storage": settings.storage.reconfigured(duplicates=config.storage.duplicates,
+                                                 min_free_bytes=config.storage.min_free_bytes),
         "acse_timeout": config.server.acse_timeout,
         "dimse_timeout": config.server.dimse_timeout,
-        "min_free_bytes": config.storage.min_free_bytes,
         "action_log": config.logging.actions,
         "max_object_size": config.limits.max_object_size,
         "max_command_set": config.limits.max_command_set,
