@@ -18,6 +18,10 @@ APT_PACKAGES = dcmtk libjpeg62-turbo-dev zlib1g-dev chromium openssl fonts-dejav
 BENCH_APT_PACKAGES = orthanc
 PIL_STOCK = bench/.pil-stock
 
+# PostgreSQL and HAProxy (Debian's): tests/test_scaleout.py runs nodes on a
+# DuckLake index whose catalog is in PostgreSQL, behind HAProxy.
+APT_PACKAGES += postgresql haproxy
+
 # apt-install is a helper target: make apt-install PACKAGES=...
 .PHONY: setup system-packages pillow-simd bench-setup apt-install serve test lint fuzz mutation mutation-quick bench-micro bench-quick bench-load clean
 

@@ -13,7 +13,7 @@ reports the speed-up (printed, and ``extra_info["x_vs_pynetdicom"]`` in
 * C-STORE-RSP -> bytes: :func:`fastscp.net.dimse.encode_response` vs pynetdicom's
   ``C_STORE`` primitive -> ``C_STORE_RSP.primitive_to_message`` ->
   ``dsutils.encode``; and the same to P-DATA-TF PDUs on the wire
-  (:func:`fastscp.net.association.p_data_tf` vs ``encode_msg`` +
+  (:func:`fastscp.net.pdu.p_data_tf` vs ``encode_msg`` +
   ``P_DATA_TF.from_primitive().encode()``, what ``DIMSEServiceProvider.send_msg``
   does).
 * P-DATA-TF parsing: a 512x512 CT data set (~0.5 MiB) in PDUs of 16 KiB
@@ -30,6 +30,7 @@ import struct
 import timeit
 from collections.abc import Callable
 from io import BytesIO
+from types import SimpleNamespace
 
 import pytest
 from pydicom.uid import CTImageStorage
@@ -39,7 +40,10 @@ from pynetdicom.dsutils import decode, encode
 from pynetdicom.pdu import P_DATA_TF
 
 from fastscp.net import dimse
-from fastscp.net.association import Association, PDUStream, p_data_tf
+from fastscp.net.association import Association
+from fastscp.net.negotiation import AcceptedContext
+from fastscp.net.pdu import PDUStream, p_data_tf
+from fastscp.net.storescp import StoreRequest
 
 SOP_INSTANCE = "1.2.826.0.1.3680043.8.498.12345678901234567890123456789012345"
 CONTEXT_ID = 1
@@ -104,16 +108,33 @@ class _Sink:
         self.out.write(fragment)
 
 
-def _fastscp_association(sock: _BufferSocket) -> Association:
+class _SinkStorage:
+    """The storage area's part a C-STORE's begin asks for: room, and where the data set goes."""
+
+    def __init__(self) -> None:
+        self.sink = _Sink()
+
+    def out_of_space(self) -> str:
+        return ""
+
+    def begin(self, *_args: object) -> _Sink:
+        return self.sink
+
+
+def _fastscp_association(sock: _BufferSocket) -> tuple[Association, _Sink]:
     """An Association in the middle of a C-STORE, fragments going to a BytesIO.
 
-    The settings are not needed until the data set's last fragment, which
-    these PDUs never carry.
+    The rest of the settings are not needed until the data set's last
+    fragment, which these PDUs never carry.
     """
-    assoc = Association(sock, "bench", None, lambda record: None)  # type: ignore[arg-type]
-    assoc._request = {"CommandField": dimse.C_STORE_RQ}
-    assoc._incoming = _Sink()  # type: ignore[assignment]
-    return assoc
+    storage = _SinkStorage()
+    settings = SimpleNamespace(storage=storage, max_object_size=1 << 40, max_command_set=1 << 16, action_log=False)
+    assoc = Association(sock, "bench", settings, lambda record: None)  # type: ignore[arg-type]
+    request: dict[str, int | str] = {"CommandField": dimse.C_STORE_RQ, "AffectedSOPClassUID": str(CTImageStorage),
+                                     "AffectedSOPInstanceUID": SOP_INSTANCE}
+    context = AcceptedContext(CONTEXT_ID, str(CTImageStorage), "1.2.840.10008.1.2.1")
+    assoc._message = StoreRequest(assoc, request, context, lambda: None)
+    return assoc, storage.sink
 
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -268,13 +289,16 @@ def _pynetdicom_parse(buffer: bytes) -> int:
 
 def _fastscp_parse(buffer: bytes, max_pdu: int) -> int:
     sock = _BufferSocket(buffer)
-    assoc = _fastscp_association(sock)
+    assoc, sink = _fastscp_association(sock)
     stream = PDUStream(sock, max_pdu)  # type: ignore[arg-type]
     end = len(buffer)
     while stream.bytes_read < end or stream._start < stream._end:
         _pdu_type, body = stream.read()
         assoc._p_data(body)
-    return assoc._incoming.out.tell()  # type: ignore[union-attr]
+    # As the data set's last fragment would: no Association <-> StoreRequest
+    # cycle left for the garbage collector (it holds the sink's memory).
+    assoc._message = None
+    return sink.out.tell()
 
 
 @pytest.mark.parametrize("size", list(PDU_SIZES))

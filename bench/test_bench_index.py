@@ -23,12 +23,14 @@ import pytest
 from pydicom.dataset import Dataset
 
 from fastscp.dicom.header import HeaderFields
-from fastscp.index.client import BATCH_RECORDS, QueryClient
+from fastscp.index.client import BATCH_RECORDS, indexer_address
 from fastscp.index.database import Index
-from fastscp.index.indexer import indexer_address, indexer_main
 from fastscp.index.records import ENCODER, InstanceRecord, RecordBatch
 from fastscp.query.cfind import STUDY_ROOT_FIND, find
+from fastscp.query.client import QueryClient
 from fastscp.query.engine import Condition, LocalQueryClient, QueryRequest, StatsRequest, run_query, run_stats
+from fastscp.runtime.children import indexer_process
+from fastscp.runtime.messages import FROM_INDEXER, Ready
 
 #: Rows of the big index (FASTSCP_BENCH_INDEX_ROWS for a quick try).
 INSTANCES = int(os.environ.get("FASTSCP_BENCH_INDEX_ROWS", 1_000_000))
@@ -224,7 +226,7 @@ def test_indexer_sustained_rate(benchmark, tmp_path, total: int) -> None:  # typ
     """Two sender processes (workers) flood the indexer process (batch_size 1000, interval 0.2 s) with records.
 
     The indexer runs as the server runs it: its own process, started by
-    ``indexer_main`` (GC and interpreter tuning included). 1M records cross
+    ``indexer_process`` (GC and interpreter tuning included). 1M records cross
     DuckDB's checkpoint threshold (index.CHECKPOINT_WAL_BYTES) about twice,
     so that rate includes the checkpoints a busy indexer can't defer.
     """
@@ -234,10 +236,13 @@ def test_indexer_sustained_rate(benchmark, tmp_path, total: int) -> None:  # typ
 
     def run_once() -> None:
         path = str(tmp_path / f"sustained-{len(rates)}.duckdb")
-        ready, child_end = fork.Pipe()
-        indexer = fork.Process(target=indexer_main, args=(path, True, indexer_address(path), 1000, 0.2, child_end))
+        channel, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        indexer = fork.Process(target=indexer_process,
+                               args=(child_end, path, True, indexer_address(path), 1000, 0.2))
         indexer.start()
-        assert ready.poll(60) and ready.recv() == "ready"
+        child_end.close()
+        channel.settimeout(60)
+        assert isinstance(FROM_INDEXER.decode(channel.recv(65536)), Ready)
         go = fork.Barrier(senders + 1)
         processes = [fork.Process(target=_send, args=(indexer_address(path), n * total // senders,
                                                       total // senders, go)) for n in range(senders)]
@@ -253,6 +258,7 @@ def test_indexer_sustained_rate(benchmark, tmp_path, total: int) -> None:  # typ
             process.join()
         indexer.terminate()  # SIGTERM: the indexer's own orderly stop
         indexer.join(60)
+        channel.close()
         assert indexer.exitcode == 0
 
     benchmark.pedantic(run_once, rounds=3)

@@ -9,9 +9,11 @@ names the key and its source (the file, or the command-line option).
 
 from __future__ import annotations
 
+import enum
 import os
 import re
 import shutil
+import socket
 import typing
 from typing import Annotated, Any, Literal
 
@@ -20,6 +22,8 @@ import yaml
 
 from fastscp.dicom.sopclasses import resolve_sop_classes
 from fastscp.storage.layout import Accounts, LayoutOptions, PatientFolders, TemplateError, check_template
+from fastscp.storage.policy import DuplicatePolicy
+from fastscp.storage.reserved import INDEX
 
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
 Positive = Annotated[int, msgspec.Meta(ge=1)]
@@ -53,6 +57,8 @@ class ServerConfig(_Section):
     acse_timeout: Seconds = 30.0
     dimse_timeout: Seconds = 120.0
     shutdown_timeout: Seconds = 30.0
+    #: This node's name in a shared index (database.catalog); "" means the host name.
+    node: Annotated[str, msgspec.Meta(max_length=64, pattern=r"^[A-Za-z0-9_.-]*$")] = ""
 
 
 class LimitsConfig(_Section):
@@ -88,7 +94,7 @@ class StorageConfig(_Section):
     patient_folders: PatientFoldersConfig = PatientFoldersConfig()
     accounts: AccountsConfig = AccountsConfig()
     sr_directory: str = ""
-    duplicates: Literal["reject", "keep-first", "overwrite", "keep-both"] = "keep-first"
+    duplicates: DuplicatePolicy = DuplicatePolicy.KEEP_FIRST
     fsync: Literal["always", "never"] = "always"
     quarantine: bool = True
     #: Below this much free space, new stores get 0xA700 "Out of resources".
@@ -173,6 +179,10 @@ class DatabaseConfig(_Section):
     wal_mode: bool = True
     batch_size: Positive = 1000
     batch_interval: Seconds = 0.2
+    #: A shared index: "postgres:" and the libpq connection string of the DuckLake catalog; "" is the file.
+    catalog: str = ""
+    #: The shared index's Parquet folder, the same path on every node (with catalog).
+    data_path: str = ""
 
 
 class LoggingConfig(_Section):
@@ -315,7 +325,15 @@ class Config(_Section):
     @property
     def index_path(self) -> str:
         """``database.path``; empty means ``index.duckdb`` inside the storage folder."""
-        return self.database.path or os.path.join(self.storage.directory, "index.duckdb")
+        return self.database.path or os.path.join(self.storage.directory, INDEX)
+
+    @property
+    def lake(self) -> tuple[str, str, str] | None:
+        """(libpq catalog string, data path, node name) of a shared index; None for the index file."""
+        catalog = self.database.catalog
+        if not catalog:
+            return None
+        return catalog.removeprefix("postgres:"), self.database.data_path, self.server.node or socket.gethostname()
 
     @property
     def sop_class_uids(self) -> tuple[str, ...]:
@@ -533,6 +551,13 @@ def load_config(path: str | None = None, overrides: dict[str, Any] | None = None
         raise ConfigError(f"{where}: accepted_sop_classes: {exc}") from None
     _check_forwarding(config.forwarding, source)
     _check_monitor_credentials(config.monitor, source)
+    database = config.database
+    if database.catalog and not (database.catalog.startswith("postgres:") and database.data_path):
+        raise ConfigError(f"{source}: database.catalog: a shared index needs 'postgres:' and the catalog's libpq "
+                          "connection string (postgres:dbname=fastscp host=db1), and database.data_path: the "
+                          "folder of its Parquet files, the same on every node")
+    if database.data_path and not database.catalog:
+        raise ConfigError(f"{source}: database.data_path: set database.catalog too (or remove data_path)")
     if config.storage.naming == "template":
         try:
             check_template(config.storage.template)
@@ -647,7 +672,7 @@ def layout_options(config: Config) -> LayoutOptions:
 
 
 def _choices(key: str) -> tuple[object, ...]:
-    """The allowed values of a Literal-typed key, else ()."""
+    """The allowed values of a Literal- or enum-typed key, else ()."""
     node: Any = Config
     for part in key.split("."):
         name = re.sub(r"\[\d+\]$", "", part)  # hooks[2] -> hooks, an item of its list
@@ -657,6 +682,8 @@ def _choices(key: str) -> tuple[object, ...]:
         node = hints[name]
         if name != part and typing.get_origin(node) is list:
             node = typing.get_args(node)[0]
+    if isinstance(node, type) and issubclass(node, enum.Enum):
+        return tuple(member.value for member in node)
     return typing.get_args(node) if typing.get_origin(node) is Literal else ()
 
 

@@ -189,6 +189,34 @@ class StatusSnapshot(msgspec.Struct, kw_only=True):
 #: How many ended associations the snapshot lists.
 RECENT = 50
 
+
+class AssociationReport(msgspec.Struct, frozen=True, kw_only=True, tag="report"):
+    """A worker's cumulative figures for one association (``ended`` when it has).
+
+    Sent about twice a second while it is open, and once when it ends; the
+    supervisor keeps the latest one and frees its slot on ``ended``.
+    """
+
+    state: AssociationState
+    by_modality: dict[str, int]
+    store_latency_seconds: Histogram
+    object_size_bytes: Histogram
+    ended: bool = False
+    #: The connection closed before any PDU (a port probe): not counted.
+    probe: bool = False
+
+
+class IndexerState(msgspec.Struct, frozen=True, kw_only=True, tag="state"):
+    """The running indexer: pushed to the supervisor about once a second, and part of the stats it answers."""
+
+    pid: int
+    #: Records received and not committed yet.
+    pending: int
+    #: Instances committed since the indexer started (not their thumbnail or conflict records).
+    committed: int
+    #: "running", "done", "failed" or "off" (no storage root given).
+    reconcile: str
+
 ENCODER = msgspec.msgpack.Encoder()
 DECODER = msgspec.msgpack.Decoder(StatusSnapshot)
 JSON_ENCODER = msgspec.json.Encoder()

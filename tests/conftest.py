@@ -143,16 +143,21 @@ def server(start_server) -> Server:  # type: ignore[no-untyped-def]
     return start_server()
 
 
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 3 MB tmpfs: a disk that fills up."""
+def mounted_tmpfs(tmp_path: Path, options: str) -> Iterator[Path]:
+    """A tmpfs mounted with ``options`` (``size=3m``) for the test's time: a disk that fills up."""
     if os.geteuid() != 0:
         pytest.skip("mounting a small tmpfs needs root (CI runs as root)")
     mount = tmp_path / "disk"
     mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount)], check=True)
     yield mount
     subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 3 MB tmpfs: a disk that fills up."""
+    yield from mounted_tmpfs(tmp_path, "size=3m")
 
 
 @pytest.fixture(scope="session", autouse=True)

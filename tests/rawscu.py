@@ -87,8 +87,12 @@ def p_data(context_id: int, data: bytes, *, command: bool, last: bool) -> bytes:
 
 class RawSCU:
     def __init__(self, port: int, sop_class: str, transfer_syntax: str, *, aec: str = "FASTSCP",
-                 aet: str = "RAWSCU", timeout: float = 30, raw_calling_ae: bytes = b"") -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+                 aet: str = "RAWSCU", timeout: float = 30, raw_calling_ae: bytes = b"",
+                 sock: socket.socket | None = None) -> None:
+        """Associate over a new connection to ``port``, or over ``sock`` (one end of a socket pair; port ignored)."""
+        if sock is not None:
+            sock.settimeout(timeout)
+        self.sock = sock or socket.create_connection(("127.0.0.1", port), timeout=timeout)
         encoded = bytearray(associate_rq([(sop_class, [transfer_syntax])], aet=aet, aec=aec))
         if raw_calling_ae:
             # Bytes pynetdicom refuses to encode (control characters): PS3.8 9.3.2 puts

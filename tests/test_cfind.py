@@ -12,7 +12,7 @@ import pytest
 
 from fastscp.dicom.sopclasses import STUDY_ROOT_FIND
 from fastscp.dicom.synthetic import write_series
-from fastscp.index.client import QueryClient
+from fastscp.query.client import QueryClient
 from tests.conftest import dcmtk, wait_until
 
 pytestmark = pytest.mark.dcmtk

@@ -15,7 +15,7 @@ from pydicom.uid import generate_uid
 
 from fastscp.dicom.part10 import dataset_offset
 from fastscp.dicom.synthetic import write_series
-from fastscp.index.client import QueryClient
+from fastscp.query.client import QueryClient
 from fastscp.query.engine import QueryRequest
 from fastscp.storage.area import dataset_hash
 from tests.conftest import dcmtk, storescu_concurrently, wait_until
@@ -239,7 +239,8 @@ def test_stores_do_not_wait_for_busy_query_threads(server, tmp_path: Path) -> No
     import socket
     import time
 
-    from fastscp.index.indexer import QUERY_THREADS, query_address
+    from fastscp.query.engine import query_address
+    from fastscp.query.server import QUERY_THREADS
 
     idle = []
     for _ in range(QUERY_THREADS + 1):

@@ -25,8 +25,8 @@ from fastscp.query.cfind import (
     STUDY_ROOT_FIND,
     IdentifierError,
     find,
-    finder,
 )
+from fastscp.query.client import finder
 from fastscp.query.engine import LocalQueryClient
 from tests.conftest import dcmtk
 from tests.test_index import make_storage, records_of
@@ -180,7 +180,7 @@ def test_non_ascii_values_get_utf8_and_survive_encoding(client) -> None:  # type
 @pytest.mark.dcmtk
 def test_find_through_a_running_server(start_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     from fastscp.dicom.synthetic import write_series
-    from fastscp.index.client import QueryClient
+    from fastscp.query.client import QueryClient
 
     server = start_server(workers=1)
     files = write_series(str(tmp_path / "send"), 3, rows=16, columns=16, patient_id="FINDME")

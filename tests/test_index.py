@@ -23,13 +23,15 @@ import pytest
 
 from fastscp.dicom.header import HeaderFields
 from fastscp.dicom.synthetic import write_series
-from fastscp.index.client import IndexerClient, QueryClient
+from fastscp.index.client import IndexerClient, indexer_address
 from fastscp.index.database import SCHEMA_VERSION, TABLES, Index, IndexUnavailable
-from fastscp.index.indexer import Indexer, indexer_address, query_address
+from fastscp.index.indexer import Indexer
 from fastscp.index.records import DuplicateConflict, InstanceRecord
 from fastscp.index.reindex import FileState, Progress, plan, read_record, read_records, reindex, walk
+from fastscp.query.client import QueryClient
 from fastscp.query.engine import Condition as QueryCondition
-from fastscp.query.engine import QueryRequest, SqlRequest, run_query
+from fastscp.query.engine import QueryRequest, SqlRequest, query_address, run_query
+from fastscp.query.server import QueryServer
 from tests.dicomfiles import PYDICOM_DATA
 
 #: pydicom test files in the storage fixture: two compressed, a UTF-8 and a Latin-1 name.
@@ -534,8 +536,10 @@ class RunningIndexer:
     def __init__(self, path: str, storage: Path | None = None, batch_size: int = 1000,
                  batch_interval: float = 0.05) -> None:
         self.path = path
-        self.indexer = Indexer(Index(path), indexer_address(path), batch_size, batch_interval,
-                               storage_root=str(storage) if storage else None, query_address=query_address(path))
+        index = Index(path)
+        self.indexer = Indexer(index, indexer_address(path), batch_size, batch_interval,
+                               storage_root=str(storage) if storage else None)
+        self.indexer.services = [QueryServer(index, query_address(path), self.indexer.state)]
         self.thread = threading.Thread(target=self.indexer.run, daemon=True)
         self.thread.start()
 
@@ -639,7 +643,7 @@ def test_query_socket_refuses_other_users(tmp_path: Path) -> None:
     try:
         # A child that becomes "nobody" connects: abstract sockets have no file
         # permissions, so the indexer checks the peer's credentials itself.
-        code = ("import os, sys; from fastscp.index.client import QueryClient; os.setuid(65534)\n"
+        code = ("import os, sys; from fastscp.query.client import QueryClient; os.setuid(65534)\n"
                 "try:\n    QueryClient(sys.argv[1]).stats()\nexcept ConnectionError:\n    sys.exit(3)")
         denied = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True, timeout=60)
         assert denied.returncode == 3, denied.stderr

@@ -18,8 +18,8 @@ import pytest
 
 from fastscp.cli import index as cli_index
 from fastscp.dicom.synthetic import write_series
-from fastscp.index.client import QueryClient
 from fastscp.index.database import SCHEMA_VERSION, Index
+from fastscp.query.client import QueryClient
 from fastscp.query.engine import LocalQueryClient, QueryRequest, StatsRequest
 from tests.conftest import dcmtk
 
@@ -62,7 +62,7 @@ def reconciled(server) -> bool:  # type: ignore[no-untyped-def]
 
 
 def require_reconcile(server) -> None:  # type: ignore[no-untyped-def]
-    """Fail unless the supervisor gives the indexer its storage root (see fastscp.index.indexer.indexer_main):
+    """Fail unless the supervisor gives the indexer its storage root (see fastscp.runtime.children.indexer_process):
     without it nothing indexes the files whose records a killed process lost."""
     state = QueryClient(str(server.index)).state().reconcile
     assert state != "off", "the indexer runs without storage.root: no reconcile on start"

@@ -121,7 +121,7 @@ def test_failures_duplicates_and_rejections_of_a_real_server_reach_the_status(st
 
 
 def test_committed_counts_instances_not_records(start_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    from fastscp.index.client import QueryClient
+    from fastscp.query.client import QueryClient
     from fastscp.query.engine import QueryRequest
 
     # Thumbnails on (the default): each instance also sends a thumbnail record to the indexer.
@@ -140,7 +140,7 @@ def test_committed_counts_instances_not_records(start_server, tmp_path: Path) ->
     wait_until(thumbnails_indexed, timeout=60, what="every instance and its thumbnail in the index")
     wait_until(lambda: queries.state().pending == 0, what="nothing left to commit")
     state = queries.state()
-    # The supervisor asks the indexer every INDEX_POLL seconds: wait until the page shows its answer.
+    # The indexer tells the supervisor its state every second: wait until the page shows it.
     wait_until(lambda: status(url)["index"]["committed"] == state.committed, what="the status page to catch up")
     assert status(url)["index"]["committed"] == count, f"{count} instances stored"
     assert state.committed == count

@@ -60,7 +60,7 @@ def test_thumbnails_and_scan_sheet_of_a_quiet_study(start_server, tmp_path: Path
 
 
 def test_scansheet_command_while_the_server_runs(start_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    from fastscp.index.client import QueryClient
+    from fastscp.query.client import QueryClient
     from tests.test_server import fastscp
 
     config = tmp_path / "fastscp.yaml"

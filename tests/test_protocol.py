@@ -16,8 +16,8 @@ from pynetdicom.sop_class import Verification
 
 from fastscp.dicom.sopclasses import STORAGE_SOP_CLASSES
 from fastscp.net import dimse
-from fastscp.net.association import PDUStream, ProtocolError, p_data_tf
 from fastscp.net.negotiation import AcceptancePolicy, negotiate
+from fastscp.net.pdu import PDUStream, ProtocolError, p_data_tf
 from tests.conftest import free_port
 from tests.rawscu import associate_rq
 

@@ -16,9 +16,9 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittle
 from fastscp.dicom.part10 import dataset_offset
 from fastscp.dicom.sopclasses import STUDY_ROOT_FIND
 from fastscp.dicom.synthetic import write_series
-from fastscp.index.client import QueryClient
 from fastscp.net import dimse
 from fastscp.net.findscp import CANCEL, PENDING, encode_identifier
+from fastscp.query.client import QueryClient
 from tests.conftest import dcmtk, wait_until
 from tests.rawscu import RawSCU, command_set
 from tests.test_lifecycle import incoming

@@ -31,7 +31,7 @@ from pynetdicom.sop_class import (
 )
 
 from fastscp.dicom.synthetic import write_series
-from fastscp.index.client import QueryClient
+from fastscp.query.client import QueryClient
 from fastscp.query.engine import Condition, QueryRequest
 from tests.conftest import dcmtk, free_port, wait_until
 from tests.dicomfiles import EXPLICIT_LE, PYDICOM_DATA, dataset_bytes

@@ -123,7 +123,7 @@ def study_files_from_index(index_path: str, study_uid: str) -> list[str]:
     fastscp.query.engine.QueryError, ConnectionError
         The server refused the query or stopped answering.
     """
-    from fastscp.index.client import open_query_client
+    from fastscp.query.client import open_query_client
     from fastscp.query.engine import Condition, QueryRequest
 
     client = open_query_client(index_path)
@@ -138,8 +138,8 @@ def study_files_from_index(index_path: str, study_uid: str) -> list[str]:
 def _scansheet(args: argparse.Namespace) -> int:
     from fastscp.config import layout_options, load_config
     from fastscp.imaging.scansheet import find_study_instances, make_scansheet, read_headers
-    from fastscp.index.client import server_running
     from fastscp.index.database import IndexUnavailable
+    from fastscp.query.client import server_running
     from fastscp.query.engine import QueryError
     from fastscp.storage.area import BROWSABLE, FileModes
 

@@ -140,13 +140,14 @@ def _sql(args: argparse.Namespace) -> int:
 
 def _run(command: str, args: argparse.Namespace, request: Any, form: str, output: str | None, empty: str) -> int:
     """Run a query or SQL request on the index and write its rows in ``form``; the exit status."""
-    from fastscp.index.client import open_query_client
     from fastscp.index.database import IndexUnavailable
+    from fastscp.query.client import open_query_client
     from fastscp.query.engine import QueryError
 
-    _storage, index_path = _paths(args)
+    config = _config(args)
+    index_path = config.index_path
     try:
-        client = open_query_client(index_path)
+        client = open_query_client(index_path, config.lake)
     except IndexUnavailable as exc:
         print(f"fastscp {command}: {exc}", file=sys.stderr)
         return 1
@@ -236,13 +237,14 @@ def format_table(columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
 
 
 def _stats(args: argparse.Namespace) -> int:
-    from fastscp.index.client import open_query_client
     from fastscp.index.database import IndexUnavailable
+    from fastscp.query.client import open_query_client
     from fastscp.query.engine import StatsRequest
 
-    _storage, index_path = _paths(args)
+    config = _config(args)
+    index_path = config.index_path
     try:
-        client = open_query_client(index_path)
+        client = open_query_client(index_path, config.lake)
     except IndexUnavailable as exc:
         print(f"fastscp stats: {exc}", file=sys.stderr)
         return 1
@@ -293,13 +295,18 @@ def format_stats(stats: Any, index_path: str) -> str:
 
 
 def _reindex(args: argparse.Namespace) -> int:
-    from fastscp.index.client import server_running
     from fastscp.index.database import IndexUnavailable
     from fastscp.index.reindex import reindex
+    from fastscp.query.client import server_running
 
     config = _config(args)
     storage, index_path = config.storage.directory, config.index_path
     sr_root = getattr(config.storage, "sr_directory", "")
+    if config.lake:
+        print(f"fastscp reindex: {args.config}: database.catalog: reindex rebuilds an index file, not the shared "
+              "index; start the node instead (its reconcile indexes the files it has and drops rows of files "
+              "that are gone)", file=sys.stderr)
+        return 1
     if server_running(index_path):
         print(f"fastscp reindex: a running fastscp server owns {index_path}; stop it first "
               "(the server keeps its index up to date and reconciles it with the files when it starts)",

@@ -44,7 +44,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, object]:
 def _serve(args: argparse.Namespace) -> int:
     from fastscp.cli.forward import load_checked
     from fastscp.process import logs
-    from fastscp.runtime.supervisor import StartupError, serve
+    from fastscp.runtime.children import serve
+    from fastscp.runtime.supervisor import StartupError
     from fastscp.storage.area import FileModes
 
     overrides = _overrides(args)

@@ -40,13 +40,13 @@ from fastscp.dicom.header import HeaderFields
 from fastscp.forward.queue import SAME_RECEIPT, Queue, QueueError
 from fastscp.forward.rules import compile_rules, destinations_for, needs_attribute_map
 from fastscp.forward.sender import Destination
-from fastscp.index.client import QueryClient, ServerUnavailable
 from fastscp.index.records import BATCH_DECODER, INSTANCE_COLUMNS, InstanceColumns, InstanceRecord
 from fastscp.index.reindex import FileState, read_records
 from fastscp.process import logs
 from fastscp.process.ipc import accept_local, listen, local_address, receive_waiting
 from fastscp.process.orphan import parent_gone
-from fastscp.query.engine import LocalQueryClient, SqlRequest
+from fastscp.query.client import QueryClient
+from fastscp.query.engine import LocalQueryClient, ServerUnavailable, SqlRequest
 
 log = logging.getLogger("fastscp.forward")
 

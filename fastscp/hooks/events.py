@@ -20,7 +20,8 @@ import msgspec
 from fastscp.config import HookConfig
 from fastscp.dicom.header import HeaderFields
 from fastscp.dicom.sopclasses import resolve_sop_classes
-from fastscp.index.records import AssociationReport, InstanceRecord
+from fastscp.index.records import InstanceRecord
+from fastscp.status import AssociationReport
 from fastscp.storage.layout import LayoutOptions, study_folder
 
 #: The header fields a hook gets as environment variables (FASTSCP_<NAME>).

@@ -36,8 +36,8 @@ import msgspec
 from fastscp.config import HookConfig
 from fastscp.hooks.actions import run_action
 from fastscp.hooks.events import Event, Matcher, Tracker, document, environment, instance_event
-from fastscp.index.records import AssociationReport, InstanceRecord
-from fastscp.status import HookState
+from fastscp.index.records import InstanceRecord
+from fastscp.status import AssociationReport, HookState
 from fastscp.storage.area import FileModes
 from fastscp.storage.layout import LayoutOptions
 

@@ -36,9 +36,9 @@ from fastscp.imaging.frames import DecodeError, encode_jpeg, read_header, write_
 from fastscp.imaging.thumbnail import DEFAULT_SIZE, ThumbnailError, make_thumbnail, thumbnail_path
 from fastscp.storage.area import BROWSABLE, FileModes
 from fastscp.storage.layout import LayoutOptions, safe_component, study_folder
+from fastscp.storage.reserved import NOT_INSTANCES, SCANSHEETS
 
 __all__ = [
-    "SCANSHEETS_DIR",
     "InstanceSummary",
     "QuietStudies",
     "SeriesSummary",
@@ -56,12 +56,8 @@ __all__ = [
 
 log = logging.getLogger("fastscp.scansheet")
 
-#: Folder under the storage root that holds the scan sheets.
-SCANSHEETS_DIR: Final = "scansheets"
 #: Thumbnails per series row.
 DEFAULT_THUMBNAILS: Final = 8
-#: Folders under the storage root that hold no received images.
-NOT_IMAGES: Final = frozenset({".incoming", ".quarantine", "thumbnails", SCANSHEETS_DIR})
 
 FONT_DIRS: Final = ("/usr/share/fonts/truetype/dejavu",)
 
@@ -214,13 +210,13 @@ def find_study_instances(storage_root: str | os.PathLike[str],
 
     Folders of the layout that name the study (``..._<StudyInstanceUID>`` or
     the UID itself) are searched first; if none exists the whole tree is,
-    minus fastscp's own folders (:data:`NOT_IMAGES`).
+    minus fastscp's own folders (:data:`fastscp.storage.reserved.NOT_INSTANCES`).
     """
     root = os.fspath(storage_root)
     uid_component = safe_component(study_instance_uid)
     named: list[str] = []
     for folder, dirs, _files in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if d not in NOT_IMAGES)
+        dirs[:] = sorted(d for d in dirs if d not in NOT_INSTANCES)
         for d in list(dirs):
             if d == uid_component or d.endswith("_" + uid_component):
                 named.append(os.path.join(folder, d))
@@ -228,7 +224,7 @@ def find_study_instances(storage_root: str | os.PathLike[str],
     found: list[tuple[str, HeaderFields]] = []
     for top in named or [root]:
         for folder, dirs, files in os.walk(top):
-            dirs[:] = sorted(d for d in dirs if d not in NOT_IMAGES)
+            dirs[:] = sorted(d for d in dirs if d not in NOT_INSTANCES)
             for name in sorted(files):
                 if name.startswith(".") or name.endswith((".jpg", ".png", ".html", ".duckdb", ".wal", ".txt")):
                     continue
@@ -245,7 +241,7 @@ def find_study_instances(storage_root: str | os.PathLike[str],
 def scansheet_dir(storage_root: str | os.PathLike[str], study: StudySummary) -> str:
     """``<root>/scansheets/<PatientID>/<StudyDate>_<StudyInstanceUID>``: the hierarchical layout's study level."""
     return os.path.join(
-        os.fspath(storage_root), SCANSHEETS_DIR, safe_component(study.patient_id),
+        os.fspath(storage_root), SCANSHEETS, safe_component(study.patient_id),
         safe_component(f"{study.study_date}_{study.study_instance_uid}".strip("_")),
     )
 

@@ -26,12 +26,12 @@ from fastscp.imaging._thumbnail_py import DEFAULT_SIZE, PixelInfo, ThumbnailErro
 from fastscp.imaging._thumbnail_py import thumbnail as thumbnail_py
 from fastscp.imaging.frames import DEFAULT_QUALITY, DecodeError, NoPixelData, decode_frame, encode_jpeg, write_atomic
 from fastscp.storage.area import BROWSABLE, FileModes
+from fastscp.storage.reserved import THUMBNAILS
 
 __all__ = [
     "NO_EXTENSIONS",
     "BACKEND",
     "DEFAULT_SIZE",
-    "THUMBNAILS_DIR",
     "DecodeError",
     "NoPixelData",
     "PixelInfo",
@@ -57,10 +57,6 @@ thumbnail_cext: Thumbnail | None = compiled("fastscp.imaging._thumbnail_cext", "
 BACKEND: Final = "cext" if thumbnail_cext is not None else "py"
 
 _thumbnail: Thumbnail = thumbnail_cext or thumbnail_py
-
-#: Folder under the storage root that mirrors the image tree with JPEGs.
-THUMBNAILS_DIR: Final = "thumbnails"
-
 
 def thumbnail(
     pixels: np.ndarray,
@@ -192,7 +188,7 @@ def thumbnail_path(storage_root: str | os.PathLike[str], relative_path: str) -> 
     ValueError
         `relative_path` is absolute or leaves the storage root.
     """
-    return mirror_jpeg_path(os.path.join(os.fspath(storage_root), THUMBNAILS_DIR), relative_path)
+    return mirror_jpeg_path(os.path.join(os.fspath(storage_root), THUMBNAILS), relative_path)
 
 
 def mirror_jpeg_path(folder: str | os.PathLike[str], relative_path: str) -> str:

@@ -1,44 +1,21 @@
-"""Talking to the indexer from other processes: records from workers, queries from anyone.
+"""Sending records to the indexer from other processes (workers, the post-store stage).
 
-* :class:`IndexerClient` (a worker) delivers records in batches and keeps
-  them while the indexer is down (a restart after a crash), retrying in the
-  background.
-* :class:`QueryClient` asks a running server's indexer (C-FIND, the CLI).
-* :func:`open_query_client` picks the running server, or the index file
-  read-only when no server has it open.
+:class:`IndexerClient` delivers records in batches and keeps them while the
+indexer is down (a restart after a crash), retrying in the background.
+Queries go through :mod:`fastscp.query.client`.
 """
 
 from __future__ import annotations
 
 import logging
 import socket
-from collections.abc import Callable, Iterator
-from typing import Any, Protocol
+from collections.abc import Callable
 
 import msgspec
 
-from fastscp.index.indexer import indexer_address, locate_address, query_address, query_address_of
 from fastscp.index.records import ENCODER, IndexRecord, InstanceRecord, RecordBatch
 from fastscp.process.batcher import Batcher
-from fastscp.query.engine import (
-    Columns,
-    Done,
-    Failed,
-    IndexerState,
-    LocalQueryClient,
-    Located,
-    LocateRequest,
-    QueryError,
-    QueryRequest,
-    QueryResult,
-    Rows,
-    SqlRequest,
-    StateRequest,
-    Stats,
-    StatsRequest,
-    recv_message,
-    send_message,
-)
+from fastscp.process.ipc import local_address
 
 log = logging.getLogger("fastscp.indexclient")
 
@@ -48,12 +25,19 @@ SEND_INTERVAL = 0.02
 BATCH_RECORDS = 32
 #: Seconds between retries while records wait for the indexer.
 RETRY_INTERVAL = 0.5
-#: Seconds a C-STORE waits for the indexer to say where its instance is stored.
-LOCATE_TIMEOUT = 2.0
 #: Bytes per message at most: a Unix datagram longer than the socket's send
 #: buffer (net.core.wmem_default, 208 KiB on Linux) is refused (EMSGSIZE),
 #: and the attribute maps of 32 instances of 32 series can be longer.
 MAX_MESSAGE_BYTES = 128 * 1024
+
+
+def indexer_address(index_path: str) -> str:
+    """The abstract socket name the indexer of an index file listens on for records.
+
+    Derived from the file's absolute path, so any process that knows the
+    index (a worker, ``fastscp query``) can find the server that owns it.
+    """
+    return local_address("indexer", index_path)
 
 
 def batch_messages(records: list[IndexRecord]) -> list[tuple[bytes, int]]:
@@ -166,212 +150,3 @@ class IndexerClient:
             if self._sock is not None:
                 self._sock.close()
                 self._sock = None
-
-
-class ServerUnavailable(ConnectionError):
-    """No running server answers queries for this index."""
-
-
-class QueryClient:
-    """Runs queries through a running server's indexer.
-
-    Thread-safe and stateless between calls: each query opens its own
-    connection to the indexer's query socket (a local Unix socket, tens of
-    microseconds), so the association threads of a worker can share one
-    client. A worker makes it with ``QueryClient.from_indexer_address(address)``
-    from the indexer address it already has.
-
-    Parameters
-    ----------
-    index_path : str, optional
-        The index file the server was started with.
-    address : str, optional
-        The query socket itself (instead of ``index_path``).
-    timeout : float
-        Seconds to wait for each message of an answer.
-    """
-
-    def __init__(self, index_path: str | None = None, *, address: str | None = None, timeout: float = 60.0) -> None:
-        if address is None:
-            if index_path is None:
-                raise ValueError("QueryClient needs index_path or address")
-            address = query_address(index_path)
-        self.address = address
-        self.timeout = timeout
-
-    @classmethod
-    def from_indexer_address(cls, address: str, *, timeout: float = 60.0) -> QueryClient:
-        """The client of the indexer whose record socket is ``address``."""
-        return cls(address=query_address_of(address), timeout=timeout)
-
-    def _open(self) -> socket.socket:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        try:
-            sock.connect(self.address)
-        except OSError as exc:
-            sock.close()
-            raise ServerUnavailable(f"no fastscp server answers queries for this index ({exc.strerror})") from None
-        return sock
-
-    def available(self) -> bool:
-        """True when a running server answers on the query socket."""
-        try:
-            self._open().close()
-        except ServerUnavailable:
-            return False
-        return True
-
-    def query(self, request: QueryRequest | SqlRequest) -> QueryResult:
-        """Run a query in the server; rows stream in as they are read.
-
-        Raises
-        ------
-        ServerUnavailable
-            No server answers.
-        QueryError
-            The server refused the request (the message says why).
-        """
-        sock = self._open()
-        try:
-            send_message(sock, request)
-            first = recv_message(sock)
-        except BaseException:
-            sock.close()
-            raise
-        if isinstance(first, Failed):
-            sock.close()
-            raise QueryError(first.message)
-        if not isinstance(first, Columns):
-            sock.close()
-            raise ConnectionError(f"unexpected answer {type(first).__name__}")
-        return QueryResult(first.names, self._rows(sock), sock.close)
-
-    @staticmethod
-    def _rows(sock: socket.socket) -> Iterator[list[Any]]:
-        with sock:
-            while True:
-                message = recv_message(sock)
-                if isinstance(message, Rows):
-                    yield from message.rows
-                elif isinstance(message, Done):
-                    return
-                elif isinstance(message, Failed):
-                    raise QueryError(message.message)
-                else:
-                    raise ConnectionError(f"unexpected answer {type(message).__name__}")
-
-    def stats(self, request: StatsRequest | None = None) -> Stats:
-        """Totals and breakdowns of the index, with the indexer's own state."""
-        with self._open() as sock:
-            send_message(sock, request or StatsRequest())
-            answer = recv_message(sock)
-        if isinstance(answer, Failed):
-            raise QueryError(answer.message)
-        if not isinstance(answer, Stats):
-            raise ConnectionError(f"unexpected answer {type(answer).__name__}")
-        return answer
-
-    def locate(self, uids: list[str]) -> list[str]:
-        """Where the running server's index has instances with any of these SOP Instance UIDs
-        (paths as the index records them; records not yet committed included)."""
-        with self._open() as sock:
-            send_message(sock, LocateRequest(uids))
-            answer = recv_message(sock)
-        if not isinstance(answer, Located):
-            raise ConnectionError(f"unexpected answer {type(answer).__name__}")
-        return answer.paths
-
-    def state(self) -> IndexerState:
-        """The indexer's own state (pending and committed records, reconcile): no query, cheap."""
-        with self._open() as sock:
-            send_message(sock, StateRequest())
-            answer = recv_message(sock)
-        if not isinstance(answer, IndexerState):
-            raise ConnectionError(f"unexpected answer {type(answer).__name__}")
-        return answer
-
-    def close(self) -> None:
-        """Nothing to release (no connection is kept); for symmetry with LocalQueryClient."""
-
-    def __enter__(self) -> QueryClient:
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self.close()
-
-
-class Locator:
-    """A worker's "where is this instance stored?" (:meth:`QueryClient.locate`), for the duplicate check.
-
-    Never raises: while the indexer can't answer (restarting, overloaded
-    past ``timeout``) the store goes on with what the file at its own path
-    tells, and a warning says so once per outage.
-    """
-
-    def __init__(self, index_path: str, timeout: float = LOCATE_TIMEOUT) -> None:
-        self.client = QueryClient(address=locate_address(index_path), timeout=timeout)
-        self._failing = False
-
-    def __call__(self, uids: tuple[str, ...]) -> tuple[str, ...]:
-        try:
-            paths = tuple(self.client.locate(list(uids)))
-        except (OSError, ConnectionError, msgspec.DecodeError) as exc:
-            if not self._failing:
-                self._failing = True
-                log.warning("the index can't say where SOP instances are stored (%s): duplicates stored under "
-                            "another path are not detected until it answers again", exc)
-            return ()
-        if self._failing:
-            self._failing = False
-            log.info("the index answers where SOP instances are stored again")
-        return paths
-
-
-class IndexQueries(Protocol):
-    """What :func:`fastscp.query.cfind.find` and the CLI need: QueryClient or LocalQueryClient."""
-
-    def query(self, request: QueryRequest | SqlRequest) -> QueryResult: ...
-
-    def stats(self, request: StatsRequest | None = None) -> Stats: ...
-
-    def close(self) -> None: ...
-
-
-def open_query_client(index_path: str) -> IndexQueries:
-    """Queries on ``index_path``: through its running server, else on the file read-only.
-
-    Raises
-    ------
-    fastscp.index.database.IndexUnavailable
-        No server answers and the file can't be opened (missing, locked by
-        a server that is starting or stopping, another schema version).
-    """
-    client = QueryClient(index_path)
-    if client.available():
-        return client
-    return LocalQueryClient(index_path)
-
-
-def server_running(index_path: str) -> bool:
-    """True if a running fastscp server owns ``index_path`` (its indexer answers)."""
-    for address, kind in ((indexer_address(index_path), socket.SOCK_SEQPACKET),
-                          (query_address(index_path), socket.SOCK_STREAM)):
-        with socket.socket(socket.AF_UNIX, kind) as sock:
-            try:
-                sock.connect(address)
-                return True
-            except OSError:
-                continue
-    return False
-
-
-__all__ = [
-    "IndexQueries",
-    "IndexerClient",
-    "Locator",
-    "QueryClient",
-    "ServerUnavailable",
-    "open_query_client",
-    "server_running",
-]

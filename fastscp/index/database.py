@@ -15,15 +15,29 @@ names are the DICOM keywords in snake_case, as in
 
 Writes come in batches through Arrow, one INSERT per table and batch, never
 row by row (~1k rows/s row by row against 100k+ rows/s from Arrow here).
+
+The index is a DuckDB file (one node, the default), or a shared DuckLake
+(:class:`Lake`: catalog in PostgreSQL, data as Parquet on a path every node
+sees) that several nodes write at once. There each row of ``instances``,
+``thumbnails`` and ``duplicate_conflicts`` names its ``node`` (its ``path`` is
+relative to that node's storage root); a node writes, replaces and reconciles
+only its own rows and reads everyone's. DuckLake has no PRIMARY KEY or UNIQUE
+constraints: a resent instance replaces its node's row by path (DELETE, then
+INSERT), and studies and series are appended (:data:`_LAKE_PARENTS`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import shutil
+import tempfile
 import threading
+import time
 import typing
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import NamedTuple
 
 import duckdb
 import pyarrow as pa
@@ -116,6 +130,13 @@ TABLES: dict[str, dict[str, str]] = {
 }
 _PRIMARY_KEY = {"studies": "study_instance_uid", "series": "series_instance_uid",
                 "instances": "path", "thumbnails": "path", "attribute_maps": "id"}
+#: In a lake: the tables whose rows name their node (the last column, ``node``).
+_NODE_TABLES = ("instances", "thumbnails", "duplicate_conflicts")
+#: In a lake, studies and series are written to these tables and never
+#: updated: nodes that store parts of one study at once would otherwise
+#: both insert its row (no key refuses the second), or conflict replacing
+#: it. The views ``studies`` and ``series`` read the latest row of each key.
+_LAKE_PARENTS = {"studies": "studies_rows", "series": "series_rows"}
 
 
 def quote(name: str) -> str:
@@ -123,11 +144,20 @@ def quote(name: str) -> str:
     return f'"{name}"'
 
 
-def _create_table(table: str) -> str:
-    key = _PRIMARY_KEY.get(table)
+def _create_table(table: str, *, lake: bool = False) -> str:
+    """A table's CREATE statement; in a lake without keys (DuckLake has none) and with the node of each row.
+
+    A lake's studies and series are appended to ``*_rows`` tables (see
+    :data:`_LAKE_PARENTS`), each row with the time it was written.
+    """
+    key = None if lake else _PRIMARY_KEY.get(table)
     columns = ", ".join(
         f"{quote(name)} {sql}{' PRIMARY KEY' if name == key else ''}" for name, sql in TABLES[table].items()
     )
+    if lake and table in _NODE_TABLES:
+        columns += ", node VARCHAR"
+    if lake and table in _LAKE_PARENTS:
+        return f"CREATE TABLE {_LAKE_PARENTS[table]} ({columns}, written_at TIMESTAMP)"
     return f"CREATE TABLE {table} ({columns})"
 
 
@@ -184,6 +214,106 @@ _VIEWS = _PATIENT_VIEWS + (_MAP_VIEW,) + (
        FROM instances GROUP BY study_instance_uid""",
 )
 
+
+def _views(lake: bool) -> tuple[str, ...]:
+    """The views; a lake's map view names each row's node, and reads a base map once.
+
+    Nodes may add the same base map at once (the same id and text; no key
+    refuses the second row).
+    """
+    if not lake:
+        return _VIEWS
+    view = _MAP_VIEW.replace("SELECT i.path,", "SELECT i.node, i.path,").replace(
+        "LEFT JOIN attribute_maps am", "LEFT JOIN (SELECT DISTINCT id, attributes FROM attribute_maps) am")
+    parents = tuple(
+        f"CREATE VIEW {table} AS SELECT DISTINCT ON ({quote(_PRIMARY_KEY[table])}) {_column_list(table)} "
+        f"FROM {rows} ORDER BY {quote(_PRIMARY_KEY[table])}, written_at DESC"
+        for table, rows in _LAKE_PARENTS.items()
+    )
+    # The parents' views first: the others read them.
+    return parents + tuple(view if text == _MAP_VIEW else text for text in _VIEWS)
+
+
+# -- the shared index (DuckLake) --------------------------------------------------------
+
+
+class Lake(NamedTuple):
+    """A shared index: DuckLake, its catalog in PostgreSQL, its data as Parquet (config ``database.catalog``)."""
+
+    #: libpq connection string of the catalog database ("dbname=fastscp host=db1 user=fastscp").
+    catalog: str
+    #: The folder of the Parquet files; the same for every node (a shared file system).
+    data_path: str
+    #: This node's name, in each row it writes (config ``server.node``, else the host name).
+    node: str
+
+    def __str__(self) -> str:
+        # Never the catalog string: it may hold a password.
+        return f"the DuckLake index in {self.data_path}"
+
+
+#: The PyPI wheels that carry DuckDB's extensions for offline use, by the
+#: file name DuckDB must load each under (its init function's name).
+_LAKE_EXTENSIONS = (("duckdb_extension_postgres", "postgres", "postgres_scanner"),
+                    ("duckdb_extension_ducklake", "ducklake", "ducklake"))
+
+
+def _load_lake_extensions(con: duckdb.DuckDBPyConnection) -> None:
+    """LOAD the postgres and ducklake extensions from their wheels; never from the network.
+
+    The postgres wheel ships ``postgres.duckdb_extension``, which DuckDB
+    loads only under the name ``postgres_scanner``: a link of that name in a
+    private folder, removed once loaded.
+    """
+    con.execute("SET autoinstall_known_extensions = false")
+    folder = tempfile.mkdtemp(prefix="fastscp-ext-")
+    try:
+        for module_name, shipped, name in _LAKE_EXTENSIONS:
+            try:
+                module = __import__(module_name)
+            except ImportError:
+                raise IndexUnavailable(
+                    f"database.catalog: a DuckLake index needs the {module_name.replace('_', '-')} package; "
+                    "install fastscp[ducklake] (it pins duckdb to the version the extension wheels are built for)"
+                ) from None
+            source = os.path.join(os.path.dirname(module.__file__ or ""), "extensions", f"v{duckdb.__version__}",
+                                  f"{shipped}.duckdb_extension")
+            if not os.path.exists(source):
+                raise IndexUnavailable(
+                    f"database.catalog: {module_name.replace('_', '-')} has no extension for duckdb "
+                    f"{duckdb.__version__} ({source} is missing); install fastscp[ducklake], which pins both")
+            link = os.path.join(folder, f"{name}.duckdb_extension")
+            os.symlink(source, link)
+            con.execute(f"LOAD '{link}'")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _attach_lake(con: duckdb.DuckDBPyConnection, lake: Lake, *, read_only: bool) -> None:
+    _load_lake_extensions(con)
+    options = f"DATA_PATH {_sql_text(os.path.join(lake.data_path, ''))}" + (", READ_ONLY" if read_only else "")
+    for attempt in range(1, LAKE_WRITE_ATTEMPTS + 1):
+        try:
+            con.execute(f"ATTACH {_sql_text('ducklake:postgres:' + lake.catalog)} AS lake ({options})")
+            break
+        except duckdb.Error as exc:
+            # Never the connection string (it may hold a password).
+            reason = str(exc).splitlines()[0].replace(lake.catalog, "<database.catalog>")
+            if attempt == LAKE_WRITE_ATTEMPTS:
+                raise IndexUnavailable(f"database.catalog: cannot open {lake}: {reason}") from None
+            # Nodes that start together on a new catalog race to make
+            # DuckLake's own tables: the losers' ATTACH fails, and the next
+            # one finds them made.
+            log.info("%s: attempt %d to open it failed: %s", lake, attempt, reason)
+            time.sleep(0.2 * attempt)
+    con.execute("USE lake")
+
+
+def _sql_text(text: str) -> str:
+    """A SQL string literal (ATTACH takes no parameters)."""
+    return "'" + text.replace("'", "''") + "'"
+
+
 # -- Arrow batches -------------------------------------------------------------------
 
 
@@ -234,6 +364,19 @@ _KNOWN_LIMIT = 100_000
 #: this much WAL at the next start.
 CHECKPOINT_WAL_BYTES = 256 * 1024 * 1024
 
+#: A lake writes a Parquet file per commit of more than 10 rows (DuckLake
+#: keeps smaller ones in its catalog), per table; its CHECKPOINT merges
+#: the small files. The indexer checkpoints when idle,
+#: and a node under steady load at least this often (seconds).
+LAKE_MERGE_SECONDS = 60.0
+#: Attempts of a lake write that conflicts with another node's (both
+#: deleted rows of one data file, say): the loser starts over.
+LAKE_WRITE_ATTEMPTS = 5
+#: A lake's CHECKPOINT also forgets snapshots older than this and deletes
+#: the files only they used (the small files a merge replaced); a query
+#: on another node reads one snapshot, and none runs for an hour.
+LAKE_KEEP_SNAPSHOTS = "1 hour"
+
 
 class Index:
     """An open index database.
@@ -254,6 +397,9 @@ class Index:
     any_version : bool
         With ``read_only``: open an index of another schema version as it
         is (``fastscp reindex`` reads an old index's duplicate conflicts).
+    lake : Lake, optional
+        The shared index instead of the file at ``path`` (which then only
+        names this node's sockets): any number of nodes open it read-write.
 
     Raises
     ------
@@ -263,12 +409,24 @@ class Index:
     """
 
     def __init__(self, path: str, *, wal_mode: bool = True, read_only: bool = False,
-                 any_version: bool = False) -> None:
-        self.path = path
+                 any_version: bool = False, lake: Lake | None = None) -> None:
+        self.path = str(lake) if lake else path
         self.wal_mode = wal_mode
         self.read_only = read_only
+        self.lake = lake
+        #: The INSERT of the batch's instances (in a lake: with this node's name).
+        self._instance_values = (f"({_column_list('instances')}, node) SELECT {_column_list('instances')}, "
+                                 f"{_sql_text(lake.node)} FROM batch_instances" if lake else _INSTANCE_VALUES)
         try:
-            self.con = duckdb.connect(path, read_only=read_only)
+            if lake:
+                self.con = duckdb.connect(":memory:")
+                try:
+                    _attach_lake(self.con, lake, read_only=read_only)
+                except BaseException:
+                    self.con.close()
+                    raise
+            else:
+                self.con = duckdb.connect(path, read_only=read_only)
         except duckdb.IOException as exc:
             text = str(exc)
             if "lock" in text.lower():
@@ -277,10 +435,11 @@ class Index:
                     f"reindex); ask the server, or stop it first ({text.splitlines()[0]})"
                 ) from None
             raise IndexUnavailable(f"{path}: cannot open the index: {text.splitlines()[0]}") from None
-        if wal_mode and not read_only:
+        if wal_mode and not read_only and not lake:
             self.con.execute(f"SET checkpoint_threshold = '{CHECKPOINT_WAL_BYTES}B'")
         #: Committed writes not yet checkpointed (WAL mode): see :meth:`tidy`.
         self.needs_checkpoint = False
+        self._merged_at = time.monotonic()
         self._cursor_source = self.con.cursor()
         self._cursor_lock = threading.Lock()
         self._known: dict[str, dict[str, tuple[object, ...]]] = {"studies": {}, "series": {}}
@@ -292,7 +451,7 @@ class Index:
                 if not any_version:
                     self._check_readable()
             else:
-                self._migrate()
+                self._migrate_shared() if lake else self._migrate()
         except BaseException:
             self._cursor_source.close()
             self.con.close()
@@ -302,7 +461,8 @@ class Index:
 
     def _version(self) -> int:
         tables = {row[0] for row in self.con.execute(
-            "SELECT table_name FROM information_schema.tables WHERE table_schema = 'main'").fetchall()}
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = 'main' "
+            "AND table_catalog = current_database()").fetchall()}
         if "schema_version" not in tables:
             return 0
         (version,) = self.con.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchall()[0]
@@ -343,6 +503,31 @@ class Index:
         self.version = SCHEMA_VERSION
         self.con.execute("CHECKPOINT")
 
+    def _migrate_shared(self) -> None:
+        """A lake: made by the first node; only the current schema (it has no older ones yet).
+
+        Nodes that start together race to make it: DuckLake commits one and
+        refuses the others' conflicting CREATEs, which then find it made.
+        """
+        for _attempt in range(5):
+            if self.version == SCHEMA_VERSION:
+                return
+            if self.version:
+                raise IndexUnavailable(
+                    f"{self.path}: index schema version {self.version}, this fastscp writes {SCHEMA_VERSION}; "
+                    "run the same fastscp version on every node")
+            try:
+                with self.transaction():
+                    self._create(from_v1=False)
+                    self.con.execute("INSERT INTO schema_version VALUES (?)", [SCHEMA_VERSION])
+                    for option in ("expire_older_than", "delete_older_than"):
+                        self.con.execute(f"CALL lake.set_option('{option}', '{LAKE_KEEP_SNAPSHOTS}')")
+            except (duckdb.TransactionException, duckdb.CatalogException) as exc:
+                # Refused at COMMIT, or at CREATE once the other node's commit is visible.
+                log.info("%s: another node made the schema first (%s)", self.path, str(exc).splitlines()[0])
+            self.version = self._version()
+        raise IndexUnavailable(f"{self.path}: the schema could not be made (conflicts with other nodes)")
+
     def _create(self, *, from_v1: bool) -> None:
         """The tables and views of a new index, or of one made from a v1 index's flat table."""
         self.con.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
@@ -350,8 +535,8 @@ class Index:
             # v1: one flat "instances" table (file facts + every header field).
             self.con.execute("ALTER TABLE instances RENAME TO instances_v1")
         for table in TABLES:
-            self.con.execute(_create_table(table))
-        for view in _VIEWS:
+            self.con.execute(_create_table(table, lake=self.lake is not None))
+        for view in _views(self.lake is not None):
             self.con.execute(view)
         if from_v1:
             self._copy_v1()
@@ -480,7 +665,8 @@ class Index:
         conflict_batch = _conflicts_table(conflict_list) if conflict_list else None
         map_batch = pa.table({"id": pa.array(list(maps), type=pa.int64()),
                               "attributes": pa.array(list(maps.values()), type=pa.string())}) if maps else None
-        careful = keep_newer
+        # A lake has no keys to refuse a resend: it always replaces.
+        careful = keep_newer or self.lake is not None
         try:
             if not careful:
                 try:
@@ -546,16 +732,39 @@ class Index:
                     pass
 
     def _in_transaction(self, write: Callable[..., bool | None], *args: object) -> bool:
-        """``write(*args)`` in one :meth:`transaction`; its result."""
-        with self.transaction("batch_instances", "batch_parents", "batch_conflicts", "batch_maps"):
-            return bool(write(*args))
+        """``write(*args)`` in one :meth:`transaction`; its result.
+
+        In a lake, a write that conflicts with another node's commit is
+        rolled back and written again (its rows are replaced by key, so
+        once is the same as twice).
+        """
+        for attempt in range(1, LAKE_WRITE_ATTEMPTS + 1):
+            try:
+                with self.transaction("batch_instances", "batch_parents", "batch_conflicts", "batch_maps"):
+                    return bool(write(*args))
+            except duckdb.TransactionException as exc:
+                if not self.lake or attempt == LAKE_WRITE_ATTEMPTS:
+                    raise
+                log.info("%s: a write conflicted with another node's, attempt %d: %s", self.path, attempt,
+                         str(exc).splitlines()[0])
+                time.sleep(0.05 * attempt)
+        raise AssertionError("unreachable")
+
+    def _own_rows(self, table: str, batch: str) -> bool:
+        """Whether ``table`` holds a row of this node with a path of the registered ``batch``."""
+        return bool(self.con.execute(
+            f"SELECT count(*) FROM {table} WHERE path IN (SELECT path FROM {batch}){self._mine()}").fetchall()[0][0])
+
+    def _mine(self, alias: str = "") -> str:
+        """SQL: `` AND`` the row is this node's (in a lake; "" in a file, whose rows are all its own)."""
+        return f" AND {alias}node = {_sql_text(self.lake.node)}" if self.lake else ""
 
     def _insert(self, batch: pa.Table, parents: dict[str, list[tuple[object, ...]]],
                 conflicts: pa.Table | None, maps: pa.Table | None) -> None:
         self._insert_maps(maps)
         if batch.num_rows:
             self.con.register("batch_instances", batch)
-            self.con.execute(f"INSERT INTO instances {_INSTANCE_VALUES}")
+            self.con.execute(f"INSERT INTO instances {self._instance_values}")
             for table, rows in parents.items():
                 self._write_parents(table, rows, upsert=False)
         self._insert_conflicts(conflicts)
@@ -575,15 +784,20 @@ class Index:
             if keep_newer:
                 con.execute(
                     "DELETE FROM instances WHERE path IN (SELECT b.path FROM batch_instances b "
-                    "JOIN instances i ON i.path = b.path WHERE i.received_at < b.received_at)"
+                    f"JOIN instances i ON i.path = b.path{self._mine('i.')} WHERE i.received_at < b.received_at)"
+                    + self._mine()
                 )
-                con.execute(f"INSERT INTO instances {_INSTANCE_VALUES} b "
-                            "WHERE NOT EXISTS (SELECT 1 FROM instances i WHERE i.path = b.path)")
+                con.execute(f"INSERT INTO instances {self._instance_values} b "
+                            f"WHERE NOT EXISTS (SELECT 1 FROM instances i WHERE i.path = b.path{self._mine('i.')})")
                 replaced = True
             else:
-                (deleted,) = con.execute(
-                    "DELETE FROM instances WHERE path IN (SELECT path FROM batch_instances)").fetchone()  # type: ignore[misc]
-                con.execute(f"INSERT INTO instances {_INSTANCE_VALUES}")
+                deleted = 0
+                if not self.lake or self._own_rows("instances", "batch_instances"):
+                    # (In a lake only when there is one: a DELETE conflicts with other nodes' deletes.)
+                    (deleted,) = con.execute(
+                        f"DELETE FROM instances WHERE path IN (SELECT path FROM batch_instances){self._mine()}"
+                    ).fetchone()  # type: ignore[misc]
+                con.execute(f"INSERT INTO instances {self._instance_values}")
                 replaced = deleted > 0
             if replaced:
                 # A replaced row may move an instance to another series or
@@ -598,12 +812,17 @@ class Index:
         if maps is not None:
             self.con.register("batch_maps", maps)
             # A base map seen before (the same text: the same id) is there already.
-            self.con.execute("INSERT OR IGNORE INTO attribute_maps SELECT id, attributes FROM batch_maps")
+            if self.lake:
+                self.con.execute("INSERT INTO attribute_maps SELECT id, attributes FROM batch_maps b "
+                                 "WHERE NOT EXISTS (SELECT 1 FROM attribute_maps a WHERE a.id = b.id)")
+            else:
+                self.con.execute("INSERT OR IGNORE INTO attribute_maps SELECT id, attributes FROM batch_maps")
 
     def _insert_conflicts(self, conflicts: pa.Table | None) -> None:
         if conflicts is not None:
             self.con.register("batch_conflicts", conflicts)
-            self.con.execute("INSERT INTO duplicate_conflicts SELECT * FROM batch_conflicts")
+            node = f", {_sql_text(self.lake.node)}" if self.lake else ""
+            self.con.execute(f"INSERT INTO duplicate_conflicts SELECT *{node} FROM batch_conflicts")
 
     def _add_thumbnails(self, latest: dict[str, str]) -> None:
         if not latest:
@@ -614,13 +833,18 @@ class Index:
         con.register("batch_thumbnails", batch)
         try:
             try:
+                if self.lake:
+                    raise duckdb.ConstraintException("a lake has no keys: replace")
                 con.execute("INSERT INTO thumbnails SELECT * FROM batch_thumbnails")
             except duckdb.ConstraintException:
                 # A thumbnail made again (a resend): replace it.
                 con.register("batch_thumbnails", batch)
+                node = f", {_sql_text(self.lake.node)}" if self.lake else ""
                 with self.transaction():
-                    con.execute("DELETE FROM thumbnails WHERE path IN (SELECT path FROM batch_thumbnails)")
-                    con.execute("INSERT INTO thumbnails SELECT * FROM batch_thumbnails")
+                    if not self.lake or self._own_rows("thumbnails", "batch_thumbnails"):
+                        con.execute(f"DELETE FROM thumbnails WHERE path IN (SELECT path FROM batch_thumbnails)"
+                                    f"{self._mine()}")
+                    con.execute(f"INSERT INTO thumbnails SELECT *{node} FROM batch_thumbnails")
         finally:
             con.unregister("batch_thumbnails")
 
@@ -644,7 +868,11 @@ class Index:
             schema=_SCHEMAS[table],
         )
         self.con.register("batch_parents", batch)  # replaces the last table's; unregistered by _in_transaction
-        if upsert:
+        if self.lake:
+            # Appended, never replaced: the view reads the latest (_LAKE_PARENTS).
+            self.con.execute(f"INSERT INTO {_LAKE_PARENTS[table]} ({_column_list(table)}, written_at) "
+                             "SELECT *, now() FROM batch_parents")
+        elif upsert:
             updates = ", ".join(f"{quote(name)} = excluded.{quote(name)}" for name in names[1:])
             self.con.execute(f"INSERT INTO {table} ({_column_list(table)}) SELECT * FROM batch_parents "
                              f"ON CONFLICT DO UPDATE SET {updates}")
@@ -660,13 +888,14 @@ class Index:
         self._after_write()
 
     def _prune(self) -> None:
+        series, studies = (_LAKE_PARENTS["series"], _LAKE_PARENTS["studies"]) if self.lake else ("series", "studies")
         self.con.execute(
-            "DELETE FROM series WHERE NOT EXISTS "
-            "(SELECT 1 FROM instances i WHERE i.series_instance_uid = series.series_instance_uid)"
+            f"DELETE FROM {series} WHERE NOT EXISTS "
+            f"(SELECT 1 FROM instances i WHERE i.series_instance_uid = {series}.series_instance_uid)"
         )
         self.con.execute(
-            "DELETE FROM studies WHERE NOT EXISTS "
-            "(SELECT 1 FROM instances i WHERE i.study_instance_uid = studies.study_instance_uid)"
+            f"DELETE FROM {studies} WHERE NOT EXISTS "
+            f"(SELECT 1 FROM instances i WHERE i.study_instance_uid = {studies}.study_instance_uid)"
         )
         self.con.execute(
             "DELETE FROM attribute_maps WHERE NOT EXISTS "
@@ -680,17 +909,22 @@ class Index:
             return 0
         with self.transaction("gone_paths") as con:
             con.register("gone_paths", pa.table({"path": pa.array(gone, type=pa.string())}))
-            row = con.execute(
-                "DELETE FROM instances WHERE path IN (SELECT path FROM gone_paths) RETURNING path"
-            ).fetchall()
-            con.execute("DELETE FROM thumbnails WHERE path IN (SELECT path FROM gone_paths)")
+            # The count DELETE answers (DuckLake has no DELETE ... RETURNING).
+            (dropped,) = con.execute(
+                f"DELETE FROM instances WHERE path IN (SELECT path FROM gone_paths){self._mine()}"
+            ).fetchall()[0]
+            con.execute(f"DELETE FROM thumbnails WHERE path IN (SELECT path FROM gone_paths){self._mine()}")
             self._prune()
         self._known = {table: {} for table in self._known}
         self._after_write()
-        return len(row)
+        return int(dropped)
 
     def _after_write(self) -> None:
-        if self.wal_mode:
+        if self.lake:
+            self.needs_checkpoint = True
+            if time.monotonic() - self._merged_at > LAKE_MERGE_SECONDS and self.checkpoint():
+                self.needs_checkpoint = False
+        elif self.wal_mode:
             self.needs_checkpoint = True
         else:
             self.checkpoint()
@@ -703,9 +937,16 @@ class Index:
             self.needs_checkpoint = False
 
     def checkpoint(self) -> bool:
-        """Write the WAL into the data file; False if DuckDB can't now (a query is open)."""
+        """Write the WAL into the data file; False if DuckDB can't now (a query is open).
+
+        In a lake: DuckLake's maintenance, which merges the small Parquet
+        files of many commits (a node's merge may conflict with another
+        node's writes: then it is tried again later).
+        """
         try:
             self.con.execute("CHECKPOINT")
+            if self.lake:
+                self._merged_at = time.monotonic()
         except duckdb.Error as exc:
             # DuckDB refuses while another transaction is running; the next
             # batch tries again.
@@ -717,7 +958,8 @@ class Index:
 
     def file_states(self, con: duckdb.DuckDBPyConnection | None = None) -> dict[str, tuple[int, int]]:
         """path -> (size, received_at in microseconds) of every indexed file, for reconcile."""
-        relation = (con or self.con).sql("SELECT path, size, epoch_us(received_at) AS received_us FROM instances")
+        relation = (con or self.con).sql("SELECT path, size, epoch_us(received_at) AS received_us FROM instances "
+                                         f"WHERE true{self._mine()}")
         # DuckDB 1.4+ calls it to_arrow_table(); older ones arrow().
         table = (getattr(relation, "to_arrow_table", None) or relation.arrow)()
         paths = table.column("path").to_pylist()
@@ -741,10 +983,11 @@ class Index:
         names = list(HeaderFields.__struct_fields__)
         select = ", ".join(column(name) for name in names)
         rows = self.con.execute(
-            f"SELECT i.path, {select} FROM instances i JOIN instance_attributes ia ON ia.path = i.path "
+            f"SELECT i.path, {select} FROM instances i JOIN instance_attributes ia ON ia.path = i.path"
+            f"{' AND ia.node = i.node' if self.lake else ''} "
             "LEFT JOIN series se ON se.series_instance_uid = i.series_instance_uid "
             "LEFT JOIN studies st ON st.study_instance_uid = i.study_instance_uid "
-            "WHERE i.study_instance_uid = ? ORDER BY i.path",
+            f"WHERE i.study_instance_uid = ?{self._mine('i.')} ORDER BY i.path",
             [study_instance_uid],
         ).fetchall()
         return [
@@ -778,7 +1021,10 @@ class Index:
         no statements, so a writer using :attr:`con` meanwhile is not touched.
         """
         with self._cursor_lock:
-            return self._cursor_source.cursor()
+            cursor = self._cursor_source.cursor()
+        if self.lake:
+            cursor.execute("USE lake")  # each cursor starts in the in-memory database
+        return cursor
 
     def close(self) -> None:
         try:
@@ -786,3 +1032,18 @@ class Index:
             self.con.close()
         except duckdb.Error as exc:
             log.warning("closing the index %s: %s", self.path, exc)
+
+
+def read_conflicts(con: duckdb.DuckDBPyConnection) -> list[DuplicateConflict]:
+    """Every logged duplicate conflict, oldest first (none in a schema v1 index, which had no log)."""
+    if not con.execute("SELECT 1 FROM information_schema.tables WHERE table_name = 'duplicate_conflicts'").fetchall():
+        return []
+    rows = con.execute(
+        "SELECT sop_instance_uid, path, existing_hash, new_hash, policy, outcome, new_path, calling_ae_title, "
+        "epoch_us(received_at) FROM duplicate_conflicts ORDER BY received_at"
+    ).fetchall()
+    return [
+        DuplicateConflict(sop_instance_uid=r[0], path=r[1], existing_hash=r[2], new_hash=r[3], policy=r[4],
+                          outcome=r[5], new_path=r[6], calling_ae_title=r[7], received_at=r[8] / 1e6)
+        for r in rows
+    ]

@@ -1,9 +1,14 @@
-"""The indexer process: owns the DuckDB file, commits records in batches, answers queries.
+"""The indexer process's record loop: owns the DuckDB file, commits records in batches.
 
-Three jobs, one process (DuckDB lets one process open the file):
+DuckDB lets one process open the file, so this process also answers
+queries: the indexer runs *services* beside its loop (started with it,
+closed after its last commit), which the process is composed with
+(:func:`fastscp.runtime.children.indexer_process`: the query and locate
+servers of :mod:`fastscp.query.server`). This package never imports the
+query package.
 
 * **Records.** Workers (and the post-store stage) connect to a Unix
-  SOCK_SEQPACKET socket (:func:`indexer_address`, abstract namespace, so a
+  SOCK_SEQPACKET socket (:func:`~fastscp.index.client.indexer_address`, abstract namespace, so a
   long storage path can't overflow ``sun_path``); each message is one msgpack
   :class:`~fastscp.index.records.RecordBatch`: instance records column by column
   (:class:`~fastscp.index.records.InstanceColumns`), which the loop keeps as they
@@ -15,22 +20,14 @@ Three jobs, one process (DuckDB lets one process open the file):
   records that arrive meanwhile join the next batch (up to
   :data:`MAX_BATCH_FACTOR` times the size, then the loop stops reading), so
   a busy indexer writes fewer, bigger batches.
-* **Queries.** A thread accepts on a second socket (:func:`query_address`,
-  SOCK_STREAM) and answers each connection from a small thread pool, each
-  query on its own DuckDB cursor (DuckDB's MVCC): batches go on being
-  committed while a query runs.
-* **Where is this instance?** Before it answers a C-STORE, a worker asks
-  (:class:`~fastscp.query.engine.LocateRequest`, on a third socket,
-  :func:`locate_address`, with threads of its own, so a slow C-FIND never
-  delays a store) where the instance's SOP Instance UIDs are stored;
-  :class:`UidIndex` answers from memory, and DuckDB is read only when a UID
-  may be indexed (a resend).
+* **Which UIDs are indexed.** :class:`UidIndex` holds the SOP Instance UIDs
+  committed and on their way, for "where is this instance?" before a C-STORE
+  is answered.
 * **Reconcile on start.** When it knows the storage root, the indexer
   compares the files with the index in a background thread, indexes what is
   missing (records a killed indexer never committed) and drops rows whose
-  file is gone, then logs what it fixed. It says "ready" before that: the
-  supervisor waits for "ready" before it accepts connections again, and a
-  walk of a big archive must not hold that up.
+  file is gone, then logs what it fixed. The process says it is ready before
+  that: a walk of a big archive must not hold up the server.
 
 The files are the truth: a batch DuckDB keeps refusing (a full disk) is
 dropped after :data:`WRITE_ATTEMPTS` tries, logged, and indexed from its files
@@ -44,40 +41,25 @@ import logging
 import os
 import queue
 import selectors
-import signal
 import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from multiprocessing.connection import Connection
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
 
 import duckdb
-import msgspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from fastscp.index.batchtable import InstanceBatch
 from fastscp.index.database import Index
-from fastscp.index.records import BATCH_DECODER, DuplicateConflict, InstanceColumns, ThumbnailMade
+from fastscp.index.records import BATCH_DECODER, DuplicateConflict, InstanceColumns, InstanceRecord, ThumbnailMade
 from fastscp.index.reindex import plan, read_records
-from fastscp.process.ipc import accept_local, listen, local_address, receive, same_user
-from fastscp.query.engine import (
-    Failed,
-    IndexerState,
-    Located,
-    LocateRequest,
-    QueryRequest,
-    SqlRequest,
-    StateRequest,
-    StatsRequest,
-    recv_message,
-    run_stats,
-    send_message,
-    stream_query,
-)
+from fastscp.process.ipc import accept_local, listen, receive
+from fastscp.status import IndexerState
 
 log = logging.getLogger("fastscp.indexer")
 
@@ -86,13 +68,6 @@ log = logging.getLogger("fastscp.indexer")
 #: flush); 10 -> 30 took a flooded indexer from ~100k to ~135k rows/s
 #: (bench/test_bench_index.py::test_indexer_sustained_rate, 1M records).
 MAX_BATCH_FACTOR = 30
-#: Queries answered at the same time; more wait for a thread.
-QUERY_THREADS = 4
-#: LocateRequests answered at the same time (each takes microseconds, or one
-#: DuckDB scan for a resend).
-LOCATE_THREADS = 4
-#: A query client that neither sends nor reads for this long is dropped.
-QUERY_IO_TIMEOUT = 30.0
 #: Seconds without records after which the indexer tidies the index (Index.tidy:
 #: drops empty parents, checkpoints the WAL).
 TIDY_IDLE = 1.0
@@ -102,28 +77,56 @@ WRITE_ATTEMPTS = 5
 RECONCILE_CHUNK = 1000
 
 
-def indexer_address(index_path: str) -> str:
-    """The abstract socket name the indexer of an index file listens on for records.
+class Service(Protocol):
+    """Something that runs in the indexer process beside its loop (a query server)."""
 
-    Derived from the file's absolute path, so any process that knows the
-    index (a worker, ``fastscp query``) can find the server that owns it.
-    """
-    return local_address("indexer", index_path)
+    def start(self) -> None: ...
 
-
-def query_address(index_path: str) -> str:
-    """The abstract socket name on which the indexer of an index file answers queries."""
-    return local_address("query", index_path)
+    def close(self) -> None: ...
 
 
-def locate_address(index_path: str) -> str:
-    """The abstract socket name on which the indexer of an index file answers LocateRequest."""
-    return local_address("locate", index_path)
+# -- the writer thread's work, in order: batches, reconcile steps, tidying --------------
 
 
-def query_address_of(address: str) -> str:
-    """The query socket of the indexer whose record socket is ``address`` (what a worker knows)."""
-    return address.replace("\0fastscp-indexer-", "\0fastscp-query-", 1)
+@dataclass(frozen=True)
+class CommitBatch:
+    """What the loop received, committed as one transaction."""
+
+    instances: InstanceBatch
+    conflicts: list[DuplicateConflict]
+    thumbnails: list[ThumbnailMade]
+
+
+@dataclass(frozen=True)
+class AddRecords:
+    """Reconcile: records read from files the index lacks (or whose file changed)."""
+
+    records: list[InstanceRecord]
+
+
+@dataclass(frozen=True)
+class RemoveGone:
+    """Reconcile: rows whose file was gone at the walk."""
+
+    paths: list[str]
+
+
+@dataclass(frozen=True)
+class Prune:
+    """Reconcile: drop parents left without instances (by a killed indexer)."""
+
+
+@dataclass(frozen=True)
+class Tidy:
+    """Idle: drop empty parents, checkpoint the WAL (Index.tidy)."""
+
+
+@dataclass(frozen=True)
+class ReconcileDone:
+    summary: str
+
+
+WriteWork = CommitBatch | AddRecords | RemoveGone | Prune | Tidy | ReconcileDone
 
 
 #: UIDs of the stored instances whose columns a batch of instances holds.
@@ -213,104 +216,6 @@ class UidIndex:
             return paths, False
 
 
-class QueryServer:
-    """Answers :class:`~fastscp.query.engine.QueryRequest`, :class:`~fastscp.query.engine.StatsRequest` and
-    :class:`~fastscp.query.engine.LocateRequest` on a socket."""
-
-    def __init__(self, index: Index, address: str, state: Callable[[], IndexerState],
-                 uids: UidIndex | None = None, threads: int = QUERY_THREADS) -> None:
-        self.index = index
-        self.state = state
-        #: Set: LocateRequests are answered (and only they: the locate socket).
-        self.uids = uids
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.listener.bind(address)
-        self.listener.listen(64)
-        # accept() wakes up now and then to see whether we are closing.
-        self.listener.settimeout(0.5)
-        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fastscp-query")
-        self._closing = threading.Event()
-        self.thread = threading.Thread(target=self._accept_loop, name="fastscp-query-accept", daemon=True)
-
-    def start(self) -> None:
-        self.thread.start()
-
-    def _accept_loop(self) -> None:
-        while not self._closing.is_set():
-            try:
-                conn, _ = self.listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                if self._closing.is_set():
-                    return
-                time.sleep(0.1)
-                continue
-            if not same_user(conn):
-                conn.close()
-                continue
-            try:
-                self.pool.submit(self._serve, conn)
-            except RuntimeError:  # the pool is shutting down
-                conn.close()
-                return
-
-    def _serve(self, conn: socket.socket) -> None:
-        with conn:
-            conn.settimeout(QUERY_IO_TIMEOUT)
-            try:
-                request = recv_message(conn)
-            except (OSError, ConnectionError, msgspec.DecodeError) as exc:
-                log.debug("query connection dropped: %s", exc)
-                return
-            cursor = None
-            try:
-                if self.uids is not None:
-                    # The locate socket, on the hot path of every C-STORE: a cursor only if DuckDB must be read.
-                    send_message(conn, Located(self._locate(request.uids)) if isinstance(request, LocateRequest)
-                                 else Failed(f"not a LocateRequest: {type(request).__name__}"))
-                    return
-                cursor = self.index.cursor()
-                if isinstance(request, QueryRequest | SqlRequest):
-                    for message in stream_query(cursor, request):
-                        send_message(conn, message)
-                elif isinstance(request, StatsRequest):
-                    send_message(conn, run_stats(cursor, request, self.state()))
-                elif isinstance(request, StateRequest):
-                    send_message(conn, self.state())
-                else:
-                    send_message(conn, Failed(f"not a request: {type(request).__name__}"))
-            except (OSError, ConnectionError) as exc:
-                log.debug("query client went away: %s", exc)
-            except duckdb.Error as exc:
-                log.error("query failed: %s", exc)
-                try:
-                    send_message(conn, Failed(str(exc)))
-                except OSError:
-                    pass
-            finally:
-                if cursor is not None:
-                    cursor.close()
-
-    def _locate(self, uids: list[str]) -> list[str]:
-        assert self.uids is not None
-        uids = [uid for uid in uids[:8] if uid]
-        paths, maybe = self.uids.lookup(uids)
-        if maybe:
-            cursor = self.index.cursor()
-            try:
-                paths += Index.paths_of(cursor, uids)
-            finally:
-                cursor.close()
-        return list(dict.fromkeys(paths))
-
-    def close(self) -> None:
-        self._closing.set()
-        self.thread.join(2)
-        self.listener.close()
-        self.pool.shutdown(wait=True, cancel_futures=True)
-
-
 class Indexer:
     """The record loop of the indexer process (see the module docstring).
 
@@ -324,22 +229,22 @@ class Indexer:
     index : Index
         The open index, read-write.
     address : str
-        The record socket to bind (:func:`indexer_address`).
+        The record socket to bind (:func:`~fastscp.index.client.indexer_address`).
     batch_size, batch_interval
         ``database.batch_size`` and ``database.batch_interval``.
     storage_root : str, optional
         Reconcile the index with the files under it when :meth:`run` starts.
     sr_root : str
         ``storage.sr_directory``, reconciled too when it is outside the root.
-    query_address : str, optional
-        The query socket to bind (:func:`query_address`); None: no queries.
-    locate_address : str, optional
-        The socket for LocateRequest (:func:`locate_address`); None: not answered.
+    services : sequence of Service, optional
+        Started with :meth:`run`, closed after the last commit (the query
+        servers: :func:`fastscp.query.server.query_services`). Also settable
+        as :attr:`services` once the indexer exists (they ask it for its
+        :meth:`state` and :attr:`uids`).
     """
 
     def __init__(self, index: Index, address: str, batch_size: int, batch_interval: float, *,
-                 storage_root: str | None = None, sr_root: str = "", query_address: str | None = None,
-                 locate_address: str | None = None) -> None:
+                 storage_root: str | None = None, sr_root: str = "", services: Sequence[Service] = ()) -> None:
         self.index = index
         self.batch_size = batch_size
         self.batch_interval = batch_interval
@@ -364,7 +269,7 @@ class Indexer:
         self.committed = 0
         self.reconcile_state = "running" if storage_root is not None else "off"
         # Work for the writer thread, in order: batches, reconcile steps, tidying.
-        self._writes: queue.Queue[tuple[str, object] | None] = queue.Queue()
+        self._writes: queue.Queue[WriteWork | None] = queue.Queue()
         #: Records of the batch the writer holds (0: it holds none).
         self._in_flight = 0
         self._written = threading.Event()
@@ -374,9 +279,7 @@ class Indexer:
         self._reconciler: threading.Thread | None = None
         #: The SOP Instance UIDs indexed or on their way (for LocateRequest).
         self.uids = UidIndex()
-        self.queries = QueryServer(index, query_address, self.state) if query_address else None
-        self.locates = (QueryServer(index, locate_address, self.state, self.uids, LOCATE_THREADS)
-                        if locate_address else None)
+        self.services: list[Service] = list(services)
 
     def state(self) -> IndexerState:
         """What the indexer is doing (for stats; read from a query thread)."""
@@ -389,11 +292,8 @@ class Indexer:
 
     def run(self) -> None:
         self._writer.start()
-        if self.queries is not None:
-            self.queries.start()
-        if self.locates is not None:
-            threading.Thread(target=self._load_uids, name="fastscp-uids", daemon=True).start()
-            self.locates.start()
+        for service in self.services:
+            service.start()
         if self.storage_root is not None:
             self._reconciler = threading.Thread(target=self._reconcile, name="fastscp-reconcile", daemon=True)
             self._reconciler.start()
@@ -402,30 +302,16 @@ class Indexer:
             self._written.wait()
             self._hand_over()
             if self.index.needs_prune or self.index.needs_checkpoint:
-                self._writes.put(("tidy", None))
+                self._writes.put(Tidy())
         finally:
             self._writes.put(None)
             self._writer.join()
-            if self.queries is not None:
-                self.queries.close()
-            if self.locates is not None:
-                self.locates.close()
+            for service in self.services:
+                service.close()
             if self._reconciler is not None:
                 self._reconciler.join(5)
             self._close_sockets()
             self.index.close()
-
-    def _load_uids(self) -> None:
-        started = time.monotonic()
-        cursor = self.index.cursor()
-        try:
-            self.uids.load(cursor)
-        except Exception:
-            log.exception("reading the indexed SOP Instance UIDs failed; duplicates are looked up in DuckDB")
-            return
-        finally:
-            cursor.close()
-        log.debug("indexed SOP Instance UIDs read in %.2f s", time.monotonic() - started)
 
     def _close_sockets(self) -> None:
         for key in list(self.selector.get_map().values()):
@@ -456,7 +342,7 @@ class Indexer:
                   and (self.index.needs_prune or self.index.needs_checkpoint)
                   and now - self.last_record >= TIDY_IDLE):
                 self._tidy_queued = True
-                self._writes.put(("tidy", None))
+                self._writes.put(Tidy())
             clients = len(self.selector.get_map()) - 2
             if self.stopping and clients == 0:
                 return
@@ -511,46 +397,46 @@ class Indexer:
         """Give what is pending to the writer as one batch."""
         if not self._waiting:
             return
-        batch = (self.pending, self.pending_conflicts, self.pending_thumbnails)
+        batch = CommitBatch(self.pending, self.pending_conflicts, self.pending_thumbnails)
         self._in_flight = self._waiting
         self.pending, self.pending_conflicts, self.pending_thumbnails = InstanceBatch(), [], []
         self._written.clear()
-        self._writes.put(("batch", batch))
+        self._writes.put(batch)
 
     # -- the writer thread: the only one that writes to DuckDB ----------------------------
 
     def _write_loop(self) -> None:
         while (work := self._writes.get()) is not None:
-            kind, payload = work
-            if kind == "batch":
-                self._write_batch(payload)  # type: ignore[arg-type]
+            if isinstance(work, CommitBatch):
+                self._write_batch(work)
                 continue
             try:
-                if kind == "add":
-                    self.index.add(payload, keep_newer=True)  # type: ignore[arg-type]
-                    self.uids.committed(InstanceBatch.of(payload).table())  # type: ignore[arg-type]
-                elif kind == "remove":
+                if isinstance(work, AddRecords):
+                    self.index.add(work.records, keep_newer=True)
+                    self.uids.committed(InstanceBatch.of(work.records).table())
+                elif isinstance(work, RemoveGone):
                     assert self.storage_root is not None
                     # A file may have come back (a resend) since the walk.
-                    gone = [p for p in payload if not os.path.exists(os.path.join(self.storage_root, p))]  # type: ignore[attr-defined]
-                    self.index.remove(gone)
-                elif kind == "prune":
+                    root = self.storage_root
+                    self.index.remove([p for p in work.paths if not os.path.exists(os.path.join(root, p))])
+                elif isinstance(work, Prune):
                     self.index.prune()
-                elif kind == "tidy":
+                elif isinstance(work, Tidy):
                     self._tidy_queued = False
                     self.index.tidy()
-                elif kind == "done":
+                else:
                     self.reconcile_state = "done"
-                    log.info("%s", payload)
+                    log.info("%s", work.summary)
             except Exception:
-                if kind in ("prune", "tidy"):
+                if isinstance(work, Prune | Tidy):
                     log.exception("tidying the index (empty parents, checkpoint) failed; will retry")
                 else:
-                    log.exception("reconcile: could not apply a %s step; the next start tries again", kind)
+                    log.exception("reconcile: could not apply a %s step; the next start tries again",
+                                  type(work).__name__)
                     self.reconcile_state = "failed"
 
-    def _write_batch(self, batch: tuple[InstanceBatch, list[DuplicateConflict], list[ThumbnailMade]]) -> None:
-        instances, conflicts, thumbnails = batch
+    def _write_batch(self, batch: CommitBatch) -> None:
+        instances, conflicts, thumbnails = batch.instances, batch.conflicts, batch.thumbnails
         count = instances.count + len(conflicts) + len(thumbnails)
         table = instances.table()
         attempt = 0
@@ -598,11 +484,11 @@ class Indexer:
                     return
                 records = read_records(root, work[start:start + RECONCILE_CHUNK], failed=failed)
                 if records:
-                    self._writes.put(("add", records))
+                    self._writes.put(AddRecords(records))
             if todo.gone and not self.stopping:
-                self._writes.put(("remove", todo.gone))
+                self._writes.put(RemoveGone(todo.gone))
             # A killed indexer may have left parents without instances.
-            self._writes.put(("prune", None))
+            self._writes.put(Prune())
             for name, reason in failed[:10]:
                 log.warning("reconcile: %s not indexed: %s", name, reason)
             seconds = time.monotonic() - started
@@ -612,7 +498,7 @@ class Indexer:
                            f"gone, {len(failed)} unreadable; {seconds:.1f} s")
             else:
                 summary = f"reconcile: the index matches the {todo.files} files under {root} ({seconds:.1f} s)"
-            self._writes.put(("done", summary))
+            self._writes.put(ReconcileDone(summary))
         except Exception:
             log.exception("reconcile of %s with the index failed", root)
             self.reconcile_state = "failed"
@@ -632,38 +518,3 @@ def tune_gc() -> None:
     # back from the writer thread (up to the 5 ms default): 52k -> 58k rows/s
     # (same benchmark).
     sys.setswitchinterval(0.0005)
-
-
-def indexer_main(db_path: str, wal_mode: bool, address: str, batch_size: int, batch_interval: float,
-                 ready: Connection, storage_root: str | None = None, sr_root: str = "") -> None:
-    """Entry point of the indexer process; reports "ready" or the error on ``ready``.
-
-    ``storage_root`` (and ``sr_root``, ``storage.sr_directory``): reconcile
-    the index with the files under it (in the background, after "ready");
-    None skips the reconcile.
-    """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    tune_gc()
-    try:
-        os.makedirs(os.path.dirname(os.path.abspath(db_path)), exist_ok=True)
-        index = Index(db_path, wal_mode=wal_mode)
-        try:
-            indexer = Indexer(index, address, batch_size, batch_interval,
-                              storage_root=storage_root, sr_root=sr_root, query_address=query_address(db_path),
-                              locate_address=locate_address(db_path))
-        except BaseException:
-            index.close()
-            raise
-    except Exception as exc:
-        ready.send(f"cannot open the index {db_path}: {exc}")
-        return
-
-    def stop(_signum: int, _frame: object) -> None:
-        indexer.stop()
-
-    signal.signal(signal.SIGTERM, stop)
-    ready.send("ready")
-    ready.close()
-    indexer.run()
-    log.info("indexer stopped; %d instances committed", indexer.committed)
-    gc.unfreeze()

@@ -10,7 +10,7 @@ from typing import Any
 import msgspec
 
 from fastscp.dicom.header import HeaderFields
-from fastscp.status import AssociationState, Histogram
+from fastscp.status import AssociationReport
 
 
 class InstanceRecord(msgspec.Struct, frozen=True, kw_only=True, tag="instance"):
@@ -207,73 +207,9 @@ class RecordBatch(msgspec.Struct, frozen=True, tag="batch"):
         return cls(InstanceColumns.of(instances), others)
 
 
-class AssociationReport(msgspec.Struct, frozen=True, kw_only=True, tag="report"):
-    """A worker's cumulative figures for one association (``ended`` when it has).
-
-    Sent about twice a second while it is open, and once when it ends; the
-    supervisor keeps the latest one and frees its slot on ``ended``.
-    """
-
-    state: AssociationState
-    by_modality: dict[str, int]
-    store_latency_seconds: Histogram
-    object_size_bytes: Histogram
-    ended: bool = False
-    #: The connection closed before any PDU (a port probe): not counted.
-    probe: bool = False
-
-
-class AdmissionRequest(msgspec.Struct, frozen=True, kw_only=True, tag="admit?"):
-    """A worker asks whether a calling AE may have one more association."""
-
-    connection_id: int
-    calling_ae_title: str
-
-
-class AdmissionReply(msgspec.Struct, frozen=True, kw_only=True, tag="admit"):
-    connection_id: int
-    admitted: bool
-    reason: str = ""
-
-
-class Handoff(msgspec.Struct, frozen=True, kw_only=True, tag="handoff"):
-    """The supervisor hands a worker an accepted connection (its fd rides along)."""
-
-    connection_id: int
-    peer_address: str
-
-
-class Stop(msgspec.Struct, frozen=True, kw_only=True, tag="stop"):
-    """The supervisor asks a worker to stop: ``now`` aborts open associations."""
-
-    now: bool = False
-
-
-class Reconfigure(msgspec.Struct, frozen=True, kw_only=True, tag="reconfigure"):
-    """The supervisor reloaded the config (SIGHUP): settings for the associations a worker starts from now.
-
-    ``settings`` holds the :class:`~fastscp.net.association.ServiceSettings` fields
-    that changed, pickled (the access policy holds ``ipaddress`` networks);
-    it only ever travels over the supervisor's socket pair with its own
-    forked worker, never from a peer.
-    """
-
-    settings: bytes
-    shutdown_timeout: float
-
-
-Message = (
-    InstanceRecord
-    | DuplicateConflict
-    | ThumbnailMade
-    | RecordBatch
-    | AssociationReport
-    | AdmissionRequest
-    | AdmissionReply
-    | Handoff
-    | Stop
-    | Reconfigure
-)
+#: What travels on the sockets of the index and the post-store stage (the
+#: supervisor's control messages are fastscp.runtime.messages).
+Message = InstanceRecord | DuplicateConflict | ThumbnailMade | RecordBatch
 ENCODER = msgspec.msgpack.Encoder()
 DECODER = msgspec.msgpack.Decoder(Message)
 #: The indexer's decoder: workers and the post-store stage send only batches.

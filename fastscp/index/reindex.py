@@ -25,15 +25,12 @@ import msgspec
 
 from fastscp.dicom.header import HeaderError, read_header_from
 from fastscp.dicom.part10 import dataset_sha256
-from fastscp.index.database import Index, IndexUnavailable
+from fastscp.index.database import Index, IndexUnavailable, read_conflicts
 from fastscp.index.records import DuplicateConflict, InstanceRecord
-from fastscp.query.engine import read_conflicts
+from fastscp.storage.reserved import NOT_INSTANCES
 
 log = logging.getLogger("fastscp.reindex")
 
-#: Folders under the storage root that hold no stored instances: temp files,
-#: quarantine, thumbnails (and any other dot-folder).
-SKIPPED_FOLDERS: frozenset[str] = frozenset({".incoming", ".quarantine", "thumbnails"})
 #: Every storage layout names its files ``*.dcm``; other files (scan sheets,
 #: the index itself, notes) are not instances.
 SUFFIX = ".dcm"
@@ -51,7 +48,7 @@ def walk(root: str, *, skip: frozenset[str] = frozenset(), absolute: bool = Fals
     """Every stored instance file under ``root`` (``*.dcm``, regular files only).
 
     Uses ``os.scandir`` (one ``stat`` per file, no symlinks followed), skips
-    :data:`SKIPPED_FOLDERS`, dot-folders, and the absolute paths in ``skip``.
+    :data:`~fastscp.storage.reserved.NOT_INSTANCES` at the top, dot-folders, and the absolute paths in ``skip``.
     Paths are relative to ``root``, or absolute with ``absolute=True`` (as
     the index records files stored outside the storage root).
     """
@@ -72,7 +69,8 @@ def walk(root: str, *, skip: frozenset[str] = frozenset(), absolute: bool = Fals
             child = f"{relative}/{name}" if relative else name
             try:
                 if entry.is_dir(follow_symlinks=False):
-                    if name not in SKIPPED_FOLDERS and not name.startswith("."):
+                    # fastscp's own folders are at the top; deeper, the name is a tag value's.
+                    if not name.startswith(".") and (relative or name not in NOT_INSTANCES):
                         stack.append(child)
                     continue
                 if not name.lower().endswith(SUFFIX) or entry.path in skip:

@@ -1,7 +1,7 @@
 """Which stored files an export takes: instances found through the index.
 
 The index answers through the running server when one owns it, else from
-the file opened read-only (:func:`fastscp.index.client.open_query_client`).
+the file opened read-only (:func:`fastscp.query.client.open_query_client`).
 """
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from __future__ import annotations
 import os
 from typing import NamedTuple
 
-from fastscp.index.client import open_query_client
 from fastscp.index.database import IndexUnavailable
+from fastscp.query.client import open_query_client
 from fastscp.query.engine import Condition, QueryError, QueryRequest
 
 __all__ = ["Instance", "SelectionError", "select_instances"]

@@ -12,11 +12,11 @@ import time
 from collections import Counter, deque
 
 from fastscp import __version__
-from fastscp.index.records import AssociationReport
 from fastscp.status import (
     LATENCY_BUCKETS,
     RECENT,
     SIZE_BUCKETS,
+    AssociationReport,
     AssociationState,
     Histogram,
     IndexState,

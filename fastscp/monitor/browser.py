@@ -11,7 +11,7 @@ and ``/studies``:
 - ``GET /studies/<StudyInstanceUID>.zip``        the study's files, as stored, in a zip (streamed)
 
 Every query goes to the running server's indexer
-(:class:`fastscp.index.client.QueryClient`): DuckDB allows one process to
+(:class:`fastscp.query.client.QueryClient`): DuckDB allows one process to
 open the index, and that is the indexer. Request input never becomes a
 path: UIDs must be UIDs (digits and dots), and every file served is one the
 index names, checked to resolve inside the storage root (or
@@ -62,13 +62,14 @@ from fastscp.imaging.scansheet import (
     pick,
     sheet_folder,
 )
-from fastscp.imaging.thumbnail import THUMBNAILS_DIR, thumbnail_path
-from fastscp.index.client import QueryClient, ServerUnavailable
+from fastscp.imaging.thumbnail import thumbnail_path
 from fastscp.monitor import page as statuspage
 from fastscp.monitor.server import Request, Response, StreamResponse, text_response
+from fastscp.query.client import QueryClient, ServerUnavailable
 from fastscp.query.engine import Condition, QueryError, QueryRequest
 from fastscp.status import human_bytes
 from fastscp.storage.layout import LayoutOptions
+from fastscp.storage.reserved import THUMBNAILS
 
 log = logging.getLogger("fastscp.browser")
 
@@ -660,7 +661,7 @@ class Browser:
                 candidate = thumbnail_path(root, stored)
             except ValueError:
                 candidate = ""
-        path = inside(candidate, os.path.join(root, THUMBNAILS_DIR)) if candidate else None
+        path = inside(candidate, os.path.join(root, THUMBNAILS)) if candidate else None
         return await self._image(path, "image/jpeg")
 
     async def download(self, uid: str, who: str, peer: str) -> Response | StreamResponse:

@@ -1,43 +1,37 @@
-"""Run one association as the acceptor: upper-layer PDUs and DIMSE services.
+"""Run one association as the acceptor: A-ASSOCIATE, the data transfer phase, A-RELEASE / A-ABORT.
 
 pynetdicom negotiates the association (see :mod:`fastscp.net.negotiation`); the
 data transfer phase is handled here, on one blocking socket per thread,
 because it is the hot path: each P-DATA-TF PDU is read with one
-``recv_into`` into a reusable buffer and its data set fragments go straight
-to the temp file with no copy into Python objects. Stock pynetdicom reads
-4 KiB at a time and polls with 1 ms sleeps (~90 images/s on 512x512 CT here).
+``recv_into`` into a reusable buffer (:class:`fastscp.net.pdu.PDUStream`) and
+its data set fragments go straight to the temp file with no copy into Python
+objects. Stock pynetdicom reads 4 KiB at a time and polls with 1 ms sleeps
+(~90 images/s on 512x512 CT here).
+
+The association is the connection: it reassembles command sets, dispatches
+each DIMSE message to an object of its own (:class:`~fastscp.net.storescp.StoreRequest`,
+:class:`~fastscp.net.findscp.FindRequest`, :class:`Unsupported`) that receives
+the message's data set and answers it, and keeps no state of any one message.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import select
 import socket
 import ssl
-import struct
 import time
-from collections import Counter
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Protocol
 
-import msgspec
 from pydicom.uid import UID
 
-from fastscp.dicom.header import HeaderError, HeaderFields, IncompleteHeader, parse_header
-from fastscp.dicom.sopclasses import (
-    FIND_SOP_CLASSES,
-    GET_SOP_CLASSES,
-    MODALITY_SOP_CLASSES,
-    MOVE_SOP_CLASSES,
-    STORAGE_COMMITMENT_PUSH,
-    STORAGE_COMMITMENT_PUSH_INSTANCE,
-)
-from fastscp.dicom.walk import mapped_dataset, walk_dataset, walk_from_prefix
-from fastscp.index.records import AssociationReport, DuplicateConflict, InstanceRecord
-from fastscp.net import commitscp, dimse, findscp, getscp, movescp
+from fastscp.dicom.sopclasses import FIND_SOP_CLASSES, GET_SOP_CLASSES, MOVE_SOP_CLASSES, STORAGE_COMMITMENT_PUSH
+from fastscp.index.records import DuplicateConflict, InstanceRecord
+from fastscp.net import commitscp, dimse
 from fastscp.net.access import peer_ip
-from fastscp.net.findscp import MAX_IDENTIFIER_BYTES, Finder
+from fastscp.net.findscp import Finder, FindRequest
 from fastscp.net.negotiation import (
     REJECTED_TRANSIENT,
     SOURCE_PROVIDER_PRESENTATION,
@@ -46,231 +40,30 @@ from fastscp.net.negotiation import (
     encode_associate_rj,
     negotiate,
 )
+from fastscp.net.pdu import (
+    A_ABORT,
+    A_ASSOCIATE_RQ,
+    A_RELEASE_RQ,
+    MAX_ASSOCIATE_RQ,
+    P_DATA_TF,
+    PDU_HEADER,
+    PDV_HEADER,
+    RELEASE_RP,
+    DeadlineExceeded,
+    LimitExceeded,
+    PDUStream,
+    PeerClosed,
+    ProtocolError,
+    abort_pdu,
+    p_data_tf,
+)
+from fastscp.net.retrieve import RetrieveRequest
 from fastscp.net.retrievescp import RetrieveService
-from fastscp.status import LATENCY_BUCKETS, SIZE_BUCKETS, AssociationState, Histogram
-from fastscp.storage.area import NO_SPACE, Committed, IncomingFile, Storage, TempFile
-from fastscp.storage.layout import LayoutOptions, relative_path
+from fastscp.net.stats import AssociationStats
+from fastscp.net.storescp import StoreRequest
+from fastscp.storage.area import Locate, Storage, TempFile
 
 log = logging.getLogger("fastscp.association")
-action_log = logging.getLogger("fastscp.action")
-
-# PDU types (PS3.8 9.3.1).
-A_ASSOCIATE_RQ = 0x01
-P_DATA_TF = 0x04
-A_RELEASE_RQ = 0x05
-A_RELEASE_RP = 0x06
-A_ABORT = 0x07
-
-_PDU_HEADER = struct.Struct(">BxI")
-_PDV_HEADER = struct.Struct(">IBB")
-#: Largest A-ASSOCIATE-RQ we read: far above any real one, bounds memory.
-MAX_ASSOCIATE_RQ = 1024 * 1024
-#: Read limit when our Maximum Length Received is 0 ("no limit").
-UNLIMITED_PDU_CAP = 64 * 1024 * 1024
-
-#: Structured reports go to storage.sr_directory when it is set.
-SR_SOP_CLASSES: frozenset[str] = frozenset(MODALITY_SOP_CLASSES["SR"])
-
-RELEASE_RP = _PDU_HEADER.pack(A_RELEASE_RP, 4) + b"\x00" * 4
-
-
-def abort_pdu(source: int = 2, reason: int = 0) -> bytes:
-    """An A-ABORT PDU; source 2 is the service provider (PS3.8 9.3.8)."""
-    return _PDU_HEADER.pack(A_ABORT, 4) + bytes((0, 0, source, reason))
-
-
-class PeerClosed(Exception):
-    """The peer closed the connection (or aborted)."""
-
-
-class ProtocolError(Exception):
-    """The peer broke the upper layer protocol; we abort the association."""
-
-
-class DeadlineExceeded(TimeoutError):
-    """The peer took too long for a whole request or message (not one read)."""
-
-
-class ReleaseRequested(Exception):
-    """The peer sent A-RELEASE-RQ where we awaited a response (Storage Commitment report)."""
-
-
-class LimitExceeded(Exception):
-    """The peer went past a configured limit (limits.*); we abort the association."""
-
-
-class PDUStream:
-    """Reads whole PDUs from a socket into one reusable buffer.
-
-    Besides the socket's per-read timeout, reads can run against a deadline
-    (:meth:`deadline`): a whole A-ASSOCIATE-RQ, or a message that must keep
-    up a minimum rate, so a peer dripping one byte at a time cannot stretch
-    a request for ever.
-    """
-
-    def __init__(self, sock: socket.socket, max_pdu: int) -> None:
-        self.sock = sock
-        self.limit = max_pdu or UNLIMITED_PDU_CAP
-        # Room for two PDUs so one recv_into can take a whole PDU and the
-        # start of the next one.
-        self._buf = bytearray(max(2 * (min(self.limit, 4 * 1024 * 1024) + 6), 65536))
-        self._view = memoryview(self._buf)
-        self._start = 0
-        self._end = 0
-        self.bytes_read = 0
-        # The deadline clock (see deadline()); off until armed.
-        self._clock = False
-        self._t0 = 0.0
-        self._b0 = 0
-        self._grace = 0.0
-        self._rate = 0.0
-        self._why = ""
-        #: The per-read timeout the socket had, restored after a deadline narrowed it.
-        self._idle_timeout = sock.gettimeout() if hasattr(sock, "gettimeout") else None
-        self._narrowed = False
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
-            self._quickack = True
-        except (OSError, AttributeError):
-            self._quickack = False
-
-    def set_timeout(self, seconds: float | None) -> None:
-        """The per-read (idle) timeout."""
-        self._idle_timeout = seconds
-        self._narrowed = False
-        self.sock.settimeout(seconds)
-
-    def deadline(self, seconds: float, min_rate: float = 0.0, why: str = "") -> None:
-        """From now, reads must be done within ``seconds`` plus one second per
-        ``min_rate`` bytes received from now on (``min_rate`` 0: a fixed deadline)."""
-        self._clock = True
-        self._t0 = time.monotonic()
-        self._b0 = self.bytes_read
-        self._grace = seconds
-        self._rate = float(min_rate)
-        self._why = why
-
-    def no_deadline(self) -> None:
-        self._clock = False
-        if self._narrowed:
-            self.set_timeout(self._idle_timeout)
-
-    def _arm(self) -> None:
-        allowed = self._grace + ((self.bytes_read - self._b0) / self._rate if self._rate else 0.0)
-        remaining = self._t0 + allowed - time.monotonic()
-        if remaining <= 0:
-            raise DeadlineExceeded(self._why or "deadline passed")
-        idle = self._idle_timeout
-        if idle is None or remaining < idle:
-            self.sock.settimeout(remaining)
-            self._narrowed = True
-        elif self._narrowed:
-            self.sock.settimeout(idle)
-            self._narrowed = False
-
-    def _fill(self, needed: int) -> None:
-        if len(self._buf) < needed:
-            # A new, larger buffer: the old one may still be exported (the
-            # memoryview of the PDU the caller holds), so it can't be resized.
-            tail = self._end - self._start
-            buf = bytearray(needed + 65536)
-            buf[:tail] = self._view[self._start : self._end]
-            self._buf, self._view = buf, memoryview(buf)
-            self._start, self._end = 0, tail
-        elif self._start + needed > len(self._buf):
-            # Compact: move the unread tail to the front.
-            tail = self._end - self._start
-            self._buf[:tail] = self._view[self._start : self._end]
-            self._start, self._end = 0, tail
-        while self._end - self._start < needed:
-            if self._clock:
-                self._arm()
-            try:
-                n = self.sock.recv_into(self._view[self._end :])
-            except TimeoutError:
-                if self._narrowed:
-                    raise DeadlineExceeded(self._why or "deadline passed") from None
-                raise
-            if n == 0:
-                raise PeerClosed("connection closed by peer")
-            self._end += n
-            self.bytes_read += n
-            if self._quickack:
-                # Linux leaves quick-ACK mode after a few segments; re-arm it
-                # so a sender with Nagle on (dcmtk's default) never waits
-                # ~40 ms for our delayed ACK.
-                self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
-
-    @property
-    def buffered(self) -> int:
-        """Bytes received but not yet returned by :meth:`read`."""
-        return self._end - self._start
-
-    def read(self, limit: int | None = None) -> tuple[int, memoryview]:
-        """The next PDU's type and body (valid until the next call)."""
-        self._fill(6)
-        pdu_type, length = _PDU_HEADER.unpack_from(self._buf, self._start)
-        cap = limit if limit is not None else self.limit
-        if length > cap:
-            raise ProtocolError(f"PDU of {length} bytes exceeds the maximum {cap}")
-        self._fill(6 + length)
-        start = self._start + 6
-        self._start = start + length
-        return pdu_type, self._view[start : self._start]
-
-
-@dataclass
-class AssociationStats:
-    connection_id: int = 0
-    worker: int = 0
-    calling_ae_title: str = ""
-    called_ae_title: str = ""
-    peer_address: str = ""
-    accepted: bool = False
-    outcome: str = ""
-    instances: int = 0
-    failures: int = 0
-    #: Resends of stored instances (acknowledged, not rewritten).
-    duplicates: int = 0
-    bytes: int = 0
-    started: float = field(default_factory=time.monotonic)
-    started_epoch: float = field(default_factory=time.time)
-    #: The connection closed before sending anything (a port probe).
-    probe: bool = False
-    #: Presentation contexts accepted at negotiation.
-    contexts: int = 0
-    by_modality: Counter[str] = field(default_factory=Counter)
-    latency: Histogram = field(default_factory=lambda: Histogram.empty(LATENCY_BUCKETS))
-    sizes: Histogram = field(default_factory=lambda: Histogram.empty(SIZE_BUCKETS))
-
-    def report(self, ended: bool = False) -> AssociationReport:
-        """The cumulative figures, for the supervisor (and the status page)."""
-        elapsed = max(time.monotonic() - self.started, 1e-6)
-        state = AssociationState(
-            connection_id=self.connection_id, worker=self.worker, calling_ae_title=self.calling_ae_title,
-            called_ae_title=self.called_ae_title, peer_address=self.peer_address, started=self.started_epoch,
-            instances=self.instances, failures=self.failures, duplicates=self.duplicates, bytes=self.bytes,
-            rate=self.instances / elapsed, ended=time.time() if ended else 0.0,
-            outcome=self.outcome if self.accepted or not ended else f"rejected ({self.outcome})",
-        )
-        return AssociationReport(
-            state=state, by_modality=dict(self.by_modality), store_latency_seconds=self.latency,
-            object_size_bytes=self.sizes, ended=ended, probe=self.probe,
-        )
-
-    def log_line(self) -> str:
-        elapsed = max(time.monotonic() - self.started, 1e-6)
-        who = f"{self.calling_ae_title or '?'} ({self.peer_address}) -> {self.called_ae_title or '?'}"
-        if not self.accepted:
-            return f"association {who}: rejected ({self.outcome}) after {elapsed:.3f} s"
-        mb = self.bytes / 1e6
-        # A-ASSOCIATE-AC with every context refused: nothing can be exchanged.
-        accepted = "accepted" if self.contexts else "accepted with every presentation context refused"
-        return (
-            f"association {who}: {accepted}, {self.outcome}; {self.instances} instances"
-            f" ({self.failures} failed, {self.duplicates} duplicates), {mb:.2f} MB in {elapsed:.3f} s"
-            f" ({self.instances / elapsed:.1f} img/s, {mb / elapsed:.2f} MB/s)"
-        )
 
 
 def _sop_class_name(uid: str) -> str:
@@ -286,9 +79,8 @@ def _always_admit(_calling_ae_title: str) -> tuple[bool, str]:
 @dataclass(frozen=True)
 class ServiceSettings:
     policy: AcceptancePolicy
+    #: The storage area, with its policy (storage.*: layout, duplicates, watermark).
     storage: Storage
-    layout: LayoutOptions
-    duplicates: str
     acse_timeout: float
     dimse_timeout: float
     #: limits.max_object_size: a larger data set (or one inflating past it) aborts.
@@ -297,8 +89,6 @@ class ServiceSettings:
     max_command_set: int
     #: limits.min_data_rate: bytes/s a message must average after dimse_timeout (0: off).
     min_data_rate: int
-    #: Below this many free bytes under the storage root, stores get 0xA700.
-    min_free_bytes: int = 0
     tls: ssl.SSLContext | None = None
     #: One "fastscp.action" log line per stored object.
     action_log: bool = True
@@ -310,23 +100,52 @@ class ServiceSettings:
     forward_address: str = ""
     #: Where the index has any of these SOP Instance UIDs stored (paths as
     #: the index records them); None: no index to ask.
-    locate: Callable[[tuple[str, ...]], tuple[str, ...]] | None = None
+    locate: Locate | None = None
     #: C-MOVE and C-GET (None: the Query/Retrieve MOVE and GET models are not served).
     retrieve: RetrieveService | None = None
     #: Storage Commitment Push Model (None: not served).
     commitment: commitscp.CommitmentService | None = None
 
 
-@dataclass(frozen=True)
-class _Stored:
-    """A data set in place, with what the index and the logs need of it."""
+class Message(Protocol):
+    """A DIMSE message whose data set is arriving: it receives the fragments and answers at the last."""
 
-    incoming: IncomingFile
-    committed: Committed
-    header: HeaderFields
-    transfer_syntax: str
-    #: The command's Affected SOP Instance UID (the file is named by it).
-    affected: str
+    def receive(self, fragment: memoryview) -> None: ...
+    def complete(self) -> None: ...
+    def abandon(self) -> None: ...
+
+
+class Unsupported:
+    """A request we do not serve that has a data set: drained (bounded), then answered 0x0211."""
+
+    __slots__ = ("_association", "_context_id", "_received", "_request")
+
+    def __init__(self, association: Association, request: dict[str, int | str], context_id: int) -> None:
+        self._association = association
+        self._request = request
+        self._context_id = context_id
+        self._received = 0
+
+    def receive(self, fragment: memoryview) -> None:
+        self._received += len(fragment)
+        limit = self._association.settings.max_object_size
+        if self._received > limit:
+            raise LimitExceeded(f"data set larger than limits.max_object_size ({limit})")
+        self._association.stats.bytes += len(fragment)
+
+    def complete(self) -> None:
+        self._association.stats.failures += 1
+        self._association.respond(self._request, self._context_id, *unsupported(self._request))
+
+    def abandon(self) -> None:
+        pass
+
+
+def unsupported(request: dict[str, int | str]) -> tuple[int, int, str]:
+    """The response to a command we do not serve: (its response's Command Field, status, comment)."""
+    field = int(request["CommandField"])
+    status = (dimse.UNRECOGNIZED_OPERATION, f"command 0x{field:04X} not supported")
+    return field | 0x8000, *status
 
 
 class Association:
@@ -350,23 +169,13 @@ class Association:
         self.stats = AssociationStats(connection_id=connection_id, worker=worker, peer_address=peer_address)
         self.negotiation: Negotiation | None = None
         self.stream: PDUStream | None = None
-        self._store_started = 0.0
+        #: The command set being reassembled from its fragments (reused).
         self._command = bytearray()
-        self._request: dict[str, int | str] | None = None
-        self._context_id = 0
-        self._incoming: IncomingFile | None = None
-        #: A committed store waiting for its C-STORE-RSP to go out.
-        self._stored: _Stored | None = None
+        #: The message whose data set is arriving, else None.
+        self._message: Message | None = None
         #: The temp file the next C-STORE data set goes into, made in advance.
         self._spare: TempFile | None = None
-        #: Set when the current data set is being drained, not stored.
-        self._reject_status: tuple[int, str] | None = None
         self._peer_max_pdu = 0
-        self._closing = False
-        #: The C-FIND request identifier being received, else None.
-        self._identifier: bytearray | None = None
-        #: Bytes of the data set being received (stored or drained).
-        self._dataset_bytes = 0
 
     # -- life cycle ---------------------------------------------------------
 
@@ -412,9 +221,9 @@ class Association:
             self.stats.outcome = f"internal error, aborted: {exc!r}"
             self._send_quietly(abort_pdu())
         finally:
-            if self._incoming is not None:
-                self._incoming.discard()
-                self._incoming = None
+            if self._message is not None:
+                self._message.abandon()
+                self._message = None
             if self._spare is not None:
                 self._spare.discard()
                 self._spare = None
@@ -429,7 +238,6 @@ class Association:
 
     def shutdown(self) -> None:
         """Stop at once (a second SIGTERM): the thread's blocking read fails."""
-        self._closing = True
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
@@ -488,7 +296,7 @@ class Association:
 
     # -- data transfer ------------------------------------------------------------
 
-    def _restart_clock(self) -> None:
+    def answered(self) -> None:
         """A message has been answered: the next one gets dimse_timeout plus
         its size over limits.min_data_rate to arrive whole."""
         if self.settings.min_data_rate and self.stream is not None:
@@ -501,7 +309,7 @@ class Association:
         assert self.stream is not None
         read = self.stream.read
         self._spare = self.settings.storage.spare()
-        self._restart_clock()
+        self.answered()
         while True:
             pdu_type, body = read()
             if pdu_type == P_DATA_TF:
@@ -521,7 +329,7 @@ class Association:
         while pos < end:
             if end - pos < 6:
                 raise ProtocolError("truncated PDV item")
-            item_length, context_id, control = _PDV_HEADER.unpack_from(body, pos)
+            item_length, context_id, control = PDV_HEADER.unpack_from(body, pos)
             if item_length < 2 or pos + 4 + item_length > end:
                 raise ProtocolError(f"PDV item length {item_length} does not fit its PDU")
             fragment = body[pos + 6 : pos + 4 + item_length]
@@ -534,8 +342,16 @@ class Association:
                 self._command += fragment
                 if control & 2:
                     self._on_command(context_id)
-            else:
-                self._on_data_fragment(fragment, last=bool(control & 2))
+                continue
+            message = self._message
+            if message is None:
+                raise ProtocolError("data set fragment without a command")
+            message.receive(fragment)
+            if control & 2:
+                message.complete()
+                self._message = None
+                if self._spare is None:
+                    self._spare = self.settings.storage.spare()
 
     def _on_command(self, context_id: int) -> None:
         try:
@@ -548,414 +364,38 @@ class Association:
         context = self.negotiation.contexts.get(context_id)
         if context is None:
             raise ProtocolError(f"message on presentation context {context_id}, which was not accepted")
-        if self._incoming is not None or self._reject_status is not None or self._identifier is not None:
+        if self._message is not None:
             # PS3.7 9.1: a message's data set follows its command set; a new
             # command first would orphan the data set being received.
             raise ProtocolError("command set while a data set is still arriving")
-        self._request, self._context_id = request, context_id
-        self._dataset_bytes = 0
         field = request["CommandField"]
         has_data_set = request.get("CommandDataSetType", dimse.NO_DATA_SET) != dimse.NO_DATA_SET
         if field == dimse.C_ECHO_RQ:
-            self._respond(dimse.C_ECHO_RSP, dimse.SUCCESS)
+            self.respond(request, context_id, dimse.C_ECHO_RSP, dimse.SUCCESS)
         elif field == dimse.C_STORE_RQ and has_data_set:
-            self._begin_store(request, context.abstract_syntax, context.transfer_syntax)
+            self._message = StoreRequest(self, request, context, self._take_spare)
         elif field == dimse.C_FIND_RQ and has_data_set and context.abstract_syntax in FIND_SOP_CLASSES:
-            self._identifier = bytearray()
+            self._message = FindRequest(self, request, context)
         elif has_data_set and self.settings.retrieve is not None and context.abstract_syntax in (
             MOVE_SOP_CLASSES if field == dimse.C_MOVE_RQ else GET_SOP_CLASSES if field == dimse.C_GET_RQ else ()
         ):
-            self._identifier = bytearray()  # the C-MOVE / C-GET identifier: as for C-FIND
+            self._message = RetrieveRequest(self, request, context)
         elif (field == dimse.N_ACTION_RQ and has_data_set and self.settings.commitment is not None
               and context.abstract_syntax == STORAGE_COMMITMENT_PUSH):
-            self._identifier = bytearray()  # the Action Information
+            self._message = commitscp.CommitmentRequest(self, request, context)
         elif field == dimse.C_CANCEL_RQ:
-            self._request = None
+            pass  # nothing of ours left to cancel
+        elif has_data_set:
+            # Not ours to serve: drain the data set that follows, then answer.
+            self._message = Unsupported(self, request, context_id)
         else:
-            # Not ours to serve: answer, and drain any data set that follows.
-            status = (dimse.UNRECOGNIZED_OPERATION, f"command 0x{int(field):04X} not supported")
-            if has_data_set:
-                self._reject_status = status
-            else:
-                self._respond(int(field) | 0x8000, *status)
+            self.respond(request, context_id, *unsupported(request))
 
-    def _refuse(self, request: dict[str, int | str], status: int, comment: str) -> None:
-        """Drain the coming data set and answer ``status``; logged (warning and action line) now."""
-        self._reject_status = (status, comment)
-        sop_instance = str(request.get("AffectedSOPInstanceUID", ""))
-        log.warning("C-STORE %r from %r refused with 0x%04X: %s", sop_instance, self.stats.calling_ae_title,
-                    status, comment)
-        if self.settings.action_log:
-            action_log.info("refused %r (0x%04X %s) from %r", sop_instance, status, comment,
-                            self.stats.calling_ae_title)
+    def _take_spare(self) -> TempFile | None:
+        spare, self._spare = self._spare, None
+        return spare
 
-    def _begin_store(self, request: dict[str, int | str], abstract_syntax: str, transfer_syntax: str) -> None:
-        sop_class = str(request.get("AffectedSOPClassUID", ""))
-        if sop_class != abstract_syntax:
-            self._refuse(request, dimse.SOP_CLASS_NOT_SUPPORTED,
-                         "Affected SOP Class UID differs from the presentation context")
-            return
-        sop_instance = request.get("AffectedSOPInstanceUID")
-        if not isinstance(sop_instance, str) or not dimse.is_uid(sop_instance):
-            # It names the file and goes into its File Meta: mandatory in a
-            # C-STORE-RQ (PS3.7 9.3.1.1), digits and dots, at most 64.
-            why = "Affected SOP Instance UID missing" if sop_instance is None else "Affected SOP Instance UID invalid"
-            self._refuse(request, dimse.INVALID_OBJECT_INSTANCE, why)
-            return
-        self._store_started = time.monotonic()
-        free = self.settings.storage.free_bytes()
-        if free < self.settings.min_free_bytes:
-            self._refuse(request, dimse.OUT_OF_RESOURCES,
-                         f"free space {free // 1_000_000} MB below storage.min_free_bytes")
-            return
-        try:
-            spare, self._spare = self._spare, None
-            self._incoming = self.settings.storage.begin(
-                sop_class,
-                str(request.get("AffectedSOPInstanceUID", "")),
-                transfer_syntax,
-                self.stats.calling_ae_title,
-                spare,
-            )
-        except OSError as exc:
-            self._refuse(request, dimse.OUT_OF_RESOURCES, f"cannot create temp file: {exc.strerror}")
-
-    def _on_data_fragment(self, fragment: memoryview, last: bool) -> None:
-        if self._request is None:
-            raise ProtocolError("data set fragment without a command")
-        if self._identifier is not None:
-            if len(self._identifier) + len(fragment) > MAX_IDENTIFIER_BYTES:
-                raise ProtocolError("C-FIND identifier larger than 1 MiB")
-            self._identifier += fragment
-            if last:
-                identifier, self._identifier = bytes(self._identifier), None
-                if self._request["CommandField"] == dimse.C_FIND_RQ:
-                    self._find(identifier)
-                elif self._request["CommandField"] == dimse.N_ACTION_RQ:
-                    self._commit(identifier)
-                else:
-                    self._retrieve(identifier)
-            return
-        self._dataset_bytes += len(fragment)
-        if self._dataset_bytes > self.settings.max_object_size:
-            raise LimitExceeded(f"data set larger than limits.max_object_size ({self.settings.max_object_size})")
-        if self._incoming is not None:
-            self._incoming.write(fragment)
-        self.stats.bytes += len(fragment)
-        if not last:
-            return
-        if self._reject_status is not None:
-            status, comment = self._reject_status
-            self._reject_status = None
-            self.stats.failures += 1
-            field = int(self._request["CommandField"]) | 0x8000
-            self._respond(field, status, comment)
-            return
-        status, comment = self._finish_store()
-        try:
-            self._respond(dimse.C_STORE_RSP, status, comment)
-        finally:
-            self._hand_over()
-        if self._spare is None:
-            self._spare = self.settings.storage.spare()
-
-    def _finish_store(self) -> tuple[int, str]:
-        incoming, self._incoming = self._incoming, None
-        assert incoming is not None and self._request is not None
-        if incoming.error is not None:
-            self.stats.failures += 1
-            if incoming.error.errno in NO_SPACE:
-                return dimse.OUT_OF_RESOURCES, "storage full"
-            return dimse.OUT_OF_RESOURCES, f"write failed: {incoming.error.strerror}"
-        negotiation = self.negotiation
-        assert negotiation is not None
-        transfer_syntax = negotiation.contexts[self._context_id].transfer_syntax
-        sop_instance = str(self._request.get("AffectedSOPInstanceUID", ""))
-        try:
-            header = self._walk_and_scan(incoming, transfer_syntax)
-        except HeaderError as exc:
-            where = incoming.quarantine(f"{sop_instance}: {exc}")
-            log.warning(
-                "C-STORE %s from %s: cannot understand the data set (%s)%s",
-                sop_instance, self.stats.calling_ae_title, exc,
-                f"; kept in {where}" if where else "",
-            )
-            self.stats.failures += 1
-            return dimse.CANNOT_UNDERSTAND, str(exc)[:64]
-        sop_class = negotiation.contexts[self._context_id].abstract_syntax
-        if header.sop_class_uid and header.sop_class_uid != sop_class:
-            incoming.discard()
-            self.stats.failures += 1
-            log.warning(
-                "C-STORE %s from %s: the data set's SOP Class UID %s does not match its context's %s",
-                sop_instance, self.stats.calling_ae_title, header.sop_class_uid, sop_class,
-            )
-            return dimse.DATA_SET_DOES_NOT_MATCH_SOP_CLASS, f"SOP Class UID in data set is {header.sop_class_uid}"[:64]
-        # The file is named by the UID the sender gave in the command (the one
-        # in its File Meta); the index records the data set's own.
-        named = msgspec.structs.replace(header, sop_instance_uid=sop_instance or header.sop_instance_uid)
-        header = msgspec.structs.replace(header, sop_instance_uid=header.sop_instance_uid or sop_instance)
-        settings = self.settings
-        root = settings.storage.sr_root if sop_class in SR_SOP_CLASSES and settings.storage.sr_root else None
-        # The duplicate rules are by SOP Instance UID, either of them.
-        uids = tuple(dict.fromkeys(u for u in (named.sop_instance_uid, header.sop_instance_uid) if u))
-        locate = settings.locate
-
-        def elsewhere() -> list[str]:
-            assert locate is not None
-            return [os.path.join(settings.storage.root, p) for p in locate(uids)]
-
-        try:
-            committed = incoming.commit(relative_path(settings.layout, named), settings.duplicates, root,
-                                        sop_instance_uids=uids, locate=elsewhere if locate and uids else None)
-        except OSError as exc:
-            self.stats.failures += 1
-            log.error("C-STORE %s: cannot store: %s", sop_instance, exc)
-            return dimse.OUT_OF_RESOURCES, f"cannot store: {exc.strerror}"[:64]
-        # What the sender waits for ends here; the rest runs after the
-        # C-STORE-RSP has gone (_hand_over).
-        self._stored = _Stored(incoming, committed, header, transfer_syntax, named.sop_instance_uid)
-        if committed.outcome == "rejected":
-            return dimse.DUPLICATE_SOP_INSTANCE, "other content stored under this SOP Instance UID"
-        return dimse.SUCCESS, ""
-
-    def _hand_over(self) -> None:
-        """After the C-STORE-RSP: hash, log, count, and pass the record on.
-
-        PERF: at one association the sender waits for each response, so
-        nothing that can wait for it runs before it (bench.load ct-k1).
-        The index stays complete without ordering: reconcile-on-start
-        indexes any file whose record never arrived.
-        """
-        stored, self._stored = self._stored, None
-        if stored is None:
-            return
-        incoming, committed, header = stored.incoming, stored.committed, stored.header
-        try:
-            settings = self.settings
-            path = settings.storage.relative(committed.path)
-            now = time.time()
-            if committed.collided_path:
-                log.warning(
-                    "C-STORE %r from %r: %s holds another instance (SOP Instance UID %r); stored as %s",
-                    header.sop_instance_uid, self.stats.calling_ae_title,
-                    settings.storage.relative(committed.collided_path), committed.collided_uid, path,
-                )
-            if committed.existing_hash:
-                self._conflict(committed, header.sop_instance_uid, incoming.content_hash, path, now)
-            size = incoming.meta_length + incoming.dataset_length
-            if settings.action_log:
-                action_log.info(
-                    "%s %s (%d bytes) from %s", committed.outcome, path, size, self.stats.calling_ae_title
-                )
-            if committed.outcome == "rejected":
-                self.stats.failures += 1
-                return
-            self.stats.instances += 1
-            self.stats.by_modality[header.modality or "?"] += 1
-            self.stats.sizes.observe(size)
-            if committed.outcome in ("identical", "kept-first"):
-                # Acknowledged: the sender's data is (or stays) as first stored.
-                self.stats.duplicates += 1
-                return
-            self.on_stored(
-                InstanceRecord(
-                    path=path,
-                    size=size,
-                    transfer_syntax_uid=stored.transfer_syntax,
-                    calling_ae_title=self.stats.calling_ae_title,
-                    called_ae_title=self.stats.called_ae_title,
-                    peer_address=self.stats.peer_address,
-                    received_at=now,
-                    header=header,
-                    content_hash=incoming.content_hash,
-                    affected_sop_instance_uid=stored.affected if stored.affected != header.sop_instance_uid else "",
-                )
-            )
-        finally:
-            incoming.close()
-
-    def _conflict(self, committed: Committed, sop_instance: str, new_hash: str, path: str, now: float) -> None:
-        """Log and record an instance that arrived again with other content."""
-        settings = self.settings
-        log.warning(
-            "C-STORE %s from %s: %s differs from the stored copy (sha256 %s, new %s); storage.duplicates=%s: %s",
-            sop_instance, self.stats.calling_ae_title, path, committed.existing_hash[:12],
-            new_hash[:12], settings.duplicates, committed.outcome,
-        )
-        self.on_stored(
-            DuplicateConflict(
-                sop_instance_uid=sop_instance,
-                path=settings.storage.relative(committed.existing_path),
-                existing_hash=committed.existing_hash, new_hash=new_hash,
-                policy=settings.duplicates, outcome=committed.outcome,
-                new_path=path if committed.outcome in ("kept-both", "overwritten") else "",
-                calling_ae_title=self.stats.calling_ae_title, received_at=now,
-            )
-        )
-
-    def _walk_and_scan(self, incoming: IncomingFile, transfer_syntax: str) -> HeaderFields:
-        """Walk the data set to its end (nothing is acknowledged before), then scan its header.
-
-        PERF: most objects need only the data set's first 64 KiB, in memory:
-        small ones whole, images up to Pixel Data that runs to the end
-        (walk_from_prefix; the mmap it spares costs ~15 us for a 512x512 CT).
-        The rest are read through a read-only mmap of the temp file, whose
-        pages of skipped values are never read.
-        """
-        prefix, length = incoming.prefix, incoming.dataset_length
-        max_inflated = self.settings.max_object_size
-        if length <= len(prefix):
-            walk_dataset(prefix, transfer_syntax, max_inflated)
-            return parse_header(prefix, transfer_syntax)
-        walked = walk_from_prefix(prefix, transfer_syntax, length)
-        if walked:
-            try:
-                return parse_header(prefix, transfer_syntax, complete=False)
-            except IncompleteHeader:
-                pass  # a header longer than the prefix: large SR, enhanced multi-frame
-        with mapped_dataset(incoming.fileno(), incoming.meta_length, length) as mapped:
-            if not walked:
-                walk_dataset(mapped, transfer_syntax, max_inflated)
-            try:
-                return parse_header(prefix, transfer_syntax, complete=False)
-            except IncompleteHeader:
-                return parse_header(mapped, transfer_syntax)
-
-    def _find(self, identifier: bytes) -> None:
-        assert self.negotiation is not None and self.settings.find is not None and self._request is not None
-        request = self._request
-        context = self.negotiation.contexts[self._context_id]
-        for status, match, comment in findscp.responses(
-            self.settings.find, context.abstract_syntax, identifier, context.transfer_syntax, self._cancel_requested,
-            context.abstract_syntax in self.negotiation.relational_queries,
-        ):
-            command = dimse.encode_response(
-                dimse.C_FIND_RSP, context.abstract_syntax, int(request.get("MessageID", 0)), status,
-                error_comment=comment, has_data_set=match is not None,
-            )
-            self.sock.sendall(p_data_tf(self._context_id, command, self._peer_max_pdu, match))
-        self._request = None
-        self._restart_clock()
-
-    # -- C-MOVE and C-GET (fastscp.net.retrievescp, movescp, getscp) -------------
-
-    def _retrieve(self, identifier: bytes) -> None:
-        """A C-MOVE or C-GET: its sub-operations, a pending response after each, the final response."""
-        assert self.negotiation is not None and self.settings.retrieve is not None and self._request is not None
-        request, service, negotiation = self._request, self.settings.retrieve, self.negotiation
-        context = negotiation.contexts[self._context_id]
-        message_id = int(request.get("MessageID", 0))
-        relational = context.abstract_syntax in negotiation.relational_queries
-        if request["CommandField"] == dimse.C_MOVE_RQ:
-            rsp_field = dimse.C_MOVE_RSP
-            originator = movescp.MoveRequest(service.ae_title, self.stats.calling_ae_title, message_id,
-                                             self.settings.dimse_timeout)
-            responses = movescp.responses(service, context.abstract_syntax, identifier, context.transfer_syntax,
-                                          relational, str(request.get("MoveDestination", "")), originator,
-                                          self._cancel_requested)
-        else:
-            rsp_field = dimse.C_GET_RSP
-            session = getscp.GetSession(
-                {cid: (cx.abstract_syntax, cx.transfer_syntax) for cid, cx in negotiation.contexts.items()
-                 if cx.requestor_scp},
-                self._send_message, self._next_command, max(self._peer_max_pdu - 6, 1) if self._peer_max_pdu else 0,
-                priority=int(request.get("Priority", 0)),
-            )
-            responses = getscp.responses(service, context.abstract_syntax, identifier, context.transfer_syntax,
-                                         relational, session, self._cancel_requested, self.stats.calling_ae_title)
-        try:
-            for response in responses:
-                command = dimse.encode_response(
-                    rsp_field, context.abstract_syntax, message_id, response.status,
-                    error_comment=response.comment, has_data_set=response.identifier is not None,
-                    suboperations=response.suboperations,
-                )
-                self.sock.sendall(p_data_tf(self._context_id, command, self._peer_max_pdu, response.identifier))
-        except getscp.ProtocolViolation as exc:
-            raise ProtocolError(str(exc)) from None
-        self._request = None
-        self._restart_clock()
-
-    # -- Storage Commitment (fastscp.net.commitscp) ---------------------------------
-
-    def _commit(self, data: bytes) -> None:
-        """N-ACTION-RSP at once, then the N-EVENT-REPORT on this association (else on a new one)."""
-        assert self.negotiation is not None and self.settings.commitment is not None and self._request is not None
-        request, service = self._request, self.settings.commitment
-        syntax = self.negotiation.contexts[self._context_id].transfer_syntax
-        decoded = commitscp.decode_request(request, data, syntax)
-        status, comment = (dimse.SUCCESS, "") if isinstance(decoded, commitscp.CommitRequest) else decoded
-        command = dimse.encode_response(dimse.N_ACTION_RSP, STORAGE_COMMITMENT_PUSH, int(request.get("MessageID", 0)),
-                                        status, STORAGE_COMMITMENT_PUSH_INSTANCE, comment)
-        self.sock.sendall(p_data_tf(self._context_id, command, self._peer_max_pdu))
-        self._request = None
-        if not isinstance(decoded, commitscp.CommitRequest):
-            self._restart_clock()
-            return
-        event_type, report = commitscp.commit(decoded, service.lookup)
-        command = dimse.encode_request(dimse.N_EVENT_REPORT_RQ, STORAGE_COMMITMENT_PUSH,
-                                       STORAGE_COMMITMENT_PUSH_INSTANCE, 1, event_type_id=event_type)
-        self.sock.sendall(p_data_tf(self._context_id, command, self._peer_max_pdu,
-                                    findscp.encode_identifier(report, syntax)))
-        try:
-            _context_id, response = self._next_command()
-        except ReleaseRequested:
-            # Released before it answered (PS3.4 J.3.3): the report goes on a new association.
-            self.sock.sendall(RELEASE_RP)
-            self.stats.outcome = "released"
-            commitscp.send_on_new_association(service, self.stats.calling_ae_title, event_type, report,
-                                              self.settings.dimse_timeout)
-            raise PeerClosed("released") from None
-        if response["CommandField"] != dimse.N_EVENT_REPORT_RSP or response.get("MessageIDBeingRespondedTo") != 1:
-            raise ProtocolError(f"command 0x{int(response['CommandField']):04X} where an N-EVENT-REPORT-RSP "
-                                f"was awaited")
-        if response.get("Status") != dimse.SUCCESS:
-            log.warning("storage commitment %s: %r answered the report with status 0x%04X", decoded.transaction_uid,
-                        self.stats.calling_ae_title, int(response.get("Status", 0xFFFF)))
-        self._restart_clock()
-
-    def _send_message(self, context_id: int, command: bytes, fragments: getscp.Fragments) -> None:
-        """A C-GET sub-operation's C-STORE-RQ: the command set, then each data set fragment in a P-DATA-TF PDU."""
-        self.sock.sendall(p_data_tf(context_id, command, self._peer_max_pdu))
-        for fragment, last in fragments:
-            self.sock.sendall(_PDU_HEADER.pack(P_DATA_TF, len(fragment) + 6)
-                              + _PDV_HEADER.pack(len(fragment) + 2, context_id, 2 if last else 0) + fragment)
-
-    def _next_command(self) -> tuple[int, dict[str, int | str]]:
-        """The peer's next command set: a C-STORE-RSP or C-CANCEL-RQ during a C-GET, an N-EVENT-REPORT-RSP."""
-        assert self.stream is not None
-        self._restart_clock()
-        command = bytearray()
-        while True:
-            pdu_type, body = self.stream.read()
-            if pdu_type == A_ABORT:
-                raise PeerClosed("aborted by peer")
-            if pdu_type == A_RELEASE_RQ:
-                raise ReleaseRequested()
-            if pdu_type != P_DATA_TF:
-                raise ProtocolError(f"unexpected PDU type 0x{pdu_type:02X} where a response was awaited")
-            pos = 0
-            while pos < len(body):
-                if len(body) - pos < 6:
-                    raise ProtocolError("truncated PDV item")
-                item_length, context_id, control = _PDV_HEADER.unpack_from(body, pos)
-                if item_length < 2 or pos + 4 + item_length > len(body) or not control & 1:
-                    raise ProtocolError("a data set or a malformed PDV where a command set was expected")
-                command += body[pos + 6 : pos + 4 + item_length]
-                pos += 4 + item_length
-                if len(command) > self.settings.max_command_set:
-                    raise LimitExceeded(f"command set longer than limits.max_command_set "
-                                        f"({self.settings.max_command_set})")
-                if control & 2:
-                    if pos < len(body):
-                        raise ProtocolError("more PDVs after a complete command set")
-                    try:
-                        return context_id, dimse.decode_command_set(command)
-                    except dimse.CommandSetError as exc:
-                        raise ProtocolError(str(exc)) from None
-
-    def _cancel_requested(self) -> bool:
+    def cancel_requested(self) -> bool:
         """True if the peer sent C-CANCEL-RQ while we stream C-FIND results."""
         assert self.stream is not None
         # A C-CANCEL-RQ sent right after the request may already sit in the
@@ -973,9 +413,62 @@ class Association:
             raise ProtocolError(str(exc)) from None
         return command["CommandField"] == dimse.C_CANCEL_RQ
 
-    def _respond(self, command_field: int, status: int, comment: str = "") -> None:
-        request, self._request = self._request, None
-        assert request is not None
+    def send(self, context_id: int, command: bytes, data_set: bytes | None = None) -> None:
+        """A message to the peer, fragmented to its Maximum Length Received."""
+        self.sock.sendall(p_data_tf(context_id, command, self._peer_max_pdu, data_set))
+
+    # -- messages we send and the responses we await (C-GET, storage commitment) ------------
+
+    def send_fragments(self, context_id: int, command: bytes, fragments: Iterable[tuple[bytes, bool]]) -> None:
+        """A command set, then a data set given as (fragment, last) pairs, each fragment one P-DATA-TF PDU
+        (a C-GET sub-operation's C-STORE-RQ: the file is never all in memory)."""
+        self.sock.sendall(p_data_tf(context_id, command, self._peer_max_pdu))
+        for fragment, last in fragments:
+            self.sock.sendall(PDU_HEADER.pack(P_DATA_TF, len(fragment) + 6)
+                              + PDV_HEADER.pack(len(fragment) + 2, context_id, 2 if last else 0) + fragment)
+
+    def next_command(self) -> tuple[int, dict[str, int | str]] | None:
+        """The peer's next command set, where we await a response (a C-STORE-RSP or C-CANCEL-RQ during a
+        C-GET, an N-EVENT-REPORT-RSP); None if the peer sent A-RELEASE-RQ instead (not answered yet)."""
+        assert self.stream is not None
+        self.answered()
+        command = bytearray()
+        while True:
+            pdu_type, body = self.stream.read()
+            if pdu_type == A_ABORT:
+                raise PeerClosed("aborted by peer")
+            if pdu_type == A_RELEASE_RQ:
+                return None
+            if pdu_type != P_DATA_TF:
+                raise ProtocolError(f"unexpected PDU type 0x{pdu_type:02X} where a response was awaited")
+            pos = 0
+            while pos < len(body):
+                if len(body) - pos < 6:
+                    raise ProtocolError("truncated PDV item")
+                item_length, context_id, control = PDV_HEADER.unpack_from(body, pos)
+                if item_length < 2 or pos + 4 + item_length > len(body) or not control & 1:
+                    raise ProtocolError("a data set or a malformed PDV where a command set was expected")
+                command += body[pos + 6 : pos + 4 + item_length]
+                pos += 4 + item_length
+                if len(command) > self.settings.max_command_set:
+                    raise LimitExceeded(f"command set longer than limits.max_command_set "
+                                        f"({self.settings.max_command_set})")
+                if control & 2:
+                    if pos < len(body):
+                        raise ProtocolError("more PDVs after a complete command set")
+                    try:
+                        return context_id, dimse.decode_command_set(command)
+                    except dimse.CommandSetError as exc:
+                        raise ProtocolError(str(exc)) from None
+
+    def answer_release(self) -> None:
+        """Answer the A-RELEASE-RQ :meth:`next_command` met; the caller then ends with PeerClosed."""
+        self.sock.sendall(RELEASE_RP)
+        self.stats.outcome = "released"
+
+    def respond(self, request: dict[str, int | str], context_id: int, command_field: int, status: int,
+                comment: str = "") -> None:
+        """Answer ``request`` (no data set); the next message's clock starts."""
         # The peer's UIDs are echoed only if they are UIDs (they may be any bytes).
         sop_class, sop_instance = (
             uid if isinstance(uid, str) and dimse.is_uid(uid) else ""
@@ -984,25 +477,5 @@ class Association:
         command = dimse.encode_response(
             command_field, sop_class, int(request.get("MessageID", 0)), status, sop_instance, comment
         )
-        self.sock.sendall(p_data_tf(self._context_id, command, self._peer_max_pdu))
-        if command_field == dimse.C_STORE_RSP:
-            self.stats.latency.observe(time.monotonic() - self._store_started)
-        self._restart_clock()
-
-
-def p_data_tf(context_id: int, command: bytes, peer_max_pdu: int, data_set: bytes | None = None) -> bytes:
-    """A command set (and its data set) as P-DATA-TF PDUs, one PDV each,
-    fragmented to the peer's Maximum Length Received (0: no limit)."""
-    out = bytearray()
-    for payload, is_command in ((command, True), (data_set, False)):
-        if payload is None:
-            continue
-        room = max(peer_max_pdu - 6, 1) if peer_max_pdu else max(len(payload), 1)
-        for start in range(0, max(len(payload), 1), room):
-            chunk = payload[start : start + room]
-            # Message Control Header: bit 0 command, bit 1 last fragment.
-            control = (1 if is_command else 0) | (2 if start + room >= len(payload) else 0)
-            out += _PDU_HEADER.pack(P_DATA_TF, len(chunk) + 6)
-            out += _PDV_HEADER.pack(len(chunk) + 2, context_id, control)
-            out += chunk
-    return bytes(out)
+        self.send(context_id, command)
+        self.answered()

@@ -29,14 +29,21 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from pydicom.dataset import Dataset
 
 from fastscp.dicom.sopclasses import STORAGE_COMMITMENT_PUSH, STORAGE_COMMITMENT_PUSH_INSTANCE
-from fastscp.net.findscp import decode_identifier
+from fastscp.net import dimse
+from fastscp.net.findscp import MAX_IDENTIFIER_BYTES, decode_identifier, encode_identifier
+from fastscp.net.negotiation import AcceptedContext
+from fastscp.net.pdu import PeerClosed, ProtocolError
 from fastscp.net.retrievescp import Destination
 from fastscp.query.cfind import FindError
 from fastscp.query.retrieve import Instance, Lookup
+
+if TYPE_CHECKING:
+    from fastscp.net.association import Association
 
 log = logging.getLogger("fastscp.commitment")
 
@@ -72,6 +79,61 @@ class CommitmentService:
     addresses: dict[str, Destination]
 
 
+class CommitmentRequest:
+    """One N-ACTION-RQ on ``association``: its Action Information, then the N-ACTION-RSP and the report."""
+
+    __slots__ = ("_association", "_context", "_data", "_request")
+
+    def __init__(self, association: Association, request: dict[str, int | str], context: AcceptedContext) -> None:
+        self._association = association
+        self._request = request
+        self._context = context
+        self._data = bytearray()
+
+    def receive(self, fragment: memoryview) -> None:
+        """One fragment of the Action Information."""
+        if len(self._data) + len(fragment) > MAX_IDENTIFIER_BYTES:
+            raise ProtocolError("N-ACTION Action Information larger than 1 MiB")
+        self._data += fragment
+
+    def complete(self) -> None:
+        """N-ACTION-RSP at once, then the N-EVENT-REPORT on this association (else on a new one)."""
+        association, context, request = self._association, self._context, self._request
+        service = association.settings.commitment
+        assert service is not None
+        decoded = decode_request(request, bytes(self._data), context.transfer_syntax)
+        status, comment = (dimse.SUCCESS, "") if isinstance(decoded, CommitRequest) else decoded
+        association.send(context.context_id, dimse.encode_response(
+            dimse.N_ACTION_RSP, STORAGE_COMMITMENT_PUSH, int(request.get("MessageID", 0)), status,
+            STORAGE_COMMITMENT_PUSH_INSTANCE, comment))
+        if not isinstance(decoded, CommitRequest):
+            association.answered()
+            return
+        event_type, report = commit(decoded, service.lookup)
+        association.send(context.context_id,
+                         dimse.encode_request(dimse.N_EVENT_REPORT_RQ, STORAGE_COMMITMENT_PUSH,
+                                              STORAGE_COMMITMENT_PUSH_INSTANCE, 1, event_type_id=event_type),
+                         encode_identifier(report, context.transfer_syntax))
+        answer = association.next_command()
+        if answer is None:
+            # Released before it answered (PS3.4 J.3.3): the report goes on a new association.
+            association.answer_release()
+            send_on_new_association(service, association.stats.calling_ae_title, event_type, report,
+                                    association.settings.dimse_timeout)
+            raise PeerClosed("released")
+        _context_id, response = answer
+        if response["CommandField"] != dimse.N_EVENT_REPORT_RSP or response.get("MessageIDBeingRespondedTo") != 1:
+            raise ProtocolError(f"command 0x{int(response['CommandField']):04X} where an N-EVENT-REPORT-RSP "
+                                f"was awaited")
+        if response.get("Status") != dimse.SUCCESS:
+            log.warning("storage commitment %s: %r answered the report with status 0x%04X", decoded.transaction_uid,
+                        association.stats.calling_ae_title, int(response.get("Status", 0xFFFF)))
+        association.answered()
+
+    def abandon(self) -> None:
+        """The association ended first: nothing to clean up."""
+
+
 class CommitRequest:
     """A decoded N-ACTION-RQ: its Transaction UID and (SOP Class UID, SOP Instance UID) references."""
 
@@ -80,7 +142,8 @@ class CommitRequest:
         self.references = references
 
 
-def decode_request(command: dict[str, int | str], data: bytes, transfer_syntax: str) -> CommitRequest | tuple[int, str]:
+def decode_request(command: dict[str, int | str], data: bytes,
+                   transfer_syntax: str) -> CommitRequest | tuple[int, str]:
     """The request, or the N-ACTION-RSP failure status and comment to answer instead."""
     if command.get("ActionTypeID") != REQUEST_COMMITMENT:
         return NO_SUCH_ACTION_TYPE, f"Action Type ID {command.get('ActionTypeID')} (only 1 is defined)"

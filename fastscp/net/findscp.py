@@ -1,6 +1,9 @@
 """C-FIND SCP (PS3.4 C.4.1): decode the request identifier, run the query,
 stream pending responses, honour C-CANCEL.
 
+One :class:`FindRequest` per C-FIND-RQ on an association: it collects the
+identifier and streams the responses (:func:`responses`).
+
 The matching itself (DICOM rules -> SQL on the index) lives in
 :mod:`fastscp.query.cfind`; this module is the DIMSE side only.
 """
@@ -10,6 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from io import BytesIO
+from typing import TYPE_CHECKING
 
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
@@ -18,7 +22,12 @@ from pydicom.filewriter import write_dataset
 
 from fastscp.dicom.sopclasses import FIND_SOP_CLASSES as FIND_SOP_CLASSES  # the supervisor's import
 from fastscp.net import dimse
+from fastscp.net.negotiation import AcceptedContext
+from fastscp.net.pdu import ProtocolError
 from fastscp.query.cfind import IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, PENDING, UNABLE_TO_PROCESS, FindError
+
+if TYPE_CHECKING:
+    from fastscp.net.association import Association
 
 log = logging.getLogger("fastscp.find")
 
@@ -93,3 +102,40 @@ def responses(
         yield UNABLE_TO_PROCESS, None, f"query failed: {exc}"[:64]
         return
     yield dimse.SUCCESS, None, ""
+
+
+class FindRequest:
+    """One C-FIND-RQ on ``association``: its identifier, then the responses streamed to the peer."""
+
+    __slots__ = ("_association", "_context", "_identifier", "_request")
+
+    def __init__(self, association: Association, request: dict[str, int | str], context: AcceptedContext) -> None:
+        self._association = association
+        self._request = request
+        self._context = context
+        self._identifier = bytearray()
+
+    def receive(self, fragment: memoryview) -> None:
+        """One fragment of the request identifier."""
+        if len(self._identifier) + len(fragment) > MAX_IDENTIFIER_BYTES:
+            raise ProtocolError("C-FIND identifier larger than 1 MiB")
+        self._identifier += fragment
+
+    def complete(self) -> None:
+        """The identifier is complete: run the query and send each response."""
+        association, context = self._association, self._context
+        assert association.settings.find is not None and association.negotiation is not None
+        message_id = int(self._request.get("MessageID", 0))
+        for status, match, comment in responses(
+            association.settings.find, context.abstract_syntax, bytes(self._identifier), context.transfer_syntax,
+            association.cancel_requested, context.abstract_syntax in association.negotiation.relational_queries,
+        ):
+            command = dimse.encode_response(
+                dimse.C_FIND_RSP, context.abstract_syntax, message_id, status,
+                error_comment=comment, has_data_set=match is not None,
+            )
+            association.send(context.context_id, command, match)
+        association.answered()
+
+    def abandon(self) -> None:
+        """The association ended first: nothing to clean up."""

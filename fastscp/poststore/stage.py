@@ -35,9 +35,10 @@ from fastscp.hooks.runner import Hooks
 from fastscp.imaging.scansheet import QuietStudies, find_study_instances, make_scansheet
 from fastscp.imaging.thumbnail import thumbnail_path, try_write_thumbnail
 from fastscp.index.client import IndexerClient
-from fastscp.index.records import ENCODER, POSTSTORE_DECODER, AssociationReport, InstanceRecord, ThumbnailMade
+from fastscp.index.records import ENCODER, POSTSTORE_DECODER, InstanceRecord, ThumbnailMade
 from fastscp.process.ipc import accept_local, listen, local_address, receive
 from fastscp.process.orphan import parent_gone
+from fastscp.status import AssociationReport
 from fastscp.storage.area import FileModes
 from fastscp.storage.layout import LayoutOptions, study_folder
 

@@ -22,14 +22,13 @@ and not matched; the responses then carry status 0xFF01
 
 Example
 -------
->>> client = QueryClient.from_indexer_address(indexer_address)  # doctest: +SKIP
+>>> client = QueryClient(index_path)  # doctest: +SKIP
 >>> for identifier in find(model, request_identifier, client):  # doctest: +SKIP
 ...     send_pending(identifier)
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from pydicom.datadict import dictionary_VR, tag_for_keyword
@@ -39,8 +38,17 @@ from pydicom.tag import BaseTag
 from pydicom.valuerep import format_number_as_ds
 
 from fastscp.dicom.sopclasses import FIND_SOP_CLASSES, PATIENT_ROOT_FIND, STUDY_ROOT_FIND
-from fastscp.index.client import IndexQueries, QueryClient, ServerUnavailable
-from fastscp.query.engine import LEVELS, UNIQUE_KEYS, Condition, QueryError, QueryRequest, QueryResult, attribute_for
+from fastscp.query.engine import (
+    LEVELS,
+    UNIQUE_KEYS,
+    Condition,
+    IndexQueries,
+    QueryError,
+    QueryRequest,
+    QueryResult,
+    ServerUnavailable,
+    attribute_for,
+)
 
 #: The levels of each information model, top down.
 MODEL_LEVELS: dict[str, tuple[str, ...]] = {
@@ -270,9 +278,8 @@ def find(model: str, identifier: Dataset, client: IndexQueries, *, retrieve_ae_t
     identifier : pydicom.dataset.Dataset
         The request identifier, with Query/Retrieve Level.
     client : QueryClient or LocalQueryClient
-        Runs the query: in a worker, one
-        ``fastscp.index.client.QueryClient.from_indexer_address(address)``
-        shared by all its association threads (it is thread-safe).
+        Runs the query: in a worker, one :class:`~fastscp.query.client.QueryClient`
+        shared by all its association threads (it is thread-safe; :func:`fastscp.query.client.finder`).
     retrieve_ae_title : str, optional
         The value of Retrieve AE Title (0008,0054) when the SCU asks for it.
     relational : bool, optional
@@ -301,17 +308,3 @@ def find(model: str, identifier: Dataset, client: IndexQueries, *, retrieve_ae_t
     except (QueryError, ConnectionError, OSError) as exc:
         raise FindError(UNABLE_TO_PROCESS, f"query failed: {exc}") from None
     return FindResponses(found, result)
-
-
-def finder(index_path: str, *, retrieve_ae_title: str = "") -> Callable[[str, Dataset, bool], FindResponses]:
-    """The ``find(model, identifier, relational)`` callable of :data:`fastscp.net.findscp.Finder` for an index.
-
-    It asks the running server's indexer (one :class:`~fastscp.index.client.QueryClient`,
-    thread-safe, no open connection) and works in every worker process.
-    """
-    client = QueryClient(index_path)
-
-    def find_in_index(model: str, identifier: Dataset, relational: bool = False) -> FindResponses:
-        return find(model, identifier, client, retrieve_ae_title=retrieve_ae_title, relational=relational)
-
-    return find_in_index

@@ -5,7 +5,7 @@ conditions (a DICOM keyword and a matching value, read with the rules of
 PS3.4 C.2.2.2) and the keys to return. The same request runs
 
 * in the server, where the indexer answers it over its query socket
-  (:func:`fastscp.index.indexer.query_address`, framed by :func:`send_message`
+  (:func:`query_address`, :mod:`fastscp.query.server`; framed by :func:`send_message`
   and :func:`recv_message`) from its own DuckDB cursor, so stores never wait
   for a query; or
 * on a stopped server's index file, opened read-only (:class:`LocalQueryClient`).
@@ -24,15 +24,16 @@ import os
 import socket
 import struct
 from collections.abc import Callable, Iterator
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, Protocol
 
 import duckdb
 import msgspec
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 
 from fastscp.dicom._header_py import FIELDS, MAP_KINDS, map_eligible
-from fastscp.index.database import Index, IndexUnavailable, latest_study_first, patient_key
-from fastscp.index.records import DuplicateConflict
+from fastscp.index.database import Index, IndexUnavailable, Lake, latest_study_first, patient_key
+from fastscp.process.ipc import local_address
+from fastscp.status import IndexerState
 
 Level = Literal["PATIENT", "STUDY", "SERIES", "IMAGE"]
 LEVELS: tuple[str, ...] = ("PATIENT", "STUDY", "SERIES", "IMAGE")
@@ -119,18 +120,6 @@ class Count(msgspec.Struct, frozen=True, kw_only=True):
     studies: int
 
 
-class IndexerState(msgspec.Struct, frozen=True, kw_only=True, tag="state"):
-    """The running indexer, when the stats come from the server."""
-
-    pid: int
-    #: Records received and not committed yet.
-    pending: int
-    #: Instances committed since the indexer started (not their thumbnail or conflict records).
-    committed: int
-    #: "running", "done", "failed" or "off" (no storage root given).
-    reconcile: str
-
-
 class Stats(msgspec.Struct, frozen=True, kw_only=True, tag="stats"):
     instances: int
     series: int
@@ -150,6 +139,20 @@ Message = (QueryRequest | SqlRequest | StatsRequest | StateRequest | LocateReque
 # A value msgpack has no type for (a DECIMAL, a UUID from SQL) travels as its text.
 _ENCODER = msgspec.msgpack.Encoder(enc_hook=str)
 _DECODER = msgspec.msgpack.Decoder(Message)
+
+
+def query_address(index_path: str) -> str:
+    """The abstract socket name on which the indexer of an index file answers queries."""
+    return local_address("query", index_path)
+
+
+def locate_address(index_path: str) -> str:
+    """The abstract socket name on which the indexer of an index file answers LocateRequest."""
+    return local_address("locate", index_path)
+
+
+class ServerUnavailable(ConnectionError):
+    """No running server answers queries for this index."""
 
 
 class QueryError(ValueError):
@@ -814,21 +817,6 @@ def run_stats(con: duckdb.DuckDBPyConnection, request: StatsRequest, indexer: In
     )
 
 
-def read_conflicts(con: duckdb.DuckDBPyConnection) -> list[DuplicateConflict]:
-    """Every logged duplicate conflict, oldest first (none in a schema v1 index, which had no log)."""
-    if not con.execute("SELECT 1 FROM information_schema.tables WHERE table_name = 'duplicate_conflicts'").fetchall():
-        return []
-    rows = con.execute(
-        "SELECT sop_instance_uid, path, existing_hash, new_hash, policy, outcome, new_path, calling_ae_title, "
-        "epoch_us(received_at) FROM duplicate_conflicts ORDER BY received_at"
-    ).fetchall()
-    return [
-        DuplicateConflict(sop_instance_uid=r[0], path=r[1], existing_hash=r[2], new_hash=r[3], policy=r[4],
-                          outcome=r[5], new_path=r[6], calling_ae_title=r[7], received_at=r[8] / 1e6)
-        for r in rows
-    ]
-
-
 class LocalQueryClient:
     """Queries on an index file that no server has open (DuckDB read-only).
 
@@ -840,7 +828,10 @@ class LocalQueryClient:
         The file is missing, locked by a server, or of another schema version.
     """
 
-    def __init__(self, index_path: str) -> None:
+    def __init__(self, index_path: str, lake: tuple[str, str, str] | None = None) -> None:
+        if lake:  # the shared index (config database.catalog): any number of readers
+            self.index = Index(index_path, read_only=True, lake=Lake(*lake))
+            return
         if not os.path.exists(index_path):
             raise IndexUnavailable(f"{index_path}: no such index file (no server has stored anything there yet)")
         self.index = Index(index_path, read_only=True)
@@ -860,3 +851,13 @@ class LocalQueryClient:
 
     def __exit__(self, *_exc: object) -> None:
         self.close()
+
+
+class IndexQueries(Protocol):
+    """What :func:`fastscp.query.cfind.find` and the CLI need: QueryClient or LocalQueryClient."""
+
+    def query(self, request: QueryRequest | SqlRequest) -> QueryResult: ...
+
+    def stats(self, request: StatsRequest | None = None) -> Stats: ...
+
+    def close(self) -> None: ...

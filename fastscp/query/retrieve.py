@@ -29,7 +29,6 @@ from fastscp.dicom.sopclasses import (
     STUDY_ROOT_GET,
     STUDY_ROOT_MOVE,
 )
-from fastscp.index.client import IndexQueries, QueryClient, ServerUnavailable
 from fastscp.query.cfind import (
     MODEL_LEVELS,
     OUT_OF_RESOURCES,
@@ -38,7 +37,8 @@ from fastscp.query.cfind import (
     IdentifierError,
     _text,
 )
-from fastscp.query.engine import UNIQUE_KEYS, Condition, QueryError, QueryRequest
+from fastscp.query.client import QueryClient
+from fastscp.query.engine import UNIQUE_KEYS, Condition, IndexQueries, QueryError, QueryRequest, ServerUnavailable
 
 #: Each retrieve information model -> the FIND model with its levels.
 RETRIEVE_MODELS: dict[str, str] = {

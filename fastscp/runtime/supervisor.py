@@ -12,6 +12,17 @@ workers, so ``server.max_associations`` holds globally: one more gets
 A-ASSOCIATE-RJ "local limit exceeded". A worker that dies is replaced (the
 kernel closes its sockets, so its associations abort and no other is
 touched). SIGTERM/SIGINT stop gracefully; a second one stops at once.
+
+Every child (workers, the indexer, the post-store stage, the monitor) is a
+:class:`~fastscp.runtime.child.Child`: the loop never waits for one. A
+restart is a deadline (with a backoff that grows while a child keeps dying
+at once), a restarted indexer's readiness is a message on its channel, and
+the indexer pushes its state (for the status page) on the same channel.
+What each child runs is passed in (:class:`Targets`; the server's are
+composed in :mod:`fastscp.runtime.children`), so tests run the supervisor
+with small fake children. To add a kind of
+child, return its :class:`~fastscp.runtime.child.ChildSpec` from
+:meth:`Supervisor.stages`.
 """
 
 from __future__ import annotations
@@ -35,22 +46,11 @@ from dataclasses import dataclass, field
 from fastscp.config import Config, ConfigError, config_changes, layout_options, to_builtins, with_live_keys
 from fastscp.dicom import header
 from fastscp.dicom.sopclasses import RETRIEVE_SOP_CLASSES, STORAGE_COMMITMENT_PUSH
-from fastscp.forward.process import forward_address, forward_main
+from fastscp.forward.process import forward_address
 from fastscp.forward.status import ForwardStatus
 from fastscp.hooks.link import HooksLink
 from fastscp.imaging import frames as imaging
-from fastscp.index.client import Locator, QueryClient
-from fastscp.index.indexer import indexer_address, indexer_main
-from fastscp.index.records import (
-    DECODER,
-    ENCODER,
-    AdmissionReply,
-    AdmissionRequest,
-    AssociationReport,
-    Handoff,
-    Reconfigure,
-    Stop,
-)
+from fastscp.index.client import indexer_address
 from fastscp.monitor.book import StatusBook
 from fastscp.net import scu
 from fastscp.net.access import AccessConfigError, build_access_policy
@@ -65,15 +65,27 @@ from fastscp.net.negotiation import (
     peek_ae_titles,
 )
 from fastscp.net.retrievescp import Destination, RetrieveService
-from fastscp.poststore.stage import poststore_address, poststore_main
+from fastscp.poststore.stage import poststore_address
 from fastscp.process import logs
 from fastscp.process.listen import bind_advice
 from fastscp.process.orphan import die_with_parent
-from fastscp.query.cfind import finder
+from fastscp.query.client import Locator, finder
 from fastscp.query.retrieve import lookup, selector
-from fastscp.runtime.worker import CONTROL_MESSAGE_MAX, worker_main
+from fastscp.runtime.child import Backoff, Child, ChildSpec
+from fastscp.runtime.messages import (
+    ENCODER,
+    FROM_INDEXER,
+    FROM_WORKER,
+    MESSAGE_MAX,
+    READINESS,
+    AdmissionReply,
+    AdmissionRequest,
+    Handoff,
+    Reconfigure,
+    Stop,
+)
 from fastscp.status import ENCODER as SNAPSHOT_ENCODER
-from fastscp.status import WorkerState
+from fastscp.status import AssociationReport, IndexerState, WorkerState
 from fastscp.storage.area import FileModes, Storage
 
 log = logging.getLogger("fastscp.supervisor")
@@ -81,26 +93,47 @@ _fork = multiprocessing.get_context("fork")
 
 #: How long a connection we are rejecting may take to send its A-ASSOCIATE-RQ.
 REJECT_READ_TIMEOUT = 5.0
-#: A worker that dies sooner than this after its start is restarted with a delay.
-RESTART_BACKOFF = 1.0
 #: How often the status snapshot goes to the monitor.
 SNAPSHOT_INTERVAL = 0.5
-#: How often the indexer is asked for its committed and pending counts.
-INDEX_POLL = 2.0
+#: Longest sleep of the loop (signals, rejects and snapshots are checked at least this often).
+LOOP_TICK = 0.5
+#: Seconds the indexer has to open the index and bind its sockets (DuckDB replays its WAL first).
+INDEXER_READY_TIMEOUT = 60.0
+#: Seconds the monitor has to bind monitor.listen.
+MONITOR_READY_TIMEOUT = 30.0
 
 
 class StartupError(Exception):
     """The server can't start; the message says why and what to do."""
 
 
-@dataclass
-class WorkerHandle:
+@dataclass(frozen=True)
+class Targets:
+    """What each child runs: ``target(channel, *args)`` (the post-store stage: ``target(*args)``).
+
+    The server's are :data:`fastscp.runtime.children.TARGETS`; tests pass
+    small fakes. ``stages`` registers more kinds of child (a forwarder, a
+    hook runner): each is called with the supervisor when the server starts
+    and returns its :class:`~fastscp.runtime.child.ChildSpec`, or None when
+    the config turns it off; they start after the built-in ones, stop before
+    them, and are restarted like them.
+    """
+
+    worker: Callable[..., object]
+    indexer: Callable[..., object]
+    poststore: Callable[..., object]
+    monitor: Callable[..., object]
+    stages: tuple[Callable[[Supervisor], ChildSpec | None], ...] = ()
+
+
+@dataclass(eq=False)
+class WorkerSlot:
+    """Worker ``index``: its child process (restarted in place) and the connections handed to it."""
+
     index: int
-    process: multiprocessing.process.BaseProcess
-    control: socket.socket
-    started: float
+    child: Child = field(init=False)
+    #: Connection IDs handed to it and not ended (pending and admitted ones).
     open: set[int] = field(default_factory=set)
-    restarts: int = 0
 
 
 @dataclass
@@ -125,8 +158,17 @@ def set_low_latency(sock: socket.socket) -> None:
 
 
 class Supervisor:
-    def __init__(self, config: Config, reload: Callable[[], Config] | None = None, config_file: str = "") -> None:
+    """Serves ``config`` with the children ``targets`` names (see the module docstring).
+
+    ``reload`` reads the config again from its sources (SIGHUP); None:
+    reloads are refused. ``backoff`` sets the restart delays of every child.
+    """
+
+    def __init__(self, config: Config, targets: Targets, reload: Callable[[], Config] | None = None,
+                 config_file: str = "", *, backoff: Backoff | None = None) -> None:
         self.config = config
+        self.targets = targets
+        self.backoff = backoff or Backoff()
         #: Reads the config again from where it came from (SIGHUP); None: reloads are refused.
         self._load_config = reload
         self._config_file = config_file or "the command line"
@@ -140,6 +182,9 @@ class Supervisor:
             quarantine=config.storage.quarantine,
             sr_root=config.storage.sr_directory,
             modes=FileModes.of(config.storage.file_mode, config.storage.dir_mode),
+            layout=layout_options(config),
+            duplicates=config.storage.duplicates,
+            min_free_bytes=config.storage.min_free_bytes,
         )
         # The keys a reload may change are set by live_settings, here and on SIGHUP.
         self.settings = live_settings(ServiceSettings(
@@ -150,8 +195,6 @@ class Supervisor:
                 query_sop_classes=FIND_SOP_CLASSES | RETRIEVE_SOP_CLASSES | {STORAGE_COMMITMENT_PUSH},
             ),
             storage=self.storage,
-            layout=layout_options(config),
-            duplicates="",
             acse_timeout=0.0,
             dimse_timeout=0.0,
             tls=tls_context(config) if config.tls.enabled else None,
@@ -169,8 +212,6 @@ class Supervisor:
             commitment=CommitmentService(lookup(config.index_path, self.storage.root), server.ae_title,
                                          dict(retrieve.move_destinations)),
         ), config)
-        self.poststore: multiprocessing.process.BaseProcess | None = None
-        self.forwarder: multiprocessing.process.BaseProcess | None = None
         self._forward_status = ForwardStatus(config.forward_queue_path)
         #: Reloaded hooks to the post-store process, their counts back.
         self.hooks_link = HooksLink()
@@ -184,22 +225,19 @@ class Supervisor:
         self.drops = logs.DropLog(log)
         #: Connections closed before association, by the setting that closed them.
         self.dropped: Counter[str] = Counter()
-        self.monitor: multiprocessing.process.BaseProcess | None = None
-        self.monitor_url = ""
-        self._snapshots: socket.socket | None = None
         self._next_snapshot = 0.0
-        self._next_index_poll = 0.0
-        #: (committed since start, pending) as the indexer last told us.
-        self._index_state = (0, 0)
+        #: What the indexer last told us (it sends its state about once a second).
+        self.index_state = IndexerState(pid=0, pending=0, committed=0, reconcile="")
         self.stopping = False
         # Children forward their log records here; only we write output.
         self._log_r, self._log_w = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.address = indexer_address(config.index_path)
         self.selector = selectors.DefaultSelector()
-        self.workers: dict[int, WorkerHandle] = {}
+        self.workers: dict[int, WorkerSlot] = {}
+        #: The children beside the workers, by name, in start order (:meth:`stages`).
+        self.children: dict[str, Child] = {}
         self.rejects: dict[socket.socket, PendingReject] = {}
         self.listener: socket.socket | None = None
-        self.indexer: multiprocessing.process.BaseProcess | None = None
         self.next_connection = 1
         self.signals = 0
         self._port = config.server.port
@@ -230,43 +268,58 @@ class Supervisor:
         sock.setblocking(False)
         return sock
 
-    def _start_indexer(self) -> None:
-        db = self.config.database
-        parent, child = _fork.Pipe(duplex=False)
-        process = _fork.Process(
-            target=self._child, name="fastscp-indexer",
-            args=(indexer_main, self.config.index_path, db.wal_mode, self.address,
-                  db.batch_size, db.batch_interval, child, self.storage.root, self.storage.sr_root),
-        )
-        process.start()
-        child.close()
-        if not parent.poll(60):
-            process.kill()
-            raise StartupError(f"the indexer did not open {self.config.index_path} within 60 s")
-        message = parent.recv()
-        parent.close()
-        if message != "ready":
-            process.join(5)
-            raise StartupError(
-                f"{message} (is another fastscp using this database.path? DuckDB allows one process)"
-            )
-        self.indexer = process
-        self.selector.register(process.sentinel, selectors.EVENT_READ, "indexer")
-        log.info("indexer started (pid %d), index %s", process.pid, self.config.index_path)
+    def stages(self) -> list[ChildSpec]:
+        """The children beside the workers, in start order (they stop in the reverse order).
 
-    def _start_worker(self, index: int, restarts: int = 0) -> None:
-        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        process = _fork.Process(
-            target=self._child, name=f"fastscp-worker-{index}",
-            args=(worker_main, index, child, self.settings, self.address, self.config.server.shutdown_timeout),
+        A new kind of child (a forwarder, a hook runner) registers a
+        function that makes its spec in :attr:`Targets.stages`.
+        """
+        config, targets, db = self.config, self.targets, self.config.database
+        specs = []
+        if config.monitor.enabled:
+            specs.append(ChildSpec(
+                # The config: the study browser.
+                "monitor", targets.monitor, lambda: (self.config.monitor.listen, self.config), decoder=READINESS,
+                ready_timeout=MONITOR_READY_TIMEOUT, restart=False, stop_timeout=10,
+                death_signal=signal.SIGTERM))  # its SIGTERM stops it at once, cleanly
+        specs.append(ChildSpec(
+            "indexer", targets.indexer, lambda: (
+                self.config.index_path, db.wal_mode, self.address, db.batch_size,
+                db.batch_interval, self.storage.root, self.storage.sr_root, self.config.lake),
+            about=f", index {config.index_path}", decoder=FROM_INDEXER, ready_timeout=INDEXER_READY_TIMEOUT,
+            stop_timeout=30))  # SIGTERM: it commits what it holds, then exits
+        if self.settings.poststore_address:
+            specs.append(ChildSpec(
+                "post-store stage", targets.poststore, lambda: (
+                    self.storage.root, self.storage.layout, self.config.thumbnails, self.config.scansheet,
+                    self.settings.poststore_address, self.address, self.storage.modes, self.config.hooks,
+                    self.storage.sr_root, self.hooks_link.open()),  # a new link for each start
+                about=(f": thumbnails {'on' if config.thumbnails.enabled else 'off'}, "
+                       f"scan sheets {'on' if config.scansheet.enabled else 'off'}"),
+                channel=False, stop_timeout=60,  # SIGTERM: it finishes its queue and pending scan sheets
+                death_signal=signal.SIGTERM))  # it stops after the image in hand (poststore_main sees it is orphaned)
+        return specs + [spec for make in targets.stages if (spec := make(self)) is not None]
+
+    def _make_child(self, spec: ChildSpec, on_message: Callable[[Child, object], None] | None = None,
+                    on_exit: Callable[[Child], str] | None = None) -> Child:
+        return Child(spec, self.selector, on_message=on_message or self._stage_message,
+                     on_exit=on_exit or (lambda _child: ""), bootstrap=self._child, backoff=self.backoff)
+
+    def _add_worker(self, index: int) -> WorkerSlot:
+        slot = WorkerSlot(index)
+        slot.child = self._make_child(
+            ChildSpec(f"worker {index}", self.targets.worker,
+                      lambda: (index, self.settings, self.address, self.config.server.shutdown_timeout),
+                      decoder=FROM_WORKER),
+            on_message=lambda _child, message: self._worker_message(slot, message),
+            on_exit=lambda _child: self._worker_exited(slot),
         )
-        process.start()
-        child.close()
-        handle = WorkerHandle(index, process, parent, time.monotonic(), restarts=restarts)
-        self.workers[index] = handle
-        log.info("worker %d started (pid %d)", index, process.pid)
-        self.selector.register(parent, selectors.EVENT_READ, ("control", index))
-        self.selector.register(process.sentinel, selectors.EVENT_READ, ("exit", index))
+        self.workers[index] = slot
+        slot.child.start()
+        return slot
+
+    def _all_children(self) -> list[Child]:
+        return [*self.children.values(), *(slot.child for slot in self.workers.values())]
 
     def _child(self, target, *args, death_signal: int = signal.SIGKILL) -> None:  # type: ignore[no-untyped-def]
         # First, before anything can block: a child dies with the supervisor.
@@ -282,11 +335,14 @@ class Supervisor:
             fileobj = key.fileobj
             if isinstance(fileobj, socket.socket) and fileobj.fileno() not in keep:
                 fileobj.close()
-        for sock in (self.listener, self._wake_r, self._wake_w, self._log_r, self._snapshots, self.hooks_link.sock,
-                     *self.rejects):
+        for sock in (self.listener, self._wake_r, self._wake_w, self._log_r, self.hooks_link.sock, *self.rejects):
             if sock is not None and sock.fileno() not in keep:
                 sock.close()
         signal.set_wakeup_fd(-1)
+        # A child restarted while we serve would inherit our stop handlers: it
+        # starts with the defaults, and its target sets its own.
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, signal.SIG_DFL)
         # SIGHUP from the supervisor means "logging.level changed" (a terminal's hangup too: harmless).
         signal.signal(signal.SIGHUP, self._follow_log_level)
         logs.forward_to(self._log_w)
@@ -310,24 +366,25 @@ class Supervisor:
         self.listener = self._bind()
         self.selector.register(self._log_r, selectors.EVENT_READ, "log")
         try:
-            if self.config.monitor.enabled:
-                self._start_monitor()
-            self._start_indexer()
-            if self.settings.poststore_address:
-                self._start_poststore()
-            if self.settings.forward_address:
-                self._start_forwarder()
+            for spec in self.stages():
+                child = self.children[spec.name] = self._make_child(spec)
+                child.start()
+                # Only here does the supervisor wait for a child: before it accepts anything.
+                failure = child.await_ready() if spec.ready_timeout else ""
+                if failure:
+                    raise StartupError(failure)  # it names the setting and what to do
             for index in range(self.config.worker_count):
-                self._start_worker(index)
+                self._add_worker(index)
         except StartupError:
             # Leave nothing running behind: an orphaned indexer would keep the
             # DuckDB file locked.
-            for worker in self.workers.values():
-                worker.process.kill()
-            self._stop_forwarder()
-            self._stop_poststore()
-            self._stop_indexer()
-            self._stop_monitor()
+            for slot in self.workers.values():
+                slot.child.retire()
+                slot.child.kill()
+            for child in reversed(self.children.values()):
+                child.stop()
+            for slot in self.workers.values():
+                slot.child.wait(time.monotonic() + 5)
             logs.receive(self._log_r)
             raise
         self.selector.register(self.listener, selectors.EVENT_READ, "listen")
@@ -375,34 +432,38 @@ class Supervisor:
             if self.reload_requested:
                 self.reload_requested = False
                 self._reload()
-            for key, _events in self.selector.select(timeout=0.5):
+            for key, _events in self.selector.select(timeout=self._timeout()):
                 tag = key.data
-                if tag == "listen":
+                if callable(tag):  # a child's channel or exit (Child)
+                    tag()
+                elif tag == "listen":
                     self._accept()
-                elif tag == "signal":
-                    try:
-                        self._wake_r.recv(512)
-                    except BlockingIOError:
-                        pass
-                elif tag == "log":
-                    logs.receive(self._log_r)
-                elif tag == "indexer":
-                    self._indexer_died()
-                elif tag == "monitor":
-                    self._monitor_died()
-                elif tag == "poststore":
-                    self._poststore_died()
-                elif tag == "forwarder":
-                    self._forwarder_died()
                 elif tag == "reject":
                     self._reject_step(self.rejects[key.fileobj])  # type: ignore[index]
-                elif tag[0] == "control":
-                    self._control(self.workers.get(tag[1]))
-                elif tag[0] == "exit":
-                    self._worker_died(tag[1])
+                else:
+                    self._housekeeping(tag)
+            now = time.monotonic()
+            for child in self._all_children():
+                child.tick(now)
             self._expire_rejects()
             self.drops.flush()
             self._publish()
+
+    def _housekeeping(self, tag: str) -> None:
+        if tag == "signal":
+            try:
+                self._wake_r.recv(512)
+            except BlockingIOError:
+                pass
+        elif tag == "log":
+            logs.receive(self._log_r)
+
+    def _timeout(self) -> float:
+        """How long the loop may sleep: until the next child deadline, at most LOOP_TICK."""
+        deadlines = [d for d in (child.deadline() for child in self._all_children()) if d is not None]
+        if not deadlines:
+            return LOOP_TICK
+        return min(max(min(deadlines) - time.monotonic(), 0.0), LOOP_TICK)
 
     def _accept(self) -> None:
         assert self.listener is not None
@@ -423,15 +484,15 @@ class Supervisor:
                 set_low_latency(sock)
             except OSError:
                 pass
-            if not self.workers:
+            running = [w for w in self.workers.values() if w.child.state == "running"]
+            if not running:
                 self._begin_reject(sock, peer)
                 continue
-            worker = min(self.workers.values(), key=lambda w: len(w.open))
+            worker = min(running, key=lambda w: len(w.open))
             connection_id = self.next_connection
             self.next_connection += 1
-            handoff = ENCODER.encode(Handoff(connection_id=connection_id, peer_address=peer))
             try:
-                socket.send_fds(worker.control, [handoff], [sock.fileno()])
+                worker.child.send(Handoff(connection_id=connection_id, peer_address=peer), [sock.fileno()])
                 worker.open.add(connection_id)
                 self.pending[connection_id] = address[0]
                 self.pending_per_address[address[0]] += 1
@@ -470,36 +531,26 @@ class Supervisor:
             if self.pending_per_address[ip] <= 0:
                 del self.pending_per_address[ip]
 
-    def _control(self, worker: WorkerHandle | None) -> None:
-        if worker is None:
-            return
-        while True:
-            try:
-                data = worker.control.recv(65536, socket.MSG_DONTWAIT)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                data = b""
-            if not data:
-                # EOF: the worker is exiting; its sentinel tells us when.
-                self.selector.unregister(worker.control)
-                return
-            message = DECODER.decode(data)
-            if isinstance(message, AssociationReport):
-                self.book.report(message)
-                if message.ended:
-                    connection_id = message.state.connection_id
-                    # A probe the peer closed is no news; one we timed out is a drop.
-                    if message.probe and "timed out" in message.state.outcome:
-                        ip = self.pending.get(connection_id)
-                        if ip is not None:
-                            self.dropped["server.acse_timeout"] += 1
-                            self.drops.note(ip, "no A-ASSOCIATE-RQ within server.acse_timeout")
-                    self._release(worker, connection_id)
-            elif isinstance(message, AdmissionRequest):
-                self._admit(worker, message)
+    def _worker_message(self, worker: WorkerSlot, message: object) -> None:
+        if isinstance(message, AssociationReport):
+            self.book.report(message)
+            if message.ended:
+                connection_id = message.state.connection_id
+                # A probe the peer closed is no news; one we timed out is a drop.
+                if message.probe and "timed out" in message.state.outcome:
+                    ip = self.pending.get(connection_id)
+                    if ip is not None:
+                        self.dropped["server.acse_timeout"] += 1
+                        self.drops.note(ip, "no A-ASSOCIATE-RQ within server.acse_timeout")
+                self._release(worker, connection_id)
+        elif isinstance(message, AdmissionRequest):
+            self._admit(worker, message)
 
-    def _admit(self, worker: WorkerHandle, request: AdmissionRequest) -> None:
+    def _stage_message(self, _child: Child, message: object) -> None:
+        if isinstance(message, IndexerState):
+            self.index_state = message
+
+    def _admit(self, worker: WorkerSlot, request: AdmissionRequest) -> None:
         """An A-ASSOCIATE-RQ was read and accepted by negotiation: its
         connection stops being pending and takes an association slot, within
         server.max_associations and access.max_associations_per_aet (across
@@ -523,11 +574,11 @@ class Supervisor:
             self.admitted[request.connection_id] = ae
             reply = AdmissionReply(connection_id=request.connection_id, admitted=True)
         try:
-            worker.control.send(ENCODER.encode(reply))
+            worker.child.send(reply)
         except OSError:
             pass
 
-    def _release(self, worker: WorkerHandle, connection_id: int) -> None:
+    def _release(self, worker: WorkerSlot, connection_id: int) -> None:
         worker.open.discard(connection_id)
         self._end_pending(connection_id)
         ae = self.admitted.pop(connection_id, None)
@@ -536,31 +587,13 @@ class Supervisor:
             if self.per_ae[ae] <= 0:
                 del self.per_ae[ae]
 
-    def _worker_died(self, index: int) -> None:
-        worker = self.workers.pop(index)
-        worker.process.join(1)
-        self.selector.unregister(worker.process.sentinel)
-        if worker.control in {k.fileobj for k in self.selector.get_map().values()}:
-            self.selector.unregister(worker.control)
-        worker.control.close()
-        log.error(
-            "worker %d (pid %s) exited with code %s; %d open associations aborted; restarting it",
-            index, worker.process.pid, worker.process.exitcode, len(worker.open),
-        )
+    def _worker_exited(self, worker: WorkerSlot) -> str:
+        """Its associations are aborted (the kernel closed their sockets): free their slots."""
+        aborted = len(worker.open)
         for connection_id in list(worker.open):
             self.book.ended(connection_id)
             self._release(worker, connection_id)
-        if time.monotonic() - worker.started < RESTART_BACKOFF:
-            time.sleep(RESTART_BACKOFF)
-        self._start_worker(index, worker.restarts + 1)
-
-    def _indexer_died(self) -> None:
-        assert self.indexer is not None
-        self.selector.unregister(self.indexer.sentinel)
-        self.indexer.join(0)
-        log.error("indexer exited with code %s; restarting it", self.indexer.exitcode)
-        time.sleep(RESTART_BACKOFF)
-        self._start_indexer()
+        return f"{aborted} open associations aborted"
 
     # -- SIGHUP: reload the config ----------------------------------------------------
 
@@ -584,12 +617,12 @@ class Supervisor:
             return
         changed = {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)
                    if getattr(settings, f.name) is not getattr(self.settings, f.name)}
-        message = ENCODER.encode(Reconfigure(settings=pickle.dumps(changed),
-                                             shutdown_timeout=new.server.shutdown_timeout))
-        if len(message) > CONTROL_MESSAGE_MAX:
+        message = Reconfigure(settings=pickle.dumps(changed), shutdown_timeout=new.server.shutdown_timeout)
+        size = len(ENCODER.encode(message))
+        if size > MESSAGE_MAX:
             log.error("config reload (SIGHUP) refused, the running config stays: the live settings take %d bytes, "
                       "more than a worker takes (%d; a long access.allowed_calling_aets?): restart to apply them",
-                      len(message), CONTROL_MESSAGE_MAX)
+                      size, MESSAGE_MAX)
             return
         live, restart = config_changes(self.config, new)
         self.config = with_live_keys(self.config, new)
@@ -597,17 +630,19 @@ class Supervisor:
         if "hooks" in live:
             self.hooks_link.update(self.config.hooks)
         for worker in self.workers.values():
+            if worker.child.state == "down":
+                continue  # its restart gets the new settings
             try:
-                worker.control.send(message)
+                worker.child.send(message)
             except OSError as exc:  # it is dying: its replacement gets the new settings
                 log.warning("worker %d did not take the reloaded config: %s", worker.index, exc)
         level = logging.getLevelName(self.config.logging.level)
         if level != self._log_level.value:
             self._log_level.value = level
             logs.set_level(self.config.logging.level)
-            for child in (self.indexer, self.poststore, self.monitor, *(w.process for w in self.workers.values())):
-                if child is not None and child.pid is not None and child.is_alive():
-                    os.kill(child.pid, signal.SIGHUP)
+            for child in self._all_children():
+                if child is not self.children.get("forwarder"):  # it gets its own SIGHUP below
+                    child.signal(signal.SIGHUP)
         self._reload_forwarder()
         log.info("config reloaded (SIGHUP): %s", f"{', '.join(live)} in force for new associations" if live
                  else "no key that applies live changed")
@@ -669,224 +704,91 @@ class Supervisor:
             "stopping: no new associations; waiting up to %.0f s for %d open ones (signal again to stop now)",
             self.config.server.shutdown_timeout, self.open_associations,
         )
+        for child in self._all_children():
+            child.retire()  # nothing is restarted from now on
         for worker in self.workers.values():
             try:
-                worker.control.send(ENCODER.encode(Stop(now=False)))
+                worker.child.send(Stop(now=False))
             except OSError:
                 pass
         deadline = time.monotonic() + self.config.server.shutdown_timeout + 10
         handled = self.signals
-        while any(w.process.is_alive() for w in self.workers.values()):
+        while any(w.child.alive for w in self.workers.values()):
             if self.signals > handled or time.monotonic() > deadline:
                 log.warning("stopping now: aborting open associations")
                 for worker in self.workers.values():
-                    worker.process.kill()
+                    worker.child.kill()
                 break
             for key, _events in self.selector.select(timeout=0.2):
-                if key.data == "signal":
-                    try:
-                        self._wake_r.recv(512)
-                    except BlockingIOError:
-                        pass
-                elif key.data == "log":
-                    logs.receive(self._log_r)
-                elif isinstance(key.data, tuple) and key.data[0] == "control":
-                    self._control(self.workers.get(key.data[1]))
+                if callable(key.data):
+                    key.data()
+                elif isinstance(key.data, str):
+                    self._housekeeping(key.data)
             self._publish()
         for worker in self.workers.values():
-            worker.process.join(5)
+            worker.child.wait(time.monotonic() + 5)
         # A killed worker may leave temp files; never a file at a final path.
         self.storage.prepare()
-        self._stop_forwarder()
-        # Post-store first: its thumbnail records go to the indexer.
-        self._stop_poststore()
-        self._stop_indexer()
-        self._stop_monitor()
+        # In the reverse order of their start: the post-store stage's thumbnail
+        # records go to the indexer; the monitor shows the stop to the end.
+        for child in reversed(self.children.values()):
+            child.stop()
         logs.receive(self._log_r)
         log.info("fastscp stopped")
         return 0
 
-    # -- post-store stage --------------------------------------------------------------
-
-    def _start_poststore(self) -> None:
-        config = self.config
-        link = self.hooks_link.open()
-        process = _fork.Process(
-            target=self._child, name="fastscp-poststore",
-            args=(poststore_main, self.storage.root, self.settings.layout, config.thumbnails, config.scansheet,
-                  self.settings.poststore_address, self.address, self.storage.modes, config.hooks,
-                  self.storage.sr_root, link),
-            # SIGTERM: it stops after the image in hand (poststore_main sees it is orphaned).
-            kwargs={"death_signal": signal.SIGTERM},
-        )
-        process.start()
-        link.close()
-        self.poststore = process
-        self.selector.register(process.sentinel, selectors.EVENT_READ, "poststore")
-        log.info("post-store stage started (pid %d): thumbnails %s, scan sheets %s", process.pid,
-                 "on" if config.thumbnails.enabled else "off", "on" if config.scansheet.enabled else "off")
-
-    def _poststore_died(self) -> None:
-        assert self.poststore is not None
-        self.selector.unregister(self.poststore.sentinel)
-        self.poststore.join(1)
-        log.error("post-store stage exited with code %s; restarting it", self.poststore.exitcode)
-        time.sleep(RESTART_BACKOFF)
-        self._start_poststore()
-
-    def _stop_poststore(self) -> None:
-        if self.poststore is not None and self.poststore.is_alive():
-            self.poststore.terminate()  # SIGTERM: it finishes its queue and pending scan sheets
-            self.poststore.join(60)
-            if self.poststore.is_alive():
-                log.error("post-store stage did not stop within 60 s; killing it")
-                self.poststore.kill()
-                self.poststore.join(5)
-
-    # -- forwarder (fastscp.forward) ----------------------------------------------------
-    # Started when forwarding.destinations is not empty; workers then hand it
-    # each stored instance (ServiceSettings.forward_address).
-
-    def _start_forwarder(self) -> None:
-        process = _fork.Process(
-            target=self._child, name="fastscp-forwarder",
-            args=(forward_main, self.config, self._load_config, self._config_file),
-            # SIGTERM: it ends its C-STOREs in hand (the queue keeps the rest).
-            kwargs={"death_signal": signal.SIGTERM},
-        )
-        process.start()
-        self.forwarder = process
-        self.selector.register(process.sentinel, selectors.EVENT_READ, "forwarder")
-        log.info("forwarder started (pid %d), queue %s", process.pid, self.config.forward_queue_path)
-
-    def _forwarder_died(self) -> None:
-        assert self.forwarder is not None
-        self.selector.unregister(self.forwarder.sentinel)
-        self.forwarder.join(1)
-        log.error("forwarder exited with code %s; restarting it", self.forwarder.exitcode)
-        time.sleep(RESTART_BACKOFF)
-        self._start_forwarder()
-
     def _reload_forwarder(self) -> None:
         """The forwarder reads the rules and destinations again itself (forward_main)."""
-        if self.forwarder is not None and self.forwarder.pid is not None and self.forwarder.is_alive():
-            os.kill(self.forwarder.pid, signal.SIGHUP)
-        elif self.forwarder is None and self.config.forwarding.destinations:
+        forwarder = self.children.get("forwarder")
+        if forwarder is not None:
+            forwarder.signal(signal.SIGHUP)
+        elif self.config.forwarding.destinations:
             log.warning("config reload (SIGHUP): forwarding.destinations: forwarding was off at start (no "
                         "destinations); restart to turn it on")
 
-    def _stop_forwarder(self) -> None:
-        if self.forwarder is not None and self.forwarder.is_alive():
-            self.forwarder.terminate()
-            self.forwarder.join(15)
-            if self.forwarder.is_alive():
-                log.error("forwarder did not stop within 15 s; killing it")
-                self.forwarder.kill()
-                self.forwarder.join(5)
-
     # -- status ----------------------------------------------------------------------
 
-    def _start_monitor(self) -> None:
-        from fastscp.monitor.server import monitor_main
-
-        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        ready_r, ready_w = _fork.Pipe(duplex=False)
-        # Set before the fork, so the child closes our end and sees EOF when we go.
-        self._snapshots = parent
-        process = _fork.Process(
-            target=self._child, name="fastscp-monitor",
-            args=(monitor_main, self.config.monitor.listen, child, ready_w, self.config),  # the config: the browser
-            kwargs={"death_signal": signal.SIGTERM},  # its SIGTERM stops it at once, cleanly
-        )
-        process.start()
-        child.close()
-        ready_w.close()
-        outcome = ready_r.recv() if ready_r.poll(30) else ("error", "monitor.listen: did not start within 30 s")
-        ready_r.close()
-        if outcome[0] != "ready":
-            process.kill()
-            process.join(5)
-            parent.close()
-            self._snapshots = None
-            raise StartupError(outcome[1])  # it names monitor.listen, the reason and the fix
-        parent.setblocking(False)
-        self.monitor, self.monitor_url = process, outcome[1]
-        self.selector.register(process.sentinel, selectors.EVENT_READ, "monitor")
-        log.info("monitor started (pid %d) at %s", process.pid, self.monitor_url)
-
-    def _monitor_died(self) -> None:
-        assert self.monitor is not None
-        self.selector.unregister(self.monitor.sentinel)
-        self.monitor.join(1)
-        log.error("monitor exited with code %s; the status page is down until restart", self.monitor.exitcode)
-        self.monitor = None
-
-    def _stop_monitor(self) -> None:
-        if self.monitor is not None and self.monitor.is_alive():
-            self.monitor.terminate()
-            self.monitor.join(10)
-            if self.monitor.is_alive():
-                self.monitor.kill()
+    @property
+    def monitor_url(self) -> str:
+        monitor = self.children.get("monitor")
+        return monitor.detail if monitor is not None else ""
 
     def _publish(self) -> None:
         """Send a status snapshot to the monitor, at most every SNAPSHOT_INTERVAL."""
         now = time.monotonic()
-        if self._snapshots is None or self.monitor is None or now < self._next_snapshot:
+        monitor = self.children.get("monitor")
+        if monitor is None or monitor.state != "running" or monitor.channel is None or now < self._next_snapshot:
             return
         self._next_snapshot = now + SNAPSHOT_INTERVAL
-        self._poll_index(now)
         server = self.config.server
         snapshot = self.book.snapshot(
             ae_title=server.ae_title, host=server.host, port=self._port,
             state="stopping" if self.stopping else "running",
             storage_root=self.storage.root, min_free_bytes=self.config.storage.min_free_bytes,
-            index_path=self.config.index_path, index_committed=self._index_state[0], index_lag=self._index_state[1],
+            index_path=self.config.index_path,
+            index_committed=self.index_state.committed, index_lag=self.index_state.pending,
             workers=[
-                WorkerState(index=w.index, pid=w.process.pid or 0, alive=w.process.is_alive(),
+                WorkerState(index=w.index, pid=w.child.pid or 0, alive=w.child.alive,
                             # Admitted ones: a connection still pending is no association yet.
                             open_associations=sum(1 for c in w.open if c in self.admitted),
-                            started=time.time() - (now - w.started),
-                            restarts=w.restarts)
+                            started=w.child.started_epoch, restarts=w.child.restarts)
                 for w in self.workers.values()
             ],
             config=public_config(self.config),
         )
         snapshot.pending_connections = len(self.pending)
         snapshot.dropped_connections = dict(self.dropped)
-        if self.forwarder is not None:
+        if "forwarder" in self.children:
             snapshot.forwarding = self._forward_status.poll(now, list(self.config.forwarding.destinations))
         snapshot.hooks = self.hooks_link.states()
         try:
-            self._snapshots.send(SNAPSHOT_ENCODER.encode(snapshot))
+            monitor.channel.send(SNAPSHOT_ENCODER.encode(snapshot), socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):
             pass  # the monitor is busy: it gets the next one
         except OSError as exc:
             if exc.errno == errno.EMSGSIZE:
                 log.warning("status snapshot too large (%s); skipped", exc)
-            else:
-                self._snapshots = None
-
-    def _poll_index(self, now: float) -> None:
-        """Committed and pending counts from the indexer, every INDEX_POLL seconds at most."""
-        if now < self._next_index_poll:
-            return
-        self._next_index_poll = now + INDEX_POLL
-        try:
-            state = QueryClient(self.config.index_path, timeout=0.3).state()
-            self._index_state = (state.committed, state.pending)
-        except (OSError, ConnectionError):
-            pass  # busy or restarting: show the last known figures
-
-    def _stop_indexer(self) -> None:
-        if self.indexer is None or not self.indexer.is_alive():
-            return
-        self.indexer.terminate()  # SIGTERM: it commits what it holds, then exits
-        self.indexer.join(30)
-        if self.indexer.is_alive():
-            log.error("indexer did not stop within 30 s; killing it")
-            self.indexer.kill()
-            self.indexer.join(5)
-
+            # else it is exiting: its sentinel tells the loop
 
 def tls_context(config: Config) -> ssl.SSLContext:
     """The server-side TLS context of ``tls``; StartupError names the bad key."""
@@ -967,10 +869,10 @@ def live_settings(settings: ServiceSettings, config: Config) -> ServiceSettings:
         policy = settings.policy
     replaced = {
         "policy": policy,
-        "duplicates": config.storage.duplicates,
+        "storage": settings.storage.reconfigured(duplicates=config.storage.duplicates,
+                                                 min_free_bytes=config.storage.min_free_bytes),
         "acse_timeout": config.server.acse_timeout,
         "dimse_timeout": config.server.dimse_timeout,
-        "min_free_bytes": config.storage.min_free_bytes,
         "action_log": config.logging.actions,
         "max_object_size": config.limits.max_object_size,
         "max_command_set": config.limits.max_command_set,
@@ -978,12 +880,3 @@ def live_settings(settings: ServiceSettings, config: Config) -> ServiceSettings:
     }
     # Unchanged values stay the same objects: the reload hands workers only what changed.
     return dataclasses.replace(settings, **{k: v for k, v in replaced.items() if v != getattr(settings, k)})
-
-
-def serve(config: Config, reload: Callable[[], Config] | None = None, config_file: str = "") -> int:
-    """Run the server in the foreground; returns the exit code.
-
-    ``reload`` reads the config again from its sources (``config_file`` and
-    the command-line options it started with); SIGHUP calls it.
-    """
-    return Supervisor(config, reload, config_file).run()

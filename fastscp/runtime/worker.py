@@ -19,19 +19,19 @@ import threading
 import time
 
 from fastscp.index.client import IndexerClient
-from fastscp.index.records import (
-    DECODER,
+from fastscp.index.records import DuplicateConflict, InstanceRecord
+from fastscp.net.association import Association, ServiceSettings
+from fastscp.poststore.stage import PostStoreClient
+from fastscp.runtime.messages import (
     ENCODER,
+    MESSAGE_MAX,
+    TO_WORKER,
     AdmissionReply,
     AdmissionRequest,
-    DuplicateConflict,
     Handoff,
-    InstanceRecord,
     Reconfigure,
     Stop,
 )
-from fastscp.net.association import Association, ServiceSettings
-from fastscp.poststore.stage import PostStoreClient
 
 log = logging.getLogger("fastscp.worker")
 
@@ -40,8 +40,6 @@ log = logging.getLogger("fastscp.worker")
 REPORT_INTERVAL = 0.5
 #: How long an association waits for the supervisor's admission answer.
 ADMISSION_TIMEOUT = 10.0
-#: The largest message from the supervisor a worker takes whole.
-CONTROL_MESSAGE_MAX = 65536
 
 
 class Worker:
@@ -65,7 +63,7 @@ class Worker:
         threading.Thread(target=self._report_loop, name="reporter", daemon=True).start()
         while True:
             try:
-                data, fds, _flags, _addr = socket.recv_fds(self.control, CONTROL_MESSAGE_MAX, 4)
+                data, fds, _flags, _addr = socket.recv_fds(self.control, MESSAGE_MAX, 4)
             except InterruptedError:
                 continue
             except OSError:
@@ -76,7 +74,7 @@ class Worker:
                     os.close(fd)
                 self._stop(now=False)
                 return
-            message = DECODER.decode(data)
+            message = TO_WORKER.decode(data)
             if isinstance(message, Handoff) and fds:
                 self._start(message, fds[0])
             elif isinstance(message, AdmissionReply):
@@ -188,9 +186,9 @@ class Worker:
             self.forward.close()
 
 
-def worker_main(index: int, control: socket.socket, settings: ServiceSettings, indexer_address: str,
+def worker_main(control: socket.socket, index: int, settings: ServiceSettings, indexer_address: str,
                 shutdown_timeout: float) -> None:
-    """Entry point of a forked worker process."""
+    """Entry point of a forked worker process; ``control`` is its channel with the supervisor."""
     # Ctrl-C reaches the whole process group; only the supervisor decides.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -1,13 +1,19 @@
-"""The storage area: received datasets stream into a temp file, then rename into place.
+"""The storage area: received datasets stream into a temp file, then link into place.
 
 A temp file lives in ``<root>/.incoming`` (the same filesystem as the final
-path, so the rename is atomic). Its Part 10 header is written first; the
+path, so the link is atomic). Its Part 10 header is written first; the
 dataset bytes follow exactly as they arrive. A final path only ever holds a
 complete file.
+
+The area owns the storage policy: the free-space watermark, which root a
+SOP class goes to, which UID names the file, the layout, duplicates
+(:meth:`Storage.out_of_space`, :meth:`Storage.store`). The association asks;
+it decides nothing about files.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import errno
 import hashlib
@@ -17,11 +23,16 @@ import uuid
 from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
+import msgspec
+
+from fastscp.dicom.header import HeaderFields
 from fastscp.dicom.part10 import dataset_hash, file_meta, read_file_meta
 from fastscp.dicom.part10 import dataset_sha256 as _sha256
+from fastscp.dicom.sopclasses import MODALITY_SOP_CLASSES
+from fastscp.storage.layout import LayoutOptions, relative_path
+from fastscp.storage.policy import DuplicatePolicy, Outcome
+from fastscp.storage.reserved import INCOMING, QUARANTINE
 
-INCOMING = ".incoming"
-QUARANTINE = ".quarantine"
 #: How much of the dataset's start is kept in memory for the header scan;
 #: longer headers are scanned in the mapped file (fastscp.dicom.walk.mapped_dataset).
 HEADER_PREFIX_BYTES = 64 * 1024
@@ -55,6 +66,11 @@ PATIENT_DATA = FileModes()
 BROWSABLE = FileModes(0o644, 0o755)
 #: Names tried for one instance when its layout name holds other instances.
 MAX_NAMES = 100
+#: Structured reports go to storage.sr_directory when it is set.
+SR_SOP_CLASSES: frozenset[str] = frozenset(MODALITY_SOP_CLASSES["SR"])
+#: ``locate(uids) -> paths``: where the index has any of these SOP Instance
+#: UIDs stored (paths as the index records them).
+Locate = Callable[[tuple[str, ...]], tuple[str, ...]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,10 +79,8 @@ class Committed:
 
     #: The final absolute path: the new file, or the existing one it duplicates.
     path: str
-    #: stored | identical (a resend: not rewritten) | overwritten | kept-both |
-    #: kept-first | rejected (the last four: the same SOP Instance UID stored
-    #: already, with other content).
-    outcome: str
+    #: Stored, a resend, or a duplicate settled by storage.duplicates (:class:`~fastscp.storage.policy.Outcome`).
+    outcome: Outcome
     #: SHA-256 of the existing file's data set, for a conflict.
     existing_hash: str = ""
     #: The existing file's path, for a conflict (differs from ``path`` for keep-both).
@@ -233,7 +247,7 @@ class IncomingFile:
         return self._content_hash
 
     def commit(
-        self, relative_path: str, duplicates: str = "keep-first", root: str | None = None, *,
+        self, relative_path: str, duplicates: DuplicatePolicy = DuplicatePolicy.KEEP_FIRST, root: str | None = None, *,
         sop_instance_uids: tuple[str, ...] = (), locate: Callable[[], Iterable[str]] | None = None,
     ) -> Committed:
         """Make the file durable (per ``storage.fsync``) and put it at its final path.
@@ -273,8 +287,8 @@ class IncomingFile:
         try:
             if storage.fsync:
                 os.fsync(self._fd)
-            outcome = self._place(final, duplicates, uids, locate)
-            if outcome.outcome in ("stored", "overwritten", "kept-both") and storage.fsync:
+            outcome = self._place(final, DuplicatePolicy(duplicates), uids, locate)
+            if outcome.outcome.wrote and storage.fsync:
                 _fsync_dir(os.path.dirname(outcome.path))
         except OSError:
             self.discard()
@@ -282,7 +296,7 @@ class IncomingFile:
         self._unlink_temp()  # the temp name, if it is still there; the descriptor stays open
         return outcome
 
-    def _place(self, final: str, duplicates: str, uids: tuple[str, ...],
+    def _place(self, final: str, duplicates: DuplicatePolicy, uids: tuple[str, ...],
                locate: Callable[[], Iterable[str]] | None) -> Committed:
         collided = ("", "")
         same: str | None = None  # where the index has the UID: asked once, only before a link
@@ -292,7 +306,7 @@ class IncomingFile:
             if same is None and locate is not None and not os.path.lexists(candidate):
                 same = next((p for p in locate() if os.path.normpath(p) != candidate and os.path.isfile(p)), "")
                 same_hash = dataset_hash(same) if same else ""
-                if same and (duplicates != "keep-both" or same_hash == self.content_hash):
+                if same and (duplicates is not DuplicatePolicy.KEEP_BOTH or same_hash == self.content_hash):
                     # Stored before under another name (its layout fields
                     # changed): the policy applies there; overwrite replaces it.
                     resolved = self._resolve_duplicate(same, duplicates, same_hash)
@@ -302,8 +316,8 @@ class IncomingFile:
                 makedirs(os.path.dirname(final), self._storage.modes.folder)
             if _link_new(self.temp_path, candidate):
                 if same:
-                    return Committed(candidate, "kept-both", same_hash, same, *collided)
-                return Committed(candidate, "stored", "", "", *collided)
+                    return Committed(candidate, Outcome.KEPT_BOTH, same_hash, same, *collided)
+                return Committed(candidate, Outcome.STORED, "", "", *collided)
             other = stored_uid(candidate)
             if other is not None and other in uids:
                 resolved = self._resolve_duplicate(candidate, duplicates)
@@ -312,24 +326,25 @@ class IncomingFile:
                 collided = (candidate, other or "")
         raise OSError(errno.EEXIST, f"{MAX_NAMES} names after {final} hold other instances")
 
-    def _resolve_duplicate(self, final: str, duplicates: str, existing: str = "") -> Committed:
+    def _resolve_duplicate(self, final: str, duplicates: DuplicatePolicy, existing: str = "") -> Committed:
         """The same SOP Instance UID is stored at ``final`` (its data set's hash ``existing``, if known):
         the data set bytes and ``duplicates`` decide."""
         existing = existing or dataset_hash(final)
         new = self.content_hash
         if existing == new:
-            return Committed(final, "identical")
-        if duplicates == "overwrite":
+            return Committed(final, Outcome.IDENTICAL)
+        if duplicates is DuplicatePolicy.OVERWRITE:
             os.replace(self.temp_path, final)
-            return Committed(final, "overwritten", existing, final)
-        if duplicates == "keep-both":
+            return Committed(final, Outcome.OVERWRITTEN, existing, final)
+        if duplicates is DuplicatePolicy.KEEP_BOTH:
             stem = final[: -len(".dcm")] if final.endswith(".dcm") else final
             for version in range(2, 10000):
                 candidate = f"{stem}.v{version}.dcm"
                 if _link_new(self.temp_path, candidate):
-                    return Committed(candidate, "kept-both", existing, final)
+                    return Committed(candidate, Outcome.KEPT_BOTH, existing, final)
             raise OSError(errno.EEXIST, f"too many versions of {final}")
-        return Committed(final, "kept-first" if duplicates == "keep-first" else "rejected", existing, final)
+        kept = Outcome.KEPT_FIRST if duplicates is DuplicatePolicy.KEEP_FIRST else Outcome.REJECTED
+        return Committed(final, kept, existing, final)
 
     def quarantine(self, reason: str) -> str | None:
         """Move the complete received file aside for inspection, with its reason."""
@@ -371,10 +386,11 @@ class IncomingFile:
 
 
 class Storage:
-    """The storage root and its policy."""
+    """The storage root and its policy (the ``storage.*`` config keys)."""
 
     def __init__(self, root: str, *, fsync: bool = True, quarantine: bool = True, sr_root: str = "",
-                 modes: FileModes = PATIENT_DATA) -> None:
+                 modes: FileModes = PATIENT_DATA, layout: LayoutOptions | None = None,
+                 duplicates: DuplicatePolicy = DuplicatePolicy.KEEP_FIRST, min_free_bytes: int = 0) -> None:
         self.root = os.path.abspath(root)
         #: storage.file_mode and storage.dir_mode: given to every file and folder we create, and to
         #: the files derived from this area's images (thumbnails, scan sheets).
@@ -383,8 +399,23 @@ class Storage:
         self.sr_root = os.path.abspath(sr_root) if sr_root else ""
         self.fsync = fsync
         self.quarantine = quarantine
+        #: storage.naming and its options: header fields -> the path below the root.
+        self.layout = layout or LayoutOptions()
+        #: storage.duplicates (reloadable: :meth:`reconfigured`).
+        self.duplicates = DuplicatePolicy(duplicates)
+        #: storage.min_free_bytes: below this many free bytes new data sets are refused (reloadable).
+        self.min_free_bytes = min_free_bytes
         self.incoming_dir = os.path.join(self.root, INCOMING)
         self.quarantine_dir = os.path.join(self.root, QUARANTINE)
+
+    def reconfigured(self, *, duplicates: DuplicatePolicy, min_free_bytes: int) -> Storage:
+        """This area with the reloadable policy (``storage.duplicates``, ``storage.min_free_bytes``)
+        replaced: itself if nothing changes, so a reload hands workers only what changed."""
+        if (duplicates, min_free_bytes) == (self.duplicates, self.min_free_bytes):
+            return self
+        changed = copy.copy(self)
+        changed.duplicates, changed.min_free_bytes = DuplicatePolicy(duplicates), min_free_bytes
+        return changed
 
     def prepare(self) -> int:
         """Create the folders and remove temp files a killed process left.
@@ -407,6 +438,47 @@ class Storage:
         """Free space for us under the root (what an unprivileged writer gets)."""
         st = os.statvfs(self.root)
         return st.f_bavail * st.f_frsize
+
+    def out_of_space(self) -> str:
+        """Why no new data set can be taken now (free space below storage.min_free_bytes), else ""."""
+        if not self.min_free_bytes:
+            return ""
+        free = self.free_bytes()
+        if free < self.min_free_bytes:
+            return f"free space {free // 1_000_000} MB below storage.min_free_bytes"
+        return ""
+
+    def store(self, incoming: IncomingFile, header: HeaderFields, sop_class_uid: str,
+              affected_sop_instance_uid: str, locate: Locate | None = None) -> Committed:
+        """Put a received data set, walked and scanned, in place under this area's policy.
+
+        The file is named by the UID the sender gave in the command (the one
+        in its File Meta), else the data set's; structured reports go to the
+        SR root when there is one; the duplicate rules go by either UID.
+
+        Parameters
+        ----------
+        header : HeaderFields
+            The data set's fields, as scanned (its own SOP Instance UID).
+        locate : callable, optional
+            Where the index has any of the instance's UIDs stored: a resend
+            stored under another name is a duplicate too.
+
+        Raises
+        ------
+        OSError
+            Nothing could be stored; the temp file is removed first.
+        """
+        named = msgspec.structs.replace(header, sop_instance_uid=affected_sop_instance_uid or header.sop_instance_uid)
+        root = self.sr_root if self.sr_root and sop_class_uid in SR_SOP_CLASSES else None
+        uids = tuple(dict.fromkeys(u for u in (named.sop_instance_uid, header.sop_instance_uid) if u))
+
+        def elsewhere() -> list[str]:
+            assert locate is not None
+            return [os.path.join(self.root, p) for p in locate(uids)]
+
+        return incoming.commit(relative_path(self.layout, named), self.duplicates, root,
+                               sop_instance_uids=uids, locate=elsewhere if locate and uids else None)
 
     def relative(self, path: str) -> str:
         """A final path as the index records it: relative to the root, or

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from fastscp.dicom.header import HeaderFields
+from fastscp.storage.reserved import RESERVED
 
 #: Longest path component we create (bytes of UTF-8); ext4 allows 255.
 MAX_COMPONENT_BYTES = 120
@@ -264,20 +265,17 @@ LAYOUTS: dict[str, Callable[[HeaderFields, LayoutOptions, datetime.date], str]] 
 }
 
 
-#: Top-level folders fastscp itself writes below the storage root; a tag value
-#: that would name one is prefixed with "_".
-RESERVED_TOP = frozenset({"thumbnails", "scansheets", "index.duckdb", "index.duckdb.wal"})
-
-
 def relative_path(options: LayoutOptions, header: HeaderFields, received: datetime.date | None = None) -> str:
     """The path, relative to the storage root, for an instance with ``header``.
 
     ``received`` (default today) is used where the layout needs a date the
-    header lacks. The result never starts with ``/`` and has no ``..``.
+    header lacks. The result never starts with ``/`` and has no ``..``; a
+    top folder that would take a reserved name of the root (a tag value
+    "thumbnails") is prefixed with "_".
     """
     path = LAYOUTS[options.naming](header, options, received or datetime.date.today())
     top, sep, rest = path.partition("/")
-    return f"_{top}{sep}{rest}" if top.lower() in RESERVED_TOP else path
+    return f"_{top}{sep}{rest}" if top.lower() in RESERVED else path
 
 
 #: How many folders below a file its study's folder is, per layout

@@ -60,13 +60,18 @@ MARKER = "FASTSCP_MUTATION_RUN"
 MODULES: dict[str, tuple[str, ...]] = {
     "fastscp/net/access.py": ("tests/test_access.py",),
     "fastscp/storage/layout.py": ("tests/test_layout.py",),
-    "fastscp/storage/area.py": ("tests/test_storage.py", "tests/test_durability.py", "tests/test_duplicates.py",
-                           "tests/test_server.py", "tests/test_lifecycle.py"),
+    "fastscp/storage/area.py": ("tests/test_storage.py", "tests/test_storage_area.py", "tests/test_association.py",
+                                "tests/test_durability.py", "tests/test_duplicates.py", "tests/test_server.py",
+                                "tests/test_lifecycle.py"),
     "fastscp/config.py": ("tests/test_config.py",),
     "fastscp/net/dimse.py": ("tests/test_protocol.py", "tests/test_protocol_paths.py"),
     "fastscp/net/negotiation.py": ("tests/test_protocol.py", "tests/test_access.py", "tests/test_server.py"),
-    "fastscp/net/association.py": ("tests/test_protocol.py", "tests/test_protocol_paths.py", "tests/test_server.py",
-                            "tests/test_access.py", "tests/test_lifecycle.py", "tests/test_duplicates.py"),
+    "fastscp/net/pdu.py": ("tests/test_protocol.py", "tests/test_association.py", "tests/test_protocol_paths.py"),
+    "fastscp/net/association.py": ("tests/test_association.py", "tests/test_protocol.py",
+                                   "tests/test_protocol_paths.py", "tests/test_server.py", "tests/test_access.py",
+                                   "tests/test_lifecycle.py", "tests/test_duplicates.py"),
+    "fastscp/net/storescp.py": ("tests/test_association.py", "tests/test_protocol_paths.py", "tests/test_server.py",
+                                "tests/test_access.py", "tests/test_duplicates.py"),
     "fastscp/index/reindex.py": ("tests/test_index.py", "tests/test_index_server.py"),
 }
 

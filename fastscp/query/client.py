@@ -1,0 +1,256 @@
+"""Asking a running server's indexer from other processes: queries (C-FIND, the CLI) and "where is this instance?".
+
+* :class:`QueryClient` talks to the query servers of a running server's
+  indexer (:mod:`fastscp.query.server`).
+* :class:`Locator` is a worker's "where is this instance stored?" before it
+  answers a C-STORE.
+* :func:`open_query_client` picks the running server, or the index file
+  read-only when no server has it open.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import msgspec
+from pydicom.dataset import Dataset
+
+from fastscp.index.client import indexer_address
+from fastscp.query.cfind import FindResponses, find
+from fastscp.query.engine import (
+    Columns,
+    Done,
+    Failed,
+    IndexQueries,
+    LocalQueryClient,
+    Located,
+    LocateRequest,
+    QueryError,
+    QueryRequest,
+    QueryResult,
+    Rows,
+    ServerUnavailable,
+    SqlRequest,
+    StateRequest,
+    Stats,
+    StatsRequest,
+    locate_address,
+    query_address,
+    recv_message,
+    send_message,
+)
+from fastscp.status import IndexerState
+
+log = logging.getLogger("fastscp.indexclient")
+
+#: Seconds a C-STORE waits for the indexer to say where its instance is stored.
+LOCATE_TIMEOUT = 2.0
+
+
+class QueryClient:
+    """Runs queries through a running server's indexer.
+
+    Thread-safe and stateless between calls: each query opens its own
+    connection to the indexer's query socket (a local Unix socket, tens of
+    microseconds), so the association threads of a worker can share one
+    client.
+
+    Parameters
+    ----------
+    index_path : str, optional
+        The index file the server was started with.
+    address : str, optional
+        The query socket itself (instead of ``index_path``).
+    timeout : float
+        Seconds to wait for each message of an answer.
+    """
+
+    def __init__(self, index_path: str | None = None, *, address: str | None = None, timeout: float = 60.0) -> None:
+        if address is None:
+            if index_path is None:
+                raise ValueError("QueryClient needs index_path or address")
+            address = query_address(index_path)
+        self.address = address
+        self.timeout = timeout
+
+    def _open(self) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.address)
+        except OSError as exc:
+            sock.close()
+            raise ServerUnavailable(f"no fastscp server answers queries for this index ({exc.strerror})") from None
+        return sock
+
+    def available(self) -> bool:
+        """True when a running server answers on the query socket."""
+        try:
+            self._open().close()
+        except ServerUnavailable:
+            return False
+        return True
+
+    def query(self, request: QueryRequest | SqlRequest) -> QueryResult:
+        """Run a query in the server; rows stream in as they are read.
+
+        Raises
+        ------
+        ServerUnavailable
+            No server answers.
+        QueryError
+            The server refused the request (the message says why).
+        """
+        sock = self._open()
+        try:
+            send_message(sock, request)
+            first = recv_message(sock)
+        except BaseException:
+            sock.close()
+            raise
+        if isinstance(first, Failed):
+            sock.close()
+            raise QueryError(first.message)
+        if not isinstance(first, Columns):
+            sock.close()
+            raise ConnectionError(f"unexpected answer {type(first).__name__}")
+        return QueryResult(first.names, self._rows(sock), sock.close)
+
+    @staticmethod
+    def _rows(sock: socket.socket) -> Iterator[list[Any]]:
+        with sock:
+            while True:
+                message = recv_message(sock)
+                if isinstance(message, Rows):
+                    yield from message.rows
+                elif isinstance(message, Done):
+                    return
+                elif isinstance(message, Failed):
+                    raise QueryError(message.message)
+                else:
+                    raise ConnectionError(f"unexpected answer {type(message).__name__}")
+
+    def stats(self, request: StatsRequest | None = None) -> Stats:
+        """Totals and breakdowns of the index, with the indexer's own state."""
+        with self._open() as sock:
+            send_message(sock, request or StatsRequest())
+            answer = recv_message(sock)
+        if isinstance(answer, Failed):
+            raise QueryError(answer.message)
+        if not isinstance(answer, Stats):
+            raise ConnectionError(f"unexpected answer {type(answer).__name__}")
+        return answer
+
+    def locate(self, uids: list[str]) -> list[str]:
+        """Where the running server's index has instances with any of these SOP Instance UIDs
+        (paths as the index records them; records not yet committed included)."""
+        with self._open() as sock:
+            send_message(sock, LocateRequest(uids))
+            answer = recv_message(sock)
+        if not isinstance(answer, Located):
+            raise ConnectionError(f"unexpected answer {type(answer).__name__}")
+        return answer.paths
+
+    def state(self) -> IndexerState:
+        """The indexer's own state (pending and committed records, reconcile): no query, cheap."""
+        with self._open() as sock:
+            send_message(sock, StateRequest())
+            answer = recv_message(sock)
+        if not isinstance(answer, IndexerState):
+            raise ConnectionError(f"unexpected answer {type(answer).__name__}")
+        return answer
+
+    def close(self) -> None:
+        """Nothing to release (no connection is kept); for symmetry with LocalQueryClient."""
+
+    def __enter__(self) -> QueryClient:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+
+class Locator:
+    """A worker's "where is this instance stored?" (:meth:`QueryClient.locate`), for the duplicate check.
+
+    Never raises: while the indexer can't answer (restarting, overloaded
+    past ``timeout``) the store goes on with what the file at its own path
+    tells, and a warning says so once per outage.
+    """
+
+    def __init__(self, index_path: str, timeout: float = LOCATE_TIMEOUT) -> None:
+        self.client = QueryClient(address=locate_address(index_path), timeout=timeout)
+        self._failing = False
+
+    def __call__(self, uids: tuple[str, ...]) -> tuple[str, ...]:
+        try:
+            paths = tuple(self.client.locate(list(uids)))
+        except (OSError, ConnectionError, msgspec.DecodeError) as exc:
+            if not self._failing:
+                self._failing = True
+                log.warning("the index can't say where SOP instances are stored (%s): duplicates stored under "
+                            "another path are not detected until it answers again", exc)
+            return ()
+        if self._failing:
+            self._failing = False
+            log.info("the index answers where SOP instances are stored again")
+        return paths
+
+
+def open_query_client(index_path: str, lake: tuple[str, str, str] | None = None) -> IndexQueries:
+    """Queries on ``index_path``: through its running server, else on the file read-only.
+
+    ``lake`` (config ``Config.lake``): with no server running here, the
+    shared index read-only instead of the file.
+
+    Raises
+    ------
+    fastscp.index.database.IndexUnavailable
+        No server answers and the file can't be opened (missing, locked by
+        a server that is starting or stopping, another schema version).
+    """
+    client = QueryClient(index_path)
+    if client.available():
+        return client
+    return LocalQueryClient(index_path, lake=lake)
+
+
+def server_running(index_path: str) -> bool:
+    """True if a running fastscp server owns ``index_path`` (its indexer answers)."""
+    for address, kind in ((indexer_address(index_path), socket.SOCK_SEQPACKET),
+                          (query_address(index_path), socket.SOCK_STREAM)):
+        with socket.socket(socket.AF_UNIX, kind) as sock:
+            try:
+                sock.connect(address)
+                return True
+            except OSError:
+                continue
+    return False
+
+
+def finder(index_path: str, *, retrieve_ae_title: str = "") -> Callable[[str, Dataset, bool], FindResponses]:
+    """The ``find(model, identifier, relational)`` callable of :data:`fastscp.net.findscp.Finder` for an index.
+
+    It asks the running server's indexer (one :class:`~fastscp.query.client.QueryClient`,
+    thread-safe, no open connection) and works in every worker process.
+    """
+    client = QueryClient(index_path)
+
+    def find_in_index(model: str, identifier: Dataset, relational: bool = False) -> FindResponses:
+        return find(model, identifier, client, retrieve_ae_title=retrieve_ae_title, relational=relational)
+
+    return find_in_index
+
+
+__all__ = [
+    "IndexQueries",
+    "Locator",
+    "finder",
+    "QueryClient",
+    "ServerUnavailable",
+    "open_query_client",
+    "server_running",
+]

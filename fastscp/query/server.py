@@ -1,0 +1,189 @@
+"""The query half of the indexer process: answers queries and "where is this instance?" on local sockets.
+
+The indexer process (composed by :func:`fastscp.runtime.children.indexer_process`)
+owns the DuckDB file; these servers run in it, beside its record loop
+(:class:`fastscp.index.indexer.Indexer`, which starts and closes them as its
+services):
+
+* **Queries.** A thread accepts on :func:`~fastscp.query.engine.query_address` (SOCK_STREAM) and
+  answers each connection from a small thread pool, each query on its own
+  DuckDB cursor (DuckDB's MVCC): batches go on being committed while a
+  query runs. Framed by :func:`fastscp.query.engine.send_message`.
+* **Where is this instance?** Before it answers a C-STORE, a worker asks
+  (:class:`~fastscp.query.engine.LocateRequest`, on :func:`~fastscp.query.engine.locate_address`,
+  with threads of its own, so a slow C-FIND never delays a store) where the
+  instance's SOP Instance UIDs are stored;
+  :class:`~fastscp.index.indexer.UidIndex` answers from memory, and DuckDB
+  is read only when a UID may be indexed (a resend).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import duckdb
+import msgspec
+
+from fastscp.index.database import Index
+from fastscp.index.indexer import Indexer, UidIndex
+from fastscp.process.ipc import same_user
+from fastscp.query.engine import (
+    Failed,
+    Located,
+    LocateRequest,
+    QueryRequest,
+    SqlRequest,
+    StateRequest,
+    StatsRequest,
+    locate_address,
+    query_address,
+    recv_message,
+    run_stats,
+    send_message,
+    stream_query,
+)
+from fastscp.status import IndexerState
+
+log = logging.getLogger("fastscp.indexer")
+
+#: Queries answered at the same time; more wait for a thread.
+QUERY_THREADS = 4
+#: LocateRequests answered at the same time (each takes microseconds, or one
+#: DuckDB scan for a resend).
+LOCATE_THREADS = 4
+#: A query client that neither sends nor reads for this long is dropped.
+QUERY_IO_TIMEOUT = 30.0
+
+
+class QueryServer:
+    """Answers :class:`~fastscp.query.engine.QueryRequest`, :class:`~fastscp.query.engine.StatsRequest` and
+    :class:`~fastscp.query.engine.LocateRequest` on a socket."""
+
+    def __init__(self, index: Index, address: str, state: Callable[[], IndexerState],
+                 uids: UidIndex | None = None, threads: int = QUERY_THREADS) -> None:
+        self.index = index
+        self.state = state
+        #: Set: LocateRequests are answered (and only they: the locate socket).
+        self.uids = uids
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self.listener.bind(address)
+            self.listener.listen(64)
+        except OSError:
+            self.listener.close()
+            raise
+        # accept() wakes up now and then to see whether we are closing.
+        self.listener.settimeout(0.5)
+        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fastscp-query")
+        self._closing = threading.Event()
+        self.thread = threading.Thread(target=self._accept_loop, name="fastscp-query-accept", daemon=True)
+
+    def start(self) -> None:
+        if self.uids is not None:
+            threading.Thread(target=self._load_uids, name="fastscp-uids", daemon=True).start()
+        self.thread.start()
+
+    def _load_uids(self) -> None:
+        assert self.uids is not None
+        started = time.monotonic()
+        cursor = self.index.cursor()
+        try:
+            self.uids.load(cursor)
+        except Exception:
+            log.exception("reading the indexed SOP Instance UIDs failed; duplicates are looked up in DuckDB")
+            return
+        finally:
+            cursor.close()
+        log.debug("indexed SOP Instance UIDs read in %.2f s", time.monotonic() - started)
+
+    def _accept_loop(self) -> None:
+        while not self._closing.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                if self._closing.is_set():
+                    return
+                time.sleep(0.1)
+                continue
+            if not same_user(conn):
+                conn.close()
+                continue
+            try:
+                self.pool.submit(self._serve, conn)
+            except RuntimeError:  # the pool is shutting down
+                conn.close()
+                return
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(QUERY_IO_TIMEOUT)
+            try:
+                request = recv_message(conn)
+            except (OSError, ConnectionError, msgspec.DecodeError) as exc:
+                log.debug("query connection dropped: %s", exc)
+                return
+            cursor = None
+            try:
+                if self.uids is not None:
+                    # The locate socket, on the hot path of every C-STORE: a cursor only if DuckDB must be read.
+                    send_message(conn, Located(self._locate(request.uids)) if isinstance(request, LocateRequest)
+                                 else Failed(f"not a LocateRequest: {type(request).__name__}"))
+                    return
+                cursor = self.index.cursor()
+                if isinstance(request, QueryRequest | SqlRequest):
+                    for message in stream_query(cursor, request):
+                        send_message(conn, message)
+                elif isinstance(request, StatsRequest):
+                    send_message(conn, run_stats(cursor, request, self.state()))
+                elif isinstance(request, StateRequest):
+                    send_message(conn, self.state())
+                else:
+                    send_message(conn, Failed(f"not a request: {type(request).__name__}"))
+            except (OSError, ConnectionError) as exc:
+                log.debug("query client went away: %s", exc)
+            except duckdb.Error as exc:
+                log.error("query failed: %s", exc)
+                try:
+                    send_message(conn, Failed(str(exc)))
+                except OSError:
+                    pass
+            finally:
+                if cursor is not None:
+                    cursor.close()
+
+    def _locate(self, uids: list[str]) -> list[str]:
+        assert self.uids is not None
+        uids = [uid for uid in uids[:8] if uid]
+        paths, maybe = self.uids.lookup(uids)
+        if maybe:
+            cursor = self.index.cursor()
+            try:
+                paths += Index.paths_of(cursor, uids)
+            finally:
+                cursor.close()
+        return list(dict.fromkeys(paths))
+
+    def close(self) -> None:
+        self._closing.set()
+        if self.thread.is_alive():
+            self.thread.join(2)
+        self.listener.close()
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def query_services(indexer: Indexer, index_path: str) -> list[QueryServer]:
+    """The query and locate servers of an indexer (bound now; the indexer starts them)."""
+    queries = QueryServer(indexer.index, query_address(index_path), indexer.state)
+    try:
+        locates = QueryServer(indexer.index, locate_address(index_path), indexer.state, indexer.uids, LOCATE_THREADS)
+    except BaseException:
+        queries.close()
+        raise
+    return [queries, locates]
