@@ -29,21 +29,16 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from pydicom.dataset import Dataset
 
 from fastscp.dicom.sopclasses import STORAGE_COMMITMENT_PUSH, STORAGE_COMMITMENT_PUSH_INSTANCE
 from fastscp.net import dimse
-from fastscp.net.findscp import MAX_IDENTIFIER_BYTES, decode_identifier, encode_identifier
-from fastscp.net.negotiation import AcceptedContext
+from fastscp.net.findscp import IdentifierMessage, decode_identifier, encode_identifier
 from fastscp.net.pdu import PeerClosed, ProtocolError
 from fastscp.net.retrievescp import Destination
 from fastscp.query.cfind import FindError
 from fastscp.query.retrieve import Instance, Lookup
-
-if TYPE_CHECKING:
-    from fastscp.net.association import Association
 
 log = logging.getLogger("fastscp.commitment")
 
@@ -79,29 +74,18 @@ class CommitmentService:
     addresses: dict[str, Destination]
 
 
-class CommitmentRequest:
+class CommitmentRequest(IdentifierMessage):
     """One N-ACTION-RQ on ``association``: its Action Information, then the N-ACTION-RSP and the report."""
 
-    __slots__ = ("_association", "_context", "_data", "_request")
-
-    def __init__(self, association: Association, request: dict[str, int | str], context: AcceptedContext) -> None:
-        self._association = association
-        self._request = request
-        self._context = context
-        self._data = bytearray()
-
-    def receive(self, fragment: memoryview) -> None:
-        """One fragment of the Action Information."""
-        if len(self._data) + len(fragment) > MAX_IDENTIFIER_BYTES:
-            raise ProtocolError("N-ACTION Action Information larger than 1 MiB")
-        self._data += fragment
+    __slots__ = ()
+    what = "N-ACTION Action Information"
 
     def complete(self) -> None:
         """N-ACTION-RSP at once, then the N-EVENT-REPORT on this association (else on a new one)."""
         association, context, request = self._association, self._context, self._request
         service = association.settings.commitment
         assert service is not None
-        decoded = decode_request(request, bytes(self._data), context.transfer_syntax)
+        decoded = decode_request(request, bytes(self._identifier), context.transfer_syntax)
         status, comment = (dimse.SUCCESS, "") if isinstance(decoded, CommitRequest) else decoded
         association.send(context.context_id, dimse.encode_response(
             dimse.N_ACTION_RSP, STORAGE_COMMITMENT_PUSH, int(request.get("MessageID", 0)), status,
@@ -129,9 +113,6 @@ class CommitmentRequest:
             log.warning("storage commitment %s: %r answered the report with status 0x%04X", decoded.transaction_uid,
                         association.stats.calling_ae_title, int(response.get("Status", 0xFFFF)))
         association.answered()
-
-    def abandon(self) -> None:
-        """The association ended first: nothing to clean up."""
 
 
 class CommitRequest:

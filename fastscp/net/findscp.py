@@ -104,10 +104,13 @@ def responses(
     yield dimse.SUCCESS, None, ""
 
 
-class FindRequest:
-    """One C-FIND-RQ on ``association``: its identifier, then the responses streamed to the peer."""
+class IdentifierMessage:
+    """A request whose data set is a small identifier (C-FIND, C-MOVE, C-GET, N-ACTION): collected in
+    memory, at most :data:`MAX_IDENTIFIER_BYTES`; :meth:`complete` is the subclass's."""
 
     __slots__ = ("_association", "_context", "_identifier", "_request")
+    #: Names the request in the error when its identifier is too large.
+    what = "identifier"
 
     def __init__(self, association: Association, request: dict[str, int | str], context: AcceptedContext) -> None:
         self._association = association
@@ -118,8 +121,18 @@ class FindRequest:
     def receive(self, fragment: memoryview) -> None:
         """One fragment of the request identifier."""
         if len(self._identifier) + len(fragment) > MAX_IDENTIFIER_BYTES:
-            raise ProtocolError("C-FIND identifier larger than 1 MiB")
+            raise ProtocolError(f"{self.what} larger than 1 MiB")
         self._identifier += fragment
+
+    def abandon(self) -> None:
+        """The association ended first: nothing to clean up."""
+
+
+class FindRequest(IdentifierMessage):
+    """One C-FIND-RQ on ``association``: its identifier, then the responses streamed to the peer."""
+
+    __slots__ = ()
+    what = "C-FIND identifier"
 
     def complete(self) -> None:
         """The identifier is complete: run the query and send each response."""
@@ -136,6 +149,3 @@ class FindRequest:
             )
             association.send(context.context_id, command, match)
         association.answered()
-
-    def abandon(self) -> None:
-        """The association ended first: nothing to clean up."""

@@ -9,33 +9,16 @@ on this association, through :meth:`Association.send_fragments` and
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from fastscp.net import dimse, getscp, movescp
-from fastscp.net.findscp import MAX_IDENTIFIER_BYTES
-from fastscp.net.negotiation import AcceptedContext
+from fastscp.net.findscp import IdentifierMessage
 from fastscp.net.pdu import ProtocolError
 
-if TYPE_CHECKING:
-    from fastscp.net.association import Association
 
-
-class RetrieveRequest:
+class RetrieveRequest(IdentifierMessage):
     """One C-MOVE-RQ or C-GET-RQ on ``association``: its identifier, then the sub-operations and responses."""
 
-    __slots__ = ("_association", "_context", "_identifier", "_request")
-
-    def __init__(self, association: Association, request: dict[str, int | str], context: AcceptedContext) -> None:
-        self._association = association
-        self._request = request
-        self._context = context
-        self._identifier = bytearray()
-
-    def receive(self, fragment: memoryview) -> None:
-        """One fragment of the request identifier."""
-        if len(self._identifier) + len(fragment) > MAX_IDENTIFIER_BYTES:
-            raise ProtocolError("C-MOVE/C-GET identifier larger than 1 MiB")
-        self._identifier += fragment
+    __slots__ = ()
+    what = "C-MOVE/C-GET identifier"
 
     def complete(self) -> None:
         """The identifier is complete: run the sub-operations, a pending response after each, then the final one."""
@@ -81,6 +64,3 @@ class RetrieveRequest:
         if got is None:
             raise ProtocolError("A-RELEASE-RQ while a C-GET sub-operation awaits its C-STORE-RSP")
         return got
-
-    def abandon(self) -> None:
-        """The association ended first: nothing to clean up."""
