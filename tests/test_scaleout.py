@@ -24,7 +24,7 @@ import pytest
 
 from fastscp.cli import index as cli_index
 from fastscp.dicom.synthetic import write_series
-from fastscp.index.client import QueryClient
+from fastscp.query.client import QueryClient
 from fastscp.query.engine import QueryRequest, SqlRequest
 from tests.conftest import Server, dcmtk, free_port, wait_until
 from tests.test_cfind import findscu

@@ -14,7 +14,7 @@ import io
 import sys
 from typing import Any
 
-from fastscp.cli.index import _add_index_arguments, _paths
+from fastscp.cli.common import add_index_arguments, index_paths
 from fastscp.status import human_bytes
 
 __all__ = ["add_dcm2nii", "register"]
@@ -44,7 +44,7 @@ def register(commands: Any) -> None:
     dicomdir.add_argument("--iso", metavar="FILE", help="also write an ISO 9660 image of the set (needs xorriso)")
     dicomdir.add_argument("--fileset-id", metavar="ID",
                           help="File-set ID and ISO Volume Identifier: 1-16 of A-Z, 0-9, _ (default FASTSCP)")
-    _add_index_arguments(dicomdir)
+    add_index_arguments(dicomdir)
     dicomdir.set_defaults(func=_dicomdir)
 
 
@@ -57,7 +57,7 @@ def add_dcm2nii(kinds: Any) -> None:
     )
     dcm2nii.add_argument("series_uid", metavar="SERIES_UID", help="Series Instance UID")
     dcm2nii.add_argument("output", metavar="OUT.nii.gz")
-    _add_index_arguments(dcm2nii)
+    add_index_arguments(dcm2nii)
     dcm2nii.set_defaults(func=_dcm2nii)
 
 
@@ -110,7 +110,7 @@ def _dicomdir(args: argparse.Namespace) -> int:
         print("fastscp export: select what to export: --study UID, --patient ID or --query KEYWORD=VALUE",
               file=sys.stderr)
         return 2
-    storage, index_path = _paths(args)
+    storage, index_path = index_paths(args)
     try:
         check_output(args.out)  # before the index is asked
         instances = select_instances(index_path, storage, conditions, what=_named(args))
@@ -142,7 +142,7 @@ def _dicomdir(args: argparse.Namespace) -> int:
 def _dcm2nii(args: argparse.Namespace) -> int:
     from fastscp.media.nifti import NiftiError, export_series
 
-    storage, index_path = _paths(args)
+    storage, index_path = index_paths(args)
     try:
         volume = export_series(index_path, storage, args.series_uid, args.output)
     except NiftiError as exc:

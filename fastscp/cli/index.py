@@ -20,31 +20,13 @@ from typing import Any
 
 import msgspec
 
-from fastscp.config import load_config
+from fastscp.cli.common import add_index_arguments, index_config, run
 from fastscp.status import human_bytes
 
 #: CLI level names -> Query/Retrieve Levels.
 LEVEL_NAMES: dict[str, str] = {"patients": "PATIENT", "studies": "STUDY", "series": "SERIES", "instances": "IMAGE"}
 # A DICOM date range (PS3.4 C.2.2.2.5): a date, or a range with one or both ends.
 _DATE_RANGE = re.compile(r"^(\d{8})?(-(\d{8})?)?$")
-
-
-def _add_index_arguments(parser: argparse.ArgumentParser) -> None:
-    where = parser.add_argument_group("index (first given wins)")
-    where.add_argument("--index-db", metavar="FILE", help="the DuckDB index file")
-    where.add_argument("--storage-dir", metavar="DIR", help="the storage folder: its index.duckdb")
-    where.add_argument("--config", metavar="FILE", help="the server's YAML config file")
-
-
-def _config(args: argparse.Namespace) -> Any:
-    """The config ``fastscp serve`` with the same options would use."""
-    return load_config(args.config, {"storage.directory": args.storage_dir, "database.path": args.index_db})
-
-
-def _paths(args: argparse.Namespace) -> tuple[str, str]:
-    """(storage root, index file)."""
-    config = _config(args)
-    return config.storage.directory, config.index_path
 
 
 def register(commands: Any) -> None:
@@ -68,7 +50,7 @@ def register(commands: Any) -> None:
     query.add_argument("--keys", metavar="K1,K2", help="columns to show, DICOM keywords (default: per level)")
     query.add_argument("--limit", type=int, default=0, metavar="N", help="at most N rows")
     query.add_argument("--json", action="store_true", help="print JSON lines (one object per row)")
-    _add_index_arguments(query)
+    add_index_arguments(query)
     query.set_defaults(func=_query)
 
     sql = commands.add_parser(
@@ -81,12 +63,12 @@ def register(commands: Any) -> None:
     sql.add_argument("--format", choices=("table", "json", "csv", "parquet"), default="table",
                      help="table (default), JSON lines, CSV with a header line, or Parquet (needs --output)")
     sql.add_argument("--output", metavar="FILE", help="write the rows to FILE instead of standard output")
-    _add_index_arguments(sql)
+    add_index_arguments(sql)
     sql.set_defaults(func=_sql)
 
     stats = commands.add_parser("stats", help="counts and sizes in the index: by modality, calling AE, day")
     stats.add_argument("--json", action="store_true", help="print one JSON object")
-    _add_index_arguments(stats)
+    add_index_arguments(stats)
     stats.set_defaults(func=_stats)
 
     reindex = commands.add_parser(
@@ -96,7 +78,7 @@ def register(commands: Any) -> None:
     )
     reindex.add_argument("--no-hash", action="store_true",
                          help="skip the SHA-256 of each data set (faster: reads headers only)")
-    _add_index_arguments(reindex)
+    add_index_arguments(reindex)
     reindex.set_defaults(func=_reindex)
 
 
@@ -144,7 +126,7 @@ def _run(command: str, args: argparse.Namespace, request: Any, form: str, output
     from fastscp.query.client import open_query_client
     from fastscp.query.engine import QueryError
 
-    config = _config(args)
+    config = index_config(args)
     index_path = config.index_path
     try:
         client = open_query_client(index_path, config.lake)
@@ -241,7 +223,7 @@ def _stats(args: argparse.Namespace) -> int:
     from fastscp.query.client import open_query_client
     from fastscp.query.engine import StatsRequest
 
-    config = _config(args)
+    config = index_config(args)
     index_path = config.index_path
     try:
         client = open_query_client(index_path, config.lake)
@@ -299,7 +281,7 @@ def _reindex(args: argparse.Namespace) -> int:
     from fastscp.index.reindex import reindex
     from fastscp.query.client import server_running
 
-    config = _config(args)
+    config = index_config(args)
     storage, index_path = config.storage.directory, config.index_path
     sr_root = getattr(config.storage, "sr_directory", "")
     if config.lake:
@@ -334,8 +316,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     ``fastscp`` itself gets them through ``fastscp.cli.main.COMMAND_MODULES``.
     """
-    from fastscp.cli.main import run
-
     parser = argparse.ArgumentParser(prog="fastscp", description="fastscp index commands")
     register(parser.add_subparsers(dest="command", required=True))
     return run(parser.parse_args(argv))

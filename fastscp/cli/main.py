@@ -15,7 +15,8 @@ import sys
 import msgspec
 
 from fastscp import __version__
-from fastscp.config import CLI_OPTIONS, ConfigError, to_builtins
+from fastscp.cli.common import run
+from fastscp.config import CLI_OPTIONS, to_builtins
 
 
 def _dest(option: str) -> str:
@@ -152,15 +153,6 @@ def build_parser() -> argparse.ArgumentParser:
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(commands)
     return parser
-
-
-def run(args: argparse.Namespace) -> int:
-    """Run a parsed command: its exit status; 2 with the message for a config error."""
-    try:
-        return int(args.func(args))
-    except ConfigError as exc:
-        print(f"fastscp: config error: {exc}", file=sys.stderr)
-        return 2
 
 
 def main(argv: list[str] | None = None) -> int:
