@@ -63,7 +63,7 @@ MODULES: dict[str, tuple[str, ...]] = {
     "fastscp/storage/area.py": ("tests/test_storage.py", "tests/test_durability.py", "tests/test_duplicates.py",
                            "tests/test_server.py", "tests/test_lifecycle.py"),
     "fastscp/config.py": ("tests/test_config.py",),
-    "fastscp/net/dimse.py": ("tests/test_protocol.py", "tests/test_protocol_paths.py"),
+    "fastscp/net/dimse.py": ("tests/test_dimse.py", "tests/test_protocol.py", "tests/test_protocol_paths.py"),
     "fastscp/net/negotiation.py": ("tests/test_protocol.py", "tests/test_access.py", "tests/test_server.py"),
     "fastscp/net/association.py": ("tests/test_protocol.py", "tests/test_protocol_paths.py", "tests/test_server.py",
                             "tests/test_access.py", "tests/test_lifecycle.py", "tests/test_duplicates.py"),
