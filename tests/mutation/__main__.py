@@ -67,7 +67,7 @@ MODULES: dict[str, tuple[str, ...]] = {
     "fastscp/net/negotiation.py": ("tests/test_protocol.py", "tests/test_access.py", "tests/test_server.py"),
     "fastscp/net/association.py": ("tests/test_protocol.py", "tests/test_protocol_paths.py", "tests/test_server.py",
                             "tests/test_access.py", "tests/test_lifecycle.py", "tests/test_duplicates.py"),
-    "fastscp/index/reindex.py": ("tests/test_index.py", "tests/test_index_server.py"),
+    "fastscp/index/reindex.py": ("tests/test_reindex.py", "tests/test_index.py"),
 }
 
 #: The CI subset: fast unit-level tests only, a fixed sample of mutants.

@@ -1,0 +1,143 @@
+"""Indexing from the files alone (fastscp/index/reindex.py), as a user finds it
+in the index afterwards: ``fastscp reindex`` over leftovers of a killed run,
+into a new folder, with structured reports inside the storage root; the
+records reconcile makes (content hash, both UIDs); the progress line on a
+pipe. Real files, real DuckDB, a real indexer thread."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import select
+import shutil
+from pathlib import Path
+
+import msgspec
+import pydicom
+import pytest
+
+from fastscp.dicom.part10 import dataset_offset
+from fastscp.dicom.synthetic import write_series
+from fastscp.index.client import QueryClient
+from fastscp.index.database import Index
+from fastscp.index.reindex import Progress, plan, reindex
+from fastscp.query.engine import QueryRequest
+from tests.test_index import RunningIndexer, make_storage, records_of, rows, wait_until
+
+
+@pytest.fixture
+def storage(tmp_path: Path) -> Path:
+    return make_storage(tmp_path / "storage")
+
+
+def _data_set_hash(path: Path) -> str:
+    raw = path.read_bytes()
+    return hashlib.sha256(raw[dataset_offset(raw):]).hexdigest()
+
+
+def _indexed_paths(path: str) -> list[str]:
+    index = Index(path, read_only=True)
+    try:
+        return sorted(row[0] for row in rows(index, "SELECT path FROM instances"))
+    finally:
+        index.close()
+
+
+def test_reindex_after_a_killed_reindex_drops_what_that_one_left(storage: Path, tmp_path: Path) -> None:
+    path = str(tmp_path / "index.duckdb")
+    # A reindex killed half-way left its temp index, with the row of a file removed since.
+    stale = Index(path + ".reindex")
+    stale.add([msgspec.structs.replace(records_of(storage)[0], path="gone/file.dcm")])
+    stale.close()
+    result = reindex(str(storage), path, progress=io.StringIO())
+    assert result.failed == [] and result.indexed == result.files
+    assert _indexed_paths(path) == sorted(r.path for r in records_of(storage))
+    assert not os.path.exists(path + ".reindex")
+
+
+def test_reindex_into_a_folder_not_made_yet_says_what_it_found(storage: Path, tmp_path: Path) -> None:
+    path = str(tmp_path / "new" / "folder" / "index.duckdb")
+    progress = io.StringIO()
+    result = reindex(str(storage), path, progress=progress)
+    assert result.failed == [] and result.indexed == result.files == len(records_of(storage))
+    assert _indexed_paths(path) == sorted(r.path for r in records_of(storage))
+    first, *_ = progress.getvalue().splitlines()
+    assert first.startswith(f"reindex: {result.files} files under {storage} (")
+
+
+@pytest.fixture
+def odd_files(tmp_path: Path) -> Path:
+    """A storage root: a file longer than the first read, one whose File Meta names another SOP Instance
+    UID than its data set (kept as the C-STORE's Affected UID), one whose data set has none."""
+    root = tmp_path / "odd"
+    (big,) = write_series(str(root / "BIG"), 1, rows=512, columns=512)
+    assert os.path.getsize(big) > 2 * 256 * 1024
+    other, missing = write_series(str(root / "UIDS"), 2, rows=8, columns=8, seed=2)
+    ds = pydicom.dcmread(other)
+    ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3.999"
+    ds.save_as(other)
+    ds = pydicom.dcmread(missing)
+    del ds.SOPInstanceUID
+    ds.save_as(missing)
+    return root
+
+
+def _expected_rows(root: Path) -> list[tuple[str, str, str, str]]:
+    """(path, SOP Instance UID, Affected SOP Instance UID if it differs, SHA-256 of the data set), from pydicom."""
+    out = []
+    for file in sorted(root.rglob("*.dcm")):
+        ds = pydicom.dcmread(file, stop_before_pixels=True)
+        meta_uid = str(ds.file_meta.MediaStorageSOPInstanceUID)
+        uid = str(ds.get("SOPInstanceUID", "")) or meta_uid
+        out.append((file.relative_to(root).as_posix(), uid, meta_uid if meta_uid != uid else "", _data_set_hash(file)))
+    return out
+
+
+def test_records_from_files_carry_both_uids_and_the_data_set_hash(odd_files: Path, tmp_path: Path) -> None:
+    expected = _expected_rows(odd_files)
+    assert {r[2] for r in expected} == {"", "1.2.3.999"} and len(expected) == 3
+    # fastscp reindex ...
+    path = str(tmp_path / "reindexed.duckdb")
+    reindex(str(odd_files), path, progress=io.StringIO())
+    index = Index(path, read_only=True)
+    sql = "SELECT path, sop_instance_uid, affected_sop_instance_uid, content_hash FROM instances ORDER BY path"
+    assert rows(index, sql) == expected
+    index.close()
+    # ... and the indexer's reconcile on start give the same rows, hash included.
+    path = str(tmp_path / "reconciled.duckdb")
+    running = RunningIndexer(path, odd_files)
+    try:
+        queries = QueryClient(path)
+        wait_until(lambda: queries.stats().indexer.reconcile == "done")  # type: ignore[union-attr]
+        keys = ["Path", "SOPInstanceUID", "ContentHash"]
+        with queries.query(QueryRequest(level="IMAGE", keys=keys)) as result:
+            assert sorted(tuple(row) for row in result) == [(p, uid, digest) for p, uid, _, digest in expected]
+    finally:
+        running.stop()
+
+
+def test_structured_reports_inside_the_storage_root_are_found_once(storage: Path, tmp_path: Path) -> None:
+    sr_root = storage / "SR"  # storage.sr_directory inside the root: walked with it, relative paths
+    sr_root.mkdir()
+    shutil.copyfile(storage / "SYNA" / "CT00001.dcm", sr_root / "report.dcm")
+    found = [state.path for state in plan(str(storage), {}, sr_root=str(sr_root)).missing]
+    assert sorted(found) == sorted(r.path for r in records_of(storage))
+    assert found.count("SR/report.dcm") == 1
+    path = str(tmp_path / "index.duckdb")
+    result = reindex(str(storage), path, sr_root=str(sr_root), progress=io.StringIO())
+    assert result.files == result.indexed == len(found)
+    assert _indexed_paths(path) == sorted(found)
+
+
+def test_the_progress_line_reaches_a_pipe_when_drawn_not_at_the_end() -> None:
+    read_end, write_end = os.pipe()
+    with os.fdopen(read_end, "rb") as reader, open(write_end, "w", buffering=1 << 16) as stream:
+        bar = Progress(10, stream)
+        bar.advance(4)  # the first advance draws at once; later ones every 5 s on a pipe
+        assert select.select([reader], [], [], 5)[0], "the line is still in the writer's buffer"
+        assert os.read(read_end, 4096).decode().startswith("indexed 4/10 files [#########")
+        bar.advance(6)
+        bar.finish()
+        stream.close()
+        assert reader.read().decode().startswith("indexed 10/10 files [########################] 100.0%")
