@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage
 from pynetdicom import AE, evt
 from pynetdicom import dimse_messages as messages
 from pynetdicom import dimse_primitives as primitives
@@ -22,11 +22,13 @@ from fastscp.dicom.part10 import dataset_offset
 from fastscp.dicom.synthetic import write_series
 from fastscp.net import dimse
 from tests.conftest import free_port
+from tests.dicomfiles import pad
 from tests.rawscu import RawSCU
 from tests.test_hostile import dataset
 from tests.test_server import fastscp
 
 CT = str(CTImageStorage)
+MR = str(MRImageStorage)
 EXPLICIT = str(ExplicitVRLittleEndian)
 #: Every command element the decoder reads (PS3.7 E.1-1), by keyword.
 KEYWORDS = {"AffectedSOPClassUID", "RequestedSOPClassUID", "CommandField", "MessageID", "MessageIDBeingRespondedTo",
@@ -246,3 +248,37 @@ def test_a_64_character_uid_is_stored_and_a_65_character_one_refused(start_serve
     # Refused, and the 65-character value is not echoed: it is no UID.
     assert (results[65]["Status"], results[65]["MessageIDBeingRespondedTo"]) == (0x0117, 65)
     assert "AffectedSOPInstanceUID" not in results[65]
+
+
+def test_a_server_answers_failures_with_the_standard_codes_and_says_why(start_server) -> None:  # type: ignore[no-untyped-def]
+    # PS3.4 B.2.3 and PS3.7 C: the numbers a modality acts on, written out here, not taken from fastscp.
+    server = start_server("--duplicates", "reject", workers=1)
+    answers = []
+    for uid, data in (("1.2.3.1", dataset("1.2.3.1").replace(pad(CT, "UI"), pad(MR, "UI"))),
+                      ("1.2.3.2", dataset("1.2.3.2", bytes(100), declared=200)),
+                      ("1.2.3.3", dataset("1.2.3.3")),
+                      ("1.2.3.3", dataset("1.2.3.3", bytes(range(256)) * 2))):
+        scu = RawSCU(server.port, CT, EXPLICIT)
+        scu.begin_store(uid)
+        scu.send_data(data, last=True)
+        response, _ = scu.read_message()
+        scu.release()
+        answers.append((response["Status"], response.get("ErrorComment", "")))
+    assert answers == [
+        (0xA900, f"SOP Class UID in data set is {MR}"),   # Data Set does not match SOP Class
+        (0xC000, answers[1][1]),                           # Cannot understand
+        (0x0000, ""),
+        (0x0111, "other content stored under this SOP Instance UID"),  # Duplicate SOP Instance
+    ]
+    assert "(7FE0,0010)" in answers[1][1]
+
+
+def test_a_store_below_the_free_space_watermark_gets_0xa700(start_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "full.yaml").write_text("storage:\n  min_free_bytes: 1000000000000000000\n")
+    full = start_server(config=tmp_path / "full.yaml", workers=1)
+    scu = RawSCU(full.port, CT, EXPLICIT)
+    scu.begin_store("1.2.3.4")
+    scu.send_data(dataset("1.2.3.4"), last=True)
+    response, _ = scu.read_message()
+    scu.release()
+    assert response["Status"] == 0xA700 and "free space" in str(response["ErrorComment"])  # Out of resources

@@ -59,11 +59,13 @@ def test_reindex_after_a_killed_reindex_drops_what_that_one_left(storage: Path, 
 def test_reindex_into_a_folder_not_made_yet_says_what_it_found(storage: Path, tmp_path: Path) -> None:
     path = str(tmp_path / "new" / "folder" / "index.duckdb")
     progress = io.StringIO()
-    result = reindex(str(storage), path, progress=progress)
+    result = reindex(str(storage), path, progress=progress, batch_size=4)
     assert result.failed == [] and result.indexed == result.files == len(records_of(storage))
     assert _indexed_paths(path) == sorted(r.path for r in records_of(storage))
-    first, *_ = progress.getvalue().splitlines()
+    first, *_, last = progress.getvalue().splitlines()
     assert first.startswith(f"reindex: {result.files} files under {storage} (")
+    # Batches end within the 5 s between lines on a pipe: the last line is drawn at the end all the same.
+    assert last.startswith(f"indexed {result.files}/{result.files} files [{'#' * 24}] 100.0%")
 
 
 @pytest.fixture
