@@ -64,7 +64,7 @@ MODULES: dict[str, tuple[str, ...]] = {
                            "tests/test_server.py", "tests/test_lifecycle.py"),
     "fastscp/config.py": ("tests/test_config.py",),
     "fastscp/net/dimse.py": ("tests/test_dimse.py", "tests/test_protocol.py", "tests/test_protocol_paths.py"),
-    "fastscp/net/negotiation.py": ("tests/test_protocol.py", "tests/test_access.py",
+    "fastscp/net/negotiation.py": ("tests/test_negotiation.py", "tests/test_protocol.py", "tests/test_access.py",
                                    "tests/test_cfind.py::test_relational_queries_when_negotiated"),
     "fastscp/net/association.py": ("tests/test_protocol.py", "tests/test_protocol_paths.py", "tests/test_server.py",
                             "tests/test_access.py", "tests/test_lifecycle.py", "tests/test_duplicates.py"),
