@@ -11,6 +11,9 @@ import io
 import os
 import select
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import msgspec
@@ -56,10 +59,30 @@ def test_reindex_after_a_killed_reindex_drops_what_that_one_left(storage: Path, 
     assert not os.path.exists(path + ".reindex")
 
 
+def test_reindex_of_an_index_whose_server_was_killed_leaves_no_old_log_beside_the_new_one(
+        storage: Path, tmp_path: Path) -> None:
+    path = str(tmp_path / "index.duckdb")
+    # A server killed -9 leaves rows in the index's write-ahead log (here the row of a file removed since).
+    code = ("import os, sys, msgspec\n"
+            "from fastscp.index.database import Index\n"
+            "from tests.test_index import records_of\n"
+            "from pathlib import Path\n"
+            "index = Index(sys.argv[1])\n"
+            "index.add([msgspec.structs.replace(records_of(Path(sys.argv[2]))[0], path='gone/file.dcm')])\n"
+            "os._exit(0)\n")
+    subprocess.run([sys.executable, "-c", code, path, str(storage)], check=True, timeout=120)
+    assert os.path.getsize(path + ".wal") > 0
+    result = reindex(str(storage), path, progress=io.StringIO())
+    assert not os.path.exists(path + ".wal")
+    assert result.failed == [] and _indexed_paths(path) == sorted(r.path for r in records_of(storage))
+
+
 def test_reindex_into_a_folder_not_made_yet_says_what_it_found(storage: Path, tmp_path: Path) -> None:
     path = str(tmp_path / "new" / "folder" / "index.duckdb")
     progress = io.StringIO()
+    started = time.monotonic()
     result = reindex(str(storage), path, progress=progress, batch_size=4)
+    assert 0 < result.seconds <= time.monotonic() - started  # `fastscp reindex` prints it
     assert result.failed == [] and result.indexed == result.files == len(records_of(storage))
     assert _indexed_paths(path) == sorted(r.path for r in records_of(storage))
     first, *_, last = progress.getvalue().splitlines()
@@ -71,11 +94,15 @@ def test_reindex_into_a_folder_not_made_yet_says_what_it_found(storage: Path, tm
 @pytest.fixture
 def odd_files(tmp_path: Path) -> Path:
     """A storage root: a file longer than the first read, one whose File Meta names another SOP Instance
-    UID than its data set (kept as the C-STORE's Affected UID), one whose data set has none."""
+    UID than its data set (kept as the C-STORE's Affected UID), one whose data set has none, one whose
+    header alone is longer than the first read of a file (256 KiB)."""
     root = tmp_path / "odd"
     (big,) = write_series(str(root / "BIG"), 1, rows=512, columns=512)
     assert os.path.getsize(big) > 2 * 256 * 1024
-    other, missing = write_series(str(root / "UIDS"), 2, rows=8, columns=8, seed=2)
+    other, missing, huge = write_series(str(root / "UIDS"), 3, rows=8, columns=8, seed=2)
+    ds = pydicom.dcmread(huge)  # a header longer than the first read: a big private value before Pixel Data
+    ds.private_block(0x0009, "FASTSCP TEST", create=True).add_new(0x10, "OB", bytes(300 * 1024))
+    ds.save_as(huge)
     ds = pydicom.dcmread(other)
     ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3.999"
     ds.save_as(other)
@@ -98,10 +125,11 @@ def _expected_rows(root: Path) -> list[tuple[str, str, str, str]]:
 
 def test_records_from_files_carry_both_uids_and_the_data_set_hash(odd_files: Path, tmp_path: Path) -> None:
     expected = _expected_rows(odd_files)
-    assert {r[2] for r in expected} == {"", "1.2.3.999"} and len(expected) == 3
+    assert {r[2] for r in expected} == {"", "1.2.3.999"} and len(expected) == 4
     # fastscp reindex ...
     path = str(tmp_path / "reindexed.duckdb")
-    reindex(str(odd_files), path, progress=io.StringIO())
+    result = reindex(str(odd_files), path, progress=io.StringIO())
+    assert result.failed == [] and result.indexed == 4
     index = Index(path, read_only=True)
     sql = "SELECT path, sop_instance_uid, affected_sop_instance_uid, content_hash FROM instances ORDER BY path"
     assert rows(index, sql) == expected
@@ -130,6 +158,22 @@ def test_structured_reports_inside_the_storage_root_are_found_once(storage: Path
     result = reindex(str(storage), path, sr_root=str(sr_root), progress=io.StringIO())
     assert result.files == result.indexed == len(found)
     assert _indexed_paths(path) == sorted(found)
+
+
+def test_the_progress_line_on_a_terminal_is_redrawn_in_place() -> None:
+    controller, terminal = os.openpty()
+    with os.fdopen(controller, "rb", buffering=0) as reader, open(terminal, "w") as stream:
+        bar = Progress(10, stream)
+        bar.advance(4)
+        bar.advance(6)  # drawn too if 0.1 s have passed
+        bar.finish()
+        out = b""
+        while not out.endswith(b"\n") and select.select([reader], [], [], 5)[0]:
+            out += reader.read(4096)
+    # Carriage return, the line, erase to its end; a newline only when done (the terminal makes it \r\n).
+    before, *lines, end = out.decode().split("\r")
+    assert (before, end) == ("", "\n") and all(line.endswith("\x1b[K") for line in lines)
+    assert lines[0].startswith("indexed 4/10 files [#########") and lines[-1].startswith("indexed 10/10 files [")
 
 
 def test_the_progress_line_reaches_a_pipe_when_drawn_not_at_the_end() -> None:
