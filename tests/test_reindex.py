@@ -23,7 +23,7 @@ import pytest
 from fastscp.dicom.part10 import dataset_offset
 from fastscp.dicom.synthetic import write_series
 from fastscp.index.client import QueryClient
-from fastscp.index.database import Index
+from fastscp.index.database import Index, IndexUnavailable
 from fastscp.index.reindex import Progress, plan, reindex
 from fastscp.query.engine import QueryRequest
 from tests.test_index import RunningIndexer, make_storage, records_of, rows, wait_until
@@ -105,6 +105,7 @@ def odd_files(tmp_path: Path) -> Path:
     ds.save_as(huge)
     ds = pydicom.dcmread(other)
     ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3.999"
+    ds.file_meta.SourceApplicationEntityTitle = "MODALITY1"  # fastscp writes the calling AE title here
     ds.save_as(other)
     ds = pydicom.dcmread(missing)
     del ds.SOPInstanceUID
@@ -112,26 +113,30 @@ def odd_files(tmp_path: Path) -> Path:
     return root
 
 
-def _expected_rows(root: Path) -> list[tuple[str, str, str, str]]:
-    """(path, SOP Instance UID, Affected SOP Instance UID if it differs, SHA-256 of the data set), from pydicom."""
+def _expected_rows(root: Path) -> list[tuple[str, str, str, str, str]]:
+    """(path, SOP Instance UID, Affected SOP Instance UID if it differs, SHA-256 of the data set, calling AE
+    title), from pydicom."""
     out = []
     for file in sorted(root.rglob("*.dcm")):
         ds = pydicom.dcmread(file, stop_before_pixels=True)
         meta_uid = str(ds.file_meta.MediaStorageSOPInstanceUID)
         uid = str(ds.get("SOPInstanceUID", "")) or meta_uid
-        out.append((file.relative_to(root).as_posix(), uid, meta_uid if meta_uid != uid else "", _data_set_hash(file)))
+        out.append((file.relative_to(root).as_posix(), uid, meta_uid if meta_uid != uid else "", _data_set_hash(file),
+                    str(ds.file_meta.get("SourceApplicationEntityTitle", ""))))
     return out
 
 
 def test_records_from_files_carry_both_uids_and_the_data_set_hash(odd_files: Path, tmp_path: Path) -> None:
     expected = _expected_rows(odd_files)
-    assert {r[2] for r in expected} == {"", "1.2.3.999"} and len(expected) == 4
+    assert {r[2] for r in expected} == {"", "1.2.3.999"} and {r[4] for r in expected} == {"", "MODALITY1"}
+    assert len(expected) == 4
     # fastscp reindex ...
     path = str(tmp_path / "reindexed.duckdb")
     result = reindex(str(odd_files), path, progress=io.StringIO())
     assert result.failed == [] and result.indexed == 4
     index = Index(path, read_only=True)
-    sql = "SELECT path, sop_instance_uid, affected_sop_instance_uid, content_hash FROM instances ORDER BY path"
+    sql = ("SELECT path, sop_instance_uid, affected_sop_instance_uid, content_hash, calling_ae_title FROM instances "
+           "ORDER BY path")
     assert rows(index, sql) == expected
     index.close()
     # ... and the indexer's reconcile on start give the same rows, hash included.
@@ -142,7 +147,7 @@ def test_records_from_files_carry_both_uids_and_the_data_set_hash(odd_files: Pat
         wait_until(lambda: queries.stats().indexer.reconcile == "done")  # type: ignore[union-attr]
         keys = ["Path", "SOPInstanceUID", "ContentHash"]
         with queries.query(QueryRequest(level="IMAGE", keys=keys)) as result:
-            assert sorted(tuple(row) for row in result) == [(p, uid, digest) for p, uid, _, digest in expected]
+            assert sorted(tuple(row) for row in result) == [(p, uid, digest) for p, uid, _, digest, _ae in expected]
     finally:
         running.stop()
 
@@ -187,3 +192,37 @@ def test_the_progress_line_reaches_a_pipe_when_drawn_not_at_the_end() -> None:
         bar.finish()
         stream.close()
         assert reader.read().decode().startswith("indexed 10/10 files [########################] 100.0%")
+
+
+def test_the_eta_is_what_is_left_at_the_rate_so_far() -> None:
+    before = time.monotonic()
+    bar = Progress(3, io.StringIO())
+    after = time.monotonic()
+    time.sleep(1.0)
+    bar.advance(1)
+    line_from = time.monotonic()
+    line = bar.line()
+    line_to = time.monotonic()
+    h, m, s = map(int, line.rsplit("ETA ", 1)[1].split(":"))
+    # 2 files left at 1 file per `elapsed` seconds, rounded to the second.
+    assert int(2 * (line_from - after) + 0.5) <= 3600 * h + 60 * m + s <= int(2 * (line_to - before) + 0.5), line
+    assert line.startswith("indexed 1/3 files [########                ]  33.3% ")
+
+
+def test_an_unreadable_old_index_is_replaced_and_one_in_use_is_not(storage: Path, tmp_path: Path) -> None:
+    path = str(tmp_path / "index.duckdb")
+    Path(path).write_bytes(b"not an index" * 1000)
+    result = reindex(str(storage), path, progress=io.StringIO())
+    assert result.failed == [] and _indexed_paths(path) == sorted(r.path for r in records_of(storage))
+    # Another process has it open (a server): refused, the index left as it is.
+    with subprocess.Popen([sys.executable, "-c", "import sys, time; from fastscp.index.database import Index; "
+                           "index = Index(sys.argv[1]); print('open', flush=True); time.sleep(120)", path],
+                          stdout=subprocess.PIPE, text=True) as holder:
+        try:
+            assert holder.stdout is not None and holder.stdout.readline() == "open\n"
+            with pytest.raises(IndexUnavailable, match="another process"):
+                reindex(str(storage), path, progress=io.StringIO())
+        finally:
+            holder.kill()
+    assert not os.path.exists(path + ".reindex")
+    assert _indexed_paths(path) == sorted(r.path for r in records_of(storage))
