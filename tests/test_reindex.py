@@ -194,9 +194,10 @@ def test_the_progress_line_reaches_a_pipe_when_drawn_not_at_the_end() -> None:
         assert reader.read().decode().startswith("indexed 10/10 files [########################] 100.0%")
 
 
-def test_the_eta_is_what_is_left_at_the_rate_so_far() -> None:
+@pytest.mark.parametrize("total", [3, 7201])
+def test_the_eta_is_what_is_left_at_the_rate_so_far(total: int) -> None:
     before = time.monotonic()
-    bar = Progress(3, io.StringIO())
+    bar = Progress(total, io.StringIO())
     after = time.monotonic()
     time.sleep(1.0)
     bar.advance(1)
@@ -204,9 +205,11 @@ def test_the_eta_is_what_is_left_at_the_rate_so_far() -> None:
     line = bar.line()
     line_to = time.monotonic()
     h, m, s = map(int, line.rsplit("ETA ", 1)[1].split(":"))
-    # 2 files left at 1 file per `elapsed` seconds, rounded to the second.
-    assert int(2 * (line_from - after) + 0.5) <= 3600 * h + 60 * m + s <= int(2 * (line_to - before) + 0.5), line
-    assert line.startswith("indexed 1/3 files [########                ]  33.3% ")
+    # total - 1 files left at 1 file per `elapsed` seconds, as h:mm:ss rounded to the second.
+    left = total - 1
+    assert int(left * (line_from - after) + 0.5) <= 3600 * h + 60 * m + s <= int(left * (line_to - before) + 0.5), line
+    assert m < 60 and s < 60
+    assert line.startswith(f"indexed 1/{total} files [")
 
 
 def test_an_unreadable_old_index_is_replaced_and_one_in_use_is_not(storage: Path, tmp_path: Path) -> None:
