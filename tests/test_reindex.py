@@ -86,7 +86,9 @@ def test_reindex_into_a_folder_not_made_yet_says_what_it_found(storage: Path, tm
     assert result.failed == [] and result.indexed == result.files == len(records_of(storage))
     assert _indexed_paths(path) == sorted(r.path for r in records_of(storage))
     first, *_, last = progress.getvalue().splitlines()
-    assert first.startswith(f"reindex: {result.files} files under {storage} (")
+    assert first.startswith(f"reindex: {result.files} files under {storage} (") and first.endswith(" s to list them)")
+    listing = float(first.rsplit("(", 1)[1].split()[0])
+    assert 0 <= listing <= result.seconds + 0.05  # rounded to a tenth
     # Batches end within the 5 s between lines on a pipe: the last line is drawn at the end all the same.
     assert last.startswith(f"indexed {result.files}/{result.files} files [{'#' * 24}] 100.0%")
 
