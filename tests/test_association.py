@@ -6,16 +6,20 @@ live (tests/README.md)."""
 
 from __future__ import annotations
 
+import re
+import signal
 import time
 from pathlib import Path
 
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
 from fastscp.dicom.part10 import dataset_offset
-from tests.rawscu import RawSCU
+from tests.conftest import wait_until
+from tests.rawscu import RawSCU, command_set
 from tests.test_hostile import dataset
 
 CT, EXPLICIT = str(CTImageStorage), str(ExplicitVRLittleEndian)
+VERIFICATION = "1.2.840.10008.1.1"
 
 
 def test_a_slow_transfer_above_the_minimum_rate_is_stored(start_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -35,3 +39,33 @@ def test_a_slow_transfer_above_the_minimum_rate_is_stored(start_server, tmp_path
     scu.release()
     (stored,) = server.stored_files()
     assert stored.read_bytes()[dataset_offset(stored.read_bytes()):] == data
+
+
+def test_an_association_cut_at_shutdown_timeout_is_still_accounted_for(start_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    # The worker cuts the connection under the association's blocking read, so the association ends
+    # (its temp file removed, its summary logged) before the process exits.
+    (tmp_path / "stop.yaml").write_text("server:\n  shutdown_timeout: 1\n")
+    server = start_server(workers=1, config=tmp_path / "stop.yaml")
+    data = dataset("1.2.3.6", bytes(20000))
+    scu = RawSCU(server.port, CT, EXPLICIT)
+    scu.begin_store("1.2.3.6")
+    scu.send_data(data[:10000], last=False)
+    wait_until(lambda: list((server.storage / ".incoming").iterdir()), what="the temp file")
+    server.signal(signal.SIGTERM)
+    assert server.process.wait(30) == 0
+    summary = r"association RAWSCU \(127\.0\.0\.1:\d+\) -> FASTSCP: accepted, .*; 0 instances"
+    assert re.search(summary, server.log_text())
+    assert list((server.storage / ".incoming").iterdir()) == [] and server.stored_files() == []
+    scu.close()
+
+
+def test_each_message_is_answered_from_its_own_command_set(server) -> None:  # type: ignore[no-untyped-def]
+    scu = RawSCU(server.port, CT, EXPLICIT)
+    assert scu.store("1.2.3.7", dataset("1.2.3.7")) == 0x0000
+    # A C-ECHO after a C-STORE on the same association: its response carries nothing of the store's.
+    scu.send_command(command_set(0x0030, sop_class=VERIFICATION, message_id=8))
+    response, data_set = scu.read_message()
+    assert response == {"AffectedSOPClassUID": VERIFICATION, "CommandField": 0x8030, "MessageIDBeingRespondedTo": 8,
+                        "CommandDataSetType": 0x0101, "Status": 0x0000}
+    assert data_set is None
+    scu.release()
