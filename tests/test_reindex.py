@@ -199,7 +199,7 @@ def test_the_progress_line_reaches_a_pipe_when_drawn_not_at_the_end() -> None:
         assert last.startswith("indexed 10/10 files [########################] 100.0%")
 
 
-@pytest.mark.parametrize("total", [3, 7201])
+@pytest.mark.parametrize("total", [3, 7201, 20_000_001])  # seconds, hours, days (h = s // 3600 even then)
 def test_the_eta_is_what_is_left_at_the_rate_so_far(total: int) -> None:
     before = time.monotonic()
     bar = Progress(total, io.StringIO())
