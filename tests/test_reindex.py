@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 import select
 import shutil
 import subprocess
@@ -265,3 +266,39 @@ def test_the_conflicts_of_an_index_of_an_older_schema_are_carried_over(storage: 
     assert rows(index, "SELECT sop_instance_uid, existing_hash, new_hash, outcome FROM duplicate_conflicts") == [
         ("1.2", "e", "n", "kept-first")]
     index.close()
+
+
+def test_reindex_while_another_process_reads_the_old_index(storage: Path, tmp_path: Path) -> None:
+    # `fastscp query` on a stopped server's index opens it read-only: reindex reads it alongside (for its
+    # conflicts) and replaces it.
+    path = str(tmp_path / "index.duckdb")
+    conflict = DuplicateConflict(sop_instance_uid="1.2", path="a.dcm", existing_hash="e", new_hash="n",
+                                 policy="reject", outcome="rejected", new_path="", calling_ae_title="X",
+                                 received_at=1.0)
+    old = Index(path)
+    old.add(records_of(storage)[:2], [conflict])
+    old.close()
+    with subprocess.Popen([sys.executable, "-c", "import sys, time; from fastscp.index.database import Index; "
+                           "index = Index(sys.argv[1], read_only=True); print('open', flush=True); "
+                           "time.sleep(120)", path], stdout=subprocess.PIPE, text=True) as reader:
+        try:
+            assert reader.stdout is not None and reader.stdout.readline() == "open\n"
+            result = reindex(str(storage), path, progress=io.StringIO())
+        finally:
+            reader.kill()
+    assert result.failed == [] and _indexed_paths(path) == sorted(r.path for r in records_of(storage))
+    index = Index(path, read_only=True)
+    assert rows(index, "SELECT sop_instance_uid, outcome FROM duplicate_conflicts") == [("1.2", "rejected")]
+    index.close()
+
+
+def test_a_file_cut_short_inside_a_long_header_is_reported_not_indexed(odd_files: Path, tmp_path: Path) -> None:
+    (huge,) = [p for p in odd_files.rglob("*.dcm") if p.stat().st_size > 300 * 1024 and "UIDS" in p.parts]
+    huge.write_bytes(huge.read_bytes()[:290 * 1024])  # inside the private value, past the first read
+    result = reindex(str(odd_files), str(tmp_path / "index.duckdb"), progress=io.StringIO())
+    assert result.indexed == 3
+    ((path, reason),) = result.failed
+    # What `fastscp reindex` prints: the element and why, not that the first read was short.
+    assert path == huge.relative_to(odd_files).as_posix()
+    assert re.fullmatch(r"value of \(0009,1010\) at byte offset \d+ \(length 307200\) runs past the end of the data "
+                        r"\(\d+ bytes\)", reason), reason
