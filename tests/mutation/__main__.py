@@ -66,8 +66,9 @@ MODULES: dict[str, tuple[str, ...]] = {
     "fastscp/net/dimse.py": ("tests/test_dimse.py", "tests/test_protocol.py", "tests/test_protocol_paths.py"),
     "fastscp/net/negotiation.py": ("tests/test_negotiation.py", "tests/test_protocol.py", "tests/test_access.py",
                                    "tests/test_cfind.py::test_relational_queries_when_negotiated"),
-    "fastscp/net/association.py": ("tests/test_protocol.py", "tests/test_protocol_paths.py", "tests/test_server.py",
-                            "tests/test_access.py", "tests/test_lifecycle.py", "tests/test_duplicates.py"),
+    "fastscp/net/association.py": ("tests/test_association.py", "tests/test_dimse.py", "tests/test_negotiation.py",
+                                   "tests/test_protocol_paths.py", "tests/test_protocol.py", "tests/test_server.py",
+                                   "tests/test_access.py", "tests/test_lifecycle.py", "tests/test_duplicates.py"),
     "fastscp/index/reindex.py": ("tests/test_reindex.py", "tests/test_index.py"),
 }
 
