@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
 from fastscp.dicom.part10 import dataset_offset
 from tests.conftest import wait_until
-from tests.rawscu import RawSCU, command_set
+from tests.rawscu import RawSCU, associate_rq, command_set
 from tests.test_hostile import dataset
 
 CT, EXPLICIT = str(CTImageStorage), str(ExplicitVRLittleEndian)
@@ -69,3 +70,41 @@ def test_each_message_is_answered_from_its_own_command_set(server) -> None:  # t
                         "CommandDataSetType": 0x0101, "Status": 0x0000}
     assert data_set is None
     scu.release()
+
+
+def _closed_within(sock: socket.socket, seconds: float) -> bool:
+    """True if the server closes the connection (or aborts) within ``seconds``; what it sends first is read."""
+    sock.settimeout(seconds)
+    deadline = time.monotonic() + seconds
+    try:
+        while time.monotonic() < deadline:
+            chunk = sock.recv(65536)
+            if not chunk or chunk[:1] == b"\x07":  # closed, or A-ABORT
+                return True
+    except TimeoutError:
+        return False
+    except ConnectionError:
+        return True
+    return False
+
+
+def test_the_server_closes_the_connection_after_rejecting(start_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "only.yaml").write_text("access:\n  allowed_calling_aets: [MODALITY]\n")
+    server = start_server(workers=1, config=tmp_path / "only.yaml")
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(associate_rq([(CT, [EXPLICIT])], aet="STRANGER"))
+        header = sock.recv(10)
+        assert header[:1] == b"\x03" and header[7:10] == bytes([1, 1, 3])  # A-ASSOCIATE-RJ, AE not recognized
+        # PS3.8 7.1.1.7 / 9.1.4: the acceptor that rejects releases the transport; it does not wait for more.
+        assert _closed_within(sock, 10)
+
+
+def test_without_a_minimum_rate_an_idle_association_ends_at_dimse_timeout(start_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "idle.yaml").write_text("server:\n  dimse_timeout: 1\nlimits:\n  min_data_rate: 0\n")
+    server = start_server(workers=1, config=tmp_path / "idle.yaml")
+    scu = RawSCU(server.port, CT, EXPLICIT)
+    assert scu.accepted
+    started = time.monotonic()
+    assert _closed_within(scu.sock, 15)
+    assert time.monotonic() - started < 10
+    scu.close()
