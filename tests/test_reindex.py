@@ -99,7 +99,7 @@ def test_reindex_into_a_folder_not_made_yet_says_what_it_found(storage: Path, tm
 def odd_files(tmp_path: Path) -> Path:
     """A storage root: a file longer than the first read, one whose File Meta names another SOP Instance
     UID than its data set (kept as the C-STORE's Affected UID), one whose data set has none, one whose
-    header alone is longer than the first read of a file (256 KiB)."""
+    header alone is longer than the first read of a file (256 KiB), one longer than that without Pixel Data."""
     root = tmp_path / "odd"
     (big,) = write_series(str(root / "BIG"), 1, rows=512, columns=512)
     assert os.path.getsize(big) > 2 * 256 * 1024
@@ -107,6 +107,11 @@ def odd_files(tmp_path: Path) -> Path:
     ds = pydicom.dcmread(huge)  # a header longer than the first read: a big private value before Pixel Data
     ds.private_block(0x0009, "FASTSCP TEST", create=True).add_new(0x10, "OB", bytes(300 * 1024))
     ds.save_as(huge)
+    (document,) = write_series(str(root / "DOC"), 1, rows=8, columns=8, seed=3)
+    ds = pydicom.dcmread(document)  # no Pixel Data, a long value to the end: like an encapsulated PDF
+    del ds.PixelData
+    ds.EncapsulatedDocument = bytes(300 * 1024)
+    ds.save_as(document)
     ds = pydicom.dcmread(other)
     ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3.999"
     ds.file_meta.SourceApplicationEntityTitle = "MODALITY1"  # fastscp writes the calling AE title here
@@ -133,11 +138,11 @@ def _expected_rows(root: Path) -> list[tuple[str, str, str, str, str]]:
 def test_records_from_files_carry_both_uids_and_the_data_set_hash(odd_files: Path, tmp_path: Path) -> None:
     expected = _expected_rows(odd_files)
     assert {r[2] for r in expected} == {"", "1.2.3.999"} and {r[4] for r in expected} == {"", "MODALITY1"}
-    assert len(expected) == 4
+    assert len(expected) == 5
     # fastscp reindex ...
     path = str(tmp_path / "reindexed.duckdb")
     result = reindex(str(odd_files), path, progress=io.StringIO())
-    assert result.failed == [] and result.indexed == 4
+    assert result.failed == [] and result.indexed == 5
     index = Index(path, read_only=True)
     sql = ("SELECT path, sop_instance_uid, affected_sop_instance_uid, content_hash, calling_ae_title FROM instances "
            "ORDER BY path")
@@ -296,7 +301,7 @@ def test_a_file_cut_short_inside_a_long_header_is_reported_not_indexed(odd_files
     (huge,) = [p for p in odd_files.rglob("*.dcm") if p.stat().st_size > 300 * 1024 and "UIDS" in p.parts]
     huge.write_bytes(huge.read_bytes()[:290 * 1024])  # inside the private value, past the first read
     result = reindex(str(odd_files), str(tmp_path / "index.duckdb"), progress=io.StringIO())
-    assert result.indexed == 3
+    assert result.indexed == 4
     ((path, reason),) = result.failed
     # What `fastscp reindex` prints: the element and why, not that the first read was short.
     assert path == huge.relative_to(odd_files).as_posix()
