@@ -54,9 +54,11 @@ def store_command(sop_class: str, sop_instance: bytes | None, message_id: int = 
 
 
 def associate_rq(contexts: list[tuple[str, list[str]]], *, aet: str = "RAWSCU", aec: str = "FASTSCP",
-                 max_length: int = 0, roles: dict[str, tuple[bool, bool]] | None = None) -> bytes:
+                 max_length: int = 0, roles: dict[str, tuple[bool, bool]] | None = None,
+                 user_information: list | None = None) -> bytes:  # type: ignore[type-arg]
     """An encoded A-ASSOCIATE-RQ proposing ``contexts`` (IDs 1, 3, 5...), with
-    Maximum Length Received ``max_length`` and SCP/SCU role selections ``roles``."""
+    Maximum Length Received ``max_length`` and SCP/SCU role selections ``roles``,
+    or exactly the ``user_information`` items given."""
     rq = A_ASSOCIATE()
     rq.application_context_name = UID("1.2.840.10008.3.1.1.1")
     rq.calling_ae_title = aet
@@ -74,7 +76,7 @@ def associate_rq(contexts: list[tuple[str, list[str]]], *, aet: str = "RAWSCU", 
         role = SCP_SCU_RoleSelectionNegotiation()
         role.sop_class_uid, role.scu_role, role.scp_role = uid, scu, scp
         items.append(role)
-    rq.user_information = items
+    rq.user_information = items if user_information is None else user_information
     pdu = A_ASSOCIATE_RQ()
     pdu.from_primitive(rq)
     return pdu.encode()

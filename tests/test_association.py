@@ -23,14 +23,21 @@ CT, EXPLICIT = str(CTImageStorage), str(ExplicitVRLittleEndian)
 VERIFICATION = "1.2.840.10008.1.1"
 
 
+def _store_begun(start_server, tmp_path: Path, config: str, uid: str, pixels: int):  # type: ignore[no-untyped-def]
+    """A one-worker server with ``config``, and a raw SCU that has sent the C-STORE-RQ of ``uid``:
+    (server, scu, the data set to send)."""
+    (tmp_path / "fastscp.yaml").write_text(config)
+    server = start_server(workers=1, config=tmp_path / "fastscp.yaml")
+    scu = RawSCU(server.port, CT, EXPLICIT)
+    scu.begin_store(uid)
+    return server, scu, dataset(uid, bytes(pixels))
+
+
 def test_a_slow_transfer_above_the_minimum_rate_is_stored(start_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     # dimse_timeout of grace, plus a second per min_data_rate bytes that have arrived: 60 KB at ~15 KB/s
     # (1.5 times the minimum) take ~4 s, past the 2 s timeout, and are allowed 2 + 6 = 8 s.
-    (tmp_path / "slow.yaml").write_text("server:\n  dimse_timeout: 2\nlimits:\n  min_data_rate: 10000\n")
-    server = start_server(workers=1, config=tmp_path / "slow.yaml")
-    data = dataset("1.2.3.5", bytes(60000))
-    scu = RawSCU(server.port, CT, EXPLICIT)
-    scu.begin_store("1.2.3.5")
+    config = "server:\n  dimse_timeout: 2\nlimits:\n  min_data_rate: 10000\n"
+    server, scu, data = _store_begun(start_server, tmp_path, config, "1.2.3.5", 60000)
     started = time.monotonic()
     for start in range(0, len(data), 6000):
         scu.send_data(data[start:start + 6000], last=start + 6000 >= len(data))
@@ -45,11 +52,7 @@ def test_a_slow_transfer_above_the_minimum_rate_is_stored(start_server, tmp_path
 def test_an_association_cut_at_shutdown_timeout_is_still_accounted_for(start_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     # The worker cuts the connection under the association's blocking read, so the association ends
     # (its temp file removed, its summary logged) before the process exits.
-    (tmp_path / "stop.yaml").write_text("server:\n  shutdown_timeout: 1\n")
-    server = start_server(workers=1, config=tmp_path / "stop.yaml")
-    data = dataset("1.2.3.6", bytes(20000))
-    scu = RawSCU(server.port, CT, EXPLICIT)
-    scu.begin_store("1.2.3.6")
+    server, scu, data = _store_begun(start_server, tmp_path, "server:\n  shutdown_timeout: 1\n", "1.2.3.6", 20000)
     scu.send_data(data[:10000], last=False)
     wait_until(lambda: list((server.storage / ".incoming").iterdir()), what="the temp file")
     server.signal(signal.SIGTERM)

@@ -14,7 +14,7 @@ import threading
 import pytest
 from pydicom.uid import UID
 from pynetdicom.dsutils import decode
-from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
+from pynetdicom.pdu import A_ASSOCIATE_AC
 from pynetdicom.pdu_primitives import (
     A_ASSOCIATE,
     ImplementationClassUIDNotification,
@@ -23,7 +23,6 @@ from pynetdicom.pdu_primitives import (
     SCP_SCU_RoleSelectionNegotiation,
     SOPClassExtendedNegotiation,
 )
-from pynetdicom.presentation import build_context
 
 from fastscp.dicom.sopclasses import STORAGE_SOP_CLASSES
 from fastscp.dicom.uids import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
@@ -99,19 +98,7 @@ def test_a_calling_ae_title_not_allowed_is_rejected_saying_why() -> None:
 
 
 def _request_with(items: list[object], contexts: list[tuple[str, list[str]]]) -> bytes:
-    rq = A_ASSOCIATE()
-    rq.application_context_name = UID("1.2.840.10008.3.1.1.1")
-    rq.calling_ae_title, rq.called_ae_title = "FINDSCU", "FASTSCP"
-    proposed = []
-    for i, (abstract, syntaxes) in enumerate(contexts):
-        context = build_context(abstract, syntaxes)
-        context.context_id = 2 * i + 1
-        proposed.append(context)
-    rq.presentation_context_definition_list = proposed
-    rq.user_information = items
-    pdu = A_ASSOCIATE_RQ()
-    pdu.from_primitive(rq)
-    return pdu.encode()
+    return associate_rq(contexts, aet="FINDSCU", user_information=items)
 
 
 def _extended(uid: str, info: bytes) -> SOPClassExtendedNegotiation:

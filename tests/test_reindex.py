@@ -257,14 +257,18 @@ def test_symbolic_links_are_not_followed(storage: Path, tmp_path: Path) -> None:
     assert _indexed_paths(path) == expected
 
 
+def _old_index_with_a_conflict(path: str, outcome: str, records: list) -> None:  # type: ignore[type-arg]
+    """An index holding ``records`` and one duplicate conflict (a log the files can't rebuild)."""
+    conflict = DuplicateConflict(sop_instance_uid="1.2", path="a.dcm", existing_hash="e", new_hash="n",
+                                 policy="x", outcome=outcome, new_path="", calling_ae_title="X", received_at=1.0)
+    old = Index(path)
+    old.add(records, [conflict])
+    old.close()
+
+
 def test_the_conflicts_of_an_index_of_an_older_schema_are_carried_over(storage: Path, tmp_path: Path) -> None:
     path = str(tmp_path / "index.duckdb")
-    conflict = DuplicateConflict(sop_instance_uid="1.2", path="a.dcm", existing_hash="e", new_hash="n",
-                                 policy="keep-first", outcome="kept-first", new_path="", calling_ae_title="X",
-                                 received_at=1.0)
-    old = Index(path)
-    old.add([], [conflict])
-    old.close()
+    _old_index_with_a_conflict(path, "kept-first", [])
     make_v4_index(path, records_of(storage))
     reindex(str(storage), path, progress=io.StringIO())
     index = Index(path, read_only=True)
@@ -277,12 +281,7 @@ def test_reindex_while_another_process_reads_the_old_index(storage: Path, tmp_pa
     # `fastscp query` on a stopped server's index opens it read-only: reindex reads it alongside (for its
     # conflicts) and replaces it.
     path = str(tmp_path / "index.duckdb")
-    conflict = DuplicateConflict(sop_instance_uid="1.2", path="a.dcm", existing_hash="e", new_hash="n",
-                                 policy="reject", outcome="rejected", new_path="", calling_ae_title="X",
-                                 received_at=1.0)
-    old = Index(path)
-    old.add(records_of(storage)[:2], [conflict])
-    old.close()
+    _old_index_with_a_conflict(path, "rejected", records_of(storage)[:2])
     with subprocess.Popen([sys.executable, "-c", "import sys, time; from fastscp.index.database import Index; "
                            "index = Index(sys.argv[1], read_only=True); print('open', flush=True); "
                            "time.sleep(120)", path], stdout=subprocess.PIPE, text=True) as reader:
