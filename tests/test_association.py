@@ -111,3 +111,14 @@ def test_without_a_minimum_rate_an_idle_association_ends_at_dimse_timeout(start_
     assert _closed_within(scu.sock, 15)
     assert time.monotonic() - started < 10
     scu.close()
+
+
+def test_a_port_probe_is_no_association(server) -> None:  # type: ignore[no-untyped-def]
+    # Load balancers and monitoring connect and close without a byte: not worth a log line each.
+    for _ in range(3):
+        socket.create_connection(("127.0.0.1", server.port), timeout=10).close()
+    scu = RawSCU(server.port, CT, EXPLICIT)
+    scu.release()
+    log = server.wait_for_log("association RAWSCU (127.0.0.1:")
+    (line,) = [line for line in log.splitlines() if "fastscp.association: association " in line]
+    assert "association RAWSCU (127.0.0.1:" in line and ": accepted, released;" in line
