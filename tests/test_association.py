@@ -16,7 +16,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
 from fastscp.dicom.part10 import dataset_offset
 from tests.conftest import wait_until
-from tests.rawscu import RawSCU, associate_rq, command_set
+from tests.rawscu import RawSCU, associate_rq, command_set, p_data
 from tests.test_hostile import dataset
 
 CT, EXPLICIT = str(CTImageStorage), str(ExplicitVRLittleEndian)
@@ -123,3 +123,16 @@ def test_a_port_probe_is_no_association(server) -> None:  # type: ignore[no-unty
     time.sleep(0.5)  # the probes, served first, have had time to be logged if they were
     (line,) = [line for line in server.log_text().splitlines() if "fastscp.association: association " in line]
     assert "association RAWSCU (127.0.0.1:" in line and ": accepted, released;" in line
+
+
+def test_an_empty_last_fragment_ends_a_data_set(server) -> None:  # type: ignore[no-untyped-def]
+    # A PDV item of just its header (length 2: no value), marked last, closes the data set sent before it.
+    data = dataset("1.2.3.8")
+    scu = RawSCU(server.port, CT, EXPLICIT)
+    scu.begin_store("1.2.3.8")
+    scu.send_data(data, last=False)
+    scu.sock.sendall(p_data(1, b"", command=False, last=True))
+    assert scu.read_status() == 0x0000
+    scu.release()
+    (stored,) = server.stored_files()
+    assert stored.read_bytes()[dataset_offset(stored.read_bytes()):] == data
