@@ -89,9 +89,9 @@ def p_data(context_id: int, data: bytes, *, command: bool, last: bool) -> bytes:
 
 class RawSCU:
     def __init__(self, port: int, sop_class: str, transfer_syntax: str, *, aec: str = "FASTSCP",
-                 aet: str = "RAWSCU", timeout: float = 30, raw_calling_ae: bytes = b"") -> None:
+                 aet: str = "RAWSCU", timeout: float = 30, raw_calling_ae: bytes = b"", max_length: int = 0) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-        encoded = bytearray(associate_rq([(sop_class, [transfer_syntax])], aet=aet, aec=aec))
+        encoded = bytearray(associate_rq([(sop_class, [transfer_syntax])], aet=aet, aec=aec, max_length=max_length))
         if raw_calling_ae:
             # Bytes pynetdicom refuses to encode (control characters): PS3.8 9.3.2 puts
             # the Calling AE Title at bytes 27-42 of the PDU.

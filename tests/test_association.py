@@ -6,20 +6,25 @@ live (tests/README.md)."""
 
 from __future__ import annotations
 
+import io
 import re
 import signal
 import socket
 import time
 from pathlib import Path
 
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+import pydicom
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom.dsutils import decode
 
 from fastscp.dicom.part10 import dataset_offset
+from fastscp.index.client import QueryClient
+from fastscp.net.findscp import STUDY_ROOT_FIND, encode_identifier
 from tests.conftest import wait_until
 from tests.rawscu import RawSCU, associate_rq, command_set, p_data
 from tests.test_hostile import dataset
 
-CT, EXPLICIT = str(CTImageStorage), str(ExplicitVRLittleEndian)
+CT, EXPLICIT, IMPLICIT = str(CTImageStorage), str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian)
 VERIFICATION = "1.2.840.10008.1.1"
 
 
@@ -136,3 +141,30 @@ def test_an_empty_last_fragment_ends_a_data_set(server) -> None:  # type: ignore
     scu.release()
     (stored,) = server.stored_files()
     assert stored.read_bytes()[dataset_offset(stored.read_bytes()):] == data
+
+
+def test_c_find_matches_fragmented_to_a_small_maximum_length_arrive_whole(server) -> None:  # type: ignore[no-untyped-def]
+    uids = [f"1.2.3.9.{i}" for i in range(2)]
+    scu = RawSCU(server.port, CT, EXPLICIT)
+    for uid in uids:
+        assert scu.store(uid, dataset(uid)) == 0x0000
+    scu.release()
+    wait_until(lambda: QueryClient(str(server.index)).stats().instances == 2, what="the index")  # type: ignore[attr-defined]
+    query = pydicom.Dataset()
+    query.QueryRetrieveLevel, query.StudyInstanceUID, query.SeriesInstanceUID = "IMAGE", "1.2.3.1", "1.2.3.2"
+    query.SOPInstanceUID, query.PatientName = "", ""
+    # 64-byte PDUs: each match's identifier goes out in several data set fragments, every one a data fragment.
+    finder = RawSCU(server.port, STUDY_ROOT_FIND, IMPLICIT, max_length=64)
+    finder.send_command(command_set(0x0020, sop_class=STUDY_ROOT_FIND, message_id=5, data_set=True))
+    finder.send_data(encode_identifier(query, IMPLICIT), last=True)
+    found = []
+    while True:
+        response, identifier = finder.read_message()
+        if response["Status"] != 0xFF00:
+            break
+        assert identifier is not None and len(identifier) > 64
+        ds = decode(io.BytesIO(identifier), True, True)  # Implicit VR Little Endian
+        found.append((str(ds.SOPInstanceUID), str(ds.PatientName)))
+    assert response["Status"] == 0x0000
+    finder.release()
+    assert sorted(found) == [(uid, "HOSTILE^PEER") for uid in uids]
