@@ -168,3 +168,18 @@ def test_c_find_matches_fragmented_to_a_small_maximum_length_arrive_whole(server
     assert response["Status"] == 0x0000
     finder.release()
     assert sorted(found) == [(uid, "HOSTILE^PEER") for uid in uids]
+
+
+def test_a_peer_abort_mid_store_is_logged_as_such_and_leaves_nothing(server) -> None:  # type: ignore[no-untyped-def]
+    data = dataset("1.2.3.10", bytes(20000))
+    scu = RawSCU(server.port, CT, EXPLICIT)
+    scu.begin_store("1.2.3.10")
+    scu.send_data(data[:10000], last=False)
+    wait_until(lambda: list((server.storage / ".incoming").iterdir()), what="the temp file")
+    scu.sock.sendall(bytes([0x07, 0, 0, 0, 0, 4, 0, 0, 0, 0]))  # A-ABORT, source: service user
+    log = server.wait_for_log("association RAWSCU (127.0.0.1:")
+    (line,) = [line for line in log.splitlines() if "association RAWSCU (127.0.0.1:" in line]
+    assert ": accepted, aborted by peer; 0 instances" in line, line
+    scu.close()
+    wait_until(lambda: not list((server.storage / ".incoming").iterdir()), what="the temp file removed")
+    assert server.stored_files() == []
