@@ -10,6 +10,7 @@ import io
 import re
 import signal
 import socket
+import struct
 import time
 from pathlib import Path
 
@@ -183,3 +184,22 @@ def test_a_peer_abort_mid_store_is_logged_as_such_and_leaves_nothing(server) -> 
     scu.close()
     wait_until(lambda: not list((server.storage / ".incoming").iterdir()), what="the temp file removed")
     assert server.stored_files() == []
+
+
+def test_a_command_set_of_max_command_set_bytes_is_served_one_more_refused(start_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "small.yaml").write_text("limits:\n  max_command_set: 1000\n")
+    server = start_server(workers=1, config=tmp_path / "small.yaml")
+
+    def echo_of(size: int) -> bytes:
+        """A C-ECHO-RQ command set of ``size`` bytes: padded with an element no command uses, (0000,0005)."""
+        command = command_set(0x0030, sop_class=VERIFICATION, message_id=1)
+        return command + struct.pack("<HHI", 0, 0x0005, size - len(command) - 8) + bytes(size - len(command) - 8)
+
+    scu = RawSCU(server.port, VERIFICATION, IMPLICIT)
+    scu.send_command(echo_of(1000))  # one fragment
+    response, _ = scu.read_message()
+    assert (response["CommandField"], response["Status"]) == (0x8030, 0x0000)
+    scu.send_command(echo_of(1001))
+    assert scu.ended_by_server(10) in (0x07, 0)
+    scu.close()
+    assert "command set longer than limits.max_command_set (1000)" in server.wait_for_log("limit exceeded")
