@@ -203,3 +203,17 @@ def test_a_command_set_of_max_command_set_bytes_is_served_one_more_refused(start
     assert scu.ended_by_server(10) in (0x07, 0)
     scu.close()
     assert "command set longer than limits.max_command_set (1000)" in server.wait_for_log("limit exceeded")
+
+
+def test_a_command_and_its_data_set_in_one_pdu_are_read_item_by_item(server) -> None:  # type: ignore[no-untyped-def]
+    # PS3.8 9.3.5: a P-DATA-TF may carry several PDV items; each is exactly its own length.
+    data = dataset("1.2.3.11")
+    command = command_set(0x0001, sop_class=CT, message_id=3, data_set=True, sop_instance="1.2.3.11")
+    items = b"".join(struct.pack(">IBB", len(value) + 2, 1, control) + value
+                     for value, control in ((command, 0x03), (data[:100], 0x00), (data[100:], 0x02)))
+    scu = RawSCU(server.port, CT, EXPLICIT)
+    scu.sock.sendall(struct.pack(">BxI", 0x04, len(items)) + items)
+    assert scu.read_status() == 0x0000
+    scu.release()
+    (stored,) = server.stored_files()
+    assert stored.read_bytes()[dataset_offset(stored.read_bytes()):] == data
