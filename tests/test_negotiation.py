@@ -183,26 +183,41 @@ REJECTIONS = [(1, 1, 1, "no reason given"), (1, 1, 2, "application context name 
 def test_echo_names_the_reason_a_peer_rejects_with() -> None:
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
-    listener.settimeout(30)
+    listener.settimeout(0.2)
+    answer: list[bytes] = []
+    stop = threading.Event()
 
     def peer() -> None:
-        for result, source, reason, _why in REJECTIONS:
-            conn, _ = listener.accept()
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
             with conn, conn.makefile("rb") as reader:
-                assert _read_pdu(reader)[0] == 0x01
-                conn.sendall(bytes([0x03, 0, 0, 0, 0, 4, 0, result, source, reason]))
-                conn.settimeout(30)
-                while conn.recv(4096):  # until the requestor closes
+                try:
+                    assert _read_pdu(reader)[0] == 0x01
+                    conn.sendall(answer[-1])
+                    conn.settimeout(30)
+                    while conn.recv(4096):  # until the requestor closes
+                        pass
+                except OSError:
                     pass
 
     thread = threading.Thread(target=peer, daemon=True)
     thread.start()
     try:
-        for _result, _source, _reason, why in REJECTIONS:
-            with pytest.raises(SCUError) as error:
-                echo("127.0.0.1", port, aec="PEER", timeout=30)
+        for result, source, reason, why in REJECTIONS:
+            answer.append(bytes([0x03, 0, 0, 0, 0, 4, 0, result, source, reason]))
+            for _attempt in range(5):
+                with pytest.raises(SCUError) as error:
+                    echo("127.0.0.1", port, aec="PEER", timeout=30)
+                # pynetdicom's requestor now and then reports a rejection as an abort (its DUL closes the
+                # socket before its main thread looks; see rawscu.RawSCU.rejection): ask again.
+                if "(aborted" not in str(error.value):
+                    break
             assert str(error.value) == f"no association with PEER at 127.0.0.1:{port} (rejected: {why})"
     finally:
+        stop.set()
         thread.join(30)
         listener.close()
     assert not thread.is_alive()
