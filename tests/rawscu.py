@@ -54,9 +54,11 @@ def store_command(sop_class: str, sop_instance: bytes | None, message_id: int = 
 
 
 def associate_rq(contexts: list[tuple[str, list[str]]], *, aet: str = "RAWSCU", aec: str = "FASTSCP",
-                 max_length: int = 0, roles: dict[str, tuple[bool, bool]] | None = None) -> bytes:
+                 max_length: int = 0, roles: dict[str, tuple[bool, bool]] | None = None,
+                 user_information: list | None = None) -> bytes:  # type: ignore[type-arg]
     """An encoded A-ASSOCIATE-RQ proposing ``contexts`` (IDs 1, 3, 5...), with
-    Maximum Length Received ``max_length`` and SCP/SCU role selections ``roles``."""
+    Maximum Length Received ``max_length`` and SCP/SCU role selections ``roles``,
+    or exactly the ``user_information`` items given."""
     rq = A_ASSOCIATE()
     rq.application_context_name = UID("1.2.840.10008.3.1.1.1")
     rq.calling_ae_title = aet
@@ -74,7 +76,7 @@ def associate_rq(contexts: list[tuple[str, list[str]]], *, aet: str = "RAWSCU", 
         role = SCP_SCU_RoleSelectionNegotiation()
         role.sop_class_uid, role.scu_role, role.scp_role = uid, scu, scp
         items.append(role)
-    rq.user_information = items
+    rq.user_information = items if user_information is None else user_information
     pdu = A_ASSOCIATE_RQ()
     pdu.from_primitive(rq)
     return pdu.encode()
@@ -88,12 +90,12 @@ def p_data(context_id: int, data: bytes, *, command: bool, last: bool) -> bytes:
 class RawSCU:
     def __init__(self, port: int, sop_class: str, transfer_syntax: str, *, aec: str = "FASTSCP",
                  aet: str = "RAWSCU", timeout: float = 30, raw_calling_ae: bytes = b"",
-                 sock: socket.socket | None = None) -> None:
+                 sock: socket.socket | None = None, max_length: int = 0) -> None:
         """Associate over a new connection to ``port``, or over ``sock`` (one end of a socket pair; port ignored)."""
         if sock is not None:
             sock.settimeout(timeout)
         self.sock = sock or socket.create_connection(("127.0.0.1", port), timeout=timeout)
-        encoded = bytearray(associate_rq([(sop_class, [transfer_syntax])], aet=aet, aec=aec))
+        encoded = bytearray(associate_rq([(sop_class, [transfer_syntax])], aet=aet, aec=aec, max_length=max_length))
         if raw_calling_ae:
             # Bytes pynetdicom refuses to encode (control characters): PS3.8 9.3.2 puts
             # the Calling AE Title at bytes 27-42 of the PDU.

@@ -158,6 +158,10 @@ def test_another_instance_under_a_taken_name_is_stored_under_its_own(  # type: i
     storescu(server, first)
     wait_until(lambda: server.log_text().count("1 instances (0 failed, 1 duplicates)") == 2, what="the resends")
     assert server.stored_files() == sorted([taken, own])
+    # The second's resend met the first at the taken name again: its line names the same file and instance.
+    lines = [line for line in server.log_text().splitlines() if "holds another instance" in line]
+    assert len(lines) == 2 and all(f"{relative[taken]} holds another instance (SOP Instance UID {first_uid!r}); "
+                                   f"stored as {relative[own]}" in line for line in lines), lines
     assert server.stop() == 0
     con = duckdb.connect(str(server.index), read_only=True)
     rows = dict(con.execute("SELECT path, sop_instance_uid FROM instances").fetchall())

@@ -20,7 +20,7 @@ from fastscp.net import dimse
 from fastscp.net.findscp import CANCEL, PENDING, encode_identifier
 from fastscp.query.client import QueryClient
 from tests.conftest import dcmtk, wait_until
-from tests.rawscu import RawSCU, command_set
+from tests.rawscu import RawSCU, command_set, p_data
 from tests.test_lifecycle import incoming
 
 pytestmark = pytest.mark.dcmtk
@@ -134,9 +134,12 @@ def test_c_cancel_stops_a_c_find(start_server, tmp_path: Path) -> None:  # type:
     def find(message_id: int, cancel: bool) -> list[int]:
         scu.send_command(command_set(dimse.C_FIND_RQ, sop_class=STUDY_ROOT_FIND, message_id=message_id,
                                      data_set=True))
-        scu.send_data(identifier, last=True)
-        if cancel:  # at once: before the first match goes out
-            scu.send_command(command_set(dimse.C_CANCEL_RQ, responding_to=message_id))
+        if cancel:  # in the identifier's segment, so it is there before the first match goes out (not racing it)
+            scu.sock.sendall(p_data(1, identifier, command=False, last=True)
+                             + p_data(1, command_set(dimse.C_CANCEL_RQ, responding_to=message_id), command=True,
+                                      last=True))
+        else:
+            scu.send_data(identifier, last=True)
         statuses = []
         while not statuses or statuses[-1] == PENDING:
             response, _ = scu.read_message()

@@ -64,15 +64,19 @@ MODULES: dict[str, tuple[str, ...]] = {
                                 "tests/test_durability.py", "tests/test_duplicates.py", "tests/test_server.py",
                                 "tests/test_lifecycle.py"),
     "fastscp/config.py": ("tests/test_config.py",),
-    "fastscp/net/dimse.py": ("tests/test_protocol.py", "tests/test_protocol_paths.py"),
-    "fastscp/net/negotiation.py": ("tests/test_protocol.py", "tests/test_access.py", "tests/test_server.py"),
-    "fastscp/net/pdu.py": ("tests/test_protocol.py", "tests/test_association.py", "tests/test_protocol_paths.py"),
-    "fastscp/net/association.py": ("tests/test_association.py", "tests/test_protocol.py",
-                                   "tests/test_protocol_paths.py", "tests/test_server.py", "tests/test_access.py",
+    "fastscp/net/dimse.py": ("tests/test_dimse.py", "tests/test_protocol.py", "tests/test_protocol_paths.py"),
+    "fastscp/net/negotiation.py": ("tests/test_negotiation.py", "tests/test_protocol.py", "tests/test_access.py",
+                                   "tests/test_cfind.py::test_relational_queries_when_negotiated"),
+    "fastscp/net/pdu.py": ("tests/test_protocol.py", "tests/test_association.py", "tests/test_association_server.py",
+                           "tests/test_protocol_paths.py"),
+    "fastscp/net/association.py": ("tests/test_association.py", "tests/test_association_server.py",
+                                   "tests/test_dimse.py", "tests/test_negotiation.py", "tests/test_protocol_paths.py",
+                                   "tests/test_protocol.py", "tests/test_server.py", "tests/test_access.py",
                                    "tests/test_lifecycle.py", "tests/test_duplicates.py"),
-    "fastscp/net/storescp.py": ("tests/test_association.py", "tests/test_protocol_paths.py", "tests/test_server.py",
-                                "tests/test_access.py", "tests/test_duplicates.py"),
-    "fastscp/index/reindex.py": ("tests/test_index.py", "tests/test_index_server.py"),
+    "fastscp/net/storescp.py": ("tests/test_association.py", "tests/test_association_server.py", "tests/test_dimse.py",
+                                "tests/test_protocol_paths.py", "tests/test_server.py", "tests/test_access.py",
+                                "tests/test_duplicates.py"),
+    "fastscp/index/reindex.py": ("tests/test_reindex.py", "tests/test_index.py"),
 }
 
 #: The CI subset: fast unit-level tests only, a fixed sample of mutants.
@@ -314,8 +318,9 @@ def run_faults(quick: bool, only: str | None) -> int:
     return 1 if survived else 0
 
 
-def run_mutants(modules: dict[str, tuple[str, ...]], max_mutants: int | None, seed: int, name: str) -> float:
-    """Runs the mutants, writes the report; returns the share killed (0-1)."""
+def run_mutants(modules: dict[str, tuple[str, ...]], max_mutants: int | None, seed: int, name: str,
+                only: set[int] | None = None) -> float:
+    """Runs the mutants (those numbered in ``only``, if given), writes the report; returns the share killed (0-1)."""
     overlay = Overlay()
     lines = [f"# Mutation report ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})", ""]
     totals = [0, 0]
@@ -323,12 +328,13 @@ def run_mutants(modules: dict[str, tuple[str, ...]], max_mutants: int | None, se
         for module, tests in modules.items():
             target = overlay.path / module
             original = target.read_text()
-            found = mutants(original)
+            in_module = len(mutants(original))
+            found = [m for m in mutants(original) if only is None or m.index in only]
             chosen = found if max_mutants is None or len(found) <= max_mutants else sorted(
                 random.Random(seed).sample(found, max_mutants), key=lambda m: m.index)
             baseline = _baseline(overlay, tests)
             timeout = 3 * baseline + 30
-            print(f"{module}: {len(chosen)} of {len(found)} mutants; tests {' '.join(tests)} "
+            print(f"{module}: {len(chosen)} of {in_module} mutants; tests {' '.join(tests)} "
                   f"({baseline:.0f} s unmutated)", flush=True)
             source_lines = original.splitlines()
             survivors = []
@@ -350,7 +356,7 @@ def run_mutants(modules: dict[str, tuple[str, ...]], max_mutants: int | None, se
             totals[1] += len(chosen)
             score = 100 * killed / len(chosen) if chosen else 100.0
             lines += [f"## {module}", "", f"{killed} of {len(chosen)} mutants killed ({score:.0f}%); "
-                      f"{len(found)} mutants in the module; tests: {', '.join(tests)}.", ""]
+                      f"{in_module} mutants in the module; tests: {', '.join(tests)}.", ""]
             if survivors:
                 lines += ["Survivors:", "", "| # | line | mutation | source |", "|---|---|---|---|", *survivors, ""]
     finally:
@@ -384,6 +390,8 @@ def main(argv: list[str] | None = None) -> int:
     mutate_.add_argument("--max", type=int, default=None, help="at most this many mutants per module (sampled)")
     mutate_.add_argument("--seed", type=int, default=18)
     mutate_.add_argument("--list", action="store_true", help="list the mutants, run nothing")
+    mutate_.add_argument("--index", type=int, nargs="+", help="only the mutants of these numbers (#N in a report): "
+                         "to check that new tests kill a run's survivors")
     mutate_.add_argument("--tests", nargs="+", help="run these tests instead of the module's mapped ones")
     mutate_.add_argument("--report", help="report file name in build/mutation/ (default mutants.md with --all, "
                          "else mutants-partial.md)")
@@ -410,7 +418,8 @@ def main(argv: list[str] | None = None) -> int:
             for mutant in mutants((ROOT / module).read_text()):
                 print(f"{module}:{mutant.line} #{mutant.index} {mutant.description}")
         return 0
-    run_mutants(chosen, args.max, args.seed, args.report or ("mutants.md" if args.all else "mutants-partial.md"))
+    run_mutants(chosen, args.max, args.seed, args.report or ("mutants.md" if args.all else "mutants-partial.md"),
+                set(args.index) if args.index else None)
     return 0
 
 
