@@ -23,7 +23,7 @@ import pytest
 
 from fastscp.dicom.part10 import dataset_offset
 from fastscp.dicom.synthetic import write_series
-from fastscp.index.client import QueryClient
+from fastscp.query.client import QueryClient
 from fastscp.index.database import Index, IndexUnavailable
 from fastscp.index.records import DuplicateConflict
 from fastscp.index.reindex import Progress, plan, reindex
