@@ -19,8 +19,9 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittle
 from pynetdicom.dsutils import decode
 
 from fastscp.dicom.part10 import dataset_offset
+from fastscp.dicom.sopclasses import STUDY_ROOT_FIND
+from fastscp.net.findscp import encode_identifier
 from fastscp.query.client import QueryClient
-from fastscp.net.findscp import STUDY_ROOT_FIND, encode_identifier
 from tests.conftest import wait_until
 from tests.rawscu import RawSCU, associate_rq, command_set, p_data
 from tests.test_hostile import dataset

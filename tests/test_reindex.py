@@ -23,10 +23,10 @@ import pytest
 
 from fastscp.dicom.part10 import dataset_offset
 from fastscp.dicom.synthetic import write_series
-from fastscp.query.client import QueryClient
 from fastscp.index.database import Index, IndexUnavailable
 from fastscp.index.records import DuplicateConflict
 from fastscp.index.reindex import Progress, plan, reindex
+from fastscp.query.client import QueryClient
 from fastscp.query.engine import QueryRequest
 from tests.test_index import RunningIndexer, make_storage, make_v4_index, records_of, rows, wait_until
 
