@@ -12,7 +12,8 @@ services):
 * **Where is this instance?** Before it answers a C-STORE, a worker asks
   (:class:`~fastscp.query.engine.LocateRequest`, on :func:`~fastscp.query.engine.locate_address`,
   with threads of its own, so a slow C-FIND never delays a store) where the
-  instance's SOP Instance UIDs are stored;
+  instance's SOP Instance UIDs are stored, on a connection it keeps open
+  (one thread here per connection, many requests each);
   :class:`~fastscp.index.indexer.UidIndex` answers from memory, and DuckDB
   is read only when a UID may be indexed (a resend).
 """
