@@ -189,8 +189,8 @@ class Locator:
     KEEP = 16
 
     def __init__(self, index_path: str, timeout: float = LOCATE_TIMEOUT) -> None:
-        self.address = locate_address(index_path)
-        self.timeout = timeout
+        #: Opens the connections (a ServerUnavailable, a ConnectionError, when none can be made).
+        self.client = QueryClient(address=locate_address(index_path), timeout=timeout)
         self._failing = False
         self._lock = threading.Lock()
         self._idle: list[socket.socket] = []
@@ -212,22 +212,12 @@ class Locator:
                 return
         sock.close()
 
-    def _open(self) -> socket.socket:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        try:
-            sock.connect(self.address)
-        except OSError:
-            sock.close()
-            raise
-        return sock
-
     def _ask(self, uids: tuple[str, ...]) -> list[str]:
         sock = self._take()
         while True:
             kept = sock is not None
             if sock is None:
-                sock = self._open()
+                sock = self.client._open()
             try:
                 send_message(sock, LocateRequest(list(uids)))
                 answer = recv_message(sock)
