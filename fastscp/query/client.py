@@ -221,14 +221,15 @@ class Locator:
             try:
                 send_message(sock, LocateRequest(list(uids)))
                 answer = recv_message(sock)
-                if not isinstance(answer, Located):
-                    raise ConnectionError(f"unexpected answer {type(answer).__name__}")
             except (OSError, ConnectionError, msgspec.DecodeError) as exc:
                 sock.close()
                 if kept and not isinstance(exc, TimeoutError):
                     sock = None  # closed by the indexer since its last use: once more on a new connection
                     continue
                 raise
+            if not isinstance(answer, Located):
+                sock.close()
+                raise ConnectionError(f"unexpected answer {type(answer).__name__}")
             self._give_back(sock)
             return answer.paths
 

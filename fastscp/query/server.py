@@ -92,10 +92,10 @@ class QueryServer:
         self.listener.settimeout(0.5)
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fastscp-query")
         self._closing = threading.Event()
-        #: The open locate connections (closed by :meth:`close`), and how many were accepted.
+        #: The open locate connections (closed by :meth:`close`); whether the last one was refused (too many).
         self._connections: set[socket.socket] = set()
         self._connections_lock = threading.Lock()
-        self.accepted = 0
+        self._refusing = False
         self.thread = threading.Thread(target=self._accept_loop, name="fastscp-query-accept", daemon=True)
 
     def start(self) -> None:
@@ -175,10 +175,13 @@ class QueryServer:
         with self._connections_lock:
             if len(self._connections) >= LOCATE_CONNECTIONS or self._closing.is_set():
                 conn.close()
-                log.warning("more than %d connections to the locate socket: one refused", LOCATE_CONNECTIONS)
+                if not self._refusing and not self._closing.is_set():
+                    log.warning("%d connections to the locate socket are open: more are refused until some close",
+                                LOCATE_CONNECTIONS)
+                self._refusing = True
                 return
             self._connections.add(conn)
-            self.accepted += 1
+            self._refusing = False
         threading.Thread(target=self._serve_locates, args=(conn,), name="fastscp-locate", daemon=True).start()
 
     def _serve_locates(self, conn: socket.socket) -> None:
