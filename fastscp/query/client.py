@@ -180,9 +180,12 @@ class Locator:
     replaced by a new one within the same call.
 
     PERF: 5,000 locates of new UIDs through the real QueryServer (2 shared,
-    busy cores; medians of 7 interleaved runs, /tmp harness): a connection
-    per locate (connect, accept, a pool thread in the indexer) 132 us each
-    from one thread, 121 us from 4 threads; kept connections 34 us and 38 us.
+    busy cores; each pair the medians of 5-7 interleaved runs, the before
+    and after code in one process): a connection per locate (connect,
+    accept, a pool thread in the indexer) against kept connections, from
+    one thread 132 -> 34, 148 -> 94, 374 -> 253 us per locate; from 4
+    threads 121 -> 38, 322 -> 96, 250 -> 92 us (the machine's load varied
+    between the sessions, not within a pair).
     """
 
     #: Connections kept open when no thread is asking (more are closed after use).
