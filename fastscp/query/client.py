@@ -11,7 +11,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import socket
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -144,16 +146,6 @@ class QueryClient:
             raise ConnectionError(f"unexpected answer {type(answer).__name__}")
         return answer
 
-    def locate(self, uids: list[str]) -> list[str]:
-        """Where the running server's index has instances with any of these SOP Instance UIDs
-        (paths as the index records them; records not yet committed included)."""
-        with self._open() as sock:
-            send_message(sock, LocateRequest(uids))
-            answer = recv_message(sock)
-        if not isinstance(answer, Located):
-            raise ConnectionError(f"unexpected answer {type(answer).__name__}")
-        return answer.paths
-
     def state(self) -> IndexerState:
         """The indexer's own state (pending and committed records, reconcile): no query, cheap."""
         with self._open() as sock:
@@ -174,20 +166,83 @@ class QueryClient:
 
 
 class Locator:
-    """A worker's "where is this instance stored?" (:meth:`QueryClient.locate`), for the duplicate check.
+    """A worker's "where is this instance stored?" (a :class:`~fastscp.query.engine.LocateRequest`): duplicates.
+
+    Keeps its connections to the indexer's locate socket open and reuses
+    them (one per association thread that is asking at the same moment,
+    taken from and given back to a small pool): the hot path of every
+    C-STORE pays a send and a receive, not a connect and an accept.
 
     Never raises: while the indexer can't answer (restarting, overloaded
     past ``timeout``) the store goes on with what the file at its own path
-    tells, and a warning says so once per outage.
+    tells, and a warning says so once per outage. A kept connection that
+    the indexer closed (it restarted, or dropped the connection as idle) is
+    replaced by a new one within the same call.
+
+    PERF: 5,000 locates of new UIDs through the real QueryServer (2 shared,
+    busy cores; each pair the medians of 5-7 interleaved runs, the before
+    and after code in one process): a connection per locate (connect,
+    accept, a pool thread in the indexer) against kept connections, from
+    one thread 132 -> 34, 148 -> 94, 374 -> 253 us per locate; from 4
+    threads 121 -> 38, 322 -> 96, 250 -> 92 us (the machine's load varied
+    between the sessions, not within a pair). End to end, 1,000 64x64 MR
+    images by 4 storescu associations into one worker (6 interleaved
+    pairs, CPU from /proc): the indexer 0.60 -> 0.51 ms per image; the
+    worker's CPU (0.99 -> 0.97 ms) and the wall time stay within the noise:
+    what is left is the round trip's wait for the indexer's answer.
     """
 
+    #: Connections kept open when no thread is asking (more are closed after use).
+    KEEP = 16
+
     def __init__(self, index_path: str, timeout: float = LOCATE_TIMEOUT) -> None:
+        #: Opens the connections (a ServerUnavailable, a ConnectionError, when none can be made).
         self.client = QueryClient(address=locate_address(index_path), timeout=timeout)
         self._failing = False
+        self._lock = threading.Lock()
+        self._idle: list[socket.socket] = []
+        #: The process the kept connections belong to (the supervisor makes the Locator, workers fork).
+        self._pid = os.getpid()
+
+    def _take(self) -> socket.socket | None:
+        with self._lock:
+            if self._pid != os.getpid():  # forked: the parent's connections are not ours to use
+                for sock in self._idle:
+                    sock.close()
+                self._idle, self._pid = [], os.getpid()
+            return self._idle.pop() if self._idle else None
+
+    def _give_back(self, sock: socket.socket) -> None:
+        with self._lock:
+            if len(self._idle) < self.KEEP and self._pid == os.getpid():
+                self._idle.append(sock)
+                return
+        sock.close()
+
+    def _ask(self, uids: tuple[str, ...]) -> list[str]:
+        sock = self._take()
+        while True:
+            kept = sock is not None
+            if sock is None:
+                sock = self.client._open()
+            try:
+                send_message(sock, LocateRequest(list(uids)))
+                answer = recv_message(sock)
+            except (OSError, ConnectionError, msgspec.DecodeError) as exc:
+                sock.close()
+                if kept and not isinstance(exc, TimeoutError):
+                    sock = None  # closed by the indexer since its last use: once more on a new connection
+                    continue
+                raise
+            if not isinstance(answer, Located):
+                sock.close()
+                raise ConnectionError(f"unexpected answer {type(answer).__name__}")
+            self._give_back(sock)
+            return answer.paths
 
     def __call__(self, uids: tuple[str, ...]) -> tuple[str, ...]:
         try:
-            paths = tuple(self.client.locate(list(uids)))
+            paths = tuple(self._ask(uids))
         except (OSError, ConnectionError, msgspec.DecodeError) as exc:
             if not self._failing:
                 self._failing = True
@@ -198,6 +253,13 @@ class Locator:
             self._failing = False
             log.info("the index answers where SOP instances are stored again")
         return paths
+
+    def close(self) -> None:
+        """Close the kept connections."""
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for sock in idle:
+            sock.close()
 
 
 def open_query_client(index_path: str, lake: tuple[str, str, str] | None = None) -> IndexQueries:

@@ -184,8 +184,8 @@ def _recv_exact(sock: socket.socket, size: int) -> bytes:
     return bytes(buf)
 
 
-def recv_message(sock: socket.socket) -> Message:
-    """Receive one message sent by :func:`send_message`.
+def recv_message(sock: socket.socket, max_size: int = MAX_FRAME) -> Message:
+    """Receive one message sent by :func:`send_message`, at most ``max_size`` bytes.
 
     Raises
     ------
@@ -195,8 +195,8 @@ def recv_message(sock: socket.socket) -> Message:
         Not a message of this protocol.
     """
     (size,) = _LENGTH.unpack(_recv_exact(sock, _LENGTH.size))
-    if size > MAX_FRAME:
-        raise ConnectionError(f"message of {size} bytes is longer than {MAX_FRAME}")
+    if size > max_size:
+        raise ConnectionError(f"message of {size} bytes is longer than {max_size}")
     return _DECODER.decode(_recv_exact(sock, size))
 
 

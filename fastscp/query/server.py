@@ -12,7 +12,8 @@ services):
 * **Where is this instance?** Before it answers a C-STORE, a worker asks
   (:class:`~fastscp.query.engine.LocateRequest`, on :func:`~fastscp.query.engine.locate_address`,
   with threads of its own, so a slow C-FIND never delays a store) where the
-  instance's SOP Instance UIDs are stored;
+  instance's SOP Instance UIDs are stored, on a connection it keeps open
+  (one thread here per connection, many requests each);
   :class:`~fastscp.index.indexer.UidIndex` answers from memory, and DuckDB
   is read only when a UID may be indexed (a resend).
 """
@@ -20,6 +21,7 @@ services):
 from __future__ import annotations
 
 import logging
+import select
 import socket
 import threading
 import time
@@ -53,9 +55,15 @@ log = logging.getLogger("fastscp.indexer")
 
 #: Queries answered at the same time; more wait for a thread.
 QUERY_THREADS = 4
-#: LocateRequests answered at the same time (each takes microseconds, or one
-#: DuckDB scan for a resend).
-LOCATE_THREADS = 4
+#: Open connections to the locate socket (one thread each): a worker keeps one
+#: per association thread that stores at the same moment; more are refused.
+LOCATE_CONNECTIONS = 256
+#: A locate connection with no request for this long is closed (the worker opens a new one).
+LOCATE_IDLE_TIMEOUT = 300.0
+#: Seconds for the rest of a LocateRequest once it has begun, and for sending the answer.
+LOCATE_IO_TIMEOUT = 5.0
+#: The longest LocateRequest (a worker sends two UIDs, 64 characters each at most).
+LOCATE_MAX_MESSAGE = 4096
 #: A query client that neither sends nor reads for this long is dropped.
 QUERY_IO_TIMEOUT = 30.0
 
@@ -66,6 +74,9 @@ class QueryServer:
 
     def __init__(self, index: Index, address: str, state: Callable[[], IndexerState],
                  uids: UidIndex | None = None, threads: int = QUERY_THREADS) -> None:
+        """With ``uids``, the locate socket: each connection stays open for many LocateRequests in a
+        thread of its own (at most :data:`LOCATE_CONNECTIONS`); else a query per connection from a pool
+        of ``threads``."""
         self.index = index
         self.state = state
         #: Set: LocateRequests are answered (and only they: the locate socket).
@@ -81,6 +92,10 @@ class QueryServer:
         self.listener.settimeout(0.5)
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fastscp-query")
         self._closing = threading.Event()
+        #: The open locate connections (closed by :meth:`close`); whether the last one was refused (too many).
+        self._connections: set[socket.socket] = set()
+        self._connections_lock = threading.Lock()
+        self._refusing = False
         self.thread = threading.Thread(target=self._accept_loop, name="fastscp-query-accept", daemon=True)
 
     def start(self) -> None:
@@ -115,6 +130,9 @@ class QueryServer:
             if not same_user(conn):
                 conn.close()
                 continue
+            if self.uids is not None:
+                self._keep_locating(conn)
+                continue
             try:
                 self.pool.submit(self._serve, conn)
             except RuntimeError:  # the pool is shutting down
@@ -131,11 +149,6 @@ class QueryServer:
                 return
             cursor = None
             try:
-                if self.uids is not None:
-                    # The locate socket, on the hot path of every C-STORE: a cursor only if DuckDB must be read.
-                    send_message(conn, Located(self._locate(request.uids)) if isinstance(request, LocateRequest)
-                                 else Failed(f"not a LocateRequest: {type(request).__name__}"))
-                    return
                 cursor = self.index.cursor()
                 if isinstance(request, QueryRequest | SqlRequest):
                     for message in stream_query(cursor, request):
@@ -158,6 +171,52 @@ class QueryServer:
                 if cursor is not None:
                     cursor.close()
 
+    def _keep_locating(self, conn: socket.socket) -> None:
+        with self._connections_lock:
+            if len(self._connections) >= LOCATE_CONNECTIONS or self._closing.is_set():
+                conn.close()
+                if not self._refusing and not self._closing.is_set():
+                    log.warning("%d connections to the locate socket are open: more are refused until some close",
+                                LOCATE_CONNECTIONS)
+                self._refusing = True
+                return
+            self._connections.add(conn)
+            self._refusing = False
+        threading.Thread(target=self._serve_locates, args=(conn,), name="fastscp-locate", daemon=True).start()
+
+    def _serve_locates(self, conn: socket.socket) -> None:
+        """LocateRequests on one connection, answered in order until the worker closes it or is idle.
+
+        The locate socket is on the hot path of every C-STORE: a worker
+        keeps its connection (see :class:`fastscp.query.client.Locator`), and
+        DuckDB is read (on a cursor of its own) only when a UID may be indexed.
+        A request is bounded in size and, once begun, in time; a connection
+        that sends anything else is closed.
+        """
+        poller = select.poll()
+        poller.register(conn, select.POLLIN)
+        conn.settimeout(LOCATE_IO_TIMEOUT)
+        try:
+            while not self._closing.is_set():
+                if not poller.poll(LOCATE_IDLE_TIMEOUT * 1000):
+                    return
+                request = recv_message(conn, LOCATE_MAX_MESSAGE)
+                if not isinstance(request, LocateRequest):
+                    send_message(conn, Failed(f"not a LocateRequest: {type(request).__name__}"))
+                    return
+                try:
+                    answer: Located | Failed = Located(self._locate(request.uids))
+                except duckdb.Error as exc:
+                    log.error("looking up where SOP instances are stored failed: %s", exc)
+                    answer = Failed(str(exc))
+                send_message(conn, answer)
+        except (OSError, ConnectionError, msgspec.DecodeError) as exc:
+            log.debug("locate connection closed: %s", exc)
+        finally:
+            with self._connections_lock:
+                self._connections.discard(conn)
+            conn.close()
+
     def _locate(self, uids: list[str]) -> list[str]:
         assert self.uids is not None
         uids = [uid for uid in uids[:8] if uid]
@@ -175,6 +234,12 @@ class QueryServer:
         if self.thread.is_alive():
             self.thread.join(2)
         self.listener.close()
+        with self._connections_lock:
+            for conn in self._connections:
+                try:
+                    conn.shutdown(socket.SHUT_RDWR)  # wakes its thread, which closes it
+                except OSError:
+                    pass
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
@@ -182,7 +247,7 @@ def query_services(indexer: Indexer, index_path: str) -> list[QueryServer]:
     """The query and locate servers of an indexer (bound now; the indexer starts them)."""
     queries = QueryServer(indexer.index, query_address(index_path), indexer.state)
     try:
-        locates = QueryServer(indexer.index, locate_address(index_path), indexer.state, indexer.uids, LOCATE_THREADS)
+        locates = QueryServer(indexer.index, locate_address(index_path), indexer.state, indexer.uids)
     except BaseException:
         queries.close()
         raise
