@@ -10,7 +10,7 @@ BIN     = $(VENV)/bin
 # chromium (the status page is tested in a real headless browser), DejaVu
 # fonts for scan sheets, systemd (systemd-analyze verifies the unit of
 # `fastscp service install`), strace (tests count the fsync calls a server makes),
-# orthanc (a forwarding destination in tests/test_forward.py),
+# orthanc (a forwarding destination in tests/e2e/test_forward.py),
 # xorriso (the ISO 9660 image of `fastscp export dicomdir --iso`).
 APT_PACKAGES = dcmtk libjpeg62-turbo-dev zlib1g-dev chromium openssl fonts-dejavu-core systemd strace xorriso orthanc
 
@@ -18,7 +18,7 @@ APT_PACKAGES = dcmtk libjpeg62-turbo-dev zlib1g-dev chromium openssl fonts-dejav
 BENCH_APT_PACKAGES = orthanc
 PIL_STOCK = bench/.pil-stock
 
-# PostgreSQL and HAProxy (Debian's): tests/test_scaleout.py runs nodes on a
+# PostgreSQL and HAProxy (Debian's): tests/e2e/test_scaleout.py runs nodes on a
 # DuckLake index whose catalog is in PostgreSQL, behind HAProxy.
 APT_PACKAGES += postgresql haproxy
 
@@ -103,10 +103,10 @@ bench-load: bench-setup
 clean:
 	rm -rf build *.egg-info fastscp/*/*.so fastscp/*/*.c $(VENV) $(PIL_STOCK)
 
-# The fuzz test of tests/test_hostile.py (seeded mutations of a valid
+# The fuzz test of tests/e2e/test_hostile.py (seeded mutations of a valid
 # association, sent raw) with many more runs than `make test` does (100).
 # FUZZ_SEED picks another sequence of mutations.
 FUZZ_RUNS ?= 20000
 FUZZ_SEED ?= 11
 fuzz: setup
-	FASTSCP_FUZZ_RUNS=$(FUZZ_RUNS) FASTSCP_FUZZ_SEED=$(FUZZ_SEED) $(BIN)/python -m pytest tests/test_hostile.py -k fuzz -q
+	FASTSCP_FUZZ_RUNS=$(FUZZ_RUNS) FASTSCP_FUZZ_SEED=$(FUZZ_SEED) $(BIN)/python -m pytest tests/e2e/test_hostile.py -k fuzz -q

@@ -15,6 +15,9 @@ from pathlib import Path
 
 import pytest
 
+#: The project folder, and where tests leave files for people to look at.
+REPO = Path(__file__).resolve().parent.parent
+ARTIFACTS = REPO / "tests" / "artifacts"
 DCMTK_TOOLS = ("storescu", "echoscu", "storescp", "dcmdump")
 
 

@@ -1,7 +1,7 @@
 """pydicom's bundled test files as a byte-exact storage corpus.
 
 Importable helper (no pytest dependency) used by the oracle test
-(``tests/test_corpus_oracle.py``) and by the fastscp end-to-end tests.
+(``tests/e2e/test_corpus_oracle.py``) and by the fastscp end-to-end tests.
 
 * :func:`dataset_bytes` -- the bytes after the File Meta group of a Part 10
   file, plus its Transfer Syntax UID.  "Byte-exact storage" in this project

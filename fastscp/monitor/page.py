@@ -108,7 +108,7 @@ function fill(id, ...children) { document.getElementById(id).replaceChildren(...
 // -- formatting -----------------------------------------------------------------------------
 function int(n) { return NUMBER.format(n); }
 function fixed(n, digits) { return Number(n).toFixed(digits); }
-function bytes(n) {  // SI, as fastscp.status.human_bytes writes them (tests/test_monitor_page.py)
+function bytes(n) {  // SI, as fastscp.status.human_bytes writes them (tests/unit/monitor/test_monitor_page.py)
   const units = ["B", "kB", "MB", "GB", "TB", "PB"];
   let i = 0;
   while (Math.abs(n) >= 1000 && i < units.length - 1) { n /= 1000; i++; }

@@ -58,33 +58,78 @@ MARKER = "FASTSCP_MUTATION_RUN"
 #: Module -> the tests that guard it (run with -x). The modules the issue names:
 #: storage, layout, the association and DIMSE paths, access, config, reconcile.
 MODULES: dict[str, tuple[str, ...]] = {
-    "fastscp/net/access.py": ("tests/test_access.py",),
-    "fastscp/storage/layout.py": ("tests/test_layout.py",),
-    "fastscp/storage/area.py": ("tests/test_storage.py", "tests/test_storage_area.py", "tests/test_association.py",
-                                "tests/test_durability.py", "tests/test_duplicates.py", "tests/test_server.py",
-                                "tests/test_lifecycle.py"),
-    "fastscp/config.py": ("tests/test_config.py",),
-    "fastscp/net/dimse.py": ("tests/test_dimse.py", "tests/test_protocol.py", "tests/test_protocol_paths.py"),
-    "fastscp/net/negotiation.py": ("tests/test_negotiation.py", "tests/test_protocol.py", "tests/test_access.py",
-                                   "tests/test_cfind.py::test_relational_queries_when_negotiated"),
-    "fastscp/net/pdu.py": ("tests/test_protocol.py", "tests/test_association.py", "tests/test_association_server.py",
-                           "tests/test_protocol_paths.py"),
-    "fastscp/net/association.py": ("tests/test_association.py", "tests/test_association_server.py",
-                                   "tests/test_dimse.py", "tests/test_negotiation.py", "tests/test_protocol_paths.py",
-                                   "tests/test_protocol.py", "tests/test_server.py", "tests/test_access.py",
-                                   "tests/test_lifecycle.py", "tests/test_duplicates.py"),
-    "fastscp/net/storescp.py": ("tests/test_association.py", "tests/test_association_server.py", "tests/test_dimse.py",
-                                "tests/test_protocol_paths.py", "tests/test_server.py", "tests/test_access.py",
-                                "tests/test_duplicates.py"),
-    "fastscp/index/reindex.py": ("tests/test_reindex.py", "tests/test_index.py"),
+    "fastscp/net/access.py": (
+        "tests/e2e/test_access.py",
+    ),
+    "fastscp/storage/layout.py": (
+        "tests/unit/storage/test_layout.py",
+    ),
+    "fastscp/storage/area.py": (
+        "tests/unit/storage/test_storage.py",
+        "tests/unit/storage/test_storage_area.py",
+        "tests/unit/net/test_association.py",
+        "tests/e2e/test_durability.py",
+        "tests/e2e/test_duplicates.py",
+        "tests/e2e/test_server.py",
+        "tests/e2e/test_lifecycle.py",
+    ),
+    "fastscp/config.py": (
+        "tests/unit/test_config.py",
+    ),
+    "fastscp/net/dimse.py": (
+        "tests/e2e/test_dimse.py",
+        "tests/unit/net/test_protocol.py",
+        "tests/e2e/test_protocol_paths.py",
+    ),
+    "fastscp/net/negotiation.py": (
+        "tests/e2e/test_negotiation.py",
+        "tests/unit/net/test_protocol.py",
+        "tests/e2e/test_access.py",
+        "tests/e2e/test_cfind.py::test_relational_queries_when_negotiated",
+    ),
+    "fastscp/net/pdu.py": (
+        "tests/unit/net/test_protocol.py",
+        "tests/unit/net/test_association.py",
+        "tests/e2e/test_association_server.py",
+        "tests/e2e/test_protocol_paths.py",
+    ),
+    "fastscp/net/association.py": (
+        "tests/unit/net/test_association.py",
+        "tests/e2e/test_association_server.py",
+        "tests/e2e/test_dimse.py",
+        "tests/e2e/test_negotiation.py",
+        "tests/e2e/test_protocol_paths.py",
+        "tests/unit/net/test_protocol.py",
+        "tests/e2e/test_server.py",
+        "tests/e2e/test_access.py",
+        "tests/e2e/test_lifecycle.py",
+        "tests/e2e/test_duplicates.py",
+    ),
+    "fastscp/net/storescp.py": (
+        "tests/unit/net/test_association.py",
+        "tests/e2e/test_association_server.py",
+        "tests/e2e/test_dimse.py",
+        "tests/e2e/test_protocol_paths.py",
+        "tests/e2e/test_server.py",
+        "tests/e2e/test_access.py",
+        "tests/e2e/test_duplicates.py",
+    ),
+    "fastscp/index/reindex.py": (
+        "tests/unit/index/test_reindex.py",
+        "tests/unit/index/test_index.py",
+    ),
 }
 
 #: The CI subset: fast unit-level tests only, a fixed sample of mutants.
 QUICK_MODULES: dict[str, tuple[str, ...]] = {
-    "fastscp/storage/layout.py": ("tests/test_layout.py",),
-    "fastscp/net/access.py": ("tests/test_access.py::test_ipv4_mapped_peer_addresses_match_ipv4_networks",
-                          "tests/test_access.py::test_access_policy_edges",
-                          "tests/test_access.py::test_unresolvable_host_stops_start_up_naming_the_key"),
+    "fastscp/storage/layout.py": (
+        "tests/unit/storage/test_layout.py",
+    ),
+    "fastscp/net/access.py": (
+        "tests/e2e/test_access.py::test_ipv4_mapped_peer_addresses_match_ipv4_networks",
+        "tests/e2e/test_access.py::test_access_policy_edges",
+        "tests/e2e/test_access.py::test_unresolvable_host_stops_start_up_naming_the_key",
+    ),
 }
 QUICK_MAX = 15
 #: The quick run fails below this share of its sample killed (tests/README.md: the known survivors).

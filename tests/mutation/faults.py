@@ -22,8 +22,8 @@ class Fault(NamedTuple):
     quick: bool = True
 
 
-DURABILITY = ("tests/test_durability.py",)
-PROTOCOL = "tests/test_protocol_paths.py::"
+DURABILITY = ("tests/e2e/test_durability.py",)
+PROTOCOL = "tests/e2e/test_protocol_paths.py::"
 
 FAULTS: tuple[Fault, ...] = (
     # -- durability --------------------------------------------------------------------------
@@ -38,10 +38,10 @@ FAULTS: tuple[Fault, ...] = (
     Fault("indexer not given the storage root", "fastscp/runtime/supervisor.py",
           "db.batch_interval, self.storage.root, self.storage.sr_root, self.config.lake)",
           "db.batch_interval, None, self.storage.sr_root, self.config.lake)",
-          ("tests/test_index_server.py::test_kill_9_of_the_indexer_while_storing_loses_no_record",), quick=False),
+          ("tests/e2e/test_index_server.py::test_kill_9_of_the_indexer_while_storing_loses_no_record",), quick=False),
     Fault("changed judged by size alone", "fastscp/index/reindex.py",
           "known[0] != state.size or state.mtime_ns // 1000 > known[1]", "known[0] != state.size",
-          ("tests/test_index.py::test_plan_finds_a_file_of_the_same_size_written_after_its_row",)),
+          ("tests/unit/index/test_index.py::test_plan_finds_a_file_of_the_same_size_written_after_its_row",)),
     # -- protocol paths ----------------------------------------------------------------------
     Fault("Affected SOP Class not checked against the context (0x0122)", "fastscp/net/storescp.py",
           "        if sop_class != self._context.abstract_syntax:\n", "        if False:\n",
@@ -64,36 +64,37 @@ FAULTS: tuple[Fault, ...] = (
     # -- storage and layout ------------------------------------------------------------------
     Fault("root-escape backstop removed", "fastscp/storage/area.py",
           "        if not final.startswith(root.rstrip(os.sep) + os.sep):\n", "        if False:\n",
-          ("tests/test_storage.py",)),
+          ("tests/unit/storage/test_storage.py",)),
     Fault("keep-both limited to .v2", "fastscp/storage/area.py",
-          "range(2, 10000)", "range(2, 3)", ("tests/test_storage.py",)),
+          "range(2, 10000)", "range(2, 3)", ("tests/unit/storage/test_storage.py",)),
     Fault("leading-dot strip dropped before the reserved-name check", "fastscp/storage/layout.py",
           'text = re.sub(r"\\s+", " ", text).strip(" .")', 'text = re.sub(r"\\s+", " ", text).strip(" ")',
-          ("tests/test_layout.py",)),
+          ("tests/unit/storage/test_layout.py",)),
     Fault("no _ prefix for a reserved top-level folder name", "fastscp/storage/layout.py",
-          "if top.lower() in RESERVED else path", "if False else path", ("tests/test_layout.py",)),
+          "if top.lower() in RESERVED else path", "if False else path", ("tests/unit/storage/test_layout.py",)),
     Fault("reserved top-level folder names matched case-sensitively", "fastscp/storage/layout.py",
-          "if top.lower() in RESERVED else path", "if top in RESERVED else path", ("tests/test_layout.py",)),
+          "if top.lower() in RESERVED else path", "if top in RESERVED else path",
+          ("tests/unit/storage/test_layout.py",)),
     Fault("structured reports stored under the storage root", "fastscp/storage/area.py",
           "root = self.sr_root if self.sr_root and sop_class_uid in SR_SOP_CLASSES else None", "root = None",
-          ("tests/test_storage_area.py",)),
+          ("tests/unit/storage/test_storage_area.py",)),
     Fault("file named by the data set's UID, not the command's", "fastscp/storage/area.py",
           "sop_instance_uid=affected_sop_instance_uid or header.sop_instance_uid",
-          "sop_instance_uid=header.sop_instance_uid", ("tests/test_storage_area.py",)),
+          "sop_instance_uid=header.sop_instance_uid", ("tests/unit/storage/test_storage_area.py",)),
     Fault("free-space watermark ignored", "fastscp/storage/area.py",
           "        if free < self.min_free_bytes:\n", "        if False:\n",
-          ("tests/test_storage_area.py", "tests/test_association.py")),
+          ("tests/unit/storage/test_storage_area.py", "tests/unit/net/test_association.py")),
     Fault("quarantine: false ignored", "fastscp/storage/area.py",
           "if not self._storage.quarantine or self.error is not None:", "if self.error is not None:",
-          ("tests/test_storage.py",)),
+          ("tests/unit/storage/test_storage.py",)),
     Fault("no .reason.txt", "fastscp/storage/area.py",
-          '                f.write(reason + "\\n")', "                pass", ("tests/test_storage.py",)),
+          '                f.write(reason + "\\n")', "                pass", ("tests/unit/storage/test_storage.py",)),
     # -- access and config -------------------------------------------------------------------
     Fault("IPv4-mapped peer addresses not unmapped", "fastscp/net/access.py",
           "            address = address.ipv4_mapped", "            pass",
-          ("tests/test_access.py::test_ipv4_mapped_peer_addresses_match_ipv4_networks",)),
+          ("tests/e2e/test_access.py::test_ipv4_mapped_peer_addresses_match_ipv4_networks",)),
     Fault("AE-title pattern dropped", "fastscp/config.py",
-          ", pattern=_AE_TITLE_PATTERN)]", ")]", ("tests/test_config.py",)),
+          ", pattern=_AE_TITLE_PATTERN)]", ")]", ("tests/unit/test_config.py",)),
     Fault("templates not checked at load", "fastscp/config.py",
-          "            check_template(config.storage.template)", "            pass", ("tests/test_config.py",)),
+          "            check_template(config.storage.template)", "            pass", ("tests/unit/test_config.py",)),
 )

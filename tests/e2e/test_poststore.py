@@ -1,0 +1,136 @@
+"""The post-store stage of a running server: thumbnails mirroring the layout and
+a scan sheet per quiet study, remade when more images arrive."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+
+from fastscp.dicom.synthetic import write_series
+from tests.conftest import dcmtk, wait_until
+
+pytestmark = pytest.mark.dcmtk
+
+
+def test_thumbnails_and_scan_sheet_of_a_quiet_study(start_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    config = tmp_path / "fastscp.yaml"
+    config.write_text("scansheet:\n  study_timeout: 1\nthumbnails:\n  size: 64\n")
+    server = start_server(config=config)
+    series = write_series(str(tmp_path / "ct"), 6, rows=96, columns=80, patient_id="PS1")
+    dcmtk("storescu", "-aec", server.ae_title, "-xe", "127.0.0.1", str(server.port), *series[:4])
+    stored = server.stored_files()
+    assert len(stored) == 4
+    thumbnails = [server.storage / "thumbnails" / p.relative_to(server.storage).with_suffix(".jpg") for p in stored]
+    wait_until(lambda: all(t.exists() for t in thumbnails), what="the thumbnails")
+    with Image.open(thumbnails[0]) as image:
+        assert image.size == (53, 64)  # (width, height): 80 columns x 96 rows, long side 64, aspect kept
+        assert np.asarray(image).std() > 5, "not blank"
+
+    study = stored[0].parent.parent  # PatientID/StudyDate_StudyUID
+    png, html = study / "scansheet.png", study / "scansheet.html"
+    wait_until(lambda: png.exists() and html.exists(), timeout=30, what="the scan sheet")
+    with Image.open(png) as sheet:
+        assert sheet.width >= 400 and np.asarray(sheet.convert("L")).std() > 10
+    text = html.read_text()
+    # The study's patient in the header, its one series with its count, a thumbnail per instance.
+    assert ">PS1</td>" in text and "Synthetic" in text
+    assert text.count('<div class="count">') == 1 and '<div class="count">4 instances</div>' in text
+    assert text.count('<span class="thumb"') == 4
+
+    # More images of the study: the sheet is made again, with all of them.
+    first = os.stat(png).st_mtime_ns
+    dcmtk("storescu", "-aec", server.ae_title, "-xe", "127.0.0.1", str(server.port), *series[4:])
+    wait_until(lambda: os.stat(png).st_mtime_ns != first, timeout=30, what="the scan sheet to be remade")
+    wait_until(lambda: "(6 instances)" in server.log_text(), what="the log line of the remade sheet")
+    assert '<div class="count">6 instances</div>' in html.read_text()
+    assert server.stop() == 0
+    # The thumbnails' paths are in the index, beside their instances.
+    rows = duckdb.connect(str(server.index), read_only=True).execute(
+        "SELECT i.path, t.thumbnail_path FROM instances i JOIN thumbnails t USING (path)").fetchall()
+    assert len(rows) == 6
+    for path, thumbnail in rows:
+        assert (server.storage / thumbnail).is_file()
+        assert Path(thumbnail).with_suffix("") == Path("thumbnails", path).with_suffix("")
+
+
+def test_scansheet_command_while_the_server_runs(start_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from fastscp.query.client import QueryClient
+    from tests.e2e.test_server import fastscp
+
+    config = tmp_path / "fastscp.yaml"
+    config.write_text("scansheet:\n  study_timeout: 3600\n")  # the server makes its sheet only when it stops
+    server = start_server(config=config)
+    series = write_series(str(tmp_path / "ct"), 3, rows=32, columns=32, patient_id="PS2")
+    dcmtk("storescu", "-aec", server.ae_title, "-xe", "127.0.0.1", str(server.port), *series)
+    study_uid = str(pydicom.dcmread(series[0], stop_before_pixels=True).StudyInstanceUID)
+    wait_until(lambda: QueryClient(str(server.index)).stats().instances == 3, what="the study in the index")
+
+    result = fastscp("scansheet", study_uid, "--storage-dir", str(server.storage), "--index-db", str(server.index))
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    study = server.stored_files()[0].parent.parent  # PatientID/StudyDate_StudyUID: where the server puts it
+    png = study / "scansheet.png"
+    assert png.exists() and "3 instances" in result.stdout
+    assert "PS2" in (study / "scansheet.html").read_text()
+    made_by_hand = os.stat(png).st_mtime_ns
+
+    assert server.stop() == 0
+    server.wait_for_log(f"scan sheet of study {study_uid} (3 instances)")
+    # The server's own sheet replaced it: one folder for both.
+    assert list(server.storage.rglob("scansheet.png")) == [png]
+    assert os.stat(png).st_mtime_ns != made_by_hand
+
+
+def test_thumbnails_and_scan_sheets_get_the_storage_modes(start_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """They show patient data as the images do: storage.file_mode/dir_mode, not 0644/0755 (issue 10)."""
+    from tests.e2e.test_server import fastscp
+
+    config = tmp_path / "fastscp.yaml"
+    config.write_text("storage:\n  file_mode: '0600'\n  dir_mode: '0700'\nscansheet:\n  study_timeout: 1\n")
+    server = start_server(config=config)
+    series = write_series(str(tmp_path / "ct"), 2, rows=32, columns=32, patient_id="PS3")
+    dcmtk("storescu", "-aec", server.ae_title, "-xe", "127.0.0.1", str(server.port), *series)
+    stored = server.stored_files()
+    study = stored[0].parent.parent
+    thumbnail = server.storage / "thumbnails" / stored[0].relative_to(server.storage).with_suffix(".jpg")
+    wait_until(lambda: thumbnail.exists() and (study / "scansheet.html").exists(), timeout=30,
+               what="a thumbnail and the scan sheet")
+    made = [thumbnail, study / "scansheet.png", study / "scansheet.html"]
+    assert {oct(p.stat().st_mode & 0o777) for p in made} == {"0o600"}
+    folders = [thumbnail.parent, *thumbnail.parent.relative_to(server.storage).parents][:-1]
+    assert {oct((server.storage / p).stat().st_mode & 0o777) for p in folders} == {"0o700"}
+
+    study_uid = str(pydicom.dcmread(series[0], stop_before_pixels=True).StudyInstanceUID)
+    (study / "scansheet.png").unlink()
+    result = fastscp("scansheet", study_uid, "--config", str(config), "--storage-dir", str(server.storage),
+                     "--index-db", str(server.index))
+    assert result.returncode == 0, result.stderr
+    assert oct((study / "scansheet.png").stat().st_mode & 0o777) == "0o600"
+
+
+def test_a_stray_message_does_not_stop_the_post_store_stage(start_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The post-store socket takes instance records and association reports; anything else is dropped."""
+    import socket
+
+    from fastscp.index.records import ENCODER, ThumbnailMade
+    from fastscp.poststore.stage import poststore_address
+
+    server = start_server()
+    series = write_series(str(tmp_path / "ct"), 2, rows=32, columns=32, patient_id="PS9")
+    dcmtk("storescu", "-aec", server.ae_title, "-xe", "127.0.0.1", str(server.port), series[0])
+    wait_until(lambda: any((server.storage / "thumbnails").rglob("*.jpg")), what="the first thumbnail")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
+        sock.connect(poststore_address(str(server.index)))
+        sock.send(b"\xc1 not msgpack")
+        sock.send(ENCODER.encode(ThumbnailMade(path="a.dcm", thumbnail_path="thumbnails/a.jpg")))  # the indexer's
+        sock.send(ENCODER.encode({"path": "../../etc/passwd"}))
+    dcmtk("storescu", "-aec", server.ae_title, "-xe", "127.0.0.1", str(server.port), series[1])
+    wait_until(lambda: len(list((server.storage / "thumbnails").rglob("*.jpg"))) == 2, what="the second thumbnail")
+    assert "post-store stage exited" not in server.log_text()  # it used to die on the first one (and restart)
+    assert "1 messages that are neither instance records nor association reports dropped" in server.log_text()
+    assert server.stop() == 0
