@@ -58,7 +58,7 @@ from fastscp.index.batchtable import InstanceBatch
 from fastscp.index.database import Index
 from fastscp.index.records import BATCH_DECODER, DuplicateConflict, InstanceColumns, InstanceRecord, ThumbnailMade
 from fastscp.index.reindex import plan, read_records
-from fastscp.process.ipc import accept_local, listen, receive
+from fastscp.process.ipc import accept_local, drain, listen
 from fastscp.status import IndexerState
 
 log = logging.getLogger("fastscp.indexer")
@@ -369,14 +369,7 @@ class Indexer:
     def _receive(self, conn: socket.socket) -> None:
         now = time.monotonic()
         limit = self.batch_size * MAX_BATCH_FACTOR
-        while self._waiting < limit:
-            data = receive(conn)
-            if data == b"":
-                return
-            if data is None:
-                self.selector.unregister(conn)
-                conn.close()
-                return
+        for data in drain(conn, self.selector, lambda: self._waiting < limit):
             try:
                 batch = BATCH_DECODER.decode(data)
             except Exception as exc:  # a bad message must not stop indexing

@@ -36,7 +36,7 @@ from fastscp.imaging.scansheet import QuietStudies, find_study_instances, make_s
 from fastscp.imaging.thumbnail import thumbnail_path, try_write_thumbnail
 from fastscp.index.client import IndexerClient
 from fastscp.index.records import ENCODER, POSTSTORE_DECODER, InstanceRecord, ThumbnailMade
-from fastscp.process.ipc import accept_local, listen, local_address, receive
+from fastscp.process.ipc import accept_local, drain, listen, local_address, receive
 from fastscp.process.orphan import parent_gone
 from fastscp.status import AssociationReport
 from fastscp.storage.area import FileModes
@@ -191,14 +191,7 @@ class PostStore:
             self.selector.register(conn, selectors.EVENT_READ)
 
     def _receive(self, conn: socket.socket) -> None:
-        while True:
-            data = receive(conn)
-            if data == b"":
-                return
-            if data is None:
-                self.selector.unregister(conn)
-                conn.close()
-                return
+        for data in drain(conn, self.selector):
             try:
                 record = POSTSTORE_DECODER.decode(data)
             except msgspec.DecodeError as exc:

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import selectors
 import socket
 import struct
 import threading
+from collections.abc import Callable, Iterator
 
 _PEERCRED = struct.Struct("3i")
 
@@ -89,3 +91,18 @@ def receive_waiting(conn: socket.socket) -> tuple[list[bytes], bool]:
         if data == b"":
             return messages, False
         messages.append(data)
+
+
+def drain(conn: socket.socket, selector: selectors.BaseSelector,
+          more: Callable[[], bool] = lambda: True) -> Iterator[bytes]:
+    """The messages waiting on a non-blocking connection registered with ``selector``, while ``more()``;
+    at EOF the connection is unregistered and closed."""
+    while more():
+        data = receive(conn)
+        if data == b"":
+            return
+        if data is None:
+            selector.unregister(conn)
+            conn.close()
+            return
+        yield data
