@@ -33,6 +33,7 @@ import logging
 import multiprocessing
 import os
 import pickle
+import re
 import selectors
 import signal
 import socket
@@ -843,6 +844,10 @@ def public_config(config: Config) -> dict[str, object]:
     for destination in data["forwarding"]["destinations"].values():  # type: ignore[union-attr]
         if destination["tls"]["private_key"]:
             destination["tls"]["private_key"] = "(hidden)"
+    database = data["database"]
+    # A libpq string may carry the catalog's password (password=... or postgresql://user:secret@host).
+    database["catalog"] = re.sub(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)|(://[^:/@\s]+:)[^@\s]+@",  # type: ignore[index]
+                                 lambda m: f"{m[1]}(hidden)" if m[1] else f"{m[3]}(hidden)@", database["catalog"])  # type: ignore[index]
     monitor = data.get("monitor")
     for key in ("password", "token"):
         if isinstance(monitor, dict) and monitor.get(key):

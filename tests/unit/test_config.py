@@ -200,3 +200,19 @@ def test_modes_in_octal(tmp_path: Path, text: str, expected: tuple[str, str]) ->
     path.write_text(text)
     storage = load_config(str(path)).storage
     assert (storage.file_mode, storage.dir_mode) == expected
+
+
+@pytest.mark.parametrize("catalog, shown", [
+    ("postgres:dbname=lake host=/run/pg password=s3cret user=fastscp",
+     "postgres:dbname=lake host=/run/pg password=(hidden) user=fastscp"),
+    ("postgres:host=db password = 'with space' dbname=lake", "postgres:host=db password = (hidden) dbname=lake"),
+    ("postgres:postgresql://fastscp:s3cret@db/lake", "postgres:postgresql://fastscp:(hidden)@db/lake"),
+    ("postgres:dbname=lake host=/run/pg", "postgres:dbname=lake host=/run/pg"),
+])
+def test_the_status_page_hides_the_catalogs_password(tmp_path: Path, catalog: str, shown: str) -> None:
+    """The status page shows the config (/status.json); a libpq string may carry a password."""
+    from fastscp.runtime.supervisor import public_config
+
+    config = load_config(None, {"storage.directory": str(tmp_path), "database.catalog": catalog,
+                                "database.data_path": str(tmp_path / "lake")})
+    assert public_config(config)["database"]["catalog"] == shown  # type: ignore[index]
