@@ -26,13 +26,13 @@ from fastscp.cli import index as cli_index
 from fastscp.dicom.synthetic import write_series
 from fastscp.query.client import QueryClient
 from fastscp.query.engine import QueryRequest, SqlRequest
-from tests.conftest import Server, dcmtk, free_port, wait_until
+from tests.conftest import REPO, Server, dcmtk, free_port, wait_until
 from tests.e2e.test_cfind import findscu
 
 pytestmark = pytest.mark.dcmtk
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
-EXAMPLE_HAPROXY_CFG = Path(__file__).parent.parent / "config" / "haproxy.cfg.example"
+EXAMPLE_HAPROXY_CFG = REPO / "config" / "haproxy.cfg.example"
 
 
 class PostgresCluster:

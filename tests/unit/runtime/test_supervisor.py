@@ -22,7 +22,7 @@ import pytest
 from fastscp.process.orphan import die_with_parent
 from fastscp.runtime.child import Backoff, Child, ChildSpec
 from fastscp.runtime.messages import ENCODER, READINESS, Ready
-from tests.conftest import free_port, wait_for_port, wait_until
+from tests.conftest import REPO, free_port, wait_for_port, wait_until
 from tests.rawscu import RawSCU
 
 VERIFICATION = "1.2.840.10008.1.1"
@@ -112,7 +112,7 @@ from fastscp.config import load_config
 from fastscp.process import logs
 from fastscp.runtime import supervisor
 from fastscp.runtime.children import TARGETS
-from tests import test_supervisor as fakes
+from tests.unit.runtime import test_supervisor as fakes
 
 port, root, workers, targets, ready_timeout = sys.argv[1:6]
 targets = json.loads(targets)
@@ -136,7 +136,7 @@ class FakeServer:
             [sys.executable, "-c", _SCRIPT, str(self.port), str(tmp / "received"), str(workers),
              json.dumps(targets), str(ready_timeout)],
             stdout=self._out, stderr=subprocess.STDOUT, start_new_session=True,
-            cwd=Path(__file__).resolve().parent.parent, env={**os.environ, "FASTSCP_FAKE_LOG": str(self.fakes)})
+            cwd=REPO, env={**os.environ, "FASTSCP_FAKE_LOG": str(self.fakes)})
 
     def starts(self, kind: str) -> list[tuple[int, float]]:
         """(pid, time) of each start of a fake ``kind``."""
