@@ -190,7 +190,10 @@ class Running:
         if self.index_path is None or not self.index_path.exists():
             return None
         # With the fastscp that wrote it (its schema may differ from this tree's).
-        code = ("import sys\nfrom fastscp.index.database import Index\n"
+        code = ("import sys\n"
+                "try:\n    from fastscp.index.database import Index\n"
+                "except ImportError:  # a commit from before the subpackages (--fastscp-ref)\n"
+                "    from fastscp.index import Index\n"
                 "index = Index(sys.argv[1], read_only=True)\nprint(index.count())\n")
         out = subprocess.run([PYTHON, "-c", code, str(self.index_path)], capture_output=True, text=True,
                              env=receiver_env(False, self.receiver.pythonpath), timeout=120,
