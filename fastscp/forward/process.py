@@ -43,7 +43,7 @@ from fastscp.forward.sender import Destination
 from fastscp.index.records import BATCH_DECODER, INSTANCE_COLUMNS, InstanceColumns, InstanceRecord
 from fastscp.index.reindex import FileState, read_records
 from fastscp.process import logs
-from fastscp.process.ipc import accept_local, listen, local_address, receive_waiting
+from fastscp.process.ipc import accept_local, drain, listen, local_address
 from fastscp.process.orphan import parent_gone
 from fastscp.query.client import QueryClient
 from fastscp.query.engine import LocalQueryClient, ServerUnavailable, SqlRequest
@@ -172,11 +172,7 @@ class Forwarder:
         self._stop()
 
     def _receive(self, conn: socket.socket) -> None:
-        messages, closed = receive_waiting(conn)
-        if closed:
-            self.selector.unregister(conn)
-            conn.close()
-        for data in messages:
+        for data in drain(conn, self.selector):
             try:
                 batch = BATCH_DECODER.decode(data)
             except msgspec.DecodeError as exc:

@@ -81,17 +81,6 @@ def receive(conn: socket.socket) -> bytes | None:
     return bytes(buffer[:n]) if n else None
 
 
-def receive_waiting(conn: socket.socket) -> tuple[list[bytes], bool]:
-    """Every message waiting on a non-blocking connection (:func:`receive`), and True if it has closed."""
-    messages = []
-    while True:
-        data = receive(conn)
-        if data is None:
-            return messages, True
-        if data == b"":
-            return messages, False
-        messages.append(data)
-
 
 def drain(conn: socket.socket, selector: selectors.BaseSelector,
           more: Callable[[], bool] = lambda: True) -> Iterator[bytes]:
