@@ -183,6 +183,8 @@ class DatabaseConfig(_Section):
     catalog: str = ""
     #: The shared index's Parquet folder, the same path on every node (with catalog).
     data_path: str = ""
+    #: Seconds between a node's runs of the shared index's maintenance (one node at a time); 0: never.
+    maintenance_interval: Annotated[float, msgspec.Meta(ge=0)] = 60.0
 
 
 class LoggingConfig(_Section):

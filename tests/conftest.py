@@ -21,20 +21,21 @@ ARTIFACTS = REPO / "tests" / "artifacts"
 DCMTK_TOOLS = ("storescu", "echoscu", "storescp", "dcmdump")
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 
-def wait_for_port(port: int, process: subprocess.Popen, log: Path, timeout: float = 30) -> None:
+def wait_for_port(port: int, process: subprocess.Popen, log: Path, timeout: float = 30,
+                  host: str = "127.0.0.1") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"server exited with {process.returncode}:\n{log.read_text()}")
         if "fastscp listening" in log.read_text():
             with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
+                if s.connect_ex((host, port)) == 0:
                     return
         time.sleep(0.05)
     raise RuntimeError(f"server did not listen on {port} within {timeout} s:\n{log.read_text()}")
@@ -48,25 +49,30 @@ def wait_until(predicate, timeout: float = 15, what: str = "condition") -> None:
 
 
 class Server:
-    """``fastscp serve`` in a subprocess; always stopped by the fixture."""
+    """``fastscp serve`` in a subprocess; always stopped by the fixture.
+
+    It listens on ``host`` (127.0.0.1; another address in a network
+    namespace of the test's, where it is then started: tests/cluster.py).
+    """
 
     def __init__(self, tmp: Path, *args: str, ae_title: str = "FASTSCP", workers: int = 2,
                  config: Path | None = None, storage: Path | None = None,
-                 env: dict[str, str] | None = None, monitor: str = "off") -> None:
-        self.port = free_port()
+                 env: dict[str, str] | None = None, monitor: str = "off", host: str = "127.0.0.1") -> None:
+        self.host = host
+        self.port = free_port(host)
         self.ae_title = ae_title
         self.storage = storage or tmp / "received"
         self.index = tmp / "index.duckdb"
         self.log = tmp / f"server-{self.port}.log"
         argv = [sys.executable, "-m", "fastscp.cli", "serve", str(self.port), ae_title,
-                "--host", "127.0.0.1", "--storage-dir", str(self.storage),
+                "--host", host, "--storage-dir", str(self.storage),
                 "--index-db", str(self.index), "--workers", str(workers), "--monitor", monitor, *args]
         if config is not None:
             argv += ["--config", str(config)]
         self._log_file = open(self.log, "w")
         self.process = subprocess.Popen(argv, stdout=self._log_file, stderr=subprocess.STDOUT,
                                          start_new_session=True, env={**os.environ, **(env or {})})
-        wait_for_port(self.port, self.process, self.log)
+        wait_for_port(self.port, self.process, self.log, host=host)
 
     def signal(self, signum: int = signal.SIGTERM) -> None:
         if self.process.poll() is None:

@@ -29,6 +29,7 @@ INSERT), and studies and series are appended (:data:`_LAKE_PARENTS`).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import shutil
@@ -144,21 +145,28 @@ def quote(name: str) -> str:
     return f'"{name}"'
 
 
-def _create_table(table: str, *, lake: bool = False) -> str:
-    """A table's CREATE statement; in a lake without keys (DuckLake has none) and with the node of each row.
+def _stored_table(table: str, *, lake: bool) -> tuple[str, dict[str, str]]:
+    """The name and columns of the table that stores ``table``'s rows.
 
-    A lake's studies and series are appended to ``*_rows`` tables (see
-    :data:`_LAKE_PARENTS`), each row with the time it was written.
+    In a lake, with the node of each row (:data:`_NODE_TABLES`), and studies
+    and series appended to ``*_rows`` tables (:data:`_LAKE_PARENTS`), each
+    row with the time it was written.
     """
-    key = None if lake else _PRIMARY_KEY.get(table)
-    columns = ", ".join(
-        f"{quote(name)} {sql}{' PRIMARY KEY' if name == key else ''}" for name, sql in TABLES[table].items()
-    )
+    columns = dict(TABLES[table])
     if lake and table in _NODE_TABLES:
-        columns += ", node VARCHAR"
+        columns["node"] = "VARCHAR"
     if lake and table in _LAKE_PARENTS:
-        return f"CREATE TABLE {_LAKE_PARENTS[table]} ({columns}, written_at TIMESTAMP)"
-    return f"CREATE TABLE {table} ({columns})"
+        return _LAKE_PARENTS[table], {**columns, "written_at": "TIMESTAMP"}
+    return table, columns
+
+
+def _create_table(table: str, *, lake: bool = False) -> str:
+    """A table's CREATE statement; in a lake without keys (DuckLake has none): see :func:`_stored_table`."""
+    key = None if lake else _PRIMARY_KEY.get(table)
+    name, columns = _stored_table(table, lake=lake)
+    listed = ", ".join(f"{quote(column)} {sql}{' PRIMARY KEY' if column == key else ''}"
+                       for column, sql in columns.items())
+    return f"CREATE TABLE {name} ({listed})"
 
 
 def patient_key(alias: str) -> str:
@@ -309,6 +317,47 @@ def _attach_lake(con: duckdb.DuckDBPyConnection, lake: Lake, *, read_only: bool)
     con.execute("USE lake")
 
 
+#: The PostgreSQL database of a lake's catalog, as DuckLake attaches it for
+#: the lake named ``lake`` (``__ducklake_metadata_`` and the lake's name).
+LAKE_CATALOG = "__ducklake_metadata_lake"
+
+
+def lock_key(name: str) -> int:
+    """The 64-bit key of a PostgreSQL advisory lock of fastscp's, from its name (stable across versions)."""
+    return int.from_bytes(hashlib.sha256(f"fastscp:{name}".encode()).digest()[:8], "big", signed=True)
+
+
+@contextlib.contextmanager
+def catalog_lock(source: duckdb.DuckDBPyConnection, name: str, *, wait: float = 0.0) -> Iterator[bool]:
+    """A PostgreSQL advisory lock in a lake's catalog database, held for the block; yields whether it is held.
+
+    Every node reaches the catalog, and PostgreSQL ends the lock with the
+    session that holds it: a node that dies holding one never leaves it
+    behind (no stale lock file, no lease to time out). It is
+    ``pg_try_advisory_xact_lock`` in a transaction of a connection of its own
+    (a cursor of ``source``, the connection with the lake attached): the
+    transaction keeps one PostgreSQL session for the block, and its end
+    releases the lock. ``wait``: seconds to keep trying (every 0.2 s); 0 tries once.
+    """
+    con = source.cursor()
+    try:
+        con.execute("BEGIN")
+        deadline = time.monotonic() + wait
+        while True:
+            (held,) = con.execute(f"SELECT * FROM postgres_query('{LAKE_CATALOG}', "
+                                  f"'SELECT pg_try_advisory_xact_lock({lock_key(name)})')").fetchall()[0]
+            if held or time.monotonic() >= deadline:
+                break
+            time.sleep(0.2)
+        yield bool(held)
+    finally:
+        try:
+            con.execute("ROLLBACK")
+        except duckdb.Error:
+            pass  # the session is gone: so is its lock
+        con.close()
+
+
 def _sql_text(text: str) -> str:
     """A SQL string literal (ATTACH takes no parameters)."""
     return "'" + text.replace("'", "''") + "'"
@@ -364,18 +413,17 @@ _KNOWN_LIMIT = 100_000
 #: this much WAL at the next start.
 CHECKPOINT_WAL_BYTES = 256 * 1024 * 1024
 
-#: A lake writes a Parquet file per commit of more than 10 rows (DuckLake
-#: keeps smaller ones in its catalog), per table; its CHECKPOINT merges
-#: the small files. The indexer checkpoints when idle,
-#: and a node under steady load at least this often (seconds).
-LAKE_MERGE_SECONDS = 60.0
 #: Attempts of a lake write that conflicts with another node's (both
 #: deleted rows of one data file, say): the loser starts over.
 LAKE_WRITE_ATTEMPTS = 5
-#: A lake's CHECKPOINT also forgets snapshots older than this and deletes
-#: the files only they used (the small files a merge replaced); a query
-#: on another node reads one snapshot, and none runs for an hour.
+#: A lake's maintenance (:mod:`fastscp.index.lake`, and DuckLake's own
+#: CHECKPOINT) forgets snapshots older than this and deletes the files only
+#: they used (the small files a merge replaced); a query on another node
+#: reads one snapshot, and none runs for an hour.
 LAKE_KEEP_SNAPSHOTS = "1 hour"
+#: Seconds a node waits for another that is making or migrating a lake's
+#: schema (a migration may rewrite every row of a table).
+LAKE_MIGRATION_WAIT = 600.0
 
 
 class Index:
@@ -439,7 +487,6 @@ class Index:
             self.con.execute(f"SET checkpoint_threshold = '{CHECKPOINT_WAL_BYTES}B'")
         #: Committed writes not yet checkpointed (WAL mode): see :meth:`tidy`.
         self.needs_checkpoint = False
-        self._merged_at = time.monotonic()
         self._cursor_source = self.con.cursor()
         self._cursor_lock = threading.Lock()
         self._known: dict[str, dict[str, tuple[object, ...]]] = {"studies": {}, "series": {}}
@@ -473,10 +520,11 @@ class Index:
             return
         if self.version == 0:
             raise IndexUnavailable(f"{self.path}: not a fastscp index (no schema_version table)")
+        older = ("start a node of this fastscp once (it migrates the shared index)" if self.lake
+                 else "start the server once (it migrates the index) or run 'fastscp reindex'")
         raise IndexUnavailable(
             f"{self.path}: index schema version {self.version}, this fastscp reads {SCHEMA_VERSION}; "
-            + ("start the server once (it migrates the index) or run 'fastscp reindex'"
-               if self.version < SCHEMA_VERSION else "upgrade fastscp")
+            + (older if self.version < SCHEMA_VERSION else "upgrade fastscp")
         )
 
     def _migrate(self) -> None:
@@ -504,29 +552,73 @@ class Index:
         self.con.execute("CHECKPOINT")
 
     def _migrate_shared(self) -> None:
-        """A lake: made by the first node; only the current schema (it has no older ones yet).
+        """A lake: made by the first node, migrated by the first node of a newer fastscp.
 
-        Nodes that start together race to make it: DuckLake commits one and
-        refuses the others' conflicting CREATEs, which then find it made.
+        Under the catalog's lock ``schema`` (:func:`catalog_lock`): one node
+        makes or migrates it, in one transaction, while the others wait for
+        it and then find it done. A write DuckLake refuses (nodes that
+        attached a new catalog at once conflict making its own tables) is
+        tried again.
         """
+        assert self.lake is not None
         for _attempt in range(5):
             if self.version == SCHEMA_VERSION:
                 return
-            if self.version:
+            if self.version > SCHEMA_VERSION:
                 raise IndexUnavailable(
-                    f"{self.path}: index schema version {self.version}, this fastscp writes {SCHEMA_VERSION}; "
-                    "run the same fastscp version on every node")
+                    f"{self.path}: index schema version {self.version} is newer than this fastscp supports "
+                    f"({SCHEMA_VERSION}): another node runs a newer fastscp; upgrade fastscp on this node "
+                    "(every node of a shared index runs the same version)")
             try:
-                with self.transaction():
-                    self._create(from_v1=False)
-                    self.con.execute("INSERT INTO schema_version VALUES (?)", [SCHEMA_VERSION])
-                    for option in ("expire_older_than", "delete_older_than"):
-                        self.con.execute(f"CALL lake.set_option('{option}', '{LAKE_KEEP_SNAPSHOTS}')")
+                with catalog_lock(self.con, "schema", wait=LAKE_MIGRATION_WAIT) as held:
+                    if not held:
+                        raise IndexUnavailable(
+                            f"{self.path}: another node has been making or migrating the index's schema for "
+                            f"{LAKE_MIGRATION_WAIT:.0f} s; see that node's log, and start this one when it is done")
+                    self.version = self._version()  # as the node before us left it
+                    if self.version == 0:
+                        with self.transaction():
+                            self._create(from_v1=False)
+                            self.con.execute("INSERT INTO schema_version VALUES (?)", [SCHEMA_VERSION])
+                            for option in ("expire_older_than", "delete_older_than"):
+                                self.con.execute(f"CALL lake.set_option('{option}', '{LAKE_KEEP_SNAPSHOTS}')")
+                    elif self.version < SCHEMA_VERSION:
+                        with self.transaction():
+                            self._upgrade_lake()
+                            self.con.execute("INSERT INTO schema_version VALUES (?)", [SCHEMA_VERSION])
+                        log.warning("%s: migrated from schema version %d to %d by node %s; every node must run "
+                                    "this fastscp now", self.path, self.version, SCHEMA_VERSION, self.lake.node)
             except (duckdb.TransactionException, duckdb.CatalogException) as exc:
-                # Refused at COMMIT, or at CREATE once the other node's commit is visible.
-                log.info("%s: another node made the schema first (%s)", self.path, str(exc).splitlines()[0])
+                log.info("%s: making the schema conflicted with another node (%s)", self.path,
+                         str(exc).splitlines()[0])
             self.version = self._version()
         raise IndexUnavailable(f"{self.path}: the schema could not be made (conflicts with other nodes)")
+
+    def _upgrade_lake(self) -> None:
+        """A lake of an older schema brought to this one: the tables, columns and views it lacks.
+
+        A column added to a table is NULL in its rows, as in a migrated
+        file (:meth:`_add_columns`); the views are made again, as they may
+        read new columns.
+        """
+        con = self.con
+        present: dict[str, set[str]] = {}
+        for table, column in con.execute(
+                "SELECT table_name, column_name FROM information_schema.columns "
+                "WHERE table_catalog = current_database() AND table_schema = 'main'").fetchall():
+            present.setdefault(table, set()).add(column)
+        for table in TABLES:
+            name, columns = _stored_table(table, lake=True)
+            if name not in present:
+                con.execute(_create_table(table, lake=True))
+                continue
+            for column, sql in columns.items():
+                if column not in present[name]:
+                    con.execute(f"ALTER TABLE {name} ADD COLUMN {quote(column)} {sql}")
+        if self.version <= 3:
+            self._migrate_v3()
+        for view in _views(lake=True):
+            con.execute(view.replace("CREATE VIEW", "CREATE OR REPLACE VIEW", 1))
 
     def _create(self, *, from_v1: bool) -> None:
         """The tables and views of a new index, or of one made from a v1 index's flat table."""
@@ -921,10 +1013,8 @@ class Index:
 
     def _after_write(self) -> None:
         if self.lake:
-            self.needs_checkpoint = True
-            if time.monotonic() - self._merged_at > LAKE_MERGE_SECONDS and self.checkpoint():
-                self.needs_checkpoint = False
-        elif self.wal_mode:
+            return  # no WAL; its small files are merged on a schedule (fastscp.index.lake)
+        if self.wal_mode:
             self.needs_checkpoint = True
         else:
             self.checkpoint()
@@ -939,14 +1029,11 @@ class Index:
     def checkpoint(self) -> bool:
         """Write the WAL into the data file; False if DuckDB can't now (a query is open).
 
-        In a lake: DuckLake's maintenance, which merges the small Parquet
-        files of many commits (a node's merge may conflict with another
-        node's writes: then it is tried again later).
+        Not for a lake (there CHECKPOINT is all of DuckLake's maintenance,
+        which :mod:`fastscp.index.lake` runs on a schedule, one node at a time).
         """
         try:
             self.con.execute("CHECKPOINT")
-            if self.lake:
-                self._merged_at = time.monotonic()
         except duckdb.Error as exc:
             # DuckDB refuses while another transaction is running; the next
             # batch tries again.

@@ -21,6 +21,7 @@ from fastscp.config import Config
 from fastscp.forward.process import forward_main
 from fastscp.index.database import Index, Lake
 from fastscp.index.indexer import Indexer, tune_gc
+from fastscp.index.lake import LakeMaintenance
 from fastscp.poststore.stage import poststore_main
 from fastscp.query.server import query_services
 from fastscp.runtime.child import ChildSpec
@@ -36,7 +37,7 @@ STATE_INTERVAL = 1.0
 
 def indexer_process(channel: socket.socket, db_path: str, wal_mode: bool, address: str, batch_size: int,
                     batch_interval: float, storage_root: str | None = None, sr_root: str = "",
-                    lake: tuple[str, str, str] | None = None) -> None:
+                    lake: tuple[str, str, str] | None = None, maintenance_interval: float = 0.0) -> None:
     """The indexer process: the record loop with the query servers as its services.
 
     Sends :class:`Ready` once the index is open and every socket bound, or
@@ -44,7 +45,8 @@ def indexer_process(channel: socket.socket, db_path: str, wal_mode: bool, addres
     :class:`~fastscp.status.IndexerState` every :data:`STATE_INTERVAL`.
     ``storage_root`` (and ``sr_root``, ``storage.sr_directory``): reconcile
     the index with the files under it (in the background, after Ready);
-    None skips the reconcile.
+    None skips the reconcile. ``lake``: the shared index (``Config.lake``), maintained every
+    ``maintenance_interval`` seconds (``database.maintenance_interval``; 0: never) by one node at a time.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     tune_gc()
@@ -54,6 +56,8 @@ def indexer_process(channel: socket.socket, db_path: str, wal_mode: bool, addres
         try:
             indexer = Indexer(index, address, batch_size, batch_interval, storage_root=storage_root, sr_root=sr_root)
             indexer.services = list(query_services(indexer, db_path))
+            if index.lake and maintenance_interval:
+                indexer.services.append(LakeMaintenance(index, maintenance_interval))
         except BaseException:
             index.close()
             raise

@@ -286,7 +286,8 @@ class Supervisor:
         specs.append(ChildSpec(
             "indexer", targets.indexer, lambda: (
                 self.config.index_path, db.wal_mode, self.address, db.batch_size,
-                db.batch_interval, self.storage.root, self.storage.sr_root, self.config.lake),
+                db.batch_interval, self.storage.root, self.storage.sr_root, self.config.lake,
+                db.maintenance_interval),
             about=f", index {config.index_path}", decoder=FROM_INDEXER, ready_timeout=INDEXER_READY_TIMEOUT,
             stop_timeout=30))  # SIGTERM: it commits what it holds, then exits
         if self.settings.poststore_address:

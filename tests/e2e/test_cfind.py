@@ -40,7 +40,7 @@ def findscu(server, tmp_path: Path, model: str, *keys: str) -> list[pydicom.Data
     argv = ["findscu", model, "-aec", server.ae_title, "-X", "-od", str(out)]
     for key in keys:
         argv += ["-k", key]
-    dcmtk(*argv, "127.0.0.1", str(server.port))
+    dcmtk(*argv, server.host, str(server.port))
     return [pydicom.dcmread(p) for p in sorted(out.glob("rsp*.dcm"))]
 
 
