@@ -23,7 +23,7 @@ PIL_STOCK = bench/.pil-stock
 APT_PACKAGES += postgresql haproxy
 
 # apt-install is a helper target: make apt-install PACKAGES=...
-.PHONY: setup system-packages pillow-simd bench-setup apt-install serve test lint fuzz mutation mutation-quick bench-micro bench-quick bench-load clean
+.PHONY: setup system-packages pillow-simd bench-setup apt-install serve test lint fuzz mutation mutation-quick bench-micro bench-quick bench-load bench-nodes clean
 
 setup: system-packages $(VENV)/.installed
 
@@ -99,6 +99,10 @@ bench-quick: bench-setup
 
 bench-load: bench-setup
 	$(BIN)/python -m bench.load
+
+# 1, 2 and 3 nodes on one DuckLake index behind HAProxy (README "Scale-out").
+bench-nodes: bench-setup
+	$(BIN)/python -m bench.nodes
 
 clean:
 	rm -rf build *.egg-info fastscp/*/*.so fastscp/*/*.c $(VENV) $(PIL_STOCK)
