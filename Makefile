@@ -19,8 +19,9 @@ BENCH_APT_PACKAGES = orthanc
 PIL_STOCK = bench/.pil-stock
 
 # PostgreSQL and HAProxy (Debian's): tests/e2e/test_scaleout.py runs nodes on a
-# DuckLake index whose catalog is in PostgreSQL, behind HAProxy.
-APT_PACKAGES += postgresql haproxy
+# DuckLake index whose catalog is in PostgreSQL, behind HAProxy, in network
+# namespaces it makes with iproute2's ip.
+APT_PACKAGES += postgresql haproxy iproute2
 
 # apt-install is a helper target: make apt-install PACKAGES=...
 .PHONY: setup system-packages pillow-simd bench-setup apt-install serve test lint fuzz mutation mutation-quick bench-micro bench-quick bench-load bench-nodes clean
