@@ -183,6 +183,8 @@ class DatabaseConfig(_Section):
     catalog: str = ""
     #: The shared index's Parquet folder, the same path on every node (with catalog).
     data_path: str = ""
+    #: With catalog: seconds a node holds a study's job without renewing it; then another node takes it over.
+    job_lease: Annotated[float, msgspec.Meta(ge=3)] = 60.0
 
 
 class LoggingConfig(_Section):

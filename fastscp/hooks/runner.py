@@ -117,6 +117,8 @@ class Hooks:
         self.selector = selectors.DefaultSelector()
         self.stopping = False
         self.tracker = Tracker(root, layout)
+        #: False where a shared index's study jobs make the study-complete events (fastscp.poststore.jobs).
+        self.track_studies = True
         self.hooks: dict[str, _Hook] = {}
         self.changed = True  # counts changed since states() was last read
         self.configure(configs)
@@ -163,7 +165,8 @@ class Hooks:
     # -- events -----------------------------------------------------------------------
 
     def instance_stored(self, record: InstanceRecord) -> None:
-        associations, studies = self._active("association-ended"), self._active("study-complete")
+        associations = self._active("association-ended")
+        studies = self._active("study-complete") if self.track_studies else []
         if associations or studies:
             self.tracker.stored(record, bool(associations), bool(studies))
         stored = self._active("instance-stored")
@@ -176,13 +179,22 @@ class Hooks:
         if event is not None:
             self._submit(hooks, event)
 
-    def study_complete(self, study_uid: str) -> None:
+    def study_complete(self, study_uid: str, event: Event | None = None) -> Event | None:
+        """A quiet study's event (this node's instances of it, or ``event``, made from a shared index's rows):
+        returned when a hook takes it (:meth:`holds` says when its runs are over)."""
         hooks = self._active("study-complete")
-        event = self.tracker.study_complete(study_uid) if hooks else None
-        if event is not None:
-            self._submit(hooks, event)
+        if event is None and hooks:
+            event = self.tracker.study_complete(study_uid)
+        return event if event is not None and self._submit(hooks, event) else None
 
-    def _submit(self, hooks: list[_Hook], event: Event) -> None:
+    def holds(self, event: Event) -> bool:
+        """True while a run for ``event`` waits, runs or is to be retried."""
+        return any(job.event is event for hook in self.hooks.values()
+                   for job in (*hook.queue, *hook.retrying, *(run.job for run in hook.running)))
+
+    def _submit(self, hooks: list[_Hook], event: Event) -> int:
+        """Queue ``event`` for each hook it matches; the number that took it."""
+        taken = 0
         for hook in hooks:
             if not hook.matcher(event):
                 continue
@@ -194,6 +206,8 @@ class Hooks:
                 continue
             hook.queue.append(_Job(event))
             self.changed = True
+            taken += 1
+        return taken
 
     # -- running ------------------------------------------------------------------------
 

@@ -251,11 +251,15 @@ def sheet_folder(storage_root: str | os.PathLike[str], layout: LayoutOptions, st
     (:func:`fastscp.storage.layout.study_folder`), else :func:`scansheet_dir` (layouts without a study level).
 
     The post-store stage and ``fastscp scansheet`` both ask here, so a sheet
-    made by hand replaces the server's.
+    made by hand replaces the server's. Only an instance below the root
+    names the folder (a study's files may also lie on other nodes, or in
+    storage.sr_directory): the sheet never goes elsewhere.
     """
     root = os.fspath(storage_root)
-    first = study.series[0].instances[0].path
-    folder = study_folder(layout, os.path.relpath(first, root))
+    below = (relative for series in study.series for instance in series.instances
+             if not (relative := os.path.relpath(instance.path, root)).startswith(os.pardir + os.sep))
+    first = next(below, None)
+    folder = study_folder(layout, first) if first is not None else None
     return os.path.join(root, folder) if folder else scansheet_dir(root, study)
 
 

@@ -13,6 +13,9 @@ It runs at low CPU priority, one record at a time, and makes:
   each association's end (workers report it here too) and of each quiet
   study; the supervisor sends reloaded hooks and takes their counts over
   a link of their own (:mod:`fastscp.hooks.link`).
+
+With a shared index (``lake``), a study's sheet and study-complete hooks
+are decided once across the nodes instead (:mod:`fastscp.poststore.jobs`).
 """
 
 from __future__ import annotations
@@ -35,7 +38,9 @@ from fastscp.hooks.runner import Hooks
 from fastscp.imaging.scansheet import QuietStudies, find_study_instances, make_scansheet
 from fastscp.imaging.thumbnail import thumbnail_path, try_write_thumbnail
 from fastscp.index.client import IndexerClient
+from fastscp.index.database import Lake
 from fastscp.index.records import ENCODER, POSTSTORE_DECODER, InstanceRecord, ThumbnailMade
+from fastscp.poststore.jobs import SharedStudies
 from fastscp.process.ipc import accept_local, drain, listen, local_address, receive
 from fastscp.process.orphan import parent_gone
 from fastscp.status import AssociationReport
@@ -90,7 +95,8 @@ class PostStoreClient:
 class PostStore:
     def __init__(self, root: str, layout: LayoutOptions, thumbnails: ThumbnailsConfig, scansheet: ScansheetConfig,
                  address: str, indexer: IndexerClient, modes: FileModes, hooks: Sequence[HookConfig] = (),
-                 sr_root: str = "", hooks_link: socket.socket | None = None) -> None:
+                 sr_root: str = "", hooks_link: socket.socket | None = None, lake: Lake | None = None,
+                 job_lease: float = 60.0) -> None:
         self.root = root
         self.modes = modes
         self.layout = layout
@@ -116,6 +122,7 @@ class PostStore:
             self.selector.register(hooks_link, selectors.EVENT_READ)
         #: Messages that were not an InstanceRecord.
         self.undecodable = 0
+        self.shared = SharedStudies(lake, root, layout, scansheet, job_lease, self.hooks, modes) if lake else None
 
     def run(self) -> None:
         while not (self.stopping and not self.queue):
@@ -138,13 +145,19 @@ class PostStore:
             for study in self.quiet.pop_due():
                 self._scansheet(study)
                 self.hooks.study_complete(study)
+            if self.shared is not None:
+                self.shared.tick()
             self._report_hooks()
         if self._orphaned():
             return
         # Stopping: studies still settling get their sheet now, not never.
         for study in list(self.studies):
             self._scansheet(study)
+        if self.shared is not None:
+            self.shared.stop()
         self.hooks.stop(HOOKS_STOP_GRACE)
+        if self.shared is not None:
+            self.shared.close()
         self._report_hooks(force=True)
         log.info("post-store stopped; %d thumbnails made, %d records dropped", self.made, self.dropped)
 
@@ -218,11 +231,11 @@ class PostStore:
                 self.made += 1
                 self.indexer.send(ThumbnailMade(path=record.path, thumbnail_path=os.path.relpath(made, self.root)))
         study = record.header.study_instance_uid
-        if self.scansheet.enabled and study:
+        if self.scansheet.enabled and study and self.shared is None:
             self.studies[study].append((path, record.header))
         self.hooks.instance_stored(record)
         if study and (self.scansheet.enabled or self.hooks.wants_studies):
-            self.quiet.touch(study)
+            (self.quiet if self.shared is None else self.shared).touch(study)
 
     def _scansheet(self, study_uid: str) -> None:
         items = self.studies.pop(study_uid, [])
@@ -243,8 +256,9 @@ class PostStore:
 
 def poststore_main(root: str, layout: LayoutOptions, thumbnails: ThumbnailsConfig, scansheet: ScansheetConfig,
                    address: str, indexer_address: str, modes: FileModes, hooks: Sequence[HookConfig] = (),
-                   sr_root: str = "", hooks_link: socket.socket | None = None) -> None:
-    """Entry point of the post-store process."""
+                   sr_root: str = "", hooks_link: socket.socket | None = None,
+                   lake: tuple[str, str, str] | None = None, job_lease: float = 60.0) -> None:
+    """Entry point of the post-store process (``lake``: the shared index's (catalog, data path, node))."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # Receiving comes first: this process only runs on otherwise idle CPU
     # (SCHED_IDLE), and catches up when the stores pause. PERF: at nice 10
@@ -254,7 +268,8 @@ def poststore_main(root: str, layout: LayoutOptions, thumbnails: ThumbnailsConfi
     except (AttributeError, OSError):
         os.nice(19)
     indexer = IndexerClient(indexer_address)
-    stage = PostStore(root, layout, thumbnails, scansheet, address, indexer, modes, hooks, sr_root, hooks_link)
+    stage = PostStore(root, layout, thumbnails, scansheet, address, indexer, modes, hooks, sr_root, hooks_link,
+                      Lake(*lake) if lake else None, job_lease)
 
     def stop(_signum: int, _frame: object) -> None:
         stage.stopping = True

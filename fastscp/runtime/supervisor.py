@@ -294,7 +294,8 @@ class Supervisor:
                 "post-store stage", targets.poststore, lambda: (
                     self.storage.root, self.storage.layout, self.config.thumbnails, self.config.scansheet,
                     self.settings.poststore_address, self.address, self.storage.modes, self.config.hooks,
-                    self.storage.sr_root, self.hooks_link.open()),  # a new link for each start
+                    self.storage.sr_root, self.hooks_link.open(),  # a new link for each start
+                    self.config.lake, self.config.database.job_lease),
                 about=(f": thumbnails {'on' if config.thumbnails.enabled else 'off'}, "
                        f"scan sheets {'on' if config.scansheet.enabled else 'off'}"),
                 channel=False, stop_timeout=60,  # SIGTERM: it finishes its queue and pending scan sheets
