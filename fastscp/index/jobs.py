@@ -51,8 +51,10 @@ _SCHEMA = (
     " lease_until timestamptz,"
     " held_version bigint,"
     " done_at timestamptz,"
-    " done_by text)",
+    " done_by text,"
+    " taken_from text)",  # the holder whose lease ran out, at a takeover
     f"CREATE INDEX IF NOT EXISTS {JOBS}_due ON {JOBS} (quiet_at) WHERE version > done_version",
+    f"CREATE INDEX IF NOT EXISTS {JOBS}_held ON {JOBS} (holder) WHERE holder IS NOT NULL",
     # Where each node's files are (its storage.directory): readable by the others on shared storage.
     f"CREATE TABLE IF NOT EXISTS {NODES} (node text PRIMARY KEY, storage_dir text NOT NULL, seen_at timestamptz)",
 )
@@ -94,7 +96,9 @@ class StudyJobs:
         self.con = con
         self.node = node
         try:
-            con.execute(f"ATTACH {pg_text(catalog)} AS {ALIAS} (TYPE postgres)")
+            # READ COMMITTED: a row lock waits for, then sees, another node's committed change (REPEATABLE
+            # READ, the extension's default, would fail with a serialization error instead).
+            con.execute(f"ATTACH {pg_text(catalog)} AS {ALIAS} (TYPE postgres, ISOLATION_LEVEL 'READ COMMITTED')")
         except duckdb.Error as exc:
             # Never the connection string (it may hold a password).
             raise duckdb.Error(str(exc).splitlines()[0].replace(catalog, "<database.catalog>")) from None
@@ -115,6 +119,26 @@ class StudyJobs:
 
     def _query(self, sql: str) -> list[tuple[object, ...]]:
         return self.con.execute(f"SELECT * FROM postgres_query({pg_text(ALIAS)}, {pg_text(sql)})").fetchall()
+
+    def _update(self, sql: str, columns: str, where: str) -> list[tuple[object, ...]]:
+        """Run an UPDATE of the jobs; ``columns`` of the rows it changed (among those ``where`` selects).
+
+        postgres_query takes only a SELECT (it wraps the text in one), so no
+        RETURNING: the UPDATE and a SELECT of the rows this transaction
+        wrote (``xmin``, PostgreSQL 13 or later) share one catalog transaction.
+        """
+        self.con.execute("BEGIN TRANSACTION")
+        try:
+            self._execute(sql)
+            rows = self._query(f"SELECT {columns} FROM {JOBS} WHERE {where} AND xmin = pg_current_xact_id()::xid")
+            self.con.execute("COMMIT")
+        except BaseException:
+            try:
+                self.con.execute("ROLLBACK")
+            except duckdb.Error:
+                pass  # the transaction is gone already
+            raise
+        return rows
 
     def register(self, storage_dir: str) -> None:
         """Say where this node's files are (its storage root)."""
@@ -143,13 +167,14 @@ class StudyJobs:
         The previous holder is "" unless its lease ran out (a node that died
         or stalled). None: no study is due, or every due one is held.
         """
-        rows = self._query(
-            f"UPDATE {JOBS} j SET holder = {pg_text(self.node)}, lease_until = now() + {_seconds(lease)}, "
-            "held_version = j.version "
+        node = pg_text(self.node)
+        rows = self._update(
+            f"UPDATE {JOBS} j SET holder = {node}, lease_until = now() + {_seconds(lease)}, "
+            "held_version = j.version, taken_from = due.holder "
             f"FROM (SELECT study_instance_uid, holder FROM {JOBS} WHERE version > done_version AND quiet_at <= now() "
             "AND (holder IS NULL OR lease_until < now()) ORDER BY quiet_at LIMIT 1 FOR UPDATE SKIP LOCKED) due "
-            "WHERE j.study_instance_uid = due.study_instance_uid "
-            "RETURNING j.study_instance_uid, j.held_version, coalesce(due.holder, '')")
+            "WHERE j.study_instance_uid = due.study_instance_uid",
+            "study_instance_uid, held_version, coalesce(taken_from, '')", f"holder = {node}")
         if not rows:
             return None
         study, version, previous = rows[0]
@@ -157,16 +182,17 @@ class StudyJobs:
 
     def renew(self, study: str, lease: float) -> bool:
         """Extend this node's lease on a study's job; False if it is no longer ours (it ran out: taken over)."""
-        return bool(self._query(
-            f"UPDATE {JOBS} SET lease_until = now() + {_seconds(lease)} WHERE study_instance_uid = {pg_text(study)} "
-            f"AND holder = {pg_text(self.node)} RETURNING 1"))
+        mine = f"study_instance_uid = {pg_text(study)} AND holder = {pg_text(self.node)}"
+        return bool(self._update(f"UPDATE {JOBS} SET lease_until = now() + {_seconds(lease)} WHERE {mine}", "1",
+                                 mine))
 
     def finish(self, study: str, version: int) -> bool:
         """The job covered the study as of ``version``; False if it was no longer ours."""
-        return bool(self._query(
+        this = f"study_instance_uid = {pg_text(study)}"
+        return bool(self._update(
             f"UPDATE {JOBS} SET done_version = greatest(done_version, {int(version)}), holder = NULL, "
             f"lease_until = NULL, done_at = now(), done_by = {pg_text(self.node)} "
-            f"WHERE study_instance_uid = {pg_text(study)} AND holder = {pg_text(self.node)} RETURNING 1"))
+            f"WHERE {this} AND holder = {pg_text(self.node)}", "1", this))
 
     def release(self, study: str) -> None:
         """Give a job back undone (this node stops): another node takes it at once."""
@@ -175,8 +201,9 @@ class StudyJobs:
 
     def release_all(self) -> int:
         """Give back every job held in this node's name (its post-store process starts: none of them runs)."""
-        return len(self._query(f"UPDATE {JOBS} SET holder = NULL, lease_until = NULL "
-                               f"WHERE holder = {pg_text(self.node)} RETURNING 1"))
+        # Once per start: the scan of the table for the rows written is affordable.
+        return len(self._update(f"UPDATE {JOBS} SET holder = NULL, lease_until = NULL "
+                                f"WHERE holder = {pg_text(self.node)}", "1", "true"))
 
     def prune(self) -> None:
         """Forget jobs finished more than :data:`KEEP_DONE` ago and not touched since."""
