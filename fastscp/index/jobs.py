@@ -6,15 +6,21 @@ the study's job. The jobs are a plain PostgreSQL table in the database of
 ``database.catalog`` (beside DuckLake's own tables), reached through DuckDB's
 postgres extension, which the lake loads already. One row per study:
 
-- every node's post-store stage touches it for the instances it stored:
-  ``quiet_at`` becomes the catalog's clock plus ``scansheet.study_timeout``
-  (the latest wins), ``version`` counts the touches;
+- every node's post-store stage touches it for the instances it stored,
+  with the latest one's receipt time (``touched``: node -> microseconds on
+  that node's clock, as its index rows have it): ``quiet_at`` becomes the
+  catalog's clock plus ``scansheet.study_timeout`` (the latest wins),
+  ``version`` counts the touches. A touch of instances that the last
+  finished job already read from the index (``covered``: node -> the
+  latest receipt of its rows then) changes nothing: a post-store stage
+  that lags behind its node's indexer (it runs at idle priority) does not
+  make the study due again;
 - once ``quiet_at`` has passed, one node takes it: an UPDATE of a row chosen
   ``FOR UPDATE SKIP LOCKED`` (PostgreSQL's row lock decides, however many
   nodes ask at once) that names the node ``holder`` with a lease;
-- the holder renews the lease while it works, and finishes with the version
-  it covered: a row touched meanwhile is due again (the sheet is remade, as
-  on one node). A node that dies stops renewing, and once its lease has
+- the holder renews the lease while it works, and finishes with what it
+  read: a row touched meanwhile with instances it did not read is due again
+  (the sheet is remade, as on one node). A node that dies stops renewing, and once its lease has
   run out another node takes the job.
 
 One clock (the catalog's) judges quiet and leases, so the nodes' clocks
@@ -24,9 +30,9 @@ literals (:func:`pg_text`).
 
 from __future__ import annotations
 
+import json
 import logging
 import time
-from collections.abc import Iterable
 
 import duckdb
 
@@ -52,7 +58,9 @@ _SCHEMA = (
     " held_version bigint,"
     " done_at timestamptz,"
     " done_by text,"
-    " taken_from text)",  # the holder whose lease ran out, at a takeover
+    " taken_from text,"  # the holder whose lease ran out, at a takeover
+    " touched jsonb NOT NULL DEFAULT '{}',"  # node -> the latest receipt (us, its clock) it touched
+    " covered jsonb NOT NULL DEFAULT '{}')",  # node -> the latest receipt of its rows the last job read
     f"CREATE INDEX IF NOT EXISTS {JOBS}_due ON {JOBS} (quiet_at) WHERE version > done_version",
     f"CREATE INDEX IF NOT EXISTS {JOBS}_held ON {JOBS} (holder) WHERE holder IS NOT NULL",
     # Where each node's files are (its storage.directory): readable by the others on shared storage.
@@ -70,6 +78,17 @@ def pg_text(text: str) -> str:
 
 def _seconds(value: float) -> str:
     return f"make_interval(secs => {float(value)!r})"
+
+
+def _receipts(latest: dict[str, int]) -> str:
+    """node -> microseconds as a jsonb literal (node names: config server.node, [A-Za-z0-9_.-])."""
+    return pg_text(json.dumps({node: int(us) for node, us in latest.items()})) + "::jsonb"
+
+
+def receipt_us(received_at: float) -> int:
+    """A receipt time (seconds since the epoch) in microseconds, rounded as the index stores it
+    (:func:`fastscp.index.batchtable.timestamps`), so a touch compares equal to its row."""
+    return round(received_at * 1_000_000.0)
 
 
 class StudyJobs:
@@ -149,17 +168,24 @@ class StudyJobs:
         """node -> its storage root, as each registered it."""
         return {str(node): str(folder) for node, folder in self._query(f"SELECT node, storage_dir FROM {NODES}")}
 
-    def touch(self, studies: Iterable[str], quiet_seconds: float) -> None:
-        """Instances of ``studies`` were stored here now: each is due ``quiet_seconds`` from now, at the earliest."""
+    def touch(self, studies: dict[str, int], quiet_seconds: float) -> None:
+        """Instances of ``studies`` (study -> the latest one's :func:`receipt_us`) were stored here: each is due
+        ``quiet_seconds`` from now at the earliest, unless the last finished job read them already."""
         # Sorted: every node locks rows in one order, so two touches never deadlock.
-        uids = sorted(set(studies))
+        uids = sorted(studies)
+        node = pg_text(self.node)
         for start in range(0, len(uids), TOUCH_BATCH):
-            values = ", ".join(pg_text(uid) for uid in uids[start:start + TOUCH_BATCH])
+            batch = uids[start:start + TOUCH_BATCH]
+            values = ", ".join(pg_text(uid) for uid in batch)
+            receipts = ", ".join(str(int(studies[uid])) for uid in batch)
             self._execute(
-                f"INSERT INTO {JOBS} AS j (study_instance_uid, quiet_at) "
-                f"SELECT uid, now() + {_seconds(quiet_seconds)} FROM unnest(ARRAY[{values}]::text[]) AS uid "
+                f"INSERT INTO {JOBS} AS j (study_instance_uid, quiet_at, touched) "
+                f"SELECT uid, now() + {_seconds(quiet_seconds)}, jsonb_build_object({node}, us) "
+                f"FROM unnest(ARRAY[{values}]::text[], ARRAY[{receipts}]::bigint[]) AS t(uid, us) "
                 "ON CONFLICT (study_instance_uid) DO UPDATE SET quiet_at = greatest(j.quiet_at, EXCLUDED.quiet_at), "
-                "version = j.version + 1")
+                f"version = j.version + 1, touched = j.touched || jsonb_build_object({node}, greatest("
+                f"(EXCLUDED.touched ->> {node})::bigint, coalesce((j.touched ->> {node})::bigint, -1))) "
+                f"WHERE (EXCLUDED.touched ->> {node})::bigint > coalesce((j.covered ->> {node})::bigint, -1)")
 
     def take(self, lease: float) -> tuple[str, int, str] | None:
         """The job of one quiet study, now this node's for ``lease`` seconds: (study, version, previous holder).
@@ -186,12 +212,21 @@ class StudyJobs:
         return bool(self._update(f"UPDATE {JOBS} SET lease_until = now() + {_seconds(lease)} WHERE {mine}", "1",
                                  mine))
 
-    def finish(self, study: str, version: int) -> bool:
-        """The job covered the study as of ``version``; False if it was no longer ours."""
+    def finish(self, study: str, version: int, read: dict[str, int]) -> bool:
+        """The job, taken at ``version``, read the study's rows up to ``read`` (node -> the latest receipt,
+        :func:`receipt_us`); False if it was no longer ours.
+
+        Done as of the row's version now, unless a node touched instances
+        since that the job did not read: then it is due again.
+        """
         this = f"study_instance_uid = {pg_text(study)}"
+        covered = f"(j.covered || {_receipts(read)})"
+        unread = (f"EXISTS (SELECT 1 FROM jsonb_each_text(j.touched) t "
+                  f"WHERE t.value::bigint > coalesce(({covered} ->> t.key)::bigint, -1))")
         return bool(self._update(
-            f"UPDATE {JOBS} SET done_version = greatest(done_version, {int(version)}), holder = NULL, "
-            f"lease_until = NULL, done_at = now(), done_by = {pg_text(self.node)} "
+            f"UPDATE {JOBS} j SET covered = {covered}, holder = NULL, lease_until = NULL, done_at = now(), "
+            f"done_by = {pg_text(self.node)}, done_version = CASE WHEN {unread} "
+            f"THEN greatest(j.done_version, {int(version)}) ELSE j.version END "
             f"WHERE {this} AND holder = {pg_text(self.node)}", "1", this))
 
     def release(self, study: str) -> None:

@@ -38,7 +38,7 @@ from fastscp.hooks.events import Event, Tracker
 from fastscp.hooks.runner import Hooks
 from fastscp.imaging.scansheet import make_scansheet
 from fastscp.index.database import Index, IndexUnavailable, Lake
-from fastscp.index.jobs import StudyJobs
+from fastscp.index.jobs import StudyJobs, receipt_us
 from fastscp.index.records import InstanceRecord
 from fastscp.storage.area import FileModes
 from fastscp.storage.layout import LayoutOptions
@@ -68,6 +68,8 @@ PRUNE_INTERVAL = 3600.0
 @dataclasses.dataclass
 class _Held:
     version: int
+    #: node -> the latest receipt (us) of its rows the job read.
+    read: dict[str, int]
     #: Its study-complete event, while hooks run it.
     event: Event
     renew_at: float
@@ -87,7 +89,8 @@ class SharedStudies:
         self.hooks = hooks
         hooks.track_studies = False  # the events come from the shared index's rows
         self.modes = modes
-        self.pending: set[str] = set()
+        #: Studies to touch: study -> the latest receipt (us) of its instances stored here.
+        self.pending: dict[str, int] = {}
         self.recent: collections.OrderedDict[str, None] = collections.OrderedDict()
         self.urgent = False
         self.held: dict[str, _Held] = {}
@@ -105,8 +108,8 @@ class SharedStudies:
 
     # -- the stage's side ----------------------------------------------------------------
 
-    def touch(self, study: str) -> None:
-        """An instance of ``study`` was stored on this node."""
+    def touch(self, study: str, received_at: float) -> None:
+        """An instance of ``study`` was stored on this node (received at ``received_at``, seconds since the epoch)."""
         if study in self.recent:
             self.recent.move_to_end(study)
         else:
@@ -114,7 +117,9 @@ class SharedStudies:
             self.recent[study] = None
             if len(self.recent) > MAX_RECENT:
                 self.recent.popitem(last=False)
+        received = receipt_us(received_at)
         if study in self.pending:
+            self.pending[study] = max(self.pending[study], received)
             return
         if len(self.pending) >= MAX_PENDING:
             self.dropped += 1
@@ -122,7 +127,7 @@ class SharedStudies:
                 log.warning("study jobs: %d studies wait for the catalog; %d touches dropped (their sheets and "
                             "study-complete hooks may not come)", len(self.pending), self.dropped)
             return
-        self.pending.add(study)
+        self.pending[study] = received
 
     def tick(self) -> None:
         """Touch, renew, finish and take jobs as due; call it at least every second."""
@@ -146,7 +151,7 @@ class SharedStudies:
             for study, held in list(self.held.items()) if check else ():
                 if not self.hooks.holds(held.event):
                     del self.held[study]
-                    self._finish(jobs, study, held.version)
+                    self._finish(jobs, study, held.version, held.read)
                 elif now >= held.renew_at:
                     held.renew_at = now + self.lease / 3
                     if not jobs.renew(study, self.lease):
@@ -193,20 +198,23 @@ class SharedStudies:
 
     def _run(self, jobs: StudyJobs, study: str, version: int, previous: str) -> None:
         if previous:
-            log.warning("study %s: its job taken over from node %s, whose lease ran out", study, previous)
+            log.warning("study %s: its job taken over from %s, whose lease ran out", study, previous)
         assert self._index is not None
         rows = self._index.study_rows(study, every_node=True)
-        nodes = sorted({node for node, _path, _ae, _header in rows})
+        read: dict[str, int] = {}
+        for node, _path, _ae, received, _header in rows:
+            read[node] = max(read.get(node, -1), received)
+        nodes = sorted(read)
         log.info("study %s: job taken (version %d; %d instances on %s)", study, version, len(rows),
                  ", ".join(nodes) or "no node")
         if not rows:
-            self._finish(jobs, study, version)
+            self._finish(jobs, study, version, read)
             return
         # This node's rows first: its first instance names the study's folder here.
         rows.sort(key=lambda row: row[0] != self.node)
         others = jobs.storage_dirs() if any(node != self.node for node in nodes) else {}
         items, records = [], []
-        for node, path, calling_ae, header in rows:
+        for node, path, calling_ae, _received, header in rows:
             mine = node == self.node or os.path.isabs(path)
             full = path if os.path.isabs(path) else os.path.join(self.root if mine else others.get(node, self.root),
                                                                   path)
@@ -228,12 +236,12 @@ class SharedStudies:
                 tracker.stored(record, associations=False, studies=True)
             event = self.hooks.study_complete(study, tracker.study_complete(study))
         if event is None:
-            self._finish(jobs, study, version)
+            self._finish(jobs, study, version, read)
         else:
-            self.held[study] = _Held(version, event, time.monotonic() + self.lease / 3)
+            self.held[study] = _Held(version, read, event, time.monotonic() + self.lease / 3)
 
-    def _finish(self, jobs: StudyJobs, study: str, version: int) -> None:
-        if jobs.finish(study, version):
+    def _finish(self, jobs: StudyJobs, study: str, version: int, read: dict[str, int]) -> None:
+        if jobs.finish(study, version, read):
             log.info("study %s: job done (version %d)", study, version)
         else:
             log.warning("study %s: job done here, but its lease had run out and another node took it", study)

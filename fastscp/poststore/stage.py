@@ -235,7 +235,10 @@ class PostStore:
             self.studies[study].append((path, record.header))
         self.hooks.instance_stored(record)
         if study and (self.scansheet.enabled or self.hooks.wants_studies):
-            (self.quiet if self.shared is None else self.shared).touch(study)
+            if self.shared is None:
+                self.quiet.touch(study)
+            else:
+                self.shared.touch(study, record.received_at)
 
     def _scansheet(self, study_uid: str) -> None:
         items = self.studies.pop(study_uid, [])

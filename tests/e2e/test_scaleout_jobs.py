@@ -26,7 +26,7 @@ from tests.e2e.test_scaleout import PostgresCluster, node_config, postgres, stop
 
 pytestmark = pytest.mark.dcmtk
 
-STUDY_TIMEOUT = 2
+STUDY_TIMEOUT = 4
 #: Writes "<node> <pid>" to OUT/started and its input to OUT/doc-<pid>.json; holds (sleeps) if OUT/hold
 #: exists (the first run takes it away); then writes "<node> <instances> <study UID>" to OUT/done.
 HOOK = """#!/bin/sh
@@ -125,7 +125,7 @@ def test_the_job_of_a_killed_node_is_taken_over_and_runs_once(postgres, tmp_path
     nodes: dict[str, Server] = {}
     try:
         for name in ("node-a", "node-b"):
-            nodes[name] = jobs_node(tmp_path, postgres, name, hook, extra="  job_lease: 4\n")
+            nodes[name] = jobs_node(tmp_path, postgres, name, hook, extra="  job_lease: 6\n")
         send_split(list(nodes.values()), files)
         wait_until(lambda: len(lines(out / "started")) == 1 and not (out / "hold").exists(), 90,
                    "the first node to take the study's job and run its hook")
@@ -136,7 +136,7 @@ def test_the_job_of_a_killed_node_is_taken_over_and_runs_once(postgres, tmp_path
         (other,) = set(nodes) - {holder}
         wait_until(lambda: len(lines(out / "done")) >= 1, 90, "the other node to take the job over")
         assert lines(out / "done")[0][:2] == [other, "12"]
-        assert f"taken over from node {holder}, whose lease ran out" in nodes[other].wait_for_log("taken over")
+        assert f"taken over from {holder}, whose lease ran out" in nodes[other].wait_for_log("taken over")
         time.sleep(STUDY_TIMEOUT + 3)
         assert len(lines(out / "done")) == 1, lines(out / "done")
         assert [node for node, _pid in lines(out / "started")] == [holder, other]
