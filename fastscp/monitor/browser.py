@@ -66,7 +66,7 @@ from fastscp.imaging.thumbnail import thumbnail_path
 from fastscp.monitor import page as statuspage
 from fastscp.monitor.server import Request, Response, StreamResponse, text_response
 from fastscp.query.client import QueryClient, ServerUnavailable
-from fastscp.query.engine import Condition, QueryError, QueryRequest
+from fastscp.query.messages import Condition, QueryError, QueryRequest
 from fastscp.status import human_bytes
 from fastscp.storage.layout import LayoutOptions
 from fastscp.storage.reserved import THUMBNAILS

@@ -66,12 +66,11 @@ from fastscp.net.negotiation import (
     peek_ae_titles,
 )
 from fastscp.net.retrievescp import Destination, RetrieveService
-from fastscp.poststore.stage import poststore_address
+from fastscp.poststore.client import poststore_address
 from fastscp.process import logs
 from fastscp.process.listen import bind_advice
 from fastscp.process.orphan import die_with_parent
-from fastscp.query.client import Locator, finder
-from fastscp.query.retrieve import lookup, selector
+from fastscp.query.client import Locator, finder, lookup, selector
 from fastscp.runtime.child import Backoff, Child, ChildSpec
 from fastscp.runtime.messages import (
     ENCODER,
@@ -87,7 +86,8 @@ from fastscp.runtime.messages import (
 )
 from fastscp.status import ENCODER as SNAPSHOT_ENCODER
 from fastscp.status import AssociationReport, IndexerState, WorkerState
-from fastscp.storage.area import FileModes, Storage
+from fastscp.storage.area import Storage
+from fastscp.storage.files import FileModes
 
 log = logging.getLogger("fastscp.supervisor")
 _fork = multiprocessing.get_context("fork")
