@@ -40,7 +40,7 @@ from fastscp.imaging.scansheet import make_scansheet
 from fastscp.index.database import Index, IndexUnavailable, Lake
 from fastscp.index.jobs import StudyJobs, receipt_us
 from fastscp.index.records import InstanceRecord
-from fastscp.storage.area import FileModes
+from fastscp.storage.files import FileModes
 from fastscp.storage.layout import LayoutOptions
 
 log = logging.getLogger("fastscp.jobs")

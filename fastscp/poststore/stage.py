@@ -1,6 +1,6 @@
 """The post-store process: thumbnails and scan sheets, off the C-STORE path.
 
-Workers hand each stored instance to it without waiting (a full queue drops
+Workers hand each stored instance to it without waiting (:mod:`fastscp.poststore.client`; a full queue drops
 the record, logged: a thumbnail can always be made again with ``fastscp
 convert`` or ``fastscp scansheet``, an acknowledged store must never wait).
 It runs at low CPU priority, one record at a time, and makes:
@@ -32,19 +32,20 @@ from collections.abc import Sequence
 import msgspec
 
 from fastscp.config import HookConfig, ScansheetConfig, ThumbnailsConfig
-from fastscp.dicom.header import HeaderFields
+from fastscp.dicom.fields import HeaderFields
 from fastscp.hooks import link
+from fastscp.hooks.actions import run_action
 from fastscp.hooks.runner import Hooks
 from fastscp.imaging.scansheet import QuietStudies, find_study_instances, make_scansheet
 from fastscp.imaging.thumbnail import thumbnail_path, try_write_thumbnail
 from fastscp.index.client import IndexerClient
 from fastscp.index.database import Lake
-from fastscp.index.records import ENCODER, POSTSTORE_DECODER, InstanceRecord, ThumbnailMade
+from fastscp.index.records import POSTSTORE_DECODER, InstanceRecord, ThumbnailMade
 from fastscp.poststore.jobs import SharedStudies
-from fastscp.process.ipc import accept_local, drain, listen, local_address, receive
+from fastscp.process.ipc import accept_local, drain, listen, receive
 from fastscp.process.orphan import parent_gone
 from fastscp.status import AssociationReport
-from fastscp.storage.area import FileModes
+from fastscp.storage.files import FileModes
 from fastscp.storage.layout import LayoutOptions, study_folder
 
 log = logging.getLogger("fastscp.poststore")
@@ -55,41 +56,6 @@ QUEUE_LIMIT = 100_000
 HOOKS_REPORT_INTERVAL = 0.5
 #: On stop, how long running hook programs may take before they are killed.
 HOOKS_STOP_GRACE = 10.0
-
-
-def poststore_address(index_path: str) -> str:
-    """The abstract socket the post-store process of an index listens on."""
-    return local_address("poststore", index_path)
-
-
-class PostStoreClient:
-    """The worker side: hand over a record, never wait."""
-
-    def __init__(self, address: str) -> None:
-        self.address = address
-        self._sock: socket.socket | None = None
-        self.dropped = 0
-
-    def send(self, record: InstanceRecord | AssociationReport) -> None:
-        """A stored instance, or an association's final report (its association-ended hooks)."""
-        try:
-            if self._sock is None:
-                sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-                sock.setblocking(False)
-                sock.connect(self.address)
-                self._sock = sock
-            if isinstance(record, InstanceRecord):
-                # The post-store stage needs no attribute map (~2.5 KB for a CT).
-                header = msgspec.structs.replace(record.header, attributes="{}")
-                record = msgspec.structs.replace(record, header=header)
-            self._sock.send(ENCODER.encode(record))
-        except OSError as exc:
-            if self._sock is not None and not isinstance(exc, BlockingIOError):
-                self._sock.close()
-                self._sock = None
-            self.dropped += 1
-            if self.dropped in (1, 10, 100) or self.dropped % 1000 == 0:
-                log.warning("post-store stage busy or down (%s): %d records without thumbnails", exc, self.dropped)
 
 
 class PostStore:
@@ -113,7 +79,7 @@ class PostStore:
         self.stopping = False
         self.made = 0
         self.dropped = 0
-        self.hooks = Hooks(hooks, root, sr_root, layout, modes)
+        self.hooks = Hooks(hooks, root, sr_root, layout, modes, run_action)
         self.selector.register(self.hooks, selectors.EVENT_READ)
         self.hooks_link = hooks_link
         self._next_report = 0.0

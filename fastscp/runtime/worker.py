@@ -21,7 +21,7 @@ import time
 from fastscp.index.client import IndexerClient
 from fastscp.index.records import DuplicateConflict, InstanceRecord
 from fastscp.net.association import Association, ServiceSettings
-from fastscp.poststore.stage import PostStoreClient
+from fastscp.poststore.client import PostStoreClient
 from fastscp.runtime.messages import (
     ENCODER,
     MESSAGE_MAX,
