@@ -44,7 +44,10 @@ def jobs_node(tmp_path: Path, cluster: PostgresCluster, name: str, hook: Path, e
     config.write_text(config.read_text() + extra
                       + f"scansheet:\n  study_timeout: {STUDY_TIMEOUT}\n"
                       + f"hooks:\n  - {{name: done, event: study-complete, program: [{hook}, {name}], timeout: 600}}\n")
-    return Server(folder, workers=1, config=config)
+    server = Server(folder, workers=1, config=config)
+    # The post-store process takes the workers' records once it listens (it logs its hooks then).
+    server.wait_for_log("hooks in force")
+    return server
 
 
 def hook_script(tmp_path: Path) -> tuple[Path, Path]:
