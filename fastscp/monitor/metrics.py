@@ -179,6 +179,18 @@ def render(snapshot: StatusSnapshot, now: float | None = None) -> str:
                "Instances stored but not yet committed to the index.", snapshot.index.lag)
     out.single("fastscp_index_committed_total", "counter",
                "Instances committed to the index.", snapshot.index.committed)
+    if snapshot.poststore is not None:
+        stage = snapshot.poststore
+        out.single("fastscp_poststore_waiting", "gauge",
+                   "Stored instances waiting for the post-store process (thumbnails, scan sheets, hooks).",
+                   stage.waiting)
+        out.single("fastscp_poststore_oldest_seconds", "gauge",
+                   "Seconds the oldest instance waiting for the post-store process has waited.",
+                   stage.oldest_seconds)
+        out.single("fastscp_poststore_studies_waiting", "gauge",
+                   "Studies waiting for their scan sheet (quiet for scansheet.study_timeout).", stage.studies)
+        out.single("fastscp_thumbnails_made_total", "counter",
+                   "Thumbnails made since the post-store process started.", stage.thumbnails)
     out.single("fastscp_workers", "gauge", "Worker processes.", len(snapshot.workers))
     out.single("fastscp_workers_alive", "gauge", "Worker processes running.",
                sum(1 for w in snapshot.workers if w.alive))
