@@ -18,7 +18,6 @@ import dataclasses
 import errno
 import hashlib
 import os
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -163,87 +162,6 @@ def _fsync_dir(directory: str) -> None:
 fsync_dir = _fsync_dir
 
 
-class _Folder:
-    """One folder's fsyncs in this process: numbered in the order they start (see :class:`FolderSync`)."""
-
-    __slots__ = ("started", "done", "running", "users", "errors")
-
-    def __init__(self) -> None:
-        self.started = self.done = 0
-        self.running = False
-        self.users = 0
-        #: Fsyncs that failed, by number (while a thread may still wait for one).
-        self.errors: dict[int, OSError] = {}
-
-
-class FolderSync:
-    """Group commit: one fsync of a folder stands for the links of every thread made into it before it began.
-
-    A thread that has linked a file waits for a fsync of the folder that
-    starts *after* its link: if one is running (it may have begun before
-    the link), the next one; it runs that fsync itself unless another
-    thread already does. So K associations of a worker that store into one
-    folder at about the same time make one folder fsync after another
-    instead of K, and each still returns only once its own directory entry
-    is on disk. Thread-safe; per process (a worker's associations).
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._wake = threading.Condition(self._lock)
-        self._folders: dict[str, _Folder] = {}
-        #: Folder fsyncs made, and the calls of :meth:`sync` (each a link that needed one).
-        self.fsyncs = 0
-        self.calls = 0
-
-    def sync(self, directory: str) -> None:
-        """Return once a fsync of ``directory`` that began after this call began has completed.
-
-        Raises
-        ------
-        OSError
-            That fsync failed.
-        """
-        with self._lock:
-            self.calls += 1
-            folder = self._folders.get(directory)
-            if folder is None:
-                folder = self._folders[directory] = _Folder()
-            folder.users += 1
-            try:
-                needed = folder.started + 1  # a running fsync may have begun before our link
-                while folder.done < needed:
-                    if folder.running:
-                        self._wake.wait()
-                        continue
-                    folder.running = True
-                    folder.started += 1
-                    number, error = folder.started, None
-                    self._lock.release()
-                    try:
-                        _fsync_dir(directory)
-                    except OSError as exc:
-                        error = exc
-                    finally:
-                        self._lock.acquire()
-                    self.fsyncs += 1
-                    folder.running, folder.done = False, number
-                    if error is not None:
-                        folder.errors[number] = error
-                    self._wake.notify_all()
-                error = folder.errors.get(needed)
-                if error is not None:
-                    raise OSError(error.errno, error.strerror, directory)
-            finally:
-                folder.users -= 1
-                if not folder.users:
-                    del self._folders[directory]
-
-
-#: The folder fsyncs of this process's commits.
-FOLDER_SYNC = FolderSync()
-
-
 def _unlink_if_there(path: str) -> None:
     try:
         os.unlink(path)
@@ -368,11 +286,10 @@ class IncomingFile:
         uids = tuple(dict.fromkeys(u for u in sop_instance_uids if u)) or (stored_uid(self.temp_path) or "",)
         try:
             if storage.fsync:
-                # Data and size: what reading the file back needs (its times may wait).
-                os.fdatasync(self._fd)
+                os.fsync(self._fd)
             outcome = self._place(final, DuplicatePolicy(duplicates), uids, locate)
             if outcome.outcome.wrote and storage.fsync:
-                FOLDER_SYNC.sync(os.path.dirname(outcome.path))  # the new entry; shared with concurrent links
+                _fsync_dir(os.path.dirname(outcome.path))
         except OSError:
             self.discard()
             raise
