@@ -16,7 +16,7 @@ from fastscp.status import AssociationReport
 
 log = logging.getLogger("fastscp.poststore")
 
-#: Bytes of records a worker keeps for a stage that lags (~1 KB a record: ~16,000 records).
+#: Bytes of records a worker keeps for a stage that lags (~1.4 KB a CT's record: ~12,000 records).
 BACKLOG_BYTES = 16 * 1024 * 1024
 #: How often a worker tries again to send what it keeps, and how many messages per try hold its lock.
 RETRY_INTERVAL = 0.2
