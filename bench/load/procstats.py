@@ -25,6 +25,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from fastscp.process.priority import process_name
+
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 _SIGCHLD_BIT = 1 << (17 - 1)
 
@@ -89,14 +91,6 @@ def memory_kib(pid: int) -> tuple[int, int]:
     """(VmHWM, VmRSS) of ``pid`` in KiB; (0, 0) when it is gone."""
     status = _status(pid)
     return (int(status.get("VmHWM", "0 kB").split()[0]), int(status.get("VmRSS", "0 kB").split()[0]))
-
-
-def comm(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/comm") as f:
-            return f.read().strip()
-    except OSError:
-        return ""
 
 
 def ignores_sigchld(pid: int) -> bool:
@@ -168,7 +162,7 @@ class TreeMonitor:
                 hwm, rss = memory_kib(pid)
                 entry.hwm_kib = max(entry.hwm_kib, hwm)
                 total_rss += rss
-                entry.comm = comm(pid) or entry.comm  # renamed after the fork: the latest name
+                entry.comm = process_name(pid) or entry.comm  # renamed after the fork: the latest name
             alive = self._alive = set(pids)
             self.peak_total_rss_kib = max(self.peak_total_rss_kib, total_rss)
             total = sum(self.seen[p].ticks for p in pids)
