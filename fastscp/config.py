@@ -54,6 +54,9 @@ class ServerConfig(_Section):
     max_pending_per_address: Positive = 32
     max_pdu_size: MaxPDU = 262144
     workers: Annotated[int, msgspec.Meta(ge=0, le=256)] = 0
+    #: 0: a worker runs any number of associations, one thread each; N: at most
+    #: N per worker process, the pool growing past ``workers`` as needed.
+    associations_per_worker: Annotated[int, msgspec.Meta(ge=0, le=1024)] = 0
     acse_timeout: Seconds = 30.0
     dimse_timeout: Seconds = 120.0
     shutdown_timeout: Seconds = 30.0
@@ -436,6 +439,10 @@ CLI_OPTIONS: dict[str, tuple[str, str]] = {
         "comma-separated modalities (CT,MR,US...), SOP class names or UIDs (default all)",
     ),
     "server.workers": ("--workers", "worker processes (default: one per CPU)"),
+    "server.associations_per_worker": (
+        "--associations-per-worker",
+        "associations one worker process runs at once; 1: a process per association (default 0: no limit)",
+    ),
     "server.max_associations": ("--max-associations", "open associations across all workers (default 64)"),
     "server.max_pdu_size": ("--max-pdu-size", "Maximum Length Received we announce, bytes (default 262144)"),
     "storage.fsync": ("--fsync", "always (default) or never"),

@@ -8,6 +8,7 @@ See ``bench/README.md``. Exit status: 0 when every run delivered every file
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import shlex
 import shutil
@@ -48,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="another fastscp receiver run wherever fastscp runs (repeatable)")
     p.add_argument("--fastscp-ref", metavar="GIT_REF",
                    help="run fastscp as of this commit (built in a temp folder), not the working tree")
+    p.add_argument("--compare-ref", metavar="GIT_REF",
+                   help="also run fastscp as of this commit, as receiver fastscp@GIT_REF, wherever fastscp runs "
+                        "(same rounds, interleaved: before/after in one run)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results folder (default {DEFAULT_OUT})")
     p.add_argument("--corpora", type=Path, default=corpora.ROOT, help=f"corpus cache (default {corpora.ROOT})")
     p.add_argument("--workdir", type=Path,
@@ -88,6 +92,15 @@ def main(argv: list[str] | None = None) -> int:
     known = receivers.default_receivers(tuple(shlex.split(args.fastscp_extra)), tuple(args.fastscp_variant),
                                         fastscp_src)
     variant_names = tuple(name for name, _ in args.fastscp_variant)
+    if args.compare_ref and not args.list:
+        from bench.load import snapshot
+
+        compared = known["fastscp"]
+        ref = dataclasses.replace(compared, name=f"fastscp@{args.compare_ref}",
+                                  description=f"{compared.description}, as of {args.compare_ref}",
+                                  pythonpath=str(snapshot.build(args.compare_ref)))
+        known[ref.name] = ref
+        variant_names += (ref.name,)
     scenarios = list(plan.scenarios)
     if args.scenarios:
         wanted = args.scenarios.split(",")
@@ -98,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         scenarios = [s for s in scenarios if s.name in wanted]
     only = set(args.receivers.split(",")) if args.receivers else None
+    if only is not None and args.compare_ref:
+        only.add(f"fastscp@{args.compare_ref}")
     if only and only - set(known):
         print(f"unknown receivers {sorted(only - set(known))}; known: {sorted(known)}", file=sys.stderr)
         return 2

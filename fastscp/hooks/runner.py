@@ -29,19 +29,21 @@ import selectors
 import signal
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import msgspec
 
 from fastscp.config import HookConfig
-from fastscp.hooks.actions import run_action
 from fastscp.hooks.events import Event, Matcher, Tracker, document, environment, instance_event
 from fastscp.index.records import InstanceRecord
 from fastscp.status import AssociationReport, HookState
-from fastscp.storage.area import FileModes
+from fastscp.storage.files import FileModes
 from fastscp.storage.layout import LayoutOptions
 
 log = logging.getLogger("fastscp.hooks")
+
+#: ``run_action(hook, event, modes) -> what it wrote``: a built-in action (fastscp.hooks.actions).
+RunAction = Callable[[HookConfig, Event, FileModes], str]
 
 #: Seconds from SIGTERM (at the timeout) to SIGKILL.
 KILL_GRACE = 2.0
@@ -102,6 +104,9 @@ class Hooks:
         For the study folder of a study-complete event.
     modes : FileModes
         What the built-in actions give the files and folders they make.
+    run_action : callable
+        Runs a built-in action (:func:`fastscp.hooks.actions.run_action`,
+        passed in by the post-store stage, which owns the imaging it needs).
 
     The caller's loop waits on this object (:meth:`fileno`) and calls
     :meth:`dispatch` when it is readable, and :meth:`tick` at least when
@@ -109,8 +114,9 @@ class Hooks:
     """
 
     def __init__(self, configs: Sequence[HookConfig], root: str, sr_root: str, layout: LayoutOptions,
-                 modes: FileModes) -> None:
+                 modes: FileModes, run_action: RunAction) -> None:
         self.root = root
+        self.run_action = run_action
         self.sr_root = sr_root
         self.modes = modes
         #: The hooks' pipes and pidfds, each with the callable to run when it is ready.
@@ -362,7 +368,7 @@ class Hooks:
         hook.state.runs += 1
         started = time.monotonic()
         try:
-            made = run_action(hook.config, job.event, self.modes)
+            made = self.run_action(hook.config, job.event, self.modes)
         except Exception as exc:  # a file no renderer expected must not stop the post-store process
             self._done(hook, job, time.monotonic() - started, f"{type(exc).__name__}: {exc}", b"")
         else:

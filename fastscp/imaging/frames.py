@@ -19,14 +19,10 @@ from __future__ import annotations
 
 import importlib.metadata
 import io
-import itertools
 import os
-import shutil
 import struct
-import tempfile
-import threading
 import warnings
-from typing import BinaryIO, Final, NamedTuple
+from typing import Final, NamedTuple
 
 import numpy as np
 import PIL
@@ -34,7 +30,6 @@ from PIL import Image
 
 from fastscp.dicom.header import HeaderError, HeaderFields, read_header_from
 from fastscp.imaging._thumbnail_py import PixelInfo, ThumbnailError
-from fastscp.storage.area import BROWSABLE, FileModes, makedirs
 
 __all__ = [
     "PILLOW_FLAVOUR",
@@ -45,7 +40,6 @@ __all__ = [
     "decode_frame",
     "encode_jpeg",
     "read_header",
-    "write_atomic",
 ]
 
 
@@ -284,9 +278,6 @@ def decode_frame(path: str | os.PathLike[str], index: int | None = None) -> Fram
 
 # -- writing images -----------------------------------------------------------------
 
-#: Numbers the temp files of write_atomic (with the PID and the thread: a name no other writer uses).
-_temp_numbers = itertools.count()
-
 
 def encode_jpeg(image: np.ndarray, quality: int = DEFAULT_QUALITY) -> bytes:
     """JPEG bytes of an 8-bit image: (rows, columns) grey or (rows, columns, 3) RGB.
@@ -299,53 +290,3 @@ def encode_jpeg(image: np.ndarray, quality: int = DEFAULT_QUALITY) -> bytes:
     out = io.BytesIO()
     Image.fromarray(image).save(out, format="JPEG", quality=quality)
     return out.getvalue()
-
-
-def write_atomic(path: str | os.PathLike[str], data: bytes | BinaryIO, *, fsync: bool = False,
-                 modes: FileModes = BROWSABLE) -> None:
-    """Write `data` (bytes, or a binary file, read to its end) to `path` via a temp file in its folder and a rename.
-
-    Readers see the old file or the new one, never a part.  Parent folders
-    are created.  The file and the folders it creates get `modes` exactly:
-    the server passes storage.file_mode/dir_mode, since a thumbnail or a scan
-    sheet shows patient data as much as the image does.  No fsync by default:
-    thumbnails and scan sheets can be made again from the images.
-
-    PERF: a thumbnail's file cost 0.56 ms of CPU, 41% of the post-store
-    stage's 1.36 ms per 512x512 CT (/tmp measurement, process_time, issue
-    13); the temp file opened at a name of our own (no mkstemp), in a folder
-    assumed to exist (makedirs only when it does not), written without a
-    file object: 0.41 ms.
-    """
-    folder = os.path.dirname(os.path.abspath(path))
-    suffix = os.path.splitext(path)[1]
-    temp = os.path.join(folder, f".tmp-{os.getpid()}-{threading.get_ident()}-{next(_temp_numbers)}{suffix}")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-    try:
-        fd = os.open(temp, flags, modes.file)
-    except FileNotFoundError:
-        makedirs(folder, modes.folder)
-        fd = os.open(temp, flags, modes.file)
-    except FileExistsError:  # left by a dead process that had our PID
-        fd, temp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=folder)
-    try:
-        try:
-            os.fchmod(fd, modes.file)  # exactly: the umask may have taken bits away
-            if isinstance(data, bytes):
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
-            else:
-                with os.fdopen(os.dup(fd), "wb") as f:
-                    shutil.copyfileobj(data, f, 1 << 20)  # a stored file: never whole in memory
-            if fsync:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(temp, path)
-    except BaseException:
-        try:
-            os.unlink(temp)
-        except FileNotFoundError:
-            pass
-        raise

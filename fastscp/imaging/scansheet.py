@@ -31,10 +31,10 @@ import msgspec
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from fastscp.dicom.header import HeaderFields
-from fastscp.imaging.frames import DecodeError, encode_jpeg, read_header, write_atomic
+from fastscp.dicom.fields import HeaderFields
+from fastscp.imaging.frames import DecodeError, encode_jpeg, read_header
 from fastscp.imaging.thumbnail import DEFAULT_SIZE, ThumbnailError, make_thumbnail, thumbnail_path
-from fastscp.storage.area import BROWSABLE, FileModes
+from fastscp.storage.files import BROWSABLE, FileModes, write_atomic
 from fastscp.storage.layout import LayoutOptions, safe_component, study_folder
 from fastscp.storage.reserved import NOT_INSTANCES, SCANSHEETS
 

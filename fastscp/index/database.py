@@ -42,7 +42,7 @@ from typing import NamedTuple
 import duckdb
 import pyarrow as pa
 
-from fastscp.dicom.header import HeaderFields
+from fastscp.dicom.fields import HeaderFields
 from fastscp.index.batchtable import InstanceBatch, distinct_rows, last_per_path, timestamps, value_type
 from fastscp.index.records import DuplicateConflict, InstanceRecord, ThumbnailMade
 

@@ -1,4 +1,5 @@
-"""The workers' side of the post-store process: hand over a record, never wait."""
+"""The workers' side of the post-store stage: its address, and handing it a record without waiting
+(:mod:`fastscp.poststore.stage` is the other side)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import time
 import msgspec
 
 from fastscp.index.records import ENCODER, InstanceRecord
+from fastscp.process.ipc import local_address
 from fastscp.status import AssociationReport
 
 log = logging.getLogger("fastscp.poststore")
@@ -21,6 +23,11 @@ BACKLOG_BYTES = 16 * 1024 * 1024
 #: How often a worker tries again to send what it keeps, and how many messages per try hold its lock.
 RETRY_INTERVAL = 0.2
 RETRY_BATCH = 256
+
+
+def poststore_address(index_path: str) -> str:
+    """The abstract socket the post-store process of an index listens on."""
+    return local_address("poststore", index_path)
 
 
 class PostStoreClient:

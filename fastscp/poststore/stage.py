@@ -1,11 +1,11 @@
 """The post-store process: thumbnails and scan sheets, off the C-STORE path.
 
-Workers hand each stored instance to it without waiting: while it lags,
-records wait in its queue (:data:`QUEUE_LIMIT`), then in its sockets, then
-in each worker's bounded backlog (:mod:`fastscp.poststore.client`); only
-beyond that are they dropped, logged (a thumbnail can always be made again
-with ``fastscp convert`` or ``fastscp scansheet``; an acknowledged store
-must never wait).
+Workers hand each stored instance to it without waiting
+(:mod:`fastscp.poststore.client`): while it lags, records wait in its queue
+(:data:`QUEUE_LIMIT`), then in its sockets, then in each worker's bounded
+backlog; only beyond that are they dropped, logged (a thumbnail can always
+be made again with ``fastscp convert`` or ``fastscp scansheet``; an
+acknowledged store must never wait).
 It runs at low CPU priority (``server.derived_priority``), one record at a time, and makes:
 
 - a JPEG thumbnail per image, in ``<root>/thumbnails/`` mirroring the layout,
@@ -32,17 +32,18 @@ from collections.abc import Sequence
 import msgspec
 
 from fastscp.config import HookConfig, ScansheetConfig, ThumbnailsConfig
-from fastscp.dicom.header import HeaderFields
+from fastscp.dicom.fields import HeaderFields
 from fastscp.hooks import link
+from fastscp.hooks.actions import run_action
 from fastscp.hooks.runner import Hooks
 from fastscp.imaging.scansheet import QuietStudies, find_study_instances, make_scansheet
 from fastscp.imaging.thumbnail import thumbnail_path, try_write_thumbnail
 from fastscp.index.client import IndexerClient
 from fastscp.index.records import POSTSTORE_DECODER, InstanceRecord, ThumbnailMade
-from fastscp.process.ipc import accept_local, drain, listen, local_address, receive
+from fastscp.process.ipc import accept_local, drain, listen, receive
 from fastscp.process.orphan import parent_gone
 from fastscp.status import AssociationReport, PostStoreState
-from fastscp.storage.area import FileModes
+from fastscp.storage.files import FileModes
 from fastscp.storage.layout import LayoutOptions, study_folder
 
 log = logging.getLogger("fastscp.poststore")
@@ -54,11 +55,6 @@ QUEUE_LIMIT = 20_000
 HOOKS_REPORT_INTERVAL = 0.5
 #: On stop, how long running hook programs may take before they are killed.
 HOOKS_STOP_GRACE = 10.0
-
-
-def poststore_address(index_path: str) -> str:
-    """The abstract socket the post-store process of an index listens on."""
-    return local_address("poststore", index_path)
 
 
 class PostStore:
@@ -81,7 +77,7 @@ class PostStore:
         self.studies: dict[str, list[tuple[str, HeaderFields]]] = collections.defaultdict(list)
         self.stopping = False
         self.made = 0
-        self.hooks = Hooks(hooks, root, sr_root, layout, modes)
+        self.hooks = Hooks(hooks, root, sr_root, layout, modes, run_action)
         self.selector.register(self.hooks, selectors.EVENT_READ)
         self.hooks_link = hooks_link
         self._next_report = 0.0

@@ -379,6 +379,11 @@ class Child:
 
     # -- stop --------------------------------------------------------------------------
 
+    @property
+    def retired(self) -> bool:
+        """It is not restarted when it exits (:meth:`retire`)."""
+        return self._retired
+
     def retire(self) -> None:
         """No restart from now on (the server is stopping)."""
         self._retired = True

@@ -123,7 +123,7 @@ def test_a_stray_message_does_not_stop_the_post_store_stage(start_server, tmp_pa
     import socket
 
     from fastscp.index.records import ENCODER, ThumbnailMade
-    from fastscp.poststore.stage import poststore_address
+    from fastscp.poststore.client import poststore_address
 
     server = start_server()
     series = write_series(str(tmp_path / "ct"), 2, rows=32, columns=32, patient_id="PS9")
