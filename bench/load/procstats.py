@@ -11,7 +11,8 @@ alone. :class:`TreeMonitor` samples the tree every ``interval`` seconds:
 * Peak RSS: the largest VmHWM (the kernel's high-water mark of resident
   memory) seen per process; and the largest sum of VmRSS over the tree's
   live processes at one sample (pages a forked child shares with its parent
-  count in both: an upper bound of the tree's memory).
+  count in both: an upper bound of the tree's memory), and of PSS (each
+  shared page divided among its sharers), every :data:`PSS_EVERY` samples.
 * CPU per role: :meth:`TreeMonitor.cpu_by_role` splits the CPU since
   :meth:`TreeMonitor.mark` by what a function makes of each process's PID
   and name (``/proc/PID/comm``: fastscp names its children by role).
@@ -28,6 +29,7 @@ from dataclasses import dataclass, field
 from fastscp.process.priority import process_name
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+PSS_EVERY = 5
 _SIGCHLD_BIT = 1 << (17 - 1)
 
 
@@ -87,6 +89,18 @@ def vm_hwm_kib(pid: int) -> int:
     return int(value)
 
 
+def pss_kib(pid: int) -> int:
+    """Proportional set size of ``pid`` (shared pages divided among their sharers), KiB; 0 when it is gone."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
 def memory_kib(pid: int) -> tuple[int, int]:
     """(VmHWM, VmRSS) of ``pid`` in KiB; (0, 0) when it is gone."""
     status = _status(pid)
@@ -135,8 +149,11 @@ class TreeMonitor:
     root: int
     interval: float = 0.1
     seen: dict[int, _Seen] = field(default_factory=dict)
-    #: The largest sum of VmRSS over the live processes of one sample, KiB.
+    #: The largest sum of VmRSS over the live processes of one sample, KiB; and of their PSS (read every
+    #: PSS_EVERY samples: the kernel walks every mapping for it).
     peak_total_rss_kib: int = 0
+    peak_total_pss_kib: int = 0
+    _samples: int = 0
     _alive: set[int] = field(default_factory=set)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
@@ -165,6 +182,9 @@ class TreeMonitor:
                 entry.comm = process_name(pid) or entry.comm  # renamed after the fork: the latest name
             alive = self._alive = set(pids)
             self.peak_total_rss_kib = max(self.peak_total_rss_kib, total_rss)
+            if self._samples % PSS_EVERY == 0:
+                self.peak_total_pss_kib = max(self.peak_total_pss_kib, sum(pss_kib(p) for p in pids))
+            self._samples += 1
             total = sum(self.seen[p].ticks for p in pids)
             # Children gone without being folded into a parent's cutime.
             total += sum(e.ticks for p, e in self.seen.items() if p not in alive and e.autoreaped)

@@ -63,10 +63,12 @@ def targets(summary: dict, ratio_tables: dict[str, dict]) -> list[dict]:
                 None if ratio is None else ratio >= minimum)
     scenarios, limit = TOTAL_RSS_MB
     for scenario in scenarios:
-        mib = summary.get(scenario, {}).get("fastscp", {}).get("total_rss_mib")
-        mb = None if mib is None else mib * _MIB
-        add(f"{scenario}: total RSS of all fastscp processes ≤ {limit:g} MB (sum of RSS, shared pages in each)",
-            mb, None if mb is None else mb <= limit, 0)
+        entry = summary.get(scenario, {}).get("fastscp", {})
+        for kind, how in (("rss", "sum of RSS: shared pages in each"), ("pss", "sum of PSS: shared pages divided")):
+            mib = entry.get(f"total_{kind}_mib")
+            mb = None if mib is None else mib * _MIB
+            add(f"{scenario}: total {kind.upper()} of all fastscp processes ≤ {limit:g} MB ({how})", mb,
+                None if mb is None else mb <= limit, 0)
     scenario, limit = RSS_TARGET
     mib = summary.get(scenario, {}).get("fastscp", {}).get("worker_peak_rss_mib")
     mb = None if mib is None else mib * _MIB
@@ -160,9 +162,10 @@ def process_tables(result: dict) -> list[str]:
     lines = ["## CPU per image by process (ms, medians)", "",
              "fastscp's processes by role (`/proc/PID/comm`), over the load and, for a burst, its catch-up; "
              "storescp: the listener and its forked children. Total RSS: the largest sum of RSS over the "
-             "receiver's processes at one moment (pages shared after a fork count in each).", "",
+             "receiver's processes at one moment (pages shared after a fork count in each); PSS: the same with each "
+             "shared page divided among its sharers.", "",
              "| scenario | receiver | " + " | ".join(PROCESS_COLUMNS) + " | total | storescp+B | storescp | "
-             "total RSS MiB |",
+             "total RSS (PSS) MiB |",
              "|---|---|" + "---:|" * (len(PROCESS_COLUMNS) + 4)]
     for scenario in result["scenarios"]:
         name = scenario["name"]
@@ -175,7 +178,8 @@ def process_tables(result: dict) -> list[str]:
             cells = [_fmt(by_process.get(c), 2) if by_process.get(c) is not None else "–" for c in PROCESS_COLUMNS]
             lines.append(f"| {name} | {receiver} | " + " | ".join(cells) +
                          f" | {_fmt(entry['cpu_ms_per_image'], 2)} | " +
-                         " | ".join(_fmt(p, 2) for p in peers) + f" | {_fmt(entry.get('total_rss_mib'))} |")
+                         " | ".join(_fmt(p, 2) for p in peers) +
+                         f" | {_fmt(entry.get('total_rss_mib'))} ({_fmt(entry.get('total_pss_mib'))}) |")
     lines.append("")
     bursts = [(s["name"], r, e) for s in result["scenarios"] for r, e in summary.get(s["name"], {}).items()
               if e.get("derived_s")]

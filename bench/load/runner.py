@@ -132,8 +132,9 @@ class Run:
     index_rows: int | None = None
     #: CPU ms per image of each process kind (fastscp: supervisor, workers, indexer, post-store, monitor).
     cpu_ms_by_process: dict[str, float] = field(default_factory=dict)
-    #: The largest sum of RSS over the receiver's processes at one moment, MiB.
+    #: The largest sum of RSS over the receiver's processes at one moment, MiB; and of their PSS.
     total_rss_mib: float = 0.0
+    total_pss_mib: float = 0.0
     #: Burst: seconds from the last storescu's exit until the index, the thumbnails and the scan sheets
     #: were complete (None: not within the wait).
     derived_s: dict[str, float | None] = field(default_factory=dict)
@@ -270,6 +271,7 @@ def run_once(scenario: Scenario, receiver: receivers.Receiver, corpus: Corpus, r
     run.sender_cpu_s = result.sender_cpu_seconds
     run.peak_rss_mib = monitor.peak_rss_mib()
     run.total_rss_mib = monitor.peak_total_rss_kib / 1024
+    run.total_pss_mib = monitor.peak_total_pss_kib / 1024
     roles = monitor.cpu_by_role(_role(receiver, running.pid))
     run.cpu_ms_by_process = {name: seconds / len(files) * 1e3 for name, seconds in sorted(roles.items())}
     if workers:
@@ -375,6 +377,7 @@ def summarize(runs: list[Run]) -> dict[str, dict[str, dict]]:
             worker = [r.worker_peak_rss_mib for r in rs if r.worker_peak_rss_mib is not None]
             entry["worker_peak_rss_mib"] = max(worker) if worker else None
             entry["total_rss_mib"] = max((r.total_rss_mib for r in rs), default=None)
+            entry["total_pss_mib"] = max((r.total_pss_mib for r in rs), default=None)
             entry["cpu_ms_by_process"] = _median_dicts([r.cpu_ms_by_process for r in good])
             entry["derived_s"] = _median_dicts([r.derived_s for r in good])
             entry["files"] = rs[0].files
