@@ -62,6 +62,8 @@ class ServerConfig(_Section):
     shutdown_timeout: Seconds = 30.0
     #: This node's name in a shared index (database.catalog); "" means the host name.
     node: Annotated[str, msgspec.Meta(max_length=64, pattern=r"^[A-Za-z0-9_.-]*$")] = ""
+    #: CPU and I/O priority of derived work (post-store stage, forwarder): fastscp.process.priority.
+    derived_priority: Literal["idle", "low", "normal"] = "idle"
 
 
 class LimitsConfig(_Section):

@@ -211,10 +211,14 @@ def main(argv: list[str] | None = None) -> int:
                 status = "OK" if not run.errors else "ERROR: " + " | ".join(e.splitlines()[0] for e in run.errors)
                 worker = f" (worker {run.worker_peak_rss_mib:.0f})" if run.worker_peak_rss_mib else ""
                 p50 = f"{run.p50_ms:.2f}" if run.p50_ms is not None else "-"
+                by_process = " ".join(f"{k} {v:.2f}" for k, v in run.cpu_ms_by_process.items())
+                derived = " ".join(f"{k} {'-' if v is None else f'{v:.1f}'}" for k, v in run.derived_s.items())
                 log(f"[r{round_}] {scenario.name:<12} {name:<17} {run.images_per_s:8.1f} img/s "
-                    f"{run.mb_per_s:7.1f} MB/s  p50 {p50} ms  CPU {run.cpu_ms_per_image:.2f} ms/img  "
-                    f"RSS {run.peak_rss_mib:.0f}{worker} MiB  {run.exact}/{run.received}/{run.files}  "
-                    f"other {run.foreign_cores:.2f}  {status}")
+                    f"{run.mb_per_s:7.1f} MB/s  p50 {p50} ms  CPU {run.cpu_ms_per_image:.2f} ms/img ({by_process})  "
+                    f"RSS {run.peak_rss_mib:.0f}{worker} MiB, total {run.total_rss_mib:.0f} "
+                    f"(PSS {run.total_pss_mib:.0f}) MiB  "
+                    f"{run.exact}/{run.received}/{run.files}  other {run.foreign_cores:.2f}"
+                    f"{f'  complete after (s): {derived}' if derived else ''}  {status}")
 
     summary = runner.summarize(runs)
     ratio_table = runner.ratios(runs)
@@ -235,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
         "errors": report.failed_runs(runs),
         "runs": [r.to_dict() for r in runs],
     }
-    result["targets"] = report.targets(summary, ratio_table)
+    result["ratios_nofsync"] = runner.ratios(runs, subject="fastscp-nofsync")
+    result["targets"] = report.targets(summary, {"fastscp": ratio_table, "fastscp-nofsync": result["ratios_nofsync"]})
     paths = report.write(result, args.out, f"load-{mode}-{stamp}")
     for kind, path in paths.items():
         latest = args.out / f"latest-{mode}.{kind}"

@@ -14,7 +14,7 @@ group, then SIGKILL after :data:`KILL_GRACE`; the group is signalled only
 while its leader is unreaped (a zombie at most), so its PID, the group's ID,
 can't have been reused.
 
-Hook programs inherit the post-store process's CPU priority (SCHED_IDLE):
+Hook programs inherit the post-store process's CPU priority (server.derived_priority):
 storing comes first. A timeout is wall-clock time.
 """
 

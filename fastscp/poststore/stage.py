@@ -1,9 +1,12 @@
 """The post-store process: thumbnails and scan sheets, off the C-STORE path.
 
-Workers hand each stored instance to it without waiting (:mod:`fastscp.poststore.client`; a full queue drops
-the record, logged: a thumbnail can always be made again with ``fastscp
-convert`` or ``fastscp scansheet``, an acknowledged store must never wait).
-It runs at low CPU priority, one record at a time, and makes:
+Workers hand each stored instance to it without waiting
+(:mod:`fastscp.poststore.client`): while it lags, records wait in its queue
+(:data:`QUEUE_LIMIT`), then in its sockets, then in each worker's bounded
+backlog; only beyond that are they dropped, logged (a thumbnail can always
+be made again with ``fastscp convert`` or ``fastscp scansheet``; an
+acknowledged store must never wait).
+It runs at low CPU priority (``server.derived_priority``), one record at a time, and makes:
 
 - a JPEG thumbnail per image, in ``<root>/thumbnails/`` mirroring the layout,
   whose path it reports to the indexer;
@@ -44,14 +47,15 @@ from fastscp.index.records import POSTSTORE_DECODER, InstanceRecord, ThumbnailMa
 from fastscp.poststore.jobs import SharedStudies
 from fastscp.process.ipc import accept_local, drain, listen, receive
 from fastscp.process.orphan import parent_gone
-from fastscp.status import AssociationReport
+from fastscp.status import AssociationReport, PostStoreState
 from fastscp.storage.files import FileModes
 from fastscp.storage.layout import LayoutOptions, study_folder
 
 log = logging.getLogger("fastscp.poststore")
 
-#: Records waiting for a thumbnail; beyond this they are dropped (and counted).
-QUEUE_LIMIT = 100_000
+#: Records waiting in the stage; beyond this it stops reading (they wait in its
+#: sockets, then in the workers: :class:`fastscp.poststore.client.PostStoreClient`).
+QUEUE_LIMIT = 20_000
 #: How often, at most, the hooks' counts go to the supervisor (status page).
 HOOKS_REPORT_INTERVAL = 0.5
 #: On stop, how long running hook programs may take before they are killed.
@@ -72,17 +76,18 @@ class PostStore:
         self.listener = listen(address, 64)
         self.selector = selectors.DefaultSelector()
         self.selector.register(self.listener, selectors.EVENT_READ)
-        self.queue: collections.deque[InstanceRecord | AssociationReport] = collections.deque()
+        #: (when it was stored, or for a report received: epoch seconds; record), oldest first.
+        self.queue: collections.deque[tuple[float, InstanceRecord | AssociationReport]] = collections.deque()
         self.quiet = QuietStudies(scansheet.study_timeout)
         #: Instances seen per study since its last sheet: (absolute path, header).
         self.studies: dict[str, list[tuple[str, HeaderFields]]] = collections.defaultdict(list)
         self.stopping = False
         self.made = 0
-        self.dropped = 0
         self.hooks = Hooks(hooks, root, sr_root, layout, modes, run_action)
         self.selector.register(self.hooks, selectors.EVENT_READ)
         self.hooks_link = hooks_link
         self._next_report = 0.0
+        self._reported: PostStoreState | None = None
         if hooks_link is not None:
             hooks_link.setblocking(False)
             self.selector.register(hooks_link, selectors.EVENT_READ)
@@ -107,7 +112,7 @@ class PostStore:
                 else:
                     self._receive(key.fileobj)  # type: ignore[arg-type]
             if self.queue:
-                self._process(self.queue.popleft())
+                self._process(self.queue.popleft()[1])
             for study in self.quiet.pop_due():
                 self._scansheet(study)
                 self.hooks.study_complete(study)
@@ -125,7 +130,7 @@ class PostStore:
         if self.shared is not None:
             self.shared.close()
         self._report_hooks(force=True)
-        log.info("post-store stopped; %d thumbnails made, %d records dropped", self.made, self.dropped)
+        log.info("post-store stopped; %d thumbnails made", self.made)
 
     def _reconfigure(self) -> None:
         assert self.hooks_link is not None
@@ -138,14 +143,25 @@ class PostStore:
             self.hooks_link.close()
             self.hooks_link = None
 
+    def state(self) -> PostStoreState:
+        """The backlog: what waits, and for how long (the status page's post-store lag)."""
+        oldest = max(time.time() - self.queue[0][0], 0.0) if self.queue else 0.0
+        return PostStoreState(waiting=len(self.queue), oldest_seconds=round(oldest, 1), studies=len(self.studies),
+                              thumbnails=self.made)
+
     def _report_hooks(self, force: bool = False) -> None:
-        """The hooks' counts to the supervisor, when they changed, at most every HOOKS_REPORT_INTERVAL."""
+        """The hooks' counts and the backlog to the supervisor, when they changed, at most every
+        HOOKS_REPORT_INTERVAL."""
         now = time.monotonic()
-        if self.hooks_link is None or not (self.hooks.changed or force) or (now < self._next_report and not force):
+        if self.hooks_link is None or (now < self._next_report and not force):
+            return
+        state = self.state()
+        if not (self.hooks.changed or force or state != self._reported):
             return
         self._next_report = now + HOOKS_REPORT_INTERVAL
         try:
-            self.hooks_link.send(link.ENCODER.encode(link.HooksReport(self.hooks.states())))
+            self.hooks_link.send(link.ENCODER.encode(link.HooksReport(self.hooks.states(), state)))
+            self._reported = state
         except OSError:
             pass  # busy: the next report carries the same counts
 
@@ -170,7 +186,8 @@ class PostStore:
             self.selector.register(conn, selectors.EVENT_READ)
 
     def _receive(self, conn: socket.socket) -> None:
-        for data in drain(conn, self.selector):
+        # A full queue stops the reading: records wait in the socket, then in the workers (bounded memory).
+        for data in drain(conn, self.selector, lambda: len(self.queue) < QUEUE_LIMIT):
             try:
                 record = POSTSTORE_DECODER.decode(data)
             except msgspec.DecodeError as exc:
@@ -180,10 +197,7 @@ class PostStore:
                     log.warning("post-store: %d messages that are neither instance records nor association "
                                 "reports dropped (%s)", self.undecodable, exc)
                 continue
-            if len(self.queue) >= QUEUE_LIMIT:
-                self.dropped += 1
-                continue
-            self.queue.append(record)
+            self.queue.append((record.received_at if isinstance(record, InstanceRecord) else time.time(), record))
 
     def _process(self, record: InstanceRecord | AssociationReport) -> None:
         if isinstance(record, AssociationReport):
@@ -229,13 +243,10 @@ def poststore_main(root: str, layout: LayoutOptions, thumbnails: ThumbnailsConfi
                    lake: tuple[str, str, str] | None = None, job_lease: float = 60.0) -> None:
     """Entry point of the post-store process (``lake``: the shared index's (catalog, data path, node))."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # Receiving comes first: this process only runs on otherwise idle CPU
-    # (SCHED_IDLE), and catches up when the stores pause. PERF: at nice 10
-    # thumbnails still cost ct-k4 35% of its images/s (488 -> 315, bench.load).
-    try:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    except (AttributeError, OSError):
-        os.nice(19)
+    # Receiving comes first: the supervisor starts this process at
+    # server.derived_priority (SCHED_IDLE: it runs on otherwise idle CPU and
+    # catches up when the stores pause). PERF: at nice 10 thumbnails still
+    # cost ct-k4 35% of its images/s (488 -> 315, bench.load).
     indexer = IndexerClient(indexer_address)
     stage = PostStore(root, layout, thumbnails, scansheet, address, indexer, modes, hooks, sr_root, hooks_link,
                       Lake(*lake) if lake else None, job_lease)

@@ -303,7 +303,8 @@ class Supervisor:
                 about=(f": thumbnails {'on' if config.thumbnails.enabled else 'off'}, "
                        f"scan sheets {'on' if config.scansheet.enabled else 'off'}"),
                 channel=False, stop_timeout=60,  # SIGTERM: it finishes its queue and pending scan sheets
-                death_signal=signal.SIGTERM))  # it stops after the image in hand (poststore_main sees it is orphaned)
+                death_signal=signal.SIGTERM,  # it stops after the image in hand (poststore_main sees it is orphaned)
+                priority=config.server.derived_priority))
         return specs + [spec for make in targets.stages if (spec := make(self)) is not None]
 
     def _make_child(self, spec: ChildSpec, on_message: Callable[[Child, object], None] | None = None,
@@ -823,6 +824,7 @@ class Supervisor:
         if "forwarder" in self.children:
             snapshot.forwarding = self._forward_status.poll(now, list(self.config.forwarding.destinations))
         snapshot.hooks = self.hooks_link.states()
+        snapshot.poststore = self.hooks_link.stage if self.settings.poststore_address else None
         try:
             monitor.channel.send(SNAPSHOT_ENCODER.encode(snapshot), socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):

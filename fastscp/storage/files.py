@@ -8,9 +8,11 @@ configured mode, replace files atomically, and fsync folders the same way.
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import tempfile
+import threading
 from typing import BinaryIO, NamedTuple
 
 #: storage.file_mode and storage.dir_mode defaults: patient data, so the
@@ -39,6 +41,10 @@ class FileModes(NamedTuple):
 PATIENT_DATA = FileModes()
 #: Files made for someone to open at once (``fastscp convert`` output): the usual 0644/0755.
 BROWSABLE = FileModes(0o644, 0o755)
+
+
+#: Numbers the temp files of write_atomic (with the PID and the thread: a name no other writer uses).
+_temp_numbers = itertools.count()
 
 
 def makedirs(path: str, mode: int) -> None:
@@ -80,20 +86,37 @@ def write_atomic(path: str | os.PathLike[str], data: bytes | BinaryIO, *, fsync:
     the server passes storage.file_mode/dir_mode, since a thumbnail or a scan
     sheet shows patient data as much as the image does.  No fsync by default:
     thumbnails and scan sheets can be made again from the images.
+
+    PERF: making the file is the largest part of a thumbnail's CPU (0.56 of
+    1.36 ms per 512x512 CT, process_time, issue 13); the temp file opened at
+    a name of our own (no mkstemp), in a folder assumed to exist (makedirs
+    only when it does not), written without a file object: 4-10% less.
     """
     folder = os.path.dirname(os.path.abspath(path))
-    makedirs(folder, modes.folder)
-    fd, temp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=folder)
+    suffix = os.path.splitext(path)[1]
+    temp = os.path.join(folder, f".tmp-{os.getpid()}-{threading.get_ident()}-{next(_temp_numbers)}{suffix}")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
     try:
-        with os.fdopen(fd, "wb") as f:
+        fd = os.open(temp, flags, modes.file)
+    except FileNotFoundError:
+        makedirs(folder, modes.folder)
+        fd = os.open(temp, flags, modes.file)
+    except FileExistsError:  # left by a dead process that had our PID
+        fd, temp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=folder)
+    try:
+        try:
+            os.fchmod(fd, modes.file)  # exactly: the umask may have taken bits away
             if isinstance(data, bytes):
-                f.write(data)
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
             else:
-                shutil.copyfileobj(data, f, 1 << 20)  # a stored file: never whole in memory
+                with os.fdopen(os.dup(fd), "wb") as f:
+                    shutil.copyfileobj(data, f, 1 << 20)  # a stored file: never whole in memory
             if fsync:
-                f.flush()
-                os.fsync(f.fileno())
-        os.chmod(temp, modes.file)  # mkstemp makes 0600
+                os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(temp, path)
     except BaseException:
         try:
