@@ -27,8 +27,9 @@ from fastscp.index.client import BATCH_RECORDS, indexer_address
 from fastscp.index.database import Index
 from fastscp.index.records import ENCODER, InstanceRecord, RecordBatch
 from fastscp.query.cfind import STUDY_ROOT_FIND, find
-from fastscp.query.client import QueryClient
-from fastscp.query.engine import Condition, LocalQueryClient, QueryRequest, StatsRequest, run_query, run_stats
+from fastscp.query.client import LocalQueryClient, QueryClient
+from fastscp.query.engine import run_query, run_stats
+from fastscp.query.messages import Condition, QueryRequest, StatsRequest
 from fastscp.runtime.children import indexer_process
 from fastscp.runtime.messages import FROM_INDEXER, Ready
 

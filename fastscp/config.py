@@ -54,11 +54,16 @@ class ServerConfig(_Section):
     max_pending_per_address: Positive = 32
     max_pdu_size: MaxPDU = 262144
     workers: Annotated[int, msgspec.Meta(ge=0, le=256)] = 0
+    #: 0: a worker runs any number of associations, one thread each; N: at most
+    #: N per worker process, the pool growing past ``workers`` as needed.
+    associations_per_worker: Annotated[int, msgspec.Meta(ge=0, le=1024)] = 0
     acse_timeout: Seconds = 30.0
     dimse_timeout: Seconds = 120.0
     shutdown_timeout: Seconds = 30.0
     #: This node's name in a shared index (database.catalog); "" means the host name.
     node: Annotated[str, msgspec.Meta(max_length=64, pattern=r"^[A-Za-z0-9_.-]*$")] = ""
+    #: CPU and I/O priority of derived work (post-store stage, forwarder): fastscp.process.priority.
+    derived_priority: Literal["idle", "low", "normal"] = "idle"
 
 
 class LimitsConfig(_Section):
@@ -185,6 +190,8 @@ class DatabaseConfig(_Section):
     data_path: str = ""
     #: Seconds between a node's runs of the shared index's maintenance (one node at a time); 0: never.
     maintenance_interval: Annotated[float, msgspec.Meta(ge=0)] = 60.0
+    #: With catalog: seconds a node holds a study's job without renewing it; then another node takes it over.
+    job_lease: Annotated[float, msgspec.Meta(ge=3)] = 60.0
 
 
 class LoggingConfig(_Section):
@@ -436,6 +443,10 @@ CLI_OPTIONS: dict[str, tuple[str, str]] = {
         "comma-separated modalities (CT,MR,US...), SOP class names or UIDs (default all)",
     ),
     "server.workers": ("--workers", "worker processes (default: one per CPU)"),
+    "server.associations_per_worker": (
+        "--associations-per-worker",
+        "associations one worker process runs at once; 1: a process per association (default 0: no limit)",
+    ),
     "server.max_associations": ("--max-associations", "open associations across all workers (default 64)"),
     "server.max_pdu_size": ("--max-pdu-size", "Maximum Length Received we announce, bytes (default 262144)"),
     "storage.fsync": ("--fsync", "always (default) or never"),

@@ -151,6 +151,20 @@ class HookState(msgspec.Struct, kw_only=True):
     last_error_at: float = 0.0  # epoch seconds
 
 
+class PostStoreState(msgspec.Struct, frozen=True, kw_only=True):
+    """The post-store process's backlog (thumbnails, scan sheets, hooks): it runs at
+    ``server.derived_priority`` and catches up after a burst."""
+
+    #: Records received and not yet processed.
+    waiting: int = 0
+    #: Seconds the oldest of them has waited (0: none waits).
+    oldest_seconds: float = 0.0
+    #: Studies waiting for their scan sheet (quiet for scansheet.study_timeout).
+    studies: int = 0
+    #: Thumbnails made since the process started.
+    thumbnails: int = 0
+
+
 class StatusSnapshot(msgspec.Struct, kw_only=True):
     time: float
     started: float
@@ -184,6 +198,8 @@ class StatusSnapshot(msgspec.Struct, kw_only=True):
     forwarding: list[DestinationState] = msgspec.field(default_factory=list)
     #: Post-receive hooks (config ``hooks``), as the post-store process last reported them.
     hooks: list[HookState] = msgspec.field(default_factory=list)
+    #: The post-store process's backlog, as it last reported it (None: it does not run).
+    poststore: PostStoreState | None = None
 
 
 #: How many ended associations the snapshot lists.

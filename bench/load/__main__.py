@@ -8,6 +8,7 @@ See ``bench/README.md``. Exit status: 0 when every run delivered every file
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import shlex
 import shutil
@@ -48,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="another fastscp receiver run wherever fastscp runs (repeatable)")
     p.add_argument("--fastscp-ref", metavar="GIT_REF",
                    help="run fastscp as of this commit (built in a temp folder), not the working tree")
+    p.add_argument("--compare-ref", metavar="GIT_REF",
+                   help="also run fastscp as of this commit, as receiver fastscp@GIT_REF, wherever fastscp runs "
+                        "(same rounds, interleaved: before/after in one run)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results folder (default {DEFAULT_OUT})")
     p.add_argument("--corpora", type=Path, default=corpora.ROOT, help=f"corpus cache (default {corpora.ROOT})")
     p.add_argument("--workdir", type=Path,
@@ -88,6 +92,15 @@ def main(argv: list[str] | None = None) -> int:
     known = receivers.default_receivers(tuple(shlex.split(args.fastscp_extra)), tuple(args.fastscp_variant),
                                         fastscp_src)
     variant_names = tuple(name for name, _ in args.fastscp_variant)
+    if args.compare_ref and not args.list:
+        from bench.load import snapshot
+
+        compared = known["fastscp"]
+        ref = dataclasses.replace(compared, name=f"fastscp@{args.compare_ref}",
+                                  description=f"{compared.description}, as of {args.compare_ref}",
+                                  pythonpath=str(snapshot.build(args.compare_ref)))
+        known[ref.name] = ref
+        variant_names += (ref.name,)
     scenarios = list(plan.scenarios)
     if args.scenarios:
         wanted = args.scenarios.split(",")
@@ -98,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         scenarios = [s for s in scenarios if s.name in wanted]
     only = set(args.receivers.split(",")) if args.receivers else None
+    if only is not None and args.compare_ref:
+        only.add(f"fastscp@{args.compare_ref}")
     if only and only - set(known):
         print(f"unknown receivers {sorted(only - set(known))}; known: {sorted(known)}", file=sys.stderr)
         return 2
@@ -196,10 +211,14 @@ def main(argv: list[str] | None = None) -> int:
                 status = "OK" if not run.errors else "ERROR: " + " | ".join(e.splitlines()[0] for e in run.errors)
                 worker = f" (worker {run.worker_peak_rss_mib:.0f})" if run.worker_peak_rss_mib else ""
                 p50 = f"{run.p50_ms:.2f}" if run.p50_ms is not None else "-"
+                by_process = " ".join(f"{k} {v:.2f}" for k, v in run.cpu_ms_by_process.items())
+                derived = " ".join(f"{k} {'-' if v is None else f'{v:.1f}'}" for k, v in run.derived_s.items())
                 log(f"[r{round_}] {scenario.name:<12} {name:<17} {run.images_per_s:8.1f} img/s "
-                    f"{run.mb_per_s:7.1f} MB/s  p50 {p50} ms  CPU {run.cpu_ms_per_image:.2f} ms/img  "
-                    f"RSS {run.peak_rss_mib:.0f}{worker} MiB  {run.exact}/{run.received}/{run.files}  "
-                    f"other {run.foreign_cores:.2f}  {status}")
+                    f"{run.mb_per_s:7.1f} MB/s  p50 {p50} ms  CPU {run.cpu_ms_per_image:.2f} ms/img ({by_process})  "
+                    f"RSS {run.peak_rss_mib:.0f}{worker} MiB, total {run.total_rss_mib:.0f} "
+                    f"(PSS {run.total_pss_mib:.0f}) MiB  "
+                    f"{run.exact}/{run.received}/{run.files}  other {run.foreign_cores:.2f}"
+                    f"{f'  complete after (s): {derived}' if derived else ''}  {status}")
 
     summary = runner.summarize(runs)
     ratio_table = runner.ratios(runs)
@@ -220,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
         "errors": report.failed_runs(runs),
         "runs": [r.to_dict() for r in runs],
     }
-    result["targets"] = report.targets(summary, ratio_table)
+    result["ratios_nofsync"] = runner.ratios(runs, subject="fastscp-nofsync")
+    result["targets"] = report.targets(summary, {"fastscp": ratio_table, "fastscp-nofsync": result["ratios_nofsync"]})
     paths = report.write(result, args.out, f"load-{mode}-{stamp}")
     for kind, path in paths.items():
         latest = args.out / f"latest-{mode}.{kind}"

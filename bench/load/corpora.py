@@ -7,6 +7,8 @@ Meta group): what a byte-exact receiver must reproduce.
 
 * ``ct``: single-frame 512x512 16-bit CT slices of one series
   (:func:`fastscp.dicom.synthetic.write_series`), ~0.5 MiB each: the bulk case.
+* ``burst``: as ``ct``, as many as a burst has (10,000 in the full run): the
+  derived work's catch-up.
 * ``mr``: 64x64 16-bit MR slices, ~8 KiB each: per-message overhead.
 * ``large``: one multi-frame CT of at least the given size
   (:func:`fastscp.dicom.synthetic.write_large_multiframe`): streaming and memory.
@@ -192,7 +194,7 @@ def _gen_mixed(folder: Path, synthetic: int) -> list[str]:
 
 
 def _spec_folder(kind: str, size: int) -> str:
-    if kind == "ct":
+    if kind in ("ct", "burst"):
         return f"ct512-{size}"
     if kind == "mr":
         return f"mr64-{size}"
@@ -205,6 +207,7 @@ def _spec_folder(kind: str, size: int) -> str:
 
 DESCRIPTIONS = {
     "ct": "{n} x CT 512x512 16-bit, Explicit VR LE ({mb:.0f} MB)",
+    "burst": "{n} x CT 512x512 16-bit, Explicit VR LE, one study ({mb:.0f} MB)",
     "mr": "{n} x MR 64x64 16-bit, Explicit VR LE ({mb:.1f} MB)",
     "large": "1 x multi-frame CT 1024x1024 16-bit, {mb:.0f} MB",
     "mixed": "{n} files, {ts} transfer syntaxes, {sc} SOP classes ({mb:.1f} MB)",
@@ -237,7 +240,7 @@ def build(kind: str, size: int, root: Path = ROOT, log=print) -> Corpus:  # type
     building.mkdir()
     log(f"generating corpus {folder.name} in {root} ...")
     notes: list[str] = []
-    if kind == "ct":
+    if kind in ("ct", "burst"):
         _gen_series(building, size, 512, "CT")
     elif kind == "mr":
         _gen_series(building, size, 64, "MR")

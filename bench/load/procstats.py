@@ -9,7 +9,13 @@ alone. :class:`TreeMonitor` samples the tree every ``interval`` seconds:
   parent reaps it; one that is reaped automatically (its parent ignores
   SIGCHLD) is not, so its last sampled time is added instead.
 * Peak RSS: the largest VmHWM (the kernel's high-water mark of resident
-  memory) seen per process.
+  memory) seen per process; and the largest sum of VmRSS over the tree's
+  live processes at one sample (pages a forked child shares with its parent
+  count in both: an upper bound of the tree's memory), and of PSS (each
+  shared page divided among its sharers), every :data:`PSS_EVERY` samples.
+* CPU per role: :meth:`TreeMonitor.cpu_by_role` splits the CPU since
+  :meth:`TreeMonitor.mark` by what a function makes of each process's PID
+  and name (``/proc/PID/comm``: fastscp names its children by role).
 """
 
 from __future__ import annotations
@@ -17,9 +23,13 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from fastscp.process.priority import process_name
+
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+PSS_EVERY = 5
 _SIGCHLD_BIT = 1 << (17 - 1)
 
 
@@ -79,6 +89,24 @@ def vm_hwm_kib(pid: int) -> int:
     return int(value)
 
 
+def pss_kib(pid: int) -> int:
+    """Proportional set size of ``pid`` (shared pages divided among their sharers), KiB; 0 when it is gone."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def memory_kib(pid: int) -> tuple[int, int]:
+    """(VmHWM, VmRSS) of ``pid`` in KiB; (0, 0) when it is gone."""
+    status = _status(pid)
+    return (int(status.get("VmHWM", "0 kB").split()[0]), int(status.get("VmRSS", "0 kB").split()[0]))
+
+
 def ignores_sigchld(pid: int) -> bool:
     mask = _status(pid).get("SigIgn")
     return bool(mask) and bool(int(mask, 16) & _SIGCHLD_BIT)
@@ -104,6 +132,8 @@ class _Seen:
     ticks: int = 0  # own + reaped children, last sample
     hwm_kib: int = 0
     autoreaped: bool = False  # its parent ignores SIGCHLD
+    base: int = 0  # ticks at TreeMonitor.mark()
+    comm: str = ""
 
 
 @dataclass
@@ -119,6 +149,12 @@ class TreeMonitor:
     root: int
     interval: float = 0.1
     seen: dict[int, _Seen] = field(default_factory=dict)
+    #: The largest sum of VmRSS over the live processes of one sample, KiB; and of their PSS (read every
+    #: PSS_EVERY samples: the kernel walks every mapping for it).
+    peak_total_rss_kib: int = 0
+    peak_total_pss_kib: int = 0
+    _samples: int = 0
+    _alive: set[int] = field(default_factory=set)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -127,6 +163,7 @@ class TreeMonitor:
         """One pass over the tree; returns its CPU seconds so far."""
         with self._lock:
             pids: list[int] = []
+            total_rss = 0
             todo = [(self.root, 0)]
             while todo:
                 pid, parent = todo.pop()
@@ -139,12 +176,38 @@ class TreeMonitor:
                 ticks = cpu_ticks(pid)
                 if ticks is not None:
                     entry.ticks = sum(ticks)
-                entry.hwm_kib = max(entry.hwm_kib, vm_hwm_kib(pid))
-            alive = set(pids)
+                hwm, rss = memory_kib(pid)
+                entry.hwm_kib = max(entry.hwm_kib, hwm)
+                total_rss += rss
+                entry.comm = process_name(pid) or entry.comm  # renamed after the fork: the latest name
+            alive = self._alive = set(pids)
+            self.peak_total_rss_kib = max(self.peak_total_rss_kib, total_rss)
+            if self._samples % PSS_EVERY == 0:
+                self.peak_total_pss_kib = max(self.peak_total_pss_kib, sum(pss_kib(p) for p in pids))
+            self._samples += 1
             total = sum(self.seen[p].ticks for p in pids)
             # Children gone without being folded into a parent's cutime.
             total += sum(e.ticks for p, e in self.seen.items() if p not in alive and e.autoreaped)
             return TreeSnapshot(total / CLOCK_TICKS, pids)
+
+    def mark(self) -> float:
+        """Sample, and count :meth:`cpu_by_role` from here; returns the tree's CPU seconds so far."""
+        snapshot = self.sample()
+        with self._lock:
+            for entry in self.seen.values():
+                entry.base = entry.ticks
+        return snapshot.cpu_seconds
+
+    def cpu_by_role(self, role: Callable[[int, str], str]) -> dict[str, float]:
+        """CPU seconds since :meth:`mark` per ``role(pid, comm)``, counted as :meth:`sample` counts the total
+        (a child reaped by its parent is in the parent's)."""
+        out: dict[str, float] = {}
+        with self._lock:
+            for pid, entry in self.seen.items():
+                if pid in self._alive or entry.autoreaped:
+                    name = role(pid, entry.comm)
+                    out[name] = out.get(name, 0.0) + (entry.ticks - entry.base) / CLOCK_TICKS
+        return out
 
     def start(self) -> TreeMonitor:
         self._thread = threading.Thread(target=self._run, name="tree-monitor", daemon=True)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -25,6 +26,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -179,6 +181,17 @@ class Running:
                 (dicom if magic == b"DICM" else other).append(path)
         return dicom, other
 
+    def status(self) -> dict | None:
+        """fastscp's /status.json (its monitor's URL from the log), or None while it can't be read."""
+        found = re.findall(r"status page (http://[^\s;,]+)", self.log_tail(1 << 20))
+        if not found:
+            return None
+        try:
+            with urllib.request.urlopen(found[-1] + "/status.json", timeout=5) as response:
+                return json.loads(response.read())
+        except (OSError, ValueError):
+            return None
+
     def quarantined(self) -> int:
         folder = self.storage / ".quarantine"
         if not folder.is_dir():
@@ -222,8 +235,11 @@ def _orthanc_config(workdir: Path, storage: Path, port: int) -> Path:
     return path
 
 
-def start(receiver: Receiver, workdir: Path, ready_timeout: float = 60) -> Running:
-    """Start ``receiver`` in ``workdir`` (created) and wait until it answers C-ECHO."""
+def start(receiver: Receiver, workdir: Path, ready_timeout: float = 60, fastscp_config: str = "") -> Running:
+    """Start ``receiver`` in ``workdir`` (created) and wait until it answers C-ECHO.
+
+    ``fastscp_config``: YAML text given to a fastscp receiver as its ``--config`` file.
+    """
     workdir.mkdir(parents=True, exist_ok=True)
     storage = workdir / "storage"
     storage.mkdir()
@@ -235,6 +251,9 @@ def start(receiver: Receiver, workdir: Path, ready_timeout: float = 60) -> Runni
                 "--storage-dir", str(storage), "--index-db", str(index_path),
                 # an ephemeral status-page port: overlapping runs must not collide on 8080
                 "--monitor", "127.0.0.1:0", *receiver.args]
+        if fastscp_config:
+            (workdir / "fastscp.yaml").write_text(fastscp_config)
+            argv += ["--config", str(workdir / "fastscp.yaml")]
     elif receiver.kind == "storescp":
         argv = ["storescp", *receiver.args, "-aet", AE_TITLE, "-od", str(storage), str(port)]
     elif receiver.kind == "orthanc":

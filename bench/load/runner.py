@@ -23,6 +23,19 @@ NAGLE = ("fastscp", "storescp+B", "storescp+B-stock", "orthanc", "orthanc-stock"
 STOCK = ("fastscp", "storescp+B", "storescp+B-stock", "orthanc", "orthanc-stock")
 
 
+#: The burst: scan sheets 1 s after a study's last image (the default waits 60 s), so the time until
+#: they are complete is the catch-up, not the wait.
+BURST_CONFIG = "scansheet:\n  study_timeout: 1\n"
+BURST_NOTE = "one study; then the time until index, thumbnails and scan sheets are complete"
+#: Longest wait for the derived work after a burst, seconds.
+DERIVED_WAIT = 1800.0
+
+#: fastscp's children by /proc/PID/comm (fastscp.process.priority.set_process_name: 15 bytes of
+#: "fastscp-worker-0", ...); the supervisor is the tree's root.
+FASTSCP_ROLES = {"fastscp-worker-": "workers", "fastscp-indexer": "indexer", "fastscp-post-st": "post-store",
+                 "fastscp-monitor": "monitor", "fastscp-forward": "forwarder"}
+
+
 @dataclass(frozen=True)
 class Scenario:
     name: str
@@ -32,6 +45,10 @@ class Scenario:
     limit: int | None = None  # first N files of the corpus
     receivers: tuple[str, ...] = MAIN
     note: str = ""
+    #: fastscp: after the load, wait until the index, thumbnails and scan sheets are complete and time it.
+    burst: bool = False
+    #: YAML given to fastscp receivers as their --config file.
+    fastscp_config: str = ""
 
 
 @dataclass(frozen=True)
@@ -47,7 +64,7 @@ def plan(quick: bool) -> Plan:
     if quick:
         nagle_files = 10
         return Plan(
-            sizes={"ct": 40, "mr": 200, "large": 128 << 20, "mixed": 5},
+            sizes={"ct": 40, "mr": 200, "large": 128 << 20, "mixed": 5, "burst": 60},
             scenarios=(
                 Scenario("ct-k1", "ct", 1),
                 Scenario("ct-k4", "ct", 4),
@@ -56,12 +73,14 @@ def plan(quick: bool) -> Plan:
                 Scenario("large-k1", "large", 1, receivers=("fastscp", "storescp+B")),
                 Scenario("ct-k1-nagle", "ct", 1, nagle=True, limit=nagle_files,
                          receivers=("fastscp", "storescp+B", "orthanc")),
+                Scenario("burst-k4", "burst", 4, receivers=("fastscp",), burst=True, fastscp_config=BURST_CONFIG,
+                         note=BURST_NOTE),
             ),
             rounds=1,
         )
     nagle_files = 60
     return Plan(
-        sizes={"ct": 400, "mr": 2000, "large": 1 << 30, "mixed": 30},
+        sizes={"ct": 400, "mr": 2000, "large": 1 << 30, "mixed": 30, "burst": 10_000},
         scenarios=(
             Scenario("ct-k1", "ct", 1),
             Scenario("ct-k4", "ct", 4),
@@ -78,6 +97,8 @@ def plan(quick: bool) -> Plan:
                      note="storescu with Nagle on (no TCP_NODELAY, Debian's default)"),
             Scenario("ct-k4-stock", "ct", 4, limit=nagle_files, receivers=STOCK,
                      note="storescu with TCP_NODELAY=1; -stock receivers without it"),
+            Scenario("burst-k4", "burst", 4, receivers=("fastscp", "fastscp-nofsync"), burst=True,
+                     fastscp_config=BURST_CONFIG, note=BURST_NOTE),
         ),
         rounds=3,
     )
@@ -109,6 +130,14 @@ class Run:
     exact: int = 0
     other_files: int = 0
     index_rows: int | None = None
+    #: CPU ms per image of each process kind (fastscp: supervisor, workers, indexer, post-store, monitor).
+    cpu_ms_by_process: dict[str, float] = field(default_factory=dict)
+    #: The largest sum of RSS over the receiver's processes at one moment, MiB; and of their PSS.
+    total_rss_mib: float = 0.0
+    total_pss_mib: float = 0.0
+    #: Burst: seconds from the last storescu's exit until the index, the thumbnails and the scan sheets
+    #: were complete (None: not within the wait).
+    derived_s: dict[str, float | None] = field(default_factory=dict)
     exit_code: int | None = None
     storescu_exit_codes: list[int] = field(default_factory=list)
     foreign_cores: float = 0.0
@@ -186,12 +215,12 @@ def run_once(scenario: Scenario, receiver: receivers.Receiver, corpus: Corpus, r
     if workdir.exists():
         shutil.rmtree(workdir)
     try:
-        running = receivers.start(receiver, workdir)
+        running = receivers.start(receiver, workdir, fastscp_config=scenario.fastscp_config)
     except receivers.ReceiverError as first:
         # Once more in a clean folder: the free port may have been taken meanwhile.
         shutil.rmtree(workdir, ignore_errors=True)
         try:
-            running = receivers.start(receiver, workdir)
+            running = receivers.start(receiver, workdir, fastscp_config=scenario.fastscp_config)
         except receivers.ReceiverError as exc:
             run.errors.append(f"{exc}\n(first attempt: {first})")
             return run
@@ -203,13 +232,15 @@ def run_once(scenario: Scenario, receiver: receivers.Receiver, corpus: Corpus, r
                                    stderr=subprocess.DEVNULL)
             time.sleep(1.0)  # attached and sampling before the load starts
         monitor = procstats.TreeMonitor(running.pid).start()
-        cpu0 = monitor.sample().cpu_seconds
+        cpu0 = monitor.mark()
         busy0 = procstats.system_busy_seconds()
         self0 = resource.getrusage(resource.RUSAGE_SELF)
         t0 = time.perf_counter()
         dimse_timeout = 900 if scenario.corpus == "large" else 120
         result = sender.send(running.port, receivers.AE_TITLE, files, scenario.k, workdir, nagle=scenario.nagle,
                              config=config, profile=profile, dimse_timeout=dimse_timeout)
+        if scenario.burst and receiver.kind == "fastscp":
+            run.derived_s = wait_for_derived(running, len(files))
         time.sleep(settle)  # let asynchronous work (index commits) finish inside the window
         workers = _fastscp_workers(running) if receiver.kind == "fastscp" else set()
         cpu1 = monitor.stop().cpu_seconds
@@ -239,6 +270,10 @@ def run_once(scenario: Scenario, receiver: receivers.Receiver, corpus: Corpus, r
     run.cpu_ms_per_image = run.cpu_s / len(files) * 1e3
     run.sender_cpu_s = result.sender_cpu_seconds
     run.peak_rss_mib = monitor.peak_rss_mib()
+    run.total_rss_mib = monitor.peak_total_rss_kib / 1024
+    run.total_pss_mib = monitor.peak_total_pss_kib / 1024
+    roles = monitor.cpu_by_role(_role(receiver, running.pid))
+    run.cpu_ms_by_process = {name: seconds / len(files) * 1e3 for name, seconds in sorted(roles.items())}
     if workers:
         run.worker_peak_rss_mib = monitor.peak_rss_mib(workers)
     run.foreign_cores = max(0.0, (busy1 - busy0) - run.cpu_s - result.sender_cpu_seconds - own) / window
@@ -259,12 +294,60 @@ def run_once(scenario: Scenario, receiver: receivers.Receiver, corpus: Corpus, r
         else:
             if run.index_rows is not None and run.index_rows != len(files):
                 run.errors.append(f"index holds {run.index_rows} rows for {len(files)} files")
+        if scenario.burst:
+            check_derived(run, running, len(files))
     run.notes += running.notes
     if run.errors:
         run.notes.append(f"receiver log tail: {running.log_tail(1500)}")
     if not keep and not run.errors:
         shutil.rmtree(workdir, ignore_errors=True)
     return run
+
+
+def _role(receiver: receivers.Receiver, root: int):  # type: ignore[no-untyped-def]
+    """What :meth:`procstats.TreeMonitor.cpu_by_role` files each process of ``receiver`` under."""
+    def role(pid: int, name: str) -> str:
+        if receiver.kind != "fastscp":
+            return receiver.kind  # storescp --fork: the listener and its children together
+        if pid == root:
+            return "supervisor"
+        return FASTSCP_ROLES.get(name, "other")
+    return role
+
+
+def wait_for_derived(running: receivers.Running, count: int, wait: float = DERIVED_WAIT) -> dict[str, float | None]:
+    """Seconds until fastscp's index, thumbnails and scan sheets were complete for ``count`` stored
+    images (from its status page); None for what was not within ``wait``."""
+    t0 = time.monotonic()
+    done: dict[str, float | None] = {"index": None, "thumbnails": None, "scan sheets": None}
+    while time.monotonic() - t0 < wait and None in done.values():
+        status = running.status()
+        now = time.monotonic() - t0
+        if status is not None:
+            index, stage = status["index"], status.get("poststore") or {}
+            if done["index"] is None and index["lag"] == 0 and index["committed"] >= count:
+                done["index"] = now
+            if stage and not stage["waiting"]:
+                if done["thumbnails"] is None and stage["thumbnails"] >= count:
+                    done["thumbnails"] = now
+                if done["thumbnails"] is not None and done["scan sheets"] is None and not stage["studies"]:
+                    done["scan sheets"] = now
+        time.sleep(0.1)
+    return {name: None if t is None else round(t, 2) for name, t in done.items()}
+
+
+def check_derived(run: Run, running: receivers.Running, count: int) -> None:
+    """After a burst (the receiver stopped): every image has its thumbnail and is on a scan sheet."""
+    import re
+
+    late = [name for name, t in run.derived_s.items() if t is None]
+    if late:
+        run.errors.append(f"not complete within {DERIVED_WAIT:.0f} s after the burst: {', '.join(late)}")
+    thumbnails = sum(1 for _ in (running.storage / "thumbnails").rglob("*.jpg"))
+    on_sheets = sum(int(n) for sheet in running.storage.rglob("scansheet.html")
+                    for n in re.findall(r'<div class="count">(\d+) instances?</div>', sheet.read_text()))
+    if thumbnails != count or on_sheets != count:
+        run.errors.append(f"after the burst of {count}: {thumbnails} thumbnails, {on_sheets} images on scan sheets")
 
 
 def rotate(items: list, by: int) -> list:
@@ -280,7 +363,7 @@ def summarize(runs: list[Run]) -> dict[str, dict[str, dict]]:
     for r in runs:
         grouped.setdefault(r.scenario, {}).setdefault(r.receiver, []).append(r)
     metrics = ("images_per_s", "mb_per_s", "p50_ms", "p99_ms", "cpu_ms_per_image", "peak_rss_mib",
-               "worker_peak_rss_mib", "foreign_cores")
+               "worker_peak_rss_mib", "foreign_cores", "total_rss_mib")
     out: dict[str, dict[str, dict]] = {}
     for scenario, by_receiver in grouped.items():
         out[scenario] = {}
@@ -293,10 +376,24 @@ def summarize(runs: list[Run]) -> dict[str, dict[str, dict]]:
             entry["peak_rss_mib"] = max((r.peak_rss_mib for r in rs), default=None)
             worker = [r.worker_peak_rss_mib for r in rs if r.worker_peak_rss_mib is not None]
             entry["worker_peak_rss_mib"] = max(worker) if worker else None
+            entry["total_rss_mib"] = max((r.total_rss_mib for r in rs), default=None)
+            entry["total_pss_mib"] = max((r.total_pss_mib for r in rs), default=None)
+            entry["cpu_ms_by_process"] = _median_dicts([r.cpu_ms_by_process for r in good])
+            entry["derived_s"] = _median_dicts([r.derived_s for r in good])
             entry["files"] = rs[0].files
             entry["received_min"] = min(r.received for r in rs)
             entry["exact_min"] = min(r.exact for r in rs)
             out[scenario][receiver] = entry
+    return out
+
+
+def _median_dicts(dicts: list[dict]) -> dict:
+    """Per key, the median of the values that are not None (None when none is)."""
+    keys = list(dict.fromkeys(k for d in dicts for k in d))
+    out = {}
+    for key in keys:
+        values = [d[key] for d in dicts if d.get(key) is not None]
+        out[key] = statistics.median(values) if values else None
     return out
 
 

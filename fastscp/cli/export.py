@@ -74,7 +74,7 @@ def _fail(command: str, message: object) -> int:
 
 
 def _conditions(args: argparse.Namespace) -> list[Any]:
-    from fastscp.query.engine import Condition
+    from fastscp.query.messages import Condition
 
     conditions = []
     if args.study:

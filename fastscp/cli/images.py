@@ -120,11 +120,11 @@ def study_files_from_index(index_path: str, study_uid: str) -> list[str]:
     ------
     fastscp.index.database.IndexUnavailable
         No server answers and the file can't be opened.
-    fastscp.query.engine.QueryError, ConnectionError
+    fastscp.query.messages.QueryError, ConnectionError
         The server refused the query or stopped answering.
     """
     from fastscp.query.client import open_query_client
-    from fastscp.query.engine import Condition, QueryRequest
+    from fastscp.query.messages import Condition, QueryRequest
 
     client = open_query_client(index_path)
     try:
@@ -140,8 +140,8 @@ def _scansheet(args: argparse.Namespace) -> int:
     from fastscp.imaging.scansheet import find_study_instances, make_scansheet, read_headers
     from fastscp.index.database import IndexUnavailable
     from fastscp.query.client import server_running
-    from fastscp.query.engine import QueryError
-    from fastscp.storage.area import BROWSABLE, FileModes
+    from fastscp.query.messages import QueryError
+    from fastscp.storage.files import BROWSABLE, FileModes
 
     config = load_config(args.config, {"storage.directory": args.storage_dir, "database.path": args.index_db})
     root = config.storage.directory

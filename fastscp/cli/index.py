@@ -86,7 +86,7 @@ def register(commands: Any) -> None:
 
 
 def _conditions(args: argparse.Namespace, level: str) -> list[Any]:
-    from fastscp.query.engine import Condition
+    from fastscp.query.messages import Condition
 
     if args.date and not _DATE_RANGE.match(args.date) or args.date == "-":
         raise ValueError(f"--date {args.date!r}: use YYYYMMDD, YYYYMMDD-YYYYMMDD, YYYYMMDD- or -YYYYMMDD")
@@ -98,7 +98,7 @@ def _conditions(args: argparse.Namespace, level: str) -> list[Any]:
 
 
 def _query(args: argparse.Namespace) -> int:
-    from fastscp.query.engine import QueryRequest
+    from fastscp.query.messages import QueryRequest
 
     level = LEVEL_NAMES[args.level]
     try:
@@ -112,7 +112,7 @@ def _query(args: argparse.Namespace) -> int:
 
 
 def _sql(args: argparse.Namespace) -> int:
-    from fastscp.query.engine import SqlRequest
+    from fastscp.query.messages import SqlRequest
 
     if args.format == "parquet" and not args.output:
         print("fastscp sql: --format parquet writes a file: give it with --output FILE", file=sys.stderr)
@@ -124,7 +124,7 @@ def _run(command: str, args: argparse.Namespace, request: Any, form: str, output
     """Run a query or SQL request on the index and write its rows in ``form``; the exit status."""
     from fastscp.index.database import IndexUnavailable
     from fastscp.query.client import open_query_client
-    from fastscp.query.engine import QueryError
+    from fastscp.query.messages import QueryError
 
     config = index_config(args)
     index_path = config.index_path
@@ -221,7 +221,7 @@ def format_table(columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
 def _stats(args: argparse.Namespace) -> int:
     from fastscp.index.database import IndexUnavailable
     from fastscp.query.client import open_query_client
-    from fastscp.query.engine import StatsRequest
+    from fastscp.query.messages import StatsRequest
 
     config = index_config(args)
     index_path = config.index_path
@@ -246,7 +246,7 @@ def _stats(args: argparse.Namespace) -> int:
 
 
 def format_stats(stats: Any, index_path: str) -> str:
-    """The readable form of :class:`fastscp.query.engine.Stats`."""
+    """The readable form of :class:`fastscp.query.messages.Stats`."""
     if stats.indexer is not None:
         state = stats.indexer
         source = (f"server running (indexer pid {state.pid}: {state.pending} records pending, "

@@ -47,7 +47,7 @@ def _serve(args: argparse.Namespace) -> int:
     from fastscp.process import logs
     from fastscp.runtime.children import serve
     from fastscp.runtime.supervisor import StartupError
-    from fastscp.storage.area import FileModes
+    from fastscp.storage.files import FileModes
 
     overrides = _overrides(args)
     config = load_checked(args.config, overrides)

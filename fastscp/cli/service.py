@@ -27,7 +27,7 @@ import sys
 import sysconfig
 
 from fastscp.config import Config, ConfigError, load_config
-from fastscp.storage.area import BROWSABLE, FileModes, makedirs
+from fastscp.storage.files import BROWSABLE, FileModes, makedirs
 
 UNIT_NAME = "fastscp.service"
 UNIT_DIR = "/etc/systemd/system"
@@ -354,7 +354,7 @@ def _ensure_folder(folder: str, mode: int, uid: int, gid: int, user: str) -> Non
 
 
 def _write(path: str, data: bytes, modes: FileModes, gid: int = 0) -> None:
-    from fastscp.imaging.frames import write_atomic
+    from fastscp.storage.files import write_atomic
 
     folder = os.path.dirname(path)
     fresh = not os.path.isdir(folder)

@@ -157,6 +157,9 @@ def summary(s: StatusSnapshot) -> str:
         rows.append(("WARNING", f"the server is {_safe(s.state)}: no new associations"))
     rows += [
         ("Index", f"{_safe(s.index.path)}: {s.index.committed:,} committed, lag {s.index.lag:,}"),
+        *([("Post-store", f"{s.poststore.waiting:,} waiting (oldest {s.poststore.oldest_seconds:.1f} s), "
+                          f"{s.poststore.studies:,} studies before their scan sheet, {s.poststore.thumbnails:,} "
+                          f"thumbnails made")] if s.poststore else []),
         ("Workers", f"{alive} of {len(s.workers)} running, {sum(w.restarts for w in s.workers)} restarts"),
         ("By modality", _counts(s.per_modality)),
         ("By calling AE", _counts(s.per_calling_ae)),

@@ -36,7 +36,7 @@ from collections.abc import Callable
 import msgspec
 
 from fastscp.config import Config, ConfigError, DestinationConfig, with_live_keys
-from fastscp.dicom.header import HeaderFields
+from fastscp.dicom.fields import HeaderFields
 from fastscp.forward.queue import SAME_RECEIPT, Queue, QueueError
 from fastscp.forward.rules import compile_rules, destinations_for, needs_attribute_map
 from fastscp.forward.sender import Destination
@@ -45,8 +45,8 @@ from fastscp.index.reindex import FileState, read_records
 from fastscp.process import logs
 from fastscp.process.ipc import accept_local, drain, listen, local_address
 from fastscp.process.orphan import parent_gone
-from fastscp.query.client import QueryClient
-from fastscp.query.engine import LocalQueryClient, ServerUnavailable, SqlRequest
+from fastscp.query.client import LocalQueryClient, QueryClient
+from fastscp.query.messages import ServerUnavailable, SqlRequest
 
 log = logging.getLogger("fastscp.forward")
 

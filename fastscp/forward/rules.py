@@ -3,7 +3,7 @@
 A rule matches an :class:`~fastscp.index.records.InstanceRecord` when every
 condition it gives matches (calling AE titles, modalities, SOP classes,
 header fields); it then names its destinations. Header fields are named by
-DICOM keyword, as ``fastscp query`` names them (:func:`fastscp.query.engine.attribute_for`
+DICOM keyword, as ``fastscp query`` names them (:func:`fastscp.query.attributes.attribute_for`
 decides which keywords exist), and matched with the C-FIND rules of PS3.4
 C.2.2.2 that make sense on one instance: ``*`` and ``?`` wildcards, a
 backslash between alternatives, Person Names without regard to case,
@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from pydicom.datadict import tag_for_keyword
 
 from fastscp.config import ConfigError, ForwardingConfig
-from fastscp.dicom._header_py import ALL_VALUES, FIELDS
+from fastscp.dicom.fields import ALL_VALUES, FIELDS
 from fastscp.dicom.sopclasses import resolve_sop_classes
 from fastscp.index.records import InstanceRecord
-from fastscp.query.engine import attribute_for
+from fastscp.query.attributes import attribute_for
 
 #: fastscp's own keys (not in the header) -> how a record gives them.
 _OWN: dict[str, Callable[[InstanceRecord], object]] = {

@@ -18,9 +18,8 @@ import os
 from fastscp.config import HookConfig
 from fastscp.hooks.events import Event
 from fastscp.imaging.convert import dcm_to_jpg
-from fastscp.imaging.frames import write_atomic
 from fastscp.imaging.thumbnail import mirror_jpeg_path
-from fastscp.storage.area import FileModes, fsync_dir
+from fastscp.storage.files import FileModes, fsync_dir, write_atomic
 
 
 def run_action(hook: HookConfig, event: Event, modes: FileModes) -> str:

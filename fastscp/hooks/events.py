@@ -18,7 +18,7 @@ from typing import Any
 import msgspec
 
 from fastscp.config import HookConfig
-from fastscp.dicom.header import HeaderFields
+from fastscp.dicom.fields import HeaderFields
 from fastscp.dicom.sopclasses import resolve_sop_classes
 from fastscp.index.records import InstanceRecord
 from fastscp.status import AssociationReport

@@ -3,8 +3,8 @@
 One Unix SOCK_SEQPACKET pair per post-store process, made by the supervisor
 when it starts one: the supervisor sends the hooks of a reloaded config
 (:class:`HooksUpdate`, SIGHUP), the post-store process sends its hooks'
-counts (:class:`HooksReport`, about twice a second while they change) for
-the status page and /metrics. Both ends are non-blocking; a message that
+counts and its backlog (:class:`HooksReport`, about twice a second while
+they change) for the status page and /metrics. Both ends are non-blocking; a message that
 does not fit is dropped (the next report replaces it; a reload is logged).
 """
 
@@ -17,7 +17,7 @@ import msgspec
 
 from fastscp.config import HookConfig
 from fastscp.process.ipc import receive
-from fastscp.status import HookState
+from fastscp.status import HookState, PostStoreState
 
 log = logging.getLogger("fastscp.hooks")
 
@@ -28,6 +28,8 @@ class HooksUpdate(msgspec.Struct, frozen=True, tag="hooks-update"):
 
 class HooksReport(msgspec.Struct, frozen=True, tag="hooks-report"):
     hooks: list[HookState]
+    #: The post-store process's backlog (the status page's "post-store lag").
+    stage: PostStoreState | None = None
 
 
 ENCODER = msgspec.msgpack.Encoder()
@@ -40,6 +42,8 @@ class HooksLink:
     def __init__(self) -> None:
         self.sock: socket.socket | None = None
         self.latest: list[HookState] = []
+        #: The post-store process's backlog as it last reported it.
+        self.stage: PostStoreState | None = None
 
     def open(self) -> socket.socket:
         """A new pair for a post-store process about to start; returns its end (close it once it has forked)."""
@@ -73,5 +77,5 @@ class HooksLink:
                 break  # none waiting; at EOF, a restarted post-store process gets a new pair
             message = DECODER.decode(data)
             if isinstance(message, HooksReport):
-                self.latest = message.hooks
+                self.latest, self.stage = message.hooks, message.stage
         return self.latest

@@ -14,7 +14,7 @@ group, then SIGKILL after :data:`KILL_GRACE`; the group is signalled only
 while its leader is unreaped (a zombie at most), so its PID, the group's ID,
 can't have been reused.
 
-Hook programs inherit the post-store process's CPU priority (SCHED_IDLE):
+Hook programs inherit the post-store process's CPU priority (server.derived_priority):
 storing comes first. A timeout is wall-clock time.
 """
 
@@ -29,19 +29,21 @@ import selectors
 import signal
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import msgspec
 
 from fastscp.config import HookConfig
-from fastscp.hooks.actions import run_action
 from fastscp.hooks.events import Event, Matcher, Tracker, document, environment, instance_event
 from fastscp.index.records import InstanceRecord
 from fastscp.status import AssociationReport, HookState
-from fastscp.storage.area import FileModes
+from fastscp.storage.files import FileModes
 from fastscp.storage.layout import LayoutOptions
 
 log = logging.getLogger("fastscp.hooks")
+
+#: ``run_action(hook, event, modes) -> what it wrote``: a built-in action (fastscp.hooks.actions).
+RunAction = Callable[[HookConfig, Event, FileModes], str]
 
 #: Seconds from SIGTERM (at the timeout) to SIGKILL.
 KILL_GRACE = 2.0
@@ -102,6 +104,9 @@ class Hooks:
         For the study folder of a study-complete event.
     modes : FileModes
         What the built-in actions give the files and folders they make.
+    run_action : callable
+        Runs a built-in action (:func:`fastscp.hooks.actions.run_action`,
+        passed in by the post-store stage, which owns the imaging it needs).
 
     The caller's loop waits on this object (:meth:`fileno`) and calls
     :meth:`dispatch` when it is readable, and :meth:`tick` at least when
@@ -109,14 +114,17 @@ class Hooks:
     """
 
     def __init__(self, configs: Sequence[HookConfig], root: str, sr_root: str, layout: LayoutOptions,
-                 modes: FileModes) -> None:
+                 modes: FileModes, run_action: RunAction) -> None:
         self.root = root
+        self.run_action = run_action
         self.sr_root = sr_root
         self.modes = modes
         #: The hooks' pipes and pidfds, each with the callable to run when it is ready.
         self.selector = selectors.DefaultSelector()
         self.stopping = False
         self.tracker = Tracker(root, layout)
+        #: False where a shared index's study jobs make the study-complete events (fastscp.poststore.jobs).
+        self.track_studies = True
         self.hooks: dict[str, _Hook] = {}
         self.changed = True  # counts changed since states() was last read
         self.configure(configs)
@@ -163,7 +171,8 @@ class Hooks:
     # -- events -----------------------------------------------------------------------
 
     def instance_stored(self, record: InstanceRecord) -> None:
-        associations, studies = self._active("association-ended"), self._active("study-complete")
+        associations = self._active("association-ended")
+        studies = self._active("study-complete") if self.track_studies else []
         if associations or studies:
             self.tracker.stored(record, bool(associations), bool(studies))
         stored = self._active("instance-stored")
@@ -176,13 +185,22 @@ class Hooks:
         if event is not None:
             self._submit(hooks, event)
 
-    def study_complete(self, study_uid: str) -> None:
+    def study_complete(self, study_uid: str, event: Event | None = None) -> Event | None:
+        """A quiet study's event (this node's instances of it, or ``event``, made from a shared index's rows):
+        returned when a hook takes it (:meth:`holds` says when its runs are over)."""
         hooks = self._active("study-complete")
-        event = self.tracker.study_complete(study_uid) if hooks else None
-        if event is not None:
-            self._submit(hooks, event)
+        if event is None and hooks:
+            event = self.tracker.study_complete(study_uid)
+        return event if event is not None and self._submit(hooks, event) else None
 
-    def _submit(self, hooks: list[_Hook], event: Event) -> None:
+    def holds(self, event: Event) -> bool:
+        """True while a run for ``event`` waits, runs or is to be retried."""
+        return any(job.event is event for hook in self.hooks.values()
+                   for job in (*hook.queue, *hook.retrying, *(run.job for run in hook.running)))
+
+    def _submit(self, hooks: list[_Hook], event: Event) -> int:
+        """Queue ``event`` for each hook it matches; the number that took it."""
+        taken = 0
         for hook in hooks:
             if not hook.matcher(event):
                 continue
@@ -194,6 +212,8 @@ class Hooks:
                 continue
             hook.queue.append(_Job(event))
             self.changed = True
+            taken += 1
+        return taken
 
     # -- running ------------------------------------------------------------------------
 
@@ -362,7 +382,7 @@ class Hooks:
         hook.state.runs += 1
         started = time.monotonic()
         try:
-            made = run_action(hook.config, job.event, self.modes)
+            made = self.run_action(hook.config, job.event, self.modes)
         except Exception as exc:  # a file no renderer expected must not stop the post-store process
             self._done(hook, job, time.monotonic() - started, f"{type(exc).__name__}: {exc}", b"")
         else:

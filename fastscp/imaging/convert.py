@@ -24,9 +24,9 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, JPEGBaseline8Bit, Secondary
 
 from fastscp import __version__
 from fastscp.dicom.uids import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
-from fastscp.imaging.frames import DEFAULT_QUALITY, encode_jpeg, write_atomic
+from fastscp.imaging.frames import DEFAULT_QUALITY, encode_jpeg
 from fastscp.imaging.thumbnail import DEFAULT_SIZE, make_thumbnail
-from fastscp.storage.area import BROWSABLE, FileModes
+from fastscp.storage.files import BROWSABLE, FileModes, write_atomic
 
 __all__ = [
     "ConversionError",

@@ -20,11 +20,9 @@ from __future__ import annotations
 import importlib.metadata
 import io
 import os
-import shutil
 import struct
-import tempfile
 import warnings
-from typing import BinaryIO, Final, NamedTuple
+from typing import Final, NamedTuple
 
 import numpy as np
 import PIL
@@ -32,7 +30,6 @@ from PIL import Image
 
 from fastscp.dicom.header import HeaderError, HeaderFields, read_header_from
 from fastscp.imaging._thumbnail_py import PixelInfo, ThumbnailError
-from fastscp.storage.area import BROWSABLE, FileModes, makedirs
 
 __all__ = [
     "PILLOW_FLAVOUR",
@@ -43,7 +40,6 @@ __all__ = [
     "decode_frame",
     "encode_jpeg",
     "read_header",
-    "write_atomic",
 ]
 
 
@@ -294,35 +290,3 @@ def encode_jpeg(image: np.ndarray, quality: int = DEFAULT_QUALITY) -> bytes:
     out = io.BytesIO()
     Image.fromarray(image).save(out, format="JPEG", quality=quality)
     return out.getvalue()
-
-
-def write_atomic(path: str | os.PathLike[str], data: bytes | BinaryIO, *, fsync: bool = False,
-                 modes: FileModes = BROWSABLE) -> None:
-    """Write `data` (bytes, or a binary file, read to its end) to `path` via a temp file in its folder and a rename.
-
-    Readers see the old file or the new one, never a part.  Parent folders
-    are created.  The file and the folders it creates get `modes` exactly:
-    the server passes storage.file_mode/dir_mode, since a thumbnail or a scan
-    sheet shows patient data as much as the image does.  No fsync by default:
-    thumbnails and scan sheets can be made again from the images.
-    """
-    folder = os.path.dirname(os.path.abspath(path))
-    makedirs(folder, modes.folder)
-    fd, temp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if isinstance(data, bytes):
-                f.write(data)
-            else:
-                shutil.copyfileobj(data, f, 1 << 20)  # a stored file: never whole in memory
-            if fsync:
-                f.flush()
-                os.fsync(f.fileno())
-        os.chmod(temp, modes.file)  # mkstemp makes 0600
-        os.replace(temp, path)
-    except BaseException:
-        try:
-            os.unlink(temp)
-        except FileNotFoundError:
-            pass
-        raise

@@ -31,10 +31,10 @@ import msgspec
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from fastscp.dicom.header import HeaderFields
-from fastscp.imaging.frames import DecodeError, encode_jpeg, read_header, write_atomic
+from fastscp.dicom.fields import HeaderFields
+from fastscp.imaging.frames import DecodeError, encode_jpeg, read_header
 from fastscp.imaging.thumbnail import DEFAULT_SIZE, ThumbnailError, make_thumbnail, thumbnail_path
-from fastscp.storage.area import BROWSABLE, FileModes
+from fastscp.storage.files import BROWSABLE, FileModes, write_atomic
 from fastscp.storage.layout import LayoutOptions, safe_component, study_folder
 from fastscp.storage.reserved import NOT_INSTANCES, SCANSHEETS
 
@@ -251,11 +251,15 @@ def sheet_folder(storage_root: str | os.PathLike[str], layout: LayoutOptions, st
     (:func:`fastscp.storage.layout.study_folder`), else :func:`scansheet_dir` (layouts without a study level).
 
     The post-store stage and ``fastscp scansheet`` both ask here, so a sheet
-    made by hand replaces the server's.
+    made by hand replaces the server's. Only an instance below the root
+    names the folder (a study's files may also lie on other nodes, or in
+    storage.sr_directory): the sheet never goes elsewhere.
     """
     root = os.fspath(storage_root)
-    first = study.series[0].instances[0].path
-    folder = study_folder(layout, os.path.relpath(first, root))
+    below = (relative for series in study.series for instance in series.instances
+             if not (relative := os.path.relpath(instance.path, root)).startswith(os.pardir + os.sep))
+    first = next(below, None)
+    folder = study_folder(layout, first) if first is not None else None
     return os.path.join(root, folder) if folder else scansheet_dir(root, study)
 
 

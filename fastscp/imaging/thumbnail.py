@@ -24,8 +24,8 @@ import numpy as np
 from fastscp.dicom.backend import NO_EXTENSIONS, compiled
 from fastscp.imaging._thumbnail_py import DEFAULT_SIZE, PixelInfo, ThumbnailError
 from fastscp.imaging._thumbnail_py import thumbnail as thumbnail_py
-from fastscp.imaging.frames import DEFAULT_QUALITY, DecodeError, NoPixelData, decode_frame, encode_jpeg, write_atomic
-from fastscp.storage.area import BROWSABLE, FileModes
+from fastscp.imaging.frames import DEFAULT_QUALITY, DecodeError, NoPixelData, decode_frame, encode_jpeg
+from fastscp.storage.files import BROWSABLE, FileModes, write_atomic
 from fastscp.storage.reserved import THUMBNAILS
 
 __all__ = [

@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from fastscp.dicom.header import HeaderFields
+from fastscp.dicom.fields import HeaderFields
 from fastscp.index.records import INSTANCE_COLUMNS, InstanceColumns, InstanceRecord, transpose
 
 _ARROW_OF = {str: pa.string(), int: pa.int64(), float: pa.float64()}

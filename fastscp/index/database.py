@@ -43,7 +43,7 @@ from typing import NamedTuple
 import duckdb
 import pyarrow as pa
 
-from fastscp.dicom.header import HeaderFields
+from fastscp.dicom.fields import HeaderFields
 from fastscp.index.batchtable import InstanceBatch, distinct_rows, last_per_path, timestamps, value_type
 from fastscp.index.records import DuplicateConflict, InstanceRecord, ThumbnailMade
 
@@ -1060,6 +1060,12 @@ class Index:
         The header fields are put together from the instance, series and
         study rows (a study's attributes are its newest instance's).
         """
+        return [(path, header) for _node, path, _ae, _us, header in self.study_rows(study_instance_uid)]
+
+    def study_rows(self, study_instance_uid: str, *,
+                   every_node: bool = False) -> list[tuple[str, str, str, int, HeaderFields]]:
+        """(node, path, calling AE title, received_at in microseconds, header fields) of a study's files: as
+        :meth:`study_instances`, and in a lake with ``every_node`` those of every node (node "" in a file)."""
         def column(name: str) -> str:
             if name == "attributes":
                 return "CAST(ia.attributes AS VARCHAR)"  # the whole map
@@ -1069,17 +1075,19 @@ class Index:
 
         names = list(HeaderFields.__struct_fields__)
         select = ", ".join(column(name) for name in names)
+        node = "i.node" if self.lake else "''"
         rows = self.con.execute(
-            f"SELECT i.path, {select} FROM instances i JOIN instance_attributes ia ON ia.path = i.path"
+            f"SELECT {node}, i.path, i.calling_ae_title, epoch_us(i.received_at), {select} "
+            "FROM instances i JOIN instance_attributes ia ON ia.path = i.path"
             f"{' AND ia.node = i.node' if self.lake else ''} "
             "LEFT JOIN series se ON se.series_instance_uid = i.series_instance_uid "
             "LEFT JOIN studies st ON st.study_instance_uid = i.study_instance_uid "
-            f"WHERE i.study_instance_uid = ?{self._mine('i.')} ORDER BY i.path",
+            f"WHERE i.study_instance_uid = ?{'' if every_node else self._mine('i.')} ORDER BY i.path",
             [study_instance_uid],
         ).fetchall()
         return [
-            (row[0], HeaderFields(**{name: value for name, value in zip(names, row[1:], strict=True)
-                                     if value is not None}))
+            (row[0], row[1], row[2], row[3],
+             HeaderFields(**{name: value for name, value in zip(names, row[4:], strict=True) if value is not None}))
             for row in rows
         ]
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import msgspec
 
-from fastscp.dicom.header import HeaderFields
+from fastscp.dicom.fields import HeaderFields
 from fastscp.status import AssociationReport
 
 

@@ -25,7 +25,7 @@ from typing import NamedTuple
 
 from fastscp.media import current_umask
 from fastscp.media.selection import SelectionError, select_instances
-from fastscp.query.engine import Condition
+from fastscp.query.messages import Condition
 
 __all__ = ["CONVERTER_TIMEOUT", "NiftiError", "NiftiVolume", "convert_files", "converter", "export_series"]
 

@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 from fastscp.index.database import IndexUnavailable
 from fastscp.query.client import open_query_client
-from fastscp.query.engine import Condition, QueryError, QueryRequest
+from fastscp.query.messages import Condition, QueryError, QueryRequest
 
 __all__ = ["Instance", "SelectionError", "select_instances"]
 

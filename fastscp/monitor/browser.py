@@ -64,9 +64,9 @@ from fastscp.imaging.scansheet import (
 )
 from fastscp.imaging.thumbnail import thumbnail_path
 from fastscp.monitor import page as statuspage
-from fastscp.monitor.server import Request, Response, StreamResponse, text_response
+from fastscp.monitor.http import HTML, Request, Response, StreamResponse, text_response
 from fastscp.query.client import QueryClient, ServerUnavailable
-from fastscp.query.engine import Condition, QueryError, QueryRequest
+from fastscp.query.messages import Condition, QueryError, QueryRequest
 from fastscp.status import human_bytes
 from fastscp.storage.layout import LayoutOptions
 from fastscp.storage.reserved import THUMBNAILS
@@ -103,8 +103,6 @@ _UID = re.compile(r"[0-9]+(?:\.[0-9]+)*")
 _DATE = re.compile(r"(\d{4})-?(\d{2})-?(\d{2})")
 _MODALITY = re.compile(r"[A-Za-z0-9_]{1,16}")
 _LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
-
-_HTML = "text/html; charset=utf-8"
 
 
 def is_uid(text: str) -> bool:
@@ -221,7 +219,7 @@ def _page(title: str, body: str, status: int = 200) -> Response:
         '<a href="/patients">Patients</a><a href="/">Status</a></nav></header>\n'
         f"<main>\n{body}\n</main>\n</body>\n</html>\n"
     )
-    return Response(status, _HTML, document.encode(), _PAGE_HEADERS)
+    return Response(status, HTML, document.encode(), _PAGE_HEADERS)
 
 
 def _error_page(status: int, message: str) -> Response:

@@ -120,6 +120,17 @@ _HOOK_FAMILIES: tuple[tuple[str, str, str], ...] = (
     ("queued", "gauge", "Events waiting for a post-receive hook (retries included)."),
 )
 
+#: The post-store process's backlog (PostStoreState): name, type, help, field.
+_POSTSTORE_FAMILIES: tuple[tuple[str, str, str, str], ...] = (
+    ("fastscp_poststore_waiting", "gauge",
+     "Stored instances waiting for the post-store process (thumbnails, scan sheets, hooks).", "waiting"),
+    ("fastscp_poststore_oldest_seconds", "gauge",
+     "Seconds the oldest instance waiting for the post-store process has waited.", "oldest_seconds"),
+    ("fastscp_poststore_studies_waiting", "gauge",
+     "Studies waiting for their scan sheet (quiet for scansheet.study_timeout).", "studies"),
+    ("fastscp_thumbnails_made_total", "counter", "Thumbnails made since the post-store process started.",
+     "thumbnails"),
+)
 
 def render(snapshot: StatusSnapshot, now: float | None = None) -> str:
     """The snapshot as Prometheus text exposition format 0.0.4.
@@ -179,6 +190,9 @@ def render(snapshot: StatusSnapshot, now: float | None = None) -> str:
                "Instances stored but not yet committed to the index.", snapshot.index.lag)
     out.single("fastscp_index_committed_total", "counter",
                "Instances committed to the index.", snapshot.index.committed)
+    if snapshot.poststore is not None:
+        for name, kind, help_text, field in _POSTSTORE_FAMILIES:
+            out.single(name, kind, help_text, getattr(snapshot.poststore, field))
     out.single("fastscp_workers", "gauge", "Worker processes.", len(snapshot.workers))
     out.single("fastscp_workers_alive", "gauge", "Worker processes running.",
                sum(1 for w in snapshot.workers if w.alive))

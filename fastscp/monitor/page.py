@@ -253,6 +253,9 @@ function renderTiles(s) {
          (st.total_bytes ? percent(st.free_bytes / st.total_bytes) + " of " + bytes(st.total_bytes) : "") +
          " \u00b7 min " + bytes(st.min_free_bytes), st.below_watermark),
     tile("Index lag", int(s.index.lag), int(s.index.committed) + " committed", false),
+    ...(s.poststore ? [tile("Post-store lag", int(s.poststore.waiting),
+                            "oldest " + fixed(s.poststore.oldest_seconds, 1) + " s \u00b7 " +
+                            int(s.poststore.thumbnails) + " thumbnails made", false)] : []),
     tile("Workers alive", alive + " of " + s.workers.length, int(restarts) + " restarts", alive < s.workers.length));
 }
 function renderOpen(s) {

@@ -1,9 +1,12 @@
 """The post-store process: thumbnails and scan sheets, off the C-STORE path.
 
-Workers hand each stored instance to it without waiting (a full queue drops
-the record, logged: a thumbnail can always be made again with ``fastscp
-convert`` or ``fastscp scansheet``, an acknowledged store must never wait).
-It runs at low CPU priority, one record at a time, and makes:
+Workers hand each stored instance to it without waiting
+(:mod:`fastscp.poststore.client`): while it lags, records wait in its queue
+(:data:`QUEUE_LIMIT`), then in its sockets, then in each worker's bounded
+backlog; only beyond that are they dropped, logged (a thumbnail can always
+be made again with ``fastscp convert`` or ``fastscp scansheet``; an
+acknowledged store must never wait).
+It runs at low CPU priority (``server.derived_priority``), one record at a time, and makes:
 
 - a JPEG thumbnail per image, in ``<root>/thumbnails/`` mirroring the layout,
   whose path it reports to the indexer;
@@ -13,6 +16,9 @@ It runs at low CPU priority, one record at a time, and makes:
   each association's end (workers report it here too) and of each quiet
   study; the supervisor sends reloaded hooks and takes their counts over
   a link of their own (:mod:`fastscp.hooks.link`).
+
+With a shared index (``lake``), a study's sheet and study-complete hooks
+are decided once across the nodes instead (:mod:`fastscp.poststore.jobs`).
 """
 
 from __future__ import annotations
@@ -29,68 +35,38 @@ from collections.abc import Sequence
 import msgspec
 
 from fastscp.config import HookConfig, ScansheetConfig, ThumbnailsConfig
-from fastscp.dicom.header import HeaderFields
+from fastscp.dicom.fields import HeaderFields
 from fastscp.hooks import link
+from fastscp.hooks.actions import run_action
 from fastscp.hooks.runner import Hooks
 from fastscp.imaging.scansheet import QuietStudies, find_study_instances, make_scansheet
 from fastscp.imaging.thumbnail import thumbnail_path, try_write_thumbnail
 from fastscp.index.client import IndexerClient
-from fastscp.index.records import ENCODER, POSTSTORE_DECODER, InstanceRecord, ThumbnailMade
-from fastscp.process.ipc import accept_local, drain, listen, local_address, receive
+from fastscp.index.database import Lake
+from fastscp.index.records import POSTSTORE_DECODER, InstanceRecord, ThumbnailMade
+from fastscp.poststore.jobs import SharedStudies
+from fastscp.process.ipc import accept_local, drain, listen, receive
 from fastscp.process.orphan import parent_gone
-from fastscp.status import AssociationReport
-from fastscp.storage.area import FileModes
+from fastscp.status import AssociationReport, PostStoreState
+from fastscp.storage.files import FileModes
 from fastscp.storage.layout import LayoutOptions, study_folder
 
 log = logging.getLogger("fastscp.poststore")
 
-#: Records waiting for a thumbnail; beyond this they are dropped (and counted).
-QUEUE_LIMIT = 100_000
+#: Records waiting in the stage; beyond this it stops reading (they wait in its
+#: sockets, then in the workers: :class:`fastscp.poststore.client.PostStoreClient`).
+QUEUE_LIMIT = 20_000
 #: How often, at most, the hooks' counts go to the supervisor (status page).
 HOOKS_REPORT_INTERVAL = 0.5
 #: On stop, how long running hook programs may take before they are killed.
 HOOKS_STOP_GRACE = 10.0
 
 
-def poststore_address(index_path: str) -> str:
-    """The abstract socket the post-store process of an index listens on."""
-    return local_address("poststore", index_path)
-
-
-class PostStoreClient:
-    """The worker side: hand over a record, never wait."""
-
-    def __init__(self, address: str) -> None:
-        self.address = address
-        self._sock: socket.socket | None = None
-        self.dropped = 0
-
-    def send(self, record: InstanceRecord | AssociationReport) -> None:
-        """A stored instance, or an association's final report (its association-ended hooks)."""
-        try:
-            if self._sock is None:
-                sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-                sock.setblocking(False)
-                sock.connect(self.address)
-                self._sock = sock
-            if isinstance(record, InstanceRecord):
-                # The post-store stage needs no attribute map (~2.5 KB for a CT).
-                header = msgspec.structs.replace(record.header, attributes="{}")
-                record = msgspec.structs.replace(record, header=header)
-            self._sock.send(ENCODER.encode(record))
-        except OSError as exc:
-            if self._sock is not None and not isinstance(exc, BlockingIOError):
-                self._sock.close()
-                self._sock = None
-            self.dropped += 1
-            if self.dropped in (1, 10, 100) or self.dropped % 1000 == 0:
-                log.warning("post-store stage busy or down (%s): %d records without thumbnails", exc, self.dropped)
-
-
 class PostStore:
     def __init__(self, root: str, layout: LayoutOptions, thumbnails: ThumbnailsConfig, scansheet: ScansheetConfig,
                  address: str, indexer: IndexerClient, modes: FileModes, hooks: Sequence[HookConfig] = (),
-                 sr_root: str = "", hooks_link: socket.socket | None = None) -> None:
+                 sr_root: str = "", hooks_link: socket.socket | None = None, lake: Lake | None = None,
+                 job_lease: float = 60.0) -> None:
         self.root = root
         self.modes = modes
         self.layout = layout
@@ -100,22 +76,24 @@ class PostStore:
         self.listener = listen(address, 64)
         self.selector = selectors.DefaultSelector()
         self.selector.register(self.listener, selectors.EVENT_READ)
-        self.queue: collections.deque[InstanceRecord | AssociationReport] = collections.deque()
+        #: (when it was stored, or for a report received: epoch seconds; record), oldest first.
+        self.queue: collections.deque[tuple[float, InstanceRecord | AssociationReport]] = collections.deque()
         self.quiet = QuietStudies(scansheet.study_timeout)
         #: Instances seen per study since its last sheet: (absolute path, header).
         self.studies: dict[str, list[tuple[str, HeaderFields]]] = collections.defaultdict(list)
         self.stopping = False
         self.made = 0
-        self.dropped = 0
-        self.hooks = Hooks(hooks, root, sr_root, layout, modes)
+        self.hooks = Hooks(hooks, root, sr_root, layout, modes, run_action)
         self.selector.register(self.hooks, selectors.EVENT_READ)
         self.hooks_link = hooks_link
         self._next_report = 0.0
+        self._reported: PostStoreState | None = None
         if hooks_link is not None:
             hooks_link.setblocking(False)
             self.selector.register(hooks_link, selectors.EVENT_READ)
         #: Messages that were not an InstanceRecord.
         self.undecodable = 0
+        self.shared = SharedStudies(lake, root, layout, scansheet, job_lease, self.hooks, modes) if lake else None
 
     def run(self) -> None:
         while not (self.stopping and not self.queue):
@@ -134,19 +112,25 @@ class PostStore:
                 else:
                     self._receive(key.fileobj)  # type: ignore[arg-type]
             if self.queue:
-                self._process(self.queue.popleft())
+                self._process(self.queue.popleft()[1])
             for study in self.quiet.pop_due():
                 self._scansheet(study)
                 self.hooks.study_complete(study)
+            if self.shared is not None:
+                self.shared.tick()
             self._report_hooks()
         if self._orphaned():
             return
         # Stopping: studies still settling get their sheet now, not never.
         for study in list(self.studies):
             self._scansheet(study)
+        if self.shared is not None:
+            self.shared.stop()
         self.hooks.stop(HOOKS_STOP_GRACE)
+        if self.shared is not None:
+            self.shared.close()
         self._report_hooks(force=True)
-        log.info("post-store stopped; %d thumbnails made, %d records dropped", self.made, self.dropped)
+        log.info("post-store stopped; %d thumbnails made", self.made)
 
     def _reconfigure(self) -> None:
         assert self.hooks_link is not None
@@ -159,14 +143,25 @@ class PostStore:
             self.hooks_link.close()
             self.hooks_link = None
 
+    def state(self) -> PostStoreState:
+        """The backlog: what waits, and for how long (the status page's post-store lag)."""
+        oldest = max(time.time() - self.queue[0][0], 0.0) if self.queue else 0.0
+        return PostStoreState(waiting=len(self.queue), oldest_seconds=round(oldest, 1), studies=len(self.studies),
+                              thumbnails=self.made)
+
     def _report_hooks(self, force: bool = False) -> None:
-        """The hooks' counts to the supervisor, when they changed, at most every HOOKS_REPORT_INTERVAL."""
+        """The hooks' counts and the backlog to the supervisor, when they changed, at most every
+        HOOKS_REPORT_INTERVAL."""
         now = time.monotonic()
-        if self.hooks_link is None or not (self.hooks.changed or force) or (now < self._next_report and not force):
+        if self.hooks_link is None or (now < self._next_report and not force):
+            return
+        state = self.state()
+        if not (self.hooks.changed or force or state != self._reported):
             return
         self._next_report = now + HOOKS_REPORT_INTERVAL
         try:
-            self.hooks_link.send(link.ENCODER.encode(link.HooksReport(self.hooks.states())))
+            self.hooks_link.send(link.ENCODER.encode(link.HooksReport(self.hooks.states(), state)))
+            self._reported = state
         except OSError:
             pass  # busy: the next report carries the same counts
 
@@ -191,7 +186,8 @@ class PostStore:
             self.selector.register(conn, selectors.EVENT_READ)
 
     def _receive(self, conn: socket.socket) -> None:
-        for data in drain(conn, self.selector):
+        # A full queue stops the reading: records wait in the socket, then in the workers (bounded memory).
+        for data in drain(conn, self.selector, lambda: len(self.queue) < QUEUE_LIMIT):
             try:
                 record = POSTSTORE_DECODER.decode(data)
             except msgspec.DecodeError as exc:
@@ -201,10 +197,7 @@ class PostStore:
                     log.warning("post-store: %d messages that are neither instance records nor association "
                                 "reports dropped (%s)", self.undecodable, exc)
                 continue
-            if len(self.queue) >= QUEUE_LIMIT:
-                self.dropped += 1
-                continue
-            self.queue.append(record)
+            self.queue.append((record.received_at if isinstance(record, InstanceRecord) else time.time(), record))
 
     def _process(self, record: InstanceRecord | AssociationReport) -> None:
         if isinstance(record, AssociationReport):
@@ -218,11 +211,14 @@ class PostStore:
                 self.made += 1
                 self.indexer.send(ThumbnailMade(path=record.path, thumbnail_path=os.path.relpath(made, self.root)))
         study = record.header.study_instance_uid
-        if self.scansheet.enabled and study:
+        if self.scansheet.enabled and study and self.shared is None:
             self.studies[study].append((path, record.header))
         self.hooks.instance_stored(record)
         if study and (self.scansheet.enabled or self.hooks.wants_studies):
-            self.quiet.touch(study)
+            if self.shared is None:
+                self.quiet.touch(study)
+            else:
+                self.shared.touch(study, record.received_at)
 
     def _scansheet(self, study_uid: str) -> None:
         items = self.studies.pop(study_uid, [])
@@ -243,18 +239,17 @@ class PostStore:
 
 def poststore_main(root: str, layout: LayoutOptions, thumbnails: ThumbnailsConfig, scansheet: ScansheetConfig,
                    address: str, indexer_address: str, modes: FileModes, hooks: Sequence[HookConfig] = (),
-                   sr_root: str = "", hooks_link: socket.socket | None = None) -> None:
-    """Entry point of the post-store process."""
+                   sr_root: str = "", hooks_link: socket.socket | None = None,
+                   lake: tuple[str, str, str] | None = None, job_lease: float = 60.0) -> None:
+    """Entry point of the post-store process (``lake``: the shared index's (catalog, data path, node))."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # Receiving comes first: this process only runs on otherwise idle CPU
-    # (SCHED_IDLE), and catches up when the stores pause. PERF: at nice 10
-    # thumbnails still cost ct-k4 35% of its images/s (488 -> 315, bench.load).
-    try:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    except (AttributeError, OSError):
-        os.nice(19)
+    # Receiving comes first: the supervisor starts this process at
+    # server.derived_priority (SCHED_IDLE: it runs on otherwise idle CPU and
+    # catches up when the stores pause). PERF: at nice 10 thumbnails still
+    # cost ct-k4 35% of its images/s (488 -> 315, bench.load).
     indexer = IndexerClient(indexer_address)
-    stage = PostStore(root, layout, thumbnails, scansheet, address, indexer, modes, hooks, sr_root, hooks_link)
+    stage = PostStore(root, layout, thumbnails, scansheet, address, indexer, modes, hooks, sr_root, hooks_link,
+                      Lake(*lake) if lake else None, job_lease)
 
     def stop(_signum: int, _frame: object) -> None:
         stage.stopping = True

@@ -1,7 +1,7 @@
 """C-FIND matching: a request identifier in, the matching identifiers out.
 
 The association decodes the C-FIND-RQ and encodes the responses; this module
-turns the identifier into a :class:`~fastscp.query.engine.QueryRequest` (matching
+turns the identifier into a :class:`~fastscp.query.messages.QueryRequest` (matching
 per PS3.4 C.2.2.2, done in SQL by :mod:`fastscp.query.engine`) and each row of the
 answer into a response identifier holding exactly the keys the SCU asked
 for, plus Query/Retrieve Level and, when a value needs it, Specific
@@ -38,16 +38,15 @@ from pydicom.tag import BaseTag
 from pydicom.valuerep import format_number_as_ds
 
 from fastscp.dicom.sopclasses import FIND_SOP_CLASSES, PATIENT_ROOT_FIND, STUDY_ROOT_FIND
-from fastscp.query.engine import (
+from fastscp.query.attributes import UNIQUE_KEYS, attribute_for
+from fastscp.query.messages import (
     LEVELS,
-    UNIQUE_KEYS,
     Condition,
     IndexQueries,
     QueryError,
     QueryRequest,
     QueryResult,
     ServerUnavailable,
-    attribute_for,
 )
 
 #: The levels of each information model, top down.

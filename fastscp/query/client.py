@@ -4,6 +4,7 @@
   indexer (:mod:`fastscp.query.server`).
 * :class:`Locator` is a worker's "where is this instance stored?" before it
   answers a C-STORE.
+* :class:`LocalQueryClient` reads an index file no server has open.
 * :func:`open_query_client` picks the running server, or the index file
   read-only when no server has it open.
 """
@@ -21,13 +22,14 @@ import msgspec
 from pydicom.dataset import Dataset
 
 from fastscp.index.client import indexer_address
+from fastscp.index.database import Index, IndexUnavailable, Lake
 from fastscp.query.cfind import FindResponses, find
-from fastscp.query.engine import (
+from fastscp.query.engine import run_query, run_stats
+from fastscp.query.messages import (
     Columns,
     Done,
     Failed,
     IndexQueries,
-    LocalQueryClient,
     Located,
     LocateRequest,
     QueryError,
@@ -44,12 +46,49 @@ from fastscp.query.engine import (
     recv_message,
     send_message,
 )
+from fastscp.query.retrieve import Instance, Lookup, Selector, instances, stored
 from fastscp.status import IndexerState
 
 log = logging.getLogger("fastscp.indexclient")
 
 #: Seconds a C-STORE waits for the indexer to say where its instance is stored.
 LOCATE_TIMEOUT = 2.0
+
+
+class LocalQueryClient:
+    """Queries on an index file that no server has open (DuckDB read-only).
+
+    Thread-safe: each call runs on its own DuckDB cursor.
+
+    Raises
+    ------
+    fastscp.index.database.IndexUnavailable
+        The file is missing, locked by a server, or of another schema version.
+    """
+
+    def __init__(self, index_path: str, lake: tuple[str, str, str] | None = None) -> None:
+        if lake:  # the shared index (config database.catalog): any number of readers
+            self.index = Index(index_path, read_only=True, lake=Lake(*lake))
+            return
+        if not os.path.exists(index_path):
+            raise IndexUnavailable(f"{index_path}: no such index file (no server has stored anything there yet)")
+        self.index = Index(index_path, read_only=True)
+
+    def query(self, request: QueryRequest | SqlRequest) -> QueryResult:
+        """Run a query; raises :class:`QueryError` for a bad request."""
+        return run_query(self.index.cursor(), request)
+
+    def stats(self, request: StatsRequest | None = None) -> Stats:
+        return run_stats(self.index.cursor(), request or StatsRequest())
+
+    def close(self) -> None:
+        self.index.close()
+
+    def __enter__(self) -> LocalQueryClient:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
 
 
 class QueryClient:
@@ -166,7 +205,7 @@ class QueryClient:
 
 
 class Locator:
-    """A worker's "where is this instance stored?" (a :class:`~fastscp.query.engine.LocateRequest`): duplicates.
+    """A worker's "where is this instance stored?" (a :class:`~fastscp.query.messages.LocateRequest`): duplicates.
 
     Keeps its connections to the indexer's locate socket open and reuses
     them (one per association thread that is asking at the same moment,
@@ -307,10 +346,30 @@ def finder(index_path: str, *, retrieve_ae_title: str = "") -> Callable[[str, Da
     return find_in_index
 
 
+
+
+def selector(index_path: str, storage_root: str, *, limit: int = 0) -> Selector:
+    """The :data:`Selector` for a running server's index (one thread-safe :class:`QueryClient`)."""
+    client = QueryClient(index_path)
+
+    def select(model: str, identifier: Dataset, relational: bool = False) -> list[Instance]:
+        return instances(model, identifier, client, storage_root, relational=relational, limit=limit)
+
+    return select
+
+
+def lookup(index_path: str, storage_root: str) -> Lookup:
+    """The :data:`Lookup` for a running server's index."""
+    client = QueryClient(index_path)
+    return lambda uids: stored(uids, client, storage_root)
+
+
 __all__ = [
     "IndexQueries",
     "Locator",
     "finder",
+    "lookup",
+    "selector",
     "QueryClient",
     "ServerUnavailable",
     "open_query_client",

@@ -1,371 +1,46 @@
-"""Queries on the index: messages, DICOM matching as SQL, and their execution.
+"""Queries on the index as SQL: DICOM matching (PS3.4 C.2.2.2), the query builder, and execution.
 
-A query is a :class:`QueryRequest`: a level (PATIENT, STUDY, SERIES, IMAGE),
-conditions (a DICOM keyword and a matching value, read with the rules of
-PS3.4 C.2.2.2) and the keys to return. The same request runs
+A :class:`~fastscp.query.messages.QueryRequest` runs
 
 * in the server, where the indexer answers it over its query socket
-  (:func:`query_address`, :mod:`fastscp.query.server`; framed by :func:`send_message`
-  and :func:`recv_message`) from its own DuckDB cursor, so stores never wait
-  for a query; or
-* on a stopped server's index file, opened read-only (:class:`LocalQueryClient`).
+  (:mod:`fastscp.query.server`) from its own DuckDB cursor, so stores never
+  wait for a query; or
+* on a stopped server's index file, opened read-only
+  (:class:`fastscp.query.client.LocalQueryClient`).
 
 Values never become SQL text: :func:`build_query` emits ``?`` parameters,
-and keywords are looked up in :data:`ATTRIBUTES` (the columns) or in
-pydicom's data dictionary (the attribute map, :func:`map_attribute`, whose
-JSON path is made from the tag number), so a request can name only those.
-Counts (Number of Study Related Instances...) are aggregated from
-``instances`` for the rows a query returns only.
+and keywords are looked up in :mod:`fastscp.query.attributes` (the columns,
+or the attribute map, whose JSON path is made from the tag number), so a
+request can name only those. Counts (Number of Study Related Instances...)
+are aggregated from ``instances`` for the rows a query returns only.
 """
 
 from __future__ import annotations
 
-import os
-import socket
-import struct
-from collections.abc import Callable, Iterator
-from typing import Any, Literal, NamedTuple, Protocol
+from collections.abc import Iterator
+from typing import Any, NamedTuple
 
 import duckdb
-import msgspec
-from pydicom.datadict import dictionary_VR, tag_for_keyword
 
-from fastscp.dicom._header_py import FIELDS, MAP_KINDS, map_eligible
-from fastscp.index.database import Index, IndexUnavailable, Lake, latest_study_first, patient_key
-from fastscp.process.ipc import local_address
+from fastscp.index.database import latest_study_first, patient_key
+from fastscp.query.attributes import ATTRIBUTES, DEFAULT_KEYS, Attribute, attribute_for, map_joins, map_sql
+from fastscp.query.messages import (
+    CHUNK_ROWS,
+    LEVELS,
+    Columns,
+    Count,
+    Done,
+    Failed,
+    Message,
+    QueryError,
+    QueryRequest,
+    QueryResult,
+    Rows,
+    SqlRequest,
+    Stats,
+    StatsRequest,
+)
 from fastscp.status import IndexerState
-
-Level = Literal["PATIENT", "STUDY", "SERIES", "IMAGE"]
-LEVELS: tuple[str, ...] = ("PATIENT", "STUDY", "SERIES", "IMAGE")
-
-# -- messages ------------------------------------------------------------------------
-
-
-class Condition(msgspec.Struct, frozen=True, array_like=True):
-    """Match ``keyword`` (a DICOM keyword of :data:`ATTRIBUTES`) against ``value``.
-
-    The value follows PS3.4 C.2.2.2: ``*`` and ``?`` wildcards on text,
-    ``A-B`` / ``A-`` / ``-B`` ranges on dates and times, backslash-separated
-    lists of UIDs (and, leniently, of any value), ``""`` matches everything.
-    """
-
-    keyword: str
-    value: str
-
-
-class QueryRequest(msgspec.Struct, frozen=True, kw_only=True, tag="query"):
-    """Find patients, studies, series or instances."""
-
-    level: Level
-    conditions: list[Condition] = msgspec.field(default_factory=list)
-    #: Keywords of the columns to return; empty: :data:`DEFAULT_KEYS` of the level.
-    keys: list[str] = msgspec.field(default_factory=list)
-    #: At most this many rows; 0: no limit.
-    limit: int = 0
-    #: Sort for people (C-FIND leaves it off: DICOM responses have no order).
-    ordered: bool = True
-
-
-class SqlRequest(msgspec.Struct, frozen=True, kw_only=True, tag="sql"):
-    """Run one SELECT statement on the index (``fastscp sql``); answered like a :class:`QueryRequest`."""
-
-    sql: str
-
-
-class StatsRequest(msgspec.Struct, frozen=True, kw_only=True, tag="stats_request"):
-    """Ask for :class:`Stats`; days are counted in the asker's time zone (seconds east of UTC)."""
-
-    utc_offset: int = 0
-
-
-class StateRequest(msgspec.Struct, frozen=True, tag="state_request"):
-    """Ask a running indexer for its :class:`IndexerState` (cheap: no query)."""
-
-
-class LocateRequest(msgspec.Struct, frozen=True, tag="locate"):
-    """Where is an instance stored? Asked by a worker before it answers a C-STORE (storage.duplicates)."""
-
-    #: Its SOP Instance UIDs (the command's and the data set's).
-    uids: list[str]
-
-
-class Located(msgspec.Struct, frozen=True, tag="located"):
-    """The paths (as the index records them) of instances with any of the asked UIDs, committed or not."""
-
-    paths: list[str]
-
-
-class Columns(msgspec.Struct, frozen=True, tag="columns"):
-    names: list[str]
-
-
-class Rows(msgspec.Struct, frozen=True, tag="rows"):
-    rows: list[list[Any]]
-
-
-class Done(msgspec.Struct, frozen=True, tag="done"):
-    count: int
-
-
-class Failed(msgspec.Struct, frozen=True, tag="failed"):
-    message: str
-
-
-class Count(msgspec.Struct, frozen=True, kw_only=True):
-    """One line of a breakdown in :class:`Stats`."""
-
-    name: str
-    instances: int
-    bytes: int
-    studies: int
-
-
-class Stats(msgspec.Struct, frozen=True, kw_only=True, tag="stats"):
-    instances: int
-    series: int
-    studies: int
-    patients: int
-    bytes: int
-    duplicate_conflicts: int
-    by_modality: list[Count]
-    by_calling_ae_title: list[Count]
-    #: By the day the files were received, in the asker's time zone.
-    by_day: list[Count]
-    indexer: IndexerState | None = None
-
-
-Message = (QueryRequest | SqlRequest | StatsRequest | StateRequest | LocateRequest | Columns | Rows | Done | Failed
-           | Stats | IndexerState | Located)
-# A value msgpack has no type for (a DECIMAL, a UUID from SQL) travels as its text.
-_ENCODER = msgspec.msgpack.Encoder(enc_hook=str)
-_DECODER = msgspec.msgpack.Decoder(Message)
-
-
-def query_address(index_path: str) -> str:
-    """The abstract socket name on which the indexer of an index file answers queries."""
-    return local_address("query", index_path)
-
-
-def locate_address(index_path: str) -> str:
-    """The abstract socket name on which the indexer of an index file answers LocateRequest."""
-    return local_address("locate", index_path)
-
-
-class ServerUnavailable(ConnectionError):
-    """No running server answers queries for this index."""
-
-
-class QueryError(ValueError):
-    """A request that can't be answered; the message says why."""
-
-
-# -- framing on a stream socket ----------------------------------------------------------
-
-_LENGTH = struct.Struct(">I")
-#: A frame longer than this is a protocol error, not a big answer (answers come in chunks).
-MAX_FRAME = 64 * 1024 * 1024
-#: Rows per :class:`Rows` message.
-CHUNK_ROWS = 1000
-
-
-def send_message(sock: socket.socket, message: Message) -> None:
-    """Send one length-prefixed msgpack message."""
-    data = _ENCODER.encode(message)
-    sock.sendall(_LENGTH.pack(len(data)) + data)
-
-
-def _recv_exact(sock: socket.socket, size: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < size:
-        chunk = sock.recv(min(size - len(buf), 1 << 20))
-        if not chunk:
-            raise ConnectionError("connection closed in the middle of a message" if buf else "connection closed")
-        buf += chunk
-    return bytes(buf)
-
-
-def recv_message(sock: socket.socket, max_size: int = MAX_FRAME) -> Message:
-    """Receive one message sent by :func:`send_message`, at most ``max_size`` bytes.
-
-    Raises
-    ------
-    ConnectionError
-        The peer closed the connection.
-    msgspec.DecodeError
-        Not a message of this protocol.
-    """
-    (size,) = _LENGTH.unpack(_recv_exact(sock, _LENGTH.size))
-    if size > max_size:
-        raise ConnectionError(f"message of {size} bytes is longer than {max_size}")
-    return _DECODER.decode(_recv_exact(sock, size))
-
-
-# -- what can be matched and returned -----------------------------------------------------
-
-
-class Attribute(NamedTuple):
-    """A key a query may match or return."""
-
-    level: str
-    #: SQL over the aliases st (studies, which carry their patient
-    #: attributes), se (series), i (instances); for derived keys, a column
-    #: of the level's aggregate.
-    sql: str
-    #: Value representation: decides the matching rules.
-    vr: str
-    #: Computed from the instances (counts): returned, never matched.
-    derived: bool = False
-    #: A DICOM keyword (C-FIND may use it), not one of fastscp's own columns.
-    dicom: bool = True
-    #: SQL of the backslash-separated text of every value, where the column
-    #: (``sql``) holds one value of a multi-valued number; ``sql`` itself when
-    #: the column holds every value (strings). A single value then matches
-    #: if any value matches.
-    values: str = ""
-    #: The tag of an attribute read from the instances' attribute map
-    #: (:func:`map_attribute`); 0 for a column.
-    tag: int = 0
-
-
-def _a(level: str, sql: str, vr: str, *, derived: bool = False, dicom: bool = True, values: str = "") -> Attribute:
-    return Attribute(level, sql, vr, derived, dicom, values)
-
-
-ATTRIBUTES: dict[str, Attribute] = {
-    # Patient
-    "PatientID": _a("PATIENT", "st.patient_id", "LO"),
-    "PatientName": _a("PATIENT", "st.patient_name", "PN"),
-    "PatientBirthDate": _a("PATIENT", "st.patient_birth_date", "DA"),
-    "PatientSex": _a("PATIENT", "st.patient_sex", "CS"),
-    "NumberOfPatientRelatedStudies": _a("PATIENT", "number_of_patient_related_studies", "IS", derived=True),
-    "NumberOfPatientRelatedSeries": _a("PATIENT", "number_of_patient_related_series", "IS", derived=True),
-    "NumberOfPatientRelatedInstances": _a("PATIENT", "number_of_patient_related_instances", "IS", derived=True),
-    # Study
-    "StudyInstanceUID": _a("STUDY", "st.study_instance_uid", "UI"),
-    "StudyDate": _a("STUDY", "st.study_date", "DA"),
-    "StudyTime": _a("STUDY", "st.study_time", "TM"),
-    "StudyID": _a("STUDY", "st.study_id", "SH"),
-    "AccessionNumber": _a("STUDY", "st.accession_number", "SH"),
-    "StudyDescription": _a("STUDY", "st.study_description", "LO"),
-    "ReferringPhysicianName": _a("STUDY", "st.referring_physician_name", "PN"),
-    "RequestingPhysician": _a("STUDY", "st.requesting_physician", "PN"),
-    # Matched through the series (see _study_modality_match); returned from the aggregate.
-    "ModalitiesInStudy": _a("STUDY", "modalities_in_study", "CS", derived=True),
-    "SOPClassesInStudy": _a("STUDY", "sop_classes_in_study", "UI", derived=True),
-    "NumberOfStudyRelatedSeries": _a("STUDY", "number_of_study_related_series", "IS", derived=True),
-    "NumberOfStudyRelatedInstances": _a("STUDY", "number_of_study_related_instances", "IS", derived=True),
-    # Series
-    "SeriesInstanceUID": _a("SERIES", "se.series_instance_uid", "UI"),
-    "SeriesNumber": _a("SERIES", "se.series_number", "IS"),
-    "Modality": _a("SERIES", "se.modality", "CS"),
-    "SeriesDescription": _a("SERIES", "se.series_description", "LO"),
-    "BodyPartExamined": _a("SERIES", "se.body_part_examined", "CS"),
-    "NumberOfSeriesRelatedInstances": _a("SERIES", "number_of_series_related_instances", "IS", derived=True),
-    # Instance
-    "SOPInstanceUID": _a("IMAGE", "i.sop_instance_uid", "UI"),
-    "SOPClassUID": _a("IMAGE", "i.sop_class_uid", "UI"),
-    "InstanceNumber": _a("IMAGE", "i.instance_number", "IS"),
-    "EchoNumbers": _a("IMAGE", "i.echo_number", "IS"),
-    "Rows": _a("IMAGE", 'i."rows"', "US"),
-    "Columns": _a("IMAGE", 'i."columns"', "US"),
-    "BitsAllocated": _a("IMAGE", "i.bits_allocated", "US"),
-    "BitsStored": _a("IMAGE", "i.bits_stored", "US"),
-    "PixelRepresentation": _a("IMAGE", "i.pixel_representation", "US"),
-    "SamplesPerPixel": _a("IMAGE", "i.samples_per_pixel", "US"),
-    "PlanarConfiguration": _a("IMAGE", "i.planar_configuration", "US"),
-    "NumberOfFrames": _a("IMAGE", "i.number_of_frames", "IS"),
-    "PhotometricInterpretation": _a("IMAGE", "i.photometric_interpretation", "CS"),
-    "ImageType": _a("IMAGE", "i.image_type", "CS", values="i.image_type"),
-    # The first value as a number, every value as text (HeaderFields.window_center_values).
-    "WindowCenter": _a("IMAGE", "i.window_center", "DS", values="i.window_center_values"),
-    "WindowWidth": _a("IMAGE", "i.window_width", "DS", values="i.window_width_values"),
-    "RescaleIntercept": _a("IMAGE", "i.rescale_intercept", "DS"),
-    "RescaleSlope": _a("IMAGE", "i.rescale_slope", "DS"),
-    "AvailableTransferSyntaxUID": _a("IMAGE", "i.transfer_syntax_uid", "UI"),
-    "TransferSyntaxUID": _a("IMAGE", "i.transfer_syntax_uid", "UI"),
-    # fastscp's own columns (not DICOM keywords): the received file.
-    "Path": _a("IMAGE", "i.path", "LO", dicom=False),
-    "ContentHash": _a("IMAGE", "i.content_hash", "LO", dicom=False),
-    "CallingAETitle": _a("IMAGE", "i.calling_ae_title", "AE", dicom=False),
-    "CalledAETitle": _a("IMAGE", "i.called_ae_title", "AE", dicom=False),
-    "PeerAddress": _a("IMAGE", "i.peer_address", "LO", dicom=False),
-    "ReceivedAt": _a("IMAGE", "strftime(i.received_at, '%Y-%m-%dT%H:%M:%S.%fZ')", "DT", dicom=False),
-    "ThumbnailPath": _a("IMAGE", "t.thumbnail_path", "LO", dicom=False),
-    # Bytes of the files, at every level: one file at IMAGE level, a sum above it.
-    "Bytes": _a("PATIENT", "bytes", "UV", derived=True, dicom=False),
-}
-
-#: The VRs the attribute map keeps (fastscp.dicom._header_py.MAP_KINDS), as text.
-_MAP_VRS = frozenset(vr.decode() for vr in MAP_KINDS)
-#: Tags with a column of their own: never in the map.
-_COLUMN_TAGS = frozenset(tag for tag, _name, _kind in FIELDS)
-
-
-def _map_path(tag: int) -> str:
-    return f"'$.\"{tag:08X}\"'"
-
-
-def map_joins(tags: set[int]) -> str:
-    """SQL joins that bring the base map's value of each tag to an instance row (alias i), as am<tag>.v.
-
-    PERF: the value is read from each base map once, not from the base map
-    of every instance (~2.5 KB of JSON each): a STUDY query matching a map
-    attribute over 100k instances took 0.4 s with one join of the maps.
-    """
-    return "".join(f" LEFT JOIN (SELECT id, json_extract_string(attributes, {_map_path(tag)}) AS v "
-                   f"FROM attribute_maps) am{tag:08X} ON am{tag:08X}.id = i.attributes_base" for tag in sorted(tags))
-
-
-def map_sql(tag: int) -> str:
-    """SQL: the text of attribute ``tag`` in an instance's attribute map (NULL if it has none).
-
-    The instance's own entries (i.attributes, where null means "absent")
-    over its series' base map (:func:`map_joins`).
-    """
-    path = _map_path(tag)
-    return (f"CASE WHEN json_exists(i.attributes, {path}) THEN json_extract_string(i.attributes, {path}) "
-            f"ELSE am{tag:08X}.v END")
-
-
-def map_attribute(keyword: str) -> Attribute | None:
-    """The key of a DICOM keyword that has no column: read from the instances' attribute map.
-
-    None for keywords the map never holds (no such keyword, a sequence, a VR
-    without a text form, or an attribute with a column of its own). Its
-    level is IMAGE: a query at a level above matches it on any instance of
-    the row and returns the newest instance's value (:func:`build_query`).
-    """
-    tag = tag_for_keyword(keyword)
-    if tag is None or tag in _COLUMN_TAGS or not map_eligible(tag >> 16, tag & 0xFFFF):
-        return None
-    vr = dictionary_VR(tag)
-    if vr not in _MAP_VRS:
-        return None
-    sql = map_sql(tag)
-    return Attribute("IMAGE", sql, vr, values=sql, tag=tag)
-
-
-def attribute_for(keyword: str) -> Attribute | None:
-    """The key ``keyword`` names: a column (:data:`ATTRIBUTES`) or the attribute map; None if neither."""
-    return ATTRIBUTES.get(keyword) or map_attribute(keyword)
-
-
-#: Columns of ``fastscp query`` per level when no keys are given.
-DEFAULT_KEYS: dict[str, tuple[str, ...]] = {
-    "PATIENT": ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "NumberOfPatientRelatedStudies",
-                "NumberOfPatientRelatedSeries", "NumberOfPatientRelatedInstances", "Bytes"),
-    "STUDY": ("PatientID", "PatientName", "StudyDate", "StudyTime", "AccessionNumber", "ModalitiesInStudy",
-              "StudyDescription", "NumberOfStudyRelatedSeries", "NumberOfStudyRelatedInstances", "Bytes",
-              "StudyInstanceUID"),
-    "SERIES": ("PatientID", "StudyDate", "SeriesNumber", "Modality", "SeriesDescription",
-               "NumberOfSeriesRelatedInstances", "Bytes", "StudyInstanceUID", "SeriesInstanceUID"),
-    "IMAGE": ("PatientID", "StudyDate", "Modality", "SeriesNumber", "InstanceNumber", "SOPInstanceUID",
-              "TransferSyntaxUID", "CallingAETitle", "ReceivedAt", "Bytes", "Path"),
-}
-
-#: The unique key of each level (PS3.4 C.6.1.1).
-UNIQUE_KEYS: dict[str, str] = {"PATIENT": "PatientID", "STUDY": "StudyInstanceUID", "SERIES": "SeriesInstanceUID",
-                               "IMAGE": "SOPInstanceUID"}
 
 # Each level's rows with the attributes of every level above it. Each study
 # carries its own patient attributes: a STUDY (and lower) query matches and
@@ -539,7 +214,7 @@ def _attribute(keyword: str, level: str) -> Attribute:
     attribute = attribute_for(keyword)
     assert attribute is not None  # checked by build_query
     if keyword == "Bytes" and level == "IMAGE":
-        return _a("IMAGE", "i.size", "UV", dicom=False)  # one file: no aggregate needed
+        return Attribute("IMAGE", "i.size", "UV", dicom=False)  # one file: no aggregate needed
     return attribute
 
 
@@ -697,33 +372,6 @@ def build_query(request: QueryRequest) -> BuiltQuery:
 # -- execution -----------------------------------------------------------------------------
 
 
-class QueryResult:
-    """The rows of a query, read as they come: ``columns``, then iterate."""
-
-    def __init__(self, columns: list[str], rows: Iterator[list[Any]],
-                 on_close: Callable[[], None] | None = None) -> None:
-        self.columns = columns
-        self._rows = rows
-        self._on_close = on_close
-
-    def __iter__(self) -> Iterator[list[Any]]:
-        return self._rows
-
-    def close(self) -> None:
-        """Stop reading (a half-read answer is dropped)."""
-        close = getattr(self._rows, "close", None)
-        if close is not None:
-            close()
-        if self._on_close is not None:
-            self._on_close()
-
-    def __enter__(self) -> QueryResult:
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self.close()
-
-
 def check_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> None:
     """Refuse anything but one SELECT statement (``fastscp sql`` runs in the server, on its writable index).
 
@@ -815,49 +463,3 @@ def run_stats(con: duckdb.DuckDBPyConnection, request: StatsRequest, indexer: In
             [int(request.utc_offset)]),
         indexer=indexer,
     )
-
-
-class LocalQueryClient:
-    """Queries on an index file that no server has open (DuckDB read-only).
-
-    Thread-safe: each call runs on its own DuckDB cursor.
-
-    Raises
-    ------
-    fastscp.index.database.IndexUnavailable
-        The file is missing, locked by a server, or of another schema version.
-    """
-
-    def __init__(self, index_path: str, lake: tuple[str, str, str] | None = None) -> None:
-        if lake:  # the shared index (config database.catalog): any number of readers
-            self.index = Index(index_path, read_only=True, lake=Lake(*lake))
-            return
-        if not os.path.exists(index_path):
-            raise IndexUnavailable(f"{index_path}: no such index file (no server has stored anything there yet)")
-        self.index = Index(index_path, read_only=True)
-
-    def query(self, request: QueryRequest | SqlRequest) -> QueryResult:
-        """Run a query; raises :class:`QueryError` for a bad request."""
-        return run_query(self.index.cursor(), request)
-
-    def stats(self, request: StatsRequest | None = None) -> Stats:
-        return run_stats(self.index.cursor(), request or StatsRequest())
-
-    def close(self) -> None:
-        self.index.close()
-
-    def __enter__(self) -> LocalQueryClient:
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self.close()
-
-
-class IndexQueries(Protocol):
-    """What :func:`fastscp.query.cfind.find` and the CLI need: QueryClient or LocalQueryClient."""
-
-    def query(self, request: QueryRequest | SqlRequest) -> QueryResult: ...
-
-    def stats(self, request: StatsRequest | None = None) -> Stats: ...
-
-    def close(self) -> None: ...

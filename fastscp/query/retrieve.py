@@ -2,9 +2,9 @@
 
 The association decodes the C-MOVE-RQ / C-GET-RQ and runs the sub-operations
 (:mod:`fastscp.net.retrievescp`); this module turns the identifier into an
-IMAGE level :class:`~fastscp.query.engine.QueryRequest` on the index, with the
+IMAGE level :class:`~fastscp.query.messages.QueryRequest` on the index, with the
 levels and unique keys of C-FIND (:data:`fastscp.query.cfind.MODEL_LEVELS`,
-:data:`~fastscp.query.engine.UNIQUE_KEYS`).
+:data:`~fastscp.query.attributes.UNIQUE_KEYS`).
 
 A retrieve identifier holds the Query/Retrieve Level and unique keys only
 (PS3.4 C.4.2.2.1): the level's own key, one value or a list of UIDs, and,
@@ -29,6 +29,7 @@ from fastscp.dicom.sopclasses import (
     STUDY_ROOT_GET,
     STUDY_ROOT_MOVE,
 )
+from fastscp.query.attributes import UNIQUE_KEYS
 from fastscp.query.cfind import (
     MODEL_LEVELS,
     OUT_OF_RESOURCES,
@@ -37,8 +38,7 @@ from fastscp.query.cfind import (
     IdentifierError,
     _text,
 )
-from fastscp.query.client import QueryClient
-from fastscp.query.engine import UNIQUE_KEYS, Condition, IndexQueries, QueryError, QueryRequest, ServerUnavailable
+from fastscp.query.messages import Condition, IndexQueries, QueryError, QueryRequest, ServerUnavailable
 
 #: Each retrieve information model -> the FIND model with its levels.
 RETRIEVE_MODELS: dict[str, str] = {
@@ -166,21 +166,5 @@ def _run(request: QueryRequest, client: IndexQueries, storage_root: str, limit: 
 Selector = Callable[[str, Dataset, bool], list[Instance]]
 
 
-def selector(index_path: str, storage_root: str, *, limit: int = 0) -> Selector:
-    """The :data:`Selector` for a running server's index (one thread-safe :class:`QueryClient`)."""
-    client = QueryClient(index_path)
-
-    def select(model: str, identifier: Dataset, relational: bool = False) -> list[Instance]:
-        return instances(model, identifier, client, storage_root, relational=relational, limit=limit)
-
-    return select
-
-
 #: ``lookup(sop_instance_uids) -> {uid: instance}``: the indexed ones (Storage Commitment).
 Lookup = Callable[[list[str]], dict[str, Instance]]
-
-
-def lookup(index_path: str, storage_root: str) -> Lookup:
-    """The :data:`Lookup` for a running server's index."""
-    client = QueryClient(index_path)
-    return lambda uids: stored(uids, client, storage_root)

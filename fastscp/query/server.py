@@ -5,12 +5,12 @@ owns the DuckDB file; these servers run in it, beside its record loop
 (:class:`fastscp.index.indexer.Indexer`, which starts and closes them as its
 services):
 
-* **Queries.** A thread accepts on :func:`~fastscp.query.engine.query_address` (SOCK_STREAM) and
+* **Queries.** A thread accepts on :func:`~fastscp.query.messages.query_address` (SOCK_STREAM) and
   answers each connection from a small thread pool, each query on its own
   DuckDB cursor (DuckDB's MVCC): batches go on being committed while a
-  query runs. Framed by :func:`fastscp.query.engine.send_message`.
+  query runs. Framed by :func:`fastscp.query.messages.send_message`.
 * **Where is this instance?** Before it answers a C-STORE, a worker asks
-  (:class:`~fastscp.query.engine.LocateRequest`, on :func:`~fastscp.query.engine.locate_address`,
+  (:class:`~fastscp.query.messages.LocateRequest`, on :func:`~fastscp.query.messages.locate_address`,
   with threads of its own, so a slow C-FIND never delays a store) where the
   instance's SOP Instance UIDs are stored, on a connection it keeps open
   (one thread here per connection, many requests each);
@@ -34,7 +34,8 @@ import msgspec
 from fastscp.index.database import Index
 from fastscp.index.indexer import Indexer, UidIndex
 from fastscp.process.ipc import same_user
-from fastscp.query.engine import (
+from fastscp.query.engine import run_stats, stream_query
+from fastscp.query.messages import (
     Failed,
     Located,
     LocateRequest,
@@ -45,9 +46,7 @@ from fastscp.query.engine import (
     locate_address,
     query_address,
     recv_message,
-    run_stats,
     send_message,
-    stream_query,
 )
 from fastscp.status import IndexerState
 
@@ -69,8 +68,8 @@ QUERY_IO_TIMEOUT = 30.0
 
 
 class QueryServer:
-    """Answers :class:`~fastscp.query.engine.QueryRequest`, :class:`~fastscp.query.engine.StatsRequest` and
-    :class:`~fastscp.query.engine.LocateRequest` on a socket."""
+    """Answers :class:`~fastscp.query.messages.QueryRequest`, :class:`~fastscp.query.messages.StatsRequest` and
+    :class:`~fastscp.query.messages.LocateRequest` on a socket."""
 
     def __init__(self, index: Index, address: str, state: Callable[[], IndexerState],
                  uids: UidIndex | None = None, threads: int = QUERY_THREADS) -> None:

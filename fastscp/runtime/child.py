@@ -42,6 +42,7 @@ from typing import Any
 
 import msgspec
 
+from fastscp.process.priority import lower_priority, set_process_name
 from fastscp.runtime.messages import ENCODER, MESSAGE_MAX, Ready, StartFailed
 
 log = logging.getLogger("fastscp.supervisor")
@@ -101,6 +102,10 @@ class ChildSpec:
     stop_signal, stop_timeout
         :meth:`Child.stop` sends ``stop_signal``, then SIGKILL after
         ``stop_timeout`` seconds.
+    priority
+        The child's CPU and I/O priority, one of
+        :data:`~fastscp.process.priority.DERIVED_PRIORITIES` (derived work:
+        ``server.derived_priority``); set in the child before its target runs.
     """
 
     name: str
@@ -114,6 +119,7 @@ class ChildSpec:
     death_signal: int = signal.SIGKILL
     stop_signal: int = signal.SIGTERM
     stop_timeout: float = 30.0
+    priority: str = "normal"
 
     @property
     def process_name(self) -> str:
@@ -124,6 +130,8 @@ def _run_in_child(bootstrap: Callable[..., None], spec: ChildSpec, close: socket
                   args: tuple[Any, ...]) -> None:
     if close is not None:
         close.close()  # the supervisor's end of our own channel
+    set_process_name(spec.process_name)  # "fastscp-worker-" (15 bytes), "fastscp-indexer"...: per-role CPU in top
+    lower_priority(spec.priority)
     bootstrap(spec.target, *args, death_signal=spec.death_signal)
 
 
@@ -370,6 +378,11 @@ class Child:
                 pass
 
     # -- stop --------------------------------------------------------------------------
+
+    @property
+    def retired(self) -> bool:
+        """It is not restarted when it exits (:meth:`retire`)."""
+        return self._retired
 
     def retire(self) -> None:
         """No restart from now on (the server is stopping)."""

@@ -120,7 +120,7 @@ def forwarder_stage(supervisor: Supervisor) -> ChildSpec | None:
         "forwarder", forward_main, lambda: (supervisor.config, supervisor._load_config, supervisor._config_file),
         about=f", queue {supervisor.config.forward_queue_path}", channel=False,
         stop_timeout=15,  # SIGTERM: it ends the C-STOREs in hand; the queue keeps the rest
-        death_signal=signal.SIGTERM)
+        death_signal=signal.SIGTERM, priority=supervisor.config.server.derived_priority)
 
 
 #: What the server's children run. A new kind of child is one more entry in ``stages``: a function

@@ -66,12 +66,11 @@ from fastscp.net.negotiation import (
     peek_ae_titles,
 )
 from fastscp.net.retrievescp import Destination, RetrieveService
-from fastscp.poststore.stage import poststore_address
+from fastscp.poststore.client import poststore_address
 from fastscp.process import logs
 from fastscp.process.listen import bind_advice
 from fastscp.process.orphan import die_with_parent
-from fastscp.query.client import Locator, finder
-from fastscp.query.retrieve import lookup, selector
+from fastscp.query.client import Locator, finder, lookup, selector
 from fastscp.runtime.child import Backoff, Child, ChildSpec
 from fastscp.runtime.messages import (
     ENCODER,
@@ -87,7 +86,8 @@ from fastscp.runtime.messages import (
 )
 from fastscp.status import ENCODER as SNAPSHOT_ENCODER
 from fastscp.status import AssociationReport, IndexerState, WorkerState
-from fastscp.storage.area import FileModes, Storage
+from fastscp.storage.area import Storage
+from fastscp.storage.files import FileModes
 
 log = logging.getLogger("fastscp.supervisor")
 _fork = multiprocessing.get_context("fork")
@@ -98,6 +98,8 @@ REJECT_READ_TIMEOUT = 5.0
 SNAPSHOT_INTERVAL = 0.5
 #: Longest sleep of the loop (signals, rejects and snapshots are checked at least this often).
 LOOP_TICK = 0.5
+#: server.associations_per_worker > 0: a worker past server.workers stops after this long without a connection.
+SPARE_WORKER_IDLE = 60.0
 #: Seconds the indexer has to open the index and bind its sockets (DuckDB replays its WAL first).
 INDEXER_READY_TIMEOUT = 60.0
 #: Seconds the monitor has to bind monitor.listen.
@@ -135,6 +137,8 @@ class WorkerSlot:
     child: Child = field(init=False)
     #: Connection IDs handed to it and not ended (pending and admitted ones).
     open: set[int] = field(default_factory=set)
+    #: When its last connection ended (time.monotonic()); None while it has one.
+    idle_since: float | None = None
 
 
 @dataclass
@@ -295,11 +299,13 @@ class Supervisor:
                 "post-store stage", targets.poststore, lambda: (
                     self.storage.root, self.storage.layout, self.config.thumbnails, self.config.scansheet,
                     self.settings.poststore_address, self.address, self.storage.modes, self.config.hooks,
-                    self.storage.sr_root, self.hooks_link.open()),  # a new link for each start
+                    self.storage.sr_root, self.hooks_link.open(),  # a new link for each start
+                    self.config.lake, self.config.database.job_lease),
                 about=(f": thumbnails {'on' if config.thumbnails.enabled else 'off'}, "
                        f"scan sheets {'on' if config.scansheet.enabled else 'off'}"),
                 channel=False, stop_timeout=60,  # SIGTERM: it finishes its queue and pending scan sheets
-                death_signal=signal.SIGTERM))  # it stops after the image in hand (poststore_main sees it is orphaned)
+                death_signal=signal.SIGTERM,  # it stops after the image in hand (poststore_main sees it is orphaned)
+                priority=config.server.derived_priority))
         return specs + [spec for make in targets.stages if (spec := make(self)) is not None]
 
     def _make_child(self, spec: ChildSpec, on_message: Callable[[Child, object], None] | None = None,
@@ -447,6 +453,8 @@ class Supervisor:
             now = time.monotonic()
             for child in self._all_children():
                 child.tick(now)
+            if self.config.server.associations_per_worker:
+                self._stop_spare_workers(now)
             self._expire_rejects()
             self.drops.flush()
             self._publish()
@@ -486,22 +494,54 @@ class Supervisor:
                 set_low_latency(sock)
             except OSError:
                 pass
-            running = [w for w in self.workers.values() if w.child.state == "running"]
+            running = [w for w in self.workers.values() if w.child.state == "running" and not w.child.retired]
             if not running:
                 self._begin_reject(sock, peer)
                 continue
-            worker = min(running, key=lambda w: len(w.open))
+            worker = self._worker_for_connection(running)
             connection_id = self.next_connection
             self.next_connection += 1
             try:
                 worker.child.send(Handoff(connection_id=connection_id, peer_address=peer), [sock.fileno()])
                 worker.open.add(connection_id)
+                worker.idle_since = None
                 self.pending[connection_id] = address[0]
                 self.pending_per_address[address[0]] += 1
             except OSError as exc:
                 log.error("could not hand %s to worker %d: %s", peer, worker.index, exc)
             finally:
                 sock.close()
+
+    def _worker_for_connection(self, running: list[WorkerSlot]) -> WorkerSlot:
+        """The least busy running worker; with server.associations_per_worker, one under it, forked if none is.
+
+        A new worker is forked and handed the connection at once: it reads
+        its channel when it is up. Past server.max_associations processes,
+        the least busy one takes it over its limit (admission still caps
+        the associations).
+        """
+        limit = self.config.server.associations_per_worker
+        under = [w for w in running if not limit or len(w.open) < limit]
+        if limit and not under and len(self.workers) < self.config.server.max_associations:
+            return self._add_worker(max(self.workers, default=-1) + 1)
+        return min(under or running, key=lambda w: len(w.open))
+
+    def _stop_spare_workers(self, now: float) -> None:
+        """Workers forked past server.workers (associations_per_worker) stop once idle for SPARE_WORKER_IDLE."""
+        for index, slot in list(self.workers.items()):
+            if index < self.config.worker_count:
+                continue
+            if slot.child.state == "down" and slot.child.retired:
+                del self.workers[index]  # stopped (below) and reaped
+            elif not slot.open and slot.idle_since is not None and now - slot.idle_since >= SPARE_WORKER_IDLE:
+                log.info("%s idle for %.0f s: stopping it (server.associations_per_worker)", slot.child.spec.name,
+                         now - slot.idle_since)
+                slot.child.retire()  # handed nothing more, not restarted
+                slot.idle_since = None
+                try:
+                    slot.child.send(Stop(now=False))
+                except OSError:
+                    slot.child.kill()
 
     def _pending_full(self, ip: str) -> tuple[str, str] | None:
         """(the key, why) a new connection from ``ip`` can't wait for its A-ASSOCIATE-RQ, or None."""
@@ -582,6 +622,8 @@ class Supervisor:
 
     def _release(self, worker: WorkerSlot, connection_id: int) -> None:
         worker.open.discard(connection_id)
+        if not worker.open:
+            worker.idle_since = time.monotonic()
         self._end_pending(connection_id)
         ae = self.admitted.pop(connection_id, None)
         if ae is not None:
@@ -783,6 +825,7 @@ class Supervisor:
         if "forwarder" in self.children:
             snapshot.forwarding = self._forward_status.poll(now, list(self.config.forwarding.destinations))
         snapshot.hooks = self.hooks_link.states()
+        snapshot.poststore = self.hooks_link.stage if self.settings.poststore_address else None
         try:
             monitor.channel.send(SNAPSHOT_ENCODER.encode(snapshot), socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):

@@ -21,7 +21,7 @@ import time
 from fastscp.index.client import IndexerClient
 from fastscp.index.records import DuplicateConflict, InstanceRecord
 from fastscp.net.association import Association, ServiceSettings
-from fastscp.poststore.stage import PostStoreClient
+from fastscp.poststore.client import PostStoreClient
 from fastscp.runtime.messages import (
     ENCODER,
     MESSAGE_MAX,
@@ -181,6 +181,12 @@ class Worker:
                 break
             time.sleep(0.1)
         self.indexer.close()
+        if self.poststore is not None:
+            for _ in range(50):  # a lagging stage (server.derived_priority) takes the kept records before we exit
+                if not self.poststore.flush():
+                    break
+                time.sleep(0.1)
+            self.poststore.close()
         if self.forward is not None:
             self.forward.flush()
             self.forward.close()

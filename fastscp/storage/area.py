@@ -21,14 +21,14 @@ import os
 import time
 import uuid
 from collections.abc import Callable, Iterable
-from typing import NamedTuple
 
 import msgspec
 
-from fastscp.dicom.header import HeaderFields
+from fastscp.dicom.fields import HeaderFields
 from fastscp.dicom.part10 import dataset_hash, file_meta, read_file_meta
 from fastscp.dicom.part10 import dataset_sha256 as _sha256
 from fastscp.dicom.sopclasses import MODALITY_SOP_CLASSES
+from fastscp.storage.files import FILE_MODE, PATIENT_DATA, FileModes, fsync_dir, makedirs
 from fastscp.storage.layout import LayoutOptions, relative_path
 from fastscp.storage.policy import DuplicatePolicy, Outcome
 from fastscp.storage.reserved import INCOMING, QUARANTINE
@@ -38,32 +38,6 @@ from fastscp.storage.reserved import INCOMING, QUARANTINE
 HEADER_PREFIX_BYTES = 64 * 1024
 #: errno values that mean "no room": answered with 0xA700 Out of resources.
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-#: storage.file_mode and storage.dir_mode defaults: patient data, so the
-#: owner and its group only.
-FILE_MODE = 0o640
-DIR_MODE = 0o750
-
-
-class FileModes(NamedTuple):
-    """The permission bits of the files and of the folders fastscp creates (storage.file_mode, storage.dir_mode)."""
-
-    file: int = FILE_MODE
-    folder: int = DIR_MODE
-
-    @classmethod
-    def of(cls, file_mode: str, dir_mode: str) -> FileModes:
-        """From the config's octal strings (storage.file_mode, storage.dir_mode), checked when the config loads."""
-        return cls(int(file_mode, 8), int(dir_mode, 8))
-
-    def umask(self) -> int:
-        """The process umask that gives files made by others (DuckDB's index and WAL, the log) no more than these."""
-        return 0o777 & ~(self.file | self.folder)
-
-
-#: The defaults, for images and everything made from them.
-PATIENT_DATA = FileModes()
-#: Files made for someone to open at once (``fastscp convert`` output): the usual 0644/0755.
-BROWSABLE = FileModes(0o644, 0o755)
 #: Names tried for one instance when its layout name holds other instances.
 MAX_NAMES = 100
 #: Structured reports go to storage.sr_directory when it is set.
@@ -101,27 +75,6 @@ def _link_new(source: str, target: str) -> bool:
         return False
 
 
-def makedirs(path: str, mode: int) -> None:
-    """``os.makedirs(path, exist_ok=True)``, each folder it creates given exactly ``mode`` (not masked by the umask).
-
-    Folders that exist are left as they are: the storage root and its tree
-    may have been set up by an administrator.
-    """
-    missing: list[str] = []
-    while not os.path.isdir(path):
-        missing.append(path)
-        parent = os.path.dirname(path)
-        if parent == path:
-            break
-        path = parent
-    for folder in reversed(missing):
-        try:
-            os.mkdir(folder, mode)
-        except FileExistsError:
-            continue  # another association made it just now
-        os.chmod(folder, mode)
-
-
 def stored_uid(path: str) -> str | None:
     """The Media Storage SOP Instance UID (0002,0003) of a stored file; None if it has none or can't be read."""
     try:
@@ -147,19 +100,6 @@ def own_name(path: str, sop_instance_uid: str, attempt: int) -> str:
     tag = hashlib.sha256(sop_instance_uid.encode("ascii", "replace")).hexdigest()[:10]
     more = f"-{attempt + 1}" if attempt else ""
     return f"{stem}.u{tag}{more}" + (f".{extension}" if extension else "")
-
-
-def _fsync_dir(directory: str) -> None:
-    # The new directory entry must survive a power cut too.
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-#: For the other stages that place files durably (fastscp.hooks.actions: the copy action).
-fsync_dir = _fsync_dir
 
 
 def _unlink_if_there(path: str) -> None:
@@ -289,7 +229,7 @@ class IncomingFile:
                 os.fsync(self._fd)
             outcome = self._place(final, DuplicatePolicy(duplicates), uids, locate)
             if outcome.outcome.wrote and storage.fsync:
-                _fsync_dir(os.path.dirname(outcome.path))
+                fsync_dir(os.path.dirname(outcome.path))
         except OSError:
             self.discard()
             raise

@@ -23,7 +23,7 @@ import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from fastscp.dicom.header import HeaderFields
+from fastscp.dicom.fields import HeaderFields
 from fastscp.storage.reserved import RESERVED
 
 #: Longest path component we create (bytes of UTF-8); ext4 allows 255.

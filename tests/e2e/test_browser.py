@@ -25,7 +25,7 @@ import pytest
 from fastscp.config import ConfigError, load_config
 from fastscp.dicom.synthetic import write_series
 from fastscp.monitor.browser import MAX_DOWNLOADS, ZIP_AHEAD, ZIP_CHUNK, Browser, is_loopback
-from fastscp.monitor.server import Request
+from fastscp.monitor.http import Request
 from tests.conftest import dcmtk, wait_until
 from tests.unit.monitor.test_monitor_page import CHROMIUM, _Page, chromium
 

@@ -16,7 +16,7 @@ from pydicom.uid import generate_uid
 from fastscp.dicom.part10 import dataset_offset
 from fastscp.dicom.synthetic import write_series
 from fastscp.query.client import QueryClient
-from fastscp.query.engine import QueryRequest
+from fastscp.query.messages import QueryRequest
 from fastscp.storage.area import dataset_hash
 from tests.conftest import dcmtk, storescu_concurrently, wait_until
 from tests.e2e.test_server import assert_same_dataset, by_instance
@@ -243,7 +243,7 @@ def test_stores_do_not_wait_for_busy_query_threads(server, tmp_path: Path) -> No
     import socket
     import time
 
-    from fastscp.query.engine import query_address
+    from fastscp.query.messages import query_address
     from fastscp.query.server import QUERY_THREADS
 
     idle = []

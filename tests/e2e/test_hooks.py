@@ -398,10 +398,11 @@ def test_a_large_document_reaches_a_slow_reader_and_a_program_that_never_reads_d
     64 KiB): all of it arrives; a program that ignores its input ends normally. In process, with real programs."""
     from fastscp.config import HookConfig, layout_options, load_config
     from fastscp.dicom.header import HeaderFields
+    from fastscp.hooks.actions import run_action
     from fastscp.hooks.runner import Hooks
     from fastscp.index.records import AssociationReport, InstanceRecord
     from fastscp.status import LATENCY_BUCKETS, SIZE_BUCKETS, AssociationState, Histogram
-    from fastscp.storage.area import FileModes
+    from fastscp.storage.files import FileModes
 
     received = tmp_path / "received-bytes"
     reader = script(tmp_path / "slow-reader.py",
@@ -409,7 +410,7 @@ def test_a_large_document_reaches_a_slow_reader_and_a_program_that_never_reads_d
                     f"open({str(received)!r}, 'w').write(str(len(sys.stdin.buffer.read())))\n")
     hooks = Hooks([HookConfig(name="reads", event="association-ended", program=[reader]),
                    HookConfig(name="ignores", event="association-ended", program=["/bin/true"])],
-                  str(tmp_path), "", layout_options(load_config()), FileModes())
+                  str(tmp_path), "", layout_options(load_config()), FileModes(), run_action)
     header = HeaderFields(sop_class_uid="1.2.840.10008.5.1.4.1.1.2", modality="CT", study_instance_uid="1.2.3")
     for n in range(5000):
         hooks.instance_stored(InstanceRecord(

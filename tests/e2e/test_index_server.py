@@ -19,8 +19,8 @@ import pytest
 from fastscp.cli import index as cli_index
 from fastscp.dicom.synthetic import write_series
 from fastscp.index.database import SCHEMA_VERSION, Index
-from fastscp.query.client import QueryClient
-from fastscp.query.engine import LocalQueryClient, QueryRequest, StatsRequest
+from fastscp.query.client import LocalQueryClient, QueryClient
+from fastscp.query.messages import QueryRequest, StatsRequest
 from tests.conftest import dcmtk
 
 pytestmark = pytest.mark.dcmtk

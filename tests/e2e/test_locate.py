@@ -17,7 +17,7 @@ import pytest
 
 from fastscp.dicom.part10 import dataset_offset
 from fastscp.dicom.synthetic import write_series
-from fastscp.query.engine import ServerUnavailable, locate_address
+from fastscp.query.messages import ServerUnavailable, locate_address
 from tests.conftest import wait_until
 from tests.e2e.test_duplicates import _config, indexed
 from tests.rawscu import RawSCU

@@ -122,7 +122,7 @@ def test_failures_duplicates_and_rejections_of_a_real_server_reach_the_status(st
 
 def test_committed_counts_instances_not_records(start_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     from fastscp.query.client import QueryClient
-    from fastscp.query.engine import QueryRequest
+    from fastscp.query.messages import QueryRequest
 
     # Thumbnails on (the default): each instance also sends a thumbnail record to the indexer.
     server = start_server(monitor="127.0.0.1:0")

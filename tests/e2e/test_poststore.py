@@ -3,7 +3,12 @@ a scan sheet per quiet study, remade when more images arrive."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import signal
+import time
+import urllib.request
 from pathlib import Path
 
 import duckdb
@@ -118,7 +123,7 @@ def test_a_stray_message_does_not_stop_the_post_store_stage(start_server, tmp_pa
     import socket
 
     from fastscp.index.records import ENCODER, ThumbnailMade
-    from fastscp.poststore.stage import poststore_address
+    from fastscp.poststore.client import poststore_address
 
     server = start_server()
     series = write_series(str(tmp_path / "ct"), 2, rows=32, columns=32, patient_id="PS9")
@@ -133,4 +138,85 @@ def test_a_stray_message_does_not_stop_the_post_store_stage(start_server, tmp_pa
     wait_until(lambda: len(list((server.storage / "thumbnails").rglob("*.jpg"))) == 2, what="the second thumbnail")
     assert "post-store stage exited" not in server.log_text()  # it used to die on the first one (and restart)
     assert "1 messages that are neither instance records nor association reports dropped" in server.log_text()
+    assert server.stop() == 0
+
+
+def _child_pid(server, name: str) -> int:  # type: ignore[no-untyped-def]
+    """The PID of the server's child ``name`` ("post-store stage", "forwarder"), from its start-up log line."""
+    server.wait_for_log(f"{name} started (pid")
+    return int(re.findall(rf"{name} started \(pid (\d+)\)", server.log_text())[-1])
+
+
+@pytest.mark.parametrize("level", ["idle", "low", "normal"])
+def test_derived_work_runs_at_server_derived_priority(start_server, tmp_path: Path, level: str) -> None:  # type: ignore[no-untyped-def]
+    """The post-store stage and the forwarder yield their CPU and disk to the workers (issue 13, lever 4);
+    each child names its role in /proc/PID/comm (what bench.load reports CPU by)."""
+    import yaml
+
+    from fastscp.process.priority import io_priority, process_name
+
+    config = tmp_path / "fastscp.yaml"
+    config.write_text(yaml.safe_dump({
+        "server": {"derived_priority": level},
+        "forwarding": {"destinations": {"pacs": {"ae_title": "DEST", "host": "127.0.0.1", "port": 9}},
+                       "rules": [{"destinations": ["pacs"]}]}}))
+    server = start_server(config=config)
+    stage, forwarder = _child_pid(server, "post-store stage"), _child_pid(server, "forwarder")
+    workers = list(server.worker_pids().values())
+    names = {process_name(pid) for pid in server.children()}
+    assert {"fastscp-worker-", "fastscp-indexer", "fastscp-post-st", "fastscp-forward"} <= names, names
+    assert process_name(stage) == "fastscp-post-st" and process_name(forwarder) == "fastscp-forward"
+
+    def priority(pid: int) -> tuple[int, int, tuple[int, int]]:
+        return os.sched_getscheduler(pid), os.getpriority(os.PRIO_PROCESS, pid), io_priority(pid)
+
+    # The workers, and the indexer every store asks, keep the supervisor's priority.
+    normal = priority(server.process.pid)
+    assert normal[:2] == (os.SCHED_OTHER, 0) and normal[2][0] != 3
+    indexer = next(pid for pid in server.children() if process_name(pid) == "fastscp-indexer")
+    assert {priority(pid) for pid in [*workers, indexer]} == {normal}
+    for pid in (stage, forwarder):
+        if level == "idle":
+            assert (priority(pid)[0], priority(pid)[2][0]) == (os.SCHED_IDLE, 3)
+        elif level == "low":
+            assert priority(pid) == (os.SCHED_OTHER, 19, (2, 7))
+        else:
+            assert priority(pid) == normal
+    assert server.stop() == 0
+
+
+def test_a_stalled_post_store_stage_catches_up_without_losing_records(start_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """While the stage does not read (SIGSTOP: what SCHED_IDLE does to it under saturation), its socket
+    fills; the workers keep the records and the stage makes every thumbnail once it runs again, its lag
+    on the status page meanwhile. The old client dropped what did not fit the socket (~100 records)."""
+    config = tmp_path / "fastscp.yaml"
+    config.write_text("scansheet:\n  enabled: false\n")
+    server = start_server(config=config, monitor="127.0.0.1:0", workers=1)
+    (url,) = re.findall(r"status page (http://[^\s;]+)", server.log_text())
+
+    def poststore() -> dict:  # type: ignore[type-arg]
+        with urllib.request.urlopen(url + "/status.json", timeout=10) as response:
+            return json.loads(response.read())["poststore"] or {}
+
+    stage = _child_pid(server, "post-store stage")
+    count = 600
+    series = write_series(str(tmp_path / "ct"), count, rows=256, columns=256, patient_id="PS10")
+    os.kill(stage, signal.SIGSTOP)
+    try:
+        dcmtk("storescu", "-aec", server.ae_title, "-xe", "127.0.0.1", str(server.port), *series)
+        assert len(server.stored_files()) == count
+        time.sleep(1.0)
+        assert not list((server.storage / "thumbnails").rglob("*.jpg"))
+    finally:
+        os.kill(stage, signal.SIGCONT)
+    lags: list[dict] = []  # type: ignore[type-arg]
+
+    def caught_up() -> bool:
+        lags.append(poststore())
+        return lags[-1].get("thumbnails") == count and lags[-1].get("waiting") == 0
+
+    wait_until(caught_up, timeout=120, what=f"{count} thumbnails")
+    assert len(list((server.storage / "thumbnails").rglob("*.jpg"))) == count
+    assert any(lag["waiting"] > 0 and lag["oldest_seconds"] >= 1.0 for lag in lags), lags
+    assert "records without thumbnails" not in server.log_text()
     assert server.stop() == 0

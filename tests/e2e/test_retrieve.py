@@ -32,7 +32,7 @@ from pynetdicom.sop_class import (
 
 from fastscp.dicom.synthetic import write_series
 from fastscp.query.client import QueryClient
-from fastscp.query.engine import Condition, QueryRequest
+from fastscp.query.messages import Condition, QueryRequest
 from tests.conftest import dcmtk, free_port, wait_until
 from tests.dicomfiles import EXPLICIT_LE, PYDICOM_DATA, dataset_bytes
 from tests.e2e.test_access import pki  # noqa: F401  (pki: the test CA fixture)

@@ -24,7 +24,7 @@ import pytest
 from fastscp.cli import index as cli_index
 from fastscp.dicom.synthetic import write_series
 from fastscp.query.client import QueryClient
-from fastscp.query.engine import QueryRequest, SqlRequest
+from fastscp.query.messages import QueryRequest, SqlRequest
 from tests.cluster import HAProxy, Network, PostgresCluster
 from tests.conftest import Server, dcmtk, free_port, wait_until
 from tests.e2e.test_cfind import findscu

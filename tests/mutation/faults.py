@@ -31,7 +31,7 @@ FAULTS: tuple[Fault, ...] = (
           "            if storage.fsync:\n                os.fsync(self._fd)\n",
           "            if storage.fsync:\n                pass\n", DURABILITY),
     Fault("folder fsync removed", "fastscp/storage/area.py",
-          "                _fsync_dir(os.path.dirname(outcome.path))", "                pass", DURABILITY),
+          "                fsync_dir(os.path.dirname(outcome.path))", "                pass", DURABILITY),
     Fault("fsync under never", "fastscp/runtime/supervisor.py",
           'fsync=config.storage.fsync == "always"', "fsync=True", DURABILITY),
     # -- reconcile ---------------------------------------------------------------------------

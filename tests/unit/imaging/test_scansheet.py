@@ -281,3 +281,21 @@ def test_cli_sheet_is_the_servers_sheet(study_files: tuple[str, list[Path]], tmp
     assert by_hand == Path(server_html).read_text("utf-8")
     rows = by_hand.split('<table class="series">')[1].split("<tr>")[1:]
     assert [row.count('class="thumb') for row in rows] == [1, 2, 2]  # series of 1, 12 and 3 instances
+
+
+def test_the_sheet_folder_is_named_by_an_instance_below_the_root(tmp_path: Path) -> None:
+    # A study's files may also lie outside this root (another node's storage, storage.sr_directory):
+    # the sheet goes beside those below it, or to scansheets/, never outside the root.
+    root, other = tmp_path / "node-a", tmp_path / "node-b"
+
+    def summary(*paths: Path) -> StudySummary:
+        instances = tuple(scansheet.InstanceSummary(path=str(p), instance_number=n) for n, p in enumerate(paths))
+        return StudySummary(study_instance_uid="1.2.3", patient_id="P1", study_date="20260102",
+                            series=(scansheet.SeriesSummary(series_instance_uid="1.2.3.4", instances=instances),))
+
+    outside = other / "P1" / "20260102_1.2.3" / "1_CT" / "a.dcm"
+    inside = root / "P1" / "20260102_1.2.3" / "1_CT" / "b.dcm"
+    assert scansheet.sheet_folder(root, LayoutOptions(), summary(outside, inside)) == str(
+        root / "P1" / "20260102_1.2.3")
+    assert scansheet.sheet_folder(root, LayoutOptions(), summary(outside)) == str(
+        root / "scansheets" / "P1" / "20260102_1.2.3")

@@ -29,8 +29,9 @@ from fastscp.index.indexer import Indexer
 from fastscp.index.records import DuplicateConflict, InstanceRecord
 from fastscp.index.reindex import FileState, Progress, plan, read_record, read_records, reindex, walk
 from fastscp.query.client import QueryClient
-from fastscp.query.engine import Condition as QueryCondition
-from fastscp.query.engine import QueryRequest, SqlRequest, query_address, run_query
+from fastscp.query.engine import run_query
+from fastscp.query.messages import Condition as QueryCondition
+from fastscp.query.messages import QueryRequest, SqlRequest, query_address
 from fastscp.query.server import QueryServer
 from tests.dicomfiles import PYDICOM_DATA
 

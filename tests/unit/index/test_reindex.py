@@ -27,7 +27,7 @@ from fastscp.index.database import Index, IndexUnavailable
 from fastscp.index.records import DuplicateConflict
 from fastscp.index.reindex import Progress, plan, reindex
 from fastscp.query.client import QueryClient
-from fastscp.query.engine import QueryRequest
+from fastscp.query.messages import QueryRequest
 from tests.unit.index.test_index import RunningIndexer, make_storage, make_v4_index, records_of, rows, wait_until
 
 

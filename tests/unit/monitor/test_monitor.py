@@ -29,6 +29,7 @@ from fastscp.status import (
     AssociationState,
     Histogram,
     IndexState,
+    PostStoreState,
     Rates,
     StatusSnapshot,
     StorageState,
@@ -334,6 +335,21 @@ def test_metrics_follow_storage_below_the_watermark_and_stopping(monitor: Monito
     assert _value(families, "fastscp_storage_below_watermark") == 1
     assert _value(families, "fastscp_storage_free_bytes") == 512_000_000
     assert _value(families, "fastscp_stopping") == 1
+
+
+def test_metrics_of_the_post_store_lag(monitor: MonitorProcess) -> None:
+    """The derived work's backlog (issue 13): what waits, for how long; no family when no post-store runs."""
+    monitor.publish(make_snapshot())
+    assert "fastscp_poststore" not in monitor.get("/metrics")[2].decode()
+    monitor.publish(make_snapshot(poststore=PostStoreState(waiting=1_234, oldest_seconds=56.7, studies=3,
+                                                           thumbnails=98_765)))
+    families = _families(monitor.get("/metrics")[2].decode())
+    assert families["fastscp_poststore_waiting"].type == "gauge"
+    assert _value(families, "fastscp_poststore_waiting") == 1_234
+    assert _value(families, "fastscp_poststore_oldest_seconds") == pytest.approx(56.7)
+    assert _value(families, "fastscp_poststore_studies_waiting") == 3
+    assert families["fastscp_thumbnails_made"].type == "counter"
+    assert _value(families, "fastscp_thumbnails_made") == 98_765
 
 
 # -- /healthz -----------------------------------------------------------------------------

@@ -41,6 +41,16 @@ def test_summary(monitor: MonitorProcess, capsys: pytest.CaptureFixture[str]) ->
     assert "WARNING" not in out
 
 
+def test_summary_shows_the_post_store_lag(monitor: MonitorProcess, capsys: pytest.CaptureFixture[str]) -> None:
+    from fastscp.status import PostStoreState
+
+    monitor.publish(make_snapshot(poststore=PostStoreState(waiting=1_234, oldest_seconds=56.7, studies=3,
+                                                           thumbnails=98_765)))
+    assert cli.main(["status", "--url", monitor.url]) == 0
+    assert ("Post-store     1,234 waiting (oldest 56.7 s), 3 studies before their scan sheet, 98,765 thumbnails "
+            "made") in capsys.readouterr().out.splitlines()
+
+
 def test_summary_warns_and_keeps_escape_sequences_off_the_terminal(
         monitor: MonitorProcess, capsys: pytest.CaptureFixture[str]) -> None:
     snapshot = make_snapshot(state="stopping", per_calling_ae={"\x1b[2J\x1b[31mEVIL": 5})

@@ -26,8 +26,7 @@ from fastscp.query.cfind import (
     IdentifierError,
     find,
 )
-from fastscp.query.client import finder
-from fastscp.query.engine import LocalQueryClient
+from fastscp.query.client import LocalQueryClient, finder
 from tests.conftest import dcmtk
 from tests.unit.index.test_index import make_storage, records_of
 

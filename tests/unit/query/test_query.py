@@ -10,18 +10,9 @@ import pytest
 
 from fastscp.cli import index as cli_index
 from fastscp.index.database import Index
-from fastscp.query.engine import (
-    ATTRIBUTES,
-    DEFAULT_KEYS,
-    Condition,
-    QueryError,
-    QueryRequest,
-    StatsRequest,
-    build_query,
-    match_sql,
-    run_query,
-    run_stats,
-)
+from fastscp.query.attributes import ATTRIBUTES, DEFAULT_KEYS
+from fastscp.query.engine import build_query, match_sql, run_query, run_stats
+from fastscp.query.messages import Condition, QueryError, QueryRequest, StatsRequest
 from tests.unit.index.test_index import make_storage, records_of
 
 

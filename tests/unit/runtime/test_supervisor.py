@@ -114,12 +114,13 @@ from fastscp.runtime import supervisor
 from fastscp.runtime.children import TARGETS
 from tests.unit.runtime import test_supervisor as fakes
 
-port, root, workers, targets, ready_timeout = sys.argv[1:6]
-targets = json.loads(targets)
+port, root, workers, targets, ready_timeout, overrides = sys.argv[1:7]
+targets, overrides = json.loads(targets), json.loads(overrides)
 stages = tuple(getattr(fakes, name) for name in targets.pop("stages", []))
 supervisor.INDEXER_READY_TIMEOUT = float(ready_timeout)
+supervisor.SPARE_WORKER_IDLE = float(overrides.pop("spare_worker_idle", supervisor.SPARE_WORKER_IDLE))
 config = load_config(None, {"server.port": int(port), "server.host": "127.0.0.1", "storage.directory": root,
-                            "server.workers": int(workers), "monitor.listen": "off"})
+                            "server.workers": int(workers), "monitor.listen": "off", **overrides})
 logs.configure("INFO")
 targets = dataclasses.replace(TARGETS, stages=stages, **{kind: getattr(fakes, name) for kind, name in targets.items()})
 sys.exit(supervisor.Supervisor(config, targets, backoff=fakes.BACKOFF).run())
@@ -127,14 +128,15 @@ sys.exit(supervisor.Supervisor(config, targets, backoff=fakes.BACKOFF).run())
 
 
 class FakeServer:
-    def __init__(self, tmp: Path, targets: dict[str, object], *, workers: int = 1, ready_timeout: float = 60) -> None:
+    def __init__(self, tmp: Path, targets: dict[str, object], *, workers: int = 1, ready_timeout: float = 60,
+                 overrides: dict[str, object] | None = None) -> None:
         self.port = free_port()
         self.log = tmp / "supervisor.log"
         self.fakes = tmp / "fakes.log"
         self._out = open(self.log, "w")
         self.process = subprocess.Popen(
             [sys.executable, "-c", _SCRIPT, str(self.port), str(tmp / "received"), str(workers),
-             json.dumps(targets), str(ready_timeout)],
+             json.dumps(targets), str(ready_timeout), json.dumps(overrides or {})],
             stdout=self._out, stderr=subprocess.STDOUT, start_new_session=True,
             cwd=REPO, env={**os.environ, "FASTSCP_FAKE_LOG": str(self.fakes)})
 
@@ -227,6 +229,45 @@ def test_accept_goes_on_while_the_indexer_restarts_and_never_becomes_ready(fake_
                what="the never-ready indexer killed at its deadline")
     wait_until(lambda: len(server.starts("indexer")) >= 3, timeout=15, what="another restart of the indexer")
     assert "indexer started (pid" in server.log_text()
+    assert server.stop() == 0
+
+
+def _started_workers(log: str) -> list[int]:
+    return sorted({int(line.split("worker ", 1)[1].split()[0]) for line in log.splitlines()
+                   if "started (pid" in line and "worker " in line})
+
+
+def test_one_association_per_worker_grows_the_pool_and_stops_idle_spares(fake_server) -> None:  # type: ignore[no-untyped-def]
+    """server.associations_per_worker: 1 with real workers: each open association gets a process of its own."""
+    server = fake_server({"indexer": "indexer_ready", "poststore": "idle"}, workers=1,
+                         overrides={"server.associations_per_worker": 1, "spare_worker_idle": 1.0})
+    wait_for_port(server.port, server.process, server.log)
+    assert _started_workers(server.log_text()) == [0]
+    held = []
+    try:
+        for _ in range(3):
+            scu = RawSCU(server.port, VERIFICATION, IMPLICIT_VR_LITTLE_ENDIAN, timeout=5)
+            assert scu.accepted, scu.response_type
+            held.append(scu)
+        # Three associations open at once: worker 0 and two more, forked as they came.
+        assert _started_workers(server.log_text()) == [0, 1, 2]
+    finally:
+        for scu in held:
+            scu.release()
+            scu.close()
+    # Idle past SPARE_WORKER_IDLE: the two spares stop; worker 0 (server.workers) stays.
+    wait_until(lambda: server.log_text().count("stopping it (server.associations_per_worker)") == 2, timeout=20,
+               what="the idle spare workers to stop")
+    assert "worker 0 idle" not in server.log_text()
+    # The next association goes to worker 0, free again: nothing new is forked, nothing is restarted.
+    scu = RawSCU(server.port, VERIFICATION, IMPLICIT_VR_LITTLE_ENDIAN, timeout=5)
+    assert scu.accepted, scu.response_type
+    scu.release()
+    scu.close()
+    time.sleep(0.5)
+    log = server.log_text()
+    assert _started_workers(log) == [0, 1, 2], log
+    assert "restarting it" not in log, log
     assert server.stop() == 0
 
 
