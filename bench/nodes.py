@@ -81,12 +81,6 @@ def setups(counts: list[int]) -> list[Setup]:
     return [Setup("embedded-duckdb", 1, False)] + [Setup(f"ducklake-{n}", n, True) for n in counts]
 
 
-def node_config(folder: Path, name: str, catalog: str, data_path: Path) -> Path:
-    config = folder / f"{name}.yaml"
-    config.write_text(f"server:\n  node: {name}\ndatabase:\n  catalog: '{catalog}'\n  data_path: '{data_path}'\n")
-    return config
-
-
 def run_setup(setup: Setup, round_: int, files: list[corpora.SourceFile], k: int, workdir: Path,
               postgres: PostgresCluster, storescu_config: Path) -> NodesRun:
     """Start the nodes and HAProxy, send, wait for the index, stop everything, check what arrived."""
@@ -105,11 +99,11 @@ def run_setup(setup: Setup, round_: int, files: list[corpora.SourceFile], k: int
         for number in range(setup.nodes):
             name = f"node-{chr(ord('a') + number)}"
             monitor = receivers.free_port()
-            args = ["--monitor", f"127.0.0.1:{monitor}"]
-            if setup.lake:
-                args += ["--config", str(node_config(workdir, name, catalog, workdir / "lake"))]
-            receiver = receivers.Receiver(name, "fastscp", "fastscp serve", True, args=tuple(args))
-            node = receivers.start(receiver, workdir / name)
+            receiver = receivers.Receiver(name, "fastscp", "fastscp serve", True,
+                                          args=("--monitor", f"127.0.0.1:{monitor}"))
+            config = (f"server:\n  node: {name}\ndatabase:\n  catalog: '{catalog}'\n"
+                      f"  data_path: '{workdir / 'lake'}'\n") if setup.lake else ""
+            node = receivers.start(receiver, workdir / name, fastscp_config=config)
             running.append(node)
             backends.append((name, Address("127.0.0.1", node.port), monitor))
         proxy = HAProxy(workdir, backends)
