@@ -86,9 +86,6 @@ class PDUStream:
         #: The per-read timeout the socket had, restored after a deadline narrowed it.
         self._idle_timeout = sock.gettimeout() if hasattr(sock, "gettimeout") else None
         self._narrowed = False
-        import os  # MEASURE: temporary
-        if os.environ.get("FASTSCP_DP_RCVBUF"):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, int(os.environ["FASTSCP_DP_RCVBUF"]))
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
             self._quickack = True

@@ -252,9 +252,10 @@ class IncomingFile:
         """SHA-256 (hex) of the data set bytes: as the data path took it while
         they passed (:meth:`streamed`), else read back from the file.
 
-        Read back from the page cache it runs when asked: after the
-        C-STORE-RSP, or at once for a duplicate, where the hash decides
-        (storage.duplicates).
+        PERF: hashing as the bytes arrived cost ~0.25 ms of a 512x512 CT's
+        C-STORE latency (SHA-256 ~2 GB/s here); read back from the page
+        cache it runs when asked: after the C-STORE-RSP, or at once for a
+        duplicate, where the hash decides (storage.duplicates).
         """
         if not self._content_hash:
             assert self._fd is not None, "the file is closed"
