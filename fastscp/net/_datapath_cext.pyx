@@ -76,6 +76,7 @@ cdef extern from "<openssl/evp.h>" nogil:
     int EVP_DigestFinal_ex(EVP_MD_CTX* ctx, unsigned char* out, unsigned int* length)
 
 
+# The twin's events (fastscp.net._datapath_py), repeated for C; checked at import below.
 cdef enum:
     COMMAND = 1
     FRAGMENT = 2

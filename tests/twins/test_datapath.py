@@ -29,6 +29,7 @@ from fastscp.net import datapath
 from fastscp.net.datapath import COMMAND, DATA_SET, FRAGMENT, OTHER_PDU, PROGRESS, WRITE_FAILED, DataPathPy
 from fastscp.net.pdu import DeadlineExceeded, PDUStream
 from fastscp.storage.area import HEADER_PREFIX_BYTES
+from tests.twins import compiled_twin
 
 TWINS = ["cext", "py"]
 PDU = struct.Struct(">BxI")
@@ -38,11 +39,7 @@ RELEASE_RQ = PDU.pack(0x05, 4) + bytes(4)
 
 
 def _compiled() -> Any:
-    if datapath.DataPathCext is None:
-        if NO_EXTENSIONS:
-            pytest.skip("FASTSCP_NO_EXTENSIONS=1")
-        pytest.fail("fastscp.net._datapath_cext is not built: run `python setup.py build_ext --inplace`")
-    return datapath.DataPathCext
+    return compiled_twin(datapath.DataPathCext, "fastscp.net._datapath_cext")
 
 
 @pytest.fixture(params=TWINS)
