@@ -27,6 +27,8 @@ from setuptools import Extension, setup
 
 HERE = Path(__file__).resolve().parent
 PACKAGE = "fastscp"  # relative to HERE: setuptools wants relative source paths
+#: C libraries an extension links with, by module (headers: Debian's libssl-dev).
+LIBRARIES = {"fastscp.net._datapath_cext": ["crypto"]}  # OpenSSL's SHA-256
 
 
 def _flag(name: str) -> bool:
@@ -50,9 +52,10 @@ def extensions() -> list[Extension]:
         pass
     modules = [
         Extension(
-            ".".join(pyx.relative_to(HERE).with_suffix("").parts),
+            name := ".".join(pyx.relative_to(HERE).with_suffix("").parts),
             [str(pyx.relative_to(HERE))],
             include_dirs=include_dirs,
+            libraries=LIBRARIES.get(name, []),
             define_macros=macros,
             extra_compile_args=["-O3"] if os.name != "nt" else [],
         )

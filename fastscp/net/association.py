@@ -31,6 +31,7 @@ from fastscp.dicom.sopclasses import FIND_SOP_CLASSES, GET_SOP_CLASSES, MOVE_SOP
 from fastscp.index.records import DuplicateConflict, InstanceRecord
 from fastscp.net import commitscp, dimse
 from fastscp.net.access import peer_ip
+from fastscp.net.datapath import COMMAND, DATA_SET, FRAGMENT, PROGRESS, WRITE_FAILED, data_path
 from fastscp.net.findscp import Finder, FindRequest
 from fastscp.net.negotiation import (
     REJECTED_TRANSIENT,
@@ -169,8 +170,6 @@ class Association:
         self.stats = AssociationStats(connection_id=connection_id, worker=worker, peer_address=peer_address)
         self.negotiation: Negotiation | None = None
         self.stream: PDUStream | None = None
-        #: The command set being reassembled from its fragments (reused).
-        self._command = bytearray()
         #: The message whose data set is arriving, else None.
         self._message: Message | None = None
         #: The temp file the next C-STORE data set goes into, made in advance.
@@ -306,15 +305,42 @@ class Association:
             )
 
     def _data_transfer(self) -> None:
+        """P-DATA-TF PDUs through the data path's loop (fastscp.net.datapath), which returns at each
+        command set, data set end or fragment for a Python message; other PDUs here."""
         assert self.stream is not None
-        read = self.stream.read
+        path = data_path(self.stream, self.settings.max_command_set)
         self._spare = self.settings.storage.spare()
         self.answered()
         while True:
-            pdu_type, body = read()
-            if pdu_type == P_DATA_TF:
-                self._p_data(body)
-            elif pdu_type == A_RELEASE_RQ:
+            event = path.pump()
+            if event == FRAGMENT:
+                message = self._message
+                if message is None:
+                    raise ProtocolError("data set fragment without a command")
+                message.receive(path.fragment)
+                if path.last:
+                    self._completed(message)
+                continue
+            if event == COMMAND:
+                message = self._on_command(path.context_id, path.command)
+                if isinstance(message, StoreRequest) and (target := message.direct()) is not None:
+                    path.to_file(*target)
+                continue
+            if event == PROGRESS:
+                assert isinstance(self._message, StoreRequest)
+                self._message.streamed(path.length)
+                continue
+            if event == DATA_SET:
+                assert isinstance(self._message, StoreRequest)
+                self._message.streamed(path.length, path.content_hash)
+                self._completed(self._message)
+                continue
+            if event == WRITE_FAILED:
+                assert isinstance(self._message, StoreRequest)
+                self._message.write_failed(path.errno)
+                continue
+            pdu_type, _body = self.stream.read()  # not P-DATA-TF
+            if pdu_type == A_RELEASE_RQ:
                 self.sock.sendall(RELEASE_RP)
                 self.stats.outcome = "released"
                 return
@@ -324,42 +350,19 @@ class Association:
             else:
                 raise ProtocolError(f"unexpected PDU type 0x{pdu_type:02X} during data transfer")
 
-    def _p_data(self, body: memoryview) -> None:
-        pos, end = 0, len(body)
-        while pos < end:
-            if end - pos < 6:
-                raise ProtocolError("truncated PDV item")
-            item_length, context_id, control = PDV_HEADER.unpack_from(body, pos)
-            if item_length < 2 or pos + 4 + item_length > end:
-                raise ProtocolError(f"PDV item length {item_length} does not fit its PDU")
-            fragment = body[pos + 6 : pos + 4 + item_length]
-            pos += 4 + item_length
-            # Message Control Header (PS3.8 E.2): bit 0 command, bit 1 last.
-            if control & 1:
-                limit = self.settings.max_command_set
-                if len(self._command) + len(fragment) > limit:
-                    raise LimitExceeded(f"command set longer than limits.max_command_set ({limit})")
-                self._command += fragment
-                if control & 2:
-                    self._on_command(context_id)
-                continue
-            message = self._message
-            if message is None:
-                raise ProtocolError("data set fragment without a command")
-            message.receive(fragment)
-            if control & 2:
-                message.complete()
-                self._message = None
-                if self._spare is None:
-                    self._spare = self.settings.storage.spare()
+    def _completed(self, message: Message) -> None:
+        """The data set's last fragment arrived: the message answers; a temp file for the next C-STORE."""
+        message.complete()
+        self._message = None
+        if self._spare is None:
+            self._spare = self.settings.storage.spare()
 
-    def _on_command(self, context_id: int) -> None:
+    def _on_command(self, context_id: int, command: bytes) -> Message | None:
+        """Dispatch a complete command set; returns the message whose data set follows, if any."""
         try:
-            request = dimse.decode_command_set(self._command)
+            request = dimse.decode_command_set(command)
         except dimse.CommandSetError as exc:
             raise ProtocolError(str(exc)) from None
-        finally:
-            self._command.clear()
         assert self.negotiation is not None
         context = self.negotiation.contexts.get(context_id)
         if context is None:
@@ -390,6 +393,7 @@ class Association:
             self._message = Unsupported(self, request, context_id)
         else:
             self.respond(request, context_id, *unsupported(request))
+        return self._message
 
     def _take_spare(self) -> TempFile | None:
         spare, self._spare = self._spare, None

@@ -61,15 +61,20 @@ class PDUStream:
     a request for ever.
     """
 
-    def __init__(self, sock: socket.socket, max_pdu: int) -> None:
+    def __init__(self, sock: socket.socket, max_pdu: int, buffer_size: int = 0) -> None:
         self.sock = sock
         self.limit = max_pdu or UNLIMITED_PDU_CAP
         # Room for two PDUs so one recv_into can take a whole PDU and the
-        # start of the next one.
-        self._buf = bytearray(max(2 * (min(self.limit, 4 * 1024 * 1024) + 6), 65536))
+        # start of the next one (``buffer_size``: tests that split the stream
+        # at every offset ask for a small one; it grows for a longer PDU).
+        self._buf = bytearray(buffer_size or max(2 * (min(self.limit, 4 * 1024 * 1024) + 6), 65536))
         self._view = memoryview(self._buf)
         self._start = 0
         self._end = 0
+        #: Bytes of a P-DATA-TF PDU's body still unread when the data path
+        #: (fastscp.net.datapath) stopped between two of its PDVs: read() returns
+        #: them as a P-DATA-TF PDU of their own.
+        self.rest = 0
         self.bytes_read = 0
         # The deadline clock (see deadline()); off until armed.
         self._clock = False
@@ -136,23 +141,27 @@ class PDUStream:
             self._buf[:tail] = self._view[self._start : self._end]
             self._start, self._end = 0, tail
         while self._end - self._start < needed:
-            if self._clock:
-                self._arm()
-            try:
-                n = self.sock.recv_into(self._view[self._end :])
-            except TimeoutError:
-                if self._narrowed:
-                    raise DeadlineExceeded(self._why or "deadline passed") from None
-                raise
-            if n == 0:
-                raise PeerClosed("connection closed by peer")
-            self._end += n
-            self.bytes_read += n
-            if self._quickack:
-                # Linux leaves quick-ACK mode after a few segments; re-arm it
-                # so a sender with Nagle on (dcmtk's default) never waits
-                # ~40 ms for our delayed ACK.
-                self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+            self.receive()
+
+    def receive(self) -> None:
+        """One ``recv_into`` at the buffer's end (there must be room), against the deadline."""
+        if self._clock:
+            self._arm()
+        try:
+            n = self.sock.recv_into(self._view[self._end :])
+        except TimeoutError:
+            if self._narrowed:
+                raise DeadlineExceeded(self._why or "deadline passed") from None
+            raise
+        if n == 0:
+            raise PeerClosed("connection closed by peer")
+        self._end += n
+        self.bytes_read += n
+        if self._quickack:
+            # Linux leaves quick-ACK mode after a few segments; re-arm it
+            # so a sender with Nagle on (dcmtk's default) never waits
+            # ~40 ms for our delayed ACK.
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
 
     @property
     def buffered(self) -> int:
@@ -161,6 +170,12 @@ class PDUStream:
 
     def read(self, limit: int | None = None) -> tuple[int, memoryview]:
         """The next PDU's type and body (valid until the next call)."""
+        if self.rest:
+            length, self.rest = self.rest, 0
+            self._fill(length)
+            start = self._start
+            self._start = start + length
+            return P_DATA_TF, self._view[start : self._start]
         self._fill(6)
         pdu_type, length = PDU_HEADER.unpack_from(self._buf, self._start)
         cap = limit if limit is not None else self.limit
