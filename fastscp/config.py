@@ -64,6 +64,8 @@ class ServerConfig(_Section):
     node: Annotated[str, msgspec.Meta(max_length=64, pattern=r"^[A-Za-z0-9_.-]*$")] = ""
     #: CPU and I/O priority of derived work (post-store stage, forwarder): fastscp.process.priority.
     derived_priority: Literal["idle", "low", "normal"] = "idle"
+    #: Where the other nodes of a shared index reach our port (C-GET of our files); "": host, else the host name.
+    advertise_host: Annotated[str, msgspec.Meta(max_length=253, pattern=r"^[A-Za-z0-9_.:-]*$")] = ""
 
 
 class LimitsConfig(_Section):
@@ -107,6 +109,8 @@ class StorageConfig(_Section):
     #: Permissions of the files and folders fastscp creates (octal).
     file_mode: Mode = "0640"
     dir_mode: Mode = "0750"
+    #: A shared index: directory is on storage every node mounts at this same path (they read our files there).
+    shared: bool = False
 
 
 class AllowedAE(_Section):
@@ -152,6 +156,8 @@ class RetrieveConfig(_Section):
     move_destinations: dict[AETitle, MoveDestination] = msgspec.field(default_factory=dict)
     #: Most instances one C-MOVE or C-GET may select (more: 0xA701); bounds a request's memory.
     max_instances: Positive = 100000
+    #: A shared index: seconds to connect to the node that has a file, and for each of its answers.
+    node_timeout: Seconds = 30.0
 
 
 class MonitorConfig(_Section):

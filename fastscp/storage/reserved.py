@@ -14,6 +14,8 @@ from typing import Final
 
 #: Temp files of data sets being received (the same filesystem as the final paths).
 INCOMING: Final = ".incoming"
+#: In INCOMING: the name prefix of the private folders of files fetched from other nodes (fastscp.net.fetch).
+FETCHED: Final = "fetched-"
 #: Data sets that could not be understood, each with a ``.reason.txt`` (storage.quarantine).
 QUARANTINE: Final = ".quarantine"
 #: JPEG thumbnails, mirroring the layout (thumbnails.enabled).
