@@ -23,7 +23,8 @@ sees) that several nodes write at once. There each row of ``instances``,
 relative to that node's storage root); a node writes, replaces and reconciles
 only its own rows and reads everyone's. DuckLake has no PRIMARY KEY or UNIQUE
 constraints: a resent instance replaces its node's row by path (DELETE, then
-INSERT), and studies and series are appended (:data:`_LAKE_PARENTS`).
+INSERT), and studies and series are appended (:data:`_LAKE_PARENTS`). Each
+node also appends where the others fetch its files (:class:`NodeAddress`).
 """
 
 from __future__ import annotations

@@ -17,7 +17,8 @@ browser's zip on any node take the files of other nodes' rows through
   A fetched file is the data set as the owning node sent it (its file's
   bytes, never decoded) in the File Meta that node wrote for it
   (:func:`fastscp.dicom.part10.file_meta` of the same values): the stored
-  file, byte for byte;
+  file, byte for byte. (pynetdicom holds each arriving data set in memory
+  until it is written: one instance at a time.);
 - a node that can't be reached fails its instances (each a failed
   sub-operation), and is not tried again within the request: a node that is
   down costs at most ``retrieve.node_timeout`` per request.
@@ -186,6 +187,7 @@ class RemoteFiles:
                 break
             if other.node == first.node and other.sop_instance_uid not in self._fetched:
                 batch.append(other)
+        why = f"node {owner.node!r} did not send it"
         try:
             self._get(owner, batch)
         except SCUError as exc:
@@ -194,10 +196,12 @@ class RemoteFiles:
         except OSError as exc:  # the private folder can't be made
             self._down[owner.node] = f"no folder for files fetched from node {owner.node!r}: {exc.strerror}"
             log.warning("fetching files of other nodes: %s", self._down[owner.node])
+        except Exception as exc:  # noqa: BLE001 - pynetdicom's own errors: this batch fails, not the request
+            why = f"fetching from node {owner.node!r} failed: {type(exc).__name__}: {exc}"
+            log.warning("fetching files of other nodes: %s", why)
         for instance in batch:
             if instance.sop_instance_uid not in self._fetched:
-                self._failed.setdefault(instance.sop_instance_uid,
-                                        self._down.get(owner.node, f"node {owner.node!r} did not send it"))
+                self._failed.setdefault(instance.sop_instance_uid, self._down.get(owner.node, why))
 
     def _get(self, owner: NodeAddress, batch: list[Instance]) -> None:
         if not self._folder:
