@@ -65,8 +65,8 @@ class Instance(NamedTuple):
     path: str
     #: A shared index: the node whose disk has the file, when it is another node ("": this node's file).
     node: str = ""
-    #: Another node's file: its study and series (a C-GET for it names them) and its sender (the Source
-    #: Application Entity Title of the File Meta it is framed in again).
+    #: In a shared index: its study and series (a C-GET for another node's file names them) and its sender
+    #: (the Source Application Entity Title of the File Meta a fetched file is framed in again).
     study_instance_uid: str = ""
     series_instance_uid: str = ""
     calling_ae_title: str = ""
