@@ -694,34 +694,35 @@ class Browser:
         # An instance kept on several nodes goes in once: this node's copy, else the first other's.
         own = {row["SOPInstanceUID"] for row in instances if (row.get("Node") or mine) == mine}
         files: list[tuple[str, str | None, Instance | None]] = []
-        names: set[str] = set()
+        names = {self._zip_name(row["Path"] or "") for row in instances if (row.get("Node") or mine) == mine}
         for row in instances:
             relative = row["Path"] or ""
             node = row.get("Node") or mine
-            if node != mine:
-                if row["SOPInstanceUID"] in own:
-                    continue
-                own.add(row["SOPInstanceUID"])
-                name = relative.lstrip("/")
-                if name in names:
-                    name = f"{node}/{name}"  # another node's file at one of our names (another layout)
-                files.append((name, None, Instance(row["SOPInstanceUID"], row["SOPClassUID"] or "",
-                                                   row["TransferSyntaxUID"] or "", relative, node,
-                                                   row["StudyInstanceUID"] or "", row["SeriesInstanceUID"] or "",
-                                                   row["CallingAETitle"] or "")))
-                names.add(name)
+            if node == mine:
+                files.append((self._zip_name(relative), self._file(relative), None))
                 continue
-            if os.path.isabs(relative):
-                name = "sr_directory/" + os.path.relpath(relative, self.settings.sr_root or "/")
-            else:
-                name = relative
+            if row["SOPInstanceUID"] in own:
+                continue
+            own.add(row["SOPInstanceUID"])
+            name = relative.lstrip("/")
+            if name in names:
+                name = f"{node}/{name}"  # another node's file at one of our names (another layout)
             names.add(name)
-            files.append((name, self._file(relative), None))
+            files.append((name, None, Instance(row["SOPInstanceUID"], row["SOPClassUID"] or "",
+                                               row["TransferSyntaxUID"] or "", relative, node,
+                                               row["StudyInstanceUID"] or "", row["SeriesInstanceUID"] or "",
+                                               row["CallingAETitle"] or "")))
         log.info("study browser: %s from %s downloaded study %s (patient ID %s, %d files)", who, peer, uid,
                  _quoted(header["PatientID"] or ""), len(files))
         disposition = f'attachment; filename="study-{uid}.zip"'
         return StreamResponse(200, "application/zip", _Download(self, self._zip(uid, files)),
                               (("Content-Disposition", disposition),))
+
+    def _zip_name(self, relative: str) -> str:
+        """A file's name in a study's zip: its path below the storage root (or sr_directory)."""
+        if os.path.isabs(relative):
+            return "sr_directory/" + os.path.relpath(relative, self.settings.sr_root or "/")
+        return relative
 
     async def _zip(self, uid: str, files: list[tuple[str, str | None, Instance | None]]
                    ) -> AsyncGenerator[bytes, None]:
