@@ -55,9 +55,11 @@ def nifti_volumes(hook: HookConfig, event: Event, modes: FileModes) -> str:
     """The nifti action: a volume per image series of a quiet study; the paths written, a line each.
 
     The series are those of the study's folder as it is on disk (instances
-    of earlier bursts and from before a restart included); a layout without
-    a study folder gives the instances the event lists. A series that fails
-    does not stop the others.
+    of earlier bursts and from before a restart included) and of the files
+    the event lists (a layout without a study folder; in a shared index,
+    every node's). A listed file that can't be read here (another node's
+    own disk) converts nothing: no volume from part of a series. A series
+    that fails does not stop the others.
 
     Raises
     ------
@@ -70,13 +72,16 @@ def nifti_volumes(hook: HookConfig, event: Event, modes: FileModes) -> str:
 
     study_uid, root = str(event.document["study_instance_uid"]), event.storage_dir
     study_dir = event.env["FASTSCP_STUDY_DIR"]
-    if study_dir:
-        instances = find_study_instances(study_dir, study_uid)
-        folder = os.path.relpath(study_dir, root)
-    else:
-        instances = [item for item in read_headers(event.document["stored"])
-                     if item[1].study_instance_uid == study_uid]
-        folder = safe_component(study_uid)
+    instances = find_study_instances(study_dir, study_uid) if study_dir else []
+    folder = os.path.relpath(study_dir, root) if study_dir else safe_component(study_uid)
+    found = {path for path, _fields in instances}
+    listed = [path for path in event.document["stored"] if path not in found]
+    read = read_headers(listed)
+    if len(read) < len(listed):
+        unread = sorted(set(listed) - {path for path, _fields in read})
+        raise NiftiError(f"{len(unread)} of the study's files can't be read here, so no series is converted "
+                         f"(on another node's own disk?): {', '.join(unread[:5])}")
+    instances += [item for item in read if item[1].study_instance_uid == study_uid]
     series: dict[str, dict[str, str]] = {}
     for path, fields in instances:
         if fields.rows and fields.columns:  # images only: no SR, presentation states, ...

@@ -448,6 +448,37 @@ hooks:
     assert nib.load(next_volume).shape == (8, 8, 3)
 
 
+def test_nifti_action_converts_nothing_when_a_listed_file_is_not_readable_here(tmp_path: Path) -> None:
+    """A study-complete event without a study folder (a flat layout; in a shared index, a study of several nodes)
+    names its files: all readable, a volume per series in nifti/<StudyInstanceUID>/; one that can't be read
+    here (another node's own disk), nothing at all, rather than a volume of part of a series. In process."""
+    from fastscp.config import HookConfig
+    from fastscp.hooks.actions import run_action
+    from fastscp.hooks.events import Event
+    from fastscp.media.nifti import NiftiError
+    from fastscp.storage.files import FileModes
+
+    root = tmp_path / "storage"
+    files = write_series(str(root), 4, rows=8, columns=8, image_positions=[(0.0, 0.0, 2.0 * k) for k in range(4)],
+                         image_orientation=(1, 0, 0, 0, 1, 0), pixel_spacing=(1.0, 1.0), slice_thickness=2.0)
+    header = pydicom.dcmread(files[0], stop_before_pixels=True)
+    hook = HookConfig(name="volumes", event="study-complete", action="nifti")
+
+    def event(stored: list[str]) -> Event:
+        return Event(kind="study-complete", env={"FASTSCP_STUDY_DIR": ""}, subject="a study",
+                     document={"study_instance_uid": header.StudyInstanceUID, "stored": stored},
+                     sop_classes=frozenset(), modalities=frozenset(), calling_aets=frozenset(),
+                     storage_dir=str(root))
+
+    elsewhere = "/srv/node-b/received/P1/other.dcm"
+    with pytest.raises(NiftiError, match=f"1 of the study's files can't be read here.*{elsewhere}"):
+        run_action(hook, event([*files, elsewhere]), FileModes())
+    assert not (root / "nifti").exists()
+    made = run_action(hook, event(files), FileModes())
+    assert made == str(root / "nifti" / header.StudyInstanceUID / f"{header.SeriesInstanceUID}.nii.gz")
+    assert nib.load(made).shape == (8, 8, 4)
+
+
 def _drive(hooks, until, timeout: float = 30) -> None:  # type: ignore[no-untyped-def]
     """Run a Hooks object's loop (tick, then its ready pipes) as the post-store process does."""
     deadline = time.monotonic() + timeout
