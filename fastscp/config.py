@@ -64,6 +64,8 @@ class ServerConfig(_Section):
     node: Annotated[str, msgspec.Meta(max_length=64, pattern=r"^[A-Za-z0-9_.-]*$")] = ""
     #: CPU and I/O priority of derived work (post-store stage, forwarder): fastscp.process.priority.
     derived_priority: Literal["idle", "low", "normal"] = "idle"
+    #: Where the other nodes of a shared index reach our port (C-GET of our files); "": host, else the host name.
+    advertise_host: Annotated[str, msgspec.Meta(max_length=253, pattern=r"^[A-Za-z0-9_.:-]*$")] = ""
 
 
 class LimitsConfig(_Section):
@@ -107,6 +109,8 @@ class StorageConfig(_Section):
     #: Permissions of the files and folders fastscp creates (octal).
     file_mode: Mode = "0640"
     dir_mode: Mode = "0750"
+    #: A shared index: directory is on storage every node mounts at this same path (they read our files there).
+    shared: bool = False
 
 
 class AllowedAE(_Section):
@@ -152,6 +156,8 @@ class RetrieveConfig(_Section):
     move_destinations: dict[AETitle, MoveDestination] = msgspec.field(default_factory=dict)
     #: Most instances one C-MOVE or C-GET may select (more: 0xA701); bounds a request's memory.
     max_instances: Positive = 100000
+    #: A shared index: seconds to connect to the node that has a file, and for each of its answers.
+    node_timeout: Seconds = 30.0
 
 
 class MonitorConfig(_Section):
@@ -296,13 +302,15 @@ class HookConfig(_Section):
     event: HookEvent
     #: The program and its arguments (argv, never a shell command line).
     program: list[str] = msgspec.field(default_factory=list)
-    #: A built-in action instead of a program (instance-stored only).
-    action: Literal["", "jpeg", "copy"] = ""
-    #: jpeg and copy: the folder they write to, mirroring the storage layout.
+    #: A built-in action instead of a program (jpeg, copy: instance-stored; nifti: study-complete).
+    action: Literal["", "jpeg", "copy", "nifti"] = ""
+    #: jpeg and copy: the folder they write to, mirroring the storage layout; nifti: its volumes'
+    #: folder ("": <storage.directory>/nifti).
     directory: str = ""
     #: jpeg: JPEG quality.
     quality: Annotated[int, msgspec.Meta(ge=1, le=95)] = 90
     match: HookMatch = HookMatch()
+    #: A program's wall-clock limit; nifti: the converter's, per series.
     timeout: Seconds = 60.0
     max_concurrent: Annotated[int, msgspec.Meta(ge=1, le=64)] = 2
     #: Runs after a failed one (0: none); the n-th waits retry_backoff * 2**(n-1) seconds.
@@ -643,7 +651,8 @@ def _hook_problem(config: Config, hook: HookConfig, before: list[HookConfig]) ->
     if any(other.name == hook.name for other in before):
         return "name", f"{hook.name!r} names an earlier hook too; give each hook its own name"
     if bool(hook.program) == bool(hook.action):
-        return "program", "give a hook either a program (an argv list) or a built-in action (jpeg, copy), not both"
+        return "program", ("give a hook either a program (an argv list) or a built-in action (jpeg, copy, nifti), "
+                           "not both")
     if hook.program:
         program = hook.program[0]
         found = program if "/" in program else shutil.which(program)
@@ -651,16 +660,19 @@ def _hook_problem(config: Config, hook: HookConfig, before: list[HookConfig]) ->
             return "program", (f"{program!r} is not an executable file{'' if '/' in program else ' on PATH'}; "
                                "give its absolute path")
     else:
-        if hook.event != "instance-stored":
-            return "event", f"the {hook.action} action runs on instance-stored only (got {hook.event!r})"
-        if not hook.directory:
+        event = "study-complete" if hook.action == "nifti" else "instance-stored"
+        if hook.event != event:
+            return "event", f"the {hook.action} action runs on {event} only (got {hook.event!r})"
+        if not hook.directory and hook.action != "nifti":
             return "directory", f"the {hook.action} action needs the folder it writes to"
-        if hook.action == "copy":
+        if hook.directory and hook.action in ("copy", "nifti"):
             target = os.path.realpath(hook.directory)
             root = os.path.realpath(config.storage.directory)
             if os.path.commonpath([target, root]) in (target, root):
+                outside = ("copy to a folder outside it" if hook.action == "copy" else
+                           "leave directory empty for its reserved folder there (nifti/), or give one outside it")
                 return "directory", (f"{hook.directory!r} overlaps storage.directory {config.storage.directory!r}; "
-                                     "copy to a folder outside it")
+                                     f"{outside}")
     try:
         if hook.match.sop_classes:
             resolve_sop_classes(hook.match.sop_classes)

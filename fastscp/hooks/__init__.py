@@ -8,7 +8,7 @@ tells :class:`~fastscp.hooks.runner.Hooks` what happened; the config's
   a JSON document), and which hooks an event matches.
 - :mod:`fastscp.hooks.runner`: runs them (no shell; timeout, concurrency
   limit, retries with backoff, process groups killed by PID), counts and logs.
-- :mod:`fastscp.hooks.actions`: the built-in actions (full-size JPEG, copy).
+- :mod:`fastscp.hooks.actions`: the built-in actions (full-size JPEG, copy, NIfTI volumes).
 - :mod:`fastscp.hooks.link`: the supervisor's link to the post-store process
   (new hooks on SIGHUP one way, the hooks' counts for the status page the other).
 """

@@ -52,6 +52,8 @@ class Event:
     #: instance-stored: the file (absolute) and its path below its storage root (built-in actions).
     path: str = ""
     relative_path: str = ""
+    #: study-complete: the storage root (the built-in nifti action writes beside the study).
+    storage_dir: str = ""
 
 
 def _header_document(header: HeaderFields) -> dict[str, Any]:
@@ -202,7 +204,7 @@ class Tracker:
         return Event(
             kind="study-complete", env=env, document=document, subject=f"study {study_uid}: {seen.count} instances",
             sop_classes=frozenset(seen.sop_classes), modalities=frozenset(seen.modalities),
-            calling_aets=frozenset(seen.calling_aets),
+            calling_aets=frozenset(seen.calling_aets), storage_dir=self.root,
         )
 
 

@@ -23,7 +23,8 @@ sees) that several nodes write at once. There each row of ``instances``,
 relative to that node's storage root); a node writes, replaces and reconciles
 only its own rows and reads everyone's. DuckLake has no PRIMARY KEY or UNIQUE
 constraints: a resent instance replaces its node's row by path (DELETE, then
-INSERT), and studies and series are appended (:data:`_LAKE_PARENTS`).
+INSERT), and studies and series are appended (:data:`_LAKE_PARENTS`). Each
+node also appends where the others fetch its files (:class:`NodeAddress`).
 """
 
 from __future__ import annotations
@@ -258,6 +259,36 @@ class Lake(NamedTuple):
     def __str__(self) -> str:
         # Never the catalog string: it may hold a password.
         return f"the DuckLake index in {self.data_path}"
+
+
+class NodeAddress(NamedTuple):
+    """Where a node of a shared index answers C-GET for the files on its disk, and where they are.
+
+    Each node appends its own at start (:meth:`Index.register_node`); the
+    others read the latest of each (:data:`NODE_ADDRESSES_SQL`) to fetch the
+    files of its rows (:mod:`fastscp.net.fetch`).
+    """
+
+    node: str
+    host: str
+    port: int
+    ae_title: str
+    #: Its DICOM port speaks TLS (its tls.enabled).
+    tls: bool
+    #: Its storage root (real path), which its rows' paths are relative to.
+    storage_directory: str
+    #: Every node mounts that root at that path (storage.shared): read the files there.
+    shared_storage: bool
+
+
+#: In a lake: each node's :class:`NodeAddress`, appended at each start (DuckLake has no keys, and a node never
+#: touches another's rows); made by the first node that registers, so a lake made by an older fastscp gets it.
+_NODE_ADDRESSES = ("CREATE TABLE IF NOT EXISTS node_addresses (node VARCHAR, host VARCHAR, port BIGINT, "
+                   "ae_title VARCHAR, tls BOOLEAN, storage_directory VARCHAR, shared_storage BOOLEAN, "
+                   "registered_at TIMESTAMP)")
+#: The latest :class:`NodeAddress` of each node, in its field order (a SELECT: any process may ask it).
+NODE_ADDRESSES_SQL = ("SELECT DISTINCT ON (node) node, host, port, ae_title, tls, storage_directory, shared_storage "
+                      "FROM node_addresses ORDER BY node, registered_at DESC")
 
 
 #: The PyPI wheels that carry DuckDB's extensions for offline use, by the
@@ -841,6 +872,28 @@ class Index:
                          str(exc).splitlines()[0])
                 time.sleep(0.05 * attempt)
         raise AssertionError("unreachable")
+
+    def register_node(self, address: NodeAddress) -> None:
+        """Record where this node answers for its files (a lake only: the other nodes fetch them from there).
+
+        Raises
+        ------
+        duckdb.Error
+            The catalog refused it (after :data:`LAKE_WRITE_ATTEMPTS` tries).
+        """
+        for attempt in range(1, LAKE_WRITE_ATTEMPTS + 1):
+            try:
+                with self.transaction() as con:
+                    con.execute(_NODE_ADDRESSES)
+                    con.execute("INSERT INTO node_addresses VALUES (?, ?, ?, ?, ?, ?, ?, now())", list(address))
+                return
+            except (duckdb.TransactionException, duckdb.CatalogException) as exc:
+                # Nodes that start together on a lake without the table race to make it.
+                if attempt == LAKE_WRITE_ATTEMPTS:
+                    raise
+                log.info("%s: registering node %s conflicted with another node, attempt %d: %s", self.path,
+                         address.node, attempt, str(exc).splitlines()[0])
+                time.sleep(0.05 * attempt)
 
     def _own_rows(self, table: str, batch: str) -> bool:
         """Whether ``table`` holds a row of this node with a path of the registered ``batch``."""

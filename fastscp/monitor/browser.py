@@ -46,7 +46,7 @@ import time
 import zipfile
 from collections.abc import AsyncGenerator, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, quote, urlencode
 
 import msgspec
@@ -67,9 +67,13 @@ from fastscp.monitor import page as statuspage
 from fastscp.monitor.http import HTML, Request, Response, StreamResponse, text_response
 from fastscp.query.client import QueryClient, ServerUnavailable
 from fastscp.query.messages import Condition, QueryError, QueryRequest
+from fastscp.query.retrieve import Instance
 from fastscp.status import human_bytes
 from fastscp.storage.layout import LayoutOptions
 from fastscp.storage.reserved import THUMBNAILS
+
+if TYPE_CHECKING:
+    from fastscp.net.fetch import FetchSettings
 
 log = logging.getLogger("fastscp.browser")
 
@@ -141,6 +145,8 @@ class BrowserSettings:
     thumbnails_per_series: int = DEFAULT_THUMBNAILS
     #: Why the browser is off ("" when it is on).
     off: str = ""
+    #: A shared index: how the files of other nodes' rows are had (None: one node).
+    remote: FetchSettings | None = None
 
     @property
     def credentials(self) -> bool:
@@ -162,6 +168,11 @@ def browser_settings(config: Config, bound_host: str) -> BrowserSettings:
         off = (f"monitor.listen {monitor.listen} is beyond loopback and no credentials are configured: set "
                f"monitor.username and monitor.password, or monitor.token, to serve it there")
     sr = config.storage.sr_directory
+    remote = None
+    if config.lake is not None:
+        from fastscp.net.fetch import fetch_settings  # pynetdicom: only a shared index needs it here
+
+        remote = fetch_settings(config, os.path.realpath(config.storage.directory))
     return BrowserSettings(
         index_path=config.index_path,
         root=os.path.realpath(config.storage.directory),
@@ -170,6 +181,7 @@ def browser_settings(config: Config, bound_host: str) -> BrowserSettings:
         username=monitor.username, password=monitor.password, token=monitor.token,
         thumbnails_per_series=config.scansheet.thumbnails_per_series,
         off=off,
+        remote=remote,
     )
 
 
@@ -316,6 +328,9 @@ _HEADER_KEYS = ["PatientName", "PatientID", "PatientBirthDate", "PatientSex", "S
                 "NumberOfStudyRelatedSeries", "NumberOfStudyRelatedInstances", "Bytes"]
 _INSTANCE_KEYS = ["SeriesInstanceUID", "SeriesNumber", "Modality", "SeriesDescription", "SOPInstanceUID",
                   "InstanceNumber", "Path"]
+#: In a shared index, also the row's node and what fetching its file from that node takes.
+_NODE_INSTANCE_KEYS = [*_INSTANCE_KEYS, "Node", "SOPClassUID", "TransferSyntaxUID", "StudyInstanceUID",
+                       "CallingAETitle"]
 
 
 def _search_form(fields: dict[str, str], inputs: tuple[tuple[str, str, str], ...], action: str) -> str:
@@ -541,7 +556,8 @@ class Browser:
 
     async def _instances(self, uid: str) -> list[dict[str, Any]] | None:
         """The study's instances (series by number, instances by number); None when too many to list."""
-        rows = await self._query("IMAGE", [Condition("StudyInstanceUID", uid)], _INSTANCE_KEYS,
+        rows = await self._query("IMAGE", [Condition("StudyInstanceUID", uid)],
+                                 _NODE_INSTANCE_KEYS if self.settings.remote else _INSTANCE_KEYS,
                                  MAX_STUDY_INSTANCES + 1)
         return None if len(rows) > MAX_STUDY_INSTANCES else rows
 
@@ -673,27 +689,50 @@ class Browser:
         if self.downloads >= MAX_DOWNLOADS:
             return text_response(503, f"{MAX_DOWNLOADS} studies are being downloaded; try again in a moment",
                                  (("Retry-After", "5"),))
-        files = []
+        remote = self.settings.remote
+        mine = "" if remote is None else remote.node
+        # An instance kept on several nodes goes in once: this node's copy, else the first other's.
+        own = {row["SOPInstanceUID"] for row in instances if (row.get("Node") or mine) == mine}
+        files: list[tuple[str, str | None, Instance | None]] = []
+        names = {self._zip_name(row["Path"] or "") for row in instances if (row.get("Node") or mine) == mine}
         for row in instances:
             relative = row["Path"] or ""
-            if os.path.isabs(relative):
-                name = "sr_directory/" + os.path.relpath(relative, self.settings.sr_root or "/")
-            else:
-                name = relative
-            files.append((name, self._file(relative)))
+            node = row.get("Node") or mine
+            if node == mine:
+                files.append((self._zip_name(relative), self._file(relative), None))
+                continue
+            if row["SOPInstanceUID"] in own:
+                continue
+            own.add(row["SOPInstanceUID"])
+            name = relative.lstrip("/")
+            if name in names:
+                name = f"{node}/{name}"  # another node's file at one of our names (another layout)
+            names.add(name)
+            files.append((name, None, Instance(row["SOPInstanceUID"], row["SOPClassUID"] or "",
+                                               row["TransferSyntaxUID"] or "", relative, node,
+                                               row["StudyInstanceUID"] or "", row["SeriesInstanceUID"] or "",
+                                               row["CallingAETitle"] or "")))
         log.info("study browser: %s from %s downloaded study %s (patient ID %s, %d files)", who, peer, uid,
                  _quoted(header["PatientID"] or ""), len(files))
         disposition = f'attachment; filename="study-{uid}.zip"'
         return StreamResponse(200, "application/zip", _Download(self, self._zip(uid, files)),
                               (("Content-Disposition", disposition),))
 
-    async def _zip(self, uid: str, files: list[tuple[str, str | None]]) -> AsyncGenerator[bytes, None]:
+    def _zip_name(self, relative: str) -> str:
+        """A file's name in a study's zip: its path below the storage root (or sr_directory)."""
+        if os.path.isabs(relative):
+            return "sr_directory/" + os.path.relpath(relative, self.settings.sr_root or "/")
+        return relative
+
+    async def _zip(self, uid: str, files: list[tuple[str, str | None, Instance | None]]
+                   ) -> AsyncGenerator[bytes, None]:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[bytes | None | BaseException] = asyncio.Queue()
         ahead = threading.Semaphore(ZIP_AHEAD)
         cancelled = threading.Event()
         out = _ChunkWriter(loop, queue, ahead, cancelled)
-        thread = threading.Thread(target=_write_zip, args=(out, files, uid), name="fastscp-browser-zip", daemon=True)
+        thread = threading.Thread(target=_write_zip, args=(out, files, uid, self.settings.remote),
+                                  name="fastscp-browser-zip", daemon=True)
         thread.start()
         try:
             while True:
@@ -781,18 +820,35 @@ class _ChunkWriter(io.RawIOBase):
             pass  # the monitor is stopping: its loop is closed, nobody waits
 
 
-def _write_zip(out: _ChunkWriter, files: list[tuple[str, str | None]], uid: str) -> None:
-    """Write the zip of ``files`` ((name in the zip, real path or None), in order) to ``out``.
+def _write_zip(out: _ChunkWriter, files: list[tuple[str, str | None, Instance | None]], uid: str,
+               remote: FetchSettings | None = None) -> None:
+    """Write the zip of ``files`` ((name in the zip, real path or None, another node's instance or None),
+    in order) to ``out``.
 
     Files are stored, not compressed: they go out byte for byte, and most
-    pixel data compresses little for the CPU it costs. A file that can't be
-    read (removed since it was indexed) is named in ``fastscp-missing.txt``
-    at the end instead: the response has begun, its status can't change.
+    pixel data compresses little for the CPU it costs. Other nodes' files
+    are read from shared storage or fetched from their node first
+    (:class:`fastscp.net.fetch.RemoteFiles`, ``remote``). A file that can't
+    be read (removed since it was indexed, its node down) is named in
+    ``fastscp-missing.txt`` at the end instead: the response has begun, its
+    status can't change.
     """
     missing: list[str] = []
+    others = [instance for _name, _path, instance in files if instance is not None]
+    fetched = None
+    if others and remote is not None:
+        from fastscp.net.fetch import RemoteFiles
+
+        fetched = RemoteFiles(remote, others)
     try:
         with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED, allowZip64=True, strict_timestamps=False) as archive:
-            for name, path in files:
+            for name, path, instance in files:
+                if instance is not None:
+                    local = fetched.local(instance) if fetched is not None else "its node is unknown here"
+                    if isinstance(local, str):
+                        missing.append(f"{name}: {local}")
+                        continue
+                    path = local.path
                 if path is None:
                     missing.append(f"{name}: not inside the storage root")
                     continue
@@ -809,6 +865,8 @@ def _write_zip(out: _ChunkWriter, files: list[tuple[str, str | None]], uid: str)
                     with archive.open(info, "w") as target:
                         while chunk := source.read(ZIP_CHUNK):
                             target.write(chunk)
+                if fetched is not None and instance is not None:
+                    fetched.done(instance)
             if missing:
                 log.warning("study browser: zip of study %s without %d files: %s", uid, len(missing),
                             "; ".join(missing[:10]))
@@ -822,3 +880,6 @@ def _write_zip(out: _ChunkWriter, files: list[tuple[str, str | None]], uid: str)
     except Exception as exc:  # noqa: BLE001 - reported to the response, which is cut off
         log.error("study browser: zip of study %s failed: %s", uid, exc)
         out.finish(exc)
+    finally:
+        if fetched is not None:
+            fetched.close()

@@ -18,11 +18,12 @@ requester accepted none of its own transfer syntax for its SOP class.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from typing import BinaryIO
 
 from fastscp.dicom.part10 import read_file_meta
 from fastscp.net import dimse, retrievescp
+from fastscp.net.fetch import remote_files
 from fastscp.net.findscp import encode_identifier
 from fastscp.query.retrieve import Instance
 
@@ -40,14 +41,19 @@ Receive = Callable[[], tuple[int, dict[str, int | str]]]
 
 def responses(service: retrievescp.RetrieveService, model: str, identifier: bytes, transfer_syntax: str,
               relational: bool, session: GetSession, cancelled: Callable[[], bool],
-              requester: str = "") -> Iterator[retrievescp.Response]:
+              requester: str = "") -> Generator[retrievescp.Response, None, None]:
     """The C-GET-RSPs of one C-GET-RQ, running its sub-operations through ``session`` as they go."""
     found = retrievescp.select_instances(service.select, model, identifier, transfer_syntax, relational)
     if isinstance(found, retrievescp.Response):
         yield found
         return
-    yield from retrievescp.suboperations(found, session, lambda: session.cancel_received or cancelled(),
-                                         transfer_syntax, f"C-GET from {requester!r}")
+    files = remote_files(service.remote, found, requester)
+    try:
+        yield from retrievescp.suboperations(found, session, lambda: session.cancel_received or cancelled(),
+                                             transfer_syntax, f"C-GET from {requester!r}", files)
+    finally:
+        if files is not None:
+            files.close()
 
 
 class ProtocolViolation(ValueError):

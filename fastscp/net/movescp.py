@@ -14,12 +14,13 @@ Files in their own transfer syntax are sent from disk as they are
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any
 
 from pynetdicom import _config
 
+from fastscp.net.fetch import remote_files
 from fastscp.net.retrievescp import (
     MOVE_DESTINATION_UNKNOWN,
     UNCOMPRESSED,
@@ -52,7 +53,8 @@ class MoveRequest:
 
 
 def responses(service: RetrieveService, model: str, identifier: bytes, transfer_syntax: str, relational: bool,
-              destination_ae: str, request: MoveRequest, cancelled: Callable[[], bool]) -> Iterator[Response]:
+              destination_ae: str, request: MoveRequest, cancelled: Callable[[], bool]
+              ) -> Generator[Response, None, None]:
     """The C-MOVE-RSPs of one C-MOVE-RQ, running its sub-operations as they go."""
     destination = service.move_destinations.get(destination_ae)
     if destination is None:
@@ -72,8 +74,13 @@ def responses(service: RetrieveService, model: str, identifier: bytes, transfer_
                 log.warning("C-MOVE from %r to %r: %s", request.calling_ae_title, destination_ae, exc)
                 yield all_failed(found, transfer_syntax, str(exc))
                 return
-        yield from suboperations(found, session, cancelled, transfer_syntax,
-                                 f"C-MOVE from {request.calling_ae_title!r} to {destination_ae!r}")
+        files = remote_files(service.remote, found, request.calling_ae_title)
+        try:
+            yield from suboperations(found, session, cancelled, transfer_syntax,
+                                     f"C-MOVE from {request.calling_ae_title!r} to {destination_ae!r}", files)
+        finally:
+            if files is not None:
+                files.close()
 
 
 def plan_contexts(found: list[Instance]) -> tuple[list[tuple[str, tuple[str, ...]]], set[str]]:
@@ -111,6 +118,7 @@ class MoveSession:
         self.destination_ae = destination_ae
         self.request = request
         self._found = found
+        self._position = {instance.sop_instance_uid: n for n, instance in enumerate(found)}
         self._next = 0
         self._assoc: Any = None
         self._classes: set[str] = set()
@@ -144,7 +152,8 @@ class MoveSession:
 
     def __call__(self, instance: Instance) -> int:
         """C-STORE one instance; its status (a failure status when it could not be sent)."""
-        # Called in the order of the instances: self._next is this one's place.
+        # In the order of the instances, but not each of them (another node's file may fail before).
+        self._next = self._position[instance.sop_instance_uid]
         try:
             if self._assoc is None or instance.sop_class_uid not in self._classes:
                 self.open()
@@ -166,8 +175,6 @@ class MoveSession:
             return failed("C-MOVE", instance, "its file is missing")
         except Exception as exc:  # unreadable file, decoder errors: pydicom raises many types
             return failed("C-MOVE", instance, f"{type(exc).__name__}: {exc}")
-        finally:
-            self._next += 1
         if "Status" not in status:
             return failed("C-MOVE", instance, "no C-STORE response (association aborted or DIMSE timeout)")
         return int(status.Status)

@@ -57,6 +57,8 @@ class RetrieveRequest(IdentifierMessage):
                 association.send(context.context_id, command, response.identifier)
         except getscp.ProtocolViolation as exc:
             raise ProtocolError(str(exc)) from None
+        finally:
+            responses.close()  # at once, whatever ended it: files fetched from other nodes go with it
         association.answered()
 
     def _next_command(self) -> tuple[int, dict[str, int | str]]:

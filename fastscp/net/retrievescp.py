@@ -15,6 +15,9 @@ sub-operation, never the whole request.
 Files go out as stored, in their own transfer syntax. Only when the peer
 accepted none for the SOP class is the data set converted (read by pydicom,
 decompressed by its decoders) to an uncompressed transfer syntax it accepted.
+
+In a shared index, the files of other nodes' rows are read or fetched first
+(:mod:`fastscp.net.fetch`); this node's own files are sent as in one node.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
 from fastscp.net import dimse
+from fastscp.net.fetch import FetchSettings, RemoteFiles
 from fastscp.net.findscp import CANCEL, decode_identifier, encode_identifier
 from fastscp.query.cfind import PENDING, UNABLE_TO_PROCESS, FindError
 from fastscp.query.retrieve import Instance, Selector
@@ -67,6 +71,8 @@ class RetrieveService:
     #: Our AE title: the calling AE title of C-MOVE sub-associations.
     ae_title: str
     move_destinations: Mapping[str, Destination]
+    #: A shared index: how the files of other nodes' rows are had (None: one node, its own files).
+    remote: FetchSettings | None = None
 
 
 @dataclass
@@ -132,10 +138,12 @@ def select_instances(select: Selector, model: str, identifier: bytes, transfer_s
 
 
 def suboperations(found: list[Instance], store: Store, cancelled: Callable[[], bool],
-                  transfer_syntax: str, what: str = "C-MOVE/C-GET") -> Iterator[Response]:
+                  transfer_syntax: str, what: str = "C-MOVE/C-GET",
+                  files: RemoteFiles | None = None) -> Iterator[Response]:
     """Run a C-STORE sub-operation per instance: a pending response after each, then the final one.
 
-    ``what`` names the request in the log line of its outcome.
+    ``what`` names the request in the log line of its outcome. ``files``
+    gives the files of other nodes' instances (None: they fail).
     """
     counts = Counts(remaining=len(found))
     started = time.monotonic()
@@ -145,7 +153,15 @@ def suboperations(found: list[Instance], store: Store, cancelled: Callable[[], b
                      counts.completed, counts.failed, counts.warning, counts.remaining, time.monotonic() - started)
             yield Response(CANCEL, counts.pending(), _failed_list(counts, transfer_syntax))
             return
-        status = store(instance)
+        if not instance.node:
+            status = store(instance)
+        else:
+            local = files.local(instance) if files is not None else (
+                f"its file is on node {instance.node!r}; a request of another node is served from this node's "
+                "files only")
+            status = store(local) if isinstance(local, Instance) else failed(what, instance, local)
+            if files is not None:
+                files.done(instance)
         counts.add(instance.sop_instance_uid, status)
         if counts.remaining:
             yield Response(PENDING, counts.pending())

@@ -97,6 +97,8 @@ ATTRIBUTES: dict[str, Attribute] = {
     "PeerAddress": _a("IMAGE", "i.peer_address", "LO", dicom=False),
     "ReceivedAt": _a("IMAGE", "strftime(i.received_at, '%Y-%m-%dT%H:%M:%S.%fZ')", "DT", dicom=False),
     "ThumbnailPath": _a("IMAGE", "t.thumbnail_path", "LO", dicom=False),
+    # A shared index only (database.catalog): the node whose storage root Path is below.
+    "Node": _a("IMAGE", "i.node", "LO", dicom=False),
     # Bytes of the files, at every level: one file at IMAGE level, a sum above it.
     "Bytes": _a("PATIENT", "bytes", "UV", derived=True, dicom=False),
 }

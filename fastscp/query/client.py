@@ -348,12 +348,13 @@ def finder(index_path: str, *, retrieve_ae_title: str = "") -> Callable[[str, Da
 
 
 
-def selector(index_path: str, storage_root: str, *, limit: int = 0) -> Selector:
-    """The :data:`Selector` for a running server's index (one thread-safe :class:`QueryClient`)."""
+def selector(index_path: str, storage_root: str, *, limit: int = 0, node: str = "") -> Selector:
+    """The :data:`Selector` for a running server's index (one thread-safe :class:`QueryClient`);
+    ``node``: this node's name in a shared index."""
     client = QueryClient(index_path)
 
     def select(model: str, identifier: Dataset, relational: bool = False) -> list[Instance]:
-        return instances(model, identifier, client, storage_root, relational=relational, limit=limit)
+        return instances(model, identifier, client, storage_root, relational=relational, limit=limit, node=node)
 
     return select
 

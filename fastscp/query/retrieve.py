@@ -51,6 +51,8 @@ RETRIEVE_MODELS: dict[str, str] = {
 TOO_MANY_MATCHES = OUT_OF_RESOURCES + 1
 
 _KEYS = ["SOPInstanceUID", "SOPClassUID", "TransferSyntaxUID", "Path"]
+#: In a shared index, also the row's node and what fetching its file from that node takes.
+_NODE_KEYS = [*_KEYS, "Node", "StudyInstanceUID", "SeriesInstanceUID", "CallingAETitle"]
 
 
 class Instance(NamedTuple):
@@ -59,8 +61,15 @@ class Instance(NamedTuple):
     sop_instance_uid: str
     sop_class_uid: str
     transfer_syntax_uid: str
-    #: Absolute path of its Part 10 file.
+    #: Absolute path of its Part 10 file; of another node's file, its path below that node's storage root.
     path: str
+    #: A shared index: the node whose disk has the file, when it is another node ("": this node's file).
+    node: str = ""
+    #: In a shared index: its study and series (a C-GET for another node's file names them) and its sender
+    #: (the Source Application Entity Title of the File Meta a fetched file is framed in again).
+    study_instance_uid: str = ""
+    series_instance_uid: str = ""
+    calling_ae_title: str = ""
 
 
 def plan(model: str, identifier: Dataset, *, relational: bool = False) -> QueryRequest:
@@ -95,7 +104,7 @@ def plan(model: str, identifier: Dataset, *, relational: bool = False) -> QueryR
 
 
 def instances(model: str, identifier: Dataset, client: IndexQueries, storage_root: str, *,
-              relational: bool = False, limit: int = 0) -> list[Instance]:
+              relational: bool = False, limit: int = 0, node: str = "") -> list[Instance]:
     """The stored instances a C-MOVE or C-GET identifier names, each once, in study/series/instance order.
 
     Parameters
@@ -103,6 +112,10 @@ def instances(model: str, identifier: Dataset, client: IndexQueries, storage_roo
     limit : int, optional
         More instances than this is 0xA701 (0: no limit); bounds the memory
         of one request.
+    node : str, optional
+        This node's name in a shared index: rows of other nodes become
+        instances with their :attr:`Instance.node`, and an instance stored
+        on several nodes is taken from this one's disk when it has it.
 
     Raises
     ------
@@ -113,10 +126,11 @@ def instances(model: str, identifier: Dataset, client: IndexQueries, storage_roo
         ``limit`` instances match (0xA701).
     """
     request = plan(model, identifier, relational=relational)
-    if limit:
-        request = QueryRequest(level=request.level, conditions=request.conditions, keys=request.keys,
-                               ordered=True, limit=limit + 1)
-    return list(_run(request, client, storage_root, limit).values())
+    if limit or node:
+        request = QueryRequest(level=request.level, conditions=request.conditions,
+                               keys=list(_NODE_KEYS) if node else request.keys, ordered=True,
+                               limit=limit + 1 if limit else 0)
+    return list(_run(request, client, storage_root, limit, node).values())
 
 
 def stored(sop_instance_uids: list[str], client: IndexQueries, storage_root: str) -> dict[str, Instance]:
@@ -139,8 +153,10 @@ def stored(sop_instance_uids: list[str], client: IndexQueries, storage_root: str
 _UIDS_PER_QUERY = 500
 
 
-def _run(request: QueryRequest, client: IndexQueries, storage_root: str, limit: int = 0) -> dict[str, Instance]:
-    """Run an IMAGE level query of :data:`_KEYS`: each SOP Instance UID once (the first row)."""
+def _run(request: QueryRequest, client: IndexQueries, storage_root: str, limit: int = 0,
+         node: str = "") -> dict[str, Instance]:
+    """Run an IMAGE level query of :data:`_KEYS` (``node``: :data:`_NODE_KEYS`): each SOP Instance UID
+    once (the first row; this node's own first)."""
     try:
         result = client.query(request)
     except ServerUnavailable as exc:
@@ -149,12 +165,19 @@ def _run(request: QueryRequest, client: IndexQueries, storage_root: str, limit: 
         raise FindError(UNABLE_TO_PROCESS, f"query failed: {exc}") from None
     found: dict[str, Instance] = {}
     try:
-        for count, (uid, sop_class, syntax, path) in enumerate(result, 1):
+        for count, row in enumerate(result, 1):
             if limit and count > limit:
                 raise FindError(TOO_MANY_MATCHES, f"more than {limit} instances match (retrieve.max_instances)")
-            if uid not in found:
-                found[uid] = Instance(str(uid), str(sop_class or ""), str(syntax or ""),
-                                      os.path.join(storage_root, str(path)))
+            uid, sop_class, syntax, path = row[:4]
+            owner = str(row[4] or "") if node else ""
+            if owner == node:
+                owner = ""
+            known = found.get(uid)
+            if known is not None and (owner or not known.node):
+                continue
+            found[uid] = Instance(str(uid), str(sop_class or ""), str(syntax or ""),
+                                  str(path) if owner else os.path.join(storage_root, str(path)), owner,
+                                  *(str(value or "") for value in row[5:8]))
     except (QueryError, ConnectionError, OSError) as exc:
         raise FindError(UNABLE_TO_PROCESS, f"query failed: {exc}") from None
     finally:

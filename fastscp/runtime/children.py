@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 from fastscp.config import Config
 from fastscp.forward.process import forward_main
-from fastscp.index.database import Index, Lake
+from fastscp.index.database import Index, Lake, NodeAddress
 from fastscp.index.indexer import Indexer, tune_gc
 from fastscp.index.lake import LakeMaintenance
 from fastscp.poststore.stage import poststore_main
@@ -37,7 +37,8 @@ STATE_INTERVAL = 1.0
 
 def indexer_process(channel: socket.socket, db_path: str, wal_mode: bool, address: str, batch_size: int,
                     batch_interval: float, storage_root: str | None = None, sr_root: str = "",
-                    lake: tuple[str, str, str] | None = None, maintenance_interval: float = 0.0) -> None:
+                    lake: tuple[str, str, str] | None = None, maintenance_interval: float = 0.0,
+                    node: NodeAddress | None = None) -> None:
     """The indexer process: the record loop with the query servers as its services.
 
     Sends :class:`Ready` once the index is open and every socket bound, or
@@ -47,6 +48,7 @@ def indexer_process(channel: socket.socket, db_path: str, wal_mode: bool, addres
     the index with the files under it (in the background, after Ready);
     None skips the reconcile. ``lake``: the shared index (``Config.lake``), maintained every
     ``maintenance_interval`` seconds (``database.maintenance_interval``; 0: never) by one node at a time.
+    ``node``: in a shared index, where the other nodes fetch this node's files (registered before Ready).
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     tune_gc()
@@ -66,6 +68,13 @@ def indexer_process(channel: socket.socket, db_path: str, wal_mode: bool, addres
             f"cannot open the index {db_path}: {exc} (is another fastscp using this database.path? "
             "DuckDB allows one process)")))
         return
+
+    if node is not None:
+        try:
+            index.register_node(node)
+        except Exception as exc:  # noqa: BLE001 - storing goes on; only the other nodes' fetches need it
+            log.error("the shared index did not take this node's address (%s): other nodes can't fetch its files "
+                      "until it restarts", exc)
 
     def stop(_signum: int, _frame: object) -> None:
         indexer.stop()

@@ -52,11 +52,13 @@ from fastscp.forward.status import ForwardStatus
 from fastscp.hooks.link import HooksLink
 from fastscp.imaging import frames as imaging
 from fastscp.index.client import indexer_address
+from fastscp.index.database import NodeAddress
 from fastscp.monitor.book import StatusBook
 from fastscp.net import scu
 from fastscp.net.access import AccessConfigError, build_access_policy
 from fastscp.net.association import ServiceSettings
 from fastscp.net.commitscp import CommitmentService
+from fastscp.net.fetch import fetch_settings
 from fastscp.net.findscp import FIND_SOP_CLASSES
 from fastscp.net.negotiation import (
     REJECTED_TRANSIENT,
@@ -291,7 +293,7 @@ class Supervisor:
             "indexer", targets.indexer, lambda: (
                 self.config.index_path, db.wal_mode, self.address, db.batch_size,
                 db.batch_interval, self.storage.root, self.storage.sr_root, self.config.lake,
-                db.maintenance_interval),
+                db.maintenance_interval, node_address(self.config, self.storage.root)),
             about=f", index {config.index_path}", decoder=FROM_INDEXER, ready_timeout=INDEXER_READY_TIMEOUT,
             stop_timeout=30))  # SIGTERM: it commits what it holds, then exits
         if self.settings.poststore_address:
@@ -871,12 +873,29 @@ def retrieve_service(config: Config, storage_root: str) -> RetrieveService:
                                          private_key=tls.private_key, min_version=tls.min_version)
         except scu.SCUError as exc:
             raise StartupError(f"retrieve.move_destinations (tls: true) uses the tls.* files: {exc}") from None
+    remote = fetch_settings(config, storage_root)
     return RetrieveService(
-        select=selector(config.index_path, storage_root, limit=config.retrieve.max_instances),
+        select=selector(config.index_path, storage_root, limit=config.retrieve.max_instances,
+                        node=remote.node if remote else ""),
         ae_title=config.server.ae_title,
         move_destinations={ae: Destination(d.host, d.port, client_tls if d.tls else None)
                            for ae, d in config.retrieve.move_destinations.items()},
+        remote=remote,
     )
+
+
+def node_address(config: Config, storage_root: str) -> NodeAddress | None:
+    """Where the other nodes of a shared index fetch this node's files (None: an index file, one node).
+
+    server.advertise_host, else server.host unless it is a wildcard, else this host's name.
+    """
+    lake = config.lake
+    if lake is None:
+        return None
+    server = config.server
+    host = server.advertise_host or (server.host if server.host not in ("", "0.0.0.0", "::") else socket.getfqdn())
+    return NodeAddress(lake[2], host, server.port, server.ae_title, config.tls.enabled, os.path.realpath(storage_root),
+                       config.storage.shared)
 
 
 def public_config(config: Config) -> dict[str, object]:

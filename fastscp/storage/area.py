@@ -18,6 +18,7 @@ import dataclasses
 import errno
 import hashlib
 import os
+import shutil
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -31,7 +32,7 @@ from fastscp.dicom.sopclasses import MODALITY_SOP_CLASSES
 from fastscp.storage.files import FILE_MODE, PATIENT_DATA, FileModes, fsync_dir, makedirs
 from fastscp.storage.layout import LayoutOptions, relative_path
 from fastscp.storage.policy import DuplicatePolicy, Outcome
-from fastscp.storage.reserved import INCOMING, QUARANTINE
+from fastscp.storage.reserved import FETCHED, INCOMING, QUARANTINE
 
 #: How much of the dataset's start is kept in memory for the header scan;
 #: longer headers are scanned in the mapped file (fastscp.dicom.walk.mapped_dataset).
@@ -388,6 +389,8 @@ class Storage:
             if name.endswith(".part"):
                 os.unlink(os.path.join(self.incoming_dir, name))
                 removed += 1
+            elif name.startswith(FETCHED):  # copies of other nodes' files (a shared index)
+                shutil.rmtree(os.path.join(self.incoming_dir, name), ignore_errors=True)
         return removed
 
     def free_bytes(self) -> int:

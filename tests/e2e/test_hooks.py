@@ -15,6 +15,7 @@ import uuid
 import warnings
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
@@ -376,11 +377,106 @@ def test_config_errors_name_the_hook_key_and_the_file(tmp_path: Path) -> None:
          "directory: /srv/dicom/copy}\n", "hooks[0].directory: '/srv/dicom/copy' overlaps storage.directory"),
         ("hooks:\n  - {name: a, event: instance-stored, program: [/bin/true], match: {sop_classes: [XYZ]}}\n",
          "hooks[0].match.sop_classes: unknown SOP class or modality 'XYZ'"),
+        ("hooks:\n  - {name: a, event: instance-stored, action: nifti}\n",
+         "hooks[0].event: the nifti action runs on study-complete only (got 'instance-stored')"),
+        ("storage: {directory: /srv/dicom}\nhooks:\n  - {name: a, event: study-complete, action: nifti, "
+         "directory: /srv/dicom/volumes}\n", "hooks[0].directory: '/srv/dicom/volumes' overlaps storage.directory "
+         "'/srv/dicom'; leave directory empty for its reserved folder there (nifti/)"),
+        ("hooks:\n  - {name: a, event: study-complete, action: nifti, program: [/bin/true]}\n",
+         "hooks[0].program: give a hook either a program (an argv list) or a built-in action (jpeg, copy, nifti)"),
     ]:
         config.write_text(text)
         with pytest.raises(ConfigError) as error:
             load_config(str(config))
         assert str(error.value).startswith(f"{config}: {expected}")
+
+
+def test_nifti_action_writes_a_volume_per_series_of_a_quiet_study(start_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """study-complete -> one .nii.gz per image series beside the study (storage/nifti/<study folder>/), atomically;
+    a series dcm2niix can't make one volume of fails the run (logged, counted) and the others are written; the
+    post-store process goes on with the next study."""
+    from tests.e2e.test_media import _check_volume, _series
+
+    server, _ = serve(start_server, tmp_path, """
+thumbnails: {enabled: false}
+scansheet: {enabled: false, study_timeout: 1}
+hooks:
+  - {name: volumes, event: study-complete, action: nifti}
+""", monitor="127.0.0.1:0")
+    # An axial CT, slices sent head to feet, non-square pixels (test_media checks the same with the CLI) ...
+    ct = _series(tmp_path, "ct", modality="CT", sop_class="1.2.840.10008.5.1.4.1.1.2",
+                 orientation=(1, 0, 0, 0, 1, 0), spacing=(0.8, 0.6), step=(0, 0, 2.5), count=7,
+                 order=[6, 5, 4, 3, 2, 1, 0])
+    # ... and in the same study an MR series of two echoes: two volumes, which the action refuses.
+    echoes = write_series(str(tmp_path / "echoes"), 4, rows=8, columns=8, modality="MR",
+                          sop_class="1.2.840.10008.5.1.4.1.1.4", image_positions=[(0.0, 0.0, 2.0 * (k % 2))
+                                                                                 for k in range(4)],
+                          image_orientation=(1, 0, 0, 0, 1, 0), pixel_spacing=(1.0, 1.0), slice_thickness=2.0)
+    study = pydicom.dcmread(ct[0], stop_before_pixels=True)
+    for k, path in enumerate(echoes):
+        ds = pydicom.dcmread(path)
+        ds.StudyInstanceUID, ds.PatientID = study.StudyInstanceUID, study.PatientID
+        ds.EchoNumbers, ds.EchoTime = 1 + k // 2, 10.0 * (1 + k // 2)
+        ds.save_as(path, enforce_file_format=True)
+    send(server, *ct, *echoes)
+    (ct_stored,) = {p.parent.parent for p in server.stored_files()}  # the hierarchical layout's study folder
+    volume = server.storage / "nifti" / ct_stored.relative_to(server.storage) / f"{study.SeriesInstanceUID}.nii.gz"
+    wait(server, lambda: "hook volumes (study-complete, attempt 1)" in server.log_text(), "the nifti run", 60)
+    log = server.log_text()
+    assert "failed after" in log and "1 of 2 series not converted (1 written): series " in log, log
+    assert "makes 2 volumes" in log
+    assert volume.exists() and volume.read_bytes()[:2] == b"\x1f\x8b"
+    assert sorted(p.name for p in volume.parent.iterdir()) == [volume.name], "no partial file or temp folder"
+    image = nib.load(volume)
+    assert image.shape == (10, 12, 7)
+    assert np.allclose(image.affine, [[-0.6, 0, 0, 30.0], [0, 0.8, 0, 20.0 - 11 * 0.8], [0, 0, 2.5, 20.0],
+                                      [0, 0, 0, 1]], atol=1e-4), image.affine
+    _check_volume(volume, ct)
+    assert volume.stat().st_mode & 0o777 == 0o640
+    # The post-store process goes on: the next quiet study gets its volume, and the counts show both runs.
+    single = write_series(str(tmp_path / "next"), 3, rows=8, columns=8, patient_id="NEXT", seed=5,
+                          image_positions=[(0.0, 0.0, 3.0 * k) for k in range(3)],
+                          image_orientation=(1, 0, 0, 0, 1, 0), pixel_spacing=(1.0, 1.0), slice_thickness=3.0)
+    send(server, *single)
+    series_uid = pydicom.dcmread(single[0], stop_before_pixels=True).SeriesInstanceUID
+    wait(server, lambda: list((server.storage / "nifti").rglob(f"{series_uid}.nii.gz")), "the next volume", 60)
+    wait(server, lambda: hook_state(server, "volumes")["succeeded"] == 1, "the counts", 30)
+    state = hook_state(server, "volumes")
+    assert (state["runs"], state["failed"], state["succeeded"]) == (2, 1, 1), state
+    assert "series not converted" in state["last_error"]
+    (next_volume,) = (server.storage / "nifti").rglob(f"{series_uid}.nii.gz")
+    assert nib.load(next_volume).shape == (8, 8, 3)
+
+
+def test_nifti_action_converts_nothing_when_a_listed_file_is_not_readable_here(tmp_path: Path) -> None:
+    """A study-complete event without a study folder (a flat layout; in a shared index, a study of several nodes)
+    names its files: all readable, a volume per series in nifti/<StudyInstanceUID>/; one that can't be read
+    here (another node's own disk), nothing at all, rather than a volume of part of a series. In process."""
+    from fastscp.config import HookConfig
+    from fastscp.hooks.actions import run_action
+    from fastscp.hooks.events import Event
+    from fastscp.media.nifti import NiftiError
+    from fastscp.storage.files import FileModes
+
+    root = tmp_path / "storage"
+    files = write_series(str(root), 4, rows=8, columns=8, image_positions=[(0.0, 0.0, 2.0 * k) for k in range(4)],
+                         image_orientation=(1, 0, 0, 0, 1, 0), pixel_spacing=(1.0, 1.0), slice_thickness=2.0)
+    header = pydicom.dcmread(files[0], stop_before_pixels=True)
+    hook = HookConfig(name="volumes", event="study-complete", action="nifti")
+
+    def event(stored: list[str]) -> Event:
+        return Event(kind="study-complete", env={"FASTSCP_STUDY_DIR": ""}, subject="a study",
+                     document={"study_instance_uid": header.StudyInstanceUID, "stored": stored},
+                     sop_classes=frozenset(), modalities=frozenset(), calling_aets=frozenset(),
+                     storage_dir=str(root))
+
+    elsewhere = "/srv/node-b/received/P1/other.dcm"
+    with pytest.raises(NiftiError, match=f"1 of the study's files can't be read here.*{elsewhere}"):
+        run_action(hook, event([*files, elsewhere]), FileModes())
+    assert not (root / "nifti").exists()
+    made = run_action(hook, event(files), FileModes())
+    assert made == str(root / "nifti" / header.StudyInstanceUID / f"{header.SeriesInstanceUID}.nii.gz")
+    assert nib.load(made).shape == (8, 8, 4)
 
 
 def _drive(hooks, until, timeout: float = 30) -> None:  # type: ignore[no-untyped-def]

@@ -36,8 +36,8 @@ FAULTS: tuple[Fault, ...] = (
           'fsync=config.storage.fsync == "always"', "fsync=True", DURABILITY),
     # -- reconcile ---------------------------------------------------------------------------
     Fault("indexer not given the storage root", "fastscp/runtime/supervisor.py",
-          "db.batch_interval, self.storage.root, self.storage.sr_root, self.config.lake)",
-          "db.batch_interval, None, self.storage.sr_root, self.config.lake)",
+          "db.batch_interval, self.storage.root, self.storage.sr_root, self.config.lake,",
+          "db.batch_interval, None, self.storage.sr_root, self.config.lake,",
           ("tests/e2e/test_index_server.py::test_kill_9_of_the_indexer_while_storing_loses_no_record",), quick=False),
     Fault("changed judged by size alone", "fastscp/index/reindex.py",
           "known[0] != state.size or state.mtime_ns // 1000 > known[1]", "known[0] != state.size",

@@ -19,7 +19,7 @@ from fastscp.index.reindex import walk
 from fastscp.storage.area import SR_SOP_CLASSES, IncomingFile, Storage
 from fastscp.storage.layout import LAYOUTS, LayoutOptions, relative_path
 from fastscp.storage.policy import DuplicatePolicy, Outcome
-from fastscp.storage.reserved import INCOMING, NOT_INSTANCES, QUARANTINE, RESERVED
+from fastscp.storage.reserved import FETCHED, INCOMING, NOT_INSTANCES, QUARANTINE, RESERVED
 from tests.conftest import mounted_tmpfs
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -230,3 +230,17 @@ def test_reserved_names_are_reserved_at_the_top_only(tmp_path: Path) -> None:
     Path(storage.root, "thumbnails", "P1").mkdir(parents=True)
     Path(storage.root, "thumbnails", "P1", "not-an-instance.dcm").write_bytes(b"a thumbnail's folder")
     assert [state.path for state in walk(storage.root)] == [f"P1/thumbnails/{UID}.dcm"]
+
+
+def test_prepare_removes_what_a_killed_process_left_in_incoming(tmp_path: Path) -> None:
+    """Temp files of unfinished stores and the private folders of files fetched from other nodes (a shared
+    index) go at start; anything else in .incoming stays."""
+    storage = area(tmp_path / "root")
+    incoming = Path(storage.incoming_dir)
+    (incoming / "x.part").write_bytes(b"half a data set")
+    fetched = incoming / f"{FETCHED}k2j4"
+    fetched.mkdir()
+    (fetched / "1.dcm").write_bytes(b"another node's file")
+    (incoming / "kept.txt").write_bytes(b"not ours")
+    assert storage.prepare() == 1
+    assert sorted(os.listdir(incoming)) == ["kept.txt"]
