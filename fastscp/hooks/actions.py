@@ -67,7 +67,8 @@ def nifti_volumes(hook: HookConfig, event: Event, modes: FileModes) -> str:
         Naming each series not converted and why (the run counts as failed,
         and is retried as ``retries`` says).
     """
-    # The converter is media's; media sits below the hooks, so it loads when a nifti hook first runs.
+    # media/ is a layer under the hooks; its converter (and the query client it brings) loads only
+    # when a nifti hook first runs, so the post-store stage stays light without one.
     from fastscp.media.nifti import NiftiError, convert_files
 
     study_uid, root = str(event.document["study_instance_uid"]), event.storage_dir

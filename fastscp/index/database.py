@@ -873,6 +873,14 @@ class Index:
                 time.sleep(0.05 * attempt)
         raise AssertionError("unreachable")
 
+    def node_addresses(self) -> dict[str, NodeAddress]:
+        """Each node's latest :class:`NodeAddress` (a lake only), by name."""
+        try:
+            rows = self.con.execute(NODE_ADDRESSES_SQL).fetchall()
+        except duckdb.CatalogException:
+            return {}  # no node has registered yet
+        return {str(row[0]): NodeAddress(*row) for row in rows}
+
     def register_node(self, address: NodeAddress) -> None:
         """Record where this node answers for its files (a lake only: the other nodes fetch them from there).
 

@@ -41,7 +41,6 @@ log = logging.getLogger("fastscp.jobs")
 #: The catalog database, as this module's DuckDB connection names it.
 ALIAS = "fastscp_catalog"
 JOBS = "fastscp_study_jobs"
-NODES = "fastscp_nodes"
 #: Studies per touch statement.
 TOUCH_BATCH = 1000
 #: A finished job's row is forgotten after this (a study resent later starts a new one).
@@ -63,8 +62,6 @@ _SCHEMA = (
     " covered jsonb NOT NULL DEFAULT '{}')",  # node -> the latest receipt of its rows the last job read
     f"CREATE INDEX IF NOT EXISTS {JOBS}_due ON {JOBS} (quiet_at) WHERE version > done_version",
     f"CREATE INDEX IF NOT EXISTS {JOBS}_held ON {JOBS} (holder) WHERE holder IS NOT NULL",
-    # Where each node's files are (its storage.directory): readable by the others on shared storage.
-    f"CREATE TABLE IF NOT EXISTS {NODES} (node text PRIMARY KEY, storage_dir text NOT NULL, seen_at timestamptz)",
 )
 #: Attempts to make the tables: nodes that start together race (PostgreSQL's
 #: CREATE ... IF NOT EXISTS is not safe against a concurrent one).
@@ -158,15 +155,6 @@ class StudyJobs:
                 pass  # the transaction is gone already
             raise
         return rows
-
-    def register(self, storage_dir: str) -> None:
-        """Say where this node's files are (its storage root)."""
-        self._execute(f"INSERT INTO {NODES} VALUES ({pg_text(self.node)}, {pg_text(storage_dir)}, now()) "
-                      "ON CONFLICT (node) DO UPDATE SET storage_dir = EXCLUDED.storage_dir, seen_at = now()")
-
-    def storage_dirs(self) -> dict[str, str]:
-        """node -> its storage root, as each registered it."""
-        return {str(node): str(folder) for node, folder in self._query(f"SELECT node, storage_dir FROM {NODES}")}
 
     def touch(self, studies: dict[str, int], quiet_seconds: float) -> None:
         """Instances of ``studies`` (study -> the latest one's :func:`receipt_us`) were stored here: each is due

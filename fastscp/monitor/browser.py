@@ -65,7 +65,7 @@ from fastscp.imaging.scansheet import (
 from fastscp.imaging.thumbnail import thumbnail_path
 from fastscp.monitor import page as statuspage
 from fastscp.monitor.http import HTML, Request, Response, StreamResponse, text_response
-from fastscp.query.client import QueryClient, ServerUnavailable
+from fastscp.query.client import QueryClient, ServerUnavailable, node_addresses
 from fastscp.query.messages import Condition, QueryError, QueryRequest
 from fastscp.query.retrieve import Instance
 from fastscp.status import human_bytes
@@ -172,7 +172,8 @@ def browser_settings(config: Config, bound_host: str) -> BrowserSettings:
     if config.lake is not None:
         from fastscp.net.fetch import fetch_settings  # pynetdicom: only a shared index needs it here
 
-        remote = fetch_settings(config, os.path.realpath(config.storage.directory))
+        remote = fetch_settings(config, os.path.realpath(config.storage.directory),
+                                node_addresses(config.index_path, config.retrieve.node_timeout))
     return BrowserSettings(
         index_path=config.index_path,
         root=os.path.realpath(config.storage.directory),

@@ -35,7 +35,7 @@ import os
 import shutil
 import ssl
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,11 +45,10 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet
 
 from fastscp.config import Config, TLSConfig
 from fastscp.dicom.part10 import file_meta
-from fastscp.index.database import NODE_ADDRESSES_SQL, NodeAddress
+from fastscp.index.database import NodeAddress
 from fastscp.net import dimse
 from fastscp.net.scu import SCUError, _new_ae, _open, tls_context
-from fastscp.query.client import QueryClient
-from fastscp.query.messages import QueryError, ServerUnavailable, SqlRequest
+from fastscp.query.messages import QueryError, ServerUnavailable
 from fastscp.query.retrieve import Instance
 from fastscp.storage.reserved import FETCHED, INCOMING
 
@@ -66,8 +65,9 @@ class FetchSettings:
     #: This node's name; our AE title (the calling one of a fetch; a request from it is another node's).
     node: str
     ae_title: str
-    #: The index whose indexer answers where the nodes are.
-    index_path: str
+    #: Where the nodes are: each node's registered address, by name
+    #: (:func:`fastscp.query.client.node_addresses`, read through the indexer).
+    nodes: Callable[[], dict[str, NodeAddress]]
     #: The storage root's .incoming: the private folders go there (same disk, cleaned at start).
     incoming: str
     #: retrieve.node_timeout.
@@ -76,12 +76,13 @@ class FetchSettings:
     tls: TLSConfig
 
 
-def fetch_settings(config: Config, storage_root: str) -> FetchSettings | None:
+def fetch_settings(config: Config, storage_root: str,
+                   nodes: Callable[[], dict[str, NodeAddress]]) -> FetchSettings | None:
     """The :class:`FetchSettings` of a node of a shared index; None for an index file (one node)."""
     lake = config.lake
     if lake is None:
         return None
-    return FetchSettings(lake[2], config.server.ae_title, config.index_path, os.path.join(storage_root, INCOMING),
+    return FetchSettings(lake[2], config.server.ae_title, nodes, os.path.join(storage_root, INCOMING),
                          config.retrieve.node_timeout, config.tls)
 
 
@@ -167,9 +168,7 @@ class RemoteFiles:
         if self._nodes is None:
             self._nodes = {}
             try:
-                with QueryClient(self.settings.index_path, timeout=self.settings.timeout).query(
-                        SqlRequest(sql=NODE_ADDRESSES_SQL)) as result:
-                    self._nodes = {str(row[0]): NodeAddress(*row) for row in result}
+                self._nodes = self.settings.nodes()
             except (QueryError, ServerUnavailable, ConnectionError, OSError) as exc:
                 self._registry_error = f"the index did not say where the nodes are: {exc}"
                 log.warning("fetching files of other nodes: %s", self._registry_error)

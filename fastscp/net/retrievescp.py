@@ -28,16 +28,19 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
 from fastscp.net import dimse
-from fastscp.net.fetch import FetchSettings, RemoteFiles
 from fastscp.net.findscp import CANCEL, decode_identifier, encode_identifier
 from fastscp.query.cfind import PENDING, UNABLE_TO_PROCESS, FindError
 from fastscp.query.retrieve import Instance, Selector
+
+if TYPE_CHECKING:  # only types: the workers' fetching is passed in (RetrieveService.remote)
+    from fastscp.net.fetch import FetchSettings, RemoteFiles
 
 log = logging.getLogger("fastscp.retrieve")
 

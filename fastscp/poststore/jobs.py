@@ -212,7 +212,8 @@ class SharedStudies:
             return
         # This node's rows first: its first instance names the study's folder here.
         rows.sort(key=lambda row: row[0] != self.node)
-        others = jobs.storage_dirs() if any(node != self.node for node in nodes) else {}
+        others = ({name: address.storage_directory for name, address in self._index.node_addresses().items()}
+                  if any(node != self.node for node in nodes) else {})
         items, records = [], []
         for node, path, calling_ae, _received, header in rows:
             mine = node == self.node or os.path.isabs(path)
@@ -257,7 +258,6 @@ class SharedStudies:
             index = Index("", read_only=True, lake=self.lake)
             try:
                 jobs = StudyJobs(index.con, self.lake.catalog, self.node)
-                jobs.register(self.root)
                 if not self._started:
                     # Held by this node's previous post-store process (killed, restarted): nothing runs them now.
                     if released := jobs.release_all():

@@ -22,7 +22,7 @@ import msgspec
 from pydicom.dataset import Dataset
 
 from fastscp.index.client import indexer_address
-from fastscp.index.database import Index, IndexUnavailable, Lake
+from fastscp.index.database import NODE_ADDRESSES_SQL, Index, IndexUnavailable, Lake, NodeAddress
 from fastscp.query.cfind import FindResponses, find
 from fastscp.query.engine import run_query, run_stats
 from fastscp.query.messages import (
@@ -359,6 +359,16 @@ def selector(index_path: str, storage_root: str, *, limit: int = 0, node: str = 
     return select
 
 
+def node_addresses(index_path: str, timeout: float) -> Callable[[], dict[str, NodeAddress]]:
+    """Each node's registered address in a shared index, by name, read through the running server's indexer."""
+
+    def read() -> dict[str, NodeAddress]:
+        with QueryClient(index_path, timeout=timeout).query(SqlRequest(sql=NODE_ADDRESSES_SQL)) as result:
+            return {str(row[0]): NodeAddress(*row) for row in result}
+
+    return read
+
+
 def lookup(index_path: str, storage_root: str) -> Lookup:
     """The :data:`Lookup` for a running server's index."""
     client = QueryClient(index_path)
@@ -370,6 +380,7 @@ __all__ = [
     "Locator",
     "finder",
     "lookup",
+    "node_addresses",
     "selector",
     "QueryClient",
     "ServerUnavailable",

@@ -72,7 +72,7 @@ from fastscp.poststore.client import poststore_address
 from fastscp.process import logs
 from fastscp.process.listen import bind_advice
 from fastscp.process.orphan import die_with_parent
-from fastscp.query.client import Locator, finder, lookup, selector
+from fastscp.query.client import Locator, finder, lookup, node_addresses, selector
 from fastscp.runtime.child import Backoff, Child, ChildSpec
 from fastscp.runtime.messages import (
     ENCODER,
@@ -873,7 +873,7 @@ def retrieve_service(config: Config, storage_root: str) -> RetrieveService:
                                          private_key=tls.private_key, min_version=tls.min_version)
         except scu.SCUError as exc:
             raise StartupError(f"retrieve.move_destinations (tls: true) uses the tls.* files: {exc}") from None
-    remote = fetch_settings(config, storage_root)
+    remote = fetch_settings(config, storage_root, node_addresses(config.index_path, config.retrieve.node_timeout))
     return RetrieveService(
         select=selector(config.index_path, storage_root, limit=config.retrieve.max_instances,
                         node=remote.node if remote else ""),
