@@ -16,7 +16,7 @@ from fastscp.storage.area import HEADER_PREFIX_BYTES, Storage
 from fastscp.storage.layout import LayoutOptions
 from fastscp.storage.policy import DuplicatePolicy
 from tests.dicomfiles import Encoder, pad
-from tests.rawscu import RawSCU, p_data, store_command
+from tests.rawscu import RawSCU, command_set, p_data, store_command
 from tests.unit.net.test_association import CT, EXPLICIT, Peer, stored_path, temp_files
 
 ENC = Encoder(True, False)
@@ -27,16 +27,18 @@ LONG_EARLY = ENC.element(0x00090010, "LO", pad("FASTSCP TEST")) + ENC.element(0x
 TRAILER = ENC.element(0xFFFCFFFC, "OB", bytes(8))
 
 
-def data_set(uid: str | None, *, sop_class: str | None = CT, pixels: bytes = bytes(512), declared: int | None = None,
-             early: bytes = b"", late: bytes = b"") -> bytes:
+def data_set(uid: str | None, *, sop_class: str | None = CT, pixels: bytes | None = bytes(512),
+             declared: int | None = None, early: bytes = b"", late: bytes = b"") -> bytes:
     """A CT data set (Explicit VR Little Endian), elements in tag order: ``early`` ones before the Patient
-    module, ``late`` ones after Pixel Data (``declared`` overrides its length); None leaves a UID out."""
+    module, ``late`` ones after Pixel Data (``declared`` overrides its length); None leaves a UID or
+    Pixel Data out."""
     out = ENC.element(0x00080016, "UI", pad(sop_class, "UI")) if sop_class else b""
     out += ENC.element(0x00080018, "UI", pad(uid, "UI")) if uid else b""
     out += ENC.element(0x00080060, "CS", pad("CT")) + early
     out += (ENC.element(0x00100020, "LO", pad("PATIENT7")) + ENC.element(0x0020000D, "UI", pad("1.2.3.1", "UI"))
             + ENC.element(0x0020000E, "UI", pad("1.2.3.2", "UI")))
-    out += ENC.header(0x7FE00010, "OW", len(pixels) if declared is None else declared) + pixels
+    if pixels is not None:
+        out += ENC.header(0x7FE00010, "OW", len(pixels) if declared is None else declared) + pixels
     return out + late
 
 
@@ -150,9 +152,11 @@ def test_the_index_gets_both_uids_when_command_and_data_set_differ(tmp_path: Pat
     pytest.param(b"", bytes(200_000), b"", id="pixel-data-to-the-end"),
     pytest.param(b"", bytes(200_000), TRAILER, id="a-value-after-pixel-data"),
     pytest.param(LONG_EARLY, bytes(512), b"", id="a-header-past-the-prefix"),
+    # Encapsulated PDF: no Pixel Data; the header scan runs out of the prefix inside the document.
+    pytest.param(b"", None, ENC.element(0x00420011, "OB", bytes(200_000)), id="a-document-to-the-end"),
 ])
-def test_data_sets_longer_than_the_prefix_are_walked_and_scanned_whole(tmp_path: Path, early: bytes, pixels: bytes,
-                                                                      late: bytes) -> None:
+def test_data_sets_longer_than_the_prefix_are_walked_and_scanned_whole(tmp_path: Path, early: bytes,
+                                                                      pixels: bytes | None, late: bytes) -> None:
     storage = area(tmp_path / "root")
     data = data_set("1.2.3.4", early=early, pixels=pixels, late=late)
     assert len(data) > HEADER_PREFIX_BYTES
@@ -213,6 +217,32 @@ def test_no_temp_file_answers_out_of_resources_and_the_association_goes_on(tmp_p
     finally:
         peer.close()
     assert sorted(os.listdir(storage.root)) == [".quarantine"]
+
+
+def test_a_write_error_other_than_a_full_disk_answers_out_of_resources(tmp_path: Path) -> None:
+    """An I/O error while the data set is written (EBADF here: the descriptor of the temp file made
+    ahead swapped for a read-only one, there being no other way to make a disk fail on cue): 0xA700
+    "write failed" with the reason, the temp file gone at once, the association goes on."""
+    storage = area(tmp_path / "root")
+    peer = Peer(storage)
+    try:
+        scu = peer.scu()
+        scu.send_command(command_set(dimse.C_ECHO_RQ, sop_class=CT, message_id=1))
+        scu.read_message()  # the data transfer phase has begun: the temp file is made
+        spare = peer.association._spare
+        assert spare is not None
+        read_only = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(read_only, spare.fd)
+        os.close(read_only)
+        assert store(scu, "1.2.3.4", data_set("1.2.3.4")) == (
+            dimse.OUT_OF_RESOURCES, "write failed: Bad file descriptor")
+        assert store(scu, "1.2.3.5", data_set("1.2.3.5")) == (dimse.SUCCESS, "")
+        scu.release()
+        stats = peer.ended()
+        assert (stats.instances, stats.failures) == (1, 1)
+    finally:
+        peer.close()
+    assert temp_files(storage) == [] and not stored_path(storage, "1.2.3.4").exists()
 
 
 def test_a_file_that_cannot_be_placed_answers_out_of_resources(tmp_path: Path) -> None:
