@@ -98,6 +98,26 @@ def test_the_temp_file_for_the_next_store_is_made_ahead(tmp_path: Path) -> None:
     assert temp_files(storage) == []
 
 
+def test_each_message_is_read_from_its_own_command_set(tmp_path: Path) -> None:
+    """The command set is reassembled in one buffer, emptied after each message: a C-ECHO after a
+    C-STORE carries none of the store's elements, and an association takes any number of messages
+    (their command sets together far past limits.max_command_set)."""
+    peer = Peer(area(tmp_path / "root"), max_command_set=1000)
+    try:
+        scu = peer.scu()
+        assert scu.store("1.2.3.4", data_set("1.2.3.4")) == dimse.SUCCESS
+        for message_id in range(2, 40):
+            scu.send_command(command_set(dimse.C_ECHO_RQ, sop_class=CT, message_id=message_id))
+            response, _ = scu.read_message()
+            assert (response["CommandField"], response["MessageIDBeingRespondedTo"], response["Status"]) == (
+                dimse.C_ECHO_RSP, message_id, dimse.SUCCESS)
+            assert "AffectedSOPInstanceUID" not in response
+        scu.release()
+        assert peer.ended().outcome == "released"
+    finally:
+        peer.close()
+
+
 def test_an_idle_association_is_aborted_at_dimse_timeout(tmp_path: Path) -> None:
     peer = Peer(area(tmp_path / "root"), dimse_timeout=0.3)
     try:
@@ -247,6 +267,21 @@ def test_malformed_pdv_items_abort_as_unexpected(tmp_path: Path, items: bytes, w
     finally:
         peer.close()
     assert temp_files(storage) == []
+
+
+def test_an_unknown_pdu_without_a_body_is_aborted_at_once(tmp_path: Path) -> None:
+    """A PDU is its 6-byte header and its length's worth of body, nothing more: one of length 0 is
+    whole, and a type the data transfer phase does not know ends it now, not at dimse_timeout."""
+    peer = Peer(area(tmp_path / "root"))
+    try:
+        scu = peer.scu()
+        started = time.monotonic()
+        scu.sock.sendall(struct.pack(">BxI", 0x09, 0))
+        assert last_pdu(scu.sock) == abort_pdu(reason=2)
+        assert time.monotonic() - started < 3
+        assert peer.ended().outcome == "protocol error, aborted: unexpected PDU type 0x09 during data transfer"
+    finally:
+        peer.close()
 
 
 def test_an_empty_last_fragment_ends_a_data_set(tmp_path: Path) -> None:

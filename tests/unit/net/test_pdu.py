@@ -68,6 +68,19 @@ def test_a_silent_peer_is_cut_at_the_deadline_not_the_idle_timeout(pair: tuple[s
     assert 0.25 <= time.monotonic() - started < 3
 
 
+def test_a_deadline_already_past_when_the_read_starts(pair: tuple[socket.socket, socket.socket]) -> None:
+    """The time was spent before the read (a slow TLS handshake against acse_timeout): the read fails
+    at once, with the deadline's reason, though the bytes are there."""
+    ours, theirs = pair
+    ours.settimeout(5)
+    stream = PDUStream(ours, 16384)
+    stream.deadline(0.1, why="A-ASSOCIATE-RQ not complete within server.acse_timeout")
+    theirs.sendall(pdu(b"too late"))
+    time.sleep(0.2)
+    with pytest.raises(DeadlineExceeded, match="^A-ASSOCIATE-RQ not complete within server.acse_timeout$"):
+        stream.read()
+
+
 def test_a_dripping_peer_is_cut_at_the_deadline(pair: tuple[socket.socket, socket.socket]) -> None:
     """One byte every 50 ms keeps each read alive (idle timeout 5 s), not the whole PDU."""
     ours, theirs = pair
