@@ -228,8 +228,9 @@ def test_an_association_not_admitted_is_rejected_and_ends(tmp_path: Path) -> Non
     peer = Peer(area(tmp_path / "root"), admit=lambda calling: (False, f"2 associations from {calling}"))
     try:
         scu = RawSCU(0, CT, EXPLICIT, sock=peer.sock, timeout=10)
-        assert scu.rejection == (2, 3, 2)
-        stats = peer.ended()
+        assert scu.response_type == 0x03 and scu.response[1:4] == bytes((2, 3, 2))
+        assert peer.sock.recv(1) == b""  # the connection closed after the A-ASSOCIATE-RJ
+        stats = peer.ended(timeout=3)
         assert (stats.accepted, stats.outcome) == (False, "local limit exceeded: 2 associations from RAWSCU")
     finally:
         peer.close()
