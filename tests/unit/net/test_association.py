@@ -5,12 +5,14 @@ where it happens, and the stored files byte for byte."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import struct
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -39,16 +41,20 @@ Record = InstanceRecord | DuplicateConflict
 class Peer:
     """An Association serving one end of a socket pair in a thread; the test holds the other end."""
 
-    def __init__(self, storage: Storage, **limits: int) -> None:
-        settings = ServiceSettings(
+    def __init__(self, storage: Storage, admit: Callable[[str], tuple[bool, str]] | None = None,
+                 **overrides: Any) -> None:
+        """``overrides``: ServiceSettings fields other than these defaults; ``admit``: the worker's admission check."""
+        defaults = ServiceSettings(
             policy=AcceptancePolicy(ae_title="FASTSCP", storage_sop_classes=frozenset({CT}), max_pdu_size=16384),
             storage=storage, acse_timeout=5.0, dimse_timeout=5.0,
-            max_object_size=limits.get("max_object_size", 64 << 20), max_command_set=4096, min_data_rate=0,
+            max_object_size=64 << 20, max_command_set=4096, min_data_rate=0,
             action_log=False,
         )
+        settings = dataclasses.replace(defaults, **overrides)
         ours, self.sock = socket.socketpair()
         self.records: list[Record] = []
-        self.association = Association(ours, "127.0.0.1:11112", settings, self.records.append)
+        self.association = Association(ours, "127.0.0.1:11112", settings, self.records.append,
+                                       **({} if admit is None else {"admit": admit}))
         self.stats: AssociationStats | None = None
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
