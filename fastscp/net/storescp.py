@@ -121,9 +121,10 @@ class StoreRequest:
     def direct(self) -> tuple[int, int, bytearray, int, bool] | None:
         """Where the data path (fastscp.net.datapath) writes this data set itself, for
         ``DataPath.to_file``: the temp file's descriptor, limits.max_object_size, the
-        header prefix and its room, whether to hash it on the way. None: a refusal,
-        drained through :meth:`receive`."""
-        if self._incoming is None:
+        header prefix and its room, whether to hash it on the way. None: a refusal, or
+        a temp file that failed already (its File Meta write), drained through
+        :meth:`receive` and answered with the failure."""
+        if self._incoming is None or self._incoming.error is not None:
             return None
         fd, prefix, room = self._incoming.target()
         return fd, self._limit - self._received, prefix, room, HASH_WHILE_RECEIVING
