@@ -66,7 +66,7 @@ pillow-simd:
 	@CC="cc $$(grep -q avx2 /proc/cpuinfo && echo -mavx2)" \
 	  $(BIN)/python -m pip install -q --no-deps --force-reinstall Pillow-SIMD \
 	  || echo "Pillow-SIMD does not build here: JPEG encoding stays with stock Pillow"
-	@$(BIN)/python -c "from fastscp import imaging; print('JPEG encoder:', imaging.PILLOW_FLAVOUR, imaging.PILLOW_VERSION)" \
+	@$(BIN)/python -c "from fastscp.imaging import frames; print('JPEG encoder:', frames.PILLOW_FLAVOUR, frames.PILLOW_VERSION)" \
 	  || $(BIN)/python -m pip install -q --force-reinstall --no-deps pillow
 
 serve: setup
