@@ -98,7 +98,7 @@ def write_atomic(path: str | os.PathLike[str], data: bytes | BinaryIO, *, fsync:
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
     try:
         fd = os.open(temp, flags, modes.file)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # no folder yet, or a file in its way: makedirs says which
         makedirs(folder, modes.folder)
         fd = os.open(temp, flags, modes.file)
     except FileExistsError:  # left by a dead process that had our PID

@@ -70,7 +70,8 @@ def test_ratios_pair_runs_of_the_same_round() -> None:
 
 
 def test_report_markdown_and_targets() -> None:
-    runs = [_run(1, "fastscp", 400), _run(1, "storescp+B", 200), _run(1, "orthanc", 250)]
+    runs = [_run(1, "fastscp", 400), _run(1, "storescp+B", 200), _run(1, "orthanc", 250),
+            _run(1, "fastscp-nofsync", 500)]
     summary, ratios = runner.summarize(runs), runner.ratios(runs)
     result = {
         "mode": "quick", "rounds": 1, "started": "2026-01-01T00:00:00+00:00",
@@ -81,11 +82,15 @@ def test_report_markdown_and_targets() -> None:
         "summary": summary, "ratios": ratios, "skipped": ["x: not installed"], "errors": [],
         "runs": [r.to_dict() for r in runs],
     }
-    result["targets"] = report.targets(summary, ratios)
+    result["targets"] = report.targets(summary, {"fastscp": ratios,
+                                                 "fastscp-nofsync": runner.ratios(runs, subject="fastscp-nofsync")})
     text = report.markdown(result)
     assert "| storescp+B | 200 |" in text and "2.00x" in text
-    assert "| ct-k1: fastscp ≥ 1x storescp+B (images/s) | 2.0 | yes |" in text
-    assert "| ct-k1: fastscp ≥ 2x orthanc (images/s) | 1.6 | **no** |" in text
+    # fsync never against storescp +B (1x) and Orthanc (2x); fsync always against storescp +B (0.6x at K=1).
+    assert "| ct-k1: fastscp-nofsync ≥ 1x storescp+B (images/s) | 2.5 | yes |" in text
+    assert "| ct-k1: fastscp-nofsync ≥ 2x orthanc (images/s) | 2.0 | yes |" in text
+    assert "| ct-k1: fastscp ≥ 0.6x storescp+B (images/s) | 2.0 | yes |" in text
+    assert "| ct-k4: fastscp ≥ 0.8x storescp+B (images/s) | – | – |" in text  # not run: not met either
     assert "- x: not installed" in text
 
 
