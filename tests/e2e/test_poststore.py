@@ -217,6 +217,7 @@ def test_a_stalled_post_store_stage_catches_up_without_losing_records(start_serv
 
     wait_until(caught_up, timeout=120, what=f"{count} thumbnails")
     assert len(list((server.storage / "thumbnails").rglob("*.jpg"))) == count
-    assert any(lag["waiting"] > 0 and lag["oldest_seconds"] >= 1.0 for lag in lags), lags
+    # A snapshot may come before the stage's first report ({}): the lag must show in a later one.
+    assert any(lag.get("waiting", 0) > 0 and lag.get("oldest_seconds", 0) >= 1.0 for lag in lags), lags
     assert "records without thumbnails" not in server.log_text()
     assert server.stop() == 0
