@@ -43,6 +43,7 @@ from tests.dicomfiles import (
     dataset_bytes,
     pad,
 )
+from tests.twins import compiled_twin
 
 Parse = Callable[..., HeaderFields]
 
@@ -97,12 +98,7 @@ PIXEL_DATA_TAG = {False: b"\xe0\x7f\x10\x00", True: b"\x7f\xe0\x00\x10"}  # LE, 
 def _backend(name: str) -> Parse:
     if name == "py":
         return header.parse_header_py
-    if header.parse_header_cext is None:
-        if header.NO_EXTENSIONS:
-            pytest.skip("FASTSCP_NO_EXTENSIONS=1")
-        pytest.fail("fastscp.dicom._header_cext is not built: run `pip install -e .` "
-                    "or `python setup.py build_ext --inplace`")
-    return header.parse_header_cext
+    return compiled_twin(header.parse_header_cext, "fastscp.dicom._header_cext")
 
 
 @pytest.fixture(params=["cext", "py"])

@@ -38,6 +38,7 @@ from fastscp.imaging import _thumbnail_py, thumbnail
 from fastscp.imaging import frames as imaging
 from fastscp.imaging.thumbnail import DecodeError, NoPixelData, PixelInfo, ThumbnailError
 from tests.dicomfiles import PYDICOM_DATA, corpus_files, corpus_id
+from tests.twins import compiled_twin
 
 Render = Callable[..., np.ndarray]
 
@@ -51,12 +52,7 @@ MAX_TWIN_DIFFERENCE = 1
 def _backend(name: str) -> Render:
     if name == "py":
         return thumbnail.thumbnail_py
-    if thumbnail.thumbnail_cext is None:
-        if thumbnail.NO_EXTENSIONS:
-            pytest.skip("FASTSCP_NO_EXTENSIONS=1")
-        pytest.fail("fastscp.imaging._thumbnail_cext is not built: run `pip install -e .` "
-                    "or `python setup.py build_ext --inplace`")
-    return thumbnail.thumbnail_cext
+    return compiled_twin(thumbnail.thumbnail_cext, "fastscp.imaging._thumbnail_cext")
 
 
 @pytest.fixture(params=["cext", "py"])

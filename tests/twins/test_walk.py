@@ -29,6 +29,7 @@ from tests.dicomfiles import (
     dataset_bytes,
     pad,
 )
+from tests.twins import compiled_twin
 
 TWINS = ["cext", "py"]
 MAX_INFLATED = 1 << 30
@@ -37,11 +38,7 @@ ENCODINGS = {EXPLICIT_LE: Encoder(True, False), IMPLICIT_LE: Encoder(False, Fals
 
 
 def _compiled() -> Any:
-    if walk.WalkerCext is None:
-        if NO_EXTENSIONS:
-            pytest.skip("FASTSCP_NO_EXTENSIONS=1")
-        pytest.fail("fastscp.dicom._walk_cext is not built: run `python setup.py build_ext --inplace`")
-    return walk.WalkerCext
+    return compiled_twin(walk.WalkerCext, "fastscp.dicom._walk_cext")
 
 
 @pytest.fixture(params=TWINS)
