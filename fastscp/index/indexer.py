@@ -58,6 +58,7 @@ from fastscp.index.batchtable import InstanceBatch
 from fastscp.index.database import Index
 from fastscp.index.records import BATCH_DECODER, DuplicateConflict, InstanceColumns, InstanceRecord, ThumbnailMade
 from fastscp.index.reindex import plan, read_records
+from fastscp.index.uidfilter import UidFilter
 from fastscp.process.ipc import accept_local, drain, listen
 from fastscp.status import IndexerState
 
@@ -148,8 +149,10 @@ class UidIndex:
     #: Hashes kept in the set before they are merged into the sorted array.
     MERGE_AT = 100_000
 
-    def __init__(self) -> None:
+    def __init__(self, shared: UidFilter | None = None) -> None:
         self._lock = threading.Lock()
+        #: The workers' copy of "may be indexed" (set wherever this learns of a UID, under its lock).
+        self._shared = shared
         self._received: dict[str, str] = {}
         self._sorted = np.empty(0, dtype=np.int64)
         self._recent: set[int] = set()
@@ -165,9 +168,13 @@ class UidIndex:
             for column in batch.columns:
                 uids = [uid for uid in column.to_pylist() if uid]
                 parts.append(np.fromiter(map(hash, uids), dtype=np.int64, count=len(uids)))
+        hashes = np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
         with self._lock:
-            self._merge(np.concatenate(parts) if parts else np.empty(0, dtype=np.int64))
+            self._merge(hashes)
             self.loaded = True
+            if self._shared is not None:
+                self._shared.add_hashes(hashes)
+                self._shared.set_ready()
 
     def _merge(self, hashes: np.ndarray) -> None:
         recent = np.fromiter(self._recent, dtype=np.int64, count=len(self._recent))
@@ -180,10 +187,13 @@ class UidIndex:
         with self._lock:
             for name in _UID_COLUMNS:
                 self._received.update(zip(instances.column(name), paths, strict=True))
+                if self._shared is not None:
+                    self._shared.add(instances.column(name))
             self._received.pop("", None)  # no UID (affected_sop_instance_uid: most records)
 
-    def committed(self, instances: pa.Table) -> None:
-        """Rows now in DuckDB (or given up on: their files are found by the next reconcile)."""
+    def committed(self, instances: pa.Table, *, found: bool = False) -> None:
+        """Rows now in DuckDB (or given up on: their files are found by the next reconcile).
+        ``found``: rows the reconcile found on disk, never :meth:`received`."""
         paths = instances.column("path").to_pylist()
         with self._lock:
             received = self._received
@@ -193,6 +203,8 @@ class UidIndex:
                     continue  # PERF: the command's UID is "" unless it differed from the data set's
                 uids = column.to_pylist()
                 self._recent.update(map(hash, uids))
+                if found and self._shared is not None:
+                    self._shared.add(uids)
                 # A record received since, under the same UID, keeps its entry.
                 for uid in [u for u, p in zip(uids, paths, strict=True) if received.get(u) == p]:
                     del received[uid]
@@ -241,10 +253,13 @@ class Indexer:
         servers: :func:`fastscp.query.server.query_services`). Also settable
         as :attr:`services` once the indexer exists (they ask it for its
         :meth:`state` and :attr:`uids`).
+    shared : UidFilter, optional
+        The supervisor's filter of indexed UIDs, kept up to date for the workers.
     """
 
     def __init__(self, index: Index, address: str, batch_size: int, batch_interval: float, *,
-                 storage_root: str | None = None, sr_root: str = "", services: Sequence[Service] = ()) -> None:
+                 storage_root: str | None = None, sr_root: str = "", services: Sequence[Service] = (),
+                 shared: UidFilter | None = None) -> None:
         self.index = index
         self.batch_size = batch_size
         self.batch_interval = batch_interval
@@ -278,7 +293,7 @@ class Indexer:
         self._writer = threading.Thread(target=self._write_loop, name="fastscp-index-writer", daemon=True)
         self._reconciler: threading.Thread | None = None
         #: The SOP Instance UIDs indexed or on their way (for LocateRequest).
-        self.uids = UidIndex()
+        self.uids = UidIndex(shared)
         self.services: list[Service] = list(services)
 
     def state(self) -> IndexerState:
@@ -406,7 +421,7 @@ class Indexer:
             try:
                 if isinstance(work, AddRecords):
                     self.index.add(work.records, keep_newer=True)
-                    self.uids.committed(InstanceBatch.of(work.records).table())
+                    self.uids.committed(InstanceBatch.of(work.records).table(), found=True)
                 elif isinstance(work, RemoveGone):
                     assert self.storage_root is not None
                     # A file may have come back (a resend) since the walk.

@@ -22,6 +22,7 @@ from fastscp.forward.process import forward_main
 from fastscp.index.database import Index, Lake, NodeAddress
 from fastscp.index.indexer import Indexer, tune_gc
 from fastscp.index.lake import LakeMaintenance
+from fastscp.index.uidfilter import UidFilter
 from fastscp.poststore.stage import poststore_main
 from fastscp.query.server import query_services
 from fastscp.runtime.child import ChildSpec
@@ -38,7 +39,7 @@ STATE_INTERVAL = 1.0
 def indexer_process(channel: socket.socket, db_path: str, wal_mode: bool, address: str, batch_size: int,
                     batch_interval: float, storage_root: str | None = None, sr_root: str = "",
                     lake: tuple[str, str, str] | None = None, maintenance_interval: float = 0.0,
-                    node: NodeAddress | None = None) -> None:
+                    node: NodeAddress | None = None, uid_filter: UidFilter | None = None) -> None:
     """The indexer process: the record loop with the query servers as its services.
 
     Sends :class:`Ready` once the index is open and every socket bound, or
@@ -49,6 +50,7 @@ def indexer_process(channel: socket.socket, db_path: str, wal_mode: bool, addres
     None skips the reconcile. ``lake``: the shared index (``Config.lake``), maintained every
     ``maintenance_interval`` seconds (``database.maintenance_interval``; 0: never) by one node at a time.
     ``node``: in a shared index, where the other nodes fetch this node's files (registered before Ready).
+    ``uid_filter``: the supervisor's :class:`~fastscp.index.uidfilter.UidFilter`, kept up to date here.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     tune_gc()
@@ -56,7 +58,8 @@ def indexer_process(channel: socket.socket, db_path: str, wal_mode: bool, addres
         os.makedirs(os.path.dirname(os.path.abspath(db_path)), exist_ok=True)
         index = Index(db_path, wal_mode=wal_mode, lake=Lake(*lake) if lake else None)
         try:
-            indexer = Indexer(index, address, batch_size, batch_interval, storage_root=storage_root, sr_root=sr_root)
+            indexer = Indexer(index, address, batch_size, batch_interval, storage_root=storage_root, sr_root=sr_root,
+                              shared=uid_filter)
             indexer.services = list(query_services(indexer, db_path))
             if index.lake and maintenance_interval:
                 indexer.services.append(LakeMaintenance(index, maintenance_interval))

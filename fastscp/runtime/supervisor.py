@@ -53,6 +53,7 @@ from fastscp.hooks.link import HooksLink
 from fastscp.imaging import frames as imaging
 from fastscp.index.client import indexer_address
 from fastscp.index.database import NodeAddress
+from fastscp.index.uidfilter import UidFilter
 from fastscp.monitor.book import StatusBook
 from fastscp.net import scu
 from fastscp.net.access import AccessConfigError, build_access_policy
@@ -193,6 +194,8 @@ class Supervisor:
             duplicates=config.storage.duplicates,
             min_free_bytes=config.storage.min_free_bytes,
         )
+        #: Which UIDs the index may hold: written by the indexer, read by the workers' duplicate checks.
+        self.uid_filter = UidFilter()
         # The keys a reload may change are set by live_settings, here and on SIGHUP.
         self.settings = live_settings(ServiceSettings(
             policy=AcceptancePolicy(
@@ -213,7 +216,7 @@ class Supervisor:
             max_object_size=config.limits.max_object_size,
             max_command_set=config.limits.max_command_set,
             min_data_rate=config.limits.min_data_rate,
-            locate=Locator(config.index_path),
+            locate=Locator(config.index_path, self.uid_filter),
             forward_address=forward_address(config.index_path) if config.forwarding.destinations else "",
             retrieve=(retrieve := retrieve_service(config, self.storage.root)),
             commitment=CommitmentService(lookup(config.index_path, self.storage.root), server.ae_title,
@@ -293,7 +296,7 @@ class Supervisor:
             "indexer", targets.indexer, lambda: (
                 self.config.index_path, db.wal_mode, self.address, db.batch_size,
                 db.batch_interval, self.storage.root, self.storage.sr_root, self.config.lake,
-                db.maintenance_interval, node_address(self.config, self.storage.root)),
+                db.maintenance_interval, node_address(self.config, self.storage.root), self.uid_filter),
             about=f", index {config.index_path}", decoder=FROM_INDEXER, ready_timeout=INDEXER_READY_TIMEOUT,
             stop_timeout=30))  # SIGTERM: it commits what it holds, then exits
         if self.settings.poststore_address:

@@ -1,6 +1,7 @@
-"""The duplicate check's "where is this instance?" over kept connections to the indexer's locate socket:
-one connection serves many stores, an indexer killed and restarted is found again, and hostile local
-clients of the locate socket do not delay the stores."""
+"""The duplicate check's "where is this instance?": new instances are known new from the indexer's
+shared UID filter, resends ask over kept connections to the indexer's locate socket (one connection
+serves many), an indexer killed and restarted is found again, and hostile local clients of the locate
+socket do not delay the stores."""
 
 from __future__ import annotations
 
@@ -62,25 +63,31 @@ def relabelled(tmp_path: Path, ds: pydicom.Dataset, patient_id: str) -> bytes:
     return raw[dataset_offset(raw):]
 
 
-def test_many_stores_use_one_kept_connection(start_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    server = start_server(workers=1)
-    series = [Path(p) for p in write_series(str(tmp_path / "ct"), 21, rows=16, columns=16)]
-    first_ds = pydicom.dcmread(series[0])
-    scu = RawSCU(server.port, str(first_ds.SOPClassUID), str(first_ds.file_meta.TransferSyntaxUID))
-
-    def store(path: Path) -> None:
+def test_new_instances_ask_nothing_and_resends_share_one_kept_connection(  # type: ignore[no-untyped-def]
+        start_server, tmp_path: Path) -> None:
+    """New instances are checked against the indexer's shared UID filter: no question on the locate
+    socket. Resends under another name do ask, all over one kept connection, and are found."""
+    server = start_server("--duplicates", "keep-first", "--naming", "template", workers=1,
+                          config=_config(tmp_path, TEMPLATE))
+    server.wait_for_log("indexed SOP Instance UIDs read")
+    series = [Path(p) for p in write_series(str(tmp_path / "ct"), 20, rows=16, columns=16)]
+    datasets = [pydicom.dcmread(path) for path in series]
+    scu = RawSCU(server.port, str(datasets[0].SOPClassUID), str(datasets[0].file_meta.TransferSyntaxUID))
+    for ds, path in zip(datasets, series, strict=True):
         raw = path.read_bytes()
-        assert scu.store(str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID),
-                         raw[dataset_offset(raw):]) == 0
+        assert scu.store(str(ds.SOPInstanceUID), raw[dataset_offset(raw):]) == 0
+    assert locate_connections(server) == set(), "a new instance asked the indexer where it is stored"
+    wait_until(lambda: indexed(server) == 20, what="the series in the index")
 
-    store(series[0])
+    assert scu.store(str(datasets[0].SOPInstanceUID), relabelled(tmp_path, datasets[0], "CORRECTED0")) == 0
     first = locate_connections(server)
-    assert len(first) == 1, f"one connection kept open after the first store: {first}"
-    for path in series[1:]:
-        store(path)
+    assert len(first) == 1, f"one connection kept open after the first resend: {first}"
+    for n, ds in enumerate(datasets[1:6], start=1):
+        assert scu.store(str(ds.SOPInstanceUID), relabelled(tmp_path, ds, f"CORRECTED{n}")) == 0
     scu.release()
-    assert locate_connections(server) == first, "the same connection answered every store"
-    assert len(server.stored_files()) == 21
+    assert locate_connections(server) == first, "the same connection answered every resend"
+    assert len(server.stored_files()) == 20, "each resend under another name was found as a duplicate"
+    server.wait_for_log("6 duplicates)")
 
 
 def test_duplicates_are_found_again_after_the_indexer_is_killed(  # type: ignore[no-untyped-def]
@@ -91,7 +98,6 @@ def test_duplicates_are_found_again_after_the_indexer_is_killed(  # type: ignore
     scu = RawSCU(server.port, str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID))
     assert scu.store(str(ds.SOPInstanceUID), data) == 0
     wait_until(lambda: indexed(server) == 1, what="the first copy in the index")
-    assert len(locate_connections(server)) == 1
 
     old = indexer_pid(server)
     os.kill(old, signal.SIGKILL)

@@ -1,0 +1,82 @@
+"""The workers' shared filter of indexed SOP Instance UIDs (fastscp.index.uidfilter): what the
+indexer's UidIndex learns in one process (committed rows at start, records received, rows the
+reconcile found) is seen by another process forked from the same parent, and nothing is ever
+reported new that the index may hold."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import msgspec
+
+from fastscp.index.batchtable import InstanceBatch
+from fastscp.index.database import Index
+from fastscp.index.indexer import UidIndex
+from fastscp.index.records import InstanceColumns
+from fastscp.index.uidfilter import UidFilter
+from tests.unit.index.test_index import make_storage, records_of
+
+NEW = [f"1.2.826.0.1.3680043.8.498.{n}" for n in range(1000, 3000)]
+
+
+def in_child(work) -> None:  # type: ignore[no-untyped-def]
+    """Run ``work`` in a forked child (as the supervisor forks the indexer) and wait for it."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            work()
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_what_the_indexer_learns_in_its_process_the_workers_see_in_theirs(tmp_path: Path) -> None:
+    records = records_of(make_storage(tmp_path / "storage"))
+    committed = msgspec.structs.replace(records[0], affected_sop_instance_uid="1.2.826.0.1.3680043.8.498.777")
+    received, found = records[1], records[2]
+    index = Index(str(tmp_path / "index.duckdb"))
+    index.add([committed])
+    index.close()
+    shared = UidFilter()
+    every = [committed.header.sop_instance_uid, committed.affected_sop_instance_uid,
+             received.header.sop_instance_uid, found.header.sop_instance_uid]
+    assert all(shared.may_hold([uid]) for uid in every + NEW), "before the committed rows are read: ask"
+
+    def indexer() -> None:
+        index = Index(str(tmp_path / "index.duckdb"))
+        uids = UidIndex(shared)
+        cursor = index.cursor()
+        uids.load(cursor)
+        cursor.close()
+        uids.received(InstanceColumns.of([received]))
+        uids.committed(InstanceBatch.of([found]).table(), found=True)
+        index.close()
+
+    in_child(indexer)
+    assert shared.ready
+    for uid in every:
+        assert shared.may_hold([uid]), uid
+        assert shared.may_hold([NEW[0], uid]), "any UID of the store that may be held: ask"
+    new = [uid for uid in NEW if not shared.may_hold([uid])]
+    assert len(new) == len(NEW), f"{len(NEW) - len(new)} new UIDs reported as maybe indexed"
+    assert not shared.may_hold(["", NEW[0]]), "no UID (an empty Affected SOP Instance UID) is not a hit"
+
+
+def test_received_records_stay_known_once_committed(tmp_path: Path) -> None:
+    records = records_of(make_storage(tmp_path / "storage"))
+    shared = UidFilter()
+    index = Index(str(tmp_path / "index.duckdb"))
+    uids = UidIndex(shared)
+    cursor = index.cursor()
+    uids.load(cursor)
+    cursor.close()
+    uids.received(InstanceColumns.of(records))
+    index.add(records)
+    uids.committed(InstanceBatch.of(records).table())
+    index.close()
+    assert all(shared.may_hold([r.header.sop_instance_uid]) for r in records)
+    assert not any(shared.may_hold([uid]) for uid in NEW[:100])
