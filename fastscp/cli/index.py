@@ -77,7 +77,7 @@ def register(commands: Any) -> None:
                     "replaces the old one when complete; the old one's duplicate conflict log is kept.",
     )
     reindex.add_argument("--no-hash", action="store_true",
-                         help="skip the SHA-256 of each data set (faster: reads headers only)")
+                         help="skip the content hash of each data set (faster: reads headers only)")
     add_index_arguments(reindex)
     reindex.set_defaults(func=_reindex)
 

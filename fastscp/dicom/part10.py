@@ -10,6 +10,8 @@ import hashlib
 import os
 import struct
 
+import blake3
+
 from fastscp.dicom._header_py import LONG_VRS
 from fastscp.dicom.uids import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 
@@ -136,28 +138,48 @@ def read_file_meta(data: bytes | bytearray | memoryview) -> tuple[dict[int, str]
     return values, pos
 
 
-def dataset_sha256(fd: int, offset: int, end: int | None = None) -> str:
-    """SHA-256 (hex) of a file's data set: its bytes from ``offset`` to ``end`` (or its end).
+#: What marks a BLAKE3 content hash; a bare 64-hex-digit value is a SHA-256 (the content hash of
+#: fastscp before 2026-12: indexes and forward queues written then keep theirs).
+BLAKE3_PREFIX = "blake3:"
 
-    The one data-set hash of fastscp (``content_hash`` of the index, the
-    comparison of duplicates): the bytes after the File Meta Information,
-    exactly as received. Read with ``pread`` in 1 MiB steps, so the file
-    position is not moved.
+
+def dataset_content_hash(fd: int, offset: int, end: int | None = None) -> str:
+    """The content hash of a file's data set, its bytes from ``offset`` to ``end`` (or its end):
+    ``"blake3:"`` and the BLAKE3 (256 bits, hex).
+
+    The one data-set hash of fastscp (``content_hash`` of the index and of
+    its records, the comparison of duplicates): the bytes after the File
+    Meta Information, exactly as received. Read with ``pread`` in 1 MiB
+    steps, so the file position is not moved.
+
+    PERF: BLAKE3 took 0.07 ms per 512 KB on this 2-core VM against 0.33 ms
+    for SHA-256 (OpenSSL with the SHA extensions), one core each, 500 runs:
+    the hash was 13% of an association thread's samples under 4 storescu
+    associations of 512x512 CT (py-spy), more than writing the file.
     """
-    digest = hashlib.sha256()
+    return BLAKE3_PREFIX + _digest(blake3.blake3(), fd, offset, end)
+
+
+def dataset_sha256(fd: int, offset: int, end: int | None = None) -> str:
+    """SHA-256 (hex) of a file's data set, read as :func:`dataset_content_hash` reads it: the content
+    hash of older indexes, and what the compiled data path computes when asked to hash on the way."""
+    return _digest(hashlib.sha256(), fd, offset, end)
+
+
+def _digest(digest, fd: int, offset: int, end: int | None) -> str:  # type: ignore[no-untyped-def]
     while end is None or offset < end:
         chunk = os.pread(fd, _HASH_STEP if end is None else min(_HASH_STEP, end - offset), offset)
         if not chunk:
             break
         digest.update(chunk)
         offset += len(chunk)
-    return digest.hexdigest()
+    return str(digest.hexdigest())
 
 
 def dataset_hash(path: str) -> str:
-    """:func:`dataset_sha256` of a Part 10 file's data set (its File Meta excluded)."""
+    """:func:`dataset_content_hash` of a Part 10 file's data set (its File Meta excluded)."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        return dataset_sha256(fd, dataset_offset(os.pread(fd, META_READ, 0)))
+        return dataset_content_hash(fd, dataset_offset(os.pread(fd, META_READ, 0)))
     finally:
         os.close(fd)

@@ -85,7 +85,7 @@ INSTANCE_HEADER_FIELDS: tuple[str, ...] = _INSTANCE_KEYS + tuple(
 FILE_COLUMNS: dict[str, str] = {
     "path": "VARCHAR",  # relative to the storage root; the key: keep-both may store a UID twice
     "size": "BIGINT",  # bytes of the whole Part 10 file
-    "content_hash": "VARCHAR",  # SHA-256 (hex) of the data set, "" if not computed
+    "content_hash": "VARCHAR",  # the data set's (dicom.part10.dataset_content_hash), "" if not computed
     "transfer_syntax_uid": "VARCHAR",
     "calling_ae_title": "VARCHAR",
     "called_ae_title": "VARCHAR",

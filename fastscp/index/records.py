@@ -24,7 +24,7 @@ class InstanceRecord(msgspec.Struct, frozen=True, kw_only=True, tag="instance"):
     peer_address: str
     received_at: float  # seconds since the epoch
     header: HeaderFields
-    #: SHA-256 (hex) of the data set bytes as received; "" if not computed.
+    #: The content hash of the data set bytes as received (dicom.part10.dataset_content_hash); "" if not computed.
     content_hash: str = ""
     #: The C-STORE's Affected SOP Instance UID (the File Meta's) when it
     #: differs from the data set's (``header.sop_instance_uid``), else "".

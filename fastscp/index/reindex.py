@@ -24,7 +24,7 @@ from typing import IO, NamedTuple
 import msgspec
 
 from fastscp.dicom.header import HeaderError, read_header_from
-from fastscp.dicom.part10 import dataset_sha256
+from fastscp.dicom.part10 import dataset_content_hash
 from fastscp.index.database import Index, IndexUnavailable, read_conflicts
 from fastscp.index.records import DuplicateConflict, InstanceRecord
 from fastscp.storage.reserved import NOT_INSTANCES
@@ -143,7 +143,7 @@ def read_record(root: str, state: FileState, *, content_hash: bool = True) -> In
     full = os.path.join(root, state.path)
     with open(full, "rb") as f:
         header, meta, transfer_syntax, offset = read_header_from(f)
-        digest = dataset_sha256(f.fileno(), offset) if content_hash else ""
+        digest = dataset_content_hash(f.fileno(), offset) if content_hash else ""
     affected = meta.get(0x0003, "")
     if not header.sop_instance_uid and affected:
         # As the acceptor does: the sender's UID names the file when the data set has none.
@@ -250,7 +250,7 @@ def reindex(storage_root: str, index_path: str, *, sr_root: str = "", content_ha
     sr_root : str
         ``storage.sr_directory``: structured reports stored outside the root.
     content_hash : bool
-        Compute each data set's SHA-256 (reads every file whole).
+        Compute each data set's content hash (reads every file whole).
     progress : text stream, optional
         Where the progress bar goes (default: stderr).
 

@@ -6,7 +6,6 @@ pipe. Real files, real DuckDB, a real indexer thread."""
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import re
@@ -17,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import blake3
 import msgspec
 import pydicom
 import pytest
@@ -38,7 +38,7 @@ def storage(tmp_path: Path) -> Path:
 
 def _data_set_hash(path: Path) -> str:
     raw = path.read_bytes()
-    return hashlib.sha256(raw[dataset_offset(raw):]).hexdigest()
+    return "blake3:" + blake3.blake3(raw[dataset_offset(raw):]).hexdigest()
 
 
 def _indexed_paths(path: str) -> list[str]:
