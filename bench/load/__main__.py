@@ -165,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     def log(text: str) -> None:
         print(text, flush=True)
 
+    trash = runner.Trash(base)
     if not args.quick:
         load = runner.wait_for_quiet(args.max_foreign, args.quiet_wait, log)
         log(f"other processes use {load:.2f} cores")
@@ -183,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
                     if note not in skipped:
                         skipped.append(note)
                     continue
+                corpus = built[scenario.corpus]
+                # Room for the received files, a thumbnail per image and the index.
+                trash.make_room(2 * corpus.dataset_bytes, log)
                 if not args.quick:
                     runner.wait_for_quiet(args.max_foreign, args.quiet_wait, log)
                 py_spy = None
@@ -191,16 +195,16 @@ def main(argv: list[str] | None = None) -> int:
                     py_spy = [spy, "record", "--subprocesses", "--format", "raw", "--rate", "250",
                               "--nonblocking", "-o", str(raw), *(["--idle"] if args.profile_idle else [])]
                 workdir = base / f"r{round_}-{scenario.name}-{name}"
-                run = runner.run_once(scenario, receiver, built[scenario.corpus], round_, workdir,
+                run = runner.run_once(scenario, receiver, corpus, round_, workdir,
                                       config=configs[scenario.corpus], profile=test_corpus.STORESCU_PROFILE,
-                                      keep=args.keep, py_spy=py_spy)
+                                      keep=args.keep, py_spy=py_spy, trash=trash)
                 if (not args.quick and args.rerun_noisy and run.foreign_cores > args.rerun_noisy
                         and not run.errors and not py_spy):
                     log(f"  {name}: other processes used {run.foreign_cores:.2f} cores during the run; again")
                     runner.wait_for_quiet(args.max_foreign, args.quiet_wait, log)
-                    again = runner.run_once(scenario, receiver, built[scenario.corpus], round_, workdir,
+                    again = runner.run_once(scenario, receiver, corpus, round_, workdir,
                                             config=configs[scenario.corpus],
-                                            profile=test_corpus.STORESCU_PROFILE, keep=args.keep)
+                                            profile=test_corpus.STORESCU_PROFILE, keep=args.keep, trash=trash)
                     kept, dropped = sorted((run, again), key=lambda r: (bool(r.errors), r.foreign_cores))
                     kept.notes.append(f"run twice (other load {dropped.foreign_cores:.2f} and "
                                       f"{kept.foreign_cores:.2f} cores); kept the quieter")
@@ -220,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"{run.exact}/{run.received}/{run.files}  other {run.foreign_cores:.2f}"
                     f"{f'  complete after (s): {derived}' if derived else ''}  {status}")
 
+    trash.empty()
     summary = runner.summarize(runs)
     ratio_table = runner.ratios(runs)
     result = {

@@ -5,6 +5,7 @@ runner end to end is ``python -m bench.load --quick`` (CI runs it)."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -149,3 +150,21 @@ def test_profile_summary_splits_association_threads(tmp_path: Path) -> None:
     assert "association threads: 40 samples" in text
     assert "| `IncomingFile.write (storage/area.py)` | 75.0 | 75.0 |" in text
     assert "other threads: 5 samples" in text and "| `Index.add (index/database.py)` | 100.0 | 100.0 |" in text
+
+
+def test_trash_keeps_finished_runs_until_the_disk_needs_the_room(tmp_path: Path) -> None:
+    """A run's files are not deleted right after it (ext4 would make the next run's files slowly:
+    runner.Trash); only when the next run needs the room, and then with a pause."""
+    trash = runner.Trash(tmp_path)
+    for name in ("r1-ct-k1-fastscp", "r1-ct-k1-storescp+B"):
+        (tmp_path / name / "storage").mkdir(parents=True)
+        (tmp_path / name / "storage" / "a.dcm").write_bytes(b"DICM")
+        trash.add(tmp_path / name)
+        assert not (tmp_path / name).exists(), "the name is free for the next run at once"
+    assert len(list(trash.folder.iterdir())) == 2
+    said: list[str] = []
+    trash.make_room(1 << 20, said.append)
+    assert len(list(trash.folder.iterdir())) == 2 and said == [], "room enough: nothing deleted"
+    trash.INODE_REUSE_S = 0.0
+    trash.make_room(shutil.disk_usage(tmp_path).free, said.append)
+    assert not trash.folder.exists() and len(said) == 1 and "inodes" in said[0]
