@@ -22,6 +22,7 @@ import msgspec
 import pytest
 
 from fastscp.dicom.header import HeaderFields
+from fastscp.dicom.part10 import dataset_hash
 from fastscp.dicom.synthetic import write_series
 from fastscp.index.client import IndexerClient, indexer_address
 from fastscp.index.database import SCHEMA_VERSION, TABLES, Index, IndexUnavailable
@@ -96,7 +97,7 @@ def test_read_record_reads_file_meta_and_header(storage: Path) -> None:
     assert record.transfer_syntax_uid == "1.2.840.10008.1.2.4.91"
     assert record.header.patient_id == "8NM1" and record.header.modality == "NM"
     assert record.size == info.st_size and record.received_at == pytest.approx(info.st_mtime)
-    assert len(record.content_hash) == 64
+    assert record.content_hash == dataset_hash(str(path)) and len(record.content_hash) == len("blake3:") + 64
     size = (storage / "pydicom/chrGerm.dcm").stat().st_size
     latin1 = read_record(str(storage), FileState("pydicom/chrGerm.dcm", size, 0), content_hash=False)
     assert latin1.header.patient_name == "Äneas^Rüdiger" and latin1.content_hash == ""
