@@ -199,7 +199,8 @@ class QueryServer:
         # PERF: the kernel's timeouts (SO_RCVTIMEO, SO_SNDTIMEO: each recv and send, as settimeout()
         # bounded them) on a blocking socket: Python's own timeout polls before every recv and send.
         # With one recv for the whole request (usually), a locate costs the indexer a poll, a recv
-        # and a send instead of four polls, two recvs and a send: see _serve_locates' PERF note.
+        # and a send instead of four polls, two recvs and a send: 30 -> 21 us of the indexer's CPU
+        # per locate (20,000 locates of new UIDs from 2 processes, 10 interleaved rounds, medians).
         io_timeout = struct.pack("ll", int(LOCATE_IO_TIMEOUT), int(LOCATE_IO_TIMEOUT % 1 * 1e6))
         conn.settimeout(None)
         conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, io_timeout)
