@@ -452,15 +452,6 @@ _KNOWN_LIMIT = 100_000
 #: this much WAL at the next start.
 CHECKPOINT_WAL_BYTES = 256 * 1024 * 1024
 
-#: DuckDB's threads in a process that has the file open read-write (the indexer's queries
-#: included; DuckDB's setting is per database). PERF: with its default (one per core) each
-#: statement of a batch wakes a worker thread of DuckDB's, and the calling thread spins
-#: until that worker is done: the indexer took 0.77 -> 0.67 ms of CPU per image (5,000
-#: records with locates and thumbnails at 400/s, two interleaved pairs), and at 300k
-#: instances the queries of bench/test_bench_index.py took 3-24 ms with 2 threads and 3-16
-#: ms with 1 on this 2-core machine (each query still runs in its own thread).
-WRITER_THREADS = 1
-
 #: Attempts of a lake write that conflicts with another node's (both
 #: deleted rows of one data file, say): the loser starts over.
 LAKE_WRITE_ATTEMPTS = 5
@@ -531,10 +522,8 @@ class Index:
                     f"reindex); ask the server, or stop it first ({text.splitlines()[0]})"
                 ) from None
             raise IndexUnavailable(f"{path}: cannot open the index: {text.splitlines()[0]}") from None
-        if not read_only and not lake:
-            if wal_mode:
-                self.con.execute(f"SET checkpoint_threshold = '{CHECKPOINT_WAL_BYTES}B'")
-            self.con.execute(f"SET threads = {WRITER_THREADS}")
+        if wal_mode and not read_only and not lake:
+            self.con.execute(f"SET checkpoint_threshold = '{CHECKPOINT_WAL_BYTES}B'")
         #: Committed writes not yet checkpointed (WAL mode): see :meth:`tidy`.
         self.needs_checkpoint = False
         self._cursor_source = self.con.cursor()

@@ -794,3 +794,17 @@ def test_a_base_map_is_written_once_and_again_after_it_was_pruned(storage: Path,
     send(2)  # the same base, dropped by the prune: written again
     assert whole_map(2) == json.loads(maps[2])
     index.close()
+
+
+def test_the_indexer_runs_duckdb_on_one_thread(tmp_path: Path) -> None:
+    """indexer.INDEXER_THREADS: DuckDB's worker threads cost the indexer CPU per batch (see its PERF note)."""
+    from fastscp.index.indexer import INDEXER_THREADS
+
+    path = str(tmp_path / "index.duckdb")
+    index = Index(path)
+    indexer = Indexer(index, indexer_address(path), 10, 0.1)
+    try:
+        assert rows(index, "SELECT current_setting('threads')") == [(INDEXER_THREADS,)]
+    finally:
+        indexer._close_sockets()
+        index.close()
