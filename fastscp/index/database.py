@@ -529,6 +529,8 @@ class Index:
         self._cursor_source = self.con.cursor()
         self._cursor_lock = threading.Lock()
         self._known: dict[str, dict[str, tuple[object, ...]]] = {"studies": {}, "series": {}}
+        #: The columns of ``instances`` in the order the file stores them (read at the first insert).
+        self._instance_order: list[str] | None = None
         #: Ids of the base attribute maps written (a file only: in a lake another node may prune one).
         self._known_maps: set[int] = set()
         #: Some patient, study or series may have no instances left: see :meth:`prune`.
@@ -943,16 +945,19 @@ class Index:
     def _insert(self, batch: pa.Table, parents: dict[str, list[tuple[object, ...]]], extras: _Extras) -> None:
         self._insert_maps(extras.maps)
         if batch.num_rows:
-            self.con.register("batch_instances", batch)
-            self.con.execute(f"INSERT INTO instances {self._instance_values}")
+            if self._instance_order is None:
+                # The table's own column order (a migration appends columns at the end).
+                self._instance_order = [row[0] for row in self.con.execute("DESCRIBE instances").fetchall()]
+            # PERF: the relation's insert_into, not an INSERT from a registered view: 4.6 -> 3.2 ms
+            # of CPU per batch of 80 (DuckDB makes and drops a view per registration).
+            self.con.from_arrow(batch.select(self._instance_order)).insert_into("instances")
             for table, rows in parents.items():
                 self._write_parents(table, rows, upsert=False)
         self._insert_conflicts(extras.conflicts)
         if extras.thumbnails is not None:
             # PERF: in the batch's transaction, not one of their own: one
             # commit less per batch (~1.2 ms of CPU).
-            self.con.register("batch_thumbnails", extras.thumbnails)
-            self.con.execute("INSERT INTO thumbnails SELECT * FROM batch_thumbnails")
+            self.con.from_arrow(extras.thumbnails).insert_into("thumbnails")
 
     def _replace(self, batch: pa.Table, parents: dict[str, list[tuple[object, ...]]], extras: _Extras,
                  keep_newer: bool) -> bool:

@@ -808,3 +808,25 @@ def test_the_indexer_runs_duckdb_on_one_thread(tmp_path: Path) -> None:
     finally:
         indexer._close_sockets()
         index.close()
+
+
+def test_new_rows_land_in_their_columns_whatever_the_file_s_column_order(storage: Path, tmp_path: Path) -> None:
+    """A migration appends columns at the end, so a file's column order need not be TABLES'; a batch
+    of new instances is inserted by the file's order (Index._insert)."""
+    path = str(tmp_path / "index.duckdb")
+    made = Index(path)
+    for name in ("size", "content_hash", "sop_instance_uid"):  # as if a migration had added them
+        made.con.execute(f"ALTER TABLE instances DROP COLUMN {name}")
+        made.con.execute(f"ALTER TABLE instances ADD COLUMN {name} {TABLES['instances'][name]}")
+    made.close()
+    index = Index(path)
+    assert [row[0] for row in rows(index, "DESCRIBE instances")][-3:] == ["size", "content_hash", "sop_instance_uid"]
+    records = records_of(storage)
+    assert index.add(records) == len(records)
+    for record in records:
+        assert rows(index, "SELECT size, content_hash, sop_instance_uid FROM instances WHERE path = ?",
+                    [record.path]) == [(record.size, record.content_hash, record.header.sop_instance_uid)]
+        (found,) = [header for p, header in index.study_instances(record.header.study_instance_uid)
+                    if p == record.path]
+        assert found == record.header
+    index.close()
