@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import msgspec
 
-from fastscp.index.records import ENCODER, IndexRecord, InstanceRecord, RecordBatch
+from fastscp.index.records import ENCODER, Base, IndexRecord, InstanceRecord, RecordBatch
 from fastscp.process.batcher import Batcher
 from fastscp.process.ipc import local_address
 
@@ -40,20 +40,23 @@ def indexer_address(index_path: str) -> str:
     return local_address("indexer", index_path)
 
 
-def batch_messages(records: list[IndexRecord]) -> list[tuple[bytes, int]]:
+def batch_messages(records: list[IndexRecord], known: dict[str, Base] | None = None) -> list[tuple[bytes, int]]:
     """The records as messages of :data:`MAX_MESSAGE_BYTES` at most: (message, records in it).
+
+    ``known``: the sender's base attribute maps by series, kept between calls
+    (:func:`~fastscp.index.records.split_maps`).
 
     A batch too long is halved until each part fits. A single instance
     record that is still too long (a hostile header: its attribute map is
     bounded by characters, not bytes) travels without its attribute map;
     the file keeps every attribute.
     """
-    data = ENCODER.encode(RecordBatch.of(records))
+    data = ENCODER.encode(RecordBatch.of(records, known))
     if len(data) <= MAX_MESSAGE_BYTES:
         return [(data, len(records))]
     if len(records) > 1:
         half = len(records) // 2
-        return batch_messages(records[:half]) + batch_messages(records[half:])
+        return batch_messages(records[:half], known) + batch_messages(records[half:], known)
     (record,) = records
     if isinstance(record, InstanceRecord):
         # The path comes from header values: the log formatters escape it (fastscp.process.logs.escape).
@@ -87,6 +90,8 @@ class IndexerClient:
         self._pending: list[tuple[bytes, int]] = []
         #: The indexer could not be reached at the last try.
         self._down = False
+        #: The base attribute map of each recent series (batch_messages).
+        self._bases: dict[str, Base] = {}
         #: Records not yet sealed into a message; its lock guards all of the above.
         self._batcher: Batcher[IndexRecord] = Batcher(
             self._deliver_locked, interval=SEND_INTERVAL, max_items=BATCH_RECORDS, retry_interval=RETRY_INTERVAL,
@@ -121,7 +126,7 @@ class IndexerClient:
     def _deliver_locked(self, records: list[IndexRecord]) -> bool:
         """Seal ``records`` into messages and send every message kept; False if some remain (the indexer is down)."""
         if records:
-            self._pending += batch_messages(records)
+            self._pending += batch_messages(records, self._bases)
         if not self._pending:
             return True
         try:

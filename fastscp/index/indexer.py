@@ -69,6 +69,15 @@ log = logging.getLogger("fastscp.indexer")
 #: flush); 10 -> 30 took a flooded indexer from ~100k to ~135k rows/s
 #: (bench/test_bench_index.py::test_indexer_sustained_rate, 1M records).
 MAX_BATCH_FACTOR = 30
+#: DuckDB's threads in the indexer process (its queries included: DuckDB's setting is per
+#: database; a DuckLake index keeps DuckDB's default). PERF: with the default (one per core)
+#: each statement of a batch wakes a worker thread of DuckDB's, and the calling thread spins
+#: until that worker is done: the indexer took 0.77 -> 0.67 ms of CPU per image (5,000
+#: records with locates and thumbnails at 400/s, two interleaved pairs), and at 300k
+#: instances the queries of bench/test_bench_index.py took 3-24 ms with 2 threads and 3-16
+#: ms with 1 on this 2-core machine (each query still runs in its own thread).
+INDEXER_THREADS = 1
+
 #: Seconds without records after which the indexer tidies the index (Index.tidy:
 #: drops empty parents, checkpoints the WAL).
 TIDY_IDLE = 1.0
@@ -261,6 +270,8 @@ class Indexer:
                  storage_root: str | None = None, sr_root: str = "", services: Sequence[Service] = (),
                  shared: UidFilter | None = None) -> None:
         self.index = index
+        if not index.lake:
+            index.con.execute(f"SET threads = {INDEXER_THREADS}")
         self.batch_size = batch_size
         self.batch_interval = batch_interval
         self.storage_root = storage_root

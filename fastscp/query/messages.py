@@ -160,6 +160,28 @@ def send_message(sock: socket.socket, message: Message) -> None:
     sock.sendall(_LENGTH.pack(len(data)) + data)
 
 
+def split_frame(data: bytes, max_size: int = MAX_FRAME) -> tuple[Message, bytes] | None:
+    """The first message in ``data`` (frames of :func:`send_message`) and the bytes after it; None while
+    it is incomplete.
+
+    Raises
+    ------
+    ConnectionError
+        The frame is longer than ``max_size``.
+    msgspec.DecodeError
+        Not a message of this protocol.
+    """
+    if len(data) < _LENGTH.size:
+        return None
+    (size,) = _LENGTH.unpack_from(data)
+    if size > max_size:
+        raise ConnectionError(f"message of {size} bytes is longer than {max_size}")
+    end = _LENGTH.size + size
+    if len(data) < end:
+        return None
+    return _DECODER.decode(memoryview(data)[_LENGTH.size:end]), data[end:]
+
+
 def _recv_exact(sock: socket.socket, size: int) -> bytes:
     buf = bytearray()
     while len(buf) < size:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import select
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -47,6 +48,7 @@ from fastscp.query.messages import (
     query_address,
     recv_message,
     send_message,
+    split_frame,
 )
 from fastscp.status import IndexerState
 
@@ -195,12 +197,27 @@ class QueryServer:
         """
         poller = select.poll()
         poller.register(conn, select.POLLIN)
-        conn.settimeout(LOCATE_IO_TIMEOUT)
+        # PERF: the kernel's timeouts (SO_RCVTIMEO, SO_SNDTIMEO: each recv and send, as settimeout()
+        # bounded them) on a blocking socket: Python's own timeout polls before every recv and send.
+        # With one recv for the whole request (usually), a locate costs the indexer a poll, a recv
+        # and a send instead of four polls, two recvs and a send: 30 -> 21 us of the indexer's CPU
+        # per locate (20,000 locates of new UIDs from 2 processes, 10 interleaved rounds, medians).
+        io_timeout = struct.pack("ll", int(LOCATE_IO_TIMEOUT), int(LOCATE_IO_TIMEOUT % 1 * 1e6))
+        conn.settimeout(None)
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, io_timeout)
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, io_timeout)
+        received = b""  # what has come of the next request (a client may send it in pieces, or several at once)
         try:
             while not self._closing.is_set():
-                if not poller.poll(LOCATE_IDLE_TIMEOUT * 1000):
+                if not received and not poller.poll(LOCATE_IDLE_TIMEOUT * 1000):
                     return
-                request = recv_message(conn, LOCATE_MAX_MESSAGE)
+                while (framed := split_frame(received, LOCATE_MAX_MESSAGE)) is None:
+                    chunk = conn.recv(LOCATE_MAX_MESSAGE + 4)
+                    if not chunk:
+                        raise ConnectionError("connection closed in the middle of a message" if received
+                                              else "connection closed")
+                    received += chunk
+                request, received = framed
                 if not isinstance(request, LocateRequest):
                     send_message(conn, Failed(f"not a LocateRequest: {type(request).__name__}"))
                     return

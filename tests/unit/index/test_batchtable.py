@@ -15,6 +15,8 @@ from fastscp.index.records import (
     BATCH_DECODER,
     ENCODER,
     INSTANCE_COLUMNS,
+    KNOWN_BASE_CHARS,
+    KNOWN_SERIES,
     InstanceRecord,
     RecordBatch,
     ThumbnailMade,
@@ -151,3 +153,36 @@ def test_attribute_maps_travel_as_a_base_per_series_and_each_instance_s_own_entr
         assert whole == json.loads(record.header.attributes)
     deltas, ids, bases = split_maps([], [])
     assert (deltas, ids, bases) == ([], [], {})
+
+
+def test_a_sender_keeps_one_base_per_series_and_every_message_carries_it() -> None:
+    """With a sender's ``known`` bases, later messages of a series refer to its first base (the indexer writes
+    its text once) and still carry that text; each instance's map is its base plus its own entries."""
+    maps = ['{"00180050":"5","00200032":"1\\\\2\\\\3","00181151":"170"}',
+            '{"00180050":"5","00200032":"1\\\\2\\\\8","00181151":"170"}',
+            '{"00180050":"5","00181151":"171","00201041":"-8"}']
+    known: dict = {}
+    messages = []
+    for n, text in enumerate(maps):  # one message per instance: each was its own base before
+        records = [instance(n, series=1, attributes=text)]
+        messages.append((records, BATCH_DECODER.decode(ENCODER.encode(RecordBatch.of(records, known))).instances))
+    first = map_id(maps[0])
+    for records, columns in messages:
+        assert columns.maps == {first: maps[0]}
+        gathered = InstanceBatch()
+        gathered.add(columns)
+        (row,) = gathered.table().to_pylist()
+        assert row["attributes_base"] == first
+        whole = merge_patch(json.loads(gathered.maps[first]), json.loads(row["attributes"]))
+        assert whole == json.loads(records[0].header.attributes)
+    # Without known bases each message's first map is its base, as before.
+    assert RecordBatch.of([instance(2, series=1, attributes=maps[2])]).instances.maps == {map_id(maps[2]): maps[2]}
+
+
+def test_known_bases_are_bounded() -> None:
+    known: dict = {}
+    long_map = '{"00100010":"' + "x" * KNOWN_BASE_CHARS + '"}'
+    split_maps([long_map], ["1.2.3"], known)
+    assert known == {}, "a long base is not kept: every message of its series would carry it"
+    split_maps(['{"00180050":"5"}'] * (KNOWN_SERIES + 1), [f"1.2.{n}" for n in range(KNOWN_SERIES + 1)], known)
+    assert 0 < len(known) <= KNOWN_SERIES

@@ -756,3 +756,78 @@ def test_transaction_commits_or_rolls_back_and_unregisters(tmp_path: Path) -> No
     reopened = Index(str(tmp_path / "index.duckdb"), read_only=True)
     assert rows(reopened, "SELECT * FROM thumbnails") == [("a.dcm", "thumbnails/a.jpg")]
     reopened.close()
+
+
+def test_a_base_map_is_written_once_and_again_after_it_was_pruned(storage: Path, tmp_path: Path) -> None:
+    """The index skips the INSERT of a base attribute map it wrote (a sender keeps one base per series),
+    but not after a prune dropped it: each instance's whole map is always there to read."""
+    import json
+
+    from fastscp.index.batchtable import InstanceBatch
+    from fastscp.index.records import RecordBatch
+
+    template = records_of(storage)[0]
+    maps = ['{"00180050":"5","00201041":"-1"}', '{"00180050":"5","00201041":"-2"}', '{"00180050":"5"}']
+
+    def record(n: int) -> InstanceRecord:
+        header = msgspec.structs.replace(template.header, sop_instance_uid=f"1.2.3.{n}", attributes=maps[n])
+        return msgspec.structs.replace(template, path=f"S/{n}.dcm", header=header)
+
+    index = Index(str(tmp_path / "index.duckdb"))
+    known: dict = {}  # a sender's bases (IndexerClient)
+
+    def send(n: int) -> None:
+        batch = InstanceBatch()
+        batch.add(RecordBatch.of([record(n)], known).instances)
+        index.add_table(batch.table(), maps=batch.maps)
+
+    def whole_map(n: int) -> dict[str, str]:
+        (text,) = rows(index, "SELECT CAST(attributes AS VARCHAR) FROM instance_attributes WHERE path = ?",
+                       [f"S/{n}.dcm"])[0]
+        return json.loads(text)  # type: ignore[no-any-return]
+
+    send(0)
+    send(1)
+    assert rows(index, "SELECT count(*) FROM attribute_maps") == [(1,)]
+    assert whole_map(1) == json.loads(maps[1])
+    assert index.remove(["S/0.dcm", "S/1.dcm"]) == 2
+    assert rows(index, "SELECT count(*) FROM attribute_maps") == [(0,)]
+    send(2)  # the same base, dropped by the prune: written again
+    assert whole_map(2) == json.loads(maps[2])
+    index.close()
+
+
+def test_the_indexer_runs_duckdb_on_one_thread(tmp_path: Path) -> None:
+    """indexer.INDEXER_THREADS: DuckDB's worker threads cost the indexer CPU per batch (see its PERF note)."""
+    from fastscp.index.indexer import INDEXER_THREADS
+
+    path = str(tmp_path / "index.duckdb")
+    index = Index(path)
+    indexer = Indexer(index, indexer_address(path), 10, 0.1)
+    try:
+        assert rows(index, "SELECT current_setting('threads')") == [(INDEXER_THREADS,)]
+    finally:
+        indexer._close_sockets()
+        index.close()
+
+
+def test_new_rows_land_in_their_columns_whatever_the_file_s_column_order(storage: Path, tmp_path: Path) -> None:
+    """A migration appends columns at the end, so a file's column order need not be TABLES'; a batch
+    of new instances is inserted by the file's order (Index._insert)."""
+    path = str(tmp_path / "index.duckdb")
+    made = Index(path)
+    for name in ("size", "content_hash", "sop_instance_uid"):  # as if a migration had added them
+        made.con.execute(f"ALTER TABLE instances DROP COLUMN {name}")
+        made.con.execute(f"ALTER TABLE instances ADD COLUMN {name} {TABLES['instances'][name]}")
+    made.close()
+    index = Index(path)
+    assert [row[0] for row in rows(index, "DESCRIBE instances")][-3:] == ["size", "content_hash", "sop_instance_uid"]
+    records = records_of(storage)
+    assert index.add(records) == len(records)
+    for record in records:
+        assert rows(index, "SELECT size, content_hash, sop_instance_uid FROM instances WHERE path = ?",
+                    [record.path]) == [(record.size, record.content_hash, record.header.sop_instance_uid)]
+        (found,) = [header for p, header in index.study_instances(record.header.study_instance_uid)
+                    if p == record.path]
+        assert found == record.header
+    index.close()

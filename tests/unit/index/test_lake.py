@@ -283,3 +283,21 @@ def test_a_lake_of_a_newer_fastscp_is_refused(lake: Lake) -> None:
     with pytest.raises(IndexUnavailable, match=f"index schema version {SCHEMA_VERSION + 1} is newer than this "
                                                "fastscp supports .*upgrade fastscp on this node"):
         node(lake, "node-b")
+
+
+def test_thumbnails_ride_in_the_batch_and_a_node_replaces_only_its_own(lake: Lake) -> None:
+    """A thumbnail is written in its batch's transaction; made again, it replaces its node's row and
+    never another node's of the same relative path."""
+    from fastscp.index.records import ThumbnailMade
+
+    a, b = node(lake, "node-a"), node(lake, "node-b")
+    try:
+        made = records("THUMBS", 2)
+        for index in (a, b):
+            index.add(made, thumbnails=[ThumbnailMade(path=made[0].path, thumbnail_path="thumbnails/1.jpg")])
+        a.add([], thumbnails=[ThumbnailMade(path=made[0].path, thumbnail_path="thumbnails/2.jpg")])
+        assert a.con.execute("SELECT node, path, thumbnail_path FROM thumbnails ORDER BY node").fetchall() == [
+            ("node-a", made[0].path, "thumbnails/2.jpg"), ("node-b", made[0].path, "thumbnails/1.jpg")]
+    finally:
+        a.close()
+        b.close()
