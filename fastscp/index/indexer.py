@@ -75,8 +75,10 @@ MAX_BATCH_FACTOR = 30
 #: until that worker is done: the indexer took 0.77 -> 0.67 ms of CPU per image (5,000
 #: records with locates and thumbnails at 400/s, two interleaved pairs), and at 300k
 #: instances the queries of bench/test_bench_index.py took 3-24 ms with 2 threads and 3-16
-#: ms with 1 on this 2-core machine (each query still runs in its own thread).
-INDEXER_THREADS = 1
+#: ms with 1 on this 2-core machine (each query still runs in its own thread). A quarter of the
+#: cores: on a large host one C-FIND over millions of rows keeps some of DuckDB's parallelism,
+#: and the spinning costs cores the workers do not use.
+INDEXER_THREADS = max(1, (os.cpu_count() or 1) // 4)
 
 #: Seconds without records after which the indexer tidies the index (Index.tidy:
 #: drops empty parents, checkpoints the WAL).
