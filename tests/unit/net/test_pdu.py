@@ -197,6 +197,28 @@ def test_a_long_stream_goes_through_one_buffer(pair: tuple[socket.socket, socket
     assert bytes(stream.read()[1]) == b"two" and stream.buffered == 0
 
 
+def test_quick_ack_is_re_armed_after_every_receive() -> None:
+    """Linux leaves quick-ACK mode once we answer soon after a receive (delayed ACKs, "pingpong"); a
+    sender with Nagle on (dcmtk) would then wait ~40 ms per image for our ACK. Every read re-arms it."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        theirs = socket.create_connection(listener.getsockname())
+        ours, _ = listener.accept()
+    with ours, theirs:
+        ours.settimeout(5)
+        theirs.settimeout(5)
+        stream = PDUStream(ours, 16384)
+        quick = (socket.IPPROTO_TCP, socket.TCP_QUICKACK)
+        after_answers = []
+        for n in range(6):
+            theirs.sendall(pdu(b"\x01" * (100 + n)))
+            assert stream.read()[0] == 0x04
+            assert ours.getsockopt(*quick) == 1, f"read {n}: quick-ACK mode left"
+            ours.sendall(pdu(b"\x02" * 10))  # an answer right after the request: the kernel turns to delayed ACKs
+            assert len(theirs.recv(100)) == 16
+            after_answers.append(ours.getsockopt(*quick))
+        assert 0 in after_answers[:-1]  # the kernel did leave quick-ACK mode before a read: the case was tested
+
+
 def _pdvs(pdus: bytes) -> list[tuple[int, int, bytes]]:
     """(PDU length, Message Control Header, value) of each PDV, one PDV per PDU as p_data_tf writes them."""
     out, pos = [], 0
