@@ -197,6 +197,25 @@ def test_a_long_stream_goes_through_one_buffer(pair: tuple[socket.socket, socket
     assert bytes(stream.read()[1]) == b"two" and stream.buffered == 0
 
 
+def test_one_receive_takes_a_whole_pdu_and_the_next(pair: tuple[socket.socket, socket.socket]) -> None:
+    """The buffer has room for two PDUs of the Maximum Length (header included): one recv_into of a
+    stream already queued takes the first PDU and all of the second, and no byte more."""
+    ours, theirs = pair
+    ours.settimeout(5)
+    stream = PDUStream(ours, 65536)
+    first, second, third = pdu(b"\x01" * 65536), pdu(b"\x02" * 65536), pdu(b"third")
+    sender = send_later(theirs, [(0, first + second + third)])
+    queued = len(first + second + third)
+    deadline = time.monotonic() + 5
+    while len(ours.recv(queued, socket.MSG_PEEK)) < queued and time.monotonic() < deadline:
+        time.sleep(0.01)
+    sender.join(5)
+    assert stream.read() == (0x04, memoryview(first[6:]))
+    assert stream.buffered == len(second)
+    assert stream.read() == (0x04, memoryview(second[6:]))
+    assert stream.read() == (0x04, memoryview(third[6:]))
+
+
 def test_quick_ack_is_re_armed_after_every_receive() -> None:
     """Linux leaves quick-ACK mode once we answer soon after a receive (delayed ACKs, "pingpong"); a
     sender with Nagle on (dcmtk) would then wait ~40 ms per image for our ACK. Every read re-arms it."""

@@ -121,6 +121,16 @@ def test_a_duplicate_stored_under_another_name_is_found_through_the_index(tmp_pa
     assert not Path(storage.root, "P2").exists() and leftovers(storage) == []
 
 
+def test_a_path_the_index_names_whose_file_is_gone_is_no_duplicate(tmp_path: Path) -> None:
+    """The index can lag behind an operator who removed a file (reconciled later): a path it names
+    that holds no file is not where the instance is; it is stored at its layout name."""
+    storage = area(tmp_path / "root", layout=LayoutOptions(naming="hierarchical"),
+                   duplicates=DuplicatePolicy.REJECT)
+    where, outcome = store(storage, b"data", locate=lambda uids: ("P1/removed.dcm",))
+    assert outcome is Outcome.STORED and where == Path(storage.root, relative_path(storage.layout, HEADER))
+    assert where.read_bytes().endswith(b"data") and leftovers(storage) == []
+
+
 def test_the_command_uid_names_the_file_and_both_uids_are_duplicates(tmp_path: Path) -> None:
     """The File Meta (and so the name) carries the command's Affected SOP Instance UID; a data set
     whose own UID differs is a duplicate by either."""
