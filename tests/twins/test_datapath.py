@@ -256,6 +256,18 @@ def test_a_failed_write_is_told_once_and_the_rest_drained(twin: Any, tmp_path: P
         assert [t[1] for t in trace if t[0] == "file"] == [3000, 0, 1001]
 
 
+def test_a_failed_write_of_a_data_sets_last_piece_is_told_then_its_end(twin: Any, tmp_path: Path) -> None:
+    """The write that fails is the data set's last piece (a one-byte data set: its only one):
+    WRITE_FAILED first, the DATA_SET it owes at the next pump, then the next message."""
+    messages: list[Message] = [(1, b"C" * 90, b"x"), MESSAGES[1]]
+    data = stream_of(messages, 500, 1)
+    for buffer_size in (7, 0):
+        trace = pump_all(twin, data, tmp_path, buffer_size=buffer_size, read_only=True)
+        assert [t[0] for t in trace] == ["command", "write failed", "file", "command", "error"], trace
+        assert trace[1] == ("write failed", "EBADF") and trace[2][1] == 1
+        assert trace[3] == ("command", 3, b"D" * 17) and trace[-1] == CLOSED
+
+
 def test_the_twins_agree_with_a_stream_cut_by_tcp(tmp_path: Path) -> None:
     """The same long stream, with every kind of message, through both twins: the same trace."""
     messages: list[Message] = [(1 + 2 * (i % 3), bytes([65 + i]) * (10 + i), ct_like(i * 997, i) if i % 4 else None)
