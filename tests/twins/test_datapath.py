@@ -192,6 +192,16 @@ def test_a_large_data_set_streams_through_a_small_buffer(twin: Any, tmp_path: Pa
         assert pump_all(twin, data, tmp_path, buffer_size=buffer_size) == expected(messages) + [CLOSED]
 
 
+def test_the_prefix_is_filled_to_its_last_byte(twin: Any, tmp_path: Path) -> None:
+    """PDV values that leave exactly one byte of the prefix's room (5 x 13107 = 65535 bytes): the next
+    piece gives it that byte (a piece never spans two PDVs, whatever the buffer)."""
+    assert (HEADER_PREFIX_BYTES - 1) % 5 == 0
+    messages: list[Message] = [(1, b"C" * 50, ct_like(100_000, 7))]
+    data = stream_of(messages, (HEADER_PREFIX_BYTES - 1) // 5, 1)
+    for buffer_size in (4096, 0):
+        assert pump_all(twin, data, tmp_path, buffer_size=buffer_size) == expected(messages) + [CLOSED]
+
+
 def test_other_pdus_are_left_to_the_stream(twin: Any, tmp_path: Path) -> None:
     data = stream_of(MESSAGES[:1], 100, 3) + RELEASE_RQ + stream_of(MESSAGES[1:2], 100, 3)
     want = [*expected(MESSAGES[:1]), ("pdu", 0x05, bytes(4)), *expected(MESSAGES[1:2]), CLOSED]
