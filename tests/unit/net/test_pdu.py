@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 from pynetdicom.pdu import A_ABORT_RQ, A_RELEASE_RP
 
-from fastscp.net.pdu import RELEASE_RP, DeadlineExceeded, PDUStream, abort_pdu, p_data_tf
+from fastscp.net.pdu import RELEASE_RP, DeadlineExceeded, PDUStream, ProtocolError, abort_pdu, p_data_tf
 
 
 def pdu(body: bytes, pdu_type: int = 0x04) -> bytes:
@@ -195,6 +195,17 @@ def test_a_long_stream_goes_through_one_buffer(pair: tuple[socket.socket, socket
     # The second PDU came with the first: it waits in the buffer (C-CANCEL-RQ is looked for there).
     assert stream.buffered == len(pdu(b"two"))
     assert bytes(stream.read()[1]) == b"two" and stream.buffered == 0
+
+
+def test_no_maximum_length_still_caps_a_pdu_at_64_mib(pair: tuple[socket.socket, socket.socket]) -> None:
+    """Maximum Length Received 0 means "no limit" to the peer (PS3.8 D.1), but memory is bounded: a PDU
+    over 64 MiB is refused from its header, before any byte of its body."""
+    ours, theirs = pair
+    ours.settimeout(5)
+    stream = PDUStream(ours, 0)
+    theirs.sendall(struct.pack(">BxI", 0x04, 64 * 1024 * 1024 + 1))
+    with pytest.raises(ProtocolError, match="^PDU of 67108865 bytes exceeds the maximum 67108864$"):
+        stream.read()
 
 
 def test_one_receive_takes_a_whole_pdu_and_the_next(pair: tuple[socket.socket, socket.socket]) -> None:
