@@ -208,23 +208,25 @@ def test_no_maximum_length_still_caps_a_pdu_at_64_mib(pair: tuple[socket.socket,
         stream.read()
 
 
-def test_one_receive_takes_a_whole_pdu_and_the_next(pair: tuple[socket.socket, socket.socket]) -> None:
-    """The buffer has room for two PDUs of the Maximum Length (header included): one recv_into of a
-    stream already queued takes the first PDU and all of the second, and no byte more."""
+@pytest.mark.parametrize(("max_pdu", "buffered"), [(65536, 65542), (16384, 65536 - 16390)])
+def test_one_receive_takes_a_whole_pdu_and_the_next(pair: tuple[socket.socket, socket.socket], max_pdu: int,
+                                                    buffered: int) -> None:
+    """The buffer has room for two PDUs of the Maximum Length (header included), and at least 64 KiB:
+    one recv_into of a stream already queued fills it, and no byte more."""
     ours, theirs = pair
     ours.settimeout(5)
-    stream = PDUStream(ours, 65536)
-    first, second, third = pdu(b"\x01" * 65536), pdu(b"\x02" * 65536), pdu(b"third")
-    sender = send_later(theirs, [(0, first + second + third)])
-    queued = len(first + second + third)
+    stream = PDUStream(ours, max_pdu)
+    pdus = [pdu(bytes([n]) * max_pdu) for n in range(5)]
+    sender = send_later(theirs, [(0, b"".join(pdus))])
+    queued = buffered + len(pdus[0]) + 1  # a byte more than the buffer takes (the rest: as it drains)
     deadline = time.monotonic() + 5
-    while len(ours.recv(queued, socket.MSG_PEEK)) < queued and time.monotonic() < deadline:
+    while len(ours.recv(1 << 20, socket.MSG_PEEK)) < queued and time.monotonic() < deadline:
         time.sleep(0.01)
+    assert stream.read() == (0x04, memoryview(pdus[0][6:]))
+    assert stream.buffered == buffered
+    for expected in pdus[1:]:
+        assert stream.read() == (0x04, memoryview(expected[6:]))
     sender.join(5)
-    assert stream.read() == (0x04, memoryview(first[6:]))
-    assert stream.buffered == len(second)
-    assert stream.read() == (0x04, memoryview(second[6:]))
-    assert stream.read() == (0x04, memoryview(third[6:]))
 
 
 def test_quick_ack_is_re_armed_after_every_receive() -> None:
