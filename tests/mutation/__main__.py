@@ -95,6 +95,10 @@ MODULES: dict[str, tuple[str, ...]] = {
         "tests/unit/net/test_protocol.py",
         "tests/unit/net/test_association.py",
         "tests/unit/net/test_association_phases.py",
+        # bytes_read tells a port probe (nothing read) from an association.
+        "tests/unit/net/test_storescp.py::test_a_connection_closed_before_any_pdu_is_a_probe",
+        # read() of the rest of a PDU the data path stopped in (both twins stop there).
+        "tests/twins/test_datapath.py::test_the_rest_of_a_pdu_reads_as_a_pdu_of_its_own",
     ),
     "fastscp/net/association.py": (
         "tests/unit/net/test_association.py",
@@ -118,6 +122,24 @@ MODULES: dict[str, tuple[str, ...]] = {
         "tests/unit/index/test_reindex.py",
         "tests/unit/index/test_index.py",
     ),
+    # The data path's pure-Python twin: its [py] twin tests, then the association's unit tests,
+    # which run it only under FASTSCP_NO_EXTENSIONS=1 (MODULE_ENV; the [cext] cases skip there).
+    "fastscp/net/_datapath_py.py": (
+        "tests/twins/test_datapath.py",
+        "tests/unit/net/test_association.py",
+        "tests/unit/net/test_association_phases.py",
+        "tests/unit/net/test_association_responses.py",
+        "tests/unit/net/test_storescp.py",
+    ),
+    "fastscp/storage/files.py": (
+        "tests/unit/storage/test_files.py",
+        "tests/unit/storage/test_storage_modes.py",
+    ),
+}
+
+#: Module -> environment its tests run with: a twin is only what runs where the compiled one is not loaded.
+MODULE_ENV: dict[str, dict[str, str]] = {
+    "fastscp/net/_datapath_py.py": {"FASTSCP_NO_EXTENSIONS": "1"},
 }
 
 #: The CI subset: fast unit-level tests only, a fixed sample of mutants.
@@ -289,9 +311,10 @@ class Overlay:
     def close(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
 
-    def run(self, tests: tuple[str, ...], timeout: float) -> tuple[str, float]:
+    def run(self, tests: tuple[str, ...], timeout: float, extra_env: dict[str, str] | None = None) -> tuple[str, float]:
         """("passed" | "failed" | "timeout", seconds) of the tests in the overlay's current state."""
-        env = dict(os.environ, PYTHONPATH=str(self.path), PYTHONDONTWRITEBYTECODE="1", **{MARKER: self.marker})
+        env = dict(os.environ, PYTHONPATH=str(self.path), PYTHONDONTWRITEBYTECODE="1", **{MARKER: self.marker},
+                   **(extra_env or {}))
         argv = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
         started = time.monotonic()
         process = subprocess.Popen(argv, cwd=self.path, env=env, stdout=subprocess.DEVNULL,
@@ -327,8 +350,8 @@ class Overlay:
 
 # -- commands ------------------------------------------------------------------------------------------
 
-def _baseline(overlay: Overlay, tests: tuple[str, ...]) -> float:
-    outcome, seconds = overlay.run(tests, timeout=1800)
+def _baseline(overlay: Overlay, tests: tuple[str, ...], extra_env: dict[str, str] | None) -> float:
+    outcome, seconds = overlay.run(tests, timeout=1800, extra_env=extra_env)
     if outcome != "passed":
         sys.exit(f"the tests fail without any mutant: {' '.join(tests)}")
     return seconds
@@ -377,7 +400,8 @@ def run_mutants(modules: dict[str, tuple[str, ...]], max_mutants: int | None, se
             found = [m for m in mutants(original) if only is None or m.index in only]
             chosen = found if max_mutants is None or len(found) <= max_mutants else sorted(
                 random.Random(seed).sample(found, max_mutants), key=lambda m: m.index)
-            baseline = _baseline(overlay, tests)
+            extra_env = MODULE_ENV.get(module)
+            baseline = _baseline(overlay, tests, extra_env)
             timeout = 3 * baseline + 30
             print(f"{module}: {len(chosen)} of {in_module} mutants; tests {' '.join(tests)} "
                   f"({baseline:.0f} s unmutated)", flush=True)
@@ -387,7 +411,7 @@ def run_mutants(modules: dict[str, tuple[str, ...]], max_mutants: int | None, se
             for mutant in chosen:
                 target.write_text(mutate(original, mutant.index))
                 try:
-                    outcome, seconds = overlay.run(tests, timeout)
+                    outcome, seconds = overlay.run(tests, timeout, extra_env)
                 finally:
                     target.write_text(original)
                 code = source_lines[mutant.line - 1].strip() if mutant.line else ""

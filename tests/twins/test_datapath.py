@@ -192,6 +192,16 @@ def test_a_large_data_set_streams_through_a_small_buffer(twin: Any, tmp_path: Pa
         assert pump_all(twin, data, tmp_path, buffer_size=buffer_size) == expected(messages) + [CLOSED]
 
 
+def test_the_prefix_is_filled_to_its_last_byte(twin: Any, tmp_path: Path) -> None:
+    """PDV values that leave exactly one byte of the prefix's room (5 x 13107 = 65535 bytes): the next
+    piece gives it that byte (a piece never spans two PDVs, whatever the buffer)."""
+    assert (HEADER_PREFIX_BYTES - 1) % 5 == 0
+    messages: list[Message] = [(1, b"C" * 50, ct_like(100_000, 7))]
+    data = stream_of(messages, (HEADER_PREFIX_BYTES - 1) // 5, 1)
+    for buffer_size in (4096, 0):
+        assert pump_all(twin, data, tmp_path, buffer_size=buffer_size) == expected(messages) + [CLOSED]
+
+
 def test_other_pdus_are_left_to_the_stream(twin: Any, tmp_path: Path) -> None:
     data = stream_of(MESSAGES[:1], 100, 3) + RELEASE_RQ + stream_of(MESSAGES[1:2], 100, 3)
     want = [*expected(MESSAGES[:1]), ("pdu", 0x05, bytes(4)), *expected(MESSAGES[1:2]), CLOSED]
@@ -254,6 +264,18 @@ def test_a_failed_write_is_told_once_and_the_rest_drained(twin: Any, tmp_path: P
         assert [t[0] for t in trace].count("write failed") == 2  # the empty data set writes nothing
         assert ("write failed", "EBADF") in trace and trace[-1] == CLOSED
         assert [t[1] for t in trace if t[0] == "file"] == [3000, 0, 1001]
+
+
+def test_a_failed_write_of_a_data_sets_last_piece_is_told_then_its_end(twin: Any, tmp_path: Path) -> None:
+    """The write that fails is the data set's last piece (a one-byte data set: its only one):
+    WRITE_FAILED first, the DATA_SET it owes at the next pump, then the next message."""
+    messages: list[Message] = [(1, b"C" * 90, b"x"), MESSAGES[1]]
+    data = stream_of(messages, 500, 1)
+    for buffer_size in (7, 0):
+        trace = pump_all(twin, data, tmp_path, buffer_size=buffer_size, read_only=True)
+        assert [t[0] for t in trace] == ["command", "write failed", "file", "command", "error"], trace
+        assert trace[1] == ("write failed", "EBADF") and trace[2][1] == 1
+        assert trace[3] == ("command", 3, b"D" * 17) and trace[-1] == CLOSED
 
 
 def test_the_twins_agree_with_a_stream_cut_by_tcp(tmp_path: Path) -> None:

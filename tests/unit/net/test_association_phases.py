@@ -285,6 +285,18 @@ def test_an_unknown_pdu_without_a_body_is_aborted_at_once(tmp_path: Path) -> Non
         peer.close()
 
 
+def test_an_associate_rq_longer_than_1_mib_is_refused_before_its_body(tmp_path: Path) -> None:
+    """The A-ASSOCIATE-RQ's read is bounded (MAX_ASSOCIATE_RQ, 1 MiB: far above any real one): a
+    header claiming more ends the association at once, with no byte of the body read or awaited."""
+    peer = Peer(area(tmp_path / "root"))
+    started = time.monotonic()
+    peer.sock.sendall(struct.pack(">BxI", 0x01, 1024 * 1024 + 1))
+    stats = peer.ended()
+    assert time.monotonic() - started < 3
+    assert "PDU of 1048577 bytes exceeds the maximum 1048576" in stats.outcome, stats.outcome
+    peer.close()
+
+
 def test_an_empty_last_fragment_ends_a_data_set(tmp_path: Path) -> None:
     """PS3.8 9.3.5.1: a PDV's value may be empty; the last fragment of a data set can be one."""
     storage = area(tmp_path / "root")

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 from pynetdicom.pdu import A_ABORT_RQ, A_RELEASE_RP
 
-from fastscp.net.pdu import RELEASE_RP, DeadlineExceeded, PDUStream, abort_pdu, p_data_tf
+from fastscp.net.pdu import RELEASE_RP, DeadlineExceeded, PDUStream, ProtocolError, abort_pdu, p_data_tf
 
 
 def pdu(body: bytes, pdu_type: int = 0x04) -> bytes:
@@ -195,6 +195,60 @@ def test_a_long_stream_goes_through_one_buffer(pair: tuple[socket.socket, socket
     # The second PDU came with the first: it waits in the buffer (C-CANCEL-RQ is looked for there).
     assert stream.buffered == len(pdu(b"two"))
     assert bytes(stream.read()[1]) == b"two" and stream.buffered == 0
+
+
+def test_no_maximum_length_still_caps_a_pdu_at_64_mib(pair: tuple[socket.socket, socket.socket]) -> None:
+    """Maximum Length Received 0 means "no limit" to the peer (PS3.8 D.1), but memory is bounded: a PDU
+    over 64 MiB is refused from its header, before any byte of its body."""
+    ours, theirs = pair
+    ours.settimeout(5)
+    stream = PDUStream(ours, 0)
+    theirs.sendall(struct.pack(">BxI", 0x04, 64 * 1024 * 1024 + 1))
+    with pytest.raises(ProtocolError, match="^PDU of 67108865 bytes exceeds the maximum 67108864$"):
+        stream.read()
+
+
+@pytest.mark.parametrize(("max_pdu", "buffered"), [(65536, 65542), (16384, 65536 - 16390)])
+def test_one_receive_takes_a_whole_pdu_and_the_next(pair: tuple[socket.socket, socket.socket], max_pdu: int,
+                                                    buffered: int) -> None:
+    """The buffer has room for two PDUs of the Maximum Length (header included), and at least 64 KiB:
+    one recv_into of a stream already queued fills it, and no byte more."""
+    ours, theirs = pair
+    ours.settimeout(5)
+    stream = PDUStream(ours, max_pdu)
+    pdus = [pdu(bytes([n]) * max_pdu) for n in range(5)]
+    sender = send_later(theirs, [(0, b"".join(pdus))])
+    queued = buffered + len(pdus[0]) + 1  # a byte more than the buffer takes (the rest: as it drains)
+    deadline = time.monotonic() + 5
+    while len(ours.recv(1 << 20, socket.MSG_PEEK)) < queued and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert stream.read() == (0x04, memoryview(pdus[0][6:]))
+    assert stream.buffered == buffered
+    for expected in pdus[1:]:
+        assert stream.read() == (0x04, memoryview(expected[6:]))
+    sender.join(5)
+
+
+def test_quick_ack_is_re_armed_after_every_receive() -> None:
+    """Linux leaves quick-ACK mode once we answer soon after a receive (delayed ACKs, "pingpong"); a
+    sender with Nagle on (dcmtk) would then wait ~40 ms per image for our ACK. Every read re-arms it."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        theirs = socket.create_connection(listener.getsockname())
+        ours, _ = listener.accept()
+    with ours, theirs:
+        ours.settimeout(5)
+        theirs.settimeout(5)
+        stream = PDUStream(ours, 16384)
+        quick = (socket.IPPROTO_TCP, socket.TCP_QUICKACK)
+        after_answers = []
+        for n in range(6):
+            theirs.sendall(pdu(b"\x01" * (100 + n)))
+            assert stream.read()[0] == 0x04
+            assert ours.getsockopt(*quick) == 1, f"read {n}: quick-ACK mode left"
+            ours.sendall(pdu(b"\x02" * 10))  # an answer right after the request: the kernel turns to delayed ACKs
+            assert len(theirs.recv(100)) == 16
+            after_answers.append(ours.getsockopt(*quick))
+        assert 0 in after_answers[:-1]  # the kernel did leave quick-ACK mode before a read: the case was tested
 
 
 def _pdvs(pdus: bytes) -> list[tuple[int, int, bytes]]:

@@ -4,6 +4,7 @@ memory, duplicates and what the index is told of them, the figures an associatio
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -264,7 +265,8 @@ def test_a_file_that_cannot_be_placed_answers_out_of_resources(tmp_path: Path) -
 
 
 @pytest.mark.parametrize("policy", list(DuplicatePolicy))
-def test_resends_are_answered_counted_and_recorded_by_policy(tmp_path: Path, policy: DuplicatePolicy) -> None:
+def test_resends_are_answered_counted_and_recorded_by_policy(tmp_path: Path, policy: DuplicatePolicy,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
     """A resend of the same bytes is acknowledged and counted as a duplicate; other bytes under the
     same UID follow storage.duplicates, and the index is told of the conflict. Every file descriptor
     the association opened is closed when it ends."""
@@ -276,7 +278,8 @@ def test_resends_are_answered_counted_and_recorded_by_policy(tmp_path: Path, pol
         scu = peer.scu()
         assert scu.store("1.2.3.4", first) == dimse.SUCCESS
         assert scu.store("1.2.3.4", first) == dimse.SUCCESS
-        answer = scu.store("1.2.3.4", other)
+        with caplog.at_level(logging.WARNING, logger="fastscp.association"):
+            answer = scu.store("1.2.3.4", other)
         scu.release()
         stats = peer.ended()
     finally:
@@ -290,6 +293,9 @@ def test_resends_are_answered_counted_and_recorded_by_policy(tmp_path: Path, pol
     assert (conflict.sop_instance_uid, conflict.path, conflict.policy, conflict.new_path) == (
         "1.2.3.4", "1.2.3.4.dcm", str(policy), new_path)
     assert conflict.existing_hash == stored.content_hash != conflict.new_hash
+    # The warning an operator reads names both contents by their hashes' first 12 digits.
+    assert (f"differs from the stored copy (sha256 {conflict.existing_hash[:12]}, "
+            f"new {conflict.new_hash[:12]}); storage.duplicates={policy!s}") in caplog.text
     # A new file (overwrite, keep-both) is a new record; a kept or rejected one is not.
     assert [(r.path, r.content_hash) for r in rest if isinstance(r, InstanceRecord)] == (
         [(new_path, conflict.new_hash)] if new_path else [])

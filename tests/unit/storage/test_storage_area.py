@@ -5,6 +5,7 @@ attempts, the root's reserved names, and a disk that is really full (a small tmp
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +17,7 @@ from fastscp.config import load_config
 from fastscp.dicom.header import HeaderFields
 from fastscp.dicom.part10 import file_meta, read_file_meta
 from fastscp.index.reindex import walk
-from fastscp.storage.area import SR_SOP_CLASSES, IncomingFile, Storage
+from fastscp.storage.area import SR_SOP_CLASSES, IncomingFile, Storage, own_name
 from fastscp.storage.layout import LAYOUTS, LayoutOptions, relative_path
 from fastscp.storage.policy import DuplicatePolicy, Outcome
 from fastscp.storage.reserved import FETCHED, INCOMING, NOT_INSTANCES, QUARANTINE, RESERVED
@@ -119,6 +120,36 @@ def test_a_duplicate_stored_under_another_name_is_found_through_the_index(tmp_pa
     where, outcome = store(storage, b"second", replace(HEADER, patient_id="P2"), locate=locate)
     assert (where, outcome) == (path, Outcome.REJECTED) and asked == [(UID,)]
     assert not Path(storage.root, "P2").exists() and leftovers(storage) == []
+
+
+def test_the_layout_name_and_a_hundred_own_names_are_tried(tmp_path: Path) -> None:
+    """The layout name, then MAX_NAMES (100) own names (``.u<tag>``, ``.u<tag>-2`` ... ``-100``): all
+    holding other instances, the store fails (EEXIST, nothing left behind); the last one free, it is used."""
+    storage = area(tmp_path / "root", layout=LayoutOptions(naming="template", template="{PatientID}/same.dcm"))
+    other = file_meta(CT, "1.2.826.0.1.3680043.8.498.99", EXPLICIT, "SCU")
+    final = os.path.join(storage.root, "P1", "same.dcm")
+    names = [final, *(own_name(final, UID, attempt) for attempt in range(100))]
+    assert names[1].endswith(".u" + hashlib.sha256(UID.encode()).hexdigest()[:10] + ".dcm")
+    assert names[-1].endswith("-100.dcm") and len(set(names)) == 101
+    os.makedirs(os.path.dirname(final))
+    for name in names:
+        Path(name).write_bytes(other)
+    with pytest.raises(OSError, match="100 names after") as raised:
+        store(storage, b"data")
+    assert raised.value.errno == errno.EEXIST and leftovers(storage) == []
+    os.unlink(names[-1])
+    where, outcome = store(storage, b"data")
+    assert (str(where), outcome) == (names[-1], Outcome.STORED)
+
+
+def test_a_path_the_index_names_whose_file_is_gone_is_no_duplicate(tmp_path: Path) -> None:
+    """The index can lag behind an operator who removed a file (reconciled later): a path it names
+    that holds no file is not where the instance is; it is stored at its layout name."""
+    storage = area(tmp_path / "root", layout=LayoutOptions(naming="hierarchical"),
+                   duplicates=DuplicatePolicy.REJECT)
+    where, outcome = store(storage, b"data", locate=lambda uids: ("P1/removed.dcm",))
+    assert outcome is Outcome.STORED and where == Path(storage.root, relative_path(storage.layout, HEADER))
+    assert where.read_bytes().endswith(b"data") and leftovers(storage) == []
 
 
 def test_the_command_uid_names_the_file_and_both_uids_are_duplicates(tmp_path: Path) -> None:
