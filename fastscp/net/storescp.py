@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from fastscp.dicom.header import HeaderError, HeaderFields, IncompleteHeader, parse_header
+from fastscp.dicom.part10 import BLAKE3_PREFIX
 from fastscp.dicom.walk import mapped_dataset, walk_dataset, walk_from_prefix
 from fastscp.index.records import DuplicateConflict, InstanceRecord
 from fastscp.net import dimse
@@ -40,6 +41,9 @@ if TYPE_CHECKING:
 #: SHA-256; the content hash is BLAKE3 since (dicom.part10.dataset_content_hash, 0.07 ms per
 #: 512 KB): turning this on needs BLAKE3 in the loop first.
 HASH_WHILE_RECEIVING = False
+
+#: Characters of a content hash a log line shows: "blake3:" and 12 hex digits.
+SHORT_HASH = len(BLAKE3_PREFIX) + 12
 
 # The association's loggers: what a C-STORE logs is part of its association's story.
 log = logging.getLogger("fastscp.association")
@@ -305,8 +309,8 @@ class StoreRequest:
         storage = association.settings.storage
         log.warning(
             "C-STORE %s from %s: %s differs from the stored copy (content hash %s, new %s); storage.duplicates=%s: %s",
-            sop_instance, self._stats.calling_ae_title, path, committed.existing_hash[:12],
-            new_hash[:12], storage.duplicates, committed.outcome,
+            sop_instance, self._stats.calling_ae_title, path, committed.existing_hash[:SHORT_HASH],
+            new_hash[:SHORT_HASH], storage.duplicates, committed.outcome,
         )
         association.on_stored(
             DuplicateConflict(

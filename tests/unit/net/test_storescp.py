@@ -294,8 +294,9 @@ def test_resends_are_answered_counted_and_recorded_by_policy(tmp_path: Path, pol
         "1.2.3.4", "1.2.3.4.dcm", str(policy), new_path)
     assert conflict.existing_hash == stored.content_hash != conflict.new_hash
     # The warning an operator reads names both contents by their hashes' first 12 digits.
-    assert (f"differs from the stored copy (sha256 {conflict.existing_hash[:12]}, "
-            f"new {conflict.new_hash[:12]}); storage.duplicates={policy!s}") in caplog.text
+    assert (f"differs from the stored copy (content hash {conflict.existing_hash[:19]}, "
+            f"new {conflict.new_hash[:19]}); storage.duplicates={policy!s}") in caplog.text
+    assert conflict.existing_hash.startswith("blake3:")
     # A new file (overwrite, keep-both) is a new record; a kept or rejected one is not.
     assert [(r.path, r.content_hash) for r in rest if isinstance(r, InstanceRecord)] == (
         [(new_path, conflict.new_hash)] if new_path else [])
