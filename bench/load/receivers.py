@@ -183,7 +183,14 @@ class Running:
 
     def status(self) -> dict | None:
         """fastscp's /status.json (its monitor's URL from the log), or None while it can't be read."""
-        found = re.findall(r"status page (http://[^\s;,]+)", self.log_tail(1 << 20))
+        # From the log's head: the URL is logged once at start, and a burst's action lines (10,000
+        # CT: ~2.5 MB) pushed it out of any tail, so the wait for derived work never ended.
+        try:
+            with open(self.log, errors="replace") as log:
+                head = log.read(1 << 18)
+        except OSError:
+            return None
+        found = re.findall(r"status page (http://[^\s;,]+)", head)
         if not found:
             return None
         try:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.load import corpora, procstats, report, runner, sender
+from bench.load import corpora, procstats, receivers, report, runner, sender
 
 STORESCU_LOG = """\
 02:28:13.770.100 INFO Requesting Association
@@ -168,3 +168,36 @@ def test_trash_keeps_finished_runs_until_the_disk_needs_the_room(tmp_path: Path)
     trash.INODE_REUSE_S = 0.0
     trash.make_room(shutil.disk_usage(tmp_path).free, said.append)
     assert not trash.folder.exists() and len(said) == 1 and "inodes" in said[0]
+
+
+def test_status_is_read_after_a_burst_of_log_lines(tmp_path: Path) -> None:
+    """The status page's URL is in the log's first lines; a burst's action log lines (10,000 CT:
+    megabytes) must not hide it (bench.load's wait for derived work never ended)."""
+    import http.server
+    import json
+    import threading
+
+    class Status(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+            body = json.dumps({"index": {"lag": 0}}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Status)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    log = tmp_path / "receiver.log"
+    action = "INFO fastscp.action: stored BENCHCT/2026/1_CT/1.2.826.0.1.3680043.8.498.1.dcm (525246 bytes)\n"
+    log.write_text(f"INFO fastscp.supervisor: fastscp listening; status page http://127.0.0.1:{server.server_port}\n"
+                   + action * 30_000)
+    try:
+        running = receivers.Running(receivers.default_receivers()["fastscp"], tmp_path, 0, tmp_path,
+                                    None, log)  # type: ignore[arg-type]
+        assert running.status() == {"index": {"lag": 0}}
+    finally:
+        server.shutdown()
+        server.server_close()
