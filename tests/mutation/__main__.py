@@ -118,6 +118,11 @@ MODULES: dict[str, tuple[str, ...]] = {
         "tests/unit/net/test_storescp.py",
         "tests/unit/net/test_association.py",
     ),
+    # The duplicate check's "no need to ask": a false "absent" would store a resend as new.
+    "fastscp/index/uidfilter.py": (
+        "tests/unit/index/test_uidfilter.py",
+        "tests/e2e/test_locate.py",
+    ),
     "fastscp/index/reindex.py": (
         "tests/unit/index/test_reindex.py",
         "tests/unit/index/test_index.py",
