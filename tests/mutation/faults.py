@@ -23,6 +23,16 @@ class Fault(NamedTuple):
 
 
 DURABILITY = ("tests/e2e/test_durability.py",)
+#: Association.run between its two uses of server.acse_timeout.
+ACSE_MIDDLE = (
+    "            if self.settings.tls is not None:\n"
+    "                # CPython runs the whole handshake against one deadline of the\n"
+    "                # socket's timeout; what it took comes off the request's time.\n"
+    "                self.sock = self.settings.tls.wrap_socket(self.sock, server_side=True)\n"
+    "            self.stream = PDUStream(self.sock, self.settings.policy.max_pdu_size)\n"
+    "            # acse_timeout bounds the whole A-ASSOCIATE-RQ (and TLS handshake), not each read.\n"
+    "            self.stream.deadline(\n"
+)
 PROTOCOL = "tests/e2e/test_protocol_paths.py::"
 
 FAULTS: tuple[Fault, ...] = (
@@ -49,8 +59,12 @@ FAULTS: tuple[Fault, ...] = (
     Fault("unsupported command answered with success", "fastscp/net/association.py",
           "status = (dimse.UNRECOGNIZED_OPERATION,", "status = (dimse.SUCCESS,",
           (PROTOCOL + "test_unsupported_commands_get_0211_and_the_association_carries_on",), quick=False),
+    # Both places that apply it: the socket's timeout per read and the deadline for the whole request
+    # (with either left, a silent peer is still dropped in time).
     Fault("acse_timeout ignored", "fastscp/net/association.py",
-          "self.sock.settimeout(self.settings.acse_timeout)", "self.sock.settimeout(None)",
+          "self.sock.settimeout(self.settings.acse_timeout)\n" + ACSE_MIDDLE
+          + "                self.settings.acse_timeout - (time.monotonic() - started),",
+          "self.sock.settimeout(None)\n" + ACSE_MIDDLE + "                1e9,",
           (PROTOCOL + "test_a_peer_that_never_associates_is_dropped_after_the_acse_timeout",), quick=False),
     Fault("shutdown_timeout never expires in the worker", "fastscp/runtime/worker.py",
           "(0 if now else self.shutdown_timeout)", "(0 if now else 1e9)",
