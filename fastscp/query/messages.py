@@ -160,6 +160,14 @@ def send_message(sock: socket.socket, message: Message) -> None:
     sock.sendall(_LENGTH.pack(len(data)) + data)
 
 
+def _frame_size(data: bytes, max_size: int) -> int:
+    """The length a frame's header (the first bytes of ``data``) announces; ConnectionError past ``max_size``."""
+    (size,) = _LENGTH.unpack_from(data)
+    if size > max_size:
+        raise ConnectionError(f"message of {size} bytes is longer than {max_size}")
+    return int(size)
+
+
 def split_frame(data: bytes, max_size: int = MAX_FRAME) -> tuple[Message, bytes] | None:
     """The first message in ``data`` (frames of :func:`send_message`) and the bytes after it; None while
     it is incomplete.
@@ -173,10 +181,7 @@ def split_frame(data: bytes, max_size: int = MAX_FRAME) -> tuple[Message, bytes]
     """
     if len(data) < _LENGTH.size:
         return None
-    (size,) = _LENGTH.unpack_from(data)
-    if size > max_size:
-        raise ConnectionError(f"message of {size} bytes is longer than {max_size}")
-    end = _LENGTH.size + size
+    end = _LENGTH.size + _frame_size(data, max_size)
     if len(data) < end:
         return None
     return _DECODER.decode(memoryview(data)[_LENGTH.size:end]), data[end:]
@@ -202,10 +207,7 @@ def recv_message(sock: socket.socket, max_size: int = MAX_FRAME) -> Message:
     msgspec.DecodeError
         Not a message of this protocol.
     """
-    (size,) = _LENGTH.unpack(_recv_exact(sock, _LENGTH.size))
-    if size > max_size:
-        raise ConnectionError(f"message of {size} bytes is longer than {max_size}")
-    return _DECODER.decode(_recv_exact(sock, size))
+    return _DECODER.decode(_recv_exact(sock, _frame_size(_recv_exact(sock, _LENGTH.size), max_size)))
 
 
 class QueryResult:
