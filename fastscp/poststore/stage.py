@@ -3,9 +3,11 @@
 Workers hand each stored instance to it without waiting
 (:mod:`fastscp.poststore.client`): while it lags, records wait in its queue
 (:data:`QUEUE_LIMIT`), then in its sockets, then in each worker's bounded
-backlog; only beyond that are they dropped, logged (a thumbnail can always
-be made again with ``fastscp convert`` or ``fastscp scansheet``; an
-acknowledged store must never wait).
+backlog, then in files the workers write under the storage root
+(``.incoming/poststore-backlog``), which it takes once it has caught up.
+Only records no file could take are dropped, logged (a thumbnail can
+always be made again with ``fastscp convert`` or ``fastscp scansheet``;
+an acknowledged store must never wait).
 It runs at low CPU priority (``server.derived_priority``), one record at a time, and makes:
 
 - a JPEG thumbnail per image, in ``<root>/thumbnails/`` mirroring the layout,
@@ -44,6 +46,7 @@ from fastscp.imaging.thumbnail import thumbnail_path, try_write_thumbnail
 from fastscp.index.client import IndexerClient
 from fastscp.index.database import Lake
 from fastscp.index.records import POSTSTORE_DECODER, InstanceRecord, ThumbnailMade
+from fastscp.poststore.client import kept_folder, read_kept, write_kept
 from fastscp.poststore.jobs import SharedStudies
 from fastscp.process.ipc import accept_local, drain, listen, receive
 from fastscp.process.orphan import parent_gone
@@ -60,6 +63,8 @@ QUEUE_LIMIT = 20_000
 HOOKS_REPORT_INTERVAL = 0.5
 #: On stop, how long running hook programs may take before they are killed.
 HOOKS_STOP_GRACE = 10.0
+#: How often, at most, a stage with nothing queued looks for records workers kept in files for it.
+KEPT_CHECK_INTERVAL = 1.0
 
 
 class PostStore:
@@ -93,6 +98,9 @@ class PostStore:
             self.selector.register(hooks_link, selectors.EVENT_READ)
         #: Messages that were not an InstanceRecord.
         self.undecodable = 0
+        #: Records workers kept in files while this stage lagged (fastscp.poststore.client), and when to look.
+        self.kept = kept_folder(root)
+        self._next_kept_check = 0.0
         self.shared = SharedStudies(lake, root, layout, scansheet, job_lease, self.hooks, modes) if lake else None
 
     def run(self) -> None:
@@ -113,6 +121,8 @@ class PostStore:
                     self._receive(key.fileobj)  # type: ignore[arg-type]
             if self.queue:
                 self._process(self.queue.popleft()[1])
+            elif not self.stopping:  # a stopping stage leaves them to the next start
+                self._take_kept()
             for study in self.quiet.pop_due():
                 self._scansheet(study)
                 self.hooks.study_complete(study)
@@ -121,6 +131,7 @@ class PostStore:
             self._report_hooks()
         if self._orphaned():
             return
+        self._keep_unread()
         # Stopping: studies still settling get their sheet now, not never.
         for study in list(self.studies):
             self._scansheet(study)
@@ -188,16 +199,66 @@ class PostStore:
     def _receive(self, conn: socket.socket) -> None:
         # A full queue stops the reading: records wait in the socket, then in the workers (bounded memory).
         for data in drain(conn, self.selector, lambda: len(self.queue) < QUEUE_LIMIT):
-            try:
-                record = POSTSTORE_DECODER.decode(data)
-            except msgspec.DecodeError as exc:
-                # Any process of our user can connect: a stray message is dropped, not fatal.
-                self.undecodable += 1
-                if self.undecodable in (1, 10, 100) or self.undecodable % 1000 == 0:
-                    log.warning("post-store: %d messages that are neither instance records nor association "
-                                "reports dropped (%s)", self.undecodable, exc)
-                continue
-            self.queue.append((record.received_at if isinstance(record, InstanceRecord) else time.time(), record))
+            self._enqueue(data)
+
+    def _enqueue(self, data: bytes) -> None:
+        try:
+            record = POSTSTORE_DECODER.decode(data)
+        except msgspec.DecodeError as exc:
+            # Any process of our user can connect: a stray message is dropped, not fatal.
+            self.undecodable += 1
+            if self.undecodable in (1, 10, 100) or self.undecodable % 1000 == 0:
+                log.warning("post-store: %d messages that are neither instance records nor association "
+                            "reports dropped (%s)", self.undecodable, exc)
+            return
+        self.queue.append((record.received_at if isinstance(record, InstanceRecord) else time.time(), record))
+
+    def _keep_unread(self) -> None:
+        """Stopping with the queue done: the records still in the workers' sockets (connections not yet
+        accepted too) go to a file, which the next start takes (:meth:`_take_kept`), instead of being
+        lost with the sockets."""
+        self._accept()
+        unread = [data for key in list(self.selector.get_map().values())
+                  if key.fileobj not in (self.listener, self.hooks, self.hooks_link)
+                  for data in drain(key.fileobj, self.selector)]  # type: ignore[arg-type]
+        if not unread:
+            return
+        try:
+            path = write_kept(self.kept, unread, self.modes)
+        except OSError as exc:
+            log.warning("post-store stopping: %d records neither taken nor kept (%s): no thumbnails for them "
+                        "(fastscp convert, fastscp scansheet)", len(unread), exc)
+            return
+        log.info("post-store stopping: %d records not taken yet, kept in %s for the next start", len(unread), path)
+
+    def _take_kept(self) -> None:
+        """Caught up: take the oldest file of records a worker kept while this stage lagged, if any."""
+        now = time.monotonic()
+        if now < self._next_kept_check:
+            return
+        self._next_kept_check = now + KEPT_CHECK_INTERVAL
+        try:
+            # Dot names are files being written (storage.files.write_atomic).
+            names = sorted(name for name in os.listdir(self.kept) if not name.startswith("."))
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            log.warning("post-store: cannot read %s: %s", self.kept, exc)
+            return
+        if not names:
+            return
+        path = os.path.join(self.kept, names[0])
+        try:
+            messages = list(read_kept(path))
+            os.unlink(path)
+        except OSError as exc:
+            log.warning("post-store: cannot take the records kept in %s: %s", path, exc)
+            self._next_kept_check = now + 60.0  # not a warning a second
+            return
+        for data in messages:
+            self._enqueue(data)
+        self._next_kept_check = 0.0  # the next file as soon as these are done
+        log.info("post-store: %d records kept while this stage lagged, from %s", len(messages), path)
 
     def _process(self, record: InstanceRecord | AssociationReport) -> None:
         if isinstance(record, AssociationReport):

@@ -21,7 +21,7 @@ import time
 from fastscp.index.client import IndexerClient
 from fastscp.index.records import DuplicateConflict, InstanceRecord
 from fastscp.net.association import Association, ServiceSettings
-from fastscp.poststore.client import PostStoreClient
+from fastscp.poststore.client import PostStoreClient, kept_folder
 from fastscp.runtime.messages import (
     ENCODER,
     MESSAGE_MAX,
@@ -55,7 +55,10 @@ class Worker:
         self._admissions: dict[int, tuple[threading.Event, list[AdmissionReply]]] = {}
         self._lock = threading.Lock()
         self._stopping = threading.Event()
-        self.poststore = PostStoreClient(settings.poststore_address) if settings.poststore_address else None
+        self.poststore = None
+        if settings.poststore_address:
+            self.poststore = PostStoreClient(settings.poststore_address, kept_folder(settings.storage.root),
+                                             settings.storage.modes)
         # Kept while the forwarder is down, like the indexer's records (its reconcile finds what a dead worker held).
         self.forward = IndexerClient(settings.forward_address, "forwarder") if settings.forward_address else None
 

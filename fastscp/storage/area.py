@@ -31,7 +31,7 @@ from fastscp.dicom.sopclasses import MODALITY_SOP_CLASSES
 from fastscp.storage.files import FILE_MODE, PATIENT_DATA, FileModes, fsync_dir, makedirs
 from fastscp.storage.layout import LayoutOptions, relative_path
 from fastscp.storage.policy import DuplicatePolicy, Outcome
-from fastscp.storage.reserved import FETCHED, INCOMING, QUARANTINE
+from fastscp.storage.reserved import FETCHED, INCOMING, POSTSTORE_BACKLOG, QUARANTINE
 
 #: How much of the dataset's start is kept in memory for the header scan;
 #: longer headers are scanned in the mapped file (fastscp.dicom.walk.mapped_dataset).
@@ -393,6 +393,12 @@ class Storage:
                 removed += 1
             elif name.startswith(FETCHED):  # copies of other nodes' files (a shared index)
                 shutil.rmtree(os.path.join(self.incoming_dir, name), ignore_errors=True)
+            elif name == POSTSTORE_BACKLOG:  # kept records are the stage's; a dot name was being written
+                kept = os.path.join(self.incoming_dir, name)
+                for temp in os.listdir(kept):
+                    if temp.startswith("."):
+                        os.unlink(os.path.join(kept, temp))
+                        removed += 1
         return removed
 
     def free_bytes(self) -> int:

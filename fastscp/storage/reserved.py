@@ -16,6 +16,9 @@ from typing import Final
 INCOMING: Final = ".incoming"
 #: In INCOMING: the name prefix of the private folders of files fetched from other nodes (fastscp.net.fetch).
 FETCHED: Final = "fetched-"
+#: In INCOMING: the records a worker kept for a lagging post-store stage beyond its backlog
+#: in memory (fastscp.poststore.client); the stage takes them from there.
+POSTSTORE_BACKLOG: Final = "poststore-backlog"
 #: Data sets that could not be understood, each with a ``.reason.txt`` (storage.quarantine).
 QUARANTINE: Final = ".quarantine"
 #: JPEG thumbnails, mirroring the layout (thumbnails.enabled).

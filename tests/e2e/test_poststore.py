@@ -221,3 +221,41 @@ def test_a_stalled_post_store_stage_catches_up_without_losing_records(start_serv
     assert any(lag.get("waiting", 0) > 0 and lag.get("oldest_seconds", 0) >= 1.0 for lag in lags), lags
     assert "records without thumbnails" not in server.log_text()
     assert server.stop() == 0
+
+
+def test_records_the_stage_had_not_taken_at_stop_get_thumbnails_at_the_next_start(start_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The server stops while its stage lags (SIGSTOP until the supervisor has asked it to stop): the records
+    in the worker's backlog go to a file under .incoming at its exit, those in the stage's socket at the
+    stage's, and the next start makes their thumbnails. Before, the worker dropped its backlog at exit
+    ("records without thumbnails") and the socket's records went with the socket."""
+    from fastscp.poststore.client import kept_folder
+
+    def asked_to_stop(pid: int) -> bool:  # SIGTERM waits for the stopped stage
+        pending = re.search(r"^ShdPnd:\s*([0-9a-f]+)", Path(f"/proc/{pid}/status").read_text(), re.M)
+        return pending is not None and bool(int(pending.group(1), 16) & 1 << (signal.SIGTERM - 1))
+
+    config = tmp_path / "fastscp.yaml"
+    config.write_text("scansheet:\n  enabled: false\n")
+    server = start_server(config=config, workers=1)
+    stage = _child_pid(server, "post-store stage")
+    count = 400
+    series = write_series(str(tmp_path / "ct"), count, rows=64, columns=64, patient_id="PS12")
+    os.kill(stage, signal.SIGSTOP)
+    try:
+        dcmtk("storescu", "-aec", server.ae_title, "-xe", "127.0.0.1", str(server.port), *series)
+        assert len(server.stored_files()) == count
+        server.signal(signal.SIGTERM)  # the workers stop first, then the stage
+        wait_until(lambda: asked_to_stop(stage), timeout=60, what="the stage's SIGTERM")
+    finally:
+        os.kill(stage, signal.SIGCONT)
+    assert server.process.wait(60) == 0
+    thumbnails = server.storage / "thumbnails"
+    assert not list(thumbnails.rglob("*.jpg"))  # a stopping stage starts nothing new
+    folder = Path(kept_folder(str(server.storage)))
+    assert len(list(folder.iterdir())) == 2, server.log_text()  # the worker's file and the stage's
+    assert "records without thumbnails" not in server.log_text()
+    again = start_server(config=config, workers=1, storage=server.storage)
+    wait_until(lambda: len(list(thumbnails.rglob("*.jpg"))) == count, timeout=120, what=f"{count} thumbnails")
+    wait_until(lambda: not list(folder.iterdir()), what="the kept files taken")
+    assert "records kept while this stage lagged" in again.log_text()
+    assert again.stop() == 0

@@ -1,0 +1,104 @@
+"""The workers' side of the post-store stage: a record that finds no room is kept in a file, never lost."""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+import uuid
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from fastscp.dicom.fields import HeaderFields
+from fastscp.index.records import POSTSTORE_DECODER, InstanceRecord
+from fastscp.poststore.client import PostStoreClient, read_kept, write_kept
+from fastscp.storage.files import FileModes
+
+
+def _record(number: int) -> InstanceRecord:
+    header = HeaderFields(sop_instance_uid=f"1.2.826.0.1.3680043.8.498.{number}", patient_name="TEST^KEPT",
+                          study_instance_uid="1.2.826.0.1.3680043.8.498.1")
+    return InstanceRecord(path=f"KEPT/{number}.dcm", size=1000, transfer_syntax_uid="1.2.840.10008.1.2.1",
+                          calling_ae_title="SCU", called_ae_title="FASTSCP", peer_address="127.0.0.1",
+                          received_at=1.0, header=header)
+
+
+def _paths(messages: list[bytes]) -> list[str]:
+    return [msgspec.convert(POSTSTORE_DECODER.decode(m), InstanceRecord).path for m in messages]
+
+
+def _kept(folder: Path) -> list[bytes]:
+    return [m for f in sorted(folder.iterdir()) for m in read_kept(str(f))]
+
+
+def _address() -> str:
+    return f"\0fastscp-test-poststore-{uuid.uuid4().hex}"
+
+
+def test_a_full_backlog_goes_to_a_file_and_nothing_is_dropped(tmp_path: Path) -> None:
+    """The stage reads nothing (its socket fills, then the worker's backlog of 64 KiB here): the records
+    beyond are kept in files, with the storage's file mode; socket and files hold each record once."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listener.bind(address := _address())
+    listener.listen(1)
+    folder = tmp_path / "kept"
+    client = PostStoreClient(address, str(folder), FileModes(0o600, 0o700), backlog_bytes=64 * 1024)
+    count = 3000
+    try:
+        for number in range(count):
+            client.send(_record(number))
+        files = sorted(folder.iterdir())
+        assert files, "nothing was kept in a file"
+        assert {stat.S_IMODE(f.stat().st_mode) for f in files} == {0o600}
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+        client.close()  # what the backlog still holds goes to a file as well
+        conn, _ = listener.accept()
+        received: list[bytes] = []
+        while message := conn.recv(1 << 20):  # b"": the client closed its end, after the last one
+            received.append(message)
+        conn.close()
+    finally:
+        listener.close()
+    assert client.dropped == 0
+    assert sorted(_paths(received) + _paths(_kept(folder))) == sorted(f"KEPT/{n}.dcm" for n in range(count))
+    assert not [f for f in folder.iterdir() if f.name.startswith(".")]  # no temp file left
+
+
+def test_records_kept_for_a_stage_that_is_down_go_to_a_file_at_exit(tmp_path: Path) -> None:
+    folder = tmp_path / "kept"
+    client = PostStoreClient(_address(), str(folder))  # nobody listens
+    for number in range(5):
+        client.send(_record(number))
+    assert not folder.exists()  # within the backlog: kept in memory, retried
+    client.close()
+    assert client.dropped == 0
+    assert _paths(_kept(folder)) == [f"KEPT/{n}.dcm" for n in range(5)]
+
+
+def test_records_are_dropped_and_counted_only_when_no_file_can_take_them(tmp_path: Path,
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
+    (tmp_path / "file").write_text("in the way")
+    client = PostStoreClient(_address(), str(tmp_path / "file" / "kept"), backlog_bytes=4096)
+    for number in range(40):
+        client.send(_record(number))
+    kept = client.flush()
+    assert client.dropped > 0
+    client.close()
+    assert client.dropped == 40 and kept > 0
+    assert "records without thumbnails" in caplog.text and "cannot keep them in" in caplog.text
+
+
+def test_a_torn_file_yields_its_whole_messages(tmp_path: Path) -> None:
+    """A file cut short (a full disk mid-write cannot leave one: write_atomic; a copy might) ends at its last
+    whole message."""
+    messages = [b"a" * 10, b"b" * 300, b"c"]
+    path = write_kept(str(tmp_path), messages)
+    assert list(read_kept(path)) == messages
+    data = Path(path).read_bytes()
+    Path(path).write_bytes(data[:-1])
+    assert list(read_kept(path)) == messages[:2]
+    Path(path).write_bytes(data[:4 + 10 + 2])
+    assert list(read_kept(path)) == messages[:1]
+    assert os.path.basename(path).endswith(".records")
