@@ -3,12 +3,14 @@ a scan sheet per quiet study, remade when more images arrive."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import signal
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import duckdb
@@ -147,6 +149,21 @@ def _child_pid(server, name: str) -> int:  # type: ignore[no-untyped-def]
     return int(re.findall(rf"{name} started \(pid (\d+)\)", server.log_text())[-1])
 
 
+@contextlib.contextmanager
+def _stage_stopped(server, tmp_path: Path, count: int, rows: int, patient_id: str) -> Iterator[int]:  # type: ignore[no-untyped-def]
+    """The server's post-store stage stopped (SIGSTOP) while ``count`` CT images are stored, until the
+    block ends (SIGCONT); yields its PID."""
+    stage = _child_pid(server, "post-store stage")
+    series = write_series(str(tmp_path / "ct"), count, rows=rows, columns=rows, patient_id=patient_id)
+    os.kill(stage, signal.SIGSTOP)
+    try:
+        dcmtk("storescu", "-aec", server.ae_title, "-xe", "127.0.0.1", str(server.port), *series)
+        assert len(server.stored_files()) == count
+        yield stage
+    finally:
+        os.kill(stage, signal.SIGCONT)
+
+
 @pytest.mark.parametrize("level", ["idle", "low", "normal"])
 def test_derived_work_runs_at_server_derived_priority(start_server, tmp_path: Path, level: str) -> None:  # type: ignore[no-untyped-def]
     """The post-store stage and the forwarder yield their CPU and disk to the workers (issue 13, lever 4);
@@ -198,17 +215,10 @@ def test_a_stalled_post_store_stage_catches_up_without_losing_records(start_serv
         with urllib.request.urlopen(url + "/status.json", timeout=10) as response:
             return json.loads(response.read())["poststore"] or {}
 
-    stage = _child_pid(server, "post-store stage")
     count = 600
-    series = write_series(str(tmp_path / "ct"), count, rows=256, columns=256, patient_id="PS10")
-    os.kill(stage, signal.SIGSTOP)
-    try:
-        dcmtk("storescu", "-aec", server.ae_title, "-xe", "127.0.0.1", str(server.port), *series)
-        assert len(server.stored_files()) == count
+    with _stage_stopped(server, tmp_path, count, 256, "PS10"):
         time.sleep(1.0)
         assert not list((server.storage / "thumbnails").rglob("*.jpg"))
-    finally:
-        os.kill(stage, signal.SIGCONT)
     lags: list[dict] = []  # type: ignore[type-arg]
 
     def caught_up() -> bool:
@@ -237,17 +247,10 @@ def test_records_the_stage_had_not_taken_at_stop_get_thumbnails_at_the_next_star
     config = tmp_path / "fastscp.yaml"
     config.write_text("scansheet:\n  enabled: false\n")
     server = start_server(config=config, workers=1)
-    stage = _child_pid(server, "post-store stage")
     count = 400
-    series = write_series(str(tmp_path / "ct"), count, rows=64, columns=64, patient_id="PS12")
-    os.kill(stage, signal.SIGSTOP)
-    try:
-        dcmtk("storescu", "-aec", server.ae_title, "-xe", "127.0.0.1", str(server.port), *series)
-        assert len(server.stored_files()) == count
+    with _stage_stopped(server, tmp_path, count, 64, "PS12") as stage:
         server.signal(signal.SIGTERM)  # the workers stop first, then the stage
         wait_until(lambda: asked_to_stop(stage), timeout=60, what="the stage's SIGTERM")
-    finally:
-        os.kill(stage, signal.SIGCONT)
     assert server.process.wait(60) == 0
     thumbnails = server.storage / "thumbnails"
     assert not list(thumbnails.rglob("*.jpg"))  # a stopping stage starts nothing new
