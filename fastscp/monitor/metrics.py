@@ -130,6 +130,9 @@ _POSTSTORE_FAMILIES: tuple[tuple[str, str, str, str], ...] = (
      "Studies waiting for their scan sheet (quiet for scansheet.study_timeout).", "studies"),
     ("fastscp_thumbnails_made_total", "counter", "Thumbnails made since the post-store process started.",
      "thumbnails"),
+    ("fastscp_poststore_kept_files", "gauge",
+     "Files of records kept for the post-store process beyond the workers' backlogs (up to 16 MB each).",
+     "kept_files"),
 )
 
 def render(snapshot: StatusSnapshot, now: float | None = None) -> str:

@@ -255,7 +255,9 @@ function renderTiles(s) {
     tile("Index lag", int(s.index.lag), int(s.index.committed) + " committed", false),
     ...(s.poststore ? [tile("Post-store lag", int(s.poststore.waiting),
                             "oldest " + fixed(s.poststore.oldest_seconds, 1) + " s \u00b7 " +
-                            int(s.poststore.thumbnails) + " thumbnails made", false)] : []),
+                            int(s.poststore.thumbnails) + " thumbnails made" +
+                            (s.poststore.kept_files ? " \u00b7 " + int(s.poststore.kept_files) + " files kept" : ""),
+                            false)] : []),
     tile("Workers alive", alive + " of " + s.workers.length, int(restarts) + " restarts", alive < s.workers.length));
 }
 function renderOpen(s) {

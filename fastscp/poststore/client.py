@@ -52,6 +52,21 @@ def write_kept(folder: str, messages: list[bytes], modes: FileModes = PATIENT_DA
     return path
 
 
+def kept_files(folder: str) -> list[str]:
+    """The files of :func:`write_kept` in ``folder``, oldest first (none if there is no folder).
+
+    Raises
+    ------
+    OSError
+        The folder cannot be read.
+    """
+    try:
+        # Dot names are files being written (storage.files.write_atomic).
+        return sorted(name for name in os.listdir(folder) if not name.startswith("."))
+    except FileNotFoundError:
+        return []
+
+
 def read_kept(path: str) -> Iterator[bytes]:
     """The encoded messages of a file :func:`write_kept` wrote, in order (a torn end is ignored)."""
     with open(path, "rb") as f:

@@ -46,7 +46,7 @@ from fastscp.imaging.thumbnail import thumbnail_path, try_write_thumbnail
 from fastscp.index.client import IndexerClient
 from fastscp.index.database import Lake
 from fastscp.index.records import POSTSTORE_DECODER, InstanceRecord, ThumbnailMade
-from fastscp.poststore.client import kept_folder, read_kept, write_kept
+from fastscp.poststore.client import kept_files, kept_folder, read_kept, write_kept
 from fastscp.poststore.jobs import SharedStudies
 from fastscp.process.ipc import accept_local, drain, listen, receive
 from fastscp.process.orphan import parent_gone
@@ -157,8 +157,12 @@ class PostStore:
     def state(self) -> PostStoreState:
         """The backlog: what waits, and for how long (the status page's post-store lag)."""
         oldest = max(time.time() - self.queue[0][0], 0.0) if self.queue else 0.0
+        try:
+            kept = len(kept_files(self.kept))
+        except OSError:
+            kept = 0  # _take_kept says why
         return PostStoreState(waiting=len(self.queue), oldest_seconds=round(oldest, 1), studies=len(self.studies),
-                              thumbnails=self.made)
+                              thumbnails=self.made, kept_files=kept)
 
     def _report_hooks(self, force: bool = False) -> None:
         """The hooks' counts and the backlog to the supervisor, when they changed, at most every
@@ -238,10 +242,7 @@ class PostStore:
             return
         self._next_kept_check = now + KEPT_CHECK_INTERVAL
         try:
-            # Dot names are files being written (storage.files.write_atomic).
-            names = sorted(name for name in os.listdir(self.kept) if not name.startswith("."))
-        except FileNotFoundError:
-            return
+            names = kept_files(self.kept)
         except OSError as exc:
             log.warning("post-store: cannot read %s: %s", self.kept, exc)
             return

@@ -342,7 +342,7 @@ def test_metrics_of_the_post_store_lag(monitor: MonitorProcess) -> None:
     monitor.publish(make_snapshot())
     assert "fastscp_poststore" not in monitor.get("/metrics")[2].decode()
     monitor.publish(make_snapshot(poststore=PostStoreState(waiting=1_234, oldest_seconds=56.7, studies=3,
-                                                           thumbnails=98_765)))
+                                                           thumbnails=98_765, kept_files=2)))
     families = _families(monitor.get("/metrics")[2].decode())
     assert families["fastscp_poststore_waiting"].type == "gauge"
     assert _value(families, "fastscp_poststore_waiting") == 1_234
@@ -350,6 +350,8 @@ def test_metrics_of_the_post_store_lag(monitor: MonitorProcess) -> None:
     assert _value(families, "fastscp_poststore_studies_waiting") == 3
     assert families["fastscp_thumbnails_made"].type == "counter"
     assert _value(families, "fastscp_thumbnails_made") == 98_765
+    assert families["fastscp_poststore_kept_files"].type == "gauge"
+    assert _value(families, "fastscp_poststore_kept_files") == 2
 
 
 # -- /healthz -----------------------------------------------------------------------------
