@@ -17,6 +17,7 @@ import copy
 import dataclasses
 import errno
 import hashlib
+import itertools
 import os
 import shutil
 import time
@@ -109,6 +110,24 @@ def _unlink_if_there(path: str) -> None:
         pass
 
 
+#: Temp file names: this process's PID (set again in a forked child) and a count. PERF: uuid4 cost a
+#: getrandom and os.getpid a system call per store, each a moment the GIL goes to another association.
+_temp_numbers = itertools.count()
+_temp_pid = os.getpid()
+
+
+def _temp_name() -> str:
+    return f"{_temp_pid}-{next(_temp_numbers)}.part"
+
+
+def _forked() -> None:
+    global _temp_pid
+    _temp_pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_forked)
+
+
 class TempFile:
     """A new, empty file in the incoming folder, made ahead of the data set it will hold.
 
@@ -120,12 +139,17 @@ class TempFile:
     """
 
     def __init__(self, incoming_dir: str, mode: int = FILE_MODE) -> None:
-        self.path = os.path.join(incoming_dir, f"{uuid.uuid4().hex}.part")
-        # Read-write: the data set is hashed back from this descriptor after
-        # the C-STORE-RSP (IncomingFile.content_hash). After the link into
-        # place it still names our own inode, even if a later store replaces
-        # the final path.
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+        while True:
+            self.path = os.path.join(incoming_dir, _temp_name())
+            try:
+                # Read-write: the data set is hashed back from this descriptor after
+                # the C-STORE-RSP (IncomingFile.content_hash). After the link into
+                # place it still names our own inode, even if a later store replaces
+                # the final path.
+                self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+                break
+            except FileExistsError:
+                continue  # left by a killed process that had our PID: the next number
         try:
             os.fchmod(self.fd, mode)  # storage.file_mode exactly, whatever the umask
         except OSError:
@@ -270,10 +294,15 @@ class IncomingFile:
                     # changed): the policy applies there; overwrite replaces it.
                     resolved = self._resolve_duplicate(same, duplicates, same_hash)
                     return dataclasses.replace(resolved, collided_path=collided[0], collided_uid=collided[1])
-            if attempt == 0:
-                # PERF: one makedirs per store, a stat when the folder exists.
+            try:
+                linked = _link_new(self.temp_path, candidate)
+            except FileNotFoundError:
+                if attempt:  # own names sit beside the first: its folder is there
+                    raise
+                # PERF: the folder is made when the link finds none, not checked before every store.
                 makedirs(os.path.dirname(final), self._storage.modes.folder)
-            if _link_new(self.temp_path, candidate):
+                linked = _link_new(self.temp_path, candidate)
+            if linked:
                 if same:
                     return Committed(candidate, Outcome.KEPT_BOTH, same_hash, same, *collided)
                 return Committed(candidate, Outcome.STORED, "", "", *collided)

@@ -110,6 +110,37 @@ def test_only_the_header_prefix_stays_in_memory(storage: Storage) -> None:
     incoming.discard()
 
 
+def test_temp_names_skip_those_a_killed_process_with_our_pid_left(storage: Storage) -> None:
+    """Temp files are named by PID and a count; a name taken (a stale file of a process that had our PID)
+    is passed over, and its file left alone."""
+    first = TempFile(storage.incoming_dir)
+    pid, number = Path(first.path).stem.split("-")
+    assert int(pid) == os.getpid()
+    stale = [Path(storage.incoming_dir, f"{pid}-{int(number) + step}.part") for step in (1, 2)]
+    for path in stale:
+        path.write_bytes(b"a dead process's")
+    second = TempFile(storage.incoming_dir)
+    assert Path(second.path).name == f"{pid}-{int(number) + 3}.part"
+    assert [path.read_bytes() for path in stale] == [b"a dead process's"] * 2
+    first.discard()
+    second.discard()
+
+
+def test_a_forked_child_names_its_temp_files_by_its_own_pid(storage: Storage) -> None:
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child reports through the pipe
+        temp = TempFile(storage.incoming_dir)
+        os.write(write, Path(temp.path).name.encode())
+        temp.discard()
+        os._exit(0)
+    os.close(write)
+    name = os.read(read, 200).decode()
+    os.close(read)
+    assert os.waitpid(child, 0)[1] == 0
+    assert name.startswith(f"{child}-") and name.endswith(".part")
+
+
 def test_prepare_removes_what_a_killed_process_left(storage: Storage) -> None:
     for name in ("a.part", "b.part"):
         Path(storage.incoming_dir, name).write_bytes(b"half a data set")
