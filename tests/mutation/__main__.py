@@ -143,6 +143,9 @@ MODULES: dict[str, tuple[str, ...]] = {
     # The records kept for a lagging post-store stage (issue 13: none dropped).
     "fastscp/poststore/client.py": (
         "tests/unit/poststore/test_client.py",
+        "tests/unit/poststore/test_stage.py",
+        "tests/e2e/test_poststore.py::test_a_stalled_post_store_stage_catches_up_without_losing_records",
+        "tests/e2e/test_poststore.py::test_records_the_stage_had_not_taken_at_stop_get_thumbnails_at_the_next_start",
     ),
 }
 

@@ -13,7 +13,7 @@ import pytest
 
 from fastscp.dicom.fields import HeaderFields
 from fastscp.index.records import POSTSTORE_DECODER, InstanceRecord
-from fastscp.poststore.client import PostStoreClient, read_kept, write_kept
+from fastscp.poststore.client import PostStoreClient, kept_files, kept_folder, read_kept, write_kept
 from fastscp.storage.files import FileModes
 
 
@@ -63,6 +63,8 @@ def test_a_full_backlog_goes_to_a_file_and_nothing_is_dropped(tmp_path: Path) ->
         listener.close()
     assert client.dropped == 0
     assert sorted(_paths(received) + _paths(_kept(folder))) == sorted(f"KEPT/{n}.dcm" for n in range(count))
+    # The backlog never outgrew its bound: no file holds more than it.
+    assert max(sum(map(len, read_kept(str(f)))) for f in folder.iterdir()) <= 64 * 1024
     assert not [f for f in folder.iterdir() if f.name.startswith(".")]  # no temp file left
 
 
@@ -75,6 +77,23 @@ def test_records_kept_for_a_stage_that_is_down_go_to_a_file_at_exit(tmp_path: Pa
     client.close()
     assert client.dropped == 0
     assert _paths(_kept(folder)) == [f"KEPT/{n}.dcm" for n in range(5)]
+
+
+def test_without_a_folder_records_beyond_the_backlog_are_dropped_and_counted(
+        caplog: pytest.LogCaptureFixture) -> None:
+    client = PostStoreClient(_address(), backlog_bytes=4096)  # nobody listens, nowhere to keep them
+    for number in range(40):
+        client.send(_record(number))
+    assert 0 < client.dropped < 40
+    assert client.flush() == 40 - client.dropped
+    assert "no folder to keep them in" in caplog.text and "records without thumbnails" in caplog.text
+    client.close()
+    assert client.dropped == 40
+
+
+def test_the_folder_is_under_the_storage_roots_incoming_folder(tmp_path: Path) -> None:
+    assert kept_folder(str(tmp_path)) == str(tmp_path / ".incoming" / "poststore-backlog")
+    assert kept_files(kept_folder(str(tmp_path))) == []  # no folder yet: none kept
 
 
 def test_records_are_dropped_and_counted_only_when_no_file_can_take_them(tmp_path: Path,
