@@ -19,7 +19,7 @@ import msgspec
 from fastscp.index.records import ENCODER, InstanceRecord
 from fastscp.process.ipc import local_address
 from fastscp.status import AssociationReport
-from fastscp.storage.files import PATIENT_DATA, FileModes, write_atomic
+from fastscp.storage.files import PATIENT_DATA, TEMP_PREFIX, FileModes, write_atomic
 from fastscp.storage.reserved import INCOMING, POSTSTORE_BACKLOG
 
 log = logging.getLogger("fastscp.poststore")
@@ -61,8 +61,7 @@ def kept_files(folder: str) -> list[str]:
         The folder cannot be read.
     """
     try:
-        # Dot names are files being written (storage.files.write_atomic).
-        return sorted(name for name in os.listdir(folder) if not name.startswith("."))
+        return sorted(name for name in os.listdir(folder) if not name.startswith(TEMP_PREFIX))
     except FileNotFoundError:
         return []
 

@@ -55,10 +55,9 @@ class Worker:
         self._admissions: dict[int, tuple[threading.Event, list[AdmissionReply]]] = {}
         self._lock = threading.Lock()
         self._stopping = threading.Event()
-        self.poststore = None
-        if settings.poststore_address:
-            self.poststore = PostStoreClient(settings.poststore_address, kept_folder(settings.storage.root),
-                                             settings.storage.modes)
+        self.poststore = PostStoreClient(
+            settings.poststore_address, kept_folder(settings.storage.root), settings.storage.modes,
+        ) if settings.poststore_address else None
         # Kept while the forwarder is down, like the indexer's records (its reconcile finds what a dead worker held).
         self.forward = IndexerClient(settings.forward_address, "forwarder") if settings.forward_address else None
 

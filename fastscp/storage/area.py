@@ -29,7 +29,7 @@ import msgspec
 from fastscp.dicom.fields import HeaderFields
 from fastscp.dicom.part10 import dataset_content_hash, dataset_hash, file_meta, read_file_meta
 from fastscp.dicom.sopclasses import MODALITY_SOP_CLASSES
-from fastscp.storage.files import FILE_MODE, PATIENT_DATA, FileModes, fsync_dir, makedirs
+from fastscp.storage.files import FILE_MODE, PATIENT_DATA, TEMP_PREFIX, FileModes, fsync_dir, makedirs
 from fastscp.storage.layout import LayoutOptions, relative_path
 from fastscp.storage.policy import DuplicatePolicy, Outcome
 from fastscp.storage.reserved import FETCHED, INCOMING, POSTSTORE_BACKLOG, QUARANTINE
@@ -422,10 +422,10 @@ class Storage:
                 removed += 1
             elif name.startswith(FETCHED):  # copies of other nodes' files (a shared index)
                 shutil.rmtree(os.path.join(self.incoming_dir, name), ignore_errors=True)
-            elif name == POSTSTORE_BACKLOG:  # kept records are the stage's; a dot name was being written
+            elif name == POSTSTORE_BACKLOG:  # kept records are the stage's; a temp file was being written
                 kept = os.path.join(self.incoming_dir, name)
                 for temp in os.listdir(kept):
-                    if temp.startswith("."):
+                    if temp.startswith(TEMP_PREFIX):
                         os.unlink(os.path.join(kept, temp))
                         removed += 1
         return removed

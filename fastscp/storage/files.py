@@ -43,6 +43,8 @@ PATIENT_DATA = FileModes()
 BROWSABLE = FileModes(0o644, 0o755)
 
 
+#: How the names of write_atomic's temp files start: a file being written (or left by a writer that was killed).
+TEMP_PREFIX = ".tmp-"
 #: Numbers the temp files of write_atomic (with the PID and the thread: a name no other writer uses).
 _temp_numbers = itertools.count()
 
@@ -94,7 +96,7 @@ def write_atomic(path: str | os.PathLike[str], data: bytes | BinaryIO, *, fsync:
     """
     folder = os.path.dirname(os.path.abspath(path))
     suffix = os.path.splitext(path)[1]
-    temp = os.path.join(folder, f".tmp-{os.getpid()}-{threading.get_ident()}-{next(_temp_numbers)}{suffix}")
+    temp = os.path.join(folder, f"{TEMP_PREFIX}{os.getpid()}-{threading.get_ident()}-{next(_temp_numbers)}{suffix}")
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
     try:
         fd = os.open(temp, flags, modes.file)
@@ -102,7 +104,7 @@ def write_atomic(path: str | os.PathLike[str], data: bytes | BinaryIO, *, fsync:
         makedirs(folder, modes.folder)
         fd = os.open(temp, flags, modes.file)
     except FileExistsError:  # left by a dead process that had our PID
-        fd, temp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=folder)
+        fd, temp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=suffix, dir=folder)
     try:
         try:
             os.fchmod(fd, modes.file)  # exactly: the umask may have taken bits away
