@@ -62,7 +62,7 @@ class ServerConfig(_Section):
     shutdown_timeout: Seconds = 30.0
     #: This node's name in a shared index (database.catalog); "" means the host name.
     node: Annotated[str, msgspec.Meta(max_length=64, pattern=r"^[A-Za-z0-9_.-]*$")] = ""
-    #: CPU and I/O priority of derived work (post-store stage, forwarder): fastscp.process.priority.
+    #: CPU and I/O priority of derived work (indexer, post-store stage, forwarder): fastscp.process.priority.
     derived_priority: Literal["idle", "low", "normal"] = "idle"
     #: Where the other nodes of a shared index reach our port (C-GET of our files); "": host, else the host name.
     advertise_host: Annotated[str, msgspec.Meta(max_length=253, pattern=r"^[A-Za-z0-9_.:-]*$")] = ""

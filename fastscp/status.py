@@ -99,6 +99,8 @@ class IndexState(msgspec.Struct, kw_only=True):
     #: Instances stored by workers that the index has not committed yet.
     lag: int
     committed: int
+    #: Files of records kept for the indexer beyond the workers' backlogs (.incoming/index-backlog).
+    kept_files: int = 0
 
 
 class WorkerState(msgspec.Struct, kw_only=True):
@@ -235,6 +237,8 @@ class IndexerState(msgspec.Struct, frozen=True, kw_only=True, tag="state"):
     committed: int
     #: "running", "done", "failed" or "off" (no storage root given).
     reconcile: str
+    #: Files of records workers kept for it while it lagged (.incoming/index-backlog: up to 32 MB each).
+    kept_files: int = 0
 
 ENCODER = msgspec.msgpack.Encoder()
 DECODER = msgspec.msgpack.Decoder(StatusSnapshot)

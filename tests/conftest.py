@@ -41,6 +41,12 @@ def wait_for_port(port: int, process: subprocess.Popen, log: Path, timeout: floa
     raise RuntimeError(f"server did not listen on {port} within {timeout} s:\n{log.read_text()}")
 
 
+def sigterm_pending(pid: int) -> bool:
+    """SIGTERM is pending for ``pid`` (/proc/PID/status ShdPnd): sent to a process stopped with SIGSTOP."""
+    pending = re.search(r"^ShdPnd:\s*([0-9a-f]+)", Path(f"/proc/{pid}/status").read_text(), re.M)
+    return pending is not None and bool(int(pending.group(1), 16) & 1 << (signal.SIGTERM - 1))
+
+
 def wait_until(predicate, timeout: float = 15, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     while not predicate():

@@ -1,12 +1,14 @@
 """Sending records to the indexer from other processes (workers, the post-store stage).
 
 :class:`IndexerClient` delivers records in batches and keeps them while the
-indexer is down (a restart after a crash), retrying in the background.
+indexer is down (a restart after a crash) or, for a worker, lagging at its
+low priority, retrying in the background.
 Queries go through :mod:`fastscp.query.client`.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import socket
 from collections.abc import Callable
@@ -16,6 +18,10 @@ import msgspec
 from fastscp.index.records import ENCODER, Base, IndexRecord, InstanceRecord, RecordBatch
 from fastscp.process.batcher import Batcher
 from fastscp.process.ipc import local_address
+from fastscp.process.kept import kept_folder as process_kept_folder
+from fastscp.process.kept import write_kept
+from fastscp.storage.files import PATIENT_DATA, FileModes
+from fastscp.storage.reserved import INDEX_BACKLOG
 
 log = logging.getLogger("fastscp.indexclient")
 
@@ -24,7 +30,10 @@ SEND_INTERVAL = 0.02
 #: Records per message at most (a datagram must fit the socket's buffer).
 BATCH_RECORDS = 32
 #: Seconds between retries while records wait for the indexer.
-RETRY_INTERVAL = 0.5
+RETRY_INTERVAL = 0.2
+#: Bytes of messages a worker keeps for an indexer that lags before they go to a
+#: file (~0.5 KB a CT's record in a batch of its series: ~60,000 records).
+BACKLOG_BYTES = 32 * 1024 * 1024
 #: Bytes per message at most: a Unix datagram longer than the socket's send
 #: buffer (net.core.wmem_default, 208 KiB on Linux) is refused (EMSGSIZE),
 #: and the attribute maps of 32 instances of 32 series can be longer.
@@ -38,6 +47,11 @@ def indexer_address(index_path: str) -> str:
     index (a worker, ``fastscp query``) can find the server that owns it.
     """
     return local_address("indexer", index_path)
+
+
+def kept_folder(root: str) -> str:
+    """Where workers keep, in files, the records a lagging indexer had no room for (under the storage root)."""
+    return process_kept_folder(root, INDEX_BACKLOG)
 
 
 def batch_messages(records: list[IndexRecord], known: dict[str, Base] | None = None) -> list[tuple[bytes, int]]:
@@ -79,15 +93,29 @@ class IndexerClient:
     indexer even if no other image arrives. Nothing waiting here is lost for
     good if the process dies: the indexer's reconcile on start indexes the
     files whose records never arrived.
+
+    With ``kept_folder`` (a worker's client) a send never waits: the indexer
+    runs at ``server.derived_priority`` and under a burst may not read for
+    seconds. What its full socket does not take is kept here, up to
+    ``backlog_bytes``, then in a file in ``kept_folder``
+    (:func:`fastscp.process.kept.write_kept`), which the indexer takes once
+    it has caught up; so is what is still kept at :meth:`close`. Without
+    it (the post-store stage's and the forwarder's clients) a full socket
+    holds the sender up.
     """
 
-    def __init__(self, address: str, name: str = "indexer") -> None:
+    def __init__(self, address: str, name: str = "indexer", *, kept_folder: str = "",
+                 modes: FileModes = PATIENT_DATA, backlog_bytes: int = BACKLOG_BYTES) -> None:
         self.address = address
         #: Who receives the records, for the log ("indexer", "forwarder").
         self.name = name
+        self.kept_folder = kept_folder
+        self.modes = modes
+        self.backlog_bytes = backlog_bytes
         self._sock: socket.socket | None = None
-        #: Sealed messages not yet delivered, with their record counts.
-        self._pending: list[tuple[bytes, int]] = []
+        #: Sealed messages not yet delivered, oldest first, with their record counts, and their size.
+        self._pending: collections.deque[tuple[bytes, int]] = collections.deque()
+        self._pending_bytes = 0
         #: The indexer could not be reached at the last try.
         self._down = False
         #: The base attribute map of each recent series (batch_messages).
@@ -103,6 +131,7 @@ class IndexerClient:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             sock.connect(self.address)
+            sock.setblocking(not self.kept_folder)
         except OSError:
             sock.close()
             raise
@@ -124,9 +153,11 @@ class IndexerClient:
         return self._batcher.waiting + sum(count for _, count in self._pending)
 
     def _deliver_locked(self, records: list[IndexRecord]) -> bool:
-        """Seal ``records`` into messages and send every message kept; False if some remain (the indexer is down)."""
-        if records:
-            self._pending += batch_messages(records, self._bases)
+        """Seal ``records`` into messages and send every message kept; False if some remain
+        (the indexer is down, or lags: they are sent at the next try)."""
+        for message in batch_messages(records, self._bases) if records else ():
+            self._pending.append(message)
+            self._pending_bytes += len(message[0])
         if not self._pending:
             return True
         try:
@@ -134,7 +165,12 @@ class IndexerClient:
                 self._sock = self._connect()
             while self._pending:
                 self._sock.send(self._pending[0][0])
-                self._pending.pop(0)
+                self._pending_bytes -= len(self._pending.popleft()[0])
+        except BlockingIOError:
+            # Its socket is full: it lags (server.derived_priority); beyond the bound, to a file.
+            if self._pending_bytes > self.backlog_bytes:
+                self._keep_in_file(f"{self._waiting_locked()} records waiting for it")
+            return False
         except OSError as exc:
             if self._sock is not None:
                 self._sock.close()
@@ -143,15 +179,37 @@ class IndexerClient:
                 self._down = True
                 log.warning("%s unreachable (%s); %d records kept for retry", self.name, exc,
                             self._waiting_locked())
+            if self.kept_folder and self._pending_bytes > self.backlog_bytes:
+                self._keep_in_file(f"{self._waiting_locked()} records waiting for it")
             return False
         if self._down:
             self._down = False
             log.info("%s reachable again; kept records delivered", self.name)
         return True
 
+    def _keep_in_file(self, why: str) -> None:
+        """Move the sealed messages to a file the indexer takes once it has caught up (else they stay here)."""
+        if not self.kept_folder or not self._pending:
+            return
+        try:
+            path = write_kept(self.kept_folder, (message for message, _ in self._pending), self.modes)
+        except OSError as exc:
+            # In memory, they still reach the indexer; if this process dies first, the
+            # indexer's reconcile on start indexes their files.
+            log.warning("%s busy or down (%s); cannot keep them in %s: %s", self.name, why, self.kept_folder,
+                        exc.strerror)
+            return
+        log.warning("%s busy or down (%s): kept in %s for it", self.name, why, path)
+        self._pending.clear()
+        self._pending_bytes = 0
+
     def close(self) -> None:
+        """Stop the background thread; with a ``kept_folder``, what is still kept goes to a file for the indexer."""
         self._batcher.close()
         with self._batcher.lock:
+            if self.kept_folder:
+                self._batcher.flush_locked()
+                self._keep_in_file(f"{self._waiting_locked()} records not sent at exit")
             if self._sock is not None:
                 self._sock.close()
                 self._sock = None

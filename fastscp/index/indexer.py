@@ -23,6 +23,10 @@ query package.
 * **Which UIDs are indexed.** :class:`UidIndex` holds the SOP Instance UIDs
   committed and on their way, for "where is this instance?" before a C-STORE
   is answered.
+* **Kept records.** A worker keeps, in files, the records this process
+  (at ``server.derived_priority``) had no room for while it lagged
+  (:class:`~fastscp.index.client.IndexerClient`); the loop takes them,
+  oldest first, once nothing waits, and all of them before it stops.
 * **Reconcile on start.** When it knows the storage root, the indexer
   compares the files with the index in a background thread, indexes what is
   missing (records a killed indexer never committed) and drops rows whose
@@ -55,15 +59,19 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from fastscp.index.batchtable import InstanceBatch
+from fastscp.index.client import kept_folder
 from fastscp.index.database import Index
 from fastscp.index.records import BATCH_DECODER, DuplicateConflict, InstanceColumns, InstanceRecord, ThumbnailMade
 from fastscp.index.reindex import plan, read_records
 from fastscp.index.uidfilter import UidFilter
 from fastscp.process.ipc import accept_local, drain, listen
+from fastscp.process.kept import kept_files, read_kept
 from fastscp.status import IndexerState
 
 log = logging.getLogger("fastscp.indexer")
 
+#: How often, at most, an indexer with nothing waiting looks for records workers kept in files for it.
+KEPT_CHECK_INTERVAL = 1.0
 #: A batch may grow to this many times ``batch_size`` with records that are already waiting.
 #: PERF: each commit has fixed costs (parent-table statements, the WAL
 #: flush); 10 -> 30 took a flooded indexer from ~100k to ~135k rows/s
@@ -107,6 +115,8 @@ class CommitBatch:
     instances: InstanceBatch
     conflicts: list[DuplicateConflict]
     thumbnails: list[ThumbnailMade]
+    #: Records from a kept file (older than some the sockets brought): a newer row stays (Index.add_table).
+    keep_newer: bool = False
 
 
 @dataclass(frozen=True)
@@ -305,14 +315,21 @@ class Indexer:
         self._tidy_queued = False
         self._writer = threading.Thread(target=self._write_loop, name="fastscp-index-writer", daemon=True)
         self._reconciler: threading.Thread | None = None
+        #: Records workers kept in files while this process lagged, and when to look for them.
+        self.kept = kept_folder(storage_root) if storage_root is not None else ""
+        self._next_kept_check = 0.0
         #: The SOP Instance UIDs indexed or on their way (for LocateRequest).
         self.uids = UidIndex(shared)
         self.services: list[Service] = list(services)
 
     def state(self) -> IndexerState:
         """What the indexer is doing (for stats; read from a query thread)."""
+        try:
+            kept = len(kept_files(self.kept)) if self.kept else 0
+        except OSError:
+            kept = 0  # _take_kept says why
         return IndexerState(pid=os.getpid(), pending=self._waiting + self._in_flight, committed=self.committed,
-                            reconcile=self.reconcile_state)
+                            reconcile=self.reconcile_state, kept_files=kept)
 
     @property
     def _waiting(self) -> int:
@@ -371,8 +388,18 @@ class Indexer:
                   and now - self.last_record >= TIDY_IDLE):
                 self._tidy_queued = True
                 self._writes.put(Tidy())
+            elif not self._waiting and self._written.is_set():
+                self._take_kept(now)
+            if self.stopping:
+                # A worker that connected just before the stop (or while this process was
+                # stopped: a select() a signal interrupted past its timeout reports nothing).
+                self._accept()
             clients = len(self.selector.get_map()) - 2
             if self.stopping and clients == 0:
+                self._written.wait()
+                self._hand_over()  # the sockets' records, then the files'
+                while self._take_kept(now, at_stop=True):
+                    pass
                 return
 
     def stop(self) -> None:
@@ -398,27 +425,62 @@ class Indexer:
         now = time.monotonic()
         limit = self.batch_size * MAX_BATCH_FACTOR
         for data in drain(conn, self.selector, lambda: self._waiting < limit):
-            try:
-                batch = BATCH_DECODER.decode(data)
-            except Exception as exc:  # a bad message must not stop indexing
-                log.error("undecodable message from a worker dropped: %s", exc)
-                continue
-            if not self._waiting:
-                self.oldest = now
-            self.last_record = now
-            self.pending.add(batch.instances)
-            self.uids.received(batch.instances)
-            for record in batch.others:
-                if isinstance(record, DuplicateConflict):
-                    self.pending_conflicts.append(record)
-                elif isinstance(record, ThumbnailMade):
-                    self.pending_thumbnails.append(record)
+            self._add(data, now)
 
-    def _hand_over(self) -> None:
+    def _add(self, data: bytes, now: float) -> None:
+        """One message of records (from a socket or a kept file) joins what is pending."""
+        try:
+            batch = BATCH_DECODER.decode(data)
+        except Exception as exc:  # a bad message must not stop indexing
+            log.error("undecodable message from a worker dropped: %s", exc)
+            return
+        if not self._waiting:
+            self.oldest = now
+        self.last_record = now
+        self.pending.add(batch.instances)
+        self.uids.received(batch.instances)
+        for record in batch.others:
+            if isinstance(record, DuplicateConflict):
+                self.pending_conflicts.append(record)
+            elif isinstance(record, ThumbnailMade):
+                self.pending_thumbnails.append(record)
+
+    def _take_kept(self, now: float, at_stop: bool = False) -> bool:
+        """Caught up (nothing pending), or stopping: hand the writer the oldest file of records a
+        worker kept while this process lagged, if any, as a batch of its own; True if one was taken.
+
+        Its records are older than some the sockets brought since, so a newer row of the same
+        path stays. The file goes once they are handed over: if this process dies before they
+        are committed, the reconcile on the next start indexes their files.
+        """
+        if not self.kept or (now < self._next_kept_check and not at_stop):
+            return False
+        self._next_kept_check = now + KEPT_CHECK_INTERVAL
+        try:
+            names = kept_files(self.kept)
+            if not names:
+                return False
+            path = os.path.join(self.kept, names[0])
+            messages = list(read_kept(path))
+            os.unlink(path)
+        except OSError as exc:
+            log.warning("cannot take the records kept in %s: %s; the next start's reconcile indexes their files",
+                        self.kept, exc)
+            self._next_kept_check = now + 60.0  # not a warning a second
+            return False
+        for data in messages:
+            self._add(data, now)
+        self._written.wait()
+        self._hand_over(keep_newer=True)
+        self._next_kept_check = 0.0  # the next file as soon as these are committed
+        log.info("%d messages of records kept while the indexer lagged, from %s", len(messages), path)
+        return True
+
+    def _hand_over(self, keep_newer: bool = False) -> None:
         """Give what is pending to the writer as one batch."""
         if not self._waiting:
             return
-        batch = CommitBatch(self.pending, self.pending_conflicts, self.pending_thumbnails)
+        batch = CommitBatch(self.pending, self.pending_conflicts, self.pending_thumbnails, keep_newer)
         self._in_flight = self._waiting
         self.pending, self.pending_conflicts, self.pending_thumbnails = InstanceBatch(), [], []
         self._written.clear()
@@ -463,7 +525,7 @@ class Indexer:
         attempt = 0
         while True:
             try:
-                self.index.add_table(table, conflicts, thumbnails, maps=instances.maps)
+                self.index.add_table(table, conflicts, thumbnails, maps=instances.maps, keep_newer=batch.keep_newer)
                 self.committed += instances.count
                 break
             except Exception:

@@ -85,7 +85,7 @@ class StatusBook:
 
     def snapshot(self, *, ae_title: str, host: str, port: int, state: str, storage_root: str,
                  min_free_bytes: int, index_path: str, index_committed: int, index_lag: int,
-                 workers: list[WorkerState], config: dict[str, object]) -> StatusSnapshot:
+                 workers: list[WorkerState], config: dict[str, object], index_kept_files: int = 0) -> StatusSnapshot:
         totals = Totals(**_fields(self.totals))
         by_modality = Counter(self.by_modality)
         by_calling_ae = Counter(self.by_calling_ae)
@@ -117,7 +117,8 @@ class StatusBook:
                 root=storage_root, total_bytes=usage.total, used_bytes=usage.used, free_bytes=usage.free,
                 min_free_bytes=min_free_bytes, below_watermark=usage.free < min_free_bytes,
             ),
-            index=IndexState(path=index_path, committed=index_committed, lag=index_lag),
+            index=IndexState(path=index_path, committed=index_committed, lag=index_lag,
+                             kept_files=index_kept_files),
             workers=workers, store_latency_seconds=latency, object_size_bytes=sizes, config=config,
         )
 

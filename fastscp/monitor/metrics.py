@@ -193,6 +193,9 @@ def render(snapshot: StatusSnapshot, now: float | None = None) -> str:
                "Instances stored but not yet committed to the index.", snapshot.index.lag)
     out.single("fastscp_index_committed_total", "counter",
                "Instances committed to the index.", snapshot.index.committed)
+    out.single("fastscp_index_kept_files", "gauge",
+               "Files of records kept for the indexer beyond the workers' backlogs (up to 32 MB each).",
+               snapshot.index.kept_files)
     if snapshot.poststore is not None:
         for name, kind, help_text, field in _POSTSTORE_FAMILIES:
             out.single(name, kind, help_text, getattr(snapshot.poststore, field))

@@ -252,7 +252,8 @@ function renderTiles(s) {
     tile("Storage free", bytes(st.free_bytes),
          (st.total_bytes ? percent(st.free_bytes / st.total_bytes) + " of " + bytes(st.total_bytes) : "") +
          " \u00b7 min " + bytes(st.min_free_bytes), st.below_watermark),
-    tile("Index lag", int(s.index.lag), int(s.index.committed) + " committed", false),
+    tile("Index lag", int(s.index.lag), int(s.index.committed) + " committed" +
+         (s.index.kept_files ? " \u00b7 " + int(s.index.kept_files) + " files kept" : ""), false),
     ...(s.poststore ? [tile("Post-store lag", int(s.poststore.waiting),
                             "oldest " + fixed(s.poststore.oldest_seconds, 1) + " s \u00b7 " +
                             int(s.poststore.thumbnails) + " thumbnails made" +

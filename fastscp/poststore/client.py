@@ -5,22 +5,20 @@ from __future__ import annotations
 
 import collections
 import errno
-import itertools
 import logging
-import os
 import socket
-import struct
 import threading
 import time
-from collections.abc import Iterator
 
 import msgspec
 
 from fastscp.index.records import ENCODER, InstanceRecord
 from fastscp.process.ipc import local_address
+from fastscp.process.kept import kept_folder as process_kept_folder
+from fastscp.process.kept import write_kept
 from fastscp.status import AssociationReport
-from fastscp.storage.files import PATIENT_DATA, TEMP_PREFIX, FileModes, write_atomic
-from fastscp.storage.reserved import INCOMING, POSTSTORE_BACKLOG
+from fastscp.storage.files import PATIENT_DATA, FileModes
+from fastscp.storage.reserved import POSTSTORE_BACKLOG
 
 log = logging.getLogger("fastscp.poststore")
 
@@ -29,10 +27,6 @@ BACKLOG_BYTES = 16 * 1024 * 1024
 #: How often a worker tries again to send what it keeps, and how many messages per try hold its lock.
 RETRY_INTERVAL = 0.2
 RETRY_BATCH = 256
-#: A kept file's messages: each after its length (4 bytes, little-endian).
-_LENGTH = struct.Struct("<I")
-#: Numbers a worker's kept files (with its PID: a name no other writer uses).
-_kept_numbers = itertools.count()
 
 
 def poststore_address(index_path: str) -> str:
@@ -42,42 +36,7 @@ def poststore_address(index_path: str) -> str:
 
 def kept_folder(root: str) -> str:
     """Where workers keep, in files, the records a lagging stage had no room for (under the storage root)."""
-    return os.path.join(root, INCOMING, POSTSTORE_BACKLOG)
-
-
-def write_kept(folder: str, messages: list[bytes], modes: FileModes = PATIENT_DATA) -> str:
-    """Write encoded messages to a new file in ``folder`` (whole or not at all: temp file and rename); its path."""
-    path = os.path.join(folder, f"{time.time_ns()}-{os.getpid()}-{next(_kept_numbers)}.records")
-    write_atomic(path, b"".join(_LENGTH.pack(len(m)) + m for m in messages), modes=modes)
-    return path
-
-
-def kept_files(folder: str) -> list[str]:
-    """The files of :func:`write_kept` in ``folder``, oldest first (none if there is no folder).
-
-    Raises
-    ------
-    OSError
-        The folder cannot be read.
-    """
-    try:
-        return sorted(name for name in os.listdir(folder) if not name.startswith(TEMP_PREFIX))
-    except FileNotFoundError:
-        return []
-
-
-def read_kept(path: str) -> Iterator[bytes]:
-    """The encoded messages of a file :func:`write_kept` wrote, in order (a torn end is ignored)."""
-    with open(path, "rb") as f:
-        data = f.read()
-    at = 0
-    while at + _LENGTH.size <= len(data):
-        (length,) = _LENGTH.unpack_from(data, at)
-        at += _LENGTH.size
-        if at + length > len(data):
-            return
-        yield data[at:at + length]
-        at += length
+    return process_kept_folder(root, POSTSTORE_BACKLOG)
 
 
 class PostStoreClient:

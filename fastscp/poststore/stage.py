@@ -46,9 +46,10 @@ from fastscp.imaging.thumbnail import thumbnail_path, try_write_thumbnail
 from fastscp.index.client import IndexerClient
 from fastscp.index.database import Lake
 from fastscp.index.records import POSTSTORE_DECODER, InstanceRecord, ThumbnailMade
-from fastscp.poststore.client import kept_files, kept_folder, read_kept, write_kept
+from fastscp.poststore.client import kept_folder
 from fastscp.poststore.jobs import SharedStudies
 from fastscp.process.ipc import accept_local, drain, listen, receive
+from fastscp.process.kept import kept_files, read_kept, write_kept
 from fastscp.process.orphan import parent_gone
 from fastscp.status import AssociationReport, PostStoreState
 from fastscp.storage.files import FileModes

@@ -1,7 +1,7 @@
 """What a child process is called and how much CPU and disk it may take from the others.
 
-Derived work (thumbnails, scan sheets, hooks, forwarding) must not take the
-workers' CPU while they store: its priority comes from
+Derived work (the index, thumbnails, scan sheets, hooks, forwarding) must not
+take the workers' CPU while they store: its priority comes from
 ``server.derived_priority`` (:data:`DERIVED_PRIORITIES`). The I/O class is
 set too; only the BFQ (and the old CFQ) I/O schedulers honour it, others
 ignore it, and it costs one system call.

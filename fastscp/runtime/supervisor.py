@@ -298,7 +298,9 @@ class Supervisor:
                 db.batch_interval, self.storage.root, self.storage.sr_root, self.config.lake,
                 db.maintenance_interval, node_address(self.config, self.storage.root), self.uid_filter),
             about=f", index {config.index_path}", decoder=FROM_INDEXER, ready_timeout=INDEXER_READY_TIMEOUT,
-            stop_timeout=30))  # SIGTERM: it commits what it holds, then exits
+            # SIGTERM: it commits what it holds, then exits. At server.derived_priority: workers
+            # never wait for it (IndexerClient keeps what it cannot take yet).
+            stop_timeout=30, priority=config.server.derived_priority))
         if self.settings.poststore_address:
             specs.append(ChildSpec(
                 "post-store stage", targets.poststore, lambda: (
@@ -816,6 +818,7 @@ class Supervisor:
             storage_root=self.storage.root, min_free_bytes=self.config.storage.min_free_bytes,
             index_path=self.config.index_path,
             index_committed=self.index_state.committed, index_lag=self.index_state.pending,
+            index_kept_files=self.index_state.kept_files,
             workers=[
                 WorkerState(index=w.index, pid=w.child.pid or 0, alive=w.child.alive,
                             # Admitted ones: a connection still pending is no association yet.

@@ -32,7 +32,7 @@ from fastscp.dicom.sopclasses import MODALITY_SOP_CLASSES
 from fastscp.storage.files import FILE_MODE, PATIENT_DATA, TEMP_PREFIX, FileModes, fsync_dir, makedirs
 from fastscp.storage.layout import LayoutOptions, relative_path
 from fastscp.storage.policy import DuplicatePolicy, Outcome
-from fastscp.storage.reserved import FETCHED, INCOMING, POSTSTORE_BACKLOG, QUARANTINE
+from fastscp.storage.reserved import BACKLOGS, FETCHED, INCOMING, QUARANTINE
 
 #: How much of the dataset's start is kept in memory for the header scan;
 #: longer headers are scanned in the mapped file (fastscp.dicom.walk.mapped_dataset).
@@ -422,7 +422,7 @@ class Storage:
                 removed += 1
             elif name.startswith(FETCHED):  # copies of other nodes' files (a shared index)
                 shutil.rmtree(os.path.join(self.incoming_dir, name), ignore_errors=True)
-            elif name == POSTSTORE_BACKLOG:  # kept records are the stage's; a temp file was being written
+            elif name in BACKLOGS:  # kept records are their process's; a temp file was being written
                 kept = os.path.join(self.incoming_dir, name)
                 for temp in os.listdir(kept):
                     if temp.startswith(TEMP_PREFIX):

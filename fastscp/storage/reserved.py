@@ -19,6 +19,10 @@ FETCHED: Final = "fetched-"
 #: In INCOMING: the records a worker kept for a lagging post-store stage beyond its backlog
 #: in memory (fastscp.poststore.client); the stage takes them from there.
 POSTSTORE_BACKLOG: Final = "poststore-backlog"
+#: In INCOMING: the same for a lagging indexer (fastscp.index.client); the indexer takes them.
+INDEX_BACKLOG: Final = "index-backlog"
+#: The folders of kept records (fastscp.process.kept).
+BACKLOGS: Final = frozenset({POSTSTORE_BACKLOG, INDEX_BACKLOG})
 #: Data sets that could not be understood, each with a ``.reason.txt`` (storage.quarantine).
 QUARANTINE: Final = ".quarantine"
 #: JPEG thumbnails, mirroring the layout (thumbnails.enabled).

@@ -233,3 +233,68 @@ def test_a_v1_index_is_migrated_when_the_server_starts(start_server, small_serie
     index = Index(str(server.index), read_only=True)
     assert index.version == SCHEMA_VERSION and index.count() == 1
     index.close()
+
+
+# -- an indexer that lags (server.derived_priority, issue 13 lever 4) ------------------------
+
+
+def _stalled_indexer(start_server, tmp_path: Path, count: int, patient_id: str):  # type: ignore[no-untyped-def]
+    """A server (one worker, no thumbnails) that answered ``count`` C-STOREs while its indexer was
+    stopped (SIGSTOP), which it still is: (server, the indexer's PID)."""
+    from fastscp.process.priority import process_name
+
+    config = tmp_path / "fastscp.yaml"
+    config.write_text("thumbnails:\n  enabled: false\nscansheet:\n  enabled: false\n")
+    server = start_server(config=config, workers=1)
+    server.wait_for_log("indexer started (pid")
+    indexer = next(pid for pid in server.children() if process_name(pid) == "fastscp-indexer")
+    series = write_series(str(tmp_path / patient_id), count, rows=16, columns=16, patient_id=patient_id)
+    os.kill(indexer, signal.SIGSTOP)
+    try:
+        dcmtk("storescu", "-aec", server.ae_title, "-xe", "127.0.0.1", str(server.port), *series, timeout=120)
+    except BaseException:
+        os.kill(indexer, signal.SIGCONT)
+        raise
+    assert len(server.stored_files()) == count
+    return server, indexer
+
+
+def test_a_stalled_indexer_holds_up_no_store_and_then_indexes_every_record(start_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """While the indexer does not read (SIGSTOP: what SCHED_IDLE does to it under saturation), every
+    C-STORE is answered; the worker keeps the records (in memory, beyond 32 MB in files) and the
+    index gets every one once the indexer runs again. Before, the worker's send blocked once the
+    indexer's socket held 10 messages, and held up its associations with it."""
+    from tests.conftest import wait_until
+
+    count = 1000
+    server, indexer = _stalled_indexer(start_server, tmp_path, count, "IX1")
+    os.kill(indexer, signal.SIGCONT)
+    queries = QueryClient(str(server.index))
+    wait_until(lambda: queries.stats().instances == count, timeout=120, what=f"{count} instances indexed")
+    assert server.stop() == 0
+    with LocalQueryClient(str(server.index)) as client:
+        assert indexed_files(client) == {str(p.relative_to(server.storage)): p.stat().st_size
+                                         for p in server.stored_files()}
+
+
+def test_records_the_indexer_had_not_taken_are_indexed_before_it_exits(start_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The server stops while its indexer lags (SIGSTOP until the supervisor has asked it to stop): the
+    worker puts what the indexer did not take in a file under .incoming at its exit, and the indexer
+    indexes it before it exits. Before, the worker's unsent records were lost at its exit (the next
+    start's reconcile found their files)."""
+    from fastscp.index.client import kept_folder
+    from tests.conftest import sigterm_pending, wait_until
+
+    count = 600
+    server, indexer = _stalled_indexer(start_server, tmp_path, count, "IX2")
+    try:
+        server.signal(signal.SIGTERM)  # the workers stop first, then the indexer
+        wait_until(lambda: sigterm_pending(indexer), timeout=60, what="the indexer's SIGTERM")
+    finally:
+        os.kill(indexer, signal.SIGCONT)
+    assert server.process.wait(60) == 0
+    log = server.log_text()
+    assert "indexer busy or down" in log and "kept while the indexer lagged" in log, log
+    assert not os.listdir(kept_folder(str(server.storage)))
+    with LocalQueryClient(str(server.index)) as client:
+        assert len(indexed_files(client)) == count, log

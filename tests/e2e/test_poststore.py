@@ -166,8 +166,8 @@ def _stage_stopped(server, tmp_path: Path, count: int, rows: int, patient_id: st
 
 @pytest.mark.parametrize("level", ["idle", "low", "normal"])
 def test_derived_work_runs_at_server_derived_priority(start_server, tmp_path: Path, level: str) -> None:  # type: ignore[no-untyped-def]
-    """The post-store stage and the forwarder yield their CPU and disk to the workers (issue 13, lever 4);
-    each child names its role in /proc/PID/comm (what bench.load reports CPU by)."""
+    """The post-store stage, the forwarder and the indexer yield their CPU and disk to the workers
+    (issue 13, lever 4); each child names its role in /proc/PID/comm (what bench.load reports CPU by)."""
     import yaml
 
     from fastscp.process.priority import io_priority, process_name
@@ -187,12 +187,12 @@ def test_derived_work_runs_at_server_derived_priority(start_server, tmp_path: Pa
     def priority(pid: int) -> tuple[int, int, tuple[int, int]]:
         return os.sched_getscheduler(pid), os.getpriority(os.PRIO_PROCESS, pid), io_priority(pid)
 
-    # The workers, and the indexer every store asks, keep the supervisor's priority.
+    # The workers keep the supervisor's priority; the indexer, which they never wait for, yields too.
     normal = priority(server.process.pid)
     assert normal[:2] == (os.SCHED_OTHER, 0) and normal[2][0] != 3
     indexer = next(pid for pid in server.children() if process_name(pid) == "fastscp-indexer")
-    assert {priority(pid) for pid in [*workers, indexer]} == {normal}
-    for pid in (stage, forwarder):
+    assert {priority(pid) for pid in workers} == {normal}
+    for pid in (stage, forwarder, indexer):
         if level == "idle":
             assert (priority(pid)[0], priority(pid)[2][0]) == (os.SCHED_IDLE, 3)
         elif level == "low":
@@ -239,10 +239,7 @@ def test_records_the_stage_had_not_taken_at_stop_get_thumbnails_at_the_next_star
     stage's, and the next start makes their thumbnails. Before, the worker dropped its backlog at exit
     ("records without thumbnails") and the socket's records went with the socket."""
     from fastscp.poststore.client import kept_folder
-
-    def asked_to_stop(pid: int) -> bool:  # SIGTERM waits for the stopped stage
-        pending = re.search(r"^ShdPnd:\s*([0-9a-f]+)", Path(f"/proc/{pid}/status").read_text(), re.M)
-        return pending is not None and bool(int(pending.group(1), 16) & 1 << (signal.SIGTERM - 1))
+    from tests.conftest import sigterm_pending
 
     config = tmp_path / "fastscp.yaml"
     config.write_text("scansheet:\n  enabled: false\n")
@@ -250,7 +247,7 @@ def test_records_the_stage_had_not_taken_at_stop_get_thumbnails_at_the_next_star
     count = 400
     with _stage_stopped(server, tmp_path, count, 64, "PS12") as stage:
         server.signal(signal.SIGTERM)  # the workers stop first, then the stage
-        wait_until(lambda: asked_to_stop(stage), timeout=60, what="the stage's SIGTERM")
+        wait_until(lambda: sigterm_pending(stage), timeout=60, what="the stage's SIGTERM")
     assert server.process.wait(60) == 0
     thumbnails = server.storage / "thumbnails"
     assert not list(thumbnails.rglob("*.jpg"))  # a stopping stage starts nothing new

@@ -147,6 +147,12 @@ MODULES: dict[str, tuple[str, ...]] = {
         "tests/e2e/test_poststore.py::test_a_stalled_post_store_stage_catches_up_without_losing_records",
         "tests/e2e/test_poststore.py::test_records_the_stage_had_not_taken_at_stop_get_thumbnails_at_the_next_start",
     ),
+    # The files of kept records both lagging processes take (the post-store stage, the indexer).
+    "fastscp/process/kept.py": (
+        "tests/unit/poststore/test_client.py",
+        "tests/unit/index/test_index.py::test_a_worker_client_never_waits_for_an_indexer_that_does_not_read",
+        "tests/unit/index/test_index.py::test_the_indexer_takes_kept_records_once_idle_and_all_of_them_at_stop",
+    ),
 }
 
 #: Module -> environment its tests run with: a twin is only what runs where the compiled one is not loaded.

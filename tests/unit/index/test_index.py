@@ -7,9 +7,11 @@ real DuckDB file in the test's temp folder.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import threading
@@ -24,16 +26,20 @@ import pytest
 from fastscp.dicom.header import HeaderFields
 from fastscp.dicom.part10 import dataset_hash
 from fastscp.dicom.synthetic import write_series
-from fastscp.index.client import IndexerClient, indexer_address
+from fastscp.index.batchtable import InstanceBatch
+from fastscp.index.client import MAX_MESSAGE_BYTES, IndexerClient, indexer_address, kept_folder
 from fastscp.index.database import SCHEMA_VERSION, TABLES, Index, IndexUnavailable
 from fastscp.index.indexer import Indexer
-from fastscp.index.records import DuplicateConflict, InstanceRecord
+from fastscp.index.records import BATCH_DECODER, ENCODER, DuplicateConflict, InstanceRecord, RecordBatch
 from fastscp.index.reindex import FileState, Progress, plan, read_record, read_records, reindex, walk
+from fastscp.process.ipc import listen
+from fastscp.process.kept import kept_files, read_kept, write_kept
 from fastscp.query.client import QueryClient
 from fastscp.query.engine import run_query
 from fastscp.query.messages import Condition as QueryCondition
 from fastscp.query.messages import QueryRequest, SqlRequest, query_address
 from fastscp.query.server import QueryServer
+from fastscp.storage.files import TEMP_PREFIX, FileModes
 from tests.dicomfiles import PYDICOM_DATA
 
 #: pydicom test files in the storage fixture: two compressed, a UTF-8 and a Latin-1 name.
@@ -831,3 +837,99 @@ def test_new_rows_land_in_their_columns_whatever_the_file_s_column_order(storage
                     if p == record.path]
         assert found == record.header
     index.close()
+
+
+# -- an indexer that lags (server.derived_priority): kept records ---------------------------
+
+
+def _paths_in(messages: list[bytes]) -> list[str]:
+    """The instance paths of encoded record messages, in order."""
+    batch = InstanceBatch()
+    for data in messages:
+        batch.add(BATCH_DECODER.decode(data).instances)
+    return batch.table().column("path").to_pylist() if batch.count else []
+
+
+def test_a_worker_client_never_waits_for_an_indexer_that_does_not_read(storage: Path, tmp_path: Path) -> None:
+    """A worker's client (with a kept folder) sends without waiting: what the full socket does not take
+    stays in memory up to its bound, then goes to files; at close the rest does too. Every record ends
+    up once, in the socket or in a file. Before, a full socket held the client's lock, and with it
+    every association of the worker."""
+    path = str(tmp_path / "index.duckdb")
+    listener = listen(indexer_address(path), blocking=True)
+    folder = tmp_path / "kept"
+    modes = FileModes(file=0o640, folder=0o750)
+    client = IndexerClient(indexer_address(path), kept_folder=str(folder), modes=modes, backlog_bytes=8 * 1024)
+    template = records_of(storage)[0]
+    count = 20_000  # ~50 bytes each in a message of its series: ~1 MB, past the socket's ~200 KB
+    sent = [msgspec.structs.replace(template, path=f"S/{n}.dcm",
+                                    header=msgspec.structs.replace(template.header, sop_instance_uid=f"1.2.9.{n}"))
+            for n in range(count)]
+    sender = threading.Thread(target=lambda: [client.send(record) for record in sent], daemon=True)
+    try:
+        sender.start()
+        conn, _ = listener.accept()  # connected at the first batch, never read until the end
+        sender.join(60)
+        assert not sender.is_alive(), "a send waited for the indexer"
+        client.close()
+        conn.setblocking(False)
+        received: list[bytes] = []
+        with conn, contextlib.suppress(BlockingIOError):
+            while data := conn.recv(1 << 20):
+                received.append(data)
+        files = [str(folder / name) for name in kept_files(str(folder))]
+        assert len(files) >= 2, "the bound was passed: files while sending, and one at close"
+        kept = [m for f in files for m in read_kept(f)]
+        assert sorted(_paths_in(received) + _paths_in(kept)) == sorted(r.path for r in sent)
+        assert all(os.path.getsize(f) <= 8 * 1024 + MAX_MESSAGE_BYTES for f in files)
+        assert {stat.S_IMODE(os.stat(f).st_mode) for f in files} == {0o640}
+        assert stat.S_IMODE(os.stat(folder).st_mode) == 0o750
+        assert not [n for n in os.listdir(folder) if n.startswith(TEMP_PREFIX)]
+    finally:
+        client.close()
+        listener.close()
+
+
+def test_the_indexer_takes_kept_records_once_idle_and_all_of_them_at_stop(tmp_path: Path, storage: Path) -> None:
+    """Files of kept records (a worker's, while the indexer lagged) are indexed and removed: while it runs,
+    once nothing waits, and before it stops."""
+    root = tmp_path / "root"
+    root.mkdir()
+    path = str(tmp_path / "index.duckdb")
+    folder = kept_folder(str(root))
+    records = records_of(storage)
+    running = RunningIndexer(path, root)
+    queries = QueryClient(path)
+    try:
+        wait_until(lambda: queries.stats().indexer.reconcile == "done")  # type: ignore[union-attr]
+        os.makedirs(folder)
+        write_kept(folder, [ENCODER.encode(RecordBatch.of(records[:3])), ENCODER.encode(RecordBatch.of(records[3:5]))])
+        wait_until(lambda: queries.stats().instances == 5)
+        wait_until(lambda: kept_files(folder) == [])
+        write_kept(folder, [ENCODER.encode(RecordBatch.of(records[5:]))])  # taken now or as it stops
+    finally:
+        running.stop()
+    assert kept_files(folder) == []
+    index = Index(path)
+    try:
+        assert sorted(p for (p,) in rows(index, "SELECT path FROM instances")) == sorted(r.path for r in records)
+    finally:
+        index.close()
+
+
+def test_the_indexer_state_counts_kept_files_not_those_being_written(tmp_path: Path) -> None:
+    """The status page's index lag (status.IndexerState.kept_files)."""
+    root = tmp_path / "root"
+    folder = kept_folder(str(root))
+    indexer = Indexer(Index(str(tmp_path / "index.duckdb")), indexer_address(str(tmp_path / "index.duckdb")), 10, 0.1,
+                      storage_root=str(root))
+    try:
+        assert indexer.state().kept_files == 0  # no folder yet
+        os.makedirs(folder)
+        write_kept(folder, [b"one"])
+        write_kept(folder, [b"two", b"three"])
+        Path(folder, f"{TEMP_PREFIX}1-2-3.records").write_bytes(b"being written")
+        assert indexer.state().kept_files == 2
+    finally:
+        indexer._close_sockets()
+        indexer.index.close()

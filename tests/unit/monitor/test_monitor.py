@@ -354,6 +354,17 @@ def test_metrics_of_the_post_store_lag(monitor: MonitorProcess) -> None:
     assert _value(families, "fastscp_poststore_kept_files") == 2
 
 
+def test_metrics_of_the_index_lag(monitor: MonitorProcess) -> None:
+    """The indexer's backlog (issue 13): records not committed, files of records kept for it."""
+    snapshot = make_snapshot()
+    snapshot.index.lag, snapshot.index.kept_files = 4_321, 3
+    monitor.publish(snapshot)
+    families = _families(monitor.get("/metrics")[2].decode())
+    assert _value(families, "fastscp_index_lag") == 4_321
+    assert families["fastscp_index_kept_files"].type == "gauge"
+    assert _value(families, "fastscp_index_kept_files") == 3
+
+
 # -- /healthz -----------------------------------------------------------------------------
 
 

@@ -13,7 +13,8 @@ import pytest
 
 from fastscp.dicom.fields import HeaderFields
 from fastscp.index.records import POSTSTORE_DECODER, InstanceRecord
-from fastscp.poststore.client import PostStoreClient, kept_files, kept_folder, read_kept, write_kept
+from fastscp.poststore.client import PostStoreClient, kept_folder
+from fastscp.process.kept import kept_files, read_kept, write_kept
 from fastscp.storage.files import FileModes
 
 

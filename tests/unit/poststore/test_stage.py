@@ -7,8 +7,9 @@ from pathlib import Path
 
 from fastscp.config import ScansheetConfig, ThumbnailsConfig
 from fastscp.index.client import IndexerClient
-from fastscp.poststore.client import kept_folder, write_kept
+from fastscp.poststore.client import kept_folder
 from fastscp.poststore.stage import PostStore
+from fastscp.process.kept import write_kept
 from fastscp.storage.files import PATIENT_DATA
 from fastscp.storage.layout import LayoutOptions
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from fastscp.storage.area import HEADER_PREFIX_BYTES, IncomingFile, Storage, TempFile, own_name
-from fastscp.storage.reserved import POSTSTORE_BACKLOG
+from fastscp.storage.reserved import INDEX_BACKLOG, POSTSTORE_BACKLOG
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 EXPLICIT = "1.2.840.10008.1.2.1"
@@ -145,13 +145,15 @@ def test_prepare_removes_what_a_killed_process_left(storage: Storage) -> None:
     for name in ("a.part", "b.part"):
         Path(storage.incoming_dir, name).write_bytes(b"half a data set")
     Path(storage.incoming_dir, "keep.txt").write_text("not ours")
-    kept = Path(storage.incoming_dir, POSTSTORE_BACKLOG)  # records kept for the post-store stage
-    kept.mkdir()
-    (kept / "1-2-0.records").write_bytes(b"whole")
-    (kept / ".tmp-2-3-1.records").write_bytes(b"half")
-    assert storage.prepare() == 3
-    assert sorted(os.listdir(storage.incoming_dir)) == ["keep.txt", POSTSTORE_BACKLOG]
-    assert os.listdir(kept) == ["1-2-0.records"]
+    # Records kept for the post-store stage and for the indexer: whole files stay, torn ones go.
+    backlogs = [Path(storage.incoming_dir, name) for name in (POSTSTORE_BACKLOG, INDEX_BACKLOG)]
+    for kept in backlogs:
+        kept.mkdir()
+        (kept / "1-2-0.records").write_bytes(b"whole")
+        (kept / ".tmp-2-3-1.records").write_bytes(b"half")
+    assert storage.prepare() == 4
+    assert sorted(os.listdir(storage.incoming_dir)) == sorted(["keep.txt", POSTSTORE_BACKLOG, INDEX_BACKLOG])
+    assert all(os.listdir(kept) == ["1-2-0.records"] for kept in backlogs)
 
 
 def test_a_commit_that_fails_leaves_no_temp_file(storage: Storage) -> None:
