@@ -147,6 +147,17 @@ MODULES: dict[str, tuple[str, ...]] = {
         "tests/e2e/test_poststore.py::test_a_stalled_post_store_stage_catches_up_without_losing_records",
         "tests/e2e/test_poststore.py::test_records_the_stage_had_not_taken_at_stop_get_thumbnails_at_the_next_start",
     ),
+    # A worker's records for the indexer: batched, kept while it is down or lags (issue 13: never waited for).
+    "fastscp/index/client.py": (
+        "tests/unit/index/test_index.py::test_a_worker_client_never_waits_for_an_indexer_that_does_not_read",
+        "tests/unit/index/test_index.py::test_a_worker_client_sends_what_waited_once_the_indexer_reads_again",
+        "tests/unit/index/test_index.py::test_a_worker_client_keeps_records_in_files_while_the_indexer_is_down",
+        "tests/unit/index/test_index.py::test_indexer_client_keeps_records_until_the_indexer_is_back",
+        "tests/unit/index/test_index.py::test_long_attribute_maps_travel_in_messages_that_fit",
+        "tests/unit/index/test_index.py::test_indexer_batches_records_and_answers_queries",
+        "tests/unit/index/test_index.py::test_the_indexer_takes_kept_records_once_idle_and_all_of_them_at_stop",
+        "tests/e2e/test_index_server.py::test_records_the_indexer_had_not_taken_are_indexed_before_it_exits",
+    ),
     # The files of kept records both lagging processes take (the post-store stage, the indexer).
     "fastscp/process/kept.py": (
         "tests/unit/poststore/test_client.py",

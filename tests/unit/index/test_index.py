@@ -567,12 +567,14 @@ def wait_until(predicate, timeout: float = 20) -> None:  # type: ignore[no-untyp
 def test_indexer_batches_records_and_answers_queries(storage: Path, tmp_path: Path) -> None:
     path = str(tmp_path / "index.duckdb")
     running = RunningIndexer(path)
-    client = IndexerClient(indexer_address(path))
+    kept = tmp_path / "kept"
+    client = IndexerClient(indexer_address(path), kept_folder=str(kept))  # a worker's
     queries = QueryClient(path)
     try:
         records = records_of(storage)
         for record in records:
             client.send(record)
+        assert client.flush() == 0  # delivered now, not after the batch's interval
         wait_until(lambda: queries.stats().instances == len(records))
         stats = queries.stats()
         assert stats.indexer is not None and stats.indexer.committed == len(records)
@@ -581,10 +583,11 @@ def test_indexer_batches_records_and_answers_queries(storage: Path, tmp_path: Pa
     finally:
         client.close()
         running.stop()
+    assert not kept.exists(), "all delivered: nothing kept at close"
 
 
 def test_long_attribute_maps_travel_in_messages_that_fit(storage: Path, tmp_path: Path) -> None:
-    """32 instances of 32 series with 60k-character maps: ~2 MB in one batch, far past a datagram's limit."""
+    """32 instances of 32 series with 70k-character maps: ~2 MB in one batch, far past a datagram's limit."""
     path = str(tmp_path / "index.duckdb")
     running = RunningIndexer(path)
     client = IndexerClient(indexer_address(path))
@@ -597,15 +600,15 @@ def test_long_attribute_maps_travel_in_messages_that_fit(storage: Path, tmp_path
         return msgspec.structs.replace(template, path=f"long/{n}.dcm", header=header)
 
     try:
-        for n in range(32):
-            client.send(record(n, f"{n:05d}" + "x" * 60_000))
+        for n in range(32):  # two in one message are too long, each alone is not
+            client.send(record(n, f"{n:05d}" + "x" * 70_000))
         client.send(record(99, "€" * 60_000))  # 180 kB of UTF-8 alone: goes without its map
         wait_until(lambda: queries.stats().instances == 33)
         assert client.pending == 0
         with queries.query(SqlRequest(sql="SELECT path, length(attributes->>'$.\"00204000\"') FROM "
                                           "instance_attributes ORDER BY path")) as result:
             lengths = dict(result)
-        assert lengths == {**{f"long/{n}.dcm": 60_005 for n in range(32)}, "long/99.dcm": None}
+        assert lengths == {**{f"long/{n}.dcm": 70_005 for n in range(32)}, "long/99.dcm": None}
     finally:
         client.close()
         running.stop()
@@ -617,6 +620,7 @@ def test_indexer_client_keeps_records_until_the_indexer_is_back(storage: Path, t
     records = records_of(storage)
     client.send(records[0])  # nobody listens yet
     assert client.pending == 1
+    assert client.flush() == 1  # sealed into a message, kept
     running = RunningIndexer(path)
     try:
         # No further send: the client's retry thread delivers it.
@@ -860,11 +864,7 @@ def test_a_worker_client_never_waits_for_an_indexer_that_does_not_read(storage: 
     folder = tmp_path / "kept"
     modes = FileModes(file=0o640, folder=0o750)
     client = IndexerClient(indexer_address(path), kept_folder=str(folder), modes=modes, backlog_bytes=8 * 1024)
-    template = records_of(storage)[0]
-    count = 20_000  # ~50 bytes each in a message of its series: ~1 MB, past the socket's ~200 KB
-    sent = [msgspec.structs.replace(template, path=f"S/{n}.dcm",
-                                    header=msgspec.structs.replace(template.header, sop_instance_uid=f"1.2.9.{n}"))
-            for n in range(count)]
+    sent = _worker_records(storage, 20_000)  # ~50 bytes each in a message of its series: ~1 MB, past the socket's
     sender = threading.Thread(target=lambda: [client.send(record) for record in sent], daemon=True)
     try:
         sender.start()
@@ -882,12 +882,75 @@ def test_a_worker_client_never_waits_for_an_indexer_that_does_not_read(storage: 
         kept = [m for f in files for m in read_kept(f)]
         assert sorted(_paths_in(received) + _paths_in(kept)) == sorted(r.path for r in sent)
         assert all(os.path.getsize(f) <= 8 * 1024 + MAX_MESSAGE_BYTES for f in files)
+        # A file once the backlog passed its bound, and none smaller but the last (at close).
+        assert all(os.path.getsize(f) > 8 * 1024 for f in files[:-1])
         assert {stat.S_IMODE(os.stat(f).st_mode) for f in files} == {0o640}
         assert stat.S_IMODE(os.stat(folder).st_mode) == 0o750
         assert not [n for n in os.listdir(folder) if n.startswith(TEMP_PREFIX)]
     finally:
         client.close()
         listener.close()
+
+
+def _worker_records(storage: Path, count: int) -> list[InstanceRecord]:
+    """``count`` records of one series, each its own path and SOP Instance UID."""
+    template = records_of(storage)[0]
+    return [msgspec.structs.replace(template, path=f"S/{n}.dcm",
+                                    header=msgspec.structs.replace(template.header, sop_instance_uid=f"1.2.9.{n}"))
+            for n in range(count)]
+
+
+def test_a_worker_client_sends_what_waited_once_the_indexer_reads_again(storage: Path, tmp_path: Path) -> None:
+    """Records its full socket did not take reach an indexer that reads again, with no further send,
+    flush or close (the retry thread); none went to a file within the bound."""
+    path = str(tmp_path / "index.duckdb")
+    listener = listen(indexer_address(path), blocking=True)
+    folder = tmp_path / "kept"
+    client = IndexerClient(indexer_address(path), kept_folder=str(folder))
+    sent = _worker_records(storage, 20_000)  # ~1 MB of messages: past the socket's ~200 KB
+    try:
+        sender = threading.Thread(target=lambda: [client.send(record) for record in sent], daemon=True)
+        sender.start()
+        conn, _ = listener.accept()
+        received: list[str] = []
+        with conn:
+            sender.join(60)
+            assert not sender.is_alive()
+            assert client.pending > 0, "the socket took everything: nothing tested"
+            conn.settimeout(0.5)
+            deadline = time.monotonic() + 30
+            while len(received) < len(sent) and time.monotonic() < deadline:
+                with contextlib.suppress(TimeoutError):
+                    received += _paths_in([conn.recv(1 << 20)])
+        assert sorted(received) == sorted(r.path for r in sent)
+        assert client.pending == 0
+        assert not folder.exists()
+    finally:
+        client.close()
+        listener.close()
+
+
+def test_a_worker_client_keeps_records_in_files_while_the_indexer_is_down(
+        storage: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """No indexer listens (it is restarting): past the bound the records go to files then, not only at
+    close, each once; "unreachable" is logged once, not per try."""
+    path = str(tmp_path / "index.duckdb")
+    folder = tmp_path / "kept"
+    client = IndexerClient(indexer_address(path), kept_folder=str(folder), backlog_bytes=8 * 1024)
+    sent = _worker_records(storage, 5000)
+    try:
+        with caplog.at_level("WARNING", logger="fastscp.indexclient"):
+            for record in sent:
+                client.send(record)
+            while_running = kept_files(str(folder))
+            client.close()
+        assert len(while_running) >= 2
+        files = [str(folder / name) for name in kept_files(str(folder))]
+        assert all(os.path.getsize(f) > 8 * 1024 for f in files[:-1]), "a file once past the bound, not before"
+        assert sorted(_paths_in([m for f in files for m in read_kept(f)])) == sorted(r.path for r in sent)
+        assert sum("unreachable" in r.getMessage() for r in caplog.records) == 1
+    finally:
+        client.close()
 
 
 def test_the_indexer_takes_kept_records_once_idle_and_all_of_them_at_stop(tmp_path: Path, storage: Path) -> None:
