@@ -875,6 +875,8 @@ def _write_zip(out: _ChunkWriter, files: list[tuple[str, str | None, Instance | 
                                  "be read:\n" + "".join(f"{line}\n" for line in missing))
         while out.buffer:
             out.send_chunk()
+        if fetched is not None:
+            fetched.close()  # before the response ends: the client that has the zip finds no fetched file left
         out.finish(None)
     except _Cancelled:
         log.info("study browser: zip of study %s stopped: the client went away", uid)

@@ -146,7 +146,9 @@ def suboperations(found: list[Instance], store: Store, cancelled: Callable[[], b
     """Run a C-STORE sub-operation per instance: a pending response after each, then the final one.
 
     ``what`` names the request in the log line of its outcome. ``files``
-    gives the files of other nodes' instances (None: they fail).
+    gives the files of other nodes' instances (None: they fail); it is
+    closed before the final response, so that the files fetched for the
+    request are gone once the requester has its answer.
     """
     counts = Counts(remaining=len(found))
     started = time.monotonic()
@@ -154,6 +156,8 @@ def suboperations(found: list[Instance], store: Store, cancelled: Callable[[], b
         if cancelled():
             log.info("%s: cancelled after %d completed, %d failed, %d warning, %d remaining, %.3f s", what,
                      counts.completed, counts.failed, counts.warning, counts.remaining, time.monotonic() - started)
+            if files is not None:
+                files.close()
             yield Response(CANCEL, counts.pending(), _failed_list(counts, transfer_syntax))
             return
         if not instance.node:
@@ -176,6 +180,8 @@ def suboperations(found: list[Instance], store: Store, cancelled: Callable[[], b
         status = dimse.SUCCESS
     log.info("%s: %d completed, %d failed, %d warning in %.3f s", what, counts.completed, counts.failed,
              counts.warning, time.monotonic() - started)
+    if files is not None:
+        files.close()
     yield Response(status, counts.final(), _failed_list(counts, transfer_syntax))
 
 

@@ -55,7 +55,7 @@ class _RequestorSocket(AssociationSocket):
     pynetdicom 3.0.4 (pinned) only logs the error and reports the
     association as aborted; ``fastscp echo`` and ``send`` say "connection
     refused". The body is pynetdicom's own ``connect`` plus the line that
-    keeps the exception, and TCP_NODELAY.
+    keeps the exception, TCP_NODELAY, and a close of the socket that failed.
     """
 
     connect_error: OSError | None = None
@@ -80,7 +80,9 @@ class _RequestorSocket(AssociationSocket):
         except OSError as exc:
             self.connect_error = exc
             if self.socket is not None:
-                self._shutdown_socket()
+                # Not pynetdicom's _shutdown_socket: its shutdown() of a socket that never connected raises
+                # and skips close(), and the descriptor waits for the garbage collector.
+                self.socket.close()
                 self.socket = None
             primitive.result = "Evt17"  # transport connection closed
             self.provider_queue.put(primitive)
