@@ -160,6 +160,11 @@ def dataset_content_hash(fd: int, offset: int, end: int | None = None) -> str:
     return BLAKE3_PREFIX + _digest(blake3.blake3(), fd, offset, end)
 
 
+def content_hash(data: bytes | bytearray | memoryview) -> str:
+    """:func:`dataset_content_hash` of data set bytes held in memory."""
+    return BLAKE3_PREFIX + str(blake3.blake3(data).hexdigest())
+
+
 def dataset_sha256(fd: int, offset: int, end: int | None = None) -> str:
     """SHA-256 (hex) of a file's data set, read as :func:`dataset_content_hash` reads it: the content
     hash of older indexes, and what the compiled data path computes when asked to hash on the way."""

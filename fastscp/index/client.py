@@ -167,10 +167,7 @@ class IndexerClient:
                 self._sock.send(self._pending[0][0])
                 self._pending_bytes -= len(self._pending.popleft()[0])
         except BlockingIOError:
-            # Its socket is full: it lags (server.derived_priority); beyond the bound, to a file.
-            if self._pending_bytes > self.backlog_bytes:
-                self._keep_in_file(f"{self._waiting_locked()} records waiting for it")
-            return False
+            pass  # its socket is full: it lags (server.derived_priority)
         except OSError as exc:
             if self._sock is not None:
                 self._sock.close()
@@ -179,13 +176,14 @@ class IndexerClient:
                 self._down = True
                 log.warning("%s unreachable (%s); %d records kept for retry", self.name, exc,
                             self._waiting_locked())
-            if self.kept_folder and self._pending_bytes > self.backlog_bytes:
-                self._keep_in_file(f"{self._waiting_locked()} records waiting for it")
-            return False
-        if self._down:
-            self._down = False
-            log.info("%s reachable again; kept records delivered", self.name)
-        return True
+        else:
+            if self._down:
+                self._down = False
+                log.info("%s reachable again; kept records delivered", self.name)
+            return True
+        if self._pending_bytes > self.backlog_bytes:  # beyond the bound: to a file (with a kept folder)
+            self._keep_in_file(f"{self._waiting_locked()} records waiting for it")
+        return False
 
     def _keep_in_file(self, why: str) -> None:
         """Move the sealed messages to a file the indexer takes once it has caught up (else they stay here)."""

@@ -65,13 +65,11 @@ from fastscp.index.records import BATCH_DECODER, DuplicateConflict, InstanceColu
 from fastscp.index.reindex import plan, read_records
 from fastscp.index.uidfilter import UidFilter
 from fastscp.process.ipc import accept_local, drain, listen
-from fastscp.process.kept import kept_files, read_kept
+from fastscp.process.kept import KeptFiles
 from fastscp.status import IndexerState
 
 log = logging.getLogger("fastscp.indexer")
 
-#: How often, at most, an indexer with nothing waiting looks for records workers kept in files for it.
-KEPT_CHECK_INTERVAL = 1.0
 #: A batch may grow to this many times ``batch_size`` with records that are already waiting.
 #: PERF: each commit has fixed costs (parent-table statements, the WAL
 #: flush); 10 -> 30 took a flooded indexer from ~100k to ~135k rows/s
@@ -315,21 +313,17 @@ class Indexer:
         self._tidy_queued = False
         self._writer = threading.Thread(target=self._write_loop, name="fastscp-index-writer", daemon=True)
         self._reconciler: threading.Thread | None = None
-        #: Records workers kept in files while this process lagged, and when to look for them.
-        self.kept = kept_folder(storage_root) if storage_root is not None else ""
-        self._next_kept_check = 0.0
+        #: Records workers kept in files while this process lagged (none without a storage root).
+        self.kept = None if storage_root is None else KeptFiles(
+            kept_folder(storage_root), "indexer", "the next start's reconcile indexes their files")
         #: The SOP Instance UIDs indexed or on their way (for LocateRequest).
         self.uids = UidIndex(shared)
         self.services: list[Service] = list(services)
 
     def state(self) -> IndexerState:
         """What the indexer is doing (for stats; read from a query thread)."""
-        try:
-            kept = len(kept_files(self.kept)) if self.kept else 0
-        except OSError:
-            kept = 0  # _take_kept says why
         return IndexerState(pid=os.getpid(), pending=self._waiting + self._in_flight, committed=self.committed,
-                            reconcile=self.reconcile_state, kept_files=kept)
+                            reconcile=self.reconcile_state, kept_files=self.kept.count() if self.kept else 0)
 
     @property
     def _waiting(self) -> int:
@@ -453,27 +447,13 @@ class Indexer:
         path stays. The file goes once they are handed over: if this process dies before they
         are committed, the reconcile on the next start indexes their files.
         """
-        if not self.kept or (now < self._next_kept_check and not at_stop):
+        taken = self.kept.take_oldest(now, at_once=at_stop) if self.kept is not None else None
+        if taken is None:
             return False
-        self._next_kept_check = now + KEPT_CHECK_INTERVAL
-        try:
-            names = kept_files(self.kept)
-            if not names:
-                return False
-            path = os.path.join(self.kept, names[0])
-            messages = list(read_kept(path))
-            os.unlink(path)
-        except OSError as exc:
-            log.warning("cannot take the records kept in %s: %s; the next start's reconcile indexes their files",
-                        self.kept, exc)
-            self._next_kept_check = now + 60.0  # not a warning a second
-            return False
-        for data in messages:
+        for data in taken[1]:
             self._add(data, now)
         self._written.wait()
         self._hand_over(keep_newer=True)
-        self._next_kept_check = 0.0  # the next file as soon as these are committed
-        log.info("%d messages of records kept while the indexer lagged, from %s", len(messages), path)
         return True
 
     def _hand_over(self, keep_newer: bool = False) -> None:

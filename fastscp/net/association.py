@@ -17,6 +17,7 @@ the message's data set and answers it, and keeps no state of any one message.
 from __future__ import annotations
 
 import logging
+import os
 import select
 import socket
 import ssl
@@ -419,7 +420,19 @@ class Association:
 
     def send(self, context_id: int, command: bytes, data_set: bytes | None = None) -> None:
         """A message to the peer, fragmented to its Maximum Length Received."""
-        self.sock.sendall(p_data_tf(context_id, command, self._peer_max_pdu, data_set))
+        data = p_data_tf(context_id, command, self._peer_max_pdu, data_set)
+        if self.settings.tls is None and self.sock.gettimeout():
+            # PERF: CPython polls before each send on a socket with a timeout (its descriptor is
+            # non-blocking). A message the send buffer takes whole, a response nearly always, goes
+            # in one write: a system call less per store, where another association may take the GIL.
+            try:
+                sent = os.write(self.sock.fileno(), data)
+            except BlockingIOError:
+                sent = 0
+            if sent == len(data):
+                return
+            data = data[sent:]
+        self.sock.sendall(data)
 
     # -- messages we send and the responses we await (C-GET, storage commitment) ------------
 

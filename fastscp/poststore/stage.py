@@ -49,7 +49,7 @@ from fastscp.index.records import POSTSTORE_DECODER, InstanceRecord, ThumbnailMa
 from fastscp.poststore.client import kept_folder
 from fastscp.poststore.jobs import SharedStudies
 from fastscp.process.ipc import accept_local, drain, listen, receive
-from fastscp.process.kept import kept_files, read_kept, write_kept
+from fastscp.process.kept import KeptFiles, write_kept
 from fastscp.process.orphan import parent_gone
 from fastscp.status import AssociationReport, PostStoreState
 from fastscp.storage.files import FileModes
@@ -64,8 +64,6 @@ QUEUE_LIMIT = 20_000
 HOOKS_REPORT_INTERVAL = 0.5
 #: On stop, how long running hook programs may take before they are killed.
 HOOKS_STOP_GRACE = 10.0
-#: How often, at most, a stage with nothing queued looks for records workers kept in files for it.
-KEPT_CHECK_INTERVAL = 1.0
 
 
 class PostStore:
@@ -99,9 +97,8 @@ class PostStore:
             self.selector.register(hooks_link, selectors.EVENT_READ)
         #: Messages that were not an InstanceRecord.
         self.undecodable = 0
-        #: Records workers kept in files while this stage lagged (fastscp.poststore.client), and when to look.
-        self.kept = kept_folder(root)
-        self._next_kept_check = 0.0
+        #: Records workers kept in files while this stage lagged (fastscp.poststore.client).
+        self.kept = KeptFiles(kept_folder(root), "post-store")
         self.shared = SharedStudies(lake, root, layout, scansheet, job_lease, self.hooks, modes) if lake else None
 
     def run(self) -> None:
@@ -158,10 +155,7 @@ class PostStore:
     def state(self) -> PostStoreState:
         """The backlog: what waits, and for how long (the status page's post-store lag)."""
         oldest = max(time.time() - self.queue[0][0], 0.0) if self.queue else 0.0
-        try:
-            kept = len(kept_files(self.kept))
-        except OSError:
-            kept = 0  # _take_kept says why
+        kept = self.kept.count()
         return PostStoreState(waiting=len(self.queue), oldest_seconds=round(oldest, 1), studies=len(self.studies),
                               thumbnails=self.made, kept_files=kept)
 
@@ -229,7 +223,7 @@ class PostStore:
         if not unread:
             return
         try:
-            path = write_kept(self.kept, unread, self.modes)
+            path = write_kept(self.kept.folder, unread, self.modes)
         except OSError as exc:
             log.warning("post-store stopping: %d records neither taken nor kept (%s): no thumbnails for them "
                         "(fastscp convert, fastscp scansheet)", len(unread), exc)
@@ -238,29 +232,9 @@ class PostStore:
 
     def _take_kept(self) -> None:
         """Caught up: take the oldest file of records a worker kept while this stage lagged, if any."""
-        now = time.monotonic()
-        if now < self._next_kept_check:
-            return
-        self._next_kept_check = now + KEPT_CHECK_INTERVAL
-        try:
-            names = kept_files(self.kept)
-        except OSError as exc:
-            log.warning("post-store: cannot read %s: %s", self.kept, exc)
-            return
-        if not names:
-            return
-        path = os.path.join(self.kept, names[0])
-        try:
-            messages = list(read_kept(path))
-            os.unlink(path)
-        except OSError as exc:
-            log.warning("post-store: cannot take the records kept in %s: %s", path, exc)
-            self._next_kept_check = now + 60.0  # not a warning a second
-            return
-        for data in messages:
+        taken = self.kept.take_oldest(time.monotonic())
+        for data in taken[1] if taken is not None else ():
             self._enqueue(data)
-        self._next_kept_check = 0.0  # the next file as soon as these are done
-        log.info("post-store: %d records kept while this stage lagged, from %s", len(messages), path)
 
     def _process(self, record: InstanceRecord | AssociationReport) -> None:
         if isinstance(record, AssociationReport):

@@ -11,6 +11,7 @@ the socket would have carried, each after its length.
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import struct
 import time
@@ -18,6 +19,13 @@ from collections.abc import Iterable, Iterator
 
 from fastscp.storage.files import PATIENT_DATA, TEMP_PREFIX, FileModes, write_atomic
 from fastscp.storage.reserved import INCOMING
+
+log = logging.getLogger("fastscp.kept")
+
+#: How often, at most, a process that has caught up looks for records workers kept in files for it.
+CHECK_INTERVAL = 1.0
+#: After the folder or a file could not be read: when to try again (not a warning a second).
+RETRY_AFTER_ERROR = 60.0
 
 #: A kept file's messages: each after its length (4 bytes, little-endian).
 _LENGTH = struct.Struct("<I")
@@ -64,3 +72,48 @@ def read_kept(path: str) -> Iterator[bytes]:
             return
         yield data[at:at + length]
         at += length
+
+
+class KeptFiles:
+    """The files workers keep for one lagging process (``folder``), taken back oldest first.
+
+    The process asks :meth:`take_oldest` whenever it has caught up; a file is
+    read at most every :data:`CHECK_INTERVAL` (at once after one was taken,
+    :data:`RETRY_AFTER_ERROR` after a failure, which is logged with ``if_lost``:
+    what becomes of records that can't be taken back).
+    """
+
+    def __init__(self, folder: str, owner: str, if_lost: str = "") -> None:
+        self.folder, self._owner, self._if_lost = folder, owner, if_lost
+        self._next_check = 0.0
+
+    def count(self) -> int:
+        """How many files wait (0 if the folder can't be read: :meth:`take_oldest` says why)."""
+        try:
+            return len(kept_files(self.folder))
+        except OSError:
+            return 0
+
+    def take_oldest(self, now: float, *, at_once: bool = False) -> tuple[str, list[bytes]] | None:
+        """The oldest file's path and messages, the file removed; None if none is due or there is none.
+
+        ``now``: ``time.monotonic()``; ``at_once``: whatever the schedule (a process that is stopping).
+        """
+        if now < self._next_check and not at_once:
+            return None
+        self._next_check = now + CHECK_INTERVAL
+        try:
+            names = kept_files(self.folder)
+            if not names:
+                return None
+            path = os.path.join(self.folder, names[0])
+            messages = list(read_kept(path))
+            os.unlink(path)
+        except OSError as exc:
+            log.warning("%s: cannot take the records kept in %s: %s%s", self._owner, self.folder, exc,
+                        f"; {self._if_lost}" if self._if_lost else "")
+            self._next_check = now + RETRY_AFTER_ERROR
+            return None
+        self._next_check = 0.0  # the next file as soon as these are done
+        log.info("%s: took back %d messages kept while it lagged, from %s", self._owner, len(messages), path)
+        return path, messages

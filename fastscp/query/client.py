@@ -286,9 +286,13 @@ class Locator:
             self._give_back(sock)
             return answer.paths
 
+    def may_hold(self, uids: tuple[str, ...]) -> bool:
+        """False when the shared filter says the index holds none of ``uids`` (nearly every store)."""
+        return self.shared is None or self.shared.may_hold(uids)
+
     def __call__(self, uids: tuple[str, ...]) -> tuple[str, ...]:
-        if self.shared is not None and not self.shared.may_hold(uids):
-            return ()  # a new instance: nearly every store
+        if not self.may_hold(uids):
+            return ()
         try:
             paths = tuple(self._ask(uids))
         except (OSError, ConnectionError, msgspec.DecodeError) as exc:

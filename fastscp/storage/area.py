@@ -20,14 +20,16 @@ import hashlib
 import itertools
 import os
 import shutil
+import stat
 import time
 import uuid
 from collections.abc import Callable, Iterable
+from typing import Protocol
 
 import msgspec
 
 from fastscp.dicom.fields import HeaderFields
-from fastscp.dicom.part10 import dataset_content_hash, dataset_hash, file_meta, read_file_meta
+from fastscp.dicom.part10 import content_hash, dataset_content_hash, dataset_hash, file_meta, read_file_meta
 from fastscp.dicom.sopclasses import MODALITY_SOP_CLASSES
 from fastscp.storage.files import FILE_MODE, PATIENT_DATA, TEMP_PREFIX, FileModes, fsync_dir, makedirs
 from fastscp.storage.layout import LayoutOptions, relative_path
@@ -41,11 +43,23 @@ HEADER_PREFIX_BYTES = 64 * 1024
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 #: Names tried for one instance when its layout name holds other instances.
 MAX_NAMES = 100
+#: PERF: the free space is measured at most every FREE_SPACE_INTERVAL seconds while it is more than
+#: FREE_SPACE_MARGIN bytes above storage.min_free_bytes (a statvfs per store is a system call where another
+#: association may take the GIL); nearer the watermark, and below it, at every store.
+FREE_SPACE_INTERVAL = 0.1
+FREE_SPACE_MARGIN = 256 << 20
 #: Structured reports go to storage.sr_directory when it is set.
 SR_SOP_CLASSES: frozenset[str] = frozenset(MODALITY_SOP_CLASSES["SR"])
-#: ``locate(uids) -> paths``: where the index has any of these SOP Instance
-#: UIDs stored (paths as the index records them).
-Locate = Callable[[tuple[str, ...]], tuple[str, ...]]
+
+
+class Locate(Protocol):
+    """Where the index has SOP instances stored (:class:`fastscp.query.client.Locator`)."""
+
+    def __call__(self, uids: tuple[str, ...]) -> tuple[str, ...]:
+        """The paths (as the index records them) where any of ``uids`` is stored."""
+
+    def may_hold(self, uids: tuple[str, ...]) -> bool:
+        """False only when the index surely holds none of ``uids`` (a new instance: nothing to look up)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,6 +141,9 @@ def _forked() -> None:
 
 os.register_at_fork(after_in_child=_forked)
 
+#: (folder, mode) of temp files that came out of os.open with exactly that mode (umask and ACLs leave it).
+_exact_modes: set[tuple[str, int]] = set()
+
 
 class TempFile:
     """A new, empty file in the incoming folder, made ahead of the data set it will hold.
@@ -151,7 +168,14 @@ class TempFile:
             except FileExistsError:
                 continue  # left by a killed process that had our PID: the next number
         try:
-            os.fchmod(self.fd, mode)  # storage.file_mode exactly, whatever the umask
+            # storage.file_mode exactly, whatever the umask or a default ACL made of it. PERF: once a
+            # folder's file came out with the mode as asked, the next ones are not looked at (a system
+            # call less per store, where another association may take the GIL).
+            if (incoming_dir, mode) not in _exact_modes:
+                if stat.S_IMODE(os.fstat(self.fd).st_mode) == mode:
+                    _exact_modes.add((incoming_dir, mode))
+                else:
+                    os.fchmod(self.fd, mode)
         except OSError:
             self.discard()
             raise
@@ -221,12 +245,18 @@ class IncomingFile:
         PERF: hashing as the bytes arrived cost ~0.25 ms of a 512x512 CT's
         C-STORE latency (SHA-256 ~2 GB/s here); read back from the page
         cache it runs when asked: after the C-STORE-RSP, or at once for a
-        duplicate, where the hash decides (storage.duplicates).
+        duplicate, where the hash decides (storage.duplicates). A data set
+        no longer than the header prefix is all in memory: hashed there
+        (no read back: a system call less, where another association may
+        take the GIL).
         """
         if not self._content_hash:
-            assert self._fd is not None, "the file is closed"
-            start = self.meta_length
-            self._content_hash = dataset_content_hash(self._fd, start, start + self.dataset_length)
+            if len(self.prefix) == self.dataset_length:
+                self._content_hash = content_hash(self.prefix)
+            else:
+                assert self._fd is not None, "the file is closed"
+                start = self.meta_length
+                self._content_hash = dataset_content_hash(self._fd, start, start + self.dataset_length)
         return self._content_hash
 
     def commit(
@@ -395,6 +425,8 @@ class Storage:
         self.min_free_bytes = min_free_bytes
         self.incoming_dir = os.path.join(self.root, INCOMING)
         self.quarantine_dir = os.path.join(self.root, QUARANTINE)
+        #: Until when (time.monotonic) the free space is far enough above the watermark not to be measured again.
+        self._roomy_until = 0.0
 
     def reconfigured(self, *, duplicates: DuplicatePolicy, min_free_bytes: int) -> Storage:
         """This area with the reloadable policy (``storage.duplicates``, ``storage.min_free_bytes``)
@@ -403,6 +435,7 @@ class Storage:
             return self
         changed = copy.copy(self)
         changed.duplicates, changed.min_free_bytes = DuplicatePolicy(duplicates), min_free_bytes
+        changed._roomy_until = 0.0  # measured against the new watermark at once
         return changed
 
     def prepare(self) -> int:
@@ -439,9 +472,14 @@ class Storage:
         """Why no new data set can be taken now (free space below storage.min_free_bytes), else ""."""
         if not self.min_free_bytes:
             return ""
+        now = time.monotonic()
+        if now < self._roomy_until:
+            return ""
         free = self.free_bytes()
         if free < self.min_free_bytes:
             return f"free space {free // 1_000_000} MB below storage.min_free_bytes"
+        if free - self.min_free_bytes > FREE_SPACE_MARGIN:
+            self._roomy_until = now + FREE_SPACE_INTERVAL
         return ""
 
     def store(self, incoming: IncomingFile, header: HeaderFields, sop_class_uid: str,
@@ -473,8 +511,9 @@ class Storage:
             assert locate is not None
             return [os.path.join(self.root, p) for p in locate(uids)]
 
-        return incoming.commit(relative_path(self.layout, named), self.duplicates, root,
-                               sop_instance_uids=uids, locate=elsewhere if locate and uids else None)
+        # PERF: a new instance (nearly every store) skips the lookup and the file system check before it.
+        return incoming.commit(relative_path(self.layout, named), self.duplicates, root, sop_instance_uids=uids,
+                               locate=elsewhere if locate and uids and locate.may_hold(uids) else None)
 
     def relative(self, path: str) -> str:
         """A final path as the index records it: relative to the root, or

@@ -10,6 +10,7 @@ import os
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from fastscp.index.records import DuplicateConflict, InstanceRecord
 from fastscp.net import dimse
 from fastscp.net.association import Association, ServiceSettings
 from fastscp.net.negotiation import AcceptancePolicy
+from fastscp.net.pdu import p_data_tf
 from fastscp.net.stats import AssociationStats
 from fastscp.status import LATENCY_BUCKETS
 from fastscp.storage.area import Storage
@@ -328,3 +330,49 @@ def test_the_free_space_watermark_refuses_before_any_file_is_made(tmp_path: Path
     finally:
         peer.close()
     assert temp_files(storage) == [] and not stored_path(storage, uid).exists()
+
+
+@pytest.mark.parametrize(("size", "full"), [(200, False), (8 << 20, False), (200, True)],
+                         ids=["fits", "larger-than-the-buffer", "buffer-already-full"])
+def test_a_message_goes_out_whole_whether_or_not_the_send_buffer_takes_it_at_once(storage: Storage,
+                                                                                    size: int, full: bool) -> None:
+    """Association.send writes a message to the descriptor in one call, and what the send buffer did
+    not take (8 MiB: far more than it holds; or a buffer the peer has not emptied yet, where the write
+    takes nothing) through the socket's sendall."""
+    ours, theirs = socket.socketpair()
+    before = bytearray()
+    if full:  # what an earlier message left in the buffer, unread
+        ours.setblocking(False)
+        for chunk in (65536, 4096, 256, 16, 1):  # smaller and smaller: until not one byte more fits
+            try:
+                while True:
+                    before += b"\x55" * ours.send(b"\x55" * chunk)
+            except BlockingIOError:
+                pass
+    policy = AcceptancePolicy(ae_title="FASTSCP", storage_sop_classes=frozenset({CT}), max_pdu_size=16384)
+    settings = ServiceSettings(policy=policy, storage=storage, acse_timeout=5.0, dimse_timeout=5.0,
+                               max_object_size=1 << 20, max_command_set=4096, min_data_rate=0)
+    association = Association(ours, "127.0.0.1:11112", settings, lambda record: None)
+    ours.settimeout(10)  # as in data transfer: the descriptor is non-blocking
+    command = dimse.encode_response(dimse.C_FIND_RSP, CT, 1, 0xFF00)
+    data_set = os.urandom(size)
+    expected = bytes(before) + p_data_tf(1, command, 0, data_set)
+    received = bytearray()
+
+    def read_slowly() -> None:
+        theirs.settimeout(10)
+        if full:
+            time.sleep(0.5)  # the write meets the full buffer (reading sooner could only hide a fault)
+        while len(received) < len(expected) and (chunk := theirs.recv(65536)):
+            received.extend(chunk)
+
+    reader = threading.Thread(target=read_slowly)
+    reader.start()
+    try:
+        association.send(1, command, data_set)
+        reader.join(30)
+        assert not reader.is_alive()
+        assert bytes(received) == expected
+    finally:
+        ours.close()
+        theirs.close()

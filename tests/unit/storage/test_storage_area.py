@@ -15,9 +15,16 @@ from msgspec.structs import replace
 
 from fastscp.config import load_config
 from fastscp.dicom.header import HeaderFields
-from fastscp.dicom.part10 import file_meta, read_file_meta
+from fastscp.dicom.part10 import dataset_hash, file_meta, read_file_meta
 from fastscp.index.reindex import walk
-from fastscp.storage.area import SR_SOP_CLASSES, IncomingFile, Storage, own_name
+from fastscp.storage.area import (
+    FREE_SPACE_MARGIN,
+    HEADER_PREFIX_BYTES,
+    SR_SOP_CLASSES,
+    IncomingFile,
+    Storage,
+    own_name,
+)
 from fastscp.storage.layout import LAYOUTS, LayoutOptions, relative_path
 from fastscp.storage.policy import DuplicatePolicy, Outcome
 from fastscp.storage.reserved import FETCHED, INCOMING, NOT_INSTANCES, QUARANTINE, RESERVED
@@ -56,6 +63,22 @@ def area(root: Path, **policy: object) -> Storage:
 
 def leftovers(storage: Storage) -> list[str]:
     return os.listdir(storage.incoming_dir)
+
+
+class IndexSays:
+    """A :class:`~fastscp.storage.area.Locate`: the paths the index names for any UID asked, and whether
+    its UID filter says it may hold them; the questions asked."""
+
+    def __init__(self, *paths: str, holds: bool = True) -> None:
+        self.paths, self.holds = paths, holds
+        self.asked: list[tuple[str, ...]] = []
+
+    def __call__(self, uids: tuple[str, ...]) -> tuple[str, ...]:
+        self.asked.append(uids)
+        return self.paths
+
+    def may_hold(self, uids: tuple[str, ...]) -> bool:
+        return self.holds
 
 
 def test_the_link_into_place_never_replaces_another_instance(tmp_path: Path) -> None:
@@ -111,15 +134,23 @@ def test_a_duplicate_stored_under_another_name_is_found_through_the_index(tmp_pa
     storage = area(tmp_path / "root", layout=LayoutOptions(naming="hierarchical"),
                    duplicates=DuplicatePolicy.REJECT)
     path, _ = store(storage, b"first")
-    asked: list[tuple[str, ...]] = []
-
-    def locate(uids: tuple[str, ...]) -> tuple[str, ...]:
-        asked.append(uids)
-        return (storage.relative(str(path)),)
-
-    where, outcome = store(storage, b"second", replace(HEADER, patient_id="P2"), locate=locate)
-    assert (where, outcome) == (path, Outcome.REJECTED) and asked == [(UID,)]
+    index = IndexSays(storage.relative(str(path)))
+    where, outcome = store(storage, b"second", replace(HEADER, patient_id="P2"), locate=index)
+    assert (where, outcome) == (path, Outcome.REJECTED) and index.asked == [(UID,)]
     assert not Path(storage.root, "P2").exists() and leftovers(storage) == []
+
+
+def test_the_index_is_not_asked_about_an_instance_it_surely_does_not_hold(tmp_path: Path) -> None:
+    """Its UID filter says no (a new instance: nearly every store): no question, and no look at the
+    file system before the link; what the index would have named is not consulted."""
+    storage = area(tmp_path / "root", layout=LayoutOptions(naming="hierarchical"),
+                   duplicates=DuplicatePolicy.REJECT)
+    path, _ = store(storage, b"first")
+    index = IndexSays(storage.relative(str(path)), holds=False)
+    where, outcome = store(storage, b"second", replace(HEADER, patient_id="P2"), locate=index)
+    assert outcome is Outcome.STORED and index.asked == []
+    assert where == Path(storage.root, relative_path(storage.layout, replace(HEADER, patient_id="P2")))
+    assert where.read_bytes().endswith(b"second") and leftovers(storage) == []
 
 
 def test_the_layout_name_and_a_hundred_own_names_are_tried(tmp_path: Path) -> None:
@@ -147,7 +178,7 @@ def test_a_path_the_index_names_whose_file_is_gone_is_no_duplicate(tmp_path: Pat
     that holds no file is not where the instance is; it is stored at its layout name."""
     storage = area(tmp_path / "root", layout=LayoutOptions(naming="hierarchical"),
                    duplicates=DuplicatePolicy.REJECT)
-    where, outcome = store(storage, b"data", locate=lambda uids: ("P1/removed.dcm",))
+    where, outcome = store(storage, b"data", locate=IndexSays("P1/removed.dcm"))
     assert outcome is Outcome.STORED and where == Path(storage.root, relative_path(storage.layout, HEADER))
     assert where.read_bytes().endswith(b"data") and leftovers(storage) == []
 
@@ -249,6 +280,48 @@ def test_the_free_space_watermark(tiny_disk: Path) -> None:
     assert storage.out_of_space() == f"free space {storage.free_bytes() // 1_000_000} MB below storage.min_free_bytes"
     assert area(tiny_disk / "root", min_free_bytes=4096).out_of_space() == ""
     assert area(tiny_disk / "root").out_of_space() == ""  # 0: off
+
+
+@pytest.fixture(params=["size=1m", "size=600m"])
+def sized_disk(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path]:
+    """A tmpfs of 1 MiB, or of 600 MiB (more than FREE_SPACE_MARGIN)."""
+    yield from mounted_tmpfs(tmp_path, request.param)
+
+
+def test_near_the_watermark_every_store_measures_the_free_space(sized_disk: Path) -> None:
+    """Within FREE_SPACE_MARGIN of storage.min_free_bytes (a watermark of a few KB or of ~600 MB, 256 KB
+    below the free space) the free space is measured at every store: a file written between two stores
+    is seen by the second."""
+    storage = area(sized_disk / "root")
+    storage.min_free_bytes = storage.free_bytes() - (256 << 10)
+    assert storage.out_of_space() == ""
+    (sized_disk / "filler").write_bytes(bytes(512 << 10))
+    assert storage.out_of_space().endswith("MB below storage.min_free_bytes")
+
+
+@pytest.mark.parametrize("size", [9000, HEADER_PREFIX_BYTES, HEADER_PREFIX_BYTES + 1, 300_000])
+def test_the_content_hash_is_the_stored_data_sets_whether_held_in_memory_or_read_back(tmp_path: Path,
+                                                                                       size: int) -> None:
+    """Up to the header prefix the data set is hashed where it is held in memory; beyond, read back from
+    the file: either way the hash of the stored file's data set."""
+    storage = area(tmp_path / "root")
+    incoming = receive(storage, os.urandom(size))
+    assert len(incoming.prefix) == min(size, HEADER_PREFIX_BYTES)
+    committed = incoming.commit("a.dcm")
+    try:
+        assert incoming.content_hash == dataset_hash(committed.path)
+    finally:
+        incoming.close()
+
+
+def test_a_new_watermark_is_measured_against_at_once(tmp_path: Path) -> None:
+    """Far above the watermark the free space is not measured at every store; a reload that raises the
+    watermark (storage.min_free_bytes is live) is measured against at the next store all the same."""
+    storage = area(tmp_path / "root", min_free_bytes=1)
+    assert storage.free_bytes() > 1 + FREE_SPACE_MARGIN, "the test needs a disk with some room"
+    assert storage.out_of_space() == ""
+    raised = storage.reconfigured(duplicates=storage.duplicates, min_free_bytes=1 << 62)
+    assert raised.out_of_space().endswith("MB below storage.min_free_bytes")
 
 
 def test_reserved_names_are_reserved_at_the_top_only(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ from msgspec.structs import replace
 from fastscp.storage.area import PATIENT_DATA, FileModes, Storage
 from fastscp.storage.layout import LayoutOptions
 from fastscp.storage.policy import Outcome
-from tests.unit.storage.test_storage_area import CT, HEADER, UID, area, receive, store
+from tests.unit.storage.test_storage_area import CT, HEADER, UID, IndexSays, area, receive, store
 
 
 def mode(path: Path | str) -> int:
@@ -85,4 +85,4 @@ def test_a_collision_reports_the_instance_that_holds_the_layout_name(tmp_path: P
     # Stored earlier under another name (a flat layout then): the index finds it; still a collision here.
     os.unlink(own)
     earlier, _ = store(area(tmp_path / "root"), b"second", header, affected=other)
-    assert place(locate=lambda uids: (f"{other}.dcm",)) == (str(earlier), Outcome.IDENTICAL, str(holder), UID)
+    assert place(locate=IndexSays(f"{other}.dcm")) == (str(earlier), Outcome.IDENTICAL, str(holder), UID)

@@ -1,0 +1,79 @@
+"""KeptFiles (fastscp.process.kept): how a lagging process (the indexer, the post-store stage) takes back
+the files of records workers kept for it: oldest first, on its schedule, and what a folder it can't read
+costs (one warning a minute, nothing taken, nothing lost). Real files in a real folder."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import pytest
+
+from fastscp.process.kept import CHECK_INTERVAL, RETRY_AFTER_ERROR, KeptFiles, kept_files, write_kept
+from fastscp.storage.files import TEMP_PREFIX
+
+
+def test_files_are_taken_back_oldest_first_each_whole_and_removed(tmp_path: Path) -> None:
+    folder = tmp_path / "backlog"
+    folder.mkdir()
+    first = write_kept(str(folder), [b"a", b"bb"])
+    second = write_kept(str(folder), [b"ccc"])
+    (folder / f"{TEMP_PREFIX}torn").write_bytes(b"\x05")  # a file still being written: never taken
+    kept = KeptFiles(str(folder), "indexer")
+    assert kept.count() == 2
+    assert kept.take_oldest(100.0) == (first, [b"a", b"bb"])
+    assert not os.path.exists(first)
+    # Right after a file was taken, the next one is due at once.
+    assert kept.take_oldest(100.0) == (second, [b"ccc"])
+    assert kept.take_oldest(100.0) is None
+    assert kept.count() == 0 and kept_files(str(folder)) == []
+
+
+def test_an_empty_folder_is_looked_at_once_per_check_interval_unless_at_once(tmp_path: Path) -> None:
+    kept = KeptFiles(str(tmp_path), "post-store")
+    assert kept.take_oldest(10.0) is None  # looked: nothing there
+    path = write_kept(str(tmp_path), [b"x"])
+    assert kept.take_oldest(10.0 + CHECK_INTERVAL - 0.01) is None  # not due yet
+    assert kept.take_oldest(10.0 + CHECK_INTERVAL - 0.01, at_once=True) == (path, [b"x"])
+    path = write_kept(str(tmp_path), [b"y"])
+    assert kept.take_oldest(10.0 + CHECK_INTERVAL) == (path, [b"y"])
+
+
+def test_no_folder_is_no_files(tmp_path: Path) -> None:
+    kept = KeptFiles(str(tmp_path / "never-made"), "indexer")
+    assert kept.count() == 0
+    assert kept.take_oldest(0.0) is None
+
+
+def test_a_folder_that_cannot_be_read_warns_once_a_minute_and_counts_nothing(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    folder = tmp_path / "backlog"
+    folder.write_bytes(b"")  # a file where the folder should be: listing it fails whoever we are
+    kept = KeptFiles(str(folder), "indexer", "the next start's reconcile indexes their files")
+    _unreadable(kept, caplog)
+    assert kept.count() == 0
+
+
+def test_a_file_that_cannot_be_read_warns_once_a_minute_and_is_tried_again(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    folder = tmp_path / "backlog"
+    folder.mkdir()
+    (folder / "0-1-0.records").mkdir()  # not a file: reading it fails with EISDIR whoever we are
+    kept = KeptFiles(str(folder), "indexer", "the next start's reconcile indexes their files")
+    _unreadable(kept, caplog)
+    assert kept.count() == 1  # listed, though it can't be read
+    os.rmdir(folder / "0-1-0.records")
+    path = write_kept(str(folder), [b"z"])
+    assert kept.take_oldest(1.0 + RETRY_AFTER_ERROR) == (path, [b"z"])
+
+
+def _unreadable(kept: KeptFiles, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="fastscp.kept"):
+        assert kept.take_oldest(1.0) is None
+        assert kept.take_oldest(1.0 + CHECK_INTERVAL) is None  # not tried again within the minute
+        assert kept.take_oldest(1.0 + RETRY_AFTER_ERROR - 0.01) is None
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert warnings[0].startswith(f"indexer: cannot take the records kept in {kept.folder}: ")
+    assert warnings[0].endswith("; the next start's reconcile indexes their files")
