@@ -232,8 +232,9 @@ class Locator:
     what is left is the round trip's wait for the indexer's answer.
 
     With ``shared`` (the supervisor's :class:`~fastscp.index.uidfilter.UidFilter`)
-    it asks only about UIDs the index may hold: a new instance, nearly every
-    store, costs no question at all.
+    :meth:`may_hold` says which UIDs the index may hold; the caller
+    (:meth:`fastscp.storage.area.Storage.store`) asks only about those: a new
+    instance, nearly every store, costs no question at all.
     """
 
     #: Connections kept open when no thread is asking (more are closed after use).
@@ -291,8 +292,7 @@ class Locator:
         return self.shared is None or self.shared.may_hold(uids)
 
     def __call__(self, uids: tuple[str, ...]) -> tuple[str, ...]:
-        if not self.may_hold(uids):
-            return ()
+        """The paths the index has for ``uids`` (asked: the caller has checked :meth:`may_hold`)."""
         try:
             paths = tuple(self._ask(uids))
         except (OSError, ConnectionError, msgspec.DecodeError) as exc:

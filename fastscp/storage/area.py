@@ -56,7 +56,8 @@ class Locate(Protocol):
     """Where the index has SOP instances stored (:class:`fastscp.query.client.Locator`)."""
 
     def __call__(self, uids: tuple[str, ...]) -> tuple[str, ...]:
-        """The paths (as the index records them) where any of ``uids`` is stored."""
+        """The paths (as the index records them) where any of ``uids`` is stored (asked only if
+        :meth:`may_hold`)."""
 
     def may_hold(self, uids: tuple[str, ...]) -> bool:
         """False only when the index surely holds none of ``uids`` (a new instance: nothing to look up)."""
