@@ -8,7 +8,8 @@ backlog, then in files the workers write under the storage root
 Only records no file could take are dropped, logged (a thumbnail can
 always be made again with ``fastscp convert`` or ``fastscp scansheet``;
 an acknowledged store must never wait).
-It runs at low CPU priority (``server.derived_priority``), one record at a time, and makes:
+It runs at low CPU priority (``server.derived_priority``), one record at a time, and while
+stores keep arriving it waits for them to pause, up to :data:`MAX_DEFER` seconds behind. It makes:
 
 - a JPEG thumbnail per image, in ``<root>/thumbnails/`` mirroring the layout,
   whose path it reports to the indexer;
@@ -60,6 +61,12 @@ log = logging.getLogger("fastscp.poststore")
 #: Records waiting in the stage; beyond this it stops reading (they wait in its
 #: sockets, then in the workers: :class:`fastscp.poststore.client.PostStoreClient`).
 QUEUE_LIMIT = 20_000
+#: PERF (issue 13, lever 4): the stage waits while stores keep arriving (a record came within
+#: INGEST_QUIET seconds), until its oldest record has waited MAX_DEFER seconds; then it keeps pace
+#: that far behind. SCHED_IDLE alone still took ~9% of mr-k4's images/s: the stage runs whenever a
+#: CPU is idle for a moment, and each thumbnail's file and reads then compete with the workers'.
+INGEST_QUIET = 0.2
+MAX_DEFER = 10.0
 #: How often, at most, the hooks' counts go to the supervisor (status page).
 HOOKS_REPORT_INTERVAL = 0.5
 #: On stop, how long running hook programs may take before they are killed.
@@ -97,6 +104,8 @@ class PostStore:
             self.selector.register(hooks_link, selectors.EVENT_READ)
         #: Messages that were not an InstanceRecord.
         self.undecodable = 0
+        #: When the last record was queued (time.monotonic): stores still arriving (deferring).
+        self._last_arrival = 0.0
         #: Records workers kept in files while this stage lagged (fastscp.poststore.client).
         self.kept = KeptFiles(kept_folder(root), "post-store")
         self.shared = SharedStudies(lake, root, layout, scansheet, job_lease, self.hooks, modes) if lake else None
@@ -105,28 +114,7 @@ class PostStore:
         while not (self.stopping and not self.queue):
             if self._orphaned():
                 return
-            hooks_due = self.hooks.tick()
-            timeout = 0 if self.queue else min(self.quiet.next_due_in() or 1.0, 1.0,
-                                               1.0 if hooks_due is None else hooks_due)
-            for key, _events in self.selector.select(timeout):
-                if key.fileobj is self.listener:
-                    self._accept()
-                elif key.fileobj is self.hooks:
-                    self.hooks.dispatch()
-                elif key.fileobj is self.hooks_link:
-                    self._reconfigure()
-                else:
-                    self._receive(key.fileobj)  # type: ignore[arg-type]
-            if self.queue:
-                self._process(self.queue.popleft()[1])
-            elif not self.stopping:  # a stopping stage leaves them to the next start
-                self._take_kept()
-            for study in self.quiet.pop_due():
-                self._scansheet(study)
-                self.hooks.study_complete(study)
-            if self.shared is not None:
-                self.shared.tick()
-            self._report_hooks()
+            self.step()
         if self._orphaned():
             return
         self._keep_unread()
@@ -140,6 +128,43 @@ class PostStore:
             self.shared.close()
         self._report_hooks(force=True)
         log.info("post-store stopped; %d thumbnails made", self.made)
+
+    def step(self) -> None:
+        """One turn of :meth:`run`: receive what has come, then one record (unless stores keep
+        arriving: :meth:`deferring`), the scan sheets due, the counts to the supervisor."""
+        hooks_due = self.hooks.tick()
+        deferring = self.deferring()
+        timeout = INGEST_QUIET / 4 if deferring else 0 if self.queue else min(
+            self.quiet.next_due_in() or 1.0, 1.0, 1.0 if hooks_due is None else hooks_due)
+        for key, _events in self.selector.select(timeout):
+            if key.fileobj is self.listener:
+                self._accept()
+            elif key.fileobj is self.hooks:
+                self.hooks.dispatch()
+            elif key.fileobj is self.hooks_link:
+                self._reconfigure()
+            else:
+                self._receive(key.fileobj)  # type: ignore[arg-type]
+        if self.queue:
+            if not deferring:
+                self._process(self.queue.popleft()[1])
+        elif not self.stopping:  # a stopping stage leaves them to the next start
+            self._take_kept()
+        for study in self.quiet.pop_due():
+            self._scansheet(study)
+            self.hooks.study_complete(study)
+        if self.shared is not None:
+            self.shared.tick()
+        self._report_hooks()
+
+    def deferring(self) -> bool:
+        """True while the records wait for the stores to pause: one arrived within
+        :data:`INGEST_QUIET`, the oldest has waited less than :data:`MAX_DEFER`, the queue has room
+        and the stage is not stopping."""
+        if not self.queue or self.stopping or len(self.queue) >= QUEUE_LIMIT:
+            return False
+        return (time.monotonic() - self._last_arrival < INGEST_QUIET
+                and time.time() - self.queue[0][0] < MAX_DEFER)
 
     def _reconfigure(self) -> None:
         assert self.hooks_link is not None
@@ -211,6 +236,7 @@ class PostStore:
                             "reports dropped (%s)", self.undecodable, exc)
             return
         self.queue.append((record.received_at if isinstance(record, InstanceRecord) else time.time(), record))
+        self._last_arrival = time.monotonic()
 
     def _keep_unread(self) -> None:
         """Stopping with the queue done: the records still in the workers' sockets (connections not yet

@@ -1,14 +1,24 @@
-"""The post-store stage's own state: what it reports of the records kept in files for it."""
+"""The post-store stage's own state (the records kept in files for it), and when it works: not while
+stores keep arriving, unless its records have waited long enough."""
 
 from __future__ import annotations
 
+import os
+import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
 from fastscp.config import ScansheetConfig, ThumbnailsConfig
+from fastscp.dicom.header import read_header_from
+from fastscp.dicom.synthetic import write_series
+from fastscp.imaging.thumbnail import thumbnail_path
 from fastscp.index.client import IndexerClient
+from fastscp.index.records import ENCODER, InstanceRecord
 from fastscp.poststore.client import kept_folder
-from fastscp.poststore.stage import PostStore
+from fastscp.poststore.stage import INGEST_QUIET, MAX_DEFER, PostStore
 from fastscp.process.kept import write_kept
 from fastscp.storage.files import PATIENT_DATA
 from fastscp.storage.layout import LayoutOptions
@@ -28,3 +38,71 @@ def test_the_lag_counts_the_files_kept_for_the_stage(tmp_path: Path) -> None:
         assert stage.state().kept_files == 2
     finally:
         stage.listener.close()
+
+
+@pytest.fixture
+def stage(tmp_path: Path) -> Iterator[PostStore]:
+    """A stage on ``tmp_path`` with thumbnails on and no scan sheets (its indexer is nowhere: records wait)."""
+    indexer = IndexerClient(f"\0fastscp-test-{uuid.uuid4().hex}")
+    stage = PostStore(str(tmp_path), LayoutOptions(), ThumbnailsConfig(), ScansheetConfig(enabled=False),
+                      f"\0fastscp-test-stage-{uuid.uuid4().hex}", indexer, PATIENT_DATA)
+    yield stage
+    stage.listener.close()
+    indexer.close()
+
+
+def _stored(root: Path, name: str, received_at: float) -> tuple[bytes, Path]:
+    """A message for an image stored under ``root`` as ``name`` (as a worker sends it), and where its
+    thumbnail goes."""
+    (path,) = write_series(str(root / name), 1, rows=8, columns=8, patient_id="DEFER")
+    with open(path, "rb") as f:
+        header = read_header_from(f).fields
+    relative = os.path.relpath(path, root)
+    record = InstanceRecord(path=relative, size=os.path.getsize(path), transfer_syntax_uid="1.2.840.10008.1.2.1",
+                            calling_ae_title="SCU", called_ae_title="FASTSCP", peer_address="127.0.0.1",
+                            received_at=received_at, header=header)
+    return ENCODER.encode(record), Path(thumbnail_path(root, relative))
+
+
+def test_records_wait_while_stores_keep_arriving_and_are_made_once_they_pause(stage: PostStore,
+                                                                              tmp_path: Path) -> None:
+    message, thumbnail = _stored(tmp_path, "new", time.time())
+    stage._enqueue(message)
+    stage.step()
+    assert stage.deferring() and len(stage.queue) == 1 and not thumbnail.exists()
+    time.sleep(INGEST_QUIET * 1.25)  # the stores pause
+    assert not stage.deferring()
+    stage.step()
+    assert not stage.queue and thumbnail.is_file() and stage.made == 1
+
+
+def test_a_record_that_waited_max_defer_is_made_while_stores_keep_arriving(stage: PostStore, tmp_path: Path) -> None:
+    old, old_thumbnail = _stored(tmp_path, "old", time.time() - MAX_DEFER - 1)
+    new, new_thumbnail = _stored(tmp_path, "new", time.time())
+    stage._enqueue(old)
+    stage._enqueue(new)  # a store has just arrived
+    stage.step()
+    assert old_thumbnail.is_file() and not new_thumbnail.exists()
+    assert stage.deferring()  # the one left is young: it waits again
+
+
+def test_a_stopping_stage_does_not_wait(stage: PostStore, tmp_path: Path) -> None:
+    message, thumbnail = _stored(tmp_path, "new", time.time())
+    stage._enqueue(message)
+    stage.stopping = True
+    assert not stage.deferring()
+    stage.step()
+    assert thumbnail.is_file()
+
+
+def test_a_full_queue_does_not_wait(stage: PostStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full queue stops the reading (records then wait in the workers, then in files): work, not wait."""
+    monkeypatch.setattr("fastscp.poststore.stage.QUEUE_LIMIT", 2)
+    first, first_thumbnail = _stored(tmp_path, "first", time.time())
+    stage._enqueue(first)
+    assert stage.deferring()
+    second, _ = _stored(tmp_path, "second", time.time())
+    stage._enqueue(second)
+    assert not stage.deferring()
+    stage.step()
+    assert first_thumbnail.is_file() and len(stage.queue) == 1
