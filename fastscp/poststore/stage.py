@@ -63,8 +63,8 @@ log = logging.getLogger("fastscp.poststore")
 QUEUE_LIMIT = 20_000
 #: PERF (issue 13, lever 4): the stage waits while stores keep arriving (a record came within
 #: INGEST_QUIET seconds), until its oldest record has waited MAX_DEFER seconds; then it keeps pace
-#: that far behind. SCHED_IDLE alone still took ~9% of mr-k4's images/s: the stage runs whenever a
-#: CPU is idle for a moment, and each thumbnail's file and reads then compete with the workers'.
+#: that far behind. SCHED_IDLE alone still cost mr-k4 ~9% of its images/s (5 interleaved pairs on
+#: a fresh ext4): the stage runs in every idle moment of a CPU, between a worker's stores.
 INGEST_QUIET = 0.2
 MAX_DEFER = 10.0
 #: How often, at most, the hooks' counts go to the supervisor (status page).
