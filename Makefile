@@ -11,9 +11,9 @@ BIN     = $(VENV)/bin
 # fonts for scan sheets, systemd (systemd-analyze verifies the unit of
 # `fastscp service install`), strace (tests count the fsync calls a server makes),
 # orthanc (a forwarding destination in tests/e2e/test_forward.py),
-# xorriso (the ISO 9660 image of `fastscp export dicomdir --iso`), libssl-dev (the
-# data path's compiled loop hashes with OpenSSL's SHA-256).
-APT_PACKAGES = dcmtk libjpeg62-turbo-dev zlib1g-dev libssl-dev chromium openssl fonts-dejavu-core systemd strace xorriso orthanc
+# xorriso (the ISO 9660 image of `fastscp export dicomdir --iso`). The data path's
+# compiled loop hashes with BLAKE3's C code, built from cext/blake3.
+APT_PACKAGES = dcmtk libjpeg62-turbo-dev zlib1g-dev chromium openssl fonts-dejavu-core systemd strace xorriso orthanc
 
 # Benchmarks also compare against Orthanc (Debian's package, its own SQLite index).
 BENCH_APT_PACKAGES = orthanc

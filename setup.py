@@ -21,14 +21,35 @@ Both ``pip install -e .`` and ``python setup.py build_ext --inplace`` work.
 from __future__ import annotations
 
 import os
+import platform
 from pathlib import Path
 
 from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
 
 HERE = Path(__file__).resolve().parent
 PACKAGE = "fastscp"  # relative to HERE: setuptools wants relative source paths
-#: C libraries an extension links with, by module (headers: Debian's libssl-dev).
-LIBRARIES = {"fastscp.net._datapath_cext": ["crypto"]}  # OpenSSL's SHA-256
+#: BLAKE3's C implementation (cext/blake3/README.md): the x86-64 assembly where it runs, chosen at
+#: run time by CPU; elsewhere the portable code alone.
+BLAKE3 = "cext/blake3"
+if platform.machine() in ("x86_64", "AMD64") and os.name != "nt":
+    BLAKE3_SOURCES = [f"{BLAKE3}/{name}" for name in (
+        "blake3.c", "blake3_dispatch.c", "blake3_portable.c", "blake3_sse2_x86-64_unix.S",
+        "blake3_sse41_x86-64_unix.S", "blake3_avx2_x86-64_unix.S", "blake3_avx512_x86-64_unix.S")]
+    BLAKE3_MACROS: list[tuple[str, str | None]] = []
+else:
+    BLAKE3_SOURCES = [f"{BLAKE3}/{name}" for name in ("blake3.c", "blake3_dispatch.c", "blake3_portable.c")]
+    BLAKE3_MACROS = [(f"BLAKE3_NO_{kind}", None) for kind in ("SSE2", "SSE41", "AVX2", "AVX512")]
+#: C sources an extension is built with besides its .pyx, by module.
+C_SOURCES = {"fastscp.net._datapath_cext": BLAKE3_SOURCES}  # the content hash in the loop
+
+
+class BuildExt(build_ext):
+    """build_ext that also compiles assembly (``.S``: gcc runs the preprocessor on it)."""
+
+    def build_extensions(self) -> None:
+        self.compiler.src_extensions.append(".S")
+        super().build_extensions()
 
 
 def _flag(name: str) -> bool:
@@ -53,10 +74,9 @@ def extensions() -> list[Extension]:
     modules = [
         Extension(
             name := ".".join(pyx.relative_to(HERE).with_suffix("").parts),
-            [str(pyx.relative_to(HERE))],
-            include_dirs=include_dirs,
-            libraries=LIBRARIES.get(name, []),
-            define_macros=macros,
+            [str(pyx.relative_to(HERE)), *C_SOURCES.get(name, [])],
+            include_dirs=[*include_dirs, BLAKE3] if name in C_SOURCES else include_dirs,
+            define_macros=macros + BLAKE3_MACROS if name in C_SOURCES else macros,
             extra_compile_args=["-O3"] if os.name != "nt" else [],
         )
         for pyx in sorted((HERE / PACKAGE).rglob("*.pyx"))
@@ -79,4 +99,4 @@ def extensions() -> list[Extension]:
 
 if __name__ == "__main__":
     os.chdir(HERE)  # relative paths above are relative to the project
-    setup(ext_modules=extensions())
+    setup(ext_modules=extensions(), cmdclass={"build_ext": BuildExt})

@@ -16,9 +16,15 @@ reports the speed-up (printed, and ``extra_info["x_vs_pynetdicom"]`` in
   (:func:`fastscp.net.pdu.p_data_tf` vs ``encode_msg`` +
   ``P_DATA_TF.from_primitive().encode()``, what ``DIMSEServiceProvider.send_msg``
   does).
+* The compiled codec against its pure-Python twin (``fastscp/net/_dimse_cext.pyx``,
+  ``fastscp/net/_dimse_py.py``): the decode and encode above run once per
+  twin (``[py]``, ``[cext]``), each against pynetdicom, and the cext case
+  also reports its speed-up over the py case (``extra_info["x_vs_py"]``);
+  likewise ``is_uid`` of a 62-character SOP Instance UID (a regex in the twin).
 * P-DATA-TF parsing: a 512x512 CT data set (~0.5 MiB) in PDUs of 16 KiB
   (most senders' maximum) and 256 KiB (fastscp's default), from a buffer:
-  fastscp's ``PDUStream.read`` + ``Association._p_data`` vs pynetdicom's
+  fastscp's data path as its pure-Python twin runs it (``DataPathPy.pump``:
+  the compiled loop reads a socket's descriptor, not a buffer) vs pynetdicom's
   ``P_DATA_TF().decode`` + ``to_primitive`` + ``DIMSEMessage.decode_msg``.
   Both write the fragments to a ``BytesIO``, as pynetdicom does.
 """
@@ -30,7 +36,6 @@ import struct
 import timeit
 from collections.abc import Callable
 from io import BytesIO
-from types import SimpleNamespace
 
 import pytest
 from pydicom.uid import CTImageStorage
@@ -40,15 +45,19 @@ from pynetdicom.dsutils import decode, encode
 from pynetdicom.pdu import P_DATA_TF
 
 from fastscp.net import dimse
-from fastscp.net.association import Association
-from fastscp.net.negotiation import AcceptedContext
-from fastscp.net.pdu import PDUStream, p_data_tf
-from fastscp.net.storescp import StoreRequest
+from fastscp.net.datapath import FRAGMENT, DataPathPy
+from fastscp.net.pdu import PDUStream, PeerClosed, p_data_tf
 
 SOP_INSTANCE = "1.2.826.0.1.3680043.8.498.12345678901234567890123456789012345"
+#: As the association passes it: a str decoded from the request (a pydicom UID, a str
+#: subclass, would take the compiled codec's fall-back to the twin).
+CT = str(CTImageStorage)
 CONTEXT_ID = 1
 #: Seconds per call of the peer (pynetdicom) by group; filled as tests run.
 PEERS: dict[str, float] = {}
+#: Seconds per call of the pure-Python twin (the compiled one's peer) by group; filled as tests run.
+TWIN_PY: dict[str, float] = {}
+TWINS = ["py", "cext"]
 
 
 # -- encoded fixtures ---------------------------------------------------------------------
@@ -100,43 +109,6 @@ class _BufferSocket:
         pass
 
 
-class _Sink:
-    def __init__(self) -> None:
-        self.out = BytesIO()
-
-    def write(self, fragment: memoryview) -> None:
-        self.out.write(fragment)
-
-
-class _SinkStorage:
-    """The storage area's part a C-STORE's begin asks for: room, and where the data set goes."""
-
-    def __init__(self) -> None:
-        self.sink = _Sink()
-
-    def out_of_space(self) -> str:
-        return ""
-
-    def begin(self, *_args: object) -> _Sink:
-        return self.sink
-
-
-def _fastscp_association(sock: _BufferSocket) -> tuple[Association, _Sink]:
-    """An Association in the middle of a C-STORE, fragments going to a BytesIO.
-
-    The rest of the settings are not needed until the data set's last
-    fragment, which these PDUs never carry.
-    """
-    storage = _SinkStorage()
-    settings = SimpleNamespace(storage=storage, max_object_size=1 << 40, max_command_set=1 << 16, action_log=False)
-    assoc = Association(sock, "bench", settings, lambda record: None)  # type: ignore[arg-type]
-    request: dict[str, int | str] = {"CommandField": dimse.C_STORE_RQ, "AffectedSOPClassUID": str(CTImageStorage),
-                                     "AffectedSOPInstanceUID": SOP_INSTANCE}
-    context = AcceptedContext(CONTEXT_ID, str(CTImageStorage), "1.2.840.10008.1.2.1")
-    assoc._message = StoreRequest(assoc, request, context, lambda: None)
-    return assoc, storage.sink
-
-
 # -- helpers ---------------------------------------------------------------------------------
 
 def _median_seconds(func: Callable[[], object]) -> float:
@@ -144,17 +116,39 @@ def _median_seconds(func: Callable[[], object]) -> float:
     return statistics.median(timeit.repeat(func, number=number, repeat=7)) / number
 
 
-def _report(benchmark, capsys: pytest.CaptureFixture, group: str, peer: Callable[[], object]) -> None:
+def _report(benchmark, capsys: pytest.CaptureFixture, group: str, peer: Callable[[], object] | None,
+            twin: str = "", twin_py: Callable[[], object] | None = None) -> None:
+    """Print and record the speed-up over pynetdicom (``peer``) and, for the ``twin`` "cext",
+    over the pure-Python twin (``twin_py``)."""
     if benchmark.stats is None:  # --benchmark-disable: ran once, nothing measured
         return
     mine = benchmark.stats.stats.median
-    theirs = PEERS.get(group)
-    if theirs is None:  # the peer's test did not run (-k): measure it here
-        theirs = PEERS[group] = _median_seconds(peer)
-    ratio = theirs / mine
-    benchmark.extra_info["x_vs_pynetdicom"] = round(ratio, 1)
+    line = f"{group}: fastscp{f' {twin}' if twin else ''} {mine * 1e6:.2f} us"
+    if peer is not None:
+        theirs = PEERS.get(group)
+        if theirs is None:  # the peer's test did not run (-k): measure it here
+            theirs = PEERS[group] = _median_seconds(peer)
+        ratio = theirs / mine
+        benchmark.extra_info["x_vs_pynetdicom"] = round(ratio, 1)
+        line += f", pynetdicom {theirs * 1e6:.2f} us: {ratio:.1f}x"
+    if twin == "py":
+        TWIN_PY[group] = mine
+    elif twin == "cext" and twin_py is not None:
+        py = TWIN_PY.get(group)
+        if py is None:  # the py case did not run (-k): measure it here
+            py = TWIN_PY[group] = _median_seconds(twin_py)
+        benchmark.extra_info["x_vs_py"] = round(py / mine, 1)
+        line += f"; py twin {py * 1e6:.2f} us: {py / mine:.1f}x"
     with capsys.disabled():
-        print(f"\n  {group}: fastscp {mine * 1e6:.2f} us, pynetdicom {theirs * 1e6:.2f} us: {ratio:.1f}x")
+        print(f"\n  {line}")
+
+
+def _twin(name: str, twin: str) -> Callable[..., object]:
+    """``dimse.<name>_<twin>``: the compiled codec's function or the pure-Python twin's."""
+    func = getattr(dimse, f"{name}_{twin}")
+    if func is None:
+        pytest.fail("fastscp.net._dimse_cext is not built")
+    return func
 
 
 def _peer(benchmark, group: str, func: Callable[[], object]) -> object:
@@ -190,11 +184,13 @@ def test_decode_rq_pynetdicom_lazy(benchmark) -> None:
     benchmark(decode, BytesIO(RQ), True, True)
 
 
-def test_decode_rq_fastscp(benchmark, capsys) -> None:
+@pytest.mark.parametrize("twin", TWINS)
+def test_decode_rq_fastscp(benchmark, capsys, twin: str) -> None:
+    decode_command_set = _twin("decode_command_set", twin)
     benchmark.group = RQ_GROUP
-    request = benchmark(dimse.decode_command_set, RQ)
+    request = benchmark(decode_command_set, RQ)
     assert [request.get(k) for k in FIELDS] == _pynetdicom_decode_rq()
-    _report(benchmark, capsys, RQ_GROUP, _pynetdicom_decode_rq)
+    _report(benchmark, capsys, RQ_GROUP, _pynetdicom_decode_rq, twin, lambda: dimse.decode_command_set_py(RQ))
 
 
 # -- C-STORE-RSP -------------------------------------------------------------------------------
@@ -228,8 +224,8 @@ def _pynetdicom_rsp_wire() -> bytes:
     return bytes(out)
 
 
-def _fastscp_encode_rsp() -> bytes:
-    return dimse.encode_response(dimse.C_STORE_RSP, CTImageStorage, 7, dimse.SUCCESS, SOP_INSTANCE)
+def _fastscp_encode_rsp(encode_response: Callable[..., bytes] = dimse.encode_response) -> bytes:
+    return encode_response(dimse.C_STORE_RSP, CT, 7, dimse.SUCCESS, SOP_INSTANCE)
 
 
 def _fastscp_rsp_wire() -> bytes:
@@ -240,15 +236,18 @@ def test_encode_rsp_pynetdicom(benchmark) -> None:
     _peer(benchmark, RSP_GROUP, _pynetdicom_encode_rsp)
 
 
-def test_encode_rsp_fastscp(benchmark, capsys) -> None:
+@pytest.mark.parametrize("twin", TWINS)
+def test_encode_rsp_fastscp(benchmark, capsys, twin: str) -> None:
+    encode_response = _twin("encode_response", twin)
     benchmark.group = RSP_GROUP
-    encoded = benchmark(_fastscp_encode_rsp)
+    encoded = benchmark(_fastscp_encode_rsp, encode_response)
     theirs = decode(BytesIO(_pynetdicom_encode_rsp()), True, True)
     ours = decode(BytesIO(encoded), True, True)
     for keyword in ("CommandField", "MessageIDBeingRespondedTo", "AffectedSOPClassUID",
                     "AffectedSOPInstanceUID", "Status", "CommandDataSetType", "CommandGroupLength"):
         assert ours.get(keyword) == theirs.get(keyword), keyword
-    _report(benchmark, capsys, RSP_GROUP, _pynetdicom_encode_rsp)
+    _report(benchmark, capsys, RSP_GROUP, _pynetdicom_encode_rsp, twin,
+            lambda: _fastscp_encode_rsp(dimse.encode_response_py))
 
 
 def test_rsp_wire_pynetdicom(benchmark) -> None:
@@ -265,6 +264,20 @@ def test_rsp_wire_fastscp(benchmark, capsys) -> None:
     assert item.presentation_context_id == CONTEXT_ID and data[0] == 0x03  # command, last fragment
     assert data[1:] == _fastscp_encode_rsp()
     _report(benchmark, capsys, WIRE_GROUP, _pynetdicom_rsp_wire)
+
+
+# -- is_uid ----------------------------------------------------------------------------------------
+
+UID_GROUP = "is_uid of a 62-character SOP Instance UID"
+
+
+@pytest.mark.parametrize("twin", TWINS)
+def test_is_uid(benchmark, capsys, twin: str) -> None:
+    """Three per C-STORE: the SOP Instance UID when it begins, both UIDs again when it is answered."""
+    is_uid = _twin("is_uid", twin)
+    benchmark.group = UID_GROUP
+    assert benchmark(is_uid, SOP_INSTANCE) is True
+    _report(benchmark, capsys, UID_GROUP, None, twin, lambda: dimse.is_uid_py(SOP_INSTANCE))
 
 
 # -- P-DATA-TF parsing ----------------------------------------------------------------------------
@@ -288,17 +301,15 @@ def _pynetdicom_parse(buffer: bytes) -> int:
 
 
 def _fastscp_parse(buffer: bytes, max_pdu: int) -> int:
-    sock = _BufferSocket(buffer)
-    assoc, sink = _fastscp_association(sock)
-    stream = PDUStream(sock, max_pdu)  # type: ignore[arg-type]
-    end = len(buffer)
-    while stream.bytes_read < end or stream._start < stream._end:
-        _pdu_type, body = stream.read()
-        assoc._p_data(body)
-    # As the data set's last fragment would: no Association <-> StoreRequest
-    # cycle left for the garbage collector (it holds the sink's memory).
-    assoc._message = None
-    return sink.out.tell()
+    stream = PDUStream(_BufferSocket(buffer), max_pdu)  # type: ignore[arg-type]
+    path = DataPathPy(stream, 1 << 16)
+    sink = BytesIO()
+    try:
+        while True:
+            assert path.pump() == FRAGMENT
+            sink.write(path.fragment)
+    except PeerClosed:  # the buffer's end
+        return sink.tell()
 
 
 @pytest.mark.parametrize("size", list(PDU_SIZES))

@@ -167,7 +167,7 @@ def content_hash(data: bytes | bytearray | memoryview) -> str:
 
 def dataset_sha256(fd: int, offset: int, end: int | None = None) -> str:
     """SHA-256 (hex) of a file's data set, read as :func:`dataset_content_hash` reads it: the content
-    hash of older indexes, and what the compiled data path computes when asked to hash on the way."""
+    hash of older indexes (and the load benchmark's byte-exact check)."""
     return _digest(hashlib.sha256(), fd, offset, end)
 
 

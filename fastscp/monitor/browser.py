@@ -65,6 +65,7 @@ from fastscp.imaging.scansheet import (
 from fastscp.imaging.thumbnail import thumbnail_path
 from fastscp.monitor import page as statuspage
 from fastscp.monitor.http import HTML, Request, Response, StreamResponse, text_response
+from fastscp.net.dimse import is_uid
 from fastscp.query.client import QueryClient, ServerUnavailable, node_addresses
 from fastscp.query.messages import Condition, QueryError, QueryRequest
 from fastscp.query.retrieve import Instance
@@ -102,15 +103,9 @@ AUTH_FAILURE_DELAY = 0.5
 #: Thumbnails per series on the study page.
 DEFAULT_THUMBNAILS = 8
 
-#: A UID (PS3.5 9.1): digits and dots, at most 64 characters, no empty component.
-_UID = re.compile(r"[0-9]+(?:\.[0-9]+)*")
 _DATE = re.compile(r"(\d{4})-?(\d{2})-?(\d{2})")
 _MODALITY = re.compile(r"[A-Za-z0-9_]{1,16}")
 _LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
-
-
-def is_uid(text: str) -> bool:
-    return len(text) <= 64 and _UID.fullmatch(text) is not None
 
 
 def is_loopback(host: str) -> bool:

@@ -4,7 +4,7 @@
 The loop runs without the GIL from one event to the next: ``recv`` into the
 :class:`~fastscp.net.pdu.PDUStream`'s buffer (``poll`` only when the socket
 has nothing), the PDU and PDV headers, each data set piece ``write`` to the
-temp file and hashed with OpenSSL's SHA-256 while it is still in the cache.
+temp file and hashed with BLAKE3 (cext/blake3) while it is still in the cache.
 Other associations' threads in the worker run meanwhile. The events, the
 errors and their texts are the twin's (built by its helpers).
 
@@ -61,19 +61,14 @@ cdef extern from "<time.h>" nogil:
     int clock_gettime(int clock, timespec* now)
     enum: CLOCK_MONOTONIC
 
-cdef extern from "<openssl/evp.h>" nogil:
-    ctypedef struct EVP_MD_CTX:
+cdef extern from "blake3.h" nogil:
+    # BLAKE3's C implementation (cext/blake3): the content hash, as the blake3 package computes it.
+    ctypedef struct blake3_hasher:
         pass
-    ctypedef struct EVP_MD:
-        pass
-    ctypedef struct ENGINE:
-        pass
-    EVP_MD_CTX* EVP_MD_CTX_new()
-    void EVP_MD_CTX_free(EVP_MD_CTX* ctx)
-    const EVP_MD* EVP_sha256()
-    int EVP_DigestInit_ex(EVP_MD_CTX* ctx, const EVP_MD* kind, ENGINE* impl)
-    int EVP_DigestUpdate(EVP_MD_CTX* ctx, const void* data, size_t count)
-    int EVP_DigestFinal_ex(EVP_MD_CTX* ctx, unsigned char* out, unsigned int* length)
+    void blake3_hasher_init(blake3_hasher* hasher)
+    void blake3_hasher_update(blake3_hasher* hasher, const void* data, size_t length)
+    void blake3_hasher_finalize(const blake3_hasher* hasher, unsigned char* out, size_t length)
+    enum: BLAKE3_OUT_LEN
 
 
 # The twin's events (fastscp.net._datapath_py), repeated for C; checked at import below.
@@ -149,7 +144,7 @@ cdef class DataPath:
     cdef object _prefix
     cdef unsigned char* _prefix_buf
     cdef Py_ssize_t _prefix_room, _prefix_length
-    cdef EVP_MD_CTX* _hash
+    cdef blake3_hasher _hash
     cdef bint _hashing
     # What stopped the loop.
     cdef Py_ssize_t _piece_start, _piece_length
@@ -157,8 +152,7 @@ cdef class DataPath:
 
     def __cinit__(self, stream, Py_ssize_t max_command_set):
         self._command = <unsigned char*>malloc(max_command_set if max_command_set > 0 else 1)
-        self._hash = EVP_MD_CTX_new()
-        if self._command == NULL or self._hash == NULL:
+        if self._command == NULL:
             raise MemoryError()
 
     def __init__(self, stream, Py_ssize_t max_command_set):
@@ -173,7 +167,6 @@ cdef class DataPath:
 
     def __dealloc__(self):
         free(self._command)
-        EVP_MD_CTX_free(self._hash)
 
     @property
     def errno(self):
@@ -187,8 +180,8 @@ cdef class DataPath:
 
     def to_file(self, int fd, int64_t limit, bytearray prefix, Py_ssize_t prefix_room, bint hash=True):
         """See :meth:`fastscp.net._datapath_py.DataPath.to_file`."""
-        if hash and EVP_DigestInit_ex(self._hash, EVP_sha256(), NULL) != 1:
-            raise MemoryError("EVP_DigestInit_ex failed")
+        if hash:
+            blake3_hasher_init(&self._hash)
         self._hashing = hash
         self._file = True
         self._fd = fd
@@ -282,11 +275,10 @@ cdef class DataPath:
         return event
 
     cdef int _finish_file(self) except -1:
-        cdef unsigned char digest[32]
-        cdef unsigned int size = 0
+        cdef unsigned char digest[BLAKE3_OUT_LEN]
         if self._hashing:
-            EVP_DigestFinal_ex(self._hash, digest, &size)
-            self.content_hash = (<bytes>PyBytes_FromStringAndSize(<char*>digest, size)).hex()
+            blake3_hasher_finalize(&self._hash, digest, BLAKE3_OUT_LEN)
+            self.content_hash = _py.BLAKE3_PREFIX + (<bytes>PyBytes_FromStringAndSize(<char*>digest, BLAKE3_OUT_LEN)).hex()
         PyByteArray_Resize(self._prefix, self._prefix_length)
         self._prefix = bytearray()
         self._prefix_buf = NULL
@@ -380,7 +372,7 @@ cdef class DataPath:
                 self._file = False
             if self._fd >= 0:
                 if self._hashing:
-                    EVP_DigestUpdate(self._hash, p, n)
+                    blake3_hasher_update(&self._hash, p, n)
                 while n > 0:
                     written = write(self._fd, p, n)
                     if written < 0:

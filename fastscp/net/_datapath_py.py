@@ -18,10 +18,12 @@ its own (PDVs are independent of the PDU that carries them, PS3.8 9.3.5.1).
 
 from __future__ import annotations
 
-import hashlib
 import os
 from typing import Any
 
+import blake3
+
+from fastscp.dicom.part10 import BLAKE3_PREFIX
 from fastscp.net.pdu import P_DATA_TF, PDU_HEADER, PDV_HEADER, LimitExceeded, PDUStream, ProtocolError
 
 # Events pump() returns (the same numbers in the compiled twin, checked there at import).
@@ -78,7 +80,7 @@ class DataPath:
         self.last = False
         #: DATA_SET: the data set's length; during it, the bytes so far.
         self.length = 0
-        #: DATA_SET: SHA-256 (hex) of the data set (fastscp.dicom.part10.dataset_sha256's value).
+        #: DATA_SET: the data set's content hash (fastscp.dicom.part10.dataset_content_hash's value).
         self.content_hash = ""
         #: WRITE_FAILED: why.
         self.errno = 0
@@ -100,14 +102,14 @@ class DataPath:
 
     def to_file(self, fd: int, limit: int, prefix: bytearray, prefix_room: int, hash: bool = True) -> None:
         """The coming data set goes to the end of ``fd`` (written as it arrives; with ``hash``, its
-        SHA-256 taken as it passes), its first ``prefix_room`` bytes also to ``prefix`` (empty); more
+        content hash taken as it passes), its first ``prefix_room`` bytes also to ``prefix`` (empty); more
         than ``limit`` bytes abort."""
         self._file = True
         self._fd = fd
         self._limit = limit
         self._prefix = prefix
         self._prefix_room = len(prefix) + prefix_room
-        self._hash = hashlib.sha256() if hash else None
+        self._hash = blake3.blake3() if hash else None
         self.length = 0
         self._reported = 0
         self.content_hash = ""
@@ -184,7 +186,7 @@ class DataPath:
             if self._fd >= 0 and self._hash is not None:
                 self._hash.update(piece)
             if last:
-                self.content_hash = self._hash.hexdigest() if self._hash is not None else ""
+                self.content_hash = BLAKE3_PREFIX + self._hash.hexdigest() if self._hash is not None else ""
                 self._file = False
             if self._fd >= 0:
                 try:

@@ -82,6 +82,13 @@ MODULES: dict[str, tuple[str, ...]] = {
         "tests/unit/net/test_protocol.py",
         "tests/e2e/test_protocol_paths.py",
     ),
+    # The command set codec's pure-Python twin (MODULE_ENV: what runs where the compiled one is not loaded).
+    "fastscp/net/_dimse_py.py": (
+        "tests/twins/test_dimse.py",
+        "tests/e2e/test_dimse.py",
+        "tests/unit/net/test_protocol.py",
+        "tests/e2e/test_protocol_paths.py",
+    ),
     "fastscp/net/negotiation.py": (
         "tests/e2e/test_negotiation.py",
         "tests/unit/net/test_protocol.py",
@@ -170,6 +177,7 @@ MODULES: dict[str, tuple[str, ...]] = {
 #: Module -> environment its tests run with: a twin is only what runs where the compiled one is not loaded.
 MODULE_ENV: dict[str, dict[str, str]] = {
     "fastscp/net/_datapath_py.py": {"FASTSCP_NO_EXTENSIONS": "1"},
+    "fastscp/net/_dimse_py.py": {"FASTSCP_NO_EXTENSIONS": "1"},
 }
 
 #: The CI subset: fast unit-level tests only, a fixed sample of mutants.

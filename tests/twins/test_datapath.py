@@ -12,7 +12,6 @@ what the stream was made from.
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import socket
 import struct
@@ -24,7 +23,7 @@ from typing import Any
 import pytest
 
 from fastscp.dicom.backend import NO_EXTENSIONS
-from fastscp.dicom.part10 import dataset_sha256
+from fastscp.dicom.part10 import content_hash, dataset_content_hash
 from fastscp.net import datapath
 from fastscp.net.datapath import COMMAND, DATA_SET, FRAGMENT, OTHER_PDU, PROGRESS, WRITE_FAILED, DataPathPy
 from fastscp.net.pdu import DeadlineExceeded, PDUStream
@@ -87,7 +86,7 @@ def expected(messages: list[Message], *, to_file: bool = True) -> list[tuple[Any
         out.append(("command", context_id, command))
         if data is not None:
             if to_file:
-                out.append(("file", len(data), hashlib.sha256(data).hexdigest(), data, data[:HEADER_PREFIX_BYTES]))
+                out.append(("file", len(data), content_hash(data), data, data[:HEADER_PREFIX_BYTES]))
             else:
                 out.append(("data", data))
     return out
@@ -133,7 +132,7 @@ def pump_all(twin: Any, data: bytes, tmp: Path, *, buffer_size: int = 0, to_file
             elif event == DATA_SET:
                 stored = target.read_bytes()
                 if not read_only:
-                    assert path.content_hash == dataset_sha256(fd, 0)  # the one hash of fastscp
+                    assert path.content_hash == dataset_content_hash(fd, 0)  # the one hash of fastscp
                 trace.append(("file", path.length, path.content_hash, stored, bytes(prefix)))
                 os.close(fd)
                 fd = -1

@@ -47,6 +47,10 @@ def test_date_based_uses_study_date_else_received_date() -> None:
     for bad in ("", "2024", "20241399", "garbage!"):
         header = HeaderFields(study_date=bad, study_instance_uid="1.2", series_instance_uid="1.3", sop_instance_uid="9")
         assert path("date-based", header) == "2026/11/22/1.2/1.3/9.dcm"
+        # No received date given: the day of the store.
+        before = datetime.date.today()
+        stored = relative_path(LayoutOptions(naming="date-based"), header)
+        assert stored in {f"{day:%Y/%m/%d}/1.2/1.3/9.dcm" for day in (before, datetime.date.today())}
     # A date and time where only a date belongs (some modalities): its date part counts.
     header = HeaderFields(study_date="20240131093000", study_instance_uid="1.2", series_instance_uid="1.3",
                           sop_instance_uid="9")
