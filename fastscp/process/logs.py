@@ -170,6 +170,15 @@ FORWARD_BYTES = 150_000
 MAX_FIELD_CHARS = 16_000
 
 
+def _fields(record: logging.LogRecord) -> dict[str, object]:
+    """What of a record travels to the supervisor (cut to fit a datagram)."""
+    fields = {name: getattr(record, name) for name in _FORWARDED}
+    fields["msg"] = record.getMessage()[:MAX_FIELD_CHARS]
+    if record.exc_info:
+        fields["exc_text"] = logging.Formatter().formatException(record.exc_info)[-MAX_FIELD_CHARS:]
+    return fields
+
+
 class ForwardHandler(logging.Handler):
     """In a child process: send records to the supervisor, batched.
 
@@ -185,13 +194,12 @@ class ForwardHandler(logging.Handler):
         self._batcher: Batcher[dict[str, object]] = Batcher(
             self._send, interval=FORWARD_INTERVAL, max_items=FORWARD_BATCH, max_cost=FORWARD_BYTES,
             name="log-forwarder")
+        #: Records dropped since the last message that went (guarded by the batcher's lock).
+        self._dropped = 0
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            fields = {name: getattr(record, name) for name in _FORWARDED}
-            fields["msg"] = record.getMessage()[:MAX_FIELD_CHARS]
-            if record.exc_info:
-                fields["exc_text"] = logging.Formatter().formatException(record.exc_info)[-MAX_FIELD_CHARS:]
+            fields = _fields(record)
         except Exception:
             self.handleError(record)
             return
@@ -202,12 +210,21 @@ class ForwardHandler(logging.Handler):
         self._batcher.flush()
 
     def _send(self, batch: list[dict[str, object]]) -> bool:
-        if batch:
-            try:
-                self.sock.send(msgspec.msgpack.encode(batch))
-            except OSError:
-                # The supervisor is gone or overwhelmed: drop, don't block the worker.
-                pass
+        if not batch:
+            return True
+        dropped = self._dropped
+        if dropped:
+            batch = [_fields(logging.LogRecord(
+                __name__, logging.WARNING, __file__, 0,
+                "%d log records dropped: the supervisor did not read them in time", (dropped,), None)), *batch]
+        try:
+            # Never wait: a supervisor that does not read (stopped, or its log disk stalled) must not
+            # hold up a worker's association thread, which sends a warning itself.
+            self.sock.send(msgspec.msgpack.encode(batch), socket.MSG_DONTWAIT)
+            self._dropped = 0
+        except OSError:
+            # Gone or not keeping up: dropped, counted, and told in the next message that goes.
+            self._dropped += len(batch) - (1 if dropped else 0)
         return True  # nothing kept for a retry
 
 

@@ -6,6 +6,7 @@ import json
 import logging
 import socket
 import sys
+import threading
 
 import pytest
 
@@ -106,3 +107,32 @@ def test_a_peer_value_in_a_forwarded_traceback_cannot_forge_a_line(pair, fmt: st
         assert all(line.startswith("    ") for line in lines[1:]) and len(lines) > 3
         assert lines[-2:] == ["    ValueError: bad AE title 'EVIL\\x0d",
                               "    2026-12-01 00:00:00,000 INFO [MainProcess] forged'"]
+
+
+def test_a_supervisor_that_does_not_read_never_blocks_a_child_and_learns_what_was_dropped(
+        collected) -> None:  # type: ignore[no-untyped-def]
+    # The supervisor's end, as it makes it (runtime/supervisor.py), left unread: its queue fills.
+    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    handler = logs.ForwardHandler(child)
+    done = threading.Event()
+
+    def log_a_lot() -> None:
+        for i in range(2000):  # a warning goes at once: 2,000 datagrams, far more than the queue holds
+            handler.emit(record(f"warning {i}", logging.WARNING))
+        done.set()
+
+    threading.Thread(target=log_a_lot, daemon=True).start()
+    try:
+        assert done.wait(10), "a child's logging blocked on a supervisor that does not read"
+        logs.receive(parent)  # what fitted
+        kept = len(collected)
+        assert 0 < kept < 2000
+        handler.emit(record("after", logging.WARNING))
+        logs.receive(parent)
+        told = [r for r in collected[kept:] if r.levelno == logging.WARNING and "dropped" in r.getMessage()]
+        assert [r.getMessage() for r in told] == [f"{2000 - kept} log records dropped: the supervisor did not "
+                                                  "read them in time"]
+        assert collected[-1].getMessage() == "after"
+    finally:
+        child.close()
+        parent.close()
