@@ -1,9 +1,10 @@
 """C-STORE SCP (PS3.4 B.2, PS3.7 9.1.1): one :class:`StoreRequest` per C-STORE-RQ.
 
 Its life: begin (the command's checks, the temp file made ahead taken),
-receive (each data set fragment straight into the temp file), complete (walk
-and scan the data set, the storage area's verdict, the C-STORE-RSP), hand
-over (after the response: hash, log, count, the record to the index).
+receive (each data set fragment straight into the temp file, hashed as it
+passes), complete (walk and scan the data set, the storage area's verdict,
+the C-STORE-RSP), hand over (after the response: log, count, the record to
+the index).
 
 The storage area decides where the file goes, what a duplicate is and when
 the disk is too full (:class:`fastscp.storage.area.Storage`); this module
@@ -246,7 +247,7 @@ class StoreRequest:
     # -- hand over ----------------------------------------------------------------------
 
     def _hand_over(self) -> None:
-        """After the C-STORE-RSP: hash, log, count, and pass the record on.
+        """After the C-STORE-RSP: log, count, and pass the record on (with its content hash).
 
         PERF: at one association the sender waits for each response, so
         nothing that can wait for it runs before it (bench.load ct-k1).
