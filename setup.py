@@ -40,8 +40,10 @@ if platform.machine() in ("x86_64", "AMD64") and os.name != "nt":
 else:
     BLAKE3_SOURCES = [f"{BLAKE3}/{name}" for name in ("blake3.c", "blake3_dispatch.c", "blake3_portable.c")]
     BLAKE3_MACROS = [(f"BLAKE3_NO_{kind}", None) for kind in ("SSE2", "SSE41", "AVX2", "AVX512")]
-#: C sources an extension is built with besides its .pyx, by module.
-C_SOURCES = {"fastscp.net._datapath_cext": BLAKE3_SOURCES}  # the content hash in the loop
+#: What an extension is built with besides its .pyx, by module: C sources, their headers and macros.
+C_CODE: dict[str, tuple[list[str], list[str], list[tuple[str, str | None]]]] = {
+    "fastscp.net._datapath_cext": (BLAKE3_SOURCES, [BLAKE3], BLAKE3_MACROS),  # the content hash in the loop
+}
 
 
 class BuildExt(build_ext):
@@ -71,16 +73,13 @@ def extensions() -> list[Extension]:
         include_dirs.append(numpy.get_include())
     except ImportError:
         pass
-    modules = [
-        Extension(
-            name := ".".join(pyx.relative_to(HERE).with_suffix("").parts),
-            [str(pyx.relative_to(HERE)), *C_SOURCES.get(name, [])],
-            include_dirs=[*include_dirs, BLAKE3] if name in C_SOURCES else include_dirs,
-            define_macros=macros + BLAKE3_MACROS if name in C_SOURCES else macros,
-            extra_compile_args=["-O3"] if os.name != "nt" else [],
-        )
-        for pyx in sorted((HERE / PACKAGE).rglob("*.pyx"))
-    ]
+    modules = []
+    for pyx in sorted((HERE / PACKAGE).rglob("*.pyx")):
+        name = ".".join(pyx.relative_to(HERE).with_suffix("").parts)
+        sources, headers, defines = C_CODE.get(name, ([], [], []))
+        modules.append(Extension(
+            name, [str(pyx.relative_to(HERE)), *sources], include_dirs=include_dirs + headers,
+            define_macros=macros + defines, extra_compile_args=["-O3"] if os.name != "nt" else []))
     annotate = _flag("FASTSCP_CYTHON_ANNOTATE")
     return cythonize(
         modules,

@@ -162,7 +162,18 @@ def dataset_content_hash(fd: int, offset: int, end: int | None = None) -> str:
 
 def content_hash(data: bytes | bytearray | memoryview) -> str:
     """:func:`dataset_content_hash` of data set bytes held in memory."""
-    return BLAKE3_PREFIX + str(blake3.blake3(data).hexdigest())
+    return content_hash_of(blake3.blake3(data))
+
+
+def content_hasher() -> blake3.blake3:
+    """A hasher of the content hash, fed piece by piece with ``update`` (the data path's
+    pure-Python twin, as the bytes arrive); :func:`content_hash_of` gives its value."""
+    return blake3.blake3()
+
+
+def content_hash_of(hasher: blake3.blake3) -> str:
+    """The content hash of what :func:`content_hasher`'s ``hasher`` was fed."""
+    return BLAKE3_PREFIX + str(hasher.hexdigest())
 
 
 def dataset_sha256(fd: int, offset: int, end: int | None = None) -> str:

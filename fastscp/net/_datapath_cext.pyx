@@ -28,6 +28,7 @@ from libc.string cimport memcpy, memmove
 
 from os import strerror
 
+from fastscp.dicom.part10 import BLAKE3_PREFIX
 from fastscp.net import _datapath_py as _py
 from fastscp.net.pdu import DeadlineExceeded, PeerClosed
 
@@ -278,7 +279,7 @@ cdef class DataPath:
         cdef unsigned char digest[BLAKE3_OUT_LEN]
         if self._hashing:
             blake3_hasher_finalize(&self._hash, digest, BLAKE3_OUT_LEN)
-            self.content_hash = _py.BLAKE3_PREFIX + (<bytes>PyBytes_FromStringAndSize(<char*>digest, BLAKE3_OUT_LEN)).hex()
+            self.content_hash = BLAKE3_PREFIX + (<bytes>PyBytes_FromStringAndSize(<char*>digest, BLAKE3_OUT_LEN)).hex()
         PyByteArray_Resize(self._prefix, self._prefix_length)
         self._prefix = bytearray()
         self._prefix_buf = NULL

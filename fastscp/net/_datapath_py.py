@@ -21,9 +21,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import blake3
-
-from fastscp.dicom.part10 import BLAKE3_PREFIX
+from fastscp.dicom.part10 import content_hash_of, content_hasher
 from fastscp.net.pdu import P_DATA_TF, PDU_HEADER, PDV_HEADER, LimitExceeded, PDUStream, ProtocolError
 
 # Events pump() returns (the same numbers in the compiled twin, checked there at import).
@@ -109,7 +107,7 @@ class DataPath:
         self._limit = limit
         self._prefix = prefix
         self._prefix_room = len(prefix) + prefix_room
-        self._hash = blake3.blake3() if hash else None
+        self._hash = content_hasher() if hash else None
         self.length = 0
         self._reported = 0
         self.content_hash = ""
@@ -186,7 +184,7 @@ class DataPath:
             if self._fd >= 0 and self._hash is not None:
                 self._hash.update(piece)
             if last:
-                self.content_hash = BLAKE3_PREFIX + self._hash.hexdigest() if self._hash is not None else ""
+                self.content_hash = content_hash_of(self._hash) if self._hash is not None else ""
                 self._file = False
             if self._fd >= 0:
                 try:
