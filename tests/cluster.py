@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
-from tests.conftest import REPO, free_port, wait_until
+from tests.conftest import REPO, free_port, on_free_ports, wait_for_port, wait_until
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 EXAMPLE_HAPROXY_CFG = REPO / "config" / "haproxy.cfg.example"
@@ -119,33 +119,41 @@ class HAProxy:
     """Debian's HAProxy in TCP mode in front of ``nodes`` ((name, node, monitor port)), health-checking /healthz.
 
     The shipped example with its servers replaced by these nodes, bound to
-    ``bind`` (a free port), no syslog, and a stats socket to ask which
-    nodes are up.
+    ``bind`` (a free port: another one if it was taken before HAProxy bound
+    it), no syslog, and a stats socket to ask which nodes are up.
     """
 
     def __init__(self, folder: Path, nodes: list[tuple[str, Node, int]], bind: str = "127.0.0.1") -> None:
         self.host = bind
-        self.port = free_port(bind)  # in the calling thread's namespace
         self.socket = folder / "haproxy.sock"
-        config = folder / "haproxy.cfg"
+        self.log = folder / "haproxy.log"
+        on_free_ports(lambda: self._start(folder / "haproxy.cfg", nodes))
+        try:
+            wait_until(lambda: self.up() == {name for name, _, _ in nodes}, 30, "HAProxy to see every node up")
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, config: Path, nodes: list[tuple[str, Node, int]]) -> None:
+        self.port = free_port(self.host)  # in the calling thread's namespace
         lines = []
         for line in EXAMPLE_HAPROXY_CFG.read_text().splitlines():
             words = line.split()
             if words[:1] in (["log"], ["server"]) or words == ["option", "tcplog"]:
                 continue
             if words[:1] == ["bind"]:
-                line = f"    bind {bind}:{self.port}"
+                line = f"    bind {self.host}:{self.port}"
             lines.append(line)
             if words == ["global"]:
                 lines.append(f"    stats socket {self.socket} mode 600 level admin")
         lines += [f"    server {name} {node.host}:{node.port} check port {monitor}" for name, node, monitor in nodes]
         config.write_text("\n".join(lines) + "\n")
-        self.log = folder / "haproxy.log"
         self._log_file = open(self.log, "w")
         self.process = subprocess.Popen(["haproxy", "-db", "-f", str(config)], stdout=self._log_file,
                                         stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            wait_until(lambda: self.up() == {name for name, _, _ in nodes}, 30, "HAProxy to see every node up")
+            # It binds its frontend at once, or exits saying why: a connection (passed on to a node) tells which.
+            wait_for_port(self.port, self.process, self.log, host=self.host, ready="", what="haproxy")
         except BaseException:
             self.stop()
             raise

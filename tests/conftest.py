@@ -10,8 +10,9 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -19,26 +20,94 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 ARTIFACTS = REPO / "tests" / "artifacts"
 DCMTK_TOOLS = ("storescu", "echoscu", "storescp", "dcmdump")
+#: What a process we start prints when a port it should listen on is taken: strerror(EADDRINUSE)
+#: ("Address already in use": fastscp, dcmtk, HAProxy), Orthanc's own words for its HTTP port.
+PORT_TAKEN_MARK = "already in use"
+#: Starts of a process, each on fresh ports, before a taken port fails the test.
+PORT_ATTEMPTS = 5
+#: What the supervisor logs once it accepts associations, with the port it bound.
+LISTENING = re.compile(r"fastscp listening on \S+:(\d+) as ")
+
+T = TypeVar("T")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on now. Its socket is closed before the caller's process binds it, so another
+    process can take it in between: start that process with :func:`on_free_ports`, or let it bind port 0."""
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
 
 
+class PortTaken(RuntimeError):
+    """A process we started exited because a port it should listen on was taken."""
+
+
+def start_failed(what: str, process: subprocess.Popen, output: str) -> RuntimeError:
+    """The error for ``process`` that exited while starting; :class:`PortTaken` if its ``output`` says why."""
+    error = PortTaken if PORT_TAKEN_MARK in output else RuntimeError
+    return error(f"{what} exited with {process.returncode}:\n{output}")
+
+
+def on_free_ports(start: Callable[[], T], attempts: int = PORT_ATTEMPTS) -> T:
+    """``start()``, again while it raises :class:`PortTaken`; the last try's error if each one does.
+
+    :func:`free_port` closes its socket before the process binds the port, so another process can
+    take it in between. ``start`` picks its ports with free_port() on each call (a port that another
+    server's config already names is tried again as it is), starts the process and waits until it
+    listens; when the process exits saying a port is taken (:func:`start_failed`), it cleans up and
+    raises :class:`PortTaken`.
+    """
+    for _ in range(attempts - 1):
+        try:
+            return start()
+        except PortTaken:
+            time.sleep(0.2)  # a port held by a passing connection (no new choice) may be free again
+    return start()
+
+
+def listens(process: subprocess.Popen, port: int) -> bool:
+    """``process`` itself holds a socket listening on TCP ``port`` (Linux /proc).
+
+    A connection to the port is not proof: it also succeeds when another
+    process took the port and ours is about to exit.
+    """
+    proc = Path(f"/proc/{process.pid}")
+    try:
+        sockets = {f"socket:[{fields[9]}]" for table in ("tcp", "tcp6")
+                   for fields in map(str.split, (proc / "net" / table).read_text().splitlines()[1:])
+                   if fields[3] == "0A" and int(fields[1].rpartition(":")[2], 16) == port}  # 0A: LISTEN
+        return bool(sockets) and any(_link(fd) in sockets for fd in (proc / "fd").iterdir())
+    except (FileNotFoundError, ProcessLookupError):  # it has exited
+        return False
+
+
+def _link(path: Path) -> str:
+    try:
+        return os.readlink(path)
+    except FileNotFoundError:  # closed while we looked
+        return ""
+
+
 def wait_for_port(port: int, process: subprocess.Popen, log: Path, timeout: float = 30,
-                  host: str = "127.0.0.1") -> None:
+                  host: str = "127.0.0.1", ready: str = "fastscp listening", what: str = "server") -> int:
+    """Wait until ``process`` has logged ``ready``, listens on ``port`` and accepts a connection; the port.
+
+    ``port`` 0: the port the fastscp supervisor logs that it bound (it was started with port 0).
+    Raises :class:`PortTaken` if the process exited because a port was taken, RuntimeError else.
+    """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}:\n{log.read_text()}")
-        if "fastscp listening" in log.read_text():
+            raise start_failed(what, process, log.read_text())
+        text = log.read_text()
+        bound = port or next((int(found) for found in LISTENING.findall(text)), 0)
+        if ready in text and bound and listens(process, bound):
             with socket.socket() as s:
-                if s.connect_ex((host, port)) == 0:
-                    return
+                if s.connect_ex((host, bound)) == 0:
+                    return bound
         time.sleep(0.05)
-    raise RuntimeError(f"server did not listen on {port} within {timeout} s:\n{log.read_text()}")
+    raise RuntimeError(f"{what} did not listen on {port or 'a port'} within {timeout} s:\n{log.read_text()}")
 
 
 def sigterm_pending(pid: int) -> bool:
@@ -65,20 +134,30 @@ class Server:
                  config: Path | None = None, storage: Path | None = None,
                  env: dict[str, str] | None = None, monitor: str = "off", host: str = "127.0.0.1") -> None:
         self.host = host
-        self.port = free_port(host)
         self.ae_title = ae_title
         self.storage = storage or tmp / "received"
         self.index = tmp / "index.duckdb"
-        self.log = tmp / f"server-{self.port}.log"
-        argv = [sys.executable, "-m", "fastscp.cli", "serve", str(self.port), ae_title,
-                "--host", host, "--storage-dir", str(self.storage),
-                "--index-db", str(self.index), "--workers", str(workers), "--monitor", monitor, *args]
+        options = ["--host", host, "--storage-dir", str(self.storage), "--index-db", str(self.index),
+                   "--workers", str(workers), "--monitor", monitor, *args]
         if config is not None:
-            argv += ["--config", str(config)]
+            options += ["--config", str(config)]
+        # The DICOM port is chosen here, not by the server (port 0): the nodes of a shared index
+        # publish their configured port to each other.
+        on_free_ports(lambda: self._start(tmp, options, {**os.environ, **(env or {})}))
+
+    def _start(self, tmp: Path, options: list[str], env: dict[str, str]) -> None:
+        self.port = free_port(self.host)
+        self.log = tmp / f"server-{self.port}.log"
         self._log_file = open(self.log, "w")
-        self.process = subprocess.Popen(argv, stdout=self._log_file, stderr=subprocess.STDOUT,
-                                         start_new_session=True, env={**os.environ, **(env or {})})
-        wait_for_port(self.port, self.process, self.log, host=host)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "fastscp.cli", "serve", str(self.port), self.ae_title, *options],
+            stdout=self._log_file, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+        try:
+            wait_for_port(self.port, self.process, self.log, host=self.host)
+        except BaseException:
+            self.kill_group()  # one that hangs in its start is not left running
+            self._log_file.close()
+            raise
 
     def signal(self, signum: int = signal.SIGTERM) -> None:
         if self.process.poll() is None:
@@ -105,6 +184,14 @@ class Server:
 
     def log_text(self) -> str:
         return self.log.read_text()
+
+    def monitor_url(self) -> str:
+        """The status page's address, with the port the monitor bound (``monitor="127.0.0.1:0"``)."""
+        (url,) = re.findall(r"status page (http://[^\s;]+)", self.log_text())
+        return url
+
+    def monitor_port(self) -> int:
+        return int(self.monitor_url().rpartition(":")[2])
 
     def wait_for_log(self, *texts: str, timeout: float = 15) -> str:
         """The log once it holds every one of ``texts``.
@@ -156,6 +243,15 @@ def start_server(tmp_path: Path) -> Iterator:
 @pytest.fixture
 def server(start_server) -> Server:  # type: ignore[no-untyped-def]
     return start_server()
+
+
+@pytest.fixture
+def taken_port() -> Iterator[int]:
+    """A port on 127.0.0.1 that another process's socket listens on."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen(1)
+        yield holder.getsockname()[1]
 
 
 def mounted_tmpfs(tmp_path: Path, options: str) -> Iterator[Path]:

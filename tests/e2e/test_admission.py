@@ -76,7 +76,7 @@ def echoscu_succeeds(server, aet: str = "ECHOSCU") -> None:  # type: ignore[no-u
 def test_idle_sockets_take_no_association_slot(start_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """Issue 11.1: 70 idle sockets from one host locked out every sender."""
     server = start_server(config=config(tmp_path, LIMITS), workers=2, monitor="127.0.0.1:0")
-    (url,) = re.findall(r"status page (http://[^\s;]+)", server.log_text())
+    url = server.monitor_url()
     with idle_sockets(server.port, "127.0.0.2", 70) as socks:
         # Far more than max_associations (4) idle sockets, yet senders get in.
         echoscu_succeeds(server)

@@ -3,15 +3,9 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
-
-from tests.conftest import free_port
 
 #: Run a command without the capability to bind ports below 1024, even as root
 #: (what an unprivileged user without AmbientCapabilities has).
@@ -25,15 +19,6 @@ def serve(tmp_path: Path, port: int, *options: str, unprivileged: bool = False) 
     if unprivileged and os.geteuid() == 0:
         argv = [*WITHOUT_BIND_CAPABILITY, *argv]
     return subprocess.run(argv, capture_output=True, text=True, timeout=120)
-
-
-@pytest.fixture
-def taken_port() -> Iterator[int]:
-    """A port on 127.0.0.1 that another process's socket listens on."""
-    with socket.socket() as holder:
-        holder.bind(("127.0.0.1", 0))
-        holder.listen(1)
-        yield holder.getsockname()[1]
 
 
 def test_port_104_without_the_capability_says_what_it_needs(tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -56,7 +41,7 @@ def test_a_taken_dicom_port_names_the_other_process(tmp_path, taken_port) -> Non
 
 def test_a_taken_monitor_port_names_monitor_listen_and_the_fix(tmp_path, taken_port) -> None:  # type: ignore[no-untyped-def]
     # A second server on one machine: the status page's port is the first thing they share.
-    result = serve(tmp_path, free_port(), "--monitor", f"127.0.0.1:{taken_port}")
+    result = serve(tmp_path, 0, "--monitor", f"127.0.0.1:{taken_port}")  # DICOM port 0: never the one refused
     assert result.returncode == 2, result.stdout + result.stderr
     message = result.stderr.strip().splitlines()[-1]
     assert message.startswith(f"fastscp: monitor.listen '127.0.0.1:{taken_port}': cannot listen on "
@@ -67,7 +52,7 @@ def test_a_taken_monitor_port_names_monitor_listen_and_the_fix(tmp_path, taken_p
 
 
 def test_a_privileged_monitor_port_says_what_it_needs(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    result = serve(tmp_path, free_port(), "--monitor", "127.0.0.1:81", unprivileged=True)
+    result = serve(tmp_path, 0, "--monitor", "127.0.0.1:81", unprivileged=True)
     assert result.returncode == 2, result.stdout + result.stderr
     message = result.stderr.strip().splitlines()[-1]
     assert message.startswith("fastscp: monitor.listen '127.0.0.1:81': cannot listen on"), message

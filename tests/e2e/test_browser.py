@@ -40,11 +40,6 @@ USER, PASSWORD, TOKEN = "radiology", "correct horse battery", "0123456789abcdef0
 # -- helpers ---------------------------------------------------------------------------
 
 
-def monitor_url(server) -> str:  # type: ignore[no-untyped-def]
-    (url,) = re.findall(r"status page (http://[^\s;]+)", server.log_text())
-    return url
-
-
 def fetch(url: str, path: str, headers: dict[str, str] | None = None, method: str = "GET") -> tuple[int, dict, bytes]:  # type: ignore[type-arg]
     """One request with ``path`` sent exactly as given (no normalisation), through 127.0.0.1."""
     port = int(url.rpartition(":")[2])
@@ -107,7 +102,7 @@ def two_studies(start_server, tmp_path: Path):  # type: ignore[no-untyped-def]
     mr, mr_paths = make_study(tmp_path / "mr", 3, modality="MR", patient_id="PAT-MR-2", name=HOSTILE_NAME,
                               accession="ACC-MR-88", date="20261102", seed=2, size=32)
     send(server, ct_paths + mr_paths)
-    url = monitor_url(server)
+    url = server.monitor_url()
     wait_indexed(url, ct, 5)
     wait_indexed(url, mr, 3)
     return server, url, ct, mr
@@ -287,7 +282,7 @@ def test_files_outside_the_storage_root_are_never_served(two_studies, tmp_path: 
 
 def test_the_zip_streams_in_bounded_memory_and_cut_off_downloads_free_their_slot(start_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     server = start_server(monitor="127.0.0.1:0", config=write_config(tmp_path))
-    url = monitor_url(server)
+    url = server.monitor_url()
     # 24 images of 2 MiB: a 48 MiB study.
     uid, paths = make_study(tmp_path / "big", 24, patient_id="BIG", name="Big^Study", accession="B1",
                             date="20260101", seed=5, size=1024)
@@ -334,7 +329,7 @@ def test_beyond_loopback_credentials_are_required(start_server, tmp_path: Path) 
     # 0.0.0.0: every address of this machine, so "elsewhere"; the test still talks to 127.0.0.1 only.
     config = write_config(tmp_path, username=USER, password=PASSWORD, token=TOKEN)
     server = start_server(monitor="0.0.0.0:0", config=config)
-    url = monitor_url(server)
+    url = server.monitor_url()
     uid, paths = make_study(tmp_path / "ct", 2, patient_id="AUTH-1", name="Auth^Test", accession="A1",
                             date="20260101", seed=3)
     send(server, paths)
@@ -370,7 +365,7 @@ def test_beyond_loopback_credentials_are_required(start_server, tmp_path: Path) 
 
 def test_beyond_loopback_without_credentials_the_browser_is_off(start_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     server = start_server(monitor="0.0.0.0:0", config=write_config(tmp_path))
-    url = monitor_url(server)
+    url = server.monitor_url()
     uid, paths = make_study(tmp_path / "ct", 1, patient_id="OFF-1", name="Off^Test", accession="O1",
                             date="20260101", seed=4)
     send(server, paths)

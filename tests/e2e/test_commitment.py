@@ -22,7 +22,6 @@ from pynetdicom.sop_class import (
 )
 
 from fastscp.dicom.synthetic import write_series
-from tests.conftest import free_port
 from tests.e2e.test_retrieve import indexed, send, uid_of
 
 pytestmark = pytest.mark.dcmtk
@@ -133,12 +132,12 @@ def test_a_missing_file_is_not_committed(start_server, tmp_path: Path) -> None: 
 
 
 def test_report_on_a_new_association_when_the_requester_released(start_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    port = free_port()
     listener_reports = Reports()
     scp = AE(ae_title="COMMITSCU")
     scp.add_supported_context(StorageCommitmentPushModel, scu_role=True, scp_role=True)
-    listener = scp.start_server(("127.0.0.1", port), block=False,
+    listener = scp.start_server(("127.0.0.1", 0), block=False,
                                 evt_handlers=[(evt.EVT_N_EVENT_REPORT, listener_reports.handler)])
+    port = listener.server_address[1]
     try:
         config = tmp_path / "fastscp.yaml"
         config.write_text(f"retrieve:\n  move_destinations:\n    COMMITSCU: {{host: 127.0.0.1, port: {port}}}\n")

@@ -26,15 +26,16 @@ import os
 import shutil
 import socket
 import subprocess
-import time
 import warnings
 
 import pytest
 
 try:  # tests/ as a package or as a rootdir-relative directory on sys.path
     from tests import corpus
+    from tests.conftest import free_port, on_free_ports, wait_for_port
 except ImportError:  # pragma: no cover
     import corpus
+    from conftest import free_port, on_free_ports, wait_for_port
 
 AE_TITLE = "FASTSCP"
 DCMTK_TOOLS = ("storescp", "storescu", "dcmdump")
@@ -54,12 +55,6 @@ def _source_key(f: corpus.CorpusFile) -> tuple[str, int, str]:
     data, ts = corpus.dataset_bytes(f.path)
     assert ts == f.transfer_syntax_uid
     return _key(data, ts)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Oracle:
@@ -92,7 +87,6 @@ def oracle(tmp_path_factory):
     outdir = base / "received"
     outdir.mkdir()
     log = base / "storescp.log"
-    port = _free_port()
     argv = [
         "storescp",
         "+B",  # bit preserving: write the data set exactly as received
@@ -103,36 +97,39 @@ def oracle(tmp_path_factory):
         *("-aet", AE_TITLE),
         *("-ta", "10", "-td", "10"),  # bounded ACSE / DIMSE waits
         *("-od", str(outdir)),
-        str(port),
     ]
-    with open(log, "w") as logfh:
-        proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=logfh,
-            stderr=subprocess.STDOUT,
-            env=corpus.storescu_env(),  # TCP_NODELAY=1 for storescp as well
-        )
+
+    def start() -> tuple[subprocess.Popen, int]:
+        port = free_port()
+        with open(log, "w") as logfh:
+            proc = subprocess.Popen(
+                [*argv, str(port)],
+                stdin=subprocess.DEVNULL,
+                stdout=logfh,
+                stderr=subprocess.STDOUT,
+                env=corpus.storescu_env(),  # TCP_NODELAY=1 for storescp as well
+            )
+        try:
+            wait_for_port(port, proc, log, timeout=10, ready="", what="storescp")
+        except BaseException:
+            _stop(proc)
+            raise
+        return proc, port
+
+    proc, port = on_free_ports(start)
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"storescp exited with {proc.returncode}: {log.read_text()}")
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    pytest.fail("storescp did not start listening within 10 s")
-                time.sleep(0.05)
         yield Oracle(proc, port, str(outdir), str(log))
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
+        _stop(proc)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=5)
 
 
 def _storescu(oracle: Oracle, files, extra=(), config=None) -> subprocess.CompletedProcess:

@@ -21,7 +21,6 @@ from pynetdicom.dsutils import decode
 from fastscp.dicom.part10 import dataset_offset
 from fastscp.dicom.synthetic import write_series
 from fastscp.net import dimse
-from tests.conftest import free_port
 from tests.dicomfiles import pad
 from tests.e2e.test_hostile import dataset
 from tests.e2e.test_server import fastscp
@@ -213,10 +212,9 @@ def test_send_names_each_status_a_peer_answers_and_counts_warnings_as_stored(tmp
 
     ae = AE(ae_title="PEER")
     ae.add_supported_context(CT, [EXPLICIT, "1.2.840.10008.1.2"])
-    port = free_port()
-    peer = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, answer)])
+    peer = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, answer)])
     try:
-        result = fastscp("send", "127.0.0.1", str(port), *paths, "--aec", "PEER")
+        result = fastscp("send", "127.0.0.1", str(peer.server_address[1]), *paths, "--aec", "PEER")
     finally:
         peer.shutdown()
     assert not [t for t in threading.enumerate() if t.name.startswith("AcceptorServer")]

@@ -3,7 +3,8 @@
 Destinations are dcmtk ``storescp`` in bit-preserving mode (+B, unique file
 names so a duplicate shows as a second file), Orthanc, and pynetdicom SCPs
 that answer with chosen statuses; each is started by the test on a free
-port and stopped by its PID.
+port (tests.conftest.on_free_ports; the pynetdicom ones bind port 0) and
+stopped by its PID.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import msgspec
@@ -45,7 +46,7 @@ from fastscp.index.reindex import FileState, read_record
 from fastscp.net.scu import _new_ae, associate
 from fastscp.runtime.supervisor import public_config
 from fastscp.status import DestinationState
-from tests.conftest import Server, dcmtk, free_port, wait_until
+from tests.conftest import Server, dcmtk, free_port, listens, on_free_ports, start_failed, wait_until
 from tests.e2e.test_access import pki, tls_config  # noqa: F401 (pki: a fixture of test_access)
 from tests.unit.monitor.test_monitor import MonitorProcess, make_snapshot
 from tests.unit.monitor.test_monitor_page import _chromium_present, _Page, chromium, monitor  # noqa: F401 (fixtures)
@@ -57,18 +58,46 @@ ROWS = 32  # small images: the test is about delivery, not bandwidth
 
 
 class Receiver:
-    """A destination in its own process, started on a free port, stopped by its PID."""
+    """A destination in its own process, stopped by its PID.
+
+    It listens on ``port``, or with 0 on one of free_port(), chosen at its
+    start (again if another process takes it first).
+    """
 
     def __init__(self, folder: Path, port: int, ae_title: str) -> None:
         self.folder, self.port, self.ae_title = folder, port, ae_title
         self.process: subprocess.Popen | None = None
+        #: Its output, beside the folder (which holds what it received).
+        self.log = folder.with_name(folder.name + ".log")
 
-    def _run(self, argv: list[str], ready_within: float) -> None:
+    def _run(self, argv: Callable[[], list[str]], ready_within: float) -> None:
+        """Start ``argv()`` (made for each try: it names self.port) and wait until :meth:`_ready`."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.process = subprocess.Popen(argv, cwd=self.folder, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                        start_new_session=True, env=dict(os.environ, TCP_NODELAY="1"))
-        wait_until(lambda: dcmtk("echoscu", "-to", "1", "-aec", self.ae_title, "127.0.0.1", str(self.port),
-                                 check=False).returncode == 0, ready_within, f"{argv[0]} to answer C-ECHO")
+        given = self.port
+
+        def start() -> None:
+            self.port = given or free_port()
+            command = argv()
+            with open(self.log, "w") as out:
+                self.process = subprocess.Popen(command, cwd=self.folder, stdout=out, stderr=subprocess.STDOUT,
+                                                start_new_session=True, env=dict(os.environ, TCP_NODELAY="1"))
+            try:
+                wait_until(lambda: self._started(command[0]), ready_within, f"{command[0]} to answer")
+            except BaseException:
+                self.stop()
+                raise
+
+        on_free_ports(start)
+
+    def _started(self, what: str) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise start_failed(what, self.process, self.log.read_text())
+        return listens(self.process, self.port) and self._ready()
+
+    def _ready(self) -> bool:
+        return dcmtk("echoscu", "-to", "1", "-aec", self.ae_title, "127.0.0.1", str(self.port),
+                     check=False).returncode == 0
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -99,8 +128,8 @@ class Storescp(Receiver):
         super().__init__(folder, port, ae_title)
 
     def start(self) -> Storescp:
-        self._run(["storescp", "+B", "+uf", "+xa", "-aet", self.ae_title, "-od", str(self.folder), str(self.port)],
-                  15)
+        self._run(lambda: ["storescp", "+B", "+uf", "+xa", "-aet", self.ae_title, "-od", str(self.folder),
+                           str(self.port)], 15)
         return self
 
 
@@ -111,25 +140,27 @@ class Orthanc(Receiver):
         super().__init__(folder, port, ae_title)
 
     def start(self) -> Orthanc:
-        self.folder.mkdir(parents=True, exist_ok=True)
+        self._run(self._argv, 30)
+        return self
+
+    def _argv(self) -> list[str]:
         config = {"Name": "fastscp-forward-test", "StorageDirectory": str(self.folder / "storage"),
                   "IndexDirectory": str(self.folder / "index"), "DicomAet": self.ae_title, "DicomPort": self.port,
                   "HttpPort": free_port(), "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
                   "Plugins": [], "LuaScripts": [], "StorageCompression": False}
         (self.folder / "orthanc.json").write_text(json.dumps(config))
-        self._run(["Orthanc", str(self.folder / "orthanc.json")], 30)
-        return self
+        return ["Orthanc", str(self.folder / "orthanc.json")]
 
     def files(self) -> Iterator[Path]:
         return (p for p in (self.folder / "storage").rglob("*") if p.is_file())
 
 
 class StatusSCP:
-    """A pynetdicom Storage SCP in this process that answers every C-STORE with ``status``."""
+    """A pynetdicom Storage SCP in this process that answers every C-STORE with ``status``, on a port it binds."""
 
-    def __init__(self, port: int, status: int = 0, *, ae_title: str = "STATUS",
+    def __init__(self, status: int = 0, *, ae_title: str = "STATUS",
                  contexts: tuple[tuple[str, list[str]], ...] = ((CTImageStorage, [ExplicitVRLittleEndian]),)) -> None:
-        self.port, self.status, self.ae_title = port, status, ae_title
+        self.status, self.ae_title = status, ae_title
         self.requests: list[tuple[str, str, bytes]] = []  # (SOP Instance UID, transfer syntax, data set)
         #: Seconds each C-STORE takes (a slow destination).
         self.delay = 0.0
@@ -155,8 +186,9 @@ class StatusSCP:
                 self.associations += 1
 
         self.associations = 0
-        self.server = ae.start_server(("127.0.0.1", port), block=False,
+        self.server = ae.start_server(("127.0.0.1", 0), block=False,
                                       evt_handlers=[(evt.EVT_C_STORE, on_store), (evt.EVT_ACCEPTED, on_accepted)])
+        self.port: int = self.server.server_address[1]
 
     def stop(self) -> None:
         self.server.shutdown()
@@ -230,8 +262,8 @@ def test_destination_down_then_up_every_image_arrives_byte_exact(tmp_path: Path,
     port = free_port()
     config = forwarding_config(tmp_path / "forward.yaml", {"pacs": destination(port, max_associations=2)},
                                [{"destinations": ["pacs"], "modalities": ["CT"]}])
-    listen = f"127.0.0.1:{free_port()}"
-    server = start_server(config=config, monitor=listen)
+    server = start_server(config=config, monitor="127.0.0.1:0")
+    url = server.monitor_url()
     ct = write_series(str(tmp_path / "ct"), 200, rows=ROWS, columns=ROWS)
     mr = write_series(str(tmp_path / "mr"), 5, rows=ROWS, columns=ROWS, modality="MR", seed=1)
     send(server, ct + mr)
@@ -260,18 +292,18 @@ def test_destination_down_then_up_every_image_arrives_byte_exact(tmp_path: Path,
     assert len(received) == 200
     # The status page and /metrics show the same figures (the supervisor reads the queue every 2 s).
     def published() -> dict:
-        with urllib.request.urlopen(f"http://{listen}/status.json", timeout=5) as answer:
+        with urllib.request.urlopen(f"{url}/status.json", timeout=5) as answer:
             return json.loads(answer.read())["forwarding"]
 
     wait_until(lambda: published() and published()[0]["sent"] == 200, 15, "the snapshot's forwarding figures")
     assert published()[0] | {"last_error": "", "last_error_at": 0} == {
         "name": "pacs", "queued": 0, "in_flight": 0, "sent": 200, "failed": 0, "resent": 0, "last_error": "",
         "last_error_at": 0, "oldest_queued_seconds": 0.0}
-    with urllib.request.urlopen(f"http://{listen}/metrics", timeout=5) as answer:
+    with urllib.request.urlopen(f"{url}/metrics", timeout=5) as answer:
         metrics = answer.read().decode()
     assert 'fastscp_forward_sent_total{destination="pacs"} 200' in metrics
     assert 'fastscp_forward_queued{destination="pacs"} 0' in metrics
-    with urllib.request.urlopen(f"http://{listen}/", timeout=5) as answer:
+    with urllib.request.urlopen(f"{url}/", timeout=5) as answer:
         assert 'id="forwarding"' in answer.read().decode()
 
 
@@ -321,10 +353,9 @@ def test_reconcile_queues_what_the_forwarder_never_took_in(tmp_path: Path, start
 
 
 def test_kill9_forwarder_midway_loses_nothing_and_counts_resends(tmp_path: Path, start_server, receivers) -> None:
-    port = free_port()
-    dest = StatusSCP(port, ae_title="DEST")
+    dest = StatusSCP(ae_title="DEST")
     receivers.append(dest)
-    config = forwarding_config(tmp_path / "forward.yaml", {"pacs": destination(port)},
+    config = forwarding_config(tmp_path / "forward.yaml", {"pacs": destination(dest.port)},
                                [{"destinations": ["pacs"]}], batch_size=10)
     server = start_server(config=config)
     dest.delay = 0.02  # 100 images take 2 s or more: time to kill in the middle
@@ -352,11 +383,10 @@ def test_kill9_forwarder_midway_loses_nothing_and_counts_resends(tmp_path: Path,
 
 
 def test_kill9_whole_server_midway_loses_nothing(tmp_path: Path, start_server, receivers) -> None:
-    port = free_port()
-    dest = StatusSCP(port, ae_title="DEST")
+    dest = StatusSCP(ae_title="DEST")
     dest.delay = 0.01
     receivers.append(dest)
-    config = forwarding_config(tmp_path / "forward.yaml", {"pacs": destination(port)},
+    config = forwarding_config(tmp_path / "forward.yaml", {"pacs": destination(dest.port)},
                                [{"destinations": ["pacs"]}], batch_size=10)
     server = start_server(config=config)
     files = write_series(str(tmp_path / "ct"), 120, rows=ROWS, columns=ROWS)
@@ -394,15 +424,14 @@ def forward_cli(capsys: pytest.CaptureFixture[str], config: Path, server: Server
 
 def test_permanent_refusals_are_recorded_and_not_retried_transient_ones_are(tmp_path: Path, start_server,
                                                                             receivers, capsys) -> None:
-    refuse_port, busy_port = free_port(), free_port()
-    refuse = StatusSCP(refuse_port, 0xA900, ae_title="REFUSE")  # CT only: Secondary Capture's context is refused
+    refuse = StatusSCP(0xA900, ae_title="REFUSE")  # CT only: Secondary Capture's context is refused
     hostile = Dataset()  # a long Error Comment with a line break and markup in it
     hostile.Status, hostile.ErrorComment = 0xA900, "\n<b>" + "x" * 58
     refuse.status = hostile  # type: ignore[assignment]
-    busy = StatusSCP(busy_port, 0xA700, ae_title="BUSY")
+    busy = StatusSCP(0xA700, ae_title="BUSY")
     receivers += [refuse, busy]
     config = forwarding_config(tmp_path / "forward.yaml",
-                               {"refuse": destination(refuse_port, "REFUSE"), "busy": destination(busy_port, "BUSY")},
+                               {"refuse": destination(refuse.port, "REFUSE"), "busy": destination(busy.port, "BUSY")},
                                [{"destinations": ["refuse"]}, {"destinations": ["busy"], "modalities": ["CT"]}])
     server = start_server(config=config)
     ct = write_series(str(tmp_path / "ct"), 4, rows=ROWS, columns=ROWS)
@@ -441,13 +470,12 @@ def test_permanent_refusals_are_recorded_and_not_retried_transient_ones_are(tmp_
 def test_converted_only_when_the_destination_refuses_the_stored_transfer_syntax(tmp_path: Path, start_server,
                                                                                receivers) -> None:
     implicit_only = ((CTImageStorage, [ImplicitVRLittleEndian]),)
-    convert_port, strict_port = free_port(), free_port()
-    convert = StatusSCP(convert_port, ae_title="CONVERT", contexts=implicit_only)
-    strict = StatusSCP(strict_port, ae_title="STRICT", contexts=implicit_only)
+    convert = StatusSCP(ae_title="CONVERT", contexts=implicit_only)
+    strict = StatusSCP(ae_title="STRICT", contexts=implicit_only)
     receivers += [convert, strict]
     config = forwarding_config(tmp_path / "forward.yaml",
-                               {"convert": destination(convert_port, "CONVERT"),
-                                "strict": destination(strict_port, "STRICT", transfer_syntaxes=[])},
+                               {"convert": destination(convert.port, "CONVERT"),
+                                "strict": destination(strict.port, "STRICT", transfer_syntaxes=[])},
                                [{"destinations": ["convert", "strict"]}])
     server = start_server(config=config)
     files = write_series(str(tmp_path / "ct"), 3, rows=ROWS, columns=ROWS)
@@ -464,11 +492,10 @@ def test_converted_only_when_the_destination_refuses_the_stored_transfer_syntax(
 
 
 def test_sighup_puts_changed_rules_in_force(tmp_path: Path, start_server, receivers) -> None:
-    port = free_port()
-    dest = StatusSCP(port, ae_title="DEST", contexts=((CTImageStorage, [ExplicitVRLittleEndian]),
-                                                      ("1.2.840.10008.5.1.4.1.1.4", [ExplicitVRLittleEndian])))
+    dest = StatusSCP(ae_title="DEST", contexts=((CTImageStorage, [ExplicitVRLittleEndian]),
+                                                ("1.2.840.10008.5.1.4.1.1.4", [ExplicitVRLittleEndian])))
     receivers.append(dest)
-    config = forwarding_config(tmp_path / "forward.yaml", {"pacs": destination(port)},
+    config = forwarding_config(tmp_path / "forward.yaml", {"pacs": destination(dest.port)},
                                [{"destinations": ["pacs"], "modalities": ["CT"]}])
     server = start_server(config=config)
     mr = write_series(str(tmp_path / "mr1"), 2, rows=ROWS, columns=ROWS, modality="MR",
@@ -625,11 +652,11 @@ def test_the_status_page_hides_a_destinations_private_key(tmp_path: Path) -> Non
 
 def test_the_sender_turns_nagle_off(receivers) -> None:
     """Else each C-STORE's data set waits for the receiver's delayed ACK (20 img/s to dcmtk storescp)."""
-    port = free_port()
-    receivers.append(StatusSCP(port))
+    scp = StatusSCP()
+    receivers.append(scp)
     ae = _new_ae("FASTSCU", 10)
     ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian])
-    assoc = associate(ae, "127.0.0.1", port, ae_title="STATUS")
+    assoc = associate(ae, "127.0.0.1", scp.port, ae_title="STATUS")
     try:
         assert assoc.is_established
         assert assoc.dul.socket.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
@@ -663,11 +690,10 @@ def test_the_status_page_shows_forwarding_per_destination(monitor: MonitorProces
 
 def test_an_instance_that_aborts_the_association_backs_off_and_does_not_block_the_rest(
         tmp_path: Path, start_server, receivers) -> None:
-    port = free_port()
-    dest = StatusSCP(port, ae_title="DEST")
+    dest = StatusSCP(ae_title="DEST")
     receivers.append(dest)
-    config = forwarding_config(tmp_path / "forward.yaml", {"pacs": destination(port)}, [{"destinations": ["pacs"]}],
-                               retry_initial=0.3, retry_max=30.0)
+    config = forwarding_config(tmp_path / "forward.yaml", {"pacs": destination(dest.port)},
+                               [{"destinations": ["pacs"]}], retry_initial=0.3, retry_max=30.0)
     server = start_server(config=config)
     files = write_series(str(tmp_path / "ct"), 4, rows=ROWS, columns=ROWS)
     poison = pydicom.dcmread(files[0]).SOPInstanceUID

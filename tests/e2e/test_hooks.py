@@ -87,7 +87,7 @@ def wait(server, predicate, what: str, timeout: float = 30) -> None:  # type: ig
 
 
 def status(server) -> dict:  # type: ignore[no-untyped-def,type-arg]
-    (url,) = re.findall(r"status page (http://[^\s;]+)", server.log_text())
+    url = server.monitor_url()
     with urllib.request.urlopen(url + "/status.json", timeout=10) as response:
         return json.loads(response.read())
 
@@ -98,7 +98,7 @@ def hook_state(server, name: str) -> dict:  # type: ignore[no-untyped-def,type-a
 
 
 def metrics(server) -> dict[tuple[str, str], float]:  # type: ignore[no-untyped-def]
-    (url,) = re.findall(r"status page (http://[^\s;]+)", server.log_text())
+    url = server.monitor_url()
     with urllib.request.urlopen(url + "/metrics", timeout=10) as response:
         text = response.read().decode()
     return {(s.name, s.labels.get("hook", "")): s.value
@@ -208,7 +208,7 @@ def test_failing_hook_is_retried_then_counted(start_server, tmp_path: Path) -> N
     assert samples[("fastscp_hook_failed_total", "fails")] == 1
     assert samples[("fastscp_hook_retried_total", "fails")] == 2
     # The status page shows the hook's row and an alert.
-    (url,) = re.findall(r"status page (http://[^\s;]+)", server.log_text())
+    url = server.monitor_url()
     dom = chromium(tmp_path, url + "/", "--dump-dom")
     assert '<section id="hooks-section">' in dom, "the hooks table is shown"
     assert "Hook fails gave up on 1 events" in dom and "exit status 3; output: no PACS at" in dom

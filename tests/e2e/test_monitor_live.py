@@ -41,7 +41,7 @@ def status(url: str) -> dict:  # type: ignore[type-arg]
 
 def test_status_page_metrics_and_cli_while_storing(start_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     server = start_server(monitor="127.0.0.1:0")
-    (url,) = re.findall(r"status page (http://[^\s;]+)", server.log_text())
+    url = server.monitor_url()
     series = write_series(str(tmp_path / "ct"), 5, rows=64, columns=64)
     dcmtk("storescu", "-aec", server.ae_title, "-aet", "FIRST_CT", "-xe", "127.0.0.1", str(server.port), *series)
 
@@ -95,7 +95,7 @@ def test_failures_duplicates_and_rejections_of_a_real_server_reach_the_status(st
     config = tmp_path / "fastscp.yaml"
     config.write_text("access:\n  allowed_calling_aets: [WARD_7]\n")
     server = start_server(monitor="127.0.0.1:0", config=config)
-    (url,) = re.findall(r"status page (http://[^\s;]+)", server.log_text())
+    url = server.monitor_url()
     (path,) = write_series(str(tmp_path / "ct"), 1, rows=32, columns=32)
     raw = Path(path).read_bytes()
     uid, data = str(pydicom.dcmread(path).SOPInstanceUID), raw[dataset_offset(raw):]
@@ -126,7 +126,7 @@ def test_committed_counts_instances_not_records(start_server, tmp_path: Path) ->
 
     # Thumbnails on (the default): each instance also sends a thumbnail record to the indexer.
     server = start_server(monitor="127.0.0.1:0")
-    (url,) = re.findall(r"status page (http://[^\s;]+)", server.log_text())
+    url = server.monitor_url()
     count = 12
     series = write_series(str(tmp_path / "ct"), count, rows=32, columns=32)
     dcmtk("storescu", "-aec", server.ae_title, "-xe", "127.0.0.1", str(server.port), *series)
@@ -173,7 +173,7 @@ def _idle_keep_alive(port: int, socks: list[socket.socket]) -> None:
 def test_healthz_answers_under_connection_floods(start_server, flood: str) -> None:  # type: ignore[no-untyped-def]
     """Issue 11.7: 70 slow-header or 66 idle keep-alive connections made /healthz answer 503."""
     server = start_server(monitor="127.0.0.1:0")
-    (url,) = re.findall(r"status page (http://[^\s;]+)", server.log_text())
+    url = server.monitor_url()
     port = int(url.rsplit(":", 1)[1])
     wait_until(lambda: get(url + "/healthz")[0] == 200, what="the first status snapshot")
     socks: list[socket.socket] = []
@@ -203,7 +203,7 @@ def test_healthz_answers_under_connection_floods(start_server, flood: str) -> No
 def test_trickled_keep_alive_request_head_is_cut_at_its_deadline(start_server) -> None:  # type: ignore[no-untyped-def]
     """A keep-alive connection's next head had the 30 s idle time to trickle in; now 10 s (REQUEST_TIMEOUT)."""
     server = start_server(monitor="127.0.0.1:0")
-    (url,) = re.findall(r"status page (http://[^\s;]+)", server.log_text())
+    url = server.monitor_url()
     wait_until(lambda: get(url + "/healthz")[0] == 200, what="the first status snapshot")
     socks: list[socket.socket] = []
     try:

@@ -209,7 +209,7 @@ def test_a_stalled_post_store_stage_catches_up_without_losing_records(start_serv
     config = tmp_path / "fastscp.yaml"
     config.write_text("scansheet:\n  enabled: false\n")
     server = start_server(config=config, monitor="127.0.0.1:0", workers=1)
-    (url,) = re.findall(r"status page (http://[^\s;]+)", server.log_text())
+    url = server.monitor_url()
 
     def poststore() -> dict:  # type: ignore[type-arg]
         with urllib.request.urlopen(url + "/status.json", timeout=10) as response:

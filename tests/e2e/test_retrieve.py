@@ -9,9 +9,7 @@ own File Meta). pynetdicom checks the statuses and counts.
 
 from __future__ import annotations
 
-import os
 import socket
-import subprocess
 import time
 from io import BytesIO
 from pathlib import Path
@@ -49,16 +47,12 @@ class MoveDestination(Receiver):
     """dcmtk storescp as the move destination, bit-preserving (+B); stopped by PID (Receiver.stop)."""
 
     def start(self, *options: str) -> MoveDestination:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.process = subprocess.Popen(
-            ["storescp", "-aet", self.ae_title, "+B", "-od", str(self.folder), *options, str(self.port)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ, TCP_NODELAY="1"))
-        # Listening is enough (a C-ECHO would need the destination's TLS options).
-        wait_until(self._listening, 15, "storescp listening")
+        self._run(lambda: ["storescp", "-aet", self.ae_title, "+B", "-od", str(self.folder), *options,
+                           str(self.port)], 15)
         return self
 
-    def _listening(self) -> bool:
-        assert self.process is not None and self.process.poll() is None, "storescp exited"
+    def _ready(self) -> bool:
+        # Listening is enough (a C-ECHO would need the destination's TLS options).
         with socket.socket() as s:
             return s.connect_ex(("127.0.0.1", self.port)) == 0
 
@@ -71,7 +65,7 @@ def storescp(tmp_path: Path):  # type: ignore[no-untyped-def]
     started: list[MoveDestination] = []
 
     def start(*options: str) -> MoveDestination:
-        scp = MoveDestination(tmp_path / f"dest{len(started)}", free_port(), DEST)
+        scp = MoveDestination(tmp_path / f"dest{len(started)}", 0, DEST)  # port: chosen at its start
         started.append(scp)
         return scp.start(*options)
 

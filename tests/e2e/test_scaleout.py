@@ -26,7 +26,7 @@ from fastscp.dicom.synthetic import write_series
 from fastscp.query.client import QueryClient
 from fastscp.query.messages import QueryRequest, SqlRequest
 from tests.cluster import HAProxy, Network, PostgresCluster
-from tests.conftest import Server, dcmtk, free_port, wait_until
+from tests.conftest import Server, dcmtk, wait_until
 from tests.e2e.test_cfind import findscu
 
 pytestmark = pytest.mark.dcmtk
@@ -167,10 +167,12 @@ def test_three_nodes_in_network_namespaces_lose_nothing_to_kill_9(network, tmp_p
     def start(name: str) -> Server:
         address = net.address(name)
         with net.inside(net.namespace(name)):
-            monitors.setdefault(name, free_port(address))
-            return Server(tmp_path / name, workers=1, storage=tmp_path / name / "received", host=address,
-                          config=node_config(tmp_path / name, postgres, lake, name),
-                          monitor=f"{address}:{monitors[name]}")
+            # The first start picks the monitor's port; a restart keeps it (HAProxy checks it).
+            server = Server(tmp_path / name, workers=1, storage=tmp_path / name / "received", host=address,
+                            config=node_config(tmp_path / name, postgres, lake, name),
+                            monitor=f"{address}:{monitors.get(name, 0)}")
+        monitors.setdefault(name, server.monitor_port())
+        return server
 
     def on(name: str, sql: str) -> list[tuple[object, ...]]:
         """A query to a node's own query socket (an abstract socket: in the node's namespace)."""
@@ -342,14 +344,12 @@ def test_haproxy_takes_a_draining_node_out(postgres, tmp_path) -> None:  # type:
     others = write_series(str(tmp_path / "others"), 5, rows=32, columns=32, patient_id="OTHERS", seed=1)
     names = ["node-a", "node-b"]
     nodes: dict[str, Server] = {}
-    monitors = {name: free_port() for name in names}
     proxy = None
     try:
         for name in names:
             nodes[name] = Server(tmp_path / name, workers=1,
-                                 config=node_config(tmp_path / name, postgres, lake, name),
-                                 monitor=f"127.0.0.1:{monitors[name]}")
-        proxy = HAProxy(tmp_path, [(name, nodes[name], monitors[name]) for name in names])
+                                 config=node_config(tmp_path / name, postgres, lake, name), monitor="127.0.0.1:0")
+        proxy = HAProxy(tmp_path, [(name, nodes[name], nodes[name].monitor_port()) for name in names])
         draining = nodes["node-a"]
         raw = Path(held).read_bytes()
         data = raw[dataset_offset(raw):]
@@ -361,7 +361,7 @@ def test_haproxy_takes_a_draining_node_out(postgres, tmp_path) -> None:  # type:
         wait_until(lambda: "node-a" not in proxy.up(), 30, "HAProxy to take the draining node out")
         assert draining.process.poll() is None, "node-a must wait for its open association"
         with pytest.raises(urllib.error.HTTPError) as answer:
-            urllib.request.urlopen(f"http://127.0.0.1:{monitors['node-a']}/healthz", timeout=5)
+            urllib.request.urlopen(f"{draining.monitor_url()}/healthz", timeout=5)
         assert answer.value.code == 503 and b"stopping" in answer.value.read()
         dcmtk("storescu", "-aec", "FASTSCP", "127.0.0.1", str(proxy.port), *others)
         scu.send_data(data[len(data) // 2:], last=True)

@@ -21,7 +21,7 @@ import pytest
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet, StudyRootQueryRetrieveInformationModelMove
 
 from fastscp.dicom.synthetic import write_series
-from tests.conftest import Server, dcmtk, free_port, wait_until
+from tests.conftest import Server, dcmtk, wait_until
 from tests.dicomfiles import EXPLICIT_LE
 from tests.e2e.test_retrieve import (
     DEST,
@@ -39,20 +39,21 @@ pytestmark = pytest.mark.dcmtk
 
 
 def start_node(tmp_path: Path, postgres, lake: Path, name: str, destination: int,  # type: ignore[no-untyped-def]  # noqa: F811
-               monitor: int, *, shared: bool = False, storage: Path | None = None) -> Server:
+               *, shared: bool = False, storage: Path | None = None) -> Server:
+    """A node with its status page (the study browser) on a port it picks: Server.monitor_url()."""
     folder = tmp_path / name
     config = node_config(folder, postgres, lake, name)
     config.write_text(config.read_text() + f"retrieve:\n  move_destinations:\n    {DEST}: "
                       f"{{host: 127.0.0.1, port: {destination}}}\n" + ("storage:\n  shared: true\n" if shared else ""))
-    return Server(folder, workers=1, config=config, monitor=f"127.0.0.1:{monitor}", storage=storage)
+    return Server(folder, workers=1, config=config, monitor="127.0.0.1:0", storage=storage)
 
 
 def relative_files(server: Server) -> dict[str, bytes]:
     return {p.relative_to(server.storage).as_posix(): p.read_bytes() for p in server.stored_files()}
 
 
-def download(monitor: int, study: str) -> zipfile.ZipFile:
-    with urllib.request.urlopen(f"http://127.0.0.1:{monitor}/studies/{study}.zip", timeout=60) as response:
+def download(node: Server, study: str) -> zipfile.ZipFile:
+    with urllib.request.urlopen(f"{node.monitor_url()}/studies/{study}.zip", timeout=60) as response:
         return zipfile.ZipFile(io.BytesIO(response.read()))
 
 
@@ -63,11 +64,10 @@ def test_a_study_split_between_two_nodes_is_retrieved_whole_from_one(postgres, s
     study, series = uid_of(files[0], "StudyInstanceUID"), uid_of(files[0], "SeriesInstanceUID")
     expected = by_sop_instance(files)
     on_b = {uid_of(p, "SOPInstanceUID") for p in files[1::2]}
-    monitors = {"node-a": free_port(), "node-b": free_port()}
     nodes: dict[str, Server] = {}
     try:
-        for name in monitors:
-            nodes[name] = start_node(tmp_path, postgres, lake, name, dest.port, monitors[name])
+        for name in ("node-a", "node-b"):
+            nodes[name] = start_node(tmp_path, postgres, lake, name, dest.port)
         a, b = nodes["node-a"], nodes["node-b"]
         # Interleaved: every other instance of the one series on each node.
         dcmtk("storescu", "-aec", "FASTSCP", "127.0.0.1", str(a.port), *files[0::2])
@@ -91,7 +91,7 @@ def test_a_study_split_between_two_nodes_is_retrieved_whole_from_one(postgres, s
               "-k", f"StudyInstanceUID={study}", "127.0.0.1", str(a.port))
         assert by_sop_instance(dest.stored()) == expected
         # The study browser's zip on node-a: every file, named by its layout path, the stored file byte for byte.
-        archive = download(monitors["node-a"], study)
+        archive = download(a, study)
         assert {name: archive.read(name) for name in archive.namelist()} == stored
         # node-a fetched node-b's files into a private folder, and removed it.
         assert "fetched" not in " ".join(p.name for p in (a.storage / ".incoming").iterdir())
@@ -114,15 +114,15 @@ def test_a_study_split_between_two_nodes_is_retrieved_whole_from_one(postgres, s
                                 identifier("STUDY", StudyInstanceUID=study))
         assert moved[-1].Status == 0xB000 and counts(moved[-1]) == (6, 6, 0, None)
         assert time.monotonic() - started < 60
-        archive = download(monitors["node-a"], study)
+        archive = download(a, study)
         assert set(archive.namelist()) == set(relative_files(a)) | {"fastscp-missing.txt"}
         assert archive.read("fastscp-missing.txt").decode().count("node-b") >= 6
         assert not [p for p in (a.storage / ".incoming").iterdir() if p.name.startswith("fetched-")]
 
         # node-b again, its storage marked shared (every node mounts it at the same path), then down again:
         # node-a reads node-b's files where they are.
-        nodes["node-b"] = b = start_node(tmp_path, postgres, lake, "node-b", dest.port, monitors["node-b"],
-                                         shared=True, storage=b.storage)
+        nodes["node-b"] = b = start_node(tmp_path, postgres, lake, "node-b", dest.port, shared=True,
+                                         storage=b.storage)
         wait_until(lambda: sql_rows(a, "SELECT count(*) FROM node_addresses WHERE node = 'node-b' "
                                        "AND shared_storage") == [(1,)], 60, "node-b's address again")
         b.kill_group()
@@ -132,7 +132,7 @@ def test_a_study_split_between_two_nodes_is_retrieved_whole_from_one(postgres, s
         dcmtk("getscu", "-S", "-aec", "FASTSCP", "+B", "-od", str(out), "-k", "QueryRetrieveLevel=STUDY",
               "-k", f"StudyInstanceUID={study}", "127.0.0.1", str(a.port))
         assert by_sop_instance(sorted(out.iterdir())) == expected
-        archive = download(monitors["node-a"], study)
+        archive = download(a, study)
         assert {name: archive.read(name) for name in archive.namelist()} == stored
     finally:
         stop_all(None, nodes.values())
@@ -147,7 +147,7 @@ def test_a_node_asked_by_another_node_serves_its_own_files_only(postgres, stores
     nodes: dict[str, Server] = {}
     try:
         for name in ("node-a", "node-b"):
-            nodes[name] = start_node(tmp_path, postgres, lake, name, dest.port, free_port())
+            nodes[name] = start_node(tmp_path, postgres, lake, name, dest.port)
         a, b = nodes["node-a"], nodes["node-b"]
         dcmtk("storescu", "-aec", "FASTSCP", "127.0.0.1", str(b.port), *files)
         wait_until(lambda: sql_rows(a, "SELECT count(*) FROM instances") == [(4,)], 60, "node-b's rows")

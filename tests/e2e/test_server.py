@@ -141,19 +141,18 @@ def test_max_associations_holds_across_workers(start_server, ct_series) -> None:
 
 
 def test_store_scp_console_script_with_accept_list(tmp_path, ct_series) -> None:  # type: ignore[no-untyped-def]
-    from tests.conftest import free_port, wait_for_port
+    from tests.conftest import wait_for_port
 
-    port = free_port()
     log = tmp_path / "store_scp.log"
     script = Path(sys.executable).parent / "store_scp"
     with open(log, "w") as out:
-        process = subprocess.Popen(
-            [str(script), str(port), "MY_PACS", "--storage-dir", str(tmp_path / "received"),
+        process = subprocess.Popen(  # port 0: it binds one, and logs it
+            [str(script), "0", "MY_PACS", "--storage-dir", str(tmp_path / "received"),
              "--index-db", str(tmp_path / "pacs.db"), "--accept", "CT,MR,US", "--host", "127.0.0.1",
              "--monitor", "off"],
             stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        wait_for_port(port, process, log)
+        port = wait_for_port(0, process, log)
         ae = AE(ae_title="SENDER")
         ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
         ae.add_requested_context(SecondaryCaptureImageStorage, ExplicitVRLittleEndian)

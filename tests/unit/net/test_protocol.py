@@ -18,7 +18,6 @@ from fastscp.dicom.sopclasses import STORAGE_SOP_CLASSES
 from fastscp.net import dimse
 from fastscp.net.negotiation import AcceptancePolicy, negotiate
 from fastscp.net.pdu import PDUStream, ProtocolError, p_data_tf
-from tests.conftest import free_port
 from tests.rawscu import associate_rq
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -78,10 +77,9 @@ def _stock_acceptance(pdu: bytes) -> list[tuple[int, int, str]]:
     for cx in AllStoragePresentationContexts:
         ae.add_supported_context(cx.abstract_syntax, [EXPLICIT, IMPLICIT, BIG, JPEG_LS], scu_role=True, scp_role=False)
     ae.add_supported_context(Verification)
-    port = free_port()
-    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_ECHO, lambda e: 0)])
+    server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_ECHO, lambda e: 0)])
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        with socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=10) as sock:
             sock.sendall(pdu)
             stream = PDUStream(sock, 1 << 20)
             pdu_type, body = stream.read()

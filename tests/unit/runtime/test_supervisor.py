@@ -22,7 +22,7 @@ import pytest
 from fastscp.process.orphan import die_with_parent
 from fastscp.runtime.child import Backoff, Child, ChildSpec
 from fastscp.runtime.messages import ENCODER, READINESS, Ready
-from tests.conftest import REPO, free_port, wait_for_port, wait_until
+from tests.conftest import REPO, wait_for_port, wait_until
 from tests.rawscu import RawSCU
 
 VERIFICATION = "1.2.840.10008.1.1"
@@ -130,12 +130,13 @@ sys.exit(supervisor.Supervisor(config, targets, backoff=fakes.BACKOFF).run())
 class FakeServer:
     def __init__(self, tmp: Path, targets: dict[str, object], *, workers: int = 1, ready_timeout: float = 60,
                  overrides: dict[str, object] | None = None) -> None:
-        self.port = free_port()
+        #: The supervisor binds port 0 (no other process can take it first); its port once :meth:`listening`.
+        self.port = 0
         self.log = tmp / "supervisor.log"
         self.fakes = tmp / "fakes.log"
         self._out = open(self.log, "w")
         self.process = subprocess.Popen(
-            [sys.executable, "-c", _SCRIPT, str(self.port), str(tmp / "received"), str(workers),
+            [sys.executable, "-c", _SCRIPT, "0", str(tmp / "received"), str(workers),
              json.dumps(targets), str(ready_timeout), json.dumps(overrides or {})],
             stdout=self._out, stderr=subprocess.STDOUT, start_new_session=True,
             cwd=REPO, env={**os.environ, "FASTSCP_FAKE_LOG": str(self.fakes)})
@@ -149,6 +150,10 @@ class FakeServer:
 
     def log_text(self) -> str:
         return self.log.read_text()
+
+    def listening(self) -> None:
+        """Wait until it accepts associations, and learn its port."""
+        self.port = wait_for_port(0, self.process, self.log)
 
     def stop(self, timeout: float = 30) -> int:
         self.process.send_signal(signal.SIGTERM)
@@ -209,7 +214,7 @@ def test_a_child_that_dies_is_restarted_with_growing_backoff_and_the_storm_is_bo
 def test_accept_goes_on_while_the_indexer_restarts_and_never_becomes_ready(fake_server) -> None:  # type: ignore[no-untyped-def]
     """Real workers; the indexer dies after its start and its restarts hang without Ready (killed at 3 s)."""
     server = fake_server({"indexer": "indexer_ready_once", "poststore": "idle"}, workers=2, ready_timeout=3)
-    wait_for_port(server.port, server.process, server.log)
+    server.listening()
     wait_until(lambda: len(server.starts("indexer")) >= 2, timeout=15, what="the indexer's restart")
     # From here the indexer is starting (and is killed at its deadline, then restarted):
     # every association is still answered at once.
@@ -241,7 +246,7 @@ def test_one_association_per_worker_grows_the_pool_and_stops_idle_spares(fake_se
     """server.associations_per_worker: 1 with real workers: each open association gets a process of its own."""
     server = fake_server({"indexer": "indexer_ready", "poststore": "idle"}, workers=1,
                          overrides={"server.associations_per_worker": 1, "spare_worker_idle": 1.0})
-    wait_for_port(server.port, server.process, server.log)
+    server.listening()
     assert _started_workers(server.log_text()) == [0]
     held = []
     try:
