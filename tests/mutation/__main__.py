@@ -91,6 +91,7 @@ MODULES: dict[str, tuple[str, ...]] = {
     ),
     "fastscp/net/negotiation.py": (
         "tests/e2e/test_negotiation.py",
+        "tests/unit/net/test_negotiation_remembered.py",
         "tests/unit/net/test_protocol.py",
         "tests/e2e/test_access.py",
         "tests/e2e/test_cfind.py::test_relational_queries_when_negotiated",
