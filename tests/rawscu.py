@@ -9,6 +9,7 @@ from __future__ import annotations
 import socket
 import struct
 import time
+from collections.abc import Sequence
 
 from pydicom.uid import UID
 from pynetdicom.pdu import A_ASSOCIATE_RQ
@@ -80,6 +81,26 @@ def associate_rq(contexts: list[tuple[str, list[str]]], *, aet: str = "RAWSCU", 
     pdu = A_ASSOCIATE_RQ()
     pdu.from_primitive(rq)
     return pdu.encode()
+
+
+def _item(kind: int, body: bytes) -> bytes:
+    return struct.pack(">BxH", kind, len(body)) + body
+
+
+def raw_associate_rq(contexts: Sequence[tuple[int, str, Sequence[str]]], user_items: Sequence[tuple[int, bytes]] = (),
+                     *, aet: str = "RAWSCU", aec: str = "FASTSCP", other_items: int = 0) -> bytes:
+    """An A-ASSOCIATE-RQ written item by item (PS3.8 9.3.2), as a hostile peer may: any number of
+    presentation contexts (ID, abstract syntax, transfer syntaxes; IDs may repeat), a Maximum Length
+    item and then ``user_items`` (type, body) in its User Information, and ``other_items`` more
+    Application Context items."""
+    variable = _item(0x10, b"1.2.840.10008.3.1.1.1") * (1 + other_items)
+    for context_id, abstract, syntaxes in contexts:
+        sub = _item(0x30, abstract.encode()) + b"".join(_item(0x40, ts.encode()) for ts in syntaxes)
+        variable += _item(0x20, bytes([context_id, 0, 0, 0]) + sub)
+    user = _item(0x51, struct.pack(">I", 0)) + b"".join(_item(kind, body) for kind, body in user_items)
+    variable += _item(0x50, user)
+    body = struct.pack(">HH", 1, 0) + aec.encode().ljust(16) + aet.encode().ljust(16) + bytes(32) + variable
+    return _PDU.pack(0x01, len(body)) + body
 
 
 def p_data(context_id: int, data: bytes, *, command: bool, last: bool) -> bytes:

@@ -29,7 +29,7 @@ from fastscp.net import dimse
 from fastscp.net.scu import associate
 from tests.conftest import dcmtk, wait_until
 from tests.dicomfiles import Encoder, pad
-from tests.rawscu import RawSCU, associate_rq, p_data, store_command
+from tests.rawscu import RawSCU, associate_rq, p_data, raw_associate_rq, store_command
 
 CT = str(CTImageStorage)
 EXPLICIT = str(ExplicitVRLittleEndian)
@@ -293,15 +293,32 @@ def test_max_pdu_size_0_takes_a_12_mb_store_in_one_pdu_from_pynetdicom(start_ser
     assert a[-len(ds.PixelData):] == b[-len(ds.PixelData):] and len(b) > 12_000_000
 
 
-def test_an_associate_request_over_512_kib_is_answered(start_server) -> None:  # type: ignore[no-untyped-def]
+def test_the_largest_associate_request_within_the_limits_is_accepted(start_server) -> None:  # type: ignore[no-untyped-def]
+    """128 contexts of 32 transfer syntaxes with 64-character UIDs (~250 KB; negotiation.proposal_over_limits)."""
     server = start_server(workers=1)
-    syntaxes = [EXPLICIT] + [f"1.2.826.0.1.3680043.9.9999.{i}" for i in range(399)]
-    rq = associate_rq([(CT, syntaxes)] * 64)
-    assert 512 * 1024 < len(rq) < 1024 * 1024
+    syntaxes = [EXPLICIT] + [f"1.2.826.0.1.3680043.9.9999.{i + 1}".ljust(64, "1") for i in range(31)]
+    rq = associate_rq([(CT, syntaxes)] * 128)
+    assert len(rq) > 240 * 1024
     with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
         sock.sendall(rq)
         answer = sock.recv(1)
     assert answer == b"\x02", "no A-ASSOCIATE-AC"
+    dcmtk("echoscu", "-aec", server.ae_title, "127.0.0.1", str(server.port))
+
+
+def test_an_associate_request_proposing_too_much_is_rejected_at_once(start_server) -> None:  # type: ignore[no-untyped-def]
+    """30,000 presentation contexts in 540 KB: pynetdicom spent seconds of the worker's CPU on such a
+    request (every other association of the worker waiting for its GIL) and accepted it. Now it is
+    read whole (up to 1 MiB), then answered with an A-ASSOCIATE-RJ (permanent, local limit exceeded)
+    before anything is decoded, and the log says why."""
+    server = start_server(workers=1)
+    rq = raw_associate_rq([((2 * i + 1) % 256, "1", ["1"]) for i in range(30_000)], aet="FLOOD")
+    assert 512 * 1024 < len(rq) < 1024 * 1024
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(rq)
+        answer = sock.recv(10, socket.MSG_WAITALL)
+    assert answer == bytes([3, 0, 0, 0, 0, 4, 0, 1, 3, 2]), answer
+    server.wait_for_log("local limit exceeded: more than 128 presentation contexts proposed")
     dcmtk("echoscu", "-aec", server.ae_title, "127.0.0.1", str(server.port))
 
 

@@ -30,7 +30,7 @@ from fastscp.net import dimse
 from fastscp.net.access import build_access_policy
 from fastscp.net.negotiation import AcceptancePolicy, negotiate, peek_ae_titles
 from fastscp.net.scu import SCUError, echo
-from tests.rawscu import associate_rq, command_set, p_data
+from tests.rawscu import associate_rq, command_set, p_data, raw_associate_rq
 
 CT, MR, US = "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.5.1.4.1.1.6.1"
 EXPLICIT, IMPLICIT = "1.2.840.10008.1.2.1", "1.2.840.10008.1.2"
@@ -233,3 +233,35 @@ def test_the_ae_titles_of_a_request_are_read_from_its_fixed_fields() -> None:
     assert peek_ae_titles(associate_rq([(CT, [EXPLICIT])], aet="A", aec="B")) == ("B", "A")
     assert peek_ae_titles(pdu[:41]) == ("", "")
     assert peek_ae_titles(b"\x02" + pdu[1:]) == ("", "")  # an A-ASSOCIATE-AC is no request
+
+
+# -- what one request may propose (negotiation.proposal_over_limits) --------------------------------
+
+ROLE = (0x54, struct.pack(">H", len(CT)) + CT.encode() + b"\x01\x00")  # SCP/SCU Role Selection: SCU
+
+
+def _contexts(count: int, syntaxes: int = 1) -> list[tuple[int, str, list[str]]]:
+    return [((2 * i + 1) % 256, CT, [EXPLICIT] * syntaxes) for i in range(count)]
+
+
+@pytest.mark.parametrize(("pdu", "why"), [
+    (raw_associate_rq(_contexts(129)), "more than 128 presentation contexts proposed"),
+    (raw_associate_rq(_contexts(20_000)), "more than 128 presentation contexts proposed"),
+    (raw_associate_rq(_contexts(128, 33)), "more than 4096 transfer syntaxes proposed"),
+    (raw_associate_rq(_contexts(1), [ROLE] * 512), "more than 512 user information items"),
+    (raw_associate_rq(_contexts(1), other_items=8), "more than 8 items other than presentation contexts"),
+], ids=["129 contexts", "20000 contexts", "4097 syntaxes", "513 user items", "9 other items"])
+def test_a_request_proposing_too_much_is_rejected_before_it_is_decoded(pdu: bytes, why: str) -> None:
+    """pynetdicom spends tens of us on each item with the worker's GIL held: a 360 KB request of
+    20,000 contexts took ~1 s and was accepted. Rejected permanently, "local limit exceeded"."""
+    result = negotiate(pdu, POLICY)
+    assert not result.accepted
+    assert result.response == bytes([3, 0, 0, 0, 0, 4, 0, 1, 3, 2])
+    assert result.reject_reason == f"local limit exceeded: {why}"
+    assert (result.calling_ae_title, result.called_ae_title) == ("RAWSCU", "FASTSCP")
+
+
+def test_a_request_at_the_limits_is_negotiated() -> None:
+    # 128 contexts of 32 syntaxes (4,096), 511 role selections and the Maximum Length (512 items).
+    result = negotiate(raw_associate_rq(_contexts(128, 32), [ROLE] * 511, other_items=7), POLICY)
+    assert result.accepted and len(result.contexts) == 128
