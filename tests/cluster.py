@@ -177,10 +177,16 @@ class HAProxy:
         return {row[3] for row in rows if len(row) > 5 and row[5] == "2"}
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(30)
-        self._log_file.close()
+        try:
+            if self.process.poll() is None:
+                self.process.terminate()
+                try:
+                    self.process.wait(30)
+                except subprocess.TimeoutExpired:
+                    self.process.kill()
+                    self.process.wait(10)
+        finally:
+            self._log_file.close()
 
 
 # -- network namespaces -------------------------------------------------------------------

@@ -67,19 +67,35 @@ def on_free_ports(start: Callable[[], T], attempts: int = PORT_ATTEMPTS) -> T:
 
 
 def listens(process: subprocess.Popen, port: int) -> bool:
-    """``process`` itself holds a socket listening on TCP ``port`` (Linux /proc).
+    """``process``, or a process it started, holds a socket listening on TCP ``port`` (Linux /proc).
 
     A connection to the port is not proof: it also succeeds when another
-    process took the port and ours is about to exit.
+    process took the port and ours is about to exit. Where /proc does not
+    show another user's descriptors (no CAP_SYS_PTRACE), the connection is
+    all there is to go by: True.
     """
-    proc = Path(f"/proc/{process.pid}")
     try:
-        sockets = {f"socket:[{fields[9]}]" for table in ("tcp", "tcp6")
-                   for fields in map(str.split, (proc / "net" / table).read_text().splitlines()[1:])
-                   if fields[3] == "0A" and int(fields[1].rpartition(":")[2], 16) == port}  # 0A: LISTEN
-        return bool(sockets) and any(_link(fd) in sockets for fd in (proc / "fd").iterdir())
+        sockets = _listening_sockets(Path(f"/proc/{process.pid}/net"), port)
+        return bool(sockets) and any(_link(fd) in sockets for pid in _family(process.pid)
+                                     for fd in Path(f"/proc/{pid}/fd").iterdir())
+    except PermissionError:
+        return True
     except (FileNotFoundError, ProcessLookupError):  # it has exited
         return False
+
+
+def _listening_sockets(net: Path, port: int) -> set[str]:
+    """``socket:[inode]`` of the sockets listening on ``port`` in the network namespace of ``net``."""
+    found = set()
+    for table in ("tcp", "tcp6"):
+        try:
+            rows = (net / table).read_text().splitlines()[1:]
+        except FileNotFoundError:  # no IPv6 in this kernel; a process gone shows in the other
+            continue
+        # Fields: sl, local address (hex IP:port), remote address, state (0A: LISTEN), ..., inode (10th).
+        found |= {f"socket:[{fields[9]}]" for fields in map(str.split, rows)
+                  if fields[3] == "0A" and int(fields[1].rpartition(":")[2], 16) == port}
+    return found
 
 
 def _link(path: Path) -> str:
@@ -87,6 +103,19 @@ def _link(path: Path) -> str:
         return os.readlink(path)
     except FileNotFoundError:  # closed while we looked
         return ""
+
+
+def _family(pid: int) -> list[int]:
+    """``pid`` and its descendants (a server may listen in a child: HAProxy's master-worker mode)."""
+    family, i = [pid], 0
+    while i < len(family):
+        for task in Path(f"/proc/{family[i]}/task").glob("*/children"):
+            try:
+                family += [int(child) for child in task.read_text().split()]
+            except FileNotFoundError:
+                pass
+        i += 1
+    return family
 
 
 def wait_for_port(port: int, process: subprocess.Popen, log: Path, timeout: float = 30,
