@@ -33,7 +33,8 @@ T = TypeVar("T")
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A port nothing listens on now. Its socket is closed before the caller's process binds it, so another
-    process can take it in between: start that process with :func:`on_free_ports`, or let it bind port 0."""
+    process can take it in between: start that process with :func:`on_free_ports`, or let it bind port 0
+    (a port that must stay unused: the ``closed_port`` fixture)."""
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
@@ -280,6 +281,15 @@ def taken_port() -> Iterator[int]:
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))
         holder.listen(1)
+        yield holder.getsockname()[1]
+
+
+@pytest.fixture
+def closed_port() -> Iterator[int]:
+    """A port on 127.0.0.1 where a connection is refused for the test's time: bound by a socket that
+    does not listen, so no other process can take it meanwhile (a port of free_port() could be)."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
         yield holder.getsockname()[1]
 
 

@@ -18,7 +18,6 @@ import pytest
 from pydicom.uid import MRImageStorage
 
 from fastscp.dicom.synthetic import write_series
-from tests.conftest import free_port
 from tests.e2e.test_access import pki, tls_config  # noqa: F401  (pki: the test CA fixture)
 from tests.e2e.test_server import assert_same_dataset, by_instance, fastscp
 
@@ -85,8 +84,8 @@ def test_a_named_file_that_does_not_exist_is_no_such_file(start_server, tmp_path
     assert_same_dataset(Path(ct), stored)
 
 
-def test_a_closed_port_is_connection_refused(tmp_path: Path) -> None:
-    port = free_port()  # nothing listens there
+def test_a_closed_port_is_connection_refused(tmp_path: Path, closed_port: int) -> None:
+    port = closed_port
     (ct,) = write_series(str(tmp_path / "ct"), 1, rows=16, columns=16)
     for argv in (("echo", "127.0.0.1", str(port)), ("send", "127.0.0.1", str(port), ct)):
         result = fastscp(*argv)
@@ -199,7 +198,7 @@ def test_a_failure_status_is_reported_by_its_name(start_server, tmp_path: Path) 
     assert "stored 1, failed 1, refused 0, skipped 0" in result.stdout
 
 
-def test_a_missing_tls_file_names_the_option(tmp_path: Path) -> None:
-    result = fastscp("echo", "127.0.0.1", str(free_port()), "--tls-ca-bundle", str(tmp_path / "missing.pem"))
+def test_a_missing_tls_file_names_the_option(tmp_path: Path, closed_port: int) -> None:
+    result = fastscp("echo", "127.0.0.1", str(closed_port), "--tls-ca-bundle", str(tmp_path / "missing.pem"))
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     assert f"--tls-ca-bundle: cannot load {tmp_path / 'missing.pem'}" in result.stderr

@@ -31,7 +31,7 @@ from pynetdicom.sop_class import (
 from fastscp.dicom.synthetic import write_series
 from fastscp.query.client import QueryClient
 from fastscp.query.messages import Condition, QueryRequest
-from tests.conftest import dcmtk, free_port, wait_until
+from tests.conftest import dcmtk, wait_until
 from tests.dicomfiles import EXPLICIT_LE, PYDICOM_DATA, dataset_bytes
 from tests.e2e.test_access import pki  # noqa: F401  (pki: the test CA fixture)
 from tests.e2e.test_forward import Receiver
@@ -423,8 +423,9 @@ def test_c_cancel_stops_a_long_move(start_server, storescp, tmp_path: Path) -> N
     assert server.stop() == 0
 
 
-def test_move_with_an_unreachable_destination_fails_every_sub_operation(start_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    server = start_server(workers=1, config=config_with_destination(tmp_path, free_port()))
+def test_move_with_an_unreachable_destination_fails_every_sub_operation(start_server, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                                        closed_port: int) -> None:
+    server = start_server(workers=1, config=config_with_destination(tmp_path, closed_port))
     files, study = stored_study(server, tmp_path / "a", 2, "MOVEE")
     statuses = pynetdicom_move(server, StudyRootQueryRetrieveInformationModelMove,
                                identifier("STUDY", StudyInstanceUID=study))

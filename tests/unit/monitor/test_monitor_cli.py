@@ -13,7 +13,6 @@ import pytest
 from fastscp.cli import main as cli
 from fastscp.cli.status import url_for_listen
 from fastscp.status import StatusSnapshot
-from tests.conftest import free_port
 from tests.unit.monitor.test_monitor import HOSTILE_AE, MonitorProcess, make_snapshot, running_monitor
 
 
@@ -81,8 +80,8 @@ def test_before_the_first_snapshot(monitor: MonitorProcess, capsys: pytest.Captu
     assert err.startswith(f"fastscp status: {monitor.url}/status.json: the server has not published its status yet")
 
 
-def test_unreachable_monitor(capsys: pytest.CaptureFixture[str]) -> None:
-    url = f"http://127.0.0.1:{free_port()}"
+def test_unreachable_monitor(capsys: pytest.CaptureFixture[str], closed_port: int) -> None:
+    url = f"http://127.0.0.1:{closed_port}"
     assert cli.main(["status", "--url", url, "--timeout", "2"]) == 1
     captured = capsys.readouterr()
     assert captured.out == ""

@@ -16,14 +16,14 @@ from fastscp.net.fetch import FetchSettings, RemoteFiles
 from fastscp.net.retrievescp import PENDING, UNABLE_TO_PERFORM, suboperations
 from fastscp.query.retrieve import Instance
 from fastscp.storage.reserved import FETCHED
-from tests.conftest import free_port
 from tests.dicomfiles import EXPLICIT_LE
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 
 
-def settings(incoming: Path) -> FetchSettings:
-    down = NodeAddress("node-b", "127.0.0.1", free_port(), "NODEB", False, str(incoming.parent / "b"), False)
+def settings(incoming: Path, down_port: int) -> FetchSettings:
+    """A node-a whose node-b (``down_port``: nothing listens there) is down."""
+    down = NodeAddress("node-b", "127.0.0.1", down_port, "NODEB", False, str(incoming.parent / "b"), False)
     return FetchSettings("node-a", "NODEA", lambda: {"node-b": down}, str(incoming), 5.0, TLSConfig())
 
 
@@ -36,11 +36,11 @@ def fetched_folders(incoming: Path) -> list[str]:
     return sorted(p.name for p in incoming.iterdir() if p.name.startswith(FETCHED))
 
 
-def test_the_fetched_files_are_gone_when_the_final_response_is_given(tmp_path: Path) -> None:
+def test_the_fetched_files_are_gone_when_the_final_response_is_given(tmp_path: Path, closed_port: int) -> None:
     incoming = tmp_path / ".incoming"
     incoming.mkdir()
     found = instances(3)
-    files = RemoteFiles(settings(incoming), found)
+    files = RemoteFiles(settings(incoming, closed_port), found)
     stored: list[Instance] = []
     seen: list[tuple[int, list[str]]] = []
     responses = suboperations(found, lambda i: stored.append(i) or dimse.SUCCESS, lambda: False, EXPLICIT_LE,
@@ -53,7 +53,7 @@ def test_the_fetched_files_are_gone_when_the_final_response_is_given(tmp_path: P
     assert seen[-1][1] == []
 
 
-def test_the_fetched_files_are_gone_when_the_zip_ends(tmp_path: Path) -> None:
+def test_the_fetched_files_are_gone_when_the_zip_ends(tmp_path: Path, closed_port: int) -> None:
     incoming = tmp_path / ".incoming"
     incoming.mkdir()
     found = instances(2)
@@ -70,7 +70,7 @@ def test_the_fetched_files_are_gone_when_the_zip_ends(tmp_path: Path) -> None:
         ahead = threading.Semaphore(ZIP_AHEAD)
         out = Watched(loop, queue, ahead, threading.Event())
         thread = threading.Thread(target=_write_zip, args=(out, [(i.path, None, i) for i in found],
-                                                           "1.2.3", settings(incoming)))
+                                                           "1.2.3", settings(incoming, closed_port)))
         thread.start()
         data = b""
         while (item := await asyncio.wait_for(queue.get(), 60)) is not None:
