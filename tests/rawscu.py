@@ -87,15 +87,17 @@ def _item(kind: int, body: bytes) -> bytes:
     return struct.pack(">BxH", kind, len(body)) + body
 
 
-def raw_associate_rq(contexts: Sequence[tuple[int, str, Sequence[str]]], user_items: Sequence[tuple[int, bytes]] = (),
-                     *, aet: str = "RAWSCU", aec: str = "FASTSCP", other_items: int = 0) -> bytes:
+def raw_associate_rq(contexts: Sequence[tuple[int, str | None, Sequence[str]]],
+                     user_items: Sequence[tuple[int, bytes]] = (), *, aet: str = "RAWSCU", aec: str = "FASTSCP",
+                     other_items: int = 0) -> bytes:
     """An A-ASSOCIATE-RQ written item by item (PS3.8 9.3.2), as a hostile peer may: any number of
-    presentation contexts (ID, abstract syntax, transfer syntaxes; IDs may repeat), a Maximum Length
-    item and then ``user_items`` (type, body) in its User Information, and ``other_items`` more
-    Application Context items."""
+    presentation contexts (ID, abstract syntax or None for no such item, transfer syntaxes; IDs may
+    repeat), a Maximum Length item and then ``user_items`` (type, body) in its User Information, and
+    ``other_items`` more Application Context items."""
     variable = _item(0x10, b"1.2.840.10008.3.1.1.1") * (1 + other_items)
     for context_id, abstract, syntaxes in contexts:
-        sub = _item(0x30, abstract.encode()) + b"".join(_item(0x40, ts.encode()) for ts in syntaxes)
+        sub = b"" if abstract is None else _item(0x30, abstract.encode())
+        sub += b"".join(_item(0x40, ts.encode()) for ts in syntaxes)
         variable += _item(0x20, bytes([context_id, 0, 0, 0]) + sub)
     user = _item(0x51, struct.pack(">I", 0)) + b"".join(_item(kind, body) for kind, body in user_items)
     variable += _item(0x50, user)

@@ -326,9 +326,12 @@ def negotiate(pdu: bytes, policy: AcceptancePolicy, peer_ip: str = "") -> Negoti
     results: list[PresentationContext] = []
     reply_roles = []
     for rq_context in rq.presentation_context_definition_list:
+        # PS3.8 9.3.2.2: one abstract syntax and one or more transfer syntaxes; pynetdicom's negotiation
+        # assumes both (without an abstract syntax it raised TypeError, logged as a bug of ours).
+        context_id = rq_context.context_id
+        if rq_context.abstract_syntax is None:
+            raise ValueError(f"malformed A-ASSOCIATE-RQ: presentation context {context_id} has no abstract syntax")
         if not rq_context.transfer_syntax:
-            # PS3.8 9.3.2.2: one or more; pynetdicom's negotiation assumes one.
-            context_id = rq_context.context_id
             raise ValueError(f"malformed A-ASSOCIATE-RQ: presentation context {context_id} has no transfer syntax")
         result, role_items = negotiate_as_acceptor(
             [rq_context], _acceptor_context(rq_context, policy), roles

@@ -6,10 +6,13 @@ reads from a request it must reject unread."""
 
 from __future__ import annotations
 
+import collections
 import io
+import random
 import socket
 import struct
 import threading
+import warnings
 
 import pytest
 from pydicom.uid import UID
@@ -265,3 +268,39 @@ def test_a_request_at_the_limits_is_negotiated() -> None:
     # 128 contexts of 32 syntaxes (4,096), 511 role selections and the Maximum Length (512 items).
     result = negotiate(raw_associate_rq(_contexts(128, 32), [ROLE] * 511, other_items=7), POLICY)
     assert result.accepted and len(result.contexts) == 128
+
+
+@pytest.mark.parametrize(("context", "missing"), [((1, None, [EXPLICIT]), "abstract syntax"),
+                                                  ((1, CT, []), "transfer syntax")])
+def test_a_context_without_its_syntaxes_is_malformed(context: tuple[int, str | None, list[str]],
+                                                     missing: str) -> None:
+    """PS3.8 9.3.2.2. Without an abstract syntax pynetdicom's negotiation raised TypeError, which the
+    association logged as a bug of ours with its traceback."""
+    with pytest.raises(ValueError, match=f"^malformed A-ASSOCIATE-RQ: presentation context 1 has no {missing}$"):
+        negotiate(raw_associate_rq([(3, CT, [EXPLICIT]), context]), POLICY)
+
+
+def test_a_mutated_request_is_negotiated_or_malformed_never_a_crash() -> None:
+    """Seeded mutations of valid requests (bytes changed, cut out, put in): an outcome, or ValueError (the
+    association aborts it as malformed), never another exception (logged as a bug, with a traceback)."""
+    rng = random.Random(7)
+    bases = [associate_rq([(CT, [EXPLICIT, IMPLICIT])] * 3, roles={CT: (True, True)}),
+             _request_with([_extended(STUDY_FIND, b"\x01")], [(STUDY_FIND, [EXPLICIT])])]
+    outcomes = collections.Counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom's warnings about the invalid UIDs it meets
+        for _ in range(3000):
+            pdu = bytearray(rng.choice(bases))
+            for _ in range(rng.randint(1, 4)):
+                at, op = rng.randrange(len(pdu)), rng.random()
+                if op < 0.6:
+                    pdu[at] = rng.randrange(256)
+                elif op < 0.8:
+                    del pdu[at:at + rng.randint(1, 8)]
+                else:
+                    pdu[at:at] = rng.randbytes(rng.randint(1, 8))
+            try:
+                outcomes["accepted" if negotiate(bytes(pdu), POLICY).accepted else "rejected"] += 1
+            except ValueError:
+                outcomes["malformed"] += 1
+    assert min(outcomes["accepted"], outcomes["rejected"], outcomes["malformed"]) > 0, outcomes
