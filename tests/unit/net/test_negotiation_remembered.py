@@ -112,3 +112,21 @@ def test_what_is_remembered_is_bounded() -> None:
     for n in range(negotiation.ACCEPTED_KEPT * 2):
         negotiate(associate_rq([(CT, [EXPLICIT])], aet=f"PEER{n}"), POLICY)
     assert len(ACCEPTED) == negotiation.ACCEPTED_KEPT
+
+
+def test_the_requests_asked_for_lately_stay_and_a_refused_peer_forgets_nothing() -> None:
+    remembered = AcceptedRequests(kept=2, max_pdu=len(REQUEST) + 1)
+    outcome = negotiate(REQUEST, POLICY)
+    first, second, third = (REQUEST + bytes([n]) for n in range(3))
+    remembered.put(first, POLICY, "RAWSCU", outcome)
+    remembered.put(second, POLICY, "RAWSCU", outcome)
+    assert remembered.get(first, POLICY, "") is not None  # asked for: now the most recent
+    remembered.put(third, POLICY, "RAWSCU", outcome)
+    assert remembered.get(second, POLICY, "") is None  # the least recent went
+    assert remembered.get(first, POLICY, "") is not None
+    # A peer the access rules refuse gets nothing, and the entry stays for the next one.
+    guarded = AcceptancePolicy(ae_title="FASTSCP", storage_sop_classes=STORAGE, max_pdu_size=0,
+                               access=build_access_policy([AllowedAE(ae_title="RAWSCU", hosts=["10.1.0.0/16"])]))
+    remembered.put(third, guarded, "RAWSCU", outcome)
+    assert remembered.get(third, guarded, "10.9.9.9") is None
+    assert remembered.get(third, guarded, "10.1.2.3") is not None
