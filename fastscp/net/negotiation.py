@@ -241,6 +241,8 @@ class AcceptedRequests:
     def get(self, pdu: bytes, policy: AcceptancePolicy, peer_ip: str) -> Negotiation | None:
         """A copy of the outcome remembered for ``pdu`` under ``policy``, if its access check passes
         for ``peer_ip`` (a refusal is left to :func:`negotiate`, which says why); else None."""
+        if len(pdu) > self.max_pdu:
+            return None  # never kept (put): not hashed for the lookup either
         with self._lock:
             entry = self._outcomes.get(pdu)
             if entry is None or entry[0] is not policy:
