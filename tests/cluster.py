@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
-from tests.conftest import REPO, free_port, on_free_ports, wait_for_port, wait_until
+from tests.conftest import REPO, free_port, on_free_ports, stop_process, wait_for_port, wait_until
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 EXAMPLE_HAPROXY_CFG = REPO / "config" / "haproxy.cfg.example"
@@ -178,13 +178,7 @@ class HAProxy:
 
     def stop(self) -> None:
         try:
-            if self.process.poll() is None:
-                self.process.terminate()
-                try:
-                    self.process.wait(30)
-                except subprocess.TimeoutExpired:
-                    self.process.kill()
-                    self.process.wait(10)
+            stop_process(self.process, 30)
         finally:
             self._log_file.close()
 

@@ -140,6 +140,18 @@ def wait_for_port(port: int, process: subprocess.Popen, log: Path, timeout: floa
     raise RuntimeError(f"{what} did not listen on {port or 'a port'} within {timeout} s:\n{log.read_text()}")
 
 
+def stop_process(process: subprocess.Popen, grace: float) -> None:
+    """SIGTERM to ``process``, and SIGKILL if it has not exited within ``grace`` seconds."""
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(grace)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(10)
+
+
 def sigterm_pending(pid: int) -> bool:
     """SIGTERM is pending for ``pid`` (/proc/PID/status ShdPnd): sent to a process stopped with SIGSTOP."""
     pending = re.search(r"^ShdPnd:\s*([0-9a-f]+)", Path(f"/proc/{pid}/status").read_text(), re.M)
@@ -275,22 +287,26 @@ def server(start_server) -> Server:  # type: ignore[no-untyped-def]
     return start_server()
 
 
+def _held_port(listening: bool) -> Iterator[int]:
+    """A port on 127.0.0.1 that a socket of the test holds for the test's time, listening or not."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        if listening:
+            holder.listen(1)
+        yield holder.getsockname()[1]
+
+
 @pytest.fixture
 def taken_port() -> Iterator[int]:
     """A port on 127.0.0.1 that another process's socket listens on."""
-    with socket.socket() as holder:
-        holder.bind(("127.0.0.1", 0))
-        holder.listen(1)
-        yield holder.getsockname()[1]
+    yield from _held_port(listening=True)
 
 
 @pytest.fixture
 def closed_port() -> Iterator[int]:
     """A port on 127.0.0.1 where a connection is refused for the test's time: bound by a socket that
     does not listen, so no other process can take it meanwhile (a port of free_port() could be)."""
-    with socket.socket() as holder:
-        holder.bind(("127.0.0.1", 0))
-        yield holder.getsockname()[1]
+    yield from _held_port(listening=False)
 
 
 def mounted_tmpfs(tmp_path: Path, options: str) -> Iterator[Path]:

@@ -32,10 +32,10 @@ import pytest
 
 try:  # tests/ as a package or as a rootdir-relative directory on sys.path
     from tests import corpus
-    from tests.conftest import free_port, on_free_ports, wait_for_port
+    from tests.conftest import free_port, on_free_ports, stop_process, wait_for_port
 except ImportError:  # pragma: no cover
     import corpus
-    from conftest import free_port, on_free_ports, wait_for_port
+    from conftest import free_port, on_free_ports, stop_process, wait_for_port
 
 AE_TITLE = "FASTSCP"
 DCMTK_TOOLS = ("storescp", "storescu", "dcmdump")
@@ -112,7 +112,7 @@ def oracle(tmp_path_factory):
         try:
             wait_for_port(port, proc, log, timeout=10, ready="", what="storescp")
         except BaseException:
-            _stop(proc)
+            stop_process(proc, 5)
             raise
         return proc, port
 
@@ -120,16 +120,7 @@ def oracle(tmp_path_factory):
     try:
         yield Oracle(proc, port, str(outdir), str(log))
     finally:
-        _stop(proc)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=5)
+        stop_process(proc, 5)
 
 
 def _storescu(oracle: Oracle, files, extra=(), config=None) -> subprocess.CompletedProcess:

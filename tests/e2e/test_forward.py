@@ -46,7 +46,7 @@ from fastscp.index.reindex import FileState, read_record
 from fastscp.net.scu import _new_ae, associate
 from fastscp.runtime.supervisor import public_config
 from fastscp.status import DestinationState
-from tests.conftest import Server, dcmtk, free_port, listens, on_free_ports, start_failed, wait_until
+from tests.conftest import Server, dcmtk, free_port, listens, on_free_ports, start_failed, stop_process, wait_until
 from tests.e2e.test_access import pki, tls_config  # noqa: F401 (pki: a fixture of test_access)
 from tests.unit.monitor.test_monitor import MonitorProcess, make_snapshot
 from tests.unit.monitor.test_monitor_page import _chromium_present, _Page, chromium, monitor  # noqa: F401 (fixtures)
@@ -100,13 +100,8 @@ class Receiver:
                      check=False).returncode == 0
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            os.kill(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                os.kill(self.process.pid, signal.SIGKILL)
-                self.process.wait(5)
+        if self.process is not None:
+            stop_process(self.process, 15)
 
     def files(self) -> Iterator[Path]:
         return (p for p in self.folder.rglob("*") if p.is_file())
