@@ -10,6 +10,7 @@ stopped by its PID.
 from __future__ import annotations
 
 import collections
+import contextlib
 import io
 import json
 import os
@@ -203,15 +204,29 @@ def destination(port: int, ae_title: str = "DEST", **extra: object) -> dict:
     return {"ae_title": ae_title, "host": "127.0.0.1", "port": port, "timeout": 10, **extra}
 
 
-def states(server: Server) -> dict[str, DestinationState]:
+@contextlib.contextmanager
+def forward_queue(server: Server) -> Iterator[Queue | None]:
+    """The server's forwarding queue, read as ``fastscp forward status`` does; None before the forwarder made it."""
     path = server.index.with_suffix(".forward.sqlite")
     if not path.exists():
-        return {}
+        yield None
+        return
     queue = Queue(str(path), create=False)
     try:
-        return {s.name: s for s in queue.states()}
+        yield queue
     finally:
         queue.close()
+
+
+def states(server: Server) -> dict[str, DestinationState]:
+    with forward_queue(server) as queue:
+        return {} if queue is None else {s.name: s for s in queue.states()}
+
+
+def taken_in(server: Server) -> int:
+    """Stored instances the forwarder has taken in (queued for its rules' destinations, or for none)."""
+    with forward_queue(server) as queue:
+        return 0 if queue is None else len(queue.known(0.0))
 
 
 def forwarder_pid(server: Server) -> int:
@@ -496,6 +511,9 @@ def test_sighup_puts_changed_rules_in_force(tmp_path: Path, start_server, receiv
     mr = write_series(str(tmp_path / "mr1"), 2, rows=ROWS, columns=ROWS, modality="MR",
                       sop_class="1.2.840.10008.5.1.4.1.1.4", seed=4)
     send(server, mr)
+    # The rules apply when the forwarder takes an instance in, which may come after storescu ends: the
+    # first series must be taken in under the CT rule before the rules change, else the new rule sends it.
+    wait_until(lambda: taken_in(server) == 2, 30, "the first MR series taken in")
     # A rule that can't be used is refused with its key and file; the running rules stay.
     bad = yaml.safe_load(config.read_text())
     bad["forwarding"]["rules"][0]["fields"] = {"NoSuchKeyword": "x"}
