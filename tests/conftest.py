@@ -288,8 +288,13 @@ def server(start_server) -> Server:  # type: ignore[no-untyped-def]
 
 
 def _held_port(listening: bool) -> Iterator[int]:
-    """A port on 127.0.0.1 that a socket of the test holds for the test's time, listening or not."""
+    """A port on 127.0.0.1 that a socket of the test holds for the test's time, listening or not.
+
+    The socket has SO_REUSEADDR: while it does not listen, a server that sets it too (dcmtk, Orthanc,
+    fastscp, pynetdicom) can still bind the port and listen (Linux), and nothing else can take it.
+    """
     with socket.socket() as holder:
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         holder.bind(("127.0.0.1", 0))
         if listening:
             holder.listen(1)
@@ -304,8 +309,9 @@ def taken_port() -> Iterator[int]:
 
 @pytest.fixture
 def closed_port() -> Iterator[int]:
-    """A port on 127.0.0.1 where a connection is refused for the test's time: bound by a socket that
-    does not listen, so no other process can take it meanwhile (a port of free_port() could be)."""
+    """A port on 127.0.0.1 where a connection is refused until the test starts a server on it: bound by
+    a socket that does not listen, so no other process can take it meanwhile (a port of free_port() could
+    be). A destination that is down, then up, is started on it (see :func:`_held_port`)."""
     yield from _held_port(listening=False)
 
 

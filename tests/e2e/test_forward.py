@@ -3,8 +3,9 @@
 Destinations are dcmtk ``storescp`` in bit-preserving mode (+B, unique file
 names so a duplicate shows as a second file), Orthanc, and pynetdicom SCPs
 that answer with chosen statuses; each is started by the test on a free
-port (tests.conftest.on_free_ports; the pynetdicom ones bind port 0) and
-stopped by its PID.
+port (tests.conftest.on_free_ports; the pynetdicom ones bind port 0), or, for
+a destination that is down then up, on the port the test held meanwhile
+(the closed_port fixture), and stopped by its PID.
 """
 
 from __future__ import annotations
@@ -268,8 +269,8 @@ def assert_byte_exact(server: Server, received: dict[str, list[Path]], *, exclud
 
 
 def test_destination_down_then_up_every_image_arrives_byte_exact(tmp_path: Path, start_server, receivers,
-                                                                 capsys) -> None:
-    port = free_port()
+                                                                 capsys, closed_port: int) -> None:
+    port = closed_port  # nothing listens until the destination starts, nothing else takes it
     config = forwarding_config(tmp_path / "forward.yaml", {"pacs": destination(port, max_associations=2)},
                                [{"destinations": ["pacs"], "modalities": ["CT"]}])
     server = start_server(config=config, monitor="127.0.0.1:0")
@@ -335,10 +336,11 @@ class Standalone(Receiver):
         self._log.close()
 
 
-def test_reconcile_queues_what_the_forwarder_never_took_in(tmp_path: Path, start_server, receivers) -> None:
+def test_reconcile_queues_what_the_forwarder_never_took_in(tmp_path: Path, start_server, receivers,
+                                                           closed_port: int) -> None:
     """The start's reconcile with the index: instances stored while no forwarder ran are forwarded
     (what a kill -9 of a worker or of the forwarder leaves), once each; older ones are not."""
-    port = free_port()
+    port = closed_port  # nothing listens until the destination starts, nothing else takes it
     config = forwarding_config(tmp_path / "forward.yaml", {"pacs": destination(port)},
                                [{"destinations": ["pacs"]}])
     server = start_server()  # no forwarding of its own: nothing is handed to a forwarder
@@ -565,8 +567,8 @@ def test_bad_rules_are_refused_at_load_naming_key_and_file(tmp_path: Path, rule:
     assert str(refused.value).startswith(f"{config}: ") and message in str(refused.value)
 
 
-def test_orthanc_destination_down_then_up(tmp_path: Path, start_server, receivers) -> None:
-    port = free_port()
+def test_orthanc_destination_down_then_up(tmp_path: Path, start_server, receivers, closed_port: int) -> None:
+    port = closed_port  # nothing listens until the destination starts, nothing else takes it
     config = forwarding_config(tmp_path / "forward.yaml", {"orthanc": destination(port, "ORTHANC")},
                                [{"destinations": ["orthanc"], "sop_classes": ["CT"]}])
     server = start_server(config=config)

@@ -18,7 +18,7 @@ from tests import cluster, conftest
 from tests.cluster import HAProxy
 from tests.conftest import PORT_ATTEMPTS, PortTaken, Server, dcmtk, free_port, wait_until
 from tests.e2e import test_forward
-from tests.e2e.test_forward import Storescp
+from tests.e2e.test_forward import Orthanc, Storescp
 from tests.e2e.test_monitor_live import get
 
 pytestmark = pytest.mark.dcmtk
@@ -88,3 +88,20 @@ def test_haproxy_whose_port_was_taken_starts_on_another(tmp_path: Path, taken_po
             pass
     finally:
         proxy.stop()
+
+
+@pytest.mark.parametrize("receiver", [Storescp, Orthanc])
+def test_a_destination_down_then_up_starts_on_the_port_held_for_it(tmp_path: Path, closed_port: int,
+                                                                   receiver: type[Storescp | Orthanc]) -> None:
+    """The port a forwarding config names while its destination is down: nothing listens and nothing else
+    can bind it meanwhile, yet the destination itself starts on it (test_forward's down-then-up tests)."""
+    with pytest.raises(ConnectionRefusedError), socket.create_connection(("127.0.0.1", closed_port), timeout=5):
+        pass
+    with socket.socket() as other, pytest.raises(OSError, match="in use"):
+        other.bind(("127.0.0.1", closed_port))  # a process that does not set SO_REUSEADDR
+    dest = receiver(tmp_path / "dest", closed_port).start()
+    try:
+        assert dest.port == closed_port
+        dcmtk("echoscu", "-aec", dest.ae_title, "127.0.0.1", str(closed_port))
+    finally:
+        dest.stop()
