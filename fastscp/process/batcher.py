@@ -10,6 +10,7 @@ One message per item made the receiver's wake-ups the bottleneck in both
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
@@ -47,6 +48,10 @@ class Batcher(Generic[T]):
         self._wake = threading.Condition(self.lock)
         self._items: list[T] = []
         self._cost = 0
+        #: When the batch's first item arrived, and when the last delivery was tried (time.monotonic).
+        self._since = self._tried = 0.0
+        #: The thread waits for an item, with no timeout (the first item of a batch wakes it).
+        self._idle = False
         #: The last delivery left something for a retry.
         self._behind = False
         self._thread: threading.Thread | None = None
@@ -58,7 +63,9 @@ class Batcher(Generic[T]):
             items = self._items
             items.append(item)
             if len(items) == 1:
-                self._wake.notify()  # the thread starts the batch's interval
+                self._since = time.monotonic()
+                if self._idle:
+                    self._wake.notify()  # the thread starts the batch's interval (a timed wait sees it)
             self._cost += cost
             if urgent or len(items) >= self.max_items or (self.max_cost and self._cost >= self.max_cost):
                 self.flush_locked()
@@ -76,6 +83,7 @@ class Batcher(Generic[T]):
         if self._items or self._behind:
             items, self._items, self._cost = self._items, [], 0
             self._behind = not self._deliver(items)
+            self._tried = time.monotonic()
 
     @property
     def waiting(self) -> int:
@@ -86,9 +94,18 @@ class Batcher(Generic[T]):
         with self.lock:
             while not self._closed:
                 if not self._items and not self._behind:
-                    self._wake.wait()  # idle: until an item arrives
+                    self._idle = True
+                    self._wake.wait()  # until an item arrives
+                    self._idle = False
                     continue
-                self._wake.wait(self.retry_interval if self._behind else self.interval)
+                # Due: a batch its interval after its first item, a retry its interval after the last
+                # try. The wait is to that time, not for an interval: the first item of a batch that
+                # follows a full one wakes the thread early (it went alone: a batch of one each time).
+                due = self._tried + self.retry_interval if self._behind else self._since + self.interval
+                left = due - time.monotonic()
+                if left > 0:
+                    self._wake.wait(left)
+                    continue
                 self.flush_locked()
 
     def close(self) -> None:

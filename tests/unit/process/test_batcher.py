@@ -42,6 +42,27 @@ def test_items_wait_for_the_interval_and_travel_together() -> None:
     batcher.close()
 
 
+def test_the_first_item_after_a_full_batch_waits_its_own_interval() -> None:
+    """The thread still waits out the full batch's interval when the next batch's first item wakes it:
+    that item must not go alone at once (it did: a batch of 1, then one of max_items - 1, each time)."""
+    receiver = Receiver()
+    batcher = Batcher(receiver, interval=1.0, max_items=3, name="test-batcher")
+    batcher.add(0)  # the thread starts and waits for the interval
+    wait_until(lambda: batcher._wake._waiters, timeout=10, what="the thread waiting")  # type: ignore[attr-defined]
+    batcher.add(1)
+    batcher.add(2)  # full: goes now, while the thread still waits
+    assert receiver.batches == [[0, 1, 2]]
+    started = time.monotonic()
+    batcher.add(3)
+    time.sleep(0.3)
+    assert receiver.batches == [[0, 1, 2]], "the next batch's first item went alone"
+    batcher.add(4)
+    wait_until(lambda: len(receiver.calls) == 2, timeout=10, what="the timed delivery")
+    assert receiver.batches == [[0, 1, 2], [3, 4]]
+    assert receiver.calls[1][0] - started >= 0.9  # its own interval, from its first item
+    batcher.close()
+
+
 def test_a_full_batch_an_expensive_one_or_an_urgent_item_goes_at_once() -> None:
     receiver = Receiver()
     batcher = Batcher(receiver, interval=60, max_items=3, max_cost=100)
