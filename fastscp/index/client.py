@@ -16,7 +16,7 @@ from collections.abc import Callable
 import msgspec
 
 from fastscp.index.records import ENCODER, Base, IndexRecord, InstanceRecord, RecordBatch
-from fastscp.process.batcher import Batcher
+from fastscp.process.batcher import MAX_MESSAGE_BYTES, Batcher, fitting
 from fastscp.process.ipc import local_address
 from fastscp.process.kept import kept_folder as process_kept_folder
 from fastscp.process.kept import write_kept
@@ -34,10 +34,6 @@ RETRY_INTERVAL = 0.2
 #: Bytes of messages a worker keeps for an indexer that lags before they go to a
 #: file (~0.5 KB a CT's record in a batch of its series: ~60,000 records).
 BACKLOG_BYTES = 32 * 1024 * 1024
-#: Bytes per message at most: a Unix datagram longer than the socket's send
-#: buffer (net.core.wmem_default, 208 KiB on Linux) is refused (EMSGSIZE),
-#: and the attribute maps of 32 instances of 32 series can be longer.
-MAX_MESSAGE_BYTES = 128 * 1024
 
 
 def indexer_address(index_path: str) -> str:
@@ -65,20 +61,17 @@ def batch_messages(records: list[IndexRecord], known: dict[str, Base] | None = N
     bounded by characters, not bytes) travels without its attribute map;
     the file keeps every attribute.
     """
-    data = ENCODER.encode(RecordBatch.of(records, known))
-    if len(data) <= MAX_MESSAGE_BYTES:
-        return [(data, len(records))]
-    if len(records) > 1:
-        half = len(records) // 2
-        return batch_messages(records[:half], known) + batch_messages(records[half:], known)
-    (record,) = records
-    if isinstance(record, InstanceRecord):
-        # The path comes from header values: the log formatters escape it (fastscp.process.logs.escape).
-        log.warning("the attribute map of %s is too long for a message (%d bytes): indexed without it",
-                    record.path, len(data))
-        record = msgspec.structs.replace(record, header=msgspec.structs.replace(record.header, attributes="{}"))
-        data = ENCODER.encode(RecordBatch.of([record]))
-    return [(data, 1)]
+    messages = []
+    for data, chunk in fitting(records, lambda part: ENCODER.encode(RecordBatch.of(part, known))):
+        if len(data) > MAX_MESSAGE_BYTES and isinstance(chunk[0], InstanceRecord):
+            (record,) = chunk
+            # The path comes from header values: the log formatters escape it (fastscp.process.logs.escape).
+            log.warning("the attribute map of %s is too long for a message (%d bytes): indexed without it",
+                        record.path, len(data))
+            record = msgspec.structs.replace(record, header=msgspec.structs.replace(record.header, attributes="{}"))
+            data = ENCODER.encode(RecordBatch.of([record]))
+        messages.append((data, len(chunk)))
+    return messages
 
 
 class IndexerClient:

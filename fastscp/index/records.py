@@ -240,6 +240,8 @@ ENCODER = msgspec.msgpack.Encoder()
 DECODER = msgspec.msgpack.Decoder(Message)
 #: The indexer's decoder: workers and the post-store stage send only batches.
 BATCH_DECODER = msgspec.msgpack.Decoder(RecordBatch)
-#: The post-store stage's decoder: workers send it one instance record a message, and each
-#: association's final report (for the association-ended hooks).
-POSTSTORE_DECODER = msgspec.msgpack.Decoder(InstanceRecord | AssociationReport)
+#: The post-store stage's decoder: workers send it instance records and each association's final
+#: report (for the association-ended hooks), several a message (fastscp.poststore.client); one alone
+#: is read too (a file kept by an earlier version).
+POSTSTORE_DECODER = msgspec.msgpack.Decoder(list[InstanceRecord | AssociationReport] | InstanceRecord
+                                            | AssociationReport)

@@ -7,12 +7,11 @@ import collections
 import errno
 import logging
 import socket
-import threading
-import time
 
 import msgspec
 
 from fastscp.index.records import ENCODER, InstanceRecord
+from fastscp.process.batcher import MAX_MESSAGE_BYTES, Batcher, fitting
 from fastscp.process.ipc import local_address
 from fastscp.process.kept import kept_folder as process_kept_folder
 from fastscp.process.kept import write_kept
@@ -24,9 +23,11 @@ log = logging.getLogger("fastscp.poststore")
 
 #: Bytes of records a worker keeps for a stage that lags (~1.4 KB a CT's record: ~12,000 records).
 BACKLOG_BYTES = 16 * 1024 * 1024
-#: How often a worker tries again to send what it keeps, and how many messages per try hold its lock.
+#: Seconds a record may wait in a worker to travel with others, and records per message at most.
+SEND_INTERVAL = 0.02
+BATCH_RECORDS = 32
+#: How often a worker tries again to send what it keeps.
 RETRY_INTERVAL = 0.2
-RETRY_BATCH = 256
 
 
 def poststore_address(index_path: str) -> str:
@@ -42,16 +43,23 @@ def kept_folder(root: str) -> str:
 class PostStoreClient:
     """The worker side: hand over a record, never wait.
 
+    Records travel in messages of up to :data:`BATCH_RECORDS`, a record
+    waiting at most :data:`SEND_INTERVAL` for company, as to the indexer
+    (:class:`fastscp.process.batcher.Batcher`): one message per record
+    was a system call per store in the association's thread, and a
+    wake-up of the stage. An association's final report goes at once,
+    after the records before it.
+
     The post-store process runs at ``server.derived_priority``: under a
     burst it may not read for seconds, and its socket fills. A message that
     does not go at once is kept here (up to :data:`BACKLOG_BYTES`, oldest
-    first) and sent by a background thread every :data:`RETRY_INTERVAL`,
-    so a lagging stage catches up after the burst instead of losing the
-    records. Beyond that bound, and when the worker exits, what is kept
-    goes to a file in ``kept_folder`` (:func:`write_kept`), which the stage
-    takes once it has caught up; only if that file cannot be written are
-    records dropped, counted and logged. Thread-safe: a worker's
-    associations share one client.
+    first) and tried again every :data:`RETRY_INTERVAL`, so a lagging stage
+    catches up after the burst instead of losing the records. Beyond that
+    bound, and when the worker exits, what is kept goes to a file in
+    ``kept_folder`` (:func:`write_kept`), which the stage takes once it has
+    caught up; only if that file cannot be written are records dropped,
+    counted and logged. Thread-safe: a worker's associations share one
+    client.
     """
 
     def __init__(self, address: str, kept_folder: str = "", modes: FileModes = PATIENT_DATA,
@@ -62,12 +70,15 @@ class PostStoreClient:
         self.modes = modes
         self.backlog_bytes = backlog_bytes
         self._sock: socket.socket | None = None
-        self._lock = threading.Lock()
-        #: Messages not yet sent, oldest first, and their total size.
-        self._backlog: collections.deque[bytes] = collections.deque()
+        #: Messages not yet sent, oldest first, with their record counts, and their total size.
+        self._backlog: collections.deque[tuple[bytes, int]] = collections.deque()
         self._backlog_bytes = 0
-        self._retrying = False
+        #: Records dropped (see the class).
         self.dropped = 0
+        #: Records not yet in a message; its lock guards all of the above.
+        self._batcher: Batcher[InstanceRecord | AssociationReport] = Batcher(
+            self._deliver_locked, interval=SEND_INTERVAL, max_items=BATCH_RECORDS, retry_interval=RETRY_INTERVAL,
+            name="fastscp-poststore-send")
 
     def send(self, record: InstanceRecord | AssociationReport) -> None:
         """A stored instance, or an association's final report (its association-ended hooks)."""
@@ -75,38 +86,38 @@ class PostStoreClient:
             # The post-store stage needs no attribute map (~2.5 KB for a CT).
             header = msgspec.structs.replace(record.header, attributes="{}")
             record = msgspec.structs.replace(record, header=header)
-        data = ENCODER.encode(record)
-        with self._lock:
+        self._batcher.add(record, urgent=isinstance(record, AssociationReport))
+
+    def flush(self) -> int:
+        """Try to send what waits, now; returns how many records remain."""
+        with self._batcher.lock:
+            self._batcher.flush_locked()
+            return self._batcher.waiting + sum(count for _, count in self._backlog)
+
+    def _deliver_locked(self, records: list[InstanceRecord | AssociationReport]) -> bool:
+        """Seal ``records`` into messages, then send what is kept; False if some remain (the stage lags or
+        is down: the batcher's thread tries again)."""
+        fit = min(MAX_MESSAGE_BYTES, self.backlog_bytes)
+        for data, chunk in fitting(records, ENCODER.encode, fit) if records else ():
             if self._backlog_bytes + len(data) > self.backlog_bytes:
                 # PERF: ~130 ms for 16 MB here, once per ~12,000 records, after the C-STORE-RSPs of the
                 # stores whose records wait (send runs after the response: storescp._hand_over).
-                why = f"{len(self._backlog)} records waiting for it"
+                why = f"{self._kept_records()} records waiting for it"
                 unkept = self._keep_in_file(why)
                 if unkept or len(data) > self.backlog_bytes:
-                    self._drop(f"{why}; {unkept or 'a record larger than the backlog'}")
-                    return
-            self._backlog.append(data)
+                    self._drop(len(chunk), f"{why}; {unkept or 'a record larger than the backlog'}")
+                    continue
+            self._backlog.append((data, len(chunk)))
             self._backlog_bytes += len(data)
-            if self._retrying:
-                return  # it lags: the retry thread sends, in order; this thread has a store to serve
-            if self._flush_locked() != "sent":
-                self._retrying = True
-                threading.Thread(target=self._retry, name="fastscp-poststore-send", daemon=True).start()
+        return self._send_locked()
 
-    def flush(self) -> int:
-        """Try to send what is kept, now; returns how many messages remain."""
-        with self._lock:
-            self._flush_locked()
-            return len(self._backlog)
+    def _kept_records(self) -> int:
+        return sum(count for _, count in self._backlog)
 
-    def _flush_locked(self, most: int = 0) -> str:
-        """Send the kept messages in order, ``most`` at most (0: all).
-
-        Returns "sent" (none is left), "more" (``most`` were sent) or
-        "blocked" (the stage's socket is full, or the stage is down).
-        """
+    def _send_locked(self) -> bool:
+        """Send the kept messages in order; True if none is left (False: the stage's socket is full, or
+        the stage is down)."""
         backlog = self._backlog
-        sent = 0
         try:
             if backlog and self._sock is None:
                 sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -118,34 +129,23 @@ class PostStoreClient:
                     raise
                 self._sock = sock
             while backlog:
-                if most and sent >= most:
-                    return "more"
+                data, count = backlog[0]
                 try:
-                    self._sock.send(backlog[0])  # type: ignore[union-attr]
+                    self._sock.send(data)  # type: ignore[union-attr]
                 except OSError as exc:
                     if exc.errno != errno.EMSGSIZE:
                         raise
-                    self._drop("a record longer than the socket takes")  # it would hold up the others for good
-                self._backlog_bytes -= len(backlog.popleft())
-                sent += 1
+                    self._drop(count, "a record longer than the socket takes")  # it would hold up the others
+                backlog.popleft()
+                self._backlog_bytes -= len(data)
         except BlockingIOError:
-            return "blocked"  # its socket is full: it lags
+            return False  # its socket is full: it lags
         except OSError:
             if self._sock is not None:  # down (restarting): a new connection at the next try
                 self._sock.close()
                 self._sock = None
-            return "blocked"
-        return "sent"
-
-    def _retry(self) -> None:
-        """Send what is kept until none is left: a batch per hold of the lock, a pause while the stage is full."""
-        while True:
-            with self._lock:
-                outcome = self._flush_locked(RETRY_BATCH)
-                if outcome == "sent":
-                    self._retrying = False
-                    return
-            time.sleep(RETRY_INTERVAL if outcome == "blocked" else 0)
+            return False
+        return True
 
     def _keep_in_file(self, why: str) -> str:
         """Move the backlog to a file for the stage to take later: "", or why it stays here."""
@@ -154,7 +154,7 @@ class PostStoreClient:
         if not self._backlog:
             return ""
         try:
-            path = write_kept(self.kept_folder, list(self._backlog), self.modes)
+            path = write_kept(self.kept_folder, (data for data, _ in self._backlog), self.modes)
         except OSError as exc:
             return f"cannot keep them in {self.kept_folder}: {exc.strerror}"
         log.warning("post-store stage busy or down (%s): kept in %s for it", why, path)
@@ -162,22 +162,24 @@ class PostStoreClient:
         self._backlog_bytes = 0
         return ""
 
-    def _drop(self, why: str) -> None:
-        self.dropped += 1
-        if self.dropped in (1, 10, 100) or self.dropped % 1000 == 0:
+    def _drop(self, count: int, why: str) -> None:
+        before, self.dropped = self.dropped, self.dropped + count
+        # Logged at the 1st, 10th, 100th record dropped, then each 1,000th.
+        if any(before < mark <= self.dropped for mark in (1, 10, 100)) or before // 1000 < self.dropped // 1000:
             log.warning("post-store stage busy or down (%s): %d records without thumbnails (fastscp convert, "
                         "fastscp scansheet)", why, self.dropped)
 
     def close(self) -> None:
         """At the worker's exit: what is still kept goes to a file for the stage, else is dropped (logged)."""
-        with self._lock:
-            why = f"{len(self._backlog)} records not sent at exit"
+        with self._batcher.lock:
+            self._batcher.flush_locked()
+            why = f"{self._kept_records()} records not sent at exit"
             unkept = self._keep_in_file(why)
             if self._backlog:
-                self.dropped += len(self._backlog) - 1  # _drop counts the last one
-                self._drop(f"{why}; {unkept}")
+                self._drop(self._kept_records(), f"{why}; {unkept}")
                 self._backlog.clear()
                 self._backlog_bytes = 0
             if self._sock is not None:
                 self._sock.close()
                 self._sock = None
+        self._batcher.close()

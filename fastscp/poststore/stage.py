@@ -227,7 +227,7 @@ class PostStore:
 
     def _enqueue(self, data: bytes) -> None:
         try:
-            record = POSTSTORE_DECODER.decode(data)
+            records = POSTSTORE_DECODER.decode(data)
         except msgspec.DecodeError as exc:
             # Any process of our user can connect: a stray message is dropped, not fatal.
             self.undecodable += 1
@@ -235,7 +235,8 @@ class PostStore:
                 log.warning("post-store: %d messages that are neither instance records nor association "
                             "reports dropped (%s)", self.undecodable, exc)
             return
-        self.queue.append((record.received_at if isinstance(record, InstanceRecord) else time.time(), record))
+        for record in records if isinstance(records, list) else (records,):
+            self.queue.append((record.received_at if isinstance(record, InstanceRecord) else time.time(), record))
         self._last_arrival = time.monotonic()
 
     def _keep_unread(self) -> None:

@@ -14,9 +14,26 @@ import time
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
-__all__ = ["Batcher"]
+__all__ = ["MAX_MESSAGE_BYTES", "Batcher", "fitting"]
 
 T = TypeVar("T")
+
+#: Bytes per message at most: a Unix datagram longer than the socket's send
+#: buffer (net.core.wmem_default, 208 KiB on Linux) is refused (EMSGSIZE),
+#: and the attribute maps of 32 instances of 32 series can be longer.
+MAX_MESSAGE_BYTES = 128 * 1024
+
+
+def fitting(items: list[T], encode: Callable[[list[T]], bytes],
+            max_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[bytes, list[T]]]:
+    """``items`` as messages of ``max_bytes`` at most: (message, its items), in order. A batch too
+    long is halved until each part fits; a single item still too long is returned as it is (its
+    sender decides)."""
+    data = encode(items)
+    if len(data) <= max_bytes or len(items) <= 1:
+        return [(data, items)]
+    half = len(items) // 2
+    return fitting(items[:half], encode, max_bytes) + fitting(items[half:], encode, max_bytes)
 
 
 class Batcher(Generic[T]):

@@ -13,8 +13,9 @@ import pytest
 
 from fastscp.dicom.fields import HeaderFields
 from fastscp.index.records import POSTSTORE_DECODER, InstanceRecord
-from fastscp.poststore.client import PostStoreClient, kept_folder
+from fastscp.poststore.client import BATCH_RECORDS, PostStoreClient, kept_folder
 from fastscp.process.kept import kept_files, read_kept, write_kept
+from fastscp.status import LATENCY_BUCKETS, SIZE_BUCKETS, AssociationReport, AssociationState, Histogram
 from fastscp.storage.files import FileModes
 
 
@@ -26,8 +27,12 @@ def _record(number: int) -> InstanceRecord:
                           received_at=1.0, header=header)
 
 
+def _records(messages: list[bytes]) -> list[InstanceRecord | AssociationReport]:
+    return [record for m in messages for record in POSTSTORE_DECODER.decode(m)]
+
+
 def _paths(messages: list[bytes]) -> list[str]:
-    return [msgspec.convert(POSTSTORE_DECODER.decode(m), InstanceRecord).path for m in messages]
+    return [msgspec.convert(record, InstanceRecord).path for record in _records(messages)]
 
 
 def _kept(folder: Path) -> list[bytes]:
@@ -67,6 +72,36 @@ def test_a_full_backlog_goes_to_a_file_and_nothing_is_dropped(tmp_path: Path) ->
     # The backlog never outgrew its bound: no file holds more than it.
     assert max(sum(map(len, read_kept(str(f)))) for f in folder.iterdir()) <= 64 * 1024
     assert not [f for f in folder.iterdir() if f.name.startswith(".")]  # no temp file left
+
+
+def test_records_travel_together_and_a_report_goes_at_once_after_them() -> None:
+    """A message per record was a system call per store, and a wake-up of the stage."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listener.bind(address := _address())
+    listener.listen(1)
+    client = PostStoreClient(address)
+    try:
+        for number in range(BATCH_RECORDS + 5):
+            client.send(_record(number))
+        report = AssociationReport(
+            state=AssociationState(connection_id=7, worker=0, calling_ae_title="SCU", called_ae_title="FASTSCP",
+                                   peer_address="127.0.0.1:1", instances=BATCH_RECORDS + 5, outcome="released"),
+            by_modality={"CT": BATCH_RECORDS + 5}, store_latency_seconds=Histogram.empty(LATENCY_BUCKETS),
+            object_size_bytes=Histogram.empty(SIZE_BUCKETS), ended=True)
+        client.send(report)  # the association ended: its hooks need not wait for the interval
+        conn, _ = listener.accept()
+        conn.settimeout(5)
+        messages = [conn.recv(1 << 20), conn.recv(1 << 20)]
+        records = _records(messages)
+        assert [len(POSTSTORE_DECODER.decode(m)) for m in messages] == [BATCH_RECORDS, 6]
+        assert [r.path for r in records[:-1]] == [f"KEPT/{n}.dcm" for n in range(BATCH_RECORDS + 5)]  # type: ignore[union-attr]
+        assert records[-1] == report
+        assert client.flush() == 0
+        conn.close()
+    finally:
+        client.close()
+        listener.close()
+    assert client.dropped == 0
 
 
 def test_records_kept_for_a_stage_that_is_down_go_to_a_file_at_exit(tmp_path: Path) -> None:
