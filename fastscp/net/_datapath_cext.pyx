@@ -19,7 +19,7 @@ hand-overs) 6.8-11.6 from run to run against 7.1.
 """
 
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE, PyByteArray_Resize
-from cpython.bytes cimport PyBytes_FromStringAndSize
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.exc cimport PyErr_CheckSignals
 from libc.errno cimport EAGAIN, EINTR, errno
 from libc.stdint cimport int64_t, uint32_t
@@ -35,6 +35,12 @@ from fastscp.net.pdu import DeadlineExceeded, PeerClosed
 
 cdef extern from "<unistd.h>" nogil:
     ssize_t write(int fd, const void* buf, size_t count)
+
+cdef extern from "<sys/uio.h>" nogil:
+    struct iovec:
+        void* iov_base
+        size_t iov_len
+    ssize_t writev(int fd, const iovec* iov, int iovcnt)
 
 cdef extern from "<sys/socket.h>" nogil:
     ssize_t recv(int fd, void* buf, size_t n, int flags)
@@ -147,6 +153,10 @@ cdef class DataPath:
     cdef Py_ssize_t _prefix_room, _prefix_length
     cdef blake3_hasher _hash
     cdef bint _hashing
+    # What goes before the data set (the File Meta), with its first piece: the bytes and what is left.
+    cdef bytes _head_object
+    cdef const unsigned char* _head
+    cdef Py_ssize_t _head_length
     # What stopped the loop.
     cdef Py_ssize_t _piece_start, _piece_length
     cdef int64_t _detail
@@ -179,8 +189,12 @@ cdef class DataPath:
         """FRAGMENT: the piece (a view into the receive buffer, valid until the next pump())."""
         return self._fragment
 
-    def to_file(self, int fd, int64_t limit, bytearray prefix, Py_ssize_t prefix_room, bint hash=True):
+    def to_file(self, int fd, int64_t limit, bytearray prefix, Py_ssize_t prefix_room, bint hash=True,
+                bytes head=b""):
         """See :meth:`fastscp.net._datapath_py.DataPath.to_file`."""
+        self._head_object = head  # kept alive while the loop writes from it
+        self._head = <const unsigned char*>PyBytes_AS_STRING(head)
+        self._head_length = PyBytes_GET_SIZE(head)
         if hash:
             blake3_hasher_init(&self._hash)
         self._hashing = hash
@@ -283,6 +297,8 @@ cdef class DataPath:
         PyByteArray_Resize(self._prefix, self._prefix_length)
         self._prefix = bytearray()
         self._prefix_buf = NULL
+        self._head_object = None
+        self._head_length = 0
         return 0
 
     cdef int _run(self) noexcept nogil:
@@ -290,6 +306,7 @@ cdef class DataPath:
         cdef const unsigned char* p
         cdef int64_t n, item_length, room
         cdef ssize_t written
+        cdef iovec chunks[2]
         cdef bint done, last
         cdef int stop
         while True:
@@ -374,14 +391,29 @@ cdef class DataPath:
             if self._fd >= 0:
                 if self._hashing:
                     blake3_hasher_update(&self._hash, p, n)
-                while n > 0:
-                    written = write(self._fd, p, n)
+                while n > 0 or self._head_length > 0:
+                    if self._head_length > 0:
+                        # The File Meta and the first piece in one system call (PERF: a write less per store).
+                        chunks[0].iov_base = <void*>self._head
+                        chunks[0].iov_len = self._head_length
+                        chunks[1].iov_base = <void*>p
+                        chunks[1].iov_len = n
+                        written = writev(self._fd, chunks, 2)
+                    else:
+                        written = write(self._fd, p, n)
                     if written < 0:
                         if errno == EINTR:
                             continue
                         self._errno = errno
                         self._fd = -1
                         return WRITE_FAILED
+                    if self._head_length > 0:
+                        if written < self._head_length:  # partial: only on a full disk
+                            self._head += written
+                            self._head_length -= written
+                            continue
+                        written -= self._head_length
+                        self._head_length = 0
                     p += written
                     n -= written
             if last:

@@ -90,6 +90,7 @@ class DataPath:
         self._limit = 0
         self._prefix = bytearray()
         self._prefix_room = 0
+        self._head = b""
         self._hash: Any = None
         self._reported = 0
 
@@ -98,12 +99,15 @@ class DataPath:
         """COMMAND: the command set's bytes."""
         return self._last_command
 
-    def to_file(self, fd: int, limit: int, prefix: bytearray, prefix_room: int, hash: bool = True) -> None:
+    def to_file(self, fd: int, limit: int, prefix: bytearray, prefix_room: int, hash: bool = True,
+                head: bytes = b"") -> None:
         """The coming data set goes to the end of ``fd`` (written as it arrives; with ``hash``, its
         content hash taken as it passes), its first ``prefix_room`` bytes also to ``prefix`` (empty); more
-        than ``limit`` bytes abort."""
+        than ``limit`` bytes abort. ``head`` (the File Meta Information) is written before the data set,
+        in the system call of its first piece (PERF: one write less per store); not hashed."""
         self._file = True
         self._fd = fd
+        self._head = head
         self._limit = limit
         self._prefix = prefix
         self._prefix_room = len(prefix) + prefix_room
@@ -188,6 +192,11 @@ class DataPath:
                 self._file = False
             if self._fd >= 0:
                 try:
+                    if self._head:
+                        head, self._head = memoryview(self._head), b""
+                        while head:  # rarely more than once: a write is partial only on a full disk
+                            written = os.writev(self._fd, [head, piece])
+                            head, piece = head[written:], piece[max(0, written - len(head)) :]
                     while piece:
                         piece = piece[os.write(self._fd, piece) :]
                 except OSError as exc:

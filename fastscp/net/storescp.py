@@ -123,16 +123,16 @@ class StoreRequest:
             self._incoming.write(fragment)
         self._stats.bytes += len(fragment)
 
-    def direct(self) -> tuple[int, int, bytearray, int, bool] | None:
+    def direct(self) -> tuple[int, int, bytearray, int, bool, bytes] | None:
         """Where the data path (fastscp.net.datapath) writes this data set itself, for
         ``DataPath.to_file``: the temp file's descriptor, limits.max_object_size, the
-        header prefix and its room, whether to hash it on the way. None: a refusal, or
-        a temp file that failed already (its File Meta write), drained through
+        header prefix and its room, whether to hash it on the way, the File Meta to write
+        first. None: a refusal, or a temp file that failed already, drained through
         :meth:`receive` and answered with the failure."""
         if self._incoming is None or self._incoming.error is not None:
             return None
-        fd, prefix, room = self._incoming.target()
-        return fd, self._limit - self._received, prefix, room, HASH_WHILE_RECEIVING
+        fd, prefix, room, head = self._incoming.target()
+        return fd, self._limit - self._received, prefix, room, HASH_WHILE_RECEIVING, head
 
     def streamed(self, length: int, content_hash: str | None = None) -> None:
         """The data path has written ``length`` bytes of the data set to the temp file; with

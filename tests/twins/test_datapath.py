@@ -94,8 +94,9 @@ def expected(messages: list[Message], *, to_file: bool = True) -> list[tuple[Any
 
 def pump_all(twin: Any, data: bytes, tmp: Path, *, buffer_size: int = 0, to_file: bool = True,
              max_command_set: int = 4096, limit: int = 1 << 30, read_only: bool = False,
-             read_rest: bool = False) -> list[tuple[Any, ...]]:
-    """Pump ``data`` (then the peer's close) through ``twin``; the trace, ending in the error that stopped it."""
+             read_rest: bool = False, head: bytes = b"") -> list[tuple[Any, ...]]:
+    """Pump ``data`` (then the peer's close) through ``twin``; the trace, ending in the error that stopped it.
+    ``head``: written before each data set (to_file's File Meta); the trace's files leave it out."""
     ours, theirs = socket.socketpair()
     sender = threading.Thread(target=lambda: (theirs.sendall(data), theirs.shutdown(socket.SHUT_WR)), daemon=True)
     sender.start()
@@ -119,7 +120,7 @@ def pump_all(twin: Any, data: bytes, tmp: Path, *, buffer_size: int = 0, to_file
                         os.close(fd)
                     fd = os.open(target, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CREAT | os.O_TRUNC, 0o600)
                     prefix = bytearray()
-                    path.to_file(fd, limit, prefix, HEADER_PREFIX_BYTES)
+                    path.to_file(fd, limit, prefix, HEADER_PREFIX_BYTES, True, head)
             elif event == FRAGMENT:
                 fragments += path.fragment
                 if path.last:
@@ -132,7 +133,9 @@ def pump_all(twin: Any, data: bytes, tmp: Path, *, buffer_size: int = 0, to_file
             elif event == DATA_SET:
                 stored = target.read_bytes()
                 if not read_only:
-                    assert path.content_hash == dataset_content_hash(fd, 0)  # the one hash of fastscp
+                    assert stored[: len(head)] == head
+                    stored = stored[len(head) :]
+                    assert path.content_hash == dataset_content_hash(fd, len(head))  # the one hash of fastscp
                 trace.append(("file", path.length, path.content_hash, stored, bytes(prefix)))
                 os.close(fd)
                 fd = -1
@@ -173,6 +176,17 @@ def test_every_split_gives_the_messages(twin: Any, tmp_path: Path, pdv_size: int
     want = expected(MESSAGES) + [CLOSED]
     for buffer_size in [*range(7, 80), 1000, 0]:
         assert pump_all(twin, data, tmp_path, buffer_size=buffer_size) == want, buffer_size
+
+
+def test_the_file_meta_goes_before_each_data_set(twin: Any, tmp_path: Path) -> None:
+    """to_file's head (the File Meta), written with the data set's first piece, an empty one's too;
+    neither hashed nor in the prefix."""
+    meta = b"M" * 128 + b"DICM" + ct_like(248, 9)
+    for pdv_size, per_pdu in ((1 << 20, 1), (64, 5), (7, 50)):
+        data = stream_of(MESSAGES, pdv_size, per_pdu)
+        for buffer_size in (7, 13, 100, 0):
+            trace = pump_all(twin, data, tmp_path, buffer_size=buffer_size, head=meta)
+            assert trace == expected(MESSAGES) + [CLOSED], (pdv_size, per_pdu, buffer_size)
 
 
 def test_fragments_for_python_messages(twin: Any, tmp_path: Path) -> None:
@@ -262,6 +276,10 @@ def test_a_failed_write_is_told_once_and_the_rest_drained(twin: Any, tmp_path: P
         assert commands == [t for t in expected(MESSAGES) if t[0] == "command"]
         assert [t[0] for t in trace].count("write failed") == 2  # the empty data set writes nothing
         assert ("write failed", "EBADF") in trace and trace[-1] == CLOSED
+        assert [t[1] for t in trace if t[0] == "file"] == [3000, 0, 1001]
+        # With a head to write, the empty data set fails too.
+        trace = pump_all(twin, data, tmp_path, buffer_size=buffer_size, read_only=True, head=b"META")
+        assert [t[0] for t in trace].count("write failed") == 3 and trace[-1] == CLOSED
         assert [t[1] for t in trace if t[0] == "file"] == [3000, 0, 1001]
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from fastscp.dicom.part10 import file_meta
 from fastscp.storage.area import HEADER_PREFIX_BYTES, IncomingFile, Storage, TempFile, own_name
 from fastscp.storage.reserved import INDEX_BACKLOG, POSTSTORE_BACKLOG
 
@@ -189,8 +190,33 @@ def test_a_write_error_gives_the_space_back_at_once(storage: Storage) -> None:
     os.close(temp.fd)
     temp.fd = os.open("/dev/full", os.O_WRONLY | os.O_CLOEXEC)
     incoming = storage.begin(CT, "1.2.3", EXPLICIT, "SCU", temp)
+    incoming.write(memoryview(b"data"))  # the File Meta goes with the first bytes
     assert incoming.error is not None and incoming.error.errno == errno.ENOSPC
     assert leftovers(storage) == []
     incoming.write(memoryview(b"more data"))  # drained, not written
-    assert incoming.dataset_length == 9 and leftovers(storage) == []
+    assert incoming.dataset_length == 13 and leftovers(storage) == []
     incoming.discard()
+
+
+def test_the_file_meta_goes_first_however_the_data_set_arrives(storage: Storage) -> None:
+    """Written with the data set's first bytes (one system call): by write(), by the data path
+    (target(): it writes the head), or at commit when no byte came (an empty data set)."""
+    meta = file_meta(CT, "1.2.3", EXPLICIT, "SCU")
+    incoming = storage.begin(CT, "1.2.3", EXPLICIT, "SCU")
+    incoming.write(memoryview(b"ab"))
+    incoming.write(memoryview(b"cd"))
+    assert Path(incoming.temp_path).read_bytes() == meta + b"abcd"
+    incoming.discard()
+    incoming = storage.begin(CT, "1.2.4", EXPLICIT, "SCU")
+    fd, _prefix, _room, head = incoming.target()
+    assert head == file_meta(CT, "1.2.4", EXPLICIT, "SCU") and incoming.target()[3] == b""  # handed over once
+    os.write(fd, head + b"xyz")  # as the data path does
+    incoming.streamed(3, "")
+    committed = incoming.commit("a/one.dcm", sop_instance_uids=("1.2.4",))
+    assert Path(committed.path).read_bytes() == head + b"xyz"
+    incoming.close()
+    incoming = storage.begin(CT, "1.2.5", EXPLICIT, "SCU")
+    committed = incoming.commit("a/empty.dcm", sop_instance_uids=("1.2.5",))
+    assert Path(committed.path).read_bytes() == file_meta(CT, "1.2.5", EXPLICIT, "SCU")
+    incoming.close()
+    assert leftovers(storage) == []
