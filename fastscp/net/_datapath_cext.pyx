@@ -190,7 +190,7 @@ cdef class DataPath:
         return self._fragment
 
     def to_file(self, int fd, int64_t limit, bytearray prefix, Py_ssize_t prefix_room, bint hash=True,
-                bytes head=b""):
+                bytes head not None=b""):
         """See :meth:`fastscp.net._datapath_py.DataPath.to_file`."""
         self._head_object = head  # kept alive while the loop writes from it
         self._head = <const unsigned char*>PyBytes_AS_STRING(head)

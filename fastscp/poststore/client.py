@@ -75,6 +75,8 @@ class PostStoreClient:
         self._backlog_bytes = 0
         #: Records dropped (see the class).
         self.dropped = 0
+        #: close() has run: what does not go at once is kept in a file or dropped, not held.
+        self._closed = False
         #: Records not yet in a message; its lock guards all of the above.
         self._batcher: Batcher[InstanceRecord | AssociationReport] = Batcher(
             self._deliver_locked, interval=SEND_INTERVAL, max_items=BATCH_RECORDS, retry_interval=RETRY_INTERVAL,
@@ -109,7 +111,13 @@ class PostStoreClient:
                     continue
             self._backlog.append((data, len(chunk)))
             self._backlog_bytes += len(data)
-        return self._send_locked()
+        sent = self._send_locked()
+        if not self._closed:
+            return sent
+        # A record from an association that outlived the worker's stop: sent, kept in a file, or dropped.
+        self._keep_or_drop(f"{self._kept_records()} records not sent at exit")
+        self._close_socket()
+        return True
 
     def _kept_records(self) -> int:
         return sum(count for _, count in self._backlog)
@@ -141,9 +149,7 @@ class PostStoreClient:
         except BlockingIOError:
             return False  # its socket is full: it lags
         except OSError:
-            if self._sock is not None:  # down (restarting): a new connection at the next try
-                self._sock.close()
-                self._sock = None
+            self._close_socket()  # down (restarting): a new connection at the next try
             return False
         return True
 
@@ -169,17 +175,25 @@ class PostStoreClient:
             log.warning("post-store stage busy or down (%s): %d records without thumbnails (fastscp convert, "
                         "fastscp scansheet)", why, self.dropped)
 
+    def _keep_or_drop(self, why: str) -> None:
+        """What is kept goes to a file for the stage, else is dropped (counted, logged)."""
+        unkept = self._keep_in_file(why)
+        if self._backlog:
+            self._drop(self._kept_records(), f"{why}; {unkept}")
+            self._backlog.clear()
+            self._backlog_bytes = 0
+
     def close(self) -> None:
-        """At the worker's exit: what is still kept goes to a file for the stage, else is dropped (logged)."""
-        with self._batcher.lock:
-            self._batcher.flush_locked()
-            why = f"{self._kept_records()} records not sent at exit"
-            unkept = self._keep_in_file(why)
-            if self._backlog:
-                self._drop(self._kept_records(), f"{why}; {unkept}")
-                self._backlog.clear()
-                self._backlog_bytes = 0
-            if self._sock is not None:
-                self._sock.close()
-                self._sock = None
+        """At the worker's exit: what is still kept goes to a file for the stage, else is dropped (logged);
+        so does what is sent after and does not go at once."""
         self._batcher.close()
+        with self._batcher.lock:
+            self._closed = True
+            self._batcher.flush_locked()
+            self._keep_or_drop(f"{self._kept_records()} records not sent at exit")
+            self._close_socket()
+
+    def _close_socket(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None

@@ -47,7 +47,7 @@ from fastscp.imaging.thumbnail import thumbnail_path, try_write_thumbnail
 from fastscp.index.client import IndexerClient
 from fastscp.index.database import Lake
 from fastscp.index.records import POSTSTORE_DECODER, InstanceRecord, ThumbnailMade
-from fastscp.poststore.client import kept_folder
+from fastscp.poststore.client import BATCH_RECORDS, kept_folder
 from fastscp.poststore.jobs import SharedStudies
 from fastscp.process.ipc import accept_local, drain, listen, receive
 from fastscp.process.kept import KeptFiles, write_kept
@@ -228,11 +228,14 @@ class PostStore:
     def _enqueue(self, data: bytes) -> None:
         try:
             records = POSTSTORE_DECODER.decode(data)
+            if isinstance(records, list) and len(records) > BATCH_RECORDS:
+                # The queue's bound holds to one message: a worker sends BATCH_RECORDS at most.
+                raise msgspec.DecodeError(f"{len(records)} records in one message, more than {BATCH_RECORDS}")
         except msgspec.DecodeError as exc:
             # Any process of our user can connect: a stray message is dropped, not fatal.
             self.undecodable += 1
             if self.undecodable in (1, 10, 100) or self.undecodable % 1000 == 0:
-                log.warning("post-store: %d messages that are neither instance records nor association "
+                log.warning("post-store: %d messages that are not a worker's instance records or association "
                             "reports dropped (%s)", self.undecodable, exc)
             return
         for record in records if isinstance(records, list) else (records,):
@@ -252,10 +255,11 @@ class PostStore:
         try:
             path = write_kept(self.kept.folder, unread, self.modes)
         except OSError as exc:
-            log.warning("post-store stopping: %d records neither taken nor kept (%s): no thumbnails for them "
-                        "(fastscp convert, fastscp scansheet)", len(unread), exc)
+            log.warning("post-store stopping: %d messages of records neither taken nor kept (%s): no thumbnails "
+                        "for them (fastscp convert, fastscp scansheet)", len(unread), exc)
             return
-        log.info("post-store stopping: %d records not taken yet, kept in %s for the next start", len(unread), path)
+        log.info("post-store stopping: %d messages of records not taken yet, kept in %s for the next start",
+                 len(unread), path)
 
     def _take_kept(self) -> None:
         """Caught up: take the oldest file of records a worker kept while this stage lagged, if any."""

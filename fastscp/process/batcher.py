@@ -9,6 +9,7 @@ One message per item made the receiver's wake-ups the bottleneck in both
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -67,28 +68,26 @@ class Batcher(Generic[T]):
         self._cost = 0
         #: When the batch's first item arrived, and when the last delivery was tried (time.monotonic).
         self._since = self._tried = 0.0
-        #: The thread waits for an item, with no timeout (the first item of a batch wakes it).
-        self._idle = False
+        #: What the thread's wait ends at (time.monotonic; inf: it waits for something to be due).
+        self._waiting_until = math.inf
         #: The last delivery left something for a retry.
         self._behind = False
         self._thread: threading.Thread | None = None
         self._closed = False
 
     def add(self, item: T, cost: int = 0, urgent: bool = False) -> None:
-        """Gather ``item``; deliver now if the batch is full or ``urgent``."""
+        """Gather ``item``; deliver now if the batch is full or ``urgent``, or once closed."""
         with self.lock:
             items = self._items
             items.append(item)
             if len(items) == 1:
                 self._since = time.monotonic()
-                if self._idle:
-                    self._wake.notify()  # the thread starts the batch's interval (a timed wait sees it)
             self._cost += cost
-            if urgent or len(items) >= self.max_items or (self.max_cost and self._cost >= self.max_cost):
+            if (urgent or self._closed or len(items) >= self.max_items
+                    or (self.max_cost and self._cost >= self.max_cost)):
                 self.flush_locked()
-            elif self._thread is None and not self._closed:
-                self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
-                self._thread.start()
+            else:
+                self._due_changed()
 
     def flush(self) -> None:
         """Deliver what waits (and retry what the owner kept), now."""
@@ -101,6 +100,26 @@ class Batcher(Generic[T]):
             items, self._items, self._cost = self._items, [], 0
             self._behind = not self._deliver(items)
             self._tried = time.monotonic()
+            self._due_changed()
+
+    def _due(self) -> float | None:
+        """When the thread delivers next: a retry its interval after the last try, a batch its
+        interval after its first item; None: nothing waits."""
+        if self._behind:
+            return self._tried + self.retry_interval
+        return self._since + self.interval if self._items else None
+
+    def _due_changed(self) -> None:
+        """Wake the thread if something is due before its wait ends (not at each item: a wake-up is
+        a system call, and the GIL handed over); start it at the first need."""
+        due = self._due()
+        if due is None or self._closed:
+            return
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+            self._thread.start()
+        elif due < self._waiting_until:
+            self._wake.notify()
 
     @property
     def waiting(self) -> int:
@@ -110,23 +129,20 @@ class Batcher(Generic[T]):
     def _run(self) -> None:
         with self.lock:
             while not self._closed:
-                if not self._items and not self._behind:
-                    self._idle = True
-                    self._wake.wait()  # until an item arrives
-                    self._idle = False
-                    continue
-                # Due: a batch its interval after its first item, a retry its interval after the last
-                # try. The wait is to that time, not for an interval: the first item of a batch that
-                # follows a full one wakes the thread early (it went alone: a batch of one each time).
-                due = self._tried + self.retry_interval if self._behind else self._since + self.interval
-                left = due - time.monotonic()
+                # The wait is to the time something is due, not for an interval from a wake-up: the
+                # first item of a batch that follows a full one went alone at once (a batch of one each time).
+                due = self._due()
+                left = math.inf if due is None else due - time.monotonic()
                 if left > 0:
-                    self._wake.wait(left)
+                    self._waiting_until = due if due is not None else math.inf
+                    self._wake.wait(None if due is None else left)
+                    self._waiting_until = math.inf
                     continue
                 self.flush_locked()
 
     def close(self) -> None:
-        """Stop the thread (what waits stays; :meth:`flush` still delivers it)."""
+        """Stop the thread (what waits stays; :meth:`flush` still delivers it, and an item added
+        from now on is delivered at once)."""
         with self.lock:
             self._closed = True
             self._wake.notify_all()

@@ -121,11 +121,13 @@ def test_thumbnails_and_scan_sheets_get_the_storage_modes(start_server, tmp_path
 
 
 def test_a_stray_message_does_not_stop_the_post_store_stage(start_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    """The post-store socket takes instance records and association reports; anything else is dropped."""
+    """The post-store socket takes a worker's instance records and association reports, up to BATCH_RECORDS a
+    message; anything else is dropped."""
     import socket
 
-    from fastscp.index.records import ENCODER, ThumbnailMade
-    from fastscp.poststore.client import poststore_address
+    from fastscp.dicom.fields import HeaderFields
+    from fastscp.index.records import ENCODER, InstanceRecord, ThumbnailMade
+    from fastscp.poststore.client import BATCH_RECORDS, poststore_address
 
     server = start_server()
     series = write_series(str(tmp_path / "ct"), 2, rows=32, columns=32, patient_id="PS9")
@@ -133,13 +135,21 @@ def test_a_stray_message_does_not_stop_the_post_store_stage(start_server, tmp_pa
     wait_until(lambda: any((server.storage / "thumbnails").rglob("*.jpg")), what="the first thumbnail")
     with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
         sock.connect(poststore_address(str(server.index)))
+        # More records in one message than a worker sends (the stage's queue is bounded by message).
+        record = InstanceRecord(path="none.dcm", size=1, transfer_syntax_uid="1.2.840.10008.1.2.1",
+                                calling_ae_title="X", called_ae_title="Y", peer_address="127.0.0.1:1",
+                                received_at=0.0, header=HeaderFields())
+        sock.send(ENCODER.encode([record] * (BATCH_RECORDS + 1)))
         sock.send(b"\xc1 not msgpack")
         sock.send(ENCODER.encode(ThumbnailMade(path="a.dcm", thumbnail_path="thumbnails/a.jpg")))  # the indexer's
         sock.send(ENCODER.encode({"path": "../../etc/passwd"}))
+        sock.send(ENCODER.encode([ThumbnailMade(path="a.dcm", thumbnail_path="t.jpg")] * 10))  # not records
     dcmtk("storescu", "-aec", server.ae_title, "-xe", "127.0.0.1", str(server.port), series[1])
     wait_until(lambda: len(list((server.storage / "thumbnails").rglob("*.jpg"))) == 2, what="the second thumbnail")
     assert "post-store stage exited" not in server.log_text()  # it used to die on the first one (and restart)
-    assert "1 messages that are neither instance records nor association reports dropped" in server.log_text()
+    assert ("1 messages that are not a worker's instance records or association reports dropped "
+            f"({BATCH_RECORDS + 1} records in one message, more than {BATCH_RECORDS})") in server.log_text()
+    assert "none.dcm" not in server.log_text()
     assert server.stop() == 0
 
 

@@ -80,6 +80,7 @@ def test_records_travel_together_and_a_report_goes_at_once_after_them() -> None:
     listener.bind(address := _address())
     listener.listen(1)
     client = PostStoreClient(address)
+    client._batcher.interval = 60  # nothing goes by time here: the full batch goes, then the report takes the rest
     try:
         for number in range(BATCH_RECORDS + 5):
             client.send(_record(number))
@@ -102,6 +103,17 @@ def test_records_travel_together_and_a_report_goes_at_once_after_them() -> None:
         client.close()
         listener.close()
     assert client.dropped == 0
+
+
+def test_a_record_sent_after_close_goes_to_a_file_when_the_stage_is_down(tmp_path: Path) -> None:
+    """An association may outlive its worker's stop (its join timed out): its record is kept in a file
+    for the stage, not held in the closed client."""
+    folder = tmp_path / "kept"
+    client = PostStoreClient(_address(), str(folder))  # nobody listens
+    client.close()
+    client.send(_record(7))
+    assert client.dropped == 0 and client.flush() == 0
+    assert _paths(_kept(folder)) == ["KEPT/7.dcm"]
 
 
 def test_records_kept_for_a_stage_that_is_down_go_to_a_file_at_exit(tmp_path: Path) -> None:

@@ -63,6 +63,36 @@ def test_the_first_item_after_a_full_batch_waits_its_own_interval() -> None:
     batcher.close()
 
 
+def test_an_urgent_item_the_owner_keeps_is_retried_though_no_other_came() -> None:
+    """The first item, urgent, and the peer down: the thread starts for the retry (it started only for
+    a batch that waits, so a worker's first association report stayed kept until an image came)."""
+    receiver = Receiver()
+    receiver.accept = False
+    batcher = Batcher(receiver, interval=60, max_items=100, retry_interval=0.1)
+    batcher.add(1, urgent=True)
+    receiver.accept = True
+    wait_until(lambda: len(receiver.calls) >= 2, timeout=10, what="the retry")
+    assert receiver.batches[:2] == [[1], []]
+    batcher.close()
+
+
+def test_an_item_after_a_retry_that_someone_else_settled_waits_its_interval_not_the_retrys() -> None:
+    """The thread waits for a retry (1 s); a flush of the owner's delivers what was kept meanwhile; the
+    next item is due in its own interval (0.05 s), before the retry the thread was waiting for."""
+    receiver = Receiver()
+    receiver.accept = False
+    batcher = Batcher(receiver, interval=0.05, max_items=100, retry_interval=1.0)
+    batcher.add(1, urgent=True)  # kept: the thread waits 1 s for the retry
+    wait_until(lambda: batcher._waiting_until < float("inf"), timeout=10, what="the retry's wait")  # type: ignore[attr-defined]
+    receiver.accept = True
+    batcher.flush()  # the peer is back: the owner retried itself
+    started = time.monotonic()
+    batcher.add(2)
+    wait_until(lambda: [2] in receiver.batches, timeout=10, what="the item's delivery")
+    assert receiver.calls[-1][0] - started < 0.7, "it waited for the retry that was no longer due"
+    batcher.close()
+
+
 def test_a_full_batch_an_expensive_one_or_an_urgent_item_goes_at_once() -> None:
     receiver = Receiver()
     batcher = Batcher(receiver, interval=60, max_items=3, max_cost=100)
@@ -101,7 +131,9 @@ def test_what_the_owner_keeps_is_retried_until_delivered() -> None:
     batcher.close()
 
 
-def test_close_stops_the_thread_and_flush_still_delivers() -> None:
+def test_close_stops_the_thread_and_what_comes_after_goes_at_once() -> None:
+    """Association threads may outlive a worker's stop: their records still reach deliver (the owner
+    sends, keeps or counts them); none waits in a closed batcher."""
     receiver = Receiver()
     batcher = Batcher(receiver, interval=0.05, max_items=100, name="test-batcher-close")
     batcher.add(1)
@@ -109,8 +141,7 @@ def test_close_stops_the_thread_and_flush_still_delivers() -> None:
     batcher.close()
     wait_until(lambda: not any(t.name == "test-batcher-close" for t in threading.enumerate()), timeout=10,
                what="the thread to end")
-    batcher.add(2)
-    time.sleep(0.2)
-    assert receiver.batches == [[1]]  # no thread: nothing goes by time
-    batcher.flush()
+    batcher.add(2)  # no thread: it goes at once
+    assert receiver.batches == [[1], [2]]
+    batcher.flush()  # nothing waits: no empty delivery
     assert receiver.batches == [[1], [2]]
