@@ -287,8 +287,10 @@ def _alive(pid: int) -> bool:
 def test_concurrency_limit(start_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     times = tmp_path / "times"
     times.mkdir()
+    # Written beside, then moved in: the test counts whole files (a file the shell's ">" made may still be empty).
     program = script(tmp_path / "slow.sh",
-                     f"#!/bin/sh\nt0=$(date +%s.%N)\nsleep 1\necho $t0 $(date +%s.%N) > {times}/$$\n")
+                     f"#!/bin/sh\nt0=$(date +%s.%N)\nsleep 1\necho $t0 $(date +%s.%N) > {tmp_path}/$$.span\n"
+                     f"mv {tmp_path}/$$.span {times}/$$\n")
     server, _ = serve(start_server, tmp_path, f"""
 {QUIET}hooks:
   - {{name: slow, event: instance-stored, program: [{program}], max_concurrent: 2}}
