@@ -18,11 +18,11 @@ its own (PDVs are independent of the PDU that carries them, PS3.8 9.3.5.1).
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from fastscp.dicom.part10 import content_hash_of, content_hasher
 from fastscp.net.pdu import P_DATA_TF, PDU_HEADER, PDV_HEADER, LimitExceeded, PDUStream, ProtocolError
+from fastscp.storage.files import write_all
 
 # Events pump() returns (the same numbers in the compiled twin, checked there at import).
 #: A command set is complete: :attr:`DataPath.command`, :attr:`DataPath.context_id`.
@@ -192,13 +192,8 @@ class DataPath:
                 self._file = False
             if self._fd >= 0:
                 try:
-                    if self._head:
-                        head, self._head = memoryview(self._head), b""
-                        while head:  # rarely more than once: a write is partial only on a full disk
-                            written = os.writev(self._fd, [head, piece])
-                            head, piece = head[written:], piece[max(0, written - len(head)) :]
-                    while piece:
-                        piece = piece[os.write(self._fd, piece) :]
+                    head, self._head = self._head, b""
+                    write_all(self._fd, piece, head)
                 except OSError as exc:
                     self._fd = -1
                     self.errno = exc.errno or 0

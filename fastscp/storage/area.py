@@ -31,7 +31,7 @@ import msgspec
 from fastscp.dicom.fields import HeaderFields
 from fastscp.dicom.part10 import content_hash, dataset_content_hash, dataset_hash, file_meta, read_file_meta
 from fastscp.dicom.sopclasses import MODALITY_SOP_CLASSES
-from fastscp.storage.files import FILE_MODE, PATIENT_DATA, TEMP_PREFIX, FileModes, fsync_dir, makedirs
+from fastscp.storage.files import FILE_MODE, PATIENT_DATA, TEMP_PREFIX, FileModes, fsync_dir, makedirs, write_all
 from fastscp.storage.layout import LayoutOptions, relative_path
 from fastscp.storage.policy import DuplicatePolicy, Outcome
 from fastscp.storage.reserved import BACKLOGS, FETCHED, INCOMING, QUARANTINE
@@ -208,13 +208,8 @@ class IncomingFile:
         if self.error is not None:
             return
         try:
-            head, self._head = memoryview(self._head), b""
-            view = memoryview(data)
-            while head:  # rarely more than once: a write is partial only on a full disk
-                written = os.writev(self._fd, [head, view])  # type: ignore[arg-type]
-                head, view = head[written:], view[max(0, written - len(head)) :]
-            while view:
-                view = view[os.write(self._fd, view) :]  # type: ignore[arg-type]
+            head, self._head = self._head, b""
+            write_all(self._fd, data, head)  # type: ignore[arg-type]
         except OSError as exc:
             self.failed(exc)
 

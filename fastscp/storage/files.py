@@ -79,6 +79,17 @@ def fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
+def write_all(fd: int, data: bytes | memoryview, head: bytes | memoryview = b"") -> None:
+    """Write ``head``, then ``data``, whole, at ``fd``'s position: the two in one system call (writev:
+    a File Meta with its data set's first bytes), the rest of a short write after (a full disk)."""
+    head, view = memoryview(head), memoryview(data)
+    while head:
+        written = os.writev(fd, [head, view])
+        head, view = head[written:], view[max(0, written - len(head)) :]
+    while view:
+        view = view[os.write(fd, view) :]
+
+
 def write_atomic(path: str | os.PathLike[str], data: bytes | BinaryIO, *, fsync: bool = False,
                  modes: FileModes = BROWSABLE) -> None:
     """Write `data` (bytes, or a binary file, read to its end) to `path` via a temp file in its folder and a rename.
@@ -109,9 +120,7 @@ def write_atomic(path: str | os.PathLike[str], data: bytes | BinaryIO, *, fsync:
         try:
             os.fchmod(fd, modes.file)  # exactly: the umask may have taken bits away
             if isinstance(data, bytes):
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
+                write_all(fd, data)
             else:
                 with os.fdopen(os.dup(fd), "wb") as f:
                     shutil.copyfileobj(data, f, 1 << 20)  # a stored file: never whole in memory
