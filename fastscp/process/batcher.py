@@ -2,7 +2,8 @@
 
 One owner of the pattern that sends many small things between processes:
 log records forwarded to the supervisor (:class:`fastscp.process.logs.ForwardHandler`)
-and index records sent to the indexer (:class:`fastscp.index.client.IndexerClient`).
+and records sent to the indexer, the post-store stage and the forwarder
+(:class:`fastscp.process.sender.Sender`).
 One message per item made the receiver's wake-ups the bottleneck in both
 (see their PERF notes); a batch waits at most ``interval`` for company.
 """

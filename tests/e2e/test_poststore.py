@@ -239,7 +239,7 @@ def test_a_stalled_post_store_stage_catches_up_without_losing_records(start_serv
     assert len(list((server.storage / "thumbnails").rglob("*.jpg"))) == count
     # A snapshot may come before the stage's first report ({}): the lag must show in a later one.
     assert any(lag.get("waiting", 0) > 0 and lag.get("oldest_seconds", 0) >= 1.0 for lag in lags), lags
-    assert "records without thumbnails" not in server.log_text()
+    assert "records dropped; no thumbnails" not in server.log_text()
     assert server.stop() == 0
 
 
@@ -247,7 +247,7 @@ def test_records_the_stage_had_not_taken_at_stop_get_thumbnails_at_the_next_star
     """The server stops while its stage lags (SIGSTOP until the supervisor has asked it to stop): the records
     in the worker's backlog go to a file under .incoming at its exit, those in the stage's socket at the
     stage's, and the next start makes their thumbnails. Before, the worker dropped its backlog at exit
-    ("records without thumbnails") and the socket's records went with the socket."""
+    ("records dropped; no thumbnails") and the socket's records went with the socket."""
     from fastscp.poststore.client import kept_folder
     from tests.conftest import sigterm_pending
 
@@ -263,7 +263,7 @@ def test_records_the_stage_had_not_taken_at_stop_get_thumbnails_at_the_next_star
     assert not list(thumbnails.rglob("*.jpg"))  # a stopping stage starts nothing new
     folder = Path(kept_folder(str(server.storage)))
     assert len(list(folder.iterdir())) == 2, server.log_text()  # the worker's file and the stage's
-    assert "records without thumbnails" not in server.log_text()
+    assert "records dropped; no thumbnails" not in server.log_text()
     again = start_server(config=config, workers=1, storage=server.storage)
     wait_until(lambda: len(list(thumbnails.rglob("*.jpg"))) == count, timeout=120, what=f"{count} thumbnails")
     wait_until(lambda: not list(folder.iterdir()), what="the kept files taken")

@@ -166,6 +166,16 @@ MODULES: dict[str, tuple[str, ...]] = {
         "tests/unit/index/test_index.py::test_the_indexer_takes_kept_records_once_idle_and_all_of_them_at_stop",
         "tests/e2e/test_index_server.py::test_records_the_indexer_had_not_taken_are_indexed_before_it_exits",
     ),
+    # Records handed to a lagging process (the indexer, the post-store stage, the forwarder): in order,
+    # kept in files beyond a bound, held or dropped where no file can take them.
+    "fastscp/process/sender.py": (
+        "tests/unit/process/test_sender.py",
+        "tests/unit/poststore/test_client.py",
+        "tests/unit/index/test_index.py::test_a_worker_client_never_waits_for_an_indexer_that_does_not_read",
+        "tests/unit/index/test_index.py::test_a_worker_client_sends_what_waited_once_the_indexer_reads_again",
+        "tests/unit/index/test_index.py::test_a_worker_client_keeps_records_in_files_while_the_indexer_is_down",
+        "tests/unit/index/test_index.py::test_indexer_client_keeps_records_until_the_indexer_is_back",
+    ),
     # The files of kept records both lagging processes take (the post-store stage, the indexer).
     "fastscp/process/kept.py": (
         "tests/unit/process/test_kept.py",

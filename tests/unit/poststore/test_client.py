@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import stat
+import time
 import uuid
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from fastscp.poststore.client import BATCH_RECORDS, PostStoreClient, kept_folder
 from fastscp.process.kept import kept_files, read_kept, write_kept
 from fastscp.status import LATENCY_BUCKETS, SIZE_BUCKETS, AssociationReport, AssociationState, Histogram
 from fastscp.storage.files import FileModes
+from tests.conftest import receive_messages
 
 
 def _record(number: int) -> InstanceRecord:
@@ -43,7 +45,7 @@ def _address() -> str:
     return f"\0fastscp-test-poststore-{uuid.uuid4().hex}"
 
 
-def test_a_full_backlog_goes_to_a_file_and_nothing_is_dropped(tmp_path: Path) -> None:
+def test_a_full_backlog_goes_to_a_file_and_nothing_is_dropped(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """The stage reads nothing (its socket fills, then the worker's backlog of 64 KiB here): the records
     beyond are kept in files, with the storage's file mode; socket and files hold each record once."""
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -57,6 +59,7 @@ def test_a_full_backlog_goes_to_a_file_and_nothing_is_dropped(tmp_path: Path) ->
             client.send(_record(number))
         files = sorted(folder.iterdir())
         assert files, "nothing was kept in a file"
+        assert "post-store stage busy or down (" in caplog.text and f"kept in {files[0]} for it" in caplog.text
         assert {stat.S_IMODE(f.stat().st_mode) for f in files} == {0o600}
         assert stat.S_IMODE(folder.stat().st_mode) == 0o700
         client.close()  # what the backlog still holds goes to a file as well
@@ -84,12 +87,8 @@ def test_records_travel_together_and_a_report_goes_at_once_after_them() -> None:
     try:
         for number in range(BATCH_RECORDS + 5):
             client.send(_record(number))
-        report = AssociationReport(
-            state=AssociationState(connection_id=7, worker=0, calling_ae_title="SCU", called_ae_title="FASTSCP",
-                                   peer_address="127.0.0.1:1", instances=BATCH_RECORDS + 5, outcome="released"),
-            by_modality={"CT": BATCH_RECORDS + 5}, store_latency_seconds=Histogram.empty(LATENCY_BUCKETS),
-            object_size_bytes=Histogram.empty(SIZE_BUCKETS), ended=True)
-        client.send(report)  # the association ended: its hooks need not wait for the interval
+        # The association ended: its hooks need not wait for the interval.
+        client.send(report := _report(BATCH_RECORDS + 5))
         conn, _ = listener.accept()
         conn.settimeout(5)
         messages = [conn.recv(1 << 20), conn.recv(1 << 20)]
@@ -102,6 +101,52 @@ def test_records_travel_together_and_a_report_goes_at_once_after_them() -> None:
     finally:
         client.close()
         listener.close()
+    assert client.dropped == 0
+
+
+def _report(instances: int) -> AssociationReport:
+    return AssociationReport(
+        state=AssociationState(connection_id=7, worker=0, calling_ae_title="SCU", called_ae_title="FASTSCP",
+                               peer_address="127.0.0.1:1", instances=instances, outcome="released"),
+        by_modality={"CT": instances}, store_latency_seconds=Histogram.empty(LATENCY_BUCKETS),
+        object_size_bytes=Histogram.empty(SIZE_BUCKETS), ended=True)
+
+
+def test_a_report_never_overtakes_the_records_kept_in_a_file(tmp_path: Path) -> None:
+    """The stage lags: the worker's records pass the backlog's bound and go to a file, which the stage
+    takes only once it has caught up. Nothing goes by the socket until it has: the association's report
+    came before its records, and its association-ended hooks ran before their instance-stored hooks."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listener.bind(address := _address())
+    listener.listen(1)
+    folder = tmp_path / "kept"
+    client = PostStoreClient(address, str(folder), backlog_bytes=64 * 1024)
+    count = 3000
+    try:
+        for number in range(count):
+            client.send(_record(number))
+        assert kept_files(str(folder)), "nothing was kept in a file: nothing tested"
+        client.send(report := _report(count))
+        conn, _ = listener.accept()
+        with conn:
+            # The stage reads what is in its socket, and for 1 s (5 of the client's retries) what comes.
+            received = receive_messages(conn, 1.0)
+            assert report not in _records(received), "the report overtook the records kept in a file"
+            # It takes the files, oldest first, as it does once caught up (KeptFiles), then reads again.
+            taken: list[bytes] = []
+            while names := kept_files(str(folder)):
+                taken += read_kept(str(folder / names[0]))
+                (folder / names[0]).unlink()
+            after: list[bytes] = []
+            deadline = time.monotonic() + 20
+            while report not in _records(after) and time.monotonic() < deadline:
+                after += receive_messages(conn, 0.5)
+    finally:
+        client.close()
+        listener.close()
+    records = _records(received) + _records(taken) + _records(after)
+    assert records[-1] == report
+    assert [msgspec.convert(r, InstanceRecord).path for r in records[:-1]] == [f"KEPT/{n}.dcm" for n in range(count)]
     assert client.dropped == 0
 
 
@@ -134,7 +179,7 @@ def test_without_a_folder_records_beyond_the_backlog_are_dropped_and_counted(
         client.send(_record(number))
     assert 0 < client.dropped < 40
     assert client.flush() == 40 - client.dropped
-    assert "no folder to keep them in" in caplog.text and "records without thumbnails" in caplog.text
+    assert "no folder to keep them in" in caplog.text and "records dropped; no thumbnails" in caplog.text
     client.close()
     assert client.dropped == 40
 
@@ -154,7 +199,7 @@ def test_records_are_dropped_and_counted_only_when_no_file_can_take_them(tmp_pat
     assert client.dropped > 0
     client.close()
     assert client.dropped == 40 and kept > 0
-    assert "records without thumbnails" in caplog.text and "cannot keep them in" in caplog.text
+    assert "records dropped; no thumbnails" in caplog.text and "cannot keep them in" in caplog.text
 
 
 def test_a_torn_file_yields_its_whole_messages(tmp_path: Path) -> None:

@@ -1,0 +1,165 @@
+"""Sender (fastscp.process.sender): what the workers' clients of the indexer, the post-store stage and the
+forwarder share, with messages of its own making: in order, whatever the receiver's lag; held or dropped
+where no file can take them. Real sockets, real files (the clients' own tests: tests/unit/poststore,
+tests/unit/index)."""
+
+from __future__ import annotations
+
+import logging
+import re
+import socket
+import uuid
+from pathlib import Path
+
+import pytest
+
+from fastscp.process.kept import kept_files, read_kept
+from fastscp.process.sender import Sender
+from tests.conftest import receive_messages
+
+#: Longer than any datagram a Unix socket takes by default (net.core.wmem_default: 208 KiB here).
+TOO_LONG = b"x" * (4 << 20)
+
+
+def _sender(address: str, folder: str = "", *, hold: bool = True, backlog_bytes: int = 1 << 20) -> Sender[bytes]:
+    """Each item a message of its own, sent as it is added; retries every 50 ms."""
+    return Sender(address, lambda items: [(item, 1) for item in items], name="receiver",
+                  log=logging.getLogger("fastscp.test-sender"), interval=60, max_items=1, retry_interval=0.05,
+                  backlog_bytes=backlog_bytes, kept_folder=folder, hold=hold, if_dropped="what that means")
+
+
+def _listener() -> tuple[socket.socket, str]:
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listener.bind(address := f"\0fastscp-test-sender-{uuid.uuid4().hex}")
+    listener.listen(1)
+    return listener, address
+
+
+def test_a_message_longer_than_the_socket_takes_goes_to_a_file_and_the_next_follow_it(tmp_path: Path) -> None:
+    """The socket refuses it (EMSGSIZE) now and at every retry: before, a client took that for a receiver
+    that is down and tried again forever, the messages after it held up behind it."""
+    listener, address = _listener()
+    folder = tmp_path / "kept"
+    sender = _sender(address, str(folder))
+    try:
+        for item in (b"first", TOO_LONG, b"after"):
+            sender.send(item)
+        conn, _ = listener.accept()
+        with conn:
+            assert receive_messages(conn, 0.5, 3) == [b"first"]  # "after" waits for the file before it
+            (name,) = kept_files(str(folder))
+            assert list(read_kept(str(folder / name))) == [TOO_LONG]
+            (folder / name).unlink()  # the receiver takes the file
+            assert receive_messages(conn, 10, 1) == [b"after"]
+        assert sender.dropped == 0 and sender.pending == 0
+    finally:
+        sender.close()
+        listener.close()
+
+
+def test_without_a_folder_a_message_longer_than_the_socket_takes_is_dropped_and_counted(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Held, it would never go and would hold up the others."""
+    listener, address = _listener()
+    sender = _sender(address)
+    try:
+        for item in (b"first", TOO_LONG, b"after"):
+            sender.send(item)
+        conn, _ = listener.accept()
+        with conn:
+            assert receive_messages(conn, 5, 3) == [b"first", b"after"]
+    finally:
+        sender.close()
+        listener.close()
+    assert sender.dropped == 1
+    assert "a message longer than the socket takes; no folder to keep them in" in caplog.text
+    assert "what that means" in caplog.text
+
+
+@pytest.mark.parametrize("hold", [True, False])
+def test_where_no_file_can_take_them_messages_past_the_bound_are_held_or_dropped(hold: bool) -> None:
+    """The receiver is down and there is no folder: a sender that holds (the indexer's clients) keeps
+    every message past its bound and delivers them, in order, once the receiver listens; one that does
+    not (the post-store stage's) keeps the first bound's worth and counts the rest dropped."""
+    address = f"\0fastscp-test-sender-{uuid.uuid4().hex}"
+    sender = _sender(address, hold=hold, backlog_bytes=100)
+    items = [b"%010d" % n for n in range(50)]  # 10 bytes each: 500 bytes, five times the bound
+    for item in items:
+        sender.send(item)
+    assert sender.pending == (50 if hold else 10)
+    assert sender.dropped == (0 if hold else 40)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listener.bind(address)
+    listener.listen(1)
+    try:
+        listener.settimeout(10)
+        conn, _ = listener.accept()  # the sender's retry connects
+        with conn:
+            received = receive_messages(conn, 10 if hold else 1, 50)
+    finally:
+        sender.close()
+        listener.close()
+    assert received == (items if hold else items[:10])  # the oldest kept
+
+
+def test_an_item_sent_after_close_goes_and_its_connection_is_closed_after_it() -> None:
+    """An association may outlive its worker's stop: its record goes at once, and the connection opened
+    for it is closed after it, not left open until the process exits."""
+    listener, address = _listener()
+    sender = _sender(address)
+    sender.close()
+    try:
+        sender.send(b"late")
+        conn, _ = listener.accept()
+        with conn:
+            conn.settimeout(5)
+            assert conn.recv(100) == b"late"
+            assert conn.recv(100) == b"", "the sender's end is still open"
+    finally:
+        listener.close()
+
+
+def test_items_wait_for_their_batch_unless_urgent() -> None:
+    """A batch goes when full (or at its interval, a minute here), an urgent item at once with the batch
+    before it: one message per item was a system call per store, and a wake-up of the receiver."""
+    listener, address = _listener()
+    sender: Sender[bytes] = Sender(address, lambda items: [(b"|".join(items), len(items))], name="receiver",
+                                   log=logging.getLogger("fastscp.test-sender"), interval=60, max_items=3,
+                                   retry_interval=0.05, backlog_bytes=1 << 20)
+    try:
+        for item in (b"a", b"b"):
+            sender.send(item)
+        assert sender.pending == 2
+        sender.send(b"c")  # full
+        sender.send(b"d")
+        sender.send(b"e", urgent=True)
+        conn, _ = listener.accept()
+        with conn:
+            assert receive_messages(conn, 1, 3) == [b"a|b|c", b"d|e"]
+        assert sender.pending == 0
+    finally:
+        sender.close()
+        listener.close()
+
+
+def test_dropped_records_are_logged_at_the_1st_10th_100th_and_each_1000th(caplog: pytest.LogCaptureFixture) -> None:
+    """The receiver is down, no folder: one warning per order of magnitude, not one per record."""
+    sender = _sender(f"\0fastscp-test-sender-{uuid.uuid4().hex}", hold=False, backlog_bytes=10)
+    with caplog.at_level(logging.WARNING, logger="fastscp.test-sender"):
+        for n in range(2_001):  # the first is kept, 2,000 dropped
+            sender.send(b"%010d" % n)
+    assert sender.dropped == 2_000
+    logged = [int(m.group(1)) for r in caplog.records if (m := re.search(r"(\d+) records dropped", r.getMessage()))]
+    assert logged == [1, 10, 100, 1000, 2000]
+
+
+def test_a_folder_that_cannot_be_written_is_said_once_while_records_are_held(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The indexer's clients hold what no file can take: the reason is logged once, not at each message."""
+    (tmp_path / "file").write_text("in the way")
+    sender = _sender(f"\0fastscp-test-sender-{uuid.uuid4().hex}", str(tmp_path / "file" / "kept"), backlog_bytes=10)
+    with caplog.at_level(logging.WARNING, logger="fastscp.test-sender"):
+        for n in range(20):
+            sender.send(b"%010d" % n)
+    assert sender.pending == 20 and sender.dropped == 0
+    assert sum("cannot keep them in" in r.getMessage() for r in caplog.records) == 1
