@@ -242,14 +242,17 @@ class PostStore:
             self.queue.append((record.received_at if isinstance(record, InstanceRecord) else time.time(), record))
         self._last_arrival = time.monotonic()
 
-    def _keep_unread(self) -> None:
-        """Stopping with the queue done: the records still in the workers' sockets (connections not yet
-        accepted too) go to a file, which the next start takes (:meth:`_take_kept`), instead of being
-        lost with the sockets."""
+    def _unread(self) -> list[bytes]:
+        """Every message waiting in the workers' sockets (connections not yet accepted too)."""
         self._accept()
-        unread = [data for key in list(self.selector.get_map().values())
-                  if key.fileobj not in (self.listener, self.hooks, self.hooks_link)
-                  for data in drain(key.fileobj, self.selector)]  # type: ignore[arg-type]
+        return [data for key in list(self.selector.get_map().values())
+                if key.fileobj not in (self.listener, self.hooks, self.hooks_link)
+                for data in drain(key.fileobj, self.selector)]  # type: ignore[arg-type]
+
+    def _keep_unread(self) -> None:
+        """Stopping with the queue done: the records still in the workers' sockets go to a file, which
+        the next start takes (:meth:`_take_kept`), instead of being lost with the sockets."""
+        unread = self._unread()
         if not unread:
             return
         try:
@@ -262,9 +265,16 @@ class PostStore:
                  len(unread), path)
 
     def _take_kept(self) -> None:
-        """Caught up: take the oldest file of records a worker kept while this stage lagged, if any."""
-        taken = self.kept.take_oldest(time.monotonic())
-        for data in taken[1] if taken is not None else ():
+        """Caught up: take the oldest file of records a worker kept while this stage lagged, if any.
+
+        What its worker sent before the file may have come since this turn read the sockets (this
+        process runs at idle priority: a turn can pause for seconds): it is queued first, so an
+        association's report never comes before its records."""
+        taken = self.kept.take_oldest(time.monotonic(), before_removal=lambda: self._queue_all(self._unread()))
+        self._queue_all(taken[1] if taken is not None else [])
+
+    def _queue_all(self, messages: list[bytes]) -> None:
+        for data in messages:
             self._enqueue(data)
 
     def _process(self, record: InstanceRecord | AssociationReport) -> None:

@@ -15,7 +15,7 @@ import logging
 import os
 import struct
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from fastscp.storage.files import PATIENT_DATA, TEMP_PREFIX, FileModes, write_atomic
 from fastscp.storage.reserved import INCOMING
@@ -94,10 +94,14 @@ class KeptFiles:
         except OSError:
             return 0
 
-    def take_oldest(self, now: float, *, at_once: bool = False) -> tuple[str, list[bytes]] | None:
+    def take_oldest(self, now: float, *, at_once: bool = False,
+                    before_removal: Callable[[], None] | None = None) -> tuple[str, list[bytes]] | None:
         """The oldest file's path and messages, the file removed; None if none is due or there is none.
 
         ``now``: ``time.monotonic()``; ``at_once``: whatever the schedule (a process that is stopping).
+        ``before_removal`` runs once the file is read, before it is removed: a worker sends nothing by
+        its socket while its file is there (:class:`fastscp.process.sender.Sender`), so what the
+        sockets hold then came before the file's messages.
         """
         if now < self._next_check and not at_once:
             return None
@@ -108,6 +112,8 @@ class KeptFiles:
                 return None
             path = os.path.join(self.folder, names[0])
             messages = list(read_kept(path))
+            if before_removal is not None:
+                before_removal()
             os.unlink(path)
         except OSError as exc:
             log.warning("%s: cannot take the records kept in %s: %s%s", self._owner, self.folder, exc,

@@ -4,6 +4,7 @@ stores keep arriving, unless its records have waited long enough."""
 from __future__ import annotations
 
 import os
+import socket
 import time
 import uuid
 from collections.abc import Iterator
@@ -47,7 +48,9 @@ def stage(tmp_path: Path) -> Iterator[PostStore]:
     stage = PostStore(str(tmp_path), LayoutOptions(), ThumbnailsConfig(), ScansheetConfig(enabled=False),
                       f"\0fastscp-test-stage-{uuid.uuid4().hex}", indexer, PATIENT_DATA)
     yield stage
-    stage.listener.close()
+    for key in list(stage.selector.get_map().values()):  # the listener, and the connections it accepted
+        if isinstance(key.fileobj, socket.socket):
+            key.fileobj.close()
     indexer.close()
 
 
@@ -106,3 +109,19 @@ def test_a_full_queue_does_not_wait(stage: PostStore, tmp_path: Path, monkeypatc
     assert not stage.deferring()
     stage.step()
     assert first_thumbnail.is_file() and len(stage.queue) == 1
+
+
+def test_what_a_worker_sent_before_its_kept_file_is_queued_before_the_files_records(stage: PostStore,
+                                                                                   tmp_path: Path) -> None:
+    """The stage read its sockets, then paused (idle priority) while a worker sent one more message, then,
+    its backlog past the bound, kept the next in a file. Taking the file, the stage queues what the socket
+    holds first: in the order the worker handed them over (an association's report after its records)."""
+    before, _ = _stored(tmp_path, "before", time.time())
+    after, _ = _stored(tmp_path, "after", time.time())
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as worker:
+        worker.connect(stage.listener.getsockname())
+        worker.send(before)
+        write_kept(kept_folder(str(tmp_path)), [after])
+        stage._take_kept()  # its queue is empty: caught up
+    assert [os.path.basename(os.path.dirname(r.path)) for _, r in stage.queue] == ["before", "after"]  # type: ignore[union-attr]
+    assert stage.kept.count() == 0
