@@ -166,15 +166,19 @@ def wait_until(predicate, timeout: float = 15, what: str = "condition") -> None:
 
 
 def receive_messages(conn: socket.socket, seconds: float, count: int | None = None) -> list[bytes]:
-    """The messages (a SOCK_SEQPACKET connection's) arriving on ``conn`` within ``seconds``; at most ``count``."""
+    """The messages (a SOCK_SEQPACKET connection's) arriving on ``conn`` within ``seconds``, until its
+    peer closes it; at most ``count``."""
     messages: list[bytes] = []
     deadline = time.monotonic() + seconds
     while (count is None or len(messages) < count) and (left := deadline - time.monotonic()) > 0:
         conn.settimeout(left)
         try:
-            messages.append(conn.recv(1 << 20))
+            message = conn.recv(1 << 20)
         except TimeoutError:
             break
+        if not message:
+            break
+        messages.append(message)
     return messages
 
 

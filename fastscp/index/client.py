@@ -80,15 +80,17 @@ class IndexerClient(Sender[IndexRecord]):
     indexer's receive loop its bottleneck (bench/test_bench_index.py). While
     the indexer is down the records are kept and tried again every
     :data:`RETRY_INTERVAL`, so they reach a restarted indexer even if no
-    other image arrives; none is dropped for want of room. Nothing waiting
-    here is lost for good if the process dies: the indexer's reconcile on
-    start indexes the files whose records never arrived.
+    other image arrives; none is dropped for want of room (only a message
+    longer than the socket takes, where no file can take it: logged).
+    Nothing waiting here is lost for good if the process dies: the indexer's
+    reconcile on start indexes the files whose records never arrived.
 
     With ``kept_folder`` (a worker's client) a send never waits: the indexer
     runs at ``server.derived_priority`` and under a burst may not read for
     seconds. What its full socket does not take is kept here, up to
     ``backlog_bytes``, then in files in ``kept_folder``, which the indexer
-    takes once it has caught up; so is what is still kept at :meth:`close`.
+    takes once it has caught up (a newer record of the same file, come by
+    the socket meanwhile, stays); so is what is still kept at :meth:`close`.
     Without it (the post-store stage's and the forwarder's clients) a full
     socket holds the sender up.
     """

@@ -52,7 +52,7 @@ class PostStoreClient(Sender[InstanceRecord | AssociationReport]):
     go at once is kept here (up to :data:`BACKLOG_BYTES`, oldest first) and
     tried again every :data:`RETRY_INTERVAL`; beyond that bound, and when
     the worker exits, in a file in ``kept_folder``, which the stage takes
-    once it has caught up. Only if that file cannot be written are records
+    once its queue has room. Only if that file cannot be written are records
     dropped, counted and logged: thumbnails and scan sheets can be made
     again from the files.
     """
@@ -64,7 +64,8 @@ class PostStoreClient(Sender[InstanceRecord | AssociationReport]):
             address, lambda records: [(data, len(chunk)) for data, chunk in fitting(records, ENCODER.encode, fit)],
             name="post-store stage", log=log, interval=SEND_INTERVAL, max_items=BATCH_RECORDS,
             retry_interval=RETRY_INTERVAL, backlog_bytes=backlog_bytes, kept_folder=kept_folder, modes=modes,
-            hold=False, if_dropped="no thumbnails, scan sheets or hooks for them (fastscp convert, fastscp scansheet)")
+            ordered=True, hold=False,
+            if_dropped="no thumbnails, scan sheets or hooks for them (fastscp convert, fastscp scansheet)")
 
     def send(self, record: InstanceRecord | AssociationReport, urgent: bool = False) -> None:
         """A stored instance, or an association's final report (its association-ended hooks: urgent)."""

@@ -4,7 +4,7 @@ Workers hand each stored instance to it without waiting
 (:mod:`fastscp.poststore.client`): while it lags, records wait in its queue
 (:data:`QUEUE_LIMIT`), then in its sockets, then in each worker's bounded
 backlog, then in files the workers write under the storage root
-(``.incoming/poststore-backlog``), which it takes once it has caught up.
+(``.incoming/poststore-backlog``), which it takes once its queue has room.
 Only records no file could take are dropped, logged (a thumbnail can
 always be made again with ``fastscp convert`` or ``fastscp scansheet``;
 an acknowledged store must never wait).
@@ -61,6 +61,9 @@ log = logging.getLogger("fastscp.poststore")
 #: Records waiting in the stage; beyond this it stops reading (they wait in its
 #: sockets, then in the workers: :class:`fastscp.poststore.client.PostStoreClient`).
 QUEUE_LIMIT = 20_000
+#: A file of records a worker kept is taken while fewer wait (one file: 16 MB of records at most).
+#: Not only once caught up: until it is taken, that worker's records wait behind it (in order).
+TAKE_KEPT_BELOW = QUEUE_LIMIT // 2
 #: PERF (issue 13, lever 4): the stage waits while stores keep arriving (a record came within
 #: INGEST_QUIET seconds), until its oldest record has waited MAX_DEFER seconds; then it keeps pace
 #: that far behind. SCHED_IDLE alone still cost mr-k4 ~9% of its images/s (5 interleaved pairs on
@@ -145,10 +148,9 @@ class PostStore:
                 self._reconfigure()
             else:
                 self._receive(key.fileobj)  # type: ignore[arg-type]
-        if self.queue:
-            if not deferring:
-                self._process(self.queue.popleft()[1])
-        elif not self.stopping:  # a stopping stage leaves them to the next start
+        if self.queue and not deferring:
+            self._process(self.queue.popleft()[1])
+        if len(self.queue) < TAKE_KEPT_BELOW and not self.stopping:  # stopping: left to the next start
             self._take_kept()
         for study in self.quiet.pop_due():
             self._scansheet(study)
@@ -256,7 +258,8 @@ class PostStore:
         if not unread:
             return
         try:
-            path = write_kept(self.kept.folder, unread, self.modes)
+            # Before the files workers wrote as they stopped: a worker's socket holds its oldest messages.
+            path = write_kept(self.kept.folder, unread, self.modes, first=True)
         except OSError as exc:
             log.warning("post-store stopping: %d messages of records neither taken nor kept (%s): no thumbnails "
                         "for them (fastscp convert, fastscp scansheet)", len(unread), exc)
@@ -265,7 +268,7 @@ class PostStore:
                  len(unread), path)
 
     def _take_kept(self) -> None:
-        """Caught up: take the oldest file of records a worker kept while this stage lagged, if any.
+        """Take the oldest file of records a worker kept while this stage lagged, if any.
 
         What its worker sent before the file may have come since this turn read the sockets (this
         process runs at idle priority: a turn can pause for seconds): it is queued first, so an

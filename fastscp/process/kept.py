@@ -10,6 +10,7 @@ the socket would have carried, each after its length.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -29,6 +30,9 @@ RETRY_AFTER_ERROR = 60.0
 
 #: A kept file's messages: each after its length (4 bytes, little-endian).
 _LENGTH = struct.Struct("<I")
+#: A kept file's name ends so; one that could not be taken is set aside under its name and SET_ASIDE.
+SUFFIX = ".records"
+SET_ASIDE = ".unreadable"
 #: Numbers a process's kept files (with its PID: a name no other writer uses).
 _kept_numbers = itertools.count()
 
@@ -39,9 +43,18 @@ def kept_folder(root: str, name: str) -> str:
     return os.path.join(root, INCOMING, name)
 
 
-def write_kept(folder: str, messages: Iterable[bytes], modes: FileModes = PATIENT_DATA) -> str:
-    """Write encoded messages to a new file in ``folder`` (whole or not at all: temp file and rename); its path."""
-    path = os.path.join(folder, f"{time.time_ns()}-{os.getpid()}-{next(_kept_numbers)}.records")
+def write_kept(folder: str, messages: Iterable[bytes], modes: FileModes = PATIENT_DATA, *,
+               first: bool = False) -> str:
+    """Write encoded messages to a new file in ``folder`` (whole or not at all: temp file and rename); its path.
+
+    Files are taken oldest name first. ``first``: named to be taken before every file now in the
+    folder (messages older than all of them: a receiver's unread socket at its stop).
+    """
+    stamp = time.time_ns()
+    if first:
+        with contextlib.suppress(OSError, ValueError):
+            stamp = min(stamp, int(kept_files(folder)[0].split("-", 1)[0]) - 1)
+    path = os.path.join(folder, f"{stamp:019d}-{os.getpid()}-{next(_kept_numbers)}{SUFFIX}")
     write_atomic(path, b"".join(_LENGTH.pack(len(m)) + m for m in messages), modes=modes)
     return path
 
@@ -55,7 +68,8 @@ def kept_files(folder: str) -> list[str]:
         The folder cannot be read.
     """
     try:
-        return sorted(name for name in os.listdir(folder) if not name.startswith(TEMP_PREFIX))
+        return sorted(name for name in os.listdir(folder)
+                      if name.endswith(SUFFIX) and not name.startswith(TEMP_PREFIX))
     except FileNotFoundError:
         return []
 
@@ -77,10 +91,13 @@ def read_kept(path: str) -> Iterator[bytes]:
 class KeptFiles:
     """The files workers keep for one lagging process (``folder``), taken back oldest first.
 
-    The process asks :meth:`take_oldest` whenever it has caught up; a file is
+    The process asks :meth:`take_oldest` whenever it has room; a file is
     read at most every :data:`CHECK_INTERVAL` (at once after one was taken,
-    :data:`RETRY_AFTER_ERROR` after a failure, which is logged with ``if_lost``:
-    what becomes of records that can't be taken back).
+    :data:`RETRY_AFTER_ERROR` after the folder could not be read). A file
+    that cannot be read or removed is set aside (renamed, ending in
+    :data:`SET_ASIDE`) rather than tried again forever: it would hold up the
+    files after it. Both are logged with ``if_lost``: what becomes of records
+    that can't be taken back.
     """
 
     def __init__(self, folder: str, owner: str, if_lost: str = "") -> None:
@@ -108,18 +125,40 @@ class KeptFiles:
         self._next_check = now + CHECK_INTERVAL
         try:
             names = kept_files(self.folder)
-            if not names:
-                return None
-            path = os.path.join(self.folder, names[0])
+        except OSError as exc:
+            return self._cannot_take(now, exc)
+        if not names:
+            return None
+        path = os.path.join(self.folder, names[0])
+        try:
             messages = list(read_kept(path))
-            if before_removal is not None:
-                before_removal()
+        except OSError as exc:
+            return self._set_aside(now, path, exc)
+        if before_removal is not None:
+            before_removal()
+        try:
             os.unlink(path)
         except OSError as exc:
-            log.warning("%s: cannot take the records kept in %s: %s%s", self._owner, self.folder, exc,
-                        f"; {self._if_lost}" if self._if_lost else "")
-            self._next_check = now + RETRY_AFTER_ERROR
-            return None
+            return self._set_aside(now, path, exc)
         self._next_check = 0.0  # the next file as soon as these are done
         log.info("%s: took back %d messages kept while it lagged, from %s", self._owner, len(messages), path)
         return path, messages
+
+    def _set_aside(self, now: float, path: str, error: OSError) -> None:
+        """The oldest file cannot be taken: renamed out of the way (kept for whoever looks into it), so
+        the files after it are taken, and a worker that waits for its own file to go sends again."""
+        try:
+            os.rename(path, path + SET_ASIDE)
+        except OSError:
+            return self._cannot_take(now, error)
+        log.warning("%s: cannot take the records kept in %s (%s): set aside as %s%s", self._owner, path,
+                    error.strerror or error, os.path.basename(path) + SET_ASIDE,
+                    f"; {self._if_lost}" if self._if_lost else "")
+        self._next_check = 0.0
+        return None
+
+    def _cannot_take(self, now: float, error: OSError) -> None:
+        log.warning("%s: cannot take the records kept in %s: %s%s", self._owner, self.folder, error,
+                    f"; {self._if_lost}" if self._if_lost else "")
+        self._next_check = now + RETRY_AFTER_ERROR
+        return None

@@ -40,12 +40,14 @@ class Sender(Generic[T]):
     a full socket holds the sender up instead (a process whose records may
     wait; a worker's never do).
 
-    Beyond ``backlog_bytes``, what is kept goes to a file in ``kept_folder``,
-    which the receiver takes once it has caught up; so does what is still
-    kept at :meth:`close`. Until the receiver has taken this sender's newest
-    file, nothing goes by the socket: it handles the file's messages first,
-    so a later message (an association's report, a newer record of the same
-    file) never overtakes an earlier one.
+    Beyond ``backlog_bytes`` (what the socket does not take when tried
+    once more), what is kept goes to a file in ``kept_folder``, which the
+    receiver takes once it has room; so does what is still kept at
+    :meth:`close`. ``ordered``: until the receiver has taken this sender's
+    newest file, nothing goes by the socket, so a later message (an
+    association's report) never overtakes an earlier one; the receiver
+    takes what its sockets hold before it removes the file
+    (:meth:`fastscp.process.kept.KeptFiles.take_oldest`).
 
     Where no file can take them (no folder, or it cannot be written),
     ``hold`` keeps them in memory (the index must not lose a record);
@@ -57,7 +59,7 @@ class Sender(Generic[T]):
     def __init__(self, address: str, seal: Callable[[list[T]], list[tuple[bytes, int]]], *, name: str,
                  log: logging.Logger, interval: float, max_items: int, retry_interval: float,
                  backlog_bytes: int, kept_folder: str = "", modes: FileModes = PATIENT_DATA, wait: bool = False,
-                 hold: bool = True, if_dropped: str = "") -> None:
+                 ordered: bool = False, hold: bool = True, if_dropped: str = "") -> None:
         self.address = address
         self._seal = seal
         #: Who receives the items, for the log ("indexer", "post-store stage", "forwarder").
@@ -67,13 +69,14 @@ class Sender(Generic[T]):
         self.kept_folder = kept_folder
         self.modes = modes
         self._wait = wait
+        self._ordered = ordered
         self._hold = hold
         self._if_dropped = if_dropped
         self._sock: socket.socket | None = None
         #: Messages not yet sent, oldest first, with their record counts, and their total size.
         self._kept: collections.deque[tuple[bytes, int]] = collections.deque()
         self._kept_bytes = 0
-        #: The newest file this sender kept messages in, until the receiver has taken it.
+        #: With ``ordered``: the newest file this sender kept messages in, until the receiver has taken it.
         self._file = ""
         #: The receiver could not be reached at the last try; no file could be written at the last try.
         self._down = self._no_file = False
@@ -123,7 +126,10 @@ class Sender(Generic[T]):
         return True
 
     def _keep(self, data: bytes, count: int) -> None:
-        """Keep a message to send; what would pass the bound moves what is kept to a file first."""
+        """Keep a message to send; what would pass the bound (unless the socket takes it now) moves what
+        is kept to a file first."""
+        if self._kept_bytes + len(data) > self.backlog_bytes:
+            self._send_locked()  # the receiver may read again
         if self._kept_bytes + len(data) > self.backlog_bytes:
             # PERF: ~130 ms for 16 MB here, once per ~12,000 records, after the C-STORE-RSPs of
             # the stores whose records wait (a worker sends after the response).
@@ -168,7 +174,7 @@ class Sender(Generic[T]):
                     # Longer than the socket takes: it would hold up the others. A file has no such bound.
                     unkept = self._to_file("a message longer than the socket takes")
                     if not unkept:
-                        return False
+                        continue  # all that was kept is in the file now
                     self._drop(count, f"a message longer than the socket takes; {unkept}")
                     kept.popleft()
                     self._kept_bytes -= len(data)
@@ -207,7 +213,7 @@ class Sender(Generic[T]):
         self._log.warning("%s busy or down (%s): kept in %s for it", self.name, why, path)
         self._kept.clear()
         self._kept_bytes = 0
-        self._file = path
+        self._file = path if self._ordered else ""
         return ""
 
     def _to_file_or_drop(self, why: str) -> None:

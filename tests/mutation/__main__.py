@@ -179,6 +179,7 @@ MODULES: dict[str, tuple[str, ...]] = {
     # The files of kept records both lagging processes take (the post-store stage, the indexer).
     "fastscp/process/kept.py": (
         "tests/unit/process/test_kept.py",
+        "tests/unit/poststore/test_stage.py",
         "tests/unit/poststore/test_client.py",
         "tests/unit/index/test_index.py::test_a_worker_client_never_waits_for_an_indexer_that_does_not_read",
         "tests/unit/index/test_index.py::test_the_indexer_takes_kept_records_once_idle_and_all_of_them_at_stop",

@@ -67,6 +67,11 @@ def _stored(root: Path, name: str, received_at: float) -> tuple[bytes, Path]:
     return ENCODER.encode(record), Path(thumbnail_path(root, relative))
 
 
+def _queued(stage: PostStore) -> list[str]:
+    """The folders (as _stored named them) of the records in the stage's queue, in order."""
+    return [os.path.basename(os.path.dirname(record.path)) for _, record in stage.queue]  # type: ignore[union-attr]
+
+
 def test_records_wait_while_stores_keep_arriving_and_are_made_once_they_pause(stage: PostStore,
                                                                               tmp_path: Path) -> None:
     message, thumbnail = _stored(tmp_path, "new", time.time())
@@ -123,5 +128,35 @@ def test_what_a_worker_sent_before_its_kept_file_is_queued_before_the_files_reco
         worker.send(before)
         write_kept(kept_folder(str(tmp_path)), [after])
         stage._take_kept()  # its queue is empty: caught up
-    assert [os.path.basename(os.path.dirname(r.path)) for _, r in stage.queue] == ["before", "after"]  # type: ignore[union-attr]
+    assert _queued(stage) == ["before", "after"]
     assert stage.kept.count() == 0
+
+
+def test_a_kept_file_is_taken_while_the_queue_has_room(stage: PostStore, tmp_path: Path) -> None:
+    """Not only once caught up: a worker sends nothing by its socket until the stage has taken its file (so
+    its records keep their order), and under steady stores the queue is never empty for long."""
+    queued, _ = _stored(tmp_path, "queued", time.time())
+    kept, _ = _stored(tmp_path, "kept", time.time())
+    stage._enqueue(queued)  # stores keep arriving: the stage defers
+    write_kept(kept_folder(str(tmp_path)), [kept])
+    stage.step()
+    assert stage.deferring()
+    assert _queued(stage) == ["queued", "kept"]
+    assert stage.kept.count() == 0
+
+
+def test_what_its_sockets_held_at_stop_is_taken_before_the_files_workers_wrote_as_they_stopped(
+        stage: PostStore, tmp_path: Path) -> None:
+    """Workers stop first and keep what they still hold in files; the stage's sockets hold their older
+    messages. Kept at the stage's stop, those come first at the next start (an association's records
+    before its report), though their file is written last."""
+    older, _ = _stored(tmp_path, "older", time.time())
+    newer, _ = _stored(tmp_path, "newer", time.time())
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as worker:
+        worker.connect(stage.listener.getsockname())
+        worker.send(older)
+        write_kept(kept_folder(str(tmp_path)), [newer])  # as the worker stopped
+        stage.stopping = True
+        stage._keep_unread()
+    taken = [stage.kept.take_oldest(time.monotonic(), at_once=True) for _ in range(3)]
+    assert [m for t in taken if t is not None for m in t[1]] == [older, newer]

@@ -55,17 +55,24 @@ def test_a_folder_that_cannot_be_read_warns_once_a_minute_and_counts_nothing(
     assert kept.count() == 0
 
 
-def test_a_file_that_cannot_be_read_warns_once_a_minute_and_is_tried_again(
+def test_a_file_that_cannot_be_read_is_set_aside_and_the_next_taken(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Tried again forever, it held up every file after it (and a worker that waits for its own file to
+    go before it sends by the socket again: fastscp.process.sender)."""
     folder = tmp_path / "backlog"
     folder.mkdir()
     (folder / "0-1-0.records").mkdir()  # not a file: reading it fails with EISDIR whoever we are
-    kept = KeptFiles(str(folder), "indexer", "the next start's reconcile indexes their files")
-    _unreadable(kept, caplog)
-    assert kept.count() == 1  # listed, though it can't be read
-    os.rmdir(folder / "0-1-0.records")
     path = write_kept(str(folder), [b"z"])
-    assert kept.take_oldest(1.0 + RETRY_AFTER_ERROR) == (path, [b"z"])
+    kept = KeptFiles(str(folder), "indexer", "the next start's reconcile indexes their files")
+    with caplog.at_level(logging.WARNING, logger="fastscp.kept"):
+        assert kept.take_oldest(1.0) is None
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warning == (f"indexer: cannot take the records kept in {folder / '0-1-0.records'} (Is a directory): set "
+                       "aside as 0-1-0.records.unreadable; the next start's reconcile indexes their files")
+    assert (folder / "0-1-0.records.unreadable").is_dir()
+    assert kept.count() == 1  # the set-aside one is not counted
+    assert kept.take_oldest(1.0) == (path, [b"z"])  # at once, not after a minute
+    assert kept.take_oldest(1.0) is None and kept_files(str(folder)) == []
 
 
 def _unreadable(kept: KeptFiles, caplog: pytest.LogCaptureFixture) -> None:
