@@ -59,7 +59,7 @@ class Sender(Generic[T]):
     def __init__(self, address: str, seal: Callable[[list[T]], list[tuple[bytes, int]]], *, name: str,
                  log: logging.Logger, interval: float, max_items: int, retry_interval: float,
                  backlog_bytes: int, kept_folder: str = "", modes: FileModes = PATIENT_DATA, wait: bool = False,
-                 ordered: bool = False, hold: bool = True, if_dropped: str = "") -> None:
+                 ordered: bool = False, hold: bool, if_dropped: str = "") -> None:
         self.address = address
         self._seal = seal
         #: Who receives the items, for the log ("indexer", "post-store stage", "forwarder").

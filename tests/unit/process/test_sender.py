@@ -31,8 +31,12 @@ def _sender(address: str, folder: str = "", *, hold: bool = True, ordered: bool 
 
 
 def _listener() -> tuple[socket.socket, str]:
+    return _listener_at(f"\0fastscp-test-sender-{uuid.uuid4().hex}")
+
+
+def _listener_at(address: str) -> tuple[socket.socket, str]:
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    listener.bind(address := f"\0fastscp-test-sender-{uuid.uuid4().hex}")
+    listener.bind(address)
     listener.listen(1)
     return listener, address
 
@@ -92,9 +96,7 @@ def test_where_no_file_can_take_them_messages_past_the_bound_are_held_or_dropped
         sender.send(item)
     assert sender.pending == (50 if hold else 10)
     assert sender.dropped == (0 if hold else 40)
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    listener.bind(address)
-    listener.listen(1)
+    listener, _ = _listener_at(address)
     try:
         listener.settimeout(10)
         conn, _ = listener.accept()  # the sender's retry connects
@@ -130,7 +132,7 @@ def test_items_wait_for_their_batch_unless_urgent() -> None:
     listener, address = _listener()
     sender: Sender[bytes] = Sender(address, lambda items: [(b"|".join(items), len(items))], name="receiver",
                                    log=logging.getLogger("fastscp.test-sender"), interval=60, max_items=3,
-                                   retry_interval=0.05, backlog_bytes=1 << 20)
+                                   retry_interval=0.05, backlog_bytes=1 << 20, hold=True)
     try:
         for item in (b"a", b"b"):
             sender.send(item)
@@ -171,3 +173,54 @@ def test_a_folder_that_cannot_be_written_is_said_once_while_records_are_held(
         assert sum("cannot keep them in" in r.getMessage() for r in caplog.records) == 1
         sender.close()
     assert sender.dropped == 0
+
+
+def test_a_receiver_that_restarts_gets_what_came_after_its_old_connection_broke() -> None:
+    """The broken connection is closed and a new one made at the next try (not the dead one tried forever)."""
+    listener, address = _listener()
+    sender = _sender(address)
+    try:
+        sender.send(b"one")
+        conn, _ = listener.accept()
+        with conn:
+            assert receive_messages(conn, 5, 1) == [b"one"]
+        listener.close()  # the receiver dies
+        sender.send(b"two")
+        assert sender.pending == 1
+        listener, _ = _listener_at(address)  # and starts again
+        listener.settimeout(10)
+        conn, _ = listener.accept()  # the sender's retry
+        with conn:
+            assert receive_messages(conn, 10, 1) == [b"two"]
+    finally:
+        sender.close()
+        listener.close()
+
+
+def test_a_message_over_the_bound_goes_by_the_socket_if_the_receiver_reads_again(tmp_path: Path) -> None:
+    """The socket is tried once more before what is kept goes to a file: the receiver may have read since
+    the last try (a retry comes only every minute here)."""
+    listener, address = _listener()
+    folder = tmp_path / "kept"
+    sender: Sender[bytes] = Sender(address, lambda items: [(item, 1) for item in items], name="receiver",
+                                   log=logging.getLogger("fastscp.test-sender"), interval=60, max_items=1,
+                                   retry_interval=60, backlog_bytes=64 * 1024, kept_folder=str(folder), hold=True)
+    item = b"x" * 1024
+    try:
+        for _ in range(10_000):  # until the receiver's socket is full
+            sender.send(item)
+            if sender.pending:
+                break
+        assert sender.pending == 1, "the socket never filled: nothing tested"
+        for _ in range(63):  # 64 KiB kept: the bound
+            sender.send(item)
+        assert sender.pending == 64 and not folder.exists()
+        conn, _ = listener.accept()
+        with conn:
+            assert len(receive_messages(conn, 5)) > 0  # the receiver reads everything in its socket
+            sender.send(item)  # past the bound, but the socket has room again
+            assert sender.pending == 0
+        assert not folder.exists()
+    finally:
+        sender.close()
+        listener.close()
