@@ -101,7 +101,9 @@ class KeptFiles:
     """
 
     def __init__(self, folder: str, owner: str, if_lost: str = "") -> None:
-        self.folder, self._owner, self._if_lost = folder, owner, if_lost
+        self.folder, self._owner = folder, owner
+        #: Ends each warning: what becomes of the records.
+        self._if_lost = f"; {if_lost}" if if_lost else ""
         self._next_check = 0.0
 
     def count(self) -> int:
@@ -152,13 +154,11 @@ class KeptFiles:
         except OSError:
             return self._cannot_take(now, error)
         log.warning("%s: cannot take the records kept in %s (%s): set aside as %s%s", self._owner, path,
-                    error.strerror or error, os.path.basename(path) + SET_ASIDE,
-                    f"; {self._if_lost}" if self._if_lost else "")
+                    error.strerror or error, os.path.basename(path) + SET_ASIDE, self._if_lost)
         self._next_check = 0.0
         return None
 
     def _cannot_take(self, now: float, error: OSError) -> None:
-        log.warning("%s: cannot take the records kept in %s: %s%s", self._owner, self.folder, error,
-                    f"; {self._if_lost}" if self._if_lost else "")
+        log.warning("%s: cannot take the records kept in %s: %s%s", self._owner, self.folder, error, self._if_lost)
         self._next_check = now + RETRY_AFTER_ERROR
         return None

@@ -176,9 +176,6 @@ class Sender(Generic[T]):
                     if not unkept:
                         continue  # all that was kept is in the file now
                     self._drop(count, f"a message longer than the socket takes; {unkept}")
-                    kept.popleft()
-                    self._kept_bytes -= len(data)
-                    continue
                 kept.popleft()
                 self._kept_bytes -= len(data)
         except BlockingIOError:
