@@ -47,16 +47,22 @@ def write_kept(folder: str, messages: Iterable[bytes], modes: FileModes = PATIEN
                first: bool = False) -> str:
     """Write encoded messages to a new file in ``folder`` (whole or not at all: temp file and rename); its path.
 
-    Files are taken oldest name first. ``first``: named to be taken before every file now in the
-    folder (messages older than all of them: a receiver's unread socket at its stop).
+    Files are taken oldest name first: a file is named after every file now in the folder, even if
+    the clock was set back since they were written. ``first``: before every file now in the folder
+    (messages older than all of them: a receiver's unread socket at its stop).
     """
     stamp = time.time_ns()
-    if first:
-        with contextlib.suppress(OSError, ValueError):
-            stamp = min(stamp, int(kept_files(folder)[0].split("-", 1)[0]) - 1)
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        names = kept_files(folder)
+        stamp = min(stamp, _stamp(names[0]) - 1) if first else max(stamp, _stamp(names[-1]) + 1)
     path = os.path.join(folder, f"{stamp:019d}-{os.getpid()}-{next(_kept_numbers)}{SUFFIX}")
     write_atomic(path, b"".join(_LENGTH.pack(len(m)) + m for m in messages), modes=modes)
     return path
+
+
+def _stamp(name: str) -> int:
+    """The time in a kept file's name (its order)."""
+    return int(name.split("-", 1)[0])
 
 
 def kept_files(folder: str) -> list[str]:

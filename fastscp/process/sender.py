@@ -15,6 +15,7 @@ import errno
 import logging
 import os
 import socket
+import time
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
@@ -25,6 +26,9 @@ from fastscp.storage.files import PATIENT_DATA, FileModes
 __all__ = ["Sender"]
 
 T = TypeVar("T")
+
+#: How often :meth:`Sender.close` tries again while it waits for the receiver.
+CLOSE_RETRY = 0.1
 
 
 class Sender(Generic[T]):
@@ -233,14 +237,24 @@ class Sender(Generic[T]):
             self._log.warning("%s busy or down (%s): %d records dropped; %s", self.name, why, self.dropped,
                               self._if_dropped)
 
-    def close(self) -> None:
-        """At the process's exit: what is still kept goes to a file for the receiver (else is dropped,
-        unless held); so does what is sent after and does not go at once."""
+    def close(self, wait: float = 0.0) -> None:
+        """At the process's exit: up to ``wait`` seconds for the receiver to take what is kept (not while
+        it has yet to take this sender's file: it takes files at its own pace, seconds apart); then what
+        is still kept goes to a file for the receiver (else is dropped, unless held); so does what is
+        sent after and does not go at once."""
+        deadline = time.monotonic() + wait
+        while self.flush() and not self._behind_file() and time.monotonic() < deadline:
+            time.sleep(CLOSE_RETRY)
         self._batcher.close()
         with self._batcher.lock:
             self._closed = True
             self._batcher.flush_locked()  # anything kept was behind: delivered now, or to a file
             self._close_socket()
+
+    def _behind_file(self) -> bool:
+        """``ordered``: what is kept waits for the receiver to take this sender's file."""
+        with self._batcher.lock:
+            return bool(self._file) and os.path.lexists(self._file)
 
     def _close_socket(self) -> None:
         if self._sock is not None:

@@ -41,6 +41,9 @@ log = logging.getLogger("fastscp.worker")
 REPORT_INTERVAL = 0.5
 #: How long an association waits for the supervisor's admission answer.
 ADMISSION_TIMEOUT = 10.0
+#: At stop: how long the indexer and the post-store stage get to take a worker's last records by their
+#: sockets before the rest goes to a file they take at their next start.
+DELIVERY_WAIT = 5.0
 
 
 class Worker:
@@ -178,18 +181,11 @@ class Worker:
                     thread.join(timeout=5)
                 break
             threads[0].join(timeout=0.1)
-        # Records of the last stores must reach the indexer before we exit.
-        for _ in range(50):
-            if not self.indexer.flush():
-                break
-            time.sleep(0.1)
-        self.indexer.close()
+        # The last stores' records: by the sockets if the indexer and the stage take them in time,
+        # else in files they take later.
+        self.indexer.close(wait=DELIVERY_WAIT)
         if self.poststore is not None:
-            for _ in range(50):  # a lagging stage (server.derived_priority) takes the kept records before we exit
-                if not self.poststore.flush():
-                    break
-                time.sleep(0.1)
-            self.poststore.close()
+            self.poststore.close(wait=DELIVERY_WAIT)
         if self.forward is not None:
             self.forward.flush()
             self.forward.close()

@@ -30,6 +30,20 @@ def test_files_are_taken_back_oldest_first_each_whole_and_removed(tmp_path: Path
     assert kept.count() == 0 and kept_files(str(folder)) == []
 
 
+def test_a_clock_set_back_never_names_a_newer_file_before_an_older_one(tmp_path: Path) -> None:
+    """Files are taken by name: one written before the clock went back an hour is still taken first, and a
+    receiver's unread socket at its stop (``first``) still before both."""
+    hour = 3600 * 10**9
+    older = Path(write_kept(str(tmp_path), [b"before"]))
+    stamp, rest = older.name.split("-", 1)
+    ahead = older.rename(older.with_name(f"{int(stamp) + hour:019d}-{rest}"))  # written an hour ahead
+    newer = write_kept(str(tmp_path), [b"after"])
+    unread = write_kept(str(tmp_path), [b"oldest"], first=True)
+    assert kept_files(str(tmp_path)) == [os.path.basename(p) for p in (unread, ahead, newer)]
+    kept = KeptFiles(str(tmp_path), "indexer")
+    assert [kept.take_oldest(100.0, at_once=True)[1] for _ in range(3)] == [[b"oldest"], [b"before"], [b"after"]]
+
+
 def test_an_empty_folder_is_looked_at_once_per_check_interval_unless_at_once(tmp_path: Path) -> None:
     kept = KeptFiles(str(tmp_path), "post-store")
     assert kept.take_oldest(10.0) is None  # looked: nothing there

@@ -8,6 +8,8 @@ from __future__ import annotations
 import logging
 import re
 import socket
+import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -221,4 +223,60 @@ def test_a_message_over_the_bound_goes_by_the_socket_if_the_receiver_reads_again
         assert not folder.exists()
     finally:
         sender.close()
+        listener.close()
+
+
+def test_close_waits_for_a_receiver_that_comes_back_in_time() -> None:
+    """A worker's stop gives the indexer some seconds to take its last records by the socket: a receiver
+    that listens again within them gets every one, in order, and no file is written."""
+    address = f"\0fastscp-test-sender-{uuid.uuid4().hex}"
+    sender = _sender(address, retry_interval=60)  # no retry but close's own
+    items = [b"%03d" % n for n in range(20)]
+    for item in items:
+        sender.send(item)
+    assert sender.pending == 20  # the receiver is down
+    received: list[bytes] = []
+
+    def receiver() -> None:
+        time.sleep(0.3)
+        listener, _ = _listener_at(address)
+        with listener:
+            listener.settimeout(10)
+            conn, _ = listener.accept()
+            with conn:
+                received.extend(receive_messages(conn, 10))  # until the sender closes
+
+    thread = threading.Thread(target=receiver)
+    thread.start()
+    try:
+        sender.close(wait=30)
+    finally:
+        thread.join(20)
+    assert received == items and sender.pending == 0
+
+
+def test_close_does_not_wait_for_a_receiver_to_take_the_senders_file(tmp_path: Path) -> None:
+    """``ordered``: while the receiver has the sender's file still to take, nothing goes by the socket, and
+    the receiver takes files at its own pace (seconds apart at idle priority): close puts what it keeps
+    in a file after the first at once, instead of waiting out its time for nothing (a stop took 5 s longer)."""
+    listener, address = _listener()
+    folder = tmp_path / "kept"
+    sender = _sender(address, str(folder), ordered=True, backlog_bytes=64 * 1024, retry_interval=60)
+    item = b"x" * 1024
+    try:
+        for _ in range(10_000):  # until the receiver's socket is full
+            sender.send(item)
+            if sender.pending:
+                break
+        for _ in range(64):  # past the bound: 64 KiB go to a file, the last item stays
+            sender.send(item)
+        (first,) = kept_files(str(folder))
+        sender.send(b"behind the file")
+        assert sender.pending == 2
+        started = time.monotonic()
+        sender.close(wait=30)
+        assert time.monotonic() - started < 10, "close waited for the receiver to take the file"
+        assert kept_files(str(folder))[0] == first
+        assert list(read_kept(str(folder / kept_files(str(folder))[1]))) == [item, b"behind the file"]
+    finally:
         listener.close()
