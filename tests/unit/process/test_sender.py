@@ -33,6 +33,15 @@ def _sender(address: str, folder: str = "", *, hold: bool = True, ordered: bool 
                   hold=hold, if_dropped="what that means")
 
 
+def _fill_socket(sender: Sender[bytes], item: bytes) -> None:
+    """Send ``item`` until the receiver's socket is full (it never reads): then one is kept."""
+    for _ in range(10_000):
+        sender.send(item)
+        if sender.pending:
+            break
+    assert sender.pending == 1, "the socket never filled: nothing tested"
+
+
 def _listener() -> tuple[socket.socket, str]:
     return _listener_at(f"\0fastscp-test-sender-{uuid.uuid4().hex}")
 
@@ -207,11 +216,7 @@ def test_a_message_over_the_bound_goes_by_the_socket_if_the_receiver_reads_again
     sender = _sender(address, str(folder), backlog_bytes=64 * 1024, retry_interval=60)
     item = b"x" * 1024
     try:
-        for _ in range(10_000):  # until the receiver's socket is full
-            sender.send(item)
-            if sender.pending:
-                break
-        assert sender.pending == 1, "the socket never filled: nothing tested"
+        _fill_socket(sender, item)
         for _ in range(63):  # 64 KiB kept: the bound
             sender.send(item)
         assert sender.pending == 64 and not folder.exists()
@@ -264,10 +269,7 @@ def test_close_does_not_wait_for_a_receiver_to_take_the_senders_file(tmp_path: P
     sender = _sender(address, str(folder), ordered=True, backlog_bytes=64 * 1024, retry_interval=60)
     item = b"x" * 1024
     try:
-        for _ in range(10_000):  # until the receiver's socket is full
-            sender.send(item)
-            if sender.pending:
-                break
+        _fill_socket(sender, item)
         for _ in range(64):  # past the bound: 64 KiB go to a file, the last item stays
             sender.send(item)
         (first,) = kept_files(str(folder))
