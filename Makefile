@@ -95,9 +95,11 @@ bench-micro: bench-setup
 	$(BIN)/python -m pytest bench --benchmark-only --benchmark-json=bench/results/micro.json
 
 # End to end, fastscp against dcmtk storescp, Orthanc and pynetdicom's app:
-# quick (< 2 min, CI: fails on lost or corrupted files, never on speed) and full.
+# quick (< 2 min, CI: fails on lost or corrupted files, never on speed) and full;
+# then one association's thread against storescp's process (bench/store_thread.py), quick: that it runs.
 bench-quick: bench-setup
 	$(BIN)/python -m bench.load --quick
+	$(BIN)/python -m bench.store_thread --quick
 
 bench-load: bench-setup
 	$(BIN)/python -m bench.load

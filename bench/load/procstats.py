@@ -59,8 +59,8 @@ def tree(pid: int) -> list[int]:
     return out
 
 
-def cpu_ticks(pid: int) -> tuple[int, int] | None:
-    """(own utime+stime, reaped children's cutime+cstime) in clock ticks."""
+def cpu_times(pid: int) -> tuple[int, int, int, int] | None:
+    """(utime, stime, reaped children's cutime, cstime) in clock ticks."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             stat = f.read()
@@ -69,7 +69,13 @@ def cpu_ticks(pid: int) -> tuple[int, int] | None:
     fields = stat[stat.rfind(")") + 2 :].split()
     # fields[0] is state (field 3): utime is field 14, cstime field 17.
     utime, stime, cutime, cstime = (int(x) for x in fields[11:15])
-    return utime + stime, cutime + cstime
+    return utime, stime, cutime, cstime
+
+
+def cpu_ticks(pid: int) -> tuple[int, int] | None:
+    """(own utime+stime, reaped children's cutime+cstime) in clock ticks."""
+    times = cpu_times(pid)
+    return None if times is None else (times[0] + times[1], times[2] + times[3])
 
 
 def _status(pid: int) -> dict[str, str]:
