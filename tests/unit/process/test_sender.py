@@ -222,7 +222,7 @@ def test_a_message_over_the_bound_goes_by_the_socket_if_the_receiver_reads_again
         assert sender.pending == 64 and not folder.exists()
         conn, _ = listener.accept()
         with conn:
-            assert len(receive_messages(conn, 5)) > 0  # the receiver reads everything in its socket
+            assert len(receive_messages(conn, 0.5)) > 0  # the receiver reads (room for one is enough)
             sender.send(item)  # past the bound, but the socket has room again
             assert sender.pending == 0
         assert not folder.exists()
