@@ -93,7 +93,12 @@ def _storescu(port: int, files: list[SourceFile], config: Path) -> subprocess.Po
 
 
 def _sent(sender: subprocess.Popen[bytes], who: str) -> None:
-    _out, err = sender.communicate(timeout=600)
+    try:
+        _out, err = sender.communicate(timeout=600)
+    except BaseException:
+        sender.kill()
+        sender.wait()
+        raise
     if sender.returncode:
         raise RuntimeError(f"storescu to {who} exited {sender.returncode}: {err.decode(errors='replace')[-2000:]}")
 

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from fastscp.process.kept import CHECK_INTERVAL, RETRY_AFTER_ERROR, KeptFiles, kept_files, write_kept
+from fastscp.process.kept import CHECK_INTERVAL, RETRY_AFTER_ERROR, SET_ASIDE, KeptFiles, kept_files, write_kept
 from fastscp.storage.files import TEMP_PREFIX
 
 
@@ -34,14 +35,16 @@ def test_a_clock_set_back_never_names_a_newer_file_before_an_older_one(tmp_path:
     """Files are taken by name: one written before the clock went back an hour is still taken first, and a
     receiver's unread socket at its stop (``first``) still before both."""
     hour = 3600 * 10**9
-    older = Path(write_kept(str(tmp_path), [b"before"]))
-    stamp, rest = older.name.split("-", 1)
-    ahead = older.rename(older.with_name(f"{int(stamp) + hour:019d}-{rest}"))  # written an hour ahead
-    newer = write_kept(str(tmp_path), [b"after"])
-    unread = write_kept(str(tmp_path), [b"oldest"], first=True)
-    assert kept_files(str(tmp_path)) == [os.path.basename(p) for p in (unread, ahead, newer)]
+    older = write_kept(str(tmp_path), [b"older"])
+    ahead = Path(write_kept(str(tmp_path), [b"ahead"]))
+    stamp, rest = ahead.name.split("-", 1)
+    ahead = ahead.rename(ahead.with_name(f"{int(stamp) + hour:019d}-{rest}"))  # written an hour ahead
+    newer = write_kept(str(tmp_path), [b"newer"])
+    unread = write_kept(str(tmp_path), [b"unread"], first=True)  # before ``older``, not just before now
+    assert kept_files(str(tmp_path)) == [os.path.basename(p) for p in (unread, older, ahead, newer)]
     kept = KeptFiles(str(tmp_path), "indexer")
-    assert [kept.take_oldest(100.0, at_once=True)[1] for _ in range(3)] == [[b"oldest"], [b"before"], [b"after"]]
+    assert [kept.take_oldest(100.0, at_once=True)[1] for _ in range(4)] == [[b"unread"], [b"older"], [b"ahead"],
+                                                                            [b"newer"]]
 
 
 def test_an_empty_folder_is_looked_at_once_per_check_interval_unless_at_once(tmp_path: Path) -> None:
@@ -87,6 +90,46 @@ def test_a_file_that_cannot_be_read_is_set_aside_and_the_next_taken(
     assert kept.count() == 1  # the set-aside one is not counted
     assert kept.take_oldest(1.0) == (path, [b"z"])  # at once, not after a minute
     assert kept.take_oldest(1.0) is None and kept_files(str(folder)) == []
+
+
+def _in_the_way(*paths: Path) -> Callable[[], None]:
+    """A ``before_removal`` that puts a folder holding a folder at each of ``paths`` (a kept file just read
+    among them): removing or renaming onto it then fails, whoever we are (EISDIR, ENOTEMPTY)."""
+
+    def replace() -> None:
+        for path in paths:
+            if path.is_file():
+                path.unlink()
+            (path / "in-the-way").mkdir(parents=True, exist_ok=True)
+
+    return replace
+
+
+def test_a_file_read_but_not_removed_is_set_aside_unused_and_the_next_taken(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Its messages are not given: the file would stay, and they would come again at every try."""
+    first = Path(write_kept(str(tmp_path), [b"a"]))
+    second = write_kept(str(tmp_path), [b"b"])
+    kept = KeptFiles(str(tmp_path), "indexer")
+    with caplog.at_level(logging.WARNING, logger="fastscp.kept"):
+        assert kept.take_oldest(1.0, before_removal=_in_the_way(first)) is None
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert f"cannot take the records kept in {first} (Is a directory): set aside as {first.name}{SET_ASIDE}" in warning
+    assert (tmp_path / f"{first.name}{SET_ASIDE}").is_dir()
+    assert kept.take_oldest(1.0) == (second, [b"b"])  # at once, not after a minute
+
+
+def test_a_file_neither_removed_nor_set_aside_is_said_once_and_tried_again_a_minute_later(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    first = Path(write_kept(str(tmp_path), [b"a"]))
+    kept = KeptFiles(str(tmp_path), "indexer")
+    with caplog.at_level(logging.WARNING, logger="fastscp.kept"):
+        assert kept.take_oldest(1.0, before_removal=_in_the_way(first, tmp_path / f"{first.name}{SET_ASIDE}")) is None
+        assert kept.take_oldest(1.0 + CHECK_INTERVAL) is None  # not tried again yet
+        assert [r.getMessage() for r in caplog.records] == [
+            f"indexer: cannot take the records kept in {tmp_path}: [Errno 21] Is a directory: '{first}'"]
+        kept.take_oldest(1.0 + RETRY_AFTER_ERROR)  # tried again: said again
+        assert len(caplog.records) == 2
 
 
 def _unreadable(kept: KeptFiles, caplog: pytest.LogCaptureFixture) -> None:

@@ -231,11 +231,12 @@ def test_a_message_over_the_bound_goes_by_the_socket_if_the_receiver_reads_again
         listener.close()
 
 
-def test_close_waits_for_a_receiver_that_comes_back_in_time() -> None:
+def test_close_waits_for_a_receiver_that_comes_back_in_time(tmp_path: Path) -> None:
     """A worker's stop gives the indexer some seconds to take its last records by the socket: a receiver
     that listens again within them gets every one, in order, and no file is written."""
     address = f"\0fastscp-test-sender-{uuid.uuid4().hex}"
-    sender = _sender(address, retry_interval=60)  # no retry but close's own
+    folder = tmp_path / "kept"
+    sender = _sender(address, str(folder), retry_interval=60)  # no retry but close's own
     items = [b"%03d" % n for n in range(20)]
     for item in items:
         sender.send(item)
@@ -258,6 +259,7 @@ def test_close_waits_for_a_receiver_that_comes_back_in_time() -> None:
     finally:
         thread.join(20)
     assert received == items and sender.pending == 0
+    assert not folder.exists()
 
 
 def test_close_does_not_wait_for_a_receiver_to_take_the_senders_file(tmp_path: Path) -> None:
