@@ -4,7 +4,7 @@ The load runner (``bench.load``) measures whole receivers. This isolates
 what issue 13's compiled C-STORE path has to shrink: the CPU of the one
 thread that serves an association. One dcmtk ``storescu`` sends a corpus
 over loopback TCP to an :class:`~fastscp.net.association.Association` run
-in a child process's main thread, as a worker runs it, without the worker:
+in a child process's main thread (``bench/store_thread_child.py``), as a worker runs it, without the worker:
 no indexer or post-store stage (its records are dropped), its log records
 forwarded to a socket nobody reads (as a worker's go to the supervisor),
 ``fsync`` never. The child reports its thread's user and system time
@@ -39,57 +39,21 @@ from pathlib import Path
 from bench.load import corpora, snapshot
 from bench.load.corpora import SourceFile
 from bench.load.procstats import cpu_times
-from bench.load.receivers import free_port
+from bench.load.receivers import default_receivers, free_port, receiver_env
+from bench.store_thread_child import AE_TITLE
 from tests import corpus as test_corpus
 
 REPO = Path(__file__).resolve().parents[1]
 WORK = REPO / "bench" / ".work"
-AE_TITLE = "STORETHREAD"
 #: What a run reports, per store (microseconds, or switches).
 MEASURES = ("cpu_us", "user_us", "sys_us", "voluntary_switches", "involuntary_switches")
-
-
-def child(port: int, root: str, sop_classes: list[str]) -> None:
-    """In the child process: serve one association in this thread, then print its CPU per store as JSON."""
-    import logging
-    import resource
-
-    from fastscp.net.association import Association, ServiceSettings
-    from fastscp.net.negotiation import AcceptancePolicy
-    from fastscp.process import logs
-    from fastscp.storage.area import Storage
-
-    unread, _reader = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-    logs.forward_to(unread)  # as in a worker: the action log's records go out in batches
-    logging.getLogger().setLevel("INFO")
-    storage = Storage(root, fsync=False, min_free_bytes=1 << 20)
-    storage.prepare()
-    settings = ServiceSettings(
-        policy=AcceptancePolicy(ae_title=AE_TITLE, storage_sop_classes=frozenset(sop_classes),
-                                max_pdu_size=262144),
-        storage=storage, acse_timeout=30, dimse_timeout=30, max_object_size=1 << 32, max_command_set=65536,
-        min_data_rate=0)
-    with socket.create_server(("127.0.0.1", port)) as listener:
-        print("listening", flush=True)
-        listener.settimeout(60)
-        conn, (host, peer_port) = listener.accept()
-    records: list[object] = []
-    association = Association(conn, f"{host}:{peer_port}", settings, records.append)
-    before = resource.getrusage(resource.RUSAGE_THREAD)
-    association.run()
-    after = resource.getrusage(resource.RUSAGE_THREAD)
-    n = max(1, len(records))
-    user, system = (after.ru_utime - before.ru_utime) / n * 1e6, (after.ru_stime - before.ru_stime) / n * 1e6
-    print(json.dumps({"stores": len(records), "cpu_us": user + system, "user_us": user, "sys_us": system,
-                      "voluntary_switches": (after.ru_nvcsw - before.ru_nvcsw) / n,
-                      "involuntary_switches": (after.ru_nivcsw - before.ru_nivcsw) / n}), flush=True)
 
 
 def _storescu(port: int, files: list[SourceFile], config: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         ["storescu", "-aec", AE_TITLE, "-xf", str(config), test_corpus.STORESCU_PROFILE, "-to", "30", "-ta", "30",
          "-td", "60", "127.0.0.1", str(port), *(f.path for f in files)],
-        env={**os.environ, "TCP_NODELAY": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        env=receiver_env(nodelay=True), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
 def _sent(sender: subprocess.Popen[bytes], who: str) -> None:
@@ -106,13 +70,14 @@ def _sent(sender: subprocess.Popen[bytes], who: str) -> None:
 def run_fastscp(pythonpath: str | None, files: list[SourceFile], config: Path, folder: Path) -> dict[str, float]:
     """One run against the working tree's fastscp, or the one at ``pythonpath`` (a built snapshot)."""
     port = free_port()
-    env = dict(os.environ)
-    if pythonpath:
-        env["PYTHONPATH"] = os.pathsep.join([pythonpath, str(REPO)])  # the snapshot's fastscp, our bench
+    tree = pythonpath or str(REPO)
+    # Not run from the repository: the folder ``-m`` runs from comes before PYTHONPATH, and it would
+    # import the working tree's fastscp for a snapshot. The snapshot first, then this bench (a namespace
+    # package: the child module is found here, and it imports nothing else of bench).
+    env = receiver_env(nodelay=True, pythonpath=os.pathsep.join(dict.fromkeys([tree, str(REPO)])))
     sop_classes = ",".join(sorted({f.sop_class_uid for f in files}))
-    server = subprocess.Popen([sys.executable, "-m", "bench.store_thread", "--child", str(port), str(folder),
-                               sop_classes],
-                              cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
+    server = subprocess.Popen([sys.executable, "-m", "bench.store_thread_child", str(port), str(folder), sop_classes],
+                              cwd=folder.parent, env=env, stdout=subprocess.PIPE, text=True)
     try:
         assert server.stdout is not None
         if server.stdout.readline().strip() != "listening":
@@ -123,6 +88,8 @@ def run_fastscp(pythonpath: str | None, files: list[SourceFile], config: Path, f
     finally:
         server.kill()
         server.wait()
+    if Path(result["fastscp"]).resolve() != Path(tree).resolve():
+        raise RuntimeError(f"the child ran fastscp from {result['fastscp']}, not {tree}")
     if result["stores"] != len(files):
         raise RuntimeError(f"fastscp stored {result['stores']} of {len(files)}")
     return result
@@ -132,8 +99,9 @@ def run_storescp(files: list[SourceFile], config: Path, folder: Path) -> dict[st
     """One run against ``storescp +B`` without --fork: its whole CPU from /proc."""
     port = free_port()
     folder.mkdir(parents=True)
-    server = subprocess.Popen(["storescp", "+B", "-pdu", "131072", "+xa", "-pm", "-aet", AE_TITLE, "-od",
-                               str(folder), str(port)], env={**os.environ, "TCP_NODELAY": "1"},
+    peer = default_receivers()["storescp+B"]  # bench.load's, its best settings, but one process
+    server = subprocess.Popen(["storescp", *(a for a in peer.args if a != "--fork"), "-aet", AE_TITLE, "-od",
+                               str(folder), str(port)], env=receiver_env(peer.nodelay_env),
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         for _ in range(100):  # until it listens
@@ -162,11 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--compare-ref", metavar="GIT_REF", help="also fastscp as of this commit, interleaved")
     p.add_argument("--quick", action="store_true", help="200 MR, 1 round: a check that it runs (CI)")
-    p.add_argument("--child", nargs=3, metavar=("PORT", "ROOT", "SOP_CLASSES"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.child:
-        child(int(args.child[0]), args.child[1], args.child[2].split(","))
-        return 0
     if args.quick:
         args.kind, args.stores, args.rounds = "mr", 200, 1
     corpus = corpora.build(args.kind, args.stores or {"mr": 2000, "ct": 1000}[args.kind])

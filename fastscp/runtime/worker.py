@@ -42,7 +42,7 @@ REPORT_INTERVAL = 0.5
 #: How long an association waits for the supervisor's admission answer.
 ADMISSION_TIMEOUT = 10.0
 #: At stop: how long the indexer and the post-store stage get to take a worker's last records by their
-#: sockets before the rest goes to a file they take at their next start.
+#: sockets before the rest goes to a file they take later (once caught up, or at their next start).
 DELIVERY_WAIT = 5.0
 
 
