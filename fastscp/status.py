@@ -8,6 +8,8 @@ metrics. Everything here is plain data.
 
 from __future__ import annotations
 
+import bisect
+
 import msgspec
 
 #: Upper bounds of the store latency histogram (seconds, as Prometheus ``le``).
@@ -32,12 +34,8 @@ class Histogram(msgspec.Struct, kw_only=True):
         return cls(buckets=buckets, counts=[0] * (len(buckets) + 1))
 
     def observe(self, value: float) -> None:
-        for i, bound in enumerate(self.buckets):
-            if value <= bound:
-                self.counts[i] += 1
-                break
-        else:
-            self.counts[-1] += 1
+        # The first bucket whose bound is >= value; past the last bound, the last count.
+        self.counts[bisect.bisect_left(self.buckets, value)] += 1
         self.sum += value
         self.count += 1
 

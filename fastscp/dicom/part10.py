@@ -6,6 +6,7 @@ made by fastscp.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import struct
@@ -49,16 +50,23 @@ def file_meta(
     source_ae_title : str
         Source Application Entity Title: the calling AE.
     """
-    body = _element(0x0001, b"OB", b"\x00\x01", b"")
-    body += _element(0x0002, b"UI", sop_class_uid.encode("ascii"), b"\x00")
-    body += _element(0x0003, b"UI", sop_instance_uid.encode("ascii"), b"\x00")
-    body += _element(0x0010, b"UI", transfer_syntax_uid.encode("ascii"), b"\x00")
-    body += _element(0x0012, b"UI", IMPLEMENTATION_CLASS_UID.encode("ascii"), b"\x00")
-    body += _element(0x0013, b"SH", IMPLEMENTATION_VERSION_NAME.encode("ascii"), b" ")
+    before, after = _meta_around_instance(sop_class_uid, transfer_syntax_uid, source_ae_title)
+    instance = _element(0x0003, b"UI", sop_instance_uid.encode("ascii"), b"\x00")
+    group_length = _SHORT.pack(0x0002, 0x0000, b"UL", 4) + _LENGTH_32.pack(len(before) + len(instance) + len(after))
+    return PREAMBLE + group_length + before + instance + after
+
+
+@functools.lru_cache(maxsize=64)
+def _meta_around_instance(sop_class_uid: str, transfer_syntax_uid: str, source_ae_title: str) -> tuple[bytes, bytes]:
+    """The File Meta elements before and after the Media Storage SOP Instance UID. PERF: the same
+    for every C-STORE of a context and a calling AE; made once, not at each store (~4 us)."""
+    before = _element(0x0001, b"OB", b"\x00\x01", b"") + _element(0x0002, b"UI", sop_class_uid.encode("ascii"), b"\x00")
+    after = _element(0x0010, b"UI", transfer_syntax_uid.encode("ascii"), b"\x00")
+    after += _element(0x0012, b"UI", IMPLEMENTATION_CLASS_UID.encode("ascii"), b"\x00")
+    after += _element(0x0013, b"SH", IMPLEMENTATION_VERSION_NAME.encode("ascii"), b" ")
     if source_ae_title:
-        body += _element(0x0016, b"AE", source_ae_title.encode("ascii", "replace"), b" ")
-    group_length = _SHORT.pack(0x0002, 0x0000, b"UL", 4) + struct.pack("<I", len(body))
-    return PREAMBLE + group_length + body
+        after += _element(0x0016, b"AE", source_ae_title.encode("ascii", "replace"), b" ")
+    return before, after
 
 
 def dataset_offset(data: bytes) -> int:

@@ -28,6 +28,7 @@ from fastscp.index.records import DuplicateConflict, InstanceRecord
 from fastscp.net import dimse
 from fastscp.net.negotiation import AcceptedContext
 from fastscp.net.pdu import LimitExceeded
+from fastscp.process import logs
 from fastscp.storage.area import NO_SPACE, Committed, IncomingFile, TempFile
 from fastscp.storage.policy import Outcome
 
@@ -46,7 +47,7 @@ SHORT_HASH = len(BLAKE3_PREFIX) + 12
 
 # The association's loggers: what a C-STORE logs is part of its association's story.
 log = logging.getLogger("fastscp.association")
-action_log = logging.getLogger("fastscp.action")
+action_log = logs.Lines("fastscp.action")
 
 
 class StoreRequest:

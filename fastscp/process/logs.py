@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import logging
 import logging.handlers
+import os
 import re
 import socket
 import sys
+import threading
 import time
 from collections import Counter
 
@@ -206,6 +208,20 @@ class ForwardHandler(logging.Handler):
         size = len(fields["msg"]) + len(fields.get("exc_text", "")) + 200
         self._batcher.add(fields, size, urgent=record.levelno >= logging.WARNING)
 
+    def forward(self, name: str, levelno: int, message: str) -> None:
+        """A line of logger ``name`` sent as :meth:`emit` sends a record's, without the record
+        (:class:`Lines`): the fields LogRecord would have set."""
+        created = time.time()
+        process_name = "MainProcess"
+        if (mp := sys.modules.get("multiprocessing")) is not None:
+            process_name = mp.current_process().name
+        fields: dict[str, object] = {
+            "name": name, "levelno": levelno, "levelname": logging.getLevelName(levelno), "created": created,
+            "msecs": int((created - int(created)) * 1000) + 0.0, "process": _pid, "processName": process_name,
+            "threadName": threading.current_thread().name, "msg": message[:MAX_FIELD_CHARS],
+        }
+        self._batcher.add(fields, len(fields["msg"]) + 200, urgent=levelno >= logging.WARNING)
+
     def flush(self) -> None:
         self._batcher.flush()
 
@@ -226,6 +242,64 @@ class ForwardHandler(logging.Handler):
             # Gone or not keeping up: dropped, counted, and told in the next message that goes.
             self._dropped += len(batch) - (1 if dropped else 0)
         return True  # nothing kept for a retry
+
+
+#: This process's PID in forwarded lines (LogRecord asks the kernel each time; set again in a forked child).
+_pid = os.getpid()
+
+
+def _forked() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_forked)
+
+
+def _sole_forwarder(logger: logging.Logger, levelno: int) -> ForwardHandler | None:
+    """The ForwardHandler that alone would handle ``logger``'s records at ``levelno``: the root's only
+    handler, no other handler or filter on the way. None otherwise (the supervisor's handlers, pytest's
+    caplog)."""
+    node: logging.Logger | None = logger
+    while node is not None:
+        if node.filters or not node.propagate and node.parent is not None:
+            return None
+        if node.parent is None:
+            handlers = node.handlers
+            if (len(handlers) == 1 and type(handlers[0]) is ForwardHandler and not handlers[0].filters
+                    and handlers[0].level <= levelno):
+                return handlers[0]
+            return None
+        if node.handlers:
+            return None
+        node = node.parent
+    return None
+
+
+class Lines:
+    """INFO lines of the logger ``name``, as ``logging.getLogger(name).info`` writes them.
+
+    PERF: a line per stored object (the action log) cost an association
+    thread 20-37 us of CPU per store through logging (its LogRecord, the
+    caller's frame, the handler chain), in a harness where a store costs
+    ~180 us (bench.store_thread). In a child whose only handler is the
+    ForwardHandler, a line goes to it straight (:meth:`ForwardHandler.forward`):
+    the supervisor gets the same fields. Anything else on the way (a handler
+    or filter of another kind) and the line takes logging's way.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.logger = logging.getLogger(name)
+
+    def info(self, msg: str, *args: object) -> None:
+        logger = self.logger
+        if not logger.isEnabledFor(logging.INFO):
+            return
+        handler = _sole_forwarder(logger, logging.INFO)
+        if handler is None:
+            logger.info(msg, *args, stacklevel=2)
+        else:
+            handler.forward(logger.name, logging.INFO, msg % args if args else msg)
 
 
 def forward_to(sock: socket.socket) -> None:

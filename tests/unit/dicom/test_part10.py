@@ -7,6 +7,7 @@ against an independent split of the file (tests/dicomfiles.py) and pydicom.
 
 from __future__ import annotations
 
+import io
 import struct
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import pydicom
 import pytest
 
 from fastscp.dicom.header import read_header_from
-from fastscp.dicom.part10 import dataset_hash, dataset_offset, read_file_meta
+from fastscp.dicom.part10 import dataset_hash, dataset_offset, file_meta, read_file_meta
 from fastscp.dicom.synthetic import write_series
 from fastscp.imaging.frames import read_header
 from fastscp.index.reindex import FileState, read_record
@@ -122,3 +123,19 @@ def test_a_file_that_is_not_part10_is_refused_by_every_reader(tmp_path: Path, ga
     with pytest.raises(ValueError):
         read_record(str(tmp_path), FileState("x.dcm", len(garbage), 0))
     assert stored_uid(str(path)) is None
+
+
+def test_file_meta_holds_each_stores_own_values_and_its_group_length() -> None:
+    """The elements around the instance UID are made once per SOP class, transfer syntax and AE title:
+    each store's own values still come out, with the group length of its own meta."""
+    mr, ct = "1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.5.1.4.1.1.2"
+    explicit, implicit = "1.2.840.10008.1.2.1", "1.2.840.10008.1.2"
+    for sop_class, instance, syntax, ae in ((mr, "1.2.3", explicit, "MODALITY"), (mr, "1.2.34", explicit, "MODALITY"),
+                                           (ct, "1.2.3", implicit, ""), (mr, "1.2.345", explicit, "ODD")):
+        meta = file_meta(sop_class, instance, syntax, ae)
+        parsed = pydicom.dcmread(io.BytesIO(meta), force=True).file_meta
+        assert (parsed.MediaStorageSOPClassUID, parsed.MediaStorageSOPInstanceUID, parsed.TransferSyntaxUID) == (
+            sop_class, instance, syntax)
+        assert parsed.get("SourceApplicationEntityTitle", "") == ae
+        assert parsed.FileMetaInformationGroupLength == len(meta) - 132 - 12
+        assert read_file_meta(meta + b"\x08\x00\x05\x00CS\x00\x00")[1] == len(meta)

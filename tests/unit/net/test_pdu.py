@@ -285,3 +285,12 @@ def test_abort_and_release_pdus_are_pynetdicoms() -> None:
         assert abort_pdu(reason=reason) == theirs.encode()
     assert abort_pdu() == abort_pdu(2, 0)
     assert RELEASE_RP == A_RELEASE_RP().encode()
+
+
+def test_a_response_that_fits_is_one_pdu_and_one_byte_more_is_two() -> None:
+    command = bytes(range(90))
+    one = [(96, 3, command)]
+    assert _pdvs(p_data_tf(7, command, 0)) == one  # no limit
+    assert _pdvs(p_data_tf(7, command, 96)) == one  # exactly the peer's Maximum Length Received
+    assert _pdvs(p_data_tf(7, command, 95)) == [(95, 1, command[:89]), (7, 3, command[89:])]
+    assert p_data_tf(7, command, 0)[10] == 7  # the presentation context

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import socket
 import sys
 import threading
+from collections.abc import Iterator
 
 import pytest
 
@@ -136,3 +138,73 @@ def test_a_supervisor_that_does_not_read_never_blocks_a_child_and_learns_what_wa
     finally:
         child.close()
         parent.close()
+
+
+
+@contextlib.contextmanager
+def _as_a_child(child: socket.socket) -> Iterator[list[logging.LogRecord]]:
+    """This process as a child: the root's only handler is the ForwardHandler (pytest's own are
+    set aside: they are added for the test's call, after its fixtures). Yields the LogRecords made
+    meanwhile (logging's record factory, counted)."""
+    root = logging.getLogger()
+    saved, level, factory = root.handlers[:], root.level, logging.getLogRecordFactory()
+    made: list[logging.LogRecord] = []
+
+    def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        made.append(factory(*args, **kwargs))
+        return made[-1]
+
+    logs.forward_to(child)
+    root.setLevel(logging.INFO)
+    logging.setLogRecordFactory(counted)
+    try:
+        yield made
+    finally:
+        logging.setLogRecordFactory(factory)
+        root.handlers[:] = saved
+        root.setLevel(level)
+
+
+def _received(parent: socket.socket) -> list[logging.LogRecord]:
+    """What the supervisor's end gets of what this child's ForwardHandler holds."""
+    logs.flush()
+    collect = Collect()
+    logging.getLogger().handlers[:] = [collect]
+    logs.receive(parent)
+    return collect.records
+
+
+def test_a_line_goes_to_the_supervisor_as_logging_would_send_it(pair) -> None:  # type: ignore[no-untyped-def]
+    """In a child, Lines makes no LogRecord, and the supervisor gets the fields logging would send."""
+    child, parent = pair
+    with _as_a_child(child) as made:
+        logging.getLogger("fastscp.test-lines").info("%s %s (%d bytes)", "stored", "a/b.dcm", 12)
+        assert len(made) == 1
+        logs.Lines("fastscp.test-lines").info("%s %s (%d bytes)", "stored", "a/b.dcm", 12)
+        assert len(made) == 1
+        by_logging, by_lines = _received(parent)
+    fields = ("name", "levelno", "levelname", "process", "processName", "threadName")
+    assert [getattr(by_lines, f) for f in fields] == [getattr(by_logging, f) for f in fields]
+    assert by_lines.getMessage() == by_logging.getMessage() == "stored a/b.dcm (12 bytes)"
+    assert 0 <= by_lines.created - by_logging.created < 5 and by_lines.msecs == int(by_lines.msecs)
+
+
+def test_lines_take_loggings_way_when_anything_else_would_see_them(pair) -> None:  # type: ignore[no-untyped-def]
+    """Another handler (pytest's caplog, the supervisor's), a filter or a level: as logging decides."""
+    child, parent = pair
+    lines, logger = logs.Lines("fastscp.test-lines"), logging.getLogger("fastscp.test-lines")
+    collect = Collect()
+    with _as_a_child(child) as made:
+        logger.addHandler(collect)  # a handler below the root
+        lines.info("to both %d", 1)
+        logger.removeHandler(collect)
+        logger.addFilter(lambda r: "secret" not in r.getMessage())  # a filter on the way
+        lines.info("a secret")
+        lines.info("no filter stops %s", "this")
+        logger.filters.clear()
+        logger.setLevel(logging.WARNING)  # a level the line is below
+        lines.info("below the level")
+        logger.setLevel(logging.NOTSET)
+        assert len(made) == 3
+        assert [r.getMessage() for r in collect.records] == ["to both 1"]
+        assert [r.getMessage() for r in _received(parent)] == ["to both 1", "no filter stops this"]
