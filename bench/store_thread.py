@@ -15,7 +15,12 @@ more). Rounds interleave the variants; the report gives medians.
 
     .venv/bin/python -m bench.store_thread                      # 2,000 64x64 MR, 5 rounds
     .venv/bin/python -m bench.store_thread --kind ct --compare-ref HEAD~3
+    .venv/bin/python -m bench.store_thread --steps              # and where the time goes
     .venv/bin/python -m bench.store_thread --quick              # CI: it runs, 200 MR, 1 round
+
+``--steps`` adds as many runs again, apart from the rounds, that time each
+step of a C-STORE (``store_thread_child.STEPS``; wall time while the
+thread runs it): the map of what the compiled path has to take over.
 
 Each run stores into a new folder under ``bench/.work``, deleted only at
 the end: ext4 makes new files slowly for a minute after many were deleted
@@ -35,12 +40,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from bench.load import corpora, snapshot
 from bench.load.corpora import SourceFile
 from bench.load.procstats import cpu_times
 from bench.load.receivers import default_receivers, free_port, receiver_env
-from bench.store_thread_child import AE_TITLE
+from bench.store_thread_child import AE_TITLE, STEPS
 from tests import corpus as test_corpus
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,8 +73,10 @@ def _sent(sender: subprocess.Popen[bytes], who: str) -> None:
         raise RuntimeError(f"storescu to {who} exited {sender.returncode}: {err.decode(errors='replace')[-2000:]}")
 
 
-def run_fastscp(pythonpath: str | None, files: list[SourceFile], config: Path, folder: Path) -> dict[str, float]:
-    """One run against the working tree's fastscp, or the one at ``pythonpath`` (a built snapshot)."""
+def run_fastscp(pythonpath: str | None, files: list[SourceFile], config: Path, folder: Path,
+                steps: bool = False) -> dict[str, Any]:
+    """One run against the working tree's fastscp, or the one at ``pythonpath`` (a built snapshot);
+    ``steps``: the time of each step per store too (the working tree's child)."""
     port = free_port()
     tree = pythonpath or str(REPO)
     # Not run from the repository: the folder ``-m`` runs from comes before PYTHONPATH, and it would
@@ -76,7 +84,8 @@ def run_fastscp(pythonpath: str | None, files: list[SourceFile], config: Path, f
     # package: the child module is found here, and it imports nothing else of bench).
     env = receiver_env(nodelay=True, pythonpath=os.pathsep.join(dict.fromkeys([tree, str(REPO)])))
     sop_classes = ",".join(sorted({f.sop_class_uid for f in files}))
-    server = subprocess.Popen([sys.executable, "-m", "bench.store_thread_child", str(port), str(folder), sop_classes],
+    server = subprocess.Popen([sys.executable, "-m", "bench.store_thread_child", str(port), str(folder), sop_classes,
+                               *(["steps"] if steps else [])],
                               cwd=folder.parent, env=env, stdout=subprocess.PIPE, text=True)
     try:
         assert server.stdout is not None
@@ -129,10 +138,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stores", type=int, default=0, help="corpus size (default 2,000 MR or 1,000 CT)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--compare-ref", metavar="GIT_REF", help="also fastscp as of this commit, interleaved")
+    p.add_argument("--steps", action="store_true",
+                   help="then as many runs timing each step of a C-STORE (store_thread_child.STEPS)")
     p.add_argument("--quick", action="store_true", help="200 MR, 1 round: a check that it runs (CI)")
     args = p.parse_args(argv)
     if args.quick:
-        args.kind, args.stores, args.rounds = "mr", 200, 1
+        args.kind, args.stores, args.rounds, args.steps = "mr", 200, 1, True
     corpus = corpora.build(args.kind, args.stores or {"mr": 2000, "ct": 1000}[args.kind])
     files = list(corpus.files)
     variants: dict[str, str | None] = {"fastscp": None}
@@ -150,9 +161,14 @@ def main(argv: list[str] | None = None) -> int:
             results["storescp+B"].append(run_storescp(files, config, base / f"{r}-storescp"))
             print(f"round {r + 1}: " + ", ".join(f"{n} {runs[-1]['cpu_us']:.1f} us" for n, runs in results.items()),
                   flush=True)
+        # Apart from the rounds above: the timing of each step costs CPU of its own.
+        timed = [run_fastscp(None, files, config, base / f"steps-{r}", steps=True)["steps"]
+                 for r in range(args.rounds if args.steps else 0)]
     finally:
         shutil.rmtree(base, ignore_errors=True)
     print(report(results, corpus.description, len(files)))
+    if timed:
+        print(steps_report(timed))
     return 0
 
 
@@ -170,6 +186,17 @@ def report(results: dict[str, list[dict[str, float]]], description: str, stores:
                     if "voluntary_switches" in m else "-")
         lines.append(f"| {name} | {m['cpu_us']:.1f} | {m['user_us']:.1f} | {m['sys_us']:.1f} | {switches} | "
                      f"{m['cpu_us'] / peer:.2f} |")
+    return "\n".join(lines)
+
+
+def steps_report(timed: list[dict[str, float]]) -> str:
+    """Each step's time per store (medians of the runs), a step within another indented below it."""
+    depths = {name: depth for _module, name, depth in STEPS}
+    lines = [f"Time per store of each step, working tree ({len(timed)} runs apart from the rounds, medians; "
+             "wall time while the thread runs it, the timing's own included)", "",
+             "| step | us per store |", "|---|---:|"]
+    for name in timed[0]:
+        lines.append(f"| {'. ' * depths[name]}{name} | {statistics.median(run[name] for run in timed):.1f} |")
     return "\n".join(lines)
 
 
