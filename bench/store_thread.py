@@ -22,9 +22,11 @@ more). Rounds interleave the variants; the report gives medians.
 step of a C-STORE (``store_thread_child.STEPS``; wall time while the
 thread runs it): the map of what the compiled path has to take over.
 
-Each run stores into a new folder under ``bench/.work``, deleted only at
-the end: ext4 makes new files slowly for a minute after many were deleted
-(``bench.load.runner.Trash``). Never run it beside another benchmark.
+Each run stores into a new folder under ``bench/.work``, kept after the
+end (``bench.load.runner.Trash``: deleted only when the disk needs the
+room, then a pause): ext4 makes new files slowly for a minute after many
+were deleted, and so the next run would. Never run it beside another
+benchmark.
 """
 
 from __future__ import annotations
@@ -32,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import socket
 import statistics
 import subprocess
@@ -46,6 +47,7 @@ from bench.load import corpora, snapshot
 from bench.load.corpora import SourceFile
 from bench.load.procstats import cpu_times
 from bench.load.receivers import default_receivers, free_port, receiver_env
+from bench.load.runner import Trash
 from bench.store_thread_child import AE_TITLE, STEPS
 from tests import corpus as test_corpus
 
@@ -150,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.compare_ref:
         variants[f"fastscp@{args.compare_ref}"] = str(snapshot.build(args.compare_ref))
     WORK.mkdir(parents=True, exist_ok=True)
+    trash = Trash(WORK)
+    # Room for every run's files (each variant and storescp, each round, and the steps' runs).
+    trash.make_room(corpus.dataset_bytes * (len(variants) + 2) * args.rounds, print)
     base = Path(tempfile.mkdtemp(prefix="store-thread-", dir=WORK))
     results: dict[str, list[dict[str, float]]] = {name: [] for name in [*variants, "storescp+B"]}
     try:
@@ -165,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         timed = [run_fastscp(None, files, config, base / f"steps-{r}", steps=True)["steps"]
                  for r in range(args.rounds if args.steps else 0)]
     finally:
-        shutil.rmtree(base, ignore_errors=True)
+        trash.add(base)  # not deleted: the next run would make its files slowly (Trash)
     print(report(results, corpus.description, len(files)))
     if timed:
         print(steps_report(timed))

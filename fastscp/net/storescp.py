@@ -212,7 +212,9 @@ class StoreRequest:
         # C-STORE-RSP has gone (_hand_over). The index records the data set's
         # own SOP Instance UID, else the command's.
         self._committed = committed
-        self._header = msgspec.structs.replace(header, sop_instance_uid=header.sop_instance_uid or sop_instance)
+        self._header = header
+        if not header.sop_instance_uid:
+            self._header = msgspec.structs.replace(header, sop_instance_uid=sop_instance)
         if committed.outcome is Outcome.REJECTED:
             return dimse.DUPLICATE_SOP_INSTANCE, "other content stored under this SOP Instance UID"
         return dimse.SUCCESS, ""
