@@ -5,9 +5,11 @@ How an acknowledged instance reaches the queue, whatever is killed:
 * Each worker hands the forwarder the record of every instance it stored,
   after the C-STORE response (the same :class:`~fastscp.index.client.IndexerClient`
   it sends the indexer's records with: batched, never waiting, kept in the
-  worker and retried while the forwarder is down). The forwarder matches
-  the rules and writes the record and its destinations to the queue in one
-  SQLite transaction.
+  worker and retried while the forwarder is down or lags at
+  ``server.derived_priority``, beyond a bound and at the worker's exit in
+  files under the storage root, :func:`kept_folder`, which the forwarder
+  takes). The forwarder matches the rules and writes the record and its
+  destinations to the queue in one SQLite transaction.
 * What a dead process held is found again by a reconcile with the index:
   at the forwarder's start (after the indexer's own reconcile has indexed
   what the workers of a dead server never delivered), the stored instances
@@ -44,9 +46,12 @@ from fastscp.index.records import BATCH_DECODER, INSTANCE_COLUMNS, InstanceColum
 from fastscp.index.reindex import FileState, read_records
 from fastscp.process import logs
 from fastscp.process.ipc import accept_local, drain, listen, local_address
+from fastscp.process.kept import KeptFiles
+from fastscp.process.kept import kept_folder as process_kept_folder
 from fastscp.process.orphan import parent_gone
 from fastscp.query.client import LocalQueryClient, QueryClient
 from fastscp.query.messages import ServerUnavailable, SqlRequest
+from fastscp.storage.reserved import FORWARD_BACKLOG
 
 log = logging.getLogger("fastscp.forward")
 
@@ -67,6 +72,11 @@ TIDY_INTERVAL = 300.0
 def forward_address(index_path: str) -> str:
     """The abstract socket the forwarder of an index listens on for the workers' records."""
     return local_address("forward", index_path)
+
+
+def kept_folder(root: str) -> str:
+    """Where workers keep, in files, the records a lagging forwarder had no room for (under the storage root)."""
+    return process_kept_folder(root, FORWARD_BACKLOG)
 
 
 class ForwardError(Exception):
@@ -109,6 +119,9 @@ class Forwarder:
         self.reload_requested = False
         self.stopping = threading.Event()
         self.root = os.path.abspath(config.storage.directory)
+        #: Records the workers kept in files while this process lagged or was down.
+        self.kept = KeptFiles(kept_folder(self.root), "forwarder",
+                              "the forwarder's reconcile at its next start finds the instances of its last 10 minutes")
         self.queue_path = config.forward_queue_path
         self.queue = Queue(self.queue_path)
         self.address = forward_address(config.index_path)
@@ -158,6 +171,7 @@ class Forwarder:
                         self.selector.register(conn, selectors.EVENT_READ)
                 else:
                     self._receive(key.fileobj)  # type: ignore[arg-type]
+            self._take_kept(time.monotonic())
             now = time.time()
             if now >= self._reconcile_due and (self._reconciler is None or not self._reconciler.is_alive()):
                 self._start_reconcile(RECONCILE_WINDOW, wait_for_indexer=False)
@@ -173,12 +187,23 @@ class Forwarder:
 
     def _receive(self, conn: socket.socket) -> None:
         for data in drain(conn, self.selector):
-            try:
-                batch = BATCH_DECODER.decode(data)
-            except msgspec.DecodeError as exc:
-                log.error("forwarder: a record message could not be decoded (%s); dropped", exc)
-                continue
-            self.take(instance_records(batch.instances, needs_attribute_map(self.rules)))
+            self._take_message(data)
+
+    def _take_kept(self, now: float, at_once: bool = False) -> bool:
+        """The oldest file of records a worker kept while this process lagged, if one is due (``at_once``:
+        whatever the schedule); True if one was taken."""
+        taken = self.kept.take_oldest(now, at_once=at_once)
+        for data in taken[1] if taken is not None else ():
+            self._take_message(data)
+        return taken is not None
+
+    def _take_message(self, data: bytes) -> None:
+        try:
+            batch = BATCH_DECODER.decode(data)
+        except msgspec.DecodeError as exc:
+            log.error("forwarder: a record message could not be decoded (%s); dropped", exc)
+            return
+        self.take(instance_records(batch.instances, needs_attribute_map(self.rules)))
 
     def take(self, records: list[InstanceRecord]) -> int:
         """Queue the records for the destinations their rules name; returns the pairs queued."""
@@ -190,6 +215,15 @@ class Forwarder:
 
     def _stop(self) -> None:
         self.stopping.set()
+        # What the workers sent and kept before their stop: in the queue now, not left to the next
+        # start's reconcile (a worker stops before this process, and kept its last records in a file).
+        while (conn := accept_local(self.listener)) is not None:  # a worker's, not accepted while it lagged
+            self.selector.register(conn, selectors.EVENT_READ)
+        for key in list(self.selector.get_map().values()):
+            if key.fileobj is not self.listener:
+                self._receive(key.fileobj)  # type: ignore[arg-type]
+        while self._take_kept(time.monotonic(), at_once=True):
+            pass
         for destination in self.destinations.values():
             destination.wake.set()
         deadline = time.monotonic() + 5

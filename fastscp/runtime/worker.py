@@ -18,6 +18,7 @@ import socket
 import threading
 import time
 
+from fastscp.forward.process import kept_folder as forward_kept_folder
 from fastscp.index.client import IndexerClient
 from fastscp.index.client import kept_folder as index_kept_folder
 from fastscp.index.records import DuplicateConflict, InstanceRecord
@@ -62,8 +63,12 @@ class Worker:
         self.poststore = PostStoreClient(
             settings.poststore_address, kept_folder(settings.storage.root), settings.storage.modes,
         ) if settings.poststore_address else None
-        # Kept while the forwarder is down, like the indexer's records (its reconcile finds what a dead worker held).
-        self.forward = IndexerClient(settings.forward_address, "forwarder") if settings.forward_address else None
+        # Like the indexer's records: never waited for (the forwarder runs at server.derived_priority), kept
+        # while it lags or is down, beyond a bound and at exit in files it takes (its reconcile finds what a
+        # dead worker held).
+        self.forward = IndexerClient(
+            settings.forward_address, "forwarder", kept_folder=forward_kept_folder(settings.storage.root),
+            modes=settings.storage.modes) if settings.forward_address else None
 
     def run(self) -> None:
         threading.Thread(target=self._report_loop, name="reporter", daemon=True).start()
@@ -187,8 +192,7 @@ class Worker:
         if self.poststore is not None:
             self.poststore.close(wait=DELIVERY_WAIT)
         if self.forward is not None:
-            self.forward.flush()
-            self.forward.close()
+            self.forward.close(wait=DELIVERY_WAIT)
 
 
 def worker_main(control: socket.socket, index: int, settings: ServiceSettings, indexer_address: str,

@@ -21,8 +21,10 @@ FETCHED: Final = "fetched-"
 POSTSTORE_BACKLOG: Final = "poststore-backlog"
 #: In INCOMING: the same for a lagging indexer (fastscp.index.client); the indexer takes them.
 INDEX_BACKLOG: Final = "index-backlog"
+#: In INCOMING: the same for a lagging forwarder (fastscp.forward.process); the forwarder takes them.
+FORWARD_BACKLOG: Final = "forward-backlog"
 #: The folders of kept records (fastscp.process.kept).
-BACKLOGS: Final = frozenset({POSTSTORE_BACKLOG, INDEX_BACKLOG})
+BACKLOGS: Final = frozenset({POSTSTORE_BACKLOG, INDEX_BACKLOG, FORWARD_BACKLOG})
 #: Data sets that could not be understood, each with a ``.reason.txt`` (storage.quarantine).
 QUARANTINE: Final = ".quarantine"
 #: JPEG thumbnails, mirroring the layout (thumbnails.enabled).

@@ -725,3 +725,66 @@ def test_an_instance_that_aborts_the_association_backs_off_and_does_not_block_th
     state = states(server)["pacs"]
     # Each unanswered try may have been stored: each is counted as a resend.
     assert state.queued == 1 and state.resent == tries and "no response" in state.last_error
+
+
+def _connected_then_stopped(server: Server, tmp_path: Path) -> int:
+    """The forwarder, once it has taken in a first instance (its connection from the worker accepted: an
+    unaccepted one queues as many messages as the listener's backlog, 64, not 10), stopped (SIGSTOP);
+    returns its PID."""
+    forwarder = forwarder_pid(server)
+    send(server, write_series(str(tmp_path / "first"), 1, rows=8, columns=8, patient_id="FW19"))
+    wait_until(lambda: taken_in(server) == 1, 30, "the forwarder to take the first instance in")
+    os.kill(forwarder, signal.SIGSTOP)
+    return forwarder
+
+
+def test_a_stalled_forwarder_never_holds_up_the_stores_and_takes_every_record(tmp_path: Path, start_server,
+                                                                               closed_port: int) -> None:
+    """The forwarder runs at server.derived_priority: under a burst it may not read for seconds (SIGSTOP
+    here, as in test_poststore). The workers answer every C-STORE meanwhile and keep its records; it takes
+    each once it runs again. Before, the workers' client waited on the forwarder's full socket after a
+    response, and the next C-STORE was not answered."""
+    config = forwarding_config(tmp_path / "forward.yaml", {"pacs": destination(closed_port)},
+                               [{"destinations": ["pacs"]}])
+    server = start_server(config=config, workers=1)
+    count = 1200  # ~38 messages of 32 records, ~6 KB each: more than the socket's buffer (~200 KB) takes
+    series = write_series(str(tmp_path / "ct"), count, rows=8, columns=8, patient_id="FW20")
+    forwarder = _connected_then_stopped(server, tmp_path)
+    try:
+        # -to/-td: storescu gives up on a response that does not come within 20 s.
+        dcmtk("storescu", "-to", "20", "-td", "20", "-aec", server.ae_title, "127.0.0.1", str(server.port),
+              *series, timeout=120)
+        assert len(server.stored_files()) == count + 1
+    finally:
+        os.kill(forwarder, signal.SIGCONT)
+    wait_until(lambda: taken_in(server) == count + 1, 30, f"the forwarder to take {count} instances in")
+    assert "records dropped" not in server.log_text()
+    assert server.stop() == 0
+
+
+def test_records_kept_for_a_stalled_forwarder_at_stop_are_queued_before_it_exits(
+        tmp_path: Path, start_server, closed_port: int) -> None:
+    """The server stops while its forwarder does not read: the worker keeps what it still holds in a file
+    under .incoming at its exit; the forwarder, stopping after the workers, queues what its sockets hold
+    and that file, not leaving them to the next start's reconcile (its last 10 minutes only)."""
+    from fastscp.forward.process import kept_folder
+    from tests.conftest import sigterm_pending
+
+    config = forwarding_config(tmp_path / "forward.yaml", {"pacs": destination(closed_port)},
+                               [{"destinations": ["pacs"]}])
+    server = start_server(config=config, workers=1)
+    count = 1200  # more than the socket takes, as above
+    series = write_series(str(tmp_path / "ct"), count, rows=8, columns=8, patient_id="FW21")
+    kept = Path(kept_folder(str(server.storage)))
+    forwarder = _connected_then_stopped(server, tmp_path)
+    try:
+        send(server, series)
+        server.signal(signal.SIGTERM)  # the workers stop first, then the forwarder
+        wait_until(lambda: sigterm_pending(forwarder), timeout=60, what="the forwarder's SIGTERM")
+        assert kept.is_dir() and list(kept.iterdir()), "the worker kept nothing in a file at its exit"
+    finally:
+        os.kill(forwarder, signal.SIGCONT)
+    assert server.process.wait(60) == 0
+    assert taken_in(server) == count + 1
+    assert not list(kept.iterdir())
+    assert "forwarder: took back" in server.log_text()
