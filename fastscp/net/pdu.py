@@ -192,7 +192,7 @@ class PDUStream:
 def p_data_tf(context_id: int, command: bytes, peer_max_pdu: int, data_set: bytes | None = None) -> bytes:
     """A command set (and its data set) as P-DATA-TF PDUs, one PDV each,
     fragmented to the peer's Maximum Length Received (0: no limit)."""
-    if data_set is None and command and (not peer_max_pdu or len(command) <= peer_max_pdu - 6):
+    if data_set is None and (not peer_max_pdu or len(command) <= peer_max_pdu - 6):
         # PERF: a response, the one PDU of one PDV (~3 us less per store than the loop below).
         return _COMMAND_PDU.pack(P_DATA_TF, len(command) + 6, len(command) + 2, context_id, 3) + command
     out = bytearray()
