@@ -205,18 +205,28 @@ def _instance_file(h: HeaderFields) -> str:
     return safe_component(h.sop_instance_uid) + ".dcm"
 
 
+#: Header values at most this long (together) have their folder kept in :func:`_cached_folder`: a
+#: peer's megabyte-long Patient ID is not kept (256 of them would be).
+MAX_CACHED_VALUE_CHARS = 1024
+
+
 def _hierarchical(h: HeaderFields, _o: LayoutOptions, _received: datetime.date | None) -> str:
-    folder = _hierarchical_folder(h.patient_id, h.study_date, h.study_instance_uid, h.series_number, h.modality)
+    values = (h.patient_id, h.study_date, h.study_instance_uid, h.series_number, h.modality)
+    short = len(h.patient_id) + len(h.study_date) + len(h.study_instance_uid) + len(h.modality)
+    folder = (_cached_folder if short <= MAX_CACHED_VALUE_CHARS else _hierarchical_folder)(*values)
     return f"{folder}/{_instance_file(h)}"
 
 
-@functools.lru_cache(maxsize=256)
 def _hierarchical_folder(patient_id: str, study_date: str, study_instance_uid: str, series_number: int | None,
                          modality: str) -> str:
-    """``<patient>/<study>/<series>``. PERF: the same for every instance of a series; made once
-    (~4 us a store in an association's thread)."""
+    """``<patient>/<study>/<series>``."""
     return "/".join((safe_component(patient_id), _study_folder(study_date, study_instance_uid),
                      _series_folder(series_number, modality)))
+
+
+#: PERF: a series' folder is the same for each of its instances; made once (~4 us a store in an
+#: association's thread).
+_cached_folder = functools.lru_cache(maxsize=256)(_hierarchical_folder)
 
 
 def _flat(h: HeaderFields, _o: LayoutOptions, _received: datetime.date | None) -> str:

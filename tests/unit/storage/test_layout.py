@@ -7,6 +7,7 @@ import os
 import posixpath
 import warnings
 
+import msgspec
 import pydicom
 import pytest
 
@@ -208,3 +209,16 @@ def test_a_plain_value_takes_the_short_way_to_the_same_component(value: str) -> 
     from fastscp.storage.layout import _sanitized
 
     assert safe_component(value) == _sanitized(value, "UNKNOWN")
+
+
+def test_a_series_folder_is_kept_for_the_next_instance_but_not_for_huge_values() -> None:
+    """The hierarchical layout keeps each series' folder for its next instance (a bounded cache); values a
+    peer made megabytes long give the same folder as ever, but are not kept there."""
+    from fastscp.storage import layout
+
+    layout._cached_folder.cache_clear()
+    assert path("hierarchical") == "PID1/20240131_1.2.3/5_CT/1.2.3.4.5.dcm"
+    assert layout._cached_folder.cache_info().currsize == 1
+    huge = msgspec.structs.replace(CT, patient_id="P" * 1_000_000)
+    assert path("hierarchical", huge) == f"{'P' * layout.MAX_COMPONENT_BYTES}/20240131_1.2.3/5_CT/1.2.3.4.5.dcm"
+    assert layout._cached_folder.cache_info().currsize == 1
