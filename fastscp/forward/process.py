@@ -167,8 +167,7 @@ class Forwarder:
                 self._reload()
             for key, _events in self.selector.select(timeout=0.5):
                 if key.fileobj is self.listener:
-                    while (conn := accept_local(self.listener)) is not None:
-                        self.selector.register(conn, selectors.EVENT_READ)
+                    self._accept()
                 else:
                     self._receive(key.fileobj)  # type: ignore[arg-type]
             self._take_kept(time.monotonic())
@@ -184,6 +183,10 @@ class Forwarder:
                 for destination in self.destinations.values():
                     destination.clear_backoff()
         self._stop()
+
+    def _accept(self) -> None:
+        while (conn := accept_local(self.listener)) is not None:
+            self.selector.register(conn, selectors.EVENT_READ)
 
     def _receive(self, conn: socket.socket) -> None:
         for data in drain(conn, self.selector):
@@ -217,8 +220,7 @@ class Forwarder:
         self.stopping.set()
         # What the workers sent and kept before their stop: in the queue now, not left to the next
         # start's reconcile (a worker stops before this process, and kept its last records in a file).
-        while (conn := accept_local(self.listener)) is not None:  # a worker's, not accepted while it lagged
-            self.selector.register(conn, selectors.EVENT_READ)
+        self._accept()  # a worker's, not accepted while this process lagged
         for key in list(self.selector.get_map().values()):
             if key.fileobj is not self.listener:
                 self._receive(key.fileobj)  # type: ignore[arg-type]
