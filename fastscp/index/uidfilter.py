@@ -48,6 +48,8 @@ _MASK = BITS - 1
 _HEADER = 16
 _PROBE = "fastscp uid filter: the hash of this string is the same in every process forked from the supervisor"
 _READY_AT = 8
+#: Bytes of the shared mapping: the header, then the bits.
+SIZE = _HEADER + BITS // 8
 
 
 def _positions(h: int) -> tuple[int, int]:
@@ -59,10 +61,13 @@ class UidFilter:
     """A Bloom filter of SOP Instance UIDs in memory shared across fork (see the module docstring)."""
 
     def __init__(self) -> None:
-        self._map = mmap.mmap(-1, _HEADER + BITS // 8)  # anonymous, MAP_SHARED: inherited by fork
+        self._map = mmap.mmap(-1, SIZE)  # anonymous, MAP_SHARED: inherited by fork
         struct.pack_into("<q", self._map, 0, hash(_PROBE))
         self._array = np.frombuffer(self._map, dtype=np.uint8, offset=_HEADER)  # for whole columns
         self._bits = memoryview(self._map)[_HEADER:]  # for one UID: plain ints, no numpy scalars
+        #: :attr:`ready` and :attr:`usable` were both true here, so they stay true: the bits are never
+        #: cleared, and a forked child computes its parent's hashes (PERF: not read at each store).
+        self._trusted = False
 
     @property
     def usable(self) -> bool:
@@ -91,12 +96,28 @@ class UidFilter:
             at = (hashes >> shift) & _MASK
             np.bitwise_or.at(self._array, at >> 3, np.left_shift(1, at & 7).astype(np.uint8))
 
+    def map_in(self) -> None:
+        """Map every page of the filter into this process now (a worker, at its start).
+
+        PERF: a forked child inherits the shared mapping but not its page
+        table entries, so each of its 4,096 pages cost a minor fault (~2 us)
+        the first time a duplicate check read it: about one per store over a
+        worker's first few thousand stores. Reading a byte of each page here
+        takes ~8 ms, once. The pages are shared: each process's RSS counts
+        them, its PSS a share.
+        """
+        self._array[:: mmap.PAGESIZE].max()
+
     def may_hold(self, uids: Iterable[str]) -> bool:
         """False only if none of ``uids`` is indexed or on its way to the index: no need to ask."""
-        if not (self.ready and self.usable):
-            return True
+        if not self._trusted:
+            if not (self.ready and self.usable):
+                return True
+            self._trusted = True
         bits = self._bits
         for uid in uids:
-            if uid and all(bits[at >> 3] & (1 << (at & 7)) for at in _positions(hash(uid))):
-                return True
+            if uid:
+                first, second = _positions(hash(uid))
+                if bits[first >> 3] & (1 << (first & 7)) and bits[second >> 3] & (1 << (second & 7)):
+                    return True
         return False

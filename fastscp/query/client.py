@@ -287,6 +287,11 @@ class Locator:
             self._give_back(sock)
             return answer.paths
 
+    def map_in(self) -> None:
+        """In a worker, at its start: the shared filter's pages into this process (UidFilter.map_in)."""
+        if self.shared is not None:
+            self.shared.map_in()
+
     def may_hold(self, uids: tuple[str, ...]) -> bool:
         """False when the shared filter says the index holds none of ``uids`` (nearly every store)."""
         return self.shared is None or self.shared.may_hold(uids)

@@ -24,6 +24,7 @@ from fastscp.index.client import kept_folder as index_kept_folder
 from fastscp.index.records import DuplicateConflict, InstanceRecord
 from fastscp.net.association import Association, ServiceSettings
 from fastscp.poststore.client import PostStoreClient, kept_folder
+from fastscp.query.client import Locator
 from fastscp.runtime.messages import (
     ENCODER,
     MESSAGE_MAX,
@@ -201,6 +202,8 @@ def worker_main(control: socket.socket, index: int, settings: ServiceSettings, i
     # Ctrl-C reaches the whole process group; only the supervisor decides.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if isinstance(settings.locate, Locator):
+        settings.locate.map_in()
     indexer = IndexerClient(indexer_address, kept_folder=index_kept_folder(settings.storage.root),
                             modes=settings.storage.modes)
     Worker(index, control, settings, indexer, shutdown_timeout).run()

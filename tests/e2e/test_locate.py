@@ -18,6 +18,7 @@ import pytest
 
 from fastscp.dicom.part10 import dataset_offset
 from fastscp.dicom.synthetic import write_series
+from fastscp.index.uidfilter import SIZE as UID_FILTER_BYTES
 from fastscp.query.messages import ServerUnavailable, locate_address
 from tests.conftest import wait_until
 from tests.e2e.test_duplicates import _config, indexed
@@ -88,6 +89,24 @@ def test_new_instances_ask_nothing_and_resends_share_one_kept_connection(  # typ
     assert locate_connections(server) == first, "the same connection answered every resend"
     assert len(server.stored_files()) == 20, "each resend under another name was found as a duplicate"
     server.wait_for_log("6 duplicates)")
+
+
+def filter_resident_kib(pid: int) -> int:
+    """KiB of the shared UID filter's mapping resident in process ``pid`` (its pages mapped in)."""
+    size_kib = -(-UID_FILTER_BYTES // 4096) * 4
+    blocks = Path(f"/proc/{pid}/smaps").read_text().split("\n")
+    (at,) = [i for i, line in enumerate(blocks) if line.split() == ["Size:", f"{size_kib}", "kB"]]
+    (rss,) = [line.split()[1] for line in blocks[at:at + 5] if line.startswith("Rss:")]
+    return int(rss)
+
+
+def test_a_worker_maps_the_uid_filter_in_when_it_starts(start_server) -> None:  # type: ignore[no-untyped-def]
+    """Not a page fault at each of its first few thousand stores (UidFilter.map_in)."""
+    server = start_server(workers=1)
+    (pid,) = server.worker_pids().values()
+    # The supervisor logs the start as it forks: the worker maps the filter in a moment later.
+    wait_until(lambda: filter_resident_kib(pid) * 1024 >= UID_FILTER_BYTES - 4096, timeout=5,
+               what="the whole filter resident in the worker")
 
 
 def test_duplicates_are_found_again_after_the_indexer_is_killed(  # type: ignore[no-untyped-def]
