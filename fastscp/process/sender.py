@@ -29,6 +29,9 @@ T = TypeVar("T")
 
 #: How often :meth:`Sender.close` tries again while it waits for the receiver.
 CLOSE_RETRY = 0.1
+#: After a file could not take what is kept, seconds before the next try: not at each message past the
+#: bound (each try joins the whole backlog, tens of MB, in the association's thread).
+FILE_RETRY = 1.0
 
 
 class Sender(Generic[T]):
@@ -84,6 +87,9 @@ class Sender(Generic[T]):
         self._file = ""
         #: The receiver could not be reached at the last try; no file could be written at the last try.
         self._down = self._no_file = False
+        #: Why no file could be written, and when that was last tried (time.monotonic).
+        self._unkept = ""
+        self._file_tried = 0.0
         #: close() has run: what does not go at once goes to a file (or is dropped), not held for a retry.
         self._closed = False
         #: Records dropped (see the class).
@@ -176,7 +182,7 @@ class Sender(Generic[T]):
                     if exc.errno != errno.EMSGSIZE:
                         raise
                     # Longer than the socket takes: it would hold up the others. A file has no such bound.
-                    unkept = self._to_file("a message longer than the socket takes")
+                    unkept = self._to_file("a message longer than the socket takes", now=True)
                     if not unkept:
                         continue  # all that was kept is in the file now
                     self._drop(count, f"a message longer than the socket takes; {unkept}")
@@ -196,20 +202,24 @@ class Sender(Generic[T]):
             self._log.info("%s reachable again; kept records delivered", self.name)
         return True
 
-    def _to_file(self, why: str) -> str:
-        """Move what is kept to a file for the receiver: "" when done (or nothing is kept), else why not."""
+    def _to_file(self, why: str, *, now: bool = False) -> str:
+        """Move what is kept to a file for the receiver: "" when done (or nothing is kept), else why not.
+        After a failure, not tried again for :data:`FILE_RETRY` seconds, unless ``now`` (at exit)."""
         if not self._kept:
             return ""
         if not self.kept_folder:
             return "no folder to keep them in"
+        if self._no_file and not now and time.monotonic() - self._file_tried < FILE_RETRY:
+            return self._unkept
         try:
             path = write_kept(self.kept_folder, (data for data, _ in self._kept), self.modes)
         except OSError as exc:
-            unkept = f"cannot keep them in {self.kept_folder}: {exc.strerror}"
+            self._unkept = f"cannot keep them in {self.kept_folder}: {exc.strerror}"
+            self._file_tried = time.monotonic()
             if not self._no_file and self._hold:  # held in memory: said once, not at each message
-                self._log.warning("%s busy or down (%s); %s", self.name, why, unkept)
+                self._log.warning("%s busy or down (%s); %s", self.name, why, self._unkept)
             self._no_file = True
-            return unkept
+            return self._unkept
         self._no_file = False
         self._log.warning("%s busy or down (%s): kept in %s for it", self.name, why, path)
         self._kept.clear()
@@ -219,7 +229,7 @@ class Sender(Generic[T]):
 
     def _to_file_or_drop(self, why: str) -> None:
         """What is kept goes to a file for the receiver, else is dropped (unless held)."""
-        unkept = self._to_file(why)
+        unkept = self._to_file(why, now=True)
         if not self._kept:
             return
         if self._hold:

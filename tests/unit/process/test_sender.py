@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import re
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from fastscp.process.kept import kept_files, read_kept
-from fastscp.process.sender import Sender
+from fastscp.process.sender import FILE_RETRY, Sender
 from tests.conftest import receive_messages
 
 #: Longer than any datagram a Unix socket takes by default (net.core.wmem_default: 208 KiB here).
@@ -284,3 +285,37 @@ def test_close_does_not_wait_for_a_receiver_to_take_the_senders_file(tmp_path: P
         assert list(read_kept(str(folder / kept_files(str(folder))[1]))) == [item, b"behind the file"]
     finally:
         listener.close()
+
+
+def test_a_folder_that_cannot_be_written_is_tried_again_after_a_while_not_at_each_message(
+        tmp_path: Path) -> None:
+    """Each try joins every record kept (tens of MB) in the association's thread: once a try has failed,
+    the messages past the bound are held without one, until FILE_RETRY has passed; then what is kept
+    goes to a file as soon as the folder can take it."""
+    in_the_way = tmp_path / "file"
+    in_the_way.write_text("in the way")
+    folder = in_the_way / "kept"
+    tries: list[str] = []
+    counting = [True]
+
+    def count(event: str, args: tuple[object, ...]) -> None:
+        if counting[0] and event == "open" and str(args[0]).startswith(str(in_the_way)):
+            tries.append(str(args[0]))
+
+    sys.addaudithook(count)  # never removed: it counts only while this test runs
+    try:
+        sender = _sender(f"\0fastscp-test-sender-{uuid.uuid4().hex}", str(folder), backlog_bytes=10)
+        for n in range(20):
+            sender.send(b"%010d" % n)
+        assert sender.pending == 20 and sender.dropped == 0
+        assert len(tries) == 1, tries
+        in_the_way.unlink()  # the folder can be made now
+        sender.send(b"%010d" % 20)
+        assert not kept_files(str(folder)), "tried again before FILE_RETRY"
+        time.sleep(FILE_RETRY)
+        sender.send(b"%010d" % 21)
+        (name,) = kept_files(str(folder))
+        assert list(read_kept(str(folder / name))) == [b"%010d" % n for n in range(21)]
+        sender.close()
+    finally:
+        counting[0] = False
