@@ -319,3 +319,53 @@ def test_a_folder_that_cannot_be_written_is_tried_again_after_a_while_not_at_eac
         sender.close()
     finally:
         counting[0] = False
+
+
+def test_past_the_bound_a_sender_that_does_not_hold_drops_while_the_folder_waits_for_its_retry(
+        tmp_path: Path) -> None:
+    """The post-store stage's client: while a failed folder waits for FILE_RETRY, what passes the bound
+    is dropped and counted as when the try fails, not kept past the bound."""
+    (tmp_path / "file").write_text("in the way")
+    sender = _sender(f"\0fastscp-test-sender-{uuid.uuid4().hex}", str(tmp_path / "file" / "kept"), hold=False,
+                     backlog_bytes=10)
+    for n in range(20):
+        sender.send(b"%010d" % n)
+    assert (sender.pending, sender.dropped) == (1, 19)
+    sender.close()
+
+
+def test_at_exit_a_file_is_tried_at_once_even_just_after_a_try_failed(tmp_path: Path) -> None:
+    """What is kept at close goes to the folder if it can be written now, whatever FILE_RETRY says."""
+    in_the_way = tmp_path / "file"
+    in_the_way.write_text("in the way")
+    folder = in_the_way / "kept"
+    sender = _sender(f"\0fastscp-test-sender-{uuid.uuid4().hex}", str(folder), backlog_bytes=10)
+    for n in range(3):
+        sender.send(b"%010d" % n)
+    assert sender.pending == 3 and not folder.exists()
+    in_the_way.unlink()
+    sender.close()
+    (name,) = kept_files(str(folder))
+    assert list(read_kept(str(folder / name))) == [b"%010d" % n for n in range(3)]
+
+
+def test_a_message_longer_than_the_socket_takes_tries_a_file_at_once_even_just_after_a_try_failed(
+        tmp_path: Path) -> None:
+    """It can never go by the socket: it goes to the folder if it can be written now, whatever FILE_RETRY
+    says (else it is dropped)."""
+    listener, address = _listener()
+    in_the_way = tmp_path / "file"
+    in_the_way.write_text("in the way")
+    folder = in_the_way / "kept"
+    sender = _sender(address, str(folder))
+    try:
+        sender.send(TOO_LONG)
+        assert sender.dropped == 1, "no folder could take it"
+        in_the_way.unlink()
+        sender.send(TOO_LONG)
+        (name,) = kept_files(str(folder))
+        assert list(read_kept(str(folder / name))) == [TOO_LONG]
+        assert sender.dropped == 1
+    finally:
+        sender.close()
+        listener.close()
