@@ -271,9 +271,9 @@ class IncomingFile:
         Parameters
         ----------
         sop_instance_uids : tuple of str
-            The instance's UIDs: the one it is named by (the command's
-            Affected SOP Instance UID, in its File Meta) first, then the
-            data set's if it differs. Empty: the File Meta's.
+            The instance's UIDs, distinct and not empty: the one it is named
+            by (the command's Affected SOP Instance UID, in its File Meta)
+            first, then the data set's if it differs. Empty: the File Meta's.
         locate : callable, optional
             Absolute paths where the index has one of these UIDs stored.
             Called only before a link to a free name: a resend to the same
@@ -295,12 +295,12 @@ class IncomingFile:
         if not final.startswith(root.rstrip(os.sep) + os.sep):
             self.discard()
             raise PermissionError(errno.EACCES, f"path {relative_path!r} leaves the storage root")
-        uids = tuple(dict.fromkeys(u for u in sop_instance_uids if u)) or (stored_uid(self.temp_path) or "",)
+        uids = sop_instance_uids or (stored_uid(self.temp_path) or "",)
         try:
             if storage.fsync:
                 os.fsync(self._fd)
             outcome = self._place(final, DuplicatePolicy(duplicates), uids, locate)
-            if outcome.outcome.wrote and storage.fsync:
+            if storage.fsync and outcome.outcome.wrote:
                 fsync_dir(os.path.dirname(outcome.path))
         except OSError:
             self.discard()
@@ -506,6 +506,7 @@ class Storage:
         if affected_sop_instance_uid and affected_sop_instance_uid != header.sop_instance_uid:
             named = msgspec.structs.replace(header, sop_instance_uid=affected_sop_instance_uid)
         root = self.sr_root if self.sr_root and sop_class_uid in SR_SOP_CLASSES else None
+        # Distinct, none empty (IncomingFile.commit).
         uids = tuple(dict.fromkeys(u for u in (named.sop_instance_uid, header.sop_instance_uid) if u))
 
         def elsewhere() -> list[str]:
