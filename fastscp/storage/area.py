@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import errno
+import functools
 import hashlib
 import itertools
 import os
@@ -506,20 +507,19 @@ class Storage:
         if affected_sop_instance_uid and affected_sop_instance_uid != header.sop_instance_uid:
             named = msgspec.structs.replace(header, sop_instance_uid=affected_sop_instance_uid)
         root = self.sr_root if self.sr_root and sop_class_uid in SR_SOP_CLASSES else None
-        # Distinct, none empty (IncomingFile.commit). PERF: no generator, no closure for a new instance.
+        # Distinct, none empty (IncomingFile.commit). PERF: no generator at each store.
         first, own = named.sop_instance_uid, header.sop_instance_uid
         uids: tuple[str, ...] = (first,) if first else ()
         if own and own != first:
             uids += (own,)
-        elsewhere = None
-        if locate and uids and locate.may_hold(uids):  # PERF: a new instance skips the lookup and its check
-
-            def elsewhere() -> list[str]:
-                assert locate is not None
-                return [os.path.join(self.root, p) for p in locate(uids)]
-
+        # PERF: a new instance (nearly every store) skips the lookup and the file system check before it.
+        maybe_stored = bool(locate and uids and locate.may_hold(uids))
         return incoming.commit(relative_path(self.layout, named), self.duplicates, root, sop_instance_uids=uids,
-                               locate=elsewhere)
+                               locate=functools.partial(self._stored_at, locate, uids) if maybe_stored else None)
+
+    def _stored_at(self, locate: Locate, uids: tuple[str, ...]) -> list[str]:
+        """Absolute paths where the index has any of ``uids`` stored."""
+        return [os.path.join(self.root, p) for p in locate(uids)]
 
     def relative(self, path: str) -> str:
         """A final path as the index records it: relative to the root, or
