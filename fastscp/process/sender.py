@@ -85,9 +85,10 @@ class Sender(Generic[T]):
         self._kept_bytes = 0
         #: With ``ordered``: the newest file this sender kept messages in, until the receiver has taken it.
         self._file = ""
-        #: The receiver could not be reached at the last try; no file could be written at the last try.
-        self._down = self._no_file = False
-        #: Why no file could be written, and when that was last tried (time.monotonic).
+        #: The receiver could not be reached at the last try.
+        self._down = False
+        #: Why the last try could not write a file ("": it could, or none was tried), and when that
+        #: try was (time.monotonic).
         self._unkept = ""
         self._file_tried = 0.0
         #: close() has run: what does not go at once goes to a file (or is dropped), not held for a retry.
@@ -209,18 +210,17 @@ class Sender(Generic[T]):
             return ""
         if not self.kept_folder:
             return "no folder to keep them in"
-        if self._no_file and not now and time.monotonic() - self._file_tried < FILE_RETRY:
+        if self._unkept and not now and time.monotonic() - self._file_tried < FILE_RETRY:
             return self._unkept
         try:
             path = write_kept(self.kept_folder, (data for data, _ in self._kept), self.modes)
         except OSError as exc:
-            self._unkept = f"cannot keep them in {self.kept_folder}: {exc.strerror}"
+            said, self._unkept = self._unkept, f"cannot keep them in {self.kept_folder}: {exc.strerror}"
             self._file_tried = time.monotonic()
-            if not self._no_file and self._hold:  # held in memory: said once, not at each message
+            if not said and self._hold:  # held in memory: said once, not at each message
                 self._log.warning("%s busy or down (%s); %s", self.name, why, self._unkept)
-            self._no_file = True
             return self._unkept
-        self._no_file = False
+        self._unkept = ""
         self._log.warning("%s busy or down (%s): kept in %s for it", self.name, why, path)
         self._kept.clear()
         self._kept_bytes = 0
