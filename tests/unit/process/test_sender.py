@@ -369,3 +369,17 @@ def test_a_message_longer_than_the_socket_takes_tries_a_file_at_once_even_just_a
     finally:
         sender.close()
         listener.close()
+
+
+def test_a_sender_that_does_not_hold_says_an_unwritable_folder_only_in_its_drop_log(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Its drops are logged with the reason (at the 1st and the 10th of 19 here); no other line repeats it."""
+    (tmp_path / "file").write_text("in the way")
+    sender = _sender(f"\0fastscp-test-sender-{uuid.uuid4().hex}", str(tmp_path / "file" / "kept"), hold=False,
+                     backlog_bytes=10)
+    with caplog.at_level(logging.WARNING, logger="fastscp.test-sender"):
+        for n in range(20):
+            sender.send(b"%010d" % n)
+    said = [r.getMessage() for r in caplog.records if "cannot keep them in" in r.getMessage()]
+    assert len(said) == 2 and all("records dropped" in line for line in said), said
+    sender.close()
