@@ -91,8 +91,9 @@ class IndexerClient(Sender[IndexRecord]):
     ``backlog_bytes``, then in files in ``kept_folder``, which the indexer
     takes once it has caught up (a newer record of the same file, come by
     the socket meanwhile, stays); so is what is still kept at :meth:`close`.
-    Without it (the post-store stage's and the forwarder's clients) a full
-    socket holds the sender up.
+    Without it (the post-store stage's client of the indexer) a full
+    socket holds the sender up, one send at most ``SEND_TIMEOUT`` at a
+    time (:mod:`fastscp.process.sender`): it keeps what did not go.
     """
 
     def __init__(self, address: str, name: str = "indexer", *, kept_folder: str = "",

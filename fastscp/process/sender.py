@@ -29,6 +29,10 @@ T = TypeVar("T")
 
 #: How often :meth:`Sender.close` tries again while it waits for the receiver.
 CLOSE_RETRY = 0.1
+#: With ``wait``: how long one send waits for room in the receiver's socket before the message is kept and
+#: tried again later, as a non-waiting sender's would be. A receiver that stopped reading holds the sender
+#: up (that is the point of waiting), but never for good: not at :meth:`Sender.close` either.
+SEND_TIMEOUT = 1.0
 #: After a file could not take what is kept, seconds before the next try: not at each message past the
 #: bound (each try joins the whole backlog, tens of MB, in the association's thread).
 FILE_RETRY = 1.0
@@ -45,7 +49,7 @@ class Sender(Generic[T]):
     ``retry_interval``: a receiver at ``server.derived_priority`` may not
     read for seconds under a burst, and catches up after it. With ``wait``
     a full socket holds the sender up instead (a process whose records may
-    wait; a worker's never do).
+    wait; a worker's never do), for :data:`SEND_TIMEOUT` at a time.
 
     Beyond ``backlog_bytes`` (what the socket does not take when tried
     once more), what is kept goes to a file in ``kept_folder``, which the
@@ -155,7 +159,7 @@ class Sender(Generic[T]):
     def _connect(self) -> socket.socket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            sock.setblocking(self._wait)
+            sock.settimeout(SEND_TIMEOUT if self._wait else 0.0)
             sock.connect(self.address)
         except OSError:
             sock.close()
@@ -189,8 +193,8 @@ class Sender(Generic[T]):
                     self._drop(count, f"a message longer than the socket takes; {unkept}")
                 kept.popleft()
                 self._kept_bytes -= len(data)
-        except BlockingIOError:
-            return False  # its socket is full: it lags (server.derived_priority)
+        except (BlockingIOError, TimeoutError):
+            return False  # its socket is full: it lags (server.derived_priority), or (wait) has not read for a while
         except OSError as exc:
             self._close_socket()  # down (restarting): a new connection at the next try
             if not self._down:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from fastscp.process import sender as sender_module
 from fastscp.process.kept import kept_files, read_kept
 from fastscp.process.sender import FILE_RETRY, Sender
 from tests.conftest import receive_messages
@@ -25,13 +26,14 @@ TOO_LONG = b"x" * (4 << 20)
 
 
 def _sender(address: str, folder: str = "", *, hold: bool = True, ordered: bool = False,
-            backlog_bytes: int = 1 << 20, max_items: int = 1, retry_interval: float = 0.05) -> Sender[bytes]:
+            backlog_bytes: int = 1 << 20, max_items: int = 1, retry_interval: float = 0.05,
+            wait: bool = False) -> Sender[bytes]:
     """By default each item a message of its own, sent as it is added (a batch of ``max_items`` items is
     one message, joined by "|"); no batch waits for its interval (a minute); retries every 50 ms."""
     return Sender(address, lambda items: [(b"|".join(items), len(items))], name="receiver",
                   log=logging.getLogger("fastscp.test-sender"), interval=60, max_items=max_items,
                   retry_interval=retry_interval, backlog_bytes=backlog_bytes, kept_folder=folder, ordered=ordered,
-                  hold=hold, if_dropped="what that means")
+                  wait=wait, hold=hold, if_dropped="what that means")
 
 
 def _fill_socket(sender: Sender[bytes], item: bytes) -> None:
@@ -383,3 +385,66 @@ def test_a_sender_that_does_not_hold_says_an_unwritable_folder_only_in_its_drop_
     said = [r.getMessage() for r in caplog.records if "cannot keep them in" in r.getMessage()]
     assert len(said) == 2 and all("records dropped" in line for line in said), said
     sender.close()
+
+
+#: Items of a sender that waits (no folder: the post-store stage's client of the indexer): 6 of 64 KiB, more
+#: than a Unix socket holds unread (net.core.wmem_default: 208 KiB here).
+WAITING_ITEMS = [bytes([n]) * (64 * 1024) for n in range(6)]
+
+
+def test_a_sender_that_waits_lets_go_at_close_of_a_receiver_that_stopped_reading(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """``wait``: a full socket holds the sender up, a send at a time (SEND_TIMEOUT), not for good. Before,
+    its send blocked until the receiver read: the post-store stage's stop hung on an indexer that had
+    stopped reading (until the supervisor killed it, its records lost without a word). Now close returns,
+    and says what it could not deliver."""
+    monkeypatch.setattr(sender_module, "SEND_TIMEOUT", 0.2)
+    listener, address = _listener()
+    sender = _sender(address, wait=True, retry_interval=60)
+    conn: socket.socket | None = None
+
+    def send_then_close() -> None:
+        for item in WAITING_ITEMS:
+            sender.send(item)
+        sender.close()
+
+    thread = threading.Thread(target=send_then_close, daemon=True)
+    try:
+        with caplog.at_level(logging.WARNING, "fastscp.test-sender"):
+            thread.start()
+            conn, _ = listener.accept()  # and never reads
+            thread.join(20)
+            stuck = thread.is_alive()
+    finally:
+        if conn is not None:
+            conn.close()  # a send still blocked fails now: the thread ends
+        thread.join(5)
+        listener.close()
+    assert not stuck, "close waited for a receiver that does not read"
+    undelivered = sender.pending
+    assert 0 < undelivered < len(WAITING_ITEMS), "the socket took all or none: nothing tested"
+    assert any(f"{undelivered} records not delivered at exit" in r.getMessage() for r in caplog.records)
+
+
+def test_a_sender_that_waits_delivers_everything_in_order_once_its_receiver_reads_again(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a send could not place within SEND_TIMEOUT is kept, not lost: a receiver that reads again
+    gets every message, in order."""
+    monkeypatch.setattr(sender_module, "SEND_TIMEOUT", 0.2)
+    listener, address = _listener()
+    sender = _sender(address, wait=True, retry_interval=0.05)
+    try:
+        for item in WAITING_ITEMS[:2]:
+            sender.send(item)
+        conn, _ = listener.accept()
+        with conn:
+            sent = threading.Thread(target=lambda: [sender.send(item) for item in WAITING_ITEMS[2:]], daemon=True)
+            sent.start()
+            sent.join(20)
+            assert not sent.is_alive()
+            assert sender.pending > 0, "the socket took everything unread: nothing tested"
+            assert receive_messages(conn, 10, len(WAITING_ITEMS)) == WAITING_ITEMS
+        assert sender.pending == 0
+    finally:
+        sender.close()
+        listener.close()
