@@ -70,6 +70,9 @@ TAKE_KEPT_BELOW = QUEUE_LIMIT // 2
 #: a fresh ext4): the stage runs in every idle moment of a CPU, between a worker's stores.
 INGEST_QUIET = 0.2
 MAX_DEFER = 10.0
+#: At exit, seconds the records for the indexer (thumbnails made) may wait for it to read them; past
+#: that, what it did not take is logged as not delivered (an indexer that stopped reading).
+INDEXER_DELIVERY_WAIT = 20.0
 #: How often, at most, the hooks' counts go to the supervisor (status page).
 HOOKS_REPORT_INTERVAL = 0.5
 #: On stop, how long running hook programs may take before they are killed.
@@ -337,6 +340,6 @@ def poststore_main(root: str, layout: LayoutOptions, thumbnails: ThumbnailsConfi
 
     signal.signal(signal.SIGTERM, stop)
     stage.run()
-    indexer.flush()
-    indexer.close()
+    # The supervisor stops the indexer after this process: it still reads, if slowly (its last batches).
+    indexer.close(wait=INDEXER_DELIVERY_WAIT)
 

@@ -448,3 +448,32 @@ def test_a_sender_that_waits_delivers_everything_in_order_once_its_receiver_read
     finally:
         sender.close()
         listener.close()
+
+
+def test_a_sender_that_waits_keeps_trying_within_its_close_wait(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A send gives up after SEND_TIMEOUT, close does not: within its ``wait`` it tries again, so a
+    receiver that reads again after a few timeouts (an indexer busy with its last batches at a stop)
+    still gets every message, in order."""
+    monkeypatch.setattr(sender_module, "SEND_TIMEOUT", 0.2)
+    listener, address = _listener()
+    sender = _sender(address, wait=True, retry_interval=60)  # no retry but close's own
+    received: list[bytes] = []
+    try:
+        sent = threading.Thread(target=lambda: [sender.send(item) for item in WAITING_ITEMS], daemon=True)
+        sent.start()
+        conn, _ = listener.accept()
+        sent.join(20)
+        assert not sent.is_alive() and sender.pending > 0, "the socket took everything unread: nothing tested"
+
+        def read_later() -> None:
+            time.sleep(1.0)  # five SEND_TIMEOUTs
+            received.extend(receive_messages(conn, 10, len(WAITING_ITEMS)))
+
+        reader = threading.Thread(target=read_later)
+        reader.start()
+        sender.close(wait=10)
+        reader.join(20)
+        conn.close()
+    finally:
+        listener.close()
+    assert received == WAITING_ITEMS and sender.pending == 0
