@@ -341,5 +341,6 @@ def poststore_main(root: str, layout: LayoutOptions, thumbnails: ThumbnailsConfi
     signal.signal(signal.SIGTERM, stop)
     stage.run()
     # The supervisor stops the indexer after this process: it still reads, if slowly (its last batches).
-    indexer.close(wait=INDEXER_DELIVERY_WAIT)
+    # Without the supervisor the indexer is going too, and nothing would restart it: no wait.
+    indexer.close(wait=0.0 if parent_gone() else INDEXER_DELIVERY_WAIT)
 
