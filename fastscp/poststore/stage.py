@@ -340,7 +340,12 @@ def poststore_main(root: str, layout: LayoutOptions, thumbnails: ThumbnailsConfi
 
     signal.signal(signal.SIGTERM, stop)
     stage.run()
-    # The supervisor stops the indexer after this process: it still reads, if slowly (its last batches).
-    # Without the supervisor the indexer is going too, and nothing would restart it: no wait.
+    deliver_at_exit(indexer)
+
+
+def deliver_at_exit(indexer: IndexerClient) -> None:
+    """The stage's last records for the indexer (thumbnails made). The supervisor stops the indexer
+    after this process: it still reads, if slowly (its last batches). Without the supervisor the
+    indexer is going too, and nothing would restart it: no wait."""
     indexer.close(wait=0.0 if parent_gone() else INDEXER_DELIVERY_WAIT)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -17,12 +18,14 @@ from fastscp.dicom.header import read_header_from
 from fastscp.dicom.synthetic import write_series
 from fastscp.imaging.thumbnail import thumbnail_path
 from fastscp.index.client import IndexerClient
-from fastscp.index.records import ENCODER, InstanceRecord
+from fastscp.index.records import BATCH_DECODER, ENCODER, InstanceRecord, ThumbnailMade
 from fastscp.poststore.client import kept_folder
-from fastscp.poststore.stage import INGEST_QUIET, MAX_DEFER, PostStore
+from fastscp.poststore.stage import INGEST_QUIET, MAX_DEFER, PostStore, deliver_at_exit
+from fastscp.process import sender
 from fastscp.process.kept import write_kept
 from fastscp.storage.files import PATIENT_DATA
 from fastscp.storage.layout import LayoutOptions
+from tests.conftest import receive_messages
 
 
 def test_the_lag_counts_the_files_kept_for_the_stage(tmp_path: Path) -> None:
@@ -160,3 +163,38 @@ def test_what_its_sockets_held_at_stop_is_taken_before_the_files_workers_wrote_a
         stage._keep_unread()
     taken = [stage.kept.take_oldest(time.monotonic(), at_once=True) for _ in range(3)]
     assert [m for t in taken if t is not None for m in t[1]] == [older, newer]
+
+
+def test_at_exit_the_records_for_an_indexer_still_busy_wait_for_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stage's client of the indexer waits for it (no kept folder), a send at most SEND_TIMEOUT at a
+    time; at the stage's exit its last records wait INDEXER_DELIVERY_WAIT for an indexer that reads
+    again only after several of those: every one arrives."""
+    monkeypatch.setattr(sender, "SEND_TIMEOUT", 0.2)
+    address = f"\0fastscp-test-indexer-{uuid.uuid4().hex}"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listener.bind(address)
+    listener.listen(1)
+    indexer = IndexerClient(address)
+    made = [ThumbnailMade(path=f"P/S/R/{n}.dcm", thumbnail_path=f"P/S/R/.thumbnails/{n}.jpg") for n in range(1500)]
+    received: list[ThumbnailMade] = []
+    try:
+        indexer.send(made[0])
+        conn, _ = listener.accept()
+        with conn:
+            for record in made[1:]:  # more than the socket holds unread: some wait in the client
+                indexer.send(record)
+            assert indexer.pending > 0, "the socket took everything unread: nothing tested"
+
+            def read_later() -> None:
+                time.sleep(1.0)  # five SEND_TIMEOUTs
+                while len(received) < len(made) and (messages := receive_messages(conn, 10, 1)):
+                    for batch in messages:
+                        received.extend(BATCH_DECODER.decode(batch).others)
+
+            reader = threading.Thread(target=read_later)
+            reader.start()
+            deliver_at_exit(indexer)
+            reader.join(30)
+    finally:
+        listener.close()
+    assert received == made and indexer.pending == 0
