@@ -300,6 +300,13 @@ class IncomingFile:
         try:
             if storage.fsync:
                 os.fsync(self._fd)
+                # PERF: its pages are clean now; given back, the next data set is written into pages the
+                # kernel just freed instead of new ones (on this VM a first write to a page the host does
+                # not back costs ~10 us per 4 KB). 512 KB files with fsync: 236-302 -> 164-170 us of kernel
+                # time each; bench.load fsync always, 3 rounds: ct-k1 680 against 360 images/s, ct-k4 966
+                # against 673. The post-store stage reads the file back from disk instead (its CPU per CT
+                # 0.56 -> 1.7-1.9 ms, after the stores).
+                os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_DONTNEED)
             outcome = self._place(final, DuplicatePolicy(duplicates), uids, locate)
             if storage.fsync and outcome.outcome.wrote:
                 fsync_dir(os.path.dirname(outcome.path))
