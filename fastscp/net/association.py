@@ -63,7 +63,7 @@ from fastscp.net.retrieve import RetrieveRequest
 from fastscp.net.retrievescp import RetrieveService
 from fastscp.net.stats import AssociationStats
 from fastscp.net.storescp import StoreRequest
-from fastscp.storage.area import Locate, Storage, TempFile
+from fastscp.storage.area import Locate, PageRecycler, Storage, TempFile
 
 log = logging.getLogger("fastscp.association")
 
@@ -175,6 +175,8 @@ class Association:
         self._message: Message | None = None
         #: The temp file the next C-STORE data set goes into, made in advance.
         self._spare: TempFile | None = None
+        #: Where the stored files go once answered (their pages back to the kernel), or None.
+        self.pages: PageRecycler | None = None
         self._peer_max_pdu = 0
 
     # -- life cycle ---------------------------------------------------------
@@ -227,6 +229,8 @@ class Association:
             if self._spare is not None:
                 self._spare.discard()
                 self._spare = None
+            if self.pages is not None:
+                self.pages.close()
             self._close()
         if self.stream is not None and self.stream.bytes_read == 0 and not self.stats.accepted:
             # A port probe or load-balancer health check: not an association.
@@ -311,6 +315,7 @@ class Association:
         assert self.stream is not None
         path = data_path(self.stream, self.settings.max_command_set)
         self._spare = self.settings.storage.spare()
+        self.pages = self.settings.storage.page_recycler()
         self.answered()
         while True:
             event = path.pump()

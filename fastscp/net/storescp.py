@@ -303,7 +303,7 @@ class StoreRequest:
                 )
             )
         finally:
-            incoming.close()
+            incoming.close(association.pages)
 
     def _conflict(self, committed: Committed, sop_instance: str, new_hash: str, path: str, now: float) -> None:
         """Log and record an instance that arrived again with other content."""

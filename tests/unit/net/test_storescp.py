@@ -13,7 +13,7 @@ import pytest
 from fastscp.dicom.part10 import file_meta
 from fastscp.index.records import DuplicateConflict, InstanceRecord
 from fastscp.net import dimse
-from fastscp.storage.area import HEADER_PREFIX_BYTES, Storage
+from fastscp.storage.area import HEADER_PREFIX_BYTES, RECYCLE_DEPTH, RECYCLE_MIN_BYTES, Storage
 from fastscp.storage.layout import LayoutOptions
 from fastscp.storage.policy import DuplicatePolicy
 from tests.dicomfiles import Encoder, pad
@@ -320,3 +320,24 @@ def test_a_connection_closed_before_any_pdu_is_a_probe(tmp_path: Path) -> None:
         peer.close()
     stats = peer.ended()
     assert not stats.probe and not stats.accepted
+
+
+def test_without_fsync_the_stored_files_are_whole_and_closed_when_the_association_ends(tmp_path: Path) -> None:
+    """storage.fsync never: the association holds its last stored files open while their pages go back
+    to the kernel (storage.area.PageRecycler); every one is closed when it ends, stored byte for byte."""
+    storage = area(tmp_path / "root", fsync=False)
+    sent = {f"1.2.3.{n}": data_set(f"1.2.3.{n}", pixels=os.urandom(RECYCLE_MIN_BYTES))
+            for n in range(RECYCLE_DEPTH + 3)}
+    fds = open_fds()
+    peer = Peer(storage)
+    try:
+        scu = peer.scu()
+        assert [store(scu, uid, data)[0] for uid, data in sent.items()] == [dimse.SUCCESS] * len(sent)
+        assert open_fds() > fds  # the last stored files, still held
+        scu.release()
+        assert peer.ended().instances == len(sent)
+    finally:
+        peer.close()
+    assert open_fds() == fds
+    for uid, data in sent.items():
+        assert stored_path(storage, uid).read_bytes()[-len(data):] == data

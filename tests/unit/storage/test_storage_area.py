@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,8 +21,10 @@ from fastscp.index.reindex import walk
 from fastscp.storage.area import (
     FREE_SPACE_MARGIN,
     HEADER_PREFIX_BYTES,
+    RECYCLE_DEPTH,
     SR_SOP_CLASSES,
     IncomingFile,
+    PageRecycler,
     Storage,
     own_name,
 )
@@ -348,3 +351,47 @@ def test_prepare_removes_what_a_killed_process_left_in_incoming(tmp_path: Path) 
     (incoming / "kept.txt").write_bytes(b"not ours")
     assert storage.prepare() == 1
     assert sorted(os.listdir(incoming)) == ["kept.txt"]
+
+
+def cached_bytes(path: Path) -> int:
+    """The bytes of ``path`` in the page cache (util-linux ``fincore``)."""
+    return int(subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
+                              check=True, capture_output=True, text=True).stdout)
+
+
+def test_a_page_recycler_gives_back_a_files_pages_once_written_out_and_closes_it(tmp_path: Path) -> None:
+    """storage.fsync never: a stored file's descriptor, taken by an association's recycler, stays open
+    (its writeback started) until RECYCLE_DEPTH more files came; then its pages, clean by then, go
+    back to the kernel and it is closed. At the association's end the rest are closed too."""
+    data = os.urandom(256 << 10)
+    paths = [tmp_path / f"{n}.dcm" for n in range(RECYCLE_DEPTH + 2)]
+    fds = []
+    for path in paths:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL)
+        os.write(fd, data)
+        fds.append(fd)
+    if tmp_path.stat().st_dev == 0 or cached_bytes(paths[0]) != len(data):
+        pytest.skip("this file system keeps no page cache to give back")
+    pages = PageRecycler()
+    for fd in fds[:RECYCLE_DEPTH]:
+        pages.take(fd)
+    assert all(os.fstat(fd) for fd in fds[:RECYCLE_DEPTH])  # all still open
+    os.fsync(fds[0])  # written out: the writeback the recycler started may take longer than this test
+    pages.take(fds[RECYCLE_DEPTH])
+    with pytest.raises(OSError) as closed:
+        os.fstat(fds[0])
+    assert closed.value.errno == errno.EBADF
+    assert cached_bytes(paths[0]) == 0
+    assert cached_bytes(paths[1]) > 0  # not yet its turn: still cached
+    pages.close()
+    for fd in fds[1:RECYCLE_DEPTH + 1]:
+        with pytest.raises(OSError):
+            os.fstat(fd)
+    os.close(fds[-1])  # never taken: still open
+    assert [path.read_bytes() == data for path in paths] == [True] * len(paths)
+
+
+def test_only_storage_without_fsync_recycles_pages(tmp_path: Path) -> None:
+    """With storage.fsync the commit gives the pages back after its fsync; no recycler then."""
+    assert Storage(str(tmp_path), fsync=True).page_recycler() is None
+    assert isinstance(Storage(str(tmp_path), fsync=False).page_recycler(), PageRecycler)
