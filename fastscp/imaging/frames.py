@@ -30,6 +30,7 @@ from PIL import Image
 
 from fastscp.dicom.header import HeaderError, HeaderFields, read_header_from
 from fastscp.imaging._thumbnail_py import PixelInfo, ThumbnailError
+from fastscp.storage.files import RECYCLE_MIN_BYTES, give_back_pages
 
 __all__ = [
     "PILLOW_FLAVOUR",
@@ -171,6 +172,9 @@ def _read_native(path: str | os.PathLike[str], fields: HeaderFields, transfer_sy
             raise DecodeError(f"Pixel Data holds {length} bytes, frame {index} needs {frame_bytes * (index + 1)}")
         f.seek(value + frame_bytes * index)
         data = f.read(frame_bytes)
+        if value + length >= RECYCLE_MIN_BYTES:
+            # PERF: a stored image is read once (its thumbnail); its pages are the next read's.
+            give_back_pages(f.fileno())
     if len(data) < frame_bytes:
         raise DecodeError(f"file truncated: frame {index} has {len(data)} of {frame_bytes} bytes")
     pixels = np.frombuffer(data, dtype=dtype)

@@ -32,7 +32,17 @@ import msgspec
 from fastscp.dicom.fields import HeaderFields
 from fastscp.dicom.part10 import content_hash, dataset_content_hash, dataset_hash, file_meta, read_file_meta
 from fastscp.dicom.sopclasses import MODALITY_SOP_CLASSES
-from fastscp.storage.files import FILE_MODE, PATIENT_DATA, TEMP_PREFIX, FileModes, fsync_dir, makedirs, write_all
+from fastscp.storage.files import (
+    FILE_MODE,
+    PATIENT_DATA,
+    RECYCLE_MIN_BYTES,
+    TEMP_PREFIX,
+    FileModes,
+    fsync_dir,
+    give_back_pages,
+    makedirs,
+    write_all,
+)
 from fastscp.storage.layout import LayoutOptions, relative_path
 from fastscp.storage.policy import DuplicatePolicy, Outcome
 from fastscp.storage.reserved import BACKLOGS, FETCHED, INCOMING, QUARANTINE
@@ -49,9 +59,6 @@ MAX_NAMES = 100
 #: association may take the GIL); nearer the watermark, and below it, at every store.
 FREE_SPACE_INTERVAL = 0.1
 FREE_SPACE_MARGIN = 256 << 20
-#: With storage.fsync never, a stored file at least this long gives its pages back to the kernel once
-#: written out (:class:`PageRecycler`); shorter ones cost more in the two system calls than they give.
-RECYCLE_MIN_BYTES = 128 * 1024
 #: Stored files an association keeps open while their writeback runs (4 was enough in the measure
 #: of :class:`PageRecycler`; 8 gave the same).
 RECYCLE_DEPTH = 4
@@ -307,13 +314,12 @@ class IncomingFile:
         try:
             if storage.fsync:
                 os.fsync(self._fd)
-                # PERF: its pages are clean now; given back, the next data set is written into pages the
-                # kernel just freed instead of new ones (on this VM a first write to a page the host does
-                # not back costs ~10 us per 4 KB). 512 KB files with fsync: 236-302 -> 164-170 us of kernel
-                # time each; bench.load fsync always, 3 rounds: ct-k1 680 against 360 images/s, ct-k4 966
-                # against 673. The post-store stage reads the file back from disk instead (its CPU per CT
-                # 0.56 -> 1.7-1.9 ms, after the stores).
-                os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                # PERF: its pages are clean now, and the next data set is written into them. 512 KB
+                # files with fsync: 236-302 -> 164-170 us of kernel time each; bench.load fsync always,
+                # 3 rounds: ct-k1 680 against 360 images/s, ct-k4 966 against 673. The post-store stage
+                # reads the file back from disk instead (its CPU per CT 0.56 -> 1.7-1.9 ms, after the
+                # stores).
+                give_back_pages(self._fd)
             outcome = self._place(final, DuplicatePolicy(duplicates), uids, locate)
             if storage.fsync and outcome.outcome.wrote:
                 fsync_dir(os.path.dirname(outcome.path))
@@ -425,12 +431,10 @@ class IncomingFile:
 class PageRecycler:
     """One association's stored files, held open until their pages can go back to the kernel.
 
-    PERF (storage.fsync: never): the page cache otherwise keeps every stored
-    file's pages, so each data set is written into pages never used before.
-    On this VM the first write to a page the host does not back costs ~10 us
-    per 4 KB (README, "Page faults on the shared UID filter"). Dirty pages
-    cannot be given back: the first POSIX_FADV_DONTNEED starts their
-    writeback, the second, RECYCLE_DEPTH files later, frees them, now clean.
+    PERF (storage.fsync: never; :func:`~fastscp.storage.files.give_back_pages`):
+    dirty pages cannot be given back at once: the first POSIX_FADV_DONTNEED
+    starts their writeback, the second, RECYCLE_DEPTH files later, frees
+    them, now clean.
     One process writing 1,000 files of 512 KB into a page cache that keeps
     the files before (as bench.load does), 3 rounds: 1,150-1,280 us of CPU
     per file without, 220-290 with (the writeback's CPU included: /proc/stat).
@@ -444,7 +448,7 @@ class PageRecycler:
     def take(self, fd: int) -> None:
         """``fd``: a stored file's descriptor, now the recycler's to close."""
         try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # starts the writeback of its dirty pages
+            give_back_pages(fd)  # none yet: starts their writeback
         except OSError:
             os.close(fd)
             return
@@ -460,7 +464,7 @@ class PageRecycler:
     @staticmethod
     def _release(fd: int) -> None:
         try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # its clean pages; any still dirty stay
+            give_back_pages(fd)
         except OSError:
             pass  # only the pages stay cached: nothing to tell
         finally:

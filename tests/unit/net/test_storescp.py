@@ -13,7 +13,8 @@ import pytest
 from fastscp.dicom.part10 import file_meta
 from fastscp.index.records import DuplicateConflict, InstanceRecord
 from fastscp.net import dimse
-from fastscp.storage.area import HEADER_PREFIX_BYTES, RECYCLE_DEPTH, RECYCLE_MIN_BYTES, Storage
+from fastscp.storage.area import HEADER_PREFIX_BYTES, RECYCLE_DEPTH, Storage
+from fastscp.storage.files import RECYCLE_MIN_BYTES
 from fastscp.storage.layout import LayoutOptions
 from fastscp.storage.policy import DuplicatePolicy
 from tests.dicomfiles import Encoder, pad

@@ -28,6 +28,7 @@ from fastscp.storage.area import (
     Storage,
     own_name,
 )
+from fastscp.storage.files import give_back_pages
 from fastscp.storage.layout import LAYOUTS, LayoutOptions, relative_path
 from fastscp.storage.policy import DuplicatePolicy, Outcome
 from fastscp.storage.reserved import FETCHED, INCOMING, NOT_INSTANCES, QUARANTINE, RESERVED
@@ -359,19 +360,34 @@ def cached_bytes(path: Path) -> int:
                               check=True, capture_output=True, text=True).stdout)
 
 
-def test_a_page_recycler_gives_back_a_files_pages_once_written_out_and_closes_it(tmp_path: Path) -> None:
+@pytest.fixture
+def page_cache(tmp_path: Path) -> Path:
+    """``tmp_path``, on a file system whose clean pages can be given back (not tmpfs)."""
+    probe = tmp_path / "probe"
+    probe.write_bytes(bytes(8192))
+    fd = os.open(probe, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        give_back_pages(fd)
+    finally:
+        os.close(fd)
+    if cached_bytes(probe):
+        pytest.skip(f"{tmp_path}'s file system keeps its pages (tmpfs?)")
+    probe.unlink()
+    return tmp_path
+
+
+def test_a_page_recycler_gives_back_a_files_pages_once_written_out_and_closes_it(page_cache: Path) -> None:
     """storage.fsync never: a stored file's descriptor, taken by an association's recycler, stays open
     (its writeback started) until RECYCLE_DEPTH more files came; then its pages, clean by then, go
     back to the kernel and it is closed. At the association's end the rest are closed too."""
     data = os.urandom(256 << 10)
-    paths = [tmp_path / f"{n}.dcm" for n in range(RECYCLE_DEPTH + 2)]
+    paths = [page_cache / f"{n}.dcm" for n in range(RECYCLE_DEPTH + 2)]
     fds = []
     for path in paths:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL)
         os.write(fd, data)
         fds.append(fd)
-    if tmp_path.stat().st_dev == 0 or cached_bytes(paths[0]) != len(data):
-        pytest.skip("this file system keeps no page cache to give back")
     pages = PageRecycler()
     for fd in fds[:RECYCLE_DEPTH]:
         pages.take(fd)
