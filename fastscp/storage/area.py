@@ -14,6 +14,7 @@ it decides nothing about files.
 from __future__ import annotations
 
 import collections
+import contextlib
 import copy
 import errno
 import functools
@@ -447,12 +448,9 @@ class PageRecycler:
 
     def take(self, fd: int) -> None:
         """``fd``: a stored file's descriptor, now the recycler's to close."""
-        try:
-            give_back_pages(fd)  # none yet: starts their writeback
-        except OSError:
-            os.close(fd)
-            return
         self._fds.append(fd)
+        with contextlib.suppress(OSError):  # a hint: at worst the pages stay cached
+            give_back_pages(fd)  # none yet: starts their writeback
         if len(self._fds) > RECYCLE_DEPTH:
             self._release(self._fds.popleft())
 
@@ -463,12 +461,9 @@ class PageRecycler:
 
     @staticmethod
     def _release(fd: int) -> None:
-        try:
+        with contextlib.suppress(OSError):
             give_back_pages(fd)
-        except OSError:
-            pass  # only the pages stay cached: nothing to tell
-        finally:
-            os.close(fd)
+        os.close(fd)
 
 
 class Storage:

@@ -147,6 +147,8 @@ MODULES: dict[str, tuple[str, ...]] = {
     "fastscp/storage/files.py": (
         "tests/unit/storage/test_files.py",
         "tests/unit/storage/test_storage_modes.py",
+        "tests/unit/storage/test_storage_area.py::test_with_fsync_a_stored_files_pages_go_back_at_its_commit",
+        "tests/unit/imaging/test_frames.py",
     ),
     # The records kept for a lagging post-store stage (issue 13: none dropped).
     "fastscp/poststore/client.py": (

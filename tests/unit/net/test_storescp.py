@@ -62,6 +62,17 @@ def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
+def held_stored_files(storage: Storage) -> int:
+    """This process's descriptors of stored files (their temp names, gone since the link)."""
+    links = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            links.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except FileNotFoundError:  # the listing's own descriptor
+            continue
+    return sum(link.startswith(storage.incoming_dir + os.sep) and link.endswith(" (deleted)") for link in links)
+
+
 def test_a_data_set_of_exactly_max_object_size_is_stored(tmp_path: Path) -> None:
     storage = area(tmp_path / "root")
     data = data_set("1.2.3.4")
@@ -334,11 +345,13 @@ def test_without_fsync_the_stored_files_are_whole_and_closed_when_the_associatio
     try:
         scu = peer.scu()
         assert [store(scu, uid, data)[0] for uid, data in sent.items()] == [dimse.SUCCESS] * len(sent)
-        assert open_fds() > fds  # the last stored files, still held
+        assert store(scu, "1.2.3.99", data_set("1.2.3.99"))[0] == dimse.SUCCESS  # too small to hold
+        assert held_stored_files(storage) == RECYCLE_DEPTH  # the last large ones
         scu.release()
-        assert peer.ended().instances == len(sent)
+        assert peer.ended().instances == len(sent) + 1
     finally:
         peer.close()
     assert open_fds() == fds
+    sent["1.2.3.99"] = data_set("1.2.3.99")
     for uid, data in sent.items():
         assert stored_path(storage, uid).read_bytes()[-len(data):] == data

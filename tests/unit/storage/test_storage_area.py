@@ -28,7 +28,6 @@ from fastscp.storage.area import (
     Storage,
     own_name,
 )
-from fastscp.storage.files import give_back_pages
 from fastscp.storage.layout import LAYOUTS, LayoutOptions, relative_path
 from fastscp.storage.policy import DuplicatePolicy, Outcome
 from fastscp.storage.reserved import FETCHED, INCOMING, NOT_INSTANCES, QUARANTINE, RESERVED
@@ -368,7 +367,7 @@ def page_cache(tmp_path: Path) -> Path:
     fd = os.open(probe, os.O_RDONLY)
     try:
         os.fsync(fd)
-        give_back_pages(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # not give_back_pages: a fault there must fail
     finally:
         os.close(fd)
     if cached_bytes(probe):
@@ -405,6 +404,15 @@ def test_a_page_recycler_gives_back_a_files_pages_once_written_out_and_closes_it
             os.fstat(fd)
     os.close(fds[-1])  # never taken: still open
     assert [path.read_bytes() == data for path in paths] == [True] * len(paths)
+
+
+def test_with_fsync_a_stored_files_pages_go_back_at_its_commit(page_cache: Path) -> None:
+    """storage.fsync always: once fsynced the file's pages are clean, and the next data set's."""
+    data = os.urandom(256 << 10)
+    path, outcome = store(area(page_cache / "root"), data)
+    assert outcome is Outcome.STORED
+    assert cached_bytes(path) == 0
+    assert path.read_bytes().endswith(data)
 
 
 def test_only_storage_without_fsync_recycles_pages(tmp_path: Path) -> None:
