@@ -11,9 +11,10 @@ BIN     = $(VENV)/bin
 # fonts for scan sheets, systemd (systemd-analyze verifies the unit of
 # `fastscp service install`), strace (tests count the fsync calls a server makes),
 # orthanc (a forwarding destination in tests/e2e/test_forward.py),
-# xorriso (the ISO 9660 image of `fastscp export dicomdir --iso`). The data path's
+# xorriso (the ISO 9660 image of `fastscp export dicomdir --iso`), util-linux-extra
+# (fincore: tests read how much of a stored file the page cache holds). The data path's
 # compiled loop hashes with BLAKE3's C code, built from cext/blake3.
-APT_PACKAGES = dcmtk libjpeg62-turbo-dev zlib1g-dev chromium openssl fonts-dejavu-core systemd strace xorriso orthanc
+APT_PACKAGES = dcmtk libjpeg62-turbo-dev zlib1g-dev chromium openssl fonts-dejavu-core systemd strace xorriso orthanc util-linux-extra
 
 # Benchmarks also compare against Orthanc (Debian's package, its own SQLite index).
 BENCH_APT_PACKAGES = orthanc

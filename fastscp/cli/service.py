@@ -42,7 +42,8 @@ CONFIG_MODES = FileModes(0o640, 0o750)
 #: Seconds systemd waits for a stop beyond server.shutdown_timeout: the index
 #: commit and the post-store queue come after the associations have finished.
 STOP_MARGIN = 60
-#: Open files per association (socket, temp file, pipes) and per pending connection, with room to spare.
+#: Open files per association (socket, temp files, the stored files storage.area.PageRecycler holds, pipes) and per
+#: pending connection, with room to spare.
 FILES_PER_CONNECTION = 16
 MIN_NOFILE = 65536
 #: ProtectHome=yes hides these from the service: fastscp can't run from there.
