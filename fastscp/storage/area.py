@@ -14,7 +14,6 @@ it decides nothing about files.
 from __future__ import annotations
 
 import collections
-import contextlib
 import copy
 import errno
 import functools
@@ -318,8 +317,7 @@ class IncomingFile:
                 # PERF: its pages are clean now, and the next data set is written into them. 512 KB
                 # files with fsync: 236-302 -> 164-170 us of kernel time each; bench.load fsync always,
                 # 3 rounds: ct-k1 680 against 360 images/s, ct-k4 966 against 673. The post-store stage
-                # reads the file back from disk instead (its CPU per CT 0.56 -> 1.7-1.9 ms, after the
-                # stores).
+                # reads the file back from disk instead (its CPU per CT 0.56 -> 0.8 ms, after the stores).
                 give_back_pages(self._fd)
             outcome = self._place(final, DuplicatePolicy(duplicates), uids, locate)
             if storage.fsync and outcome.outcome.wrote:
@@ -435,10 +433,11 @@ class PageRecycler:
     PERF (storage.fsync: never; :func:`~fastscp.storage.files.give_back_pages`):
     dirty pages cannot be given back at once: the first POSIX_FADV_DONTNEED
     starts their writeback, the second, RECYCLE_DEPTH files later, frees
-    them, now clean.
-    One process writing 1,000 files of 512 KB into a page cache that keeps
-    the files before (as bench.load does), 3 rounds: 1,150-1,280 us of CPU
-    per file without, 220-290 with (the writeback's CPU included: /proc/stat).
+    them, now clean. One process writing 1,000 files of 512 KB into a page
+    cache that keeps the files before (as bench.load does), 3 rounds:
+    1,150-1,280 us of CPU per file without, 220-290 with (the writeback's
+    CPU included: /proc/stat); files of 8 KB: 12-22 us without, 28-48 with
+    (RECYCLE_MIN_BYTES).
     """
 
     __slots__ = ("_fds",)
@@ -449,8 +448,7 @@ class PageRecycler:
     def take(self, fd: int) -> None:
         """``fd``: a stored file's descriptor, now the recycler's to close."""
         self._fds.append(fd)
-        with contextlib.suppress(OSError):  # a hint: at worst the pages stay cached
-            give_back_pages(fd)  # none yet: starts their writeback
+        give_back_pages(fd)  # none yet: starts their writeback
         if len(self._fds) > RECYCLE_DEPTH:
             self._release(self._fds.popleft())
 
@@ -461,8 +459,7 @@ class PageRecycler:
 
     @staticmethod
     def _release(fd: int) -> None:
-        with contextlib.suppress(OSError):
-            give_back_pages(fd)
+        give_back_pages(fd)
         os.close(fd)
 
 
