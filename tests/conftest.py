@@ -343,6 +343,29 @@ def mounted_tmpfs(tmp_path: Path, options: str) -> Iterator[Path]:
     subprocess.run(["umount", "-l", str(mount)], check=True)
 
 
+def cached_bytes(path: Path) -> int:
+    """The bytes of ``path`` in the page cache (util-linux ``fincore``)."""
+    return int(subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
+                              check=True, capture_output=True, text=True).stdout)
+
+
+@pytest.fixture
+def page_cache(tmp_path: Path) -> Path:
+    """``tmp_path``, on a file system whose clean pages can be given back (not tmpfs)."""
+    probe = tmp_path / "probe"
+    probe.write_bytes(bytes(8192))
+    fd = os.open(probe, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # not give_back_pages: a fault there must fail
+    finally:
+        os.close(fd)
+    if cached_bytes(probe):
+        pytest.skip(f"{tmp_path}'s file system keeps its pages (tmpfs?)")
+    probe.unlink()
+    return tmp_path
+
+
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A 3 MB tmpfs: a disk that fills up."""

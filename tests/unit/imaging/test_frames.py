@@ -11,10 +11,10 @@ import pydicom
 from fastscp.dicom.synthetic import write_series
 from fastscp.imaging.frames import decode_frame
 from fastscp.storage.files import RECYCLE_MIN_BYTES
-from tests.unit.storage.test_storage_area import cached_bytes, page_cache  # noqa: F401 (a fixture)
+from tests.conftest import cached_bytes
 
 
-def test_a_large_images_pages_go_back_once_its_frame_is_read_a_small_ones_stay(page_cache: Path) -> None:  # noqa: F811
+def test_a_large_images_pages_go_back_once_its_frame_is_read_a_small_ones_stay(page_cache: Path) -> None:
     """The post-store stage reads each stored image once, for its thumbnail: from a file of at least
     RECYCLE_MIN_BYTES its pages go back to the kernel (the next read's pages), a small file's stay."""
     (large,) = write_series(str(page_cache / "ct"), 1)

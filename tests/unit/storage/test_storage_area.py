@@ -7,7 +7,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,7 +30,7 @@ from fastscp.storage.area import (
 from fastscp.storage.layout import LAYOUTS, LayoutOptions, relative_path
 from fastscp.storage.policy import DuplicatePolicy, Outcome
 from fastscp.storage.reserved import FETCHED, INCOMING, NOT_INSTANCES, QUARANTINE, RESERVED
-from tests.conftest import mounted_tmpfs
+from tests.conftest import cached_bytes, mounted_tmpfs
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 SR = "1.2.840.10008.5.1.4.1.1.88.11"  # Basic Text SR
@@ -351,29 +350,6 @@ def test_prepare_removes_what_a_killed_process_left_in_incoming(tmp_path: Path) 
     (incoming / "kept.txt").write_bytes(b"not ours")
     assert storage.prepare() == 1
     assert sorted(os.listdir(incoming)) == ["kept.txt"]
-
-
-def cached_bytes(path: Path) -> int:
-    """The bytes of ``path`` in the page cache (util-linux ``fincore``)."""
-    return int(subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
-                              check=True, capture_output=True, text=True).stdout)
-
-
-@pytest.fixture
-def page_cache(tmp_path: Path) -> Path:
-    """``tmp_path``, on a file system whose clean pages can be given back (not tmpfs)."""
-    probe = tmp_path / "probe"
-    probe.write_bytes(bytes(8192))
-    fd = os.open(probe, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # not give_back_pages: a fault there must fail
-    finally:
-        os.close(fd)
-    if cached_bytes(probe):
-        pytest.skip(f"{tmp_path}'s file system keeps its pages (tmpfs?)")
-    probe.unlink()
-    return tmp_path
 
 
 def test_a_page_recycler_gives_back_a_files_pages_once_written_out_and_closes_it(page_cache: Path) -> None:
