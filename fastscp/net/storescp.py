@@ -274,7 +274,7 @@ class StoreRequest:
                 )
             if committed.existing_hash:
                 self._conflict(committed, header.sop_instance_uid, incoming.content_hash, path, now)
-            size = incoming.meta_length + incoming.dataset_length
+            size = incoming.size
             if settings.action_log:
                 action_log.info("%s %s (%d bytes) from %s", committed.outcome, path, size, stats.calling_ae_title)
             if committed.outcome is Outcome.REJECTED:

@@ -255,6 +255,11 @@ class IncomingFile:
             self._content_hash = content_hash
 
     @property
+    def size(self) -> int:
+        """The file's length: its File Meta Information and the data set received."""
+        return self.meta_length + self.dataset_length
+
+    @property
     def content_hash(self) -> str:
         """The content hash of the data set bytes (:func:`~fastscp.dicom.part10.dataset_content_hash`):
         as the data path took it while they passed (:meth:`streamed`; storescp.HASH_WHILE_RECEIVING),
@@ -413,7 +418,7 @@ class IncomingFile:
         fd, self._fd = self._fd, None
         if fd is None:
             return
-        if pages is not None and self.meta_length + self.dataset_length >= RECYCLE_MIN_BYTES:
+        if pages is not None and self.size >= RECYCLE_MIN_BYTES:
             pages.take(fd)
         else:
             os.close(fd)
