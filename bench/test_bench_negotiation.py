@@ -1,7 +1,8 @@
 """Association negotiation: an A-ASSOCIATE-RQ negotiated afresh (pynetdicom decodes it and
 negotiates each presentation context) against one the worker remembers
 (:class:`fastscp.net.negotiation.AcceptedRequests`: a modality sends the same request at every
-association, some at every image).
+association, some at every image; the modalities of one make and the senders of one PACS send the
+same request but for their Calling AE Title).
 
 Run with ``pytest bench/test_bench_negotiation.py --benchmark-only``. Requests of 12 presentation
 contexts (the load benchmark's mixed corpus) and of 120 (about what dcmtk's ``storescu`` proposes
@@ -24,9 +25,10 @@ POLICY = AcceptancePolicy(ae_title="FASTSCP", storage_sop_classes=frozenset(STOR
 FRESH: dict[int, float] = {}
 
 
-def _request(contexts: int) -> bytes:
+def _request(contexts: int, aet: str = "RAWSCU") -> bytes:
     classes = sorted(STORAGE_SOP_CLASSES.values())
-    return associate_rq([(classes[i // len(SYNTAXES)], [SYNTAXES[i % len(SYNTAXES)]]) for i in range(contexts)])
+    return associate_rq([(classes[i // len(SYNTAXES)], [SYNTAXES[i % len(SYNTAXES)]]) for i in range(contexts)],
+                        aet=aet)
 
 
 def _received(pdu: bytes) -> tuple[bytes, AcceptancePolicy]:
@@ -48,12 +50,14 @@ def test_negotiate_fresh(benchmark, contexts: int) -> None:
         FRESH[contexts] = benchmark.stats.stats.median
 
 
+@pytest.mark.parametrize("sender", ["same", "another"])
 @pytest.mark.parametrize("contexts", [12, 120])
-def test_negotiate_remembered(benchmark, contexts: int, capsys) -> None:
+def test_negotiate_remembered(benchmark, contexts: int, sender: str, capsys) -> None:
+    """The request remembered from the same sender, or from another one (another Calling AE Title)."""
     benchmark.group = f"A-ASSOCIATE-RQ, {contexts} contexts"
     pdu = _request(contexts)
     ACCEPTED.clear()
-    negotiate(pdu, POLICY)
+    negotiate(pdu if sender == "same" else _request(contexts, aet="OTHERSCU"), POLICY)
     result = benchmark.pedantic(negotiate, setup=lambda: (_received(pdu), {}), rounds=2000, iterations=1)
     ACCEPTED.clear()
     assert result.accepted and len(result.contexts) == contexts
@@ -61,4 +65,4 @@ def test_negotiate_remembered(benchmark, contexts: int, capsys) -> None:
         ratio = FRESH[contexts] / benchmark.stats.stats.median
         benchmark.extra_info["x_vs_fresh"] = round(ratio, 1)
         with capsys.disabled():
-            print(f"\n{contexts} contexts: remembered {ratio:.0f}x faster than negotiated afresh")
+            print(f"\n{contexts} contexts, {sender} sender: remembered {ratio:.0f}x faster than negotiated afresh")

@@ -219,10 +219,23 @@ def _acceptor_context(rq_context: PresentationContext, policy: AcceptancePolicy)
     return [context]
 
 
+#: Where an A-ASSOCIATE-RQ carries the Calling AE Title, and where the -AC echoes it (PS3.8 9.3.2, 9.3.3).
+CALLING_AE_TITLE = slice(26, 42)
+
+
+def _echoed_as_sent(field: bytes) -> bool:
+    """A Calling AE Title field that a negotiation echoes byte for byte: printable ASCII but the
+    backslash, no leading space, not all spaces (pynetdicom strips leading spaces when it decodes)."""
+    title = field.rstrip(b" ")
+    return bool(title) and title[0] != 0x20 and title.isascii() and title.decode().isprintable() and b"\\" not in title
+
+
 class AcceptedRequests:
     """The last :data:`ACCEPTED_KEPT` A-ASSOCIATE-RQs accepted (up to :data:`ACCEPTED_MAX_PDU` bytes
     each), with their outcome: an outcome is a function of the PDU's bytes and the policy, but for
-    the access check (the peer's address), which runs again at every association.
+    the Calling AE Title, which only the access check reads (it runs again at every association) and
+    the A-ASSOCIATE-AC echoes. So a request is remembered without its Calling AE Title: the
+    modalities of one make and the senders of one PACS, which differ in that alone, share an entry.
 
     PERF: pynetdicom validates every UID of the request several times over: ~70 us per
     presentation context, so ~1 ms for 12 contexts and ~9 ms for the ~120 that dcmtk's
@@ -234,32 +247,43 @@ class AcceptedRequests:
         self.kept = kept
         self.max_pdu = max_pdu
         self._lock = threading.Lock()
-        #: PDU bytes -> (the policy it was negotiated under, the calling AE title as checked, outcome).
-        self._outcomes: collections.OrderedDict[bytes, tuple[AcceptancePolicy, str, Negotiation]] = \
+        #: PDU bytes without the Calling AE Title -> (the policy it was negotiated under, outcome).
+        self._outcomes: collections.OrderedDict[bytes, tuple[AcceptancePolicy, Negotiation]] = \
             collections.OrderedDict()
 
+    @staticmethod
+    def _key(pdu: bytes) -> bytes:
+        return pdu[: CALLING_AE_TITLE.start] + pdu[CALLING_AE_TITLE.stop :]
+
     def get(self, pdu: bytes, policy: AcceptancePolicy, peer_ip: str) -> Negotiation | None:
-        """A copy of the outcome remembered for ``pdu`` under ``policy``, if its access check passes
-        for ``peer_ip`` (a refusal is left to :func:`negotiate`, which says why); else None."""
-        if len(pdu) > self.max_pdu:
+        """A copy of the outcome remembered for ``pdu`` under ``policy``, for its Calling AE Title,
+        if the access check passes for it and ``peer_ip`` (a refusal is left to :func:`negotiate`,
+        which says why); else None."""
+        if len(pdu) > self.max_pdu or not _echoed_as_sent(calling := pdu[CALLING_AE_TITLE]):
             return None  # never kept (put): not hashed for the lookup either
         with self._lock:
-            entry = self._outcomes.get(pdu)
+            key = self._key(pdu)
+            entry = self._outcomes.get(key)
             if entry is None or entry[0] is not policy:
                 return None
-            self._outcomes.move_to_end(pdu)
-        _policy, calling, outcome = entry
-        if policy.access.check(calling, peer_ip):
+            self._outcomes.move_to_end(key)
+        title = calling.decode("ascii").strip()
+        if policy.access.check(title, peer_ip):
             return None
         # The caller may turn it into a rejection (admission): its own copy.
-        return dataclasses.replace(outcome)
+        outcome = entry[1]
+        response = outcome.response[: CALLING_AE_TITLE.start] + calling + outcome.response[CALLING_AE_TITLE.stop :]
+        return dataclasses.replace(outcome, calling_ae_title=title, response=response)
 
-    def put(self, pdu: bytes, policy: AcceptancePolicy, calling: str, outcome: Negotiation) -> None:
-        if len(pdu) > self.max_pdu:
+    def put(self, pdu: bytes, policy: AcceptancePolicy, outcome: Negotiation) -> None:
+        calling = pdu[CALLING_AE_TITLE]
+        if (len(pdu) > self.max_pdu or not _echoed_as_sent(calling)
+                or outcome.response[CALLING_AE_TITLE] != calling):
             return
         with self._lock:
-            self._outcomes[pdu] = (policy, calling, dataclasses.replace(outcome))
-            self._outcomes.move_to_end(pdu)
+            key = self._key(pdu)
+            self._outcomes[key] = (policy, dataclasses.replace(outcome))
+            self._outcomes.move_to_end(key)
             while len(self._outcomes) > self.kept:
                 self._outcomes.popitem(last=False)
 
@@ -383,7 +407,7 @@ def negotiate(pdu: bytes, policy: AcceptancePolicy, peer_ip: str = "") -> Negoti
         relational_queries=relational,
         refused=refused,
     )
-    ACCEPTED.put(pdu, policy, calling, outcome)
+    ACCEPTED.put(pdu, policy, outcome)
     return outcome
 
 

@@ -1,6 +1,7 @@
 """A worker remembers the A-ASSOCIATE-RQs it accepted (fastscp/net/negotiation.py, AcceptedRequests):
-the same bytes under the same policy get the same outcome without being decoded again, the access
-check still runs for each peer, and what is remembered stays bounded whatever a peer sends."""
+the same bytes under the same policy, whatever their Calling AE Title, get the same outcome without
+being decoded again, the access check still runs for each peer, and what is remembered stays bounded
+whatever a peer sends."""
 
 from __future__ import annotations
 
@@ -55,6 +56,38 @@ def test_the_same_request_gets_the_same_outcome_without_being_decoded_again(requ
     assert again is not first
 
 
+def test_another_calling_ae_title_gets_its_own_outcome_without_a_decode(request: pytest.FixtureRequest) -> None:
+    """The senders of one make differ in their Calling AE Title alone: the second is answered from
+    memory, as a negotiation of its own request would answer it (its title echoed in the -AC)."""
+    contexts = [(CT, [EXPLICIT, IMPLICIT]), (MR, [EXPLICIT]), ("1.2.3", [EXPLICIT])]
+    second = associate_rq(contexts, aet="CT_ROOM_2")
+    fresh = negotiate(second, POLICY, "127.0.0.1")
+    ACCEPTED.clear()
+    assert negotiate(associate_rq(contexts, aet="CT_ROOM_1"), POLICY, "127.0.0.1").calling_ae_title == "CT_ROOM_1"
+    request.getfixturevalue("undecodable")
+    remembered = negotiate(second, POLICY, "127.0.0.1")
+    assert _fields(remembered) == _fields(fresh)
+    assert remembered.calling_ae_title == "CT_ROOM_2" and remembered.response[26:42] == b"CT_ROOM_2".ljust(16)
+    assert len(ACCEPTED) == 1
+
+
+def test_the_access_check_reads_the_calling_ae_title_of_each_request() -> None:
+    policy = AcceptancePolicy(ae_title="FASTSCP", storage_sop_classes=STORAGE, max_pdu_size=0,
+                              access=build_access_policy([AllowedAE(ae_title="MODALITY")]))
+    assert negotiate(associate_rq([(CT, [EXPLICIT])], aet="MODALITY"), policy, "10.1.2.3").accepted
+    refused = negotiate(associate_rq([(CT, [EXPLICIT])], aet="INTRUDER"), policy, "10.1.2.3")
+    assert not refused.accepted
+    assert refused.reject_reason == ("calling AE title not recognized: "
+                                     "calling AE title 'INTRUDER' is not in access.allowed_calling_aets")
+
+
+def test_a_calling_ae_title_the_acceptor_would_not_echo_as_sent_is_not_remembered() -> None:
+    # pynetdicom strips leading spaces: the -AC's echo differs from the request's field.
+    spaced = negotiate(associate_rq([(CT, [EXPLICIT])], aet="  SPACED"), POLICY)
+    assert spaced.accepted and spaced.response[26:42] == b"SPACED".ljust(16)
+    assert len(ACCEPTED) == 0
+
+
 def test_an_outcome_changed_by_its_association_does_not_change_the_next() -> None:
     negotiate(REQUEST, POLICY)
     for _ in range(2):
@@ -101,16 +134,16 @@ def test_what_is_remembered_is_bounded() -> None:
     remembered = AcceptedRequests(kept=4, max_pdu=len(REQUEST) + 1)
     outcome = negotiate(REQUEST, POLICY)
     for n in range(10):
-        remembered.put(REQUEST + bytes([n]), POLICY, "RAWSCU", outcome)
+        remembered.put(REQUEST + bytes([n]), POLICY, outcome)
     assert len(remembered) == 4
     # The most recent stay; a longer request is not kept at all.
     assert remembered.get(REQUEST + bytes([9]), POLICY, "") is not None
     assert remembered.get(REQUEST + bytes([5]), POLICY, "") is None
-    remembered.put(REQUEST + b"\x00\x00", POLICY, "RAWSCU", outcome)
+    remembered.put(REQUEST + b"\x00\x00", POLICY, outcome)
     assert remembered.get(REQUEST + b"\x00\x00", POLICY, "") is None
     # A peer that varies its requests cannot make a worker remember more.
     for n in range(negotiation.ACCEPTED_KEPT * 2):
-        negotiate(associate_rq([(CT, [EXPLICIT])], aet=f"PEER{n}"), POLICY)
+        negotiate(associate_rq([(CT, [EXPLICIT])], max_length=16384 + n), POLICY)
     assert len(ACCEPTED) == negotiation.ACCEPTED_KEPT
 
 
@@ -118,15 +151,15 @@ def test_the_requests_asked_for_lately_stay_and_a_refused_peer_forgets_nothing()
     remembered = AcceptedRequests(kept=2, max_pdu=len(REQUEST) + 1)
     outcome = negotiate(REQUEST, POLICY)
     first, second, third = (REQUEST + bytes([n]) for n in range(3))
-    remembered.put(first, POLICY, "RAWSCU", outcome)
-    remembered.put(second, POLICY, "RAWSCU", outcome)
+    remembered.put(first, POLICY, outcome)
+    remembered.put(second, POLICY, outcome)
     assert remembered.get(first, POLICY, "") is not None  # asked for: now the most recent
-    remembered.put(third, POLICY, "RAWSCU", outcome)
+    remembered.put(third, POLICY, outcome)
     assert remembered.get(second, POLICY, "") is None  # the least recent went
     assert remembered.get(first, POLICY, "") is not None
     # A peer the access rules refuse gets nothing, and the entry stays for the next one.
     guarded = AcceptancePolicy(ae_title="FASTSCP", storage_sop_classes=STORAGE, max_pdu_size=0,
                                access=build_access_policy([AllowedAE(ae_title="RAWSCU", hosts=["10.1.0.0/16"])]))
-    remembered.put(third, guarded, "RAWSCU", outcome)
+    remembered.put(third, guarded, outcome)
     assert remembered.get(third, guarded, "10.9.9.9") is None
     assert remembered.get(third, guarded, "10.1.2.3") is not None
