@@ -60,14 +60,14 @@ def test_another_calling_ae_title_gets_its_own_outcome_without_a_decode(request:
     """The senders of one make differ in their Calling AE Title alone: the second is answered from
     memory, as a negotiation of its own request would answer it (its title echoed in the -AC)."""
     contexts = [(CT, [EXPLICIT, IMPLICIT]), (MR, [EXPLICIT]), ("1.2.3", [EXPLICIT])]
-    second = associate_rq(contexts, aet="CT_ROOM_2")
+    second = associate_rq(contexts, aet="X RAY 2")
     fresh = negotiate(second, POLICY, "127.0.0.1")
     ACCEPTED.clear()
-    assert negotiate(associate_rq(contexts, aet="CT_ROOM_1"), POLICY, "127.0.0.1").calling_ae_title == "CT_ROOM_1"
+    assert negotiate(associate_rq(contexts, aet="X RAY 1"), POLICY, "127.0.0.1").calling_ae_title == "X RAY 1"
     request.getfixturevalue("undecodable")
     remembered = negotiate(second, POLICY, "127.0.0.1")
     assert _fields(remembered) == _fields(fresh)
-    assert remembered.calling_ae_title == "CT_ROOM_2" and remembered.response[26:42] == b"CT_ROOM_2".ljust(16)
+    assert remembered.calling_ae_title == "X RAY 2" and remembered.response[26:42] == b"X RAY 2".ljust(16)
     assert len(ACCEPTED) == 1
 
 
@@ -86,6 +86,9 @@ def test_a_calling_ae_title_the_acceptor_would_not_echo_as_sent_is_not_remembere
     spaced = negotiate(associate_rq([(CT, [EXPLICIT])], aet="  SPACED"), POLICY)
     assert spaced.accepted and spaced.response[26:42] == b"SPACED".ljust(16)
     assert len(ACCEPTED) == 0
+    # Nor is it answered from what another title left: its answer is the fresh one.
+    assert negotiate(associate_rq([(CT, [EXPLICIT])], aet="SPACED"), POLICY).accepted and len(ACCEPTED) == 1
+    assert _fields(negotiate(associate_rq([(CT, [EXPLICIT])], aet="  SPACED"), POLICY)) == _fields(spaced)
 
 
 def test_an_outcome_changed_by_its_association_does_not_change_the_next() -> None:
@@ -157,6 +160,11 @@ def test_the_requests_asked_for_lately_stay_and_a_refused_peer_forgets_nothing()
     remembered.put(third, POLICY, outcome)
     assert remembered.get(second, POLICY, "") is None  # the least recent went
     assert remembered.get(first, POLICY, "") is not None
+    # One put again is the most recent too: the least recent (third) is put again, the next one pushes first out.
+    remembered.put(third, POLICY, outcome)
+    remembered.put(second, POLICY, outcome)
+    assert remembered.get(third, POLICY, "") is not None
+    assert remembered.get(first, POLICY, "") is None
     # A peer the access rules refuse gets nothing, and the entry stays for the next one.
     guarded = AcceptancePolicy(ae_title="FASTSCP", storage_sop_classes=STORAGE, max_pdu_size=0,
                                access=build_access_policy([AllowedAE(ae_title="RAWSCU", hosts=["10.1.0.0/16"])]))
