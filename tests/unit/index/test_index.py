@@ -132,6 +132,30 @@ def test_batch_fills_patients_studies_series_and_instances(storage: Path, tmp_pa
     index.close()
 
 
+#: In a new interpreter: open a writer's index, then write its first batch; prints the modules that batch
+#: imported. The records are read before the index opens (reading imports what it needs).
+FIRST_BATCH_IMPORTS = """
+import sys
+from fastscp.index.database import Index
+from fastscp.index.reindex import FileState, read_record
+storage, path = sys.argv[1], sys.argv[2]
+records = [read_record(storage, FileState(name, 0, 0)) for name in ("SYNA/CT00001.dcm", "SYNB/MR00001.dcm")]
+index = Index(path)
+before = set(sys.modules)
+assert index.add(records) == 2
+print(" ".join(sorted(set(sys.modules) - before)))
+index.close()
+"""
+
+
+def test_a_writers_first_batch_imports_nothing(storage: Path, tmp_path: Path) -> None:
+    # DuckDB imports pyarrow.dataset and more the first time it is given an Arrow table: ~45 ms of CPU,
+    # which the first batch, while the first stores still arrive, must not pay (Index opens with it done).
+    imported = subprocess.run([sys.executable, "-c", FIRST_BATCH_IMPORTS, str(storage), str(tmp_path / "i.duckdb")],
+                              capture_output=True, text=True, timeout=120, check=True).stdout.split()
+    assert imported == []
+
+
 def test_a_resend_replaces_its_row(storage: Path, tmp_path: Path) -> None:
     index = Index(str(tmp_path / "index.duckdb"))
     records = records_of(storage)
