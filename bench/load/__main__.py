@@ -218,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
                 by_process = " ".join(f"{k} {v:.2f}" for k, v in run.cpu_ms_by_process.items())
                 derived = " ".join(f"{k} {'-' if v is None else f'{v:.1f}'}" for k, v in run.derived_s.items())
                 log(f"[r{round_}] {scenario.name:<12} {name:<17} {run.images_per_s:8.1f} img/s "
-                    f"{run.mb_per_s:7.1f} MB/s  p50 {p50} ms  CPU {run.cpu_ms_per_image:.2f} ms/img ({by_process})  "
+                    f"{run.mb_per_s:7.1f} MB/s  p50 {p50} ms  CPU {run.cpu_ms_per_image:.2f} ms/img ({by_process}; "
+                    f"{run.load_cpu_ms_per_image:.2f} in the load, senders {run.sender_cpu_ms_per_image:.2f})  "
                     f"RSS {run.peak_rss_mib:.0f}{worker} MiB, total {run.total_rss_mib:.0f} "
                     f"(PSS {run.total_pss_mib:.0f}) MiB  "
                     f"{run.exact}/{run.received}/{run.files}  other {run.foreign_cores:.2f}"

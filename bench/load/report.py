@@ -181,6 +181,7 @@ def process_tables(result: dict) -> list[str]:
                          " | ".join(_fmt(p, 2) for p in peers) +
                          f" | {_fmt(entry.get('total_rss_mib'))} ({_fmt(entry.get('total_pss_mib'))}) |")
     lines.append("")
+    lines += load_budget_table(result)
     bursts = [(s["name"], r, e) for s in result["scenarios"] for r, e in summary.get(s["name"], {}).items()
               if e.get("derived_s")]
     if bursts:
@@ -193,6 +194,33 @@ def process_tables(result: dict) -> list[str]:
                          + " | ".join(_fmt(d.get(k)) for k in ("index", "thumbnails", "scan sheets"))
                          + f" | {'**no**' if e['failed_rounds'] else 'yes'} |")
         lines.append("")
+    return lines
+
+
+def load_budget_table(result: dict) -> list[str]:
+    """CPU per image until the last storescu exited, the receiver's by role and the senders': on a machine
+    whose CPUs the load keeps busy, images/s is about the CPUs over their sum (the last column)."""
+    lines = ["## CPU per image during the load (ms, medians)", "",
+             "From the first C-STORE until the last storescu exited: what the receiver's processes (fastscp's "
+             "by role) and the storescu senders spent while they shared the CPUs; fastscp's derived work after "
+             "that (above) is not in it. Cores busy: (receiver + senders) x images/s.", "",
+             "| scenario | receiver | " + " | ".join(PROCESS_COLUMNS) + " | receiver | senders | both | img/s "
+             "| cores busy |",
+             "|---|---|" + "---:|" * (len(PROCESS_COLUMNS) + 5)]
+    summary = result["summary"]
+    for scenario in result["scenarios"]:
+        name = scenario["name"]
+        for receiver, entry in summary.get(name, {}).items():
+            mine, senders = entry.get("load_cpu_ms_per_image"), entry.get("sender_cpu_ms_per_image")
+            if mine is None or senders is None:
+                continue  # a result of an older bench
+            by_process = entry.get("load_cpu_ms_by_process") or {}  # storescp's and Orthanc's: none of these
+            cells = [_fmt(by_process.get(c), 2) if by_process.get(c) is not None else "–" for c in PROCESS_COLUMNS]
+            cores = (mine + senders) * entry["images_per_s"] / 1e3 if entry.get("images_per_s") else None
+            lines.append(f"| {name} | {receiver} | " + " | ".join(cells) +
+                         f" | {_fmt(mine, 2)} | {_fmt(senders, 2)} | {_fmt(mine + senders, 2)} | "
+                         f"{_fmt(entry.get('images_per_s'))} | {_fmt(cores, 2)} |")
+    lines.append("")
     return lines
 
 

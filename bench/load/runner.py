@@ -135,6 +135,10 @@ class Run:
     index_rows: int | None = None
     #: CPU ms per image of each process kind (fastscp: supervisor, workers, indexer, post-store, monitor).
     cpu_ms_by_process: dict[str, float] = field(default_factory=dict)
+    #: The same until the last storescu exited (the rest is fastscp's catch-up: derived work, index
+    #: commits), and the receiver's total then: what competed with the senders for the CPUs.
+    load_cpu_ms_by_process: dict[str, float] = field(default_factory=dict)
+    load_cpu_ms_per_image: float = 0.0
     #: The largest sum of RSS over the receiver's processes at one moment, MiB; and of their PSS.
     total_rss_mib: float = 0.0
     total_pss_mib: float = 0.0
@@ -146,6 +150,11 @@ class Run:
     foreign_cores: float = 0.0
     errors: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def sender_cpu_ms_per_image(self) -> float:
+        """The storescu senders' CPU per image (they share the CPUs with the receiver)."""
+        return self.sender_cpu_s / self.files * 1e3 if self.files else 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -292,6 +301,8 @@ def run_once(scenario: Scenario, receiver: receivers.Receiver, corpus: Corpus, r
         dimse_timeout = 900 if scenario.corpus == "large" else 120
         result = sender.send(running.port, receivers.AE_TITLE, files, scenario.k, workdir, nagle=scenario.nagle,
                              config=config, profile=profile, dimse_timeout=dimse_timeout)
+        at_load_end = monitor.sample().cpu_seconds
+        load_roles = monitor.cpu_by_role(_role(receiver, running.pid))
         if scenario.burst and receiver.kind == "fastscp":
             run.derived_s = wait_for_derived(running, len(files))
         elif receiver.kind == "fastscp" and not wait_for_caught_up(running, len(files)):
@@ -330,6 +341,8 @@ def run_once(scenario: Scenario, receiver: receivers.Receiver, corpus: Corpus, r
     run.total_pss_mib = monitor.peak_total_pss_kib / 1024
     roles = monitor.cpu_by_role(_role(receiver, running.pid))
     run.cpu_ms_by_process = {name: seconds / len(files) * 1e3 for name, seconds in sorted(roles.items())}
+    run.load_cpu_ms_by_process = {name: seconds / len(files) * 1e3 for name, seconds in sorted(load_roles.items())}
+    run.load_cpu_ms_per_image = (at_load_end - cpu0) / len(files) * 1e3
     if workers:
         run.worker_peak_rss_mib = monitor.peak_rss_mib(workers)
     run.foreign_cores = max(0.0, (busy1 - busy0) - run.cpu_s - result.sender_cpu_seconds - own) / window
@@ -437,7 +450,8 @@ def summarize(runs: list[Run]) -> dict[str, dict[str, dict]]:
     for r in runs:
         grouped.setdefault(r.scenario, {}).setdefault(r.receiver, []).append(r)
     metrics = ("images_per_s", "mb_per_s", "p50_ms", "p99_ms", "cpu_ms_per_image", "peak_rss_mib",
-               "worker_peak_rss_mib", "foreign_cores", "total_rss_mib")
+               "worker_peak_rss_mib", "foreign_cores", "total_rss_mib", "load_cpu_ms_per_image",
+               "sender_cpu_ms_per_image")
     out: dict[str, dict[str, dict]] = {}
     for scenario, by_receiver in grouped.items():
         out[scenario] = {}
@@ -453,6 +467,7 @@ def summarize(runs: list[Run]) -> dict[str, dict[str, dict]]:
             entry["total_rss_mib"] = max((r.total_rss_mib for r in rs), default=None)
             entry["total_pss_mib"] = max((r.total_pss_mib for r in rs), default=None)
             entry["cpu_ms_by_process"] = _median_dicts([r.cpu_ms_by_process for r in good])
+            entry["load_cpu_ms_by_process"] = _median_dicts([r.load_cpu_ms_by_process for r in good])
             entry["derived_s"] = _median_dicts([r.derived_s for r in good])
             entry["files"] = rs[0].files
             entry["received_min"] = min(r.received for r in rs)

@@ -95,6 +95,21 @@ def test_report_markdown_and_targets() -> None:
     assert "- x: not installed" in text
 
 
+def test_load_budget_table_adds_the_senders_cpu_to_the_receivers() -> None:
+    fastscp, storescp = _run(1, "fastscp", 2000), _run(1, "storescp+B", 4000)
+    fastscp.load_cpu_ms_per_image, fastscp.sender_cpu_s = 0.7, 0.002  # 10 files: 0.2 ms each
+    fastscp.load_cpu_ms_by_process = {"workers": 0.45, "indexer": 0.2, "supervisor": 0.05}
+    storescp.load_cpu_ms_per_image, storescp.sender_cpu_s = 0.2, 0.0015
+    summary = runner.summarize([fastscp, storescp])
+    summary["ct-k1"]["orthanc"] = {"images_per_s": 250}  # from a result of an older bench: no row
+    result = {"scenarios": [{"name": "ct-k1"}], "summary": summary}
+    rows = [line for line in report.load_budget_table(result) if line.startswith("| ct-k1")]
+    assert rows == [
+        "| ct-k1 | fastscp | 0.45 | 0.20 | – | 0.05 | – | – | – | 0.70 | 0.20 | 0.90 | 2,000 | 1.80 |",
+        "| ct-k1 | storescp+B | – | – | – | – | – | – | – | 0.20 | 0.15 | 0.35 | 4,000 | 1.40 |",
+    ]
+
+
 def test_tree_monitor_counts_children_and_peak_rss() -> None:
     # A parent that forks a child which burns CPU and touches ~64 MiB, then exits.
     code = (
