@@ -156,17 +156,26 @@ def markdown(result: dict) -> str:
 PROCESS_COLUMNS = ("workers", "indexer", "post-store", "supervisor", "monitor", "forwarder", "other")
 
 
+def _by_role_head(title: str, note: str, more: tuple[str, ...]) -> list[str]:
+    """The head of a table of a row per scenario and receiver: a column per fastscp process role, then ``more``."""
+    return [title, "", note, "", "| scenario | receiver | " + " | ".join((*PROCESS_COLUMNS, *more)) + " |",
+            "|---|---|" + "---:|" * (len(PROCESS_COLUMNS) + len(more))]
+
+
+def _by_role_cells(by_process: dict) -> str:
+    return " | ".join(_fmt(by_process.get(c), 2) if by_process.get(c) is not None else "–" for c in PROCESS_COLUMNS)
+
+
 def process_tables(result: dict) -> list[str]:
     """CPU per image of each fastscp process beside storescp's, the total RSS, and the burst's catch-up."""
     summary = result["summary"]
-    lines = ["## CPU per image by process (ms, medians)", "",
-             "fastscp's processes by role (`/proc/PID/comm`), over the load and, for a burst, its catch-up; "
-             "storescp: the listener and its forked children. Total RSS: the largest sum of RSS over the "
-             "receiver's processes at one moment (pages shared after a fork count in each); PSS: the same with each "
-             "shared page divided among its sharers.", "",
-             "| scenario | receiver | " + " | ".join(PROCESS_COLUMNS) + " | total | storescp+B | storescp | "
-             "total RSS (PSS) MiB |",
-             "|---|---|" + "---:|" * (len(PROCESS_COLUMNS) + 4)]
+    lines = _by_role_head(
+        "## CPU per image by process (ms, medians)",
+        "fastscp's processes by role (`/proc/PID/comm`), over the load and, for a burst, its catch-up; "
+        "storescp: the listener and its forked children. Total RSS: the largest sum of RSS over the "
+        "receiver's processes at one moment (pages shared after a fork count in each); PSS: the same with each "
+        "shared page divided among its sharers.",
+        ("total", "storescp+B", "storescp", "total RSS (PSS) MiB"))
     for scenario in result["scenarios"]:
         name = scenario["name"]
         by_receiver = summary.get(name, {})
@@ -175,8 +184,7 @@ def process_tables(result: dict) -> list[str]:
             by_process = entry.get("cpu_ms_by_process") or {}
             if not receiver.startswith("fastscp") or not by_process:
                 continue
-            cells = [_fmt(by_process.get(c), 2) if by_process.get(c) is not None else "–" for c in PROCESS_COLUMNS]
-            lines.append(f"| {name} | {receiver} | " + " | ".join(cells) +
+            lines.append(f"| {name} | {receiver} | {_by_role_cells(by_process)}" +
                          f" | {_fmt(entry['cpu_ms_per_image'], 2)} | " +
                          " | ".join(_fmt(p, 2) for p in peers) +
                          f" | {_fmt(entry.get('total_rss_mib'))} ({_fmt(entry.get('total_pss_mib'))}) |")
@@ -200,13 +208,12 @@ def process_tables(result: dict) -> list[str]:
 def load_budget_table(result: dict) -> list[str]:
     """CPU per image until the last storescu exited, the receiver's by role and the senders': on a machine
     whose CPUs the load keeps busy, images/s is about the CPUs over their sum (the last column)."""
-    lines = ["## CPU per image during the load (ms, medians)", "",
-             "From the first C-STORE until the last storescu exited: what the receiver's processes (fastscp's "
-             "by role) and the storescu senders spent while they shared the CPUs; fastscp's derived work after "
-             "that (above) is not in it. Cores busy: (receiver + senders) x images/s.", "",
-             "| scenario | receiver | " + " | ".join(PROCESS_COLUMNS) + " | receiver | senders | both | img/s "
-             "| cores busy |",
-             "|---|---|" + "---:|" * (len(PROCESS_COLUMNS) + 5)]
+    lines = _by_role_head(
+        "## CPU per image during the load (ms, medians)",
+        "From the first C-STORE until the last storescu exited: what the receiver's processes (fastscp's "
+        "by role) and the storescu senders spent while they shared the CPUs; fastscp's derived work after "
+        "that (above) is not in it. Cores busy: (receiver + senders) x images/s.",
+        ("receiver", "senders", "both", "img/s", "cores busy"))
     summary = result["summary"]
     for scenario in result["scenarios"]:
         name = scenario["name"]
@@ -215,9 +222,8 @@ def load_budget_table(result: dict) -> list[str]:
             if mine is None or senders is None:
                 continue  # a result of an older bench
             by_process = entry.get("load_cpu_ms_by_process") or {}  # storescp's and Orthanc's: none of these
-            cells = [_fmt(by_process.get(c), 2) if by_process.get(c) is not None else "–" for c in PROCESS_COLUMNS]
             cores = (mine + senders) * entry["images_per_s"] / 1e3 if entry.get("images_per_s") else None
-            lines.append(f"| {name} | {receiver} | " + " | ".join(cells) +
+            lines.append(f"| {name} | {receiver} | {_by_role_cells(by_process)}" +
                          f" | {_fmt(mine, 2)} | {_fmt(senders, 2)} | {_fmt(mine + senders, 2)} | "
                          f"{_fmt(entry.get('images_per_s'))} | {_fmt(cores, 2)} |")
     lines.append("")
