@@ -63,13 +63,19 @@ def encode_associate_rj(result: int, source: int, reason: int) -> bytes:
     return _RJ.pack(0x03, 0, 4, 0, result, source, reason)
 
 
+#: Where an A-ASSOCIATE-RQ carries the Called and the Calling AE Title, and where the -AC echoes
+#: them (PS3.8 9.3.2, 9.3.3).
+CALLED_AE_TITLE = slice(10, 26)
+CALLING_AE_TITLE = slice(26, 42)
+
+
 def peek_ae_titles(pdu: bytes) -> tuple[str, str]:
     """Called and calling AE titles of an A-ASSOCIATE-RQ PDU, without decoding the rest."""
-    if len(pdu) < 42 or pdu[0] != 0x01:
+    if len(pdu) < CALLING_AE_TITLE.stop or pdu[0] != 0x01:
         return "", ""
     return (
-        pdu[10:26].decode("ascii", "replace").strip(),
-        pdu[26:42].decode("ascii", "replace").strip(),
+        pdu[CALLED_AE_TITLE].decode("ascii", "replace").strip(),
+        pdu[CALLING_AE_TITLE].decode("ascii", "replace").strip(),
     )
 
 
@@ -217,10 +223,6 @@ def _acceptor_context(rq_context: PresentationContext, policy: AcceptancePolicy)
     context.scp_role = abstract in policy.storage_sop_classes and not GET_SOP_CLASSES.isdisjoint(
         policy.query_sop_classes)
     return [context]
-
-
-#: Where an A-ASSOCIATE-RQ carries the Calling AE Title, and where the -AC echoes it (PS3.8 9.3.2, 9.3.3).
-CALLING_AE_TITLE = slice(26, 42)
 
 
 def _echoed_as_sent(field: bytes) -> bool:
