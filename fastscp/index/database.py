@@ -551,7 +551,7 @@ class Index:
     def _import_arrow_scan(self) -> None:
         """PERF: DuckDB imports pyarrow.dataset and more the first time it is given an Arrow table; a
         writer has that done as it opens, not in its first batch, which comes while the first stores still
-        arrive (40 records in a new process: 77 against 32 ms of CPU)."""
+        arrive (40 records in a new process: 77 against 42 ms of CPU)."""
         self.con.register("arrow_scan_import", pa.table({"x": pa.array([], pa.int8())}))
         self.con.unregister("arrow_scan_import")
 
