@@ -24,6 +24,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 
 import msgspec
 
@@ -51,17 +52,42 @@ def escape(text: str) -> str:
     return _CONTROL.sub(_escaped, text) if _CONTROL.search(text) else text
 
 
+class _SecondStamp:
+    """A time format's text for a record's whole second, made once per second (PERF: ``strftime`` and
+    ``localtime`` are most of a line's timestamp, and a busy server writes thousands a second)."""
+
+    __slots__ = ("_convert", "_format", "_last")
+
+    def __init__(self, convert: Callable[[float], time.struct_time], fmt: str) -> None:
+        self._convert = convert
+        self._format = fmt
+        self._last = (-1, "")  # (second, text): one attribute, so threads never see a torn pair
+
+    def __call__(self, created: float) -> str:
+        second = int(created)
+        last_second, text = self._last
+        if second != last_second:
+            text = time.strftime(self._format, self._convert(created))
+            self._last = (second, text)
+        return text
+
+
 class PlainFormatter(logging.Formatter):
     """Timestamp, level, process, logger and the escaped message, one line."""
 
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s [%(processName)s] %(name)s: %(message)s")
+        self._stamp = _SecondStamp(self.converter, self.default_time_format)
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        return self.default_msec_format % (self._stamp(record.created), record.msecs)
 
     def formatMessage(self, record: logging.LogRecord) -> str:
-        # The record is shared by every handler: escape a copy of its message.
-        escaped = logging.makeLogRecord(record.__dict__)
-        escaped.message = escape(record.message)
-        return super().formatMessage(escaped)
+        # The record is shared by every handler: its fields with the message escaped (PERF: a dict
+        # copied, not the LogRecord: ~4 us a line).
+        values = record.__dict__.copy()
+        values["message"] = escape(record.message)
+        return self._fmt % values  # type: ignore[operator]
 
     def format(self, record: logging.LogRecord) -> str:
         # A traceback is the only multi-line part, and its exception message
@@ -71,10 +97,13 @@ class PlainFormatter(logging.Formatter):
 
 
 class JSONFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__()
+        self._stamp = _SecondStamp(time.gmtime, "%Y-%m-%dT%H:%M:%S")
+
     def format(self, record: logging.LogRecord) -> str:
         entry = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
+            "time": f"{self._stamp(record.created)}.{int(record.msecs):03d}Z",
             "level": record.levelname,
             "logger": record.name,
             "process": record.processName,
@@ -336,8 +365,72 @@ def receive(sock: socket.socket) -> None:
             batch = msgspec.msgpack.decode(data)
         except msgspec.DecodeError:
             continue
-        for fields in batch if isinstance(batch, list) else ():
-            record = logging.makeLogRecord(fields)
-            for handler in logging.getLogger().handlers:
-                if record.levelno >= handler.level:
-                    handler.handle(record)
+        records = [logging.makeLogRecord(fields) for fields in (batch if isinstance(batch, list) else ())]
+        for handler in logging.getLogger().handlers:
+            _handle_all(handler, [record for record in records if record.levelno >= handler.level])
+
+
+#: The handlers :func:`configure` makes, which a forwarded batch reaches in one write each.
+_BATCHED = (logging.StreamHandler, logging.handlers.RotatingFileHandler)
+
+
+def _handle_all(handler: logging.Handler, records: list[logging.LogRecord]) -> None:
+    """``records`` to ``handler``, as ``handler.handle`` would each.
+
+    PERF: a batch of forwarded lines (one per stored object with the action log) went to each
+    handler a line at a time: a write and a flush per line, and for the rotating file two
+    ``stat`` and a ``seek`` more, and its line formatted twice: ~35 us per line for stderr and a
+    file. :func:`configure`'s handlers get the batch's lines in one write (rotated before the line
+    that would reach ``max_bytes``, as line by line); any other handler, or one with a filter,
+    gets each record.
+    """
+    if not records:
+        return
+    if type(handler) not in _BATCHED or handler.filters:
+        for record in records:
+            handler.handle(record)
+        return
+    stream_handler: logging.StreamHandler = handler  # type: ignore[assignment]
+    try:
+        lines = [stream_handler.format(record) + stream_handler.terminator for record in records]
+    except Exception:
+        for record in records:  # the record that cannot be formatted is reported as handle would
+            stream_handler.handle(record)
+        return
+    stream_handler.acquire()
+    try:
+        if isinstance(stream_handler, logging.handlers.RotatingFileHandler):
+            _write_rotating(stream_handler, lines)
+        else:
+            stream_handler.stream.write("".join(lines))
+        stream_handler.flush()
+    except Exception:
+        stream_handler.handleError(records[-1])
+    finally:
+        stream_handler.release()
+
+
+def _write_rotating(handler: logging.handlers.RotatingFileHandler, lines: list[str]) -> None:
+    """``lines`` to a rotating file, rolled over where ``shouldRollover`` would have for each line
+    (the bytes in the file and the next line's characters against ``maxBytes``)."""
+    if handler.stream is None:  # delay was set
+        handler.stream = handler._open()
+    # Never roll over anything but a regular file (bpo-45401, as the handler itself).
+    rotating = handler.maxBytes > 0 and not (
+        os.path.exists(handler.baseFilename) and not os.path.isfile(handler.baseFilename))
+    size = 0
+    if rotating:
+        handler.stream.seek(0, 2)
+        size = handler.stream.tell()
+    pending: list[str] = []
+    for line in lines:
+        if rotating and size + len(line) >= handler.maxBytes:
+            handler.stream.write("".join(pending))
+            pending = []
+            handler.doRollover()
+            if handler.stream is None:
+                handler.stream = handler._open()
+            size = 0
+        pending.append(line)
+        size += len(line) if line.isascii() else len(line.encode(handler.encoding or "utf-8", "replace"))
+    handler.stream.write("".join(pending))

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
+import logging.handlers
 import socket
 import sys
 import threading
+import time
 from collections.abc import Iterator
 
+import msgspec
 import pytest
 
 from fastscp.process import logs
@@ -208,3 +212,136 @@ def test_lines_take_loggings_way_when_anything_else_would_see_them(pair) -> None
         assert len(made) == 3
         assert [r.getMessage() for r in collect.records] == ["to both 1"]
         assert [r.getMessage() for r in _received(parent)] == ["to both 1", "no filter stops this"]
+
+
+# -- the supervisor's side: a forwarded batch to its handlers ------------------------------
+
+
+class _OldPlainFormatter(logs.PlainFormatter):
+    """The oracle: PlainFormatter as it was before a batch went in one write (logging's own
+    timestamp, the message escaped in a copy of the record)."""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        return logging.Formatter.formatTime(self, record, datefmt)
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        escaped = logging.makeLogRecord(record.__dict__)
+        escaped.message = logs.escape(record.message)
+        return logging.Formatter.formatMessage(self, escaped)
+
+
+class _CountedWrites(io.StringIO):
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        return super().write(text)
+
+
+def _forwarded_lines(count: int) -> list[dict[str, object]]:
+    """Lines a child forwards, over several seconds, a few with a peer's control character or a
+    patient's name in them, and one WARNING."""
+    start = 1_764_800_000.25
+    return [logs._line_fields("fastscp.action", logging.WARNING if i == 7 else logging.INFO,
+                              start + i * 0.137, "association-3",
+                              f"stored PAT{i}/Müller^Jörg/1_MR/1.2.840.{i}.dcm ({i * 97} bytes) from EVIL\r\nAE")
+            for i in range(count)]
+
+
+def _send_batch(child: socket.socket, batch: list[dict[str, object]]) -> None:
+    child.send(msgspec.msgpack.encode(batch))
+
+
+@contextlib.contextmanager
+def _root_handlers(*handlers: logging.Handler) -> Iterator[None]:
+    root = logging.getLogger()
+    saved = root.handlers[:]
+    root.handlers[:] = list(handlers)
+    try:
+        yield
+    finally:
+        root.handlers[:] = saved
+        for handler in handlers:
+            handler.close()
+
+
+def test_a_forwarded_batch_reaches_each_handler_in_one_write(pair) -> None:  # type: ignore[no-untyped-def]
+    """PERF: a line per stored object came to stderr and the log file a write (and flush) each."""
+    child, parent = pair
+    stream = _CountedWrites()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logs.PlainFormatter())
+    with _root_handlers(handler):
+        _send_batch(child, _forwarded_lines(50))
+        logs.receive(parent)
+    assert stream.writes == 1
+    assert len(stream.getvalue().splitlines()) == 50
+
+
+def test_a_forwarded_batch_is_written_and_rotated_as_line_by_line(pair, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Byte for byte what logging writes a record at a time: stderr, and a rotating file whose
+    rollovers fall before the same lines (max_bytes small enough for several)."""
+    child, parent = pair
+    lines = _forwarded_lines(120)
+    (tmp_path / "new").mkdir()
+    (tmp_path / "old").mkdir()
+
+    def handlers(folder: str, formatter: logging.Formatter) -> tuple[io.StringIO, logging.Handler, logging.Handler]:
+        stream = io.StringIO()
+        to_stream = logging.StreamHandler(stream)
+        to_file = logging.handlers.RotatingFileHandler(tmp_path / folder / "fastscp.log", maxBytes=2500,
+                                                       backupCount=50, encoding="utf-8")
+        for handler in (to_stream, to_file):
+            handler.setFormatter(formatter)
+        return stream, to_stream, to_file
+
+    new_stream, *new_handlers = handlers("new", logs.PlainFormatter())
+    with _root_handlers(*new_handlers):
+        _send_batch(child, lines[:70])  # two batches: the second appends to what the first left
+        _send_batch(child, lines[70:])
+        logs.receive(parent)
+    old_stream, *old_handlers = handlers("old", _OldPlainFormatter())
+    with _root_handlers(*old_handlers):
+        for fields in lines:
+            record = logging.makeLogRecord(fields)
+            for handler in old_handlers:
+                handler.handle(record)
+
+    assert new_stream.getvalue() == old_stream.getvalue()
+    assert "from EVIL\\x0d\\x0aAE" in new_stream.getvalue() and "Müller^Jörg" in new_stream.getvalue()
+    files = sorted(p.name for p in (tmp_path / "old").iterdir())
+    assert len(files) > 5 and files == sorted(p.name for p in (tmp_path / "new").iterdir())
+    for name in files:
+        assert (tmp_path / "new" / name).read_bytes() == (tmp_path / "old" / name).read_bytes(), name
+
+
+def test_a_handler_with_a_filter_or_of_another_kind_gets_each_record(pair) -> None:  # type: ignore[no-untyped-def]
+    child, parent = pair
+    stream = _CountedWrites()
+    filtered = logging.StreamHandler(stream)
+    filtered.setFormatter(logs.PlainFormatter())
+    filtered.addFilter(lambda record: "PAT3/" not in record.getMessage())
+    collect = Collect()
+    with _root_handlers(filtered, collect):
+        _send_batch(child, _forwarded_lines(10))
+        logs.receive(parent)
+    assert stream.writes == 9 and "PAT3/" not in stream.getvalue()
+    assert [r.getMessage().split("/")[0] for r in collect.records] == [f"stored PAT{i}" for i in range(10)]
+
+
+@pytest.mark.parametrize("fmt", ["plain", "json"])
+def test_each_lines_timestamp_is_its_own_second(fmt: str) -> None:
+    """The timestamp's text is made once per second (PERF): records in other seconds get their own."""
+    formatter = logs._formatter(fmt)
+    for created in (1_764_800_000.001, 1_764_800_000.999, 1_764_800_001.5, 1_764_799_999.75, 1_764_800_000.5):
+        record = logging.makeLogRecord({"msg": "x", "created": created, "msecs": (created - int(created)) * 1000,
+                                        "levelname": "INFO", "name": "fastscp.test", "processName": "p"})
+        if fmt == "json":
+            stamp = json.loads(formatter.format(record))["time"]
+            expected = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + f".{int(record.msecs):03d}Z"
+        else:
+            stamp = formatter.format(record).split(" INFO ")[0]
+            expected = logging.Formatter().formatTime(record)
+        assert stamp == expected
