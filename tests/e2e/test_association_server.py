@@ -22,6 +22,7 @@ from fastscp.dicom.part10 import dataset_offset
 from fastscp.dicom.sopclasses import STUDY_ROOT_FIND
 from fastscp.net.findscp import encode_identifier
 from fastscp.query.client import QueryClient
+from fastscp.storage.reserved import BACKLOGS
 from tests.conftest import wait_until
 from tests.e2e.test_hostile import dataset
 from tests.rawscu import RawSCU, associate_rq, command_set, p_data
@@ -66,7 +67,10 @@ def test_an_association_cut_at_shutdown_timeout_is_still_accounted_for(start_ser
     assert server.process.wait(30) == 0
     summary = r"association RAWSCU \(127\.0\.0\.1:\d+\) -> FASTSCP: accepted, .*; 0 instances"
     assert re.search(summary, server.log_text())
-    assert list((server.storage / ".incoming").iterdir()) == [] and server.stored_files() == []
+    # Its temp file is gone. A folder of records kept for the next start may be there: the association's
+    # report for its hooks, when the post-store stage stopped first (a loaded machine's timing).
+    left = [p for p in (server.storage / ".incoming").iterdir() if p.name not in BACKLOGS]
+    assert left == [] and server.stored_files() == []
     scu.close()
 
 
