@@ -36,14 +36,24 @@ def pair():  # type: ignore[no-untyped-def]
     parent.close()
 
 
-@pytest.fixture
-def collected():  # type: ignore[no-untyped-def]
+@contextlib.contextmanager
+def _root_handlers(*handlers: logging.Handler) -> Iterator[None]:
     root = logging.getLogger()
     saved = root.handlers[:]
+    root.handlers[:] = list(handlers)
+    try:
+        yield
+    finally:
+        root.handlers[:] = saved
+        for handler in handlers:
+            handler.close()
+
+
+@pytest.fixture
+def collected():  # type: ignore[no-untyped-def]
     collect = Collect()
-    root.handlers[:] = [collect]
-    yield collect.records
-    root.handlers[:] = saved
+    with _root_handlers(collect):
+        yield collect.records
 
 
 def record(message: str, level: int = logging.INFO, exc_info=None) -> logging.LogRecord:  # type: ignore[no-untyped-def]
@@ -252,19 +262,6 @@ def _forwarded_lines(count: int) -> list[dict[str, object]]:
 
 def _send_batch(child: socket.socket, batch: list[dict[str, object]]) -> None:
     child.send(msgspec.msgpack.encode(batch))
-
-
-@contextlib.contextmanager
-def _root_handlers(*handlers: logging.Handler) -> Iterator[None]:
-    root = logging.getLogger()
-    saved = root.handlers[:]
-    root.handlers[:] = list(handlers)
-    try:
-        yield
-    finally:
-        root.handlers[:] = saved
-        for handler in handlers:
-            handler.close()
 
 
 def test_a_forwarded_batch_reaches_each_handler_in_one_write(pair) -> None:  # type: ignore[no-untyped-def]
