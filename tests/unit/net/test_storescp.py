@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -346,6 +347,10 @@ def test_without_fsync_the_stored_files_are_whole_and_closed_when_the_associatio
         scu = peer.scu()
         assert [store(scu, uid, data)[0] for uid, data in sent.items()] == [dimse.SUCCESS] * len(sent)
         assert store(scu, "1.2.3.99", data_set("1.2.3.99"))[0] == dimse.SUCCESS  # too small to hold
+        # The small file is closed after its C-STORE-RSP has gone (_hand_over): wait for it, bounded.
+        deadline = time.monotonic() + 10
+        while held_stored_files(storage) > RECYCLE_DEPTH and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert held_stored_files(storage) == RECYCLE_DEPTH  # the last large ones
         scu.release()
         assert peer.ended().instances == len(sent) + 1
