@@ -97,7 +97,9 @@ def markdown(result: dict) -> str:
         "",
         "Sender: dcmtk storescu, K concurrent associations, each sending a slice of the corpus "
         "unchanged (one presentation context per SOP class and transfer syntax), TCP_NODELAY=1 unless the "
-        "scenario says Nagle. Latency: storescu's time from sending a C-STORE-RQ to its response. CPU: the "
+        "scenario says Nagle. img/s: the files over the time from starting the K storescu processes until the "
+        "last exited (their start-up and association included). Latency: storescu's time from sending a "
+        "C-STORE-RQ to its response. CPU: the "
         "receiver's process tree (children included). RSS: the largest VmHWM of one receiver process "
         "(for fastscp: its largest worker, and the whole tree). CPU comes from /proc clock ticks (10 ms per "
         "process), so it is coarse for short runs. Files: byte-exact / received / sent. ×fastscp: fastscp "
@@ -210,7 +212,7 @@ def load_budget_table(result: dict) -> list[str]:
     whose CPUs the load keeps busy, images/s is about the CPUs over their sum (the last column)."""
     lines = _by_role_head(
         "## CPU per image during the load (ms, medians)",
-        "From the first C-STORE until the last storescu exited: what the receiver's processes (fastscp's "
+        "From starting the storescu senders until the last exited: what the receiver's processes (fastscp's "
         "by role) and the storescu senders spent while they shared the CPUs; fastscp's derived work after "
         "that (above) is not in it. Cores busy: (receiver + senders) x images/s.",
         ("receiver", "senders", "both", "img/s", "cores busy"))

@@ -43,6 +43,35 @@ def test_slices_round_robin() -> None:
     assert sender.slices(files[:2], 16) == [[0], [1]]  # type: ignore[arg-type]
 
 
+#: A child that sleeps, prints its time.perf_counter() (system-wide CLOCK_MONOTONIC) and exits at once.
+EXIT_AT = "import os, sys, time; time.sleep(float(sys.argv[1])); print(time.perf_counter(), flush=True); os._exit(0)"
+
+
+def test_wait_all_sees_each_exit_when_it_happens() -> None:
+    """The load's wall time ends when the last storescu exits, not at the next step of a polling loop:
+    Popen.wait(timeout) sleeps in steps doubling up to 50 ms, which saw these exits ~25 ms late in
+    the median (spread over more than one step, whatever the start-up takes)."""
+    late = []
+    for sleep in (0.06, 0.075, 0.09, 0.105, 0.12):
+        child = subprocess.Popen([sys.executable, "-c", EXIT_AT, str(sleep)], stdout=subprocess.PIPE)
+        codes, ended = sender.wait_all([child], time.perf_counter() + 60)
+        assert codes == [0]
+        assert child.stdout is not None
+        late.append(ended - float(child.stdout.read()))
+        child.stdout.close()
+    assert min(late) >= 0
+    assert sorted(late)[2] < 0.01, late
+
+
+def test_wait_all_gives_exit_codes_in_order_and_kills_at_the_deadline() -> None:
+    failed = subprocess.Popen(["sh", "-c", "exit 3"])
+    stuck = subprocess.Popen(["sleep", "30"])
+    done = subprocess.Popen(["true"])
+    codes, _ended = sender.wait_all([failed, stuck, done], time.perf_counter() + 0.5)
+    assert codes == [3, -9, 0]
+    assert all(proc.returncode is not None for proc in (failed, stuck, done))  # reaped: no zombie left
+
+
 def test_percentile() -> None:
     assert runner.percentile([], 50) is None
     assert runner.percentile([3.0, 1.0, 2.0], 50) == 2.0
