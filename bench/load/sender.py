@@ -83,7 +83,7 @@ def slices(files: list[SourceFile], k: int) -> list[list[SourceFile]]:
 
 def wait_all(procs: list[subprocess.Popen[bytes]], deadline: float) -> tuple[list[int], float]:
     """Wait for ``procs`` until ``deadline`` (time.perf_counter), then kill what is left: their exit
-    codes in order, and when the last one exited (time.perf_counter).
+    codes in order, and when the last one exited or was killed (time.perf_counter).
 
     Exact to the moment of each exit: ``Popen.wait(timeout)`` polls with sleeps that double up to
     50 ms, so it saw an exit up to 50 ms late, half of a 0.1 s mixed-k4 run (its images/s fell on
@@ -102,6 +102,7 @@ def wait_all(procs: list[subprocess.Popen[bytes]], deadline: float) -> tuple[lis
             if remaining <= 0:
                 for proc in waiting.values():
                     proc.kill()
+                ended = time.perf_counter()  # a run cut at its deadline lasted until then
                 break
             for fd, _events in poller.poll(max(1, int(remaining * 1000))):
                 ended = time.perf_counter()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,7 @@ from fastscp.storage.area import HEADER_PREFIX_BYTES, RECYCLE_DEPTH, Storage
 from fastscp.storage.files import RECYCLE_MIN_BYTES
 from fastscp.storage.layout import LayoutOptions
 from fastscp.storage.policy import DuplicatePolicy
+from tests.conftest import wait_until
 from tests.dicomfiles import Encoder, pad
 from tests.rawscu import RawSCU, command_set, p_data, store_command
 from tests.unit.net.test_association import CT, EXPLICIT, Peer, stored_path, temp_files
@@ -348,9 +348,7 @@ def test_without_fsync_the_stored_files_are_whole_and_closed_when_the_associatio
         assert [store(scu, uid, data)[0] for uid, data in sent.items()] == [dimse.SUCCESS] * len(sent)
         assert store(scu, "1.2.3.99", data_set("1.2.3.99"))[0] == dimse.SUCCESS  # too small to hold
         # The small file is closed after its C-STORE-RSP has gone (_hand_over): wait for it, bounded.
-        deadline = time.monotonic() + 10
-        while held_stored_files(storage) > RECYCLE_DEPTH and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until(lambda: held_stored_files(storage) <= RECYCLE_DEPTH, timeout=10, what="the small file closed")
         assert held_stored_files(storage) == RECYCLE_DEPTH  # the last large ones
         scu.release()
         assert peer.ended().instances == len(sent) + 1
