@@ -372,6 +372,33 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
     yield from mounted_tmpfs(tmp_path, "size=3m")
 
 
+def _close_even_if_reset(self) -> None:  # type: ignore[no-untyped-def]
+    """pynetdicom.transport.AssociationSocket._shutdown_socket, closing the socket even when
+    ``shutdown`` raises."""
+    sock = self.socket
+    if sock is None:
+        return
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # the peer reset the connection (it was killed): ENOTCONN
+    sock.close()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _pynetdicom_closes_its_sockets() -> Iterator[None]:
+    """pynetdicom 3.0's AssociationSocket skips ``close`` when ``shutdown`` raises, as it does once the
+    peer has reset the connection (a server killed under an open association). The socket is left to
+    the garbage collector, whose ResourceWarning pytest reports against whichever test runs then
+    (test_crash's SIGUSR1 case failed CI so). The test process's pynetdicom peers close it instead."""
+    from pynetdicom.transport import AssociationSocket
+
+    original = AssociationSocket._shutdown_socket
+    AssociationSocket._shutdown_socket = _close_even_if_reset  # type: ignore[method-assign]
+    yield
+    AssociationSocket._shutdown_socket = original  # type: ignore[method-assign]
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _dcmtk_present() -> None:
     missing = [tool for tool in DCMTK_TOOLS if shutil.which(tool) is None]
