@@ -165,7 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     def log(text: str) -> None:
         print(text, flush=True)
 
-    trash = runner.Trash(base)
+    # The work root's trash, shared with later benchmarks (bench.store_thread's too): deleted only when the
+    # disk needs the room, never at the end (the next benchmark's first minutes would make files slowly).
+    trash = runner.Trash(base if args.workdir else WORK_ROOT)
     if not args.quick:
         load = runner.wait_for_quiet(args.max_foreign, args.quiet_wait, log)
         log(f"other processes use {load:.2f} cores")
@@ -225,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"{run.exact}/{run.received}/{run.files}  other {run.foreign_cores:.2f}"
                     f"{f'  complete after (s): {derived}' if derived else ''}  {status}")
 
-    trash.empty()
+    if args.workdir:
+        trash.empty()
     summary = runner.summarize(runs)
     ratio_table = runner.ratios(runs)
     result = {
@@ -261,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     print("results: " + ", ".join(str(p) for p in paths.values()))
     print(f"took {time.monotonic() - t_start:.0f} s")
     if not args.workdir and not args.keep and not result["errors"]:
-        shutil.rmtree(base, ignore_errors=True)
+        trash.add(base)
     elif result["errors"]:
         print(f"received files and logs of failed runs kept in {base}")
     return 1 if result["errors"] else 0

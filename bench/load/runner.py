@@ -8,6 +8,7 @@ import shutil
 import signal
 import statistics
 import subprocess
+import tempfile
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -139,6 +140,9 @@ class Run:
     #: commits), and the receiver's total then: what competed with the senders for the CPUs.
     load_cpu_ms_by_process: dict[str, float] = field(default_factory=dict)
     load_cpu_ms_per_image: float = 0.0
+    #: Of that, the receiver's system time (by process, and in all): what no faster code of its own would spare.
+    load_kernel_ms_by_process: dict[str, float] = field(default_factory=dict)
+    load_kernel_ms_per_image: float = 0.0
     #: The largest sum of RSS over the receiver's processes at one moment, MiB; and of their PSS.
     total_rss_mib: float = 0.0
     total_pss_mib: float = 0.0
@@ -229,20 +233,21 @@ class Trash:
     receives does not delete thousands of files a minute.
     """
 
-    #: ext4's 60 s, and 5 more while the inode table block is dirty.
-    INODE_REUSE_S = 65.0
+    #: ext4's 60 s, and more while the inode table block is dirty: after a benchmark deleted its ~30,000
+    #: files at its end, making a file under bench/.work took 120-148 us of kernel time for more than
+    #: 70 s (13-17 under /tmp, the same file system, meanwhile), 10-17 again after 2 minutes.
+    INODE_REUSE_S = 120.0
     #: Room kept free on the disk beyond a run's own need.
     MARGIN = 5 << 30
 
     def __init__(self, base: Path) -> None:
         self.folder = base / ".trash"
-        self._count = 0
 
     def add(self, workdir: Path) -> None:
-        """Keep a run's folder (its name is free again at once)."""
+        """Keep a run's folder (its name is free again at once), under a name no earlier benchmark's
+        folder in the same trash has."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        self._count += 1
-        workdir.rename(self.folder / f"{self._count}-{workdir.name}")
+        workdir.rename(Path(tempfile.mkdtemp(prefix=f"{workdir.name}-", dir=self.folder)) / workdir.name)
 
     def make_room(self, need: int, log) -> None:  # type: ignore[no-untyped-def]
         """Before a run storing ``need`` bytes: if the disk is short of them (and the margin),
@@ -303,6 +308,7 @@ def run_once(scenario: Scenario, receiver: receivers.Receiver, corpus: Corpus, r
                              config=config, profile=profile, dimse_timeout=dimse_timeout)
         at_load_end = monitor.sample().cpu_seconds
         load_roles = monitor.cpu_by_role(_role(receiver, running.pid))
+        load_kernel = monitor.cpu_by_role(_role(receiver, running.pid), kernel=True)
         if scenario.burst and receiver.kind == "fastscp":
             run.derived_s = wait_for_derived(running, len(files))
         elif receiver.kind == "fastscp" and not wait_for_caught_up(running, len(files)):
@@ -343,6 +349,8 @@ def run_once(scenario: Scenario, receiver: receivers.Receiver, corpus: Corpus, r
     run.cpu_ms_by_process = {name: seconds / len(files) * 1e3 for name, seconds in sorted(roles.items())}
     run.load_cpu_ms_by_process = {name: seconds / len(files) * 1e3 for name, seconds in sorted(load_roles.items())}
     run.load_cpu_ms_per_image = (at_load_end - cpu0) / len(files) * 1e3
+    run.load_kernel_ms_by_process = {name: seconds / len(files) * 1e3 for name, seconds in sorted(load_kernel.items())}
+    run.load_kernel_ms_per_image = sum(load_kernel.values()) / len(files) * 1e3
     if workers:
         run.worker_peak_rss_mib = monitor.peak_rss_mib(workers)
     run.foreign_cores = max(0.0, (busy1 - busy0) - run.cpu_s - result.sender_cpu_seconds - own) / window
@@ -451,7 +459,7 @@ def summarize(runs: list[Run]) -> dict[str, dict[str, dict]]:
         grouped.setdefault(r.scenario, {}).setdefault(r.receiver, []).append(r)
     metrics = ("images_per_s", "mb_per_s", "p50_ms", "p99_ms", "cpu_ms_per_image", "peak_rss_mib",
                "worker_peak_rss_mib", "foreign_cores", "total_rss_mib", "load_cpu_ms_per_image",
-               "sender_cpu_ms_per_image")
+               "load_kernel_ms_per_image", "sender_cpu_ms_per_image")
     out: dict[str, dict[str, dict]] = {}
     for scenario, by_receiver in grouped.items():
         out[scenario] = {}
@@ -468,6 +476,7 @@ def summarize(runs: list[Run]) -> dict[str, dict[str, dict]]:
             entry["total_pss_mib"] = max((r.total_pss_mib for r in rs), default=None)
             entry["cpu_ms_by_process"] = _median_dicts([r.cpu_ms_by_process for r in good])
             entry["load_cpu_ms_by_process"] = _median_dicts([r.load_cpu_ms_by_process for r in good])
+            entry["load_kernel_ms_by_process"] = _median_dicts([r.load_kernel_ms_by_process for r in good])
             entry["derived_s"] = _median_dicts([r.derived_s for r in good])
             entry["files"] = rs[0].files
             entry["received_min"] = min(r.received for r in rs)

@@ -128,14 +128,15 @@ def test_load_budget_table_adds_the_senders_cpu_to_the_receivers() -> None:
     fastscp, storescp = _run(1, "fastscp", 2000), _run(1, "storescp+B", 4000)
     fastscp.load_cpu_ms_per_image, fastscp.sender_cpu_s = 0.7, 0.002  # 10 files: 0.2 ms each
     fastscp.load_cpu_ms_by_process = {"workers": 0.45, "indexer": 0.2, "supervisor": 0.05}
+    fastscp.load_kernel_ms_per_image, storescp.load_kernel_ms_per_image = 0.3, 0.12
     storescp.load_cpu_ms_per_image, storescp.sender_cpu_s = 0.2, 0.0015
     summary = runner.summarize([fastscp, storescp])
     summary["ct-k1"]["orthanc"] = {"images_per_s": 250}  # from a result of an older bench: no row
     result = {"scenarios": [{"name": "ct-k1"}], "summary": summary}
     rows = [line for line in report.load_budget_table(result) if line.startswith("| ct-k1")]
     assert rows == [
-        "| ct-k1 | fastscp | 0.45 | 0.20 | – | 0.05 | – | – | – | 0.70 | 0.20 | 0.90 | 2,000 | 1.80 |",
-        "| ct-k1 | storescp+B | – | – | – | – | – | – | – | 0.20 | 0.15 | 0.35 | 4,000 | 1.40 |",
+        "| ct-k1 | fastscp | 0.45 | 0.20 | – | 0.05 | – | – | – | 0.70 | 0.30 | 0.20 | 0.90 | 2,000 | 1.80 |",
+        "| ct-k1 | storescp+B | – | – | – | – | – | – | – | 0.20 | 0.12 | 0.15 | 0.35 | 4,000 | 1.40 |",
     ]
 
 
@@ -164,6 +165,33 @@ def test_tree_monitor_counts_children_and_peak_rss() -> None:
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_tree_monitor_splits_kernel_time_by_role() -> None:
+    # Two processes after the mark: one spends its CPU in user space, one in the kernel (zeroing pages
+    # for reads of /dev/zero); cpu_by_role(kernel=True) tells them apart.
+    # (Not time.process_time() in the loop: it is a system call; time.monotonic() is not, by the vDSO.)
+    user = "import time\nt = time.monotonic()\nwhile time.monotonic() - t < 1: sum(range(10000))\ntime.sleep(5)\n"
+    kernel = ("import os, time\nfd = os.open('/dev/zero', os.O_RDONLY)\nt = time.monotonic()\n"
+              "while time.monotonic() - t < 1: os.read(fd, 4 << 20)\ntime.sleep(5)\n")
+    spent = {}
+    for name, code in (("user", user), ("kernel", kernel)):
+        proc = subprocess.Popen([sys.executable, "-c", f"import time\ntime.sleep(0.3)\n{code}"])
+        try:
+            monitor = procstats.TreeMonitor(proc.pid, interval=0.02)
+            monitor.mark()  # before the work: the interpreter's start is done, its sleep not
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and monitor.sample().cpu_seconds < 0.45:
+                time.sleep(0.05)
+            spent[name] = (monitor.cpu_by_role(lambda _pid, _comm: "all")["all"],
+                           monitor.cpu_by_role(lambda _pid, _comm: "all", kernel=True)["all"])
+        finally:
+            proc.kill()
+            proc.wait()
+    (user_cpu, user_kernel), (kernel_cpu, kernel_kernel) = spent["user"], spent["kernel"]
+    assert user_cpu >= 0.35 and kernel_cpu >= 0.35
+    assert user_kernel <= 0.25 * user_cpu
+    assert kernel_kernel >= 0.5 * kernel_cpu
 
 
 def test_dataset_digest_matches_the_bytes_after_file_meta(tmp_path: Path) -> None:
@@ -206,9 +234,15 @@ def test_trash_keeps_finished_runs_until_the_disk_needs_the_room(tmp_path: Path)
         trash.add(tmp_path / name)
         assert not (tmp_path / name).exists(), "the name is free for the next run at once"
     assert len(list(trash.folder.iterdir())) == 2
+    # A later benchmark shares the trash (bench.load keeps its folders there at its end): the same run names.
+    (tmp_path / "r1-ct-k1-fastscp" / "storage").mkdir(parents=True)
+    runner.Trash(tmp_path).add(tmp_path / "r1-ct-k1-fastscp")
+    assert len(list(trash.folder.iterdir())) == 3
+    assert sorted(p.name for p in trash.folder.glob("*/*")) == ["r1-ct-k1-fastscp", "r1-ct-k1-fastscp",
+                                                                "r1-ct-k1-storescp+B"]
     said: list[str] = []
     trash.make_room(1 << 20, said.append)
-    assert len(list(trash.folder.iterdir())) == 2 and said == [], "room enough: nothing deleted"
+    assert len(list(trash.folder.iterdir())) == 3 and said == [], "room enough: nothing deleted"
     trash.INODE_REUSE_S = 0.0
     trash.make_room(shutil.disk_usage(tmp_path).free, said.append)
     assert not trash.folder.exists() and len(said) == 1 and "inodes" in said[0]
