@@ -36,13 +36,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.load import corpora, procstats, receivers, sender
-from bench.load.runner import Run, percentile
+from bench.load.runner import WORK_ROOT, Run, Trash, percentile
 from tests import corpus as test_corpus
 from tests.cluster import HAProxy, PostgresCluster
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results" / "nodes"
-WORK_ROOT = HERE / ".work"
 #: Records per commit when measuring the lake's commit latency, and commits measured.
 COMMIT_BATCH = 100
 COMMITS = 30
@@ -279,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     if failed:
         print(f"received files and logs kept in {base}")
         return 1
-    shutil.rmtree(base, ignore_errors=True)
+    Trash(WORK_ROOT).add(base)  # not deleted: the next benchmark would make its files slowly (Trash)
     return 0
 
 

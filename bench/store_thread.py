@@ -47,12 +47,11 @@ from bench.load import corpora, snapshot
 from bench.load.corpora import SourceFile
 from bench.load.procstats import cpu_times
 from bench.load.receivers import default_receivers, free_port, receiver_env
-from bench.load.runner import Trash
+from bench.load.runner import WORK_ROOT, Trash
 from bench.store_thread_child import AE_TITLE, STEPS
 from tests import corpus as test_corpus
 
 REPO = Path(__file__).resolve().parents[1]
-WORK = REPO / "bench" / ".work"
 #: What a run reports, per store (microseconds, or switches).
 MEASURES = ("cpu_us", "user_us", "sys_us", "voluntary_switches", "involuntary_switches")
 
@@ -151,11 +150,11 @@ def main(argv: list[str] | None = None) -> int:
     variants: dict[str, str | None] = {"fastscp": None}
     if args.compare_ref:
         variants[f"fastscp@{args.compare_ref}"] = str(snapshot.build(args.compare_ref))
-    WORK.mkdir(parents=True, exist_ok=True)
-    trash = Trash(WORK)
+    WORK_ROOT.mkdir(parents=True, exist_ok=True)
+    trash = Trash(WORK_ROOT)
     # Room for every run's files (each variant and storescp, each round, and the steps' runs).
     trash.make_room(corpus.dataset_bytes * (len(variants) + 2) * args.rounds, print)
-    base = Path(tempfile.mkdtemp(prefix="store-thread-", dir=WORK))
+    base = Path(tempfile.mkdtemp(prefix="store-thread-", dir=WORK_ROOT))
     results: dict[str, list[dict[str, float]]] = {name: [] for name in [*variants, "storescp+B"]}
     try:
         config = base / "storescu.cfg"

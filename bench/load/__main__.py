@@ -20,11 +20,6 @@ from pathlib import Path
 
 from bench.load import corpora, receivers, report, runner
 
-#: Receivers store on the project's disk, not in /tmp: /tmp is tmpfs on many
-#: machines (fsync costs nothing there), and on these it creates files ~50x
-#: slower than elsewhere on the same ext4 (0.7 ms against 0.015 ms).
-WORK_ROOT = Path(__file__).resolve().parent.parent / ".work"
-
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE.parent / "results" / "load"
 
@@ -55,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results folder (default {DEFAULT_OUT})")
     p.add_argument("--corpora", type=Path, default=corpora.ROOT, help=f"corpus cache (default {corpora.ROOT})")
     p.add_argument("--workdir", type=Path,
-                   help=f"where receivers store files (default: a new folder in {WORK_ROOT})")
+                   help=f"where receivers store files (default: a new folder in {runner.WORK_ROOT})")
     p.add_argument("--keep", action="store_true", help="keep every run's received files and logs")
     p.add_argument("--max-foreign", type=float, default=0.3, metavar="CORES",
                    help="before each run (full mode), wait while other processes use more (default 0.3)")
@@ -148,8 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         base = args.workdir
         base.mkdir(parents=True, exist_ok=True)
     else:
-        corpora.make_ignored_folder(WORK_ROOT)
-        base = Path(tempfile.mkdtemp(prefix=f"{stamp}-", dir=WORK_ROOT))
+        corpora.make_ignored_folder(runner.WORK_ROOT)
+        base = Path(tempfile.mkdtemp(prefix=f"{stamp}-", dir=runner.WORK_ROOT))
     built: dict[str, corpora.Corpus] = {}
     configs: dict[str, Path] = {}
     for kind in dict.fromkeys(s.corpus for s in scenarios):
@@ -167,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # The work root's trash, shared with later benchmarks (bench.store_thread's too): deleted only when the
     # disk needs the room, never at the end (the next benchmark's first minutes would make files slowly).
-    trash = runner.Trash(base if args.workdir else WORK_ROOT)
+    trash = runner.Trash(base if args.workdir else runner.WORK_ROOT)
     if not args.quick:
         load = runner.wait_for_quiet(args.max_foreign, args.quiet_wait, log)
         log(f"other processes use {load:.2f} cores")
