@@ -314,8 +314,8 @@ def run_once(scenario: Scenario, receiver: receivers.Receiver, corpus: Corpus, r
         result = sender.send(running.port, receivers.AE_TITLE, files, scenario.k, workdir, nagle=scenario.nagle,
                              config=config, profile=profile, dimse_timeout=dimse_timeout)
         at_load_end = monitor.sample().cpu_seconds
-        load_roles = monitor.cpu_by_role(_role(receiver, running.pid))
-        load_kernel = monitor.cpu_by_role(_role(receiver, running.pid), kernel=True)
+        role = _role(receiver, running.pid)
+        load_roles, load_kernel = monitor.cpu_by_role(role), monitor.cpu_by_role(role, kernel=True)
         if scenario.burst and receiver.kind == "fastscp":
             run.derived_s = wait_for_derived(running, len(files))
         elif receiver.kind == "fastscp" and not wait_for_caught_up(running, len(files)):
@@ -352,11 +352,14 @@ def run_once(scenario: Scenario, receiver: receivers.Receiver, corpus: Corpus, r
     run.peak_rss_mib = monitor.peak_rss_mib()
     run.total_rss_mib = monitor.peak_total_rss_kib / 1024
     run.total_pss_mib = monitor.peak_total_pss_kib / 1024
-    roles = monitor.cpu_by_role(_role(receiver, running.pid))
-    run.cpu_ms_by_process = {name: seconds / len(files) * 1e3 for name, seconds in sorted(roles.items())}
-    run.load_cpu_ms_by_process = {name: seconds / len(files) * 1e3 for name, seconds in sorted(load_roles.items())}
+
+    def per_image_ms(by_role: dict[str, float]) -> dict[str, float]:
+        return {name: seconds / len(files) * 1e3 for name, seconds in sorted(by_role.items())}
+
+    run.cpu_ms_by_process = per_image_ms(monitor.cpu_by_role(role))
+    run.load_cpu_ms_by_process = per_image_ms(load_roles)
     run.load_cpu_ms_per_image = (at_load_end - cpu0) / len(files) * 1e3
-    run.load_kernel_ms_by_process = {name: seconds / len(files) * 1e3 for name, seconds in sorted(load_kernel.items())}
+    run.load_kernel_ms_by_process = per_image_ms(load_kernel)
     run.load_kernel_ms_per_image = sum(load_kernel.values()) / len(files) * 1e3
     if workers:
         run.worker_peak_rss_mib = monitor.peak_rss_mib(workers)
