@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import os
 import shlex
 import shutil
 import signal
@@ -245,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     result["ratios_nofsync"] = runner.ratios(runs, subject="fastscp-nofsync")
     result["targets"] = report.targets(summary, {"fastscp": ratio_table, "fastscp-nofsync": result["ratios_nofsync"]})
+    result["cpu_bounds"] = report.cpu_bounds(summary, os.cpu_count() or 1)
     paths = report.write(result, args.out, f"load-{mode}-{stamp}")
     for kind, path in paths.items():
         latest = args.out / f"latest-{mode}.{kind}"

@@ -86,6 +86,49 @@ def targets(summary: dict, ratio_tables: dict[str, dict]) -> list[dict]:
     return out
 
 
+def cpu_bounds(summary: dict, cpus: int) -> list[dict]:
+    """What the CPUs allow, for each ratio and scaling target the run can say it of (medians).
+
+    Where the load keeps the ``cpus`` busy, images/s is the CPUs over the CPU per image of the receiver
+    and its senders (:func:`load_budget_table`). Two bounds follow from that:
+
+    * A ratio against a peer, for faster user code alone: with no user time at all, its kernel time as
+      measured, and senders as cheap as the cheaper of the two runs', the subject would take at most
+      ``cpus / (kernel + senders)`` images/s; over the peer's rate, the most the ratio can be.
+    * k16 against k4, for any receiver code: the senders' CPU per image grows from ``s4`` to ``s16``
+      while a receiver's need not, so one spending ``r`` per image at both shows at most
+      ``(r + s4) / (r + s16)``: the cheaper the receiver, the lower. The bound is that with the
+      subject's own k4 ``r``, and ``needs_ms`` the ``r`` at which it reaches the target.
+    """
+    out = []
+    for subject, scenario, peer, minimum in RATIO_TARGETS:
+        names = sorted(s for s in summary if peer in summary[s]) if scenario == "*" else [scenario]
+        for name in names:
+            mine, theirs = summary.get(name, {}).get(subject, {}), summary.get(name, {}).get(peer, {})
+            kernel, rate = mine.get("load_kernel_ms_per_image"), theirs.get("images_per_s")
+            senders = [v for v in (mine.get("sender_cpu_ms_per_image"), theirs.get("sender_cpu_ms_per_image")) if v]
+            if not kernel or not rate or not senders:
+                continue
+            bound = cpus / (kernel + min(senders)) * 1e3 / rate
+            out.append({"target": f"{name}: {subject} ≥ {minimum:g}x {peer} (images/s)", "bound": round(bound, 2),
+                        "reachable": bound >= minimum,
+                        "how": f"no user time: {cpus} CPUs / ({kernel:.3f} ms kernel + {min(senders):.3f} ms senders)"})
+    for receiver in ("fastscp", "fastscp-nofsync"):
+        for wide, narrow, minimum in SCALING_TARGETS:
+            low, high = summary.get(narrow, {}).get(receiver, {}), summary.get(wide, {}).get(receiver, {})
+            r = low.get("load_cpu_ms_per_image")
+            s_low, s_high = low.get("sender_cpu_ms_per_image"), high.get("sender_cpu_ms_per_image")
+            if not r or not s_low or not s_high:
+                continue
+            bound = (r + s_low) / (r + s_high)
+            needs = max((minimum * s_high - s_low) / (1 - minimum), 0.0)
+            out.append({"target": f"{receiver}: {wide} ≥ {minimum:g}x {narrow} (images/s)", "bound": round(bound, 2),
+                        "reachable": bound >= minimum, "needs_ms": round(needs, 3),
+                        "how": f"senders {s_low:.3f} -> {s_high:.3f} ms; receiver {r:.3f} ms at {narrow}, "
+                               f"{needs:.3f} needed"})
+    return out
+
+
 def markdown(result: dict) -> str:
     summary, ratio_table = result["summary"], result["ratios"]
     env = result["environment"]
@@ -144,6 +187,17 @@ def markdown(result: dict) -> str:
         met = {True: "yes", False: "**no**", None: "–"}[t["met"]]
         lines.append(f"| {t['target']} | {'–' if t['measured'] is None else t['measured']} | {met} |")
     lines.append("")
+    if result.get("cpu_bounds"):
+        lines += ["## What the CPUs allow", "",
+                  "The most each target's ratio can be on these CPUs where the load keeps them busy "
+                  "(`report.cpu_bounds`): against a peer, by faster user code alone (no user time at all, the "
+                  "kernel time as measured, the cheaper run's senders); k16 against k4, by any receiver "
+                  "spending its k4 CPU per image at both (the senders' grows; a cheaper receiver shows less).",
+                  "",
+                  "| target | at most | reachable | from |", "|---|---:|---|---|"]
+        for b in result["cpu_bounds"]:
+            lines.append(f"| {b['target']} | {b['bound']} | {'yes' if b['reachable'] else '**no**'} | {b['how']} |")
+        lines.append("")
     if result["skipped"]:
         lines += ["## Skipped", ""] + [f"- {s}" for s in result["skipped"]] + [""]
     noisy = [r for r in result["runs"] if r["foreign_cores"] > 0.3]

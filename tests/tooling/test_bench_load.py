@@ -124,6 +124,37 @@ def test_report_markdown_and_targets() -> None:
     assert "- x: not installed" in text
 
 
+def test_cpu_bounds_say_what_no_receiver_code_can_reach() -> None:
+    # mr-k4 as measured on 2026-12-05: fastscp's kernel time alone, with storescp's cheaper senders,
+    # caps it at 2 / (0.175 + 0.14) ms = 6,349 images/s, 0.73x storescp+B's 8,722; Orthanc's 2,000 is
+    # within reach. Its k16 senders spend 0.35 ms against 0.215 at k4: 0.9x k16/k4 takes a receiver of
+    # (0.9 x 0.35 - 0.215) / 0.1 = 1.0 ms per image; fastscp's 0.28 shows at most 0.495 / 0.63.
+    summary = {
+        "mr-k4": {"fastscp-nofsync": {"load_kernel_ms_per_image": 0.175, "sender_cpu_ms_per_image": 0.215,
+                                      "load_cpu_ms_per_image": 0.28, "images_per_s": 4000},
+                  "storescp+B": {"sender_cpu_ms_per_image": 0.14, "images_per_s": 8722},
+                  "orthanc": {"sender_cpu_ms_per_image": 0.3, "images_per_s": 2000}},
+        "mr-k16": {"fastscp-nofsync": {"sender_cpu_ms_per_image": 0.35, "load_cpu_ms_per_image": 0.3}},
+    }
+    bounds = {b["target"]: b for b in report.cpu_bounds(summary, 2)}
+    assert set(bounds) == {"mr-k4: fastscp-nofsync ≥ 1x storescp+B (images/s)",
+                           "mr-k4: fastscp-nofsync ≥ 2x orthanc (images/s)",
+                           "fastscp-nofsync: mr-k16 ≥ 0.9x mr-k4 (images/s)"}
+    versus_storescp = bounds["mr-k4: fastscp-nofsync ≥ 1x storescp+B (images/s)"]
+    assert (versus_storescp["bound"], versus_storescp["reachable"]) == (0.73, False)
+    versus_orthanc = bounds["mr-k4: fastscp-nofsync ≥ 2x orthanc (images/s)"]
+    assert (versus_orthanc["bound"], versus_orthanc["reachable"]) == (2.56, True)  # its own senders: cheaper
+    scaling = bounds["fastscp-nofsync: mr-k16 ≥ 0.9x mr-k4 (images/s)"]
+    assert (scaling["bound"], scaling["reachable"], scaling["needs_ms"]) == (0.79, False, 1.0)
+    result = {"mode": "full", "rounds": 1, "started": "2026-12-05T00:00:00+00:00",
+              "environment": {"fastscp": "x", "storescp": "dcmtk", "orthanc": "Orthanc", "pynetdicom": "3",
+                              "python": "3.11", "cpus": "2"},
+              "corpora": {}, "scenarios": [], "summary": {}, "ratios": {}, "targets": [], "skipped": [],
+              "errors": [], "runs": [], "cpu_bounds": list(bounds.values())}
+    assert ("| mr-k4: fastscp-nofsync ≥ 1x storescp+B (images/s) | 0.73 | **no** | no user time: 2 CPUs / "
+            "(0.175 ms kernel + 0.140 ms senders) |") in report.markdown(result)
+
+
 def test_load_budget_table_adds_the_senders_cpu_to_the_receivers() -> None:
     fastscp, storescp = _run(1, "fastscp", 2000), _run(1, "storescp+B", 4000)
     fastscp.load_cpu_ms_per_image, fastscp.sender_cpu_s = 0.7, 0.002  # 10 files: 0.2 ms each
