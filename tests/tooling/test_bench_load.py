@@ -129,17 +129,23 @@ def test_cpu_bounds_say_what_no_receiver_code_can_reach() -> None:
     # caps it at 2 / (0.175 + 0.14) ms = 6,349 images/s, 0.73x storescp+B's 8,722; Orthanc's 2,000 is
     # within reach. Its k16 senders spend 0.35 ms against 0.215 at k4: 0.9x k16/k4 takes a receiver of
     # (0.9 x 0.35 - 0.215) / 0.1 = 1.0 ms per image; fastscp's 0.28 shows at most 0.495 / 0.63.
+    # fsync always waited for the disk at k4 (1.0 of 2 CPUs busy): more associations may gain, no bound.
     summary = {
         "mr-k4": {"fastscp-nofsync": {"load_kernel_ms_per_image": 0.175, "sender_cpu_ms_per_image": 0.215,
                                       "load_cpu_ms_per_image": 0.28, "images_per_s": 4000},
+                  "fastscp": {"sender_cpu_ms_per_image": 0.2, "load_cpu_ms_per_image": 0.3, "images_per_s": 2000},
                   "storescp+B": {"sender_cpu_ms_per_image": 0.14, "images_per_s": 8722},
                   "orthanc": {"sender_cpu_ms_per_image": 0.3, "images_per_s": 2000}},
-        "mr-k16": {"fastscp-nofsync": {"sender_cpu_ms_per_image": 0.35, "load_cpu_ms_per_image": 0.3}},
+        "mr-k16": {"fastscp-nofsync": {"sender_cpu_ms_per_image": 0.35, "load_cpu_ms_per_image": 0.3},
+                   "fastscp": {"sender_cpu_ms_per_image": 0.3}},
     }
     bounds = {b["target"]: b for b in report.cpu_bounds(summary, 2)}
     assert set(bounds) == {"mr-k4: fastscp-nofsync ≥ 1x storescp+B (images/s)",
                            "mr-k4: fastscp-nofsync ≥ 2x orthanc (images/s)",
-                           "fastscp-nofsync: mr-k16 ≥ 0.9x mr-k4 (images/s)"}
+                           "fastscp-nofsync: mr-k16 ≥ 0.9x mr-k4 (images/s)",
+                           "fastscp: mr-k16 ≥ 0.9x mr-k4 (images/s)"}
+    waited = bounds["fastscp: mr-k16 ≥ 0.9x mr-k4 (images/s)"]
+    assert waited["reachable"] is None and waited["how"].startswith("no bound: 1.00 of 2 CPUs busy at mr-k4")
     versus_storescp = bounds["mr-k4: fastscp-nofsync ≥ 1x storescp+B (images/s)"]
     assert (versus_storescp["bound"], versus_storescp["reachable"]) == (0.73, False)
     versus_orthanc = bounds["mr-k4: fastscp-nofsync ≥ 2x orthanc (images/s)"]
