@@ -90,6 +90,12 @@ def targets(summary: dict, ratio_tables: dict[str, dict]) -> list[dict]:
 SATURATED = 0.9
 
 
+def cores_busy(entry: dict) -> float | None:
+    """CPUs the receiver and its senders kept busy during a load: their CPU per image times images/s."""
+    mine, senders, rate = (entry.get(k) for k in ("load_cpu_ms_per_image", "sender_cpu_ms_per_image", "images_per_s"))
+    return (mine + senders) * rate / 1e3 if mine is not None and senders is not None and rate else None
+
+
 def cpu_bounds(summary: dict, cpus: int) -> list[dict]:
     """What the CPUs allow, for each ratio and scaling target the run can say it of (medians).
 
@@ -128,7 +134,7 @@ def cpu_bounds(summary: dict, cpus: int) -> list[dict]:
                 continue
             bound = (r + s_low) / (r + s_high)
             needs = max((minimum * s_high - s_low) / (1 - minimum), 0.0)
-            busy = (r + s_low) * rate / 1e3
+            busy = cores_busy(low)
             how = (f"senders {s_low:.3f} -> {s_high:.3f} ms; receiver {r:.3f} ms at {narrow}, "
                    f"{needs:.3f} needed")
             saturated = busy >= SATURATED * cpus
@@ -293,11 +299,10 @@ def load_budget_table(result: dict) -> list[str]:
             if mine is None or senders is None:
                 continue  # a result of an older bench
             by_process = entry.get("load_cpu_ms_by_process") or {}  # storescp's and Orthanc's: none of these
-            cores = (mine + senders) * entry["images_per_s"] / 1e3 if entry.get("images_per_s") else None
             lines.append(f"| {name} | {receiver} | {_by_role_cells(by_process)}" +
                          f" | {_fmt(mine, 2)} | {_fmt(entry.get('load_kernel_ms_per_image'), 2)} | "
                          f"{_fmt(senders, 2)} | {_fmt(mine + senders, 2)} | "
-                         f"{_fmt(entry.get('images_per_s'))} | {_fmt(cores, 2)} |")
+                         f"{_fmt(entry.get('images_per_s'))} | {_fmt(cores_busy(entry), 2)} |")
     lines.append("")
     return lines
 
